@@ -1,0 +1,46 @@
+"""The interface every attention implementation follows, and the choice between them.
+
+KV cache layout (per layer, per rank), the same as flash-attn's paged API:
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+Queries/keys/values arrive packed: q [num_tokens, num_heads, head_dim],
+k and v [num_tokens, num_kv_heads, head_dim]; outputs are [num_tokens, num_heads, head_dim].
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from shardline.shards.layers.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def write_kv(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None: ...
+
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor: ...
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor: ...
