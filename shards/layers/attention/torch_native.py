@@ -1,0 +1,73 @@
+"""Reference attention in plain torch: runs on CPU and on any device, one sequence at a time."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from shardline.shards.layers.attention.metadata import AttentionMetadata
+
+
+class TorchNativeBackend:
+    name = "torch"
+
+    def write_kv(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        keep = slot_mapping >= 0
+        slots = slot_mapping[keep]
+        k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+        v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Causal attention within each packed sequence."""
+        out = torch.empty_like(q)
+        bounds = meta.cu_seqlens.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            out[start:end] = _attend(q[start:end], k[start:end], v[start:end], scale, causal=True)
+        return out
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Each sequence's one query token against its first context_len cached tokens."""
+        out = torch.empty_like(q)
+        block_size = k_cache.shape[1]
+        for i, context_len in enumerate(meta.context_lens.tolist()):
+            blocks = meta.block_tables[i, : -(-context_len // block_size)]
+            k = k_cache[blocks].flatten(0, 1)[:context_len]
+            v = v_cache[blocks].flatten(0, 1)[:context_len]
+            out[i : i + 1] = _attend(q[i : i + 1], k, v, scale, causal=False)
+        return out
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
+) -> torch.Tensor:
+    """q [Tq, H, D] over k, v [Tk, H_kv, D], grouped-query; returns [Tq, H, D]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.transpose(0, 1).to(q.dtype),
+        v.transpose(0, 1).to(q.dtype),
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.transpose(0, 1)

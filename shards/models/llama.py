@@ -1,0 +1,185 @@
+"""The Llama family (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2) with tensor parallelism.
+
+Heads are split across ranks; when there are more ranks than KV heads, each KV head is
+replicated so that every rank holds exactly one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
+from shardline.shards.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear
+from shardline.shards.layers.norm import RMSNorm
+from shardline.shards.layers.rotary import RotaryEmbedding, apply_rotary
+from shardline.shards.models.config import ModelConfig
+from shardline.shards.utils.weights import Weights
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+def kv_heads_per_rank(num_kv_heads: int, world_size: int) -> int:
+    if world_size <= num_kv_heads:
+        if num_kv_heads % world_size:
+            raise ValueError(f"{num_kv_heads} KV heads cannot be split over {world_size} ranks")
+        return num_kv_heads // world_size
+    if world_size % num_kv_heads:
+        raise ValueError(f"{num_kv_heads} KV heads cannot be replicated over {world_size} ranks")
+    return 1
+
+
+def _check_heads(config: ModelConfig, world_size: int) -> None:
+    if config.num_heads % world_size:
+        raise ValueError(
+            f"{config.num_heads} attention heads cannot be split over {world_size} ranks"
+        )
+    if config.num_heads % config.num_kv_heads:
+        raise ValueError(
+            f"{config.num_heads} attention heads are not a multiple of {config.num_kv_heads} KV heads"
+        )
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self, config: ModelConfig, weights: Weights, prefix: str, backend: AttentionBackend
+    ) -> None:
+        super().__init__()
+        tp = weights.tp
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_heads // tp.world_size
+        self.num_kv_heads = kv_heads_per_rank(config.num_kv_heads, tp.world_size)
+        self.scale = config.head_dim**-0.5
+        self.backend = backend
+        self.qkv_proj = self._load_qkv(config, weights, prefix)
+        self.o_proj = RowParallelLinear.load(weights, f"{prefix}.o_proj", config.o_proj_bias)
+
+    def _load_qkv(self, config: ModelConfig, weights: Weights, prefix: str) -> ColumnParallelLinear:
+        """q rows of this rank's heads, then k and v rows of this rank's KV heads, stacked."""
+        first_kv = weights.tp.rank * config.num_kv_heads // weights.tp.world_size
+        kv_rows = (first_kv * self.head_dim, (first_kv + self.num_kv_heads) * self.head_dim)
+
+        def stacked(kind: str) -> torch.Tensor:
+            q = weights.get_sharded(f"{prefix}.q_proj.{kind}", dim=0)
+            k = weights.get_range(f"{prefix}.k_proj.{kind}", 0, *kv_rows)
+            v = weights.get_range(f"{prefix}.v_proj.{kind}", 0, *kv_rows)
+            return torch.cat([q, k, v], dim=0)
+
+        bias = stacked("bias") if config.attention_bias else None
+        return ColumnParallelLinear(stacked("weight"), bias)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), *cos_sin)
+        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), *cos_sin)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = kv_cache
+        self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_prefill:
+            out = self.backend.prefill(q, k, v, meta, self.scale)
+        else:
+            out = self.backend.decode(q, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(out.reshape(num_tokens, q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, weights: Weights, prefix: str) -> None:
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear.load(
+            weights, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], config.mlp_bias
+        )
+        self.down_proj = RowParallelLinear.load(weights, f"{prefix}.down_proj", config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self, config: ModelConfig, weights: Weights, prefix: str, backend: AttentionBackend
+    ) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(weights.get_tensor(f"{prefix}.input_layernorm.weight"), eps)
+        self.self_attn = LlamaAttention(config, weights, f"{prefix}.self_attn", backend)
+        self.post_attention_layernorm = RMSNorm(
+            weights.get_tensor(f"{prefix}.post_attention_layernorm.weight"), eps
+        )
+        self.mlp = LlamaMLP(config, weights, f"{prefix}.mlp")
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos_sin, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, weights: Weights, backend: AttentionBackend) -> None:
+        super().__init__()
+        _check_heads(config, weights.tp.world_size)
+        self.config = config
+        self.dtype = weights.dtype
+        self.device = weights.device
+        self.num_layers = config.num_layers
+        self.head_dim = config.head_dim
+        self.num_kv_heads_per_rank = kv_heads_per_rank(config.num_kv_heads, weights.tp.world_size)
+        self.embed_tokens = VocabParallelEmbedding(weights, "model.embed_tokens.weight")
+        self.rotary = RotaryEmbedding(
+            config.head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
+            config.rope_scaling,
+            weights.dtype,
+            weights.device,
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, weights, f"model.layers.{i}", backend)
+            for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(weights.get_tensor("model.norm.weight"), config.rms_norm_eps)
+        head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+        self.lm_head = ParallelLMHead(weights, head, config.vocab_size)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: Sequence[KVCache],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Final-normed hidden states [T, hidden_size] of the packed tokens."""
+        hidden = self.embed_tokens(input_ids)
+        cos_sin = self.rotary(positions)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(hidden, residual, cos_sin, kv_cache, meta)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [N, vocab_size] over the full vocabulary, on every rank."""
+        return self.lm_head(hidden)

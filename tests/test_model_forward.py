@@ -1,0 +1,179 @@
+"""The model on a paged KV cache gives transformers' logits: packed prefill, then decode steps."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardline.shards.layers.attention import AttentionMetadata, get_attention_backend
+from shardline.shards.models import CausalLM, load_model
+from shardline.shards.utils.dist import TPGroup
+from tests.model_factory import TinyModelSpec, build_tiny_model
+
+PROMPT_LENGTHS = (5, 11, 1)
+DECODE_STEPS = 4
+CPU = torch.device("cpu")
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8,
+}
+
+
+def prompts(vocab_size: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab_size) for _ in range(n)] for n in PROMPT_LENGTHS]
+
+
+def load(model_dir: Path, tp: TPGroup | None = None) -> CausalLM:
+    backend = get_attention_backend("torch", CPU)
+    return load_model(
+        model_dir, dtype=torch.float32, device=CPU, tp=tp or TPGroup(), attention_backend=backend
+    )
+
+
+class PagedSequences:
+    """Sequences on a paged KV cache whose blocks are handed out in shuffled order."""
+
+    def __init__(self, model: CausalLM, block_size: int, num_blocks: int = 64) -> None:
+        shape = (num_blocks, block_size, model.num_kv_heads_per_rank, model.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=model.dtype), torch.zeros(shape, dtype=model.dtype))
+            for _ in range(model.num_layers)
+        ]
+        self.block_size = block_size
+        self.free_blocks = list(range(num_blocks))
+        random.Random(1).shuffle(self.free_blocks)
+        self.block_tables: list[list[int]] = []
+        self.lengths: list[int] = []
+
+    def append(self, seq: int, count: int) -> list[int]:
+        """Reserves slots for `count` more tokens of sequence `seq`; returns them."""
+        start = self.lengths[seq]
+        self.lengths[seq] += count
+        while len(self.block_tables[seq]) * self.block_size < self.lengths[seq]:
+            self.block_tables[seq].append(self.free_blocks.pop())
+        return [self.slot(seq, pos) for pos in range(start, self.lengths[seq])]
+
+    def slot(self, seq: int, pos: int) -> int:
+        return (
+            self.block_tables[seq][pos // self.block_size] * self.block_size + pos % self.block_size
+        )
+
+    def prefill_meta(self, lengths: list[int]) -> AttentionMetadata:
+        slots: list[int] = []
+        for length in lengths:
+            self.block_tables.append([])
+            self.lengths.append(0)
+            slots += self.append(len(self.lengths) - 1, length)
+        cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        return AttentionMetadata(
+            is_prefill=True,
+            slot_mapping=torch.tensor(slots),
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max(lengths),
+        )
+
+    def decode_meta(self) -> AttentionMetadata:
+        slots = [self.append(seq, 1)[0] for seq in range(len(self.lengths))]
+        width = max(len(table) for table in self.block_tables)
+        tables = [table + [0] * (width - len(table)) for table in self.block_tables]
+        return AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=torch.tensor(slots),
+            block_tables=torch.tensor(tables, dtype=torch.int32),
+            context_lens=torch.tensor(self.lengths, dtype=torch.int32),
+            max_context_len=max(self.lengths),
+        )
+
+
+@torch.inference_mode()
+def run_engine(
+    model: CausalLM, prompt_ids: list[list[int]], fed_tokens: list[list[int]], block_size: int
+) -> list[torch.Tensor]:
+    """Logits [num_seqs, vocab] after the packed prefill and after each decode step, where
+    step s feeds fed_tokens[s] (one token per sequence)."""
+    paged = PagedSequences(model, block_size)
+    lengths = [len(p) for p in prompt_ids]
+    meta = paged.prefill_meta(lengths)
+    input_ids = torch.tensor([t for p in prompt_ids for t in p])
+    positions = torch.tensor([pos for n in lengths for pos in range(n)])
+    hidden = model(input_ids, positions, paged.kv_caches, meta)
+    last = meta.cu_seqlens[1:].long() - 1
+    step_logits = [model.compute_logits(hidden[last])]
+    for tokens in fed_tokens:
+        positions = torch.tensor(paged.lengths)
+        meta = paged.decode_meta()
+        hidden = model(torch.tensor(tokens), positions, paged.kv_caches, meta)
+        step_logits.append(model.compute_logits(hidden))
+    return step_logits
+
+
+@torch.inference_mode()
+def transformers_reference(
+    model_dir: Path, prompt_ids: list[list[int]], steps: int
+) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """transformers' last-token logits per step and its greedy tokens, fed back each step."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    sequences = [list(p) for p in prompt_ids]
+    step_logits, fed = [], []
+    for _ in range(steps + 1):
+        logits = torch.stack([hf(torch.tensor([s])).logits[0, -1] for s in sequences])
+        step_logits.append(logits)
+        tokens = logits.argmax(-1).tolist()
+        fed.append(tokens)
+        for seq, token in zip(sequences, tokens, strict=True):
+            seq.append(token)
+    return step_logits, fed[:-1]
+
+
+def assert_logits_close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    assert len(actual) == len(expected)
+    for step, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert a.dtype == torch.float32
+        assert a.shape == e.shape, f"step {step}"
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=f"logits differ at step {step}")
+
+
+VARIANTS = {
+    "llama3-rope": TinyModelSpec(architecture="llama", rope_scaling=LLAMA3_SCALING, seed=3),
+    "tied": TinyModelSpec(architecture="llama", tie_word_embeddings=True, num_kv_heads=2, seed=4),
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "block_size"),
+    [("llama", 4), ("mistral", 16), ("qwen2", 4), ("llama3-rope", 4), ("tied", 16)],
+)
+def test_paged_forward_matches_transformers(
+    tmp_path: Path, tiny_model_dirs: dict[str, Path], name: str, block_size: int
+) -> None:
+    if name in VARIANTS:
+        model_dir = build_tiny_model(tmp_path / name, VARIANTS[name])
+    else:
+        model_dir = tiny_model_dirs[name]
+    model = load(model_dir)
+    prompt_ids = prompts(model.config.vocab_size)
+    expected, fed = transformers_reference(model_dir, prompt_ids, DECODE_STEPS)
+    actual = run_engine(model, prompt_ids, fed, block_size)
+    assert_logits_close(actual, expected)
+
+
+def test_write_kv_skips_negative_slots() -> None:
+    backend = get_attention_backend("torch", CPU)
+    k_cache = torch.zeros(3, 2, 1, 4)
+    v_cache = torch.zeros(3, 2, 1, 4)
+    k = torch.arange(1.0, 4.0).view(3, 1, 1).expand(3, 1, 4)
+    backend.write_kv(k, -k, k_cache, v_cache, torch.tensor([5, -1, 0]))
+    flat_k, flat_v = k_cache.view(6, 4), v_cache.view(6, 4)
+    assert torch.equal(flat_k[5], torch.full((4,), 1.0))
+    assert torch.equal(flat_k[0], torch.full((4,), 3.0))
+    assert torch.equal(flat_v[0], torch.full((4,), -3.0))
+    assert flat_k[1:5].abs().sum() == 0 and flat_v[1:5].abs().sum() == 0
