@@ -6,13 +6,21 @@ directly; both turn it into the gRPC messages the shards read with `to_proto()`.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass, field
+from typing import Literal
 
 from shardline.proto import generate_pb2
 
+logger = logging.getLogger(__name__)
+
 _MAX_SEED = 2**64 - 1
+# vLLM's thresholds: below the first a temperature means greedy, below the second (and above 0)
+# it is raised to the second, as dividing logits by it would overflow.
+GREEDY_TEMPERATURE = 1e-5
+MIN_TEMPERATURE = 1e-2
 
 
 class SamplingParamsError(ValueError):
@@ -21,6 +29,15 @@ class SamplingParamsError(ValueError):
 
 @dataclass
 class SamplingParams:
+    """vLLM's SamplingParams, plus TGI's typical_p and watermark and vLLM's beam search fields.
+
+    As in vLLM: temperature 0 means greedy (and resets top_p, top_k and min_p, here typical_p
+    too), a temperature in (0, 0.01) is raised to 0.01, top_k -1 means 0 (off), seed -1 means
+    none, stop may be one string, duplicate stop_token_ids are dropped, logprobs -1 means the
+    whole vocabulary. watermark is TGI's flag, which this server does not implement: True is
+    rejected, never silently ignored.
+    """
+
     n: int = 1
     best_of: int | None = None
     presence_penalty: float = 0.0
@@ -43,21 +60,37 @@ class SamplingParams:
     use_beam_search: bool = False
     beam_width: int = 1
     length_penalty: float = 1.0
-    early_stopping: bool = False
+    early_stopping: bool | Literal["never"] = False
     watermark: bool = False
 
     def __post_init__(self) -> None:
+        self._normalize()
+        self.validate()
+        self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))
+        if self.temperature < GREEDY_TEMPERATURE:
+            self.top_p, self.top_k, self.min_p, self.typical_p = 1.0, 0, 0.0, 1.0
+
+    def _normalize(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop = _as_list(self.stop)
+        self.stop_token_ids = _as_list(self.stop_token_ids)
         if self.top_k == -1:
             self.top_k = 0
-        self.validate()
+        if self.seed == -1:
+            self.seed = None
+        if _is_number(self.temperature) and 0.0 < self.temperature < MIN_TEMPERATURE:
+            logger.warning(
+                "temperature %s raised to %s to keep the logits finite",
+                self.temperature,
+                MIN_TEMPERATURE,
+            )
+            self.temperature = MIN_TEMPERATURE
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < 1e-5
+        """No randomness: temperature 0, or beam search (which ranks beams, never samples)."""
+        return self.use_beam_search or self.temperature < GREEDY_TEMPERATURE
 
     @property
     def num_sequences(self) -> int:
@@ -67,57 +100,119 @@ class SamplingParams:
         return max(self.n, self.best_of or self.n)
 
     def validate(self) -> None:
-        _check(self.n >= 1, "n", self.n, "must be at least 1")
+        self._validate_counts()
+        self._validate_penalties()
+        self._validate_warpers()
+        self._validate_stopping()
+        self._validate_outputs()
+        self._validate_beam_search()
+        if self.temperature < GREEDY_TEMPERATURE and not self.use_beam_search:
+            _check(self.num_sequences == 1, "n", self.n, "must be 1 with greedy sampling")
+        _check(self.watermark is False, "watermark", self.watermark, "is not supported")
+
+    def _validate_counts(self) -> None:
+        _check_int("n", self.n, minimum=1)
         if self.best_of is not None:
-            _check(self.best_of >= self.n, "best_of", self.best_of, f"must be >= n ({self.n})")
-        _check_finite("presence_penalty", self.presence_penalty)
-        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", self.presence_penalty, "must be in [-2, 2]")
-        _check_finite("frequency_penalty", self.frequency_penalty)
-        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", self.frequency_penalty, "must be in [-2, 2]")
+            _check_int("best_of", self.best_of, minimum=self.n)
+        if self.seed is not None:
+            _check_int("seed", self.seed, minimum=0, maximum=_MAX_SEED)
+
+    def _validate_penalties(self) -> None:
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _check_finite("repetition_penalty", self.repetition_penalty)
-        _check(self.repetition_penalty > 0.0, "repetition_penalty", self.repetition_penalty, "must be strictly positive")
+        _check(
+            self.repetition_penalty > 0.0,
+            "repetition_penalty",
+            self.repetition_penalty,
+            "must be > 0",
+        )
+
+    def _validate_warpers(self) -> None:
         _check_finite("temperature", self.temperature)
-        _check(self.temperature >= 0.0, "temperature", self.temperature, "must be non-negative")
+        _check(self.temperature >= 0.0, "temperature", self.temperature, "must be >= 0")
         _check_finite("top_p", self.top_p)
         _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
-        _check(self.top_k >= 0, "top_k", self.top_k, "must be -1 (disabled), 0 (disabled) or positive")
-        _check_finite("min_p", self.min_p)
-        _check(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "must be in [0, 1]")
+        _check_int("top_k", self.top_k, minimum=0, requirement="must be -1 or 0 (off), or >= 1")
+        _check_range("min_p", self.min_p, 0.0, 1.0)
         _check_finite("typical_p", self.typical_p)
         _check(0.0 < self.typical_p <= 1.0, "typical_p", self.typical_p, "must be in (0, 1]")
-        if self.seed is not None:
-            _check(0 <= self.seed <= _MAX_SEED, "seed", self.seed, "must fit in an unsigned 64-bit integer")
+
+    def _validate_stopping(self) -> None:
         if self.max_tokens is not None:
-            _check(self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be at least 1")
-        _check(self.min_tokens >= 0, "min_tokens", self.min_tokens, "must be non-negative")
+            _check_int("max_tokens", self.max_tokens, minimum=1)
+        _check_int("min_tokens", self.min_tokens, minimum=0)
         if self.max_tokens is not None:
-            _check(self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens, f"must be <= max_tokens ({self.max_tokens})")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "must be non-empty strings")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids, "must be non-negative token ids")
+            _check(
+                self.min_tokens <= self.max_tokens,
+                "min_tokens",
+                self.min_tokens,
+                f"must be <= max_tokens ({self.max_tokens})",
+            )
+        _check(
+            isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+            "stop",
+            self.stop,
+            "must hold non-empty strings",
+        )
+        _check(
+            isinstance(self.stop_token_ids, list)
+            and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids",
+            self.stop_token_ids,
+            "must hold non-negative token ids",
+        )
+
+    def _validate_outputs(self) -> None:
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
-                _check(value >= 0, name, value, "must be non-negative")
-        if self.use_beam_search:
-            _check(self.beam_width >= 1, "beam_width", self.beam_width, "must be at least 1")
-            _check(self.greedy or self.temperature == 1.0, "temperature", self.temperature, "is not used with beam search")
+                _check_int(name, value, minimum=-1, requirement="must be >= 0, or -1 (all)")
+
+    def _validate_beam_search(self) -> None:
         _check_finite("length_penalty", self.length_penalty)
+        _check(
+            self.early_stopping in (True, False, "never"),
+            "early_stopping",
+            self.early_stopping,
+            "must be true, false or 'never'",
+        )
+        if not self.use_beam_search:
+            return
+        _check_int("beam_width", self.beam_width, minimum=1)
+        _check(self.n <= self.beam_width, "n", self.n, f"must be <= beam_width ({self.beam_width})")
+        _check(self.best_of is None, "best_of", self.best_of, "is not used with beam search")
+        _check(
+            self.temperature in (0.0, 1.0),
+            "temperature",
+            self.temperature,
+            "must be 0 or 1 with beam search (beams are ranked, not sampled)",
+        )
 
     def to_proto(
-        self, max_new_tokens: int
+        self, max_new_tokens: int, sequence_index: int = 0
     ) -> tuple[generate_pb2.NextTokenChooserParameters, generate_pb2.StoppingCriteriaParameters]:
+        """The shard messages for sequence `sequence_index` of this request.
+
+        Each of the n / best_of sequences of a seeded request gets seed + sequence_index (as
+        vLLM does), so they differ from one another and stay reproducible; an unseeded request
+        gets a fresh random seed per call.
+        """
+        if self.seed is None:
+            seed = random.getrandbits(63)
+        else:
+            seed = (self.seed + sequence_index) % (_MAX_SEED + 1)
         chooser = generate_pb2.NextTokenChooserParameters(
             temperature=1.0 if self.greedy else self.temperature,
             top_k=self.top_k,
             top_p=self.top_p,
             typical_p=self.typical_p,
             do_sample=not self.greedy,
-            seed=self.seed if self.seed is not None else random.getrandbits(63),
+            seed=seed,
             repetition_penalty=self.repetition_penalty,
             frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty,
             min_p=self.min_p,
-            watermark=self.watermark,
         )
         stopping = generate_pb2.StoppingCriteriaParameters(
             max_new_tokens=max_new_tokens,
@@ -134,5 +229,38 @@ def _check(ok: bool, name: str, value: object, requirement: str) -> None:
         raise SamplingParamsError(f"`{name}` {requirement} (got {value!r})")
 
 
-def _check_finite(name: str, value: float) -> None:
-    _check(isinstance(value, (int, float)) and math.isfinite(value), name, value, "must be a finite number")
+def _as_list(value: object) -> object:
+    """None and tuples become lists; anything else is left for validation to judge."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(
+    name: str,
+    value: object,
+    minimum: int,
+    maximum: int | None = None,
+    requirement: str | None = None,
+) -> None:
+    _check(_is_int(value), name, value, "must be an integer")
+    in_range = value >= minimum and (maximum is None or value <= maximum)
+    bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    _check(in_range, name, value, requirement or f"must be {bounds}")
+
+
+def _check_finite(name: str, value: object) -> None:
+    _check(_is_number(value) and math.isfinite(value), name, value, "must be a finite number")
+
+
+def _check_range(name: str, value: object, low: float, high: float) -> None:
+    _check_finite(name, value)
+    _check(low <= value <= high, name, value, f"must be in [{low:g}, {high:g}]")
