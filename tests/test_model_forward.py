@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shardline.shards.layers.attention import AttentionMetadata, get_attention_backend
-from shardline.shards.models import CausalLM, load_model
+from shardline.shards.models import CausalLM, ModelConfig, load_model
 from shardline.shards.utils.dist import TPGroup
 from tests.model_factory import TinyModelSpec, build_tiny_model
 
@@ -143,7 +143,7 @@ def assert_logits_close(actual: list[torch.Tensor], expected: list[torch.Tensor]
 
 
 VARIANTS = {
-    "llama3-rope": TinyModelSpec(architecture="llama", rope_scaling=LLAMA3_SCALING, seed=3),
+    "llama3-rope": TinyModelSpec(architecture="llama", rope_scaling=dict(LLAMA3_SCALING), seed=3),
     "tied": TinyModelSpec(architecture="llama", tie_word_embeddings=True, num_kv_heads=2, seed=4),
 }
 
@@ -177,3 +177,32 @@ def test_write_kv_skips_negative_slots() -> None:
     assert torch.equal(flat_k[0], torch.full((4,), 3.0))
     assert torch.equal(flat_v[0], torch.full((4,), -3.0))
     assert flat_k[1:5].abs().sum() == 0 and flat_v[1:5].abs().sum() == 0
+
+
+def test_config_reads_old_style_rope_keys_and_every_eos_id() -> None:
+    raw = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "rope_theta": 500000.0,
+        "rope_scaling": {**LLAMA3_SCALING, "rope_type": None, "type": "llama3"},
+        "eos_token_id": 128001,
+        "torch_dtype": "bfloat16",
+    }
+    config = ModelConfig.from_dicts(raw, {"eos_token_id": [128001, 128008, 128009]})
+    assert config.rope_theta == 500000.0
+    assert config.rope_scaling == LLAMA3_SCALING
+    assert config.eos_token_ids == (128001, 128008, 128009)
+    assert config.head_dim == 128 and config.torch_dtype == torch.bfloat16
+    assert not config.attention_bias and config.sliding_window is None
+
+
+def test_unsupported_architecture_names_the_supported_ones() -> None:
+    raw = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
+    with pytest.raises(ValueError, match="LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+        ModelConfig.from_dicts(raw, {})
