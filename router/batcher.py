@@ -1,0 +1,395 @@
+"""TGI's continuous batching loop, independent of HTTP: submit a `ValidRequest`, iterate events.
+
+The loop cuts a prefill batch from the queue under the prefill and total token budgets, then
+decodes it step by step. Between steps, waiting requests join when enough of them wait (or
+they waited `max_waiting_tokens` steps): they are prefilled on their own and concatenated to
+the running batch by the next Decode. After every step, finished and cancelled requests are
+filtered out of the cached batch at once so the shards free their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shardline.proto import generate_pb2 as pb
+from shardline.router.client import ShardClient, StepResult
+from shardline.router.detokenizer import IncrementalDetokenizer
+from shardline.router.errors import GenerationError, IncompleteGenerationError
+from shardline.router.metrics import RouterMetrics
+from shardline.router.queue import Entry, RequestQueue
+from shardline.router.request_types import (
+    Finished,
+    FinishReason,
+    StreamEvent,
+    Token,
+    ValidRequest,
+)
+from shardline.router.stop_sequences import StopSequenceMatcher
+
+logger = logging.getLogger(__name__)
+
+_SHARD_FINISH_REASONS = {
+    pb.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    pb.FINISH_REASON_EOS_TOKEN: FinishReason.EOS_TOKEN,
+    pb.FINISH_REASON_STOP_SEQUENCE: FinishReason.STOP_SEQUENCE,
+}
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_prefill_tokens: int
+    max_batch_total_tokens: int
+    max_batch_size: int | None = None
+    waiting_served_ratio: float = 0.3
+    max_waiting_tokens: int = 20
+    block_size: int = 1
+
+
+class RequestStream:
+    """The events of one request, in order; the last one carries `finished`.
+
+    Iterating raises the request's error (a `RouterError`) if generation failed. `cancel()`
+    (e.g. when the client disconnects) drops the request from its batch after the current step.
+    """
+
+    def __init__(self, entry: Entry) -> None:
+        self._entry = entry
+        self._ended = False
+
+    @property
+    def request(self) -> ValidRequest:
+        return self._entry.request
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        if self._ended:
+            raise StopAsyncIteration
+        item = await self._entry.events.get()
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise item
+        self._ended = item.finished is not None
+        return item
+
+    async def collect(self) -> list[StreamEvent]:
+        return [event async for event in self]
+
+    def cancel(self) -> None:
+        if self._entry.alive:
+            self._entry.cancelled = True
+
+
+class Batcher:
+    def __init__(
+        self,
+        client: ShardClient,
+        tokenizer: Any,
+        config: BatchingConfig,
+        metrics: RouterMetrics | None = None,
+    ) -> None:
+        self._client = client
+        self._tokenizer = tokenizer
+        self._special_ids = frozenset(tokenizer.all_special_ids)
+        self.config = config
+        self._metrics = metrics or RouterMetrics()
+        self._queue = RequestQueue()
+        self._running: dict[int, Entry] = {}
+        self._prefilling: dict[int, Entry] = {}
+        self._request_ids = itertools.count()
+        self._batch_ids = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- the caller's side -------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        error = IncompleteGenerationError("the server is shutting down")
+        self._fail(self._running.values(), error)
+        self._fail(self._queue.drain(), error)
+        self._running.clear()
+
+    def submit(self, request: ValidRequest) -> RequestStream:
+        if self._task is None:
+            raise RuntimeError("Batcher.start() was not called")
+        entry = Entry(
+            id=next(self._request_ids),
+            request=request,
+            detokenizer=IncrementalDetokenizer(
+                self._tokenizer, request.input_ids, request.params.skip_special_tokens
+            ),
+            stop_matcher=StopSequenceMatcher(request.params.stop),
+            block_size=self.config.block_size,
+        )
+        self._queue.append(entry)
+        self._metrics.queue_size.set(len(self._queue))
+        self._wakeup.set()
+        return RequestStream(entry)
+
+    @property
+    def running_size(self) -> int:
+        return len(self._running)
+
+    @property
+    def queue_size(self) -> int:
+        return len(self._queue)
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while entries := self._next_batch(min_size=None):
+                try:
+                    await self._serve(entries)
+                except Exception as error:  # the loop must outlive any bug in one batch
+                    logger.exception("batch failed")
+                    failed = [*self._running.values(), *self._prefilling.values()]
+                    self._fail(failed, GenerationError(f"internal error: {error}"))
+                    self._running.clear()
+                    self._prefilling = {}
+                    await self._clear_cache(None)
+                self._update_gauges()
+
+    def _next_batch(self, min_size: int | None) -> list[Entry] | None:
+        cfg = self.config
+        running = len(self._running)
+        max_size = None if cfg.max_batch_size is None else max(cfg.max_batch_size - running, 0)
+        used = sum(entry.budget_tokens for entry in self._running.values())
+        entries = self._queue.next_batch(
+            min_size, max_size, cfg.max_batch_prefill_tokens, cfg.max_batch_total_tokens - used
+        )
+        self._metrics.queue_size.set(len(self._queue))
+        return entries
+
+    async def _serve(self, entries: list[Entry]) -> None:
+        cached = await self._prefill(entries)
+        waiting_steps = 1
+        while cached is not None:
+            batches = [cached]
+            min_size = (
+                None
+                if waiting_steps >= self.config.max_waiting_tokens
+                else math.floor(len(self._running) * self.config.waiting_served_ratio)
+            )
+            if joining := self._next_batch(min_size):
+                reason = "backpressure" if min_size is not None else "wait_exceeded"
+                self._metrics.batch_concat.inc(reason=reason)
+                waiting_steps = 1
+                if new_cached := await self._prefill(joining):
+                    batches.append(new_cached)
+            self._update_gauges()
+            cached = await self._decode(batches)
+            waiting_steps += 1
+
+    async def _prefill(self, entries: list[Entry]) -> pb.CachedBatch | None:
+        now = time.monotonic()
+        for entry in entries:
+            entry.batched_at = now
+            self._metrics.request_queue_duration.observe(now - entry.queued_at)
+        self._metrics.batch_next_size.observe(len(entries))
+        batch = pb.Batch(
+            id=next(self._batch_ids),
+            requests=[self._to_proto(entry) for entry in entries],
+            size=len(entries),
+            max_tokens=sum(entry.budget_tokens for entry in entries),
+        )
+        result = await self._step("prefill", self._client.prefill(batch), entries, [batch.id])
+        if result is None:
+            return None
+        members = {entry.id: entry for entry in entries}
+        self._prefilling = members
+        self._handle(result.generations, members)
+        cached = await self._filter(result.batch, members)
+        self._running.update(members)
+        self._prefilling = {}
+        return cached
+
+    async def _decode(self, batches: Sequence[pb.CachedBatch]) -> pb.CachedBatch | None:
+        result = await self._step(
+            "decode",
+            self._client.decode(batches),
+            list(self._running.values()),
+            [batch.id for batch in batches],
+        )
+        if result is None:
+            self._running.clear()
+            return None
+        self._handle(result.generations, self._running)
+        return await self._filter(result.batch, self._running)
+
+    async def _step(
+        self, method: str, call: Any, entries: list[Entry], batch_ids: list[int]
+    ) -> StepResult | None:
+        """Runs one shard call; on failure every entry of the batches gets a 424 error."""
+        self._metrics.batch_inference_count.inc(method=method)
+        started = time.monotonic()
+        try:
+            result: StepResult = await call
+        except Exception as error:
+            logger.error("%s failed: %s", method, error, extra={"batch_ids": batch_ids})
+            self._metrics.batch_inference_failure.inc(method=method)
+            self._fail(entries, GenerationError(_describe(error)))
+            for batch_id in batch_ids:
+                await self._clear_cache(batch_id)
+            return None
+        self._metrics.batch_inference_success.inc(method=method)
+        self._metrics.batch_inference_duration.labels(method).observe(time.monotonic() - started)
+        self._metrics.batch_forward_duration.labels(method).observe(result.timings.forward)
+        self._metrics.batch_decode_duration.labels(method).observe(result.timings.decode)
+        return result
+
+    async def _filter(
+        self, cached: pb.CachedBatch | None, members: dict[int, Entry]
+    ) -> pb.CachedBatch | None:
+        """Drops finished and cancelled requests from the cached batch so their blocks return."""
+        for request_id in [rid for rid, entry in members.items() if not entry.alive]:
+            del members[request_id]
+        if cached is None:
+            return None
+        if not members:
+            await self._clear_cache(cached.id)
+            return None
+        if set(cached.request_ids) == set(members):
+            return cached
+        started = time.monotonic()
+        filtered = await self._client.filter_batch(cached.id, list(members))
+        self._metrics.batch_filter_duration.labels("filter").observe(time.monotonic() - started)
+        return filtered
+
+    async def _clear_cache(self, batch_id: int | None) -> None:
+        try:
+            await self._client.clear_cache(batch_id)
+        except Exception as error:
+            logger.error("clear_cache failed: %s", error, extra={"batch_id": batch_id})
+
+    # ---- generations to events ---------------------------------------------------------------
+
+    def _handle(self, generations: Iterable[pb.Generation], members: dict[int, Entry]) -> None:
+        for generation in generations:
+            entry = members.get(generation.request_id)
+            if entry is None or not entry.alive:
+                continue
+            for event in self._events(entry, generation):
+                entry.events.put_nowait(event)
+            if entry.done:
+                self._record_success(entry)
+
+    def _events(self, entry: Entry, generation: pb.Generation) -> list[StreamEvent]:
+        events = []
+        for position, (token_id, logprob) in enumerate(
+            zip(generation.tokens.ids, generation.tokens.logprobs, strict=True)
+        ):
+            is_last = position == len(generation.tokens.ids) - 1
+            shard_reason = _SHARD_FINISH_REASONS.get(generation.finish_reason) if is_last else None
+            token, reason = self._next_token(entry, token_id, logprob, shard_reason)
+            event = StreamEvent(index=len(entry.generated_ids), token=token)
+            if position < len(generation.top_tokens):
+                event.top_tokens = self._tokens(generation.top_tokens[position])
+            if len(entry.generated_ids) == 1 and entry.request.decoder_input_details:
+                event.prefill = self._tokens(generation.prefill_tokens)
+            if reason is not None:
+                event.finished = self._finish(entry, reason, generation.seed)
+            events.append(event)
+            if reason is not None:
+                break
+        return events
+
+    def _next_token(
+        self, entry: Entry, token_id: int, logprob: float, reason: FinishReason | None
+    ) -> tuple[Token, FinishReason | None]:
+        entry.generated_ids.append(token_id)
+        special = token_id in self._special_ids
+        delta = entry.detokenizer.add(token_id)
+        check = entry.stop_matcher.feed(delta)
+        entry.text.append(check.text)
+        if check.stopped:
+            reason = FinishReason.STOP_SEQUENCE
+        elif reason is not None:
+            tail = entry.stop_matcher.feed(entry.detokenizer.flush())
+            entry.text.append(tail.text if tail.stopped else tail.text + entry.stop_matcher.flush())
+            reason = FinishReason.STOP_SEQUENCE if tail.stopped else reason
+        text = self._tokenizer.decode([token_id], skip_special_tokens=False) if special else delta
+        return Token(id=token_id, text=text, logprob=_logprob(logprob), special=special), reason
+
+    def _finish(self, entry: Entry, reason: FinishReason, seed: int) -> Finished:
+        entry.done = True
+        return Finished(
+            reason=reason,
+            generated_text="".join(entry.text),
+            generated_tokens=len(entry.generated_ids),
+            input_length=entry.request.input_length,
+            seed=None if entry.request.params.greedy else seed,
+        )
+
+    def _tokens(self, tokens: pb.Tokens) -> list[Token]:
+        return [
+            Token(
+                id=token_id,
+                text=self._tokenizer.decode([token_id], skip_special_tokens=False),
+                logprob=_logprob(logprob),
+                special=token_id in self._special_ids,
+            )
+            for token_id, logprob in zip(tokens.ids, tokens.logprobs, strict=False)
+        ]
+
+    def _to_proto(self, entry: Entry) -> pb.Request:
+        request = entry.request
+        chooser, stopping = request.params.to_proto(request.max_new_tokens)
+        return pb.Request(
+            id=entry.id,
+            input_ids=request.input_ids,
+            decoder_input_details=request.decoder_input_details,
+            parameters=chooser,
+            stopping_parameters=stopping,
+            top_n_tokens=request.top_n_tokens,
+        )
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+
+    def _fail(self, entries: Iterable[Entry], error: BaseException) -> None:
+        for entry in entries:
+            if entry.alive:
+                entry.done = True
+                entry.events.put_nowait(error)
+
+    def _record_success(self, entry: Entry) -> None:
+        metrics = self._metrics
+        inference = time.monotonic() - (entry.batched_at or entry.queued_at)
+        generated = len(entry.generated_ids)
+        metrics.request_inference_duration.observe(inference)
+        metrics.request_mean_time_per_token_duration.observe(inference / max(generated, 1))
+        metrics.request_generated_tokens.observe(generated)
+
+    def _update_gauges(self) -> None:
+        self._metrics.batch_current_size.set(len(self._running))
+        self._metrics.batch_current_max_tokens.set(
+            sum(entry.budget_tokens for entry in self._running.values())
+        )
+        self._metrics.queue_size.set(len(self._queue))
+
+
+def _logprob(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _describe(error: BaseException) -> str:
+    details = getattr(error, "details", None)
+    return str(details() if callable(details) else error) or type(error).__name__

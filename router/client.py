@@ -1,0 +1,152 @@
+"""The router's view of the shards: a `ShardClient` protocol and its gRPC implementation.
+
+Every call goes to every shard at once and the shards run in lockstep; shard 0's answer is
+the one used (TGI's sharded client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import grpc
+
+from shardline.proto import generate_pb2 as pb
+from shardline.proto import generate_pb2_grpc
+
+T = TypeVar("T")
+
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+]
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds spent on the shard; `concat` only for decode."""
+
+    forward: float
+    decode: float
+    total: float
+    concat: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepResult:
+    generations: list[pb.Generation]
+    batch: pb.CachedBatch | None
+    timings: Timings
+
+
+class ShardClient(Protocol):
+    async def info(self) -> pb.InfoResponse: ...
+
+    async def health(self) -> None: ...
+
+    async def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse: ...
+
+    async def prefill(self, batch: pb.Batch) -> StepResult: ...
+
+    async def decode(self, batches: Sequence[pb.CachedBatch]) -> StepResult: ...
+
+    async def filter_batch(
+        self, batch_id: int, request_ids: Sequence[int]
+    ) -> pb.CachedBatch | None: ...
+
+    async def clear_cache(self, batch_id: int | None = None) -> None: ...
+
+    async def stats(self) -> pb.StatsResponse: ...
+
+
+def _seconds(ns: int) -> float:
+    return ns / 1e9
+
+
+class ShardedClient:
+    """gRPC to every shard over unix sockets (`unix://PATH`)."""
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        if not urls:
+            raise ValueError("at least one shard url is needed")
+        self._channels = [grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS) for url in urls]
+        self._stubs = [generate_pb2_grpc.TextGenerationServiceStub(ch) for ch in self._channels]
+
+    @classmethod
+    async def connect(cls, master_uds_path: str) -> ShardedClient:
+        """Asks the master shard for every shard's address (ServiceDiscovery)."""
+        master = cls([_unix_url(master_uds_path)])
+        try:
+            found = await master._stubs[0].ServiceDiscovery(pb.ServiceDiscoveryRequest())
+        finally:
+            await master.close()
+        return cls(list(found.urls) or [_unix_url(master_uds_path)])
+
+    @property
+    def world_size(self) -> int:
+        return len(self._stubs)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(channel.close() for channel in self._channels))
+
+    async def _all(
+        self, call: Callable[[generate_pb2_grpc.TextGenerationServiceStub], Awaitable[T]]
+    ) -> T:
+        answers = await asyncio.gather(*(call(stub) for stub in self._stubs))
+        return answers[0]
+
+    async def info(self) -> pb.InfoResponse:
+        return await self._all(lambda stub: stub.Info(pb.InfoRequest()))
+
+    async def health(self) -> None:
+        await self._all(lambda stub: stub.Health(pb.HealthRequest()))
+
+    async def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
+        return await self._all(lambda stub: stub.Warmup(request))
+
+    async def prefill(self, batch: pb.Batch) -> StepResult:
+        request = pb.PrefillRequest(batch=batch)
+        answer: pb.PrefillResponse = await self._all(lambda stub: stub.Prefill(request))
+        timings = Timings(
+            forward=_seconds(answer.forward_ns),
+            decode=_seconds(answer.decode_ns),
+            total=_seconds(answer.total_ns),
+        )
+        return StepResult(list(answer.generations), _cached(answer), timings)
+
+    async def decode(self, batches: Sequence[pb.CachedBatch]) -> StepResult:
+        request = pb.DecodeRequest(batches=list(batches))
+        answer: pb.DecodeResponse = await self._all(lambda stub: stub.Decode(request))
+        timings = Timings(
+            forward=_seconds(answer.forward_ns),
+            decode=_seconds(answer.decode_ns),
+            total=_seconds(answer.total_ns),
+            concat=_seconds(answer.concat_ns),
+        )
+        return StepResult(list(answer.generations), _cached(answer), timings)
+
+    async def filter_batch(
+        self, batch_id: int, request_ids: Sequence[int]
+    ) -> pb.CachedBatch | None:
+        request = pb.FilterBatchRequest(batch_id=batch_id, request_ids=list(request_ids))
+        answer: pb.FilterBatchResponse = await self._all(lambda stub: stub.FilterBatch(request))
+        return answer.batch if answer.HasField("batch") else None
+
+    async def clear_cache(self, batch_id: int | None = None) -> None:
+        request = (
+            pb.ClearCacheRequest(id=batch_id) if batch_id is not None else pb.ClearCacheRequest()
+        )
+        await self._all(lambda stub: stub.ClearCache(request))
+
+    async def stats(self) -> pb.StatsResponse:
+        return await self._all(lambda stub: stub.Stats(pb.StatsRequest()))
+
+
+def _cached(answer: pb.PrefillResponse | pb.DecodeResponse) -> pb.CachedBatch | None:
+    return answer.batch if answer.HasField("batch") else None
+
+
+def _unix_url(path: str) -> str:
+    return path if path.startswith("unix:") else f"unix://{path}"

@@ -1,0 +1,43 @@
+"""The router's errors, each with TGI's HTTP status and `error_type`."""
+
+from __future__ import annotations
+
+
+class RouterError(Exception):
+    status: int = 500
+    error_type: str = "error"
+
+    def to_json(self) -> dict[str, str]:
+        return {"error": str(self), "error_type": self.error_type}
+
+
+class ValidationError(RouterError):
+    status = 422
+    error_type = "validation"
+
+
+class BadRequestError(RouterError):
+    """The body is not JSON at all."""
+
+    status = 400
+    error_type = "bad_request"
+
+
+class GenerationError(RouterError):
+    status = 424
+    error_type = "generation"
+
+
+class OverloadedError(RouterError):
+    status = 429
+    error_type = "overloaded"
+
+
+class IncompleteGenerationError(RouterError):
+    status = 500
+    error_type = "incomplete_generation"
+
+
+class UnhealthyError(RouterError):
+    status = 503
+    error_type = "healthcheck"

@@ -1,0 +1,259 @@
+"""TGI's REST routes over aiohttp: /generate, /generate_stream, /, /invocations, /info, /health,
+/metrics, /tokenize and /openapi.json. Every error is `{"error", "error_type"}` with TGI's status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from shardline.router.errors import RouterError, UnhealthyError, ValidationError
+from shardline.router.http import (
+    CONTEXT,
+    SSE_HEADERS,
+    RouterContext,
+    auth_middleware,
+    context,
+    error_middleware,
+    read_bool,
+    read_json,
+    sse_event,
+)
+from shardline.router.openapi import openapi_spec
+from shardline.router.request_types import StreamEvent, Token, ValidRequest
+from shardline.router.validation import ResponseOptions, parse_generate_body
+
+logger = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_S = 5.0
+
+
+def create_app(ctx: RouterContext) -> web.Application:
+    app = web.Application(
+        client_max_size=ctx.payload_limit,
+        middlewares=[error_middleware, auth_middleware(ctx.api_key, frozenset({"/health"}))],
+    )
+    app[CONTEXT] = ctx
+    app.add_routes(
+        [
+            web.post("/generate", generate),
+            web.post("/generate_stream", generate_stream),
+            web.post("/", compat_generate),
+            web.post("/invocations", compat_generate),
+            web.get("/info", info),
+            web.get("/health", health),
+            web.get("/metrics", metrics),
+            web.post("/tokenize", tokenize),
+            web.get("/openapi.json", openapi),
+        ]
+    )
+    return app
+
+
+# ---- generation --------------------------------------------------------------------------------
+
+
+async def generate(request: web.Request) -> web.Response:
+    return await _generate(request, await read_json(request), as_list=False)
+
+
+async def generate_stream(request: web.Request) -> web.StreamResponse:
+    return await _generate_stream(request, await read_json(request))
+
+
+async def compat_generate(request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    if isinstance(body, dict) and read_bool(body, "stream"):
+        return await _generate_stream(request, body)
+    return await _generate(request, body, as_list=True)
+
+
+async def _validate(
+    ctx: RouterContext, body: Any, stream: bool
+) -> tuple[ValidRequest, ResponseOptions]:
+    started = time.monotonic()
+    valid, options = await ctx.validator.validate_generate(body, stream)
+    ctx.metrics.request_validation_duration.observe(time.monotonic() - started)
+    ctx.metrics.request_input_length.observe(valid.input_length)
+    ctx.metrics.request_max_new_tokens.observe(valid.max_new_tokens)
+    return valid, options
+
+
+async def _generate(request: web.Request, body: Any, as_list: bool) -> web.Response:
+    ctx = context(request)
+    started = _count_request(ctx)
+    try:
+        with ctx.request_slot():
+            valid, options = await _validate(ctx, body, stream=False)
+            stream = ctx.batcher.submit(valid)
+            try:
+                events = await stream.collect()
+            finally:
+                stream.cancel()
+    except RouterError as error:
+        ctx.metrics.request_failure.inc(err=error.error_type)
+        raise
+    _count_success(ctx, started)
+    answer = generate_response(valid, options, events)
+    return web.json_response([answer] if as_list else answer)
+
+
+async def _generate_stream(request: web.Request, body: Any) -> web.StreamResponse:
+    ctx = context(request)
+    started = _count_request(ctx)
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    try:
+        with ctx.request_slot():
+            valid, options = await _validate(ctx, body, stream=True)
+            stream = ctx.batcher.submit(valid)
+            try:
+                first = await anext(stream)
+                await response.prepare(request)
+                await _write_events(ctx, response, first, stream, valid, options)
+            finally:
+                stream.cancel()
+    except RouterError as error:
+        ctx.metrics.request_failure.inc(err=error.error_type)
+        raise
+    except ConnectionError:
+        ctx.metrics.request_failure.inc(err="disconnected")
+        logger.info("client disconnected mid-stream")
+        return response
+    _count_success(ctx, started)
+    return response
+
+
+async def _write_events(
+    ctx: RouterContext,
+    response: web.StreamResponse,
+    event: StreamEvent,
+    stream: Any,
+    valid: ValidRequest,
+    options: ResponseOptions,
+) -> None:
+    """Writes one SSE event per token; an error after the first byte is one error event."""
+    while True:
+        await response.write(sse_event(stream_response(valid, options, event)))
+        if event.finished is not None:
+            return
+        try:
+            event = await anext(stream)
+        except RouterError as error:
+            ctx.metrics.request_failure.inc(err=error.error_type)
+            await response.write(sse_event(error.to_json()))
+            return
+
+
+def _count_request(ctx: RouterContext) -> float:
+    ctx.metrics.request_count.inc()
+    return time.monotonic()
+
+
+def _count_success(ctx: RouterContext, started: float) -> None:
+    ctx.metrics.request_success.inc()
+    ctx.metrics.request_duration.observe(time.monotonic() - started)
+
+
+# ---- response bodies ---------------------------------------------------------------------------
+
+
+def token_json(token: Token) -> dict[str, Any]:
+    return {"id": token.id, "text": token.text, "logprob": token.logprob, "special": token.special}
+
+
+def prefill_token_json(token: Token) -> dict[str, Any]:
+    return {"id": token.id, "text": token.text, "logprob": token.logprob}
+
+
+def _full_text(valid: ValidRequest, options: ResponseOptions, text: str) -> str:
+    return valid.inputs + text if options.return_full_text else text
+
+
+def generate_response(
+    valid: ValidRequest, options: ResponseOptions, events: list[StreamEvent]
+) -> dict[str, Any]:
+    finished = events[-1].finished
+    if finished is None:
+        raise RuntimeError("a finished request has no final event")
+    details = None
+    if options.details:
+        details = {
+            "finish_reason": finished.reason.value,
+            "generated_tokens": finished.generated_tokens,
+            "seed": finished.seed,
+            "prefill": [prefill_token_json(t) for t in events[0].prefill],
+            "tokens": [token_json(event.token) for event in events],
+            "top_tokens": [[token_json(t) for t in event.top_tokens] for event in events]
+            if valid.top_n_tokens
+            else [],
+            "best_of_sequences": None,
+        }
+    return {
+        "generated_text": _full_text(valid, options, finished.generated_text),
+        "details": details,
+    }
+
+
+def stream_response(
+    valid: ValidRequest, options: ResponseOptions, event: StreamEvent
+) -> dict[str, Any]:
+    finished = event.finished
+    details = None
+    if finished is not None and options.details:
+        details = {
+            "finish_reason": finished.reason.value,
+            "generated_tokens": finished.generated_tokens,
+            "seed": finished.seed,
+            "input_length": finished.input_length,
+        }
+    return {
+        "index": event.index,
+        "token": token_json(event.token),
+        "top_tokens": [token_json(t) for t in event.top_tokens],
+        "generated_text": None
+        if finished is None
+        else _full_text(valid, options, finished.generated_text),
+        "details": details,
+    }
+
+
+# ---- the other routes --------------------------------------------------------------------------
+
+
+async def info(request: web.Request) -> web.Response:
+    return web.json_response(context(request).info)
+
+
+async def health(request: web.Request) -> web.Response:
+    try:
+        await asyncio.wait_for(context(request).client.health(), HEALTH_TIMEOUT_S)
+    except Exception as error:
+        logger.warning("health check failed: %s", error)
+        raise UnhealthyError("unhealthy") from error
+    return web.Response(status=200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = context(request).metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    inputs, _ = parse_generate_body(await read_json(request))
+    if not inputs:
+        raise ValidationError("`inputs` cannot be empty")
+    encoding = await context(request).validator.encode(inputs)
+    return web.json_response(
+        [
+            {"id": token_id, "text": inputs[start:stop], "start": start, "stop": stop}
+            for token_id, (start, stop) in zip(encoding.ids, encoding.offsets, strict=True)
+        ]
+    )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_spec())
