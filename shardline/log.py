@@ -33,7 +33,11 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def __init__(self, static_fields: dict[str, object]) -> None:
         prefix = " ".join(f"{k}={v}" for k, v in static_fields.items())
-        fmt = "%(asctime)s %(levelname)s %(name)s" + (f" {prefix}" if prefix else "") + ": %(message)s"
+        fmt = (
+            "%(asctime)s %(levelname)s %(name)s"
+            + (f" {prefix}" if prefix else "")
+            + ": %(message)s"
+        )
         super().__init__(fmt)
 
     def format(self, record: logging.LogRecord) -> str:
@@ -44,7 +48,9 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(json_output: bool = False, level: str = "INFO", **static_fields: object) -> None:
+def configure_logging(
+    json_output: bool = False, level: str = "INFO", **static_fields: object
+) -> None:
     """Sends every log record to stderr, one line each; `static_fields` (e.g. rank) go on every line."""
     handler = logging.StreamHandler(sys.stderr)
     formatter_cls = JsonFormatter if json_output else TextFormatter

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from shardline.shards.cuda_graphs import parse_buckets
 from shardline.shards.engine import EngineSettings, ShardEngine
 from shardline.shards.layers.attention import get_attention_backend
 from shardline.shards.models import load_model
@@ -33,6 +34,7 @@ class ShardArgs:
     gpu_memory_utilization: float = 0.90
     attention: str = "auto"
     device: str | None = None
+    cuda_graphs: str | None = None
 
 
 def pick_device(rank: int, requested: str | None) -> torch.device:
@@ -48,7 +50,9 @@ def pick_dtype(requested: str, config: ModelConfig, device: torch.device) -> tor
     """`auto`: float32 on CPU; on GPU the checkpoint's half type, bfloat16 when it is float32."""
     if requested != "auto":
         if requested not in _DTYPES:
-            raise ValueError(f"--dtype must be auto or one of {sorted(_DTYPES)} (got {requested!r})")
+            raise ValueError(
+                f"--dtype must be auto or one of {sorted(_DTYPES)} (got {requested!r})"
+            )
         return _DTYPES[requested]
     if device.type == "cpu":
         return torch.float32
@@ -61,7 +65,7 @@ def create_engine(args: ShardArgs) -> ShardEngine:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     tp = init_distributed(args.rank, args.world_size, args.master_addr, args.master_port, device)
-    config = ModelConfig.from_folder(args.model_dir)
+    config = ModelConfig.from_dir(args.model_dir)
     dtype = pick_dtype(args.dtype, config, device)
     backend = get_attention_backend(args.attention, device)
     logger.info(
@@ -74,5 +78,6 @@ def create_engine(args: ShardArgs) -> ShardEngine:
         kv_cache_bytes=args.kv_cache_bytes,
         gpu_memory_utilization=args.gpu_memory_utilization,
         attention_impl=backend.name,
+        cuda_graph_buckets=parse_buckets(args.cuda_graphs),
     )
     return ShardEngine(model, model.config, tp, device, settings)

@@ -21,11 +21,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR", "127.0.0.1"))
     serve.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", 29500)))
     serve.add_argument("--uds-path", default="/tmp/text-generation-server")
-    serve.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    serve.add_argument(
+        "--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"]
+    )
     serve.add_argument("--block-size", type=int, default=16)
     serve.add_argument("--kv-cache-bytes", type=int, default=None, help="KV cache size on CPU")
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     serve.add_argument("--attention", default="auto", help="attention backend: auto, torch, triton")
+    serve.add_argument(
+        "--cuda-graphs", default=None, help="decode batch sizes to capture, e.g. 1,2,4,8; 0 = off"
+    )
     serve.add_argument("--device", default=None, help="override the device, e.g. cpu or cuda:1")
     serve.add_argument("--json-output", action="store_true")
     serve.add_argument("--logger-level", default="INFO")
@@ -51,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         gpu_memory_utilization=args.gpu_memory_utilization,
         attention=args.attention,
         device=args.device,
+        cuda_graphs=args.cuda_graphs,
     )
     engine = create_engine(shard_args)
     asyncio.run(serve(engine, args.uds_path, args.rank))

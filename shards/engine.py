@@ -33,6 +33,7 @@ class EngineSettings:
     kv_cache_bytes: int | None = None
     gpu_memory_utilization: float = 0.90
     attention_impl: str = "torch"
+    cuda_graph_buckets: tuple[int, ...] = ()
 
 
 class ShardEngine:
@@ -92,13 +93,18 @@ class ShardEngine:
         peak_bytes = self._run_warmup_prefill(max_prefill, max_input or max_prefill)
         num_blocks = self._agree_on_min(self._blocks_that_fit(peak_bytes))
         block_size = self.settings.block_size
-        self.runner.kv_cache = None
         self.runner.allocate_cache(num_blocks, block_size)
         self.allocator = BlockAllocator(num_blocks, block_size)
         supported = num_blocks * block_size
         max_total = request.max_total_tokens if request.HasField("max_total_tokens") else None
         max_total = max_total or min(supported, self.config.max_position_embeddings)
-        logger.info("kv cache ready: %d blocks of %d tokens (%d tokens)", num_blocks, block_size, supported)
+        if self._graphs_wanted():
+            self.runner.capture_graphs(
+                self.settings.cuda_graph_buckets, -(-max_total // block_size)
+            )
+        logger.info(
+            "kv cache ready: %d blocks of %d tokens (%d tokens)", num_blocks, block_size, supported
+        )
         return pb.WarmupResponse(
             max_supported_total_tokens=supported,
             max_input_tokens=max_input or max(max_total - 1, 1),
@@ -107,9 +113,12 @@ class ShardEngine:
 
     def _run_warmup_prefill(self, max_prefill_tokens: int, max_input_tokens: int) -> int:
         """Runs the largest prefill the router may send; returns the peak device bytes it used."""
-        lengths = _split_tokens(max_prefill_tokens, max(1, min(max_input_tokens, max_prefill_tokens)))
+        lengths = _split_tokens(
+            max_prefill_tokens, max(1, min(max_input_tokens, max_prefill_tokens))
+        )
         block_size = self.settings.block_size
         blocks = sum(-(-n // block_size) for n in lengths) + len(lengths)
+        self.runner.release_cache()
         self.runner.allocate_cache(blocks, block_size)
         self.allocator = BlockAllocator(blocks, block_size)
         if self.device.type == "cuda":
@@ -125,9 +134,16 @@ class ShardEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
-        self.runner.kv_cache = None
+        self.runner.release_cache()
         self.allocator = None
         return peak
+
+    def _graphs_wanted(self) -> bool:
+        return (
+            self.device.type == "cuda"
+            and bool(self.settings.cuda_graph_buckets)
+            and self.settings.attention_impl == "triton"
+        )
 
     def _blocks_that_fit(self, peak_bytes: int) -> int:
         per_block = bytes_per_block(
@@ -182,7 +198,9 @@ class ShardEngine:
             for seq in sequences:
                 allocator.free(seq.blocks)
             raise
-        generations, batch = self._advance(result.batch, result.step, prefill_requests=batch_pb.requests)
+        generations, batch = self._advance(
+            result.batch, result.step, prefill_requests=batch_pb.requests
+        )
         return pb.PrefillResponse(
             generations=generations,
             batch=batch.to_proto() if batch else None,
@@ -355,8 +373,16 @@ def _warmup_request(request_id: int, length: int, vocab_size: int) -> pb.Request
         id=request_id,
         input_ids=[(7 * i + 3) % vocab_size for i in range(length)],
         parameters=pb.NextTokenChooserParameters(
-            temperature=0.9, top_k=20, top_p=0.9, typical_p=1.0, do_sample=True, seed=request_id,
-            repetition_penalty=1.1, frequency_penalty=0.1, presence_penalty=0.1, min_p=0.0,
+            temperature=0.9,
+            top_k=20,
+            top_p=0.9,
+            typical_p=1.0,
+            do_sample=True,
+            seed=request_id,
+            repetition_penalty=1.1,
+            frequency_penalty=0.1,
+            presence_penalty=0.1,
+            min_p=0.0,
         ),
         stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=1),
     )

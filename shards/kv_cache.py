@@ -16,7 +16,9 @@ class BlockAllocator:
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks <= 0 or block_size <= 0:
-            raise ValueError(f"need positive num_blocks and block_size (got {num_blocks}, {block_size})")
+            raise ValueError(
+                f"need positive num_blocks and block_size (got {num_blocks}, {block_size})"
+            )
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
@@ -63,7 +65,10 @@ class KVCache:
     ) -> KVCache:
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         layers = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
             for _ in range(num_layers)
         ]
         return cls(layers=layers, block_size=block_size)

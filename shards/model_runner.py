@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from shardline.shards.batch import ShardBatch
+from shardline.shards.cuda_graphs import DecodeGraphs
 from shardline.shards.kv_cache import BlockAllocator, KVCache
 from shardline.shards.layers.attention.metadata import AttentionMetadata
 from shardline.shards.utils.sampling import Sampler, SamplerOutput, SamplingState
@@ -33,6 +34,19 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler()
         self.kv_cache: KVCache | None = None
+        self.graphs: DecodeGraphs | None = None
+
+    def release_cache(self) -> None:
+        self.graphs = None
+        self.kv_cache = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def capture_graphs(self, buckets: tuple[int, ...], max_blocks_per_seq: int) -> None:
+        self.graphs = DecodeGraphs(
+            self.model, self._require_cache(), buckets, max_blocks_per_seq, self.device
+        )
+        self.graphs.capture()
 
     def allocate_cache(self, num_blocks: int, block_size: int) -> KVCache:
         self.kv_cache = KVCache.allocate(
@@ -71,7 +85,8 @@ class ModelRunner:
         last = self._to_device(cu_seqlens[1:].long() - 1)
         logits = self.model.compute_logits(hidden.index_select(0, last))
         prompt_logprobs = {
-            row: self._prompt_logprobs(hidden, input_ids, cu_seqlens, row) for row in prompt_logprob_rows
+            row: self._prompt_logprobs(hidden, input_ids, cu_seqlens, row)
+            for row in prompt_logprob_rows
         }
         forward_done = time.perf_counter_ns()
         return self._sample(logits, sampling, prompt_logprobs, started, forward_done)
@@ -80,17 +95,23 @@ class ModelRunner:
     def decode(self, batch: ShardBatch) -> StepResult:
         started = time.perf_counter_ns()
         positions = torch.tensor([seq.num_cached for seq in batch.sequences], dtype=torch.long)
-        rows = torch.arange(batch.size)
+        slots = self._slots(batch.block_table, torch.arange(batch.size), positions)
         context_lens = (positions + 1).to(torch.int32)
-        meta = AttentionMetadata(
-            is_prefill=False,
-            slot_mapping=self._to_device(self._slots(batch.block_table, rows, positions)),
-            block_tables=self._to_device(batch.block_table),
-            context_lens=self._to_device(context_lens),
-            max_context_len=int(context_lens.max()),
-        )
-        hidden = self.model(batch.last_tokens, self._to_device(positions), self._cache_layers(), meta)
-        logits = self.model.compute_logits(hidden)
+        if self.graphs is not None and self.graphs.fits(batch.size, batch.block_table.shape[1]):
+            logits = self.graphs.run(
+                batch.last_tokens, positions, slots, batch.block_table, context_lens
+            )
+        else:
+            meta = AttentionMetadata(
+                is_prefill=False,
+                slot_mapping=self._to_device(slots),
+                block_tables=self._to_device(batch.block_table),
+                context_lens=self._to_device(context_lens),
+                max_context_len=int(context_lens.max()),
+            )
+            positions = self._to_device(positions)
+            hidden = self.model(batch.last_tokens, positions, self._cache_layers(), meta)
+            logits = self.model.compute_logits(hidden)
         forward_done = time.perf_counter_ns()
         return self._sample(logits, batch.sampling, {}, started, forward_done)
 
@@ -127,7 +148,9 @@ class ModelRunner:
         chosen = logprobs.gather(1, input_ids[start + 1 : end].unsqueeze(1)).squeeze(1)
         return [float("nan"), *chosen.tolist()]
 
-    def _slots(self, block_table: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _slots(
+        self, block_table: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
         block_size = self._require_cache().block_size
         blocks = block_table[rows, positions // block_size].long()
         return blocks * block_size + positions % block_size
@@ -164,4 +187,3 @@ def grow_blocks(batch: ShardBatch, allocator: BlockAllocator, block_size: int) -
         seq = batch.sequences[row]
         batch.block_table[row, len(seq.blocks)] = block
         seq.blocks.append(block)
-

@@ -19,12 +19,75 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-_WORDS = (
-    "the a of to and in is was for on that with as by at from it this be are or an have "
-    "not which one all their there been if more when will would who so no model token "
-    "server shard batch cache block paged attention tensor parallel router queue stream "
-    "Paris France capital river city north south east west café naïve über 東京 ☃ 🙂"
-).split()
+_WORDS = [
+    "the",
+    "a",
+    "of",
+    "to",
+    "and",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "it",
+    "this",
+    "be",
+    "are",
+    "or",
+    "an",
+    "have",
+    "not",
+    "which",
+    "one",
+    "all",
+    "their",
+    "there",
+    "been",
+    "if",
+    "more",
+    "when",
+    "will",
+    "would",
+    "who",
+    "so",
+    "no",
+    "model",
+    "token",
+    "server",
+    "shard",
+    "batch",
+    "cache",
+    "block",
+    "paged",
+    "attention",
+    "tensor",
+    "parallel",
+    "router",
+    "queue",
+    "stream",
+    "Paris",
+    "France",
+    "capital",
+    "river",
+    "city",
+    "north",
+    "south",
+    "east",
+    "west",
+    "café",
+    "naïve",
+    "über",
+    "東京",
+    "☃",
+    "🙂",
+]
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -46,7 +109,9 @@ class TinyModelSpec:
 
 def corpus(num_lines: int = 400, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 20))) for _ in range(num_lines)]
+    return [
+        " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 20))) for _ in range(num_lines)
+    ]
 
 
 def train_tokenizer(out_dir: Path, vocab_size: int = 384) -> None:

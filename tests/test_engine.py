@@ -1,0 +1,166 @@
+"""The shard engine in process: greedy tokens equal transformers', blocks are all returned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shardline.proto import generate_pb2 as pb
+from shardline.shards.bootstrap import ShardArgs, create_engine
+from shardline.shards.engine import InvalidRequestError, ShardEngine
+from shardline.shards.kv_cache import KVCacheExhaustedError
+from tests.model_factory import ARCHITECTURES
+from tests.shard_harness import (
+    Arrival,
+    make_request,
+    random_prompts,
+    run_schedule,
+    transformers_greedy,
+)
+
+
+def warmed_engine(
+    model_dir: Path, kv_cache_bytes: int = 32 << 20, block_size: int = 4
+) -> ShardEngine:
+    engine = create_engine(
+        ShardArgs(model_dir=model_dir, kv_cache_bytes=kv_cache_bytes, block_size=block_size)
+    )
+    engine.warmup(pb.WarmupRequest(max_prefill_tokens=256, max_input_tokens=128))
+    return engine
+
+
+def assert_no_leaks(engine: ShardEngine) -> None:
+    stats = engine.stats()
+    assert stats.free_blocks == stats.total_blocks
+    assert stats.num_sequences == 0
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dirs: dict[str, Path]) -> dict[str, ShardEngine]:
+    return {arch: warmed_engine(path) for arch, path in tiny_model_dirs.items()}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_single_request_matches_transformers(arch, engines, tiny_model_dirs):
+    engine = engines[arch]
+    prompt = random_prompts(1, engine.config.vocab_size, seed=1)[0]
+    expected = transformers_greedy(tiny_model_dirs[arch], [prompt], [24])[0]
+    result = run_schedule(engine.prefill, engine.decode, [Arrival(0, make_request(1, prompt, 24))])
+    assert result.tokens[1] == expected
+    assert_no_leaks(engine)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_concurrent_requests_join_and_leave(arch, engines, tiny_model_dirs):
+    """8 prompts of different lengths arrive at different steps and stop at different lengths."""
+    engine = engines[arch]
+    prompts = random_prompts(8, engine.config.vocab_size, seed=2)
+    max_new = [5, 17, 9, 30, 1, 12, 22, 7]
+    expected = transformers_greedy(tiny_model_dirs[arch], prompts, max_new)
+    arrivals = [
+        Arrival(step, make_request(i, prompt, n))
+        for i, (step, prompt, n) in enumerate(zip([0, 0, 1, 3, 3, 4, 8, 11], prompts, max_new))
+    ]
+    result = run_schedule(engine.prefill, engine.decode, arrivals)
+    assert result.max_batch_size > 1
+    for i in range(8):
+        assert result.tokens[i] == expected[i], f"request {i}"
+    assert_no_leaks(engine)
+
+
+def test_output_is_not_a_flat_repetition(engines):
+    engine = engines["llama"]
+    prompt = random_prompts(1, engine.config.vocab_size, seed=3)[0]
+    request = make_request(1, prompt, 32)
+    request.stopping_parameters.ignore_eos_token = True
+    result = run_schedule(engine.prefill, engine.decode, [Arrival(0, request)])
+    assert len(result.tokens[1]) == 32
+    assert len(set(result.tokens[1])) >= 4
+
+
+def test_finish_reasons_and_generated_counts(engines):
+    engine = engines["llama"]
+    prompt = random_prompts(1, engine.config.vocab_size, seed=4)[0]
+    request = make_request(7, prompt, 3)
+    request.stopping_parameters.ignore_eos_token = True
+    answer = engine.prefill(pb.PrefillRequest(batch=pb.Batch(id=99, requests=[request])))
+    assert answer.generations[0].generated_tokens == 1
+    assert answer.generations[0].finish_reason == pb.FINISH_REASON_NONE
+    answer = engine.decode(pb.DecodeRequest(batches=[answer.batch]))
+    answer = engine.decode(pb.DecodeRequest(batches=[answer.batch]))
+    assert answer.generations[0].finish_reason == pb.FINISH_REASON_LENGTH
+    assert answer.generations[0].generated_tokens == 3
+    assert not answer.HasField("batch")
+    assert_no_leaks(engine)
+
+
+def test_stop_token_ids_end_generation(engines, tiny_model_dirs):
+    engine = engines["llama"]
+    prompt = random_prompts(1, engine.config.vocab_size, seed=5)[0]
+    free_run = transformers_greedy(tiny_model_dirs["llama"], [prompt], [10])[0]
+    stop_token = free_run[3]
+    request = make_request(1, prompt, 10)
+    request.stopping_parameters.stop_token_ids.append(stop_token)
+    result = run_schedule(engine.prefill, engine.decode, [Arrival(0, request)])
+    assert result.tokens[1] == free_run[: free_run.index(stop_token) + 1]
+    assert result.finish_reasons[1] == pb.FINISH_REASON_STOP_SEQUENCE
+
+
+def test_filter_batch_frees_blocks_of_removed_requests(engines):
+    engine = engines["qwen2"]
+    prompts = random_prompts(3, engine.config.vocab_size, seed=6)
+    requests = [make_request(i, p, 50) for i, p in enumerate(prompts)]
+    answer = engine.prefill(pb.PrefillRequest(batch=pb.Batch(id=5, requests=requests)))
+    answer = engine.decode(pb.DecodeRequest(batches=[answer.batch]))
+    used_before = engine.stats().total_blocks - engine.stats().free_blocks
+    filtered = engine.filter_batch(pb.FilterBatchRequest(batch_id=5, request_ids=[1]))
+    assert list(filtered.batch.request_ids) == [1]
+    used_after = engine.stats().total_blocks - engine.stats().free_blocks
+    assert used_after < used_before
+    engine.decode(pb.DecodeRequest(batches=[filtered.batch]))
+    engine.clear_cache(pb.ClearCacheRequest(id=5))
+    assert_no_leaks(engine)
+
+
+def test_prompt_logprobs_and_top_tokens(engines):
+    engine = engines["mistral"]
+    prompt = random_prompts(1, engine.config.vocab_size, seed=7, min_len=6)[0]
+    request = make_request(1, prompt, 2, decoder_input_details=True, top_n_tokens=3)
+    answer = engine.prefill(pb.PrefillRequest(batch=pb.Batch(id=8, requests=[request])))
+    generation = answer.generations[0]
+    assert list(generation.prefill_tokens.ids) == prompt
+    logprobs = list(generation.prefill_tokens.logprobs)
+    assert len(logprobs) == len(prompt) and all(lp <= 0 for lp in logprobs[1:])
+    assert len(generation.top_tokens[0].ids) == 3
+    assert generation.tokens.ids[0] == generation.top_tokens[0].ids[0]
+    engine.clear_cache(pb.ClearCacheRequest())
+    assert_no_leaks(engine)
+
+
+def test_request_that_cannot_fit_is_refused_cleanly(tiny_model_dirs):
+    engine = warmed_engine(tiny_model_dirs["llama"], kv_cache_bytes=1 << 16, block_size=4)
+    total = engine.stats().total_blocks
+    too_long = [5] * (total * 4 + 1)
+    with pytest.raises(KVCacheExhaustedError, match="KV blocks"):
+        engine.prefill(
+            pb.PrefillRequest(batch=pb.Batch(id=1, requests=[make_request(1, too_long, 4)]))
+        )
+    assert_no_leaks(engine)
+    prompt = random_prompts(1, engine.config.vocab_size, seed=8)[0]
+    result = run_schedule(engine.prefill, engine.decode, [Arrival(0, make_request(2, prompt, 4))])
+    assert len(result.tokens[2]) >= 1
+    assert_no_leaks(engine)
+
+
+@pytest.mark.parametrize(
+    ("input_ids", "message"),
+    [([], "empty prompt"), ([10**6], "vocabulary size")],
+)
+def test_invalid_requests_change_nothing(engines, input_ids, message):
+    engine = engines["llama"]
+    with pytest.raises(InvalidRequestError, match=message):
+        engine.prefill(
+            pb.PrefillRequest(batch=pb.Batch(id=3, requests=[make_request(1, input_ids, 4)]))
+        )
+    assert_no_leaks(engine)

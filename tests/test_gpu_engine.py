@@ -1,0 +1,89 @@
+"""On a CUDA device: the engine's GPU path gives transformers' greedy tokens (skipped without one)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardline.proto import generate_pb2 as pb
+from shardline.shards.bootstrap import ShardArgs, create_engine
+from tests.model_factory import TinyModelSpec, build_tiny_model
+from tests.shard_harness import Arrival, make_request, random_prompts, run_schedule
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _engine_tokens(
+    model_dir: Path, dtype: str, attention: str, prompts, max_new
+) -> list[list[int]]:
+    engine = create_engine(
+        ShardArgs(
+            model_dir=model_dir,
+            dtype=dtype,
+            attention=attention,
+            block_size=16,
+            gpu_memory_utilization=0.5,
+        )
+    )
+    engine.warmup(pb.WarmupRequest(max_prefill_tokens=4096, max_input_tokens=1024))
+    arrivals = [
+        Arrival(i % 5, make_request(i, p, n)) for i, (p, n) in enumerate(zip(prompts, max_new))
+    ]
+    result = run_schedule(engine.prefill, engine.decode, arrivals)
+    stats = engine.stats()
+    assert stats.free_blocks == stats.total_blocks
+    return [result.tokens[i] for i in range(len(prompts))]
+
+
+def _hf_tokens(model_dir: Path, dtype: torch.dtype, prompts, max_new) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).cuda()
+    outputs = []
+    for prompt, n in zip(prompts, max_new, strict=True):
+        ids = torch.tensor([prompt], device="cuda")
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False
+        )
+        tokens = out[0, len(prompt) :].tolist()
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        cut = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
+        outputs.append(tokens[:cut])
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def medium_model(tmp_path_factory) -> Path:
+    spec = TinyModelSpec(
+        hidden_size=512,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=2,
+        intermediate_size=1024,
+        initializer_range=0.08,
+    )
+    return build_tiny_model(tmp_path_factory.mktemp("gpu-model"), spec)
+
+
+@pytest.mark.parametrize("attention", ["triton", "torch"])
+def test_float32_gpu_tokens_equal_transformers(medium_model, attention):
+    prompts = random_prompts(12, 384, seed=21, max_len=300)
+    max_new = [32] * len(prompts)
+    expected = _hf_tokens(medium_model, torch.float32, prompts, max_new)
+    assert _engine_tokens(medium_model, "float32", attention, prompts, max_new) == expected
+
+
+def test_bfloat16_gpu_tokens_mostly_equal_transformers(medium_model):
+    prompts = random_prompts(32, 384, seed=22, max_len=300)
+    max_new = [32] * len(prompts)
+    expected = _hf_tokens(medium_model, torch.bfloat16, prompts, max_new)
+    got = _engine_tokens(medium_model, "bfloat16", "triton", prompts, max_new)
+    same = sum(a == b for a, b in zip(got, expected))
+    print(f"bf16 prompts whose 32 greedy tokens equal transformers': {same}/{len(prompts)}")
+    assert same >= 0.75 * len(prompts)
