@@ -1,0 +1,88 @@
+"""The CUDA attention backend: Triton paged decode and KV write, varlen causal prefill.
+
+Prefill goes through flash-attn's `flash_attn_varlen_func` when flash-attn is installed and
+through this package's Triton varlen kernel otherwise (one launch for the whole packed batch,
+where per-sequence SDPA would loop in Python over many short prompts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from shardline.shards.layers.attention.metadata import AttentionMetadata
+from shardline.shards.layers.attention.triton_decode import paged_decode_attention
+from shardline.shards.layers.attention.triton_kv_write import write_kv_cache
+from shardline.shards.layers.attention.triton_prefill import varlen_causal_attention
+
+
+def _flash_attn_varlen() -> Callable[..., torch.Tensor] | None:
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+class TritonAttentionBackend:
+    name = "triton"
+
+    def __init__(self, device: torch.device | str = "cuda", use_flash_attn: bool = True) -> None:
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise ValueError(f"the triton attention backend needs a CUDA device, got {device}")
+        self._flash_varlen = _flash_attn_varlen() if use_flash_attn else None
+
+    @property
+    def prefill_kernel(self) -> str:
+        return "flash_attn" if self._flash_varlen is not None else "triton"
+
+    def write_kv(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        if meta.cu_seqlens is None:
+            raise ValueError("prefill needs meta.cu_seqlens")
+        max_seqlen = meta.max_seqlen or int((meta.cu_seqlens[1:] - meta.cu_seqlens[:-1]).max())
+        if self._flash_varlen is None:
+            return varlen_causal_attention(q, k, v, meta.cu_seqlens, max_seqlen, scale)
+        return self._flash_varlen(
+            q,
+            k,
+            v,
+            meta.cu_seqlens,
+            meta.cu_seqlens,
+            max_seqlen,
+            max_seqlen,
+            softmax_scale=scale,
+            causal=True,
+        )
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        if meta.block_tables is None or meta.context_lens is None:
+            raise ValueError("decode needs meta.block_tables and meta.context_lens")
+        return paged_decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale
+        )

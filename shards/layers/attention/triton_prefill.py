@@ -1,0 +1,146 @@
+"""Causal varlen flash attention in Triton over packed sequences (used when flash-attn is absent).
+
+Sequences are concatenated along the token axis and delimited by `cu_seqlens`; one program
+computes a BLOCK_M tile of queries of one sequence and one head, streaming keys/values of the
+same sequence up to the causal diagonal with an online softmax. GQA maps query head h to KV head
+h // (num_heads // num_kv_heads).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+def default_prefill_config(head_dim: int) -> PrefillConfig:
+    if head_dim <= 64:
+        return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    return PrefillConfig()
+
+
+@triton.jit
+def _varlen_causal_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    cu_seqlens_ptr,
+    qk_scale,
+    num_m_blocks,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    m_block = num_m_blocks - 1 - tl.program_id(0)  # the longest tiles start first
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    seq_start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
+    seq_len = (tl.load(cu_seqlens_ptr + seq + 1) - seq_start).to(tl.int32)
+    m_start = m_block * BLOCK_M
+    if m_start < seq_len:
+        kv_head = head // GROUP
+        offs_m = m_start + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        m_mask = offs_m < seq_len
+        rows = seq_start + offs_m
+        q_ptrs = q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        k_base = k_ptr + seq_start * stride_kt + kv_head * stride_kh
+        v_base = v_ptr + seq_start * stride_vt + kv_head * stride_vh
+        for n_start in range(0, tl.minimum(seq_len, m_start + BLOCK_M), BLOCK_N):
+            cols = n_start + offs_n
+            n_mask = cols < seq_len
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(
+                k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0
+            )
+            v = tl.load(
+                v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0
+            )
+            scores = tl.dot(q, tl.trans(k)) * qk_scale
+            visible = (cols[None, :] <= offs_m[:, None]) & n_mask[None, :]
+            scores = tl.where(visible, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+        out = acc / l_i[:, None]
+        out_ptrs = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def varlen_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    config: PrefillConfig | None = None,
+) -> torch.Tensor:
+    """q [tokens, heads, dim], k/v [tokens, kv_heads, dim] packed by cu_seqlens (int32)."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads do not divide into {num_kv_heads} KV heads")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("q, k and v need a contiguous last (head_dim) dimension")
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    num_seqs = cu_seqlens.shape[0] - 1
+    if num_tokens == 0 or num_seqs == 0 or max_seqlen == 0:
+        return out
+    config = config or default_prefill_config(head_dim)
+    num_m_blocks = triton.cdiv(max_seqlen, config.block_m)
+    _varlen_causal_kernel[(num_m_blocks, num_seqs, num_heads)](
+        q,
+        k,
+        v,
+        out,
+        cu_seqlens,
+        scale * LOG2E,
+        num_m_blocks,
+        *q.stride()[:2],
+        *k.stride()[:2],
+        *v.stride()[:2],
+        *out.stride()[:2],
+        GROUP=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out

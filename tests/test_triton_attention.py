@@ -1,0 +1,306 @@
+"""Triton attention kernels against a float64 torch reference on random inputs.
+
+Runs on CUDA; skipped elsewhere unless TRITON_INTERPRET=1 is set, which runs the same kernels
+through Triton's CPU interpreter on smaller problems (a developer aid, slow). Unused cache slots,
+unused block-table entries and the allocator's free memory are filled with NaN, so a kernel that
+reads outside a sequence's context or leaves an output element unwritten fails the check.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not (torch.cuda.is_available() or INTERPRET):
+    pytest.skip("needs CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
+pytest.importorskip("triton")
+
+from shardline.shards.layers.attention.metadata import AttentionMetadata  # noqa: E402
+from shardline.shards.layers.attention.triton_decode import (  # noqa: E402
+    DecodeConfig,
+    SplitPlan,
+    paged_decode_attention,
+)
+from shardline.shards.layers.attention.triton_kv_write import write_kv_cache  # noqa: E402
+from shardline.shards.layers.attention.triton_paged import TritonAttentionBackend  # noqa: E402
+from shardline.shards.layers.attention.triton_prefill import varlen_causal_attention  # noqa: E402
+
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+LONG = 300 if INTERPRET else 8192
+TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 1.5e-2, torch.float32: 1e-3}
+DTYPES = [torch.float16] if INTERPRET else [torch.bfloat16, torch.float16]
+HEAD_SHAPES = [(4, 4), (8, 2), (16, 2)]  # (query heads, KV heads): GQA ratios 1, 4, 8
+
+
+def _poison_allocator() -> None:
+    """Leaves NaN in the caching allocator's free blocks, so unwritten outputs show up."""
+    if DEVICE.type == "cuda":
+        filler = torch.full((64 << 20,), float("nan"), device=DEVICE)
+        del filler
+
+
+def _random(shape: tuple[int, ...], dtype: torch.dtype, std: float = 1.0) -> torch.Tensor:
+    return (torch.randn(shape, device=DEVICE) * std).to(dtype)
+
+
+class PagedCase:
+    """Random sequences stored at shuffled pages of a NaN-filled paged cache."""
+
+    def __init__(
+        self,
+        context_lens: list[int],
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        page_size: int = 16,
+    ) -> None:
+        pages_per_seq = [math.ceil(n / page_size) for n in context_lens]
+        width = max(pages_per_seq) + 2
+        num_pages = sum(pages_per_seq) + 1  # the last page is a NaN page the tables pad with
+        shape = (num_pages, page_size, num_kv_heads, head_dim)
+        self.k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+        self.v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+        order = torch.randperm(num_pages - 1).tolist()
+        self.block_tables = torch.full((len(context_lens), width), num_pages - 1, dtype=torch.int32)
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for row, (length, count) in enumerate(zip(context_lens, pages_per_seq, strict=True)):
+            pages, order = order[:count], order[count:]
+            self.block_tables[row, :count] = torch.tensor(pages, dtype=torch.int32)
+            keys = _random((length, num_kv_heads, head_dim), dtype)
+            values = _random((length, num_kv_heads, head_dim), dtype)
+            slots = (
+                torch.tensor(pages, dtype=torch.long, device=DEVICE).repeat_interleave(page_size)
+                * page_size
+            )
+            slots = (slots + torch.arange(count * page_size, device=DEVICE) % page_size)[:length]
+            self.k_cache.view(-1, num_kv_heads, head_dim)[slots] = keys
+            self.v_cache.view(-1, num_kv_heads, head_dim)[slots] = values
+            self.keys.append(keys)
+            self.values.append(values)
+        self.block_tables = self.block_tables.to(DEVICE)
+        self.context_lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+        self.q = _random((len(context_lens), num_heads, head_dim), dtype, std=2.0)
+        self.scale = head_dim**-0.5
+
+    def reference(self) -> torch.Tensor:
+        rows = [
+            _attention_reference(q[None], k, v, self.scale, causal=False)[0]
+            for q, k, v in zip(self.q, self.keys, self.values, strict=True)
+        ]
+        return torch.stack(rows)
+
+
+def _attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
+) -> torch.Tensor:
+    """Float64 softmax attention; q [m, heads, d], k/v [n, kv_heads, d]. Zeros where n == 0."""
+    group = q.shape[1] // k.shape[1]
+    if k.shape[0] == 0:
+        return torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    k64 = k.double().repeat_interleave(group, dim=1)
+    v64 = v.double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("mhd,nhd->hmn", q.double(), k64) * scale
+    if causal:
+        offset = k.shape[0] - q.shape[0]
+        mask = torch.ones(scores.shape[1:], dtype=torch.bool, device=q.device).tril(offset)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hmn,nhd->mhd", scores.softmax(-1), v64)
+
+
+def _assert_close_rows(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """Per-row relative error under the dtype's tolerance; zero rows must be exactly zero."""
+    assert torch.isfinite(out).all(), "non-finite output (unwritten or read outside context)"
+    out64 = out.double().flatten(1)
+    ref64 = ref.double().flatten(1)
+    ref_norm = ref64.norm(dim=1)
+    zero = ref_norm == 0
+    assert (out64[zero] == 0).all()
+    errors = (out64 - ref64).norm(dim=1)[~zero] / ref_norm[~zero]
+    assert errors.max().item() < TOLERANCE[dtype], f"max relative row error {errors.max():.2e}"
+
+
+def _forced_plan(case: PagedCase, num_splits: int, block_n: int) -> SplitPlan:
+    max_tiles = math.ceil(case.block_tables.shape[1] * case.k_cache.shape[1] / block_n)
+    partition_tiles = math.ceil(max_tiles / num_splits)
+    return SplitPlan(math.ceil(max_tiles / partition_tiles), partition_tiles)
+
+
+MIXED_CONTEXTS = [0, 1, 15, 16, 17, 31, 32, 33, 64, 100, 257, 1000, LONG]
+
+
+@pytest.mark.parametrize("splits", ["auto", 1, 5])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), HEAD_SHAPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_matches_reference(
+    dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int, splits: str | int
+) -> None:
+    case = PagedCase(MIXED_CONTEXTS, num_heads, num_kv_heads, head_dim, dtype)
+    config = DecodeConfig()
+    plan = None if splits == "auto" else _forced_plan(case, int(splits), config.block_n)
+    if plan is not None:
+        assert plan.num_splits == splits
+    _poison_allocator()
+    out = paged_decode_attention(
+        case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale,
+        config, plan,
+    )  # fmt: skip
+    _assert_close_rows(out, case.reference(), dtype)
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 48])
+@pytest.mark.parametrize("block_n", [16, 64])
+def test_decode_page_sizes(page_size: int, block_n: int) -> None:
+    case = PagedCase([1, 47, 48, 49, 200, 0], 8, 2, 64, torch.float16, page_size=page_size)
+    _poison_allocator()
+    out = paged_decode_attention(
+        case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale,
+        DecodeConfig(block_n=block_n), _forced_plan(case, 3, block_n),
+    )  # fmt: skip
+    _assert_close_rows(out, case.reference(), torch.float16)
+
+
+def test_decode_long_contexts_small_batch() -> None:
+    case = PagedCase([LONG, LONG - 7, 3], 32, 8, 128, DTYPES[0])
+    _poison_allocator()
+    out = paged_decode_attention(
+        case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale
+    )
+    _assert_close_rows(out, case.reference(), DTYPES[0])
+
+
+def test_decode_non_contiguous_query() -> None:
+    case = PagedCase([5, 40, 300], 8, 2, 64, torch.float16)
+    qkv = _random((3, 8 + 2 * 2, 64), torch.float16, std=2.0)
+    case.q = qkv[:, :8]
+    out = paged_decode_attention(
+        case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale
+    )
+    _assert_close_rows(out, case.reference(), torch.float16)
+
+
+@pytest.mark.skipif(INTERPRET, reason="CUDA graphs need a GPU")
+def test_decode_replays_in_cuda_graph() -> None:
+    dtype = torch.bfloat16
+    captured = PagedCase([1, 2, 3, 0], 32, 8, 128, dtype)
+    fresh = PagedCase([700, 0, 1, 129], 32, 8, 128, dtype)
+    width = max(captured.block_tables.shape[1], fresh.block_tables.shape[1])
+    tables = torch.zeros((4, width), dtype=torch.int32, device=DEVICE)
+    tables[:, : captured.block_tables.shape[1]] = captured.block_tables
+    k_cache, v_cache = fresh.k_cache, fresh.v_cache
+    q, lens = captured.q.clone(), captured.context_lens.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        paged_decode_attention(q, k_cache, v_cache, tables, lens, fresh.scale)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_decode_attention(q, k_cache, v_cache, tables, lens, fresh.scale)
+    q.copy_(fresh.q)
+    lens.copy_(fresh.context_lens)
+    tables.zero_()
+    tables[:, : fresh.block_tables.shape[1]] = fresh.block_tables
+    out.fill_(float("nan"))
+    graph.replay()
+    _assert_close_rows(out, fresh.reference(), dtype)
+
+
+def test_write_kv_scatters_and_skips_negative_slots() -> None:
+    num_tokens, num_kv_heads, head_dim, page_size = 37, 3, 64, 16
+    qkv = _random((num_tokens, 8 + 2 * num_kv_heads, head_dim), torch.bfloat16)
+    k, v = qkv[:, 8 : 8 + num_kv_heads], qkv[:, 8 + num_kv_heads :]
+    shape = (10, page_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, 7.0, dtype=torch.bfloat16, device=DEVICE)
+    v_cache = torch.full(shape, 7.0, dtype=torch.bfloat16, device=DEVICE)
+    slots = torch.randperm(10 * page_size, device=DEVICE)[:num_tokens]
+    slots[::5] = -1
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    keep = slots >= 0
+    expected_k.view(-1, num_kv_heads, head_dim)[slots[keep]] = k[keep]
+    expected_v.view(-1, num_kv_heads, head_dim)[slots[keep]] = v[keep]
+    write_kv_cache(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, expected_k)
+    assert torch.equal(v_cache, expected_v)
+
+
+def _packed_prefill(
+    lengths: list[int], num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    total = sum(lengths)
+    q = _random((total, num_heads, head_dim), dtype, std=2.0)
+    k = _random((total, num_kv_heads, head_dim), dtype)
+    v = _random((total, num_kv_heads, head_dim), dtype)
+    cu = torch.tensor([0, *lengths], device=DEVICE).cumsum(0).to(torch.int32)
+    return q, k, v, cu
+
+
+def _prefill_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float
+) -> torch.Tensor:
+    bounds = cu.tolist()
+    parts = [
+        _attention_reference(q[a:b], k[a:b], v[a:b], scale, causal=True)
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    return torch.cat(parts)
+
+
+PREFILL_LENGTHS = [1, 7, 16, 64, 129, 300] if INTERPRET else [1, 7, 16, 64, 129, 300, 1000, 2500]
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), HEAD_SHAPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_matches_reference(
+    dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int
+) -> None:
+    q, k, v, cu = _packed_prefill(PREFILL_LENGTHS, num_heads, num_kv_heads, head_dim, dtype)
+    scale = head_dim**-0.5
+    _poison_allocator()
+    out = varlen_causal_attention(q, k, v, cu, max(PREFILL_LENGTHS), scale)
+    _assert_close_rows(out, _prefill_reference(q, k, v, cu, scale), dtype)
+
+
+def test_prefill_many_short_prompts() -> None:
+    lengths = torch.randint(1, 65, (24 if INTERPRET else 256,)).tolist()
+    q, k, v, cu = _packed_prefill(lengths, 8, 2, 64, torch.float16)
+    _poison_allocator()
+    out = varlen_causal_attention(q, k, v, cu, max(lengths), 0.125)
+    _assert_close_rows(out, _prefill_reference(q, k, v, cu, 0.125), torch.float16)
+
+
+@pytest.mark.skipif(INTERPRET, reason="the backend needs a CUDA device")
+@pytest.mark.parametrize("use_flash_attn", [False, True])
+def test_backend_prefill_write_then_decode(use_flash_attn: bool) -> None:
+    if use_flash_attn:
+        pytest.importorskip("flash_attn")
+    backend = TritonAttentionBackend(DEVICE, use_flash_attn=use_flash_attn)
+    lengths, num_heads, num_kv_heads, head_dim, page_size = [5, 33, 16], 16, 4, 128, 16
+    dtype = torch.bfloat16
+    q, k, v, cu = _packed_prefill(lengths, num_heads, num_kv_heads, head_dim, dtype)
+    shape = (12, page_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    tables = torch.tensor([[3, 11, 0], [1, 4, 7], [9, 2, 5]], dtype=torch.int32, device=DEVICE)
+    slots = torch.cat(
+        [tables[i, torch.arange(n) // page_size] * page_size + torch.arange(n, device=DEVICE)
+         % page_size for i, n in enumerate(lengths)]
+    )  # fmt: skip
+    meta = AttentionMetadata(True, slots, cu_seqlens=cu, max_seqlen=max(lengths))
+    backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    scale = head_dim**-0.5
+    _assert_close_rows(
+        backend.prefill(q, k, v, meta, scale), _prefill_reference(q, k, v, cu, scale), dtype
+    )
+    last = cu[1:] - 1
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    decode_meta = AttentionMetadata(False, slots[last], block_tables=tables, context_lens=lens)
+    out = backend.decode(q[last], k_cache, v_cache, decode_meta, scale)
+    _assert_close_rows(out, _prefill_reference(q, k, v, cu, scale)[last], dtype)
