@@ -26,9 +26,6 @@ class Weights:
         self._file_of = _tensor_files(self.model_dir)
         self._handles: dict[Path, Any] = {}
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._file_of
-
     def shape(self, name: str) -> list[int]:
         return list(self._slice(name).get_shape())
 
