@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, with_config
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, with_config
 from typing_extensions import TypedDict
 
 # ---------------------------------------------------------------- request pieces
@@ -38,8 +38,10 @@ class MessageChunk(BaseModel):
 
 
 class FunctionDefinition(BaseModel):
+    """A tool's function; OpenAI's `parameters` is read as TGI's `arguments` (its JSON schema)."""
+
     name: str
-    arguments: Any = None
+    arguments: Any = Field(None, validation_alias=AliasChoices("arguments", "parameters"))
     description: str | None = None
 
 
@@ -61,7 +63,7 @@ class Message(BaseModel):
 
 class Tool(BaseModel):
     type: str = "function"
-    function: dict[str, Any]
+    function: FunctionDefinition
 
 
 class StreamOptions(BaseModel):
