@@ -1,0 +1,58 @@
+"""The router's ShardClient over a ShardEngine in this process: one shard, no gRPC."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from shardline.proto import generate_pb2 as pb
+from shardline.router.client import StepResult, Timings
+from shardline.shards.engine import ShardEngine
+
+
+def _timings(answer: pb.PrefillResponse | pb.DecodeResponse) -> Timings:
+    return Timings(
+        forward=answer.forward_ns / 1e9,
+        decode=answer.decode_ns / 1e9,
+        total=answer.total_ns / 1e9,
+        concat=getattr(answer, "concat_ns", 0) / 1e9,
+    )
+
+
+def _cached(answer: pb.PrefillResponse | pb.DecodeResponse) -> pb.CachedBatch | None:
+    return answer.batch if answer.HasField("batch") else None
+
+
+class InProcessShardClient:
+    def __init__(self, engine: ShardEngine) -> None:
+        self.engine = engine
+
+    async def info(self) -> pb.InfoResponse:
+        return self.engine.info()
+
+    async def health(self) -> None:
+        return None
+
+    async def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
+        return self.engine.warmup(request)
+
+    async def prefill(self, batch: pb.Batch) -> StepResult:
+        answer = self.engine.prefill(pb.PrefillRequest(batch=batch))
+        return StepResult(list(answer.generations), _cached(answer), _timings(answer))
+
+    async def decode(self, batches: Sequence[pb.CachedBatch]) -> StepResult:
+        answer = self.engine.decode(pb.DecodeRequest(batches=list(batches)))
+        return StepResult(list(answer.generations), _cached(answer), _timings(answer))
+
+    async def filter_batch(
+        self, batch_id: int, request_ids: Sequence[int]
+    ) -> pb.CachedBatch | None:
+        request = pb.FilterBatchRequest(batch_id=batch_id, request_ids=list(request_ids))
+        answer = self.engine.filter_batch(request)
+        return answer.batch if answer.batch.size else None
+
+    async def clear_cache(self, batch_id: int | None = None) -> None:
+        request = pb.ClearCacheRequest() if batch_id is None else pb.ClearCacheRequest(id=batch_id)
+        self.engine.clear_cache(request)
+
+    async def stats(self) -> pb.StatsResponse:
+        return self.engine.stats()

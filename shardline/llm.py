@@ -1,0 +1,310 @@
+"""The offline API, with vLLM's names: `LLM(model=...).generate(prompts, SamplingParams(...))`.
+
+One shard runs in this process (no HTTP, no gRPC); `tensor_parallel_size > 1` starts shard
+processes and talks to them over gRPC. Requests go through the router's continuous batching,
+so a prompt list larger than the KV cache still completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shardline.model_files import resolve_model
+from shardline.proto import generate_pb2 as pb
+from shardline.router.batcher import Batcher, BatchingConfig
+from shardline.router.request_types import FinishReason, StreamEvent, ValidRequest
+from shardline.sampling_params import SamplingParams
+
+_VLLM_FINISH_REASONS = {
+    FinishReason.LENGTH: "length",
+    FinishReason.EOS_TOKEN: "stop",
+    FinishReason.STOP_SEQUENCE: "stop",
+}
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None
+    stop_reason: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[float | None] | None
+    outputs: list[CompletionOutput]
+    finished: bool = True
+
+
+@dataclass
+class EngineArgs:
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    gpu_memory_utilization: float = 0.90
+    block_size: int = 16
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
+    kv_cache_bytes: int | None = None
+    attention: str = "auto"
+    cuda_graphs: str | None = None
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LLM:
+    def __init__(
+        self, model: str | None = None, tokenizer: str | None = None, **kwargs: Any
+    ) -> None:
+        known = {f.name for f in dataclasses.fields(EngineArgs)} - {"extra"}
+        self.args = EngineArgs(
+            **{k: v for k, v in kwargs.items() if k in known},
+            extra={k: v for k, v in kwargs.items() if k not in known},
+        )
+        self.model_dir = Path(resolve_model(model))
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or self.model_dir)
+        self._shards = _start_shards(self.model_dir, self.args)
+        warmup = asyncio.run(self._warmup())
+        self.max_model_len = warmup.max_total_tokens
+        self.max_batch_total_tokens = warmup.max_supported_total_tokens
+
+    async def _warmup(self) -> pb.WarmupResponse:
+        async with self._shards.client() as client:
+            prefill = self.args.max_num_batched_tokens or max(self.args.max_model_len or 4096, 4096)
+            request = pb.WarmupRequest(max_prefill_tokens=prefill)
+            if self.args.max_model_len:
+                request.max_total_tokens = self.args.max_model_len
+                request.max_input_tokens = self.args.max_model_len - 1
+            return await client.warmup(request)
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        texts, token_ids = self._inputs(prompts, prompt_token_ids)
+        params = _per_prompt(sampling_params, len(token_ids))
+        return asyncio.run(self._generate(texts, token_ids, params, use_tqdm))
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [
+            self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+            for conversation in conversations
+        ]
+        token_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        params = _per_prompt(sampling_params, len(prompts))
+        return asyncio.run(self._generate(prompts, token_ids, params, use_tqdm))
+
+    def _inputs(
+        self, prompts: str | Sequence[str] | None, prompt_token_ids: Sequence[Sequence[int]] | None
+    ) -> tuple[list[str | None], list[list[int]]]:
+        if prompt_token_ids is not None:
+            return [None] * len(prompt_token_ids), [list(ids) for ids in prompt_token_ids]
+        if prompts is None:
+            raise ValueError("generate() needs prompts or prompt_token_ids")
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return texts, [self.tokenizer.encode(text) for text in texts]
+
+    async def _generate(
+        self,
+        texts: list[str | None],
+        token_ids: list[list[int]],
+        params: list[SamplingParams],
+        use_tqdm: bool,
+    ) -> list[RequestOutput]:
+        requests = [self._valid_request(t, ids, p) for t, ids, p in zip(texts, token_ids, params)]
+        async with self._shards.client() as client:
+            batcher = Batcher(client, self.tokenizer, self._batching_config())
+            batcher.start()
+            try:
+                return await _collect_all(batcher, requests, params, use_tqdm)
+            finally:
+                await batcher.stop()
+
+    def _valid_request(
+        self, text: str | None, ids: list[int], params: SamplingParams
+    ) -> ValidRequest:
+        if not ids:
+            raise ValueError("a prompt must have at least one token")
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; the model's limit is {self.max_model_len}"
+            )
+        max_new = room if params.max_tokens is None else params.max_tokens
+        if max_new > room:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_new}) exceeds max_model_len "
+                f"({self.max_model_len})"
+            )
+        return ValidRequest(
+            inputs=text or "",
+            input_ids=ids,
+            params=params,
+            max_new_tokens=max_new,
+            top_n_tokens=params.logprobs or 0,
+            decoder_input_details=params.prompt_logprobs is not None,
+        )
+
+    def _batching_config(self) -> BatchingConfig:
+        return BatchingConfig(
+            max_batch_prefill_tokens=self.args.max_num_batched_tokens
+            or max(self.max_model_len, 4096),
+            max_batch_total_tokens=self.max_batch_total_tokens,
+            max_batch_size=self.args.max_num_seqs,
+            block_size=self.args.block_size,
+        )
+
+
+async def _collect_all(
+    batcher: Batcher,
+    requests: list[ValidRequest],
+    params: list[SamplingParams],
+    use_tqdm: bool,
+) -> list[RequestOutput]:
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm)
+
+    async def one(index: int, request: ValidRequest) -> RequestOutput:
+        samples = [_with_seed(request, sample) for sample in range(params[index].n)]
+        events = await asyncio.gather(*(batcher.submit(s).collect() for s in samples))
+        progress.update(1)
+        return _request_output(str(index), request, events)
+
+    try:
+        return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
+    finally:
+        progress.close()
+
+
+def _with_seed(request: ValidRequest, sample: int) -> ValidRequest:
+    """The n samples of one prompt differ by seed; greedy samples are all the same."""
+    if sample == 0 or request.params.greedy:
+        return request
+    seed = (request.params.seed or 0) + sample if request.params.seed is not None else None
+    return dataclasses.replace(request, params=dataclasses.replace(request.params, seed=seed))
+
+
+def _request_output(
+    request_id: str, request: ValidRequest, samples: list[list[StreamEvent]]
+) -> RequestOutput:
+    first = samples[0][0]
+    prompt_logprobs = [t.logprob for t in first.prefill] if request.decoder_input_details else None
+    return RequestOutput(
+        request_id=request_id,
+        prompt=request.inputs or None,
+        prompt_token_ids=request.input_ids,
+        prompt_logprobs=prompt_logprobs,
+        outputs=[
+            _completion(index, events, request.top_n_tokens > 0)
+            for index, events in enumerate(samples)
+        ],
+    )
+
+
+def _completion(index: int, events: list[StreamEvent], with_logprobs: bool) -> CompletionOutput:
+    finished = events[-1].finished
+    logprobs = [event.token.logprob for event in events]
+    known = [lp for lp in logprobs if lp is not None]
+    return CompletionOutput(
+        index=index,
+        text=finished.generated_text if finished else "",
+        token_ids=[event.token.id for event in events],
+        cumulative_logprob=sum(known) if known else None,
+        logprobs=[
+            {event.token.id: event.token.logprob, **{t.id: t.logprob for t in event.top_tokens}}
+            for event in events
+        ]
+        if with_logprobs
+        else None,
+        finish_reason=_VLLM_FINISH_REASONS[finished.reason] if finished else None,
+    )
+
+
+def _per_prompt(
+    sampling_params: SamplingParams | Sequence[SamplingParams] | None, count: int
+) -> list[SamplingParams]:
+    if sampling_params is None:
+        return [SamplingParams()] * count
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * count
+    if len(sampling_params) != count:
+        raise ValueError(
+            f"got {len(sampling_params)} SamplingParams for {count} prompts: give one, or one each"
+        )
+    return list(sampling_params)
+
+
+class _InProcessShards:
+    """One shard in this process."""
+
+    def __init__(self, model_dir: Path, args: EngineArgs) -> None:
+        from shardline.shards.bootstrap import ShardArgs, create_engine
+
+        self.engine = create_engine(
+            ShardArgs(
+                model_dir=model_dir,
+                dtype=args.dtype,
+                block_size=args.block_size,
+                kv_cache_bytes=args.kv_cache_bytes,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                attention=args.attention,
+                cuda_graphs=args.cuda_graphs,
+            )
+        )
+
+    def client(self) -> _ClientContext:
+        from shardline.in_process import InProcessShardClient
+
+        return _ClientContext(InProcessShardClient(self.engine))
+
+
+class _ClientContext:
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    async def __aenter__(self) -> Any:
+        return self._client
+
+    async def __aexit__(self, *exc: object) -> None:
+        close = getattr(self._client, "close", None)
+        if close is not None:
+            await close()
+
+
+def _start_shards(model_dir: Path, args: EngineArgs) -> _InProcessShards:
+    if args.tensor_parallel_size != 1:
+        raise NotImplementedError(
+            "tensor_parallel_size > 1 in the offline API is not wired yet; "
+            "serve the model with `text-generation-launcher --num-shard N` instead"
+        )
+    return _InProcessShards(model_dir, args)

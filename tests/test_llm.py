@@ -1,0 +1,78 @@
+"""The offline `LLM` API on a tiny model: vLLM's call shapes, transformers' greedy tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shardline import LLM, SamplingParams
+from tests.shard_harness import random_prompts, transformers_greedy
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir: Path) -> LLM:
+    return LLM(model=str(tiny_llama_dir), block_size=4, kv_cache_bytes=1 << 20, max_model_len=256)
+
+
+def test_greedy_generate_matches_transformers(llm, tiny_llama_dir):
+    prompts = random_prompts(6, 384, seed=31)
+    expected = transformers_greedy(tiny_llama_dir, prompts, [20] * 6)
+    outputs = llm.generate(
+        prompt_token_ids=prompts, sampling_params=SamplingParams(temperature=0, max_tokens=20)
+    )
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    for output, tokens in zip(outputs, expected):
+        assert output.outputs[0].text == llm.tokenizer.decode(tokens, skip_special_tokens=True)
+        assert output.outputs[0].finish_reason in ("stop", "length")
+
+
+def test_more_prompts_than_the_kv_cache_holds_all_complete(llm):
+    """The cache holds ~250 tokens; 40 prompts of up to 40 tokens plus 30 new ones queue up."""
+    prompts = random_prompts(40, 384, seed=32)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [30] * 40
+    assert [o.prompt_token_ids for o in outputs] == prompts
+
+
+def test_text_prompts_sampling_and_n(llm):
+    params = SamplingParams(temperature=0.8, top_p=0.95, top_k=50, max_tokens=12, n=3, seed=7)
+    outputs = llm.generate(["the model server is", "a cache"], sampling_params=params)
+    assert [o.prompt for o in outputs] == ["the model server is", "a cache"]
+    assert all(len(o.outputs) == 3 for o in outputs)
+    again = llm.generate(["the model server is", "a cache"], sampling_params=params)
+    assert [[c.token_ids for c in o.outputs] for o in outputs] == [
+        [c.token_ids for c in o.outputs] for o in again
+    ]
+
+
+def test_one_sampling_params_per_prompt_and_logprobs(llm):
+    params = [
+        SamplingParams(temperature=0, max_tokens=3, logprobs=2),
+        SamplingParams(temperature=0, max_tokens=5, prompt_logprobs=0),
+    ]
+    first, second = llm.generate(["the model", "a cache block"], sampling_params=params)
+    assert len(first.outputs[0].token_ids) <= 3 and len(first.outputs[0].logprobs[0]) >= 2
+    assert second.prompt_logprobs[0] is None and len(second.prompt_logprobs) == len(
+        second.prompt_token_ids
+    )
+    assert first.outputs[0].cumulative_logprob <= 0
+
+
+def test_chat_applies_the_template(llm):
+    messages = [{"role": "user", "content": "the capital of France"}]
+    (output,) = llm.chat(messages, SamplingParams(temperature=0, max_tokens=4))
+    assert output.prompt.startswith("<|im_start|>user\nthe capital of France<|im_end|>")
+    assert output.prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_bad_arguments_are_clear(llm):
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate(prompt_token_ids=[[5] * 250], sampling_params=SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="one each"):
+        llm.generate(
+            ["a", "b"], sampling_params=[SamplingParams(), SamplingParams(), SamplingParams()]
+        )
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
