@@ -31,7 +31,7 @@ from shardline.shards.layers.attention.triton_prefill import varlen_causal_atten
 
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 LONG = 300 if INTERPRET else 8192
-TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 1.5e-2, torch.float32: 1e-3}
+TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 1.5e-2, torch.float32: 1e-5}
 DTYPES = [torch.float16] if INTERPRET else [torch.bfloat16, torch.float16]
 HEAD_SHAPES = [(4, 4), (8, 2), (16, 2)]  # (query heads, KV heads): GQA ratios 1, 4, 8
 
@@ -175,6 +175,15 @@ def test_decode_long_contexts_small_batch() -> None:
     _assert_close_rows(out, case.reference(), DTYPES[0])
 
 
+def test_float32_decode_is_not_tf32() -> None:
+    case = PagedCase([1, 33, 500, 0], 8, 2, 128, torch.float32)
+    _poison_allocator()
+    out = paged_decode_attention(
+        case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale
+    )
+    _assert_close_rows(out, case.reference(), torch.float32)
+
+
 def test_decode_non_contiguous_query() -> None:
     case = PagedCase([5, 40, 300], 8, 2, 64, torch.float16)
     qkv = _random((3, 8 + 2 * 2, 64), torch.float16, std=2.0)
@@ -266,6 +275,13 @@ def test_prefill_matches_reference(
     _poison_allocator()
     out = varlen_causal_attention(q, k, v, cu, max(PREFILL_LENGTHS), scale)
     _assert_close_rows(out, _prefill_reference(q, k, v, cu, scale), dtype)
+
+
+def test_float32_prefill_is_not_tf32() -> None:
+    q, k, v, cu = _packed_prefill([1, 70, 200], 8, 2, 128, torch.float32)
+    _poison_allocator()
+    out = varlen_causal_attention(q, k, v, cu, 200, 128**-0.5)
+    _assert_close_rows(out, _prefill_reference(q, k, v, cu, 128**-0.5), torch.float32)
 
 
 def test_prefill_many_short_prompts() -> None:

@@ -13,10 +13,14 @@ import torch
 from shardline.shards.layers.attention.backend import AttentionBackend
 from shardline.shards.layers.attention.metadata import AttentionMetadata
 from shardline.shards.layers.attention.torch_native import TorchNativeBackend
+from shardline.shards.layers.attention.triton_paged import TritonAttentionBackend
 
 BackendFactory = Callable[[torch.device], AttentionBackend]
 
-BACKENDS: dict[str, BackendFactory] = {"torch": lambda device: TorchNativeBackend()}
+BACKENDS: dict[str, BackendFactory] = {
+    "torch": lambda device: TorchNativeBackend(),
+    "triton": TritonAttentionBackend,
+}
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {"cuda": ("triton", "torch")}
 FALLBACK = "torch"
 

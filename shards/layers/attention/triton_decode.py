@@ -30,6 +30,15 @@ class DecodeConfig:
     num_stages: int = 2
 
 
+def default_decode_config(dtype: torch.dtype) -> DecodeConfig:
+    return DecodeConfig(block_n=32) if dtype == torch.float32 else DecodeConfig()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Full float32 products for float32 inputs (token-exact checks), tensor-core rate otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 @dataclass(frozen=True)
 class SplitPlan:
     num_splits: int
@@ -68,6 +77,7 @@ def _paged_decode_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -111,13 +121,13 @@ def _paged_decode_kernel(
         )
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * qk_scale
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         scores = tl.where(n_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     has_keys = l_i > 0.0
@@ -211,7 +221,7 @@ def paged_decode_attention(
     plan: SplitPlan | None = None,
 ) -> torch.Tensor:
     """q [batch, heads, dim] against the paged cache [pages, page_size, kv_heads, dim]."""
-    config = config or DecodeConfig()
+    config = config or default_decode_config(q.dtype)
     batch, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     _check_inputs(q, k_cache, v_cache, num_heads, num_kv_heads)
@@ -230,6 +240,7 @@ def paged_decode_attention(
         BLOCK_D=triton.next_power_of_2(head_dim),
         PAGE_SIZE=page_size,
         BLOCK_N=config.block_n,
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

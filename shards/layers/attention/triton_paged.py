@@ -2,7 +2,8 @@
 
 Prefill goes through flash-attn's `flash_attn_varlen_func` when flash-attn is installed and
 through this package's Triton varlen kernel otherwise (one launch for the whole packed batch,
-where per-sequence SDPA would loop in Python over many short prompts).
+where per-sequence SDPA would loop in Python over many short prompts). Triton itself is imported
+when a backend is built, so CPU-only installs can import and list this backend.
 """
 
 from __future__ import annotations
@@ -12,9 +13,6 @@ from collections.abc import Callable
 import torch
 
 from shardline.shards.layers.attention.metadata import AttentionMetadata
-from shardline.shards.layers.attention.triton_decode import paged_decode_attention
-from shardline.shards.layers.attention.triton_kv_write import write_kv_cache
-from shardline.shards.layers.attention.triton_prefill import varlen_causal_attention
 
 
 def _flash_attn_varlen() -> Callable[..., torch.Tensor] | None:
@@ -32,6 +30,11 @@ class TritonAttentionBackend:
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ValueError(f"the triton attention backend needs a CUDA device, got {device}")
+        from shardline.shards.layers.attention import triton_decode, triton_kv_write, triton_prefill
+
+        self._decode = triton_decode.paged_decode_attention
+        self._write_kv = triton_kv_write.write_kv_cache
+        self._varlen = triton_prefill.varlen_causal_attention
         self._flash_varlen = _flash_attn_varlen() if use_flash_attn else None
 
     @property
@@ -46,7 +49,7 @@ class TritonAttentionBackend:
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+        self._write_kv(k, v, k_cache, v_cache, slot_mapping)
 
     def prefill(
         self,
@@ -60,7 +63,7 @@ class TritonAttentionBackend:
             raise ValueError("prefill needs meta.cu_seqlens")
         max_seqlen = meta.max_seqlen or int((meta.cu_seqlens[1:] - meta.cu_seqlens[:-1]).max())
         if self._flash_varlen is None:
-            return varlen_causal_attention(q, k, v, meta.cu_seqlens, max_seqlen, scale)
+            return self._varlen(q, k, v, meta.cu_seqlens, max_seqlen, scale)
         return self._flash_varlen(
             q,
             k,
@@ -83,6 +86,4 @@ class TritonAttentionBackend:
     ) -> torch.Tensor:
         if meta.block_tables is None or meta.context_lens is None:
             raise ValueError("decode needs meta.block_tables and meta.context_lens")
-        return paged_decode_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale
-        )
+        return self._decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from shardline.shards.layers.attention.triton_decode import dot_precision
+
 LOG2E = 1.4426950408889634
 
 
@@ -25,7 +27,9 @@ class PrefillConfig:
     num_stages: int = 3
 
 
-def default_prefill_config(head_dim: int) -> PrefillConfig:
+def default_prefill_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
+    if dtype == torch.float32:
+        return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     if head_dim <= 64:
         return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
     return PrefillConfig()
@@ -53,6 +57,7 @@ def _varlen_causal_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     m_block = num_m_blocks - 1 - tl.program_id(0)  # the longest tiles start first
     seq = tl.program_id(1)
@@ -86,14 +91,14 @@ def _varlen_causal_kernel(
             v = tl.load(
                 v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0
             )
-            scores = tl.dot(q, tl.trans(k)) * qk_scale
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             visible = (cols[None, :] <= offs_m[:, None]) & n_mask[None, :]
             scores = tl.where(visible, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(scores - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
         out = acc / l_i[:, None]
@@ -121,7 +126,7 @@ def varlen_causal_attention(
     num_seqs = cu_seqlens.shape[0] - 1
     if num_tokens == 0 or num_seqs == 0 or max_seqlen == 0:
         return out
-    config = config or default_prefill_config(head_dim)
+    config = config or default_prefill_config(head_dim, q.dtype)
     num_m_blocks = triton.cdiv(max_seqlen, config.block_m)
     _varlen_causal_kernel[(num_m_blocks, num_seqs, num_heads)](
         q,
@@ -140,6 +145,7 @@ def varlen_causal_attention(
         BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
