@@ -1,0 +1,103 @@
+"""`shardline-router`: TGI's router flags; serves the REST API in front of running shards."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from shardline.log import configure_logging
+from shardline.router.client import ShardedClient
+from shardline.router.http import PAYLOAD_LIMIT
+from shardline.router.server import create_app
+from shardline.router.startup import RouterSettings, start_router
+
+logger = logging.getLogger("shardline.router")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardline-router", description=__doc__)
+    add = parser.add_argument
+    add("--max-concurrent-requests", type=int, default=128)
+    add("--max-best-of", type=int, default=2)
+    add("--max-stop-sequences", type=int, default=4)
+    add("--max-top-n-tokens", type=int, default=5)
+    add("--max-input-tokens", "--max-input-length", dest="max_input_tokens", type=int)
+    add("--max-total-tokens", type=int)
+    add("--waiting-served-ratio", type=float, default=0.3)
+    add("--max-batch-prefill-tokens", type=int)
+    add("--max-batch-total-tokens", type=int)
+    add("--max-waiting-tokens", type=int, default=20)
+    add("--max-batch-size", type=int)
+    add("--hostname", default="0.0.0.0")
+    add("--port", type=int, default=3000)
+    add("--master-shard-uds-path", default="/tmp/text-generation-server-0")
+    add("--tokenizer-name", required=True, help="model folder or hub id of the tokenizer")
+    add("--tokenizer-config-path", help="folder with the tokenizer files, if not the model's")
+    add("--revision")
+    add("--model-id", help="reported by /info; defaults to --tokenizer-name")
+    add("--validation-workers", type=int, default=2)
+    add("--max-client-batch-size", type=int, default=4)
+    add("--payload-limit", type=int, default=PAYLOAD_LIMIT)
+    add("--api-key", help="require `Authorization: Bearer <key>` on every route but /health")
+    add("--json-output", action="store_true", help="log JSON lines")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> RouterSettings:
+    return RouterSettings(
+        model_id=args.model_id or args.tokenizer_name,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_best_of=args.max_best_of,
+        max_stop_sequences=args.max_stop_sequences,
+        max_top_n_tokens=args.max_top_n_tokens,
+        max_input_tokens=args.max_input_tokens,
+        max_total_tokens=args.max_total_tokens,
+        waiting_served_ratio=args.waiting_served_ratio,
+        max_batch_prefill_tokens=args.max_batch_prefill_tokens,
+        max_batch_total_tokens=args.max_batch_total_tokens,
+        max_waiting_tokens=args.max_waiting_tokens,
+        max_batch_size=args.max_batch_size,
+        validation_workers=args.validation_workers,
+        max_client_batch_size=args.max_client_batch_size,
+        api_key=args.api_key,
+        payload_limit=args.payload_limit,
+    )
+
+
+def load_tokenizer(args: argparse.Namespace):
+    from transformers import AutoTokenizer
+
+    source = args.tokenizer_config_path or args.tokenizer_name
+    return AutoTokenizer.from_pretrained(source, revision=args.revision)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    tokenizer = load_tokenizer(args)
+    client = await ShardedClient.connect(args.master_shard_uds_path)
+    logger.info("connected to shards", extra={"world_size": client.world_size})
+    ctx = await start_router(client, tokenizer, settings_from_args(args))
+    runner = web.AppRunner(create_app(ctx), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, args.hostname, args.port).start()
+    logger.info("router ready", extra={"hostname": args.hostname, "port": args.port})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("router stopping")
+    await ctx.batcher.stop()
+    await runner.cleanup()
+    ctx.validator.close()
+    await client.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    configure_logging(json_output=args.json_output)
+    asyncio.run(serve(args))

@@ -1,0 +1,189 @@
+"""Helpers for the router tests: a deterministic in-process shard and a tiny tokenizer.
+
+`FakeShardClient` implements the `ShardClient` protocol the way the shards do: every request
+'generates' the continuation `script(prompt_ids)` one token per step, reports EOS / length /
+stop_token_ids, keeps finished requests until the router filters them, and counts the
+sequences it holds so tests can check that nothing leaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from shardline.proto import generate_pb2 as pb
+from shardline.router.client import StepResult, Timings
+from shardline.router.server import create_app
+from shardline.router.startup import RouterSettings, start_router
+from tests.model_factory import train_tokenizer
+
+CONTINUATION = " the café naïve 東京 ☃ 🙂 model server"
+
+
+def tiny_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    train_tokenizer(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def byte_ids(tokenizer, text: str) -> list[int]:
+    """One byte-level token per UTF-8 byte, so multi-byte characters split across tokens."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = bytes_to_unicode()
+    return [tokenizer.convert_tokens_to_ids(chars[b]) for b in text.encode()]
+
+
+@dataclass
+class _Sequence:
+    request: pb.Request
+    script: list[int]
+    generated: int = 0
+    finished: bool = False
+
+
+@dataclass
+class FakeShardClient:
+    script: Callable[[list[int]], list[int]]
+    eos_id: int
+    step_delay: float = 0.0
+    block_size: int = 1
+    max_supported_total_tokens: int = 4096
+    fail_on: str | None = None
+    healthy: bool = True
+    calls: list[tuple] = field(default_factory=list)
+    batches: dict[int, dict[int, _Sequence]] = field(default_factory=dict)
+
+    async def info(self) -> pb.InfoResponse:
+        return pb.InfoResponse(
+            dtype="float32",
+            device_type="cpu",
+            block_size=self.block_size,
+            max_position_embeddings=1024,
+            eos_token_ids=[self.eos_id],
+            world_size=1,
+        )
+
+    async def health(self) -> None:
+        if not self.healthy:
+            raise ConnectionError("shard 0 does not answer")
+
+    async def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
+        self.calls.append(("warmup", request.max_prefill_tokens))
+        max_total = request.max_total_tokens if request.HasField("max_total_tokens") else 512
+        max_input = (
+            request.max_input_tokens if request.HasField("max_input_tokens") else max_total - 1
+        )
+        return pb.WarmupResponse(
+            max_supported_total_tokens=self.max_supported_total_tokens,
+            max_input_tokens=max_input,
+            max_total_tokens=max_total,
+        )
+
+    async def prefill(self, batch: pb.Batch) -> StepResult:
+        self.calls.append(("prefill", batch.id, [r.id for r in batch.requests], batch.max_tokens))
+        await self._work("prefill")
+        sequences = {r.id: _Sequence(r, self.script(list(r.input_ids))) for r in batch.requests}
+        self.batches[batch.id] = sequences
+        generations = [self._generate(seq, prefill=True) for seq in sequences.values()]
+        return StepResult(generations, self._cached(batch.id), Timings(0.001, 0.0, 0.001))
+
+    async def decode(self, batches: Sequence[pb.CachedBatch]) -> StepResult:
+        self.calls.append(("decode", [b.id for b in batches]))
+        await self._work("decode")
+        merged: dict[int, _Sequence] = {}
+        for batch in batches:
+            merged.update(self.batches.pop(batch.id))
+        self.batches[batches[0].id] = merged
+        generations = [self._generate(seq) for seq in merged.values() if not seq.finished]
+        return StepResult(generations, self._cached(batches[0].id), Timings(0.001, 0.0, 0.001))
+
+    async def filter_batch(
+        self, batch_id: int, request_ids: Sequence[int]
+    ) -> pb.CachedBatch | None:
+        self.calls.append(("filter", batch_id, sorted(request_ids)))
+        kept = {rid: seq for rid, seq in self.batches[batch_id].items() if rid in request_ids}
+        self.batches[batch_id] = kept
+        return self._cached(batch_id)
+
+    async def clear_cache(self, batch_id: int | None = None) -> None:
+        self.calls.append(("clear", batch_id))
+        if batch_id is None:
+            self.batches.clear()
+        else:
+            self.batches.pop(batch_id, None)
+
+    async def stats(self) -> pb.StatsResponse:
+        return pb.StatsResponse(num_sequences=self.num_sequences, num_batches=len(self.batches))
+
+    @property
+    def num_sequences(self) -> int:
+        return sum(len(seqs) for seqs in self.batches.values())
+
+    def calls_of(self, kind: str) -> list[tuple]:
+        return [call for call in self.calls if call[0] == kind]
+
+    async def _work(self, method: str) -> None:
+        if self.fail_on == method:
+            raise RuntimeError(f"CUDA error during {method}")
+        await asyncio.sleep(self.step_delay)
+
+    def _generate(self, seq: _Sequence, prefill: bool = False) -> pb.Generation:
+        stopping = seq.request.stopping_parameters
+        token = seq.script[seq.generated] if seq.generated < len(seq.script) else self.eos_id
+        seq.generated += 1
+        reason = pb.FINISH_REASON_NONE
+        may_stop = seq.generated > stopping.min_new_tokens
+        if token == self.eos_id and not stopping.ignore_eos_token and may_stop:
+            reason = pb.FINISH_REASON_EOS_TOKEN
+        elif token in stopping.stop_token_ids and may_stop:
+            reason = pb.FINISH_REASON_STOP_SEQUENCE
+        elif seq.generated >= stopping.max_new_tokens:
+            reason = pb.FINISH_REASON_LENGTH
+        seq.finished = reason != pb.FINISH_REASON_NONE
+        generation = pb.Generation(
+            request_id=seq.request.id,
+            tokens=pb.Tokens(ids=[token], logprobs=[-0.5]),
+            finish_reason=reason,
+            generated_tokens=seq.generated,
+            seed=seq.request.parameters.seed,
+        )
+        for _ in range(seq.request.top_n_tokens):
+            generation.top_tokens.add(ids=[token], logprobs=[-0.5])
+        if prefill and seq.request.decoder_input_details:
+            ids = list(seq.request.input_ids)
+            generation.prefill_tokens.CopyFrom(
+                pb.Tokens(ids=ids, logprobs=[float("nan")] + [-1.0] * (len(ids) - 1))
+            )
+        return generation
+
+    def _cached(self, batch_id: int) -> pb.CachedBatch | None:
+        sequences = self.batches[batch_id]
+        if all(seq.finished for seq in sequences.values()):
+            del self.batches[batch_id]
+            return None
+        return pb.CachedBatch(
+            id=batch_id,
+            request_ids=list(sequences),
+            size=len(sequences),
+            current_tokens=sum(len(s.request.input_ids) + s.generated for s in sequences.values()),
+        )
+
+
+def fixed_script(tokenizer, text: str = CONTINUATION) -> Callable[[list[int]], list[int]]:
+    """Every prompt continues with `text`, then EOS."""
+    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return lambda prompt: ids
+
+
+async def router_client(fake: FakeShardClient, tokenizer, **settings) -> tuple[TestClient, object]:
+    """A started router on a real local port, in front of `fake`; close the client after."""
+    ctx = await start_router(fake, tokenizer, RouterSettings(model_id="tiny", **settings))
+    client = TestClient(TestServer(create_app(ctx), handler_cancellation=True))
+    await client.start_server()
+    return client, ctx
