@@ -454,6 +454,8 @@ ERROR_CASES = [
     ("error:overloaded:429", errors.OverloadedError),
     ("error:incomplete_generation:500", errors.IncompleteGenerationError),
     ("error:template_error:422", errors.ValidationError),
+    ("error:bad_request:400", errors.BadRequestError),
+    ("error:unauthorized:401", errors.AuthenticationError),
     ("error::400", errors.BadRequestError),
     ("error::401", errors.AuthenticationError),
     ("error::404", errors.NotFoundError),
@@ -588,7 +590,7 @@ async def test_async_timeouts(mock: MockTGI) -> None:
     start = time.monotonic()
     with pytest.raises(errors.RequestTimeoutError):
         await client.generate("sleep")
-    with pytest.raises(asyncio.TimeoutError):
+    with pytest.raises(TimeoutError):
         await _drain(client.generate_stream("stall", max_new_tokens=3))
     assert time.monotonic() - start < 1.5
 
