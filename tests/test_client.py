@@ -567,12 +567,13 @@ async def test_async_retry_on_429_then_success(mock: MockTGI) -> None:
 def test_retry_policy_backs_off_exponentially() -> None:
     policy = RetryPolicy(max_retries=4, backoff_factor=1.0, max_backoff=5.0)
     for attempt, ceiling in enumerate([1.0, 2.0, 4.0, 5.0]):
-        delay = policy.delay(attempt, None)
+        delay = policy.delay(429, attempt, None)
         assert min(ceiling / 2, 2.5) <= delay <= ceiling
-    assert policy.delay(4, None) is None
-    assert policy.delay(0, "3") == 3.0
-    assert policy.delay(0, "60") == 5.0
-    assert policy.delay(0, "Wed, 21 Oct 2015 07:28:00 GMT") <= 1.0
+    assert policy.delay(429, 4, None) is None
+    assert policy.delay(503, 0, None) is None
+    assert policy.delay(429, 0, "3") == 3.0
+    assert policy.delay(429, 0, "60") == 5.0
+    assert policy.delay(429, 0, "Wed, 21 Oct 2015 07:28:00 GMT") <= 1.0
 
 
 def test_sync_timeouts(mock: MockTGI) -> None:

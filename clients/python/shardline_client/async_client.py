@@ -132,9 +132,7 @@ class AsyncClient(ClientSettings):
                 return response
             async with response:
                 error = error_from_body(response.status, await response.text())
-            delay = None
-            if response.status == 429:
-                delay = self.retry.delay(attempt, response.headers.get("Retry-After"))
+            delay = self.retry.delay(response.status, attempt, response.headers.get("Retry-After"))
             if delay is None:
                 raise error
             await asyncio.sleep(delay)

@@ -125,9 +125,9 @@ class Client(ClientSettings):
                 return response
             with response:
                 error = error_from_body(response.status_code, response.text)
-            delay = None
-            if response.status_code == 429:
-                delay = self.retry.delay(attempt, response.headers.get("Retry-After"))
+            delay = self.retry.delay(
+                response.status_code, attempt, response.headers.get("Retry-After")
+            )
             if delay is None:
                 raise error
             time.sleep(delay)

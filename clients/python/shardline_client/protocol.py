@@ -23,6 +23,7 @@ GENERATE_DEFAULTS: dict[str, Any] = {
     "watermark": False,
 }
 STREAM_END = "[DONE]"
+RETRIED_STATUS = 429  # TGI's "overloaded"
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,9 @@ class RetryPolicy:
     backoff_factor: float = 0.5
     max_backoff: float = 8.0
 
-    def delay(self, attempt: int, retry_after: str | None) -> float | None:
-        """Seconds to wait before retrying after failed attempt `attempt` (0-based); None: stop."""
-        if attempt >= self.max_retries:
+    def delay(self, status_code: int, attempt: int, retry_after: str | None) -> float | None:
+        """Seconds to wait before retrying failed attempt `attempt` (0-based); None: give up."""
+        if status_code != RETRIED_STATUS or attempt >= self.max_retries:
             return None
         backoff = min(self.max_backoff, self.backoff_factor * 2**attempt)
         jittered = random.uniform(backoff / 2, backoff)
