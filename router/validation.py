@@ -216,7 +216,9 @@ def parse_generate_body(body: Any) -> tuple[str, dict[str, Any]]:
     inputs = body.get("inputs")
     if not isinstance(inputs, str):
         raise ValidationError("`inputs` is required and must be a string")
-    parameters = body.get("parameters") or {}
+    parameters = body.get("parameters")
+    if parameters is None:
+        parameters = {}
     if not isinstance(parameters, dict):
         raise ValidationError("`parameters` must be a JSON object")
     return inputs, parameters

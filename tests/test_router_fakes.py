@@ -153,8 +153,9 @@ class FakeShardClient:
             generated_tokens=seq.generated,
             seed=seq.request.parameters.seed,
         )
-        for _ in range(seq.request.top_n_tokens):
-            generation.top_tokens.add(ids=[token], logprobs=[-0.5])
+        if top_n := seq.request.top_n_tokens:
+            alternatives = [token + offset for offset in range(top_n)]
+            generation.top_tokens.add(ids=alternatives, logprobs=[-0.5] * top_n)
         if prefill and seq.request.decoder_input_details:
             ids = list(seq.request.input_ids)
             generation.prefill_tokens.CopyFrom(
