@@ -20,6 +20,7 @@ from shardline.shards.utils.sampling import (
     Sampler,
     SamplerOutput,
     SamplingState,
+    _pcg_hash,
     process_logits,
 )
 
@@ -146,10 +147,12 @@ def test_typical_p(scores: torch.Tensor) -> None:
 
 
 def test_repetition_penalty_over_prompt_and_generated(scores: torch.Tensor) -> None:
-    penalties = [1.0, 1.3, 0.7, 2.0, 1.0, 1.05]
+    penalties = [1.0, 1.3, 0.7, 2.0, 1.5, 1.05]
+    prompts = [list(range(7 * i, 7 * i + 5 + i)) for i in range(6)]
+    prompts[4] = []  # an empty prompt marks nothing (not token 0)
     requests = [
-        Req(i, chooser(repetition_penalty=p), prompt=list(range(7 * i, 7 * i + 5 + i)))
-        for i, p in enumerate(penalties)
+        Req(i, chooser(repetition_penalty=p), prompt=prompt)
+        for i, (p, prompt) in enumerate(zip(penalties, prompts, strict=True))
     ]
     state = state_of(requests)
     generated = torch.tensor([[1, 2, 3, 4, 5, 6], [9, 9, 9, 9, 9, 9]])
@@ -271,6 +274,18 @@ def test_a_seed_gives_the_same_tokens_whatever_the_batch() -> None:
     reseeded = Req(1, chooser(do_sample=True, seed=43, temperature=0.9, top_p=0.9, top_k=50))
     reseeded.params.repetition_penalty, reseeded.params.frequency_penalty = 1.1, 0.3
     assert generate([reseeded], 8)[0] != alone
+
+
+def _python_pcg_hash(value: int) -> int:
+    state = (value * 747796405 + 2891336453) % 2**32
+    word = (((state >> ((state >> 28) + 4)) ^ state) * 277803737) % 2**32
+    return (word >> 22) ^ word
+
+
+def test_hash_is_exact_pcg_over_the_whole_32_bit_range() -> None:
+    values = [0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1]
+    expected = [_python_pcg_hash(v) for v in values]
+    assert _pcg_hash(torch.tensor(values)).tolist() == expected
 
 
 def test_the_full_64_bit_seed_counts() -> None:

@@ -226,10 +226,7 @@ class SamplingState:
             for p, s, n in zip(params, stopping, top_n_tokens, strict=True)
         ]
         size = (len(rows), vocab_size)
-        seen = None
-        if any(r.repetition for r in rows):
-            seen = torch.zeros(size, dtype=torch.bool, device=device)
-            seen.scatter_(1, _padded_ids(prompt_ids).to(device), True)
+        seen = _prompt_tokens(prompt_ids, size, device) if any(r.repetition for r in rows) else None
         counts = None
         if any(r.frequency_presence for r in rows):
             counts = torch.zeros(size, dtype=torch.int32, device=device)
@@ -273,6 +270,18 @@ class SamplingState:
     @functools.cached_property
     def flags(self) -> BatchFlags:
         return BatchFlags.of(self.rows)
+
+
+def _prompt_tokens(
+    prompt_ids: Sequence[Sequence[int]], size: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """[B, V] bool: True where the token occurs in the row's prompt."""
+    lengths = torch.tensor([len(ids) for ids in prompt_ids], dtype=torch.int64)
+    rows = torch.arange(len(prompt_ids)).repeat_interleave(lengths)
+    columns = torch.tensor([t for ids in prompt_ids for t in ids], dtype=torch.int64)
+    seen = torch.zeros(size, dtype=torch.bool, device=device)
+    seen[rows.to(device), columns.to(device)] = True
+    return seen
 
 
 def _check_lengths(*per_row: Sequence[object]) -> None:
@@ -404,6 +413,7 @@ def _pcg_hash(values: torch.Tensor) -> torch.Tensor:
     """The PCG RXS-M-XS 32-bit hash (Jarzynski and Olano, "Hash Functions for GPU Rendering") of
     int64 tensors holding values in [0, 2^32). Both multipliers are below 2^31, so no product
     reaches 2^63: int64 arithmetic is exact, on every device."""
-    state = (values * 747796405 + 2891336453) & _MASK_32
-    word = (((state >> ((state >> 28) + 4)) ^ state) * 277803737) & _MASK_32
-    return (word >> 22) ^ word
+    state = (values * 747796405).add_(2891336453).bitwise_and_(_MASK_32)
+    word = (state >> (state >> 28).add_(4)).bitwise_xor_(state)
+    word.mul_(277803737).bitwise_and_(_MASK_32)
+    return (word >> 22).bitwise_xor_(word)
