@@ -1,0 +1,90 @@
+"""The router in front of a real shard process on a tiny model: greedy output equals
+transformers' `generate`, streamed and not, alone and 32 at once in shared batches."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from shardline.router.client import ShardedClient
+from shardline.router.server import create_app
+from shardline.router.startup import RouterSettings, start_router
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["the city", "north river cache", "paged attention tensor", "the model server is"]
+
+
+@pytest.fixture(scope="module")
+def shard_socket(tiny_llama_dir: Path, tmp_path_factory) -> str:
+    prefix = str(tmp_path_factory.mktemp("uds") / "shard")
+    command = [sys.executable, "-m", "shardline.shards.cli", "serve", str(tiny_llama_dir)]
+    command += ["--uds-path", prefix, "--device", "cpu", "--kv-cache-bytes", str(64 << 20)]
+    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    socket = f"{prefix}-0"
+    deadline = time.monotonic() + 120
+    while not Path(socket).exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("the shard did not start")
+        time.sleep(0.2)
+    yield socket
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def _expected(model_dir: Path, prompt: str, max_new_tokens: int) -> list[int]:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, ids.shape[1] :].tolist()
+
+
+async def test_greedy_tokens_equal_transformers(shard_socket, tiny_llama_dir):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    shards = await ShardedClient.connect(shard_socket)
+    ctx = await start_router(
+        shards, tokenizer, RouterSettings(model_id="tiny", max_total_tokens=256)
+    )
+    client = TestClient(TestServer(create_app(ctx), handler_cancellation=True))
+    await client.start_server()
+    try:
+        expected = {p: _expected(tiny_llama_dir, p, 12) for p in PROMPTS}
+        for prompt, ids in expected.items():
+            body = {"inputs": prompt, "parameters": {"max_new_tokens": 12, "details": True}}
+            answer = await (await client.post("/generate", json=body)).json()
+            got = [t["id"] for t in answer["details"]["tokens"]]
+            assert got == ids[: len(got)], prompt
+        bodies = [
+            {"inputs": PROMPTS[i % len(PROMPTS)], "parameters": {"max_new_tokens": 4 + i % 9}}
+            for i in range(32)
+        ]
+        answers = await asyncio.gather(*(client.post("/generate", json=b) for b in bodies))
+        for body, answer in zip(bodies, answers, strict=True):
+            got = [t["id"] for t in (await answer.json())["details"]["tokens"]]
+            want = expected[body["inputs"]][: body["parameters"]["max_new_tokens"]]
+            assert got == want[: len(got)]
+        metrics = (await (await client.get("/metrics")).read()).decode()
+        samples = dict(
+            line.rsplit(" ", 1)
+            for line in metrics.splitlines()
+            if line.startswith("tgi_batch_next")
+        )
+        batches, requests = (float(samples[f"tgi_batch_next_size_{k}"]) for k in ("count", "sum"))
+        assert requests > batches, "no prefill batch held more than one request"
+        assert (await shards.stats()).num_sequences == 0
+    finally:
+        await client.close()
+        await ctx.batcher.stop()
+        await shards.close()
