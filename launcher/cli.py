@@ -191,3 +191,7 @@ def _report_death(child: Child) -> None:
         f"{child.name} {child.describe_exit()}; shutting down. Its last log lines: {last_lines}",
         extra={"child": child.name, "rank": child.spec.rank},
     )
+
+
+if __name__ == "__main__":
+    main()
