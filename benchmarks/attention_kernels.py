@@ -35,8 +35,12 @@ from shardline.shards.layers.attention.triton_prefill import (
 HEADS, KV_HEADS, HEAD_DIM, PAGE, DTYPE = 32, 8, 128, 16, torch.bfloat16
 ROTATION_BYTES = 512 << 20
 BATCHES, CONTEXTS = (1, 64, 256), (512, 2048, 8192)
-SWEEP = [DecodeConfig(32, 4), DecodeConfig(64, 8), DecodeConfig(128, 8), DecodeConfig(16, 4)]
-PREFILL_SWEEP = [PrefillConfig(128, 128, 8, 3), PrefillConfig(64, 64, 4, 3)]
+SWEEP = [DecodeConfig(32, 4), DecodeConfig(64, 8), DecodeConfig(128, 8)]
+PREFILL_SWEEP = [
+    PrefillConfig(128, 64, 4, 3),
+    PrefillConfig(64, 128, 4, 3),
+    PrefillConfig(64, 64, 4, 4),
+]
 
 
 def copy_bandwidth() -> float:
@@ -136,7 +140,7 @@ def _sweep_cells(problem: DecodeProblem, batch: int, context: int) -> str:
 
 def prefill_rows(rate: float, sweep: bool) -> list[str]:
     rows = []
-    configs = [default_prefill_config(HEAD_DIM, DTYPE), *(PREFILL_SWEEP if sweep else [])]
+    configs = [default_prefill_config(DTYPE), *(PREFILL_SWEEP if sweep else [])]
     for lengths in ([8192], [256] * 64):
         flops = sum(4 * n * (n + 1) / 2 * HEADS * HEAD_DIM for n in lengths)
         for config in configs:

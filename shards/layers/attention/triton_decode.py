@@ -198,13 +198,17 @@ def _multiprocessor_count(device: torch.device) -> int:
 def plan_splits(
     batch: int, num_kv_heads: int, max_tokens: int, block_n: int, num_sms: int
 ) -> SplitPlan:
-    """Cuts each context into partitions so that about PROGRAMS_PER_SM programs run per SM.
+    """No split once (sequence, KV head) programs cover every SM; otherwise cuts each context
+    into partitions so that about PROGRAMS_PER_SM programs run per SM. Measured on an H200 (32
+    query / 8 KV heads, head_dim 128): batch 64 ran 7-14% slower with 2 splits than with none;
+    batch 1 at 8192 tokens ran 15x faster with 64 splits than with none.
 
     Depends on shapes only (max_tokens = block-table width x page size), so a captured CUDA
     graph stays valid for every context length that fits its block table.
     """
     max_tiles = max(1, triton.cdiv(max_tokens, block_n))
-    wanted = triton.cdiv(PROGRAMS_PER_SM * num_sms, max(1, batch * num_kv_heads))
+    programs = max(1, batch * num_kv_heads)
+    wanted = 1 if programs >= num_sms else triton.cdiv(PROGRAMS_PER_SM * num_sms, programs)
     num_splits = max(1, min(wanted, max_tiles, MAX_SPLITS))
     partition_tiles = triton.cdiv(max_tiles, num_splits)
     return SplitPlan(triton.cdiv(max_tiles, partition_tiles), partition_tiles)

@@ -21,17 +21,17 @@ LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class PrefillConfig:
-    block_m: int = 128
+    block_m: int = 64
     block_n: int = 64
-    num_warps: int = 8
+    num_warps: int = 4
     num_stages: int = 3
 
 
-def default_prefill_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
+def default_prefill_config(dtype: torch.dtype) -> PrefillConfig:
+    """64x64 tiles with 4 warps beat 128x64 and 128x128 with 8 warps by 10-30% on an H200
+    (bf16, head_dim 128, one 8192-token prompt and 64 prompts of 256)."""
     if dtype == torch.float32:
         return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
-    if head_dim <= 64:
-        return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
     return PrefillConfig()
 
 
@@ -126,7 +126,7 @@ def varlen_causal_attention(
     num_seqs = cu_seqlens.shape[0] - 1
     if num_tokens == 0 or num_seqs == 0 or max_seqlen == 0:
         return out
-    config = config or default_prefill_config(head_dim, q.dtype)
+    config = config or default_prefill_config(q.dtype)
     num_m_blocks = triton.cdiv(max_seqlen, config.block_m)
     _varlen_causal_kernel[(num_m_blocks, num_seqs, num_heads)](
         q,
