@@ -43,7 +43,7 @@ SHAPES: dict[str, dict] = {
         vocab_size=49152,
         tie_word_embeddings=True,
         rope_theta=130000.0,
-        max_position_embeddings=8192,
+        max_position_embeddings=16384,
         rope_scaling=None,
     ),
 }

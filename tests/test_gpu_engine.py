@@ -79,11 +79,20 @@ def test_float32_gpu_tokens_equal_transformers(medium_model, attention):
     assert _engine_tokens(medium_model, "float32", attention, prompts, max_new) == expected
 
 
-def test_bfloat16_gpu_tokens_mostly_equal_transformers(medium_model):
+def test_bfloat16_gpu_tokens_track_float32_as_well_as_transformers_bf16(medium_model):
+    """bf16 greedy paths split from float32 ones at near-ties; ours must split no more often
+    than transformers' own bf16 does, and agree with it on most prompts."""
     prompts = random_prompts(32, 384, seed=22, max_len=300)
     max_new = [32] * len(prompts)
-    expected = _hf_tokens(medium_model, torch.bfloat16, prompts, max_new)
-    got = _engine_tokens(medium_model, "bfloat16", "triton", prompts, max_new)
-    same = sum(a == b for a, b in zip(got, expected))
-    print(f"bf16 prompts whose 32 greedy tokens equal transformers': {same}/{len(prompts)}")
-    assert same >= 0.75 * len(prompts)
+    reference = _hf_tokens(medium_model, torch.float32, prompts, max_new)
+    hf_bf16 = _hf_tokens(medium_model, torch.bfloat16, prompts, max_new)
+    ours = _engine_tokens(medium_model, "bfloat16", "triton", prompts, max_new)
+    ours_vs_hf = sum(a == b for a, b in zip(ours, hf_bf16))
+    ours_vs_fp32 = sum(a == b for a, b in zip(ours, reference))
+    hf_vs_fp32 = sum(a == b for a, b in zip(hf_bf16, reference))
+    print(
+        f"bf16, 32 prompts x 32 greedy tokens: ours == transformers bf16 on {ours_vs_hf}; "
+        f"ours == float32 on {ours_vs_fp32}; transformers bf16 == float32 on {hf_vs_fp32}"
+    )
+    assert ours_vs_fp32 >= hf_vs_fp32 - 3
+    assert ours_vs_hf >= len(prompts) // 2
