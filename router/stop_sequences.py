@@ -23,6 +23,8 @@ class StopSequenceMatcher:
         self._pending = ""
 
     def feed(self, text: str) -> StopCheck:
+        if not self._stops:
+            return StopCheck(text, stopped=False)
         pending = self._pending + text
         match = self._first_match(pending)
         if match is not None:
