@@ -299,8 +299,8 @@ class Batcher:
         ):
             is_last = position == len(generation.tokens.ids) - 1
             shard_reason = _SHARD_FINISH_REASONS.get(generation.finish_reason) if is_last else None
-            token, reason = self._next_token(entry, token_id, logprob, shard_reason)
-            event = StreamEvent(index=len(entry.generated_ids), token=token)
+            token, text, reason = self._next_token(entry, token_id, logprob, shard_reason)
+            event = StreamEvent(index=len(entry.generated_ids), token=token, text=text)
             if position < len(generation.top_tokens):
                 event.top_tokens = self._tokens(generation.top_tokens[position])
             if len(entry.generated_ids) == 1 and entry.request.decoder_input_details:
@@ -314,20 +314,23 @@ class Batcher:
 
     def _next_token(
         self, entry: Entry, token_id: int, logprob: float, reason: FinishReason | None
-    ) -> tuple[Token, FinishReason | None]:
+    ) -> tuple[Token, str, FinishReason | None]:
+        """The token, the text it releases, and why the request finishes (if it does)."""
         entry.generated_ids.append(token_id)
         special = token_id in self._special_ids
         delta = entry.detokenizer.add(token_id)
         check = entry.stop_matcher.feed(delta)
-        entry.text.append(check.text)
+        released = check.text
         if check.stopped:
             reason = FinishReason.STOP_SEQUENCE
         elif reason is not None:
             tail = entry.stop_matcher.feed(entry.detokenizer.flush())
-            entry.text.append(tail.text if tail.stopped else tail.text + entry.stop_matcher.flush())
+            released += tail.text if tail.stopped else tail.text + entry.stop_matcher.flush()
             reason = FinishReason.STOP_SEQUENCE if tail.stopped else reason
+        entry.text.append(released)
         text = self._tokenizer.decode([token_id], skip_special_tokens=False) if special else delta
-        return Token(id=token_id, text=text, logprob=_logprob(logprob), special=special), reason
+        token = Token(id=token_id, text=text, logprob=_logprob(logprob), special=special)
+        return token, released, reason
 
     def _finish(self, entry: Entry, reason: FinishReason, seed: int) -> Finished:
         entry.done = True

@@ -51,10 +51,15 @@ class Finished:
 
 @dataclass
 class StreamEvent:
-    """One generated token; `prefill` only on the first event, `finished` only on the last."""
+    """One generated token; `prefill` only on the first event, `finished` only on the last.
+
+    `text` is the generated text this token releases (detokenized, stop sequences held back and
+    cut): joined over the events it is `finished.generated_text`.
+    """
 
     index: int
     token: Token
+    text: str = ""
     top_tokens: list[Token] = field(default_factory=list)
     prefill: list[Token] = field(default_factory=list)
     finished: Finished | None = None

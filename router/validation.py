@@ -125,12 +125,6 @@ class Validator:
             self._check_best_of(best_of, params, stream)
         if params.get("max_new_tokens") is not None and params.get("max_new_tokens") <= 0:
             raise ValidationError("`max_new_tokens` must be strictly positive")
-        stop = params.get("stop", [])
-        if len(stop) > self.limits.max_stop_sequences:
-            raise ValidationError(
-                f"`stop` supports up to {self.limits.max_stop_sequences} stop sequences. "
-                f"Given: {len(stop)}"
-            )
         top_n = params.get("top_n_tokens")
         if top_n is not None and not 0 <= top_n <= self.limits.max_top_n_tokens:
             raise ValidationError(
@@ -166,17 +160,26 @@ class Validator:
         truncate: int | None = None,
         top_n_tokens: int = 0,
         decoder_input_details: bool = False,
+        add_special_tokens: bool = True,
     ) -> ValidRequest:
-        """Tokenizes, truncates and checks the token limits; `max_new_tokens` defaults to fit."""
+        """Tokenizes, truncates and checks the limits; `max_new_tokens` defaults to fit.
+
+        `add_special_tokens` is False for chat prompts, whose template already wrote them.
+        """
         limits = self.limits
         if not inputs:
             raise ValidationError("`inputs` cannot be empty")
+        if len(params.stop) > limits.max_stop_sequences:
+            raise ValidationError(
+                f"`stop` supports up to {limits.max_stop_sequences} stop sequences. "
+                f"Given: {len(params.stop)}"
+            )
         if truncate is not None and not 0 < truncate <= limits.max_input_tokens:
             raise ValidationError(
                 f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. "
                 f"Given: {truncate}"
             )
-        input_ids = (await self.encode(inputs)).ids
+        input_ids = (await self.encode(inputs, add_special_tokens)).ids
         if truncate is not None:
             input_ids = input_ids[-truncate:]
         input_length = len(input_ids)
