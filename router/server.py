@@ -23,6 +23,7 @@ from shardline.router.http import (
     read_json,
     sse_event,
 )
+from shardline.router.openai_routes import OPENAI_ROUTES, sagemaker_invocations
 from shardline.router.openapi import openapi_spec
 from shardline.router.request_types import StreamEvent, Token, ValidRequest
 from shardline.router.validation import ResponseOptions, parse_generate_body
@@ -43,12 +44,13 @@ def create_app(ctx: RouterContext) -> web.Application:
             web.post("/generate", generate),
             web.post("/generate_stream", generate_stream),
             web.post("/", compat_generate),
-            web.post("/invocations", compat_generate),
+            web.post("/invocations", sagemaker_invocations(compat_generate)),
             web.get("/info", info),
             web.get("/health", health),
             web.get("/metrics", metrics),
             web.post("/tokenize", tokenize),
             web.get("/openapi.json", openapi),
+            *OPENAI_ROUTES,
         ]
     )
     return app
