@@ -67,7 +67,10 @@ class ModelRunner:
         sampling: SamplingState,
         block_table: torch.Tensor,
         prompt_logprob_rows: list[int],
+        sample_rows: torch.Tensor | None = None,
     ) -> StepResult:
+        """`sample_rows[i]`: the prompt whose next-token logits sampling row i reads (default:
+        row i), so several sequences of one prompt sample from one prefill."""
         started = time.perf_counter_ns()
         lengths = torch.tensor([len(prompt) for prompt in prompts], dtype=torch.long)
         positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
@@ -82,7 +85,8 @@ class ModelRunner:
         )
         input_ids = self._to_device(torch.tensor([t for p in prompts for t in p], dtype=torch.long))
         hidden = self.model(input_ids, self._to_device(positions), self._cache_layers(), meta)
-        last = self._to_device(cu_seqlens[1:].long() - 1)
+        last = cu_seqlens[1:].long() - 1
+        last = self._to_device(last if sample_rows is None else last[sample_rows])
         logits = self.model.compute_logits(hidden.index_select(0, last))
         prompt_logprobs = {
             row: self._prompt_logprobs(hidden, input_ids, cu_seqlens, row)
