@@ -1,4 +1,5 @@
-"""Shardline's OpenAPI description of its TGI routes, kept consistent with TGI's spec."""
+"""Shardline's OpenAPI description of its TGI and OpenAI-compatible routes, kept consistent with
+TGI's spec."""
 
 from __future__ import annotations
 
@@ -186,6 +187,8 @@ def _schemas() -> dict[str, Any]:
             "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}},
         },
         "Info": _info_schema(),
+        **_openai_request_schemas(),
+        **_openai_response_schemas(),
     }
 
 
@@ -236,7 +239,17 @@ def openapi_spec() -> dict[str, Any]:
         },
         "paths": {
             "/": compat,
-            "/invocations": compat,
+            "/invocations": _post(
+                "sagemaker_compatibility",
+                "TGI's, the chat or the completion request, told apart by their fields",
+                "SagemakerRequest",
+                {
+                    "application/json": {"schema": _ref("SagemakerResponse")},
+                    "text/event-stream": {"schema": _ref("SagemakerStreamResponse")},
+                },
+                "application/json",
+            ),
+            **_openai_paths(),
             "/generate": _post(
                 "generate", "Generate text", "GenerateRequest", json_answer, "application/json"
             ),
@@ -303,4 +316,309 @@ def _get(operation: str, summary: str, schema: dict[str, Any]) -> dict[str, Any]
                 "200": {"description": summary, "content": {"application/json": {"schema": schema}}}
             },
         }
+    }
+
+
+# ---- the OpenAI-compatible routes --------------------------------------------------------------
+
+_UNSUPPORTED = "Not supported: rejected with 422 unless empty"
+_NUMBER = _nullable({"type": "number"})
+_STOP = _nullable(
+    {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]}
+)
+# vLLM's extras, with SamplingParams' ranges.
+_VLLM_EXTRAS = {
+    "top_k": _nullable({"type": "integer", "minimum": -1, "description": "0 or -1: off"}),
+    "min_p": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
+    "repetition_penalty": _nullable({"type": "number", "exclusiveMinimum": 0}),
+    "min_tokens": _nullable({"type": "integer", "minimum": 0}),
+    "ignore_eos": _nullable({"type": "boolean"}),
+    "stop_token_ids": _nullable({"type": "array", "items": {"type": "integer", "minimum": 0}}),
+    "skip_special_tokens": _nullable({"type": "boolean"}),
+}
+
+
+def _openai_sampling() -> dict[str, Any]:
+    return {
+        "model": _nullable({"type": "string", "description": "Accepted, unused: one model"}),
+        "user": _nullable({"type": "string"}),
+        "stream": {"type": "boolean", "default": False},
+        "stream_options": _nullable({"allOf": [_ref("StreamOptions")]}),
+        "max_tokens": _nullable({"type": "integer", "minimum": 1}),
+        "n": _nullable({"type": "integer", "minimum": 1, "maximum": 1}),
+        "temperature": _nullable({"type": "number", "minimum": 0}),
+        "top_p": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+        "frequency_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
+        "presence_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
+        "seed": _SEED,
+        "stop": _STOP,
+        "logit_bias": _nullable({"type": "object", "description": _UNSUPPORTED}),
+        **_VLLM_EXTRAS,
+    }
+
+
+def _openai_request_schemas() -> dict[str, Any]:
+    text_part = {
+        "type": "object",
+        "required": ["type", "text"],
+        "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
+    }
+    content = {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}]}
+    return {
+        "StreamOptions": {
+            "type": "object",
+            "properties": {"include_usage": {"type": "boolean"}},
+        },
+        "Message": {
+            "allOf": [
+                {"type": "object", "required": ["content"], "properties": {"content": content}},
+                {
+                    "type": "object",
+                    "required": ["role"],
+                    "properties": {
+                        "role": {"type": "string"},
+                        "name": _nullable({"type": "string"}),
+                    },
+                },
+            ]
+        },
+        "ChatRequest": {
+            "type": "object",
+            "required": ["messages"],
+            "properties": {
+                **_openai_sampling(),
+                "messages": {"type": "array", "items": _ref("Message"), "minItems": 1},
+                "max_completion_tokens": _nullable({"type": "integer", "minimum": 1}),
+                "logprobs": _nullable({"type": "boolean"}),
+                "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": 5}),
+                "response_format": _nullable(
+                    {"type": "object", "description": 'Only {"type": "text"}: else 422'}
+                ),
+                "tools": _nullable({"type": "array", "description": _UNSUPPORTED}),
+                "tool_choice": _nullable(
+                    {"type": "string", "enum": ["none", "auto"], "description": "No tool calls"}
+                ),
+                "tool_prompt": _nullable({"type": "string", "description": "Unused: no tools"}),
+            },
+        },
+        "Prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+        "CompletionRequest": {
+            "type": "object",
+            "required": ["prompt"],
+            "properties": {
+                **_openai_sampling(),
+                "prompt": _ref("Prompt"),
+                "suffix": _nullable({"type": "string", "description": _UNSUPPORTED}),
+                "echo": _nullable({"type": "boolean", "description": "true is rejected with 422"}),
+                "logprobs": _nullable({"type": "integer", "description": "Rejected with 422"}),
+                "best_of": _nullable({"type": "integer", "minimum": 1, "maximum": 1}),
+            },
+        },
+        "SagemakerRequest": {
+            "oneOf": [
+                _ref("CompatGenerateRequest"),
+                _ref("ChatRequest"),
+                _ref("CompletionRequest"),
+            ]
+        },
+    }
+
+
+def _openai_response_schemas() -> dict[str, Any]:
+    def header(object_name: str) -> dict[str, Any]:
+        return {
+            "id": {"type": "string"},
+            "object": {"type": "string", "enum": [object_name]},
+            "created": {"type": "integer", "format": "int64", "minimum": 0},
+            "model": {"type": "string"},
+            "system_fingerprint": {"type": "string"},
+        }
+
+    required = ["id", "created", "model", "system_fingerprint", "choices"]
+    logprobs = _nullable({"allOf": [_ref("ChatCompletionLogprobs")]})
+    top_logprob = {"token": {"type": "string"}, "logprob": {"type": "number"}}
+    return {
+        "Usage": {
+            "type": "object",
+            "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+            "properties": {
+                name: _COUNT for name in ("prompt_tokens", "completion_tokens", "total_tokens")
+            },
+        },
+        "TextMessage": {
+            "type": "object",
+            "required": ["role", "content"],
+            "properties": {
+                "role": {"type": "string"},
+                "content": {"type": "string"},
+                "tool_call_id": _nullable({"type": "string"}),
+            },
+        },
+        "ChatCompletionTopLogprob": {
+            "type": "object",
+            "required": ["token", "logprob"],
+            "properties": top_logprob,
+        },
+        "ChatCompletionLogprob": {
+            "type": "object",
+            "required": ["token", "logprob", "top_logprobs"],
+            "properties": {
+                **top_logprob,
+                "top_logprobs": {"type": "array", "items": _ref("ChatCompletionTopLogprob")},
+            },
+        },
+        "ChatCompletionLogprobs": {
+            "type": "object",
+            "required": ["content"],
+            "properties": {"content": {"type": "array", "items": _ref("ChatCompletionLogprob")}},
+        },
+        "ChatCompletionComplete": {
+            "type": "object",
+            "required": ["index", "message", "finish_reason"],
+            "properties": {
+                "index": _COUNT,
+                "message": _ref("TextMessage"),
+                "logprobs": logprobs,
+                "finish_reason": {"type": "string", "enum": ["stop", "length"]},
+            },
+        },
+        "ChatCompletion": {
+            "type": "object",
+            "required": [*required, "usage"],
+            "properties": {
+                **header("chat.completion"),
+                "choices": {"type": "array", "items": _ref("ChatCompletionComplete")},
+                "usage": _ref("Usage"),
+            },
+        },
+        "ChatCompletionChoice": {
+            "type": "object",
+            "required": ["index", "delta"],
+            "properties": {
+                "index": _COUNT,
+                "delta": _ref("TextMessage"),
+                "logprobs": logprobs,
+                "finish_reason": _nullable({"type": "string", "enum": ["stop", "length"]}),
+            },
+        },
+        "ChatCompletionChunk": {
+            "type": "object",
+            "required": required,
+            "properties": {
+                **header("chat.completion.chunk"),
+                "choices": {"type": "array", "items": _ref("ChatCompletionChoice")},
+                "usage": _nullable({"allOf": [_ref("Usage")]}),
+            },
+        },
+        "CompletionComplete": {
+            "type": "object",
+            "required": ["index", "text", "finish_reason"],
+            "properties": {
+                "index": _COUNT,
+                "text": {"type": "string"},
+                "logprobs": _nullable({"type": "array", "items": {"type": "number"}}),
+                "finish_reason": {
+                    "type": "string",
+                    "enum": ["", "stop", "length"],
+                    "description": "Empty in the stream until the last chunk",
+                },
+            },
+        },
+        "CompletionFinal": {
+            "type": "object",
+            "required": [*required, "usage"],
+            "properties": {
+                **header("text_completion"),
+                "choices": {"type": "array", "items": _ref("CompletionComplete")},
+                "usage": _ref("Usage"),
+            },
+        },
+        "Chunk": {
+            "type": "object",
+            "required": required,
+            "properties": {
+                **header("text_completion"),
+                "choices": {"type": "array", "items": _ref("CompletionComplete")},
+                "usage": _nullable({"allOf": [_ref("Usage")]}),
+            },
+        },
+        "ModelInfo": {
+            "type": "object",
+            "required": ["id", "object", "created", "owned_by"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"type": "string", "enum": ["model"]},
+                "created": {"type": "integer", "format": "int64", "minimum": 0},
+                "owned_by": {"type": "string"},
+            },
+        },
+        "ChatTokenizeResponse": {
+            "type": "object",
+            "required": ["tokenize_response", "templated_text"],
+            "properties": {
+                "tokenize_response": _ref("TokenizeResponse"),
+                "templated_text": {"type": "string"},
+            },
+        },
+        "SagemakerResponse": {
+            "oneOf": [
+                _ref("GenerateResponse"),
+                _ref("ChatCompletion"),
+                _ref("CompletionFinal"),
+            ]
+        },
+        "SagemakerStreamResponse": {
+            "oneOf": [_ref("StreamResponse"), _ref("ChatCompletionChunk"), _ref("Chunk")]
+        },
+    }
+
+
+def _openai_paths() -> dict[str, Any]:
+    def answers(final: str, chunk: str) -> dict[str, Any]:
+        return {
+            "application/json": {"schema": _ref(final)},
+            "text/event-stream": {"schema": _ref(chunk)},
+        }
+
+    models = {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {
+            "object": {"type": "string", "enum": ["list"]},
+            "data": {"type": "array", "items": _ref("ModelInfo")},
+        },
+    }
+    return {
+        "/v1/chat/completions": _post(
+            "chat_completions",
+            "OpenAI chat completion, or its chunks (then `data: [DONE]`) when `stream` is true",
+            "ChatRequest",
+            answers("ChatCompletion", "ChatCompletionChunk"),
+            "application/json",
+        ),
+        "/v1/completions": _post(
+            "completions",
+            "OpenAI completion, one choice per prompt, or its chunks when `stream` is true",
+            "CompletionRequest",
+            answers("CompletionFinal", "Chunk"),
+            "application/json",
+        ),
+        "/v1/models": _get("openai_get_model_info", "The served model", models),
+        "/chat_tokenize": {
+            "post": {
+                "operationId": "get_chat_tokenize",
+                "summary": "Apply the chat template and tokenize the result",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("ChatRequest")}},
+                },
+                "responses": {
+                    "200": {
+                        "description": "The templated text and its tokens",
+                        "content": {"application/json": {"schema": _ref("ChatTokenizeResponse")}},
+                    },
+                    "422": _errors()["422"],
+                },
+            }
+        },
     }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import jsonschema
 import openai
 import pytest
 from openai import AsyncOpenAI
@@ -14,7 +15,7 @@ from shardline.proto import generate_pb2 as pb
 from shardline.router.client import StepResult
 from tests.test_router_fakes import CONTINUATION, FakeShardClient, fixed_script, router_client
 from tests.test_router_fakes import tiny_tokenizer as build_tokenizer
-from tests.test_router_server import TGI_SPEC, assert_error, assert_schema
+from tests.test_router_server import TGI_SPEC, _as_json_schema, assert_error, assert_schema
 
 USER = [{"role": "user", "content": "the city"}]
 
@@ -365,3 +366,9 @@ async def test_openapi_describes_the_openai_routes(router):
         schema = ours["components"]["schemas"][name]
         assert set(schema["required"]) == set(theirs[name]["required"]), name
         assert set(theirs[name]["properties"]) <= set(schema["properties"]), name
+    components = _as_json_schema(ours["components"])
+    chat = await (await router.post("/v1/chat/completions", json={"messages": USER})).json()
+    chunks = await post_stream(router, "/v1/completions", {"prompt": "a", "stream": True})
+    for instance, name in ((chat, "ChatCompletion"), (chunks[0], "Chunk"), (chunks[-1], "Chunk")):
+        schema = {"$ref": f"#/components/schemas/{name}", "components": components}
+        jsonschema.validate(instance, schema)
