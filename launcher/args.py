@@ -108,7 +108,7 @@ FLAGS: tuple[Flag, ...] = (
          "folder with the tokenizer files, when not the model's"),
     # launcher
     Flag(("--graceful-termination-timeout",), "GRACEFUL_TERMINATION_TIMEOUT",
-         "seconds the router may take to finish in-flight requests on SIGTERM", type=float,
+         "seconds the router may take to finish in-flight requests on SIGTERM (then cut)", type=float,
          default=60.0),
     Flag(("--json-output",), "JSON_OUTPUT", "logs as JSON lines", switch=True),
 )  # fmt: skip

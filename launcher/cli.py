@@ -39,6 +39,7 @@ from shardline.model_files import ModelNotFoundError, resolve_model
 logger = logging.getLogger("shardline.launcher")
 
 SHARD_STOP_TIMEOUT_S = 10.0
+ROUTER_EXIT_MARGIN_S = 10.0  # past its own drain timeout, for the router to close and exit
 TEARDOWN_TIMEOUT_S = 3.0
 _MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 
@@ -170,7 +171,7 @@ class Launch:
                 if dead is not None:
                     raise ChildDied(dead)
             logger.info("stopping: the router finishes in-flight requests first")
-            timeout = self.args.graceful_termination_timeout
+            timeout = self.args.graceful_termination_timeout + ROUTER_EXIT_MARGIN_S
             stop_children(router, timeout, self.signals.force)
         logger.info("stopping the shards")
         stop_children(shards, SHARD_STOP_TIMEOUT_S, self.signals.force)

@@ -137,6 +137,7 @@ def router_spec(
                 ("--payload-limit", args.payload_limit),
                 ("--api-key", args.api_key),
                 ("--json-output", args.json_output),
+                ("--shutdown-timeout", args.graceful_termination_timeout),
             ]
         ),
     ]

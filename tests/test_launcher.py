@@ -152,6 +152,7 @@ def test_router_command_passes_limits_only_when_set(tmp_path: Path) -> None:
         "64",
         "k",
     )
+    assert options["--shutdown-timeout"] == "60.0"
     assert "--max-total-tokens" not in argv and "--json-output" not in argv
 
 
@@ -487,11 +488,6 @@ def test_end_to_end_generate_equals_transformers(serve_tiny, tiny_llama_dir, num
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the router answers in-flight streams with 'the server is shutting down' on SIGTERM "
-    "instead of letting them finish (router/cli.py stops the batcher first)",
-)
 def test_end_to_end_sigterm_during_a_stream_lets_it_finish(serve_tiny, tmp_path) -> None:
     launcher, url = serve_tiny(1)
     pids = launcher.child_pids()
