@@ -3,13 +3,14 @@ bodies and chunks validated against TGI's schemas, the chat template, parameters
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 
 import jsonschema
 import openai
 import pytest
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, OpenAI
 
 from shardline.proto import generate_pb2 as pb
 from shardline.router.client import ShardedClient, StepResult
@@ -91,6 +92,18 @@ async def test_chat_completion_with_the_official_client(api, router, fake, token
     raw = await (await router.post("/v1/chat/completions", json={"messages": USER})).json()
     assert_schema(raw, "ChatCompletion")
     assert raw["object"] == "chat.completion" and raw["choices"][0]["logprobs"] is None
+
+
+async def test_the_sync_client_works_unchanged(router):
+    client = OpenAI(base_url=str(router.make_url("/v1")), api_key="x", max_retries=0)
+    answer = await asyncio.to_thread(
+        client.chat.completions.create, model="m", messages=USER, max_tokens=2
+    )
+    assert answer.choices[0].finish_reason == "length"
+    stream = await asyncio.to_thread(
+        lambda: list(client.completions.create(model="m", prompt="a", stream=True))
+    )
+    assert "".join(chunk.choices[0].text for chunk in stream) == CONTINUATION
 
 
 async def test_chat_stream_with_usage(api, router, tokenizer):
@@ -356,6 +369,25 @@ async def test_generation_errors_and_metrics(router, fake):
         "tgi_request_validation_duration_count 3.0",
     ):
         assert sample in text, sample
+
+
+async def test_disconnect_mid_stream_frees_every_sequence(tokenizer):
+    script = lambda prompt: [tokenizer.encode("the")[0]] * 500  # noqa: E731
+    fake = FakeShardClient(script, tokenizer.eos_token_id, step_delay=0.01)
+    client, ctx = await router_client(fake, tokenizer, max_total_tokens=1024)
+    try:
+        body = {"prompt": ["a", "b"], "stream": True}
+        answer = await client.post("/v1/completions", json=body)
+        await answer.content.readuntil(b"\n\n")
+        answer.close()
+        for _ in range(200):
+            if fake.num_sequences == 0 and ctx.in_flight == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert fake.num_sequences == 0 and ctx.batcher.running_size == 0 and ctx.in_flight == 0
+    finally:
+        await client.close()
+        await ctx.batcher.stop()
 
 
 async def test_openapi_describes_the_openai_routes(router):
