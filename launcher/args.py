@@ -198,6 +198,11 @@ def resolve_num_shard(
     return max(count, 1)
 
 
+def log_level(environ: Mapping[str, str]) -> str:
+    """TGI's LOG_LEVEL (`info`, or `info,target=debug`): its leading level, for every process."""
+    return environ.get("LOG_LEVEL", "info").split(",")[0].strip().upper() or "INFO"
+
+
 def visible_gpu_count(environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
     visible = environ.get("CUDA_VISIBLE_DEVICES")

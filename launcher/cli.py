@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from shardline.launcher.args import parse_args
+from shardline.launcher.args import log_level, parse_args
 from shardline.launcher.commands import (
     ChildSpec,
     LauncherError,
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
 def run(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = dict(os.environ if environ is None else environ)
     args = parse_args(argv, environ)
-    configure_logging(json_output=args.json_output, level=environ.get("LOG_LEVEL", "INFO"))
+    configure_logging(json_output=args.json_output, level=log_level(environ))
     if args.env:
         logger.info("runtime environment", extra=runtime_environment(environ))
     if args.trust_remote_code:

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardline.launcher.args import log_level
 from shardline.model_files import PACKAGED_MODEL_ALIAS
 
 SHARD_EXECUTABLE = "shardline-shard"
@@ -78,7 +79,7 @@ def shard_spec(
                 ("--attention", args.attention),
                 ("--cuda-graphs", args.cuda_graphs),
                 ("--json-output", args.json_output),
-                ("--logger-level", environ.get("LOG_LEVEL")),
+                ("--logger-level", log_level(environ)),
             ]
         ),
     ]

@@ -129,7 +129,9 @@ def test_shard_command_and_environment(tmp_path: Path) -> None:
     spec = shard_spec(args, tmp_path, "/run/s/shard", 1, environ)
     assert spec.argv[1:3] == ["serve", str(tmp_path)]
     expected = "--rank 1 --world-size 2 --uds-path /run/s/shard --master-addr localhost "
-    expected += "--master-port 29500 --dtype float32 --block-size 32 --json-output"
+    expected += (
+        "--master-port 29500 --dtype float32 --block-size 32 --json-output --logger-level INFO"
+    )
     assert " ".join(spec.argv[3:]) == expected
     env = spec.env
     assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == ("1", "1", "2")
@@ -138,6 +140,8 @@ def test_shard_command_and_environment(tmp_path: Path) -> None:
     assert env["NCCL_DEBUG"] == "INFO" and env["NVSHMEM_X"] == "1"
     kept = shard_spec(args, tmp_path, "/s", 0, {**environ, "NCCL_NVLS_ENABLE": "1"}).env
     assert kept["NCCL_NVLS_ENABLE"] == "1"
+    tgi_level = {**environ, "LOG_LEVEL": "debug,text_generation_router=info"}
+    assert shard_spec(args, tmp_path, "/s", 0, tgi_level).argv[-2:] == ["--logger-level", "DEBUG"]
 
 
 def test_router_command_passes_limits_only_when_set(tmp_path: Path) -> None:
