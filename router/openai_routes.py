@@ -389,11 +389,14 @@ def _cancel(streams: list[RequestStream], tasks: list[asyncio.Future[Any]]) -> N
 
 
 def _header(ctx: RouterContext, job: _Job, chunk: bool) -> dict[str, Any]:
-    kind = ("chat.completion.chunk" if chunk else "chat.completion") if job.chat else None
+    if job.chat:
+        prefix, kind = "chatcmpl", "chat.completion.chunk" if chunk else "chat.completion"
+    else:
+        prefix, kind = "cmpl", "text_completion"
     info = ctx.info
     return {
-        "id": f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex}",
-        "object": kind or "text_completion",
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "object": kind,
         "created": int(time.time()),
         "model": info["model_id"],
         "system_fingerprint": f"{info['version']}-{info.get('docker_label') or 'native'}",
