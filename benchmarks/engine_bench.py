@@ -119,7 +119,8 @@ def summarize(name: str, elapsed: float, timings: list[RequestTiming], prompt_to
 
 
 def engine_decode_step_ms(llm: LLM, prompt_len: int, new_tokens: int, vocab: int) -> float:
-    """Decode ms/step at batch 1 straight through the engine (no router), median of the steps."""
+    """Decode ms/step at batch 1 straight through the engine (no router), median of the steps;
+    prints where a step's time goes (engine phases, then device kernels from the profiler)."""
     engine = llm._shards.engine
     prompt = random_prompt(prompt_len, random.Random(1), vocab)
     chooser, stopping = _exact(new_tokens).to_proto(new_tokens)
@@ -127,14 +128,29 @@ def engine_decode_step_ms(llm: LLM, prompt_len: int, new_tokens: int, vocab: int
         id=10**9, input_ids=prompt, parameters=chooser, stopping_parameters=stopping
     )
     answer = engine.prefill(pb.PrefillRequest(batch=pb.Batch(id=10**9, requests=[request])))
-    steps = []
+    steps, phases = [], []
     cached = answer.batch
+    profiler = torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    )
     while cached is not None:
+        if len(steps) == 100:
+            profiler.start()
         torch.cuda.synchronize()
         started = time.perf_counter()
         answer = engine.decode(pb.DecodeRequest(batches=[cached]))
         steps.append(time.perf_counter() - started)
+        phases.append((answer.forward_ns, answer.decode_ns, answer.total_ns))
+        if len(steps) == 120:
+            profiler.stop()
         cached = answer.batch if answer.HasField("batch") else None
+    forward, sample, total = (statistics.median(p[i] for p in phases) / 1e6 for i in range(3))
+    print(
+        f"engine step phases (median ms): forward {forward:.3f} sample+sync {sample:.3f} "
+        f"total {total:.3f}",
+        flush=True,
+    )
+    print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
     return 1e3 * statistics.median(steps)
 
 

@@ -2,7 +2,7 @@
 
 Built on `tokenizers`' DecodeStream, which buffers a byte-level token that splits a character
 until the character completes and keeps a little context so leading spaces decode as in full
-text. The stream is primed with the end of the prompt.
+text. The stream is primed with the end of the prompt when that ends on a whole character.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 from tokenizers.decoders import DecodeStream
 
 _CONTEXT_TOKENS = 5
+_REPLACEMENT_CHAR = "\ufffd"
 
 
 def backend_tokenizer(tokenizer: Any) -> Any:
@@ -30,9 +31,15 @@ class IncrementalDetokenizer:
         self._tokenizer = backend_tokenizer(tokenizer)
         self._skip_special_tokens = skip_special_tokens
         self._stream = DecodeStream(
-            ids=list(prompt_ids[-_CONTEXT_TOKENS:]), skip_special_tokens=skip_special_tokens
+            ids=self._clean_context(prompt_ids), skip_special_tokens=skip_special_tokens
         )
         self._pending: list[int] = []
+
+    def _clean_context(self, prompt_ids: Sequence[int]) -> list[int]:
+        """The prompt's last ids, unless they end inside a character (then no context)."""
+        context = list(prompt_ids[-_CONTEXT_TOKENS:])
+        text = self._tokenizer.decode(context, skip_special_tokens=self._skip_special_tokens)
+        return [] if _REPLACEMENT_CHAR in text else context
 
     def add(self, token_id: int) -> str:
         """Adds one generated id; returns the text it completes (often "", never half a char)."""

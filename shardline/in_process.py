@@ -1,12 +1,21 @@
-"""The router's ShardClient over a ShardEngine in this process: one shard, no gRPC."""
+"""The router's ShardClient over a ShardEngine in this process: one shard, no gRPC.
+
+Engine calls run on one worker thread, so the event loop streams step N's tokens while the
+device computes step N+1's (the GIL is released while the host waits for the device).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from shardline.proto import generate_pb2 as pb
 from shardline.router.client import StepResult, Timings
 from shardline.shards.engine import ShardEngine
+
+T = TypeVar("T")
 
 
 def _timings(answer: pb.PrefillResponse | pb.DecodeResponse) -> Timings:
@@ -25,6 +34,13 @@ def _cached(answer: pb.PrefillResponse | pb.DecodeResponse) -> pb.CachedBatch | 
 class InProcessShardClient:
     def __init__(self, engine: ShardEngine) -> None:
         self.engine = engine
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+
+    async def _run(self, method: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, method, *args)
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True)
 
     async def info(self) -> pb.InfoResponse:
         return self.engine.info()
@@ -33,26 +49,26 @@ class InProcessShardClient:
         return None
 
     async def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
-        return self.engine.warmup(request)
+        return await self._run(self.engine.warmup, request)
 
     async def prefill(self, batch: pb.Batch) -> StepResult:
-        answer = self.engine.prefill(pb.PrefillRequest(batch=batch))
+        answer = await self._run(self.engine.prefill, pb.PrefillRequest(batch=batch))
         return StepResult(list(answer.generations), _cached(answer), _timings(answer))
 
     async def decode(self, batches: Sequence[pb.CachedBatch]) -> StepResult:
-        answer = self.engine.decode(pb.DecodeRequest(batches=list(batches)))
+        answer = await self._run(self.engine.decode, pb.DecodeRequest(batches=list(batches)))
         return StepResult(list(answer.generations), _cached(answer), _timings(answer))
 
     async def filter_batch(
         self, batch_id: int, request_ids: Sequence[int]
     ) -> pb.CachedBatch | None:
         request = pb.FilterBatchRequest(batch_id=batch_id, request_ids=list(request_ids))
-        answer = self.engine.filter_batch(request)
+        answer = await self._run(self.engine.filter_batch, request)
         return answer.batch if answer.batch.size else None
 
     async def clear_cache(self, batch_id: int | None = None) -> None:
         request = pb.ClearCacheRequest() if batch_id is None else pb.ClearCacheRequest(id=batch_id)
-        self.engine.clear_cache(request)
+        await self._run(self.engine.clear_cache, request)
 
     async def stats(self) -> pb.StatsResponse:
-        return self.engine.stats()
+        return await self._run(self.engine.stats)
