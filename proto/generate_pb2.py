@@ -24,17 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eshardline/proto/generate.proto\x12\x15shardline.generate.v1\"\x0f\n\rHealthRequest\"\x10\n\x0eHealthResponse\"\r\n\x0bInfoRequest\"\xdf\x02\n\x0cInfoResponse\x12\x18\n\x10requires_padding\x18\x01 \x01(\x08\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x18\n\x0bwindow_size\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x11\n\tspeculate\x18\x05 \x01(\r\x12\x18\n\x10support_chunking\x18\x06 \x01(\x08\x12\x1a\n\x12use_prefix_caching\x18\x07 \x01(\x08\x12\x16\n\x0e\x61ttention_impl\x18\x08 \x01(\t\x12\x12\n\nblock_size\x18\t \x01(\r\x12\x12\n\nmodel_type\x18\n \x01(\t\x12\x12\n\nworld_size\x18\x0b \x01(\r\x12\x12\n\nvocab_size\x18\x0c \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\r \x01(\r\x12\x15\n\reos_token_ids\x18\x0e \x03(\rB\x0e\n\x0c_window_size\"\x19\n\x17ServiceDiscoveryRequest\"(\n\x18ServiceDiscoveryResponse\x12\x0c\n\x04urls\x18\x01 \x03(\t\"+\n\x11\x43learCacheRequest\x12\x0f\n\x02id\x18\x01 \x01(\x04H\x00\x88\x01\x01\x42\x05\n\x03_id\"\x14\n\x12\x43learCacheResponse\"\xc1\x02\n\x1aNextTokenChooserParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\ttypical_p\x18\x04 \x01(\x02\x12\x11\n\tdo_sample\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x11\n\twatermark\x18\t \x01(\x08\x12\x38\n\x0cgrammar_type\x18\n \x01(\x0e\x32\".shardline.generate.v1.GrammarType\x12\x0f\n\x07grammar\x18\x0b \x01(\t\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\r\n\x05min_p\x18\r \x01(\x02\"\x96\x01\n\x1aStoppingCriteriaParameters\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x18\n\x10ignore_eos_token\x18\x03 \x01(\x08\x12\x16\n\x0emin_new_tokens\x18\x04 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\r\"\xf4\x01\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\tinput_ids\x18\x02 \x03(\r\x12\x1d\n\x15\x64\x65\x63oder_input_details\x18\x03 \x01(\x08\x12\x45\n\nparameters\x18\x04 \x01(\x0b\x32\x31.shardline.generate.v1.NextTokenChooserParameters\x12N\n\x13stopping_parameters\x18\x05 \x01(\x0b\x32\x31.shardline.generate.v1.StoppingCriteriaParameters\x12\x14\n\x0ctop_n_tokens\x18\x06 \x01(\r\"g\n\x05\x42\x61tch\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x30\n\x08requests\x18\x02 \x03(\x0b\x32\x1e.shardline.generate.v1.Request\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\"h\n\x0b\x43\x61\x63hedBatch\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x16\n\x0e\x63urrent_tokens\x18\x05 \x01(\r\"\'\n\x06Tokens\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\x9d\x02\n\nGeneration\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x35\n\x0eprefill_tokens\x18\x02 \x01(\x0b\x32\x1d.shardline.generate.v1.Tokens\x12-\n\x06tokens\x18\x03 \x01(\x0b\x32\x1d.shardline.generate.v1.Tokens\x12\x31\n\ntop_tokens\x18\x04 \x03(\x0b\x32\x1d.shardline.generate.v1.Tokens\x12:\n\rfinish_reason\x18\x05 \x01(\x0e\x32#.shardline.generate.v1.FinishReason\x12\x18\n\x10generated_tokens\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\x04\";\n\x12\x46ilterBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\"H\n\x13\x46ilterBatchResponse\x12\x31\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\".shardline.generate.v1.CachedBatch\"=\n\x0ePrefillRequest\x12+\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1c.shardline.generate.v1.Batch\"\xc4\x01\n\x0fPrefillResponse\x12\x36\n\x0bgenerations\x18\x01 \x03(\x0b\x32!.shardline.generate.v1.Generation\x12\x36\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\".shardline.generate.v1.CachedBatchH\x00\x88\x01\x01\x12\x12\n\nforward_ns\x18\x03 \x01(\x04\x12\x11\n\tdecode_ns\x18\x04 \x01(\x04\x12\x10\n\x08total_ns\x18\x05 \x01(\x04\x42\x08\n\x06_batch\"D\n\rDecodeRequest\x12\x33\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\".shardline.generate.v1.CachedBatch\"\xd6\x01\n\x0e\x44\x65\x63odeResponse\x12\x36\n\x0bgenerations\x18\x01 \x03(\x0b\x32!.shardline.generate.v1.Generation\x12\x36\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\".shardline.generate.v1.CachedBatchH\x00\x88\x01\x01\x12\x11\n\tconcat_ns\x18\x03 \x01(\x04\x12\x12\n\nforward_ns\x18\x04 \x01(\x04\x12\x11\n\tdecode_ns\x18\x05 \x01(\x04\x12\x10\n\x08total_ns\x18\x06 \x01(\x04\x42\x08\n\x06_batch\"\xc0\x01\n\rWarmupRequest\x12+\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1c.shardline.generate.v1.Batch\x12\x1d\n\x10max_input_tokens\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x1a\n\x12max_prefill_tokens\x18\x03 \x01(\r\x12\x1d\n\x10max_total_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x42\x13\n\x11_max_input_tokensB\x13\n\x11_max_total_tokens\"\x8c\x01\n\x0eWarmupResponse\x12\'\n\x1amax_supported_total_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x10max_input_tokens\x18\x02 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x03 \x01(\rB\x1d\n\x1b_max_supported_total_tokens\"\x0e\n\x0cStatsRequest\"z\n\rStatsResponse\x12\x14\n\x0ctotal_blocks\x18\x01 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x15\n\rnum_sequences\x18\x04 \x01(\r\x12\x13\n\x0bnum_batches\x18\x05 \x01(\r*S\n\x0bGrammarType\x12\x15\n\x11GRAMMAR_TYPE_NONE\x10\x00\x12\x15\n\x11GRAMMAR_TYPE_JSON\x10\x01\x12\x16\n\x12GRAMMAR_TYPE_REGEX\x10\x02*~\n\x0c\x46inishReason\x12\x16\n\x12\x46INISH_REASON_NONE\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x32\xd9\x06\n\x15TextGenerationService\x12O\n\x04Info\x12\".shardline.generate.v1.InfoRequest\x1a#.shardline.generate.v1.InfoResponse\x12U\n\x06Health\x12$.shardline.generate.v1.HealthRequest\x1a%.shardline.generate.v1.HealthResponse\x12s\n\x10ServiceDiscovery\x12..shardline.generate.v1.ServiceDiscoveryRequest\x1a/.shardline.generate.v1.ServiceDiscoveryResponse\x12\x61\n\nClearCache\x12(.shardline.generate.v1.ClearCacheRequest\x1a).shardline.generate.v1.ClearCacheResponse\x12\x64\n\x0b\x46ilterBatch\x12).shardline.generate.v1.FilterBatchRequest\x1a*.shardline.generate.v1.FilterBatchResponse\x12U\n\x06Warmup\x12$.shardline.generate.v1.WarmupRequest\x1a%.shardline.generate.v1.WarmupResponse\x12X\n\x07Prefill\x12%.shardline.generate.v1.PrefillRequest\x1a&.shardline.generate.v1.PrefillResponse\x12U\n\x06\x44\x65\x63ode\x12$.shardline.generate.v1.DecodeRequest\x1a%.shardline.generate.v1.DecodeResponse\x12R\n\x05Stats\x12#.shardline.generate.v1.StatsRequest\x1a$.shardline.generate.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eshardline/proto/generate.proto\x12\x15shardline.generate.v1\"\x0f\n\rHealthRequest\"\x10\n\x0eHealthResponse\"\r\n\x0bInfoRequest\"\xdf\x02\n\x0cInfoResponse\x12\x18\n\x10requires_padding\x18\x01 \x01(\x08\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x18\n\x0bwindow_size\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x11\n\tspeculate\x18\x05 \x01(\r\x12\x18\n\x10support_chunking\x18\x06 \x01(\x08\x12\x1a\n\x12use_prefix_caching\x18\x07 \x01(\x08\x12\x16\n\x0e\x61ttention_impl\x18\x08 \x01(\t\x12\x12\n\nblock_size\x18\t \x01(\r\x12\x12\n\nmodel_type\x18\n \x01(\t\x12\x12\n\nworld_size\x18\x0b \x01(\r\x12\x12\n\nvocab_size\x18\x0c \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\r \x01(\r\x12\x15\n\reos_token_ids\x18\x0e \x03(\rB\x0e\n\x0c_window_size\"\x19\n\x17ServiceDiscoveryRequest\"(\n\x18ServiceDiscoveryResponse\x12\x0c\n\x04urls\x18\x01 \x03(\t\"+\n\x11\x43learCacheRequest\x12\x0f\n\x02id\x18\x01 \x01(\x04H\x00\x88\x01\x01\x42\x05\n\x03_id\"\x14\n\x12\x43learCacheResponse\"\xc1\x02\n\x1aNextTokenChooserParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\ttypical_p\x18\x04 \x01(\x02\x12\x11\n\tdo_sample\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x11\n\twatermark\x18\t \x01(\x08\x12\x38\n\x0cgrammar_type\x18\n \x01(\x0e\x32\".shardline.generate.v1.GrammarType\x12\x0f\n\x07grammar\x18\x0b \x01(\t\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\r\n\x05min_p\x18\r \x01(\x02\"\x96\x01\n\x1aStoppingCriteriaParameters\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x18\n\x10ignore_eos_token\x18\x03 \x01(\x08\x12\x16\n\x0emin_new_tokens\x18\x04 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\r\"\xe2\x02\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\tinput_ids\x18\x02 \x03(\r\x12\x1d\n\x15\x64\x65\x63oder_input_details\x18\x03 \x01(\x08\x12\x45\n\nparameters\x18\x04 \x01(\x0b\x32\x31.shardline.generate.v1.NextTokenChooserParameters\x12N\n\x13stopping_parameters\x18\x05 \x01(\x0b\x32\x31.shardline.generate.v1.StoppingCriteriaParameters\x12\x14\n\x0ctop_n_tokens\x18\x06 \x01(\r\x12\x15\n\rnum_sequences\x18\x07 \x01(\r\x12\x45\n\x0b\x62\x65\x61m_search\x18\x08 \x01(\x0b\x32+.shardline.generate.v1.BeamSearchParametersH\x00\x88\x01\x01\x42\x0e\n\x0c_beam_search\"\x9e\x01\n\x14\x42\x65\x61mSearchParameters\x12\x12\n\nbeam_width\x18\x01 \x01(\r\x12\x16\n\x0elength_penalty\x18\x02 \x01(\x02\x12<\n\x0e\x65\x61rly_stopping\x18\x03 \x01(\x0e\x32$.shardline.generate.v1.EarlyStopping\x12\x1c\n\x14num_return_sequences\x18\x04 \x01(\r\"9\n\x0bSequenceRef\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x16\n\x0esequence_index\x18\x02 \x01(\r\"g\n\x05\x42\x61tch\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x30\n\x08requests\x18\x02 \x03(\x0b\x32\x1e.shardline.generate.v1.Request\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\"h\n\x0b\x43\x61\x63hedBatch\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x16\n\x0e\x63urrent_tokens\x18\x05 \x01(\r\"\'\n\x06Tokens\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\xe1\x02\n\nGeneration\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x35\n\x0eprefill_tokens\x18\x02 \x01(\x0b\x32\x1d.shardline.generate.v1.Tokens\x12-\n\x06tokens\x18\x03 \x01(\x0b\x32\x1d.shardline.generate.v1.Tokens\x12\x31\n\ntop_tokens\x18\x04 \x03(\x0b\x32\x1d.shardline.generate.v1.Tokens\x12:\n\rfinish_reason\x18\x05 \x01(\x0e\x32#.shardline.generate.v1.FinishReason\x12\x18\n\x10generated_tokens\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x16\n\x0esequence_index\x18\x08 \x01(\r\x12*\n\x05\x62\x65\x61ms\x18\t \x03(\x0b\x32\x1b.shardline.generate.v1.Beam\"\x80\x01\n\x04\x42\x65\x61m\x12-\n\x06tokens\x18\x01 \x01(\x0b\x32\x1d.shardline.generate.v1.Tokens\x12:\n\rfinish_reason\x18\x02 \x01(\x0e\x32#.shardline.generate.v1.FinishReason\x12\r\n\x05score\x18\x03 \x01(\x02\"z\n\x12\x46ilterBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\x12=\n\x11stopped_sequences\x18\x03 \x03(\x0b\x32\".shardline.generate.v1.SequenceRef\"H\n\x13\x46ilterBatchResponse\x12\x31\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\".shardline.generate.v1.CachedBatch\"=\n\x0ePrefillRequest\x12+\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1c.shardline.generate.v1.Batch\"\xc4\x01\n\x0fPrefillResponse\x12\x36\n\x0bgenerations\x18\x01 \x03(\x0b\x32!.shardline.generate.v1.Generation\x12\x36\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\".shardline.generate.v1.CachedBatchH\x00\x88\x01\x01\x12\x12\n\nforward_ns\x18\x03 \x01(\x04\x12\x11\n\tdecode_ns\x18\x04 \x01(\x04\x12\x10\n\x08total_ns\x18\x05 \x01(\x04\x42\x08\n\x06_batch\"D\n\rDecodeRequest\x12\x33\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\".shardline.generate.v1.CachedBatch\"\xd6\x01\n\x0e\x44\x65\x63odeResponse\x12\x36\n\x0bgenerations\x18\x01 \x03(\x0b\x32!.shardline.generate.v1.Generation\x12\x36\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\".shardline.generate.v1.CachedBatchH\x00\x88\x01\x01\x12\x11\n\tconcat_ns\x18\x03 \x01(\x04\x12\x12\n\nforward_ns\x18\x04 \x01(\x04\x12\x11\n\tdecode_ns\x18\x05 \x01(\x04\x12\x10\n\x08total_ns\x18\x06 \x01(\x04\x42\x08\n\x06_batch\"\xc0\x01\n\rWarmupRequest\x12+\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1c.shardline.generate.v1.Batch\x12\x1d\n\x10max_input_tokens\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x1a\n\x12max_prefill_tokens\x18\x03 \x01(\r\x12\x1d\n\x10max_total_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x42\x13\n\x11_max_input_tokensB\x13\n\x11_max_total_tokens\"\x8c\x01\n\x0eWarmupResponse\x12\'\n\x1amax_supported_total_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x10max_input_tokens\x18\x02 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x03 \x01(\rB\x1d\n\x1b_max_supported_total_tokens\"\x0e\n\x0cStatsRequest\"z\n\rStatsResponse\x12\x14\n\x0ctotal_blocks\x18\x01 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x15\n\rnum_sequences\x18\x04 \x01(\r\x12\x13\n\x0bnum_batches\x18\x05 \x01(\r*S\n\x0bGrammarType\x12\x15\n\x11GRAMMAR_TYPE_NONE\x10\x00\x12\x15\n\x11GRAMMAR_TYPE_JSON\x10\x01\x12\x16\n\x12GRAMMAR_TYPE_REGEX\x10\x02*b\n\rEarlyStopping\x12\x1c\n\x18\x45\x41RLY_STOPPING_HEURISTIC\x10\x00\x12\x19\n\x15\x45\x41RLY_STOPPING_ALWAYS\x10\x01\x12\x18\n\x14\x45\x41RLY_STOPPING_NEVER\x10\x02*~\n\x0c\x46inishReason\x12\x16\n\x12\x46INISH_REASON_NONE\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x32\xd9\x06\n\x15TextGenerationService\x12O\n\x04Info\x12\".shardline.generate.v1.InfoRequest\x1a#.shardline.generate.v1.InfoResponse\x12U\n\x06Health\x12$.shardline.generate.v1.HealthRequest\x1a%.shardline.generate.v1.HealthResponse\x12s\n\x10ServiceDiscovery\x12..shardline.generate.v1.ServiceDiscoveryRequest\x1a/.shardline.generate.v1.ServiceDiscoveryResponse\x12\x61\n\nClearCache\x12(.shardline.generate.v1.ClearCacheRequest\x1a).shardline.generate.v1.ClearCacheResponse\x12\x64\n\x0b\x46ilterBatch\x12).shardline.generate.v1.FilterBatchRequest\x1a*.shardline.generate.v1.FilterBatchResponse\x12U\n\x06Warmup\x12$.shardline.generate.v1.WarmupRequest\x1a%.shardline.generate.v1.WarmupResponse\x12X\n\x07Prefill\x12%.shardline.generate.v1.PrefillRequest\x1a&.shardline.generate.v1.PrefillResponse\x12U\n\x06\x44\x65\x63ode\x12$.shardline.generate.v1.DecodeRequest\x1a%.shardline.generate.v1.DecodeResponse\x12R\n\x05Stats\x12#.shardline.generate.v1.StatsRequest\x1a$.shardline.generate.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardline.proto.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GRAMMARTYPE']._serialized_start=3023
-  _globals['_GRAMMARTYPE']._serialized_end=3106
-  _globals['_FINISHREASON']._serialized_start=3108
-  _globals['_FINISHREASON']._serialized_end=3234
+  _globals['_GRAMMARTYPE']._serialized_start=3615
+  _globals['_GRAMMARTYPE']._serialized_end=3698
+  _globals['_EARLYSTOPPING']._serialized_start=3700
+  _globals['_EARLYSTOPPING']._serialized_end=3798
+  _globals['_FINISHREASON']._serialized_start=3800
+  _globals['_FINISHREASON']._serialized_end=3926
   _globals['_HEALTHREQUEST']._serialized_start=57
   _globals['_HEALTHREQUEST']._serialized_end=72
   _globals['_HEALTHRESPONSE']._serialized_start=74
@@ -56,35 +58,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOPPINGCRITERIAPARAMETERS']._serialized_start=922
   _globals['_STOPPINGCRITERIAPARAMETERS']._serialized_end=1072
   _globals['_REQUEST']._serialized_start=1075
-  _globals['_REQUEST']._serialized_end=1319
-  _globals['_BATCH']._serialized_start=1321
-  _globals['_BATCH']._serialized_end=1424
-  _globals['_CACHEDBATCH']._serialized_start=1426
-  _globals['_CACHEDBATCH']._serialized_end=1530
-  _globals['_TOKENS']._serialized_start=1532
-  _globals['_TOKENS']._serialized_end=1571
-  _globals['_GENERATION']._serialized_start=1574
-  _globals['_GENERATION']._serialized_end=1859
-  _globals['_FILTERBATCHREQUEST']._serialized_start=1861
-  _globals['_FILTERBATCHREQUEST']._serialized_end=1920
-  _globals['_FILTERBATCHRESPONSE']._serialized_start=1922
-  _globals['_FILTERBATCHRESPONSE']._serialized_end=1994
-  _globals['_PREFILLREQUEST']._serialized_start=1996
-  _globals['_PREFILLREQUEST']._serialized_end=2057
-  _globals['_PREFILLRESPONSE']._serialized_start=2060
-  _globals['_PREFILLRESPONSE']._serialized_end=2256
-  _globals['_DECODEREQUEST']._serialized_start=2258
-  _globals['_DECODEREQUEST']._serialized_end=2326
-  _globals['_DECODERESPONSE']._serialized_start=2329
-  _globals['_DECODERESPONSE']._serialized_end=2543
-  _globals['_WARMUPREQUEST']._serialized_start=2546
-  _globals['_WARMUPREQUEST']._serialized_end=2738
-  _globals['_WARMUPRESPONSE']._serialized_start=2741
-  _globals['_WARMUPRESPONSE']._serialized_end=2881
-  _globals['_STATSREQUEST']._serialized_start=2883
-  _globals['_STATSREQUEST']._serialized_end=2897
-  _globals['_STATSRESPONSE']._serialized_start=2899
-  _globals['_STATSRESPONSE']._serialized_end=3021
-  _globals['_TEXTGENERATIONSERVICE']._serialized_start=3237
-  _globals['_TEXTGENERATIONSERVICE']._serialized_end=4094
+  _globals['_REQUEST']._serialized_end=1429
+  _globals['_BEAMSEARCHPARAMETERS']._serialized_start=1432
+  _globals['_BEAMSEARCHPARAMETERS']._serialized_end=1590
+  _globals['_SEQUENCEREF']._serialized_start=1592
+  _globals['_SEQUENCEREF']._serialized_end=1649
+  _globals['_BATCH']._serialized_start=1651
+  _globals['_BATCH']._serialized_end=1754
+  _globals['_CACHEDBATCH']._serialized_start=1756
+  _globals['_CACHEDBATCH']._serialized_end=1860
+  _globals['_TOKENS']._serialized_start=1862
+  _globals['_TOKENS']._serialized_end=1901
+  _globals['_GENERATION']._serialized_start=1904
+  _globals['_GENERATION']._serialized_end=2257
+  _globals['_BEAM']._serialized_start=2260
+  _globals['_BEAM']._serialized_end=2388
+  _globals['_FILTERBATCHREQUEST']._serialized_start=2390
+  _globals['_FILTERBATCHREQUEST']._serialized_end=2512
+  _globals['_FILTERBATCHRESPONSE']._serialized_start=2514
+  _globals['_FILTERBATCHRESPONSE']._serialized_end=2586
+  _globals['_PREFILLREQUEST']._serialized_start=2588
+  _globals['_PREFILLREQUEST']._serialized_end=2649
+  _globals['_PREFILLRESPONSE']._serialized_start=2652
+  _globals['_PREFILLRESPONSE']._serialized_end=2848
+  _globals['_DECODEREQUEST']._serialized_start=2850
+  _globals['_DECODEREQUEST']._serialized_end=2918
+  _globals['_DECODERESPONSE']._serialized_start=2921
+  _globals['_DECODERESPONSE']._serialized_end=3135
+  _globals['_WARMUPREQUEST']._serialized_start=3138
+  _globals['_WARMUPREQUEST']._serialized_end=3330
+  _globals['_WARMUPRESPONSE']._serialized_start=3333
+  _globals['_WARMUPRESPONSE']._serialized_end=3473
+  _globals['_STATSREQUEST']._serialized_start=3475
+  _globals['_STATSREQUEST']._serialized_end=3489
+  _globals['_STATSRESPONSE']._serialized_start=3491
+  _globals['_STATSRESPONSE']._serialized_end=3613
+  _globals['_TEXTGENERATIONSERVICE']._serialized_start=3929
+  _globals['_TEXTGENERATIONSERVICE']._serialized_end=4786
 # @@protoc_insertion_point(module_scope)

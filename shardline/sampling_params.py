@@ -188,6 +188,20 @@ class SamplingParams:
             self.temperature,
             "must be 0 or 1 with beam search (beams are ranked, not sampled)",
         )
+        for name, neutral in _BEAM_SEARCH_NEUTRAL.items():
+            value = getattr(self, name)
+            _check(value == neutral, name, value, "is not supported with beam search")
+
+    def beam_search_proto(self) -> generate_pb2.BeamSearchParameters | None:
+        """The shard's beam search message; None without beam search."""
+        if not self.use_beam_search:
+            return None
+        return generate_pb2.BeamSearchParameters(
+            beam_width=self.beam_width,
+            length_penalty=self.length_penalty,
+            early_stopping=_EARLY_STOPPING[self.early_stopping],
+            num_return_sequences=self.n,
+        )
 
     def to_proto(
         self, max_new_tokens: int, sequence_index: int = 0
@@ -222,6 +236,23 @@ class SamplingParams:
             stop_token_ids=self.stop_token_ids,
         )
         return chooser, stopping
+
+
+# Beam search ranks beams by their logprobs: these settings have no meaning there (penalties
+# would need each beam's own token history; stop strings a text match on hidden beams).
+_BEAM_SEARCH_NEUTRAL: dict[str, object] = {
+    "repetition_penalty": 1.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "stop": [],
+    "logprobs": None,
+}
+
+_EARLY_STOPPING = {
+    False: generate_pb2.EARLY_STOPPING_HEURISTIC,
+    True: generate_pb2.EARLY_STOPPING_ALWAYS,
+    "never": generate_pb2.EARLY_STOPPING_NEVER,
+}
 
 
 def _check(ok: bool, name: str, value: object, requirement: str) -> None:

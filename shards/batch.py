@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from shardline.proto import generate_pb2
-from shardline.shards.kv_cache import BlockAllocator
+from shardline.shards.beam_search import BeamSearch
+from shardline.shards.forking import fork_sequences
+from shardline.shards.kv_cache import BlockAllocator, KVCache
 from shardline.shards.utils.sampling import SamplingState
 
 FinishReason = generate_pb2.FinishReason
@@ -15,7 +17,8 @@ FinishReason = generate_pb2.FinishReason
 
 @dataclass
 class SequenceState:
-    """One generating sequence: its KV blocks and its token-level stopping rules."""
+    """One generating sequence (a sample or a beam of a request): its KV blocks, which it may
+    share with its forks, and its token-level stopping rules."""
 
     request_id: int
     prompt_len: int
@@ -27,6 +30,7 @@ class SequenceState:
     top_n_tokens: int
     blocks: list[int]
     generated: int = 0
+    sequence_index: int = 0
 
     @property
     def num_cached(self) -> int:
@@ -54,6 +58,9 @@ class SequenceState:
 class ShardBatch:
     """A cached batch: sequences still generating, in row order, with their sampling state.
 
+    The beams of a beam-search request are consecutive rows; `beams` holds each such request's
+    search state.
+
     `block_table` is kept on the host ([num_seqs, max_blocks] int32, zero-padded) and updated
     in place when a sequence takes a new block, so a decode step builds its inputs with a few
     tensor ops instead of a Python loop over sequences.
@@ -64,6 +71,7 @@ class ShardBatch:
     sampling: SamplingState
     block_table: torch.Tensor
     last_tokens: torch.Tensor
+    beams: dict[int, BeamSearch] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -71,7 +79,8 @@ class ShardBatch:
 
     @property
     def request_ids(self) -> list[int]:
-        return [seq.request_id for seq in self.sequences]
+        """Each request once, in row order."""
+        return list(dict.fromkeys(seq.request_id for seq in self.sequences))
 
     def to_proto(self) -> generate_pb2.CachedBatch:
         return generate_pb2.CachedBatch(
@@ -89,22 +98,38 @@ class ShardBatch:
 
     def keep(self, indices: list[int], allocator: BlockAllocator) -> ShardBatch | None:
         """Keeps the rows at `indices` (in that order) and frees the blocks of every other row."""
-        kept = set(indices)
-        for row, seq in enumerate(self.sequences):
-            if row not in kept:
-                allocator.free(seq.blocks)
-                seq.blocks = []
-        if not indices:
-            return None
-        if len(indices) == self.size:
+        if indices == list(range(self.size)):
             return self
-        index = torch.tensor(indices, dtype=torch.long)
+        return self.regroup(indices, allocator, cache=None)
+
+    def regroup(
+        self,
+        parents: list[int],
+        allocator: BlockAllocator,
+        cache: KVCache | None,
+        last_tokens: torch.Tensor | None = None,
+        sampling: SamplingState | None = None,
+    ) -> ShardBatch | None:
+        """The batch whose row i continues row parents[i]: a row named twice or more forks (its
+        blocks shared, its partial last block copied), a row not named is freed. `last_tokens`
+        and `sampling` default to the parents' own."""
+        forked = fork_sequences(self.sequences, parents, allocator, cache)
+        if not parents:
+            return None
+        index = torch.tensor(parents, dtype=torch.long)
+        table = self.block_table.index_select(0, index)
+        for row, block in forked.copied:
+            table[row, len(forked.sequences[row].blocks) - 1] = block
+        if last_tokens is None:
+            last_tokens = self.last_tokens.index_select(0, index.to(self.last_tokens.device))
+        request_ids = {seq.request_id for seq in forked.sequences}
         return ShardBatch(
             id=self.id,
-            sequences=[self.sequences[i] for i in indices],
-            sampling=self.sampling.filter(indices),
-            block_table=self.block_table.index_select(0, index),
-            last_tokens=self.last_tokens.index_select(0, index.to(self.last_tokens.device)),
+            sequences=forked.sequences,
+            sampling=sampling if sampling is not None else self.sampling.filter(parents),
+            block_table=table,
+            last_tokens=last_tokens,
+            beams={rid: search for rid, search in self.beams.items() if rid in request_ids},
         )
 
     @classmethod
@@ -122,6 +147,7 @@ class ShardBatch:
             sampling=SamplingState.concatenate([batch.sampling for batch in batches]),
             block_table=torch.cat(tables),
             last_tokens=torch.cat([batch.last_tokens for batch in batches]),
+            beams={rid: search for batch in batches for rid, search in batch.beams.items()},
         )
 
 

@@ -14,6 +14,7 @@ import torch
 
 from shardline.proto import generate_pb2 as pb
 from shardline.shards.batch import SequenceState, ShardBatch, build_block_table
+from shardline.shards.beam_search import BeamSearch, candidates_per_step
 from shardline.shards.kv_cache import BlockAllocator, KVCacheExhaustedError, bytes_per_block
 from shardline.shards.model_runner import ModelRunner, StepResult, grow_blocks
 from shardline.shards.models.config import ModelConfig
@@ -183,9 +184,10 @@ class ShardEngine:
         allocator = self._require_allocator()
         prompts = [list(r.input_ids) for r in batch_pb.requests]
         needed = [allocator.blocks_for(len(prompt)) for prompt in prompts]
-        if sum(needed) > allocator.num_free:
+        copies = sum(self._fork_copies(r) for r in batch_pb.requests)
+        if sum(needed) + copies > allocator.num_free:
             raise KVCacheExhaustedError(
-                f"the prompts of batch {batch_pb.id} need {sum(needed)} KV blocks, "
+                f"the prompts of batch {batch_pb.id} need {sum(needed) + copies} KV blocks, "
                 f"{allocator.num_free} are free"
             )
         sequences = [
@@ -194,13 +196,14 @@ class ShardEngine:
         ]
         try:
             result = self._prefill_forward(batch_pb, sequences, prompts)
+            batch = self._fork_samples(result.batch, batch_pb.requests)
         except BaseException:
             for seq in sequences:
                 allocator.free(seq.blocks)
             raise
-        generations, batch = self._advance(
-            result.batch, result.step, prefill_requests=batch_pb.requests
-        )
+        prompt_tokens = _prompt_tokens(batch_pb.requests, result.step, result.sampled_from)
+        self._start_beam_searches(batch, batch_pb.requests, prompt_tokens)
+        generations, batch = self._advance(batch, result.step, prompt_tokens)
         return pb.PrefillResponse(
             generations=generations,
             batch=batch.to_proto() if batch else None,
@@ -213,18 +216,21 @@ class ShardEngine:
         self, batch_pb: pb.Batch, sequences: list[SequenceState], prompts: list[list[int]]
     ) -> _PrefillResult:
         requests = list(batch_pb.requests)
+        sampled_from = [r for r, request in enumerate(requests) for _ in _samples(request)]
+        rows = [(requests[r], i) for r, i in zip(sampled_from, _sample_indices(requests))]
         sampling = SamplingState.from_requests(
-            params=[r.parameters for r in requests],
-            stopping=[r.stopping_parameters for r in requests],
-            prompt_ids=prompts,
+            params=[_sample_parameters(request, i) for request, i in rows],
+            stopping=[request.stopping_parameters for request, _ in rows],
+            prompt_ids=[prompts[r] for r in sampled_from],
             eos_token_ids=sorted(self.config.eos_token_ids),
-            top_n_tokens=[r.top_n_tokens for r in requests],
+            top_n_tokens=[self._top_n_tokens(request) for request, _ in rows],
             vocab_size=self.config.vocab_size,
             device=self.device,
         )
         table = build_block_table(sequences, self.settings.block_size)
         prompt_rows = [row for row, r in enumerate(requests) if r.decoder_input_details]
-        step = self.runner.prefill(prompts, sampling, table, prompt_rows)
+        sample_rows = torch.tensor(sampled_from, dtype=torch.long)
+        step = self.runner.prefill(prompts, sampling, table, prompt_rows, sample_rows)
         batch = ShardBatch(
             id=batch_pb.id,
             sequences=sequences,
@@ -232,7 +238,65 @@ class ShardEngine:
             block_table=table,
             last_tokens=step.next_tokens,
         )
-        return _PrefillResult(batch=batch, step=step)
+        return _PrefillResult(batch=batch, step=step, sampled_from=sampled_from)
+
+    def _fork_samples(self, batch: ShardBatch, requests: list[pb.Request]) -> ShardBatch:
+        """Gives each sampled sequence of a request its own row, forked from the prompt's."""
+        sampled_from = [r for r, request in enumerate(requests) for _ in _samples(request)]
+        if len(sampled_from) == batch.size:
+            return batch
+        forked = batch.regroup(
+            sampled_from,
+            self._require_allocator(),
+            self.runner.kv_cache,
+            last_tokens=batch.last_tokens,
+            sampling=batch.sampling,
+        )
+        indices = _sample_indices(requests)
+        for seq, row, index in zip(forked.sequences, sampled_from, indices, strict=True):
+            seq.sequence_index = index
+            seq.seed = _sample_seed(requests[row].parameters.seed, index)
+        return forked
+
+    def _start_beam_searches(
+        self, batch: ShardBatch, requests: list[pb.Request], prompt_tokens: dict[int, pb.Tokens]
+    ) -> None:
+        first_rows = {}
+        for row, seq in enumerate(batch.sequences):
+            first_rows.setdefault(seq.request_id, row)
+        for request in requests:
+            if request.HasField("beam_search"):
+                seq = batch.sequences[first_rows[request.id]]
+                batch.beams[request.id] = BeamSearch(
+                    width=request.beam_search.beam_width,
+                    length_penalty=request.beam_search.length_penalty,
+                    early_stopping=request.beam_search.early_stopping,
+                    num_return_sequences=request.beam_search.num_return_sequences,
+                    max_new_tokens=seq.max_new_tokens,
+                    eos_token_ids=seq.eos_token_ids,
+                    stop_token_ids=seq.stop_token_ids,
+                    prompt_tokens=prompt_tokens.pop(first_rows[request.id], None),
+                )
+
+    def _top_n_tokens(self, request: pb.Request) -> int:
+        """A beam search reads its candidates from the sampler's top-n tokens."""
+        if not request.HasField("beam_search"):
+            return request.top_n_tokens
+        eos_ids, stop_ids = self._stop_ids(request)
+        return candidates_per_step(request.beam_search.beam_width, len(eos_ids | stop_ids))
+
+    def _stop_ids(self, request: pb.Request) -> tuple[frozenset[int], frozenset[int]]:
+        """The EOS ids that end this request (none with ignore_eos) and its stop token ids."""
+        stopping = request.stopping_parameters
+        eos = frozenset() if stopping.ignore_eos_token else frozenset(self.config.eos_token_ids)
+        return eos, frozenset(stopping.stop_token_ids)
+
+    def _fork_copies(self, request: pb.Request) -> int:
+        """Partial-block copies the forks of this request need right after its prefill."""
+        partial = len(request.input_ids) % self.settings.block_size != 0
+        forks = request.beam_search.beam_width if request.HasField("beam_search") else 0
+        forks = forks or max(request.num_sequences, 1)
+        return (forks - 1) * partial
 
     def decode(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
         started = time.perf_counter_ns()
@@ -261,7 +325,12 @@ class ShardEngine:
     def filter_batch(self, request: pb.FilterBatchRequest) -> pb.FilterBatchResponse:
         batch = self._pop_batch(request.batch_id)
         wanted = set(request.request_ids)
-        rows = [row for row, seq in enumerate(batch.sequences) if seq.request_id in wanted]
+        stopped = {(ref.request_id, ref.sequence_index) for ref in request.stopped_sequences}
+        rows = [
+            row
+            for row, seq in enumerate(batch.sequences)
+            if seq.request_id in wanted and (seq.request_id, seq.sequence_index) not in stopped
+        ]
         kept = batch.keep(rows, self._require_allocator())
         if kept is None:
             return pb.FilterBatchResponse(batch=pb.CachedBatch(id=request.batch_id))
@@ -279,38 +348,47 @@ class ShardEngine:
     # ---- helpers -----------------------------------------------------------------------------
 
     def _advance(
-        self, batch: ShardBatch, step: StepResult, prefill_requests: list[pb.Request] | None = None
+        self, batch: ShardBatch, step: StepResult, prompt_tokens: dict[int, pb.Tokens] | None = None
     ) -> tuple[list[pb.Generation], ShardBatch | None]:
-        """Records each row's new token, answers one Generation per row, drops finished rows."""
-        generations = []
-        keep_rows = []
+        """Records each row's new token and answers its Generation; drops finished rows; moves
+        each beam search a step on, forking the beams it keeps and answering when it ends."""
+        generations: list[pb.Generation] = []
+        parents: list[int] = []
+        beam_tokens: dict[int, int] = {}
+        beam_rows = _rows_by_request(batch, set(batch.beams))
         for row, seq in enumerate(batch.sequences):
-            token = step.next_token_ids[row]
-            reason = seq.record(token)
-            generation = pb.Generation(
-                request_id=seq.request_id,
-                tokens=pb.Tokens(ids=[token], logprobs=[step.logprobs[row]]),
-                finish_reason=reason,
-                generated_tokens=seq.generated,
-                seed=seq.seed,
-            )
-            if seq.top_n_tokens and step.top_ids is not None:
-                n = seq.top_n_tokens
-                generation.top_tokens.append(
-                    pb.Tokens(ids=step.top_ids[row][:n], logprobs=step.top_logprobs[row][:n])
-                )
-            if row in step.prompt_logprobs:
-                prompt = prefill_requests[row].input_ids
-                generation.prefill_tokens.CopyFrom(
-                    pb.Tokens(ids=prompt, logprobs=step.prompt_logprobs[row])
-                )
-            generations.append(generation)
-            if reason == pb.FINISH_REASON_NONE:
-                keep_rows.append(row)
-        kept = batch.keep(keep_rows, self._require_allocator())
+            rows = beam_rows.get(seq.request_id)
+            if rows is None:
+                generation = _generation(seq, row, step, (prompt_tokens or {}).get(row))
+                generations.append(generation)
+                if generation.finish_reason == pb.FINISH_REASON_NONE:
+                    parents.append(row)
+                continue
+            seq.generated += 1  # the beam's token is chosen below, with its whole search
+            if row == rows[-1]:
+                outcome = batch.beams[seq.request_id].step(*_candidates(step, rows))
+                if outcome.done:
+                    generations.append(_beam_generation(seq, batch.beams[seq.request_id]))
+                for parent, token in zip(outcome.parents, outcome.token_ids, strict=True):
+                    beam_tokens[len(parents)] = token
+                    parents.append(rows[parent])
+        kept = self._regroup(batch, parents, beam_tokens)
         if kept is not None:
             self.batches[kept.id] = kept
         return generations, kept
+
+    def _regroup(
+        self, batch: ShardBatch, parents: list[int], beam_tokens: dict[int, int]
+    ) -> ShardBatch | None:
+        allocator = self._require_allocator()
+        if not beam_tokens:
+            return batch.keep(parents, allocator)
+        index = torch.tensor(parents, dtype=torch.long, device=batch.last_tokens.device)
+        last_tokens = batch.last_tokens.index_select(0, index)
+        rows = torch.tensor(list(beam_tokens), dtype=torch.long, device=last_tokens.device)
+        tokens = torch.tensor(list(beam_tokens.values()), dtype=last_tokens.dtype)
+        last_tokens[rows] = tokens.to(last_tokens.device)
+        return batch.regroup(parents, allocator, self.runner.kv_cache, last_tokens=last_tokens)
 
     def _validate(self, batch: pb.Batch) -> None:
         if not batch.requests:
@@ -329,17 +407,19 @@ class ShardEngine:
                 )
             if r.stopping_parameters.max_new_tokens < 1:
                 raise InvalidRequestError(f"request {r.id} asks for max_new_tokens < 1")
+            if r.HasField("beam_search"):
+                _validate_beam_search(r)
 
     def _new_sequence(self, request: pb.Request, blocks: list[int]) -> SequenceState:
         stopping = request.stopping_parameters
-        eos = frozenset() if stopping.ignore_eos_token else frozenset(self.config.eos_token_ids)
+        eos_ids, stop_ids = self._stop_ids(request)
         return SequenceState(
             request_id=request.id,
             prompt_len=len(request.input_ids),
             max_new_tokens=stopping.max_new_tokens,
             min_new_tokens=stopping.min_new_tokens,
-            eos_token_ids=eos,
-            stop_token_ids=frozenset(stopping.stop_token_ids),
+            eos_token_ids=eos_ids,
+            stop_token_ids=stop_ids,
             seed=request.parameters.seed,
             top_n_tokens=request.top_n_tokens,
             blocks=blocks,
@@ -361,6 +441,113 @@ class ShardEngine:
 class _PrefillResult:
     batch: ShardBatch
     step: StepResult
+    sampled_from: list[int]  # for each sampling row, the prompt (request) it samples after
+
+
+def _samples(request: pb.Request) -> range:
+    """The sampling rows of a request's prefill: one per sampled sequence, one for a beam
+    search (its first step ranks the candidates of the prompt alone)."""
+    if request.HasField("beam_search"):
+        return range(1)
+    return range(max(request.num_sequences, 1))
+
+
+def _sample_indices(requests: list[pb.Request]) -> list[int]:
+    return [index for request in requests for index in _samples(request)]
+
+
+def _sample_seed(seed: int, index: int) -> int:
+    return (seed + index) % (1 << 64)
+
+
+def _sample_parameters(request: pb.Request, index: int) -> pb.NextTokenChooserParameters:
+    params = pb.NextTokenChooserParameters()
+    params.CopyFrom(request.parameters)
+    params.seed = _sample_seed(params.seed, index)
+    return params
+
+
+def _prompt_tokens(
+    requests: list[pb.Request], step: StepResult, sampled_from: list[int]
+) -> dict[int, pb.Tokens]:
+    """Prompt logprobs by the row of each request's first sequence."""
+    first_rows: dict[int, int] = {}
+    for row, request_row in enumerate(sampled_from):
+        first_rows.setdefault(request_row, row)
+    return {
+        first_rows[r]: pb.Tokens(ids=requests[r].input_ids, logprobs=logprobs)
+        for r, logprobs in step.prompt_logprobs.items()
+    }
+
+
+def _rows_by_request(batch: ShardBatch, request_ids: set[int]) -> dict[int, list[int]]:
+    rows: dict[int, list[int]] = {}
+    for row, seq in enumerate(batch.sequences):
+        if seq.request_id in request_ids:
+            rows.setdefault(seq.request_id, []).append(row)
+    return rows
+
+
+def _generation(
+    seq: SequenceState, row: int, step: StepResult, prompt_tokens: pb.Tokens | None
+) -> pb.Generation:
+    token = step.next_token_ids[row]
+    reason = seq.record(token)
+    generation = pb.Generation(
+        request_id=seq.request_id,
+        sequence_index=seq.sequence_index,
+        tokens=pb.Tokens(ids=[token], logprobs=[step.logprobs[row]]),
+        finish_reason=reason,
+        generated_tokens=seq.generated,
+        seed=seq.seed,
+    )
+    if seq.top_n_tokens and step.top_ids is not None:
+        n = seq.top_n_tokens
+        generation.top_tokens.append(
+            pb.Tokens(ids=step.top_ids[row][:n], logprobs=step.top_logprobs[row][:n])
+        )
+    if prompt_tokens is not None:
+        generation.prefill_tokens.CopyFrom(prompt_tokens)
+    return generation
+
+
+def _candidates(step: StepResult, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-n token ids [R, n] and logprobs [R, n] of the rows of one beam search."""
+    ids = torch.tensor([step.top_ids[row] for row in rows], dtype=torch.long)
+    logprobs = torch.tensor([step.top_logprobs[row] for row in rows], dtype=torch.float32)
+    return ids, logprobs
+
+
+def _beam_generation(seq: SequenceState, search: BeamSearch) -> pb.Generation:
+    beams = [
+        pb.Beam(
+            tokens=pb.Tokens(ids=beam.hypothesis.token_ids, logprobs=beam.hypothesis.logprobs),
+            finish_reason=beam.finish_reason,
+            score=beam.score,
+        )
+        for beam in search.results()
+    ]
+    generation = pb.Generation(
+        request_id=seq.request_id,
+        finish_reason=beams[0].finish_reason,
+        generated_tokens=len(beams[0].tokens.ids),
+        beams=beams,
+    )
+    if search.prompt_tokens is not None:
+        generation.prefill_tokens.CopyFrom(search.prompt_tokens)
+    return generation
+
+
+def _validate_beam_search(request: pb.Request) -> None:
+    beam = request.beam_search
+    if beam.beam_width < 1:
+        raise InvalidRequestError(f"request {request.id} asks for beam_width < 1")
+    if not 1 <= beam.num_return_sequences <= beam.beam_width:
+        raise InvalidRequestError(
+            f"request {request.id}: num_return_sequences must be in [1, beam_width]"
+        )
+    if request.parameters.do_sample:
+        raise InvalidRequestError(f"request {request.id}: beam search does not sample")
 
 
 def _split_tokens(total: int, per_sequence: int) -> list[int]:

@@ -12,7 +12,12 @@ class KVCacheExhaustedError(RuntimeError):
 
 
 class BlockAllocator:
-    """A free list of fixed-size KV blocks; every block is either free or owned by one sequence."""
+    """A free list of fixed-size KV blocks with reference counts.
+
+    A block is owned by one or more sequences: forks of a sequence (best_of / n samples, beams)
+    share its full blocks by taking a reference, and a block returns to the free list when its
+    last owner frees it.
+    """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks <= 0 or block_size <= 0:
@@ -22,6 +27,7 @@ class BlockAllocator:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._refs: list[int] = [0] * num_blocks
 
     @property
     def num_free(self) -> int:
@@ -38,10 +44,28 @@ class BlockAllocator:
             )
         blocks = self._free[len(self._free) - count :]
         del self._free[len(self._free) - count :]
+        for block in blocks:
+            self._refs[block] = 1
         return blocks
 
+    def share(self, blocks: list[int]) -> None:
+        """One more owner for each of `blocks` (all allocated)."""
+        for block in blocks:
+            if self._refs[block] < 1:
+                raise RuntimeError(f"KV block {block} is shared while free")
+            self._refs[block] += 1
+
+    def ref_count(self, block: int) -> int:
+        return self._refs[block]
+
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
+        """Drops one owner of each of `blocks`; a block without owners is free again."""
+        for block in blocks:
+            if self._refs[block] < 1:
+                raise RuntimeError(f"KV block {block} is freed twice")
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free.append(block)
 
 
 @dataclass
@@ -76,6 +100,17 @@ class KVCache:
     @property
     def num_blocks(self) -> int:
         return int(self.layers[0][0].shape[0])
+
+    def copy_blocks(self, sources: list[int], targets: list[int]) -> None:
+        """Copies the keys and values of block sources[i] into targets[i], in every layer."""
+        if not sources:
+            return
+        device = self.layers[0][0].device
+        src = torch.tensor(sources, dtype=torch.long, device=device)
+        dst = torch.tensor(targets, dtype=torch.long, device=device)
+        for keys, values in self.layers:
+            keys.index_copy_(0, dst, keys.index_select(0, src))
+            values.index_copy_(0, dst, values.index_select(0, src))
 
 
 def bytes_per_block(
