@@ -292,8 +292,10 @@ def main() -> None:
         )
         table.append(("decode ms/step b=1 (batcher)", f"{served['tpot_p50_ms']:.2f}", ""))
     if "prefill" in modes:
-        elapsed, timings = asyncio.run(timed_run(llm, make_requests(llm, [(8192, 1)], vocab)))
-        results["prefill_8192_ms"] = 1e3 * timings[0].ttft
+        runs = [
+            asyncio.run(timed_run(llm, make_requests(llm, [(8192, 1)], vocab))) for _ in range(3)
+        ]
+        results["prefill_8192_ms"] = 1e3 * min(timings[0].ttft for _, timings in runs)
         table.append(("prefill 8192 tokens ms", f"{results['prefill_8192_ms']:.1f}", ""))
     if "offline" in modes:
         torch.cuda.reset_peak_memory_stats()
