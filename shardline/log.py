@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-_STANDARD_ATTRS = set(vars(logging.makeLogRecord({})))
+_STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
 class JsonFormatter(logging.Formatter):

@@ -1,0 +1,220 @@
+"""Served benchmark: `text-generation-launcher --num-shard N` over HTTP for each N.
+
+    python -m benchmarks.serve_bench --model-dir /tmp/m8 --num-shards 1,2,4 \
+        --workload .wheels/sharegpt-shaped-1000.jsonl
+
+For each N: greedy tokens of 32 prompts x 64 tokens (compared with N=1: exact-match rate and
+the largest logprob gap where tokens agree), the ShareGPT-shaped workload sent all at once with
+streaming (optionally also at a Poisson rate), and one stream of 128 prompt / 512 new tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from benchmarks.engine_bench import load_workload, percentile
+from benchmarks.http_load import Result, one_stream
+
+DEFAULT_LAUNCHER_ARGS = (
+    "--dtype bfloat16 --max-input-tokens 1024 --max-total-tokens 2048 "
+    "--max-batch-prefill-tokens 8192 --max-concurrent-requests 2048"
+)
+
+
+def single_token_words(model_dir: Path, count: int = 200) -> list[str]:
+    """Space-led words that are one token each, so prompts have exact token counts."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    words = []
+    for token_id in range(len(tokenizer) // 8, len(tokenizer)):
+        word = tokenizer.decode([token_id])
+        one_token = len(tokenizer.encode(word, add_special_tokens=False)) == 1
+        if word.startswith(" ") and word[1:].isalpha() and one_token:
+            words.append(word)
+        if len(words) == count:
+            break
+    return words
+
+
+def exact_prompt(rng: random.Random, words: list[str], length: int) -> str:
+    return "".join(rng.choice(words) for _ in range(length))
+
+
+class Server:
+    def __init__(self, model_dir: Path, num_shard: int, port: int, extra: list[str]) -> None:
+        command = [
+            sys.executable, "-m", "shardline.launcher.cli", "--model-id", str(model_dir),
+            "--num-shard", str(num_shard), "--port", str(port), *extra,
+        ]  # fmt: skip
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    async def wait_ready(self, timeout: float = 400) -> float:
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() - started < timeout:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"launcher exited with {self.process.returncode}")
+                try:
+                    async with session.get(f"{self.url}/health") as response:
+                        if response.status == 200:
+                            return time.monotonic() - started
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(1)
+        raise TimeoutError("server not ready")
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return -9
+
+
+async def greedy(
+    url: str, prompts: list[str], new_tokens: int
+) -> list[tuple[list[int], list[float]]]:
+    params = {"max_new_tokens": new_tokens, "details": True, "ignore_eos": True}
+    async with aiohttp.ClientSession() as session:
+
+        async def one(prompt: str) -> tuple[list[int], list[float]]:
+            body = {"inputs": prompt, "parameters": params}
+            async with session.post(f"{url}/generate", json=body) as response:
+                answer = await response.json()
+                tokens = answer["details"]["tokens"]
+                return [t["id"] for t in tokens], [t["logprob"] for t in tokens]
+
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+async def load(url: str, bodies: list[dict], rate: float | None) -> tuple[list[Result], float]:
+    rng = random.Random(5)
+    timeout = aiohttp.ClientTimeout(total=None)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+
+        async def delayed(body: dict, delay: float) -> Result:
+            await asyncio.sleep(delay)
+            return await one_stream(session, url, body)
+
+        delays, clock = [], 0.0
+        for _ in bodies:
+            delays.append(clock)
+            if rate:
+                clock += rng.expovariate(rate)
+        started = time.perf_counter()
+        results = await asyncio.gather(*(delayed(b, d) for b, d in zip(bodies, delays)))
+        return list(results), time.perf_counter() - started
+
+
+def summarize(name: str, results: list[Result], elapsed: float, prompt_tokens: int) -> dict:
+    done = [r for r in results if r.ok]
+    out = sum(r.output_tokens for r in done)
+    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+    itl = [b - a for r in done for a, b in zip(r.token_times, r.token_times[1:])]
+    summary = {
+        "mode": name, "ok": len(done), "failed": len(results) - len(done),
+        "errors": sorted({r.error for r in results if not r.ok})[:3],
+        "seconds": elapsed, "output_tok_s": out / elapsed,
+        "total_tok_s": (out + prompt_tokens) / elapsed,
+        "ttft_p50_ms": 1e3 * percentile([r.ttft for r in done], 50),
+        "ttft_p99_ms": 1e3 * percentile([r.ttft for r in done], 99),
+        "tpot_p50_ms": 1e3 * percentile(tpot, 50), "tpot_p99_ms": 1e3 * percentile(tpot, 99),
+        "itl_p50_ms": 1e3 * percentile(itl, 50), "itl_p99_ms": 1e3 * percentile(itl, 99),
+    }  # fmt: skip
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def compare(reference: list, other: list) -> dict:
+    exact = sum(a[0] == b[0] for a, b in zip(reference, other))
+    gaps = [
+        abs(la - lb)
+        for (ia, lpa), (ib, lpb) in zip(reference, other)
+        for ta, tb, la, lb in zip(ia, ib, lpa, lpb)
+        if ta == tb and la is not None and lb is not None
+    ]
+    return {
+        "exact_prompts": exact,
+        "prompts": len(reference),
+        "max_logprob_gap": max(gaps, default=0),
+    }
+
+
+async def bench_one(args: argparse.Namespace, num_shard: int, words: list[str]) -> dict:
+    server = Server(args.model_dir, num_shard, args.port, args.launcher_args.split())
+    result: dict = {"num_shard": num_shard}
+    try:
+        result["ready_s"] = await server.wait_ready()
+        rng = random.Random(0)
+        prompts = [exact_prompt(rng, words, rng.randint(16, 200)) for _ in range(32)]
+        result["greedy"] = await greedy(server.url, prompts, 64)
+        single = [{"inputs": exact_prompt(rng, words, 128),
+                   "parameters": {"max_new_tokens": 512, "ignore_eos": True}}]  # fmt: skip
+        results, elapsed = await load(server.url, single, None)
+        result["single"] = summarize(f"tp{num_shard}_single", results, elapsed, 128)
+        pairs = load_workload(args.workload, args.num_requests)
+        bodies = [
+            {"inputs": exact_prompt(rng, words, n_in),
+             "parameters": {"max_new_tokens": n_out, "ignore_eos": True}}
+            for n_in, n_out in pairs
+        ]  # fmt: skip
+        prompt_tokens = sum(n for n, _ in pairs)
+        results, elapsed = await load(server.url, bodies, None)
+        result["all_at_once"] = summarize(f"tp{num_shard}_all", results, elapsed, prompt_tokens)
+        if args.rate:
+            results, elapsed = await load(server.url, bodies, args.rate)
+            result["poisson"] = summarize(f"tp{num_shard}_rate", results, elapsed, prompt_tokens)
+    finally:
+        result["exit_code"] = server.stop()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--num-shards", default="1")
+    parser.add_argument("--workload", type=Path, required=True)
+    parser.add_argument("--num-requests", type=int, default=None)
+    parser.add_argument("--rate", type=float, default=None, help="also run at this Poisson rate")
+    parser.add_argument("--port", type=int, default=8089)
+    parser.add_argument("--launcher-args", default=DEFAULT_LAUNCHER_ARGS)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    words = single_token_words(args.model_dir)
+    runs = [asyncio.run(bench_one(args, int(n), words)) for n in args.num_shards.split(",")]
+    reference = runs[0]["greedy"]
+    rows = []
+    for run in runs:
+        match = compare(reference, run["greedy"])
+        run["match_vs_first"] = match
+        load_result, single = run["all_at_once"], run["single"]
+        rows.append(
+            f"tp={run['num_shard']}  out tok/s {load_result['output_tok_s']:8.0f}  "
+            f"TTFT p50 {load_result['ttft_p50_ms']:7.0f} ms  TPOT p50 {load_result['tpot_p50_ms']:6.1f}"
+            f" ms  single TPOT {single['tpot_p50_ms']:5.2f} ms  greedy = tp{runs[0]['num_shard']} "
+            f"{match['exact_prompts']}/{match['prompts']} (max dlogprob {match['max_logprob_gap']:.3f})"
+            f"  failed {load_result['failed']}  exit {run['exit_code']}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(runs, indent=1))
+    print("\n== served ==")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
