@@ -51,12 +51,22 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos().to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("sin", angles.sin().to(device=device, dtype=dtype), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for each token, shaped [T, 1, head_dim / 2] to broadcast over heads."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+    def rotate_(self, heads: torch.Tensor, positions: torch.Tensor) -> None:
+        """Rotates heads [T, num_heads, head_dim] in place by the angles of each token's position.
+
+        CUDA tensors take one Triton launch that reads cos/sin by position itself; others the
+        torch path (`apply_rotary`), which the kernel matches up to its single final rounding.
+        """
+        if heads.is_cuda:
+            from shardline.shards.layers.triton_rotary import rotate_in_place
+
+            rotate_in_place(heads, positions, self.cos, self.sin)
+            return
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        heads.copy_(apply_rotary(heads, cos, sin))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates x [T, heads, head_dim] by the angles of its token's position."""
+    """Rotates x [T, heads, head_dim] by cos/sin [T, 1, head_dim / 2] of its token's position."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -11,8 +11,6 @@ import torch
 import triton
 import triton.language as tl
 
-from shardline.shards.layers.norm import RMSNorm
-
 
 @triton.jit
 def _rms_norm_kernel(
@@ -75,14 +73,3 @@ def rms_norm(
         )
     out = out.view(*x.shape[:-1], hidden)
     return out if residual is None else (out, summed.view(x.shape))
-
-
-class TritonRMSNorm(RMSNorm):
-    """RMSNorm whose CUDA forward is the fused Triton kernel (CPU tensors take the torch path)."""
-
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if not x.is_cuda:
-            return super().forward(x, residual)
-        return rms_norm(x, self.weight, self.eps, residual)

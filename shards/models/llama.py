@@ -9,14 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from shardline.shards.layers.activation import silu_and_mul
 from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
 from shardline.shards.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear
 from shardline.shards.layers.norm import RMSNorm
-from shardline.shards.layers.rotary import RotaryEmbedding, apply_rotary
+from shardline.shards.layers.rotary import RotaryEmbedding
 from shardline.shards.models.config import ModelConfig
 from shardline.shards.utils.weights import Weights
 
@@ -46,7 +46,12 @@ def _check_heads(config: ModelConfig, world_size: int) -> None:
 
 class LlamaAttention(nn.Module):
     def __init__(
-        self, config: ModelConfig, weights: Weights, prefix: str, backend: AttentionBackend
+        self,
+        config: ModelConfig,
+        weights: Weights,
+        prefix: str,
+        backend: AttentionBackend,
+        rotary: RotaryEmbedding,
     ) -> None:
         super().__init__()
         tp = weights.tp
@@ -55,6 +60,7 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = kv_heads_per_rank(config.num_kv_heads, tp.world_size)
         self.scale = config.head_dim**-0.5
         self.backend = backend
+        self.rotary = rotary
         self.qkv_proj = self._load_qkv(config, weights, prefix)
         self.o_proj = RowParallelLinear.load(weights, f"{prefix}.o_proj", config.o_proj_bias)
 
@@ -75,23 +81,21 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        positions: torch.Tensor,
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), *cos_sin)
-        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), *cos_sin)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        heads = self.qkv_proj(hidden).view(num_tokens, -1, self.head_dim)
+        self.rotary.rotate_(heads[:, : self.num_heads + self.num_kv_heads], positions)
+        q, k, v = heads.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         k_cache, v_cache = kv_cache
         self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_prefill:
             out = self.backend.prefill(q, k, v, meta, self.scale)
         else:
             out = self.backend.decode(q, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, q_size))
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
@@ -103,18 +107,22 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear.load(weights, f"{prefix}.down_proj", config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, config: ModelConfig, weights: Weights, prefix: str, backend: AttentionBackend
+        self,
+        config: ModelConfig,
+        weights: Weights,
+        prefix: str,
+        backend: AttentionBackend,
+        rotary: RotaryEmbedding,
     ) -> None:
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(weights.get_tensor(f"{prefix}.input_layernorm.weight"), eps)
-        self.self_attn = LlamaAttention(config, weights, f"{prefix}.self_attn", backend)
+        self.self_attn = LlamaAttention(config, weights, f"{prefix}.self_attn", backend, rotary)
         self.post_attention_layernorm = RMSNorm(
             weights.get_tensor(f"{prefix}.post_attention_layernorm.weight"), eps
         )
@@ -124,7 +132,7 @@ class LlamaDecoderLayer(nn.Module):
         self,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        positions: torch.Tensor,
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +140,7 @@ class LlamaDecoderLayer(nn.Module):
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, cos_sin, kv_cache, meta)
+        hidden = self.self_attn(hidden, positions, kv_cache, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -157,7 +165,7 @@ class LlamaForCausalLM(nn.Module):
             weights.device,
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, weights, f"model.layers.{i}", backend)
+            LlamaDecoderLayer(config, weights, f"model.layers.{i}", backend, self.rotary)
             for i in range(config.num_layers)
         )
         self.norm = RMSNorm(weights.get_tensor("model.norm.weight"), config.rms_norm_eps)
@@ -173,10 +181,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final-normed hidden states [T, hidden_size] of the packed tokens."""
         hidden = self.embed_tokens(input_ids)
-        cos_sin = self.rotary(positions)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(hidden, residual, cos_sin, kv_cache, meta)
+            hidden, residual = layer(hidden, residual, positions, kv_cache, meta)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

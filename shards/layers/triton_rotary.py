@@ -1,0 +1,73 @@
+"""Rotary embedding in Triton: rotates every head of the packed tokens in place, one launch.
+
+Each program takes one token, reads its position and that row of the cos/sin cache itself (no
+gather kernel), and rotates all of the token's heads; q and k heads that sit side by side in the
+fused qkv output are rotated by a single call. Products and sums run in float32 and round once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotary_kernel(
+    x_ptr,
+    positions_ptr,
+    cos_ptr,
+    sin_ptr,
+    num_heads,
+    stride_xt,
+    stride_xh,
+    stride_cos,
+    stride_sin,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    d_mask = offs_d < HALF
+    cos = tl.load(cos_ptr + position * stride_cos + offs_d, mask=d_mask, other=0.0)
+    sin = tl.load(sin_ptr + position * stride_sin + offs_d, mask=d_mask, other=0.0)
+    cos = cos.to(tl.float32)[None, :]
+    sin = sin.to(tl.float32)[None, :]
+    mask = (offs_h[:, None] < num_heads) & d_mask[None, :]
+    first = x_ptr + token * stride_xt + offs_h[:, None] * stride_xh + offs_d[None, :]
+    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
+    out_dtype = x_ptr.dtype.element_ty
+    tl.store(first, (x1 * cos - x2 * sin).to(out_dtype), mask=mask)
+    tl.store(first + HALF, (x2 * cos + x1 * sin).to(out_dtype), mask=mask)
+
+
+def rotate_in_place(
+    heads: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> None:
+    """Rotates heads [T, H, head_dim] (any token/head strides) by cos/sin [max_pos, head_dim / 2]
+    at `positions` [T]; every position must lie inside the cache."""
+    num_tokens, num_heads, head_dim = heads.shape
+    if heads.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        raise ValueError("heads, cos and sin need a contiguous last dimension")
+    if num_tokens == 0:
+        return
+    half = head_dim // 2
+    _rotary_kernel[(num_tokens,)](
+        heads,
+        positions,
+        cos,
+        sin,
+        num_heads,
+        heads.stride(0),
+        heads.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        HALF=half,
+        BLOCK_H=triton.next_power_of_2(num_heads),
+        BLOCK_HALF=triton.next_power_of_2(half),
+        num_warps=4,
+    )

@@ -1,0 +1,173 @@
+"""The Triton layer kernels (RMSNorm, rotary, SiLU * up) against the torch paths they replace.
+
+Runs on CUDA; skipped elsewhere unless TRITON_INTERPRET=1 is set (Triton's CPU interpreter, a
+developer aid). Fresh random inputs for every case; each freshly allocated output lands in
+memory that was just filled with NaN, so an element the kernel leaves unwritten fails the check.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not (torch.cuda.is_available() or INTERPRET):
+    pytest.skip("needs CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
+pytest.importorskip("triton")
+
+from shardline.shards.layers.activation import silu_and_mul_torch  # noqa: E402
+from shardline.shards.layers.norm import rms_norm_torch  # noqa: E402
+from shardline.shards.layers.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
+from shardline.shards.layers.triton_activation import triton_silu_and_mul  # noqa: E402
+from shardline.shards.layers.triton_norm import rms_norm  # noqa: E402
+from shardline.shards.layers.triton_rotary import rotate_in_place  # noqa: E402
+
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+TOLERANCE = {torch.float16: 1e-3, torch.bfloat16: 4e-3, torch.float32: 1e-6}
+# The CPU interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest.
+DTYPES = [torch.float16, torch.float32] if INTERPRET else [*TOLERANCE]
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _random(shape: tuple[int, ...], dtype: torch.dtype, std: float = 1.0) -> torch.Tensor:
+    return (torch.randn(shape, device=DEVICE) * std).to(dtype)
+
+
+def _poison_next_allocation(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Frees a NaN-filled block of this size, which the caching allocator hands out next."""
+    if DEVICE.type == "cuda":
+        filler = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+        del filler
+
+
+def _assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert torch.isfinite(out).all()
+    assert _relative_error(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("hidden", [64, 1000, 4096])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_matches_torch(dtype: torch.dtype, hidden: int, with_residual: bool) -> None:
+    x = _random((3, 5, hidden), dtype, std=3.0)
+    residual = _random(x.shape, dtype) if with_residual else None
+    weight = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(dtype)
+    _poison_next_allocation(x.shape, dtype)
+    out = rms_norm(x, weight, 1e-6, residual)
+    ref = rms_norm_torch(x, weight, 1e-6, residual)
+    if residual is None:
+        _assert_close(out, ref, dtype)
+    else:
+        assert torch.equal(out[1], ref[1])
+        _assert_close(out[0], ref[0], dtype)
+
+
+def _rotary_case(
+    num_tokens: int, heads: tuple[int, int], head_dim: int, dtype: torch.dtype, scaling: dict | None
+) -> tuple[torch.Tensor, torch.Tensor, RotaryEmbedding]:
+    """A fused qkv output [T, q + 2 * kv heads, head_dim], positions in random order, the cache."""
+    num_q, num_kv = heads
+    rotary = RotaryEmbedding(head_dim, 512, 10000.0, scaling, dtype, DEVICE)
+    qkv = _random((num_tokens, num_q + 2 * num_kv, head_dim), dtype)
+    positions = torch.randint(0, 512, (num_tokens,), device=DEVICE)
+    return qkv, positions, rotary
+
+
+@pytest.mark.parametrize("scaling", [None, LLAMA3_SCALING])
+@pytest.mark.parametrize("heads,head_dim", [((4, 4), 64), ((6, 2), 128), ((12, 3), 80)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_rotates_q_and_k_in_place_like_torch(
+    dtype: torch.dtype, heads: tuple[int, int], head_dim: int, scaling: dict | None
+) -> None:
+    qkv, positions, rotary = _rotary_case(37, heads, head_dim, dtype, scaling)
+    rotated = heads[0] + heads[1]
+    cos, sin = rotary.cos[positions].unsqueeze(1), rotary.sin[positions].unsqueeze(1)
+    ref = apply_rotary(qkv[:, :rotated], cos, sin)
+    exact = apply_rotary(qkv[:, :rotated].double(), cos.double(), sin.double())
+    out = qkv.clone()
+    rotate_in_place(out[:, :rotated], positions, rotary.cos, rotary.sin)
+    assert torch.equal(out[:, rotated:], qkv[:, rotated:]), "v heads must stay untouched"
+    _assert_close(out[:, :rotated], ref, dtype)
+    if dtype != torch.float32:  # one rounding instead of three: no less accurate than torch
+        assert _relative_error(out[:, :rotated], exact) <= _relative_error(ref, exact)
+
+
+def test_rotary_module_rotates_in_place() -> None:
+    qkv, positions, rotary = _rotary_case(9, (4, 2), 64, torch.float32, None)
+    out = qkv.clone()
+    rotary.rotate_(out[:, :6], positions)
+    cos, sin = rotary.cos[positions].unsqueeze(1), rotary.sin[positions].unsqueeze(1)
+    _assert_close(out[:, :6], apply_rotary(qkv[:, :6], cos, sin), torch.float32)
+
+
+def test_rotary_with_no_tokens_is_a_no_op() -> None:
+    qkv, positions, rotary = _rotary_case(0, (4, 4), 64, torch.float32, None)
+    rotate_in_place(qkv[:, :8], positions, rotary.cos, rotary.sin)
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (3, 5, 2000), (7, 2 * 8192), (40, 2 * 14336)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_torch(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    gate_up = _random(shape, dtype, std=3.0)
+    _poison_next_allocation((*shape[:-1], shape[-1] // 2), dtype)
+    _assert_close(triton_silu_and_mul(gate_up), silu_and_mul_torch(gate_up), dtype)
+
+
+@pytest.mark.skipif(INTERPRET, reason="counts CUDA kernel launches")
+def test_decode_forward_launches_few_kernels_per_layer(tmp_path: Path) -> None:
+    """A bf16 decode step of a Llama model on the Triton backend: about one kernel per op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from shardline.shards.layers.attention import AttentionMetadata, get_attention_backend
+    from shardline.shards.models import load_model
+    from shardline.shards.utils.dist import TPGroup
+    from tests.model_factory import TinyModelSpec, build_tiny_model
+
+    spec = TinyModelSpec(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2)
+    model = load_model(
+        build_tiny_model(tmp_path, spec),
+        dtype=torch.bfloat16,
+        device=DEVICE,
+        tp=TPGroup(),
+        attention_backend=get_attention_backend("triton", DEVICE),
+    )
+    cache_shape = (4, 16, spec.num_kv_heads, spec.hidden_size // spec.num_heads)
+    kv_caches = [
+        (_random(cache_shape, torch.bfloat16), _random(cache_shape, torch.bfloat16))
+        for _ in range(spec.num_layers)
+    ]
+    context_lens = torch.tensor([5, 20], dtype=torch.int32, device=DEVICE)
+    positions = (context_lens - 1).long()
+    meta = AttentionMetadata(
+        is_prefill=False,
+        slot_mapping=torch.tensor([0 * 16 + 4, 3 * 16 + 3], device=DEVICE),
+        block_tables=torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=DEVICE),
+        context_lens=context_lens,
+        max_context_len=32,
+    )
+    input_ids = torch.tensor([3, 7], device=DEVICE)
+    with torch.inference_mode():
+        model(input_ids, positions, kv_caches, meta)  # compiles the kernels
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            hidden = model(input_ids, positions, kv_caches, meta)
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert torch.isfinite(hidden).all()
+    # Per layer: 2 norms, 4 GEMMs, rotary, KV write, decode attention (+ its split merge),
+    # SiLU * up = 10-11 (cuBLAS may add a split-K reduction); the torch paths took about 40.
+    assert 0 < len(kernels) <= 16 * spec.num_layers, sorted(e.name for e in kernels)
