@@ -23,7 +23,7 @@ from shardline.router.client import ShardClient, StepResult
 from shardline.router.detokenizer import IncrementalDetokenizer
 from shardline.router.errors import GenerationError, IncompleteGenerationError
 from shardline.router.metrics import RouterMetrics
-from shardline.router.queue import Entry, RequestQueue
+from shardline.router.queue import Entry, RequestQueue, SequenceOutput
 from shardline.router.request_types import (
     Finished,
     FinishReason,
@@ -62,6 +62,7 @@ class RequestStream:
     def __init__(self, entry: Entry) -> None:
         self._entry = entry
         self._ended = False
+        self._unfinished = len(entry.sequences)
 
     @property
     def request(self) -> ValidRequest:
@@ -77,7 +78,9 @@ class RequestStream:
         if isinstance(item, BaseException):
             self._ended = True
             raise item
-        self._ended = item.finished is not None
+        if item.finished is not None:
+            self._unfinished -= 1
+        self._ended = self._unfinished == 0
         return item
 
     async def collect(self) -> list[StreamEvent]:
@@ -107,6 +110,8 @@ class Batcher:
         self._request_ids = itertools.count()
         self._batch_ids = itertools.count()
         self._wakeup = asyncio.Event()
+        # Sequences the router ended (a stop sequence matched) that the shards still run.
+        self._stopped: list[pb.SequenceRef] = []
         self._task: asyncio.Task[None] | None = None
 
     # ---- the caller's side -------------------------------------------------------------------
@@ -131,16 +136,21 @@ class Batcher:
         entry = Entry(
             id=next(self._request_ids),
             request=request,
-            detokenizer=IncrementalDetokenizer(
-                self._tokenizer, request.input_ids, request.params.skip_special_tokens
-            ),
-            stop_matcher=StopSequenceMatcher(request.params.stop),
+            sequences=[self._sequence_output(request) for _ in range(_returned(request))],
             block_size=self.config.block_size,
         )
         self._queue.append(entry)
         self._metrics.queue_size.set(len(self._queue))
         self._wakeup.set()
         return RequestStream(entry)
+
+    def _sequence_output(self, request: ValidRequest) -> SequenceOutput:
+        return SequenceOutput(
+            detokenizer=IncrementalDetokenizer(
+                self._tokenizer, request.input_ids, request.params.skip_special_tokens
+            ),
+            stop_matcher=StopSequenceMatcher(request.params.stop),
+        )
 
     @property
     def running_size(self) -> int:
@@ -267,10 +277,11 @@ class Batcher:
         if not members:
             await self._clear_cache(cached.id)
             return None
-        if set(cached.request_ids) == set(members):
+        stopped, self._stopped = self._stopped, []
+        if set(cached.request_ids) == set(members) and not stopped:
             return cached
         started = time.monotonic()
-        filtered = await self._client.filter_batch(cached.id, list(members))
+        filtered = await self._client.filter_batch(cached.id, list(members), stopped)
         self._metrics.batch_filter_duration.labels("filter").observe(time.monotonic() - started)
         return filtered
 
@@ -287,57 +298,86 @@ class Batcher:
             entry = members.get(generation.request_id)
             if entry is None or not entry.alive:
                 continue
-            for event in self._events(entry, generation):
+            if generation.beams:
+                events = self._beam_events(entry, generation)
+            else:
+                events = self._events(entry, generation)
+            for event in events:
                 entry.events.put_nowait(event)
-            if entry.done:
+            if all(seq.done for seq in entry.sequences):
+                entry.done = True
                 self._record_success(entry)
 
     def _events(self, entry: Entry, generation: pb.Generation) -> list[StreamEvent]:
+        index = generation.sequence_index
+        seq = entry.sequences[index]
+        if seq.done:
+            return []
         events = []
         for position, (token_id, logprob) in enumerate(
             zip(generation.tokens.ids, generation.tokens.logprobs, strict=True)
         ):
             is_last = position == len(generation.tokens.ids) - 1
             shard_reason = _SHARD_FINISH_REASONS.get(generation.finish_reason) if is_last else None
-            token, text, reason = self._next_token(entry, token_id, logprob, shard_reason)
-            event = StreamEvent(index=len(entry.generated_ids), token=token, text=text)
+            token, text, reason = self._next_token(seq, token_id, logprob, shard_reason)
+            event = StreamEvent(
+                index=len(seq.generated_ids), token=token, text=text, sequence_index=index
+            )
             if position < len(generation.top_tokens):
                 event.top_tokens = self._tokens(generation.top_tokens[position])
-            if len(entry.generated_ids) == 1 and entry.request.decoder_input_details:
+            if len(seq.generated_ids) == 1 and entry.request.decoder_input_details:
                 event.prefill = self._tokens(generation.prefill_tokens)
             if reason is not None:
-                event.finished = self._finish(entry, reason, generation.seed)
+                event.finished = self._finish(entry, seq, reason, generation.seed)
+                if generation.finish_reason == pb.FINISH_REASON_NONE:
+                    self._stopped.append(pb.SequenceRef(request_id=entry.id, sequence_index=index))
             events.append(event)
             if reason is not None:
                 break
         return events
 
+    def _beam_events(self, entry: Entry, generation: pb.Generation) -> list[StreamEvent]:
+        """The returned beams, best first, each as the events of one finished sequence."""
+        events = []
+        for index, beam in enumerate(generation.beams):
+            beam_generation = pb.Generation(
+                request_id=generation.request_id,
+                sequence_index=index,
+                prefill_tokens=generation.prefill_tokens,
+                tokens=beam.tokens,
+                finish_reason=beam.finish_reason,
+            )
+            events += self._events(entry, beam_generation)
+        return events
+
     def _next_token(
-        self, entry: Entry, token_id: int, logprob: float, reason: FinishReason | None
+        self, seq: SequenceOutput, token_id: int, logprob: float, reason: FinishReason | None
     ) -> tuple[Token, str, FinishReason | None]:
-        """The token, the text it releases, and why the request finishes (if it does)."""
-        entry.generated_ids.append(token_id)
+        """The token, the text it releases, and why the sequence finishes (if it does)."""
+        seq.generated_ids.append(token_id)
         special = token_id in self._special_ids
-        delta = entry.detokenizer.add(token_id)
-        check = entry.stop_matcher.feed(delta)
+        delta = seq.detokenizer.add(token_id)
+        check = seq.stop_matcher.feed(delta)
         released = check.text
         if check.stopped:
             reason = FinishReason.STOP_SEQUENCE
         elif reason is not None:
-            tail = entry.stop_matcher.feed(entry.detokenizer.flush())
-            released += tail.text if tail.stopped else tail.text + entry.stop_matcher.flush()
+            tail = seq.stop_matcher.feed(seq.detokenizer.flush())
+            released += tail.text if tail.stopped else tail.text + seq.stop_matcher.flush()
             reason = FinishReason.STOP_SEQUENCE if tail.stopped else reason
-        entry.text.append(released)
+        seq.text.append(released)
         text = self._tokenizer.decode([token_id], skip_special_tokens=False) if special else delta
         token = Token(id=token_id, text=text, logprob=_logprob(logprob), special=special)
         return token, released, reason
 
-    def _finish(self, entry: Entry, reason: FinishReason, seed: int) -> Finished:
-        entry.done = True
+    def _finish(
+        self, entry: Entry, seq: SequenceOutput, reason: FinishReason, seed: int
+    ) -> Finished:
+        seq.done = True
         return Finished(
             reason=reason,
-            generated_text="".join(entry.text),
-            generated_tokens=len(entry.generated_ids),
+            generated_text="".join(seq.text),
+            generated_tokens=len(seq.generated_ids),
             input_length=entry.request.input_length,
             seed=None if entry.request.params.greedy else seed,
         )
@@ -363,6 +403,8 @@ class Batcher:
             parameters=chooser,
             stopping_parameters=stopping,
             top_n_tokens=request.top_n_tokens,
+            num_sequences=request.params.num_sequences,
+            beam_search=request.params.beam_search_proto(),
         )
 
     # ---- bookkeeping -------------------------------------------------------------------------
@@ -376,7 +418,7 @@ class Batcher:
     def _record_success(self, entry: Entry) -> None:
         metrics = self._metrics
         inference = time.monotonic() - (entry.batched_at or entry.queued_at)
-        generated = len(entry.generated_ids)
+        generated = entry.generated_tokens
         metrics.request_inference_duration.observe(inference)
         metrics.request_mean_time_per_token_duration.observe(inference / max(generated, 1))
         metrics.request_generated_tokens.observe(generated)
@@ -387,6 +429,13 @@ class Batcher:
             sum(entry.budget_tokens for entry in self._running.values())
         )
         self._metrics.queue_size.set(len(self._queue))
+
+
+def _returned(request: ValidRequest) -> int:
+    """Sequences the request answers with: every sample (the caller picks the best), or the
+    n best beams."""
+    params = request.params
+    return params.n if params.use_beam_search else params.num_sequences
 
 
 def _logprob(value: float) -> float | None:

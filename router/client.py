@@ -53,7 +53,10 @@ class ShardClient(Protocol):
     async def decode(self, batches: Sequence[pb.CachedBatch]) -> StepResult: ...
 
     async def filter_batch(
-        self, batch_id: int, request_ids: Sequence[int]
+        self,
+        batch_id: int,
+        request_ids: Sequence[int],
+        stopped_sequences: Sequence[pb.SequenceRef] = (),
     ) -> pb.CachedBatch | None: ...
 
     async def clear_cache(self, batch_id: int | None = None) -> None: ...
@@ -128,9 +131,16 @@ class ShardedClient:
         return StepResult(list(answer.generations), _cached(answer), timings)
 
     async def filter_batch(
-        self, batch_id: int, request_ids: Sequence[int]
+        self,
+        batch_id: int,
+        request_ids: Sequence[int],
+        stopped_sequences: Sequence[pb.SequenceRef] = (),
     ) -> pb.CachedBatch | None:
-        request = pb.FilterBatchRequest(batch_id=batch_id, request_ids=list(request_ids))
+        request = pb.FilterBatchRequest(
+            batch_id=batch_id,
+            request_ids=list(request_ids),
+            stopped_sequences=list(stopped_sequences),
+        )
         answer: pb.FilterBatchResponse = await self._all(lambda stub: stub.FilterBatch(request))
         return answer.batch if answer.HasField("batch") else None
 

@@ -15,19 +15,27 @@ EventOrError = StreamEvent | BaseException
 
 
 @dataclass(eq=False)
+class SequenceOutput:
+    """The text of one of a request's sequences (one of its best_of / n samples or beams)."""
+
+    detokenizer: IncrementalDetokenizer
+    stop_matcher: StopSequenceMatcher
+    generated_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass(eq=False)
 class Entry:
     """One request from the moment it is queued until its last event is sent."""
 
     id: int
     request: ValidRequest
-    detokenizer: IncrementalDetokenizer
-    stop_matcher: StopSequenceMatcher
+    sequences: list[SequenceOutput]
     block_size: int = 1
     events: asyncio.Queue[EventOrError] = field(default_factory=asyncio.Queue)
     queued_at: float = field(default_factory=time.monotonic)
     batched_at: float | None = None
-    generated_ids: list[int] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
     cancelled: bool = False
     done: bool = False
 
@@ -38,8 +46,11 @@ class Entry:
     @property
     def budget_tokens(self) -> int:
         """KV slots the request may need: its prompt and every token it may generate."""
-        total = self.request.input_length + self.request.max_new_tokens
-        return -(-total // self.block_size) * self.block_size
+        return self.request.budget_tokens(self.block_size)
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(seq.generated_ids) for seq in self.sequences)
 
     @property
     def alive(self) -> bool:

@@ -29,6 +29,14 @@ class ValidRequest:
     def input_length(self) -> int:
         return len(self.input_ids)
 
+    def budget_tokens(self, block_size: int) -> int:
+        """KV slots the request may need. Its sequences share the prompt's full blocks; each
+        has its own copy of the partial last one and its own blocks for generated tokens."""
+        count = self.params.num_sequences
+        shared = self.input_length // block_size * block_size if count > 1 else 0
+        own = -(-(self.input_length - shared + self.max_new_tokens) // block_size) * block_size
+        return shared + count * own
+
 
 @dataclass
 class Token:
@@ -51,7 +59,8 @@ class Finished:
 
 @dataclass
 class StreamEvent:
-    """One generated token; `prefill` only on the first event, `finished` only on the last.
+    """One generated token; `prefill` only on the first event, `finished` only on the last
+    (of each sequence, for a request of several: the stream ends when all of them finished).
 
     `text` is the generated text this token releases (detokenized, stop sequences held back and
     cut): joined over the events it is `finished.generated_text`.
@@ -60,6 +69,7 @@ class StreamEvent:
     index: int
     token: Token
     text: str = ""
+    sequence_index: int = 0  # which of the request's best_of / n samples or beams
     top_tokens: list[Token] = field(default_factory=list)
     prefill: list[Token] = field(default_factory=list)
     finished: Finished | None = None

@@ -178,25 +178,62 @@ def _full_text(valid: ValidRequest, options: ResponseOptions, text: str) -> str:
 def generate_response(
     valid: ValidRequest, options: ResponseOptions, events: list[StreamEvent]
 ) -> dict[str, Any]:
+    """TGI's answer. With best_of, the sample of highest mean token logprob is the answer and
+    the others (in order) are its best_of_sequences, as TGI does; with beam search, the best
+    beam is the answer and the other beams, best first, are its best_of_sequences."""
+    sequences = _by_sequence(events)
+    best = 0 if valid.params.use_beam_search else _highest_mean_logprob(sequences)
+    prefill = next((event.prefill for event in events if event.prefill), [])
+    answer = _sequence_json(valid, options, sequences[best], prefill)
+    details = None
+    if options.details:
+        others = [
+            _sequence_json(valid, options, sequence, prefill)
+            for index, sequence in enumerate(sequences)
+            if index != best
+        ]
+        details = {
+            **{k: v for k, v in answer.items() if k != "generated_text"},
+            "best_of_sequences": others if len(sequences) > 1 else None,
+        }
+    return {"generated_text": answer["generated_text"], "details": details}
+
+
+def _by_sequence(events: list[StreamEvent]) -> list[list[StreamEvent]]:
+    grouped: dict[int, list[StreamEvent]] = {}
+    for event in events:
+        grouped.setdefault(event.sequence_index, []).append(event)
+    return [grouped[index] for index in sorted(grouped)]
+
+
+def _highest_mean_logprob(sequences: list[list[StreamEvent]]) -> int:
+    """TGI's rule: the first sequence of strictly highest mean logprob per generated token."""
+    means = [
+        sum(event.token.logprob or 0.0 for event in sequence) / len(sequence)
+        for sequence in sequences
+    ]
+    return means.index(max(means))
+
+
+def _sequence_json(
+    valid: ValidRequest,
+    options: ResponseOptions,
+    events: list[StreamEvent],
+    prefill: list[Token],
+) -> dict[str, Any]:
     finished = events[-1].finished
     if finished is None:
         raise RuntimeError("a finished request has no final event")
-    details = None
-    if options.details:
-        details = {
-            "finish_reason": finished.reason.value,
-            "generated_tokens": finished.generated_tokens,
-            "seed": finished.seed,
-            "prefill": [prefill_token_json(t) for t in events[0].prefill],
-            "tokens": [token_json(event.token) for event in events],
-            "top_tokens": [[token_json(t) for t in event.top_tokens] for event in events]
-            if valid.top_n_tokens
-            else [],
-            "best_of_sequences": None,
-        }
     return {
         "generated_text": _full_text(valid, options, finished.generated_text),
-        "details": details,
+        "finish_reason": finished.reason.value,
+        "generated_tokens": finished.generated_tokens,
+        "seed": finished.seed,
+        "prefill": [prefill_token_json(t) for t in prefill],
+        "tokens": [token_json(event.token) for event in events],
+        "top_tokens": [[token_json(t) for t in event.top_tokens] for event in events]
+        if valid.top_n_tokens
+        else [],
     }
 
 

@@ -46,6 +46,11 @@ _PARAMETER_TYPES: dict[str, str] = {
     "ignore_eos": "bool",
     "skip_special_tokens": "bool",
     "stop_token_ids": "list[int]",
+    # Beam search (vLLM's names): the best beam is the answer, the others its best_of_sequences.
+    "use_beam_search": "bool",
+    "beam_width": "int",
+    "length_penalty": "float",
+    "early_stopping": "any",
 }
 
 
@@ -123,6 +128,8 @@ class Validator:
         best_of = params.get("best_of")
         if best_of is not None:
             self._check_best_of(best_of, params, stream)
+        if params.get("use_beam_search", False):
+            self._check_beam_search(params, stream)
         if params.get("max_new_tokens") is not None and params.get("max_new_tokens") <= 0:
             raise ValidationError("`max_new_tokens` must be strictly positive")
         top_n = params.get("top_n_tokens")
@@ -149,8 +156,21 @@ class Validator:
             )
         if best_of > 1 and stream:
             raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
-        if best_of > 1:
-            raise ValidationError("`best_of` > 1 is not supported by this server yet")
+
+    def _check_beam_search(self, params: _Parameters, stream: bool) -> None:
+        if stream:
+            raise ValidationError(
+                "`use_beam_search` is not supported when streaming tokens: the best beam is only "
+                "known when the search ends"
+            )
+        if params.get("top_n_tokens"):
+            raise ValidationError("`top_n_tokens` is not supported with beam search")
+        width = params.get("beam_width", 1)
+        if not 0 < width <= self.limits.max_best_of:
+            raise ValidationError(
+                f"`beam_width` must be > 0 and <= {self.limits.max_best_of} (--max-best-of). "
+                f"Given: {width}"
+            )
 
     async def validate(
         self,
@@ -275,9 +295,24 @@ class _Parameters:
                 max_tokens=self.get("max_new_tokens"),
                 min_tokens=self.get("min_tokens", 0),
                 skip_special_tokens=self.get("skip_special_tokens", True),
+                best_of=self.get("best_of"),
+                **self._beam_search(),
             )
         except SamplingParamsError as error:
             raise ValidationError(str(error)) from error
+
+    def _beam_search(self) -> dict[str, Any]:
+        """Every beam comes back: the best is the answer, the others its best_of_sequences."""
+        if not self.get("use_beam_search", False):
+            return {}
+        width = self.get("beam_width", 1)
+        return {
+            "use_beam_search": True,
+            "beam_width": width,
+            "n": width,
+            "length_penalty": self.get("length_penalty", 1.0),
+            "early_stopping": self.get("early_stopping", False),
+        }
 
     def _positive(self, name: str, default: float, message: str) -> float:
         value = self.get(name, default)

@@ -60,9 +60,16 @@ class InProcessShardClient:
         return StepResult(list(answer.generations), _cached(answer), _timings(answer))
 
     async def filter_batch(
-        self, batch_id: int, request_ids: Sequence[int]
+        self,
+        batch_id: int,
+        request_ids: Sequence[int],
+        stopped_sequences: Sequence[pb.SequenceRef] = (),
     ) -> pb.CachedBatch | None:
-        request = pb.FilterBatchRequest(batch_id=batch_id, request_ids=list(request_ids))
+        request = pb.FilterBatchRequest(
+            batch_id=batch_id,
+            request_ids=list(request_ids),
+            stopped_sequences=list(stopped_sequences),
+        )
         answer = await self._run(self.engine.filter_batch, request)
         return answer.batch if answer.batch.size else None
 

@@ -195,8 +195,7 @@ async def _collect_all(
     progress = tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm)
 
     async def one(index: int, request: ValidRequest) -> RequestOutput:
-        samples = [_with_seed(request, sample) for sample in range(params[index].n)]
-        events = await asyncio.gather(*(batcher.submit(s).collect() for s in samples))
+        events = await batcher.submit(request).collect()
         progress.update(1)
         return _request_output(str(index), request, events)
 
@@ -206,28 +205,27 @@ async def _collect_all(
         progress.close()
 
 
-def _with_seed(request: ValidRequest, sample: int) -> ValidRequest:
-    """The n samples of one prompt differ by seed; greedy samples are all the same."""
-    if sample == 0 or request.params.greedy:
-        return request
-    seed = (request.params.seed or 0) + sample if request.params.seed is not None else None
-    return dataclasses.replace(request, params=dataclasses.replace(request.params, seed=seed))
-
-
 def _request_output(
-    request_id: str, request: ValidRequest, samples: list[list[StreamEvent]]
+    request_id: str, request: ValidRequest, events: list[StreamEvent]
 ) -> RequestOutput:
-    first = samples[0][0]
+    """All n sequences; of best_of samples, the n with the highest cumulative logprob (vLLM's
+    rule); beams come best first from the shard."""
+    by_sequence: dict[int, list[StreamEvent]] = {}
+    for event in events:
+        by_sequence.setdefault(event.sequence_index, []).append(event)
+    with_logprobs = request.top_n_tokens > 0
+    completions = [_completion(i, by_sequence[i], with_logprobs) for i in sorted(by_sequence)]
+    if not request.params.use_beam_search and len(completions) > request.params.n:
+        completions.sort(key=lambda c: c.cumulative_logprob or 0.0, reverse=True)
+        completions = completions[: request.params.n]
+    first = events[0]
     prompt_logprobs = [t.logprob for t in first.prefill] if request.decoder_input_details else None
     return RequestOutput(
         request_id=request_id,
         prompt=request.inputs or None,
         prompt_token_ids=request.input_ids,
         prompt_logprobs=prompt_logprobs,
-        outputs=[
-            _completion(index, events, request.top_n_tokens > 0)
-            for index, events in enumerate(samples)
-        ],
+        outputs=completions,
     )
 
 

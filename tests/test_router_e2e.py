@@ -88,3 +88,43 @@ async def test_greedy_tokens_equal_transformers(shard_socket, tiny_llama_dir):
         await client.close()
         await ctx.batcher.stop()
         await shards.close()
+
+
+async def test_best_of_and_beam_search_over_generate(shard_socket, tiny_llama_dir):
+    """best_of answers TGI's way (highest mean logprob, the rest in best_of_sequences); beam
+    search answers with the best beam, equal to transformers', the other beams after it."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    shards = await ShardedClient.connect(shard_socket)
+    settings = RouterSettings(model_id="tiny", max_total_tokens=256, max_best_of=3)
+    ctx = await start_router(shards, tokenizer, settings)
+    client = TestClient(TestServer(create_app(ctx), handler_cancellation=True))
+    await client.start_server()
+    try:
+        body = {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 8, "best_of": 3}}
+        body["parameters"].update(do_sample=True, temperature=0.9, details=True)
+        answer = await (await client.post("/generate", json=body)).json()
+        others = answer["details"]["best_of_sequences"]
+        assert len(others) == 2 and all(o["seed"] is not None for o in others)
+        sequences = [answer["details"], *others]
+        means = [sum(t["logprob"] for t in s["tokens"]) / len(s["tokens"]) for s in sequences]
+        assert means[0] == max(means)
+        beam = {"use_beam_search": True, "beam_width": 3, "max_new_tokens": 6}
+        body = {"inputs": PROMPTS[2], "parameters": beam}
+        answer = await (await client.post("/generate", json=body)).json()
+        ids = tokenizer(PROMPTS[2], return_tensors="pt").input_ids
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+        expected = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False)
+        got = [t["id"] for t in answer["details"]["tokens"]]
+        assert got == expected[0, ids.shape[1] :].tolist()[: len(got)]
+        assert len(answer["details"]["best_of_sequences"]) == 2
+        streamed = await client.post("/generate_stream", json=body)
+        assert streamed.status == 422 and "streaming" in (await streamed.json())["error"]
+        assert (await shards.stats()).num_sequences == 0
+        stats = await shards.stats()
+        assert stats.free_blocks == stats.total_blocks
+    finally:
+        await client.close()
+        await ctx.batcher.stop()
+        await shards.close()

@@ -104,7 +104,10 @@ class FakeShardClient:
         return StepResult(generations, self._cached(batches[0].id), Timings(0.001, 0.0, 0.001))
 
     async def filter_batch(
-        self, batch_id: int, request_ids: Sequence[int]
+        self,
+        batch_id: int,
+        request_ids: Sequence[int],
+        stopped_sequences: Sequence[pb.SequenceRef] = (),
     ) -> pb.CachedBatch | None:
         self.calls.append(("filter", batch_id, sorted(request_ids)))
         kept = {rid: seq for rid, seq in self.batches[batch_id].items() if rid in request_ids}
