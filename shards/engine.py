@@ -90,8 +90,15 @@ class ShardEngine:
     def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
         max_prefill = request.max_prefill_tokens or 4096
         max_input = request.max_input_tokens if request.HasField("max_input_tokens") else None
+        positions = self.config.max_position_embeddings
+        if request.HasField("max_total_tokens") and request.max_total_tokens > positions:
+            raise InvalidRequestError(
+                f"max_total_tokens {request.max_total_tokens} exceeds the model's "
+                f"{positions} positions"
+            )
         self.clear_cache(pb.ClearCacheRequest())
-        peak_bytes = self._run_warmup_prefill(max_prefill, max_input or max_prefill)
+        longest_prompt = min(max_input or max_prefill, positions - 1)
+        peak_bytes = self._run_warmup_prefill(max_prefill, longest_prompt)
         num_blocks = self._agree_on_min(self._blocks_that_fit(peak_bytes))
         block_size = self.settings.block_size
         self.runner.allocate_cache(num_blocks, block_size)
@@ -407,6 +414,12 @@ class ShardEngine:
                 )
             if r.stopping_parameters.max_new_tokens < 1:
                 raise InvalidRequestError(f"request {r.id} asks for max_new_tokens < 1")
+            total = len(r.input_ids) + r.stopping_parameters.max_new_tokens
+            if total > self.config.max_position_embeddings:
+                raise InvalidRequestError(
+                    f"request {r.id} needs {total} positions; the model has "
+                    f"{self.config.max_position_embeddings}"
+                )
             if r.HasField("beam_search"):
                 _validate_beam_search(r)
 
