@@ -24,6 +24,9 @@ from shardline.shards.utils.sampling import SamplingState
 logger = logging.getLogger(__name__)
 
 
+_CPU_WARMUP_TOKENS = 64
+
+
 class InvalidRequestError(ValueError):
     """A request the shard cannot run; nothing was changed."""
 
@@ -120,7 +123,12 @@ class ShardEngine:
         )
 
     def _run_warmup_prefill(self, max_prefill_tokens: int, max_input_tokens: int) -> int:
-        """Runs the largest prefill the router may send; returns the peak device bytes it used."""
+        """Runs the largest prefill the router may send; returns the peak device bytes it used.
+
+        On CPU the cache is sized by --kv-cache-bytes, so a short prefill only proves the forward
+        pass works (a worst-case one would take a minute on a laptop for nothing)."""
+        if self.device.type == "cpu":
+            max_prefill_tokens = min(max_prefill_tokens, _CPU_WARMUP_TOKENS)
         lengths = _split_tokens(
             max_prefill_tokens, max(1, min(max_input_tokens, max_prefill_tokens))
         )
