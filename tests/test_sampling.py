@@ -54,7 +54,9 @@ class Req:
         return torch.randn(VOCAB, generator=generator) * 2
 
 
-def state_of(requests: Sequence[Req], vocab: int = VOCAB) -> SamplingState:
+def state_of(
+    requests: Sequence[Req], vocab: int = VOCAB, device: torch.device = CPU
+) -> SamplingState:
     return SamplingState.from_requests(
         [r.params for r in requests],
         [r.stop for r in requests],
@@ -62,20 +64,20 @@ def state_of(requests: Sequence[Req], vocab: int = VOCAB) -> SamplingState:
         [EOS],
         [r.top_n for r in requests],
         vocab,
-        CPU,
+        device,
     )
 
 
 def step(sampler: Sampler, state: SamplingState, requests: Sequence[Req]) -> SamplerOutput:
     generated = state.generated.tolist()
     logits = torch.stack([r.logits(n) for r, n in zip(requests, generated, strict=True)])
-    out = sampler(logits, state)
+    out = sampler(logits.to(state.device), state)
     state.append(out.next_token_ids)
     return out
 
 
-def generate(requests: Sequence[Req], steps: int) -> list[list[int]]:
-    sampler, state = Sampler(), state_of(requests)
+def generate(requests: Sequence[Req], steps: int, device: torch.device = CPU) -> list[list[int]]:
+    sampler, state = Sampler(), state_of(requests, device=device)
     tokens = [step(sampler, state, requests).next_token_ids.tolist() for _ in range(steps)]
     return [list(row) for row in zip(*tokens, strict=True)]
 
@@ -130,6 +132,71 @@ def test_top_k_top_p(scores: torch.Tensor, top_k: list[int], top_p: list[float])
             expected[i : i + 1] = TopPLogitsWarper(p)(None, expected[i : i + 1])
     assert_exact(actual, expected)
     assert actual.isfinite().sum(dim=-1).tolist() != [VOCAB] * 6
+
+
+def test_top_k_alone_through_topk(scores: torch.Tensor) -> None:
+    top_k = [0, 1, 10, 0, 3, 50]
+    actual = logits_process.apply_top_k(scores, torch.tensor([k or VOCAB for k in top_k]), 50)
+    expected = rowwise([TopKLogitsWarper(k) if k else None for k in top_k], scores)
+    assert_exact(actual, expected)
+
+
+def test_top_k_keeps_ties_at_the_kth_score() -> None:
+    scores = torch.tensor([[0.0, 2.0, 1.0, 1.0, 1.0, -1.0]])
+    actual = logits_process.apply_top_k(scores, torch.tensor([2]), 2)
+    assert actual.isfinite().tolist() == [[False, True, True, True, True, False]]
+
+
+@pytest.mark.parametrize(
+    ("top_k", "top_p"),
+    [
+        ([5, 20, 50, 3, 7, 50], [0.9, 0.8, 0.3, 0.5, 1.0, 0.95]),
+        ([0, 20, 50, 1, 0, 10], [1.0, 0.2, 0.999, 0.5, 1.0, 0.1]),
+    ],
+)
+def test_top_p_cut_from_top_k_candidates(
+    scores: torch.Tensor, top_k: list[int], top_p: list[float]
+) -> None:
+    actual = logits_process.apply_top_k_top_p_candidates(
+        scores,
+        torch.tensor([k or VOCAB for k in top_k]),
+        torch.tensor([1 - p for p in top_p]),
+        max(top_k),
+    )
+    expected = scores.clone()
+    for i, (k, p) in enumerate(zip(top_k, top_p, strict=True)):
+        if k:
+            expected[i : i + 1] = TopKLogitsWarper(k)(None, expected[i : i + 1])
+        if p < 1:
+            expected[i : i + 1] = TopPLogitsWarper(p)(None, expected[i : i + 1])
+    assert_exact(actual, expected)
+
+
+@pytest.mark.parametrize(
+    ("settings", "path"),
+    [
+        ({"top_k": 7}, "apply_top_k"),
+        ({"top_k": 7, "top_p": 0.9}, "apply_top_k_top_p_candidates"),
+        ({"top_p": 0.9}, "apply_top_k_top_p"),
+        ({"top_k": VOCAB, "top_p": 1.0}, None),
+    ],
+)
+def test_a_vocabulary_sort_only_for_top_p_without_top_k(
+    monkeypatch: pytest.MonkeyPatch, settings: dict[str, float], path: str | None
+) -> None:
+    called = []
+    for name in ("apply_top_k", "apply_top_k_top_p_candidates", "apply_top_k_top_p"):
+        original = getattr(logits_process, name)
+        monkeypatch.setattr(
+            logits_process, name, lambda *a, _f=original, _n=name: called.append(_n) or _f(*a)
+        )
+    requests = [
+        Req(0, chooser(do_sample=True, seed=1, **settings)),
+        Req(1, chooser(do_sample=True, seed=2, top_k=3)),
+        Req(2, chooser(do_sample=False)),
+    ]
+    process_logits(torch.randn(3, VOCAB), state_of(requests[:1] if path is None else requests))
+    assert called == ([] if path is None else [path])
 
 
 def test_min_p(scores: torch.Tensor) -> None:
@@ -401,3 +468,56 @@ def test_sampler_is_cuda_graph_capturable() -> None:
     graph.replay()
     assert torch.equal(captured.next_token_ids, eager.next_token_ids)
     assert torch.equal(captured.top_ids, eager.top_ids)
+
+
+CUDA_REQUESTS = [
+    Req(0, chooser(do_sample=True, seed=1, top_k=20, top_p=0.9, repetition_penalty=1.2), top_n=3),
+    Req(1, chooser(do_sample=False, frequency_penalty=0.5), stop=stopping(min_new_tokens=3)),
+    Req(2, chooser(do_sample=True, seed=2, typical_p=0.7, min_p=0.05), top_n=2),
+    Req(3, chooser(do_sample=False, repetition_penalty=1.3), top_n=4),
+    Req(4, chooser(do_sample=True, seed=2**40 + 9, temperature=0.8, top_k=50)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_greedy_equals_cpu() -> None:
+    greedy = [r for r in CUDA_REQUESTS if not r.params.do_sample]
+    cpu_state, cuda_state = state_of(greedy), state_of(greedy, device=torch.device("cuda"))
+    cpu_sampler, cuda_sampler = Sampler(), Sampler()
+    for _ in range(6):
+        expected = step(cpu_sampler, cpu_state, greedy)
+        actual = step(cuda_sampler, cuda_state, greedy)
+        assert actual.next_token_ids.tolist() == expected.next_token_ids.tolist()
+        torch.testing.assert_close(actual.logprobs.cpu(), expected.logprobs)
+        assert actual.top_ids.tolist() == expected.top_ids.tolist()
+        torch.testing.assert_close(actual.top_logprobs.cpu(), expected.top_logprobs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_seeded_samples_are_the_same_whatever_the_batch() -> None:
+    cuda = torch.device("cuda")
+    together = generate(CUDA_REQUESTS, 10, cuda)
+    alone = [generate([request], 10, cuda)[0] for request in CUDA_REQUESTS]
+    reordered = generate(CUDA_REQUESTS[::-1], 10, cuda)[::-1]
+    assert together == alone == reordered
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("vocab", [VOCAB, 128_000])
+def test_triton_choice_equals_the_torch_reference_on_cuda(vocab: int) -> None:
+    cuda = torch.device("cuda")
+    requests = [Req(i, chooser(do_sample=i % 3 != 0, seed=i * 977 + 2**33)) for i in range(64)]
+    state = state_of(requests, vocab, cuda)
+    state.generated = torch.arange(64, device=cuda) * 5
+    sampler = Sampler()
+    for trial in range(3):
+        generator = torch.Generator(cuda).manual_seed(trial)
+        scores = torch.randn(64, vocab, device=cuda, generator=generator) * 4
+        scores[::4, : vocab // 2] = float("-inf")
+        out = sampler(scores, state)
+        assert torch.equal(out.next_token_ids, sampler._choose(scores, state))
+        chosen = scores.log_softmax(-1).gather(1, out.next_token_ids[:, None]).squeeze(1)
+        torch.testing.assert_close(out.logprobs, chosen)

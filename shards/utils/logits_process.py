@@ -50,6 +50,15 @@ def apply_temperature(scores: torch.Tensor, temperature: torch.Tensor) -> torch.
     return scores / temperature[:, None]
 
 
+def apply_top_k(scores: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
+    """top-k alone, as transformers' TopK, from one torch.topk of the batch's largest k.
+
+    top_k [B] int64 in [1, V] (V is neutral); max_top_k: the largest top_k below V of the batch,
+    known on the host. Scores below the row's k-th largest go (ties kept)."""
+    kth_largest = _kth_largest(scores.topk(max_top_k, dim=-1).values, top_k)
+    return scores.masked_fill(scores < kth_largest, _NEG_INF)
+
+
 def apply_top_k_top_p(
     scores: torch.Tensor, top_k: torch.Tensor, top_p_tail: torch.Tensor
 ) -> torch.Tensor:
@@ -64,11 +73,43 @@ def apply_top_k_top_p(
     vocab_size = scores.shape[-1]
     kth_largest = sorted_scores.gather(1, (vocab_size - top_k)[:, None])
     sorted_scores = sorted_scores.masked_fill(sorted_scores < kth_largest, _NEG_INF)
-    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    sorted_scores = _drop_outside_nucleus(sorted_scores, top_p_tail)
+    return torch.empty_like(scores).scatter_(1, order, sorted_scores)
+
+
+def apply_top_k_top_p_candidates(
+    scores: torch.Tensor, top_k: torch.Tensor, top_p_tail: torch.Tensor, max_top_k: int
+) -> torch.Tensor:
+    """apply_top_k_top_p without a sort of the vocabulary, for batches where every row with top-p
+    also has a top-k: the nucleus is cut from the row's top-k candidates of one torch.topk.
+
+    The same result as apply_top_k_top_p up to the rounding of the candidates' softmax, except
+    that in a row with top-p, tokens tied with its k-th largest score beyond the batch's largest
+    k (`max_top_k`) are dropped rather than kept."""
+    values, ids = scores.topk(max_top_k, dim=-1)
+    kth_largest = _kth_largest(values, top_k)
+    candidates = values.masked_fill(values < kth_largest, _NEG_INF).flip(-1)
+    candidates = _drop_outside_nucleus(candidates, top_p_tail)
+    nucleus = torch.full_like(scores, _NEG_INF).scatter_(1, ids.flip(-1), candidates)
+    top_k_only = scores.masked_fill(scores < kth_largest, _NEG_INF)
+    return torch.where((top_p_tail > 0)[:, None], nucleus, top_k_only)
+
+
+def _kth_largest(descending: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """[B, 1]: each row's k-th value of its largest values `descending` [B, K]; -inf for the rows
+    whose k is above K (top-k off)."""
+    width = descending.shape[-1]
+    kth = descending.gather(1, (top_k.clamp(max=width) - 1)[:, None])
+    return kth.masked_fill((top_k > width)[:, None], _NEG_INF)
+
+
+def _drop_outside_nucleus(ascending: torch.Tensor, top_p_tail: torch.Tensor) -> torch.Tensor:
+    """Sets to -inf the smallest scores of each ascending row whose cumulative probability stays
+    <= top_p_tail (0 is neutral); the last (largest) score always stays."""
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
     outside_nucleus = (cumulative <= top_p_tail[:, None]) & (top_p_tail > 0)[:, None]
     outside_nucleus[:, -1] = False
-    sorted_scores = sorted_scores.masked_fill(outside_nucleus, _NEG_INF)
-    return torch.empty_like(scores).scatter_(1, order, sorted_scores)
+    return ascending.masked_fill(outside_nucleus, _NEG_INF)
 
 
 def apply_min_p(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

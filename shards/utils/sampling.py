@@ -108,7 +108,7 @@ def _unset_as(value: float, neutral: float) -> float:
 
 @dataclass(frozen=True)
 class RowTensors:
-    """The per-row settings of a batch on the device, one [B] tensor each."""
+    """The per-row settings of a batch on the device, one contiguous [B] tensor each."""
 
     sample: torch.Tensor
     temperature: torch.Tensor
@@ -156,11 +156,10 @@ class RowTensors:
             ],
             dtype=torch.int64,
         ).reshape(len(rows), 6)
-        floats, ints = floats.to(device), ints.to(device)
-        temperature, top_p_tail, min_p, typical_p, repetition, frequency, presence = floats.unbind(
-            1
-        )
-        sample, top_k, seed_low, seed_high, min_new_tokens, top_n = ints.unbind(1)
+        # one copy each, transposed first so that every [B] setting is contiguous (Triton reads it)
+        floats, ints = floats.T.contiguous().to(device), ints.T.contiguous().to(device)
+        temperature, top_p_tail, min_p, typical_p, repetition, frequency, presence = floats
+        sample, top_k, seed_low, seed_high, min_new_tokens, top_n = ints
         return cls(
             sample=sample.bool(),
             temperature=temperature,
@@ -269,7 +268,7 @@ class SamplingState:
 
     @functools.cached_property
     def flags(self) -> BatchFlags:
-        return BatchFlags.of(self.rows)
+        return BatchFlags.of(self.rows, self.vocab_size)
 
 
 def _prompt_tokens(
@@ -313,20 +312,25 @@ class BatchFlags:
     min_tokens: bool
     sample: bool
     temperature: bool
-    top_k_top_p: bool
+    max_top_k: int  # the largest top-k below the vocabulary size; 0: no row filters by top-k
+    top_p: bool
+    top_p_without_top_k: bool  # some row's nucleus needs a sort of the whole vocabulary
     min_p: bool
     typical_p: bool
     max_top_n: int
 
     @classmethod
-    def of(cls, rows: Sequence[RowConfig]) -> BatchFlags:
+    def of(cls, rows: Sequence[RowConfig], vocab_size: int) -> BatchFlags:
+        top_ks = [r.top_k if 0 < r.top_k < vocab_size else 0 for r in rows]
         return cls(
             repetition=any(r.repetition for r in rows),
             frequency_presence=any(r.frequency_presence for r in rows),
             min_tokens=any(r.min_new_tokens > 0 for r in rows),
             sample=any(r.sample for r in rows),
             temperature=any(r.temperature != 1.0 for r in rows),
-            top_k_top_p=any(r.top_k > 0 or r.top_p < 1.0 for r in rows),
+            max_top_k=max(top_ks, default=0),
+            top_p=any(r.top_p < 1.0 for r in rows),
+            top_p_without_top_k=any(r.top_p < 1.0 and not k for r, k in zip(rows, top_ks)),
             min_p=any(r.min_p > 0.0 for r in rows),
             typical_p=any(r.typical_p < 1.0 for r in rows),
             max_top_n=max((r.top_n_tokens for r in rows), default=0),
@@ -350,19 +354,20 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, state: SamplingState) -> SamplerOutput:
         scores = process_logits(logits.float(), state)
-        if state.flags.sample:
-            noise = self._gumbel_noise(state, logits.shape[-1], logits.device)
-            noisy = torch.where(state.tensors.sample[:, None], scores + noise, scores)
-            next_ids = noisy.argmax(dim=-1)
-        else:
-            next_ids = scores.argmax(dim=-1)
+        if scores.is_cuda:
+            return _fused_choice(scores, state)
+        next_ids = self._choose(scores, state)
         logprobs = scores.log_softmax(dim=-1)
         output = SamplerOutput(next_ids, logprobs.gather(1, next_ids[:, None]).squeeze(1))
-        if state.flags.max_top_n > 0:
-            output.top_logprobs, output.top_ids = logprobs.topk(state.flags.max_top_n, dim=-1)
-            real = output.top_logprobs.isfinite().sum(dim=-1)
-            output.top_counts = torch.minimum(state.tensors.top_n_tokens, real)
+        _add_top_tokens(output, logprobs, state)
         return output
+
+    def _choose(self, scores: torch.Tensor, state: SamplingState) -> torch.Tensor:
+        """The reference choice (CPU): argmax, plus Gumbel noise on the sampled rows."""
+        if not state.flags.sample:
+            return scores.argmax(dim=-1)
+        noise = self._gumbel_noise(state, scores.shape[-1], scores.device)
+        return torch.where(state.tensors.sample[:, None], scores + noise, scores).argmax(dim=-1)
 
     def _gumbel_noise(
         self, state: SamplingState, vocab_size: int, device: torch.device
@@ -384,6 +389,41 @@ class Sampler:
         return self._token_keys[key]
 
 
+def _fused_choice(scores: torch.Tensor, state: SamplingState) -> SamplerOutput:
+    """The CUDA choice: one Triton pass over the scores (see triton_sampling), the noise made in
+    registers; logprobs are the scores minus the row's logsumexp, no [B, V] log-softmax."""
+    from shardline.shards.utils import triton_sampling
+
+    tensors = state.tensors
+    next_ids, logprobs, log_norm = triton_sampling.choose_tokens(
+        scores,
+        tensors.sample,
+        tensors.seed_low,
+        tensors.seed_high,
+        state.generated,
+        state.flags.sample,
+    )
+    output = SamplerOutput(next_ids, logprobs)
+    _add_top_tokens(output, scores, state, log_norm)
+    return output
+
+
+def _add_top_tokens(
+    output: SamplerOutput,
+    scores: torch.Tensor,
+    state: SamplingState,
+    log_norm: torch.Tensor | None = None,
+) -> None:
+    """The top-n alternatives of each row from its logprobs, or from its scores and their
+    logsumexp `log_norm` (the same order: a row's logprobs are its scores shifted)."""
+    if state.flags.max_top_n == 0:
+        return
+    top_values, output.top_ids = scores.topk(state.flags.max_top_n, dim=-1)
+    output.top_logprobs = top_values if log_norm is None else top_values - log_norm[:, None]
+    real = output.top_logprobs.isfinite().sum(dim=-1)
+    output.top_counts = torch.minimum(state.tensors.top_n_tokens, real)
+
+
 def process_logits(scores: torch.Tensor, state: SamplingState) -> torch.Tensor:
     """Applies the processors some row of the batch needs, in the module docstring's order."""
     flags, rows = state.flags, state.tensors
@@ -400,12 +440,24 @@ def process_logits(scores: torch.Tensor, state: SamplingState) -> torch.Tensor:
         scores = logits_process.mask_token_ids(scores, rows.min_tokens_ids, active)
     if flags.temperature:
         scores = logits_process.apply_temperature(scores, rows.temperature)
-    if flags.top_k_top_p:
-        scores = logits_process.apply_top_k_top_p(scores, rows.top_k, rows.top_p_tail)
+    scores = _apply_top_k_top_p(scores, rows, flags)
     if flags.min_p:
         scores = logits_process.apply_min_p(scores, rows.min_p)
     if flags.typical_p:
         scores = logits_process.apply_typical_p(scores, rows.typical_p)
+    return scores
+
+
+def _apply_top_k_top_p(scores: torch.Tensor, rows: RowTensors, flags: BatchFlags) -> torch.Tensor:
+    """A sort of the vocabulary only where some row's top-p has no top-k to cut it from."""
+    if flags.top_p_without_top_k:
+        return logits_process.apply_top_k_top_p(scores, rows.top_k, rows.top_p_tail)
+    if flags.top_p:
+        return logits_process.apply_top_k_top_p_candidates(
+            scores, rows.top_k, rows.top_p_tail, flags.max_top_k
+        )
+    if flags.max_top_k:
+        return logits_process.apply_top_k(scores, rows.top_k, flags.max_top_k)
     return scores
 
 
