@@ -215,6 +215,8 @@ class Batcher:
             entry.batched_at = now
             self._metrics.request_queue_duration.observe(now - entry.queued_at)
         self._metrics.batch_next_size.observe(len(entries))
+        members = {entry.id: entry for entry in entries}
+        self._prefilling = members  # failed by `_run` if building the batch raises
         batch = pb.Batch(
             id=next(self._batch_ids),
             requests=[self._to_proto(entry) for entry in entries],
@@ -223,9 +225,8 @@ class Batcher:
         )
         result = await self._step("prefill", self._client.prefill(batch), entries, [batch.id])
         if result is None:
+            self._prefilling = {}
             return None
-        members = {entry.id: entry for entry in entries}
-        self._prefilling = members
         self._handle(result.generations, members)
         cached = await self._filter(result.batch, members)
         self._running.update(members)

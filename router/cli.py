@@ -18,6 +18,8 @@ from shardline.router.startup import RouterSettings, start_router
 
 logger = logging.getLogger("shardline.router")
 
+_CLOSE_GRACE_S = 2.0  # for the last responses to be written once the requests have ended
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardline-router", description=__doc__)
@@ -45,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--payload-limit", type=int, default=PAYLOAD_LIMIT)
     add("--api-key", help="require `Authorization: Bearer <key>` on every route but /health")
     add("--json-output", action="store_true", help="log JSON lines")
+    add(
+        "--shutdown-timeout",
+        type=float,
+        default=60.0,
+        help="on SIGTERM, seconds to let in-flight requests finish (new ones get 503)",
+    )
     return parser
 
 
@@ -81,7 +89,12 @@ async def serve(args: argparse.Namespace) -> None:
     client = await ShardedClient.connect(args.master_shard_uds_path)
     logger.info("connected to shards", extra={"world_size": client.world_size})
     ctx = await start_router(client, tokenizer, settings_from_args(args))
-    runner = web.AppRunner(create_app(ctx), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(
+        create_app(ctx),
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=_CLOSE_GRACE_S,
+    )
     await runner.setup()
     await web.TCPSite(runner, args.hostname, args.port).start()
     logger.info("router ready", extra={"hostname": args.hostname, "port": args.port})
@@ -90,9 +103,11 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    logger.info("router stopping")
-    await ctx.batcher.stop()
+    logger.info("router draining", extra={"in_flight": ctx.in_flight})
+    if not await ctx.drain(args.shutdown_timeout):
+        logger.warning("shutdown timeout: cutting %d in-flight requests", ctx.in_flight)
     await runner.cleanup()
+    await ctx.batcher.stop()
     ctx.validator.close()
     await client.close()
 

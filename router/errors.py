@@ -41,3 +41,15 @@ class IncompleteGenerationError(RouterError):
 class UnhealthyError(RouterError):
     status = 503
     error_type = "healthcheck"
+
+
+class ShuttingDownError(RouterError):
+    """SIGTERM arrived: in-flight requests finish, new ones are refused."""
+
+    status = 503
+    error_type = "shutting_down"
+
+
+class UnsupportedMediaTypeError(RouterError):
+    status = 415
+    error_type = "unsupported_media_type"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hmac
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +16,14 @@ from aiohttp import web
 
 from shardline.router.batcher import Batcher
 from shardline.router.client import ShardClient
-from shardline.router.errors import BadRequestError, OverloadedError, RouterError, ValidationError
+from shardline.router.errors import (
+    BadRequestError,
+    OverloadedError,
+    RouterError,
+    ShuttingDownError,
+    UnsupportedMediaTypeError,
+    ValidationError,
+)
 from shardline.router.metrics import RouterMetrics
 from shardline.router.validation import Validator
 
@@ -21,6 +31,11 @@ logger = logging.getLogger(__name__)
 
 PAYLOAD_LIMIT = 2_000_000
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+# What a browser sends cross-site without a preflight: refused, so that a web page cannot drive
+# the API from a visitor's browser. Other types (or none) are read as JSON.
+_FORM_CONTENT_TYPES = frozenset(
+    {"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"}
+)
 
 
 @dataclass
@@ -36,10 +51,13 @@ class RouterContext:
     api_key: str | None = None
     payload_limit: int = PAYLOAD_LIMIT
     in_flight: int = field(default=0, init=False)
+    draining: bool = field(default=False, init=False)
 
     @contextlib.contextmanager
     def request_slot(self) -> Iterator[None]:
-        """Holds one of `max_concurrent_requests` slots; past them, 429."""
+        """Holds one of `max_concurrent_requests` slots; past them, 429; while draining, 503."""
+        if self.draining:
+            raise ShuttingDownError("the server is shutting down")
         if self.in_flight >= self.max_concurrent_requests:
             raise OverloadedError("Model is overloaded")
         self.in_flight += 1
@@ -47,6 +65,14 @@ class RouterContext:
             yield
         finally:
             self.in_flight -= 1
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuses new requests, waits up to `timeout_s` for in-flight ones; True if all ended."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.in_flight == 0
 
 
 CONTEXT = web.AppKey("router_context", RouterContext)
@@ -61,6 +87,10 @@ def error_response(error: RouterError) -> web.Response:
 
 
 async def read_json(request: web.Request) -> Any:
+    if request.content_type in _FORM_CONTENT_TYPES:
+        raise UnsupportedMediaTypeError(
+            f"expected `Content-Type: application/json`, got `{request.content_type}`"
+        )
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as error:
@@ -99,6 +129,11 @@ async def error_middleware(
         return await handler(request)
     except RouterError as error:
         return error_response(error)
+    except web.HTTPClientError as error:  # unknown route, wrong method: the same error JSON
+        error_type = error.reason.lower().replace(" ", "_")
+        return web.json_response(
+            {"error": error.reason, "error_type": error_type}, status=error.status
+        )
 
 
 def auth_middleware(api_key: str | None, open_paths: frozenset[str]):
@@ -106,11 +141,15 @@ def auth_middleware(api_key: str | None, open_paths: frozenset[str]):
     async def check(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        authorized = request.headers.get("Authorization") == f"Bearer {api_key}"
-        if api_key and request.path not in open_paths and not authorized:
+        if api_key and request.path not in open_paths and not _authorized(request, api_key):
             return web.json_response(
                 {"error": "Unauthorized", "error_type": "unauthorized"}, status=401
             )
         return await handler(request)
 
     return check
+
+
+def _authorized(request: web.Request, api_key: str) -> bool:
+    given = request.headers.get("Authorization", "").encode()
+    return hmac.compare_digest(given, f"Bearer {api_key}".encode())

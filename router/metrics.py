@@ -86,6 +86,12 @@ class RouterMetrics:
             registry=registry,
         )
         self.queue_size = Gauge("tgi_queue_size", "Requests waiting", registry=registry)
+        self.kv_blocks_free = Gauge(
+            "shardline_kv_blocks_free", "Free KV cache blocks on shard 0", registry=registry
+        )
+        self.kv_blocks_total = Gauge(
+            "shardline_kv_blocks_total", "KV cache blocks on shard 0", registry=registry
+        )
         self.batch_next_size = histogram(
             "tgi_batch_next_size", "Requests in each new prefill batch", _TOKEN_BUCKETS
         )

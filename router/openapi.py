@@ -55,23 +55,41 @@ _TOKEN_PROPS = {
 
 _PARAMETERS = {
     "adapter_id": _nullable({"type": "string", "description": "Not supported: rejected with 422."}),
-    "best_of": _nullable({"type": "integer", "minimum": 0, "exclusiveMinimum": 0}),
+    "best_of": _nullable({"type": "integer", "minimum": 0, "exclusiveMinimum": True}),
     "decoder_input_details": {"type": "boolean", "default": False},
     "details": {"type": "boolean", "default": True},
     "do_sample": {"type": "boolean", "default": False},
     "frequency_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
     "grammar": _nullable({"type": "object", "description": "Not supported: rejected with 422."}),
     "max_new_tokens": _nullable({"type": "integer", "format": "int32", "minimum": 0}),
-    "repetition_penalty": _nullable({"type": "number", "exclusiveMinimum": 0}),
+    "repetition_penalty": _nullable({"type": "number", "minimum": 0, "exclusiveMinimum": True}),
     "return_full_text": _nullable({"type": "boolean"}),
     "seed": _nullable({"type": "integer", "format": "int64", "minimum": 0}),
     "stop": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
-    "temperature": _nullable({"type": "number", "exclusiveMinimum": 0}),
-    "top_k": _nullable({"type": "integer", "format": "int32", "exclusiveMinimum": 0}),
+    "temperature": _nullable({"type": "number", "minimum": 0, "exclusiveMinimum": True}),
+    "top_k": _nullable(
+        {"type": "integer", "format": "int32", "minimum": 0, "exclusiveMinimum": True}
+    ),
     "top_n_tokens": _nullable({"type": "integer", "format": "int32", "minimum": 0}),
-    "top_p": _nullable({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}),
+    "top_p": _nullable(
+        {
+            "type": "number",
+            "minimum": 0,
+            "exclusiveMinimum": True,
+            "maximum": 1,
+            "exclusiveMaximum": True,
+        }
+    ),
     "truncate": _nullable({"type": "integer", "minimum": 0}),
-    "typical_p": _nullable({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}),
+    "typical_p": _nullable(
+        {
+            "type": "number",
+            "minimum": 0,
+            "exclusiveMinimum": True,
+            "maximum": 1,
+            "exclusiveMaximum": True,
+        }
+    ),
     "watermark": {"type": "boolean", "default": False, "description": "true is rejected with 422."},
     "presence_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
     "min_p": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
@@ -330,7 +348,7 @@ _STOP = _nullable(
 _VLLM_EXTRAS = {
     "top_k": _nullable({"type": "integer", "minimum": -1, "description": "0 or -1: off"}),
     "min_p": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
-    "repetition_penalty": _nullable({"type": "number", "exclusiveMinimum": 0}),
+    "repetition_penalty": _nullable({"type": "number", "minimum": 0, "exclusiveMinimum": True}),
     "min_tokens": _nullable({"type": "integer", "minimum": 0}),
     "ignore_eos": _nullable({"type": "boolean"}),
     "stop_token_ids": _nullable({"type": "array", "items": {"type": "integer", "minimum": 0}}),
@@ -347,7 +365,9 @@ def _openai_sampling() -> dict[str, Any]:
         "max_tokens": _nullable({"type": "integer", "minimum": 1}),
         "n": _nullable({"type": "integer", "minimum": 1, "maximum": 1}),
         "temperature": _nullable({"type": "number", "minimum": 0}),
-        "top_p": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+        "top_p": _nullable(
+            {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1}
+        ),
         "frequency_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
         "presence_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
         "seed": _SEED,

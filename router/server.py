@@ -11,7 +11,12 @@ from typing import Any
 
 from aiohttp import web
 
-from shardline.router.errors import RouterError, UnhealthyError, ValidationError
+from shardline.router.errors import (
+    RouterError,
+    ShuttingDownError,
+    UnhealthyError,
+    ValidationError,
+)
 from shardline.router.http import (
     CONTEXT,
     SSE_HEADERS,
@@ -31,12 +36,14 @@ from shardline.router.validation import ResponseOptions, parse_generate_body
 logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 5.0
+STATS_TIMEOUT_S = 2.0
+OPEN_PATHS = frozenset({"/health", "/metrics"})  # served without the API key
 
 
 def create_app(ctx: RouterContext) -> web.Application:
     app = web.Application(
         client_max_size=ctx.payload_limit,
-        middlewares=[error_middleware, auth_middleware(ctx.api_key, frozenset({"/health"}))],
+        middlewares=[error_middleware, auth_middleware(ctx.api_key, OPEN_PATHS)],
     )
     app[CONTEXT] = ctx
     app.add_routes(
@@ -268,8 +275,11 @@ async def info(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
+    ctx = context(request)
+    if ctx.draining:
+        raise ShuttingDownError("the server is shutting down")
     try:
-        await asyncio.wait_for(context(request).client.health(), HEALTH_TIMEOUT_S)
+        await asyncio.wait_for(ctx.client.health(), HEALTH_TIMEOUT_S)
     except Exception as error:
         logger.warning("health check failed: %s", error)
         raise UnhealthyError("unhealthy") from error
@@ -277,8 +287,20 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = context(request).metrics.exposition()
+    ctx = context(request)
+    await _refresh_kv_blocks(ctx)
+    body = ctx.metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def _refresh_kv_blocks(ctx: RouterContext) -> None:
+    try:
+        stats = await asyncio.wait_for(ctx.client.stats(), STATS_TIMEOUT_S)
+    except Exception as error:
+        logger.warning("shard stats unavailable: %s", error)
+        return
+    ctx.metrics.kv_blocks_free.set(stats.free_blocks)
+    ctx.metrics.kv_blocks_total.set(stats.total_blocks)
 
 
 async def tokenize(request: web.Request) -> web.Response:

@@ -18,6 +18,7 @@ from shardline.router.request_types import ValidRequest
 from shardline.sampling_params import SamplingParams, SamplingParamsError
 
 _MAX_SEED = 2**64 - 1
+_MAX_UINT32 = 2**32 - 1  # the shard protocol's token ids and top_k
 
 # name -> accepted JSON type; every other key of `parameters` is rejected.
 _PARAMETER_TYPES: dict[str, str] = {
@@ -275,6 +276,8 @@ class _Parameters:
         top_k = self.get("top_k")
         if top_k is not None and top_k <= 0:
             raise ValidationError("`top_k` must be strictly positive")
+        if top_k is not None and top_k > _MAX_UINT32:
+            raise ValidationError(f"`top_k` must be <= {_MAX_UINT32}")
         seed = self.get("seed")
         if seed is not None and not 0 <= seed <= _MAX_SEED:
             raise ValidationError("`seed` must be >= 0 and fit in an unsigned 64-bit integer")
@@ -356,7 +359,9 @@ def _typed(name: str, value: Any) -> Any:
         "list[str]": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
         "list[int]": lambda v: (
             isinstance(v, list)
-            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+            and all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= _MAX_UINT32 for i in v
+            )
         ),
         "any": lambda v: True,
     }[kind](value)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from shardline.proto import generate_pb2 as pb
+from shardline.shards import fault_injection
 from shardline.shards.batch import SequenceState, ShardBatch, build_block_table
 from shardline.shards.beam_search import BeamSearch, candidates_per_step
 from shardline.shards.kv_cache import BlockAllocator, KVCacheExhaustedError, bytes_per_block
@@ -321,6 +322,7 @@ class ShardEngine:
         batch = ShardBatch.concatenate(batches)
         concat_done = time.perf_counter_ns()
         try:
+            fault_injection.maybe_fail("decode")
             grow_blocks(batch, self._require_allocator(), self.settings.block_size)
             step = self.runner.decode(batch)
         except BaseException:
