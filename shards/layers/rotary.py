@@ -55,7 +55,7 @@ class RotaryEmbedding(nn.Module):
         """Rotates heads [T, num_heads, head_dim] in place by the angles of each token's position.
 
         CUDA tensors take one Triton launch that reads cos/sin by position itself; others the
-        torch path (`apply_rotary`), which the kernel matches up to its single final rounding.
+        torch path (`apply_rotary`), which the kernel matches rounding for rounding.
         """
         if heads.is_cuda:
             from shardline.shards.layers.triton_rotary import rotate_in_place

@@ -2,7 +2,9 @@
 
 Each program takes one token, reads its position and that row of the cos/sin cache itself (no
 gather kernel), and rotates all of the token's heads; q and k heads that sit side by side in the
-fused qkv output are rotated by a single call. Products and sums run in float32 and round once.
+fused qkv output are rotated by a single call. Rounds where torch's rotate-half rounds (each
+product, then the sum, to the model dtype), so half-precision results equal apply_rotary's and
+transformers' bit for bit; greedy tokens of bf16 models then track transformers' own.
 """
 
 from __future__ import annotations
@@ -10,6 +12,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _rounded(x, dtype: tl.constexpr):
+    """x rounded to the model dtype and back, as torch rounds each product."""
+    return x.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -40,9 +48,11 @@ def _rotary_kernel(
     first = x_ptr + token * stride_xt + offs_h[:, None] * stride_xh + offs_d[None, :]
     x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
-    out_dtype = x_ptr.dtype.element_ty
-    tl.store(first, (x1 * cos - x2 * sin).to(out_dtype), mask=mask)
-    tl.store(first + HALF, (x2 * cos + x1 * sin).to(out_dtype), mask=mask)
+    dtype = x_ptr.dtype.element_ty
+    out1 = _rounded(x1 * cos, dtype) - _rounded(x2 * sin, dtype)
+    out2 = _rounded(x2 * cos, dtype) + _rounded(x1 * sin, dtype)
+    tl.store(first, out1.to(dtype), mask=mask)
+    tl.store(first + HALF, out2.to(dtype), mask=mask)
 
 
 def rotate_in_place(
