@@ -354,7 +354,9 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, state: SamplingState) -> SamplerOutput:
         scores = process_logits(logits.float(), state)
-        if scores.is_cuda:
+        if scores.is_cuda and state.flags.sample:
+            # Launched eagerly, the two Triton kernels cost more host time than an argmax; they
+            # pay off once noise is needed.
             return _fused_choice(scores, state)
         next_ids = self._choose(scores, state)
         logprobs = scores.log_softmax(dim=-1)
