@@ -424,14 +424,14 @@ class ShardEngine:
                 )
             if r.stopping_parameters.max_new_tokens < 1:
                 raise InvalidRequestError(f"request {r.id} asks for max_new_tokens < 1")
+            if r.HasField("beam_search"):
+                _validate_beam_search(r)
             total = len(r.input_ids) + r.stopping_parameters.max_new_tokens
             if total > self.config.max_position_embeddings:
                 raise InvalidRequestError(
                     f"request {r.id} needs {total} positions; the model has "
                     f"{self.config.max_position_embeddings}"
                 )
-            if r.HasField("beam_search"):
-                _validate_beam_search(r)
 
     def _new_sequence(self, request: pb.Request, blocks: list[int]) -> SequenceState:
         stopping = request.stopping_parameters
