@@ -66,7 +66,7 @@ def medium_model(tmp_path_factory) -> Path:
         num_heads=8,
         num_kv_heads=2,
         intermediate_size=1024,
-        initializer_range=0.08,
+        initializer_range=0.25,
     )
     return build_tiny_model(tmp_path_factory.mktemp("gpu-model"), spec)
 
@@ -95,4 +95,4 @@ def test_bfloat16_gpu_tokens_track_float32_as_well_as_transformers_bf16(medium_m
         f"ours == float32 on {ours_vs_fp32}; transformers bf16 == float32 on {hf_vs_fp32}"
     )
     assert ours_vs_fp32 >= hf_vs_fp32 - 3
-    assert ours_vs_hf >= len(prompts) // 2
+    assert ours_vs_hf >= 0.75 * len(prompts)
