@@ -20,7 +20,6 @@ import random
 import socket
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,7 +69,7 @@ class SoakReport:
     bad_rejected_4xx: int = 0
     disconnects: int = 0
     greedy_mismatches: int = 0
-    statuses: Counter[str] = field(default_factory=Counter)
+    statuses: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     kv_blocks_total: float | None = None
     kv_blocks_free: float | None = None
@@ -159,7 +158,7 @@ class Soak:
     async def _bad(self, session, path: str, body: bytes, headers: dict[str, str]) -> None:
         self.report.bad_inputs += 1
         async with session.post(self._url(path), data=body, headers=headers) as answer:
-            self.report.statuses[str(answer.status)] += 1
+            self._count(answer.status)
             error = await answer.json(content_type=None)
             if 400 <= answer.status < 500 and set(error) == {"error", "error_type"}:
                 self.report.bad_rejected_4xx += 1
@@ -183,7 +182,7 @@ class Soak:
         self.report.valid += 1
         path = "/generate_stream" if stream else "/generate"
         async with session.post(self._url(path), json=body) as answer:
-            self.report.statuses[str(answer.status)] += 1
+            self._count(answer.status)
             if answer.status != 200:
                 self._fail(f"{path} got {answer.status}: {await answer.text()}")
                 return
@@ -204,6 +203,9 @@ class Soak:
 
     def _url(self, path: str) -> str:
         return self.config.url.rstrip("/") + path
+
+    def _count(self, status: int) -> None:
+        self.report.statuses[str(status)] = self.report.statuses.get(str(status), 0) + 1
 
     def _fail(self, message: str) -> None:
         if len(self.report.failures) < 20:
