@@ -3,8 +3,14 @@
 The loop cuts a prefill batch from the queue under the prefill and total token budgets, then
 decodes it step by step. Between steps, waiting requests join when enough of them wait (or
 they waited `max_waiting_tokens` steps): they are prefilled on their own and concatenated to
-the running batch by the next Decode. After every step, finished and cancelled requests are
-filtered out of the cached batch at once so the shards free their KV blocks.
+the running batch by a later Decode.
+
+The loop runs one step ahead of the router: as soon as step N answers (its cached batch already
+without the rows the shards finished), Decode N+1 is sent, and only then are step N's
+generations turned into events, joining requests prefilled (the shards run calls in arrival
+order) and cancellations noticed, while the shards compute. What the router ends at step N (a
+stop sequence, a cancellation, a stopped best_of sample) is filtered out of the cached batch
+after step N+1, so the shards free its KV blocks; its step N+1 token is dropped.
 """
 
 from __future__ import annotations
@@ -14,8 +20,8 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from shardline.proto import generate_pb2 as pb
@@ -40,6 +46,10 @@ _SHARD_FINISH_REASONS = {
     pb.FINISH_REASON_EOS_TOKEN: FinishReason.EOS_TOKEN,
     pb.FINISH_REASON_STOP_SEQUENCE: FinishReason.STOP_SEQUENCE,
 }
+
+# Event loop turns a started shard call needs before its request is written: the gRPC client
+# sends from a task of its own, which must run before the router's work on the last step.
+_YIELDS_TO_SEND = 2
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,28 @@ class RequestStream:
             self._entry.cancelled = True
 
 
+@dataclass
+class _InFlight:
+    """A shard call on its way; its task answers the result and the seconds it took."""
+
+    method: str
+    task: asyncio.Future[tuple[StepResult, float]]
+    batch_ids: list[int]
+
+
+@dataclass
+class _Answered:
+    """What the shards answered in one step, for the router to handle once the next is sent."""
+
+    generations: list[pb.Generation] = field(default_factory=list)
+    batches: list[pb.CachedBatch] = field(default_factory=list)
+
+    def add(self, generations: list[pb.Generation], batch: pb.CachedBatch | None) -> None:
+        self.generations += generations
+        if batch is not None:
+            self.batches.append(batch)
+
+
 class Batcher:
     def __init__(
         self,
@@ -112,6 +144,7 @@ class Batcher:
         self._wakeup = asyncio.Event()
         # Sequences the router ended (a stop sequence matched) that the shards still run.
         self._stopped: list[pb.SequenceRef] = []
+        self._in_flight: set[asyncio.Future[tuple[StepResult, float]]] = set()
         self._task: asyncio.Task[None] | None = None
 
     # ---- the caller's side -------------------------------------------------------------------
@@ -125,10 +158,12 @@ class Batcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        await self._abandon_calls()
         error = IncompleteGenerationError("the server is shutting down")
-        self._fail(self._running.values(), error)
+        self._fail([*self._running.values(), *self._prefilling.values()], error)
         self._fail(self._queue.drain(), error)
         self._running.clear()
+        self._prefilling = {}
 
     def submit(self, request: ValidRequest) -> RequestStream:
         if self._task is None:
@@ -171,6 +206,7 @@ class Batcher:
                     await self._serve(entries)
                 except Exception as error:  # the loop must outlive any bug in one batch
                     logger.exception("batch failed")
+                    await self._abandon_calls()
                     failed = [*self._running.values(), *self._prefilling.values()]
                     self._fail(failed, GenerationError(f"internal error: {error}"))
                     self._running.clear()
@@ -190,101 +226,141 @@ class Batcher:
         return entries
 
     async def _serve(self, entries: list[Entry]) -> None:
-        cached = await self._prefill(entries)
+        """Decodes the batch until it is empty, one step ahead of the router: the next Decode
+        is sent as soon as a step answers, then the router handles that step's generations and
+        prefills joining requests while the shards compute."""
+        answered = _Answered()
+        answered.add(*await self._prefilled(await self._send_prefill(entries)))
         waiting_steps = 1
-        while cached is not None:
-            batches = [cached]
-            min_size = (
-                None
-                if waiting_steps >= self.config.max_waiting_tokens
-                else math.floor(len(self._running) * self.config.waiting_served_ratio)
-            )
-            if joining := self._next_batch(min_size):
-                reason = "backpressure" if min_size is not None else "wait_exceeded"
-                self._metrics.batch_concat.inc(reason=reason)
-                waiting_steps = 1
-                if new_cached := await self._prefill(joining):
-                    batches.append(new_cached)
-            self._update_gauges()
-            cached = await self._decode(batches)
-            waiting_steps += 1
+        while answered.generations or answered.batches:
+            decode = await self._send_decode(answered.batches) if answered.batches else None
+            self._handle(answered.generations)
+            self._forget_ended(on_shard=_request_ids(answered.batches))
+            joining = self._joining(waiting_steps) if decode else None
+            prefill = await self._send_prefill(joining) if joining else None
+            waiting_steps = 1 if joining else waiting_steps
+            answered = _Answered()
+            if decode is not None:
+                answered.add(*await self._decoded(decode))
+                waiting_steps += 1
+            if prefill is not None:
+                answered.add(*await self._prefilled(prefill))
 
-    async def _prefill(self, entries: list[Entry]) -> pb.CachedBatch | None:
+    def _joining(self, waiting_steps: int) -> list[Entry] | None:
+        """TGI's rule: waiting requests join when enough of them wait, or they waited long."""
+        min_size = (
+            None
+            if waiting_steps >= self.config.max_waiting_tokens
+            else math.floor(len(self._running) * self.config.waiting_served_ratio)
+        )
+        joining = self._next_batch(min_size)
+        if joining:
+            reason = "backpressure" if min_size is not None else "wait_exceeded"
+            self._metrics.batch_concat.inc(reason=reason)
+        return joining
+
+    async def _send_prefill(self, entries: list[Entry]) -> _InFlight:
         now = time.monotonic()
         for entry in entries:
             entry.batched_at = now
             self._metrics.request_queue_duration.observe(now - entry.queued_at)
         self._metrics.batch_next_size.observe(len(entries))
-        members = {entry.id: entry for entry in entries}
-        self._prefilling = members  # failed by `_run` if building the batch raises
+        self._prefilling = {entry.id: entry for entry in entries}  # failed by `_run` on a bug
         batch = pb.Batch(
             id=next(self._batch_ids),
             requests=[self._to_proto(entry) for entry in entries],
             size=len(entries),
             max_tokens=sum(entry.budget_tokens for entry in entries),
         )
-        result = await self._step("prefill", self._client.prefill(batch), entries, [batch.id])
-        if result is None:
-            self._prefilling = {}
-            return None
-        self._handle(result.generations, members)
-        cached = await self._filter(result.batch, members)
-        self._running.update(members)
-        self._prefilling = {}
-        return cached
+        return await self._send("prefill", self._client.prefill(batch), [batch.id])
 
-    async def _decode(self, batches: Sequence[pb.CachedBatch]) -> pb.CachedBatch | None:
-        result = await self._step(
-            "decode",
-            self._client.decode(batches),
-            list(self._running.values()),
-            [batch.id for batch in batches],
-        )
+    async def _prefilled(
+        self, call: _InFlight
+    ) -> tuple[list[pb.Generation], pb.CachedBatch | None]:
+        result = await self._receive(call, list(self._prefilling.values()))
+        members, self._prefilling = self._prefilling, {}
+        if result is None:
+            return [], None
+        self._running.update(members)
+        return result.generations, result.batch
+
+    async def _send_decode(self, batches: list[pb.CachedBatch]) -> _InFlight:
+        self._update_gauges()
+        ids = [batch.id for batch in batches]
+        return await self._send("decode", self._client.decode(batches), ids)
+
+    async def _decoded(self, call: _InFlight) -> tuple[list[pb.Generation], pb.CachedBatch | None]:
+        result = await self._receive(call, list(self._running.values()))
         if result is None:
             self._running.clear()
-            return None
-        self._handle(result.generations, self._running)
-        return await self._filter(result.batch, self._running)
+            return [], None
+        return result.generations, await self._filter(result.batch)
 
-    async def _step(
-        self, method: str, call: Any, entries: list[Entry], batch_ids: list[int]
-    ) -> StepResult | None:
-        """Runs one shard call; on failure every entry of the batches gets a 424 error."""
+    async def _send(
+        self, method: str, call: Coroutine[Any, Any, StepResult], batch_ids: list[int]
+    ) -> _InFlight:
+        """Starts a shard call and returns once its request is on its way."""
         self._metrics.batch_inference_count.inc(method=method)
-        started = time.monotonic()
+        task = asyncio.ensure_future(_timed(call))
+        self._in_flight.add(task)
+        for _ in range(_YIELDS_TO_SEND):
+            await asyncio.sleep(0)
+        return _InFlight(method, task, batch_ids)
+
+    async def _receive(self, call: _InFlight, entries: list[Entry]) -> StepResult | None:
+        """The call's answer; on failure every entry of its batches gets a 424 error."""
         try:
-            result: StepResult = await call
+            result, seconds = await call.task
         except Exception as error:
-            logger.error("%s failed: %s", method, error, extra={"batch_ids": batch_ids})
-            self._metrics.batch_inference_failure.inc(method=method)
+            logger.error("%s failed: %s", call.method, error, extra={"batch_ids": call.batch_ids})
+            self._metrics.batch_inference_failure.inc(method=call.method)
             self._fail(entries, GenerationError(_describe(error)))
-            for batch_id in batch_ids:
+            for batch_id in call.batch_ids:
                 await self._clear_cache(batch_id)
             return None
-        self._metrics.batch_inference_success.inc(method=method)
-        self._metrics.batch_inference_duration.labels(method).observe(time.monotonic() - started)
-        self._metrics.batch_forward_duration.labels(method).observe(result.timings.forward)
-        self._metrics.batch_decode_duration.labels(method).observe(result.timings.decode)
+        finally:
+            self._in_flight.discard(call.task)
+        metrics = self._metrics
+        metrics.batch_inference_success.inc(method=call.method)
+        metrics.batch_inference_duration.labels(call.method).observe(seconds)
+        metrics.batch_forward_duration.labels(call.method).observe(result.timings.forward)
+        metrics.batch_decode_duration.labels(call.method).observe(result.timings.decode)
         return result
 
-    async def _filter(
-        self, cached: pb.CachedBatch | None, members: dict[int, Entry]
-    ) -> pb.CachedBatch | None:
-        """Drops finished and cancelled requests from the cached batch so their blocks return."""
-        for request_id in [rid for rid, entry in members.items() if not entry.alive]:
-            del members[request_id]
+    async def _abandon_calls(self) -> None:
+        calls, self._in_flight = self._in_flight, set()
+        for task in calls:
+            task.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+
+    async def _filter(self, cached: pb.CachedBatch | None) -> pb.CachedBatch | None:
+        """Drops the rows of ended and cancelled requests, and of samples the router stopped, from
+        the cached batch so their blocks return."""
+        self._forget_ended(on_shard=set())
+        stopped, self._stopped = self._stopped, []
         if cached is None:
             return None
-        if not members:
+        on_shard = set(cached.request_ids)
+        stopped = [ref for ref in stopped if ref.request_id in on_shard]
+        keep = [request_id for request_id in on_shard if request_id in self._running]
+        if not keep:
             await self._clear_cache(cached.id)
             return None
-        stopped, self._stopped = self._stopped, []
-        if set(cached.request_ids) == set(members) and not stopped:
+        if len(keep) == len(on_shard) and not stopped:
             return cached
         started = time.monotonic()
-        filtered = await self._client.filter_batch(cached.id, list(members), stopped)
+        filtered = await self._client.filter_batch(cached.id, keep, stopped)
         self._metrics.batch_filter_duration.labels("filter").observe(time.monotonic() - started)
-        return filtered
+        return filtered if filtered is not None and filtered.size else None
+
+    def _forget_ended(self, on_shard: set[int]) -> None:
+        """Forgets ended requests, but those whose rows the shards still hold (until filtered)."""
+        for request_id in [
+            request_id
+            for request_id, entry in self._running.items()
+            if not entry.alive and request_id not in on_shard
+        ]:
+            del self._running[request_id]
 
     async def _clear_cache(self, batch_id: int | None) -> None:
         try:
@@ -294,9 +370,9 @@ class Batcher:
 
     # ---- generations to events ---------------------------------------------------------------
 
-    def _handle(self, generations: Iterable[pb.Generation], members: dict[int, Entry]) -> None:
+    def _handle(self, generations: Iterable[pb.Generation]) -> None:
         for generation in generations:
-            entry = members.get(generation.request_id)
+            entry = self._running.get(generation.request_id)
             if entry is None or not entry.alive:
                 continue
             if generation.beams:
@@ -430,6 +506,16 @@ class Batcher:
             sum(entry.budget_tokens for entry in self._running.values())
         )
         self._metrics.queue_size.set(len(self._queue))
+
+
+async def _timed(call: Coroutine[Any, Any, StepResult]) -> tuple[StepResult, float]:
+    started = time.monotonic()
+    result = await call
+    return result, time.monotonic() - started
+
+
+def _request_ids(batches: Iterable[pb.CachedBatch]) -> set[int]:
+    return {request_id for batch in batches for request_id in batch.request_ids}
 
 
 def _returned(request: ValidRequest) -> int:
