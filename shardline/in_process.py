@@ -34,7 +34,9 @@ def _cached(answer: pb.PrefillResponse | pb.DecodeResponse) -> pb.CachedBatch | 
 class InProcessShardClient:
     def __init__(self, engine: ShardEngine) -> None:
         self.engine = engine
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="engine", initializer=engine.bind_thread
+        )
 
     async def _run(self, method: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, method, *args)

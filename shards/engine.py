@@ -59,6 +59,12 @@ class ShardEngine:
         self.allocator: BlockAllocator | None = None
         self.batches: dict[int, ShardBatch] = {}
 
+    def bind_thread(self) -> None:
+        """Makes this engine's GPU the current one of the calling thread: Triton launches on the
+        current device, and a new thread's is device 0 whatever the rank."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
     # ---- facts -------------------------------------------------------------------------------
 
     def info(self) -> pb.InfoResponse:

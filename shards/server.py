@@ -41,7 +41,9 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
     def __init__(self, engine: ShardEngine, uds_prefix: str) -> None:
         self.engine = engine
         self.uds_prefix = uds_prefix
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="engine", initializer=engine.bind_thread
+        )
 
     async def _run(self, context: grpc.aio.ServicerContext, method: Callable[..., T], *args) -> T:
         loop = asyncio.get_running_loop()

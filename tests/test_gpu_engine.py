@@ -90,9 +90,10 @@ def test_bfloat16_gpu_tokens_track_float32_as_well_as_transformers_bf16(medium_m
     ours_vs_hf = sum(a == b for a, b in zip(ours, hf_bf16))
     ours_vs_fp32 = sum(a == b for a, b in zip(ours, reference))
     hf_vs_fp32 = sum(a == b for a, b in zip(hf_bf16, reference))
-    print(
+    summary = (
         f"bf16, 32 prompts x 32 greedy tokens: ours == transformers bf16 on {ours_vs_hf}; "
         f"ours == float32 on {ours_vs_fp32}; transformers bf16 == float32 on {hf_vs_fp32}"
     )
-    assert ours_vs_fp32 >= hf_vs_fp32 - 3
-    assert ours_vs_hf >= 0.75 * len(prompts)
+    print(summary)
+    assert ours_vs_fp32 >= hf_vs_fp32 - 3, summary
+    assert ours_vs_hf >= 0.75 * len(prompts), summary
