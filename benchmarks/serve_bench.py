@@ -141,18 +141,27 @@ def summarize(name: str, results: list[Result], elapsed: float, prompt_tokens: i
     return summary
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def compare(reference: list, other: list) -> dict:
-    exact = sum(a[0] == b[0] for a, b in zip(reference, other))
+    """Greedy agreement with the reference run; logprob gaps only where both saw the same text."""
+    prefixes = [common_prefix(ia, ib) for (ia, _), (ib, _) in zip(reference, other)]
     gaps = [
         abs(la - lb)
-        for (ia, lpa), (ib, lpb) in zip(reference, other)
-        for ta, tb, la, lb in zip(ia, ib, lpa, lpb)
-        if ta == tb and la is not None and lb is not None
+        for ((_, lpa), (_, lpb)), n in zip(zip(reference, other), prefixes)
+        for la, lb in zip(lpa[:n], lpb[:n])
+        if la is not None and lb is not None
     ]
     return {
-        "exact_prompts": exact,
+        "exact_prompts": sum(a[0] == b[0] for a, b in zip(reference, other)),
         "prompts": len(reference),
-        "max_logprob_gap": max(gaps, default=0),
+        "mean_common_prefix": sum(prefixes) / len(prefixes),
+        "max_logprob_gap": max(gaps, default=0.0),
     }
 
 
@@ -212,7 +221,8 @@ def main() -> None:
             f"tp={run['num_shard']}  out tok/s {load_result['output_tok_s']:8.0f}  "
             f"TTFT p50 {load_result['ttft_p50_ms']:7.0f} ms  TPOT p50 {load_result['tpot_p50_ms']:6.1f}"
             f" ms  single TPOT {single['tpot_p50_ms']:5.2f} ms  greedy = tp{runs[0]['num_shard']} "
-            f"{match['exact_prompts']}/{match['prompts']} (max dlogprob {match['max_logprob_gap']:.3f})"
+            f"{match['exact_prompts']}/{match['prompts']} (common prefix {match['mean_common_prefix']:.1f}, "
+            f"max dlogprob on it {match['max_logprob_gap']:.3f})"
             f"  failed {load_result['failed']}  exit {run['exit_code']}"
         )
     if args.json:
