@@ -341,15 +341,15 @@ class Batcher:
         if cached is None:
             return None
         on_shard = set(cached.request_ids)
-        stopped = [ref for ref in stopped if ref.request_id in on_shard]
-        keep = [request_id for request_id in on_shard if request_id in self._running]
+        keep = {request_id for request_id in on_shard if request_id in self._running}
         if not keep:
             await self._clear_cache(cached.id)
             return None
+        stopped = [ref for ref in stopped if ref.request_id in keep]
         if len(keep) == len(on_shard) and not stopped:
             return cached
         started = time.monotonic()
-        filtered = await self._client.filter_batch(cached.id, keep, stopped)
+        filtered = await self._client.filter_batch(cached.id, sorted(keep), stopped)
         self._metrics.batch_filter_duration.labels("filter").observe(time.monotonic() - started)
         return filtered if filtered is not None and filtered.size else None
 

@@ -15,8 +15,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shardline.router.client import ShardedClient
+from shardline.router.request_types import ValidRequest
 from shardline.router.server import create_app
 from shardline.router.startup import RouterSettings, start_router
+from shardline.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -124,6 +126,84 @@ async def test_best_of_and_beam_search_over_generate(shard_socket, tiny_llama_di
         assert (await shards.stats()).num_sequences == 0
         stats = await shards.stats()
         assert stats.free_blocks == stats.total_blocks
+    finally:
+        await client.close()
+        await ctx.batcher.stop()
+        await shards.close()
+
+
+async def _generate(client, prompt: str, **parameters) -> dict:
+    body = {"inputs": prompt, "parameters": {"details": True, **parameters}}
+    answer = await client.post("/generate", json=body)
+    assert answer.status == 200, await answer.text()
+    return await answer.json()
+
+
+def _stop_inside(text: str, avoid: str = "") -> str:
+    """A short piece of `text`, from its third character on, found nowhere earlier nor in
+    `avoid`: a stop sequence that ends the text there."""
+    for start in range(2, len(text) - 3):
+        stop = text[start : start + 3]
+        if stop.strip() and text.index(stop) == start and stop not in avoid:
+            return stop
+    pytest.fail(f"no stop sequence fits {text!r}")
+
+
+async def _sample_texts(batcher, tokenizer, prompt: str, **params) -> list[str]:
+    """The texts of two seeded samples of one request, submitted to the batcher directly
+    (TGI's HTTP API refuses a seed with best_of)."""
+    params = SamplingParams(n=2, temperature=1.0, seed=7, max_tokens=12, **params)
+    request = ValidRequest(prompt, tokenizer.encode(prompt), params, max_new_tokens=12)
+    events = await batcher.submit(request).collect()
+    finished = {e.sequence_index: e.finished.generated_text for e in events if e.finished}
+    return [finished[0], finished[1]]
+
+
+async def test_stop_sequences_and_disconnects_end_exactly_and_free_every_block(
+    shard_socket, tiny_llama_dir
+):
+    """The router ends these requests a step after the shard ran them: the extra token must
+    reach no one and every KV block must come back."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    shards = await ShardedClient.connect(shard_socket)
+    ctx = await start_router(
+        shards, tokenizer, RouterSettings(model_id="tiny", max_total_tokens=256)
+    )
+    client = TestClient(TestServer(create_app(ctx), handler_cancellation=True))
+    await client.start_server()
+    try:
+        full = {p: await _generate(client, p, max_new_tokens=16) for p in PROMPTS}
+        stops = {p: _stop_inside(answer["generated_text"]) for p, answer in full.items()}
+        long = {"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 200, "ignore_eos": True}}
+        disconnected = [await client.post("/generate_stream", json=long) for _ in range(3)]
+        stopped = await asyncio.gather(
+            *(_generate(client, p, max_new_tokens=16, stop=[stops[p]]) for p in PROMPTS)
+        )
+        for answer in disconnected:
+            await answer.content.readuntil(b"\n\n")
+            answer.close()
+        for prompt, answer in zip(PROMPTS, stopped, strict=True):
+            text = full[prompt]["generated_text"]
+            cut = text.index(stops[prompt])
+            tokens = full[prompt]["details"]["tokens"]
+            ids, pieces = [t["id"] for t in tokens], [t["text"] for t in tokens]
+            needed = next(n for n in range(1, 17) if stops[prompt] in "".join(pieces[:n]))
+            assert answer["generated_text"] == text[:cut]
+            assert [t["id"] for t in answer["details"]["tokens"]] == ids[:needed]
+            assert answer["details"]["finish_reason"] == "stop_sequence"
+
+        samples = await _sample_texts(ctx.batcher, tokenizer, PROMPTS[1])
+        stop = _stop_inside(samples[0], avoid=samples[1])
+        one_stopped = await _sample_texts(ctx.batcher, tokenizer, PROMPTS[1], stop=[stop])
+        assert one_stopped == [samples[0][: samples[0].index(stop)], samples[1]]
+
+        deadline = time.monotonic() + 10
+        while (stats := await shards.stats()).free_blocks != stats.total_blocks:
+            assert time.monotonic() < deadline, stats
+            await asyncio.sleep(0.02)
+        assert stats.num_sequences == 0 and ctx.batcher.running_size == 0
     finally:
         await client.close()
         await ctx.batcher.stop()
