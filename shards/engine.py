@@ -59,6 +59,15 @@ class ShardEngine:
         self.allocator: BlockAllocator | None = None
         self.batches: dict[int, ShardBatch] = {}
 
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence served. Sliding-window attention is not implemented, so a
+        model with a window (Mistral v0.1) serves sequences up to the window, where full
+        attention is the same computation."""
+        window = self.config.sliding_window
+        positions = self.config.max_position_embeddings
+        return min(positions, window) if window else positions
+
     def bind_thread(self) -> None:
         """Makes this engine's GPU the current one of the calling thread: Triton launches on the
         current device, and a new thread's is device 0 whatever the rank."""
@@ -81,7 +90,7 @@ class ShardEngine:
             model_type=self.config.model_type,
             world_size=self.tp.world_size,
             vocab_size=self.config.vocab_size,
-            max_position_embeddings=self.config.max_position_embeddings,
+            max_position_embeddings=self.max_positions,
             eos_token_ids=sorted(self.config.eos_token_ids),
         )
 
@@ -100,7 +109,7 @@ class ShardEngine:
     def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
         max_prefill = request.max_prefill_tokens or 4096
         max_input = request.max_input_tokens if request.HasField("max_input_tokens") else None
-        positions = self.config.max_position_embeddings
+        positions = self.max_positions
         if request.HasField("max_total_tokens") and request.max_total_tokens > positions:
             raise InvalidRequestError(
                 f"max_total_tokens {request.max_total_tokens} exceeds the model's "
@@ -115,7 +124,7 @@ class ShardEngine:
         self.allocator = BlockAllocator(num_blocks, block_size)
         supported = num_blocks * block_size
         max_total = request.max_total_tokens if request.HasField("max_total_tokens") else None
-        max_total = max_total or min(supported, self.config.max_position_embeddings)
+        max_total = max_total or min(supported, positions)
         if self._graphs_wanted():
             self.runner.capture_graphs(
                 self.settings.cuda_graph_buckets, -(-max_total // block_size)
@@ -433,10 +442,9 @@ class ShardEngine:
             if r.HasField("beam_search"):
                 _validate_beam_search(r)
             total = len(r.input_ids) + r.stopping_parameters.max_new_tokens
-            if total > self.config.max_position_embeddings:
+            if total > self.max_positions:
                 raise InvalidRequestError(
-                    f"request {r.id} needs {total} positions; the model has "
-                    f"{self.config.max_position_embeddings}"
+                    f"request {r.id} needs {total} positions; the model has {self.max_positions}"
                 )
 
     def _new_sequence(self, request: pb.Request, blocks: list[int]) -> SequenceState:

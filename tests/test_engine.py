@@ -164,3 +164,20 @@ def test_invalid_requests_change_nothing(engines, input_ids, message):
             pb.PrefillRequest(batch=pb.Batch(id=3, requests=[make_request(1, input_ids, 4)]))
         )
     assert_no_leaks(engine)
+
+
+def test_a_sliding_window_caps_the_sequence_length(tiny_model_dirs, tmp_path):
+    """Without sliding-window attention, sequences stop at the window, where it changes nothing."""
+    import json
+    import shutil
+
+    model_dir = shutil.copytree(tiny_model_dirs["mistral"], tmp_path / "windowed")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "sliding_window": 32}))
+    engine = warmed_engine(model_dir)
+    assert engine.info().max_position_embeddings == 32
+    with pytest.raises(InvalidRequestError, match="needs 40 positions"):
+        engine.prefill(
+            pb.PrefillRequest(batch=pb.Batch(id=1, requests=[make_request(1, [5] * 30, 10)]))
+        )
+    assert_no_leaks(engine)
