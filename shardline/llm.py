@@ -7,9 +7,17 @@ so a prompt list larger than the KV cache still completes.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import atexit
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+import os
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +98,10 @@ class LLM:
                 request.max_total_tokens = self.args.max_model_len
                 request.max_input_tokens = self.args.max_model_len - 1
             return await client.warmup(request)
+
+    def shutdown(self) -> None:
+        """Stops the shard processes of `tensor_parallel_size > 1` (also done at exit)."""
+        self._shards.close()
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
@@ -280,29 +292,89 @@ class _InProcessShards:
             )
         )
 
-    def client(self) -> _ClientContext:
+    @contextlib.asynccontextmanager
+    async def client(self) -> AsyncIterator[Any]:
         from shardline.in_process import InProcessShardClient
 
-        return _ClientContext(InProcessShardClient(self.engine))
+        client = InProcessShardClient(self.engine)
+        try:
+            yield client
+        finally:
+            await client.close()
+
+    def close(self) -> None:
+        """Nothing to stop: the engine lives as long as this process."""
 
 
-class _ClientContext:
-    def __init__(self, client: Any) -> None:
-        self._client = client
+class _ShardProcesses:
+    """`tensor_parallel_size` shard processes, started and watched as the launcher does."""
 
-    async def __aenter__(self) -> Any:
-        return self._client
+    def __init__(self, model_dir: Path, args: EngineArgs) -> None:
+        from shardline.launcher.commands import shard_socket, shard_spec
+        from shardline.launcher.output import ChildOutput
+        from shardline.launcher.readiness import shard_is_healthy
+        from shardline.launcher.supervisor import Child, ChildDied, wait_until_ready
 
-    async def __aexit__(self, *exc: object) -> None:
-        close = getattr(self._client, "close", None)
-        if close is not None:
-            await close()
-
-
-def _start_shards(model_dir: Path, args: EngineArgs) -> _InProcessShards:
-    if args.tensor_parallel_size != 1:
-        raise NotImplementedError(
-            "tensor_parallel_size > 1 in the offline API is not wired yet; "
-            "serve the model with `text-generation-launcher --num-shard N` instead"
+        self._socket_dir = tempfile.mkdtemp(prefix="shardline-llm-")
+        self._prefix = os.path.join(self._socket_dir, "shard")
+        options = argparse.Namespace(
+            num_shard=args.tensor_parallel_size,
+            master_addr="127.0.0.1",
+            master_port=_free_port(),
+            dtype=args.dtype,
+            block_size=args.block_size,
+            kv_cache_bytes=args.kv_cache_bytes,
+            cuda_memory_fraction=args.gpu_memory_utilization,
+            attention=args.attention,
+            cuda_graphs=args.cuda_graphs,
+            json_output=False,
         )
-    return _InProcessShards(model_dir, args)
+        output = ChildOutput(json_output=False)
+        self._children = [
+            Child(shard_spec(options, model_dir, self._prefix, rank, os.environ), output)
+            for rank in range(args.tensor_parallel_size)
+        ]
+        atexit.register(self.close)
+        try:
+            wait_until_ready(
+                self._children,
+                lambda child: shard_is_healthy(shard_socket(self._prefix, child.spec.rank)),
+                self._children,
+                threading.Event(),
+            )
+        except ChildDied as died:
+            self.close()
+            raise RuntimeError(f"a shard process failed to start: {died}") from died
+
+    @contextlib.asynccontextmanager
+    async def client(self) -> AsyncIterator[Any]:
+        from shardline.launcher.commands import shard_socket
+        from shardline.router.client import ShardedClient
+
+        client = await ShardedClient.connect(shard_socket(self._prefix, 0))
+        try:
+            yield client
+        finally:
+            await client.close()
+
+    def close(self) -> None:
+        from shardline.launcher.supervisor import stop_children
+
+        stop_children(self._children, timeout_s=30, abort=threading.Event())
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_shards(model_dir: Path, args: EngineArgs) -> _InProcessShards | _ShardProcesses:
+    if args.tensor_parallel_size < 1:
+        raise ValueError(
+            f"tensor_parallel_size must be at least 1 (got {args.tensor_parallel_size})"
+        )
+    if args.tensor_parallel_size == 1:
+        return _InProcessShards(model_dir, args)
+    return _ShardProcesses(model_dir, args)

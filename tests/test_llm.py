@@ -76,3 +76,24 @@ def test_bad_arguments_are_clear(llm):
         )
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+def test_tensor_parallel_llm_runs_shard_processes(tiny_llama_dir):
+    prompts = random_prompts(3, 384, seed=33)
+    expected = transformers_greedy(tiny_llama_dir, prompts, [10] * 3)
+    llm = LLM(
+        model=str(tiny_llama_dir),
+        tensor_parallel_size=2,
+        block_size=4,
+        kv_cache_bytes=1 << 20,
+        max_model_len=256,
+    )
+    children = [child.process for child in llm._shards._children]
+    try:
+        outputs = llm.generate(
+            prompt_token_ids=prompts, sampling_params=SamplingParams(temperature=0, max_tokens=10)
+        )
+        assert [o.outputs[0].token_ids for o in outputs] == expected
+    finally:
+        llm.shutdown()
+    assert all(process.poll() is not None for process in children)
