@@ -327,3 +327,44 @@ async def test_over_grpc_decode_n_plus_1_reaches_the_shard_before_step_n_is_hand
         server.stop(grace=None)
     assert len(events) == 4
     assert log == ["decode", "handled"] * 3 + ["handled"]
+
+
+class FailingOverlapShard(RecordingShard):
+    """Fails the decode during which a prefill is sent, or that prefill."""
+
+    def __init__(self, *args, failing: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._failing = failing
+
+    async def decode(self, batches: Sequence[pb.CachedBatch]) -> StepResult:
+        prefills = len(self.calls_of("prefill"))
+        result = await super().decode(batches)
+        if self._failing == "decode" and len(self.calls_of("prefill")) > prefills:
+            raise RuntimeError("CUDA error during decode")
+        return result
+
+    async def prefill(self, batch: pb.Batch) -> StepResult:
+        if self._failing == "prefill" and self.decoding:
+            self.prefills_during_decode.append(True)
+            raise RuntimeError("CUDA error during prefill")
+        return await super().prefill(batch)
+
+
+@pytest.mark.parametrize("failing", ["decode", "prefill"])
+async def test_a_step_failing_while_another_runs_fails_only_its_requests(tokenizer, failing):
+    fake = FailingOverlapShard(
+        _counting_script, tokenizer.eos_token_id, step_delay=0.005, failing=failing
+    )
+    batcher = _batcher(tokenizer, fake, waiting_served_ratio=0.0)
+    running = batcher.submit(_request(tokenizer, "the city", max_new_tokens=30))
+    await anext(running)
+    joining = batcher.submit(_request(tokenizer, "north", max_new_tokens=6))
+    failed, finished = (running, joining) if failing == "decode" else (joining, running)
+    with pytest.raises(GenerationError, match=f"CUDA error during {failing}"):
+        await failed.collect()
+    assert fake.prefills_during_decode == [False, True]
+    assert len(await finished.collect()) == (6 if failing == "decode" else 29)
+    assert fake.num_sequences == 0 and batcher.running_size == 0
+    events = await batcher.submit(_request(tokenizer, "the city", max_new_tokens=4)).collect()
+    assert len(events) == 4
+    await batcher.stop()
