@@ -4,6 +4,7 @@ Like TGI, the router answers every in-flight request with an error as soon as a 
 fails (424 `generation`, or an SSE error event once a stream has started): the dead shard's
 unix socket breaks at once, and the router drains those answers out before it stops. The
 launcher then tears everything down and exits 1, leaving no process and no socket file.
+Requests go through aiohttp and through `shardline_client`, which raises `GenerationError`.
 Clients run under a timeout, so a hang fails the test instead of stalling it.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from shardline_client import AsyncClient, ShardlineError
 
 from tests.test_launcher import LIMITS, Launcher, free_port, is_alive
 
@@ -64,6 +66,20 @@ async def _until_batched(session: aiohttp.ClientSession, url: str, size: int) ->
         await asyncio.sleep(0.02)
 
 
+async def _client_outcome(url: str, stream: bool) -> str:
+    """How a long request through `shardline_client.AsyncClient` ended: the error it raised."""
+    client = AsyncClient(url, timeout=CLIENT_TIMEOUT_S)
+    try:
+        if stream:
+            async for _ in client.generate_stream("client stream", **LONG):
+                pass
+        else:
+            await client.generate("client request", **LONG)
+    except ShardlineError as error:
+        return f"{type(error).__name__} {error.error_type}"
+    return "completed"
+
+
 def _shard_pid(launcher: Launcher, rank: int) -> int:
     return next(
         int(event["pid"])
@@ -86,6 +102,7 @@ async def test_a_killed_shard_fails_every_in_flight_request_and_the_launcher_exi
                 asyncio.create_task(_outcome(session, url, path, f"prompt {i}"))
                 for i, path in enumerate(paths)
             ]
+            requests += [asyncio.create_task(_client_outcome(url, s)) for s in (True, False)]
             await asyncio.wait_for(_until_batched(session, url, len(requests)), 30)
             assert not any(request.done() for request in requests)
             os.kill(_shard_pid(launcher, rank), signal.SIGKILL)
@@ -96,7 +113,8 @@ async def test_a_killed_shard_fails_every_in_flight_request_and_the_launcher_exi
     finally:
         launcher.kill()
     expected = {"/generate_stream": "error event generation", "/generate": "status 424 generation"}
-    assert outcomes == [expected[path] for path in paths]
+    assert outcomes[: len(paths)] == [expected[path] for path in paths]
+    assert outcomes[len(paths) :] == ["GenerationError generation"] * 2
     assert code == 1 and exited_after < EXIT_WITHIN_S, (code, exited_after)
     assert f"shard {rank} was killed by SIGKILL" in "\n".join(launcher.lines)
     assert not any(is_alive(pid) for pid in pids)
