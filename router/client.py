@@ -7,14 +7,15 @@ the one used (TGI's sharded client).
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
+from shardline.proto import CALL_SEQUENCE_KEY, generate_pb2_grpc
 from shardline.proto import generate_pb2 as pb
-from shardline.proto import generate_pb2_grpc
 
 T = TypeVar("T")
 
@@ -76,6 +77,7 @@ class ShardedClient:
             raise ValueError("at least one shard url is needed")
         self._channels = [grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS) for url in urls]
         self._stubs = [generate_pb2_grpc.TextGenerationServiceStub(ch) for ch in self._channels]
+        self._sequence = itertools.count()
 
     @classmethod
     async def connect(cls, master_uds_path: str) -> ShardedClient:
@@ -100,6 +102,11 @@ class ShardedClient:
         answers = await asyncio.gather(*(call(stub) for stub in self._stubs))
         return answers[0]
 
+    async def _ordered(self, method: str, request: object) -> Any:
+        """A call that changes the shards' state, numbered so every rank runs it in this order."""
+        metadata = ((CALL_SEQUENCE_KEY, str(next(self._sequence))),)
+        return await self._all(lambda stub: getattr(stub, method)(request, metadata=metadata))
+
     async def info(self) -> pb.InfoResponse:
         return await self._all(lambda stub: stub.Info(pb.InfoRequest()))
 
@@ -107,11 +114,11 @@ class ShardedClient:
         await self._all(lambda stub: stub.Health(pb.HealthRequest()))
 
     async def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
-        return await self._all(lambda stub: stub.Warmup(request))
+        return await self._ordered("Warmup", request)
 
     async def prefill(self, batch: pb.Batch) -> StepResult:
         request = pb.PrefillRequest(batch=batch)
-        answer: pb.PrefillResponse = await self._all(lambda stub: stub.Prefill(request))
+        answer: pb.PrefillResponse = await self._ordered("Prefill", request)
         timings = Timings(
             forward=_seconds(answer.forward_ns),
             decode=_seconds(answer.decode_ns),
@@ -121,7 +128,7 @@ class ShardedClient:
 
     async def decode(self, batches: Sequence[pb.CachedBatch]) -> StepResult:
         request = pb.DecodeRequest(batches=list(batches))
-        answer: pb.DecodeResponse = await self._all(lambda stub: stub.Decode(request))
+        answer: pb.DecodeResponse = await self._ordered("Decode", request)
         timings = Timings(
             forward=_seconds(answer.forward_ns),
             decode=_seconds(answer.decode_ns),
@@ -141,14 +148,14 @@ class ShardedClient:
             request_ids=list(request_ids),
             stopped_sequences=list(stopped_sequences),
         )
-        answer: pb.FilterBatchResponse = await self._all(lambda stub: stub.FilterBatch(request))
+        answer: pb.FilterBatchResponse = await self._ordered("FilterBatch", request)
         return answer.batch if answer.HasField("batch") else None
 
     async def clear_cache(self, batch_id: int | None = None) -> None:
         request = (
             pb.ClearCacheRequest(id=batch_id) if batch_id is not None else pb.ClearCacheRequest()
         )
-        await self._all(lambda stub: stub.ClearCache(request))
+        await self._ordered("ClearCache", request)
 
     async def stats(self) -> pb.StatsResponse:
         return await self._all(lambda stub: stub.Stats(pb.StatsRequest()))

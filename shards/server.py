@@ -7,6 +7,7 @@ forward pass runs, and every rank sees the router's calls in the same order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -17,14 +18,18 @@ from typing import TypeVar
 
 import grpc
 
+from shardline.proto import CALL_SEQUENCE_KEY, generate_pb2_grpc
 from shardline.proto import generate_pb2 as pb
-from shardline.proto import generate_pb2_grpc
 from shardline.shards.engine import InvalidRequestError, ShardEngine
 from shardline.shards.kv_cache import KVCacheExhaustedError
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# How long a numbered call waits for the calls numbered before it; past that the missing ones
+# are taken as never coming (the router cancelled them before they were sent).
+_SEQUENCE_GAP_TIMEOUT_S = 1.0
 
 _STATUS_BY_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -44,11 +49,13 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="engine", initializer=engine.bind_thread
         )
+        self._turn = asyncio.Condition()
+        self._next_sequence = 0
 
     async def _run(self, context: grpc.aio.ServicerContext, method: Callable[..., T], *args) -> T:
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, method, *args)
+            future = await self._submit_in_order(context, method, *args)
+            return await future
         except Exception as error:  # every failure becomes a gRPC status, never a dead shard
             status = next(
                 (code for kind, code in _STATUS_BY_ERROR if isinstance(error, kind)),
@@ -58,6 +65,26 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
                 logger.exception("%s failed", getattr(method, "__name__", "call"))
             await context.abort(status, f"{type(error).__name__}: {error}")
             raise  # unreachable: abort raises
+
+    async def _submit_in_order(
+        self, context: grpc.aio.ServicerContext, method: Callable[..., T], *args
+    ) -> asyncio.Future[T]:
+        """Hands the call to the engine thread after every call numbered before it."""
+        loop = asyncio.get_running_loop()
+        sequence = dict(context.invocation_metadata() or ()).get(CALL_SEQUENCE_KEY)
+        if sequence is None:
+            return loop.run_in_executor(self._executor, method, *args)
+        number = int(sequence)
+        async with self._turn:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._turn.wait_for(lambda: self._next_sequence >= number),
+                    _SEQUENCE_GAP_TIMEOUT_S,
+                )
+            future = loop.run_in_executor(self._executor, method, *args)
+            self._next_sequence = max(self._next_sequence, number + 1)
+            self._turn.notify_all()
+        return future
 
     async def Info(self, request, context):
         return self.engine.info()

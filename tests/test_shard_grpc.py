@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -118,3 +119,21 @@ def test_tensor_parallel_shards_match_one_shard(tiny_llama_dir: Path, tmp_path: 
         shards.close()
     finally:
         stop_shards(processes)
+
+
+def test_numbered_calls_run_in_number_order(single_shard):
+    """A FilterBatch numbered after a Prefill waits for it, even when it arrives first."""
+    from shardline.proto import CALL_SEQUENCE_KEY
+
+    _, shards = single_shard
+    stub = shards.stubs[0]
+    prompts = random_prompts(2, 384, seed=13)
+    prefill = pb.PrefillRequest(
+        batch=pb.Batch(id=77, requests=[make_request(i, p, 8) for i, p in enumerate(prompts)])
+    )
+    keep_one = pb.FilterBatchRequest(batch_id=77, request_ids=[1])
+    filtered = stub.FilterBatch.future(keep_one, metadata=((CALL_SEQUENCE_KEY, "1"),), timeout=30)
+    time.sleep(0.3)
+    stub.Prefill(prefill, metadata=((CALL_SEQUENCE_KEY, "0"),), timeout=30)
+    assert list(filtered.result().batch.request_ids) == [1]
+    shards.call("ClearCache", pb.ClearCacheRequest())
