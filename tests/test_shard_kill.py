@@ -80,6 +80,22 @@ async def _client_outcome(url: str, stream: bool) -> str:
     return "completed"
 
 
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid`: the launcher's children and anything they started."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= frontier
+    return found
+
+
 def _shard_pid(launcher: Launcher, rank: int) -> int:
     return next(
         int(event["pid"])
@@ -94,7 +110,8 @@ async def test_a_killed_shard_fails_every_in_flight_request_and_the_launcher_exi
 ) -> None:
     launcher, url = _start(tiny_llama_dir, tmp_path)
     try:
-        pids = launcher.child_pids()
+        pids = _descendants(launcher.process.pid)
+        assert set(launcher.child_pids()) <= pids
         timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             paths = ["/generate_stream", "/generate"] * 3
