@@ -168,13 +168,11 @@ def _completion_job(ctx: RouterContext, body: Any) -> _Job:
 
 
 def _fields(body: Any, known: frozenset[str]) -> dict[str, Any]:
-    """The body's fields without nulls (null means absent); unknown fields are a 422."""
+    """The body's known fields without nulls (null means absent); unknown ones are ignored, as
+    TGI ignores them."""
     if not isinstance(body, dict):
         raise ValidationError("the request body must be a JSON object")
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise ValidationError(f"unknown field(s): {', '.join(f'`{name}`' for name in unknown)}")
-    return {name: value for name, value in body.items() if value is not None}
+    return {name: value for name, value in body.items() if value is not None and name in known}
 
 
 def _bool(fields: dict[str, Any], name: str) -> bool:

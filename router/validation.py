@@ -252,11 +252,11 @@ class _Parameters:
     """Typed access to TGI's `parameters` object; null means absent."""
 
     def __init__(self, raw: dict[str, Any]) -> None:
-        unknown = sorted(set(raw) - set(_PARAMETER_TYPES))
-        if unknown:
-            raise ValidationError(f"unknown parameter(s): {', '.join(f'`{n}`' for n in unknown)}")
+        """Unknown names are ignored, as TGI ignores them."""
         self._values = {
-            name: _typed(name, value) for name, value in raw.items() if value is not None
+            name: _typed(name, value)
+            for name, value in raw.items()
+            if value is not None and name in _PARAMETER_TYPES
         }
 
     def get(self, name: str, default: Any = None) -> Any:
