@@ -6,6 +6,8 @@ import pytest
 
 from tests.model_factory import ARCHITECTURES, TinyModelSpec, build_tiny_model
 
+pytest_plugins = ["tests.router_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

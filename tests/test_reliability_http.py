@@ -17,29 +17,11 @@ from schemathesis import GenerationMode
 
 from shardline.proto import generate_pb2 as pb
 from shardline.router import http
-from tests.test_router_fakes import FakeShardClient, fixed_script, router_client, tiny_tokenizer
+from tests.test_router_fakes import FakeShardClient, fixed_script, router_client
 
 GOOD = {"inputs": "the city", "parameters": {"max_new_tokens": 6, "details": False}}
 JSON = {"Content-Type": "application/json"}
 MARKER = "zebra-quokka-4817"  # user input that must never reach logs or metrics labels
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.mktemp("reliability-tokenizer"))
-
-
-@pytest.fixture
-def fake(tokenizer):
-    return FakeShardClient(fixed_script(tokenizer), tokenizer.eos_token_id)
-
-
-@pytest.fixture
-async def router(fake, tokenizer):
-    client, ctx = await router_client(fake, tokenizer, max_total_tokens=128)
-    yield client
-    await client.close()
-    await ctx.batcher.stop()
 
 
 def _raw(body: object) -> bytes:

@@ -18,7 +18,6 @@ from tests.test_router_fakes import (
     FakeShardClient,
     fixed_script,
     router_client,
-    tiny_tokenizer,
 )
 
 TGI_SPEC = json.loads(
@@ -49,24 +48,6 @@ def assert_schema(instance, name: str) -> None:
 def assert_error(body, error_type: str) -> None:
     assert_schema(body, "ErrorResponse")
     assert body["error_type"] == error_type
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.mktemp("router-tokenizer"))
-
-
-@pytest.fixture
-def fake(tokenizer):
-    return FakeShardClient(fixed_script(tokenizer), tokenizer.eos_token_id)
-
-
-@pytest.fixture
-async def router(fake, tokenizer):
-    client, ctx = await router_client(fake, tokenizer, max_total_tokens=128)
-    yield client
-    await client.close()
-    await ctx.batcher.stop()
 
 
 def _sse_events(raw: bytes) -> list[dict]:
