@@ -65,8 +65,29 @@ class ShardClient(Protocol):
     async def stats(self) -> pb.StatsResponse: ...
 
 
-def _seconds(ns: int) -> float:
-    return ns / 1e9
+def step_result(answer: pb.PrefillResponse | pb.DecodeResponse) -> StepResult:
+    """A Prefill or Decode answer as the batcher reads it."""
+    timings = Timings(
+        forward=answer.forward_ns / 1e9,
+        decode=answer.decode_ns / 1e9,
+        total=answer.total_ns / 1e9,
+        concat=getattr(answer, "concat_ns", 0) / 1e9,
+    )
+    batch = answer.batch if answer.HasField("batch") else None
+    return StepResult(list(answer.generations), batch, timings)
+
+
+def filter_request(
+    batch_id: int, request_ids: Sequence[int], stopped_sequences: Sequence[pb.SequenceRef] = ()
+) -> pb.FilterBatchRequest:
+    return pb.FilterBatchRequest(
+        batch_id=batch_id, request_ids=list(request_ids), stopped_sequences=list(stopped_sequences)
+    )
+
+
+def clear_cache_request(batch_id: int | None) -> pb.ClearCacheRequest:
+    """For one batch, or (None) for all of them."""
+    return pb.ClearCacheRequest() if batch_id is None else pb.ClearCacheRequest(id=batch_id)
 
 
 class ShardedClient:
@@ -117,25 +138,11 @@ class ShardedClient:
         return await self._ordered("Warmup", request)
 
     async def prefill(self, batch: pb.Batch) -> StepResult:
-        request = pb.PrefillRequest(batch=batch)
-        answer: pb.PrefillResponse = await self._ordered("Prefill", request)
-        timings = Timings(
-            forward=_seconds(answer.forward_ns),
-            decode=_seconds(answer.decode_ns),
-            total=_seconds(answer.total_ns),
-        )
-        return StepResult(list(answer.generations), _cached(answer), timings)
+        return step_result(await self._ordered("Prefill", pb.PrefillRequest(batch=batch)))
 
     async def decode(self, batches: Sequence[pb.CachedBatch]) -> StepResult:
         request = pb.DecodeRequest(batches=list(batches))
-        answer: pb.DecodeResponse = await self._ordered("Decode", request)
-        timings = Timings(
-            forward=_seconds(answer.forward_ns),
-            decode=_seconds(answer.decode_ns),
-            total=_seconds(answer.total_ns),
-            concat=_seconds(answer.concat_ns),
-        )
-        return StepResult(list(answer.generations), _cached(answer), timings)
+        return step_result(await self._ordered("Decode", request))
 
     async def filter_batch(
         self,
@@ -143,26 +150,15 @@ class ShardedClient:
         request_ids: Sequence[int],
         stopped_sequences: Sequence[pb.SequenceRef] = (),
     ) -> pb.CachedBatch | None:
-        request = pb.FilterBatchRequest(
-            batch_id=batch_id,
-            request_ids=list(request_ids),
-            stopped_sequences=list(stopped_sequences),
-        )
+        request = filter_request(batch_id, request_ids, stopped_sequences)
         answer: pb.FilterBatchResponse = await self._ordered("FilterBatch", request)
         return answer.batch if answer.HasField("batch") else None
 
     async def clear_cache(self, batch_id: int | None = None) -> None:
-        request = (
-            pb.ClearCacheRequest(id=batch_id) if batch_id is not None else pb.ClearCacheRequest()
-        )
-        await self._ordered("ClearCache", request)
+        await self._ordered("ClearCache", clear_cache_request(batch_id))
 
     async def stats(self) -> pb.StatsResponse:
         return await self._all(lambda stub: stub.Stats(pb.StatsRequest()))
-
-
-def _cached(answer: pb.PrefillResponse | pb.DecodeResponse) -> pb.CachedBatch | None:
-    return answer.batch if answer.HasField("batch") else None
 
 
 def _unix_url(path: str) -> str:

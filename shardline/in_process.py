@@ -12,23 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from shardline.proto import generate_pb2 as pb
-from shardline.router.client import StepResult, Timings
+from shardline.router.client import (
+    StepResult,
+    clear_cache_request,
+    filter_request,
+    step_result,
+)
 from shardline.shards.engine import ShardEngine
 
 T = TypeVar("T")
-
-
-def _timings(answer: pb.PrefillResponse | pb.DecodeResponse) -> Timings:
-    return Timings(
-        forward=answer.forward_ns / 1e9,
-        decode=answer.decode_ns / 1e9,
-        total=answer.total_ns / 1e9,
-        concat=getattr(answer, "concat_ns", 0) / 1e9,
-    )
-
-
-def _cached(answer: pb.PrefillResponse | pb.DecodeResponse) -> pb.CachedBatch | None:
-    return answer.batch if answer.HasField("batch") else None
 
 
 class InProcessShardClient:
@@ -54,12 +46,11 @@ class InProcessShardClient:
         return await self._run(self.engine.warmup, request)
 
     async def prefill(self, batch: pb.Batch) -> StepResult:
-        answer = await self._run(self.engine.prefill, pb.PrefillRequest(batch=batch))
-        return StepResult(list(answer.generations), _cached(answer), _timings(answer))
+        return step_result(await self._run(self.engine.prefill, pb.PrefillRequest(batch=batch)))
 
     async def decode(self, batches: Sequence[pb.CachedBatch]) -> StepResult:
-        answer = await self._run(self.engine.decode, pb.DecodeRequest(batches=list(batches)))
-        return StepResult(list(answer.generations), _cached(answer), _timings(answer))
+        request = pb.DecodeRequest(batches=list(batches))
+        return step_result(await self._run(self.engine.decode, request))
 
     async def filter_batch(
         self,
@@ -67,17 +58,12 @@ class InProcessShardClient:
         request_ids: Sequence[int],
         stopped_sequences: Sequence[pb.SequenceRef] = (),
     ) -> pb.CachedBatch | None:
-        request = pb.FilterBatchRequest(
-            batch_id=batch_id,
-            request_ids=list(request_ids),
-            stopped_sequences=list(stopped_sequences),
-        )
+        request = filter_request(batch_id, request_ids, stopped_sequences)
         answer = await self._run(self.engine.filter_batch, request)
         return answer.batch if answer.batch.size else None
 
     async def clear_cache(self, batch_id: int | None = None) -> None:
-        request = pb.ClearCacheRequest() if batch_id is None else pb.ClearCacheRequest(id=batch_id)
-        await self._run(self.engine.clear_cache, request)
+        await self._run(self.engine.clear_cache, clear_cache_request(batch_id))
 
     async def stats(self) -> pb.StatsResponse:
         return await self._run(self.engine.stats)
