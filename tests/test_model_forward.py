@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,9 +27,11 @@ LLAMA3_SCALING = {
 }
 
 
-def prompts(vocab_size: int, seed: int = 0) -> list[list[int]]:
+def prompts(
+    vocab_size: int, seed: int = 0, lengths: tuple[int, ...] = PROMPT_LENGTHS
+) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(vocab_size) for _ in range(n)] for n in PROMPT_LENGTHS]
+    return [[rng.randrange(vocab_size) for _ in range(n)] for n in lengths]
 
 
 def load(model_dir: Path, tp: TPGroup | None = None) -> CausalLM:
@@ -206,3 +210,91 @@ def test_unsupported_architecture_names_the_supported_ones() -> None:
     raw = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
     with pytest.raises(ValueError, match="LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
         ModelConfig.from_dicts(raw, {})
+
+
+def with_config_changes(model_dir: Path, out_dir: Path, changes: dict) -> Path:
+    """A copy of model_dir whose config.json has `changes` applied (None removes a key)."""
+    shutil.copytree(model_dir, out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    config.update(changes)
+    config = {key: value for key, value in config.items() if value is not None}
+    (out_dir / "config.json").write_text(json.dumps(config))
+    return out_dir
+
+
+WINDOW = 8
+SLIDING_VARIANTS = {
+    "mistral": ({"sliding_window": WINDOW}, (WINDOW, WINDOW)),
+    "qwen2": (
+        {
+            "use_sliding_window": True,
+            "sliding_window": WINDOW,
+            "max_window_layers": 1,
+            "layer_types": None,
+        },
+        (0, WINDOW),
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", list(SLIDING_VARIANTS))
+def test_sliding_window_forward_matches_transformers(
+    tmp_path: Path, tiny_model_dirs: dict[str, Path], arch: str
+) -> None:
+    """Prompts and decode steps well past the window: prefill masks, decode reads the last W."""
+    changes, layer_windows = SLIDING_VARIANTS[arch]
+    model_dir = with_config_changes(tiny_model_dirs[arch], tmp_path / arch, changes)
+    model = load(model_dir)
+    assert model.config.layer_windows == layer_windows
+    prompt_ids = prompts(model.config.vocab_size, seed=5, lengths=(21, 34, 3, 9))
+    expected, fed = transformers_reference(model_dir, prompt_ids, steps=8)
+    actual = run_engine(model, prompt_ids, fed, block_size=4)
+    assert_logits_close(actual, expected)
+
+
+QWEN2_RAW = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "sliding_window": 16,
+}
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"use_sliding_window": False, "max_window_layers": 1},
+        {"use_sliding_window": True, "max_window_layers": 2},
+        {"use_sliding_window": True},
+        {"use_sliding_window": True, "sliding_window": None},
+        {
+            "use_sliding_window": True,
+            "layer_types": ["sliding_attention", "full_attention"] * 2,
+        },
+    ],
+)
+def test_qwen2_sliding_layers_follow_transformers(changes: dict) -> None:
+    from transformers import Qwen2Config
+
+    raw = {**QWEN2_RAW, **changes}
+    reference = Qwen2Config(**raw)
+    expected = tuple(
+        reference.sliding_window if kind == "sliding_attention" and reference.sliding_window else 0
+        for kind in reference.layer_types
+    )
+    config = ModelConfig.from_dicts(raw, {})
+    assert config.layer_windows == expected
+    assert config.sliding_window == (max(expected) or None)
+
+
+def test_mistral_slides_in_every_layer_and_llama_in_none() -> None:
+    mistral = {**QWEN2_RAW, "architectures": ["MistralForCausalLM"], "model_type": "mistral"}
+    assert ModelConfig.from_dicts(mistral, {}).layer_windows == (16,) * 4
+    llama = {**QWEN2_RAW, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    assert ModelConfig.from_dicts(llama, {}).layer_windows == (0,) * 4
+    assert ModelConfig.from_dicts({**mistral, "sliding_window": None}, {}).sliding_window is None

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+QWEN2_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config default
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class ModelConfig:
     o_proj_bias: bool
     mlp_bias: bool
     sliding_window: int | None
+    layer_windows: tuple[int, ...]
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     torch_dtype: torch.dtype | None
@@ -58,6 +60,7 @@ class ModelConfig:
         model_type = raw["model_type"]
         qkv_bias = raw.get("attention_bias", model_type == "qwen2")
         rope_theta, rope_scaling = _rope(raw)
+        layer_windows = _layer_windows(raw)
         return cls(
             model_type=model_type,
             architectures=architectures,
@@ -76,7 +79,8 @@ class ModelConfig:
             attention_bias=qkv_bias,
             o_proj_bias=qkv_bias and model_type != "qwen2",
             mlp_bias=raw.get("mlp_bias", False),
-            sliding_window=_sliding_window(raw),
+            sliding_window=max(layer_windows) or None,
+            layer_windows=layer_windows,
             eos_token_ids=_eos_ids(raw, generation),
             bos_token_id=generation.get("bos_token_id", raw.get("bos_token_id")),
             torch_dtype=_dtype(raw.get("torch_dtype") or raw.get("dtype")),
@@ -108,10 +112,24 @@ def _rope(raw: dict) -> tuple[float, dict | None]:
     return float(theta), {"rope_type": rope_type, **parameters}
 
 
-def _sliding_window(raw: dict) -> int | None:
-    if raw.get("model_type") == "qwen2" and not raw.get("use_sliding_window", False):
-        return None
-    return raw.get("sliding_window")
+def _layer_windows(raw: dict) -> tuple[int, ...]:
+    """Each layer's sliding window, 0 for full attention, as transformers reads the config:
+    Mistral slides in every layer; Qwen2 only with use_sliding_window, in the layers that
+    layer_types marks "sliding_attention" (by default those from max_window_layers on)."""
+    num_layers = raw["num_hidden_layers"]
+    window = raw.get("sliding_window") or 0
+    model_type = raw.get("model_type")
+    if model_type == "mistral":
+        return (window,) * num_layers
+    if model_type != "qwen2" or not raw.get("use_sliding_window", False):
+        return (0,) * num_layers
+    first_sliding = raw.get("max_window_layers", QWEN2_MAX_WINDOW_LAYERS)
+    layer_types = raw.get("layer_types") or [
+        "sliding_attention" if i >= first_sliding else "full_attention" for i in range(num_layers)
+    ]
+    if len(layer_types) != num_layers:
+        raise ValueError(f"layer_types names {len(layer_types)} layers; the model has {num_layers}")
+    return tuple(window if kind == "sliding_attention" else 0 for kind in layer_types)
 
 
 def _eos_ids(raw: dict, generation: dict) -> tuple[int, ...]:

@@ -52,6 +52,7 @@ class LlamaAttention(nn.Module):
         prefix: str,
         backend: AttentionBackend,
         rotary: RotaryEmbedding,
+        window: int,
     ) -> None:
         super().__init__()
         tp = weights.tp
@@ -59,6 +60,7 @@ class LlamaAttention(nn.Module):
         self.num_heads = config.num_heads // tp.world_size
         self.num_kv_heads = kv_heads_per_rank(config.num_kv_heads, tp.world_size)
         self.scale = config.head_dim**-0.5
+        self.window = window
         self.backend = backend
         self.rotary = rotary
         self.qkv_proj = self._load_qkv(config, weights, prefix)
@@ -92,9 +94,9 @@ class LlamaAttention(nn.Module):
         k_cache, v_cache = kv_cache
         self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_prefill:
-            out = self.backend.prefill(q, k, v, meta, self.scale)
+            out = self.backend.prefill(q, k, v, meta, self.scale, self.window)
         else:
-            out = self.backend.decode(q, k_cache, v_cache, meta, self.scale)
+            out = self.backend.decode(q, k_cache, v_cache, meta, self.scale, self.window)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -118,11 +120,14 @@ class LlamaDecoderLayer(nn.Module):
         prefix: str,
         backend: AttentionBackend,
         rotary: RotaryEmbedding,
+        window: int,
     ) -> None:
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(weights.get_tensor(f"{prefix}.input_layernorm.weight"), eps)
-        self.self_attn = LlamaAttention(config, weights, f"{prefix}.self_attn", backend, rotary)
+        self.self_attn = LlamaAttention(
+            config, weights, f"{prefix}.self_attn", backend, rotary, window
+        )
         self.post_attention_layernorm = RMSNorm(
             weights.get_tensor(f"{prefix}.post_attention_layernorm.weight"), eps
         )
@@ -165,8 +170,8 @@ class LlamaForCausalLM(nn.Module):
             weights.device,
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, weights, f"model.layers.{i}", backend, self.rotary)
-            for i in range(config.num_layers)
+            LlamaDecoderLayer(config, weights, f"model.layers.{i}", backend, self.rotary, window)
+            for i, window in enumerate(config.layer_windows)
         )
         self.norm = RMSNorm(weights.get_tensor("model.norm.weight"), config.rms_norm_eps)
         head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"

@@ -4,6 +4,10 @@ KV cache layout (per layer, per rank), the same as flash-attn's paged API:
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
 Queries/keys/values arrive packed: q [num_tokens, num_heads, head_dim],
 k and v [num_tokens, num_kv_heads, head_dim]; outputs are [num_tokens, num_heads, head_dim].
+
+`window` is the layer's sliding window, a constant of the model (0: full causal attention):
+the query at position p sees the keys at positions p - window + 1 .. p, as transformers'
+sliding-window mask has it (Mistral v0.1, Qwen2 with use_sliding_window).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class AttentionBackend(Protocol):
         v: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,
     ) -> torch.Tensor: ...
 
     def decode(
@@ -43,4 +48,5 @@ class AttentionBackend(Protocol):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,
     ) -> torch.Tensor: ...

@@ -31,12 +31,16 @@ class TorchNativeBackend:
         v: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,
     ) -> torch.Tensor:
-        """Causal attention within each packed sequence."""
+        """Causal attention within each packed sequence, over the last `window` keys if set."""
         out = torch.empty_like(q)
         bounds = meta.cu_seqlens.tolist()
         for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-            out[start:end] = _attend(q[start:end], k[start:end], v[start:end], scale, causal=True)
+            mask = sliding_window_mask(end - start, window, q.device) if window else None
+            out[start:end] = _attend(
+                q[start:end], k[start:end], v[start:end], scale, mask=mask, causal=not window
+            )
         return out
 
     def decode(
@@ -46,26 +50,43 @@ class TorchNativeBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,
     ) -> torch.Tensor:
-        """Each sequence's one query token against its first context_len cached tokens."""
+        """Each sequence's one query token against its cached tokens (the last `window` if set)."""
         out = torch.empty_like(q)
         block_size = k_cache.shape[1]
         for i, context_len in enumerate(meta.context_lens.tolist()):
-            blocks = meta.block_tables[i, : -(-context_len // block_size)]
-            k = k_cache[blocks].flatten(0, 1)[:context_len]
-            v = v_cache[blocks].flatten(0, 1)[:context_len]
-            out[i : i + 1] = _attend(q[i : i + 1], k, v, scale, causal=False)
+            first = max(0, context_len - window) if window else 0
+            blocks = meta.block_tables[i, first // block_size : -(-context_len // block_size)]
+            skip = first % block_size
+            k = k_cache[blocks].flatten(0, 1)[skip : skip + context_len - first]
+            v = v_cache[blocks].flatten(0, 1)[skip : skip + context_len - first]
+            out[i : i + 1] = _attend(q[i : i + 1], k, v, scale)
         return out
 
 
+def sliding_window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """[length, length] bool, True where query p may see key j: 0 <= p - j < window, as
+    transformers' sliding-window causal mask has it (the query itself and window - 1 before)."""
+    pos = torch.arange(length, device=device)
+    offset = pos[:, None] - pos[None, :]
+    return (offset >= 0) & (offset < window)
+
+
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """q [Tq, H, D] over k, v [Tk, H_kv, D], grouped-query; returns [Tq, H, D]."""
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1),
         k.transpose(0, 1).to(q.dtype),
         v.transpose(0, 1).to(q.dtype),
+        attn_mask=mask,
         is_causal=causal,
         scale=scale,
         enable_gqa=True,
