@@ -61,12 +61,8 @@ class ShardEngine:
 
     @property
     def max_positions(self) -> int:
-        """The longest sequence served. Sliding-window attention is not implemented, so a
-        model with a window (Mistral v0.1) serves sequences up to the window, where full
-        attention is the same computation."""
-        window = self.config.sliding_window
-        positions = self.config.max_position_embeddings
-        return min(positions, window) if window else positions
+        """The longest sequence served; sliding-window models serve their full context."""
+        return self.config.max_position_embeddings
 
     def bind_thread(self) -> None:
         """Makes this engine's GPU the current one of the calling thread: Triton launches on the

@@ -166,18 +166,24 @@ def test_invalid_requests_change_nothing(engines, input_ids, message):
     assert_no_leaks(engine)
 
 
-def test_a_sliding_window_caps_the_sequence_length(tiny_model_dirs, tmp_path):
-    """Without sliding-window attention, sequences stop at the window, where it changes nothing."""
+def test_a_sliding_window_model_serves_past_its_window(tiny_model_dirs, tmp_path):
+    """Mistral with an 8-token window: prompts of 20-40 tokens and 24 new tokens, prefill and
+    decode through the paged cache, give transformers' greedy tokens (which the window changes)."""
     import json
     import shutil
 
     model_dir = shutil.copytree(tiny_model_dirs["mistral"], tmp_path / "windowed")
     config = json.loads((model_dir / "config.json").read_text())
-    (model_dir / "config.json").write_text(json.dumps({**config, "sliding_window": 32}))
+    (model_dir / "config.json").write_text(json.dumps({**config, "sliding_window": 8}))
     engine = warmed_engine(model_dir)
-    assert engine.info().max_position_embeddings == 32
-    with pytest.raises(InvalidRequestError, match="needs 40 positions"):
-        engine.prefill(
-            pb.PrefillRequest(batch=pb.Batch(id=1, requests=[make_request(1, [5] * 30, 10)]))
-        )
+    assert engine.info().max_position_embeddings == config["max_position_embeddings"]
+    prompts = random_prompts(4, engine.config.vocab_size, seed=11, min_len=20, max_len=40)
+    max_new = [24] * len(prompts)
+    expected = transformers_greedy(model_dir, prompts, max_new)
+    assert expected != transformers_greedy(tiny_model_dirs["mistral"], prompts, max_new)
+    arrivals = [Arrival(i, make_request(i, prompt, 24)) for i, prompt in enumerate(prompts)]
+    result = run_schedule(engine.prefill, engine.decode, arrivals)
+    assert max(len(tokens) for tokens in expected) == 24
+    for i in range(len(prompts)):
+        assert result.tokens[i] == expected[i], f"request {i}"
     assert_no_leaks(engine)
