@@ -6,17 +6,34 @@ directly; both turn it into the gRPC messages the shards read with `to_proto()`.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+import outlines_core
 
 from shardline.proto import generate_pb2
 
 logger = logging.getLogger(__name__)
 
 _MAX_SEED = 2**64 - 1
+# OpenAI's json_object: an object whose values are scalars, flat arrays or flat objects. Any depth
+# would do, but outlines-core's automaton of unbounded JSON takes seconds to build per vocabulary.
+_SCALAR: dict[str, Any] = {"type": ["string", "number", "boolean", "null"]}
+JSON_OBJECT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": {
+        "anyOf": [
+            _SCALAR,
+            {"type": "array", "items": _SCALAR},
+            {"type": "object", "additionalProperties": _SCALAR},
+        ]
+    },
+}
 # vLLM's thresholds: below the first a temperature means greedy, below the second (and above 0)
 # it is raised to the second, as dividing logits by it would overflow.
 GREEDY_TEMPERATURE = 1e-5
@@ -35,7 +52,8 @@ class SamplingParams:
     too), a temperature in (0, 0.01) is raised to 0.01, top_k -1 means 0 (off), seed -1 means
     none, stop may be one string, duplicate stop_token_ids are dropped, logprobs -1 means the
     whole vocabulary. watermark is TGI's flag, which this server does not implement: True is
-    rejected, never silently ignored.
+    rejected, never silently ignored. guided_json (a JSON schema, as a dict or JSON text) and
+    guided_regex constrain the output as vLLM's do (TGI's `grammar`); at most one, no beam search.
     """
 
     n: int = 1
@@ -62,6 +80,8 @@ class SamplingParams:
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
     watermark: bool = False
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -106,6 +126,7 @@ class SamplingParams:
         self._validate_stopping()
         self._validate_outputs()
         self._validate_beam_search()
+        self._validate_grammar()
         if self.temperature < GREEDY_TEMPERATURE and not self.use_beam_search:
             _check(self.num_sequences == 1, "n", self.n, "must be 1 with greedy sampling")
         _check(self.watermark is False, "watermark", self.watermark, "is not supported")
@@ -192,6 +213,50 @@ class SamplingParams:
             value = getattr(self, name)
             _check(value == neutral, name, value, "is not supported with beam search")
 
+    def _validate_grammar(self) -> None:
+        if self.guided_json is None and self.guided_regex is None:
+            return
+        _check(
+            self.guided_regex is None or self.guided_json is None,
+            "guided_json",
+            self.guided_json,
+            "cannot be combined with guided_regex",
+        )
+        _check(not self.use_beam_search, "use_beam_search", True, "cannot take a grammar")
+        if self.guided_json is not None:
+            schema = self._schema_text()
+            _check(
+                _schema_error(schema) is None,
+                "guided_json",
+                self.guided_json,
+                f"is not a usable JSON schema: {_schema_error(schema)}",
+            )
+        else:
+            _check(
+                isinstance(self.guided_regex, str) and _regex_error(self.guided_regex) is None,
+                "guided_regex",
+                self.guided_regex,
+                f"does not compile: {_regex_error(self.guided_regex)}",
+            )
+
+    def _schema_text(self) -> str:
+        if isinstance(self.guided_json, str):
+            return self.guided_json
+        _check(
+            isinstance(self.guided_json, dict),
+            "guided_json",
+            self.guided_json,
+            "must be a JSON schema (an object or its JSON text)",
+        )
+        return json.dumps(self.guided_json, sort_keys=True)
+
+    def _grammar_fields(self) -> dict[str, Any]:
+        if self.guided_json is not None:
+            return {"grammar_type": generate_pb2.GRAMMAR_TYPE_JSON, "grammar": self._schema_text()}
+        if self.guided_regex is not None:
+            return {"grammar_type": generate_pb2.GRAMMAR_TYPE_REGEX, "grammar": self.guided_regex}
+        return {}
+
     def beam_search_proto(self) -> generate_pb2.BeamSearchParameters | None:
         """The shard's beam search message; None without beam search."""
         if not self.use_beam_search:
@@ -227,6 +292,7 @@ class SamplingParams:
             frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty,
             min_p=self.min_p,
+            **self._grammar_fields(),
         )
         stopping = generate_pb2.StoppingCriteriaParameters(
             max_new_tokens=max_new_tokens,
@@ -253,6 +319,35 @@ _EARLY_STOPPING = {
     True: generate_pb2.EARLY_STOPPING_ALWAYS,
     "never": generate_pb2.EARLY_STOPPING_NEVER,
 }
+
+
+_ERROR_CHARS = 200
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_error(schema: str) -> str | None:
+    """Why outlines-core cannot turn this JSON schema into a regex; None if it can (cheap)."""
+    try:
+        outlines_core.json_schema.build_regex_from_schema(schema)
+    except (ValueError, TypeError) as error:
+        return str(error)[:_ERROR_CHARS]
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _regex_error(regex: str) -> str | None:
+    """Why outlines-core cannot build the automaton of this regex over single bytes (which
+    byte-level and byte-fallback vocabularies all have); None if it can."""
+    try:
+        outlines_core.Index(regex, _byte_vocabulary())
+    except (ValueError, TypeError) as error:
+        return str(error)[:_ERROR_CHARS]
+    return None
+
+
+@functools.cache
+def _byte_vocabulary() -> outlines_core.Vocabulary:
+    return outlines_core.Vocabulary(256, {bytes([b]): [b] for b in range(256)})
 
 
 def _check(ok: bool, name: str, value: object, requirement: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -20,6 +21,7 @@ from shardline.shards.kv_cache import BlockAllocator, KVCacheExhaustedError, byt
 from shardline.shards.model_runner import ModelRunner, StepResult, grow_blocks
 from shardline.shards.models.config import ModelConfig
 from shardline.shards.utils.dist import TPGroup
+from shardline.shards.utils.grammar import GrammarCompiler, InvalidGrammarError
 from shardline.shards.utils.sampling import SamplingState
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class EngineSettings:
     gpu_memory_utilization: float = 0.90
     attention_impl: str = "torch"
     cuda_graph_buckets: tuple[int, ...] = ()
+    tokenizer_dir: Path | None = None  # read on the first request with a grammar
 
 
 class ShardEngine:
@@ -58,6 +61,9 @@ class ShardEngine:
         self.runner = ModelRunner(model, device)
         self.allocator: BlockAllocator | None = None
         self.batches: dict[int, ShardBatch] = {}
+        self.grammars = GrammarCompiler(
+            settings.tokenizer_dir, sorted(config.eos_token_ids), config.vocab_size
+        )
 
     @property
     def max_positions(self) -> int:
@@ -253,6 +259,7 @@ class ShardEngine:
             top_n_tokens=[self._top_n_tokens(request) for request, _ in rows],
             vocab_size=self.config.vocab_size,
             device=self.device,
+            grammar=self.grammars.rows([request.parameters for request, _ in rows]),
         )
         table = build_block_table(sequences, self.settings.block_size)
         prompt_rows = [row for row, r in enumerate(requests) if r.decoder_input_details]
@@ -437,11 +444,23 @@ class ShardEngine:
                 raise InvalidRequestError(f"request {r.id} asks for max_new_tokens < 1")
             if r.HasField("beam_search"):
                 _validate_beam_search(r)
+            self._validate_grammar(r)
             total = len(r.input_ids) + r.stopping_parameters.max_new_tokens
             if total > self.max_positions:
                 raise InvalidRequestError(
                     f"request {r.id} needs {total} positions; the model has {self.max_positions}"
                 )
+
+    def _validate_grammar(self, request: pb.Request) -> None:
+        params = request.parameters
+        if params.grammar_type == pb.GRAMMAR_TYPE_NONE:
+            return
+        if request.HasField("beam_search"):
+            raise InvalidRequestError(f"request {request.id}: beam search takes no grammar")
+        try:
+            self.grammars.compile(params.grammar_type, params.grammar)
+        except InvalidGrammarError as error:
+            raise InvalidRequestError(f"request {request.id}: {error}") from error
 
     def _new_sequence(self, request: pb.Request, blocks: list[int]) -> SequenceState:
         stopping = request.stopping_parameters

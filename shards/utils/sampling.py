@@ -4,9 +4,10 @@
 tensors, how many tokens it generated, its penalty statistics); `Sampler` turns a batch of
 logits into next tokens, logprobs and top-n alternatives with one set of tensor ops per step.
 
-Order of the processors: repetition penalty (prompt + generated tokens, transformers), frequency
-and presence penalties (generated tokens only, OpenAI/vLLM), the min_tokens mask, then the
-warpers in transformers' order: temperature, top-k, top-p, min-p, typical-p. Greedy rows
+Order of the processors: the grammar mask (a row with a grammar keeps only the tokens its
+automaton allows; a batch without one skips it), repetition penalty (prompt + generated tokens,
+transformers), frequency and presence penalties (generated tokens only, OpenAI/vLLM), the
+min_tokens mask, then the warpers in transformers' order: temperature, top-k, top-p, min-p, typical-p. Greedy rows
 (do_sample false or temperature < 1e-5) take the argmax of the penalized scores; their warpers
 are neutral, so they share every op with the sampled rows and are left untouched by them.
 
@@ -33,6 +34,7 @@ import torch
 
 from shardline.proto import generate_pb2
 from shardline.shards.utils import logits_process
+from shardline.shards.utils.grammar import GrammarRows
 
 GREEDY_TEMPERATURE = 1e-5
 _MASK_32 = 0xFFFFFFFF
@@ -203,6 +205,7 @@ class SamplingState:
     generated: torch.Tensor  # [B] int64: tokens generated so far (seeded step, min_tokens)
     seen: torch.Tensor | None = None
     counts: torch.Tensor | None = None
+    grammar: GrammarRows | None = None  # the DFA states of constrained rows (see grammar.py)
     tensors: RowTensors = field(init=False)
 
     def __post_init__(self) -> None:
@@ -218,6 +221,7 @@ class SamplingState:
         top_n_tokens: Sequence[int],
         vocab_size: int,
         device: torch.device,
+        grammar: GrammarRows | None = None,
     ) -> SamplingState:
         _check_lengths(params, stopping, prompt_ids, top_n_tokens)
         rows = [
@@ -230,7 +234,7 @@ class SamplingState:
         if any(r.frequency_presence for r in rows):
             counts = torch.zeros(size, dtype=torch.int32, device=device)
         generated = torch.zeros(len(rows), dtype=torch.int64, device=device)
-        return cls(rows, vocab_size, torch.device(device), generated, seen, counts)
+        return cls(rows, vocab_size, torch.device(device), generated, seen, counts, grammar)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -243,6 +247,8 @@ class SamplingState:
             self.seen.scatter_(1, column, True)
         if self.counts is not None:
             self.counts.scatter_add_(1, column, torch.ones_like(column, dtype=torch.int32))
+        if self.grammar is not None:
+            self.grammar.advance(next_token_ids.tolist())
 
     def filter(self, keep: Sequence[int]) -> SamplingState:
         """A new state with rows `keep`, in that order."""
@@ -251,7 +257,8 @@ class SamplingState:
         seen = _select(self.seen, index, any(r.repetition for r in rows))
         counts = _select(self.counts, index, any(r.frequency_presence for r in rows))
         generated = self.generated.index_select(0, index)
-        return SamplingState(rows, self.vocab_size, self.device, generated, seen, counts)
+        grammar = self.grammar.filter(keep) if self.grammar is not None else None
+        return SamplingState(rows, self.vocab_size, self.device, generated, seen, counts, grammar)
 
     @classmethod
     def concatenate(cls, states: Sequence[SamplingState]) -> SamplingState:
@@ -264,7 +271,8 @@ class SamplingState:
         if any(r.frequency_presence for r in rows):
             counts = _concat(states, "counts", torch.int32)
         generated = torch.cat([s.generated for s in states])
-        return cls(rows, first.vocab_size, first.device, generated, seen, counts)
+        grammar = GrammarRows.concatenate([(s.grammar, len(s)) for s in states])
+        return cls(rows, first.vocab_size, first.device, generated, seen, counts, grammar)
 
     @functools.cached_property
     def flags(self) -> BatchFlags:
@@ -429,6 +437,9 @@ def _add_top_tokens(
 def process_logits(scores: torch.Tensor, state: SamplingState) -> torch.Tensor:
     """Applies the processors some row of the batch needs, in the module docstring's order."""
     flags, rows = state.flags, state.tensors
+    if state.grammar is not None:
+        allowed = state.grammar.allowed_mask(scores.shape[-1], scores.device)
+        scores = scores.masked_fill(~allowed, float("-inf"))
     if flags.repetition:
         scores = logits_process.apply_repetition_penalty(
             scores, state.seen, rows.repetition_penalty
