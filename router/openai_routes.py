@@ -3,7 +3,7 @@
 
 Parameters map onto `SamplingParams` (vLLM's names, so vLLM's extras come for free) and every
 prompt goes through `Validator.validate`, as for TGI's own routes. What this server cannot do
-(n > 1, tools, response formats, logit_bias, echo, suffix) is a 422, never silently ignored.
+(n > 1, tools, logit_bias, echo, suffix) is a 422, never silently ignored.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from shardline.router.chat_template import parse_messages, render_chat
 from shardline.router.errors import RouterError, ValidationError
 from shardline.router.http import SSE_HEADERS, RouterContext, context, read_json, sse_event
 from shardline.router.request_types import Finished, FinishReason, StreamEvent, ValidRequest
+from shardline.router.validation import guided_decoding
 from shardline.sampling_params import SamplingParams, SamplingParamsError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -66,7 +67,9 @@ _CHAT_FIELDS = frozenset(
         "tool_prompt",
     }
 )
-_COMPLETION_FIELDS = frozenset({*_COMMON_FIELDS, "prompt", "echo", "suffix", "best_of"})
+_COMPLETION_FIELDS = frozenset(
+    {*_COMMON_FIELDS, "prompt", "echo", "suffix", "best_of", "response_format"}
+)
 _DONE = b"data: [DONE]\n\n"
 
 
@@ -191,6 +194,7 @@ def _sampling_params(fields: dict[str, Any], max_tokens: Any) -> SamplingParams:
     for name in ("ignore_eos", "skip_special_tokens"):
         _bool(fields, name)
     sampling = {name: fields[name] for name in _SAMPLING_FIELDS if name in fields}
+    sampling.update(guided_decoding(fields.get("response_format"), "response_format"))
     try:
         return SamplingParams(max_tokens=max_tokens, **sampling)
     except SamplingParamsError as error:
@@ -235,11 +239,6 @@ def _reject_unsupported_chat(fields: dict[str, Any]) -> None:
         raise ValidationError("`tools` are not supported: this server has no tool calling")
     if fields.get("tool_choice", "none") not in ("none", "auto"):
         raise ValidationError("`tool_choice` must be 'none' or 'auto': no tool calling")
-    if fields.get("response_format", {"type": "text"}) != {"type": "text"}:
-        raise ValidationError(
-            "`response_format` other than text is not supported: this server has no "
-            "constrained decoding"
-        )
     _reject_logit_bias(fields)
 
 

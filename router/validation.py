@@ -15,7 +15,7 @@ from typing import Any
 
 from shardline.router.errors import ValidationError
 from shardline.router.request_types import ValidRequest
-from shardline.sampling_params import SamplingParams, SamplingParamsError
+from shardline.sampling_params import JSON_OBJECT_SCHEMA, SamplingParams, SamplingParamsError
 
 _MAX_SEED = 2**64 - 1
 _MAX_UINT32 = 2**32 - 1  # the shard protocol's token ids and top_k
@@ -300,6 +300,7 @@ class _Parameters:
                 skip_special_tokens=self.get("skip_special_tokens", True),
                 best_of=self.get("best_of"),
                 **self._beam_search(),
+                **guided_decoding(self.get("grammar"), "grammar"),
             )
         except SamplingParamsError as error:
             raise ValidationError(str(error)) from error
@@ -341,10 +342,35 @@ class _Parameters:
 def _reject_unsupported(params: _Parameters) -> None:
     if params.get("watermark", False):
         raise ValidationError("`watermark` is not supported by this server")
-    if params.get("grammar") is not None:
-        raise ValidationError("grammar is not supported")
     if params.get("adapter_id") is not None:
         raise ValidationError("`adapter_id` is not supported: no LoRA adapters are loaded")
+
+
+_GRAMMAR_TYPES = ("json", "regex", "json_schema", "json_object", "text")
+
+
+def guided_decoding(spec: Any, name: str) -> dict[str, Any]:
+    """SamplingParams' guided_json / guided_regex for TGI's `grammar` ({"type": "json" | "regex",
+    "value": ...} or {"type": "json_schema", "value": {"schema": ...}}) or OpenAI's
+    `response_format` ({"type": "text" | "json_object"} or {"type": "json_schema",
+    "json_schema": {"schema": ...}}); both fields take either shape."""
+    if spec is None:
+        return {}
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind not in _GRAMMAR_TYPES:
+        raise ValidationError(f"`{name}` must be an object whose `type` is one of {_GRAMMAR_TYPES}")
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"guided_json": JSON_OBJECT_SCHEMA}
+    if kind == "regex":
+        return {"guided_regex": spec.get("value")}
+    if kind == "json":
+        return {"guided_json": spec.get("value")}
+    config = spec.get("json_schema", spec.get("value"))
+    if not isinstance(config, dict) or "schema" not in config:
+        raise ValidationError(f'`{name}` of type json_schema needs {{"schema": <JSON schema>}}')
+    return {"guided_json": config["schema"]}
 
 
 def _typed(name: str, value: Any) -> Any:
