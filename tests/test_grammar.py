@@ -8,13 +8,19 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from openai import AsyncOpenAI
 from transformers import AutoTokenizer
 
+from shardline import LLM
 from shardline.proto import generate_pb2 as pb
+from shardline.router.client import ShardedClient
+from shardline.router.server import create_app
+from shardline.router.startup import RouterSettings, start_router
 from shardline.sampling_params import JSON_OBJECT_SCHEMA, SamplingParams, SamplingParamsError
 from shardline.shards.engine import InvalidRequestError, ShardEngine
 from tests.shard_harness import Arrival, make_request, random_prompts, run_schedule
 from tests.test_engine import assert_no_leaks, warmed_engine
+from tests.test_router_e2e import shard_socket  # noqa: F401 (a fixture: a real shard process)
 
 REGEX = r"(north|south) [0-9]{2,4}( [a-z]{1,6}){0,3}"
 SCHEMA = {
@@ -160,3 +166,69 @@ def test_beam_search_with_a_grammar_is_refused(engine):
 def test_sampling_params_refuse_bad_grammars(fields, message):
     with pytest.raises(SamplingParamsError, match=message):
         SamplingParams(**fields)
+
+
+def test_offline_llm_guided_decoding(tiny_llama_dir):
+    llm = LLM(model=str(tiny_llama_dir), block_size=4, kv_cache_bytes=1 << 20, max_model_len=256)
+    prompts = random_prompts(2, llm.tokenizer.vocab_size, seed=12)
+    regex = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, guided_regex=REGEX)
+    schema = SamplingParams(temperature=0.8, seed=2, max_tokens=128, guided_json=SCHEMA)
+    outputs = llm.generate(prompt_token_ids=prompts, sampling_params=[regex, schema])
+    assert re.fullmatch(REGEX, outputs[0].outputs[0].text)
+    jsonschema.validate(json.loads(outputs[1].outputs[0].text), SCHEMA)
+    assert [o.outputs[0].finish_reason for o in outputs] == ["stop", "stop"]
+
+
+@pytest.fixture
+async def router(shard_socket, tiny_llama_dir):  # noqa: F811
+    from aiohttp.test_utils import TestClient, TestServer
+
+    shards = await ShardedClient.connect(shard_socket)
+    settings = RouterSettings(model_id="tiny", max_total_tokens=256)
+    ctx = await start_router(shards, AutoTokenizer.from_pretrained(tiny_llama_dir), settings)
+    client = TestClient(TestServer(create_app(ctx), handler_cancellation=True))
+    await client.start_server()
+    yield client
+    await client.close()
+    await ctx.batcher.stop()
+    await shards.close()
+
+
+async def test_generate_with_grammar_over_a_real_shard(router):
+    regex = {"type": "regex", "value": REGEX}
+    body = {"inputs": "the city", "parameters": {"max_new_tokens": MAX_NEW, "grammar": regex}}
+    answer = await (await router.post("/generate", json=body)).json()
+    assert re.fullmatch(REGEX, answer["generated_text"]), answer
+    assert answer["details"]["finish_reason"] == "eos_token"
+    schema = {"type": "json", "value": SCHEMA}
+    params = {"max_new_tokens": 128, "grammar": schema, "do_sample": True, "seed": 4}
+    stream = await router.post("/generate_stream", json={"inputs": "river", "parameters": params})
+    events = [json.loads(line[5:]) for line in (await stream.text()).splitlines() if line]
+    jsonschema.validate(json.loads(events[-1]["generated_text"]), SCHEMA)
+    bad = {"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": "[a-"}}}
+    refused = await router.post("/generate", json=bad)
+    assert refused.status == 422
+    assert "does not compile" in (await refused.json())["error"]
+
+
+async def test_openai_response_format_gives_valid_json(router):
+    api = AsyncOpenAI(base_url=str(router.make_url("/v1")), api_key="x", max_retries=0)
+    messages = [{"role": "user", "content": "a person"}]
+    loose = await api.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=96, response_format={"type": "json_object"}
+    )
+    assert isinstance(json.loads(loose.choices[0].message.content), dict)
+    strict = await api.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=128,
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}},
+    )
+    jsonschema.validate(json.loads(strict.choices[0].message.content), SCHEMA)
+    completion = await api.completions.create(
+        model="tiny",
+        prompt="the",
+        max_tokens=128,
+        extra_body={"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}},
+    )
+    jsonschema.validate(json.loads(completion.choices[0].text), SCHEMA)
