@@ -60,7 +60,15 @@ _PARAMETERS = {
     "details": {"type": "boolean", "default": True},
     "do_sample": {"type": "boolean", "default": False},
     "frequency_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
-    "grammar": _nullable({"type": "object", "description": "Not supported: rejected with 422."}),
+    "grammar": _nullable(
+        {
+            "type": "object",
+            "description": (
+                'Constrained output: {"type": "json", "value": <JSON schema>} or '
+                '{"type": "regex", "value": "<regex>"}'
+            ),
+        }
+    ),
     "max_new_tokens": _nullable({"type": "integer", "format": "int32", "minimum": 0}),
     "repetition_penalty": _nullable({"type": "number", "minimum": 0, "exclusiveMinimum": True}),
     "return_full_text": _nullable({"type": "boolean"}),
@@ -412,7 +420,13 @@ def _openai_request_schemas() -> dict[str, Any]:
                 "logprobs": _nullable({"type": "boolean"}),
                 "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": 5}),
                 "response_format": _nullable(
-                    {"type": "object", "description": 'Only {"type": "text"}: else 422'}
+                    {
+                        "type": "object",
+                        "description": (
+                            '{"type": "text"}, {"type": "json_object"} or {"type": "json_schema",'
+                            ' "json_schema": {"schema": ...}}: constrained output'
+                        ),
+                    }
                 ),
                 "tools": _nullable({"type": "array", "description": _UNSUPPORTED}),
                 "tool_choice": _nullable(
