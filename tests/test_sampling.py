@@ -386,6 +386,17 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached() -> None:
     assert out.logprobs[0] > -1.0
 
 
+def test_min_tokens_lets_eos_through_when_nothing_else_is_left() -> None:
+    """A constrained row whose grammar is complete may only end: min_tokens must not strand it."""
+    logits = torch.full((2, VOCAB), float("-inf"))
+    logits[:, EOS] = 0.0
+    logits[1, 7] = 1.0
+    state = SamplingState.from_requests(
+        [chooser()] * 2, [stopping(min_new_tokens=5)] * 2, [[1]] * 2, [EOS], [0, 0], VOCAB, CPU
+    )
+    assert Sampler()(logits, state).next_token_ids.tolist() == [EOS, 7]
+
+
 def test_min_tokens_counter_survives_filter_and_concatenate() -> None:
     logits = torch.zeros(2, VOCAB)
     logits[:, EOS] = 5.0

@@ -450,7 +450,10 @@ def process_logits(scores: torch.Tensor, state: SamplingState) -> torch.Tensor:
         )
     if flags.min_tokens:
         active = state.generated < rows.min_new_tokens
-        scores = logits_process.mask_token_ids(scores, rows.min_tokens_ids, active)
+        masked = logits_process.mask_token_ids(scores, rows.min_tokens_ids, active)
+        # A row left with no token at all (its grammar is complete: only EOS remains) ends.
+        emptied = torch.isinf(masked).all(dim=-1, keepdim=True)
+        scores = torch.where(emptied, scores, masked)
     if flags.temperature:
         scores = logits_process.apply_temperature(scores, rows.temperature)
     scores = _apply_top_k_top_p(scores, rows, flags)
