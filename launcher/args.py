@@ -106,6 +106,10 @@ FLAGS: tuple[Flag, ...] = (
          default=2_000_000),
     Flag(("--tokenizer-config-path",), "TOKENIZER_CONFIG_PATH",
          "folder with the tokenizer files, when not the model's"),
+    Flag(("--shard-step-timeout",), "SHARD_STEP_TIMEOUT",
+         "seconds a Prefill, Decode, FilterBatch or ClearCache call may take; past it a shard is "
+         "taken as stuck: in-flight requests get 424 and everything stops with exit 1 "
+         "(0: no limit)", type=float, default=60.0),
     # launcher
     Flag(("--graceful-termination-timeout",), "GRACEFUL_TERMINATION_TIMEOUT",
          "seconds the router may take to finish in-flight requests on SIGTERM (then cut)", type=float,

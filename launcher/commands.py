@@ -139,6 +139,7 @@ def router_spec(
                 ("--api-key", args.api_key),
                 ("--json-output", args.json_output),
                 ("--shutdown-timeout", args.graceful_termination_timeout),
+                ("--shard-step-timeout", args.shard_step_timeout),
             ]
         ),
     ]

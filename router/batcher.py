@@ -11,6 +11,12 @@ generations turned into events, joining requests prefilled (the shards run calls
 order) and cancellations noticed, while the shards compute. What the router ends at step N (a
 stop sequence, a cancellation, a stopped best_of sample) is filtered out of the cached batch
 after step N+1, so the shards free its KV blocks; its step N+1 token is dropped.
+
+A shard call that fails gets its requests a 424 and the batch is cleared, and the loop goes on.
+A shard call past its deadline (`ShardTimeoutError`) is different: a stuck shard, or ranks
+stuck in a collective, cannot be recovered from, so the loop gives up for good: every request,
+running or queued, gets a 424, `stuck` is set (/health answers 503) and `wait_stuck` returns,
+for the router to exit and the launcher to restart everything.
 """
 
 from __future__ import annotations
@@ -25,9 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardline.proto import generate_pb2 as pb
-from shardline.router.client import ShardClient, StepResult
+from shardline.router.client import ShardClient, ShardTimeoutError, StepResult
 from shardline.router.detokenizer import IncrementalDetokenizer
-from shardline.router.errors import GenerationError, IncompleteGenerationError
+from shardline.router.errors import GenerationError, IncompleteGenerationError, RouterError
 from shardline.router.metrics import RouterMetrics
 from shardline.router.queue import Entry, RequestQueue, SequenceOutput
 from shardline.router.request_types import (
@@ -146,6 +152,8 @@ class Batcher:
         self._stopped: list[pb.SequenceRef] = []
         self._in_flight: set[asyncio.Future[tuple[StepResult, float]]] = set()
         self._task: asyncio.Task[None] | None = None
+        self.stuck: ShardTimeoutError | None = None
+        self._stuck_event = asyncio.Event()
 
     # ---- the caller's side -------------------------------------------------------------------
 
@@ -158,16 +166,13 @@ class Batcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        await self._abandon_calls()
-        error = IncompleteGenerationError("the server is shutting down")
-        self._fail([*self._running.values(), *self._prefilling.values()], error)
-        self._fail(self._queue.drain(), error)
-        self._running.clear()
-        self._prefilling = {}
+        await self._fail_everything(IncompleteGenerationError("the server is shutting down"))
 
     def submit(self, request: ValidRequest) -> RequestStream:
         if self._task is None:
             raise RuntimeError("Batcher.start() was not called")
+        if self.stuck is not None:
+            raise GenerationError(str(self.stuck))
         entry = Entry(
             id=next(self._request_ids),
             request=request,
@@ -187,6 +192,12 @@ class Batcher:
             stop_matcher=StopSequenceMatcher(request.params.stop),
         )
 
+    async def wait_stuck(self) -> ShardTimeoutError:
+        """Returns once a shard call ran past its deadline (the loop has stopped)."""
+        await self._stuck_event.wait()
+        assert self.stuck is not None
+        return self.stuck
+
     @property
     def running_size(self) -> int:
         return len(self._running)
@@ -198,21 +209,43 @@ class Batcher:
     # ---- the loop ----------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        try:
+            await self._batch_forever()
+        except ShardTimeoutError as error:
+            await self._give_up(error)
+
+    async def _batch_forever(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while entries := self._next_batch(min_size=None):
                 try:
                     await self._serve(entries)
+                except ShardTimeoutError:
+                    raise
                 except Exception as error:  # the loop must outlive any bug in one batch
                     logger.exception("batch failed")
-                    await self._abandon_calls()
-                    failed = [*self._running.values(), *self._prefilling.values()]
-                    self._fail(failed, GenerationError(f"internal error: {error}"))
-                    self._running.clear()
-                    self._prefilling = {}
+                    await self._drop_batch(GenerationError(f"internal error: {error}"))
                     await self._clear_cache(None)
                 self._update_gauges()
+
+    async def _drop_batch(self, error: RouterError) -> None:
+        """Abandons the calls in flight and fails every running and prefilling request."""
+        await self._abandon_calls()
+        self._fail([*self._running.values(), *self._prefilling.values()], error)
+        self._running.clear()
+        self._prefilling = {}
+
+    async def _fail_everything(self, error: RouterError) -> None:
+        await self._drop_batch(error)
+        self._fail(self._queue.drain(), error)
+        self._update_gauges()
+
+    async def _give_up(self, error: ShardTimeoutError) -> None:
+        logger.error("%s; failing every request", error)
+        self.stuck = error
+        await self._fail_everything(GenerationError(str(error)))
+        self._stuck_event.set()
 
     def _next_batch(self, min_size: int | None) -> list[Entry] | None:
         cfg = self.config
@@ -308,12 +341,15 @@ class Batcher:
         return _InFlight(method, task, batch_ids)
 
     async def _receive(self, call: _InFlight, entries: list[Entry]) -> StepResult | None:
-        """The call's answer; on failure every entry of its batches gets a 424 error."""
+        """The call's answer; on failure every entry of its batches gets a 424 error (past its
+        deadline, the error goes up: the loop gives up)."""
         try:
             result, seconds = await call.task
         except Exception as error:
-            logger.error("%s failed: %s", call.method, error, extra={"batch_ids": call.batch_ids})
             self._metrics.batch_inference_failure.inc(method=call.method)
+            if isinstance(error, ShardTimeoutError):
+                raise
+            logger.error("%s failed: %s", call.method, error, extra={"batch_ids": call.batch_ids})
             self._fail(entries, GenerationError(_describe(error)))
             for batch_id in call.batch_ids:
                 await self._clear_cache(batch_id)
@@ -365,6 +401,8 @@ class Batcher:
     async def _clear_cache(self, batch_id: int | None) -> None:
         try:
             await self._client.clear_cache(batch_id)
+        except ShardTimeoutError:
+            raise
         except Exception as error:
             logger.error("clear_cache failed: %s", error, extra={"batch_id": batch_id})
 

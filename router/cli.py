@@ -6,12 +6,14 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Sequence
 
 from aiohttp import web
 
 from shardline.log import configure_logging
-from shardline.router.client import ShardedClient
+from shardline.router.batcher import Batcher
+from shardline.router.client import ShardDeadlines, ShardedClient
 from shardline.router.http import PAYLOAD_LIMIT
 from shardline.router.server import create_app
 from shardline.router.startup import RouterSettings, start_router
@@ -53,7 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="on SIGTERM, seconds to let in-flight requests finish (new ones get 503)",
     )
+    add(
+        "--shard-step-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a Prefill, Decode, FilterBatch or ClearCache may take; past it a shard is "
+        "taken as stuck: in-flight requests get 424 and the router exits 1 (0: no limit)",
+    )
     return parser
+
+
+def shard_deadlines(args: argparse.Namespace) -> ShardDeadlines:
+    return ShardDeadlines(step=args.shard_step_timeout or None)
 
 
 def settings_from_args(args: argparse.Namespace) -> RouterSettings:
@@ -84,9 +97,11 @@ def load_tokenizer(args: argparse.Namespace):
     return AutoTokenizer.from_pretrained(source, revision=args.revision)
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace) -> int:
+    """Serves until SIGTERM/SIGINT (drains, then 0) or until a shard is stuck (1: only a restart
+    of every process recovers ranks stuck mid-step, so the launcher must tear everything down)."""
     tokenizer = load_tokenizer(args)
-    client = await ShardedClient.connect(args.master_shard_uds_path)
+    client = await ShardedClient.connect(args.master_shard_uds_path, shard_deadlines(args))
     logger.info("connected to shards", extra={"world_size": client.world_size})
     ctx = await start_router(client, tokenizer, settings_from_args(args))
     runner = web.AppRunner(
@@ -98,21 +113,36 @@ async def serve(args: argparse.Namespace) -> None:
     await runner.setup()
     await web.TCPSite(runner, args.hostname, args.port).start()
     logger.info("router ready", extra={"hostname": args.hostname, "port": args.port})
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    stuck = await _until_stopped_or_stuck(ctx.batcher)
+    # Stuck: every request already has its error; the drain only lets the answers go out.
+    drain_s = _CLOSE_GRACE_S if stuck else args.shutdown_timeout
     logger.info("router draining", extra={"in_flight": ctx.in_flight})
-    if not await ctx.drain(args.shutdown_timeout):
+    if not await ctx.drain(drain_s):
         logger.warning("shutdown timeout: cutting %d in-flight requests", ctx.in_flight)
     await runner.cleanup()
     await ctx.batcher.stop()
     ctx.validator.close()
     await client.close()
+    return 1 if stuck else 0
+
+
+async def _until_stopped_or_stuck(batcher: Batcher) -> bool:
+    """Waits for SIGTERM/SIGINT (False) or for a shard call past its deadline (True)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(batcher.wait_stuck())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for wait in waits:
+        wait.cancel()
+    if batcher.stuck is None:
+        return False
+    logger.error("a shard is stuck; exiting so that every process is restarted")
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     configure_logging(json_output=args.json_output)
-    asyncio.run(serve(args))
+    sys.exit(asyncio.run(serve(args)))

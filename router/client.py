@@ -2,27 +2,48 @@
 
 Every call goes to every shard at once and the shards run in lockstep; shard 0's answer is
 the one used (TGI's sharded client).
+
+Every call has a deadline (`ShardDeadlines`): a shard that is alive but stuck (a stopped process,
+a deadlock, a hung collective) makes the call raise `ShardTimeoutError` instead of hanging the
+router forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import grpc
 
 from shardline.proto import CALL_SEQUENCE_KEY, generate_pb2_grpc
 from shardline.proto import generate_pb2 as pb
 
-T = TypeVar("T")
-
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
 ]
+
+
+@dataclass(frozen=True)
+class ShardDeadlines:
+    """Seconds a shard call may take; None waits forever.
+
+    `probe`: Health, Info, Stats, ServiceDiscovery (answered at once by a live shard).
+    `step`: Prefill, Decode, FilterBatch, ClearCache (the worst-case step, generously).
+    `warmup`: Warmup, which loads the KV cache and captures CUDA graphs (minutes on a GPU).
+    """
+
+    probe: float = 5.0
+    step: float | None = 60.0
+    warmup: float | None = None
+
+
+class ShardTimeoutError(Exception):
+    """A shard call ran past its deadline: a shard is stuck, and tensor-parallel ranks cannot
+    recover from a half-run step."""
 
 
 @dataclass(frozen=True)
@@ -43,9 +64,12 @@ class StepResult:
 
 
 class ShardClient(Protocol):
+    """Each call raises `ShardTimeoutError` when the shards do not answer within its deadline."""
+
     async def info(self) -> pb.InfoResponse: ...
 
-    async def health(self) -> None: ...
+    async def health(self) -> None:
+        """Raises unless every shard answers within a short deadline."""
 
     async def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse: ...
 
@@ -93,22 +117,26 @@ def clear_cache_request(batch_id: int | None) -> pb.ClearCacheRequest:
 class ShardedClient:
     """gRPC to every shard over unix sockets (`unix://PATH`)."""
 
-    def __init__(self, urls: Sequence[str]) -> None:
+    def __init__(self, urls: Sequence[str], deadlines: ShardDeadlines = ShardDeadlines()) -> None:
         if not urls:
             raise ValueError("at least one shard url is needed")
+        self.deadlines = deadlines
         self._channels = [grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS) for url in urls]
         self._stubs = [generate_pb2_grpc.TextGenerationServiceStub(ch) for ch in self._channels]
         self._sequence = itertools.count()
 
     @classmethod
-    async def connect(cls, master_uds_path: str) -> ShardedClient:
+    async def connect(
+        cls, master_uds_path: str, deadlines: ShardDeadlines = ShardDeadlines()
+    ) -> ShardedClient:
         """Asks the master shard for every shard's address (ServiceDiscovery)."""
-        master = cls([_unix_url(master_uds_path)])
+        master = cls([_unix_url(master_uds_path)], deadlines)
         try:
-            found = await master._stubs[0].ServiceDiscovery(pb.ServiceDiscoveryRequest())
+            request = pb.ServiceDiscoveryRequest()
+            found = await master._all("ServiceDiscovery", request, deadlines.probe)
         finally:
             await master.close()
-        return cls(list(found.urls) or [_unix_url(master_uds_path)])
+        return cls(list(found.urls) or [_unix_url(master_uds_path)], deadlines)
 
     @property
     def world_size(self) -> int:
@@ -118,31 +146,47 @@ class ShardedClient:
         await asyncio.gather(*(channel.close() for channel in self._channels))
 
     async def _all(
-        self, call: Callable[[generate_pb2_grpc.TextGenerationServiceStub], Awaitable[T]]
-    ) -> T:
-        answers = await asyncio.gather(*(call(stub) for stub in self._stubs))
+        self,
+        method: str,
+        request: object,
+        timeout: float | None,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> Any:
+        calls = [
+            getattr(stub, method)(request, timeout=timeout, metadata=metadata)
+            for stub in self._stubs
+        ]
+        try:
+            answers = await asyncio.gather(*calls)
+        except grpc.aio.AioRpcError as error:
+            if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise ShardTimeoutError(
+                    f"the shards did not answer {method} within {timeout:g} s: a shard is stuck"
+                ) from error
+            raise
         return answers[0]
 
-    async def _ordered(self, method: str, request: object) -> Any:
+    async def _ordered(self, method: str, request: object, timeout: float | None) -> Any:
         """A call that changes the shards' state, numbered so every rank runs it in this order."""
         metadata = ((CALL_SEQUENCE_KEY, str(next(self._sequence))),)
-        return await self._all(lambda stub: getattr(stub, method)(request, metadata=metadata))
+        return await self._all(method, request, timeout, metadata)
 
     async def info(self) -> pb.InfoResponse:
-        return await self._all(lambda stub: stub.Info(pb.InfoRequest()))
+        return await self._all("Info", pb.InfoRequest(), self.deadlines.probe)
 
     async def health(self) -> None:
-        await self._all(lambda stub: stub.Health(pb.HealthRequest()))
+        await self._all("Health", pb.HealthRequest(), self.deadlines.probe)
 
     async def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
-        return await self._ordered("Warmup", request)
+        return await self._ordered("Warmup", request, self.deadlines.warmup)
 
     async def prefill(self, batch: pb.Batch) -> StepResult:
-        return step_result(await self._ordered("Prefill", pb.PrefillRequest(batch=batch)))
+        request = pb.PrefillRequest(batch=batch)
+        return step_result(await self._ordered("Prefill", request, self.deadlines.step))
 
     async def decode(self, batches: Sequence[pb.CachedBatch]) -> StepResult:
         request = pb.DecodeRequest(batches=list(batches))
-        return step_result(await self._ordered("Decode", request))
+        return step_result(await self._ordered("Decode", request, self.deadlines.step))
 
     async def filter_batch(
         self,
@@ -151,14 +195,16 @@ class ShardedClient:
         stopped_sequences: Sequence[pb.SequenceRef] = (),
     ) -> pb.CachedBatch | None:
         request = filter_request(batch_id, request_ids, stopped_sequences)
-        answer: pb.FilterBatchResponse = await self._ordered("FilterBatch", request)
+        answer: pb.FilterBatchResponse = await self._ordered(
+            "FilterBatch", request, self.deadlines.step
+        )
         return answer.batch if answer.HasField("batch") else None
 
     async def clear_cache(self, batch_id: int | None = None) -> None:
-        await self._ordered("ClearCache", clear_cache_request(batch_id))
+        await self._ordered("ClearCache", clear_cache_request(batch_id), self.deadlines.step)
 
     async def stats(self) -> pb.StatsResponse:
-        return await self._all(lambda stub: stub.Stats(pb.StatsRequest()))
+        return await self._all("Stats", pb.StatsRequest(), self.deadlines.probe)
 
 
 def _unix_url(path: str) -> str:
