@@ -12,13 +12,15 @@ import asyncio
 import atexit
 import contextlib
 import dataclasses
+import logging
 import os
+import random
 import shutil
 import socket
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,22 @@ from shardline.router.batcher import Batcher, BatchingConfig
 from shardline.router.request_types import FinishReason, StreamEvent, ValidRequest
 from shardline.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
+
 _VLLM_FINISH_REASONS = {
     FinishReason.LENGTH: "length",
     FinishReason.EOS_TOKEN: "stop",
     FinishReason.STOP_SEQUENCE: "stop",
 }
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """vLLM's: a token's logprob, its rank among the alternatives (1 = most likely), its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
 
 
 @dataclass
@@ -41,7 +54,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None
-    logprobs: list[dict[int, float]] | None
+    logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None
     stop_reason: str | None = None
 
@@ -51,7 +64,7 @@ class RequestOutput:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    prompt_logprobs: list[float | None] | None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None
     outputs: list[CompletionOutput]
     finished: bool = True
 
@@ -69,18 +82,28 @@ class EngineArgs:
     attention: str = "auto"
     cuda_graphs: str | None = None
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _engine_args(kwargs: dict[str, Any]) -> EngineArgs:
+    """The engine arguments, from vLLM's names; ones with no counterpart here are logged."""
+    kwargs = dict(kwargs)
+    if kwargs.pop("enforce_eager", False):
+        kwargs.setdefault("cuda_graphs", "0")
+    if kwargs.pop("trust_remote_code", False):
+        logger.warning("trust_remote_code has no effect: Shardline runs its own model code")
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    ignored = sorted(set(kwargs) - known)
+    if ignored:
+        logger.warning("LLM ignores engine arguments with no Shardline counterpart: %s", ignored)
+    return EngineArgs(**{k: v for k, v in kwargs.items() if k in known})
 
 
 class LLM:
     def __init__(
         self, model: str | None = None, tokenizer: str | None = None, **kwargs: Any
     ) -> None:
-        known = {f.name for f in dataclasses.fields(EngineArgs)} - {"extra"}
-        self.args = EngineArgs(
-            **{k: v for k, v in kwargs.items() if k in known},
-            extra={k: v for k, v in kwargs.items() if k not in known},
-        )
+        self.args = _engine_args(kwargs)
+        self._seeds = random.Random(self.args.seed)
         self.model_dir = Path(resolve_model(model))
         from transformers import AutoTokenizer
 
@@ -171,6 +194,9 @@ class LLM:
             raise ValueError(
                 f"the prompt has {len(ids)} tokens; the model's limit is {self.max_model_len}"
             )
+        if params.seed is None and not params.greedy:
+            # vLLM's `seed` engine argument: unseeded requests draw from one seeded stream.
+            params = dataclasses.replace(params, seed=self._seeds.getrandbits(63))
         max_new = room if params.max_tokens is None else params.max_tokens
         if max_new > room:
             raise ValueError(
@@ -231,7 +257,14 @@ def _request_output(
         completions.sort(key=lambda c: c.cumulative_logprob or 0.0, reverse=True)
         completions = completions[: request.params.n]
     first = events[0]
-    prompt_logprobs = [t.logprob for t in first.prefill] if request.decoder_input_details else None
+    prompt_logprobs = (
+        [
+            None if t.logprob is None else {t.id: Logprob(t.logprob, None, t.text)}
+            for t in first.prefill
+        ]
+        if request.decoder_input_details
+        else None
+    )
     return RequestOutput(
         request_id=request_id,
         prompt=request.inputs or None,
@@ -250,14 +283,22 @@ def _completion(index: int, events: list[StreamEvent], with_logprobs: bool) -> C
         text=finished.generated_text if finished else "",
         token_ids=[event.token.id for event in events],
         cumulative_logprob=sum(known) if known else None,
-        logprobs=[
-            {event.token.id: event.token.logprob, **{t.id: t.logprob for t in event.top_tokens}}
-            for event in events
-        ]
-        if with_logprobs
-        else None,
+        logprobs=[_step_logprobs(event) for event in events] if with_logprobs else None,
         finish_reason=_VLLM_FINISH_REASONS[finished.reason] if finished else None,
     )
+
+
+def _step_logprobs(event: StreamEvent) -> dict[int, Logprob]:
+    """The chosen token and the top alternatives of one step, ranked as vLLM ranks them."""
+    ranked = {
+        t.id: Logprob(t.logprob, rank, t.text)
+        for rank, t in enumerate(event.top_tokens, start=1)
+        if t.logprob is not None
+    }
+    chosen = event.token
+    if chosen.id not in ranked and chosen.logprob is not None:
+        ranked[chosen.id] = Logprob(chosen.logprob, None, chosen.text)
+    return ranked
 
 
 def _per_prompt(

@@ -58,6 +58,13 @@ def test_one_sampling_params_per_prompt_and_logprobs(llm):
         second.prompt_token_ids
     )
     assert first.outputs[0].cumulative_logprob <= 0
+    chosen = first.outputs[0].token_ids[0]
+    step = first.outputs[0].logprobs[0]
+    assert step[chosen].rank == 1 and step[chosen].logprob <= 0  # greedy: the top token
+    assert sorted(lp.rank for lp in step.values()) == [1, 2]
+    assert step[chosen].decoded_token == llm.tokenizer.decode([chosen])
+    second_token = second.prompt_token_ids[1]
+    assert second.prompt_logprobs[1][second_token].logprob <= 0
 
 
 def test_chat_applies_the_template(llm):
@@ -97,3 +104,25 @@ def test_tensor_parallel_llm_runs_shard_processes(tiny_llama_dir):
     finally:
         llm.shutdown()
     assert all(process.poll() is not None for process in children)
+
+
+def test_vllm_engine_arguments_are_mapped_or_reported(tiny_llama_dir, caplog):
+    from shardline.llm import _engine_args
+
+    with caplog.at_level("WARNING"):
+        args = _engine_args({"enforce_eager": True, "swap_space": 4, "block_size": 8})
+    assert args.cuda_graphs == "0" and args.block_size == 8
+    assert "swap_space" in caplog.text
+
+
+def test_the_seed_engine_argument_makes_unseeded_sampling_reproducible(tiny_llama_dir):
+    params = SamplingParams(temperature=1.0, max_tokens=8)
+    runs = [
+        LLM(model=str(tiny_llama_dir), seed=3, kv_cache_bytes=1 << 20, max_model_len=128).generate(
+            ["the model server"] * 2, params, use_tqdm=False
+        )
+        for _ in range(2)
+    ]
+    tokens = [[o.outputs[0].token_ids for o in run] for run in runs]
+    assert tokens[0] == tokens[1]
+    assert tokens[0][0] != tokens[0][1]
