@@ -24,10 +24,14 @@ from shardline.shards.layers.attention.triton_decode import (  # noqa: E402
     DecodeConfig,
     SplitPlan,
     paged_decode_attention,
+    plan_splits,
 )
 from shardline.shards.layers.attention.triton_kv_write import write_kv_cache  # noqa: E402
 from shardline.shards.layers.attention.triton_paged import TritonAttentionBackend  # noqa: E402
-from shardline.shards.layers.attention.triton_prefill import varlen_causal_attention  # noqa: E402
+from shardline.shards.layers.attention.triton_prefill import (  # noqa: E402
+    PrefillConfig,
+    varlen_causal_attention,
+)
 
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 LONG = 300 if INTERPRET else 8192
@@ -69,6 +73,7 @@ class PagedCase:
         self.block_tables = torch.full((len(context_lens), width), num_pages - 1, dtype=torch.int32)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.slots: list[torch.Tensor] = []
         for row, (length, count) in enumerate(zip(context_lens, pages_per_seq, strict=True)):
             pages, order = order[:count], order[count:]
             self.block_tables[row, :count] = torch.tensor(pages, dtype=torch.int32)
@@ -83,10 +88,21 @@ class PagedCase:
             self.v_cache.view(-1, num_kv_heads, head_dim)[slots] = values
             self.keys.append(keys)
             self.values.append(values)
+            self.slots.append(slots)
         self.block_tables = self.block_tables.to(DEVICE)
         self.context_lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
         self.q = _random((len(context_lens), num_heads, head_dim), dtype, std=2.0)
         self.scale = head_dim**-0.5
+
+    def slide(self, window: int) -> None:
+        """Keeps each row's last `window` keys; the older ones become NaN in the cache, so a
+        kernel that reads them fails the check."""
+        for row, slots in enumerate(self.slots):
+            old = slots[: max(0, len(slots) - window)]
+            self.k_cache.view(-1, *self.k_cache.shape[2:])[old] = float("nan")
+            self.v_cache.view(-1, *self.v_cache.shape[2:])[old] = float("nan")
+            self.keys[row] = self.keys[row][len(old) :]
+            self.values[row] = self.values[row][len(old) :]
 
     def reference(self) -> torch.Tensor:
         rows = [
@@ -97,9 +113,10 @@ class PagedCase:
 
 
 def _attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, window: int = 0
 ) -> torch.Tensor:
-    """Float64 softmax attention; q [m, heads, d], k/v [n, kv_heads, d]. Zeros where n == 0."""
+    """Float64 softmax attention; q [m, heads, d], k/v [n, kv_heads, d]. Zeros where n == 0.
+    Causal with window > 0: each query sees itself and the window - 1 keys before it."""
     group = q.shape[1] // k.shape[1]
     if k.shape[0] == 0:
         return torch.zeros(q.shape, dtype=torch.float64, device=q.device)
@@ -109,6 +126,8 @@ def _attention_reference(
     if causal:
         offset = k.shape[0] - q.shape[0]
         mask = torch.ones(scores.shape[1:], dtype=torch.bool, device=q.device).tril(offset)
+        if window:
+            mask = mask.triu(offset - window + 1)
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.einsum("hmn,nhd->mhd", scores.softmax(-1), v64)
 
@@ -164,6 +183,26 @@ def test_decode_page_sizes(page_size: int, block_n: int) -> None:
         DecodeConfig(block_n=block_n), _forced_plan(case, 3, block_n),
     )  # fmt: skip
     _assert_close_rows(out, case.reference(), torch.float16)
+
+
+@pytest.mark.parametrize("splits", ["auto", "planned for 132 SMs", 1, 5])
+@pytest.mark.parametrize("window", [1, 16, 37])
+def test_decode_sliding_window_reads_only_the_window(window: int, splits: str | int) -> None:
+    case = PagedCase(MIXED_CONTEXTS, 8, 2, 64, DTYPES[0])
+    case.slide(window)
+    config = DecodeConfig(block_n=16)
+    max_tokens = case.block_tables.shape[1] * case.k_cache.shape[1]
+    plans = {
+        "auto": None,
+        "planned for 132 SMs": plan_splits(len(MIXED_CONTEXTS), 2, max_tokens, 16, 132, window),
+    }
+    plan = plans[splits] if splits in plans else _forced_plan(case, int(splits), config.block_n)
+    _poison_allocator()
+    out = paged_decode_attention(
+        case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale,
+        config, plan, window=window,
+    )  # fmt: skip
+    _assert_close_rows(out, case.reference(), DTYPES[0])
 
 
 def test_decode_long_contexts_small_batch() -> None:
@@ -251,11 +290,16 @@ def _packed_prefill(
 
 
 def _prefill_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: torch.Tensor,
+    scale: float,
+    window: int = 0,
 ) -> torch.Tensor:
     bounds = cu.tolist()
     parts = [
-        _attention_reference(q[a:b], k[a:b], v[a:b], scale, causal=True)
+        _attention_reference(q[a:b], k[a:b], v[a:b], scale, causal=True, window=window)
         for a, b in zip(bounds[:-1], bounds[1:], strict=True)
     ]
     return torch.cat(parts)
@@ -277,6 +321,16 @@ def test_prefill_matches_reference(
     _assert_close_rows(out, _prefill_reference(q, k, v, cu, scale), dtype)
 
 
+@pytest.mark.parametrize("block_n", [16, 64])
+@pytest.mark.parametrize("window", [1, 5, 64, 100])
+def test_prefill_sliding_window(window: int, block_n: int) -> None:
+    q, k, v, cu = _packed_prefill(PREFILL_LENGTHS, 8, 2, 64, DTYPES[0])
+    config = PrefillConfig(block_m=64, block_n=block_n)
+    _poison_allocator()
+    out = varlen_causal_attention(q, k, v, cu, max(PREFILL_LENGTHS), 0.125, config, window)
+    _assert_close_rows(out, _prefill_reference(q, k, v, cu, 0.125, window), DTYPES[0])
+
+
 def test_float32_prefill_is_not_tf32() -> None:
     q, k, v, cu = _packed_prefill([1, 70, 200], 8, 2, 128, torch.float32)
     _poison_allocator()
@@ -294,7 +348,8 @@ def test_prefill_many_short_prompts() -> None:
 
 @pytest.mark.skipif(INTERPRET, reason="the backend needs a CUDA device")
 @pytest.mark.parametrize("use_flash_attn", [False, True])
-def test_backend_prefill_write_then_decode(use_flash_attn: bool) -> None:
+@pytest.mark.parametrize("window", [0, 7])
+def test_backend_prefill_write_then_decode(use_flash_attn: bool, window: int) -> None:
     if use_flash_attn:
         pytest.importorskip("flash_attn")
     backend = TritonAttentionBackend(DEVICE, use_flash_attn=use_flash_attn)
@@ -312,11 +367,10 @@ def test_backend_prefill_write_then_decode(use_flash_attn: bool) -> None:
     meta = AttentionMetadata(True, slots, cu_seqlens=cu, max_seqlen=max(lengths))
     backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     scale = head_dim**-0.5
-    _assert_close_rows(
-        backend.prefill(q, k, v, meta, scale), _prefill_reference(q, k, v, cu, scale), dtype
-    )
+    expected = _prefill_reference(q, k, v, cu, scale, window)
+    _assert_close_rows(backend.prefill(q, k, v, meta, scale, window), expected, dtype)
     last = cu[1:] - 1
     lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     decode_meta = AttentionMetadata(False, slots[last], block_tables=tables, context_lens=lens)
-    out = backend.decode(q[last], k_cache, v_cache, decode_meta, scale)
-    _assert_close_rows(out, _prefill_reference(q, k, v, cu, scale)[last], dtype)
+    out = backend.decode(q[last], k_cache, v_cache, decode_meta, scale, window)
+    _assert_close_rows(out, expected[last], dtype)

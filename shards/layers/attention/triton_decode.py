@@ -6,7 +6,8 @@ separate programs whose partial results a second kernel merges (log-sum-exp weig
 
 The launch shape depends only on tensor shapes (batch, heads, block-table width), never on
 context lengths, and nothing is read back to the host: the call can be captured in a CUDA graph.
-Rows whose context length is 0 (padding) produce zeros.
+Rows whose context length is 0 (padding) produce zeros. With a sliding window W (a constant of
+the model, 0 for none) each row reads only its last W keys: the partitions cover those.
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ class SplitPlan:
 
 
 @triton.jit
+def _first_key(context_len, WINDOW: tl.constexpr):
+    """The first position a query at context_len - 1 sees."""
+    first = context_len * 0
+    if WINDOW > 0:
+        first = tl.maximum(context_len - WINDOW, 0)
+    return first
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -77,13 +87,14 @@ def _paged_decode_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
+    WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
-    start = split * partition_tiles * BLOCK_N
+    start = _first_key(context_len, WINDOW) + split * partition_tiles * BLOCK_N
     end = tl.minimum(start + partition_tiles * BLOCK_N, context_len)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -196,7 +207,7 @@ def _multiprocessor_count(device: torch.device) -> int:
 
 
 def plan_splits(
-    batch: int, num_kv_heads: int, max_tokens: int, block_n: int, num_sms: int
+    batch: int, num_kv_heads: int, max_tokens: int, block_n: int, num_sms: int, window: int = 0
 ) -> SplitPlan:
     """No split once (sequence, KV head) programs cover every SM; otherwise cuts each context
     into partitions so that about PROGRAMS_PER_SM programs run per SM. Measured on an H200 (32
@@ -204,9 +215,11 @@ def plan_splits(
     batch 1 at 8192 tokens ran 15x faster with 64 splits than with none.
 
     Depends on shapes only (max_tokens = block-table width x page size), so a captured CUDA
-    graph stays valid for every context length that fits its block table.
+    graph stays valid for every context length that fits its block table. A sliding window
+    caps the keys any row reads at `window`.
     """
-    max_tiles = max(1, triton.cdiv(max_tokens, block_n))
+    max_keys = min(max_tokens, window) if window else max_tokens
+    max_tiles = max(1, triton.cdiv(max_keys, block_n))
     programs = max(1, batch * num_kv_heads)
     wanted = 1 if programs >= num_sms else triton.cdiv(PROGRAMS_PER_SM * num_sms, programs)
     num_splits = max(1, min(wanted, max_tiles, MAX_SPLITS))
@@ -223,8 +236,10 @@ def paged_decode_attention(
     scale: float,
     config: DecodeConfig | None = None,
     plan: SplitPlan | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
-    """q [batch, heads, dim] against the paged cache [pages, page_size, kv_heads, dim]."""
+    """q [batch, heads, dim] against the paged cache [pages, page_size, kv_heads, dim], each row
+    over its last `window` keys when window > 0."""
     config = config or default_decode_config(q.dtype)
     batch, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
@@ -235,7 +250,7 @@ def paged_decode_attention(
     if plan is None:
         max_tokens = block_tables.shape[1] * page_size
         num_sms = _multiprocessor_count(q.device)
-        plan = plan_splits(batch, num_kv_heads, max_tokens, config.block_n, num_sms)
+        plan = plan_splits(batch, num_kv_heads, max_tokens, config.block_n, num_sms, window)
     group = num_heads // num_kv_heads
     shape = dict(
         GROUP=group,
@@ -244,6 +259,7 @@ def paged_decode_attention(
         BLOCK_D=triton.next_power_of_2(head_dim),
         PAGE_SIZE=page_size,
         BLOCK_N=config.block_n,
+        WINDOW=window,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,

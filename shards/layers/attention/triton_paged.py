@@ -58,12 +58,13 @@ class TritonAttentionBackend:
         v: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,
     ) -> torch.Tensor:
         if meta.cu_seqlens is None:
             raise ValueError("prefill needs meta.cu_seqlens")
         max_seqlen = meta.max_seqlen or int((meta.cu_seqlens[1:] - meta.cu_seqlens[:-1]).max())
         if self._flash_varlen is None:
-            return self._varlen(q, k, v, meta.cu_seqlens, max_seqlen, scale)
+            return self._varlen(q, k, v, meta.cu_seqlens, max_seqlen, scale, window=window)
         return self._flash_varlen(
             q,
             k,
@@ -74,6 +75,7 @@ class TritonAttentionBackend:
             max_seqlen,
             softmax_scale=scale,
             causal=True,
+            window_size=(window - 1, 0) if window else (-1, -1),
         )
 
     def decode(
@@ -83,7 +85,10 @@ class TritonAttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,
     ) -> torch.Tensor:
         if meta.block_tables is None or meta.context_lens is None:
             raise ValueError("decode needs meta.block_tables and meta.context_lens")
-        return self._decode(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+        return self._decode(
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, window=window
+        )

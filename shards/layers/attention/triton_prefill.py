@@ -3,7 +3,8 @@
 Sequences are concatenated along the token axis and delimited by `cu_seqlens`; one program
 computes a BLOCK_M tile of queries of one sequence and one head, streaming keys/values of the
 same sequence up to the causal diagonal with an online softmax. GQA maps query head h to KV head
-h // (num_heads // num_kv_heads).
+h // (num_heads // num_kv_heads). With a sliding window W > 0 the query at position p sees keys
+p - W + 1 .. p only, and key tiles below the tile's window are not visited.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def _varlen_causal_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     m_block = num_m_blocks - 1 - tl.program_id(0)  # the longest tiles start first
@@ -81,7 +83,10 @@ def _varlen_causal_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         k_base = k_ptr + seq_start * stride_kt + kv_head * stride_kh
         v_base = v_ptr + seq_start * stride_vt + kv_head * stride_vh
-        for n_start in range(0, tl.minimum(seq_len, m_start + BLOCK_M), BLOCK_N):
+        n_first = 0
+        if WINDOW > 0:
+            n_first = tl.maximum(m_start - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+        for n_start in range(n_first, tl.minimum(seq_len, m_start + BLOCK_M), BLOCK_N):
             cols = n_start + offs_n
             n_mask = cols < seq_len
             kv_mask = n_mask[:, None] & d_mask[None, :]
@@ -93,10 +98,15 @@ def _varlen_causal_kernel(
             )
             scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             visible = (cols[None, :] <= offs_m[:, None]) & n_mask[None, :]
+            if WINDOW > 0:
+                visible = visible & (cols[None, :] > offs_m[:, None] - WINDOW)
             scores = tl.where(visible, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(scores - m_new[:, None])
+            m_shift = m_new
+            if WINDOW > 0:  # rows may see no key of a tile yet: keep m = -inf, shift by 0
+                m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_shift)
+            p = tl.exp2(scores - m_shift[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
@@ -114,8 +124,10 @@ def varlen_causal_attention(
     max_seqlen: int,
     scale: float,
     config: PrefillConfig | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
-    """q [tokens, heads, dim], k/v [tokens, kv_heads, dim] packed by cu_seqlens (int32)."""
+    """q [tokens, heads, dim], k/v [tokens, kv_heads, dim] packed by cu_seqlens (int32); each
+    query sees its last `window` keys when window > 0."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_heads % num_kv_heads:
@@ -145,6 +157,7 @@ def varlen_causal_attention(
         BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
+        WINDOW=window,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
