@@ -20,18 +20,15 @@ from shardline.shards.beam_search import BeamSearch, candidates_per_step
 from shardline.shards.kv_cache import BlockAllocator, KVCacheExhaustedError, bytes_per_block
 from shardline.shards.model_runner import ModelRunner, StepResult, grow_blocks
 from shardline.shards.models.config import ModelConfig
+from shardline.shards.request_checks import InvalidRequestError, check_batch
 from shardline.shards.utils.dist import TPGroup
-from shardline.shards.utils.grammar import GrammarCompiler, InvalidGrammarError
+from shardline.shards.utils.grammar import GrammarCompiler
 from shardline.shards.utils.sampling import SamplingState
 
 logger = logging.getLogger(__name__)
 
 
 _CPU_WARMUP_TOKENS = 64
-
-
-class InvalidRequestError(ValueError):
-    """A request the shard cannot run; nothing was changed."""
 
 
 @dataclass
@@ -426,41 +423,13 @@ class ShardEngine:
         return batch.regroup(parents, allocator, self.runner.kv_cache, last_tokens=last_tokens)
 
     def _validate(self, batch: pb.Batch) -> None:
-        if not batch.requests:
-            raise InvalidRequestError(f"batch {batch.id} has no requests")
-        if batch.id in self.batches:
-            raise InvalidRequestError(f"batch {batch.id} is already cached")
-        ids = [r.id for r in batch.requests]
-        if len(set(ids)) != len(ids):
-            raise InvalidRequestError(f"batch {batch.id} repeats a request id")
-        for r in batch.requests:
-            if not r.input_ids:
-                raise InvalidRequestError(f"request {r.id} has an empty prompt")
-            if max(r.input_ids) >= self.config.vocab_size:
-                raise InvalidRequestError(
-                    f"request {r.id} has a token id >= the vocabulary size {self.config.vocab_size}"
-                )
-            if r.stopping_parameters.max_new_tokens < 1:
-                raise InvalidRequestError(f"request {r.id} asks for max_new_tokens < 1")
-            if r.HasField("beam_search"):
-                _validate_beam_search(r)
-            self._validate_grammar(r)
-            total = len(r.input_ids) + r.stopping_parameters.max_new_tokens
-            if total > self.max_positions:
-                raise InvalidRequestError(
-                    f"request {r.id} needs {total} positions; the model has {self.max_positions}"
-                )
-
-    def _validate_grammar(self, request: pb.Request) -> None:
-        params = request.parameters
-        if params.grammar_type == pb.GRAMMAR_TYPE_NONE:
-            return
-        if request.HasField("beam_search"):
-            raise InvalidRequestError(f"request {request.id}: beam search takes no grammar")
-        try:
-            self.grammars.compile(params.grammar_type, params.grammar)
-        except InvalidGrammarError as error:
-            raise InvalidRequestError(f"request {request.id}: {error}") from error
+        check_batch(
+            batch,
+            cached_batch_ids=self.batches.keys(),
+            vocab_size=self.config.vocab_size,
+            max_positions=self.max_positions,
+            compile_grammar=self.grammars.compile,
+        )
 
     def _new_sequence(self, request: pb.Request, blocks: list[int]) -> SequenceState:
         stopping = request.stopping_parameters
@@ -588,18 +557,6 @@ def _beam_generation(seq: SequenceState, search: BeamSearch) -> pb.Generation:
     if search.prompt_tokens is not None:
         generation.prefill_tokens.CopyFrom(search.prompt_tokens)
     return generation
-
-
-def _validate_beam_search(request: pb.Request) -> None:
-    beam = request.beam_search
-    if beam.beam_width < 1:
-        raise InvalidRequestError(f"request {request.id} asks for beam_width < 1")
-    if not 1 <= beam.num_return_sequences <= beam.beam_width:
-        raise InvalidRequestError(
-            f"request {request.id}: num_return_sequences must be in [1, beam_width]"
-        )
-    if request.parameters.do_sample:
-        raise InvalidRequestError(f"request {request.id}: beam search does not sample")
 
 
 def _split_tokens(total: int, per_sequence: int) -> list[int]:

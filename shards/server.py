@@ -20,8 +20,9 @@ import grpc
 
 from shardline.proto import CALL_SEQUENCE_KEY, generate_pb2_grpc
 from shardline.proto import generate_pb2 as pb
-from shardline.shards.engine import InvalidRequestError, ShardEngine
+from shardline.shards.engine import ShardEngine
 from shardline.shards.kv_cache import KVCacheExhaustedError
+from shardline.shards.request_checks import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,9 @@ import pytest
 
 from shardline.proto import generate_pb2 as pb
 from shardline.shards.bootstrap import ShardArgs, create_engine
-from shardline.shards.engine import InvalidRequestError, ShardEngine
+from shardline.shards.engine import ShardEngine
 from shardline.shards.kv_cache import KVCacheExhaustedError
+from shardline.shards.request_checks import InvalidRequestError
 from tests.model_factory import ARCHITECTURES
 from tests.shard_harness import (
     Arrival,

@@ -17,7 +17,8 @@ from shardline.router.client import ShardedClient
 from shardline.router.server import create_app
 from shardline.router.startup import RouterSettings, start_router
 from shardline.sampling_params import JSON_OBJECT_SCHEMA, SamplingParams, SamplingParamsError
-from shardline.shards.engine import InvalidRequestError, ShardEngine
+from shardline.shards.engine import ShardEngine
+from shardline.shards.request_checks import InvalidRequestError
 from tests.shard_harness import Arrival, make_request, random_prompts, run_schedule
 from tests.test_engine import assert_no_leaks, warmed_engine
 from tests.test_router_e2e import shard_socket  # noqa: F401 (a fixture: a real shard process)
