@@ -124,7 +124,8 @@ async def test_a_stopped_shard_fails_in_flight_requests_and_everything_exits(
     exited_after = time.monotonic() - stopped_at
     expected = {"/generate_stream": "error event generation", "/generate": "status 424 generation"}
     assert outcomes == [expected[path] for path in paths]
-    assert STEP_TIMEOUT_S <= answered_after < STEP_TIMEOUT_S + ANSWER_MARGIN_S, answered_after
+    # The deadline runs from the step's start, which may come a little before the SIGSTOP.
+    assert STEP_TIMEOUT_S - 1 <= answered_after < STEP_TIMEOUT_S + ANSWER_MARGIN_S, answered_after
     assert code == 1 and exited_after < STEP_TIMEOUT_S + EXIT_MARGIN_S, (code, exited_after)
     log = "\n".join(launcher.lines)
     assert f"within {STEP_TIMEOUT_S} s: a shard is stuck" in log
