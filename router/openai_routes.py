@@ -2,8 +2,9 @@
 /chat_tokenize, plus /invocations dispatching on the body's shape as TGI does.
 
 Parameters map onto `SamplingParams` (vLLM's names, so vLLM's extras come for free) and every
-prompt goes through `Validator.validate`, as for TGI's own routes. What this server cannot do
-(n > 1, tools, logit_bias, echo, suffix) is a 422, never silently ignored.
+prompt goes through `Validator.validate`, as for TGI's own routes. Tools are TGI's tool calling
+(`router/tools.py`). What this server cannot do (n > 1, logit_bias, echo, suffix) is a 422,
+never silently ignored.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -23,10 +24,19 @@ from shardline.router.chat_template import parse_messages, render_chat
 from shardline.router.errors import RouterError, ValidationError
 from shardline.router.http import SSE_HEADERS, RouterContext, context, read_json, sse_event
 from shardline.router.request_types import Finished, FinishReason, StreamEvent, ValidRequest
+from shardline.router.tools import (
+    NoToolChosen,
+    ToolCalling,
+    ToolCallStream,
+    parse_tool_calling,
+    render_with_tools,
+    tool_call,
+)
 from shardline.router.validation import guided_decoding
 from shardline.sampling_params import SamplingParams, SamplingParamsError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Chunker = Callable[[int, StreamEvent], list[dict[str, Any]]]
 
 # SamplingParams checks their types and ranges; the names are vLLM's, as OpenAI clients send.
 _SAMPLING_FIELDS = (
@@ -85,6 +95,9 @@ class _Job:
     include_usage: bool
     top_logprobs: int | None = None
     """None: no logprobs; else how many alternatives each token gets."""
+    tools: ToolCalling | None = None
+    without_tools: _Job | None = None
+    """With tools: the same request without them, answered when the model picks `no_tool`."""
 
 
 # ---- routes ------------------------------------------------------------------------------------
@@ -142,13 +155,28 @@ OPENAI_ROUTES = [
 
 def _chat_job(ctx: RouterContext, body: Any) -> _Job:
     fields = _fields(body, _CHAT_FIELDS)
-    _reject_unsupported_chat(fields)
-    prompt = render_chat(ctx.validator.tokenizer, parse_messages(fields.get("messages")))
+    _reject_logit_bias(fields)
+    messages = parse_messages(fields.get("messages"))
+    calling = parse_tool_calling(fields)
+    job = _plain_chat_job(ctx, fields, render_chat(ctx.validator.tokenizer, messages))
+    if calling is None:
+        return job
+    return replace(
+        job,
+        prompts=[render_with_tools(ctx.validator.tokenizer, messages, calling)],
+        params=_sampling_params(fields, job.max_tokens, {"guided_json": calling.grammar}),
+        tools=calling,
+        without_tools=job,
+    )
+
+
+def _plain_chat_job(ctx: RouterContext, fields: dict[str, Any], prompt: str) -> _Job:
     max_tokens = fields.get("max_completion_tokens", fields.get("max_tokens"))
+    guided = guided_decoding(fields.get("response_format"), "response_format")
     return _Job(
         chat=True,
         prompts=[prompt],
-        params=_sampling_params(fields, max_tokens),
+        params=_sampling_params(fields, max_tokens, guided),
         max_tokens=max_tokens,
         stream=_bool(fields, "stream"),
         include_usage=_include_usage(fields),
@@ -163,7 +191,9 @@ def _completion_job(ctx: RouterContext, body: Any) -> _Job:
     return _Job(
         chat=False,
         prompts=_prompts(fields.get("prompt"), ctx.validator.limits.max_client_batch_size),
-        params=_sampling_params(fields, max_tokens),
+        params=_sampling_params(
+            fields, max_tokens, guided_decoding(fields.get("response_format"), "response_format")
+        ),
         max_tokens=max_tokens,
         stream=_bool(fields, "stream"),
         include_usage=_include_usage(fields),
@@ -185,7 +215,9 @@ def _bool(fields: dict[str, Any], name: str) -> bool:
     return value
 
 
-def _sampling_params(fields: dict[str, Any], max_tokens: Any) -> SamplingParams:
+def _sampling_params(
+    fields: dict[str, Any], max_tokens: Any, guided: dict[str, Any]
+) -> SamplingParams:
     n = fields.get("n", 1)
     if type(n) is not int or n != 1:
         raise ValidationError(
@@ -194,7 +226,7 @@ def _sampling_params(fields: dict[str, Any], max_tokens: Any) -> SamplingParams:
     for name in ("ignore_eos", "skip_special_tokens"):
         _bool(fields, name)
     sampling = {name: fields[name] for name in _SAMPLING_FIELDS if name in fields}
-    sampling.update(guided_decoding(fields.get("response_format"), "response_format"))
+    sampling.update(guided)
     try:
         return SamplingParams(max_tokens=max_tokens, **sampling)
     except SamplingParamsError as error:
@@ -234,14 +266,6 @@ def _prompts(prompt: Any, limit: int) -> list[str]:
     return prompts
 
 
-def _reject_unsupported_chat(fields: dict[str, Any]) -> None:
-    if fields.get("tools"):
-        raise ValidationError("`tools` are not supported: this server has no tool calling")
-    if fields.get("tool_choice", "none") not in ("none", "auto"):
-        raise ValidationError("`tool_choice` must be 'none' or 'auto': no tool calling")
-    _reject_logit_bias(fields)
-
-
 def _reject_unsupported_completion(fields: dict[str, Any]) -> None:
     if fields.get("echo", False) is not False:
         raise ValidationError("`echo` is not supported by this server")
@@ -274,11 +298,11 @@ async def _serve(
         with contextlib.ExitStack() as slots:
             for _ in job.prompts:
                 slots.enter_context(ctx.request_slot())
-            requests = await _validate(ctx, job)
-            if job.stream:
-                response, succeeded = await _stream(request, ctx, job, requests)
-            else:
-                response, succeeded = await _answer(ctx, job, requests), True
+            try:
+                response, succeeded = await _respond(request, ctx, job)
+            except NoToolChosen:  # TGI answers again, without tools
+                assert job.without_tools is not None
+                response, succeeded = await _respond(request, ctx, job.without_tools)
     except RouterError as error:
         ctx.metrics.request_failure.inc(err=error.error_type)
         raise
@@ -286,6 +310,15 @@ async def _serve(
         ctx.metrics.request_success.inc()
         ctx.metrics.request_duration.observe(time.monotonic() - started)
     return response
+
+
+async def _respond(
+    request: web.Request, ctx: RouterContext, job: _Job
+) -> tuple[web.StreamResponse, bool]:
+    requests = await _validate(ctx, job)
+    if job.stream:
+        return await _stream(request, ctx, job, requests)
+    return await _answer(ctx, job, requests), True
 
 
 async def _validate(ctx: RouterContext, job: _Job) -> list[ValidRequest]:
@@ -330,18 +363,25 @@ async def _stream(
     streams = [ctx.batcher.submit(valid) for valid in requests]
     events = _merge(streams)
     header = _header(ctx, job, chunk=True)
+    chunks_of = _chunker(job, header)
     response = web.StreamResponse(headers=SSE_HEADERS)
     finished: list[Finished] = []
     try:
         item = await anext(events)
+        chunks = chunks_of(*item)
+        while not chunks:  # tool calls: nothing is sent before the tool's name is known
+            item = await anext(events)
+            chunks = chunks_of(*item)
         await response.prepare(request)
         while item is not None:
             index, event = item
-            await response.write(sse_event(_chunk(job, header, index, event)))
+            for chunk in chunks:
+                await response.write(sse_event(chunk))
             if event.finished is not None:
                 finished.append(event.finished)
             try:
                 item = await anext(events, None)
+                chunks = [] if item is None else chunks_of(*item)
             except RouterError as error:
                 ctx.metrics.request_failure.inc(err=error.error_type)
                 await response.write(sse_event(error.to_json()))
@@ -424,24 +464,58 @@ def _choice(job: _Job, index: int, events: list[StreamEvent]) -> dict[str, Any]:
     if not job.chat:
         text, reason = finished.generated_text, _finish_reason(finished)
         return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+    message: dict[str, Any] = {"role": "assistant", "content": finished.generated_text}
+    if job.tools is not None:
+        message = {"role": "assistant", "tool_calls": [tool_call(finished.generated_text)]}
     return {
         "index": index,
-        "message": {"role": "assistant", "content": finished.generated_text},
+        "message": message,
         "logprobs": _logprobs(job, events),
         "finish_reason": _finish_reason(finished),
     }
 
 
-def _chunk(job: _Job, header: dict[str, Any], index: int, event: StreamEvent) -> dict[str, Any]:
-    reason = _finish_reason(event.finished)
-    if not job.chat:  # TGI's completion chunks carry "" until the last one
-        choice = {"index": index, "text": event.text, "logprobs": None}
-        return {**header, "choices": [{**choice, "finish_reason": reason or ""}]}
+def _chunker(job: _Job, header: dict[str, Any]) -> Chunker:
+    """What to send for each event: one chunk, or for tool calls none while buffering."""
+    if not job.chat:
+        return lambda index, event: [_completion_chunk(header, index, event)]
+    if job.tools is None:
+        return lambda index, event: [
+            _chat_chunk(job, header, index, {"role": "assistant", "content": event.text}, [event])
+        ]
+    calls = ToolCallStream()
+    held: list[StreamEvent] = []
+
+    def tool_chunks(index: int, event: StreamEvent) -> list[dict[str, Any]]:
+        held.append(event)
+        delta = calls.push(event.text, final=event.finished is not None)
+        if delta is None:
+            return []
+        chunk = _chat_chunk(job, header, index, delta, list(held))
+        held.clear()
+        return [chunk]
+
+    return tool_chunks
+
+
+def _completion_chunk(header: dict[str, Any], index: int, event: StreamEvent) -> dict[str, Any]:
+    """TGI's completion chunks carry finish_reason "" until the last one."""
+    choice = {"index": index, "text": event.text, "logprobs": None}
+    return {
+        **header,
+        "choices": [{**choice, "finish_reason": _finish_reason(event.finished) or ""}],
+    }
+
+
+def _chat_chunk(
+    job: _Job, header: dict[str, Any], index: int, delta: dict[str, Any], events: list[StreamEvent]
+) -> dict[str, Any]:
+    """A chat chunk for `events` (the last one may finish the answer)."""
     choice = {
         "index": index,
-        "delta": {"role": "assistant", "content": event.text},
-        "logprobs": _logprobs(job, [event]),
-        "finish_reason": reason,
+        "delta": delta,
+        "logprobs": _logprobs(job, events),
+        "finish_reason": _finish_reason(events[-1].finished),
     }
     return {**header, "choices": [choice], **({"usage": None} if job.include_usage else {})}
 

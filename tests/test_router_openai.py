@@ -254,8 +254,6 @@ async def test_invocations_dispatch_on_the_body(router):
     ("body", "message"),
     [
         ({"n": 2}, "`n` must be 1"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}, "`tools`"),
-        ({"tool_choice": "required"}, "`tool_choice` must be 'none' or 'auto'"),
         ({"response_format": {"type": "xml"}}, "`response_format` must be an object"),
         ({"response_format": {"type": "json_schema"}}, 'needs {"schema"'),
         ({"logit_bias": {"5": 10}}, "`logit_bias` is not supported"),
@@ -320,13 +318,6 @@ async def test_the_official_client_raises_on_errors(api):
     with pytest.raises(openai.UnprocessableEntityError) as caught:
         await api.chat.completions.create(model="m", messages=USER, n=2)
     assert "`n` must be 1" in caught.value.body  # TGI's error JSON: `error` is the message
-    with pytest.raises(openai.UnprocessableEntityError) as caught:
-        await api.chat.completions.create(
-            model="m",
-            messages=USER,
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
-        )
-    assert "`tools` are not supported" in caught.value.body
 
 
 async def test_template_error_is_422(tmp_path, fake):
