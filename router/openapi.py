@@ -428,11 +428,33 @@ def _openai_request_schemas() -> dict[str, Any]:
                         ),
                     }
                 ),
-                "tools": _nullable({"type": "array", "description": _UNSUPPORTED}),
-                "tool_choice": _nullable(
-                    {"type": "string", "enum": ["none", "auto"], "description": "No tool calls"}
+                "tools": _nullable(
+                    {
+                        "type": "array",
+                        "items": {"type": "object"},
+                        "description": (
+                            '{"type": "function", "function": {"name", "description", '
+                            '"parameters": <JSON schema of an object>}}: the answer is one call, '
+                            "its arguments constrained to the tool's schema"
+                        ),
+                    }
                 ),
-                "tool_prompt": _nullable({"type": "string", "description": "Unused: no tools"}),
+                "tool_choice": _nullable(
+                    {
+                        "oneOf": [
+                            {"type": "string", "enum": ["auto", "none", "required"]},
+                            {"type": "object"},
+                        ],
+                        "default": "auto",
+                        "description": (
+                            '"auto" (a tool or TGI\'s no_tool, then a text answer), "none", '
+                            '"required", or {"type": "function", "function": {"name": ...}}'
+                        ),
+                    }
+                ),
+                "tool_prompt": _nullable(
+                    {"type": "string", "description": "Appended to the last message with the tools"}
+                ),
             },
         },
         "Prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
