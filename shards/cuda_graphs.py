@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shardline.progress import logged_progress
 from shardline.shards.kv_cache import KVCache
 from shardline.shards.layers.attention.metadata import AttentionMetadata
 
@@ -80,9 +81,9 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
-        for bucket in reversed(self.buckets):
+        buckets = reversed(self.buckets)
+        for bucket in logged_progress(buckets, len(self.buckets), "capturing CUDA graphs", logger):
             self._graphs[bucket] = self._capture_one(bucket, pool)
-        logger.info("captured decode CUDA graphs", extra={"buckets": list(self.buckets)})
 
     def _capture_one(self, bucket: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         meta = self.inputs.metadata(bucket)

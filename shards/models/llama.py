@@ -6,11 +6,13 @@ replicated so that every rank holds exactly one.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from shardline.progress import logged_progress
 from shardline.shards.layers.activation import silu_and_mul
 from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
 from shardline.shards.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -21,6 +23,9 @@ from shardline.shards.models.config import ModelConfig
 from shardline.shards.utils.weights import Weights
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+logger = logging.getLogger(__name__)
 
 
 def kv_heads_per_rank(num_kv_heads: int, world_size: int) -> int:
@@ -169,9 +174,10 @@ class LlamaForCausalLM(nn.Module):
             weights.dtype,
             weights.device,
         )
+        windows = enumerate(config.layer_windows)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, weights, f"model.layers.{i}", backend, self.rotary, window)
-            for i, window in enumerate(config.layer_windows)
+            for i, window in logged_progress(windows, config.num_layers, "loading layers", logger)
         )
         self.norm = RMSNorm(weights.get_tensor("model.norm.weight"), config.rms_norm_eps)
         head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
