@@ -279,7 +279,7 @@ async def test_invocations_dispatch_on_the_body(router):
         ),
         (
             {"messages": [{"role": "assistant", "tool_calls": [{"id": "1"}]}]},
-            "tool calls are not supported",
+            '`messages[0]`.tool_calls[0] must be {"id": ...',
         ),
     ],
 )

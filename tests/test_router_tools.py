@@ -213,6 +213,148 @@ async def test_bad_tools_are_422(served, body, message):
     assert not fake.requests
 
 
+# ---- multi-turn tool use -----------------------------------------------------------------------
+
+TOOL_TEMPLATE = (  # reads calls and results the way transformers' tool-use templates do
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    "<tool_call id={{ c.id }}>{{ c.function.name }} {{ c.function.arguments | tojson }}</tool_call>"
+    "{% endfor %}{% elif m.role == 'tool' %}"
+    "<tool_response id={{ m.tool_call_id }}>{{ m.content }}</tool_response>"
+    "{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+ARGUMENTS = {"city": "Paris", "unit": "celsius"}
+RESULT = {"role": "tool", "tool_call_id": "call-7", "content": "22 C"}
+RENDERED = (
+    "<|im_start|>user\nweather in Paris?<|im_end|>\n"
+    '<|im_start|>assistant\n<tool_call id=call-7>get_weather {"city": "Paris", "unit": "celsius"}'
+    "</tool_call><|im_end|>\n"
+    "<|im_start|>tool\n<tool_response id=call-7>22 C</tool_response><|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+
+
+def _called(arguments: object, content: object = None) -> dict:
+    function = {"name": "get_weather", "arguments": arguments}
+    call = {"id": "call-7", "type": "function", "function": function}
+    return {"role": "assistant", "content": content, "tool_calls": [call]}
+
+
+def _turns_script(tokenizer):
+    """A tool call until the prompt holds a tool's result, then `no_tool`; CONTINUATION without
+    tools."""
+    eos = tokenizer.eos_token_id
+
+    def ids(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False) + [eos]
+
+    def script(prompt: list[int]) -> list[int]:
+        text = tokenizer.decode(prompt)
+        if "Do not use variables" not in text:
+            return ids(CONTINUATION)
+        return ids(NO_TOOL_TEXT if "<tool_response" in text else CALL_TEXT)
+
+    return script
+
+
+@pytest.fixture
+async def tool_template_served(tmp_path):
+    tokenizer = build_tokenizer(tmp_path)
+    tokenizer.chat_template = TOOL_TEMPLATE
+    fake = RecordingShard(_turns_script(tokenizer), tokenizer.eos_token_id)
+    client, ctx = await router_client(fake, tokenizer, max_total_tokens=1024)
+    yield client, fake, tokenizer
+    await client.close()
+    await ctx.batcher.stop()
+
+
+@pytest.mark.parametrize(
+    "called",
+    [
+        _called(json.dumps(ARGUMENTS)),  # OpenAI's JSON string
+        _called(ARGUMENTS, content=""),  # transformers' object
+        _called(json.dumps(ARGUMENTS), content=[]),
+    ],
+)
+async def test_tool_calls_and_results_reach_the_template(tool_template_served, called):
+    client, fake, tokenizer = tool_template_served
+    body = {"messages": [*USER, called, RESULT]}
+    answer = await client.post("/v1/chat/completions", json=body)
+    assert answer.status == 200, await answer.text()
+    assert (await answer.json())["choices"][0]["message"]["content"] == CONTINUATION
+    assert tokenizer.decode(fake.requests[0].input_ids) == RENDERED
+
+
+async def test_a_template_that_ignores_tool_calls_is_422(served, tokenizer):
+    client, fake = served  # CHAT_TEMPLATE renders `content` only
+    for path in ("/v1/chat/completions", "/chat_tokenize"):
+        body = {"messages": [*USER, _called(json.dumps(ARGUMENTS)), RESULT], "tools": TOOLS}
+        answer = await client.post(path, json=body)
+        error = await answer.json()
+        assert answer.status == 422, error
+        assert_error(error, "template_error")
+        assert "cannot render tool calls (`messages[1]`.tool_calls)" in error["error"]
+    answer = await client.post("/v1/chat/completions", json={"messages": [*USER, RESULT]})
+    assert answer.status == 200  # a tool result alone is a message like any other
+    assert len(fake.requests) == 1
+    assert "<|im_start|>tool\n22 C<|im_end|>\n" in tokenizer.decode(fake.requests[0].input_ids)
+
+
+def _call(**changes: object) -> dict:
+    function = {"name": "get_weather", "arguments": "{}", **changes.pop("function", {})}
+    return {"id": "call-7", "type": "function", "function": function, **changes}
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [
+        ({"role": "user", "tool_calls": [_call()]}, "only assistant messages call tools"),
+        ({"role": "assistant", "tool_calls": {}}, "tool_calls must be a list"),
+        ({"role": "assistant", "tool_calls": [_call(type="code")]}, 'must be {"id": ...'),
+        ({"role": "assistant", "tool_calls": [_call(id=None)]}, "tool_calls[0].id must be"),
+        (
+            {"role": "assistant", "tool_calls": [_call(function={"name": 3})]},
+            "tool_calls[0].function.name must be a string",
+        ),
+        (
+            {"role": "assistant", "tool_calls": [_call(function={"arguments": "{oops"})]},
+            "function.arguments must be a JSON object or a string holding one",
+        ),
+        (
+            {"role": "assistant", "tool_calls": [_call(function={"arguments": "[1]"})]},
+            "function.arguments must be a JSON object",
+        ),
+        ({**RESULT, "tool_call_id": 7}, "`messages[1]`.tool_call_id must be a string"),
+    ],
+)
+async def test_bad_tool_messages_are_422(tool_template_served, message, error):
+    client, fake, _ = tool_template_served
+    answer = await client.post("/v1/chat/completions", json={"messages": [*USER, message]})
+    body = await answer.json()
+    assert answer.status == 422, body
+    assert_error(body, "validation")
+    assert error in body["error"]
+    assert not fake.requests
+
+
+async def test_openai_client_two_turn_tool_loop(tool_template_served):
+    client, fake, tokenizer = tool_template_served
+    api = _api(client)
+    messages: list = list(USER)
+    first = await api.chat.completions.create(model="tiny", messages=messages, tools=TOOLS)
+    message = first.choices[0].message
+    call = message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    messages += [message, {"role": "tool", "tool_call_id": call.id, "content": "22 C"}]
+    second = await api.chat.completions.create(model="tiny", messages=messages, tools=TOOLS)
+    assert second.choices[0].message.content == CONTINUATION
+    assert second.choices[0].message.tool_calls is None
+    with_tools, without_tools = (tokenizer.decode(r.input_ids) for r in fake.requests[1:])
+    assert f"<tool_response id={call.id}>22 C\n---\n" in with_tools
+    assert without_tools == RENDERED.replace("call-7", call.id)
+
+
 # ---- a real shard process on the tiny model ----------------------------------------------------
 
 
