@@ -189,7 +189,7 @@ def _call_schema(function: Function) -> dict[str, Any]:
 # ---- the prompt --------------------------------------------------------------------------------
 
 
-def render_with_tools(tokenizer: Any, messages: list[dict[str, str]], calling: ToolCalling) -> str:
+def render_with_tools(tokenizer: Any, messages: list[dict[str, Any]], calling: ToolCalling) -> str:
     """The prompt with the tools: through the template's `tools`, else as text in the last
     message; the tool prompt ends the last message either way."""
     offered = [function.offered() for function in calling.functions]
