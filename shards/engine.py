@@ -17,7 +17,8 @@ from shardline.proto import generate_pb2 as pb
 from shardline.shards import fault_injection
 from shardline.shards.batch import SequenceState, ShardBatch, build_block_table
 from shardline.shards.beam_search import BeamSearch, candidates_per_step
-from shardline.shards.kv_cache import BlockAllocator, KVCacheExhaustedError, bytes_per_block
+from shardline.shards.kv_cache import BlockAllocator, KVCacheExhaustedError
+from shardline.shards.kv_sizing import agree_on_min, blocks_that_fit, warmup_lengths, warmup_request
 from shardline.shards.model_runner import ModelRunner, StepResult, grow_blocks
 from shardline.shards.models.config import ModelConfig
 from shardline.shards.request_checks import InvalidRequestError, check_batch
@@ -26,9 +27,6 @@ from shardline.shards.utils.grammar import GrammarCompiler
 from shardline.shards.utils.sampling import SamplingState
 
 logger = logging.getLogger(__name__)
-
-
-_CPU_WARMUP_TOKENS = 64
 
 
 @dataclass
@@ -117,7 +115,15 @@ class ShardEngine:
         self.clear_cache(pb.ClearCacheRequest())
         longest_prompt = min(max_input or max_prefill, positions - 1)
         peak_bytes = self._run_warmup_prefill(max_prefill, longest_prompt)
-        num_blocks = self._agree_on_min(self._blocks_that_fit(peak_bytes))
+        fit = blocks_that_fit(
+            self.model,
+            self.device,
+            peak_bytes,
+            block_size=self.settings.block_size,
+            gpu_memory_utilization=self.settings.gpu_memory_utilization,
+            kv_cache_bytes=self.settings.kv_cache_bytes,
+        )
+        num_blocks = agree_on_min(fit, self.tp, self.device)
         block_size = self.settings.block_size
         self.runner.allocate_cache(num_blocks, block_size)
         self.allocator = BlockAllocator(num_blocks, block_size)
@@ -138,15 +144,8 @@ class ShardEngine:
         )
 
     def _run_warmup_prefill(self, max_prefill_tokens: int, max_input_tokens: int) -> int:
-        """Runs the largest prefill the router may send; returns the peak device bytes it used.
-
-        On CPU the cache is sized by --kv-cache-bytes, so a short prefill only proves the forward
-        pass works (a worst-case one would take a minute on a laptop for nothing)."""
-        if self.device.type == "cpu":
-            max_prefill_tokens = min(max_prefill_tokens, _CPU_WARMUP_TOKENS)
-        lengths = _split_tokens(
-            max_prefill_tokens, max(1, min(max_input_tokens, max_prefill_tokens))
-        )
+        """Runs the largest prefill the router may send; returns the peak device bytes it used."""
+        lengths = warmup_lengths(max_prefill_tokens, max_input_tokens, self.device)
         block_size = self.settings.block_size
         blocks = sum(-(-n // block_size) for n in lengths) + len(lengths)
         self.runner.release_cache()
@@ -157,7 +156,7 @@ class ShardEngine:
             torch.cuda.reset_peak_memory_stats(self.device)
         batch = pb.Batch(
             id=0,
-            requests=[_warmup_request(i, n, self.config.vocab_size) for i, n in enumerate(lengths)],
+            requests=[warmup_request(i, n, self.config.vocab_size) for i, n in enumerate(lengths)],
         )
         self.prefill(pb.PrefillRequest(batch=batch))
         self.clear_cache(pb.ClearCacheRequest())
@@ -175,35 +174,6 @@ class ShardEngine:
             and bool(self.settings.cuda_graph_buckets)
             and self.settings.attention_impl == "triton"
         )
-
-    def _blocks_that_fit(self, peak_bytes: int) -> int:
-        per_block = bytes_per_block(
-            num_layers=self.model.num_layers,
-            block_size=self.settings.block_size,
-            num_kv_heads=self.model.num_kv_heads_per_rank,
-            head_dim=self.model.head_dim,
-            dtype=self.model.dtype,
-        )
-        if self.device.type == "cuda":
-            _, total = torch.cuda.mem_get_info(self.device)
-            budget = int(total * self.settings.gpu_memory_utilization) - peak_bytes
-        else:
-            budget = self.settings.kv_cache_bytes or 1 << 30
-        num_blocks = budget // per_block
-        if num_blocks < 1:
-            raise KVCacheExhaustedError(
-                f"no memory left for the KV cache ({budget} bytes for blocks of {per_block} bytes); "
-                "lower --max-batch-prefill-tokens or raise the memory fraction"
-            )
-        return int(num_blocks)
-
-    def _agree_on_min(self, value: int) -> int:
-        if self.tp.world_size == 1:
-            return value
-        device = self.device if self.device.type == "cuda" else torch.device("cpu")
-        tensor = torch.tensor([value], dtype=torch.long, device=device)
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN, group=self.tp.group)
-        return int(tensor.item())
 
     # ---- generation --------------------------------------------------------------------------
 
@@ -557,28 +527,3 @@ def _beam_generation(seq: SequenceState, search: BeamSearch) -> pb.Generation:
     if search.prompt_tokens is not None:
         generation.prefill_tokens.CopyFrom(search.prompt_tokens)
     return generation
-
-
-def _split_tokens(total: int, per_sequence: int) -> list[int]:
-    full, rest = divmod(total, per_sequence)
-    return [per_sequence] * full + ([rest] if rest else [])
-
-
-def _warmup_request(request_id: int, length: int, vocab_size: int) -> pb.Request:
-    return pb.Request(
-        id=request_id,
-        input_ids=[(7 * i + 3) % vocab_size for i in range(length)],
-        parameters=pb.NextTokenChooserParameters(
-            temperature=0.9,
-            top_k=20,
-            top_p=0.9,
-            typical_p=1.0,
-            do_sample=True,
-            seed=request_id,
-            repetition_penalty=1.1,
-            frequency_penalty=0.1,
-            presence_penalty=0.1,
-            min_p=0.0,
-        ),
-        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=1),
-    )
