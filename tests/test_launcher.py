@@ -157,6 +157,7 @@ def test_router_command_passes_limits_only_when_set(tmp_path: Path) -> None:
         "k",
     )
     assert options["--shutdown-timeout"] == "60.0"
+    assert options["--shard-step-timeout"] == "60.0"
     assert "--max-total-tokens" not in argv and "--json-output" not in argv
 
 
