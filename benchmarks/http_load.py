@@ -1,129 +1,42 @@
-"""N concurrent streams against a running server; prints throughput and latency percentiles.
+"""Load from random word prompts of varied length, through `shardline_client.loadgen`.
 
-    python benchmarks/http_load.py --url http://127.0.0.1:8080 --concurrency 32 --requests 256
+    python -m benchmarks.http_load --url http://127.0.0.1:8080 --concurrency 32 --requests 256
 
-Definitions are vLLM's: TTFT is the time to the first token event; TPOT is a request's
-(latency - TTFT) / (output tokens - 1); ITL is every gap between consecutive token events.
+`shardline-loadgen` sends one fixed prompt; this sends prompts of 16-256 words (by default) so
+prefill lengths vary. Metrics and the printed summary are the library's (vLLM's definitions).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
-import statistics
-import time
-from dataclasses import dataclass, field
 
-import aiohttp
+from shardline_client import AsyncClient
+from shardline_client.loadgen import LoadReport, print_report, run_load
 
-_WORDS = [
-    "the",
-    "model",
-    "server",
-    "batch",
-    "cache",
-    "token",
-    "stream",
-    "river",
-    "city",
-    "north",
-    "south",
-    "paris",
-]
+_WORDS = ["the", "model", "server", "batch", "cache", "token", "stream", "river", "city", "north",
+          "south", "paris"]  # fmt: skip
 
 
-@dataclass
-class Result:
-    ok: bool
-    latency: float = 0.0
-    ttft: float = 0.0
-    token_times: list[float] = field(default_factory=list)
-    output_tokens: int = 0
-    error: str = ""
-
-
-def make_prompt(rng: random.Random, words: int) -> str:
-    return " ".join(rng.choice(_WORDS) for _ in range(words))
-
-
-async def one_stream(session: aiohttp.ClientSession, url: str, body: dict) -> Result:
-    started = time.perf_counter()
-    times: list[float] = []
-    try:
-        async with session.post(f"{url}/generate_stream", json=body) as response:
-            if response.status != 200:
-                return Result(ok=False, error=f"{response.status}: {await response.text()}")
-            async for line in response.content:
-                if not line.startswith(b"data:"):
-                    continue
-                event = json.loads(line[len(b"data:") :])
-                if "error" in event:
-                    return Result(ok=False, error=event["error"])
-                times.append(time.perf_counter())
-    except aiohttp.ClientError as error:
-        return Result(ok=False, error=str(error))
-    if not times:
-        return Result(ok=False, error="no token received")
-    return Result(
-        ok=True,
-        latency=times[-1] - started,
-        ttft=times[0] - started,
-        token_times=times,
-        output_tokens=len(times),
-    )
-
-
-async def run(args: argparse.Namespace) -> tuple[list[Result], float]:
-    rng = random.Random(args.seed)
-    bodies = [
-        {
-            "inputs": make_prompt(rng, rng.randint(args.min_prompt_words, args.max_prompt_words)),
-            "parameters": {"max_new_tokens": args.max_new_tokens, "ignore_eos": args.ignore_eos},
-        }
-        for _ in range(args.requests)
+def make_prompts(rng: random.Random, count: int, min_words: int, max_words: int) -> list[str]:
+    return [
+        " ".join(rng.choice(_WORDS) for _ in range(rng.randint(min_words, max_words)))
+        for _ in range(count)
     ]
-    semaphore = asyncio.Semaphore(args.concurrency)
-    timeout = aiohttp.ClientTimeout(total=None)
-    connector = aiohttp.TCPConnector(limit=args.concurrency)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-
-        async def bounded(body: dict) -> Result:
-            async with semaphore:
-                return await one_stream(session, args.url, body)
-
-        started = time.perf_counter()
-        results = await asyncio.gather(*(bounded(body) for body in bodies))
-        return results, time.perf_counter() - started
 
 
-def percentiles(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    ordered = sorted(values)
-
-    def pick(q: float) -> float:
-        return ordered[min(int(q * len(ordered)), len(ordered) - 1)] * 1000
-
-    mean = statistics.fmean(ordered) * 1000
-    return f"mean {mean:8.2f}  p50 {pick(0.5):8.2f}  p90 {pick(0.9):8.2f}  p99 {pick(0.99):8.2f} ms"
-
-
-def report(results: list[Result], elapsed: float) -> None:
-    done = [r for r in results if r.ok]
-    failed = [r for r in results if not r.ok]
-    tokens = sum(r.output_tokens for r in done)
-    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
-    itl = [b - a for r in done for a, b in zip(r.token_times, r.token_times[1:], strict=False)]
-    print(f"requests        {len(done)} ok, {len(failed)} failed in {elapsed:.2f} s")
-    print(f"throughput      {len(done) / elapsed:.2f} req/s, {tokens / elapsed:.1f} output tok/s")
-    print(f"TTFT            {percentiles([r.ttft for r in done])}")
-    print(f"TPOT            {percentiles(tpot)}")
-    print(f"ITL             {percentiles(itl)}")
-    print(f"latency         {percentiles([r.latency for r in done])}")
-    for error in sorted({r.error for r in failed})[:5]:
-        print(f"error: {error}")
+async def run(args: argparse.Namespace) -> LoadReport:
+    rng = random.Random(args.seed)
+    prompts = make_prompts(rng, args.requests, args.min_prompt_words, args.max_prompt_words)
+    async with AsyncClient(args.url, timeout=args.timeout, max_retries=0) as client:
+        return await run_load(
+            client,
+            prompts,
+            args.concurrency,
+            max_new_tokens=args.max_new_tokens,
+            ignore_eos=args.ignore_eos or None,
+        )
 
 
 def main() -> None:
@@ -136,8 +49,10 @@ def main() -> None:
     parser.add_argument("--max-prompt-words", type=int, default=256)
     parser.add_argument("--ignore-eos", action="store_true", help="always generate max tokens")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=600, help="longest wait for a token, s")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args()
-    report(*asyncio.run(run(args)))
+    print_report(asyncio.run(run(args)), args.json)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,18 @@ import time
 from pathlib import Path
 
 import aiohttp
+from shardline_client import AsyncClient
+from shardline_client.loadgen import LoadReport, LoadRequest, run_load
 
-from benchmarks.engine_bench import load_workload, percentile
-from benchmarks.http_load import Result, one_stream
+from benchmarks.engine_bench import load_workload
 from benchmarks.random_model import SHAPES, write_model
 
 DEFAULT_LAUNCHER_ARGS = (
     "--dtype bfloat16 --max-input-tokens 1024 --max-total-tokens 2048 "
     "--max-batch-prefill-tokens 8192 --max-concurrent-requests 2048"
 )
+STREAM_TIMEOUT_S = 600  # the longest wait for a token, queueing included
+ARRIVAL_SEED = 5
 
 
 def single_token_words(model_dir: Path, count: int = 200) -> list[str]:
@@ -102,41 +105,19 @@ async def greedy(
         return list(await asyncio.gather(*(one(p) for p in prompts)))
 
 
-async def load(url: str, bodies: list[dict], rate: float | None) -> tuple[list[Result], float]:
-    rng = random.Random(5)
-    timeout = aiohttp.ClientTimeout(total=None)
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-
-        async def delayed(body: dict, delay: float) -> Result:
-            await asyncio.sleep(delay)
-            return await one_stream(session, url, body)
-
-        delays, clock = [], 0.0
-        for _ in bodies:
-            delays.append(clock)
-            if rate:
-                clock += rng.expovariate(rate)
-        started = time.perf_counter()
-        results = await asyncio.gather(*(delayed(b, d) for b, d in zip(bodies, delays)))
-        return list(results), time.perf_counter() - started
+async def load(url: str, requests: list[LoadRequest], rate: float | None) -> LoadReport:
+    """Streams every request at once, or at a Poisson `rate`; a 429 counts as a failure."""
+    async with AsyncClient(url, timeout=STREAM_TIMEOUT_S, max_retries=0) as client:
+        return await run_load(client, requests, len(requests), rate, ARRIVAL_SEED, ignore_eos=True)
 
 
-def summarize(name: str, results: list[Result], elapsed: float, prompt_tokens: int) -> dict:
-    done = [r for r in results if r.ok]
-    out = sum(r.output_tokens for r in done)
-    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
-    itl = [b - a for r in done for a, b in zip(r.token_times, r.token_times[1:])]
-    summary = {
-        "mode": name, "ok": len(done), "failed": len(results) - len(done),
-        "errors": sorted({r.error for r in results if not r.ok})[:3],
-        "seconds": elapsed, "output_tok_s": out / elapsed,
-        "total_tok_s": (out + prompt_tokens) / elapsed,
-        "ttft_p50_ms": 1e3 * percentile([r.ttft for r in done], 50),
-        "ttft_p99_ms": 1e3 * percentile([r.ttft for r in done], 99),
-        "tpot_p50_ms": 1e3 * percentile(tpot, 50), "tpot_p99_ms": 1e3 * percentile(tpot, 99),
-        "itl_p50_ms": 1e3 * percentile(itl, 50), "itl_p99_ms": 1e3 * percentile(itl, 99),
-    }  # fmt: skip
+def summarize(name: str, report: LoadReport, prompt_tokens: int) -> dict:
+    summary = report.summary()
+    summary.update(
+        mode=name,
+        error_samples=sorted(set(report.errors))[:3],
+        total_tok_s=(summary["output_tokens"] + prompt_tokens) / report.wall_s,
+    )
     print(json.dumps(summary), flush=True)
     return summary
 
@@ -173,22 +154,20 @@ async def bench_one(args: argparse.Namespace, num_shard: int, words: list[str]) 
         rng = random.Random(0)
         prompts = [exact_prompt(rng, words, rng.randint(16, 200)) for _ in range(32)]
         result["greedy"] = await greedy(server.url, prompts, 64)
-        single = [{"inputs": exact_prompt(rng, words, 128),
-                   "parameters": {"max_new_tokens": 512, "ignore_eos": True}}]  # fmt: skip
-        results, elapsed = await load(server.url, single, None)
-        result["single"] = summarize(f"tp{num_shard}_single", results, elapsed, 128)
+        single = [LoadRequest(exact_prompt(rng, words, 128), {"max_new_tokens": 512})]
+        report = await load(server.url, single, None)
+        result["single"] = summarize(f"tp{num_shard}_single", report, 128)
         pairs = load_workload(args.workload, args.num_requests)
-        bodies = [
-            {"inputs": exact_prompt(rng, words, n_in),
-             "parameters": {"max_new_tokens": n_out, "ignore_eos": True}}
+        requests = [
+            LoadRequest(exact_prompt(rng, words, n_in), {"max_new_tokens": n_out})
             for n_in, n_out in pairs
-        ]  # fmt: skip
+        ]
         prompt_tokens = sum(n for n, _ in pairs)
-        results, elapsed = await load(server.url, bodies, None)
-        result["all_at_once"] = summarize(f"tp{num_shard}_all", results, elapsed, prompt_tokens)
+        report = await load(server.url, requests, None)
+        result["all_at_once"] = summarize(f"tp{num_shard}_all", report, prompt_tokens)
         if args.rate:
-            results, elapsed = await load(server.url, bodies, args.rate)
-            result["poisson"] = summarize(f"tp{num_shard}_rate", results, elapsed, prompt_tokens)
+            report = await load(server.url, requests, args.rate)
+            result["poisson"] = summarize(f"tp{num_shard}_rate", report, prompt_tokens)
     finally:
         result["exit_code"] = server.stop()
     return result
@@ -218,12 +197,12 @@ def main() -> None:
         run["match_vs_first"] = match
         load_result, single = run["all_at_once"], run["single"]
         rows.append(
-            f"tp={run['num_shard']}  out tok/s {load_result['output_tok_s']:8.0f}  "
+            f"tp={run['num_shard']}  out tok/s {load_result['output_tokens_per_s']:8.0f}  "
             f"TTFT p50 {load_result['ttft_p50_ms']:7.0f} ms  TPOT p50 {load_result['tpot_p50_ms']:6.1f}"
             f" ms  single TPOT {single['tpot_p50_ms']:5.2f} ms  greedy = tp{runs[0]['num_shard']} "
             f"{match['exact_prompts']}/{match['prompts']} (common prefix {match['mean_common_prefix']:.1f}, "
             f"max dlogprob on it {match['max_logprob_gap']:.3f})"
-            f"  failed {load_result['failed']}  exit {run['exit_code']}"
+            f"  failed {load_result['errors']}  exit {run['exit_code']}"
         )
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1))

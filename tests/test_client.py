@@ -27,8 +27,8 @@ import text_generation.errors
 import text_generation.types
 from aiohttp import web
 from shardline_client import errors, types
+from shardline_client.loadgen import LoadRequest, run_load
 from shardline_client.loadgen import main as loadgen_main
-from shardline_client.loadgen import run_load
 from shardline_client.protocol import EventStream, RetryPolicy
 
 SPEC_PATH = Path(__file__).resolve().parents[1].parent / "shared/anchors/tgi-openapi.json"
@@ -609,6 +609,20 @@ async def test_run_load_reports_every_stream(mock: MockTGI) -> None:
     assert summary["output_tokens"] == 40 and mock.peak["l"] == 4
     assert 0 < summary["ttft_p50_ms"] <= summary["latency_p99_ms"]
     assert summary["tpot_p50_ms"] > 0 and summary["itl_p99_ms"] > 0
+
+
+async def test_run_load_takes_options_per_request(mock: MockTGI) -> None:
+    requests = [
+        LoadRequest("a", {"max_new_tokens": 2}),
+        "b",
+        LoadRequest("c", {"max_new_tokens": 7}),
+    ]
+    async with _async_client(mock) as client:
+        report = await run_load(client, requests, 1, max_new_tokens=5)
+    assert [len(timing.token_times) for timing in report.timings] == [2, 5, 7]
+    for timing in report.timings:
+        assert 0 < timing.ttft == timing.token_times[0]
+        assert timing.token_times == sorted(timing.token_times)
 
 
 def test_loadgen_cli(mock: MockTGI, capsys: pytest.CaptureFixture[str]) -> None:

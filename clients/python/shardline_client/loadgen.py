@@ -79,6 +79,14 @@ class LoadReport:
         return summary
 
 
+@dataclass
+class LoadRequest:
+    """One prompt with its own `generate_stream` options (over those shared by the run)."""
+
+    prompt: str
+    options: GenerateStreamOptions = field(default_factory=GenerateStreamOptions)
+
+
 def _percentiles(values: list[float]) -> list[float]:
     if len(values) < 2:
         return [values[0] if values else float("nan")] * len(PERCENTILES)
@@ -100,28 +108,32 @@ async def _timed_stream(
 
 async def run_load(
     client: AsyncClient,
-    prompts: Sequence[str],
+    prompts: Sequence[str | LoadRequest],
     concurrency: int,
     request_rate: float | None = None,
+    seed: int | None = None,
     **options: Unpack[GenerateStreamOptions],
 ) -> LoadReport:
     """Streams every prompt, at most `concurrency` at once, and times each token.
 
-    `request_rate` (requests/s) spaces the sends as a Poisson process; None sends all at once.
-    A failed request is counted in `errors` and does not stop the others.
+    `request_rate` (requests/s) spaces the sends as a Poisson process drawn from `seed`; None
+    sends all at once. A failed request is counted in `errors` and does not stop the others.
     """
     slots = asyncio.Semaphore(concurrency)
+    arrivals = random.Random(seed)
 
-    async def one(prompt: str) -> StreamTiming:
+    async def one(request: str | LoadRequest) -> StreamTiming:
+        if isinstance(request, str):
+            request = LoadRequest(request)
         async with slots:
-            return await _timed_stream(client, prompt, options)
+            return await _timed_stream(client, request.prompt, {**options, **request.options})
 
     start = time.perf_counter()
     tasks = []
     for prompt in prompts:
         tasks.append(asyncio.create_task(one(prompt)))
         if request_rate:
-            await asyncio.sleep(random.expovariate(request_rate))
+            await asyncio.sleep(arrivals.expovariate(request_rate))
     results = await asyncio.gather(*tasks, return_exceptions=True)
     wall_s = time.perf_counter() - start
     timings = [result for result in results if isinstance(result, StreamTiming)]
@@ -144,9 +156,21 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def _main(args: argparse.Namespace) -> dict[str, float]:
+def print_report(report: LoadReport, as_json: bool = False) -> None:
+    """Prints each distinct error, then the summary as a table or as JSON."""
+    for error in sorted(set(report.errors)):
+        print(f"error: {error}")
+    summary = report.summary()
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    for name, value in summary.items():
+        print(f"{name:>24}  {value:,.2f}")
+
+
+async def _main(args: argparse.Namespace) -> LoadReport:
     async with AsyncClient(args.url, timeout=args.timeout, api_key=args.api_key) as client:
-        report = await run_load(
+        return await run_load(
             client,
             [args.prompt] * args.num_requests,
             args.concurrency,
@@ -154,16 +178,8 @@ async def _main(args: argparse.Namespace) -> dict[str, float]:
             max_new_tokens=args.max_new_tokens,
             ignore_eos=args.ignore_eos or None,
         )
-    for error in sorted(set(report.errors)):
-        print(f"error: {error}")
-    return report.summary()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
-    summary = asyncio.run(_main(args))
-    if args.json:
-        print(json.dumps(summary, indent=2))
-        return
-    for name, value in summary.items():
-        print(f"{name:>24}  {value:,.2f}")
+    print_report(asyncio.run(_main(args)), args.json)
