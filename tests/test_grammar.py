@@ -13,15 +13,12 @@ from transformers import AutoTokenizer
 
 from shardline import LLM
 from shardline.proto import generate_pb2 as pb
-from shardline.router.client import ShardedClient
-from shardline.router.server import create_app
-from shardline.router.startup import RouterSettings, start_router
 from shardline.sampling_params import JSON_OBJECT_SCHEMA, SamplingParams, SamplingParamsError
 from shardline.shards.engine import ShardEngine
 from shardline.shards.request_checks import InvalidRequestError
+from tests.router_fixtures import open_router
 from tests.shard_harness import Arrival, make_request, random_prompts, run_schedule
 from tests.test_engine import assert_no_leaks, warmed_engine
-from tests.test_router_e2e import shard_socket  # noqa: F401 (a fixture: a real shard process)
 
 REGEX = r"(north|south) [0-9]{2,4}( [a-z]{1,6}){0,3}"
 SCHEMA = {
@@ -181,18 +178,9 @@ def test_offline_llm_guided_decoding(tiny_llama_dir):
 
 
 @pytest.fixture
-async def router(shard_socket, tiny_llama_dir):  # noqa: F811
-    from aiohttp.test_utils import TestClient, TestServer
-
-    shards = await ShardedClient.connect(shard_socket)
-    settings = RouterSettings(model_id="tiny", max_total_tokens=256)
-    ctx = await start_router(shards, AutoTokenizer.from_pretrained(tiny_llama_dir), settings)
-    client = TestClient(TestServer(create_app(ctx), handler_cancellation=True))
-    await client.start_server()
-    yield client
-    await client.close()
-    await ctx.batcher.stop()
-    await shards.close()
+async def router(shard_socket, tiny_llama_dir):
+    async with open_router(shard_socket, tiny_llama_dir, max_total_tokens=256) as client:
+        yield client
 
 
 async def test_generate_with_grammar_over_a_real_shard(router):

@@ -4,9 +4,6 @@ transformers' `generate`, streamed and not, alone and 32 at once in shared batch
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,24 +20,6 @@ from shardline.sampling_params import SamplingParams
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["the city", "north river cache", "paged attention tensor", "the model server is"]
-
-
-@pytest.fixture(scope="module")
-def shard_socket(tiny_llama_dir: Path, tmp_path_factory) -> str:
-    prefix = str(tmp_path_factory.mktemp("uds") / "shard")
-    command = [sys.executable, "-m", "shardline.shards.cli", "serve", str(tiny_llama_dir)]
-    command += ["--uds-path", prefix, "--device", "cpu", "--kv-cache-bytes", str(64 << 20)]
-    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    socket = f"{prefix}-0"
-    deadline = time.monotonic() + 120
-    while not Path(socket).exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("the shard did not start")
-        time.sleep(0.2)
-    yield socket
-    process.terminate()
-    process.wait(timeout=30)
 
 
 def _expected(model_dir: Path, prompt: str, max_new_tokens: int) -> list[int]:

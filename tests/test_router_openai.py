@@ -13,10 +13,9 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from shardline.proto import generate_pb2 as pb
-from shardline.router.client import ShardedClient, StepResult
-from shardline.router.server import create_app
-from shardline.router.startup import RouterSettings, start_router
-from tests import test_router_e2e
+from shardline.router.client import StepResult
+from shardline.router.http import CONTEXT
+from tests.router_fixtures import open_router
 from tests.test_router_fakes import CONTINUATION, FakeShardClient, fixed_script, router_client
 from tests.test_router_fakes import tiny_tokenizer as build_tokenizer
 from tests.test_router_server import TGI_SPEC, _as_json_schema, assert_error, assert_schema
@@ -400,25 +399,15 @@ async def test_openapi_describes_the_openai_routes(router):
         jsonschema.validate(instance, schema)
 
 
-shard_socket = test_router_e2e.shard_socket  # the module's own real shard process
-
-
 @pytest.mark.slow
 async def test_chat_greedy_equals_transformers_on_a_real_shard(shard_socket, tiny_llama_dir):
     import torch
-    from aiohttp.test_utils import TestClient, TestServer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    shards = await ShardedClient.connect(shard_socket)
-    ctx = await start_router(
-        shards, tokenizer, RouterSettings(model_id="tiny", max_total_tokens=256)
-    )
-    client = TestClient(TestServer(create_app(ctx), handler_cancellation=True))
-    await client.start_server()
-    api = AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
-    try:
+    async with open_router(shard_socket, tiny_llama_dir, max_total_tokens=256) as client:
+        api = AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
         for messages in (USER, [{"role": "system", "content": "paged"}, *USER]):
             prompt = templated(tokenizer, messages)
             ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
@@ -430,11 +419,7 @@ async def test_chat_greedy_equals_transformers_on_a_real_shard(shard_socket, tin
             assert answer.usage.completion_tokens == len(out)
             want = tokenizer.decode(out, skip_special_tokens=True)
             assert answer.choices[0].message.content == want
-        assert (await shards.stats()).num_sequences == 0
-    finally:
-        await client.close()
-        await ctx.batcher.stop()
-        await shards.close()
+        assert (await client.app[CONTEXT].client.stats()).num_sequences == 0
 
 
 async def test_unknown_chat_fields_are_ignored_as_tgi_does(router):

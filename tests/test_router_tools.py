@@ -9,15 +9,11 @@ import json
 import jsonschema
 import pytest
 from openai import AsyncOpenAI
-from transformers import AutoTokenizer
 
 from shardline.proto import generate_pb2 as pb
-from shardline.router.client import ShardedClient
-from shardline.router.server import create_app
-from shardline.router.startup import RouterSettings, start_router
 from shardline.router.tools import DEFAULT_TOOL_PROMPT, NO_TOOL
 from tests.model_factory import CHAT_TEMPLATE
-from tests.test_router_e2e import shard_socket  # noqa: F401 (a fixture: a real shard process)
+from tests.router_fixtures import open_router
 from tests.test_router_fakes import CONTINUATION, router_client
 from tests.test_router_fakes import tiny_tokenizer as build_tokenizer
 from tests.test_router_openai import RecordingShard, post_stream
@@ -359,18 +355,9 @@ async def test_openai_client_two_turn_tool_loop(tool_template_served):
 
 
 @pytest.fixture
-async def real_router(shard_socket, tiny_llama_dir):  # noqa: F811
-    from aiohttp.test_utils import TestClient, TestServer
-
-    shards = await ShardedClient.connect(shard_socket)
-    settings = RouterSettings(model_id="tiny", max_total_tokens=1024)
-    ctx = await start_router(shards, AutoTokenizer.from_pretrained(tiny_llama_dir), settings)
-    client = TestClient(TestServer(create_app(ctx), handler_cancellation=True))
-    await client.start_server()
-    yield client
-    await client.close()
-    await ctx.batcher.stop()
-    await shards.close()
+async def real_router(shard_socket, tiny_llama_dir):
+    async with open_router(shard_socket, tiny_llama_dir, max_total_tokens=1024) as client:
+        yield client
 
 
 async def test_real_forced_tool_call_validates_against_its_schema(real_router):
