@@ -203,21 +203,30 @@ async def test_generate_with_grammar_over_a_real_shard(router):
 async def test_openai_response_format_gives_valid_json(router):
     api = AsyncOpenAI(base_url=str(router.make_url("/v1")), api_key="x", max_retries=0)
     messages = [{"role": "user", "content": "a person"}]
+    # Seeded: chat samples by default, and an unlucky draw may run out of tokens mid-JSON.
     loose = await api.chat.completions.create(
-        model="tiny", messages=messages, max_tokens=96, response_format={"type": "json_object"}
+        model="tiny",
+        messages=messages,
+        max_tokens=96,
+        seed=1,
+        response_format={"type": "json_object"},
     )
+    assert loose.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(loose.choices[0].message.content), dict)
     strict = await api.chat.completions.create(
         model="tiny",
         messages=messages,
         max_tokens=128,
+        seed=1,
         response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}},
     )
+    assert strict.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(strict.choices[0].message.content), SCHEMA)
     completion = await api.completions.create(
         model="tiny",
         prompt="the",
         max_tokens=128,
+        seed=1,
         extra_body={"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}},
     )
     jsonschema.validate(json.loads(completion.choices[0].text), SCHEMA)
