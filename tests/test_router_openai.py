@@ -34,22 +34,9 @@ class RecordingShard(FakeShardClient):
         return await super().prefill(batch)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_tokenizer(tmp_path_factory.mktemp("openai-tokenizer"))
-
-
 @pytest.fixture
-def fake(tokenizer):
+def fake(tokenizer):  # the shared `router` and `tokenizer` fixtures run over this shard
     return RecordingShard(fixed_script(tokenizer), tokenizer.eos_token_id)
-
-
-@pytest.fixture
-async def router(fake, tokenizer):
-    client, ctx = await router_client(fake, tokenizer, max_total_tokens=128)
-    yield client
-    await client.close()
-    await ctx.batcher.stop()
 
 
 @pytest.fixture
