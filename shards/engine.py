@@ -472,6 +472,8 @@ def _prompt_tokens(
 
 
 def _rows_by_request(batch: ShardBatch, request_ids: set[int]) -> dict[int, list[int]]:
+    if not request_ids:  # the common step: no beam search in the batch, no pass over the rows
+        return {}
     rows: dict[int, list[int]] = {}
     for row, seq in enumerate(batch.sequences):
         if seq.request_id in request_ids:

@@ -127,7 +127,7 @@ class ModelRunner:
         started: int,
         forward_done: int,
     ) -> StepResult:
-        out: SamplerOutput = self.sampler(logits.float(), sampling)
+        out: SamplerOutput = self.sampler(logits, sampling)
         sampling.append(out.next_token_ids)
         result = StepResult(
             next_tokens=out.next_token_ids,
