@@ -4,7 +4,8 @@ stream, varied lengths and parameters) with random client disconnects and random
 At the end it checks that every valid request got a complete answer, every bad one a 4xx with
 TGI's error JSON, greedy requests repeated with the same body got the same text, the shards'
 free KV blocks equal their total (`shardline_kv_blocks_*` on /metrics), and reports the RSS
-growth of the given processes after warm-up. Prints one JSON report; exits 1 if a check failed.
+growth of the given processes after warm-up and the GPUs' memory in use (nvidia-smi). Prints
+one JSON report; exits 1 if a check failed.
 
     python -m benchmarks.soak --url http://127.0.0.1:3000 --requests 3000 --duration 600 \
         --pids "$(pgrep -d, -f shardline)"
@@ -17,7 +18,9 @@ import asyncio
 import ipaddress
 import json
 import random
+import shutil
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -77,6 +80,8 @@ class SoakReport:
     rss_mib_after_warmup: dict[int, float] = field(default_factory=dict)
     rss_mib_at_end: dict[int, float] = field(default_factory=dict)
     rss_growth_mib: dict[int, float] = field(default_factory=dict)
+    gpu_mib_after_warmup: list[int] = field(default_factory=list)
+    gpu_mib_at_end: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -240,6 +245,15 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def gpu_used_mib() -> list[int]:
+    """Memory in use on each GPU (nvidia-smi), empty where there is none."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+    answer = subprocess.run(query, capture_output=True, text=True, check=False)
+    return [int(line) for line in answer.stdout.split() if line.strip().isdigit()]
+
+
 async def metrics(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
     async with session.get(url.rstrip("/") + "/metrics") as answer:
         text = await answer.text()
@@ -275,6 +289,7 @@ async def soak(config: SoakConfig) -> SoakReport:
     report = run.report
     report.seconds = round(time.monotonic() - started, 1)
     report.rss_mib_at_end = {pid: rss_mib(pid) for pid in config.pids}
+    report.gpu_mib_at_end = gpu_used_mib()
     report.rss_growth_mib = {
         pid: round(report.rss_mib_at_end[pid] - report.rss_mib_after_warmup.get(pid, 0.0), 1)
         for pid in config.pids
@@ -294,6 +309,7 @@ async def _send_all(session, run: Soak, rng: random.Random, started: float) -> N
             await run.one(session, random.Random(rng.random() + index))
             if index == warmup_after:
                 run.report.rss_mib_after_warmup = {pid: rss_mib(pid) for pid in config.pids}
+                run.report.gpu_mib_after_warmup = gpu_used_mib()
 
     await asyncio.gather(*(worker() for _ in range(config.concurrency)))
 
