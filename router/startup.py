@@ -79,6 +79,7 @@ async def start_router(
         ValidationLimits(
             max_input_tokens=limits.max_input_tokens,
             max_total_tokens=limits.max_total_tokens,
+            vocab_size=shard_info.vocab_size,
             max_best_of=settings.max_best_of,
             max_stop_sequences=settings.max_stop_sequences,
             max_top_n_tokens=settings.max_top_n_tokens,

@@ -59,6 +59,7 @@ _PARAMETER_TYPES: dict[str, str] = {
 class ValidationLimits:
     max_input_tokens: int
     max_total_tokens: int
+    vocab_size: int  # the model's embedding rows, which a tokenizer may outnumber
     max_best_of: int = 2
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
@@ -203,6 +204,7 @@ class Validator:
         input_ids = (await self.encode(inputs, add_special_tokens)).ids
         if truncate is not None:
             input_ids = input_ids[-truncate:]
+        self._check_vocabulary(input_ids)
         input_length = len(input_ids)
         if max_new_tokens is None:
             max_new_tokens = max(limits.max_total_tokens - input_length, 0)
@@ -231,6 +233,15 @@ class Validator:
             top_n_tokens=top_n_tokens,
             decoder_input_details=decoder_input_details,
         )
+
+    def _check_vocabulary(self, input_ids: list[int]) -> None:
+        vocab_size = self.limits.vocab_size
+        outside = next((token for token in input_ids if token >= vocab_size), None)
+        if outside is not None:
+            raise ValidationError(
+                f"`inputs` has token id {outside}, outside the model's vocabulary of "
+                f"{vocab_size} tokens (the tokenizer knows more tokens than the model)"
+            )
 
 
 def parse_generate_body(body: Any) -> tuple[str, dict[str, Any]]:

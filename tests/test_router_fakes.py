@@ -2,8 +2,9 @@
 
 `FakeShardClient` implements the `ShardClient` protocol the way the shards do: every request
 'generates' the continuation `script(prompt_ids)` one token per step, reports EOS / length /
-stop_token_ids, keeps finished requests until the router filters them, and counts the
-sequences it holds so tests can check that nothing leaks.
+stop_token_ids, refuses a prefill batch holding a prompt outside its vocabulary, keeps finished
+requests until the router filters them, and counts the sequences it holds so tests can check
+that nothing leaks.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class FakeShardClient:
     step_delay: float = 0.0
     block_size: int = 1
     max_supported_total_tokens: int = 4096
+    vocab_size: int = 384  # the tiny tokenizer's (`train_tokenizer`)
     fail_on: str | None = None
     healthy: bool = True
     calls: list[tuple] = field(default_factory=list)
@@ -67,6 +69,7 @@ class FakeShardClient:
             max_position_embeddings=1024,
             eos_token_ids=[self.eos_id],
             world_size=1,
+            vocab_size=self.vocab_size,
         )
 
     async def health(self) -> None:
@@ -88,6 +91,7 @@ class FakeShardClient:
     async def prefill(self, batch: pb.Batch) -> StepResult:
         self.calls.append(("prefill", batch.id, [r.id for r in batch.requests], batch.max_tokens))
         await self._work("prefill")
+        self._check_vocabulary(batch)
         sequences = {r.id: _Sequence(r, self.script(list(r.input_ids))) for r in batch.requests}
         self.batches[batch.id] = sequences
         generations = [self._generate(seq, prefill=True) for seq in sequences.values()]
@@ -135,6 +139,14 @@ class FakeShardClient:
         if self.fail_on == method:
             raise RuntimeError(f"CUDA error during {method}")
         await asyncio.sleep(self.step_delay)
+
+    def _check_vocabulary(self, batch: pb.Batch) -> None:
+        """The shards refuse the whole batch when one prompt leaves the vocabulary."""
+        for request in batch.requests:
+            if max(request.input_ids) >= self.vocab_size:
+                raise ValueError(
+                    f"request {request.id} has a token id >= the vocabulary size {self.vocab_size}"
+                )
 
     def _generate(self, seq: _Sequence, prefill: bool = False) -> pb.Generation:
         stopping = seq.request.stopping_parameters

@@ -300,6 +300,40 @@ async def test_completion_validation_errors(router, fake, body, message):
     assert not fake.requests
 
 
+_CHAT = (
+    "/v1/chat/completions",
+    lambda text: {"messages": [{"role": "user", "content": text}]},
+    lambda choice: choice["message"]["content"],
+)
+_COMPLETION = ("/v1/completions", lambda text: {"prompt": text}, lambda choice: choice["text"])
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "text_of"), [_CHAT, _COMPLETION], ids=["chat", "completion"]
+)
+async def test_out_of_vocabulary_prompt_is_422_and_spares_the_others(
+    tokenizer, path, body, text_of
+):
+    last_id = len(tokenizer) - 1  # the tokenizer knows one token more than the model
+    fake = RecordingShard(fixed_script(tokenizer), tokenizer.eos_token_id, vocab_size=last_id)
+    client, ctx = await router_client(fake, tokenizer, max_total_tokens=128)
+    try:
+        refused, answered = await asyncio.gather(
+            client.post(path, json=body("the" + tokenizer.decode([last_id]))),
+            client.post(path, json=body("the city")),
+        )
+        error = await refused.json()
+        assert refused.status == 422, error
+        assert_error(error, "validation")
+        assert f"token id {last_id}, outside the model's vocabulary" in error["error"]
+        assert answered.status == 200
+        assert text_of((await answered.json())["choices"][0]) == CONTINUATION
+        assert len(fake.requests) == 1
+    finally:
+        await client.close()
+        await ctx.batcher.stop()
+
+
 async def test_the_official_client_raises_on_errors(api):
     with pytest.raises(openai.UnprocessableEntityError) as caught:
         await api.chat.completions.create(model="m", messages=USER, n=2)

@@ -237,6 +237,30 @@ async def test_input_too_long_and_truncate(router, tokenizer):
     assert answer.status == 200
 
 
+async def test_out_of_vocabulary_prompt_is_422_and_spares_the_others(tokenizer):
+    """The tokenizer knows one token more than the model: the router refuses a prompt that uses
+    it, which the shard would refuse with the whole prefill batch around it."""
+    last_id = len(tokenizer) - 1
+    fake = FakeShardClient(fixed_script(tokenizer), tokenizer.eos_token_id, vocab_size=last_id)
+    client, ctx = await router_client(fake, tokenizer, max_total_tokens=128)
+    try:
+        bad = {"inputs": "a" + tokenizer.decode([last_id])}
+        refused, answered = await asyncio.gather(
+            client.post("/generate", json=bad), client.post("/generate", json={"inputs": "a"})
+        )
+        error = await refused.json()
+        assert refused.status == 422, error
+        assert_error(error, "validation")
+        message = f"token id {last_id}, outside the model's vocabulary of {last_id} tokens"
+        assert message in error["error"]
+        assert answered.status == 200
+        assert (await answered.json())["generated_text"] == CONTINUATION
+        assert [len(call[2]) for call in fake.calls_of("prefill")] == [1]  # the good one alone
+    finally:
+        await client.close()
+        await ctx.batcher.stop()
+
+
 async def test_overloaded_past_max_concurrent_requests(tokenizer):
     fake = FakeShardClient(fixed_script(tokenizer), tokenizer.eos_token_id, step_delay=0.05)
     client, ctx = await router_client(
