@@ -24,6 +24,7 @@ from benchmarks.random_model import tensor_shapes, write_model
 from shardline import LLM, SamplingParams
 from shardline.proto import generate_pb2 as pb
 from shardline.router.batcher import Batcher
+from shardline.router.metrics import RouterMetrics
 from shardline.router.request_types import ValidRequest
 
 WORKLOAD = Path(__file__).resolve().parents[2] / "shared" / "bench" / "sharegpt-shaped-1000.jsonl"
@@ -66,15 +67,37 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def timed_run(llm: LLM, requests: list[ValidRequest]) -> tuple[float, list[RequestTiming]]:
+    metrics = RouterMetrics()
     async with llm._shards.client() as client:
-        batcher = Batcher(client, llm.tokenizer, llm._batching_config())
+        batcher = Batcher(client, llm.tokenizer, llm._batching_config(), metrics)
         batcher.start()
         try:
             started = time.perf_counter()
             timings = await asyncio.gather(*(_consume(batcher, r) for r in requests))
-            return time.perf_counter() - started, list(timings)
+            elapsed = time.perf_counter() - started
         finally:
             await batcher.stop()
+    if len(requests) > 1:
+        print(json.dumps(shard_call_breakdown(metrics, elapsed)), flush=True)
+    return elapsed, list(timings)
+
+
+def shard_call_breakdown(metrics: RouterMetrics, elapsed: float) -> dict:
+    """Where a run's wall time went, by shard call: count, seconds in total and per call."""
+    sample = metrics.registry.get_sample_value
+    out: dict = {"wall_s": round(elapsed, 2)}
+    for method in ("prefill", "decode"):
+        labels = {"method": method}
+        count = sample("tgi_batch_inference_duration_count", labels) or 0
+        seconds = sample("tgi_batch_inference_duration_sum", labels) or 0.0
+        out[method] = {
+            "calls": int(count),
+            "seconds": round(seconds, 2),
+            "ms_per_call": round(1e3 * seconds / max(count, 1), 2),
+        }
+    sizes = ("tgi_batch_next_size_sum", "tgi_batch_next_size_count")
+    out["mean_prefill_batch"] = round((sample(sizes[0]) or 0) / max(sample(sizes[1]) or 0, 1), 1)
+    return out
 
 
 async def _consume(batcher: Batcher, request: ValidRequest) -> RequestTiming:
@@ -119,8 +142,10 @@ def summarize(name: str, elapsed: float, timings: list[RequestTiming], prompt_to
 
 
 def engine_decode_step_ms(llm: LLM, prompt_len: int, new_tokens: int, vocab: int) -> float:
-    """Decode ms/step at batch 1 straight through the engine (no router), median of the steps;
-    prints where a step's time goes (engine phases, then device kernels from the profiler)."""
+    """Decode ms/step at batch 1 straight through the engine (no router), each Decode launching
+    the next step ahead as the router asks it to: the wall time of the decode steps over their
+    number (the first 100, before the profiler starts), no sync between them. Prints the engine's phases and, from the profiler, where the
+    device time of 20 steps goes."""
     engine = llm._shards.engine
     prompt = random_prompt(prompt_len, random.Random(1), vocab)
     chooser, stopping = _exact(new_tokens).to_proto(new_tokens)
@@ -128,30 +153,32 @@ def engine_decode_step_ms(llm: LLM, prompt_len: int, new_tokens: int, vocab: int
         id=10**9, input_ids=prompt, parameters=chooser, stopping_parameters=stopping
     )
     answer = engine.prefill(pb.PrefillRequest(batch=pb.Batch(id=10**9, requests=[request])))
-    steps, phases = [], []
+    phases, steps = [], 0
     cached = answer.batch
     profiler = torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     )
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    elapsed = 0.0
     while cached is not None:
-        if len(steps) == 100:
+        if steps == 100:
+            elapsed = time.perf_counter() - started
             profiler.start()
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        answer = engine.decode(pb.DecodeRequest(batches=[cached]))
-        steps.append(time.perf_counter() - started)
+        answer = engine.decode(pb.DecodeRequest(batches=[cached], launch_next=True))
+        steps += 1
         phases.append((answer.forward_ns, answer.decode_ns, answer.total_ns))
-        if len(steps) == 120:
+        if steps == 120:
             profiler.stop()
         cached = answer.batch if answer.HasField("batch") else None
     forward, sample, total = (statistics.median(p[i] for p in phases) / 1e6 for i in range(3))
     print(
-        f"engine step phases (median ms): forward {forward:.3f} sample+sync {sample:.3f} "
-        f"total {total:.3f}",
+        f"engine step phases (median ms): launch {forward:.3f} wait for tokens {sample:.3f} "
+        f"Decode call {total:.3f}",
         flush=True,
     )
     print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
-    return 1e3 * statistics.median(steps)
+    return 1e3 * elapsed / 100
 
 
 def engine_prefill_ms(llm: LLM, prompt_len: int, vocab: int) -> float:

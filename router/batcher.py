@@ -248,12 +248,17 @@ class Batcher:
         await self._fail_everything(GenerationError(str(error)))
         self._stuck_event.set()
 
-    def _next_batch(self, min_size: int | None) -> list[Entry] | None:
+    def _next_batch(
+        self, min_size: int | None, running: list[Entry] | None = None, peek: bool = False
+    ) -> list[Entry] | None:
+        """The requests that may be prefilled beside `running` (default: every running request)
+        now, taken from the queue unless `peek`."""
         cfg = self.config
-        running = len(self._running)
-        max_size = None if cfg.max_batch_size is None else max(cfg.max_batch_size - running, 0)
-        used = sum(entry.budget_tokens for entry in self._running.values())
-        entries = self._queue.next_batch(
+        running = list(self._running.values()) if running is None else running
+        max_size = None if cfg.max_batch_size is None else max(cfg.max_batch_size - len(running), 0)
+        used = sum(entry.budget_tokens for entry in running)
+        cut = self._queue.peek_batch if peek else self._queue.next_batch
+        entries = cut(
             min_size, max_size, cfg.max_batch_prefill_tokens, cfg.max_batch_total_tokens - used
         )
         self._metrics.queue_size.set(len(self._queue))
@@ -267,7 +272,11 @@ class Batcher:
         answered.add(*await self._prefilled(await self._send_prefill(entries)))
         waiting_steps = 1
         while answered.generations or answered.batches:
-            decode = await self._send_decode(answered.batches) if answered.batches else None
+            decode = None
+            if answered.batches:
+                decode = await self._send_decode(
+                    answered.batches, not self._join_expected(answered.batches, waiting_steps)
+                )
             self._handle(answered.generations)
             self._forget_ended(on_shard=_request_ids(answered.batches))
             joining = self._joining(waiting_steps) if decode else None
@@ -280,13 +289,22 @@ class Batcher:
             if prefill is not None:
                 answered.add(*await self._prefilled(prefill))
 
-    def _joining(self, waiting_steps: int) -> list[Entry] | None:
+    def _join_min_size(self, waiting_steps: int, running: int) -> int | None:
         """TGI's rule: waiting requests join when enough of them wait, or they waited long."""
-        min_size = (
-            None
-            if waiting_steps >= self.config.max_waiting_tokens
-            else math.floor(len(self._running) * self.config.waiting_served_ratio)
-        )
+        if waiting_steps >= self.config.max_waiting_tokens:
+            return None
+        return math.floor(running * self.config.waiting_served_ratio)
+
+    def _join_expected(self, batches: list[pb.CachedBatch], waiting_steps: int) -> bool:
+        """Whether `_joining` will likely let requests join after this step: asked before the
+        step's generations are handled, of the requests the shards still hold."""
+        on_shard = _request_ids(batches)
+        running = [entry for rid, entry in self._running.items() if rid in on_shard]
+        min_size = self._join_min_size(waiting_steps, len(running))
+        return self._next_batch(min_size, running, peek=True) is not None
+
+    def _joining(self, waiting_steps: int) -> list[Entry] | None:
+        min_size = self._join_min_size(waiting_steps, len(self._running))
         joining = self._next_batch(min_size)
         if joining:
             reason = "backpressure" if min_size is not None else "wait_exceeded"
@@ -318,10 +336,12 @@ class Batcher:
         self._running.update(members)
         return result.generations, result.batch
 
-    async def _send_decode(self, batches: list[pb.CachedBatch]) -> _InFlight:
+    async def _send_decode(self, batches: list[pb.CachedBatch], launch_next: bool) -> _InFlight:
+        """`launch_next`: no request is expected to join before the next Decode, so the shards
+        may launch that step ahead (see the shard engine's `decode`)."""
         self._update_gauges()
         ids = [batch.id for batch in batches]
-        return await self._send("decode", self._client.decode(batches), ids)
+        return await self._send("decode", self._client.decode(batches, launch_next), ids)
 
     async def _decoded(self, call: _InFlight) -> tuple[list[pb.Generation], pb.CachedBatch | None]:
         result = await self._receive(call, list(self._running.values()))

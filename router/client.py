@@ -75,7 +75,9 @@ class ShardClient(Protocol):
 
     async def prefill(self, batch: pb.Batch) -> StepResult: ...
 
-    async def decode(self, batches: Sequence[pb.CachedBatch]) -> StepResult: ...
+    async def decode(
+        self, batches: Sequence[pb.CachedBatch], launch_next: bool = False
+    ) -> StepResult: ...
 
     async def filter_batch(
         self,
@@ -184,8 +186,10 @@ class ShardedClient:
         request = pb.PrefillRequest(batch=batch)
         return step_result(await self._ordered("Prefill", request, self.deadlines.step))
 
-    async def decode(self, batches: Sequence[pb.CachedBatch]) -> StepResult:
-        request = pb.DecodeRequest(batches=list(batches))
+    async def decode(
+        self, batches: Sequence[pb.CachedBatch], launch_next: bool = False
+    ) -> StepResult:
+        request = pb.DecodeRequest(batches=list(batches), launch_next=launch_next)
         return step_result(await self._ordered("Decode", request, self.deadlines.step))
 
     async def filter_batch(

@@ -78,14 +78,28 @@ class RequestQueue:
 
         Cancelled entries are dropped on the way.
         """
-        if max_size == 0:
+        batch = self.peek_batch(min_size, max_size, prefill_token_budget, token_budget)
+        if batch is None:
             return None
+        taken = set(batch)
+        while self._entries and (not self._entries[0].alive or self._entries[0] in taken):
+            self._entries.popleft()
+        return batch
+
+    def peek_batch(
+        self,
+        min_size: int | None,
+        max_size: int | None,
+        prefill_token_budget: int,
+        token_budget: int,
+    ) -> list[Entry] | None:
+        """The batch `next_batch` would take, left in the queue."""
         batch: list[Entry] = []
         prefill_tokens = total_tokens = 0
-        while self._entries and (max_size is None or len(batch) < max_size):
-            entry = self._entries[0]
+        for entry in self._entries:
+            if max_size is not None and len(batch) >= max_size:
+                break
             if not entry.alive:
-                self._entries.popleft()
                 continue
             if (
                 prefill_tokens + entry.prefill_tokens > prefill_token_budget
@@ -94,9 +108,8 @@ class RequestQueue:
                 break
             prefill_tokens += entry.prefill_tokens
             total_tokens += entry.budget_tokens
-            batch.append(self._entries.popleft())
+            batch.append(entry)
         if not batch or (min_size is not None and len(batch) < min_size):
-            self._entries.extendleft(reversed(batch))
             return None
         return batch
 

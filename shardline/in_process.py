@@ -48,8 +48,10 @@ class InProcessShardClient:
     async def prefill(self, batch: pb.Batch) -> StepResult:
         return step_result(await self._run(self.engine.prefill, pb.PrefillRequest(batch=batch)))
 
-    async def decode(self, batches: Sequence[pb.CachedBatch]) -> StepResult:
-        request = pb.DecodeRequest(batches=list(batches))
+    async def decode(
+        self, batches: Sequence[pb.CachedBatch], launch_next: bool = False
+    ) -> StepResult:
+        request = pb.DecodeRequest(batches=list(batches), launch_next=launch_next)
         return step_result(await self._run(self.engine.decode, request))
 
     async def filter_batch(

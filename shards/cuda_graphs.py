@@ -113,20 +113,26 @@ class DecodeGraphs:
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
     ) -> torch.Tensor:
-        """Logits [batch, vocab] for one decode step; the inputs may live on the host."""
+        """Logits [batch, vocab] for one decode step; the inputs may live on the host (they are
+        staged through pinned memory, so no copy waits for the device's queued work)."""
         batch = int(input_ids.shape[0])
         bucket = self.buckets[bisect.bisect_left(self.buckets, batch)]
         static = self.inputs
-        static.input_ids[:batch].copy_(input_ids, non_blocking=True)
-        static.positions[:batch].copy_(positions, non_blocking=True)
-        static.slot_mapping[:batch].copy_(slot_mapping, non_blocking=True)
-        static.block_tables[:batch, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
-        static.context_lens[:batch].copy_(context_lens, non_blocking=True)
+        static.input_ids[:batch].copy_(_staged(input_ids), non_blocking=True)
+        static.positions[:batch].copy_(_staged(positions), non_blocking=True)
+        static.slot_mapping[:batch].copy_(_staged(slot_mapping), non_blocking=True)
+        width = block_tables.shape[1]
+        static.block_tables[:batch, :width].copy_(_staged(block_tables), non_blocking=True)
+        static.context_lens[:batch].copy_(_staged(context_lens), non_blocking=True)
         static.slot_mapping[batch:bucket].fill_(-1)
         static.context_lens[batch:bucket].fill_(0)
         graph, logits = self._graphs[bucket]
         graph.replay()
         return logits[:batch]
+
+
+def _staged(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.is_cuda else tensor.pin_memory()
 
 
 def parse_buckets(spec: str | None, default: tuple[int, ...] = DEFAULT_BUCKETS) -> tuple[int, ...]:

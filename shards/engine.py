@@ -19,7 +19,7 @@ from shardline.shards.batch import SequenceState, ShardBatch, build_block_table
 from shardline.shards.beam_search import BeamSearch, candidates_per_step
 from shardline.shards.kv_cache import BlockAllocator, KVCacheExhaustedError
 from shardline.shards.kv_sizing import agree_on_min, blocks_that_fit, warmup_lengths, warmup_request
-from shardline.shards.model_runner import ModelRunner, StepResult, grow_blocks
+from shardline.shards.model_runner import ModelRunner, PendingStep, StepResult, grow_blocks
 from shardline.shards.models.config import ModelConfig
 from shardline.shards.request_checks import InvalidRequestError, check_batch
 from shardline.shards.utils.dist import TPGroup
@@ -56,6 +56,7 @@ class ShardEngine:
         self.runner = ModelRunner(model, device)
         self.allocator: BlockAllocator | None = None
         self.batches: dict[int, ShardBatch] = {}
+        self._ahead: _Lookahead | None = None
         self.grammars = GrammarCompiler(
             settings.tokenizer_dir, sorted(config.eos_token_ids), config.vocab_size
         )
@@ -300,29 +301,67 @@ class ShardEngine:
         return (forks - 1) * partial
 
     def decode(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
+        """One decode step of the named batches, concatenated.
+
+        With `launch_next` the router expects to decode the batch this step returns next, with
+        nothing joining it: the step after this one is launched on the device before this one's
+        tokens are read back, so the device works while the host answers and the router
+        prepares the next call. A later Decode takes the rows it names from that step (a filter
+        in between only drops rows); batches it did not cover (just prefilled) run on their own
+        and are concatenated.
+        """
         started = time.perf_counter_ns()
         if not request.batches:
             raise InvalidRequestError("Decode needs at least one cached batch")
         batches = [self._pop_batch(cached.id) for cached in request.batches]
-        batch = ShardBatch.concatenate(batches)
-        concat_done = time.perf_counter_ns()
+        ahead, self._ahead = self._ahead, None
+        covered = [batch for batch in batches if ahead is not None and ahead.covers(batch)]
+        fresh = [batch for batch in batches if not any(batch is c for c in covered)]
         try:
             fault_injection.maybe_fail("decode")
-            grow_blocks(batch, self._require_allocator(), self.settings.block_size)
-            step = self.runner.decode(batch)
+            batch, step = self._step(covered, fresh, ahead)
         except BaseException:
-            self.batches[batch.id] = batch
+            for batch in batches:
+                self.batches[batch.id] = batch
             raise
-        batch.last_tokens = step.next_tokens
-        generations, kept = self._advance(batch, step)
+        batch.id = batches[0].id
+        concat_done = time.perf_counter_ns()
+        if request.launch_next and _can_launch_ahead(batch):
+            self._ahead = self._launch_ahead(batch, step)
+        result = step.result()
+        batch.last_tokens = result.next_tokens
+        generations, kept = self._advance(batch, result)
         return pb.DecodeResponse(
             generations=generations,
             batch=kept.to_proto() if kept else None,
             concat_ns=concat_done - started,
-            forward_ns=step.forward_ns,
-            decode_ns=step.sample_ns,
+            forward_ns=result.forward_ns,
+            decode_ns=result.sample_ns,
             total_ns=time.perf_counter_ns() - started,
         )
+
+    def _step(
+        self, covered: list[ShardBatch], fresh: list[ShardBatch], ahead: _Lookahead | None
+    ) -> tuple[ShardBatch, PendingStep]:
+        """The step of the covered batches' rows taken from `ahead`, and that of the others
+        launched now; the batch they make together (covered rows first)."""
+        parts: list[PendingStep] = []
+        if covered:
+            assert ahead is not None
+            parts.append(ahead.select([seq for b in covered for seq in b.sequences]))
+        if fresh:
+            batch = ShardBatch.concatenate(fresh)
+            grow_blocks(batch, self._require_allocator(), self.settings.block_size)
+            parts.append(self.runner.decode(batch, batch.last_tokens))
+            covered = [*covered, batch]
+        return ShardBatch.concatenate(covered), PendingStep.concatenate(parts)
+
+    def _launch_ahead(self, batch: ShardBatch, step: PendingStep) -> _Lookahead | None:
+        try:
+            grow_blocks(batch, self._require_allocator(), self.settings.block_size, ahead=1)
+        except KVCacheExhaustedError:
+            return None  # the next Decode runs its step then, or the router preempts
+        return _Lookahead(self.runner.decode(batch, step.next_tokens, ahead=1), batch.sequences)
 
     def filter_batch(self, request: pb.FilterBatchRequest) -> pb.FilterBatchResponse:
         batch = self._pop_batch(request.batch_id)
@@ -340,6 +379,7 @@ class ShardEngine:
         return pb.FilterBatchResponse(batch=kept.to_proto())
 
     def clear_cache(self, request: pb.ClearCacheRequest) -> pb.ClearCacheResponse:
+        self._ahead = None
         ids = [request.id] if request.HasField("id") else list(self.batches)
         for batch_id in ids:
             batch = self.batches.pop(batch_id, None)
@@ -426,6 +466,27 @@ class ShardEngine:
         if self.allocator is None:
             raise RuntimeError("the KV cache is not allocated: call Warmup first")
         return self.allocator
+
+
+class _Lookahead:
+    """A decode step launched before the router asked for it, over `sequences` (the very
+    objects: a filtered batch keeps its rows' objects, a new batch has new ones)."""
+
+    def __init__(self, step: PendingStep, sequences: list[SequenceState]) -> None:
+        self.step = step
+        self.sequences = list(sequences)  # holds them, so their ids stay theirs
+        self._rows = {id(seq): row for row, seq in enumerate(self.sequences)}
+
+    def covers(self, batch: ShardBatch) -> bool:
+        return all(id(seq) in self._rows for seq in batch.sequences)
+
+    def select(self, sequences: list[SequenceState]) -> PendingStep:
+        return self.step.select([self._rows[id(seq)] for seq in sequences])
+
+
+def _can_launch_ahead(batch: ShardBatch) -> bool:
+    """A beam search picks its tokens on the host, a grammar needs them to mask the next step."""
+    return not batch.beams and batch.sampling.grammar is None
 
 
 @dataclass

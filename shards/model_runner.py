@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,6 +27,73 @@ class StepResult:
     prompt_logprobs: dict[int, list[float]]
     forward_ns: int
     sample_ns: int
+
+    def select(self, rows: list[int]) -> StepResult:
+        """The result of rows `rows` alone (decode steps: no prompt logprobs)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.next_tokens.device)
+        return replace(
+            self,
+            next_tokens=self.next_tokens.index_select(0, index),
+            next_token_ids=[self.next_token_ids[row] for row in rows],
+            logprobs=[self.logprobs[row] for row in rows],
+            top_ids=None if self.top_ids is None else [self.top_ids[row] for row in rows],
+            top_logprobs=(
+                None if self.top_logprobs is None else [self.top_logprobs[row] for row in rows]
+            ),
+        )
+
+    @classmethod
+    def concatenate(cls, results: list[StepResult]) -> StepResult:
+        """One result of several decode steps' rows, in order (the slowest phase times)."""
+        return cls(
+            next_tokens=torch.cat([r.next_tokens for r in results]),
+            next_token_ids=[t for r in results for t in r.next_token_ids],
+            logprobs=[x for r in results for x in r.logprobs],
+            top_ids=_concat_rows([r.top_ids for r in results], [len(r.logprobs) for r in results]),
+            top_logprobs=_concat_rows(
+                [r.top_logprobs for r in results], [len(r.logprobs) for r in results]
+            ),
+            prompt_logprobs={},
+            forward_ns=max(r.forward_ns for r in results),
+            sample_ns=max(r.sample_ns for r in results),
+        )
+
+
+def _concat_rows(parts: list[list | None], sizes: list[int]) -> list | None:
+    """Per-row lists of several results; a result without them gives its rows empty lists."""
+    if all(part is None for part in parts):
+        return None
+    return [row for part, n in zip(parts, sizes) for row in (part or [[] for _ in range(n)])]
+
+
+class PendingStep:
+    """A step launched on the device: its chosen token ids are usable as device inputs at once
+    (`next_tokens`), its host-side result once the device has produced it (`result()`)."""
+
+    def __init__(self, next_tokens: torch.Tensor, finish: Callable[[], StepResult]) -> None:
+        self.next_tokens = next_tokens
+        self._finish = finish
+        self._result: StepResult | None = None
+
+    def result(self) -> StepResult:
+        if self._result is None:
+            self._result = self._finish()
+        return self._result
+
+    def select(self, rows: list[int]) -> PendingStep:
+        index = torch.tensor(rows, dtype=torch.long, device=self.next_tokens.device)
+        return PendingStep(
+            self.next_tokens.index_select(0, index), lambda: self.result().select(rows)
+        )
+
+    @staticmethod
+    def concatenate(steps: list[PendingStep]) -> PendingStep:
+        if len(steps) == 1:
+            return steps[0]
+        return PendingStep(
+            torch.cat([step.next_tokens for step in steps]),
+            lambda: StepResult.concatenate([step.result() for step in steps]),
+        )
 
 
 class ModelRunner:
@@ -93,18 +161,21 @@ class ModelRunner:
             for row in prompt_logprob_rows
         }
         forward_done = time.perf_counter_ns()
-        return self._sample(logits, sampling, prompt_logprobs, started, forward_done)
+        return self._sample(logits, sampling, prompt_logprobs, started, forward_done).result()
 
     @torch.inference_mode()
-    def decode(self, batch: ShardBatch) -> StepResult:
+    def decode(self, batch: ShardBatch, input_ids: torch.Tensor, ahead: int = 0) -> PendingStep:
+        """Launches one decode step of `batch` on `input_ids` (device or host), each sequence at
+        position `num_cached + ahead`: `ahead=1` runs the step after the one in flight, whose
+        tokens are `input_ids`, before the host has seen them."""
         started = time.perf_counter_ns()
-        positions = torch.tensor([seq.num_cached for seq in batch.sequences], dtype=torch.long)
+        positions = torch.tensor(
+            [seq.num_cached + ahead for seq in batch.sequences], dtype=torch.long
+        )
         slots = self._slots(batch.block_table, torch.arange(batch.size), positions)
         context_lens = (positions + 1).to(torch.int32)
         if self.graphs is not None and self.graphs.fits(batch.size, batch.block_table.shape[1]):
-            logits = self.graphs.run(
-                batch.last_tokens, positions, slots, batch.block_table, context_lens
-            )
+            logits = self.graphs.run(input_ids, positions, slots, batch.block_table, context_lens)
         else:
             meta = AttentionMetadata(
                 is_prefill=False,
@@ -114,7 +185,7 @@ class ModelRunner:
                 max_context_len=int(context_lens.max()),
             )
             positions = self._to_device(positions)
-            hidden = self.model(batch.last_tokens, positions, self._cache_layers(), meta)
+            hidden = self.model(self._to_device(input_ids), positions, self._cache_layers(), meta)
             logits = self.model.compute_logits(hidden)
         forward_done = time.perf_counter_ns()
         return self._sample(logits, batch.sampling, {}, started, forward_done)
@@ -126,21 +197,27 @@ class ModelRunner:
         prompt_logprobs: dict[int, list[float]],
         started: int,
         forward_done: int,
-    ) -> StepResult:
+    ) -> PendingStep:
+        """Samples on the device and starts copying the choices to the host; the result waits
+        for that copy alone."""
         out: SamplerOutput = self.sampler(logits, sampling)
         sampling.append(out.next_token_ids)
-        result = StepResult(
-            next_tokens=out.next_token_ids,
-            next_token_ids=out.next_token_ids.tolist(),
-            logprobs=out.logprobs.tolist(),
-            top_ids=None if out.top_ids is None else out.top_ids.tolist(),
-            top_logprobs=None if out.top_logprobs is None else out.top_logprobs.tolist(),
-            prompt_logprobs=prompt_logprobs,
-            forward_ns=forward_done - started,
-            sample_ns=0,
-        )
-        result.sample_ns = time.perf_counter_ns() - forward_done
-        return result
+        host = _HostCopy.start(out)
+
+        def finish() -> StepResult:
+            host.wait()
+            return StepResult(
+                next_tokens=out.next_token_ids,
+                next_token_ids=host.next_token_ids.tolist(),
+                logprobs=host.logprobs.tolist(),
+                top_ids=None if host.top_ids is None else host.top_ids.tolist(),
+                top_logprobs=None if host.top_logprobs is None else host.top_logprobs.tolist(),
+                prompt_logprobs=prompt_logprobs,
+                forward_ns=forward_done - started,
+                sample_ns=time.perf_counter_ns() - forward_done,
+            )
+
+        return PendingStep(out.next_token_ids, finish)
 
     def _prompt_logprobs(
         self, hidden: torch.Tensor, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, row: int
@@ -168,17 +245,50 @@ class ModelRunner:
         return self.kv_cache
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" or tensor.device == self.device:
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
 
-def grow_blocks(batch: ShardBatch, allocator: BlockAllocator, block_size: int) -> None:
-    """Gives every sequence whose next token starts a new block that block, all or nothing."""
+@dataclass
+class _HostCopy:
+    """Pinned host copies of a sampler output, filled by non-blocking copies."""
+
+    next_token_ids: torch.Tensor
+    logprobs: torch.Tensor
+    top_ids: torch.Tensor | None
+    top_logprobs: torch.Tensor | None
+    done: torch.cuda.Event | None
+
+    @classmethod
+    def start(cls, out: SamplerOutput) -> _HostCopy:
+        if not out.next_token_ids.is_cuda:
+            return cls(out.next_token_ids, out.logprobs, out.top_ids, out.top_logprobs, None)
+        sources = (out.next_token_ids, out.logprobs, out.top_ids, out.top_logprobs)
+        copies = [None if t is None else _pinned_copy(t) for t in sources]
+        done = torch.cuda.Event()
+        done.record()
+        return cls(*copies, done)
+
+    def wait(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+
+
+def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    copy = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return copy.copy_(tensor, non_blocking=True)
+
+
+def grow_blocks(
+    batch: ShardBatch, allocator: BlockAllocator, block_size: int, ahead: int = 0
+) -> None:
+    """Gives every sequence whose token at `num_cached + ahead` starts a new block that block,
+    all or nothing."""
     needy = [
         row
         for row, seq in enumerate(batch.sequences)
-        if seq.num_cached // block_size >= len(seq.blocks)
+        if (seq.num_cached + ahead) // block_size >= len(seq.blocks)
     ]
     if not needy:
         return

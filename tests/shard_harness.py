@@ -54,9 +54,11 @@ def run_schedule(
     prefill: Callable[[pb.PrefillRequest], pb.PrefillResponse],
     decode: Callable[[pb.DecodeRequest], pb.DecodeResponse],
     arrivals: list[Arrival],
+    launch_next: bool = False,
 ) -> ScheduleResult:
     """Continuous batching as the router does it: new requests join the running batch by a
-    prefill at their arrival step, then every cached batch decodes together."""
+    prefill at their arrival step, then every cached batch decodes together. `launch_next` asks
+    every Decode to launch the next step ahead, joins or not (the shard must stay exact)."""
     result = ScheduleResult()
     pending = sorted(arrivals, key=lambda a: a.step)
     cached: pb.CachedBatch | None = None
@@ -74,7 +76,7 @@ def run_schedule(
                 batches.append(answer.batch)
         if batches:
             result.max_batch_size = max(result.max_batch_size, sum(b.size for b in batches))
-            answer = decode(pb.DecodeRequest(batches=batches))
+            answer = decode(pb.DecodeRequest(batches=batches, launch_next=launch_next))
             _record(result, answer.generations)
             cached = answer.batch if answer.HasField("batch") else None
         else:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from shardline import SamplingParams
 from shardline.proto import generate_pb2 as pb
 from shardline.shards.bootstrap import ShardArgs, create_engine
 from shardline.shards.engine import ShardEngine
@@ -52,9 +53,11 @@ def test_single_request_matches_transformers(arch, engines, tiny_model_dirs):
     assert_no_leaks(engine)
 
 
+@pytest.mark.parametrize("launch_next", [False, True])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_concurrent_requests_join_and_leave(arch, engines, tiny_model_dirs):
-    """8 prompts of different lengths arrive at different steps and stop at different lengths."""
+def test_concurrent_requests_join_and_leave(arch, launch_next, engines, tiny_model_dirs):
+    """8 prompts of different lengths arrive at different steps and stop at different lengths;
+    with `launch_next`, steps launched ahead meet joining batches (run on their own)."""
     engine = engines[arch]
     prompts = random_prompts(8, engine.config.vocab_size, seed=2)
     max_new = [5, 17, 9, 30, 1, 12, 22, 7]
@@ -63,7 +66,7 @@ def test_concurrent_requests_join_and_leave(arch, engines, tiny_model_dirs):
         Arrival(step, make_request(i, prompt, n))
         for i, (step, prompt, n) in enumerate(zip([0, 0, 1, 3, 3, 4, 8, 11], prompts, max_new))
     ]
-    result = run_schedule(engine.prefill, engine.decode, arrivals)
+    result = run_schedule(engine.prefill, engine.decode, arrivals, launch_next)
     assert result.max_batch_size > 1
     for i in range(8):
         assert result.tokens[i] == expected[i], f"request {i}"
@@ -121,6 +124,68 @@ def test_filter_batch_frees_blocks_of_removed_requests(engines):
     assert used_after < used_before
     engine.decode(pb.DecodeRequest(batches=[filtered.batch]))
     engine.clear_cache(pb.ClearCacheRequest(id=5))
+    assert_no_leaks(engine)
+
+
+def _sampled_requests(engine: ShardEngine, seed: int) -> list[pb.Request]:
+    params = SamplingParams(temperature=0.9, top_k=20, repetition_penalty=1.3, seed=seed)
+    prompts = random_prompts(4, engine.config.vocab_size, seed=seed)
+    return [make_request(i, p, 12 + 3 * i, params, top_n_tokens=2) for i, p in enumerate(prompts)]
+
+
+def _tokens_and_logprobs(generations) -> dict[int, list[tuple[int, float, list[int]]]]:
+    return {
+        g.request_id: [(g.tokens.ids[0], g.tokens.logprobs[0], list(g.top_tokens[0].ids))]
+        for g in generations
+    }
+
+
+def _run_with_filter(engine: ShardEngine, launch_next: bool) -> dict[int, list]:
+    """Seeded sampling with penalties; request 1 is filtered out by the router at step 4."""
+    answer = engine.prefill(
+        pb.PrefillRequest(batch=pb.Batch(id=21, requests=_sampled_requests(engine, seed=11)))
+    )
+    seen: dict[int, list] = {}
+    for step in range(40):
+        for rid, items in _tokens_and_logprobs(answer.generations).items():
+            seen.setdefault(rid, []).extend(items)
+        if not answer.HasField("batch"):
+            break
+        cached = answer.batch
+        if step == 4:
+            keep = [rid for rid in cached.request_ids if rid != 1]
+            cached = engine.filter_batch(
+                pb.FilterBatchRequest(batch_id=cached.id, request_ids=keep)
+            ).batch
+        answer = engine.decode(pb.DecodeRequest(batches=[cached], launch_next=launch_next))
+    return seen
+
+
+def test_steps_launched_ahead_change_no_token(engines):
+    """The same seeded samples, logprobs and top tokens whether each Decode launches the next
+    step ahead or not, through a filter; every block comes back."""
+    engine = engines["llama"]
+    plain = _run_with_filter(engine, launch_next=False)
+    assert_no_leaks(engine)
+    ahead = _run_with_filter(engine, launch_next=True)
+    engine.clear_cache(pb.ClearCacheRequest())
+    assert_no_leaks(engine)
+    assert ahead.keys() == plain.keys() and len(plain[1]) == 5
+    for rid in plain:
+        assert [t for t, _, _ in ahead[rid]] == [t for t, _, _ in plain[rid]], rid
+        assert [top for _, _, top in ahead[rid]] == [top for _, _, top in plain[rid]], rid
+        assert [lp for _, lp, _ in ahead[rid]] == pytest.approx([lp for _, lp, _ in plain[rid]])
+
+
+def test_a_step_launched_ahead_is_not_reused_by_a_new_batch_with_the_same_ids(engines):
+    """Request ids restart with a new router: a leftover step must not answer for them."""
+    engine = engines["llama"]
+    first = _run_with_filter(engine, launch_next=True)
+    again = _run_with_filter(engine, launch_next=True)
+    engine.clear_cache(pb.ClearCacheRequest())
+    assert [[t for t, _, _ in again[rid]] for rid in again] == [
+        [t for t, _, _ in first[rid]] for rid in first
+    ]
     assert_no_leaks(engine)
 
 

@@ -169,12 +169,16 @@ class RecordingShard(FakeShardClient):
         self.decoding = 0
         self.prefills_during_decode: list[bool] = []
         self.tokens: dict[int, int] = {}
+        self.launch_next: list[bool] = []
 
-    async def decode(self, batches: Sequence[pb.CachedBatch]) -> StepResult:
+    async def decode(
+        self, batches: Sequence[pb.CachedBatch], launch_next: bool = False
+    ) -> StepResult:
         self.log.append("decode")
+        self.launch_next.append(launch_next)
         self.decoding += 1
         try:
-            result = await super().decode(batches)
+            result = await super().decode(batches, launch_next)
         finally:
             self.decoding -= 1
         for generation in result.generations:
@@ -229,6 +233,43 @@ async def test_joining_requests_are_prefilled_while_a_decode_runs(tokenizer):
     assert len(await first) == 30
     assert fake.num_sequences == 0
     await batcher.stop()
+
+
+class PausingShard(RecordingShard):
+    """Holds its 5th decode until `resume` is set, so a test can queue a request meanwhile,
+    once the router has long moved on to wait for the answer."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.paused, self.resume = asyncio.Event(), asyncio.Event()
+
+    async def decode(
+        self, batches: Sequence[pb.CachedBatch], launch_next: bool = False
+    ) -> StepResult:
+        if len(self.launch_next) == 4:
+            await asyncio.sleep(0.05)
+            self.paused.set()
+            await self.resume.wait()
+        return await super().decode(batches, launch_next)
+
+
+async def test_decodes_ask_for_the_next_step_ahead_unless_a_request_will_join(tokenizer):
+    fake = PausingShard(_counting_script, tokenizer.eos_token_id)
+    batcher = _batcher(tokenizer, fake, waiting_served_ratio=0.0)
+    first = asyncio.create_task(
+        batcher.submit(_request(tokenizer, "the city", max_new_tokens=12)).collect()
+    )
+    await fake.paused.wait()
+    late = batcher.submit(_request(tokenizer, "north", max_new_tokens=3))
+    fake.resume.set()
+    await late.collect()
+    await first
+    await batcher.stop()
+    kinds = [call[0] for call in fake.calls if call[0] in ("decode", "prefill")]
+    assert kinds[:8] == ["prefill"] + ["decode"] * 6 + ["prefill"]
+    # Decodes 1-5 were sent with nothing queued, decode 6 while "north" waited to join.
+    assert fake.launch_next[:6] == [True] * 5 + [False]
+    assert all(fake.launch_next[6:])
 
 
 async def test_a_stop_sequence_ends_the_request_with_no_extra_token(tokenizer):
@@ -336,9 +377,11 @@ class FailingOverlapShard(RecordingShard):
         super().__init__(*args, **kwargs)
         self._failing = failing
 
-    async def decode(self, batches: Sequence[pb.CachedBatch]) -> StepResult:
+    async def decode(
+        self, batches: Sequence[pb.CachedBatch], launch_next: bool = False
+    ) -> StepResult:
         prefills = len(self.calls_of("prefill"))
-        result = await super().decode(batches)
+        result = await super().decode(batches, launch_next)
         if self._failing == "decode" and len(self.calls_of("prefill")) > prefills:
             raise RuntimeError("CUDA error during decode")
         return result

@@ -97,7 +97,9 @@ class FakeShardClient:
         generations = [self._generate(seq, prefill=True) for seq in sequences.values()]
         return StepResult(generations, self._cached(batch.id), Timings(0.001, 0.0, 0.001))
 
-    async def decode(self, batches: Sequence[pb.CachedBatch]) -> StepResult:
+    async def decode(
+        self, batches: Sequence[pb.CachedBatch], launch_next: bool = False
+    ) -> StepResult:
         self.calls.append(("decode", [b.id for b in batches]))
         await self._work("decode")
         merged: dict[int, _Sequence] = {}

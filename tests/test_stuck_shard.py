@@ -52,11 +52,13 @@ class StuckShard(FakeShardClient):
 
     good_decodes: int = 3
 
-    async def decode(self, batches: Sequence[pb.CachedBatch]) -> StepResult:
+    async def decode(
+        self, batches: Sequence[pb.CachedBatch], launch_next: bool = False
+    ) -> StepResult:
         if len(self.calls_of("decode")) >= self.good_decodes:
             self.calls.append(("decode timed out",))
             raise ShardTimeoutError(STUCK)
-        return await super().decode(batches)
+        return await super().decode(batches, launch_next)
 
 
 async def test_a_step_past_its_deadline_fails_every_request_and_marks_the_router_stuck(tokenizer):
