@@ -68,18 +68,36 @@ def percentile(values: list[float], q: float) -> float:
 
 async def timed_run(llm: LLM, requests: list[ValidRequest]) -> tuple[float, list[RequestTiming]]:
     metrics = RouterMetrics()
+    waste: list[float] = []
     async with llm._shards.client() as client:
         batcher = Batcher(client, llm.tokenizer, llm._batching_config(), metrics)
         batcher.start()
+        sampler = asyncio.create_task(_sample_kv_waste(llm, waste))
         try:
             started = time.perf_counter()
             timings = await asyncio.gather(*(_consume(batcher, r) for r in requests))
             elapsed = time.perf_counter() - started
         finally:
+            sampler.cancel()
             await batcher.stop()
     if len(requests) > 1:
-        print(json.dumps(shard_call_breakdown(metrics, elapsed)), flush=True)
+        breakdown = shard_call_breakdown(metrics, elapsed)
+        breakdown["kv_waste_mean"] = round(statistics.fmean(waste), 4) if waste else None
+        print(json.dumps(breakdown), flush=True)
     return elapsed, list(timings)
+
+
+async def _sample_kv_waste(llm: LLM, samples: list[float], every_s: float = 0.25) -> None:
+    """KV-cache waste while requests run: slots allocated to sequences but holding no token,
+    over the slots allocated (a paged cache wastes only the tail of each last block)."""
+    engine = llm._shards.engine
+    block_size = engine.settings.block_size
+    while True:
+        await asyncio.sleep(every_s)
+        sequences = [seq for batch in list(engine.batches.values()) for seq in batch.sequences]
+        allocated = block_size * sum(len(seq.blocks) for seq in sequences)
+        if allocated:
+            samples.append(1 - sum(seq.num_cached for seq in sequences) / allocated)
 
 
 def shard_call_breakdown(metrics: RouterMetrics, elapsed: float) -> dict:

@@ -2,15 +2,16 @@
 
 The loop cuts a prefill batch from the queue under the prefill and total token budgets, then
 decodes it step by step. Between steps, waiting requests join when enough of them wait (or
-they waited `max_waiting_tokens` steps): they are prefilled on their own and concatenated to
-the running batch by a later Decode.
+they waited `max_waiting_tokens` steps): their Prefill carries the running batch, which
+decodes one step in the same forward pass, and the answer is one batch of all of them.
 
 The loop runs one step ahead of the router: as soon as step N answers (its cached batch already
-without the rows the shards finished), Decode N+1 is sent, and only then are step N's
-generations turned into events, joining requests prefilled (the shards run calls in arrival
-order) and cancellations noticed, while the shards compute. What the router ends at step N (a
-stop sequence, a cancellation, a stopped best_of sample) is filtered out of the cached batch
-after step N+1, so the shards free its KV blocks; its step N+1 token is dropped.
+without the rows the shards finished), step N+1 is sent (a Decode, or a Prefill of joining
+requests), and only then are step N's generations turned into events and cancellations
+noticed, while the shards compute. A Decode sent while nothing waits lets the shards launch
+the step after it ahead. What the router ends at step N (a stop sequence, a cancellation, a
+stopped best_of sample) is filtered out of the cached batch after step N+1, so the shards free
+its KV blocks; its step N+1 token is dropped.
 
 A shard call that fails gets its requests a 424 and the batch is cleared, and the loop goes on.
 A shard call past its deadline (`ShardTimeoutError`) is different: a stuck shard, or ranks
@@ -249,45 +250,45 @@ class Batcher:
         self._stuck_event.set()
 
     def _next_batch(
-        self, min_size: int | None, running: list[Entry] | None = None, peek: bool = False
+        self, min_size: int | None, running: list[Entry] | None = None
     ) -> list[Entry] | None:
         """The requests that may be prefilled beside `running` (default: every running request)
-        now, taken from the queue unless `peek`."""
+        now, taken from the queue."""
         cfg = self.config
         running = list(self._running.values()) if running is None else running
         max_size = None if cfg.max_batch_size is None else max(cfg.max_batch_size - len(running), 0)
         used = sum(entry.budget_tokens for entry in running)
-        cut = self._queue.peek_batch if peek else self._queue.next_batch
-        entries = cut(
+        entries = self._queue.next_batch(
             min_size, max_size, cfg.max_batch_prefill_tokens, cfg.max_batch_total_tokens - used
         )
         self._metrics.queue_size.set(len(self._queue))
         return entries
 
     async def _serve(self, entries: list[Entry]) -> None:
-        """Decodes the batch until it is empty, one step ahead of the router: the next Decode
-        is sent as soon as a step answers, then the router handles that step's generations and
-        prefills joining requests while the shards compute."""
+        """Runs the batch until it is empty, one step ahead of the router: the next call is sent
+        as soon as a step answers, then the router handles that step's generations while the
+        shards compute. The next call is a Decode, or, when TGI's rule lets waiting requests
+        join, a Prefill of those that carries the running batch (it decodes in the same pass)."""
         answered = _Answered()
         answered.add(*await self._prefilled(await self._send_prefill(entries)))
         waiting_steps = 1
         while answered.generations or answered.batches:
-            decode = None
+            call = None
             if answered.batches:
-                decode = await self._send_decode(
-                    answered.batches, not self._join_expected(answered.batches, waiting_steps)
+                joining = self._joining(waiting_steps, on_shard=_request_ids(answered.batches))
+                waiting_steps = 0 if joining else waiting_steps
+                call = await (
+                    self._send_prefill(joining, answered.batches)
+                    if joining
+                    else self._send_decode(answered.batches, launch_next=not self._queue.waiting)
                 )
             self._handle(answered.generations)
             self._forget_ended(on_shard=_request_ids(answered.batches))
-            joining = self._joining(waiting_steps) if decode else None
-            prefill = await self._send_prefill(joining) if joining else None
-            waiting_steps = 1 if joining else waiting_steps
             answered = _Answered()
-            if decode is not None:
-                answered.add(*await self._decoded(decode))
+            if call is not None:
+                step = self._prefilled(call) if call.method == "prefill" else self._decoded(call)
+                answered.add(*await step)
                 waiting_steps += 1
-            if prefill is not None:
-                answered.add(*await self._prefilled(prefill))
 
     def _join_min_size(self, waiting_steps: int, running: int) -> int | None:
         """TGI's rule: waiting requests join when enough of them wait, or they waited long."""
@@ -295,23 +296,20 @@ class Batcher:
             return None
         return math.floor(running * self.config.waiting_served_ratio)
 
-    def _join_expected(self, batches: list[pb.CachedBatch], waiting_steps: int) -> bool:
-        """Whether `_joining` will likely let requests join after this step: asked before the
-        step's generations are handled, of the requests the shards still hold."""
-        on_shard = _request_ids(batches)
+    def _joining(self, waiting_steps: int, on_shard: set[int]) -> list[Entry] | None:
+        """The requests that join the running batch now; asked before the last step's
+        generations are handled, of the requests the shards still hold."""
         running = [entry for rid, entry in self._running.items() if rid in on_shard]
         min_size = self._join_min_size(waiting_steps, len(running))
-        return self._next_batch(min_size, running, peek=True) is not None
-
-    def _joining(self, waiting_steps: int) -> list[Entry] | None:
-        min_size = self._join_min_size(waiting_steps, len(self._running))
-        joining = self._next_batch(min_size)
+        joining = self._next_batch(min_size, running)
         if joining:
             reason = "backpressure" if min_size is not None else "wait_exceeded"
             self._metrics.batch_concat.inc(reason=reason)
         return joining
 
-    async def _send_prefill(self, entries: list[Entry]) -> _InFlight:
+    async def _send_prefill(
+        self, entries: list[Entry], running: list[pb.CachedBatch] = ()
+    ) -> _InFlight:
         now = time.monotonic()
         for entry in entries:
             entry.batched_at = now
@@ -324,21 +322,27 @@ class Batcher:
             size=len(entries),
             max_tokens=sum(entry.budget_tokens for entry in entries),
         )
-        return await self._send("prefill", self._client.prefill(batch), [batch.id])
+        ids = [batch.id, *(cached.id for cached in running)]
+        return await self._send("prefill", self._client.prefill(batch, running), ids)
 
     async def _prefilled(
         self, call: _InFlight
     ) -> tuple[list[pb.Generation], pb.CachedBatch | None]:
-        result = await self._receive(call, list(self._prefilling.values()))
+        """A Prefill's answer; one that carried the running batch answers for it too."""
+        carried = len(call.batch_ids) > 1
+        running = list(self._running.values()) if carried else []
+        result = await self._receive(call, running + list(self._prefilling.values()))
         members, self._prefilling = self._prefilling, {}
         if result is None:
+            if carried:
+                self._running.clear()
             return [], None
         self._running.update(members)
-        return result.generations, result.batch
+        return result.generations, await self._filter(result.batch)
 
     async def _send_decode(self, batches: list[pb.CachedBatch], launch_next: bool) -> _InFlight:
-        """`launch_next`: no request is expected to join before the next Decode, so the shards
-        may launch that step ahead (see the shard engine's `decode`)."""
+        """`launch_next`: nothing waits to join, so the shards may launch the next step ahead
+        (see the shard engine's `decode`)."""
         self._update_gauges()
         ids = [batch.id for batch in batches]
         return await self._send("decode", self._client.decode(batches, launch_next), ids)

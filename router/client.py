@@ -73,7 +73,9 @@ class ShardClient(Protocol):
 
     async def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse: ...
 
-    async def prefill(self, batch: pb.Batch) -> StepResult: ...
+    async def prefill(
+        self, batch: pb.Batch, cached_batches: Sequence[pb.CachedBatch] = ()
+    ) -> StepResult: ...
 
     async def decode(
         self, batches: Sequence[pb.CachedBatch], launch_next: bool = False
@@ -182,8 +184,10 @@ class ShardedClient:
     async def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
         return await self._ordered("Warmup", request, self.deadlines.warmup)
 
-    async def prefill(self, batch: pb.Batch) -> StepResult:
-        request = pb.PrefillRequest(batch=batch)
+    async def prefill(
+        self, batch: pb.Batch, cached_batches: Sequence[pb.CachedBatch] = ()
+    ) -> StepResult:
+        request = pb.PrefillRequest(batch=batch, cached_batches=list(cached_batches))
         return step_result(await self._ordered("Prefill", request, self.deadlines.step))
 
     async def decode(

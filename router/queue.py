@@ -64,6 +64,11 @@ class RequestQueue:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def waiting(self) -> bool:
+        """Whether some request still waits (cancelled ones do not)."""
+        return any(entry.alive for entry in self._entries)
+
     def append(self, entry: Entry) -> None:
         self._entries.append(entry)
 

@@ -45,8 +45,11 @@ class InProcessShardClient:
     async def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
         return await self._run(self.engine.warmup, request)
 
-    async def prefill(self, batch: pb.Batch) -> StepResult:
-        return step_result(await self._run(self.engine.prefill, pb.PrefillRequest(batch=batch)))
+    async def prefill(
+        self, batch: pb.Batch, cached_batches: Sequence[pb.CachedBatch] = ()
+    ) -> StepResult:
+        request = pb.PrefillRequest(batch=batch, cached_batches=list(cached_batches))
+        return step_result(await self._run(self.engine.prefill, request))
 
     async def decode(
         self, batches: Sequence[pb.CachedBatch], launch_next: bool = False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,9 +180,56 @@ class ShardEngine:
     # ---- generation --------------------------------------------------------------------------
 
     def prefill(self, request: pb.PrefillRequest) -> pb.PrefillResponse:
+        """The new requests' prompts and first tokens. With `cached_batches`, those batches
+        decode one step too, in the same forward pass (one weight read for both; or from the
+        step launched ahead for them): their generations come first, and the answered batch
+        holds every row."""
         started = time.perf_counter_ns()
         batch_pb = request.batch
         self._validate(batch_pb)
+        cached = self._pop_batches(request.cached_batches)
+        try:
+            running, running_step = self._running_step(cached)
+            result = self._prefill_new(batch_pb, running if running_step is None else None)
+        except BaseException:
+            for batch in cached:
+                self.batches[batch.id] = batch
+            raise
+        prompt_tokens = _prompt_tokens(batch_pb.requests, result.step, result.sampled_from)
+        self._start_beam_searches(result.batch, batch_pb.requests, prompt_tokens)
+        generations, batch = self._advance(result.batch, result.step, prompt_tokens)
+        if running is not None:
+            step = (running_step or result.running_step).result()
+            running.last_tokens = step.next_tokens
+            running_generations, kept = self._advance(running, step)
+            generations = running_generations + generations
+            batch = self._merge(kept, batch)
+        return pb.PrefillResponse(
+            generations=generations,
+            batch=batch.to_proto() if batch else None,
+            forward_ns=result.step.forward_ns,
+            decode_ns=result.step.sample_ns,
+            total_ns=time.perf_counter_ns() - started,
+        )
+
+    def _running_step(
+        self, cached: list[ShardBatch]
+    ) -> tuple[ShardBatch | None, PendingStep | None]:
+        """The running batch a prefill decodes, and its step where it does not run in the
+        prompts' forward pass (the step was launched ahead for some of its rows)."""
+        if not cached:
+            return None, None
+        ahead, self._ahead = self._ahead, None
+        covered = [batch for batch in cached if ahead is not None and ahead.covers(batch)]
+        if covered:
+            fresh = [batch for batch in cached if not any(batch is c for c in covered)]
+            return self._step(covered, fresh, ahead)
+        running = ShardBatch.concatenate(cached)
+        grow_blocks(running, self._require_allocator(), self.settings.block_size)
+        return running, None
+
+    def _prefill_new(self, batch_pb: pb.Batch, running: ShardBatch | None) -> _PrefillResult:
+        """Allocates the prompts' blocks and runs their forward pass (with `running`'s step)."""
         allocator = self._require_allocator()
         prompts = [list(r.input_ids) for r in batch_pb.requests]
         needed = [allocator.blocks_for(len(prompt)) for prompt in prompts]
@@ -196,25 +244,34 @@ class ShardEngine:
             for r, n in zip(batch_pb.requests, needed, strict=True)
         ]
         try:
-            result = self._prefill_forward(batch_pb, sequences, prompts)
-            batch = self._fork_samples(result.batch, batch_pb.requests)
+            result = self._prefill_forward(batch_pb, sequences, prompts, running)
+            result.batch = self._fork_samples(result.batch, batch_pb.requests)
         except BaseException:
             for seq in sequences:
                 allocator.free(seq.blocks)
             raise
-        prompt_tokens = _prompt_tokens(batch_pb.requests, result.step, result.sampled_from)
-        self._start_beam_searches(batch, batch_pb.requests, prompt_tokens)
-        generations, batch = self._advance(batch, result.step, prompt_tokens)
-        return pb.PrefillResponse(
-            generations=generations,
-            batch=batch.to_proto() if batch else None,
-            forward_ns=result.step.forward_ns,
-            decode_ns=result.step.sample_ns,
-            total_ns=time.perf_counter_ns() - started,
-        )
+        return result
+
+    def _merge(self, kept: ShardBatch | None, new: ShardBatch | None) -> ShardBatch | None:
+        """One cached batch of the running rows kept and the new ones, under the running id."""
+        if kept is None or new is None:
+            return kept or new
+        merged = ShardBatch.concatenate([self.batches.pop(kept.id), self.batches.pop(new.id)])
+        self.batches[merged.id] = merged
+        return merged
+
+    def _pop_batches(self, cached: Sequence[pb.CachedBatch]) -> list[ShardBatch]:
+        missing = [batch.id for batch in cached if batch.id not in self.batches]
+        if missing:
+            raise InvalidRequestError(f"no cached batch with id {missing[0]}")
+        return [self.batches.pop(batch.id) for batch in cached]
 
     def _prefill_forward(
-        self, batch_pb: pb.Batch, sequences: list[SequenceState], prompts: list[list[int]]
+        self,
+        batch_pb: pb.Batch,
+        sequences: list[SequenceState],
+        prompts: list[list[int]],
+        running: ShardBatch | None,
     ) -> _PrefillResult:
         requests = list(batch_pb.requests)
         sampled_from = [r for r, request in enumerate(requests) for _ in _samples(request)]
@@ -232,7 +289,9 @@ class ShardEngine:
         table = build_block_table(sequences, self.settings.block_size)
         prompt_rows = [row for row, r in enumerate(requests) if r.decoder_input_details]
         sample_rows = torch.tensor(sampled_from, dtype=torch.long)
-        step = self.runner.prefill(prompts, sampling, table, prompt_rows, sample_rows)
+        step, running_step = self.runner.prefill(
+            prompts, sampling, table, prompt_rows, sample_rows, running
+        )
         batch = ShardBatch(
             id=batch_pb.id,
             sequences=sequences,
@@ -240,7 +299,9 @@ class ShardEngine:
             block_table=table,
             last_tokens=step.next_tokens,
         )
-        return _PrefillResult(batch=batch, step=step, sampled_from=sampled_from)
+        return _PrefillResult(
+            batch=batch, step=step, sampled_from=sampled_from, running_step=running_step
+        )
 
     def _fork_samples(self, batch: ShardBatch, requests: list[pb.Request]) -> ShardBatch:
         """Gives each sampled sequence of a request its own row, forked from the prompt's."""
@@ -494,6 +555,7 @@ class _PrefillResult:
     batch: ShardBatch
     step: StepResult
     sampled_from: list[int]  # for each sampling row, the prompt (request) it samples after
+    running_step: PendingStep | None = None  # the running batch's step, run in the same pass
 
 
 def _samples(request: pb.Request) -> range:

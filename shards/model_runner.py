@@ -136,32 +136,66 @@ class ModelRunner:
         block_table: torch.Tensor,
         prompt_logprob_rows: list[int],
         sample_rows: torch.Tensor | None = None,
-    ) -> StepResult:
-        """`sample_rows[i]`: the prompt whose next-token logits sampling row i reads (default:
-        row i), so several sequences of one prompt sample from one prefill."""
+        running: ShardBatch | None = None,
+    ) -> tuple[StepResult, PendingStep | None]:
+        """The prompts' forward pass and first tokens; with `running`, one decode step of that
+        batch in the same pass (its tokens first: one weight read serves both), whose result
+        comes second. `sample_rows[i]`: the prompt whose next-token logits sampling row i reads
+        (default: row i), so several sequences of one prompt sample from one prefill."""
         started = time.perf_counter_ns()
         lengths = torch.tensor([len(prompt) for prompt in prompts], dtype=torch.long)
         positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
         rows = torch.repeat_interleave(torch.arange(len(prompts)), lengths)
         cu_seqlens = torch.zeros(len(prompts) + 1, dtype=torch.int32)
         cu_seqlens[1:] = torch.cumsum(lengths, 0)
+        prompt_ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
         meta = AttentionMetadata(
             is_prefill=True,
-            slot_mapping=self._to_device(self._slots(block_table, rows, positions)),
+            slot_mapping=self._slots(block_table, rows, positions),
             cu_seqlens=self._to_device(cu_seqlens),
             max_seqlen=int(lengths.max()),
         )
-        input_ids = self._to_device(torch.tensor([t for p in prompts for t in p], dtype=torch.long))
+        input_ids, positions = self._to_device(prompt_ids), positions
+        if running is not None:
+            input_ids, positions = self._add_decode_rows(running, input_ids, positions, meta)
+        meta.slot_mapping = self._to_device(meta.slot_mapping)
         hidden = self.model(input_ids, self._to_device(positions), self._cache_layers(), meta)
-        last = cu_seqlens[1:].long() - 1
-        last = self._to_device(last if sample_rows is None else last[sample_rows])
-        logits = self.model.compute_logits(hidden.index_select(0, last))
+        decoded = meta.num_decode_tokens
+        last = cu_seqlens[1:].long() - 1 + decoded
+        last = last if sample_rows is None else last[sample_rows]
+        logits = self.model.compute_logits(
+            hidden.index_select(0, self._to_device(torch.cat([torch.arange(decoded), last])))
+        )
         prompt_logprobs = {
-            row: self._prompt_logprobs(hidden, input_ids, cu_seqlens, row)
+            row: self._prompt_logprobs(hidden[decoded:], input_ids[decoded:], cu_seqlens, row)
             for row in prompt_logprob_rows
         }
         forward_done = time.perf_counter_ns()
-        return self._sample(logits, sampling, prompt_logprobs, started, forward_done).result()
+        step = self._sample(logits[decoded:], sampling, prompt_logprobs, started, forward_done)
+        if running is None:
+            return step.result(), None
+        decode = self._sample(logits[:decoded], running.sampling, {}, started, forward_done)
+        return step.result(), decode
+
+    def _add_decode_rows(
+        self,
+        batch: ShardBatch,
+        prompt_ids: torch.Tensor,
+        prompt_positions: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Puts one decode token per row of `batch` before the prompts' tokens: ids, positions,
+        KV slots and the paged-attention inputs of those rows."""
+        positions = torch.tensor([seq.num_cached for seq in batch.sequences], dtype=torch.long)
+        slots = self._slots(batch.block_table, torch.arange(batch.size), positions)
+        context_lens = (positions + 1).to(torch.int32)
+        meta.slot_mapping = torch.cat([slots, meta.slot_mapping])
+        meta.block_tables = self._to_device(batch.block_table)
+        meta.context_lens = self._to_device(context_lens)
+        meta.max_context_len = int(context_lens.max())
+        meta.num_decode_tokens = batch.size
+        input_ids = torch.cat([self._to_device(batch.last_tokens), prompt_ids])
+        return input_ids, torch.cat([positions, prompt_positions])
 
     @torch.inference_mode()
     def decode(self, batch: ShardBatch, input_ids: torch.Tensor, ahead: int = 0) -> PendingStep:

@@ -55,10 +55,12 @@ def run_schedule(
     decode: Callable[[pb.DecodeRequest], pb.DecodeResponse],
     arrivals: list[Arrival],
     launch_next: bool = False,
+    mixed: bool = False,
 ) -> ScheduleResult:
     """Continuous batching as the router does it: new requests join the running batch by a
     prefill at their arrival step, then every cached batch decodes together. `launch_next` asks
-    every Decode to launch the next step ahead, joins or not (the shard must stay exact)."""
+    every Decode to launch the next step ahead, joins or not (the shard must stay exact); with
+    `mixed`, a joining prefill carries the running batch, which decodes in the same pass."""
     result = ScheduleResult()
     pending = sorted(arrivals, key=lambda a: a.step)
     cached: pb.CachedBatch | None = None
@@ -68,12 +70,17 @@ def run_schedule(
         pending = [a for a in pending if a.step > step]
         batches = [cached] if cached is not None else []
         if joining:
-            answer = prefill(
-                pb.PrefillRequest(batch=pb.Batch(id=next(batch_ids), requests=joining))
-            )
+            batch = pb.Batch(id=next(batch_ids), requests=joining)
+            carried = batches if mixed else []
+            answer = prefill(pb.PrefillRequest(batch=batch, cached_batches=carried))
             _record(result, answer.generations)
+            batches = [] if mixed else batches
             if answer.HasField("batch"):
                 batches.append(answer.batch)
+            if mixed:
+                result.max_batch_size = max(result.max_batch_size, answer.batch.size)
+                cached = answer.batch if answer.HasField("batch") else None
+                continue
         if batches:
             result.max_batch_size = max(result.max_batch_size, sum(b.size for b in batches))
             answer = decode(pb.DecodeRequest(batches=batches, launch_next=launch_next))

@@ -53,11 +53,15 @@ def test_single_request_matches_transformers(arch, engines, tiny_model_dirs):
     assert_no_leaks(engine)
 
 
-@pytest.mark.parametrize("launch_next", [False, True])
+@pytest.mark.parametrize(
+    "launch_next,mixed", [(False, False), (True, False), (False, True), (True, True)]
+)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_concurrent_requests_join_and_leave(arch, launch_next, engines, tiny_model_dirs):
+def test_concurrent_requests_join_and_leave(arch, launch_next, mixed, engines, tiny_model_dirs):
     """8 prompts of different lengths arrive at different steps and stop at different lengths;
-    with `launch_next`, steps launched ahead meet joining batches (run on their own)."""
+    with `launch_next`, steps launched ahead meet joining batches (run on their own); with
+    `mixed`, a joining prefill decodes the running batch in its forward pass (or takes its
+    step launched ahead)."""
     engine = engines[arch]
     prompts = random_prompts(8, engine.config.vocab_size, seed=2)
     max_new = [5, 17, 9, 30, 1, 12, 22, 7]
@@ -66,7 +70,7 @@ def test_concurrent_requests_join_and_leave(arch, launch_next, engines, tiny_mod
         Arrival(step, make_request(i, prompt, n))
         for i, (step, prompt, n) in enumerate(zip([0, 0, 1, 3, 3, 4, 8, 11], prompts, max_new))
     ]
-    result = run_schedule(engine.prefill, engine.decode, arrivals, launch_next)
+    result = run_schedule(engine.prefill, engine.decode, arrivals, launch_next, mixed)
     assert result.max_batch_size > 1
     for i in range(8):
         assert result.tokens[i] == expected[i], f"request {i}"
@@ -175,6 +179,20 @@ def test_steps_launched_ahead_change_no_token(engines):
         assert [t for t, _, _ in ahead[rid]] == [t for t, _, _ in plain[rid]], rid
         assert [top for _, _, top in ahead[rid]] == [top for _, _, top in plain[rid]], rid
         assert [lp for _, lp, _ in ahead[rid]] == pytest.approx([lp for _, lp, _ in plain[rid]])
+
+
+@pytest.mark.parametrize("launch_next", [False, True])
+def test_seeded_samples_are_the_same_when_joins_decode_in_the_prefill_pass(launch_next, engines):
+    engine = engines["llama"]
+    requests = _sampled_requests(engine, seed=12)
+    arrivals = [Arrival(step, r) for step, r in zip([0, 0, 2, 5], requests)]
+    plain = run_schedule(engine.prefill, engine.decode, arrivals)
+    assert_no_leaks(engine)
+    mixed = run_schedule(engine.prefill, engine.decode, arrivals, launch_next, mixed=True)
+    engine.clear_cache(pb.ClearCacheRequest())
+    assert_no_leaks(engine)
+    assert mixed.tokens == plain.tokens
+    assert [len(mixed.tokens[i]) for i in range(4)] == [12, 15, 18, 21]
 
 
 def test_a_step_launched_ahead_is_not_reused_by_a_new_batch_with_the_same_ids(engines):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Sequence
 
 import pytest
 
@@ -35,7 +36,9 @@ class BudgetCheckingShard(FakeShardClient):
         total = len(request.input_ids) + request.stopping_parameters.max_new_tokens
         return -(-total // self.block_size) * self.block_size
 
-    async def prefill(self, batch: pb.Batch) -> StepResult:
+    async def prefill(
+        self, batch: pb.Batch, cached_batches: Sequence[pb.CachedBatch] = ()
+    ) -> StepResult:
         held = sum(
             self._reserved(seq.request)
             for sequences in self.batches.values()
@@ -43,7 +46,7 @@ class BudgetCheckingShard(FakeShardClient):
         )
         self.held.append(held + sum(self._reserved(r) for r in batch.requests))
         self.prefill_sizes.append(sum(len(r.input_ids) for r in batch.requests))
-        return await super().prefill(batch)
+        return await super().prefill(batch, cached_batches)
 
 
 @pytest.fixture(scope="module")

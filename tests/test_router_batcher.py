@@ -95,7 +95,8 @@ async def test_waiting_requests_join_the_running_batch(tokenizer):
     await asyncio.sleep(0.05)
     late = await batcher.submit(_request(tokenizer, "north", max_new_tokens=3)).collect()
     assert len(late) == 3
-    assert any(len(call[1]) == 2 for call in fake.calls_of("decode")), "no concatenation"
+    first_batch = fake.calls_of("prefill")[0][1]
+    assert [running for _, running in fake.carried] == [[first_batch]], "no join"
     assert len(await first_events) == 30
     # the short one finished first and was filtered out of the running batch
     assert fake.calls_of("filter")
@@ -185,9 +186,11 @@ class RecordingShard(FakeShardClient):
             self.tokens[generation.request_id] = generation.generated_tokens
         return result
 
-    async def prefill(self, batch: pb.Batch) -> StepResult:
+    async def prefill(
+        self, batch: pb.Batch, cached_batches: Sequence[pb.CachedBatch] = ()
+    ) -> StepResult:
         self.prefills_during_decode.append(self.decoding > 0)
-        return await super().prefill(batch)
+        return await super().prefill(batch, cached_batches)
 
 
 def _log_events(batcher: Batcher, log: list[str]) -> None:
@@ -215,7 +218,7 @@ async def test_decode_n_plus_1_is_sent_before_step_n_events_are_made(tokenizer):
     await batcher.stop()
 
 
-async def test_joining_requests_are_prefilled_while_a_decode_runs(tokenizer):
+async def test_joining_requests_prefill_with_the_running_batch_in_one_call(tokenizer):
     fake = RecordingShard(_counting_script, tokenizer.eos_token_id, step_delay=0.005)
     batcher = _batcher(tokenizer, fake, waiting_served_ratio=0.0)
     first = asyncio.create_task(
@@ -224,12 +227,11 @@ async def test_joining_requests_are_prefilled_while_a_decode_runs(tokenizer):
     await asyncio.sleep(0.05)
     late = await batcher.submit(_request(tokenizer, "north", max_new_tokens=3)).collect()
     assert [e.token.id for e in late] == _counting_script(tokenizer.encode("north"))[:3]
-    assert fake.prefills_during_decode == [False, True]
+    assert fake.prefills_during_decode == [False, False]
+    (first_batch, *_), (joined, *_) = [call[1:] for call in fake.calls_of("prefill")]
+    assert fake.carried == [(joined, [first_batch])]
     decodes = [call[1] for call in fake.calls_of("decode")]
-    joined_at = next(i for i, ids in enumerate(decodes) if len(ids) == 2)
-    assert fake.calls.index(("decode", decodes[joined_at])) > fake.calls.index(
-        fake.calls_of("prefill")[1]
-    )
+    assert all(ids == [first_batch] for ids in decodes)
     assert len(await first) == 30
     assert fake.num_sequences == 0
     await batcher.stop()
@@ -253,7 +255,7 @@ class PausingShard(RecordingShard):
         return await super().decode(batches, launch_next)
 
 
-async def test_decodes_ask_for_the_next_step_ahead_unless_a_request_will_join(tokenizer):
+async def test_decodes_ask_for_the_next_step_ahead_when_nothing_waits(tokenizer):
     fake = PausingShard(_counting_script, tokenizer.eos_token_id)
     batcher = _batcher(tokenizer, fake, waiting_served_ratio=0.0)
     first = asyncio.create_task(
@@ -266,10 +268,22 @@ async def test_decodes_ask_for_the_next_step_ahead_unless_a_request_will_join(to
     await first
     await batcher.stop()
     kinds = [call[0] for call in fake.calls if call[0] in ("decode", "prefill")]
-    assert kinds[:8] == ["prefill"] + ["decode"] * 6 + ["prefill"]
-    # Decodes 1-5 were sent with nothing queued, decode 6 while "north" waited to join.
-    assert fake.launch_next[:6] == [True] * 5 + [False]
-    assert all(fake.launch_next[6:])
+    assert kinds[:7] == ["prefill"] + ["decode"] * 5 + ["prefill"]
+    # Nothing waited when the decodes were sent; "north" joined by the next call.
+    assert all(fake.launch_next) and len(fake.launch_next) >= 9
+    assert len(fake.carried) == 1
+
+
+async def test_decodes_do_not_ask_for_the_next_step_ahead_while_a_request_waits(tokenizer):
+    fake = RecordingShard(_counting_script, tokenizer.eos_token_id)
+    batcher = _batcher(tokenizer, fake, max_batch_size=1)
+    first = batcher.submit(_request(tokenizer, "the city", max_new_tokens=6))
+    second = batcher.submit(_request(tokenizer, "north", max_new_tokens=6))
+    await asyncio.gather(first.collect(), second.collect())
+    await batcher.stop()
+    # "north" waits for a free row while "the city" runs, then runs alone.
+    assert fake.launch_next == [False] * 5 + [True] * 5
+    assert fake.carried == []
 
 
 async def test_a_stop_sequence_ends_the_request_with_no_extra_token(tokenizer):
@@ -370,43 +384,28 @@ async def test_over_grpc_decode_n_plus_1_reaches_the_shard_before_step_n_is_hand
     assert log == ["decode", "handled"] * 3 + ["handled"]
 
 
-class FailingOverlapShard(RecordingShard):
-    """Fails the decode during which a prefill is sent, or that prefill."""
+class FailingJoinShard(RecordingShard):
+    """Fails the Prefill that carries the running batch."""
 
-    def __init__(self, *args, failing: str, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._failing = failing
-
-    async def decode(
-        self, batches: Sequence[pb.CachedBatch], launch_next: bool = False
+    async def prefill(
+        self, batch: pb.Batch, cached_batches: Sequence[pb.CachedBatch] = ()
     ) -> StepResult:
-        prefills = len(self.calls_of("prefill"))
-        result = await super().decode(batches, launch_next)
-        if self._failing == "decode" and len(self.calls_of("prefill")) > prefills:
-            raise RuntimeError("CUDA error during decode")
-        return result
-
-    async def prefill(self, batch: pb.Batch) -> StepResult:
-        if self._failing == "prefill" and self.decoding:
-            self.prefills_during_decode.append(True)
+        if cached_batches:
             raise RuntimeError("CUDA error during prefill")
-        return await super().prefill(batch)
+        return await super().prefill(batch, cached_batches)
 
 
-@pytest.mark.parametrize("failing", ["decode", "prefill"])
-async def test_a_step_failing_while_another_runs_fails_only_its_requests(tokenizer, failing):
-    fake = FailingOverlapShard(
-        _counting_script, tokenizer.eos_token_id, step_delay=0.005, failing=failing
-    )
+async def test_a_failing_join_fails_the_running_and_joining_requests_and_the_loop_goes_on(
+    tokenizer,
+):
+    fake = FailingJoinShard(_counting_script, tokenizer.eos_token_id, step_delay=0.005)
     batcher = _batcher(tokenizer, fake, waiting_served_ratio=0.0)
     running = batcher.submit(_request(tokenizer, "the city", max_new_tokens=30))
     await anext(running)
     joining = batcher.submit(_request(tokenizer, "north", max_new_tokens=6))
-    failed, finished = (running, joining) if failing == "decode" else (joining, running)
-    with pytest.raises(GenerationError, match=f"CUDA error during {failing}"):
-        await failed.collect()
-    assert fake.prefills_during_decode == [False, True]
-    assert len(await finished.collect()) == (6 if failing == "decode" else 29)
+    for stream in (running, joining):
+        with pytest.raises(GenerationError, match="CUDA error during prefill"):
+            await stream.collect()
     assert fake.num_sequences == 0 and batcher.running_size == 0
     events = await batcher.submit(_request(tokenizer, "the city", max_new_tokens=4)).collect()
     assert len(events) == 4

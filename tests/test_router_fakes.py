@@ -59,6 +59,7 @@ class FakeShardClient:
     fail_on: str | None = None
     healthy: bool = True
     calls: list[tuple] = field(default_factory=list)
+    carried: list[tuple[int, list[int]]] = field(default_factory=list)  # prefill id, running ids
     batches: dict[int, dict[int, _Sequence]] = field(default_factory=dict)
 
     async def info(self) -> pb.InfoResponse:
@@ -88,26 +89,38 @@ class FakeShardClient:
             max_total_tokens=max_total,
         )
 
-    async def prefill(self, batch: pb.Batch) -> StepResult:
+    async def prefill(
+        self, batch: pb.Batch, cached_batches: Sequence[pb.CachedBatch] = ()
+    ) -> StepResult:
+        """With `cached_batches`, those decode one step first and the answer's batch (under
+        the first one's id) holds their rows and the new ones, as the real shard does."""
         self.calls.append(("prefill", batch.id, [r.id for r in batch.requests], batch.max_tokens))
+        if cached_batches:
+            self.carried.append((batch.id, [cached.id for cached in cached_batches]))
         await self._work("prefill")
         self._check_vocabulary(batch)
+        generations, batch_id = [], batch.id
+        if cached_batches:
+            generations, batch_id = self._decode_step(cached_batches), cached_batches[0].id
         sequences = {r.id: _Sequence(r, self.script(list(r.input_ids))) for r in batch.requests}
-        self.batches[batch.id] = sequences
-        generations = [self._generate(seq, prefill=True) for seq in sequences.values()]
-        return StepResult(generations, self._cached(batch.id), Timings(0.001, 0.0, 0.001))
+        self.batches.setdefault(batch_id, {}).update(sequences)
+        generations += [self._generate(seq, prefill=True) for seq in sequences.values()]
+        return StepResult(generations, self._cached(batch_id), Timings(0.001, 0.0, 0.001))
 
     async def decode(
         self, batches: Sequence[pb.CachedBatch], launch_next: bool = False
     ) -> StepResult:
         self.calls.append(("decode", [b.id for b in batches]))
         await self._work("decode")
+        generations = self._decode_step(batches)
+        return StepResult(generations, self._cached(batches[0].id), Timings(0.001, 0.0, 0.001))
+
+    def _decode_step(self, batches: Sequence[pb.CachedBatch]) -> list[pb.Generation]:
         merged: dict[int, _Sequence] = {}
         for batch in batches:
             merged.update(self.batches.pop(batch.id))
         self.batches[batches[0].id] = merged
-        generations = [self._generate(seq) for seq in merged.values() if not seq.finished]
-        return StepResult(generations, self._cached(batches[0].id), Timings(0.001, 0.0, 0.001))
+        return [self._generate(seq) for seq in merged.values() if not seq.finished]
 
     async def filter_batch(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import jsonschema
@@ -29,9 +30,11 @@ class RecordingShard(FakeShardClient):
 
     requests: list[pb.Request] = field(default_factory=list)
 
-    async def prefill(self, batch: pb.Batch) -> StepResult:
+    async def prefill(
+        self, batch: pb.Batch, cached_batches: Sequence[pb.CachedBatch] = ()
+    ) -> StepResult:
         self.requests.extend(batch.requests)
-        return await super().prefill(batch)
+        return await super().prefill(batch, cached_batches)
 
 
 @pytest.fixture

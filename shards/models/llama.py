@@ -98,11 +98,30 @@ class LlamaAttention(nn.Module):
         q, k, v = heads.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         k_cache, v_cache = kv_cache
         self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.is_prefill:
-            out = self.backend.prefill(q, k, v, meta, self.scale, self.window)
-        else:
-            out = self.backend.decode(q, k_cache, v_cache, meta, self.scale, self.window)
+        out = self._attend(q, k, v, kv_cache, meta)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Decode tokens attend through the paged cache, prefill tokens among themselves; a
+        mixed pass has its decode tokens first (see AttentionMetadata)."""
+        k_cache, v_cache = kv_cache
+        if not meta.is_prefill:
+            return self.backend.decode(q, k_cache, v_cache, meta, self.scale, self.window)
+        decoded = meta.num_decode_tokens
+        prefilled = self.backend.prefill(
+            q[decoded:], k[decoded:], v[decoded:], meta, self.scale, self.window
+        )
+        if not decoded:
+            return prefilled
+        decoding = self.backend.decode(q[:decoded], k_cache, v_cache, meta, self.scale, self.window)
+        return torch.cat([decoding, prefilled])
 
 
 class LlamaMLP(nn.Module):

@@ -15,6 +15,9 @@ class AttentionMetadata:
     sequence starts (exclusive prefix sums, int32, length num_seqs + 1).
     Decode: one token per sequence; `block_tables` and `context_lens` locate each sequence's
     KV in the paged cache (context_lens counts the current token, whose KV is written first).
+    Mixed (prefill with `num_decode_tokens` > 0): the first `num_decode_tokens` tokens are
+    decode tokens located by `block_tables` / `context_lens`, the rest are prefill tokens that
+    `cu_seqlens` describes (counted from the first of them).
     `slot_mapping[i]` is the flat cache slot (block * block_size + offset) where token i's
     K and V are written; a negative slot means "do not write" (padding in CUDA graphs).
     """
@@ -26,6 +29,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
     max_context_len: int = 0
+    num_decode_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
