@@ -19,8 +19,10 @@ pytestmark = [
 
 
 def _engine_tokens(
-    model_dir: Path, dtype: str, attention: str, prompts, max_new
+    model_dir: Path, dtype: str, attention: str, prompts, max_new, overlap: bool = False
 ) -> list[list[int]]:
+    """`overlap`: each Decode launches the next step ahead and joins decode in the prefill pass
+    (the router's way), else every step runs on its own."""
     engine = create_engine(
         ShardArgs(
             model_dir=model_dir,
@@ -34,7 +36,8 @@ def _engine_tokens(
     arrivals = [
         Arrival(i % 5, make_request(i, p, n)) for i, (p, n) in enumerate(zip(prompts, max_new))
     ]
-    result = run_schedule(engine.prefill, engine.decode, arrivals)
+    result = run_schedule(engine.prefill, engine.decode, arrivals, overlap, overlap)
+    engine.clear_cache(pb.ClearCacheRequest())
     stats = engine.stats()
     assert stats.free_blocks == stats.total_blocks
     return [result.tokens[i] for i in range(len(prompts))]
@@ -71,12 +74,14 @@ def medium_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("gpu-model"), spec)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("attention", ["triton", "torch"])
-def test_float32_gpu_tokens_equal_transformers(medium_model, attention):
+def test_float32_gpu_tokens_equal_transformers(medium_model, attention, overlap):
     prompts = random_prompts(12, 384, seed=21, max_len=300)
     max_new = [32] * len(prompts)
     expected = _hf_tokens(medium_model, torch.float32, prompts, max_new)
-    assert _engine_tokens(medium_model, "float32", attention, prompts, max_new) == expected
+    tokens = _engine_tokens(medium_model, "float32", attention, prompts, max_new, overlap)
+    assert tokens == expected
 
 
 def test_bfloat16_gpu_tokens_track_transformers_bf16(medium_model):
