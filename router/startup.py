@@ -112,6 +112,8 @@ async def _warmup(client: ShardClient, settings: RouterSettings) -> _Limits:
         request.max_input_tokens = max_input
     if settings.max_total_tokens is not None:
         request.max_total_tokens = settings.max_total_tokens
+    if settings.max_batch_size is not None:
+        request.max_batch_size = settings.max_batch_size
     answer = await client.warmup(request)
     max_input = min(answer.max_input_tokens, prefill) if max_input is None else max_input
     max_total = answer.max_total_tokens

@@ -116,7 +116,9 @@ class LLM:
     async def _warmup(self) -> pb.WarmupResponse:
         async with self._shards.client() as client:
             prefill = self.args.max_num_batched_tokens or max(self.args.max_model_len or 4096, 4096)
-            request = pb.WarmupRequest(max_prefill_tokens=prefill)
+            request = pb.WarmupRequest(
+                max_prefill_tokens=prefill, max_batch_size=self.args.max_num_seqs
+            )
             if self.args.max_model_len:
                 request.max_total_tokens = self.args.max_model_len
                 request.max_input_tokens = self.args.max_model_len - 1

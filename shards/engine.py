@@ -116,7 +116,14 @@ class ShardEngine:
             )
         self.clear_cache(pb.ClearCacheRequest())
         longest_prompt = min(max_input or max_prefill, positions - 1)
-        peak_bytes = self._run_warmup_prefill(max_prefill, longest_prompt)
+        # A prefill may carry the running batch's rows: as many as the router runs at once, or
+        # (where it sets no limit) an estimate, the largest CUDA-graph batch.
+        decode_rows = (
+            request.max_batch_size
+            if request.HasField("max_batch_size")
+            else max(self.settings.cuda_graph_buckets, default=0)
+        )
+        peak_bytes = self._run_warmup_prefill(max_prefill, longest_prompt, decode_rows)
         fit = blocks_that_fit(
             self.model,
             self.device,
@@ -145,9 +152,12 @@ class ShardEngine:
             max_total_tokens=max_total,
         )
 
-    def _run_warmup_prefill(self, max_prefill_tokens: int, max_input_tokens: int) -> int:
-        """Runs the largest prefill the router may send; returns the peak device bytes it used."""
-        lengths = warmup_lengths(max_prefill_tokens, max_input_tokens, self.device)
+    def _run_warmup_prefill(
+        self, max_prefill_tokens: int, max_input_tokens: int, decode_rows: int
+    ) -> int:
+        """Runs the largest prefill the router may send (with the decode rows it may carry);
+        returns the peak device bytes it used."""
+        lengths = warmup_lengths(max_prefill_tokens, max_input_tokens, decode_rows, self.device)
         block_size = self.settings.block_size
         blocks = sum(-(-n // block_size) for n in lengths) + len(lengths)
         self.runner.release_cache()

@@ -15,14 +15,16 @@ _CPU_WARMUP_TOKENS = 64
 
 
 def warmup_lengths(
-    max_prefill_tokens: int, max_input_tokens: int, device: torch.device
+    max_prefill_tokens: int, max_input_tokens: int, decode_rows: int, device: torch.device
 ) -> list[int]:
-    """Prompt lengths of the largest prefill batch the router may send."""
+    """Prompt lengths of the largest prefill batch the router may send, plus one one-token
+    prompt per decode row it may carry: a row adds one token and one row of logits, as such a
+    prompt does."""
     if device.type == "cpu":
-        max_prefill_tokens = min(max_prefill_tokens, _CPU_WARMUP_TOKENS)
+        max_prefill_tokens, decode_rows = min(max_prefill_tokens, _CPU_WARMUP_TOKENS), 0
     per_sequence = max(1, min(max_input_tokens, max_prefill_tokens))
     full, rest = divmod(max_prefill_tokens, per_sequence)
-    return [per_sequence] * full + ([rest] if rest else [])
+    return [per_sequence] * full + ([rest] if rest else []) + [1] * decode_rows
 
 
 def warmup_request(request_id: int, length: int, vocab_size: int) -> pb.Request:
