@@ -11,6 +11,7 @@ from shardline.shards.beam_search import BeamSearch
 from shardline.shards.forking import fork_sequences
 from shardline.shards.kv_cache import BlockAllocator, KVCache
 from shardline.shards.utils.sampling import SamplingState
+from shardline.shards.utils.transfer import to_device
 
 FinishReason = generate_pb2.FinishReason
 
@@ -121,7 +122,8 @@ class ShardBatch:
         for row, block in forked.copied:
             table[row, len(forked.sequences[row].blocks) - 1] = block
         if last_tokens is None:
-            last_tokens = self.last_tokens.index_select(0, index.to(self.last_tokens.device))
+            device = self.last_tokens.device
+            last_tokens = self.last_tokens.index_select(0, to_device(index, device))
         request_ids = {seq.request_id for seq in forked.sequences}
         return ShardBatch(
             id=self.id,

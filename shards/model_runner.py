@@ -13,6 +13,7 @@ from shardline.shards.cuda_graphs import DecodeGraphs
 from shardline.shards.kv_cache import BlockAllocator, KVCache
 from shardline.shards.layers.attention.metadata import AttentionMetadata
 from shardline.shards.utils.sampling import Sampler, SamplerOutput, SamplingState
+from shardline.shards.utils.transfer import index_on, to_device
 
 
 @dataclass
@@ -30,7 +31,7 @@ class StepResult:
 
     def select(self, rows: list[int]) -> StepResult:
         """The result of rows `rows` alone (decode steps: no prompt logprobs)."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.next_tokens.device)
+        index = index_on(rows, self.next_tokens.device)
         return replace(
             self,
             next_tokens=self.next_tokens.index_select(0, index),
@@ -81,7 +82,7 @@ class PendingStep:
         return self._result
 
     def select(self, rows: list[int]) -> PendingStep:
-        index = torch.tensor(rows, dtype=torch.long, device=self.next_tokens.device)
+        index = index_on(rows, self.next_tokens.device)
         return PendingStep(
             self.next_tokens.index_select(0, index), lambda: self.result().select(rows)
         )
@@ -279,9 +280,7 @@ class ModelRunner:
         return self.kv_cache
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cpu" or tensor.device == self.device:
-            return tensor
-        return tensor.pin_memory().to(self.device, non_blocking=True)
+        return to_device(tensor, self.device)
 
 
 @dataclass

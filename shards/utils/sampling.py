@@ -35,6 +35,7 @@ import torch
 from shardline.proto import generate_pb2
 from shardline.shards.utils import logits_process
 from shardline.shards.utils.grammar import GrammarRows
+from shardline.shards.utils.transfer import index_on, to_device
 
 GREEDY_TEMPERATURE = 1e-5
 _MASK_32 = 0xFFFFFFFF
@@ -159,7 +160,10 @@ class RowTensors:
             dtype=torch.int64,
         ).reshape(len(rows), 6)
         # one copy each, transposed first so that every [B] setting is contiguous (Triton reads it)
-        floats, ints = floats.T.contiguous().to(device), ints.T.contiguous().to(device)
+        floats, ints = (
+            to_device(floats.T.contiguous(), device),
+            to_device(ints.T.contiguous(), device),
+        )
         temperature, top_p_tail, min_p, typical_p, repetition, frequency, presence = floats
         sample, top_k, seed_low, seed_high, min_new_tokens, top_n = ints
         return cls(
@@ -176,7 +180,7 @@ class RowTensors:
             seed_high=seed_high,
             min_new_tokens=min_new_tokens,
             top_n_tokens=top_n,
-            min_tokens_ids=_padded_ids([r.min_tokens_ids for r in rows]).to(device),
+            min_tokens_ids=to_device(_padded_ids([r.min_tokens_ids for r in rows]), device),
         )
 
 
@@ -253,7 +257,7 @@ class SamplingState:
     def filter(self, keep: Sequence[int]) -> SamplingState:
         """A new state with rows `keep`, in that order."""
         rows = [self.rows[i] for i in keep]
-        index = torch.tensor(keep, dtype=torch.int64, device=self.device)
+        index = index_on(keep, self.device)
         seen = _select(self.seen, index, any(r.repetition for r in rows))
         counts = _select(self.counts, index, any(r.frequency_presence for r in rows))
         generated = self.generated.index_select(0, index)
