@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from shardline.event_loop import run_event_loop
 from shardline.log import configure_logging
 from shardline.router.batcher import Batcher
 from shardline.router.client import ShardDeadlines, ShardedClient
@@ -145,4 +146,4 @@ async def _until_stopped_or_stuck(batcher: Batcher) -> bool:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     configure_logging(json_output=args.json_output)
-    sys.exit(asyncio.run(serve(args)))
+    sys.exit(run_event_loop(serve(args)))
