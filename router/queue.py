@@ -83,22 +83,18 @@ class RequestQueue:
 
         Cancelled entries are dropped on the way.
         """
-        batch = self.peek_batch(min_size, max_size, prefill_token_budget, token_budget)
-        if batch is None:
+        batch = self._fitting(max_size, prefill_token_budget, token_budget)
+        if not batch or (min_size is not None and len(batch) < min_size):
             return None
         taken = set(batch)
         while self._entries and (not self._entries[0].alive or self._entries[0] in taken):
             self._entries.popleft()
         return batch
 
-    def peek_batch(
-        self,
-        min_size: int | None,
-        max_size: int | None,
-        prefill_token_budget: int,
-        token_budget: int,
-    ) -> list[Entry] | None:
-        """The batch `next_batch` would take, left in the queue."""
+    def _fitting(
+        self, max_size: int | None, prefill_token_budget: int, token_budget: int
+    ) -> list[Entry]:
+        """The live entries at the head of the queue that fit the size and both budgets."""
         batch: list[Entry] = []
         prefill_tokens = total_tokens = 0
         for entry in self._entries:
@@ -114,8 +110,6 @@ class RequestQueue:
             prefill_tokens += entry.prefill_tokens
             total_tokens += entry.budget_tokens
             batch.append(entry)
-        if not batch or (min_size is not None and len(batch) < min_size):
-            return None
         return batch
 
     def drain(self) -> list[Entry]:
