@@ -110,6 +110,9 @@ FLAGS: tuple[Flag, ...] = (
          "seconds a Prefill, Decode, FilterBatch or ClearCache call may take; past it a shard is "
          "taken as stuck: in-flight requests get 424 and everything stops with exit 1 "
          "(0: no limit)", type=float, default=60.0),
+    Flag(("--shard-warmup-timeout",), "SHARD_WARMUP_TIMEOUT",
+         "seconds the shards' Warmup (KV cache sizing, CUDA graph capture) may take; past it "
+         "everything stops with exit 1 (0: no limit)", type=float, default=1800.0),
     # launcher
     Flag(("--graceful-termination-timeout",), "GRACEFUL_TERMINATION_TIMEOUT",
          "seconds the router may take to finish in-flight requests on SIGTERM (then cut)", type=float,

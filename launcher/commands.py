@@ -140,6 +140,7 @@ def router_spec(
                 ("--json-output", args.json_output),
                 ("--shutdown-timeout", args.graceful_termination_timeout),
                 ("--shard-step-timeout", args.shard_step_timeout),
+                ("--shard-warmup-timeout", args.shard_warmup_timeout),
             ]
         ),
     ]

@@ -63,11 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a Prefill, Decode, FilterBatch or ClearCache may take; past it a shard is "
         "taken as stuck: in-flight requests get 424 and the router exits 1 (0: no limit)",
     )
+    add(
+        "--shard-warmup-timeout",
+        type=float,
+        default=1800.0,
+        help="seconds the shards' Warmup (KV cache sizing, CUDA graph capture) may take; past "
+        "it the router exits 1 (0: no limit)",
+    )
     return parser
 
 
 def shard_deadlines(args: argparse.Namespace) -> ShardDeadlines:
-    return ShardDeadlines(step=args.shard_step_timeout or None)
+    return ShardDeadlines(
+        step=args.shard_step_timeout or None, warmup=args.shard_warmup_timeout or None
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> RouterSettings:

@@ -339,7 +339,9 @@ class _FakeShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
         self._loop = asyncio.new_event_loop()
 
     def Prefill(self, request, context):
-        result = self._loop.run_until_complete(self._fake.prefill(request.batch))
+        result = self._loop.run_until_complete(
+            self._fake.prefill(request.batch, request.cached_batches)
+        )
         return pb.PrefillResponse(generations=result.generations, batch=result.batch)
 
     def Decode(self, request, context):

@@ -22,14 +22,18 @@ import os
 import signal
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import grpc
 import pytest
 
 from shardline.proto import generate_pb2 as pb
-from shardline.router.client import ShardDeadlines, ShardTimeoutError, StepResult
+from shardline.proto import generate_pb2_grpc
+from shardline.router.cli import build_parser, shard_deadlines
+from shardline.router.client import ShardDeadlines, ShardedClient, ShardTimeoutError, StepResult
 from tests.test_launcher import Launcher, is_alive
 from tests.test_router_fakes import FakeShardClient, fixed_script, router_client
 from tests.test_shard_kill import _descendants, _outcome, _shard_pid, _start, _until_batched
@@ -150,3 +154,33 @@ async def test_health_is_503_while_an_idle_shard_is_stopped(
         assert time.monotonic() - asked_at < HEALTH_DEADLINE_S + 2
         os.kill(shard, signal.SIGCONT)
         assert await _health(session, url) == 200
+
+
+class _SlowWarmupServicer(generate_pb2_grpc.TextGenerationServiceServicer):
+    def Warmup(self, request, context):
+        time.sleep(3)
+        return pb.WarmupResponse()
+
+
+async def test_a_warmup_past_its_deadline_raises_instead_of_hanging(tmp_path):
+    server = grpc.server(ThreadPoolExecutor(max_workers=1))
+    generate_pb2_grpc.add_TextGenerationServiceServicer_to_server(_SlowWarmupServicer(), server)
+    socket = f"unix://{tmp_path}/shard"
+    server.add_insecure_port(socket)
+    server.start()
+    client = ShardedClient([socket], ShardDeadlines(warmup=0.3))
+    started = time.monotonic()
+    try:
+        with pytest.raises(ShardTimeoutError, match="Warmup"):
+            await client.warmup(pb.WarmupRequest(max_prefill_tokens=16))
+    finally:
+        await client.close()
+        server.stop(grace=None)
+    assert time.monotonic() - started < 2
+
+
+def test_the_router_takes_its_warmup_deadline_from_the_command_line():
+    parse = build_parser().parse_args
+    args = parse(["--tokenizer-name", "m", "--shard-warmup-timeout", "12"])
+    assert shard_deadlines(args).warmup == 12
+    assert shard_deadlines(parse(["--tokenizer-name", "m"])).warmup == 1800
