@@ -69,6 +69,7 @@ def percentile(values: list[float], q: float) -> float:
 async def timed_run(llm: LLM, requests: list[ValidRequest]) -> tuple[float, list[RequestTiming]]:
     metrics = RouterMetrics()
     waste: list[float] = []
+    steps = StepLog.attach(llm._shards.engine)
     async with llm._shards.client() as client:
         batcher = Batcher(client, llm.tokenizer, llm._batching_config(), metrics)
         batcher.start()
@@ -84,7 +85,59 @@ async def timed_run(llm: LLM, requests: list[ValidRequest]) -> tuple[float, list
         breakdown = shard_call_breakdown(metrics, elapsed)
         breakdown["kv_waste_mean"] = round(statistics.fmean(waste), 4) if waste else None
         print(json.dumps(breakdown), flush=True)
+        print(json.dumps({"steps_by_decode_rows": steps.summary()}), flush=True)
+    steps.detach()
     return elapsed, list(timings)
+
+
+@dataclass
+class StepLog:
+    """The engine's calls of one run: kind, decode rows, prompt tokens and seconds of each."""
+
+    engine: object
+    calls: list[tuple[str, int, int, float]] = field(default_factory=list)
+
+    @classmethod
+    def attach(cls, engine) -> StepLog:
+        log = cls(engine)
+        prefill, decode = engine.prefill, engine.decode
+
+        def timed(kind_of, call):
+            def wrapper(request):
+                started = time.perf_counter()
+                answer = call(request)
+                log.calls.append((*kind_of(request), time.perf_counter() - started))
+                return answer
+
+            return wrapper
+
+        def prefill_kind(request):
+            rows = sum(batch.size for batch in request.cached_batches)
+            tokens = sum(len(r.input_ids) for r in request.batch.requests)
+            return ("mixed" if rows else "prefill", rows, tokens)
+
+        engine.prefill = timed(prefill_kind, prefill)
+        engine.decode = timed(
+            lambda request: ("decode", sum(b.size for b in request.batches), 0), decode
+        )
+        return log
+
+    def detach(self) -> None:
+        del self.engine.prefill, self.engine.decode
+
+    def summary(self) -> dict:
+        """Per kind and band of 32 decode rows: calls, mean prompt tokens, mean ms."""
+        bands: dict[str, list[tuple[int, float]]] = {}
+        for kind, rows, tokens, seconds in self.calls:
+            bands.setdefault(f"{kind} {32 * (rows // 32)}+", []).append((tokens, seconds))
+        return {
+            band: {
+                "calls": len(calls),
+                "prompt_tokens": round(statistics.fmean(t for t, _ in calls)),
+                "ms": round(1e3 * statistics.fmean(s for _, s in calls), 2),
+            }
+            for band, calls in sorted(bands.items())
+        }
 
 
 async def _sample_kv_waste(llm: LLM, samples: list[float], every_s: float = 0.25) -> None:
