@@ -22,7 +22,7 @@ step() {  # name, seconds at most, command...
     if ((left < 30)); then echo "== $name skipped: the run's budget is spent"; return; fi
     timeout $((limit < left ? limit : left)) "$@" >"$out/$name.log" 2>&1
     echo "== $name (exit $?)"
-    grep -E '^\{"(wall_s|mode|steps_by)' "$out/$name.log" | cut -c1-400
+    grep -E '^\{"(wall_s|mode|steps_by)' "$out/$name.log" | cut -c1-1500
     sed -n '/^== /,$p' "$out/$name.log" | tail -14
 }
 bench=(python3 -m benchmarks.engine_bench --tokenizer-wheel "$tok" --workload "$work")
