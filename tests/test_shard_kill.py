@@ -129,6 +129,7 @@ async def test_a_killed_shard_fails_every_in_flight_request_and_the_launcher_exi
         exited_after = time.monotonic() - killed_at
     finally:
         launcher.kill()
+    print(f"rank {rank} SIGKILL: {outcomes}; launcher exit {code} after {exited_after:.2f} s")
     expected = {"/generate_stream": "error event generation", "/generate": "status 424 generation"}
     assert outcomes[: len(paths)] == [expected[path] for path in paths]
     assert outcomes[len(paths) :] == ["GenerationError generation"] * 2
