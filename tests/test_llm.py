@@ -86,20 +86,23 @@ def test_bad_arguments_are_clear(llm):
 
 
 def test_tensor_parallel_llm_runs_shard_processes(tiny_llama_dir):
-    prompts = random_prompts(3, 384, seed=33)
-    expected = transformers_greedy(tiny_llama_dir, prompts, [10] * 3)
+    """Two ranks over gRPC, three rows at a time: requests join by prefills that carry the
+    running rows, steps are launched ahead while nothing waits; greedy equals transformers."""
+    prompts = random_prompts(6, 384, seed=33)
+    lengths = [10, 4, 7, 10, 5, 8]
+    expected = transformers_greedy(tiny_llama_dir, prompts, lengths)
     llm = LLM(
         model=str(tiny_llama_dir),
         tensor_parallel_size=2,
         block_size=4,
         kv_cache_bytes=1 << 20,
         max_model_len=256,
+        max_num_seqs=3,
     )
     children = [child.process for child in llm._shards._children]
     try:
-        outputs = llm.generate(
-            prompt_token_ids=prompts, sampling_params=SamplingParams(temperature=0, max_tokens=10)
-        )
+        params = [SamplingParams(temperature=0, max_tokens=n) for n in lengths]
+        outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
         assert [o.outputs[0].token_ids for o in outputs] == expected
     finally:
         llm.shutdown()
