@@ -195,6 +195,30 @@ def test_seeded_samples_are_the_same_when_joins_decode_in_the_prefill_pass(launc
     assert [len(mixed.tokens[i]) for i in range(4)] == [12, 15, 18, 21]
 
 
+def test_a_prefill_carrying_running_rows_answers_the_same_prompt_details(engines):
+    engine = engines["mistral"]
+    running_prompt, prompt = random_prompts(2, engine.config.vocab_size, seed=13, min_len=6)
+    joining = make_request(2, prompt, 3, decoder_input_details=True, top_n_tokens=2)
+    alone = engine.prefill(pb.PrefillRequest(batch=pb.Batch(id=30, requests=[joining])))
+    engine.clear_cache(pb.ClearCacheRequest())
+    running = engine.prefill(
+        pb.PrefillRequest(batch=pb.Batch(id=31, requests=[make_request(1, running_prompt, 9)]))
+    )
+    mixed = engine.prefill(
+        pb.PrefillRequest(batch=pb.Batch(id=32, requests=[joining]), cached_batches=[running.batch])
+    )
+    assert [g.request_id for g in mixed.generations] == [1, 2]
+    assert sorted(mixed.batch.request_ids) == [1, 2] and mixed.batch.id == 31
+    ours, theirs = mixed.generations[1], alone.generations[0]
+    assert list(ours.prefill_tokens.ids) == list(theirs.prefill_tokens.ids) == prompt
+    assert list(ours.prefill_tokens.logprobs)[1:] == pytest.approx(
+        list(theirs.prefill_tokens.logprobs)[1:], abs=1e-5
+    )
+    assert list(ours.top_tokens[0].ids) == list(theirs.top_tokens[0].ids)
+    engine.clear_cache(pb.ClearCacheRequest())
+    assert_no_leaks(engine)
+
+
 def test_a_step_launched_ahead_is_not_reused_by_a_new_batch_with_the_same_ids(engines):
     """Request ids restart with a new router: a leftover step must not answer for them."""
     engine = engines["llama"]
