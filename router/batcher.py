@@ -8,10 +8,10 @@ decodes one step in the same forward pass, and the answer is one batch of all of
 The loop runs one step ahead of the router: as soon as step N answers (its cached batch already
 without the rows the shards finished), step N+1 is sent (a Decode, or a Prefill of joining
 requests), and only then are step N's generations turned into events and cancellations
-noticed, while the shards compute. A Decode sent while nothing waits lets the shards launch
-the step after it ahead. What the router ends at step N (a stop sequence, a cancellation, a
-stopped best_of sample) is filtered out of the cached batch after step N+1, so the shards free
-its KV blocks; its step N+1 token is dropped.
+noticed, while the shards compute. A Decode sent when no request is expected to join at the
+next step lets the shards launch that step ahead. What the router ends at step N (a stop
+sequence, a cancellation, a stopped best_of sample) is filtered out of the cached batch after
+step N+1, so the shards free its KV blocks; its step N+1 token is dropped.
 
 A shard call that fails gets its requests a 424 and the batch is cleared, and the loop goes on.
 A shard call past its deadline (`ShardTimeoutError`) is different: a stuck shard, or ranks
@@ -250,16 +250,20 @@ class Batcher:
         self._stuck_event.set()
 
     def _next_batch(
-        self, min_size: int | None, running: list[Entry] | None = None
+        self, min_size: int | None, running: list[Entry] | None = None, take: bool = True
     ) -> list[Entry] | None:
         """The requests that may be prefilled beside `running` (default: every running request)
-        now, taken from the queue."""
+        now, taken from the queue unless `take` is False."""
         cfg = self.config
         running = list(self._running.values()) if running is None else running
         max_size = None if cfg.max_batch_size is None else max(cfg.max_batch_size - len(running), 0)
         used = sum(entry.budget_tokens for entry in running)
         entries = self._queue.next_batch(
-            min_size, max_size, cfg.max_batch_prefill_tokens, cfg.max_batch_total_tokens - used
+            min_size,
+            max_size,
+            cfg.max_batch_prefill_tokens,
+            cfg.max_batch_total_tokens - used,
+            take,
         )
         self._metrics.queue_size.set(len(self._queue))
         return entries
@@ -275,12 +279,15 @@ class Batcher:
         while answered.generations or answered.batches:
             call = None
             if answered.batches:
-                joining = self._joining(waiting_steps, on_shard=_request_ids(answered.batches))
+                on_shard = _request_ids(answered.batches)
+                joining = self._joining(waiting_steps, on_shard)
                 waiting_steps = 0 if joining else waiting_steps
                 call = await (
                     self._send_prefill(joining, answered.batches)
                     if joining
-                    else self._send_decode(answered.batches, launch_next=not self._queue.waiting)
+                    else self._send_decode(
+                        answered.batches, not self._join_likely_next(waiting_steps, on_shard)
+                    )
                 )
             self._handle(answered.generations)
             self._forget_ended(on_shard=_request_ids(answered.batches))
@@ -306,6 +313,19 @@ class Batcher:
             reason = "backpressure" if min_size is not None else "wait_exceeded"
             self._metrics.batch_concat.inc(reason=reason)
         return joining
+
+    def _join_likely_next(self, waiting_steps: int, on_shard: set[int]) -> bool:
+        """Whether requests may join at the next step: with one more step waited, beside the
+        running requests that will not have reached their token limit. An end the router cannot
+        foresee (EOS, a stop sequence) or a new arrival may still let some join; the shards
+        then run the step launched ahead and the prefill apart."""
+        staying = [
+            entry
+            for rid, entry in self._running.items()
+            if rid in on_shard and not _may_reach_limit_next(entry)
+        ]
+        min_size = self._join_min_size(waiting_steps + 1, len(staying))
+        return self._next_batch(min_size, staying, take=False) is not None
 
     async def _send_prefill(
         self, entries: list[Entry], running: list[pb.CachedBatch] = ()
@@ -341,8 +361,8 @@ class Batcher:
         return result.generations, await self._filter(result.batch)
 
     async def _send_decode(self, batches: list[pb.CachedBatch], launch_next: bool) -> _InFlight:
-        """`launch_next`: nothing waits to join, so the shards may launch the next step ahead
-        (see the shard engine's `decode`)."""
+        """`launch_next`: no request is expected to join at the next step, so the shards may
+        launch it ahead (see the shard engine's `decode`)."""
         self._update_gauges()
         ids = [batch.id for batch in batches]
         return await self._send("decode", self._client.decode(batches, launch_next), ids)
@@ -580,6 +600,13 @@ async def _timed(call: Coroutine[Any, Any, StepResult]) -> tuple[StepResult, flo
     started = time.monotonic()
     result = await call
     return result, time.monotonic() - started
+
+
+def _may_reach_limit_next(entry: Entry) -> bool:
+    """Whether the step being sent may give a request its last allowed token: the router has
+    not handled the step before it yet, hence two tokens to come."""
+    generated = max(len(sequence.generated_ids) for sequence in entry.sequences)
+    return generated + 2 >= entry.request.max_new_tokens
 
 
 def _request_ids(batches: Iterable[pb.CachedBatch]) -> set[int]:

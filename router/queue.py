@@ -64,11 +64,6 @@ class RequestQueue:
     def __len__(self) -> int:
         return len(self._entries)
 
-    @property
-    def waiting(self) -> bool:
-        """Whether some request still waits (cancelled ones do not)."""
-        return any(entry.alive for entry in self._entries)
-
     def append(self, entry: Entry) -> None:
         self._entries.append(entry)
 
@@ -78,14 +73,17 @@ class RequestQueue:
         max_size: int | None,
         prefill_token_budget: int,
         token_budget: int,
+        take: bool = True,
     ) -> list[Entry] | None:
         """Takes entries in arrival order while they fit both budgets; None when too few fit.
 
-        Cancelled entries are dropped on the way.
+        Cancelled entries are dropped on the way. `take=False` only looks.
         """
         batch = self._fitting(max_size, prefill_token_budget, token_budget)
         if not batch or (min_size is not None and len(batch) < min_size):
             return None
+        if not take:
+            return batch
         taken = set(batch)
         while self._entries and (not self._entries[0].alive or self._entries[0] in taken):
             self._entries.popleft()

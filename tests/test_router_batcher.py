@@ -274,16 +274,34 @@ async def test_decodes_ask_for_the_next_step_ahead_when_nothing_waits(tokenizer)
     assert len(fake.carried) == 1
 
 
-async def test_decodes_do_not_ask_for_the_next_step_ahead_while_a_request_waits(tokenizer):
+async def test_a_decode_asks_for_the_next_step_ahead_unless_a_request_may_join_then(tokenizer):
     fake = RecordingShard(_counting_script, tokenizer.eos_token_id)
     batcher = _batcher(tokenizer, fake, max_batch_size=1)
     first = batcher.submit(_request(tokenizer, "the city", max_new_tokens=6))
     second = batcher.submit(_request(tokenizer, "north", max_new_tokens=6))
     await asyncio.gather(first.collect(), second.collect())
     await batcher.stop()
-    # "north" waits for a free row while "the city" runs, then runs alone.
-    assert fake.launch_next == [False] * 5 + [True] * 5
+    # "north" waits for the one row: no join can follow decodes 1-4 of "the city"; decode 5
+    # gives its last token, so "north" may join after it. Then "north" runs alone.
+    assert fake.launch_next == [True] * 4 + [False] + [True] * 5
     assert fake.carried == []
+
+
+async def test_a_request_waiting_for_more_waiters_lets_decodes_run_ahead_until_it_may_join(
+    tokenizer,
+):
+    fake = RecordingShard(_counting_script, tokenizer.eos_token_id, step_delay=0.002)
+    batcher = _batcher(tokenizer, fake, waiting_served_ratio=2.0, max_waiting_tokens=5)
+    first = batcher.submit(_request(tokenizer, "the city", max_new_tokens=30))
+    await anext(first)
+    late = batcher.submit(_request(tokenizer, "north", max_new_tokens=3))
+    await asyncio.gather(first.collect(), late.collect())
+    await batcher.stop()
+    # One waiter is less than twice the running one: "north" joins once it waited 5 steps,
+    # and only the decode before that join is sent without asking for a step ahead.
+    before_join = fake.launch_next[: fake.launch_next.index(False) + 1]
+    assert fake.launch_next.count(False) == 1 and len(fake.carried) == 1
+    assert len(before_join) >= 3
 
 
 async def test_a_stop_sequence_ends_the_request_with_no_extra_token(tokenizer):
