@@ -18,8 +18,16 @@ from shardline.proto import generate_pb2 as pb
 from shardline.shards import fault_injection
 from shardline.shards.batch import SequenceState, ShardBatch, build_block_table
 from shardline.shards.beam_search import BeamSearch, candidates_per_step
+from shardline.shards.generations import (
+    beam_candidates,
+    beam_generation,
+    prompt_tokens_by_row,
+    rows_by_request,
+    token_generation,
+)
 from shardline.shards.kv_cache import BlockAllocator, KVCacheExhaustedError
 from shardline.shards.kv_sizing import agree_on_min, blocks_that_fit, warmup_lengths, warmup_request
+from shardline.shards.lookahead import StepAhead, can_launch_ahead
 from shardline.shards.model_runner import ModelRunner, PendingStep, StepResult, grow_blocks
 from shardline.shards.models.config import ModelConfig
 from shardline.shards.request_checks import InvalidRequestError, check_batch
@@ -57,7 +65,7 @@ class ShardEngine:
         self.runner = ModelRunner(model, device)
         self.allocator: BlockAllocator | None = None
         self.batches: dict[int, ShardBatch] = {}
-        self._ahead: _Lookahead | None = None
+        self._ahead: StepAhead | None = None
         self.grammars = GrammarCompiler(
             settings.tokenizer_dir, sorted(config.eos_token_ids), config.vocab_size
         )
@@ -205,7 +213,7 @@ class ShardEngine:
             for batch in cached:
                 self.batches[batch.id] = batch
             raise
-        prompt_tokens = _prompt_tokens(batch_pb.requests, result.step, result.sampled_from)
+        prompt_tokens = prompt_tokens_by_row(batch_pb.requests, result.step, result.sampled_from)
         self._start_beam_searches(result.batch, batch_pb.requests, prompt_tokens)
         generations, batch = self._advance(result.batch, result.step, prompt_tokens)
         if running is not None:
@@ -271,10 +279,11 @@ class ShardEngine:
         return merged
 
     def _pop_batches(self, cached: Sequence[pb.CachedBatch]) -> list[ShardBatch]:
-        missing = [batch.id for batch in cached if batch.id not in self.batches]
-        if missing:
-            raise InvalidRequestError(f"no cached batch with id {missing[0]}")
-        return [self.batches.pop(batch.id) for batch in cached]
+        """All the named batches, or none taken and an error naming one that is missing."""
+        for batch in cached:
+            if batch.id not in self.batches:
+                raise InvalidRequestError(f"no cached batch with id {batch.id}")
+        return [self._pop_batch(batch.id) for batch in cached]
 
     def _prefill_forward(
         self,
@@ -384,7 +393,7 @@ class ShardEngine:
         started = time.perf_counter_ns()
         if not request.batches:
             raise InvalidRequestError("Decode needs at least one cached batch")
-        batches = [self._pop_batch(cached.id) for cached in request.batches]
+        batches = self._pop_batches(request.batches)
         ahead, self._ahead = self._ahead, None
         covered = [batch for batch in batches if ahead is not None and ahead.covers(batch)]
         fresh = [batch for batch in batches if not any(batch is c for c in covered)]
@@ -397,7 +406,7 @@ class ShardEngine:
             raise
         batch.id = batches[0].id
         concat_done = time.perf_counter_ns()
-        if request.launch_next and _can_launch_ahead(batch):
+        if request.launch_next and can_launch_ahead(batch):
             self._ahead = self._launch_ahead(batch, step)
         result = step.result()
         batch.last_tokens = result.next_tokens
@@ -412,7 +421,7 @@ class ShardEngine:
         )
 
     def _step(
-        self, covered: list[ShardBatch], fresh: list[ShardBatch], ahead: _Lookahead | None
+        self, covered: list[ShardBatch], fresh: list[ShardBatch], ahead: StepAhead | None
     ) -> tuple[ShardBatch, PendingStep]:
         """The step of the covered batches' rows taken from `ahead`, and that of the others
         launched now; the batch they make together (covered rows first)."""
@@ -427,12 +436,12 @@ class ShardEngine:
             covered = [*covered, batch]
         return ShardBatch.concatenate(covered), PendingStep.concatenate(parts)
 
-    def _launch_ahead(self, batch: ShardBatch, step: PendingStep) -> _Lookahead | None:
+    def _launch_ahead(self, batch: ShardBatch, step: PendingStep) -> StepAhead | None:
         try:
             grow_blocks(batch, self._require_allocator(), self.settings.block_size, ahead=1)
         except KVCacheExhaustedError:
             return None  # the next Decode runs its step then, or the router preempts
-        return _Lookahead(self.runner.decode(batch, step.next_tokens, ahead=1), batch.sequences)
+        return StepAhead(self.runner.decode(batch, step.next_tokens, ahead=1), batch.sequences)
 
     def filter_batch(self, request: pb.FilterBatchRequest) -> pb.FilterBatchResponse:
         batch = self._pop_batch(request.batch_id)
@@ -468,20 +477,20 @@ class ShardEngine:
         generations: list[pb.Generation] = []
         parents: list[int] = []
         beam_tokens: dict[int, int] = {}
-        beam_rows = _rows_by_request(batch, set(batch.beams))
+        beam_rows = rows_by_request(batch, set(batch.beams))
         for row, seq in enumerate(batch.sequences):
             rows = beam_rows.get(seq.request_id)
             if rows is None:
-                generation = _generation(seq, row, step, (prompt_tokens or {}).get(row))
+                generation = token_generation(seq, row, step, (prompt_tokens or {}).get(row))
                 generations.append(generation)
                 if generation.finish_reason == pb.FINISH_REASON_NONE:
                     parents.append(row)
                 continue
             seq.generated += 1  # the beam's token is chosen below, with its whole search
             if row == rows[-1]:
-                outcome = batch.beams[seq.request_id].step(*_candidates(step, rows))
+                outcome = batch.beams[seq.request_id].step(*beam_candidates(step, rows))
                 if outcome.done:
-                    generations.append(_beam_generation(seq, batch.beams[seq.request_id]))
+                    generations.append(beam_generation(seq, batch.beams[seq.request_id]))
                 for parent, token in zip(outcome.parents, outcome.token_ids, strict=True):
                     beam_tokens[len(parents)] = token
                     parents.append(rows[parent])
@@ -539,27 +548,6 @@ class ShardEngine:
         return self.allocator
 
 
-class _Lookahead:
-    """A decode step launched before the router asked for it, over `sequences` (the very
-    objects: a filtered batch keeps its rows' objects, a new batch has new ones)."""
-
-    def __init__(self, step: PendingStep, sequences: list[SequenceState]) -> None:
-        self.step = step
-        self.sequences = list(sequences)  # holds them, so their ids stay theirs
-        self._rows = {id(seq): row for row, seq in enumerate(self.sequences)}
-
-    def covers(self, batch: ShardBatch) -> bool:
-        return all(id(seq) in self._rows for seq in batch.sequences)
-
-    def select(self, sequences: list[SequenceState]) -> PendingStep:
-        return self.step.select([self._rows[id(seq)] for seq in sequences])
-
-
-def _can_launch_ahead(batch: ShardBatch) -> bool:
-    """A beam search picks its tokens on the host, a grammar needs them to mask the next step."""
-    return not batch.beams and batch.sampling.grammar is None
-
-
 @dataclass
 class _PrefillResult:
     batch: ShardBatch
@@ -589,76 +577,3 @@ def _sample_parameters(request: pb.Request, index: int) -> pb.NextTokenChooserPa
     params.CopyFrom(request.parameters)
     params.seed = _sample_seed(params.seed, index)
     return params
-
-
-def _prompt_tokens(
-    requests: list[pb.Request], step: StepResult, sampled_from: list[int]
-) -> dict[int, pb.Tokens]:
-    """Prompt logprobs by the row of each request's first sequence."""
-    first_rows: dict[int, int] = {}
-    for row, request_row in enumerate(sampled_from):
-        first_rows.setdefault(request_row, row)
-    return {
-        first_rows[r]: pb.Tokens(ids=requests[r].input_ids, logprobs=logprobs)
-        for r, logprobs in step.prompt_logprobs.items()
-    }
-
-
-def _rows_by_request(batch: ShardBatch, request_ids: set[int]) -> dict[int, list[int]]:
-    if not request_ids:  # the common step: no beam search in the batch, no pass over the rows
-        return {}
-    rows: dict[int, list[int]] = {}
-    for row, seq in enumerate(batch.sequences):
-        if seq.request_id in request_ids:
-            rows.setdefault(seq.request_id, []).append(row)
-    return rows
-
-
-def _generation(
-    seq: SequenceState, row: int, step: StepResult, prompt_tokens: pb.Tokens | None
-) -> pb.Generation:
-    token = step.next_token_ids[row]
-    reason = seq.record(token)
-    generation = pb.Generation(
-        request_id=seq.request_id,
-        sequence_index=seq.sequence_index,
-        tokens=pb.Tokens(ids=[token], logprobs=[step.logprobs[row]]),
-        finish_reason=reason,
-        generated_tokens=seq.generated,
-        seed=seq.seed,
-    )
-    if seq.top_n_tokens and step.top_ids is not None:
-        n = seq.top_n_tokens
-        generation.top_tokens.append(
-            pb.Tokens(ids=step.top_ids[row][:n], logprobs=step.top_logprobs[row][:n])
-        )
-    if prompt_tokens is not None:
-        generation.prefill_tokens.CopyFrom(prompt_tokens)
-    return generation
-
-
-def _candidates(step: StepResult, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-n token ids [R, n] and logprobs [R, n] of the rows of one beam search."""
-    ids = torch.tensor([step.top_ids[row] for row in rows], dtype=torch.long)
-    logprobs = torch.tensor([step.top_logprobs[row] for row in rows], dtype=torch.float32)
-    return ids, logprobs
-
-
-def _beam_generation(seq: SequenceState, search: BeamSearch) -> pb.Generation:
-    beams = [
-        pb.Beam(
-            tokens=pb.Tokens(ids=beam.hypothesis.token_ids, logprobs=beam.hypothesis.logprobs),
-            finish_reason=beam.finish_reason,
-            score=beam.score,
-        )
-        for beam in search.results()
-    ]
-    generation = pb.Generation(
-        request_id=seq.request_id,
-        finish_reason=beams[0].finish_reason,
-        generated_tokens=len(beams[0].tokens.ids),
-        beams=beams,
-    )
-    if search.prompt_tokens is not None:
-        generation.prefill_tokens.CopyFrom(search.prompt_tokens)
-    return generation
