@@ -22,7 +22,7 @@ step() {  # name, seconds at most, command...
     if ((left < 30)); then echo "== $name skipped: the run's budget is spent"; return; fi
     timeout $((limit < left ? limit : left)) "$@" >"$out/$name.log" 2>&1
     echo "== $name (exit $?)"
-    grep -E '^\{"(wall_s|mode|steps_by)' "$out/$name.log" | cut -c1-1500
+    grep -E '^\{"(wall_s|mode|steps_by)|bf16, 32 prompts' "$out/$name.log" | cut -c1-1500
     sed -n '/^== /,$p' "$out/$name.log" | tail -14
 }
 bench=(python3 -m benchmarks.engine_bench --tokenizer-wheel "$tok" --workload "$work")
@@ -34,6 +34,6 @@ step served_8b 150 python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-s
     --workload "$work" --json "$out/served_8b.json"
 step hf_8b 100 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes hf --hf-batches 64,128 \
     --json "$out/hf_8b.json"
-step gpu_tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py
+step gpu_tests 120 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_engine.py
 step engine_8b_512 90 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes offline --max-num-seqs 512 \
     --cuda-graphs 1,2,4,8,16,32,64,128,256,384,512 --json "$out/engine_8b_512.json"
