@@ -15,6 +15,7 @@ import json
 import math
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -459,9 +460,18 @@ def main() -> None:
     parser.add_argument("--hf-batches", default="64,128,256")
     parser.add_argument("--cuda-graphs", default=None)
     parser.add_argument("--max-num-seqs", type=int, default=256, help="requests run at once")
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval for the run: the router's and the engine's threads share "
+        "the GIL in process (Python's default: 0.005 s)",
+    )
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     modes = set(args.modes.split(","))
     model_dir = write_model(args.shape, args.model_dir, args.tokenizer_wheel)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Issue 8's figures in one device call, most important first, each step under a time limit that
-# the whole run's budget caps: the 8B shape's single stream and offline throughput, the 1.7B
-# shape's single stream, the 8B shape served over HTTP, HF transformers' generate on the same 8B
-# model, the GPU correctness tests, and the 8B offline run at 512 requests at once. Logs and
-# JSON go to ${OUT:-/tmp/issue8}; each step ends with its table.
+# the whole run's budget caps: the 8B shape's single stream, offline throughput and the cost of a
+# join, the 1.7B shape's single stream, the 8B shape served over HTTP, HF transformers' generate
+# on the same 8B model, the GPU correctness tests, then two offline variants (512 requests at
+# once; a 0.5 ms GIL switch interval). Logs and JSON go to ${OUT:-/tmp/issue8}; each step ends
+# with its table.
 #   bash benchmarks/issue8_run.sh WHEELS_DIR BUDGET_SECONDS
 set -u
 wheels=${1:-.wheels}
@@ -37,3 +38,5 @@ step hf_8b 100 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes hf --hf-batc
 step gpu_tests 120 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_engine.py
 step engine_8b_512 90 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes offline --max-num-seqs 512 \
     --cuda-graphs 1,2,4,8,16,32,64,128,256,384,512 --json "$out/engine_8b_512.json"
+step engine_8b_gil 80 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes offline \
+    --switch-interval 0.0005 --json "$out/engine_8b_gil.json"
