@@ -27,7 +27,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -328,7 +328,7 @@ class Batcher:
         return self._next_batch(min_size, staying, take=False) is not None
 
     async def _send_prefill(
-        self, entries: list[Entry], running: list[pb.CachedBatch] = ()
+        self, entries: list[Entry], running: Sequence[pb.CachedBatch] = ()
     ) -> _InFlight:
         now = time.monotonic()
         for entry in entries:
