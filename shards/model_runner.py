@@ -29,12 +29,12 @@ class StepResult:
     forward_ns: int
     sample_ns: int
 
-    def select(self, rows: list[int]) -> StepResult:
-        """The result of rows `rows` alone (decode steps: no prompt logprobs)."""
-        index = index_on(rows, self.next_tokens.device)
+    def select(self, rows: list[int], next_tokens: torch.Tensor) -> StepResult:
+        """The result of rows `rows` alone, whose tokens on the device are `next_tokens`
+        (decode steps: no prompt logprobs)."""
         return replace(
             self,
-            next_tokens=self.next_tokens.index_select(0, index),
+            next_tokens=next_tokens,
             next_token_ids=[self.next_token_ids[row] for row in rows],
             logprobs=[self.logprobs[row] for row in rows],
             top_ids=None if self.top_ids is None else [self.top_ids[row] for row in rows],
@@ -82,10 +82,11 @@ class PendingStep:
         return self._result
 
     def select(self, rows: list[int]) -> PendingStep:
-        index = index_on(rows, self.next_tokens.device)
-        return PendingStep(
-            self.next_tokens.index_select(0, index), lambda: self.result().select(rows)
-        )
+        """The step of rows `rows` alone (itself when they are all its rows, in order)."""
+        if rows == list(range(len(self.next_tokens))):
+            return self
+        selected = self.next_tokens.index_select(0, index_on(rows, self.next_tokens.device))
+        return PendingStep(selected, lambda: self.result().select(rows, selected))
 
     @staticmethod
     def concatenate(steps: list[PendingStep]) -> PendingStep:
