@@ -237,11 +237,9 @@ class ShardEngine:
         prompts' forward pass (the step was launched ahead for some of its rows)."""
         if not cached:
             return None, None
-        ahead, self._ahead = self._ahead, None
-        covered = [batch for batch in cached if ahead is not None and ahead.covers(batch)]
-        if covered:
-            fresh = [batch for batch in cached if not any(batch is c for c in covered)]
-            return self._step(covered, fresh, ahead)
+        if self._ahead is not None and any(self._ahead.covers(batch) for batch in cached):
+            return self._step(cached)
+        self._ahead = None
         running = ShardBatch.concatenate(cached)
         grow_blocks(running, self._require_allocator(), self.settings.block_size)
         return running, None
@@ -394,12 +392,9 @@ class ShardEngine:
         if not request.batches:
             raise InvalidRequestError("Decode needs at least one cached batch")
         batches = self._pop_batches(request.batches)
-        ahead, self._ahead = self._ahead, None
-        covered = [batch for batch in batches if ahead is not None and ahead.covers(batch)]
-        fresh = [batch for batch in batches if not any(batch is c for c in covered)]
         try:
             fault_injection.maybe_fail("decode")
-            batch, step = self._step(covered, fresh, ahead)
+            batch, step = self._step(batches)
         except BaseException:
             for batch in batches:
                 self.batches[batch.id] = batch
@@ -420,11 +415,12 @@ class ShardEngine:
             total_ns=time.perf_counter_ns() - started,
         )
 
-    def _step(
-        self, covered: list[ShardBatch], fresh: list[ShardBatch], ahead: StepAhead | None
-    ) -> tuple[ShardBatch, PendingStep]:
-        """The step of the covered batches' rows taken from `ahead`, and that of the others
-        launched now; the batch they make together (covered rows first)."""
+    def _step(self, batches: list[ShardBatch]) -> tuple[ShardBatch, PendingStep]:
+        """One decode step of `batches`: the rows of those the step launched ahead covers taken
+        from it, the others launched now; the batch they make together (covered rows first)."""
+        ahead, self._ahead = self._ahead, None
+        covered = [batch for batch in batches if ahead is not None and ahead.covers(batch)]
+        fresh = [batch for batch in batches if not any(batch is c for c in covered)]
         parts: list[PendingStep] = []
         if covered:
             assert ahead is not None
