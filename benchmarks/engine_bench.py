@@ -255,7 +255,13 @@ def engine_decode_step_ms(llm: LLM, prompt_len: int, new_tokens: int, vocab: int
 
 
 def engine_mixed_step_ms(
-    llm: LLM, rows: int, joining: int, prompt_len: int, vocab: int, new_tokens: int = 1024
+    llm: LLM,
+    rows: int,
+    joining: int,
+    prompt_len: int,
+    vocab: int,
+    new_tokens: int = 1024,
+    profile: bool = True,
 ) -> dict:
     """A join's cost straight through the engine: a batch of `rows` running requests decodes one
     step alone, then in the forward pass of `joining` new prompts, then those prompts run alone
@@ -307,12 +313,15 @@ def engine_mixed_step_ms(
         name: statistics.median(timed(call) for _ in range(5))
         for name, call in (("decode", decode), ("mixed", mixed), ("prefill_alone", alone))
     }
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    ) as profiler:
-        timed(mixed)
-    print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
-    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+    for name, call in (("decode", decode), ("mixed", mixed)) if profile else ():
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ) as profiler:
+            timed(call)
+        averages = profiler.key_averages()
+        print(f"== profiled {name} step, {rows} rows", flush=True)
+        print(averages.table(sort_by="cuda_time_total", row_limit=12), flush=True)
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=8), flush=True)
     engine.clear_cache(pb.ClearCacheRequest())
     return {"rows": rows, "joining": joining, "prompt_len": prompt_len, **result}
 
@@ -439,6 +448,8 @@ def load_engine(model_dir: Path, args: argparse.Namespace, results: dict) -> LLM
         cuda_graphs=args.cuda_graphs,
         attention=args.attention,
         max_num_seqs=args.max_num_seqs,
+        waiting_served_ratio=args.waiting_served_ratio,
+        max_waiting_tokens=args.max_waiting_tokens,
     )
     results["load_and_warmup_s"] = time.perf_counter() - started
     loaded = {
@@ -467,6 +478,10 @@ def main() -> None:
         help="sys.setswitchinterval for the run: the router's and the engine's threads share "
         "the GIL in process (Python's default: 0.005 s)",
     )
+    parser.add_argument(
+        "--waiting-served-ratio", type=float, default=0.3, help="TGI's join rule (0: join at once)"
+    )
+    parser.add_argument("--max-waiting-tokens", type=int, default=20)
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -496,6 +511,16 @@ def main() -> None:
         mixed = engine_mixed_step_ms(llm, rows=256, joining=3, prompt_len=200, vocab=vocab)
         print(json.dumps({"mixed_step": mixed}), flush=True)
         results["mixed_step"] = mixed
+        results["join_sweep"] = [
+            engine_mixed_step_ms(llm, rows, joining, prompt_len, vocab, profile=False)
+            for rows, joining, prompt_len in (
+                (64, 3, 200),
+                (128, 3, 200),
+                (256, 32, 200),
+                (256, 3, 800),
+            )
+        ]
+        print(json.dumps({"join_sweep": results["join_sweep"]}), flush=True)
         table.append(
             (
                 "join ms: decode/mixed/alone",

@@ -82,6 +82,8 @@ class EngineArgs:
     attention: str = "auto"
     cuda_graphs: str | None = None
     seed: int = 0
+    waiting_served_ratio: float = 0.3
+    max_waiting_tokens: int = 20
 
 
 def _engine_args(kwargs: dict[str, Any]) -> EngineArgs:
@@ -221,6 +223,8 @@ class LLM:
             max_batch_total_tokens=self.max_batch_total_tokens,
             max_batch_size=self.args.max_num_seqs,
             block_size=self.args.block_size,
+            waiting_served_ratio=self.args.waiting_served_ratio,
+            max_waiting_tokens=self.args.max_waiting_tokens,
         )
 
 
