@@ -133,7 +133,7 @@ def decode_rows(bandwidth: float, sweep: bool) -> list[str]:
 
 def _sweep_cells(problem: DecodeProblem, batch: int, context: int) -> str:
     cells = [f"n{c.block_n}w{c.num_warps} {problem.time_per_call_us(c):.1f}" for c in SWEEP]
-    no_split = SplitPlan(1, triton.cdiv(context, default_decode_config(DTYPE).block_n))
+    no_split = SplitPlan(1)
     cells.append(f"nosplit {problem.time_per_call_us(default_decode_config(DTYPE), no_split):.1f}")
     return "  | " + "  ".join(cells)
 

@@ -144,16 +144,10 @@ def _assert_close_rows(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype)
     assert errors.max().item() < TOLERANCE[dtype], f"max relative row error {errors.max():.2e}"
 
 
-def _forced_plan(case: PagedCase, num_splits: int, block_n: int) -> SplitPlan:
-    max_tiles = math.ceil(case.block_tables.shape[1] * case.k_cache.shape[1] / block_n)
-    partition_tiles = math.ceil(max_tiles / num_splits)
-    return SplitPlan(math.ceil(max_tiles / partition_tiles), partition_tiles)
-
-
 MIXED_CONTEXTS = [0, 1, 15, 16, 17, 31, 32, 33, 64, 100, 257, 1000, LONG]
 
 
-@pytest.mark.parametrize("splits", ["auto", 1, 5])
+@pytest.mark.parametrize("splits", ["auto", 1, 5, 64])
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), HEAD_SHAPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -162,9 +156,7 @@ def test_decode_matches_reference(
 ) -> None:
     case = PagedCase(MIXED_CONTEXTS, num_heads, num_kv_heads, head_dim, dtype)
     config = DecodeConfig()
-    plan = None if splits == "auto" else _forced_plan(case, int(splits), config.block_n)
-    if plan is not None:
-        assert plan.num_splits == splits
+    plan = None if splits == "auto" else SplitPlan(int(splits))
     _poison_allocator()
     out = paged_decode_attention(
         case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale,
@@ -180,7 +172,7 @@ def test_decode_page_sizes(page_size: int, block_n: int) -> None:
     _poison_allocator()
     out = paged_decode_attention(
         case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale,
-        DecodeConfig(block_n=block_n), _forced_plan(case, 3, block_n),
+        DecodeConfig(block_n=block_n), SplitPlan(3),
     )  # fmt: skip
     _assert_close_rows(out, case.reference(), torch.float16)
 
@@ -196,7 +188,7 @@ def test_decode_sliding_window_reads_only_the_window(window: int, splits: str | 
         "auto": None,
         "planned for 132 SMs": plan_splits(len(MIXED_CONTEXTS), 2, max_tokens, 16, 132, window),
     }
-    plan = plans[splits] if splits in plans else _forced_plan(case, int(splits), config.block_n)
+    plan = plans[splits] if splits in plans else SplitPlan(int(splits))
     _poison_allocator()
     out = paged_decode_attention(
         case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale,

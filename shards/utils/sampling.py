@@ -366,9 +366,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, state: SamplingState) -> SamplerOutput:
         scores = process_logits(logits.float(), state)
-        if scores.is_cuda and state.flags.sample:
-            # Launched eagerly, the two Triton kernels cost more host time than an argmax; they
-            # pay off once noise is needed.
+        if scores.is_cuda:
             return _fused_choice(scores, state)
         next_ids = self._choose(scores, state)
         logprobs = scores.log_softmax(dim=-1)

@@ -40,7 +40,9 @@ def _gumbel(token_ids, row_key):
     return -libdevice.log(-libdevice.log(uniform))
 
 
-@triton.jit
+# Per-call sizes (they follow the batch size) are not specialized on: a warmed-up server
+# compiles nothing at run time.
+@triton.jit(do_not_specialize=["chunk_size", "num_chunks"])
 def _chunk_kernel(
     scores_ptr,
     sample_ptr,
@@ -96,7 +98,7 @@ def _chunk_kernel(
     tl.store(part_token_ptr + part, best_token)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks"])
 def _merge_kernel(
     scores_ptr,
     part_max_ptr,
@@ -190,7 +192,7 @@ def choose_tokens(
         log_norm,
         chunks,
         scores.stride(0),
-        CHUNKS=triton.next_power_of_2(chunks),
+        CHUNKS=triton.next_power_of_2(triton.cdiv(vocab_size, _BLOCK)),
         num_warps=1,
     )
     return next_ids, logprobs, log_norm

@@ -43,7 +43,6 @@ def dot_precision(dtype: torch.dtype) -> str:
 @dataclass(frozen=True)
 class SplitPlan:
     num_splits: int
-    partition_tiles: int
 
 
 @triton.jit
@@ -56,6 +55,16 @@ def _first_key(context_len, WINDOW: tl.constexpr):
 
 
 @triton.jit
+def _partition_tiles(context_len, num_splits, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
+    """The keys a row reads, cut into `num_splits` partitions of whole tiles: the first key
+    and the tiles of each partition (at least one, so short contexts leave splits unused)."""
+    first = _first_key(context_len, WINDOW)
+    tiles = tl.cdiv(context_len - first, BLOCK_N)
+    return first, tl.maximum(tl.cdiv(tiles, num_splits), 1)
+
+
+# A per-call size: specialized on its value, it would compile new variants after warmup.
+@triton.jit(do_not_specialize=["num_splits"])
 def _paged_decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -65,7 +74,7 @@ def _paged_decode_kernel(
     out_ptr,
     lse_ptr,
     qk_scale,
-    partition_tiles,
+    num_splits,
     stride_qt,
     stride_qh,
     stride_kb,
@@ -94,7 +103,8 @@ def _paged_decode_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
-    start = _first_key(context_len, WINDOW) + split * partition_tiles * BLOCK_N
+    first, partition_tiles = _partition_tiles(context_len, num_splits, BLOCK_N, WINDOW)
+    start = first + split * partition_tiles * BLOCK_N
     end = tl.minimum(start + partition_tiles * BLOCK_N, context_len)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -153,13 +163,12 @@ def _paged_decode_kernel(
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     partial_ptr,
     lse_ptr,
     context_lens_ptr,
     out_ptr,
-    partition_tokens,
     num_splits,
     stride_pt,
     stride_ph,
@@ -171,11 +180,14 @@ def _merge_splits_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq)
-    used_splits = tl.minimum(tl.cdiv(context_len, partition_tokens), num_splits)
+    first, partition_tiles = _partition_tiles(context_len, num_splits, BLOCK_N, WINDOW)
+    used_splits = tl.cdiv(tl.cdiv(context_len - first, BLOCK_N), partition_tiles)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_mask = offs_s < used_splits
@@ -209,10 +221,11 @@ def _multiprocessor_count(device: torch.device) -> int:
 def plan_splits(
     batch: int, num_kv_heads: int, max_tokens: int, block_n: int, num_sms: int, window: int = 0
 ) -> SplitPlan:
-    """No split once (sequence, KV head) programs cover every SM; otherwise cuts each context
-    into partitions so that about PROGRAMS_PER_SM programs run per SM. Measured on an H200 (32
-    query / 8 KV heads, head_dim 128): batch 64 ran 7-14% slower with 2 splits than with none;
-    batch 1 at 8192 tokens ran 15x faster with 64 splits than with none.
+    """No split once (sequence, KV head) programs cover every SM; otherwise about
+    PROGRAMS_PER_SM programs per SM, each row's keys cut evenly (in whole tiles) among its
+    splits by the kernel. Measured on an H200 (32 query / 8 KV heads, head_dim 128): batch 64
+    ran 7-14% slower with 2 splits than with none; batch 1 at 8192 tokens ran 15x faster with
+    64 splits than with none.
 
     Depends on shapes only (max_tokens = block-table width x page size), so a captured CUDA
     graph stays valid for every context length that fits its block table. A sliding window
@@ -222,9 +235,7 @@ def plan_splits(
     max_tiles = max(1, triton.cdiv(max_keys, block_n))
     programs = max(1, batch * num_kv_heads)
     wanted = 1 if programs >= num_sms else triton.cdiv(PROGRAMS_PER_SM * num_sms, programs)
-    num_splits = max(1, min(wanted, max_tiles, MAX_SPLITS))
-    partition_tiles = triton.cdiv(max_tiles, num_splits)
-    return SplitPlan(triton.cdiv(max_tiles, partition_tiles), partition_tiles)
+    return SplitPlan(max(1, min(wanted, max_tiles, MAX_SPLITS)))
 
 
 def paged_decode_attention(
@@ -279,7 +290,7 @@ def paged_decode_attention(
             out,
             out,
             qk_scale,
-            plan.partition_tiles,
+            1,
             *strides,
             *out.stride()[:2],
             0,
@@ -298,7 +309,7 @@ def paged_decode_attention(
         partial,
         lse,
         qk_scale,
-        plan.partition_tiles,
+        plan.num_splits,
         *strides,
         *partial.stride()[:3],
         *lse.stride()[:2],
@@ -310,7 +321,6 @@ def paged_decode_attention(
         lse,
         context_lens,
         out,
-        plan.partition_tiles * config.block_n,
         plan.num_splits,
         *partial.stride()[:3],
         *lse.stride()[:2],
@@ -318,6 +328,8 @@ def paged_decode_attention(
         HEAD_DIM=head_dim,
         BLOCK_D=shape["BLOCK_D"],
         BLOCK_S=triton.next_power_of_2(plan.num_splits),
+        BLOCK_N=config.block_n,
+        WINDOW=window,
         num_warps=4,
     )
     return out

@@ -36,7 +36,8 @@ def default_prefill_config(dtype: torch.dtype) -> PrefillConfig:
     return PrefillConfig()
 
 
-@triton.jit
+# A per-call size: specialized on its value, it would compile new variants after warmup.
+@triton.jit(do_not_specialize=["num_m_blocks"])
 def _varlen_causal_kernel(
     q_ptr,
     k_ptr,
