@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# Issue 8's figures in one device call, most important first, each step under a time limit that
-# the whole run's budget caps: the 8B shape's single stream, offline throughput and the cost of a
-# join, the 1.7B shape's single stream, the 8B shape served over HTTP, HF transformers' generate
-# on the same 8B model, the GPU correctness tests, then two offline variants (512 requests at
-# once; a 0.5 ms GIL switch interval). Logs and JSON go to ${OUT:-/tmp/issue8}; each step ends
-# with its table.
+# Issue 8's figures in one device call, each step under a time limit that the whole run's budget
+# caps: decode-size linears (cuBLAS against the Triton GEMM), the 8B shape's single stream and
+# offline throughput, the 1.7B shape's single stream, the 8B shape served over HTTP, the GPU
+# correctness tests, then HF transformers' generate on the same 8B model. Logs and JSON go to
+# ${OUT:-/tmp/issue8}; each step ends with its table.
 #   bash benchmarks/issue8_run.sh WHEELS_DIR BUDGET_SECONDS
 set -u
 wheels=${1:-.wheels}
@@ -23,20 +22,18 @@ step() {  # name, seconds at most, command...
     if ((left < 30)); then echo "== $name skipped: the run's budget is spent"; return; fi
     timeout $((limit < left ? limit : left)) "$@" >"$out/$name.log" 2>&1
     echo "== $name (exit $?)"
-    grep -E '^\{"(wall_s|mode|steps_by)|bf16, 32 prompts' "$out/$name.log" | cut -c1-1500
+    grep -E '^\{"(wall_s|mode|steps_by|compiled)|bf16, 32 prompts' "$out/$name.log" | cut -c1-1500
     sed -n '/^== /,$p' "$out/$name.log" | tail -14
 }
 bench=(python3 -m benchmarks.engine_bench --tokenizer-wheel "$tok" --workload "$work")
-step engine_8b 180 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes single,offline,mixed \
+step skinny_gemm 90 python3 -m benchmarks.skinny_gemm
+step engine_8b 170 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes single,offline \
     --json "$out/engine_8b.json"
 step engine_1.7b 90 "${bench[@]}" --shape 1.7b --model-dir /tmp/m17b --modes single \
     --json "$out/engine_1.7b.json"
 step served_8b 150 python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-shards 1 \
     --workload "$work" --json "$out/served_8b.json"
+step gpu_tests 150 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_engine.py \
+    tests/test_triton_attention.py tests/test_sampling.py
 step hf_8b 100 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes hf --hf-batches 64,128 \
     --json "$out/hf_8b.json"
-step gpu_tests 120 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_engine.py
-step engine_8b_512 90 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes offline --max-num-seqs 512 \
-    --cuda-graphs 1,2,4,8,16,32,64,128,256,384,512 --json "$out/engine_8b_512.json"
-step engine_8b_gil 80 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes offline \
-    --switch-interval 0.0005 --json "$out/engine_8b_gil.json"

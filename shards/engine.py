@@ -151,6 +151,7 @@ class ShardEngine:
             self.runner.capture_graphs(
                 self.settings.cuda_graph_buckets, -(-max_total // block_size)
             )
+        self._run_greedy_steps()
         logger.info(
             "kv cache ready: %d blocks of %d tokens (%d tokens)", num_blocks, block_size, supported
         )
@@ -187,6 +188,14 @@ class ShardEngine:
         self.runner.release_cache()
         self.allocator = None
         return peak
+
+    def _run_greedy_steps(self) -> None:
+        """A greedy request's prefill and decode step, so that the kernels of the greedy path
+        compile now rather than on the first request."""
+        request = warmup_request(0, 2, self.config.vocab_size, max_new_tokens=3, sample=False)
+        answer = self.prefill(pb.PrefillRequest(batch=pb.Batch(id=0, requests=[request])))
+        self.decode(pb.DecodeRequest(batches=[answer.batch]))
+        self.clear_cache(pb.ClearCacheRequest())
 
     def _graphs_wanted(self) -> bool:
         return (

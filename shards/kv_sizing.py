@@ -27,24 +27,28 @@ def warmup_lengths(
     return [per_sequence] * full + ([rest] if rest else []) + [1] * decode_rows
 
 
-def warmup_request(request_id: int, length: int, vocab_size: int) -> pb.Request:
-    """A sampled request that exercises every processor."""
+def warmup_request(
+    request_id: int, length: int, vocab_size: int, max_new_tokens: int = 1, sample: bool = True
+) -> pb.Request:
+    """A sampled request that exercises every processor, or a greedy one (a batch of greedy
+    rows alone takes its own sampler path)."""
+    sampled = pb.NextTokenChooserParameters(
+        temperature=0.9,
+        top_k=20,
+        top_p=0.9,
+        typical_p=1.0,
+        do_sample=True,
+        seed=request_id,
+        repetition_penalty=1.1,
+        frequency_penalty=0.1,
+        presence_penalty=0.1,
+        min_p=0.0,
+    )
     return pb.Request(
         id=request_id,
         input_ids=[(7 * i + 3) % vocab_size for i in range(length)],
-        parameters=pb.NextTokenChooserParameters(
-            temperature=0.9,
-            top_k=20,
-            top_p=0.9,
-            typical_p=1.0,
-            do_sample=True,
-            seed=request_id,
-            repetition_penalty=1.1,
-            frequency_penalty=0.1,
-            presence_penalty=0.1,
-            min_p=0.0,
-        ),
-        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=1),
+        parameters=sampled if sample else pb.NextTokenChooserParameters(),
+        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new_tokens),
     )
 
 

@@ -40,9 +40,22 @@ def _gumbel(token_ids, row_key):
     return -libdevice.log(-libdevice.log(uniform))
 
 
-# Per-call sizes (they follow the batch size) are not specialized on: a warmed-up server
-# compiles nothing at run time.
-@triton.jit(do_not_specialize=["chunk_size", "num_chunks"])
+# Nothing is specialized on what follows the batch (sizes, where a row's slice starts) but the
+# scores' alignment, which the loads need and choose_tokens ensures: a warmed-up server compiles
+# nothing at run time.
+@triton.jit(
+    do_not_specialize=["chunk_size", "num_chunks"],
+    do_not_specialize_on_alignment=[
+        "sample_ptr",
+        "seed_low_ptr",
+        "seed_high_ptr",
+        "generated_ptr",
+        "part_max_ptr",
+        "part_sum_ptr",
+        "part_best_ptr",
+        "part_token_ptr",
+    ],
+)
 def _chunk_kernel(
     scores_ptr,
     sample_ptr,
@@ -98,7 +111,19 @@ def _chunk_kernel(
     tl.store(part_token_ptr + part, best_token)
 
 
-@triton.jit(do_not_specialize=["num_chunks"])
+@triton.jit(
+    do_not_specialize=["num_chunks"],
+    do_not_specialize_on_alignment=[
+        "scores_ptr",
+        "part_max_ptr",
+        "part_sum_ptr",
+        "part_best_ptr",
+        "part_token_ptr",
+        "next_ids_ptr",
+        "logprobs_ptr",
+        "log_norm_ptr",
+    ],
+)
 def _merge_kernel(
     scores_ptr,
     part_max_ptr,
@@ -157,6 +182,8 @@ def choose_tokens(
     scores, sample, seed_low, seed_high, generated = (
         t.contiguous() for t in (scores, sample, seed_low, seed_high, generated)
     )
+    if scores.data_ptr() % 16:
+        scores = scores.clone()
     batch, vocab_size = scores.shape
     chunk_size, chunks = _chunking(batch, vocab_size, scores.device)
     part_max, part_sum, part_best = scores.new_empty((3, batch, chunks)).unbind(0)

@@ -64,7 +64,7 @@ def _partition_tiles(context_len, num_splits, BLOCK_N: tl.constexpr, WINDOW: tl.
 
 
 # A per-call size: specialized on its value, it would compile new variants after warmup.
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _paged_decode_kernel(
     q_ptr,
     k_cache_ptr,
