@@ -44,6 +44,7 @@ def compare(name: str, weight: torch.Tensor, rows: int) -> str:
 
 def main() -> None:
     torch.manual_seed(0)
+    print("== decode-size linears, CUDA-graph replays", flush=True)
     print(
         f"{'linear':14s} {'rows':>4s} {'cuBLAS us':>10s} {'TB/s':>5s} {'triton us':>10s} {'TB/s':>5s}"
     )
