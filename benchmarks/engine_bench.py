@@ -309,21 +309,24 @@ def engine_mixed_step_ms(
         answer = engine.prefill(pb.PrefillRequest(batch=batch(joining)))
         engine.clear_cache(pb.ClearCacheRequest(id=answer.batch.id))
 
-    result = {
-        name: statistics.median(timed(call) for _ in range(5))
-        for name, call in (("decode", decode), ("mixed", mixed), ("prefill_alone", alone))
-    }
-    for name, call in (("decode", decode), ("mixed", mixed)) if profile else ():
-        with torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        ) as profiler:
-            timed(call)
-        averages = profiler.key_averages()
-        print(f"== profiled {name} step, {rows} rows", flush=True)
-        print(averages.table(sort_by="cuda_time_total", row_limit=12), flush=True)
-        print(averages.table(sort_by="self_cpu_time_total", row_limit=8), flush=True)
+    result = {}
+    for name, call in (("decode", decode), ("mixed", mixed), ("prefill_alone", alone)):
+        result[name] = statistics.median(timed(call) for _ in range(5))
+        if profile and name != "prefill_alone":  # before a join grows the batch
+            _print_profile(f"{name} step, {rows} rows", lambda call=call: timed(call))
     engine.clear_cache(pb.ClearCacheRequest())
     return {"rows": rows, "joining": joining, "prompt_len": prompt_len, **result}
+
+
+def _print_profile(title: str, call) -> None:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as profiler:
+        call()
+    averages = profiler.key_averages()
+    print(f"== profiled {title}", flush=True)
+    print(averages.table(sort_by="cuda_time_total", row_limit=12), flush=True)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=8), flush=True)
 
 
 def engine_prefill_ms(llm: LLM, prompt_len: int, vocab: int) -> float:

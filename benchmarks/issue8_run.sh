@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 8's figures in one device call, each step under a time limit that the whole run's budget
-# caps: decode-size linears (cuBLAS against the Triton GEMM), the 8B shape's single stream and
-# offline throughput, the 1.7B shape's single stream, the 8B shape served over HTTP, the GPU
-# correctness tests, then HF transformers' generate on the same 8B model. Logs and JSON go to
+# caps: the 8B shape's single stream and offline throughput, the 1.7B shape's single stream, the
+# 8B shape served over HTTP, the GPU correctness tests, then HF transformers' generate on the
+# same 8B model. Logs and JSON go to
 # ${OUT:-/tmp/issue8}; each step ends with its table.
 #   bash benchmarks/issue8_run.sh WHEELS_DIR BUDGET_SECONDS
 set -u
@@ -26,7 +26,6 @@ step() {  # name, seconds at most, command...
     sed -n '/^== /,$p' "$out/$name.log" | tail -14
 }
 bench=(python3 -m benchmarks.engine_bench --tokenizer-wheel "$tok" --workload "$work")
-step skinny_gemm 90 python3 -m benchmarks.skinny_gemm
 step engine_8b 170 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes single,offline \
     --json "$out/engine_8b.json"
 step engine_1.7b 90 "${bench[@]}" --shape 1.7b --model-dir /tmp/m17b --modes single \

@@ -28,9 +28,11 @@ from shardline_client.loadgen import LoadReport, LoadRequest, run_load
 from benchmarks.engine_bench import load_workload
 from benchmarks.random_model import SHAPES, write_model
 
+# The engine bench's batching (at most 256 requests run at once, TGI's join rule): served and
+# offline figures then differ by the HTTP, router and gRPC path alone.
 DEFAULT_LAUNCHER_ARGS = (
     "--dtype bfloat16 --max-input-tokens 1024 --max-total-tokens 2048 "
-    "--max-batch-prefill-tokens 8192 --max-concurrent-requests 2048"
+    "--max-batch-prefill-tokens 8192 --max-concurrent-requests 2048 --max-batch-size 256"
 )
 STREAM_TIMEOUT_S = 600  # the longest wait for a token, queueing included
 ARRIVAL_SEED = 5

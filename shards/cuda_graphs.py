@@ -20,7 +20,10 @@ from shardline.shards.layers.attention.metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+DEFAULT_BUCKETS = (
+    *(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256),
+    *(288, 320, 352, 384, 448, 512),
+)
 
 
 @dataclass
@@ -133,6 +136,14 @@ class DecodeGraphs:
 
 def _staged(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.is_cuda else tensor.pin_memory()
+
+
+def buckets_up_to(buckets: tuple[int, ...], max_batch_size: int | None) -> tuple[int, ...]:
+    """The buckets a batch of at most `max_batch_size` rows can use: those below it, and it
+    when a larger bucket would hold it (no graph is captured for batches that never come)."""
+    if max_batch_size is None or not buckets or max_batch_size >= max(buckets):
+        return buckets
+    return tuple(sorted({b for b in buckets if b < max_batch_size} | {max_batch_size}))
 
 
 def parse_buckets(spec: str | None, default: tuple[int, ...] = DEFAULT_BUCKETS) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ from shardline.proto import generate_pb2 as pb
 from shardline.shards import fault_injection
 from shardline.shards.batch import SequenceState, ShardBatch, build_block_table
 from shardline.shards.beam_search import BeamSearch, candidates_per_step
+from shardline.shards.cuda_graphs import buckets_up_to
 from shardline.shards.generations import (
     beam_candidates,
     beam_generation,
@@ -124,13 +125,11 @@ class ShardEngine:
             )
         self.clear_cache(pb.ClearCacheRequest())
         longest_prompt = min(max_input or max_prefill, positions - 1)
+        max_batch = request.max_batch_size if request.HasField("max_batch_size") else None
+        buckets = buckets_up_to(self.settings.cuda_graph_buckets, max_batch)
         # A prefill may carry the running batch's rows: as many as the router runs at once, or
         # (where it sets no limit) an estimate, the largest CUDA-graph batch.
-        decode_rows = (
-            request.max_batch_size
-            if request.HasField("max_batch_size")
-            else max(self.settings.cuda_graph_buckets, default=0)
-        )
+        decode_rows = max_batch if max_batch is not None else max(buckets, default=0)
         peak_bytes = self._run_warmup_prefill(max_prefill, longest_prompt, decode_rows)
         fit = blocks_that_fit(
             self.model,
@@ -148,9 +147,7 @@ class ShardEngine:
         max_total = request.max_total_tokens if request.HasField("max_total_tokens") else None
         max_total = max_total or min(supported, positions)
         if self._graphs_wanted():
-            self.runner.capture_graphs(
-                self.settings.cuda_graph_buckets, -(-max_total // block_size)
-            )
+            self.runner.capture_graphs(buckets, -(-max_total // block_size))
         self._run_greedy_steps()
         logger.info(
             "kv cache ready: %d blocks of %d tokens (%d tokens)", num_blocks, block_size, supported
