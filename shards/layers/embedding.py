@@ -39,5 +39,7 @@ class ParallelLMHead(nn.Module):
         self.vocab_size = vocab_size
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight).float()
+        """Logits in the model's dtype: the sampler reads them as they are, or in float32 where
+        a processor changes them."""
+        logits = F.linear(hidden, self.weight)
         return self.tp.all_gather(logits, dim=-1)[..., : self.vocab_size]

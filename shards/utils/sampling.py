@@ -365,6 +365,8 @@ class Sampler:
         self._token_keys: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def __call__(self, logits: torch.Tensor, state: SamplingState) -> SamplerOutput:
+        if logits.is_cuda and not _processed(state):
+            return _fused_choice(logits, state)  # upcasts in registers: no float32 copy
         scores = process_logits(logits.float(), state)
         if scores.is_cuda:
             return _fused_choice(scores, state)
@@ -434,6 +436,23 @@ def _add_top_tokens(
     output.top_logprobs = top_values if log_norm is None else top_values - log_norm[:, None]
     real = output.top_logprobs.isfinite().sum(dim=-1)
     output.top_counts = torch.minimum(state.tensors.top_n_tokens, real)
+
+
+def _processed(state: SamplingState) -> bool:
+    """Whether some processor changes some row's scores."""
+    flags = state.flags
+    return state.grammar is not None or any(
+        (
+            flags.repetition,
+            flags.frequency_presence,
+            flags.min_tokens,
+            flags.temperature,
+            flags.max_top_k,
+            flags.top_p,
+            flags.min_p,
+            flags.typical_p,
+        )
+    )
 
 
 def process_logits(scores: torch.Tensor, state: SamplingState) -> torch.Tensor:

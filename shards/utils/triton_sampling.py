@@ -1,9 +1,9 @@
 """The sampler's last step in Triton: seeded Gumbel-max choice, argmax and log-normalizer in one
 read of the processed scores.
 
-For every row of scores [B, V] (float32) it returns the chosen token (the argmax of the scores,
-plus Gumbel noise on sampled rows), the log-softmax normalizer logsumexp(scores) and the chosen
-token's logprob. The noise is sampling.py's definition, bit for bit: the PCG hash of (seed, step,
+For every row of scores [B, V] (float32, or 16-bit logits read as float32) it returns the chosen
+token (the argmax of the scores, plus Gumbel noise on sampled rows), the log-softmax normalizer
+logsumexp(scores) and the chosen token's logprob. The noise is sampling.py's definition, bit for bit: the PCG hash of (seed, step,
 token) in uint32, turned into a uniform of 24 bits and into Gumbel noise with libdevice's log, as
 torch's CUDA log computes it. It is made in registers, never stored; greedy rows skip it.
 
@@ -93,6 +93,7 @@ def _chunk_kernel(
         block_start = start + offset
         tokens = block_start + tl.arange(0, BLOCK)
         x = tl.load(row_scores + tokens, mask=tokens < vocab_size, other=float("-inf"))
+        x = x.to(tl.float32)
         new_max = tl.maximum(running_max, tl.max(x, 0))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), 0)
@@ -150,7 +151,7 @@ def _merge_kernel(
     total = tl.sum(part_sum * tl.exp(part_max - shift), 0)
     log_norm = row_max + tl.log(total)
     token = tl.sum(tl.where(chunks == tl.argmax(part_best, 0), part_token, 0), 0)
-    chosen = tl.load(scores_ptr + row.to(tl.int64) * stride_row + token)
+    chosen = tl.load(scores_ptr + row.to(tl.int64) * stride_row + token).to(tl.float32)
     tl.store(next_ids_ptr + row, token.to(tl.int64))
     tl.store(logprobs_ptr + row, chosen - log_norm)
     tl.store(log_norm_ptr + row, log_norm)
@@ -186,7 +187,9 @@ def choose_tokens(
         scores = scores.clone()
     batch, vocab_size = scores.shape
     chunk_size, chunks = _chunking(batch, vocab_size, scores.device)
-    part_max, part_sum, part_best = scores.new_empty((3, batch, chunks)).unbind(0)
+    part_max, part_sum, part_best = torch.empty(
+        (3, batch, chunks), dtype=torch.float32, device=scores.device
+    ).unbind(0)
     part_token = torch.empty((batch, chunks), dtype=torch.int32, device=scores.device)
     _chunk_kernel[(batch, chunks)](
         scores,
@@ -207,7 +210,9 @@ def choose_tokens(
         num_warps=8,
     )
     next_ids = torch.empty(batch, dtype=torch.int64, device=scores.device)
-    logprobs, log_norm = scores.new_empty((2, batch)).unbind(0)
+    logprobs, log_norm = torch.empty((2, batch), dtype=torch.float32, device=scores.device).unbind(
+        0
+    )
     _merge_kernel[(batch,)](
         scores,
         part_max,
