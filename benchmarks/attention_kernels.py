@@ -1,6 +1,6 @@
 """Micro-benchmark of the Triton attention kernels on one CUDA GPU.
 
-    python benchmarks/attention_kernels.py [--sweep]
+    python -m benchmarks.attention_kernels [--sweep] [--batches 1,64,256] [--contexts 512,2048,8192]
 
 Decode: Llama-3.1-8B attention shape (32 query heads, 8 KV heads, head_dim 128, bf16, page 16)
 at batch 1/64/256 x context 512/2048/8192, pages shuffled. Each timed call reads its own set of
@@ -35,7 +35,16 @@ from shardline.shards.layers.attention.triton_prefill import (
 HEADS, KV_HEADS, HEAD_DIM, PAGE, DTYPE = 32, 8, 128, 16, torch.bfloat16
 ROTATION_BYTES = 512 << 20
 BATCHES, CONTEXTS = (1, 64, 256), (512, 2048, 8192)
-SWEEP = [DecodeConfig(32, 4), DecodeConfig(64, 8), DecodeConfig(128, 8)]
+SWEEP = [
+    DecodeConfig(32, 4),
+    DecodeConfig(32, 4, 3),
+    DecodeConfig(64, 4, 3),
+    DecodeConfig(64, 8),
+    DecodeConfig(64, 8, 3),
+    DecodeConfig(128, 4),
+    DecodeConfig(128, 8),
+    DecodeConfig(128, 8, 3),
+]
 PREFILL_SWEEP = [
     PrefillConfig(128, 64, 4, 3),
     PrefillConfig(64, 128, 4, 3),
@@ -108,12 +117,14 @@ class DecodeProblem:
         return triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median") * 1e3
 
 
-def decode_rows(bandwidth: float, sweep: bool) -> list[str]:
+def decode_rows(
+    bandwidth: float, sweep: bool, batches: list[int], contexts: list[int]
+) -> list[str]:
     rows = []
     default = default_decode_config(DTYPE)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for batch in BATCHES:
-        for context in CONTEXTS:
+    for batch in batches:
+        for context in contexts:
             problem = DecodeProblem(batch, context)
             plan = plan_splits(batch, KV_HEADS, context, default.block_n, sms)
             us = problem.time_per_call_us(default)
@@ -132,7 +143,10 @@ def decode_rows(bandwidth: float, sweep: bool) -> list[str]:
 
 
 def _sweep_cells(problem: DecodeProblem, batch: int, context: int) -> str:
-    cells = [f"n{c.block_n}w{c.num_warps} {problem.time_per_call_us(c):.1f}" for c in SWEEP]
+    cells = [
+        f"n{c.block_n}w{c.num_warps}s{c.num_stages} {problem.time_per_call_us(c):.1f}"
+        for c in SWEEP
+    ]
     no_split = SplitPlan(1)
     cells.append(f"nosplit {problem.time_per_call_us(default_decode_config(DTYPE), no_split):.1f}")
     return "  | " + "  ".join(cells)
@@ -169,14 +183,19 @@ def _prefill_ms(lengths: list[int], config: PrefillConfig) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time other kernel configs")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
+    parser.add_argument("--no-prefill", action="store_true")
     args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
     torch.manual_seed(0)
     bandwidth, rate = copy_bandwidth(), matmul_rate()
     rows = [
         f"device {torch.cuda.get_device_name()}  copy {bandwidth / 1e9:.0f} GB/s  "
         f"bf16 matmul {rate / 1e12:.0f} TFLOP/s",
-        *decode_rows(bandwidth, args.sweep),
-        *prefill_rows(rate, args.sweep),
+        *decode_rows(bandwidth, args.sweep, batches, contexts),
+        *([] if args.no_prefill else prefill_rows(rate, args.sweep)),
     ]
     print("\n".join(rows), flush=True)
 
