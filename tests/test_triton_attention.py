@@ -20,24 +20,35 @@ if not (torch.cuda.is_available() or INTERPRET):
 pytest.importorskip("triton")
 
 from shardline.shards.layers.attention.metadata import AttentionMetadata  # noqa: E402
+from shardline.shards.layers.attention.torch_native import TorchNativeBackend  # noqa: E402
 from shardline.shards.layers.attention.triton_decode import (  # noqa: E402
     DecodeConfig,
     SplitPlan,
     paged_decode_attention,
     plan_splits,
 )
-from shardline.shards.layers.attention.triton_kv_write import write_kv_cache  # noqa: E402
+from shardline.shards.layers.attention.triton_kv_write import (  # noqa: E402
+    _rotate_write_kv_kernel,
+    rotate_and_write_kv_cache,
+    write_kv_cache,
+)
 from shardline.shards.layers.attention.triton_paged import TritonAttentionBackend  # noqa: E402
 from shardline.shards.layers.attention.triton_prefill import (  # noqa: E402
     PrefillConfig,
     varlen_causal_attention,
 )
+from shardline.shards.layers.rotary import RotaryEmbedding  # noqa: E402
+from shardline.shards.layers.triton_rotary import rotate_in_place  # noqa: E402
 
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 LONG = 300 if INTERPRET else 8192
 TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 1.5e-2, torch.float32: 1e-5}
 DTYPES = [torch.float16] if INTERPRET else [torch.bfloat16, torch.float16]
 HEAD_SHAPES = [(4, 4), (8, 2), (16, 2)]  # (query heads, KV heads): GQA ratios 1, 4, 8
+# The CPU interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest.
+ROTARY_DTYPES = (
+    [torch.float16, torch.float32] if INTERPRET else [torch.float16, torch.float32, torch.bfloat16]
+)
 
 
 def _poison_allocator() -> None:
@@ -268,6 +279,116 @@ def test_write_kv_scatters_and_skips_negative_slots() -> None:
     write_kv_cache(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache, expected_k)
     assert torch.equal(v_cache, expected_v)
+
+
+class RotateWriteCase:
+    """A fused qkv output, each token's position and cache slot (every fifth one -1, so skipped),
+    and the rotary tables of a model with 512 positions; caches filled with 7."""
+
+    def __init__(
+        self, num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> None:
+        page_size, num_pages = 16, num_tokens // 16 + 3
+        self.split_sizes = [num_heads, num_kv_heads, num_kv_heads]
+        self.qkv = _random((num_tokens, sum(self.split_sizes), head_dim), dtype, std=2.0)
+        self.rotary = RotaryEmbedding(head_dim, 512, 10000.0, None, dtype, DEVICE)
+        self.positions = torch.randint(0, 512, (num_tokens,), device=DEVICE)
+        self.positions[:2] = torch.tensor([0, 511])[:num_tokens]  # the table's first and last
+        self.slots = torch.randperm(num_pages * page_size, device=DEVICE)[:num_tokens]
+        self.slots[::5] = -1
+        shape = (num_pages, page_size, num_kv_heads, head_dim)
+        self.k_cache = torch.full(shape, 7.0, dtype=dtype, device=DEVICE)
+        self.v_cache = torch.full(shape, 7.0, dtype=dtype, device=DEVICE)
+
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return qkv.split(self.split_sizes, dim=1)
+
+    def run_fused(self) -> None:
+        q, k, v = self.split(self.qkv)
+        cos, sin = self.rotary.cos, self.rotary.sin
+        rotate_and_write_kv_cache(
+            q, k, v, self.positions, cos, sin, self.k_cache, self.v_cache, self.slots
+        )
+
+    def expected(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv and both caches after rotate_in_place of q and k, then write_kv_cache."""
+        qkv, k_cache, v_cache = self.qkv.clone(), self.k_cache.clone(), self.v_cache.clone()
+        rotated = self.split_sizes[0] + self.split_sizes[1]
+        rotate_in_place(qkv[:, :rotated], self.positions, self.rotary.cos, self.rotary.sin)
+        _, k, v = self.split(qkv)
+        write_kv_cache(k, v, k_cache, v_cache, self.slots)
+        return qkv, k_cache, v_cache
+
+    def assert_matches(self, expected: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """Bit for bit: q and k rotated in place (v untouched), both caches."""
+        for out, ref in zip((self.qkv, self.k_cache, self.v_cache), expected, strict=True):
+            assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [*HEAD_SHAPES, (12, 3)])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("dtype", ROTARY_DTYPES)
+def test_rotate_and_write_kv_equals_rotary_then_write(
+    dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int
+) -> None:
+    case = RotateWriteCase(37, num_heads, num_kv_heads, head_dim, dtype)
+    expected = case.expected()
+    case.run_fused()
+    case.assert_matches(expected)
+
+
+def test_rotate_and_write_kv_with_no_tokens_is_a_no_op() -> None:
+    RotateWriteCase(0, 8, 2, 64, torch.float16).run_fused()
+
+
+def _compiled_variants(kernel: object) -> int:
+    return sum(len(caches[0]) for caches in kernel.device_caches.values())
+
+
+@pytest.mark.skipif(INTERPRET, reason="counts compiled GPU kernels")
+def test_rotate_and_write_kv_compiles_once_for_any_token_count() -> None:
+    RotateWriteCase(1, 8, 2, 128, torch.bfloat16).run_fused()
+    compiled = _compiled_variants(_rotate_write_kv_kernel)
+    for num_tokens in (2, 16, 37, 1000):
+        RotateWriteCase(num_tokens, 8, 2, 128, torch.bfloat16).run_fused()
+    assert _compiled_variants(_rotate_write_kv_kernel) == compiled
+
+
+@pytest.mark.skipif(INTERPRET, reason="CUDA graphs need a GPU")
+def test_rotate_and_write_kv_replays_in_cuda_graph() -> None:
+    case = RotateWriteCase(37, 16, 2, 128, torch.bfloat16)
+    fresh = RotateWriteCase(37, 16, 2, 128, torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        case.run_fused()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        case.run_fused()
+    expected = fresh.expected()
+    for name in ("qkv", "positions", "slots", "k_cache", "v_cache"):
+        getattr(case, name).copy_(getattr(fresh, name))
+    graph.replay()
+    case.assert_matches(expected)
+
+
+@pytest.mark.skipif(INTERPRET, reason="the backend needs a CUDA device")
+def test_backend_rotate_and_write_kv_matches_torch_backend() -> None:
+    """The fused Triton call against the torch backend's rotary.rotate_ then write_kv."""
+    fused = RotateWriteCase(37, 16, 4, 128, torch.bfloat16)
+    reference = RotateWriteCase(37, 16, 4, 128, torch.bfloat16)
+    for name in ("qkv", "positions", "slots"):
+        getattr(reference, name).copy_(getattr(fused, name))
+    for backend, case in (
+        (TritonAttentionBackend(DEVICE), fused),
+        (TorchNativeBackend(), reference),
+    ):
+        q, k, v = case.split(case.qkv)
+        backend.rotate_and_write_kv(
+            q, k, v, case.positions, case.rotary, case.k_cache, case.v_cache, case.slots
+        )
+    fused.assert_matches((reference.qkv, reference.k_cache, reference.v_cache))
 
 
 def _packed_prefill(

@@ -5,6 +5,8 @@ gather kernel), and rotates all of the token's heads; q and k heads that sit sid
 fused qkv output are rotated by a single call. Rounds where torch's rotate-half rounds (each
 product, then the sum, to the model dtype), so half-precision results equal apply_rotary's and
 transformers' bit for bit; greedy tokens of bf16 models then track transformers' own.
+`load_cos_sin` and `rotate_heads` also serve the fused rotary + KV-cache write of the Triton
+attention backend (attention/triton_kv_write.py), which rotates exactly as this kernel does.
 """
 
 from __future__ import annotations
@@ -18,6 +20,53 @@ import triton.language as tl
 def _rounded(x, dtype: tl.constexpr):
     """x rounded to the model dtype and back, as torch rounds each product."""
     return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def load_cos_sin(
+    cos_ptr,
+    sin_ptr,
+    position,
+    stride_cos,
+    stride_sin,
+    HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    """The cos/sin cache rows of `position` as float32 [1, BLOCK_HALF] (zero past HALF)."""
+    offs_d = tl.arange(0, BLOCK_HALF)
+    d_mask = offs_d < HALF
+    cos = tl.load(cos_ptr + position * stride_cos + offs_d, mask=d_mask, other=0.0)
+    sin = tl.load(sin_ptr + position * stride_sin + offs_d, mask=d_mask, other=0.0)
+    return cos.to(tl.float32)[None, :], sin.to(tl.float32)[None, :]
+
+
+@triton.jit
+def rotate_heads(
+    x_ptr,
+    token,
+    stride_xt,
+    stride_xh,
+    num_heads,
+    cos,
+    sin,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    """Rotates the token's num_heads heads of x in place by cos/sin (from load_cos_sin), rounding
+    as torch does; returns the rotated halves [BLOCK_H, BLOCK_HALF] in x's dtype."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HALF)
+    first = x_ptr + token * stride_xt + offs_h[:, None] * stride_xh + offs_d[None, :]
+    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
+    dtype = x_ptr.dtype.element_ty
+    out1 = (_rounded(x1 * cos, dtype) - _rounded(x2 * sin, dtype)).to(dtype)
+    out2 = (_rounded(x2 * cos, dtype) + _rounded(x1 * sin, dtype)).to(dtype)
+    tl.store(first, out1, mask=mask)
+    tl.store(first + HALF, out2, mask=mask)
+    return out1, out2
 
 
 @triton.jit
@@ -37,22 +86,8 @@ def _rotary_kernel(
 ):
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_HALF)
-    d_mask = offs_d < HALF
-    cos = tl.load(cos_ptr + position * stride_cos + offs_d, mask=d_mask, other=0.0)
-    sin = tl.load(sin_ptr + position * stride_sin + offs_d, mask=d_mask, other=0.0)
-    cos = cos.to(tl.float32)[None, :]
-    sin = sin.to(tl.float32)[None, :]
-    mask = (offs_h[:, None] < num_heads) & d_mask[None, :]
-    first = x_ptr + token * stride_xt + offs_h[:, None] * stride_xh + offs_d[None, :]
-    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
-    dtype = x_ptr.dtype.element_ty
-    out1 = _rounded(x1 * cos, dtype) - _rounded(x2 * sin, dtype)
-    out2 = _rounded(x2 * cos, dtype) + _rounded(x1 * sin, dtype)
-    tl.store(first, out1.to(dtype), mask=mask)
-    tl.store(first + HALF, out2.to(dtype), mask=mask)
+    cos, sin = load_cos_sin(cos_ptr, sin_ptr, position, stride_cos, stride_sin, HALF, BLOCK_HALF)
+    rotate_heads(x_ptr, token, stride_xt, stride_xh, num_heads, cos, sin, HALF, BLOCK_H, BLOCK_HALF)
 
 
 def rotate_in_place(

@@ -94,10 +94,11 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         heads = self.qkv_proj(hidden).view(num_tokens, -1, self.head_dim)
-        self.rotary.rotate_(heads[:, : self.num_heads + self.num_kv_heads], positions)
         q, k, v = heads.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         k_cache, v_cache = kv_cache
-        self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        self.backend.rotate_and_write_kv(
+            q, k, v, positions, self.rotary, k_cache, v_cache, meta.slot_mapping
+        )
         out = self._attend(q, k, v, kv_cache, meta)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 

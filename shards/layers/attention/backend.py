@@ -5,6 +5,10 @@ KV cache layout (per layer, per rank), the same as flash-attn's paged API:
 Queries/keys/values arrive packed: q [num_tokens, num_heads, head_dim],
 k and v [num_tokens, num_kv_heads, head_dim]; outputs are [num_tokens, num_heads, head_dim].
 
+`rotate_and_write_kv` applies the rotary embedding to q and k in place and then writes k and v
+into the cache, as `rotary.rotate_` followed by `write_kv` would (bit for bit); a backend may do
+both in one kernel.
+
 `window` is the layer's sliding window, a constant of the model (0: full causal attention):
 the query at position p sees the keys at positions p - window + 1 .. p, as transformers'
 sliding-window mask has it (Mistral v0.1, Qwen2 with use_sliding_window).
@@ -17,6 +21,7 @@ from typing import Protocol
 import torch
 
 from shardline.shards.layers.attention.metadata import AttentionMetadata
+from shardline.shards.layers.rotary import RotaryEmbedding
 
 
 class AttentionBackend(Protocol):
@@ -26,6 +31,18 @@ class AttentionBackend(Protocol):
         self,
         k: torch.Tensor,
         v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None: ...
+
+    def rotate_and_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from shardline.shards.layers.attention.metadata import AttentionMetadata
+from shardline.shards.layers.rotary import RotaryEmbedding
 
 
 class TorchNativeBackend:
@@ -23,6 +24,21 @@ class TorchNativeBackend:
         slots = slot_mapping[keep]
         k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
         v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+    def rotate_and_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        rotary.rotate_(q, positions)
+        rotary.rotate_(k, positions)
+        self.write_kv(k, v, k_cache, v_cache, slot_mapping)
 
     def prefill(
         self,

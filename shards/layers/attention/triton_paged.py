@@ -1,5 +1,7 @@
 """The CUDA attention backend: Triton paged decode and KV write, varlen causal prefill.
 
+Its KV write also applies the rotary embedding to q and k, in the same launch.
+
 Prefill goes through flash-attn's `flash_attn_varlen_func` when flash-attn is installed and
 through this package's Triton varlen kernel otherwise (one launch for the whole packed batch,
 where per-sequence SDPA would loop in Python over many short prompts). Triton itself is imported
@@ -13,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from shardline.shards.layers.attention.metadata import AttentionMetadata
+from shardline.shards.layers.rotary import RotaryEmbedding
 
 
 def _flash_attn_varlen() -> Callable[..., torch.Tensor] | None:
@@ -34,6 +37,7 @@ class TritonAttentionBackend:
 
         self._decode = triton_decode.paged_decode_attention
         self._write_kv = triton_kv_write.write_kv_cache
+        self._rotate_and_write_kv = triton_kv_write.rotate_and_write_kv_cache
         self._varlen = triton_prefill.varlen_causal_attention
         self._flash_varlen = _flash_attn_varlen() if use_flash_attn else None
 
@@ -50,6 +54,21 @@ class TritonAttentionBackend:
         slot_mapping: torch.Tensor,
     ) -> None:
         self._write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    def rotate_and_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        self._rotate_and_write_kv(
+            q, k, v, positions, rotary.cos, rotary.sin, k_cache, v_cache, slot_mapping
+        )
 
     def prefill(
         self,
