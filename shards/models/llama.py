@@ -219,5 +219,5 @@ class LlamaForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits [N, vocab_size] over the full vocabulary, on every rank."""
+        """Logits [N, vocab_size] (model dtype) over the full vocabulary, on every rank."""
         return self.lm_head(hidden)
