@@ -28,11 +28,11 @@ from shardline_client.loadgen import LoadReport, LoadRequest, run_load
 from benchmarks.engine_bench import load_workload
 from benchmarks.random_model import SHAPES, write_model
 
-# The engine bench's batching (at most 256 requests run at once, TGI's join rule): served and
-# offline figures then differ by the HTTP, router and gRPC path alone.
+# The batching of the engine bench's headline run (at most 512 requests at once, TGI's join rule):
+# served and offline figures then differ by the HTTP, router and gRPC path alone.
 DEFAULT_LAUNCHER_ARGS = (
     "--dtype bfloat16 --max-input-tokens 1024 --max-total-tokens 2048 "
-    "--max-batch-prefill-tokens 8192 --max-concurrent-requests 2048 --max-batch-size 256"
+    "--max-batch-prefill-tokens 8192 --max-concurrent-requests 2048 --max-batch-size 512"
 )
 STREAM_TIMEOUT_S = 600  # the longest wait for a token, queueing included
 ARRIVAL_SEED = 5
@@ -168,11 +168,20 @@ async def bench_one(args: argparse.Namespace, num_shard: int, words: list[str]) 
         report = await load(server.url, requests, None)
         result["all_at_once"] = summarize(f"tp{num_shard}_all", report, prompt_tokens)
         if args.rate:
-            report = await load(server.url, requests, args.rate)
-            result["poisson"] = summarize(f"tp{num_shard}_rate", report, prompt_tokens)
+            report = await load(server.url, requests[: args.rate_requests], args.rate)
+            rate_prompt_tokens = sum(n for n, _ in pairs[: args.rate_requests])
+            result["poisson"] = summarize(f"tp{num_shard}_rate", report, rate_prompt_tokens)
     finally:
         result["exit_code"] = server.stop()
     return result
+
+
+def _latency_row(result: dict) -> str:
+    cells = [
+        f"{name} p50/p99 {result[f'{key}_p50_ms']:.0f}/{result[f'{key}_p99_ms']:.0f} ms"
+        for name, key in (("TTFT", "ttft"), ("TPOT", "tpot"), ("ITL", "itl"))
+    ]
+    return f"  {result['mode']}: out tok/s {result['output_tokens_per_s']:.0f}  " + "  ".join(cells)
 
 
 def main() -> None:
@@ -184,6 +193,9 @@ def main() -> None:
     parser.add_argument("--workload", type=Path, required=True)
     parser.add_argument("--num-requests", type=int, default=None)
     parser.add_argument("--rate", type=float, default=None, help="also run at this Poisson rate")
+    parser.add_argument(
+        "--rate-requests", type=int, default=None, help="the first N requests at --rate (all)"
+    )
     parser.add_argument("--port", type=int, default=8089)
     parser.add_argument("--launcher-args", default=DEFAULT_LAUNCHER_ARGS)
     parser.add_argument("--json", type=Path, default=None)
@@ -206,6 +218,8 @@ def main() -> None:
             f"max dlogprob on it {match['max_logprob_gap']:.3f})"
             f"  failed {load_result['errors']}  exit {run['exit_code']}"
         )
+        if "poisson" in run:
+            rows.append(_latency_row(run["poisson"]))
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1))
     print("\n== served ==")
