@@ -2,8 +2,7 @@
 
 One program handles every query head that shares a KV head, so each K/V tile is read once per
 group. When the batch alone cannot fill the GPU, the context is cut into partitions handled by
-separate programs; the one of a row's group that finishes last merges their partial results
-(log-sum-exp weighted) in the same launch.
+separate programs whose partial results a second kernel merges (log-sum-exp weighted).
 
 The launch shape depends only on tensor shapes (batch, heads, block-table width), never on
 context lengths, and nothing is read back to the host: the call can be captured in a CUDA graph.
@@ -22,7 +21,6 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
-MAX_SPLIT_GROUPS = 4096
 PROGRAMS_PER_SM = 4
 
 
@@ -75,8 +73,6 @@ def _paged_decode_kernel(
     context_lens_ptr,
     out_ptr,
     lse_ptr,
-    final_ptr,
-    counter_ptr,
     qk_scale,
     num_splits,
     stride_qt,
@@ -93,8 +89,6 @@ def _paged_decode_kernel(
     stride_os,
     stride_lt,
     stride_lh,
-    stride_ft,
-    stride_fh,
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -163,53 +157,58 @@ def _paged_decode_kernel(
     out_mask = g_mask[:, None] & d_mask[None, :]
     if SPLIT:
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        lse_ptrs = lse_ptr + seq * stride_lt + heads * stride_lh
         tl.store(out_ptrs + split * stride_os, out, mask=out_mask)
-        tl.store(lse_ptrs + split, lse, mask=g_mask)
-        # The split that finishes last (the counter's acq_rel add orders the others' stores
-        # before its loads) merges the partials, then leaves the counter at 0 for the next call.
-        counter = counter_ptr + seq * tl.num_programs(1) + kv_head
-        if tl.atomic_add(counter, 1) == num_splits - 1:
-            used_splits = tl.cdiv(tl.cdiv(context_len - first, BLOCK_N), partition_tiles)
-            merged = _merged_partials(
-                out_ptrs, lse_ptrs, used_splits, stride_os, g_mask, out_mask, BLOCK_G, BLOCK_D
-            )
-            final_ptrs = final_ptr + seq * stride_ft + heads[:, None] * stride_fh + offs_d[None, :]
-            tl.store(final_ptrs, merged.to(final_ptr.dtype.element_ty), mask=out_mask)
-            tl.atomic_xchg(counter, 0)
+        tl.store(lse_ptr + seq * stride_lt + heads * stride_lh + split, lse, mask=g_mask)
     else:
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
-def _merged_partials(
-    partial_ptrs,
-    lse_ptrs,
-    used_splits,
-    stride_split,
-    g_mask,
-    out_mask,
-    BLOCK_G: tl.constexpr,
+@triton.jit(do_not_specialize=["num_splits"])
+def _merge_splits_kernel(
+    partial_ptr,
+    lse_ptr,
+    context_lens_ptr,
+    out_ptr,
+    num_splits,
+    stride_pt,
+    stride_ph,
+    stride_ps,
+    stride_lt,
+    stride_lh,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
-    """The log-sum-exp weighted mean of a (row, head group)'s partial outputs over its splits;
-    loads skip L1, which the other splits' stores never reached."""
-    m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for split in range(0, used_splits):
-        lse = tl.load(lse_ptrs + split, mask=g_mask, other=float("-inf"), cache_modifier=".cg")
-        part = tl.load(
-            partial_ptrs + split * stride_split, mask=out_mask, other=0.0, cache_modifier=".cg"
-        )
-        m_new = tl.maximum(m, lse)
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - shift)
-        weight = tl.exp2(lse - shift)
-        acc = acc * alpha[:, None] + weight[:, None] * part
-        total = total * alpha + weight
-        m = m_new
-    return acc / tl.where(total > 0.0, total, 1.0)[:, None]
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    context_len = tl.load(context_lens_ptr + seq)
+    first, partition_tiles = _partition_tiles(context_len, num_splits, BLOCK_N, WINDOW)
+    used_splits = tl.cdiv(tl.cdiv(context_len - first, BLOCK_N), partition_tiles)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < used_splits
+    lse = tl.load(
+        lse_ptr + seq * stride_lt + head * stride_lh + offs_s, mask=s_mask, other=float("-inf")
+    )
+    lse_max = tl.max(lse, axis=0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weights = tl.exp2(lse - lse_max)
+    partial_ptrs = (
+        partial_ptr
+        + seq * stride_pt
+        + head * stride_ph
+        + offs_s[:, None] * stride_ps
+        + offs_d[None, :]
+    )
+    partial = tl.load(partial_ptrs, mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    total = tl.sum(weights, axis=0)
+    out = tl.sum(weights[:, None] * partial, axis=0) / tl.where(total > 0.0, total, 1.0)
+    out_ptrs = out_ptr + seq * stride_ot + head * stride_oh + offs_d
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 @functools.cache
@@ -285,14 +284,11 @@ def paged_decode_attention(
         block_tables.stride(0),
     )
     qk_scale = scale * LOG2E
-    counters = _split_counters(q.device)
     if plan.num_splits == 1:
         _paged_decode_kernel[grid](
             *common,
             out,
             out,
-            out,
-            counters,
             qk_scale,
             1,
             *strides,
@@ -300,13 +296,10 @@ def paged_decode_attention(
             0,
             0,
             0,
-            *out.stride()[:2],
             SPLIT=False,
             **shape,
         )
         return out
-    if batch * num_kv_heads > counters.numel():
-        raise ValueError(f"{batch} rows x {num_kv_heads} KV heads are too many to split")
     partial = torch.empty(
         (batch, num_heads, plan.num_splits, head_dim), dtype=torch.float32, device=q.device
     )
@@ -315,25 +308,31 @@ def paged_decode_attention(
         *common,
         partial,
         lse,
-        out,
-        counters,
         qk_scale,
         plan.num_splits,
         *strides,
         *partial.stride()[:3],
         *lse.stride()[:2],
-        *out.stride()[:2],
         SPLIT=True,
         **shape,
     )
+    _merge_splits_kernel[(batch, num_heads)](
+        partial,
+        lse,
+        context_lens,
+        out,
+        plan.num_splits,
+        *partial.stride()[:3],
+        *lse.stride()[:2],
+        *out.stride()[:2],
+        HEAD_DIM=head_dim,
+        BLOCK_D=shape["BLOCK_D"],
+        BLOCK_S=triton.next_power_of_2(plan.num_splits),
+        BLOCK_N=config.block_n,
+        WINDOW=window,
+        num_warps=4,
+    )
     return out
-
-
-@functools.cache
-def _split_counters(device: torch.device) -> torch.Tensor:
-    """Per (row, KV head): how many of its splits have finished; every call leaves them at 0.
-    Splitting pays only while rows x KV heads are fewer than the SMs, far below this size."""
-    return torch.zeros(MAX_SPLIT_GROUPS, dtype=torch.int32, device=device)
 
 
 def _check_inputs(
