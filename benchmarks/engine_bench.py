@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import itertools
 import json
 import math
+import pstats
 import random
 import statistics
 import sys
@@ -217,8 +219,9 @@ def summarize(name: str, elapsed: float, timings: list[RequestTiming], prompt_to
 def engine_decode_step_ms(llm: LLM, prompt_len: int, new_tokens: int, vocab: int) -> float:
     """Decode ms/step at batch 1 straight through the engine (no router), each Decode launching
     the next step ahead as the router asks it to: the wall time of the decode steps over their
-    number (the first 100, before the profiler starts), no sync between them. Prints the engine's phases and, from the profiler, where the
-    device time of 20 steps goes."""
+    number (the first 100, before the profilers start), no sync between them. Prints the
+    engine's phases, where the device time of 20 steps goes (torch profiler), the batch-1 graph
+    replayed alone, and where the host time of 100 steps goes (cProfile)."""
     engine = llm._shards.engine
     prompt = random_prompt(prompt_len, random.Random(1), vocab)
     chooser, stopping = _exact(new_tokens).to_proto(new_tokens)
@@ -231,6 +234,7 @@ def engine_decode_step_ms(llm: LLM, prompt_len: int, new_tokens: int, vocab: int
     profiler = torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     )
+    host = cProfile.Profile()
     torch.cuda.synchronize()
     started = time.perf_counter()
     elapsed = 0.0
@@ -238,11 +242,14 @@ def engine_decode_step_ms(llm: LLM, prompt_len: int, new_tokens: int, vocab: int
         if steps == 100:
             elapsed = time.perf_counter() - started
             profiler.start()
+        if steps == 120:
+            profiler.stop()
+            host.enable()
         answer = engine.decode(pb.DecodeRequest(batches=[cached], launch_next=True))
         steps += 1
         phases.append((answer.forward_ns, answer.decode_ns, answer.total_ns))
-        if steps == 120:
-            profiler.stop()
+        if steps == 220:
+            host.disable()
         cached = answer.batch if answer.HasField("batch") else None
     forward, sample, total = (statistics.median(p[i] for p in phases) / 1e6 for i in range(3))
     print(
@@ -251,7 +258,22 @@ def engine_decode_step_ms(llm: LLM, prompt_len: int, new_tokens: int, vocab: int
         flush=True,
     )
     print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
+    print(f"graph replays alone: {_graph_replay_ms(engine):.3f} ms each; host time of 100 steps:")
+    pstats.Stats(host).sort_stats("tottime").print_stats(18)
     return 1e3 * elapsed / 100
+
+
+def _graph_replay_ms(engine, replays: int = 200) -> float:
+    """The batch-1 decode graph replayed back to back: the step's device time with no host work
+    between steps (the floor a step launched from Python approaches)."""
+    graph, _ = engine.runner.graphs._graphs[1]
+    graph.replay()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - started) / replays
 
 
 def engine_mixed_step_ms(
