@@ -30,7 +30,6 @@ from shardline.shards.layers.attention.triton_decode import (  # noqa: E402
 from shardline.shards.layers.attention.triton_kv_write import (  # noqa: E402
     _rotate_write_kv_kernel,
     rotate_and_write_kv_cache,
-    write_kv_cache,
 )
 from shardline.shards.layers.attention.triton_paged import TritonAttentionBackend  # noqa: E402
 from shardline.shards.layers.attention.triton_prefill import (  # noqa: E402
@@ -263,24 +262,6 @@ def test_decode_replays_in_cuda_graph() -> None:
     _assert_close_rows(out, fresh.reference(), dtype)
 
 
-def test_write_kv_scatters_and_skips_negative_slots() -> None:
-    num_tokens, num_kv_heads, head_dim, page_size = 37, 3, 64, 16
-    qkv = _random((num_tokens, 8 + 2 * num_kv_heads, head_dim), torch.bfloat16)
-    k, v = qkv[:, 8 : 8 + num_kv_heads], qkv[:, 8 + num_kv_heads :]
-    shape = (10, page_size, num_kv_heads, head_dim)
-    k_cache = torch.full(shape, 7.0, dtype=torch.bfloat16, device=DEVICE)
-    v_cache = torch.full(shape, 7.0, dtype=torch.bfloat16, device=DEVICE)
-    slots = torch.randperm(10 * page_size, device=DEVICE)[:num_tokens]
-    slots[::5] = -1
-    expected_k, expected_v = k_cache.clone(), v_cache.clone()
-    keep = slots >= 0
-    expected_k.view(-1, num_kv_heads, head_dim)[slots[keep]] = k[keep]
-    expected_v.view(-1, num_kv_heads, head_dim)[slots[keep]] = v[keep]
-    write_kv_cache(k, v, k_cache, v_cache, slots)
-    assert torch.equal(k_cache, expected_k)
-    assert torch.equal(v_cache, expected_v)
-
-
 class RotateWriteCase:
     """A fused qkv output, each token's position and cache slot (every fifth one -1, so skipped),
     and the rotary tables of a model with 512 positions; caches filled with 7."""
@@ -311,12 +292,13 @@ class RotateWriteCase:
         )
 
     def expected(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """qkv and both caches after rotate_in_place of q and k, then write_kv_cache."""
+        """qkv and both caches after rotate_in_place of q and k, then the torch backend's
+        scatter of k and v by slot."""
         qkv, k_cache, v_cache = self.qkv.clone(), self.k_cache.clone(), self.v_cache.clone()
         rotated = self.split_sizes[0] + self.split_sizes[1]
         rotate_in_place(qkv[:, :rotated], self.positions, self.rotary.cos, self.rotary.sin)
         _, k, v = self.split(qkv)
-        write_kv_cache(k, v, k_cache, v_cache, self.slots)
+        TorchNativeBackend().write_kv(k, v, k_cache, v_cache, self.slots)
         return qkv, k_cache, v_cache
 
     def assert_matches(self, expected: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
@@ -478,7 +460,7 @@ def test_backend_prefill_write_then_decode(use_flash_attn: bool, window: int) ->
          % page_size for i, n in enumerate(lengths)]
     )  # fmt: skip
     meta = AttentionMetadata(True, slots, cu_seqlens=cu, max_seqlen=max(lengths))
-    backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    TorchNativeBackend().write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     scale = head_dim**-0.5
     expected = _prefill_reference(q, k, v, cu, scale, window)
     _assert_close_rows(backend.prefill(q, k, v, meta, scale, window), expected, dtype)

@@ -5,9 +5,9 @@ KV cache layout (per layer, per rank), the same as flash-attn's paged API:
 Queries/keys/values arrive packed: q [num_tokens, num_heads, head_dim],
 k and v [num_tokens, num_kv_heads, head_dim]; outputs are [num_tokens, num_heads, head_dim].
 
-`rotate_and_write_kv` applies the rotary embedding to q and k in place and then writes k and v
-into the cache, as `rotary.rotate_` followed by `write_kv` would (bit for bit); a backend may do
-both in one kernel.
+`rotate_and_write_kv` applies the rotary embedding to q and k in place (as `rotary.rotate_`,
+bit for bit) and writes k and v into the cache at each token's slot, skipping negative slots; a
+backend may do both in one kernel.
 
 `window` is the layer's sliding window, a constant of the model (0: full causal attention):
 the query at position p sees the keys at positions p - window + 1 .. p, as transformers'
@@ -26,15 +26,6 @@ from shardline.shards.layers.rotary import RotaryEmbedding
 
 class AttentionBackend(Protocol):
     name: str
-
-    def write_kv(
-        self,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-    ) -> None: ...
 
     def rotate_and_write_kv(
         self,

@@ -1,10 +1,10 @@
-"""Scatters new keys/values into the paged KV cache by slot; negative slots are skipped.
+"""The rotary embedding and the paged KV-cache write in one launch.
 
-One program per token; no host synchronization, so the write can sit inside a CUDA graph whose
-padded rows carry slot -1. `rotate_and_write_kv_cache` also applies the rotary embedding on the
-way, in the same launch: it rotates the token's q and k heads in place (rounding exactly as
-triton_rotary does, whose jitted helpers it shares) and writes the rotated keys, so k is read once.
-The token count reaches these kernels only through the grid: nothing compiles after warmup.
+One program per token rotates the token's q and k heads in place (rounding exactly as
+triton_rotary does, whose jitted helpers it shares) and scatters the rotated keys and the values
+into the cache at its slot, so k is read once. Negative slots (padded rows of a CUDA graph) are
+rotated but not written. No host synchronization, and the token count reaches the kernel only
+through the grid: it sits inside CUDA graphs and nothing compiles after warmup.
 """
 
 from __future__ import annotations
@@ -23,50 +23,6 @@ def _cache_ptrs(
     """Pointers [heads, dims] to elements offs_d of KV heads offs_h at `slot` of a paged cache."""
     row = cache_ptr + (slot // PAGE_SIZE) * stride_cb + (slot % PAGE_SIZE) * stride_ct
     return row + offs_h[:, None] * stride_ch + offs_d[None, :]
-
-
-@triton.jit
-def _write_kv_kernel(
-    k_ptr,
-    v_ptr,
-    k_cache_ptr,
-    v_cache_ptr,
-    slot_mapping_ptr,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_kcb,
-    stride_kct,
-    stride_kch,
-    stride_vcb,
-    stride_vct,
-    stride_vch,
-    NUM_KV_HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-):
-    token = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (slot >= 0) & (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(
-        k_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask
-    )
-    v = tl.load(
-        v_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask
-    )
-    k_dst = _cache_ptrs(
-        k_cache_ptr, slot, stride_kcb, stride_kct, stride_kch, offs_h, offs_d, PAGE_SIZE
-    )
-    v_dst = _cache_ptrs(
-        v_cache_ptr, slot, stride_vcb, stride_vct, stride_vch, offs_h, offs_d, PAGE_SIZE
-    )
-    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -134,37 +90,6 @@ def _check_contiguous_last_dim(**tensors: torch.Tensor) -> None:
         raise ValueError(f"{', '.join(strided)} need a contiguous last (head_dim) dimension")
 
 
-def write_kv_cache(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """k/v [tokens, kv_heads, dim] into caches [pages, page_size, kv_heads, dim] at slot_mapping."""
-    num_tokens, num_kv_heads, head_dim = k.shape
-    if num_tokens == 0:
-        return
-    _check_contiguous_last_dim(k=k, v=v, k_cache=k_cache, v_cache=v_cache)
-    _write_kv_kernel[(num_tokens,)](
-        k,
-        v,
-        k_cache,
-        v_cache,
-        slot_mapping,
-        *k.stride()[:2],
-        *v.stride()[:2],
-        *k_cache.stride()[:3],
-        *v_cache.stride()[:3],
-        NUM_KV_HEADS=num_kv_heads,
-        HEAD_DIM=head_dim,
-        BLOCK_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim),
-        PAGE_SIZE=k_cache.shape[1],
-        num_warps=4,
-    )
-
-
 def rotate_and_write_kv_cache(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -178,7 +103,7 @@ def rotate_and_write_kv_cache(
 ) -> None:
     """Rotates q [tokens, heads, dim] and k [tokens, kv_heads, dim] in place by cos/sin
     [max_pos, dim / 2] at `positions` (as triton_rotary.rotate_in_place), then writes k and v
-    into the caches at slot_mapping (as write_kv_cache); one launch."""
+    into the caches at slot_mapping (negative slots skipped); one launch."""
     num_tokens, num_heads, head_dim = q.shape
     if num_tokens == 0:
         return

@@ -1,6 +1,5 @@
-"""The CUDA attention backend: Triton paged decode and KV write, varlen causal prefill.
-
-Its KV write also applies the rotary embedding to q and k, in the same launch.
+"""The CUDA attention backend: Triton paged decode, the rotary embedding fused into the KV-cache
+write, varlen causal prefill.
 
 Prefill goes through flash-attn's `flash_attn_varlen_func` when flash-attn is installed and
 through this package's Triton varlen kernel otherwise (one launch for the whole packed batch,
@@ -36,7 +35,6 @@ class TritonAttentionBackend:
         from shardline.shards.layers.attention import triton_decode, triton_kv_write, triton_prefill
 
         self._decode = triton_decode.paged_decode_attention
-        self._write_kv = triton_kv_write.write_kv_cache
         self._rotate_and_write_kv = triton_kv_write.rotate_and_write_kv_cache
         self._varlen = triton_prefill.varlen_causal_attention
         self._flash_varlen = _flash_attn_varlen() if use_flash_attn else None
@@ -44,16 +42,6 @@ class TritonAttentionBackend:
     @property
     def prefill_kernel(self) -> str:
         return "flash_attn" if self._flash_varlen is not None else "triton"
-
-    def write_kv(
-        self,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-    ) -> None:
-        self._write_kv(k, v, k_cache, v_cache, slot_mapping)
 
     def rotate_and_write_kv(
         self,
