@@ -91,10 +91,12 @@ class ServiceDiscoveryResponse(_message.Message):
     def __init__(self, urls: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ClearCacheRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "prefilling_request_ids")
     ID_FIELD_NUMBER: _ClassVar[int]
+    PREFILLING_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     id: int
-    def __init__(self, id: _Optional[int] = ...) -> None: ...
+    prefilling_request_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, id: _Optional[int] = ..., prefilling_request_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ClearCacheResponse(_message.Message):
     __slots__ = ()
@@ -145,7 +147,7 @@ class StoppingCriteriaParameters(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., stop_sequences: _Optional[_Iterable[str]] = ..., ignore_eos_token: _Optional[bool] = ..., min_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Request(_message.Message):
-    __slots__ = ("id", "input_ids", "decoder_input_details", "parameters", "stopping_parameters", "top_n_tokens", "num_sequences", "beam_search")
+    __slots__ = ("id", "input_ids", "decoder_input_details", "parameters", "stopping_parameters", "top_n_tokens", "num_sequences", "beam_search", "prefix_len", "chunk_len")
     ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     DECODER_INPUT_DETAILS_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +156,8 @@ class Request(_message.Message):
     TOP_N_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     BEAM_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_LEN_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_LEN_FIELD_NUMBER: _ClassVar[int]
     id: int
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     decoder_input_details: bool
@@ -162,7 +166,9 @@ class Request(_message.Message):
     top_n_tokens: int
     num_sequences: int
     beam_search: BeamSearchParameters
-    def __init__(self, id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., decoder_input_details: _Optional[bool] = ..., parameters: _Optional[_Union[NextTokenChooserParameters, _Mapping]] = ..., stopping_parameters: _Optional[_Union[StoppingCriteriaParameters, _Mapping]] = ..., top_n_tokens: _Optional[int] = ..., num_sequences: _Optional[int] = ..., beam_search: _Optional[_Union[BeamSearchParameters, _Mapping]] = ...) -> None: ...
+    prefix_len: int
+    chunk_len: int
+    def __init__(self, id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., decoder_input_details: _Optional[bool] = ..., parameters: _Optional[_Union[NextTokenChooserParameters, _Mapping]] = ..., stopping_parameters: _Optional[_Union[StoppingCriteriaParameters, _Mapping]] = ..., top_n_tokens: _Optional[int] = ..., num_sequences: _Optional[int] = ..., beam_search: _Optional[_Union[BeamSearchParameters, _Mapping]] = ..., prefix_len: _Optional[int] = ..., chunk_len: _Optional[int] = ...) -> None: ...
 
 class BeamSearchParameters(_message.Message):
     __slots__ = ("beam_width", "length_penalty", "early_stopping", "num_return_sequences")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from shardline.shards.kv_sizing import agree_on_min, blocks_that_fit, warmup_len
 from shardline.shards.lookahead import StepAhead, can_launch_ahead
 from shardline.shards.model_runner import ModelRunner, PendingStep, StepResult, grow_blocks
 from shardline.shards.models.config import ModelConfig
+from shardline.shards.prompt_chunks import PartialPrompts, ScheduledChunk, chunk_end
 from shardline.shards.request_checks import InvalidRequestError, check_batch
 from shardline.shards.utils.dist import TPGroup
 from shardline.shards.utils.grammar import GrammarCompiler
@@ -67,6 +68,7 @@ class ShardEngine:
         self.allocator: BlockAllocator | None = None
         self.batches: dict[int, ShardBatch] = {}
         self._ahead: StepAhead | None = None
+        self._partial = PartialPrompts()
         self.grammars = GrammarCompiler(
             settings.tokenizer_dir, sorted(config.eos_token_ids), config.vocab_size
         )
@@ -91,7 +93,7 @@ class ShardEngine:
             device_type=self.device.type,
             window_size=self.config.sliding_window,
             speculate=0,
-            support_chunking=False,
+            support_chunking=True,
             use_prefix_caching=False,
             attention_impl=self.settings.attention_impl,
             block_size=self.settings.block_size,
@@ -204,10 +206,10 @@ class ShardEngine:
     # ---- generation --------------------------------------------------------------------------
 
     def prefill(self, request: pb.PrefillRequest) -> pb.PrefillResponse:
-        """The new requests' prompts and first tokens. With `cached_batches`, those batches
-        decode one step too, in the same forward pass (one weight read for both; or from the
-        step launched ahead for them): their generations come first, and the answered batch
-        holds every row."""
+        """The new requests' prompts (or the next chunk of each) and the first tokens of the
+        prompts completed. With `cached_batches`, those batches decode one step too, in the
+        same forward pass (one weight read for both; or from the step launched ahead for them):
+        their generations come first, and the answered batch holds every row."""
         started = time.perf_counter_ns()
         batch_pb = request.batch
         self._validate(batch_pb)
@@ -219,9 +221,7 @@ class ShardEngine:
             for batch in cached:
                 self.batches[batch.id] = batch
             raise
-        prompt_tokens = prompt_tokens_by_row(batch_pb.requests, result.step, result.sampled_from)
-        self._start_beam_searches(result.batch, batch_pb.requests, prompt_tokens)
-        generations, batch = self._advance(result.batch, result.step, prompt_tokens)
+        generations, batch = self._first_tokens(result)
         if running is not None:
             step = (running_step or result.running_step).result()
             running.last_tokens = step.next_tokens
@@ -231,10 +231,22 @@ class ShardEngine:
         return pb.PrefillResponse(
             generations=generations,
             batch=batch.to_proto() if batch else None,
-            forward_ns=result.step.forward_ns,
-            decode_ns=result.step.sample_ns,
+            forward_ns=result.forward_ns,
+            decode_ns=result.step.sample_ns if result.step else 0,
             total_ns=time.perf_counter_ns() - started,
         )
+
+    def _first_tokens(
+        self, result: _PrefillResult
+    ) -> tuple[list[pb.Generation], ShardBatch | None]:
+        """The Generations of the prompts a prefill completed, and their batch."""
+        if result.batch is None or result.step is None:
+            return [], None
+        prompt_tokens = prompt_tokens_by_row(
+            result.requests, result.prompt_logprobs, result.sampled_from
+        )
+        self._start_beam_searches(result.batch, result.requests, prompt_tokens)
+        return self._advance(result.batch, result.step, prompt_tokens)
 
     def _running_step(
         self, cached: list[ShardBatch]
@@ -251,28 +263,57 @@ class ShardEngine:
         return running, None
 
     def _prefill_new(self, batch_pb: pb.Batch, running: ShardBatch | None) -> _PrefillResult:
-        """Allocates the prompts' blocks and runs their forward pass (with `running`'s step)."""
+        """Runs the forward pass of the requests' prompt chunks (with `running`'s step): a new
+        prompt takes the blocks of all its tokens; one left in part is kept for its next chunk."""
         allocator = self._require_allocator()
-        prompts = [list(r.input_ids) for r in batch_pb.requests]
-        needed = [allocator.blocks_for(len(prompt)) for prompt in prompts]
-        copies = sum(self._fork_copies(r) for r in batch_pb.requests)
-        if sum(needed) + copies > allocator.num_free:
+        chunks = self._schedule_chunks(batch_pb.requests)
+        try:
+            self._check_fork_copies(batch_pb.id, chunks)
+            result = self._prefill_forward(batch_pb.id, chunks, running)
+            result.batch = self._fork_samples(result.batch, result.requests)
+        except BaseException:
+            for chunk in chunks:
+                allocator.free(chunk.sequence.blocks)
+            raise
+        for row, chunk in enumerate(chunks):
+            if not chunk.completes:
+                logprobs = result.chunk_logprobs.get(row, [])
+                self._partial.put(chunk.request.id, chunk.partial(logprobs))
+        return result
+
+    def _schedule_chunks(self, requests: Sequence[pb.Request]) -> list[ScheduledChunk]:
+        """Each request's chunk: the earlier chunks of continued prompts taken back, the blocks
+        of new prompts allocated (all or none)."""
+        allocator = self._require_allocator()
+        for request in requests:
+            self._partial.check(request)
+        new = [request for request in requests if request.prefix_len == 0]
+        needed = [allocator.blocks_for(len(request.input_ids)) for request in new]
+        if sum(needed) > allocator.num_free:
             raise KVCacheExhaustedError(
-                f"the prompts of batch {batch_pb.id} need {sum(needed) + copies} KV blocks, "
+                f"the prompts of {len(new)} new requests need {sum(needed)} KV blocks, "
                 f"{allocator.num_free} are free"
             )
-        sequences = [
-            self._new_sequence(r, allocator.allocate(n))
-            for r, n in zip(batch_pb.requests, needed, strict=True)
-        ]
-        try:
-            result = self._prefill_forward(batch_pb, sequences, prompts, running)
-            result.batch = self._fork_samples(result.batch, batch_pb.requests)
-        except BaseException:
-            for seq in sequences:
-                allocator.free(seq.blocks)
-            raise
-        return result
+        continued = {r.id: self._partial.take(r.id) for r in requests if r.prefix_len}
+        blocks = {r.id: allocator.allocate(n) for r, n in zip(new, needed, strict=True)}
+        chunks = []
+        for request in requests:
+            partial = continued.get(request.id)
+            if partial is None:
+                sequence, earlier = self._new_sequence(request, blocks[request.id]), []
+            else:
+                sequence, earlier = partial.sequence, partial.prompt_logprobs
+            end = chunk_end(request)
+            chunks.append(ScheduledChunk(request, sequence, request.prefix_len, end, earlier))
+        return chunks
+
+    def _check_fork_copies(self, batch_id: int, chunks: list[ScheduledChunk]) -> None:
+        copies = sum(self._fork_copies(chunk.request) for chunk in chunks if chunk.completes)
+        if copies > self._require_allocator().num_free:
+            raise KVCacheExhaustedError(
+                f"the samples of batch {batch_id} need {copies} KV blocks, "
+                f"{self._require_allocator().num_free} are free"
+            )
 
     def _merge(self, kept: ShardBatch | None, new: ShardBatch | None) -> ShardBatch | None:
         """One cached batch of the running rows kept and the new ones, under the running id."""
@@ -290,46 +331,59 @@ class ShardEngine:
         return [self._pop_batch(batch.id) for batch in cached]
 
     def _prefill_forward(
-        self,
-        batch_pb: pb.Batch,
-        sequences: list[SequenceState],
-        prompts: list[list[int]],
-        running: ShardBatch | None,
+        self, batch_id: int, chunks: list[ScheduledChunk], running: ShardBatch | None
     ) -> _PrefillResult:
-        requests = list(batch_pb.requests)
+        finishing = [row for row, chunk in enumerate(chunks) if chunk.completes]
+        requests = [chunks[row].request for row in finishing]
         sampled_from = [r for r, request in enumerate(requests) for _ in _samples(request)]
         rows = [(requests[r], i) for r, i in zip(sampled_from, _sample_indices(requests))]
-        sampling = SamplingState.from_requests(
-            params=[_sample_parameters(request, i) for request, i in rows],
-            stopping=[request.stopping_parameters for request, _ in rows],
-            prompt_ids=[prompts[r] for r in sampled_from],
-            eos_token_ids=sorted(self.config.eos_token_ids),
-            top_n_tokens=[self._top_n_tokens(request) for request, _ in rows],
-            vocab_size=self.config.vocab_size,
-            device=self.device,
-            grammar=self.grammars.rows([request.parameters for request, _ in rows]),
+        sampling = None
+        if requests:
+            sampling = SamplingState.from_requests(
+                params=[_sample_parameters(request, i) for request, i in rows],
+                stopping=[request.stopping_parameters for request, _ in rows],
+                prompt_ids=[list(request.input_ids) for request, _ in rows],
+                eos_token_ids=sorted(self.config.eos_token_ids),
+                top_n_tokens=[self._top_n_tokens(request) for request, _ in rows],
+                vocab_size=self.config.vocab_size,
+                device=self.device,
+                grammar=self.grammars.rows([request.parameters for request, _ in rows]),
+            )
+        table = build_block_table([chunk.sequence for chunk in chunks], self.settings.block_size)
+        sample_rows = torch.tensor([finishing[r] for r in sampled_from], dtype=torch.long)
+        output = self.runner.prefill(
+            [chunk.model_input() for chunk in chunks], sampling, table, sample_rows, running
         )
-        table = build_block_table(sequences, self.settings.block_size)
-        prompt_rows = [row for row, r in enumerate(requests) if r.decoder_input_details]
-        sample_rows = torch.tensor(sampled_from, dtype=torch.long)
-        step, running_step = self.runner.prefill(
-            prompts, sampling, table, prompt_rows, sample_rows, running
+        result = _PrefillResult(
+            requests=requests,
+            sampled_from=sampled_from,
+            step=output.step,
+            running_step=output.running_step,
+            chunk_logprobs=output.prompt_logprobs,
+            forward_ns=output.forward_ns,
         )
-        batch = ShardBatch(
-            id=batch_pb.id,
-            sequences=sequences,
+        if sampling is None or output.step is None:
+            return result
+        result.batch = ShardBatch(
+            id=batch_id,
+            sequences=[chunks[row].sequence for row in finishing],
             sampling=sampling,
-            block_table=table,
-            last_tokens=step.next_tokens,
+            block_table=table.index_select(0, torch.tensor(finishing, dtype=torch.long)),
+            last_tokens=output.step.next_tokens,
         )
-        return _PrefillResult(
-            batch=batch, step=step, sampled_from=sampled_from, running_step=running_step
-        )
+        result.prompt_logprobs = {
+            r: chunks[row].prompt_logprobs(output.prompt_logprobs[row])
+            for r, row in enumerate(finishing)
+            if row in output.prompt_logprobs
+        }
+        return result
 
-    def _fork_samples(self, batch: ShardBatch, requests: list[pb.Request]) -> ShardBatch:
+    def _fork_samples(
+        self, batch: ShardBatch | None, requests: list[pb.Request]
+    ) -> ShardBatch | None:
         """Gives each sampled sequence of a request its own row, forked from the prompt's."""
         sampled_from = [r for r, request in enumerate(requests) for _ in _samples(request)]
-        if len(sampled_from) == batch.size:
+        if batch is None or len(sampled_from) == batch.size:
             return batch
         forked = batch.regroup(
             sampled_from,
@@ -462,7 +516,14 @@ class ShardEngine:
 
     def clear_cache(self, request: pb.ClearCacheRequest) -> pb.ClearCacheResponse:
         self._ahead = None
-        ids = [request.id] if request.HasField("id") else list(self.batches)
+        self._partial.drop(list(request.prefilling_request_ids), self.allocator)
+        if request.HasField("id"):
+            ids = [request.id]
+        elif request.prefilling_request_ids:
+            ids = []
+        else:
+            ids = list(self.batches)
+            self._partial.drop_all(self.allocator)
         for batch_id in ids:
             batch = self.batches.pop(batch_id, None)
             if batch is not None and self.allocator is not None:
@@ -552,10 +613,14 @@ class ShardEngine:
 
 @dataclass
 class _PrefillResult:
-    batch: ShardBatch
-    step: StepResult
-    sampled_from: list[int]  # for each sampling row, the prompt (request) it samples after
-    running_step: PendingStep | None = None  # the running batch's step, run in the same pass
+    requests: list[pb.Request]  # those whose prompts the pass completed
+    sampled_from: list[int]  # for each sampling row, the request (of `requests`) it samples after
+    step: StepResult | None
+    running_step: PendingStep | None  # the running batch's step, run in the same pass
+    chunk_logprobs: dict[int, list[float]]  # by chunk row, the pass's own prompt logprobs
+    forward_ns: int
+    batch: ShardBatch | None = None  # the completed prompts' rows
+    prompt_logprobs: dict[int, list[float]] = field(default_factory=dict)  # by request
 
 
 def _samples(request: pb.Request) -> range:

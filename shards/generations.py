@@ -11,15 +11,15 @@ from shardline.shards.model_runner import StepResult
 
 
 def prompt_tokens_by_row(
-    requests: list[pb.Request], step: StepResult, sampled_from: list[int]
+    requests: list[pb.Request], logprobs: dict[int, list[float]], sampled_from: list[int]
 ) -> dict[int, pb.Tokens]:
-    """Prompt logprobs by the row of each request's first sequence."""
+    """Prompt logprobs (by request) by the row of each request's first sequence."""
     first_rows: dict[int, int] = {}
     for row, request_row in enumerate(sampled_from):
         first_rows.setdefault(request_row, row)
     return {
-        first_rows[r]: pb.Tokens(ids=requests[r].input_ids, logprobs=logprobs)
-        for r, logprobs in step.prompt_logprobs.items()
+        first_rows[r]: pb.Tokens(ids=requests[r].input_ids, logprobs=values)
+        for r, values in logprobs.items()
     }
 
 

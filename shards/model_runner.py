@@ -25,13 +25,11 @@ class StepResult:
     logprobs: list[float]
     top_ids: list[list[int]] | None
     top_logprobs: list[list[float]] | None
-    prompt_logprobs: dict[int, list[float]]
     forward_ns: int
     sample_ns: int
 
     def select(self, rows: list[int], next_tokens: torch.Tensor) -> StepResult:
-        """The result of rows `rows` alone, whose tokens on the device are `next_tokens`
-        (decode steps: no prompt logprobs)."""
+        """The result of rows `rows` alone, whose tokens on the device are `next_tokens`."""
         return replace(
             self,
             next_tokens=next_tokens,
@@ -54,7 +52,6 @@ class StepResult:
             top_logprobs=_concat_rows(
                 [r.top_logprobs for r in results], [len(r.logprobs) for r in results]
             ),
-            prompt_logprobs={},
             forward_ns=max(r.forward_ns for r in results),
             sample_ns=max(r.sample_ns for r in results),
         )
@@ -65,6 +62,17 @@ def _concat_rows(parts: list[list | None], sizes: list[int]) -> list | None:
     if all(part is None for part in parts):
         return None
     return [row for part, n in zip(parts, sizes) for row in (part or [[] for _ in range(n)])]
+
+
+@dataclass
+class PromptChunk:
+    """Prompt tokens one prefill pass runs: `token_ids` at positions start, start + 1, ...
+    (the tokens before `start` are cached). `logprob_targets`: the prompt token after each of
+    them, whose logprob is wanted (decoder_input_details), or None."""
+
+    token_ids: list[int]
+    start: int = 0
+    logprob_targets: list[int] | None = None
 
 
 class PendingStep:
@@ -96,6 +104,17 @@ class PendingStep:
             torch.cat([step.next_tokens for step in steps]),
             lambda: StepResult.concatenate([step.result() for step in steps]),
         )
+
+
+@dataclass
+class PrefillOutput:
+    """A prefill pass: the first tokens of the prompts it completed (None: it completed none),
+    the running batch's decode step, each chunk's prompt logprobs by row."""
+
+    step: StepResult | None
+    running_step: PendingStep | None
+    prompt_logprobs: dict[int, list[float]]
+    forward_ns: int
 
 
 class ModelRunner:
@@ -133,51 +152,66 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(
         self,
-        prompts: list[list[int]],
-        sampling: SamplingState,
+        chunks: list[PromptChunk],
+        sampling: SamplingState | None,
         block_table: torch.Tensor,
-        prompt_logprob_rows: list[int],
         sample_rows: torch.Tensor | None = None,
         running: ShardBatch | None = None,
-    ) -> tuple[StepResult, PendingStep | None]:
-        """The prompts' forward pass and first tokens; with `running`, one decode step of that
-        batch in the same pass (its tokens first: one weight read serves both), whose result
-        comes second. `sample_rows[i]`: the prompt whose next-token logits sampling row i reads
-        (default: row i), so several sequences of one prompt sample from one prefill."""
+    ) -> PrefillOutput:
+        """The prompt chunks' forward pass and the first tokens of the prompts it completes;
+        with `running`, one decode step of that batch in the same pass (its tokens first: one
+        weight read serves both). `sample_rows[i]`: the chunk whose last-token logits sampling
+        row i reads (default: row i), so several sequences of one prompt sample from one
+        prefill; without `sampling` no prompt samples (none ends in this pass)."""
         started = time.perf_counter_ns()
-        lengths = torch.tensor([len(prompt) for prompt in prompts], dtype=torch.long)
-        positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
-        rows = torch.repeat_interleave(torch.arange(len(prompts)), lengths)
-        cu_seqlens = torch.zeros(len(prompts) + 1, dtype=torch.int32)
+        lengths = torch.tensor([len(chunk.token_ids) for chunk in chunks], dtype=torch.long)
+        positions = torch.cat([torch.arange(c.start, c.start + len(c.token_ids)) for c in chunks])
+        rows = torch.repeat_interleave(torch.arange(len(chunks)), lengths)
+        cu_seqlens = torch.zeros(len(chunks) + 1, dtype=torch.int32)
         cu_seqlens[1:] = torch.cumsum(lengths, 0)
-        prompt_ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
         meta = AttentionMetadata(
             is_prefill=True,
             slot_mapping=self._slots(block_table, rows, positions),
             cu_seqlens=self._to_device(cu_seqlens),
             max_seqlen=int(lengths.max()),
         )
-        input_ids, positions = self._to_device(prompt_ids), positions
+        if any(chunk.start for chunk in chunks):
+            starts = torch.tensor([chunk.start for chunk in chunks], dtype=torch.int32)
+            meta.prefix_lens = self._to_device(starts)
+            meta.prefix_block_tables = self._to_device(block_table)
+        token_ids = torch.tensor([t for chunk in chunks for t in chunk.token_ids])
+        input_ids = self._to_device(token_ids)
         if running is not None:
             input_ids, positions = self._add_decode_rows(running, input_ids, positions, meta)
         meta.slot_mapping = self._to_device(meta.slot_mapping)
         hidden = self.model(input_ids, self._to_device(positions), self._cache_layers(), meta)
         decoded = meta.num_decode_tokens
         last = cu_seqlens[1:].long() - 1 + decoded
-        last = last if sample_rows is None else last[sample_rows]
+        if sampling is None:
+            last = last[:0]
+        elif sample_rows is not None:
+            last = last[sample_rows]
         logits = self.model.compute_logits(
             hidden.index_select(0, self._to_device(torch.cat([torch.arange(decoded), last])))
         )
         prompt_logprobs = {
-            row: self._prompt_logprobs(hidden[decoded:], input_ids[decoded:], cu_seqlens, row)
-            for row in prompt_logprob_rows
+            row: self._prompt_logprobs(hidden[decoded:], cu_seqlens, row, chunk.logprob_targets)
+            for row, chunk in enumerate(chunks)
+            if chunk.logprob_targets is not None
         }
         forward_done = time.perf_counter_ns()
-        step = self._sample(logits[decoded:], sampling, prompt_logprobs, started, forward_done)
-        if running is None:
-            return step.result(), None
-        decode = self._sample(logits[:decoded], running.sampling, {}, started, forward_done)
-        return step.result(), decode
+        step = None
+        if sampling is not None:
+            step = self._sample(logits[decoded:], sampling, started, forward_done)
+        decode = None
+        if running is not None:
+            decode = self._sample(logits[:decoded], running.sampling, started, forward_done)
+        return PrefillOutput(
+            step=None if step is None else step.result(),
+            running_step=decode,
+            prompt_logprobs=prompt_logprobs,
+            forward_ns=forward_done - started,
+        )
 
     def _add_decode_rows(
         self,
@@ -224,13 +258,12 @@ class ModelRunner:
             hidden = self.model(self._to_device(input_ids), positions, self._cache_layers(), meta)
             logits = self.model.compute_logits(hidden)
         forward_done = time.perf_counter_ns()
-        return self._sample(logits, batch.sampling, {}, started, forward_done)
+        return self._sample(logits, batch.sampling, started, forward_done)
 
     def _sample(
         self,
         logits: torch.Tensor,
         sampling: SamplingState,
-        prompt_logprobs: dict[int, list[float]],
         started: int,
         forward_done: int,
     ) -> PendingStep:
@@ -248,7 +281,6 @@ class ModelRunner:
                 logprobs=host.logprobs.tolist(),
                 top_ids=None if host.top_ids is None else host.top_ids.tolist(),
                 top_logprobs=None if host.top_logprobs is None else host.top_logprobs.tolist(),
-                prompt_logprobs=prompt_logprobs,
                 forward_ns=forward_done - started,
                 sample_ns=time.perf_counter_ns() - forward_done,
             )
@@ -256,14 +288,14 @@ class ModelRunner:
         return PendingStep(out.next_token_ids, finish)
 
     def _prompt_logprobs(
-        self, hidden: torch.Tensor, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, row: int
+        self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, row: int, targets: list[int]
     ) -> list[float]:
-        """Logprob of each prompt token given the tokens before it; NaN for the first."""
-        start, end = int(cu_seqlens[row]), int(cu_seqlens[row + 1])
-        logits = self.model.compute_logits(hidden[start : end - 1]).float()
+        """The logprob of each of `targets` given the chunk's tokens up to the one before it."""
+        start = int(cu_seqlens[row])
+        logits = self.model.compute_logits(hidden[start : start + len(targets)]).float()
         logprobs = torch.log_softmax(logits, dim=-1)
-        chosen = logprobs.gather(1, input_ids[start + 1 : end].unsqueeze(1)).squeeze(1)
-        return [float("nan"), *chosen.tolist()]
+        index = self._to_device(torch.tensor(targets, dtype=torch.long)).unsqueeze(1)
+        return logprobs.gather(1, index).squeeze(1).tolist()
 
     def _slots(
         self, block_table: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor

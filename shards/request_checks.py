@@ -39,6 +39,11 @@ def _check_request(request: pb.Request, vocab_size: int, max_positions: int) -> 
         raise InvalidRequestError(
             f"request {request.id} has a token id >= the vocabulary size {vocab_size}"
         )
+    if request.prefix_len >= len(request.input_ids):
+        raise InvalidRequestError(
+            f"request {request.id}: prefix_len {request.prefix_len} is not within its "
+            f"{len(request.input_ids)}-token prompt"
+        )
     if request.stopping_parameters.max_new_tokens < 1:
         raise InvalidRequestError(f"request {request.id} asks for max_new_tokens < 1")
     if request.HasField("beam_search"):

@@ -56,11 +56,14 @@ def run_schedule(
     arrivals: list[Arrival],
     launch_next: bool = False,
     mixed: bool = False,
+    chunk: int = 0,
 ) -> ScheduleResult:
     """Continuous batching as the router does it: new requests join the running batch by a
     prefill at their arrival step, then every cached batch decodes together. `launch_next` asks
     every Decode to launch the next step ahead, joins or not (the shard must stay exact); with
-    `mixed`, a joining prefill carries the running batch, which decodes in the same pass."""
+    `mixed`, a joining prefill carries the running batch, which decodes in the same pass. With
+    `chunk`, the joining prompts are prefilled `chunk` tokens a pass (chunked prefill), each
+    pass carrying the running batch when `mixed`."""
     result = ScheduleResult()
     pending = sorted(arrivals, key=lambda a: a.step)
     cached: pb.CachedBatch | None = None
@@ -69,18 +72,18 @@ def run_schedule(
         joining = [a.request for a in pending if a.step <= step]
         pending = [a for a in pending if a.step > step]
         batches = [cached] if cached is not None else []
-        if joining:
-            batch = pb.Batch(id=next(batch_ids), requests=joining)
+        for requests in prompt_passes(joining, chunk):
+            batch = pb.Batch(id=next(batch_ids), requests=requests)
             carried = batches if mixed else []
             answer = prefill(pb.PrefillRequest(batch=batch, cached_batches=carried))
             _record(result, answer.generations)
             batches = [] if mixed else batches
             if answer.HasField("batch"):
                 batches.append(answer.batch)
-            if mixed:
                 result.max_batch_size = max(result.max_batch_size, answer.batch.size)
-                cached = answer.batch if answer.HasField("batch") else None
-                continue
+        if joining and mixed:
+            cached = batches[0] if batches else None
+            continue
         if batches:
             result.max_batch_size = max(result.max_batch_size, sum(b.size for b in batches))
             answer = decode(pb.DecodeRequest(batches=batches, launch_next=launch_next))
@@ -91,6 +94,29 @@ def run_schedule(
         if cached is None and not pending:
             return result
     raise AssertionError("unreachable")
+
+
+def prompt_passes(requests: list[pb.Request], chunk: int) -> list[list[pb.Request]]:
+    """The requests of each prefill pass that prefills `requests`, `chunk` prompt tokens of
+    each a pass (0: whole prompts in one pass)."""
+    if not requests:
+        return []
+    if not chunk:
+        return [requests]
+    longest = max(len(request.input_ids) for request in requests)
+    passes = []
+    for start in range(0, longest, chunk):
+        part = [_chunk_of(r, start, chunk) for r in requests if start < len(r.input_ids)]
+        passes.append(part)
+    return passes
+
+
+def _chunk_of(request: pb.Request, start: int, chunk: int) -> pb.Request:
+    piece = pb.Request()
+    piece.CopyFrom(request)
+    piece.prefix_len = start
+    piece.chunk_len = chunk
+    return piece
 
 
 def _record(result: ScheduleResult, generations) -> None:

@@ -295,3 +295,22 @@ def test_a_sliding_window_model_serves_past_its_window(tiny_model_dirs, tmp_path
     for i in range(len(prompts)):
         assert result.tokens[i] == expected[i], f"request {i}"
     assert_no_leaks(engine)
+
+
+@pytest.mark.parametrize("launch_next,mixed", [(False, False), (True, True)])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_chunked_prefill_matches_transformers(arch, launch_next, mixed, engines, tiny_model_dirs):
+    """Prompts prefilled 7 tokens a pass (in several passes each, some beside a running batch
+    that decodes in the same pass) give transformers' greedy tokens, and free every block."""
+    engine = engines[arch]
+    prompts = random_prompts(6, engine.config.vocab_size, seed=21, min_len=5, max_len=40)
+    max_new = [12, 3, 20, 8, 15, 6]
+    expected = transformers_greedy(tiny_model_dirs[arch], prompts, max_new)
+    arrivals = [
+        Arrival(step, make_request(i, prompt, n))
+        for i, (step, prompt, n) in enumerate(zip([0, 0, 2, 5, 5, 9], prompts, max_new))
+    ]
+    result = run_schedule(engine.prefill, engine.decode, arrivals, launch_next, mixed, chunk=7)
+    for i in range(len(prompts)):
+        assert result.tokens[i] == expected[i], f"request {i}"
+    assert_no_leaks(engine)

@@ -33,6 +33,7 @@ from shardline.shards.layers.attention.triton_kv_write import (  # noqa: E402
 )
 from shardline.shards.layers.attention.triton_paged import TritonAttentionBackend  # noqa: E402
 from shardline.shards.layers.attention.triton_prefill import (  # noqa: E402
+    CachedPrefix,
     PrefillConfig,
     varlen_causal_attention,
 )
@@ -463,9 +464,75 @@ def test_backend_prefill_write_then_decode(use_flash_attn: bool, window: int) ->
     TorchNativeBackend().write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     scale = head_dim**-0.5
     expected = _prefill_reference(q, k, v, cu, scale, window)
-    _assert_close_rows(backend.prefill(q, k, v, meta, scale, window), expected, dtype)
+    _assert_close_rows(
+        backend.prefill(q, k, v, k_cache, v_cache, meta, scale, window), expected, dtype
+    )
     last = cu[1:] - 1
     lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     decode_meta = AttentionMetadata(False, slots[last], block_tables=tables, context_lens=lens)
     out = backend.decode(q[last], k_cache, v_cache, decode_meta, scale, window)
     _assert_close_rows(out, expected[last], dtype)
+
+
+# (cached prefix, chunk) lengths of a chunked prefill's sequences.
+CHUNKED = [(0, 5), (16, 33), (40, 1), (100, 64), (7, 130), (LONG, 70)]
+
+
+def _chunked_case(dtype: torch.dtype, page_size: int = 16):
+    """Whole sequences q/k/v, the chunks' packed q/k/v, and a NaN-poisoned paged cache holding
+    each sequence's prefix (pages shuffled)."""
+    num_heads, num_kv_heads, head_dim = 8, 2, 64
+    sequences = [
+        _packed_prefill([p + n], num_heads, num_kv_heads, head_dim, dtype)[:3] for p, n in CHUNKED
+    ]
+    width = max(-(-(p + n) // page_size) for p, n in CHUNKED)
+    pages = torch.randperm(len(CHUNKED) * width, device=DEVICE).to(torch.int32)
+    tables = pages.view(len(CHUNKED), width)
+    shape = (len(CHUNKED) * width, page_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    for (prefix, _), (_, k, v), table in zip(CHUNKED, sequences, tables, strict=True):
+        positions = torch.arange(prefix, device=DEVICE)
+        slots = table[positions // page_size].long() * page_size + positions % page_size
+        TorchNativeBackend().write_kv(k[:prefix], v[:prefix], k_cache, v_cache, slots)
+    chunks = [[t[p:] for t in seq] for (p, _), seq in zip(CHUNKED, sequences, strict=True)]
+    q, k, v = (torch.cat([chunk[i] for chunk in chunks]) for i in range(3))
+    cu = torch.tensor([0] + [n for _, n in CHUNKED], device=DEVICE).cumsum(0).to(torch.int32)
+    prefix_lens = torch.tensor([p for p, _ in CHUNKED], dtype=torch.int32, device=DEVICE)
+    cached = CachedPrefix(prefix_lens, tables, k_cache, v_cache)
+    return sequences, (q, k, v, cu), cached
+
+
+def _chunked_reference(sequences, scale: float, window: int) -> torch.Tensor:
+    return torch.cat([
+        _attention_reference(q[p:], k, v, scale, causal=True, window=window)
+        for (p, _), (q, k, v) in zip(CHUNKED, sequences, strict=True)
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize("block_n", [16, 64])
+@pytest.mark.parametrize("window", [0, 5, 64])
+def test_prefill_continues_a_cached_prefix(window: int, block_n: int) -> None:
+    dtype = DTYPES[0]
+    sequences, (q, k, v, cu), cached = _chunked_case(dtype)
+    config = PrefillConfig(block_m=64, block_n=block_n)
+    _poison_allocator()
+    max_chunk = max(n for _, n in CHUNKED)
+    out = varlen_causal_attention(q, k, v, cu, max_chunk, 0.125, config, window, prefix=cached)
+    _assert_close_rows(out, _chunked_reference(sequences, 0.125, window), dtype)
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_torch_backend_continues_a_cached_prefix(window: int) -> None:
+    """The CPU backend's chunked prefill against the same reference as the Triton kernel."""
+    dtype = DTYPES[0]
+    sequences, (q, k, v, cu), cached = _chunked_case(dtype)
+    meta = AttentionMetadata(
+        True,
+        torch.full((q.shape[0],), -1, device=DEVICE),
+        cu_seqlens=cu,
+        prefix_lens=cached.prefix_lens,
+        prefix_block_tables=cached.block_tables,
+    )
+    out = TorchNativeBackend().prefill(q, k, v, cached.k_cache, cached.v_cache, meta, 0.125, window)
+    _assert_close_rows(out, _chunked_reference(sequences, 0.125, window), dtype)

@@ -110,14 +110,15 @@ class LlamaAttention(nn.Module):
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """Decode tokens attend through the paged cache, prefill tokens among themselves; a
-        mixed pass has its decode tokens first (see AttentionMetadata)."""
+        """Decode tokens attend through the paged cache, prefill tokens among themselves (and to
+        their cached prefix, for a prompt's later chunks); a mixed pass has its decode tokens
+        first (see AttentionMetadata)."""
         k_cache, v_cache = kv_cache
         if not meta.is_prefill:
             return self.backend.decode(q, k_cache, v_cache, meta, self.scale, self.window)
         decoded = meta.num_decode_tokens
         prefilled = self.backend.prefill(
-            q[decoded:], k[decoded:], v[decoded:], meta, self.scale, self.window
+            q[decoded:], k[decoded:], v[decoded:], k_cache, v_cache, meta, self.scale, self.window
         )
         if not decoded:
             return prefilled

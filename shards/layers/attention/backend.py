@@ -9,6 +9,9 @@ k and v [num_tokens, num_kv_heads, head_dim]; outputs are [num_tokens, num_heads
 bit for bit) and writes k and v into the cache at each token's slot, skipping negative slots; a
 backend may do both in one kernel.
 
+`prefill` attends each packed sequence causally to itself and, where `meta.prefix_lens` says a
+sequence continues a cached prompt (chunked prefill), to that cached prefix first.
+
 `window` is the layer's sliding window, a constant of the model (0: full causal attention):
 the query at position p sees the keys at positions p - window + 1 .. p, as transformers'
 sliding-window mask has it (Mistral v0.1, Qwen2 with use_sliding_window).
@@ -44,6 +47,8 @@ class AttentionBackend(Protocol):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
         window: int = 0,

@@ -45,18 +45,32 @@ class TorchNativeBackend:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
         window: int = 0,
     ) -> torch.Tensor:
-        """Causal attention within each packed sequence, over the last `window` keys if set."""
+        """Causal attention within each packed sequence and to its cached prefix, over the last
+        `window` keys if set."""
         out = torch.empty_like(q)
         bounds = meta.cu_seqlens.tolist()
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-            mask = sliding_window_mask(end - start, window, q.device) if window else None
-            out[start:end] = _attend(
-                q[start:end], k[start:end], v[start:end], scale, mask=mask, causal=not window
-            )
+        prefixes = (
+            [0] * (len(bounds) - 1) if meta.prefix_lens is None else meta.prefix_lens.tolist()
+        )
+        for i, (start, end, prefix) in enumerate(
+            zip(bounds[:-1], bounds[1:], prefixes, strict=True)
+        ):
+            keys, values = k[start:end], v[start:end]
+            if prefix:
+                table = meta.prefix_block_tables[i]
+                keys = torch.cat([_gather(k_cache, table, 0, prefix), keys])
+                values = torch.cat([_gather(v_cache, table, 0, prefix), values])
+            if prefix or window:
+                mask = causal_mask(end - start, prefix, window, q.device)
+                out[start:end] = _attend(q[start:end], keys, values, scale, mask=mask)
+            else:
+                out[start:end] = _attend(q[start:end], keys, values, scale, causal=True)
         return out
 
     def decode(
@@ -70,23 +84,31 @@ class TorchNativeBackend:
     ) -> torch.Tensor:
         """Each sequence's one query token against its cached tokens (the last `window` if set)."""
         out = torch.empty_like(q)
-        block_size = k_cache.shape[1]
         for i, context_len in enumerate(meta.context_lens.tolist()):
             first = max(0, context_len - window) if window else 0
-            blocks = meta.block_tables[i, first // block_size : -(-context_len // block_size)]
-            skip = first % block_size
-            k = k_cache[blocks].flatten(0, 1)[skip : skip + context_len - first]
-            v = v_cache[blocks].flatten(0, 1)[skip : skip + context_len - first]
+            table = meta.block_tables[i]
+            k = _gather(k_cache, table, first, context_len)
+            v = _gather(v_cache, table, first, context_len)
             out[i : i + 1] = _attend(q[i : i + 1], k, v, scale)
         return out
 
 
-def sliding_window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
-    """[length, length] bool, True where query p may see key j: 0 <= p - j < window, as
-    transformers' sliding-window causal mask has it (the query itself and window - 1 before)."""
-    pos = torch.arange(length, device=device)
-    offset = pos[:, None] - pos[None, :]
-    return (offset >= 0) & (offset < window)
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, first: int, end: int) -> torch.Tensor:
+    """The cached tokens at positions first .. end - 1 of one sequence, [end - first, H_kv, D]."""
+    block_size = cache.shape[1]
+    blocks = block_table[first // block_size : -(-end // block_size)]
+    skip = first % block_size
+    return cache[blocks].flatten(0, 1)[skip : skip + end - first]
+
+
+def causal_mask(length: int, prefix: int, window: int, device: torch.device) -> torch.Tensor:
+    """[length, prefix + length] bool, True where the query at position prefix + p may see the
+    key at position j: j <= prefix + p and, with a window, prefix + p - j < window (the query
+    itself and window - 1 before it, as transformers' sliding-window mask has it)."""
+    queries = torch.arange(prefix, prefix + length, device=device)
+    offset = queries[:, None] - torch.arange(prefix + length, device=device)[None, :]
+    visible = offset >= 0
+    return visible & (offset < window) if window else visible
 
 
 def _attend(

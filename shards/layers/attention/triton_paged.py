@@ -37,6 +37,7 @@ class TritonAttentionBackend:
         self._decode = triton_decode.paged_decode_attention
         self._rotate_and_write_kv = triton_kv_write.rotate_and_write_kv_cache
         self._varlen = triton_prefill.varlen_causal_attention
+        self._cached_prefix = triton_prefill.CachedPrefix
         self._flash_varlen = _flash_attn_varlen() if use_flash_attn else None
 
     @property
@@ -63,15 +64,26 @@ class TritonAttentionBackend:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
         window: int = 0,
     ) -> torch.Tensor:
+        """A pass with cached prefixes (chunked prefill) goes through the Triton kernel, which
+        reads them from the paged cache."""
         if meta.cu_seqlens is None:
             raise ValueError("prefill needs meta.cu_seqlens")
         max_seqlen = meta.max_seqlen or int((meta.cu_seqlens[1:] - meta.cu_seqlens[:-1]).max())
-        if self._flash_varlen is None:
-            return self._varlen(q, k, v, meta.cu_seqlens, max_seqlen, scale, window=window)
+        prefix = None
+        if meta.prefix_lens is not None and meta.prefix_block_tables is not None:
+            prefix = self._cached_prefix(
+                meta.prefix_lens, meta.prefix_block_tables, k_cache, v_cache
+            )
+        if self._flash_varlen is None or prefix is not None:
+            return self._varlen(
+                q, k, v, meta.cu_seqlens, max_seqlen, scale, window=window, prefix=prefix
+            )
         return self._flash_varlen(
             q,
             k,
