@@ -67,6 +67,9 @@ class BatchingConfig:
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20
     block_size: int = 1
+    # The shards prefill prompts in chunks: a prompt that does not fit a batch's prefill budget
+    # joins with the part that does, and the rest follows in the next steps.
+    prefill_chunking: bool = False
 
 
 class RequestStream:
@@ -144,7 +147,7 @@ class Batcher:
         self._special_ids = frozenset(tokenizer.all_special_ids)
         self.config = config
         self._metrics = metrics or RouterMetrics()
-        self._queue = RequestQueue()
+        self._queue = RequestQueue(chunking=config.prefill_chunking)
         self._running: dict[int, Entry] = {}
         self._prefilling: dict[int, Entry] = {}
         self._request_ids = itertools.count()
@@ -220,6 +223,7 @@ class Batcher:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
+            await self._release_cancelled_prefills()
             while entries := self._next_batch(min_size=None):
                 try:
                     await self._serve(entries)
@@ -234,7 +238,8 @@ class Batcher:
     async def _drop_batch(self, error: RouterError) -> None:
         """Abandons the calls in flight and fails every running and prefilling request."""
         await self._abandon_calls()
-        self._fail([*self._running.values(), *self._prefilling.values()], error)
+        prefills = self._queue.partly_prefilled()
+        self._fail([*self._running.values(), *self._prefilling.values(), *prefills], error)
         self._running.clear()
         self._prefilling = {}
 
@@ -278,6 +283,7 @@ class Batcher:
         waiting_steps = 1
         while answered.generations or answered.batches:
             call = None
+            await self._release_cancelled_prefills()
             if answered.batches:
                 on_shard = _request_ids(answered.batches)
                 joining = self._joining(waiting_steps, on_shard)
@@ -332,8 +338,9 @@ class Batcher:
     ) -> _InFlight:
         now = time.monotonic()
         for entry in entries:
-            entry.batched_at = now
-            self._metrics.request_queue_duration.observe(now - entry.queued_at)
+            if entry.batched_at is None:
+                entry.batched_at = now
+                self._metrics.request_queue_duration.observe(now - entry.queued_at)
         self._metrics.batch_next_size.observe(len(entries))
         self._prefilling = {entry.id: entry for entry in entries}  # failed by `_run` on a bug
         batch = pb.Batch(
@@ -356,8 +363,12 @@ class Batcher:
         if result is None:
             if carried:
                 self._running.clear()
+            await self._drop_prefills([e for e in members.values() if e.prefilled or e.chunked])
             return [], None
-        self._running.update(members)
+        for request_id, entry in members.items():
+            if not entry.chunked:
+                self._running[request_id] = entry
+            entry.prefilled += entry.chunk
         return result.generations, await self._filter(result.batch)
 
     async def _send_decode(self, batches: list[pb.CachedBatch], launch_next: bool) -> _InFlight:
@@ -442,6 +453,23 @@ class Batcher:
             if not entry.alive and request_id not in on_shard
         ]:
             del self._running[request_id]
+
+    async def _release_cancelled_prefills(self) -> None:
+        """Frees the shards' part of the prompts of cancelled requests prefilled in part."""
+        cancelled = [entry for entry in self._queue.partly_prefilled() if not entry.alive]
+        await self._drop_prefills(cancelled)
+
+    async def _drop_prefills(self, entries: list[Entry]) -> None:
+        if not entries:
+            return
+        for entry in entries:
+            entry.prefilled = 0  # the shards hold none of it now
+        try:
+            await self._client.drop_prefills([entry.id for entry in entries])
+        except ShardTimeoutError:
+            raise
+        except Exception as error:
+            logger.error("dropping partial prompts failed: %s", error)
 
     async def _clear_cache(self, batch_id: int | None) -> None:
         try:
@@ -564,6 +592,8 @@ class Batcher:
         return pb.Request(
             id=entry.id,
             input_ids=request.input_ids,
+            prefix_len=entry.prefilled,
+            chunk_len=entry.chunk if entry.chunked else 0,
             decoder_input_details=request.decoder_input_details,
             parameters=chooser,
             stopping_parameters=stopping,

@@ -90,6 +90,10 @@ class ShardClient(Protocol):
 
     async def clear_cache(self, batch_id: int | None = None) -> None: ...
 
+    async def drop_prefills(self, request_ids: Sequence[int]) -> None:
+        """Frees what the shards hold of these requests' prompts prefilled in part."""
+        ...
+
     async def stats(self) -> pb.StatsResponse: ...
 
 
@@ -116,6 +120,10 @@ def filter_request(
 def clear_cache_request(batch_id: int | None) -> pb.ClearCacheRequest:
     """For one batch, or (None) for all of them."""
     return pb.ClearCacheRequest() if batch_id is None else pb.ClearCacheRequest(id=batch_id)
+
+
+def drop_prefills_request(request_ids: Sequence[int]) -> pb.ClearCacheRequest:
+    return pb.ClearCacheRequest(prefilling_request_ids=list(request_ids))
 
 
 class ShardedClient:
@@ -210,6 +218,10 @@ class ShardedClient:
 
     async def clear_cache(self, batch_id: int | None = None) -> None:
         await self._ordered("ClearCache", clear_cache_request(batch_id), self.deadlines.step)
+
+    async def drop_prefills(self, request_ids: Sequence[int]) -> None:
+        request = drop_prefills_request(request_ids)
+        await self._ordered("ClearCache", request, self.deadlines.step)
 
     async def stats(self) -> pb.StatsResponse:
         return await self._all("Stats", pb.StatsRequest(), self.deadlines.probe)

@@ -38,10 +38,20 @@ class Entry:
     batched_at: float | None = None
     cancelled: bool = False
     done: bool = False
+    # Chunked prefill: prompt tokens already prefilled on the shards, and those the batch being
+    # cut or sent prefills (the rest of the prompt, or a chunk of it).
+    prefilled: int = 0
+    chunk: int = 0
 
     @property
     def prefill_tokens(self) -> int:
-        return self.request.input_length
+        """The prompt tokens still to prefill."""
+        return self.request.input_length - self.prefilled
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the batch being sent leaves part of this prompt for later."""
+        return self.chunk < self.prefill_tokens
 
     @property
     def budget_tokens(self) -> int:
@@ -58,8 +68,13 @@ class Entry:
 
 
 class RequestQueue:
-    def __init__(self) -> None:
+    """Waiting requests in arrival order. With `chunking`, the entry that does not fit a batch's
+    prefill budget joins with the chunk of its prompt that does, and stays first in the queue
+    until its prompt is prefilled (TGI v3's chunked prefill)."""
+
+    def __init__(self, chunking: bool = False) -> None:
         self._entries: deque[Entry] = deque()
+        self.chunking = chunking
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -75,19 +90,33 @@ class RequestQueue:
         token_budget: int,
         take: bool = True,
     ) -> list[Entry] | None:
-        """Takes entries in arrival order while they fit both budgets; None when too few fit.
+        """Takes entries in arrival order while they fit both budgets (each with its `chunk`);
+        None when too few fit, and always the prompt under way when there is one.
 
-        Cancelled entries are dropped on the way. `take=False` only looks.
+        Cancelled entries are dropped on the way; an entry whose prompt is prefilled in part
+        stays. `take=False` only looks.
         """
+        if self.prefill_under_way:
+            min_size = None
         batch = self._fitting(max_size, prefill_token_budget, token_budget)
         if not batch or (min_size is not None and len(batch) < min_size):
             return None
         if not take:
             return batch
-        taken = set(batch)
+        taken = {entry for entry in batch if not entry.chunked}
         while self._entries and (not self._entries[0].alive or self._entries[0] in taken):
             self._entries.popleft()
         return batch
+
+    @property
+    def prefill_under_way(self) -> bool:
+        """Whether the first live entry's prompt was prefilled in part."""
+        head = next((entry for entry in self._entries if entry.alive), None)
+        return head is not None and head.prefilled > 0
+
+    def partly_prefilled(self) -> list[Entry]:
+        """The entries (live or not) whose prompts the shards hold in part."""
+        return [entry for entry in self._entries if entry.prefilled]
 
     def _fitting(
         self, max_size: int | None, prefill_token_budget: int, token_budget: int
@@ -100,14 +129,16 @@ class RequestQueue:
                 break
             if not entry.alive:
                 continue
-            if (
-                prefill_tokens + entry.prefill_tokens > prefill_token_budget
-                or total_tokens + entry.budget_tokens > token_budget
-            ):
+            if total_tokens + entry.budget_tokens > token_budget:
                 break
-            prefill_tokens += entry.prefill_tokens
+            entry.chunk = min(entry.prefill_tokens, prefill_token_budget - prefill_tokens)
+            if entry.chunked and not (self.chunking and entry.chunk > 0):
+                break
+            prefill_tokens += entry.chunk
             total_tokens += entry.budget_tokens
             batch.append(entry)
+            if entry.chunked:
+                break
         return batch
 
     def drain(self) -> list[Entry]:

@@ -58,7 +58,7 @@ async def start_router(
     """Warms the shards up, settles the token limits and starts the batching loop."""
     await client.clear_cache(None)
     shard_info = await client.info()
-    limits = await _warmup(client, settings)
+    limits = await _warmup(client, settings, shard_info.support_chunking)
     logger.info("limits settled", extra=vars(limits))
     metrics = RouterMetrics()
     batcher = Batcher(
@@ -71,6 +71,7 @@ async def start_router(
             waiting_served_ratio=settings.waiting_served_ratio,
             max_waiting_tokens=settings.max_waiting_tokens,
             block_size=max(shard_info.block_size, 1),
+            prefill_chunking=shard_info.support_chunking,
         ),
         metrics,
     )
@@ -100,7 +101,8 @@ async def start_router(
     )
 
 
-async def _warmup(client: ShardClient, settings: RouterSettings) -> _Limits:
+async def _warmup(client: ShardClient, settings: RouterSettings, chunking: bool) -> _Limits:
+    """Shards that prefill in chunks take prompts longer than the prefill budget."""
     max_input = settings.max_input_tokens
     if max_input is None and settings.max_total_tokens is not None:
         max_input = settings.max_total_tokens - 1
@@ -115,7 +117,8 @@ async def _warmup(client: ShardClient, settings: RouterSettings) -> _Limits:
     if settings.max_batch_size is not None:
         request.max_batch_size = settings.max_batch_size
     answer = await client.warmup(request)
-    max_input = min(answer.max_input_tokens, prefill) if max_input is None else max_input
+    if max_input is None:
+        max_input = answer.max_input_tokens if chunking else min(answer.max_input_tokens, prefill)
     max_total = answer.max_total_tokens
     supported = (
         answer.max_supported_total_tokens if answer.HasField("max_supported_total_tokens") else None
@@ -127,7 +130,7 @@ async def _warmup(client: ShardClient, settings: RouterSettings) -> _Limits:
         f"`max_input_tokens` ({max_input}) must be < `max_total_tokens` ({max_total})",
     )
     _check(
-        prefill >= max_input,
+        chunking or prefill >= max_input,
         f"`max_batch_prefill_tokens` ({prefill}) must be >= `max_input_tokens` ({max_input})",
     )
     _check(

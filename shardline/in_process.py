@@ -15,6 +15,7 @@ from shardline.proto import generate_pb2 as pb
 from shardline.router.client import (
     StepResult,
     clear_cache_request,
+    drop_prefills_request,
     filter_request,
     step_result,
 )
@@ -69,6 +70,9 @@ class InProcessShardClient:
 
     async def clear_cache(self, batch_id: int | None = None) -> None:
         await self._run(self.engine.clear_cache, clear_cache_request(batch_id))
+
+    async def drop_prefills(self, request_ids: Sequence[int]) -> None:
+        await self._run(self.engine.clear_cache, drop_prefills_request(request_ids))
 
     async def stats(self) -> pb.StatsResponse:
         return await self._run(self.engine.stats)

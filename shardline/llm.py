@@ -84,6 +84,12 @@ class EngineArgs:
     seed: int = 0
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20
+    enable_chunked_prefill: bool = True
+
+    @property
+    def prefill_budget(self) -> int:
+        """Prompt tokens one forward pass runs at most."""
+        return self.max_num_batched_tokens or max(self.max_model_len or 4096, 4096)
 
 
 def _engine_args(kwargs: dict[str, Any]) -> EngineArgs:
@@ -114,12 +120,18 @@ class LLM:
         warmup = asyncio.run(self._warmup())
         self.max_model_len = warmup.max_total_tokens
         self.max_batch_total_tokens = warmup.max_supported_total_tokens
+        if not self.args.enable_chunked_prefill and self.args.prefill_budget < self.max_model_len:
+            self.shutdown()
+            raise ValueError(
+                f"max_num_batched_tokens ({self.args.prefill_budget}) is smaller than "
+                f"max_model_len ({self.max_model_len}): long prompts would never run; "
+                "enable chunked prefill or raise max_num_batched_tokens"
+            )
 
     async def _warmup(self) -> pb.WarmupResponse:
         async with self._shards.client() as client:
-            prefill = self.args.max_num_batched_tokens or max(self.args.max_model_len or 4096, 4096)
             request = pb.WarmupRequest(
-                max_prefill_tokens=prefill, max_batch_size=self.args.max_num_seqs
+                max_prefill_tokens=self.args.prefill_budget, max_batch_size=self.args.max_num_seqs
             )
             if self.args.max_model_len:
                 request.max_total_tokens = self.args.max_model_len
@@ -218,13 +230,13 @@ class LLM:
 
     def _batching_config(self) -> BatchingConfig:
         return BatchingConfig(
-            max_batch_prefill_tokens=self.args.max_num_batched_tokens
-            or max(self.max_model_len, 4096),
+            max_batch_prefill_tokens=self.args.prefill_budget,
             max_batch_total_tokens=self.max_batch_total_tokens,
             max_batch_size=self.args.max_num_seqs,
             block_size=self.args.block_size,
             waiting_served_ratio=self.args.waiting_served_ratio,
             max_waiting_tokens=self.args.max_waiting_tokens,
+            prefill_chunking=self.args.enable_chunked_prefill,
         )
 
 

@@ -189,10 +189,13 @@ class ShardEngine:
         return peak
 
     def _run_greedy_steps(self) -> None:
-        """A greedy request's prefill and decode step, so that the kernels of the greedy path
-        compile now rather than on the first request."""
+        """A greedy request's prompt in two chunks and a decode step, so that the kernels of the
+        greedy path and of chunked prefill compile now rather than on the first request."""
         request = warmup_request(0, 2, self.config.vocab_size, max_new_tokens=3, sample=False)
-        answer = self.prefill(pb.PrefillRequest(batch=pb.Batch(id=0, requests=[request])))
+        request.chunk_len = 1
+        self.prefill(pb.PrefillRequest(batch=pb.Batch(id=0, requests=[request])))
+        request.prefix_len = 1
+        answer = self.prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=[request])))
         self.decode(pb.DecodeRequest(batches=[answer.batch]))
         self.clear_cache(pb.ClearCacheRequest())
 

@@ -129,3 +129,33 @@ def test_the_seed_engine_argument_makes_unseeded_sampling_reproducible(tiny_llam
     tokens = [[o.outputs[0].token_ids for o in run] for run in runs]
     assert tokens[0] == tokens[1]
     assert tokens[0][0] != tokens[0][1]
+
+
+def test_chunked_prefill_matches_transformers(tiny_llama_dir):
+    """A 16-token prefill budget: the prompts of up to 40 tokens are prefilled a chunk a
+    step, beside the requests already decoding."""
+    chunked = LLM(
+        model=str(tiny_llama_dir),
+        block_size=4,
+        kv_cache_bytes=1 << 20,
+        max_model_len=256,
+        max_num_batched_tokens=16,
+    )
+    prompts = random_prompts(8, 384, seed=33, min_len=10)
+    expected = transformers_greedy(tiny_llama_dir, prompts, [12] * 8)
+    params = SamplingParams(temperature=0, max_tokens=12)
+    outputs = chunked.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    stats = chunked._shards.engine.stats()
+    assert stats.free_blocks == stats.total_blocks
+
+
+def test_without_chunked_prefill_the_budget_must_hold_a_whole_prompt(tiny_llama_dir):
+    with pytest.raises(ValueError, match="enable chunked prefill"):
+        LLM(
+            model=str(tiny_llama_dir),
+            kv_cache_bytes=1 << 20,
+            max_model_len=256,
+            max_num_batched_tokens=16,
+            enable_chunked_prefill=False,
+        )

@@ -430,3 +430,58 @@ async def test_a_failing_join_fails_the_running_and_joining_requests_and_the_loo
     events = await batcher.submit(_request(tokenizer, "the city", max_new_tokens=4)).collect()
     assert len(events) == 4
     await batcher.stop()
+
+
+def _long_request(tokenizer, words: int, max_new_tokens: int) -> ValidRequest:
+    return _request(tokenizer, " ".join(["model"] * words), max_new_tokens)
+
+
+async def test_long_prompts_are_prefilled_in_chunks_beside_running_requests(tokenizer):
+    """With shards that chunk, a prompt over the prefill budget joins with the part that fits;
+    the rest follows a chunk a step, each beside the running batch, which keeps decoding."""
+    fake = FakeShardClient(
+        _counting_script, tokenizer.eos_token_id, step_delay=0.005, support_chunking=True
+    )
+    batcher = _batcher(tokenizer, fake, max_batch_prefill_tokens=8, prefill_chunking=True)
+    running = batcher.submit(_request(tokenizer, "the city", max_new_tokens=40))
+    await asyncio.sleep(0.02)
+    long = _long_request(tokenizer, 20, max_new_tokens=3)
+    events, long_events = await asyncio.gather(running.collect(), batcher.submit(long).collect())
+    assert len(events) == 40
+    assert [e.token.id for e in long_events] == _counting_script(long.input_ids)[:3]
+    chunks = [chunk for calls in fake.chunks for chunk in calls if chunk[0] == 1]
+    length = long.input_length
+    starts = list(range(0, length, 8))
+    assert chunks == [(1, s, 8 if s + 8 < length else 0) for s in starts]
+    assert len(fake.carried) >= len(starts) - 1  # the chunks ran beside the running batch
+    assert fake.num_sequences == 0 and not fake.partial
+    await batcher.stop()
+
+
+async def test_a_prompt_over_the_budget_waits_without_chunking(tokenizer):
+    """Shards that do not chunk get whole prompts only: one that does not fit is never cut."""
+    fake = FakeShardClient(_counting_script, tokenizer.eos_token_id)
+    batcher = _batcher(tokenizer, fake, max_batch_prefill_tokens=8)
+    stream = batcher.submit(_long_request(tokenizer, 20, max_new_tokens=3))
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(stream.collect(), 0.2)
+    assert not fake.calls_of("prefill")
+    await batcher.stop()
+
+
+async def test_a_cancelled_partial_prompt_is_dropped_on_the_shards(tokenizer):
+    fake = FakeShardClient(
+        _counting_script, tokenizer.eos_token_id, step_delay=0.05, support_chunking=True
+    )
+    batcher = _batcher(tokenizer, fake, max_batch_prefill_tokens=8, prefill_chunking=True)
+    running = batcher.submit(_request(tokenizer, "the city", max_new_tokens=10))
+    long = batcher.submit(_long_request(tokenizer, 40, max_new_tokens=3))
+    while not fake.partial:
+        await asyncio.sleep(0.01)
+    long.cancel()
+    assert len(await running.collect()) == 10
+    assert fake.calls_of("drop_prefills") == [("drop_prefills", [1])]
+    assert not fake.partial and fake.num_sequences == 0
+    chunks_of_long = [chunk for calls in fake.chunks for chunk in calls if chunk[0] == 1]
+    assert len(chunks_of_long) < 5  # the rest of its prompt was never sent
+    await batcher.stop()

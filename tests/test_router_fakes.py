@@ -58,9 +58,12 @@ class FakeShardClient:
     vocab_size: int = 384  # the tiny tokenizer's (`train_tokenizer`)
     fail_on: str | None = None
     healthy: bool = True
+    support_chunking: bool = False
     calls: list[tuple] = field(default_factory=list)
     carried: list[tuple[int, list[int]]] = field(default_factory=list)  # prefill id, running ids
     batches: dict[int, dict[int, _Sequence]] = field(default_factory=dict)
+    partial: dict[int, int] = field(default_factory=dict)  # prompts prefilled in part: tokens
+    chunks: list[list[tuple[int, int, int]]] = field(default_factory=list)  # per prefill
 
     async def info(self) -> pb.InfoResponse:
         return pb.InfoResponse(
@@ -71,6 +74,7 @@ class FakeShardClient:
             eos_token_ids=[self.eos_id],
             world_size=1,
             vocab_size=self.vocab_size,
+            support_chunking=self.support_chunking,
         )
 
     async def health(self) -> None:
@@ -95,6 +99,7 @@ class FakeShardClient:
         """With `cached_batches`, those decode one step first and the answer's batch (under
         the first one's id) holds their rows and the new ones, as the real shard does."""
         self.calls.append(("prefill", batch.id, [r.id for r in batch.requests], batch.max_tokens))
+        self.chunks.append([(r.id, r.prefix_len, r.chunk_len) for r in batch.requests])
         if cached_batches:
             self.carried.append((batch.id, [cached.id for cached in cached_batches]))
         await self._work("prefill")
@@ -102,7 +107,10 @@ class FakeShardClient:
         generations, batch_id = [], batch.id
         if cached_batches:
             generations, batch_id = self._decode_step(cached_batches), cached_batches[0].id
-        sequences = {r.id: _Sequence(r, self.script(list(r.input_ids))) for r in batch.requests}
+        completed = self._prefill_chunks(batch)
+        sequences = {r.id: _Sequence(r, self.script(list(r.input_ids))) for r in completed}
+        if not sequences and not cached_batches:
+            return StepResult([], None, Timings(0.001, 0.0, 0.001))
         self.batches.setdefault(batch_id, {}).update(sequences)
         generations += [self._generate(seq, prefill=True) for seq in sequences.values()]
         return StepResult(generations, self._cached(batch_id), Timings(0.001, 0.0, 0.001))
@@ -137,8 +145,14 @@ class FakeShardClient:
         self.calls.append(("clear", batch_id))
         if batch_id is None:
             self.batches.clear()
+            self.partial.clear()
         else:
             self.batches.pop(batch_id, None)
+
+    async def drop_prefills(self, request_ids: Sequence[int]) -> None:
+        self.calls.append(("drop_prefills", sorted(request_ids)))
+        for request_id in request_ids:
+            self.partial.pop(request_id, None)
 
     async def stats(self) -> pb.StatsResponse:
         return pb.StatsResponse(num_sequences=self.num_sequences, num_batches=len(self.batches))
@@ -154,6 +168,20 @@ class FakeShardClient:
         if self.fail_on == method:
             raise RuntimeError(f"CUDA error during {method}")
         await asyncio.sleep(self.step_delay)
+
+    def _prefill_chunks(self, batch: pb.Batch) -> list[pb.Request]:
+        """Records the chunk of each prompt (as the real shard checks continuations); returns
+        the requests whose prompts are complete."""
+        completed = []
+        for request in batch.requests:
+            if request.prefix_len:
+                assert self.partial.pop(request.id) == request.prefix_len
+            end = request.prefix_len + (request.chunk_len or len(request.input_ids))
+            if end < len(request.input_ids):
+                self.partial[request.id] = end
+            else:
+                completed.append(request)
+        return completed
 
     def _check_vocabulary(self, batch: pb.Batch) -> None:
         """The shards refuse the whole batch when one prompt leaves the vocabulary."""
