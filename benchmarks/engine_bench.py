@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import dataclasses
 import itertools
 import json
 import math
@@ -27,7 +28,7 @@ import torch
 from benchmarks.random_model import tensor_shapes, write_model
 from shardline import LLM, SamplingParams
 from shardline.proto import generate_pb2 as pb
-from shardline.router.batcher import Batcher
+from shardline.router.batcher import Batcher, BatchingConfig
 from shardline.router.metrics import RouterMetrics
 from shardline.router.request_types import ValidRequest
 
@@ -70,17 +71,26 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-async def timed_run(llm: LLM, requests: list[ValidRequest]) -> tuple[float, list[RequestTiming]]:
+async def timed_run(
+    llm: LLM,
+    requests: list[ValidRequest],
+    config: BatchingConfig | None = None,
+    delays: list[float] | None = None,
+) -> tuple[float, list[RequestTiming]]:
+    """Every request through a batcher (the LLM's own config unless `config`), request i
+    submitted `delays[i]` seconds after the start (default: all at once)."""
     metrics = RouterMetrics()
     waste: list[float] = []
     steps = StepLog.attach(llm._shards.engine)
+    delays = delays or [0.0] * len(requests)
     async with llm._shards.client() as client:
-        batcher = Batcher(client, llm.tokenizer, llm._batching_config(), metrics)
+        batcher = Batcher(client, llm.tokenizer, config or llm._batching_config(), metrics)
         batcher.start()
         sampler = asyncio.create_task(_sample_kv_waste(llm, waste))
         try:
             started = time.perf_counter()
-            timings = await asyncio.gather(*(_consume(batcher, r) for r in requests))
+            consumers = (_consume(batcher, r, d) for r, d in zip(requests, delays, strict=True))
+            timings = await asyncio.gather(*consumers)
             elapsed = time.perf_counter() - started
         finally:
             sampler.cancel()
@@ -175,7 +185,9 @@ def shard_call_breakdown(metrics: RouterMetrics, elapsed: float) -> dict:
     return out
 
 
-async def _consume(batcher: Batcher, request: ValidRequest) -> RequestTiming:
+async def _consume(batcher: Batcher, request: ValidRequest, delay: float = 0.0) -> RequestTiming:
+    if delay:
+        await asyncio.sleep(delay)
     timing = RequestTiming(start=time.perf_counter())
     async for _event in batcher.submit(request):
         timing.token_times.append(time.perf_counter())
@@ -213,6 +225,26 @@ def summarize(name: str, elapsed: float, timings: list[RequestTiming], prompt_to
         "itl_p99_ms": 1e3 * percentile(itl, 99),
     }
     print(json.dumps(result), flush=True)
+    return result
+
+
+def stall_run(llm: LLM, prefill_budget: int, vocab: int, rows: int = 64) -> dict:
+    """How long a long prompt stalls running decodes: `rows` requests (200 in, 300 out) decode
+    while one 8,192-token prompt (16 out) joins 0.3 s in, under a prefill budget of
+    `prefill_budget` tokens a pass (a smaller budget chunks the prompt over more steps). The
+    running requests' worst and p99 inter-token latency, and the long prompt's TTFT."""
+    config = dataclasses.replace(llm._batching_config(), max_batch_prefill_tokens=prefill_budget)
+    requests = make_requests(llm, [(200, 300)] * rows + [(8192, 16)], vocab)
+    delays = [0.0] * rows + [0.3]
+    _, timings = asyncio.run(timed_run(llm, requests, config, delays))
+    itl = [x for t in timings[:rows] for x in t.itl]
+    result = {
+        "prefill_budget": prefill_budget,
+        "running_itl_max_ms": 1e3 * max(itl),
+        "running_itl_p99_ms": 1e3 * percentile(itl, 99),
+        "long_prompt_ttft_ms": 1e3 * timings[-1].ttft,
+    }
+    print(json.dumps({"stall": result}), flush=True)
     return result
 
 
@@ -577,6 +609,17 @@ def main() -> None:
         table.append(
             ("prefill 8192 tokens ms (engine)", f"{results['prefill_8192_engine_ms']:.1f}", "")
         )
+    if "stall" in modes:
+        results["stall"] = [stall_run(llm, budget, vocab) for budget in (8256, 2048, 512)]
+        for stall in results["stall"]:
+            table.append(
+                (
+                    f"8k join, budget {stall['prefill_budget']}: ITL max",
+                    f"{stall['running_itl_max_ms']:.0f} ms",
+                    f"p99 {stall['running_itl_p99_ms']:.0f}, "
+                    f"8k TTFT {stall['long_prompt_ttft_ms']:.0f} ms",
+                )
+            )
     if "offline" in modes:
         torch.cuda.reset_peak_memory_stats()
         requests = make_requests(llm, pairs, vocab)

@@ -2,10 +2,11 @@
 # Issue 8's figures, each step under a time limit that the whole run's budget caps: the 8B shape's
 # single stream and offline throughput (at most 512 requests at once), the 1.7B shape's single
 # stream, the 8B shape served over HTTP (all at once, then 300 requests at a Poisson 4 req/s),
-# the GPU correctness tests, HF transformers' generate on the same 8B model, and offline at
-# vLLM's default of 256 requests at once. Logs and JSON go to ${OUT:-/tmp/issue8}; each step
-# ends with its table. STEPS (comma-separated names) runs a part, so that the whole fits two
-# device calls.
+# the GPU correctness tests, HF transformers' generate on the same 8B model, how long an
+# 8k-token prompt stalls 64 running decodes under three prefill budgets (chunked prefill), and
+# offline at vLLM's default of 256 requests at once. Logs and JSON go to ${OUT:-/tmp/issue8};
+# each step ends with its table. STEPS (comma-separated names) runs a part, so that the whole
+# fits two device calls.
 #   bash benchmarks/issue8_run.sh WHEELS_DIR BUDGET_SECONDS [STEPS]
 set -u
 wheels=${1:-.wheels}
@@ -40,5 +41,7 @@ step gpu_tests 150 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_en
     tests/test_triton_attention.py tests/test_triton_layers.py tests/test_sampling.py
 step hf_8b 100 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes hf --hf-batches 64,128 \
     --json "$out/hf_8b.json"
+step stall_8b 120 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes stall \
+    --json "$out/stall_8b.json"
 step engine_8b_256 90 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes offline \
     --max-num-seqs 256 --json "$out/engine_8b_256.json"
