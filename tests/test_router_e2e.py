@@ -187,3 +187,33 @@ async def test_stop_sequences_and_disconnects_end_exactly_and_free_every_block(
         await client.close()
         await ctx.batcher.stop()
         await shards.close()
+
+
+async def test_prompts_over_the_prefill_budget_are_chunked(shard_socket, tiny_llama_dir):
+    """A 6-token prefill budget: prompts of 10-30 tokens are prefilled a chunk a step (beside
+    the requests already decoding) and still give transformers' greedy tokens."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    shards = await ShardedClient.connect(shard_socket)
+    settings = RouterSettings(
+        model_id="tiny", max_total_tokens=256, max_input_tokens=200, max_batch_prefill_tokens=6
+    )
+    ctx = await start_router(shards, tokenizer, settings)
+    client = TestClient(TestServer(create_app(ctx), handler_cancellation=True))
+    await client.start_server()
+    try:
+        prompts = [" ".join(PROMPTS[: 1 + i % 4]) * (1 + i % 3) for i in range(8)]
+        assert max(len(tokenizer(p).input_ids) for p in prompts) > 6
+        bodies = [{"inputs": p, "parameters": {"max_new_tokens": 6}} for p in prompts]
+        answers = await asyncio.gather(*(client.post("/generate", json=b) for b in bodies))
+        for prompt, answer in zip(prompts, answers, strict=True):
+            got = [t["id"] for t in (await answer.json())["details"]["tokens"]]
+            want = _expected(tiny_llama_dir, prompt, 6)
+            assert got == want[: len(got)], prompt
+        stats = await shards.stats()
+        assert stats.num_sequences == 0 and stats.free_blocks == stats.total_blocks
+    finally:
+        await client.close()
+        await ctx.batcher.stop()
+        await shards.close()

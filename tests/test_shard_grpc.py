@@ -97,7 +97,8 @@ def test_errors_are_statuses_and_the_shard_lives_on(single_shard):
 
 
 def test_tensor_parallel_shards_match_one_shard(tiny_llama_dir: Path, tmp_path: Path):
-    """Two gloo ranks in two processes give transformers' greedy tokens, as one rank does."""
+    """Two gloo ranks in two processes give transformers' greedy tokens, as one rank does, with
+    whole prompts and with prompts prefilled 5 tokens a pass beside the running batch."""
     prompts = random_prompts(4, 384, seed=12)
     max_new = [8, 3, 12, 6]
     expected = transformers_greedy(tiny_llama_dir, prompts, max_new)
@@ -110,10 +111,14 @@ def test_tensor_parallel_shards_match_one_shard(tiny_llama_dir: Path, tmp_path: 
         arrivals = [
             Arrival(i, make_request(i, p, n)) for i, (p, n) in enumerate(zip(prompts, max_new))
         ]
-        result = run_schedule(
-            lambda r: shards.call("Prefill", r), lambda r: shards.call("Decode", r), arrivals
+        prefill, decode = (
+            (lambda r: shards.call("Prefill", r)),
+            (lambda r: shards.call("Decode", r)),
         )
+        result = run_schedule(prefill, decode, arrivals)
         assert [result.tokens[i] for i in range(4)] == expected
+        chunked = run_schedule(prefill, decode, arrivals, mixed=True, chunk=5)
+        assert [chunked.tokens[i] for i in range(4)] == expected
         stats = shards.call("Stats", pb.StatsRequest())
         assert stats.free_blocks == stats.total_blocks
         shards.close()
