@@ -63,6 +63,19 @@ def _partition_tiles(context_len, num_splits, BLOCK_N: tl.constexpr, WINDOW: tl.
     return first, tl.maximum(tl.cdiv(tiles, num_splits), 1)
 
 
+@triton.jit
+def paged_tile(cache_ptr, page, in_page, kv_head, offs_d, mask, stride_b, stride_t, stride_h):
+    """The [keys, dims] tile of KV head `kv_head` at slots (page, in_page) of a paged cache."""
+    ptrs = (
+        cache_ptr
+        + page[:, None] * stride_b
+        + in_page[:, None] * stride_t
+        + kv_head * stride_h
+        + offs_d[None, :]
+    )
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
 # A per-call size: specialized on its value, it would compile new variants after warmup.
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _paged_decode_kernel(
@@ -126,22 +139,12 @@ def _paged_decode_kernel(
         page = tl.load(table_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
         in_page = pos % PAGE_SIZE
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k_ptrs = (
-            k_cache_ptr
-            + page[:, None] * stride_kb
-            + in_page[:, None] * stride_kt
-            + kv_head * stride_kh
-            + offs_d[None, :]
+        k = paged_tile(
+            k_cache_ptr, page, in_page, kv_head, offs_d, kv_mask, stride_kb, stride_kt, stride_kh
         )
-        v_ptrs = (
-            v_cache_ptr
-            + page[:, None] * stride_vb
-            + in_page[:, None] * stride_vt
-            + kv_head * stride_vh
-            + offs_d[None, :]
+        v = paged_tile(
+            v_cache_ptr, page, in_page, kv_head, offs_d, kv_mask, stride_vb, stride_vt, stride_vh
         )
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         scores = tl.where(n_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shardline.shards.layers.attention.triton_decode import dot_precision
+from shardline.shards.layers.attention.triton_decode import dot_precision, paged_tile
 
 LOG2E = 1.4426950408889634
 
@@ -136,23 +136,27 @@ def _varlen_causal_kernel(
                 page = tl.load(table_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
                 in_page = pos % PAGE_SIZE
                 kv_mask = n_mask[:, None] & d_mask[None, :]
-                k = tl.load(
-                    k_cache_ptr
-                    + page[:, None] * stride_kcb
-                    + in_page[:, None] * stride_kct
-                    + kv_head * stride_kch
-                    + offs_d[None, :],
-                    mask=kv_mask,
-                    other=0.0,
+                k = paged_tile(
+                    k_cache_ptr,
+                    page,
+                    in_page,
+                    kv_head,
+                    offs_d,
+                    kv_mask,
+                    stride_kcb,
+                    stride_kct,
+                    stride_kch,
                 )
-                v = tl.load(
-                    v_cache_ptr
-                    + page[:, None] * stride_vcb
-                    + in_page[:, None] * stride_vct
-                    + kv_head * stride_vch
-                    + offs_d[None, :],
-                    mask=kv_mask,
-                    other=0.0,
+                v = paged_tile(
+                    v_cache_ptr,
+                    page,
+                    in_page,
+                    kv_head,
+                    offs_d,
+                    kv_mask,
+                    stride_vcb,
+                    stride_vct,
+                    stride_vch,
                 )
                 visible = tl.broadcast_to(n_mask[None, :], (BLOCK_M, BLOCK_N))
                 if WINDOW > 0:
