@@ -1,4 +1,5 @@
-"""The Triton layer kernels (RMSNorm, rotary, SiLU * up) against the torch paths they replace.
+"""The Triton layer kernels (RMSNorm, rotary, SiLU * up, one-row GEMV) against the torch paths
+they replace.
 
 Runs on CUDA; skipped elsewhere unless TRITON_INTERPRET=1 is set (Triton's CPU interpreter, a
 developer aid). Fresh random inputs for every case; each freshly allocated output lands in
@@ -19,9 +20,11 @@ if not (torch.cuda.is_available() or INTERPRET):
 pytest.importorskip("triton")
 
 from shardline.shards.layers.activation import silu_and_mul_torch  # noqa: E402
+from shardline.shards.layers.linear import linear  # noqa: E402
 from shardline.shards.layers.norm import rms_norm_torch  # noqa: E402
 from shardline.shards.layers.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
 from shardline.shards.layers.triton_activation import triton_silu_and_mul  # noqa: E402
+from shardline.shards.layers.triton_gemv import gemv, gemv_applies, gemv_config  # noqa: E402
 from shardline.shards.layers.triton_norm import rms_norm  # noqa: E402
 from shardline.shards.layers.triton_rotary import rotate_in_place  # noqa: E402
 
@@ -125,6 +128,44 @@ def test_silu_and_mul_matches_torch(dtype: torch.dtype, shape: tuple[int, ...]) 
     gate_up = _random(shape, dtype, std=3.0)
     _poison_next_allocation((*shape[:-1], shape[-1] // 2), dtype)
     _assert_close(triton_silu_and_mul(gate_up), silu_and_mul_torch(gate_up), dtype)
+
+
+# (N, K): 2 rows a program, long K (1 row of 2048), an odd N, a K of 7 x 128 (Qwen2-0.5B's 896).
+GEMV_SHAPES = [(512, 2048), (256, 8192), (301, 896)] if INTERPRET else [
+    (6144, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (49152, 2048), (6144, 4096),
+    (4096, 14336), (301, 896),
+]  # fmt: skip
+HALF_DTYPES = [torch.float16] if INTERPRET else [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("shape", GEMV_SHAPES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_matches_a_float64_linear(
+    shape: tuple[int, int], dtype: torch.dtype, with_bias: bool
+) -> None:
+    weight = _random(shape, dtype, std=0.02)
+    x = _random((1, shape[1]), dtype)
+    bias = _random((shape[0],), dtype) if with_bias else None
+    _poison_next_allocation((1, shape[0]), dtype)
+    out = gemv(x, weight, bias)
+    ref = torch.nn.functional.linear(
+        x.double(), weight.double(), None if bias is None else bias.double()
+    )
+    assert out.shape == (1, shape[0]) and out.dtype == dtype
+    assert _relative_error(out, ref) < TOLERANCE[dtype]
+
+
+def test_gemv_applies_to_one_half_precision_row_it_can_tile() -> None:
+    assert gemv_config(2048, 100) is None  # no power-of-two tile divides K
+    assert gemv_config(2048, 2048 * 17) is None  # too many tiles to unroll
+    assert gemv_config(6144, 2048).block_n == 2 and gemv_config(2048, 8192).block_n == 1
+    weight = _random((64, 256), torch.float16)
+    row = _random((1, 256), torch.float16)
+    assert gemv_applies(row, weight) == (DEVICE.type == "cuda")
+    assert not gemv_applies(torch.cat([row, row]), weight)
+    assert not gemv_applies(row.float(), weight.float())
+    torch.testing.assert_close(linear(row, weight), torch.nn.functional.linear(row, weight))
 
 
 @pytest.mark.skipif(INTERPRET, reason="counts CUDA kernel launches")

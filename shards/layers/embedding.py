@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardline.shards.layers.linear import frozen
+from shardline.shards.layers.linear import frozen, linear
 from shardline.shards.utils.dist import TPGroup
 from shardline.shards.utils.weights import Weights
 
@@ -41,5 +41,5 @@ class ParallelLMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in the model's dtype: the sampler reads them as they are, or in float32 where
         a processor changes them."""
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         return self.tp.all_gather(logits, dim=-1)[..., : self.vocab_size]

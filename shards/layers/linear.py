@@ -16,6 +16,16 @@ def frozen(t: torch.Tensor | None) -> nn.Parameter | None:
     return None if t is None else nn.Parameter(t, requires_grad=False)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through the one-row Triton GEMV where it applies (batch-1 decode on a GPU)."""
+    if x.is_cuda:
+        from shardline.shards.layers.triton_gemv import gemv, gemv_applies
+
+        if gemv_applies(x, weight):
+            return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 class ColumnParallelLinear(nn.Module):
     """Holds a slice of the output features; the output stays split across ranks."""
 
@@ -32,7 +42,7 @@ class ColumnParallelLinear(nn.Module):
         return cls(weight, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -51,5 +61,5 @@ class RowParallelLinear(nn.Module):
         return cls(weight, b, weights.tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+        out = self.tp.all_reduce(linear(x, self.weight))
         return out if self.bias is None else out + self.bias

@@ -6,11 +6,23 @@ import torch
 import triton
 import triton.language as tl
 
+from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
+
 BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(gate_up_ptr, out_ptr, width, stride_in, stride_out, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(
+    gate_up_ptr,
+    out_ptr,
+    width,
+    stride_in,
+    stride_out,
+    BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    allow_dependents(USE_PDL)
+    wait_for_inputs(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
@@ -32,6 +44,13 @@ def triton_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if rows.shape[0] > 0:
         grid = (rows.shape[0], triton.cdiv(width, BLOCK))
         _silu_and_mul_kernel[grid](
-            rows, out, width, rows.stride(0), out.stride(0), BLOCK=BLOCK, num_warps=4
+            rows,
+            out,
+            width,
+            rows.stride(0),
+            out.stride(0),
+            BLOCK=BLOCK,
+            num_warps=4,
+            **pdl_launch(gate_up.device),
         )
     return out.view(*gate_up.shape[:-1], width)

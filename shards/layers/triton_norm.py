@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -27,10 +29,14 @@ def _rms_norm_kernel(
     stride_s,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    allow_dependents(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    wait_for_inputs(USE_PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         residual = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -39,7 +45,6 @@ def _rms_norm_kernel(
     x32 = x.to(tl.float32)
     inv_rms = tl.rsqrt(tl.sum(x32 * x32, axis=0) / hidden + eps)
     normed = (x32 * inv_rms).to(x_ptr.dtype.element_ty)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     out = weight.to(tl.float32) * normed.to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -71,6 +76,7 @@ def rms_norm(
             BLOCK=triton.next_power_of_2(hidden),
             num_warps=min(16, max(1, triton.next_power_of_2(hidden) // 256)),
             enable_fp_fusion=False,  # squares rounded before the sum, as torch's pow(2)
+            **pdl_launch(x.device),
         )
     out = out.view(*x.shape[:-1], hidden)
     return out if residual is None else (out, summed.view(x.shape))

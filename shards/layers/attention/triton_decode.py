@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
+
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 PROGRAMS_PER_SM = 4
@@ -111,7 +113,10 @@ def _paged_decode_kernel(
     SPLIT: tl.constexpr,
     WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    allow_dependents(USE_PDL)
+    wait_for_inputs(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -185,7 +190,10 @@ def _merge_splits_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    allow_dependents(USE_PDL)
+    wait_for_inputs(USE_PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq)
@@ -277,6 +285,7 @@ def paged_decode_attention(
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **pdl_launch(q.device),
     )
     grid = (batch, num_kv_heads, plan.num_splits)
     common = (q, k_cache, v_cache, block_tables, context_lens)
@@ -334,6 +343,7 @@ def paged_decode_attention(
         BLOCK_N=config.block_n,
         WINDOW=window,
         num_warps=4,
+        **pdl_launch(q.device),
     )
     return out
 

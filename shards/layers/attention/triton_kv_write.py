@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
 from shardline.shards.layers.triton_rotary import load_cos_sin, rotate_heads
 
 
@@ -57,7 +58,10 @@ def _rotate_write_kv_kernel(
     BLOCK_KV_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    allow_dependents(USE_PDL)
+    wait_for_inputs(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -135,4 +139,5 @@ def rotate_and_write_kv_cache(
         PAGE_SIZE=k_cache.shape[1],
         num_warps=4,
         enable_fp_fusion=False,  # an FMA would skip the rounding of a product
+        **pdl_launch(q.device),
     )
