@@ -19,12 +19,19 @@ if not (torch.cuda.is_available() or INTERPRET):
     pytest.skip("needs CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
 pytest.importorskip("triton")
 
-from shardline.shards.layers.activation import silu_and_mul_torch  # noqa: E402
+from shardline.shards.layers.activation import interleave_gate_up, silu_and_mul_torch  # noqa: E402
 from shardline.shards.layers.linear import linear  # noqa: E402
 from shardline.shards.layers.norm import rms_norm_torch  # noqa: E402
 from shardline.shards.layers.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
 from shardline.shards.layers.triton_activation import triton_silu_and_mul  # noqa: E402
-from shardline.shards.layers.triton_gemv import gemv, gemv_applies, gemv_config  # noqa: E402
+from shardline.shards.layers.triton_gemv import (  # noqa: E402
+    Epilogue,
+    gemv,
+    gemv_applies,
+    gemv_config,
+    gemv_normed,
+    gemv_residual,
+)
 from shardline.shards.layers.triton_norm import rms_norm  # noqa: E402
 from shardline.shards.layers.triton_rotary import rotate_in_place  # noqa: E402
 
@@ -128,6 +135,9 @@ def test_silu_and_mul_matches_torch(dtype: torch.dtype, shape: tuple[int, ...]) 
     gate_up = _random(shape, dtype, std=3.0)
     _poison_next_allocation((*shape[:-1], shape[-1] // 2), dtype)
     _assert_close(triton_silu_and_mul(gate_up), silu_and_mul_torch(gate_up), dtype)
+    pairs = interleave_gate_up(gate_up.reshape(-1, shape[-1]).T).T.reshape(shape).contiguous()
+    _assert_close(silu_and_mul_torch(pairs, True), silu_and_mul_torch(gate_up), dtype)
+    _assert_close(triton_silu_and_mul(pairs, True), silu_and_mul_torch(gate_up), dtype)
 
 
 # (N, K): 2 rows a program, long K (1 row of 2048), an odd N, a K of 7 x 128 (Qwen2-0.5B's 896).
@@ -156,10 +166,61 @@ def test_gemv_matches_a_float64_linear(
     assert _relative_error(out, ref) < TOLERANCE[dtype]
 
 
+FUSED_SHAPES = [(512, 2048), (256, 8192), (302, 896)] if INTERPRET else [
+    (6144, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (4096, 4096), (28672, 4096),
+    (4096, 14336), (302, 896),
+]  # fmt: skip
+
+
+def _slot(value: float) -> torch.Tensor:
+    return torch.full((), value, dtype=torch.float32, device=DEVICE)
+
+
+@pytest.mark.parametrize("shape", FUSED_SHAPES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("silu_pairs", [False, True])
+def test_gemv_normed_matches_rms_norm_then_linear(
+    shape: tuple[int, int], dtype: torch.dtype, silu_pairs: bool
+) -> None:
+    weight = _random(shape, dtype, std=0.02)
+    bias = _random((shape[0],), dtype)
+    x = _random((1, shape[1]), dtype, std=3.0)
+    norm_weight = (1 + 0.1 * torch.randn(shape[1], device=DEVICE)).to(dtype)
+    ss, zero = x.float().pow(2).sum(), _slot(7.0)
+    normed = rms_norm_torch(x, norm_weight, 1e-5).double()
+    ref = torch.nn.functional.linear(normed, weight.double(), bias.double())
+    if silu_pairs:
+        ref = silu_and_mul_torch(ref)
+        weight, bias = interleave_gate_up(weight), interleave_gate_up(bias)
+    _poison_next_allocation(tuple(ref.shape), dtype)
+    out = gemv_normed(x, ss, norm_weight, 1e-5, weight, bias, silu_pairs, zero)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert _relative_error(out, ref) < TOLERANCE[dtype]
+    assert zero.item() == 0.0
+
+
+@pytest.mark.parametrize("shape", FUSED_SHAPES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_gemv_residual_adds_the_residual_and_its_sum_of_squares(
+    shape: tuple[int, int], dtype: torch.dtype
+) -> None:
+    weight = _random(shape, dtype, std=0.02)
+    x, residual = _random((1, shape[1]), dtype), _random((1, shape[0]), dtype, std=3.0)
+    ss = _slot(0.0)
+    _poison_next_allocation(residual.shape, dtype)
+    out = gemv_residual(x, weight, residual, ss)
+    ref = residual.double() + torch.nn.functional.linear(x.double(), weight.double())
+    assert out.shape == residual.shape and out.dtype == dtype
+    assert _relative_error(out, ref) < TOLERANCE[dtype]
+    torch.testing.assert_close(ss, out.float().pow(2).sum(), rtol=1e-5, atol=0)
+
+
 def test_gemv_applies_to_one_half_precision_row_it_can_tile() -> None:
     assert gemv_config(2048, 100) is None  # no power-of-two tile divides K
     assert gemv_config(2048, 2048 * 17) is None  # too many tiles to unroll
     assert gemv_config(6144, 2048).block_n == 2 and gemv_config(2048, 8192).block_n == 1
+    assert gemv_config(4096, 14336, Epilogue.RESIDUAL).block_k == 1024  # 14 tiles, not 28
+    assert gemv_config(301, 896, Epilogue.SILU_PAIRS) is None  # an odd row is half a pair
     weight = _random((64, 256), torch.float16)
     row = _random((1, 256), torch.float16)
     assert gemv_applies(row, weight) == (DEVICE.type == "cuda")
@@ -168,11 +229,8 @@ def test_gemv_applies_to_one_half_precision_row_it_can_tile() -> None:
     torch.testing.assert_close(linear(row, weight), torch.nn.functional.linear(row, weight))
 
 
-@pytest.mark.skipif(INTERPRET, reason="counts CUDA kernel launches")
-def test_decode_forward_launches_few_kernels_per_layer(tmp_path: Path) -> None:
-    """A bf16 decode step of a Llama model on the Triton backend: about one kernel per op."""
-    from torch.profiler import ProfilerActivity, profile
-
+def _tiny_llama_decode(tmp_path: Path, context_lens: list[int]) -> tuple[torch.nn.Module, tuple]:
+    """A bf16 Llama model on the Triton backend and the arguments of one decode step."""
     from shardline.shards.layers.attention import AttentionMetadata, get_attention_backend
     from shardline.shards.models import load_model
     from shardline.shards.utils.dist import TPGroup
@@ -191,24 +249,51 @@ def test_decode_forward_launches_few_kernels_per_layer(tmp_path: Path) -> None:
         (_random(cache_shape, torch.bfloat16), _random(cache_shape, torch.bfloat16))
         for _ in range(spec.num_layers)
     ]
-    context_lens = torch.tensor([5, 20], dtype=torch.int32, device=DEVICE)
-    positions = (context_lens - 1).long()
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
     meta = AttentionMetadata(
         is_prefill=False,
-        slot_mapping=torch.tensor([0 * 16 + 4, 3 * 16 + 3], device=DEVICE),
-        block_tables=torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=DEVICE),
-        context_lens=context_lens,
+        slot_mapping=torch.tensor([0 * 16 + 4, 3 * 16 + 3][: len(context_lens)], device=DEVICE),
+        block_tables=torch.tensor(
+            [[0, 1], [2, 3]][: len(context_lens)], dtype=torch.int32, device=DEVICE
+        ),
+        context_lens=lens,
         max_context_len=32,
     )
-    input_ids = torch.tensor([3, 7], device=DEVICE)
+    input_ids = torch.tensor([3, 7][: len(context_lens)], device=DEVICE)
+    return model, (input_ids, (lens - 1).long(), kv_caches, meta)
+
+
+@pytest.mark.skipif(INTERPRET, reason="counts CUDA kernel launches")
+@pytest.mark.parametrize("context_lens,per_layer", [([5, 20], 16), ([20], 6)])
+def test_decode_forward_launches_few_kernels_per_layer(
+    tmp_path: Path, context_lens: list[int], per_layer: int
+) -> None:
+    """A bf16 decode step of a Llama model on the Triton backend: about one kernel per op.
+    Per layer: 2 norms, 4 GEMMs, rotary + KV write, decode attention (+ its split merge),
+    SiLU * up = 9-10 (cuBLAS may add a split-K reduction); the torch paths took about 40. At
+    batch 1 the norms and SiLU * up fold into the GEMVs: 6."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, args = _tiny_llama_decode(tmp_path, context_lens)
     with torch.inference_mode():
-        model(input_ids, positions, kv_caches, meta)  # compiles the kernels
+        model(*args)  # compiles the kernels
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            hidden = model(input_ids, positions, kv_caches, meta)
+            hidden = model(*args)
             torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert torch.isfinite(hidden).all()
-    # Per layer: 2 norms, 4 GEMMs, rotary + KV write, decode attention (+ its split merge),
-    # SiLU * up = 9-10 (cuBLAS may add a split-K reduction); the torch paths took about 40.
-    assert 0 < len(kernels) <= 16 * spec.num_layers, sorted(e.name for e in kernels)
+    assert 0 < len(kernels) <= per_layer * len(model.layers) + 4, sorted(e.name for e in kernels)
+
+
+@pytest.mark.skipif(INTERPRET, reason="the fused path needs a CUDA model")
+def test_fused_batch_1_decode_matches_the_unfused_forward(tmp_path: Path) -> None:
+    model, args = _tiny_llama_decode(tmp_path, [20])
+    assert model.fused_decode
+    with torch.inference_mode():
+        fused = model(*args)
+        fused_again = model(*args)
+        model.fused_decode = False
+        unfused = model(*args)
+    assert _relative_error(fused_again, fused) < 1e-3  # a slot left unzeroed doubles 1 / rms^2
+    assert _relative_error(fused, unfused) < 2e-2

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from shardline.progress import logged_progress
-from shardline.shards.layers.activation import silu_and_mul
+from shardline.shards.layers.activation import interleave_gate_up, silu_and_mul
 from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
 from shardline.shards.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear
+from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear, frozen
 from shardline.shards.layers.norm import RMSNorm
 from shardline.shards.layers.rotary import RotaryEmbedding
 from shardline.shards.models.config import ModelConfig
@@ -92,15 +92,21 @@ class LlamaAttention(nn.Module):
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        heads = self.qkv_proj(hidden).view(num_tokens, -1, self.head_dim)
+        return self.o_proj(self.attend(self.qkv_proj(hidden), positions, kv_cache, meta))
+
+    def attend(
+        self, qkv: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """The attention output [T, heads * head_dim] (before o_proj) of the qkv projection."""
+        num_tokens = qkv.shape[0]
+        heads = qkv.view(num_tokens, -1, self.head_dim)
         q, k, v = heads.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         k_cache, v_cache = kv_cache
         self.backend.rotate_and_write_kv(
             q, k, v, positions, self.rotary, k_cache, v_cache, meta.slot_mapping
         )
         out = self._attend(q, k, v, kv_cache, meta)
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
     def _attend(
         self,
@@ -133,9 +139,17 @@ class LlamaMLP(nn.Module):
             weights, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], config.mlp_bias
         )
         self.down_proj = RowParallelLinear.load(weights, f"{prefix}.down_proj", config.mlp_bias)
+        self.interleaved = False
+
+    def interleave(self) -> None:
+        """Reorders the gate/up rows into (gate j, up j) pairs, for the fused decode GEMV."""
+        proj = self.gate_up_proj
+        proj.weight = frozen(interleave_gate_up(proj.weight))
+        proj.bias = frozen(None if proj.bias is None else interleave_gate_up(proj.bias))
+        self.interleaved = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.interleaved))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -175,6 +189,52 @@ class LlamaDecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
+    def fuses_decode(self) -> bool:
+        """Whether the fused one-row kernels tile every projection of this layer."""
+        from shardline.shards.layers.triton_gemv import Epilogue, gemv_config
+
+        attn, mlp = self.self_attn, self.mlp
+        return all(
+            gemv_config(*proj.weight.shape, epilogue) is not None
+            for proj, epilogue in [
+                (attn.qkv_proj, Epilogue.PLAIN),
+                (attn.o_proj, Epilogue.RESIDUAL),
+                (mlp.gate_up_proj, Epilogue.SILU_PAIRS),
+                (mlp.down_proj, Epilogue.RESIDUAL),
+            ]
+        )
+
+    def decode_one(
+        self,
+        residual: torch.Tensor,
+        ss_in: torch.Tensor | None,
+        ss: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """The layer on one token's residual stream [1, hidden] with the norms and SiLU * up
+        folded into the GEMVs; returns the new residual. `ss_in` holds the residual's sum of
+        squares (None: the first layer norms it itself); this layer accumulates its two sums of
+        squares into `ss` [2], zeroing each slot before (triton_gemv.py)."""
+        from shardline.shards.layers.triton_gemv import gemv, gemv_normed, gemv_residual
+
+        attn, mlp = self.self_attn, self.mlp
+        norm = self.input_layernorm
+        qkv, bias = attn.qkv_proj.weight, attn.qkv_proj.bias
+        if ss_in is None:
+            heads = gemv(norm(residual), qkv, bias, zero=ss[0])
+        else:
+            heads = gemv_normed(residual, ss_in, norm.weight, norm.eps, qkv, bias, zero=ss[0])
+        out = attn.attend(heads, positions, kv_cache, meta)
+        residual = gemv_residual(out, attn.o_proj.weight, residual, ss[0], attn.o_proj.bias)
+        norm = self.post_attention_layernorm
+        gate_up = mlp.gate_up_proj
+        act = gemv_normed(
+            residual, ss[0], norm.weight, norm.eps, gate_up.weight, gate_up.bias, True, ss[1]
+        )
+        return gemv_residual(act, mlp.down_proj.weight, residual, ss[1], mlp.down_proj.bias)
+
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, weights: Weights, backend: AttentionBackend) -> None:
@@ -203,6 +263,22 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(weights.get_tensor("model.norm.weight"), config.rms_norm_eps)
         head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
         self.lm_head = ParallelLMHead(weights, head, config.vocab_size)
+        self.fused_decode = self._prepare_fused_decode(weights)
+
+    def _prepare_fused_decode(self, weights: Weights) -> bool:
+        """Batch-1 decode folds the norms and SiLU * up into the one-row GEMVs on a single
+        half-precision GPU (with more ranks an all-reduce sits before each residual add). Its
+        gate/up rows are then interleaved once, for every batch size."""
+        fuses = (
+            weights.tp.world_size == 1
+            and torch.device(weights.device).type == "cuda"
+            and weights.dtype in (torch.bfloat16, torch.float16)
+            and all(layer.fuses_decode() for layer in self.layers)
+        )
+        if fuses:
+            for layer in self.layers:
+                layer.mlp.interleave()
+        return fuses
 
     def forward(
         self,
@@ -212,12 +288,29 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Final-normed hidden states [T, hidden_size] of the packed tokens."""
+        if self.fused_decode and input_ids.shape[0] == 1:
+            return self._decode_one(input_ids, positions, kv_caches, meta)
         hidden = self.embed_tokens(input_ids)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, positions, kv_cache, meta)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def _decode_one(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: Sequence[KVCache],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        residual = self.embed_tokens(input_ids)
+        # per layer the sums of squares of the residual after attention and after the MLP
+        ss = torch.empty((self.num_layers, 2), dtype=torch.float32, device=residual.device)
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            ss_in = ss[i - 1, 1] if i else None
+            residual = layer.decode_one(residual, ss_in, ss[i], positions, kv_cache, meta)
+        return self.norm(residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab_size] (model dtype) over the full vocabulary, on every rank."""
