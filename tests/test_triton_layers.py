@@ -189,8 +189,8 @@ def test_gemv_normed_matches_rms_norm_then_linear(
     ss, zero = x.float().pow(2).sum(), _slot(7.0)
     normed = rms_norm_torch(x, norm_weight, 1e-5).double()
     ref = torch.nn.functional.linear(normed, weight.double(), bias.double())
-    if silu_pairs:
-        ref = silu_and_mul_torch(ref)
+    if silu_pairs:  # SiLU * up of the rounded projection, as the unfused layers
+        ref = silu_and_mul_torch(ref.to(dtype)).double()
         weight, bias = interleave_gate_up(weight), interleave_gate_up(bias)
     _poison_next_allocation(tuple(ref.shape), dtype)
     out = gemv_normed(x, ss, norm_weight, 1e-5, weight, bias, silu_pairs, zero)
