@@ -187,7 +187,8 @@ def test_gemv_normed_matches_rms_norm_then_linear(
     x = _random((1, shape[1]), dtype, std=3.0)
     norm_weight = (1 + 0.1 * torch.randn(shape[1], device=DEVICE)).to(dtype)
     ss, zero = x.float().pow(2).sum(), _slot(7.0)
-    normed = rms_norm_torch(x, norm_weight, 1e-5).double()
+    x64 = x.double()  # the kernel rounds neither the normed row nor its product by the weight
+    normed = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_weight.double()
     ref = torch.nn.functional.linear(normed, weight.double(), bias.double())
     if silu_pairs:  # SiLU * up of the rounded projection, as the unfused layers
         ref = silu_and_mul_torch(ref.to(dtype)).double()
