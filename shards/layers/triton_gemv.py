@@ -43,14 +43,15 @@ def gemv_config(n: int, k: int, epilogue: Epilogue = Epilogue.PLAIN) -> GemvConf
     """The tiling for an [n, k] weight, or None where the kernel does not apply. Best on the
     H100 for the 1.7B shape: 2 rows x 1024 of K a program, 1 x 2048 for a long K (8192); 2
     warps on small weights (n <= 2048) and long K, 4 otherwise. A residual epilogue takes more
-    rows a program (fewer atomics): 4 x 2048 (8 warps), 2 x 512 for a long K; SiLU pairs 2."""
+    rows a program (fewer atomics): 4 x 2048 (8 warps), 2 x 1024 (2 warps) for a long K; SiLU
+    pairs 4 x 1024 (4 warps)."""
     long_k = k >= 8192
     block_n, block_k = (1, 2048) if long_k else (2, 1024)
     num_warps = 2 if long_k or n <= 2048 else 4
     if epilogue == Epilogue.RESIDUAL:
-        block_n, block_k, num_warps = (2, 512, 2) if long_k else (4, 2048, 8)
+        block_n, block_k, num_warps = (2, 1024, 2) if long_k else (4, 2048, 8)
     elif epilogue == Epilogue.SILU_PAIRS:
-        block_n, num_warps = 2, 2
+        block_n, block_k, num_warps = 4, 1024, 4
         if n % 2:
             return None
     while block_k < k and k // block_k > MAX_K_TILES:
