@@ -19,7 +19,7 @@ if not (torch.cuda.is_available() or INTERPRET):
     pytest.skip("needs CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
 pytest.importorskip("triton")
 
-from shardline.shards.layers.activation import interleave_gate_up, silu_and_mul_torch  # noqa: E402
+from shardline.shards.layers.activation import silu_and_mul_torch  # noqa: E402
 from shardline.shards.layers.linear import linear  # noqa: E402
 from shardline.shards.layers.norm import rms_norm_torch  # noqa: E402
 from shardline.shards.layers.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
@@ -135,9 +135,6 @@ def test_silu_and_mul_matches_torch(dtype: torch.dtype, shape: tuple[int, ...]) 
     gate_up = _random(shape, dtype, std=3.0)
     _poison_next_allocation((*shape[:-1], shape[-1] // 2), dtype)
     _assert_close(triton_silu_and_mul(gate_up), silu_and_mul_torch(gate_up), dtype)
-    pairs = interleave_gate_up(gate_up.reshape(-1, shape[-1]).T).T.reshape(shape).contiguous()
-    _assert_close(silu_and_mul_torch(pairs, True), silu_and_mul_torch(gate_up), dtype)
-    _assert_close(triton_silu_and_mul(pairs, True), silu_and_mul_torch(gate_up), dtype)
 
 
 # (N, K): 2 rows a program, long K (1 row of 2048), an odd N, a K of 7 x 128 (Qwen2-0.5B's 896).
@@ -192,7 +189,6 @@ def test_gemv_normed_matches_rms_norm_then_linear(
     ref = torch.nn.functional.linear(normed, weight.double(), bias.double())
     if silu_pairs:  # SiLU * up of the rounded projection, as the unfused layers
         ref = silu_and_mul_torch(ref.to(dtype)).double()
-        weight, bias = interleave_gate_up(weight), interleave_gate_up(bias)
     _poison_next_allocation(tuple(ref.shape), dtype)
     out = gemv_normed(x, ss, norm_weight, 1e-5, weight, bias, silu_pairs, zero)
     assert out.shape == ref.shape and out.dtype == dtype

@@ -1,8 +1,4 @@
-"""SiLU(gate) * up in Triton: one read of the fused gate/up rows, one write of the product.
-
-The rows hold gate then up ([g0 .. gn, u0 .. un]) or, `interleaved`, pairs ([g0, u0, g1, u1 ..],
-the layout of a gate/up weight prepared for the fused batch-1 decode GEMV).
-"""
+"""SiLU(gate) * up in Triton: one read of the fused gate/up rows, one write of the product."""
 
 from __future__ import annotations
 
@@ -20,8 +16,6 @@ def _silu_and_mul_kernel(
     gate_up_ptr,
     out_ptr,
     width,
-    up_offset,
-    col_step,
     stride_in,
     stride_out,
     BLOCK: tl.constexpr,
@@ -32,17 +26,16 @@ def _silu_and_mul_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
-    gate_ptrs = gate_up_ptr + row * stride_in + cols * col_step
-    gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gate_ptrs + up_offset, mask=mask, other=0.0)
+    gate = tl.load(gate_up_ptr + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * stride_in + width + cols, mask=mask, other=0.0)
     out_dtype = out_ptr.dtype.element_ty
     silu = (gate / (1.0 + tl.exp(-gate))).to(out_dtype)
     out = silu.to(tl.float32) * up.to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, out.to(out_dtype), mask=mask)
 
 
-def triton_silu_and_mul(gate_up: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
-    """SiLU(gate) * up for gate_up [..., 2 * n] holding gate then up (or pairs); returns [..., n]."""
+def triton_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up for gate_up [..., 2 * n] holding gate then up; returns [..., n]."""
     width = gate_up.shape[-1] // 2
     rows = gate_up.reshape(-1, 2 * width)
     if rows.stride(-1) != 1:
@@ -54,8 +47,6 @@ def triton_silu_and_mul(gate_up: torch.Tensor, interleaved: bool = False) -> tor
             rows,
             out,
             width,
-            1 if interleaved else width,
-            2 if interleaved else 1,
             rows.stride(0),
             out.stride(0),
             BLOCK=BLOCK,

@@ -29,7 +29,7 @@ MAX_K_TILES = 16
 class Epilogue(IntEnum):
     PLAIN = 0  # y = x @ W.T (+ bias)
     RESIDUAL = 1  # y = residual + x @ W.T; sum(y^2) added to a float32 slot
-    SILU_PAIRS = 2  # W rows interleaved (gate j, up j): y[j] = silu(gate j) * up j
+    SILU_PAIRS = 2  # W = [gate; up] (gate_up_proj): y[j] = silu(gate j) * up j
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,11 @@ def _gemv_kernel(
     allow_dependents(USE_PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n
+    rows = offs_n  # of the weight
+    if EPILOGUE == 2:  # output slot 2j reads gate row j, slot 2j + 1 up row j
+        rows = offs_n // 2 + (offs_n % 2) * (n // 2)
     offs_k = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :]
+    w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_w + offs_k[None, :]
     w_tile = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)  # depends on no kernel before
     wait_for_inputs(USE_PDL)
     if ZERO:
@@ -138,7 +141,7 @@ def _gemv_kernel(
     if NORM:
         out *= tl.rsqrt(tl.load(ss_in_ptr) / K + eps)
     if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        out += tl.load(bias_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)
     _epilogue(out, offs_n, n_mask, n, y_ptr, residual_ptr, ss_out_ptr, BLOCK_N, EPILOGUE)
 
 
@@ -225,8 +228,8 @@ def gemv_normed(
     zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RMSNorm(x) * norm_weight @ weight.T (+ bias), with `ss` the float32 sum of squares of x
-    (from `gemv_residual`). With `silu_pairs` the weight rows are interleaved (gate j, up j) and
-    the result is SiLU(gate) * up [1, N / 2]. Program 0 zeroes `zero` (the slot a later
+    (from `gemv_residual`). With `silu_pairs` the weight is gate_up_proj's (gate rows, then up
+    rows; each program takes matching ones) and the result is SiLU(gate) * up [1, N / 2]. Program 0 zeroes `zero` (the slot a later
     `gemv_residual` accumulates into: its ordering within one forward keeps CUDA graphs valid)."""
     epilogue = Epilogue.SILU_PAIRS if silu_pairs else Epilogue.PLAIN
     width = weight.shape[0] // 2 if silu_pairs else weight.shape[0]

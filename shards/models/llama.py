@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from shardline.progress import logged_progress
-from shardline.shards.layers.activation import interleave_gate_up, silu_and_mul
+from shardline.shards.layers.activation import silu_and_mul
 from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
 from shardline.shards.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear, frozen
+from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear
 from shardline.shards.layers.norm import RMSNorm
 from shardline.shards.layers.rotary import RotaryEmbedding
 from shardline.shards.models.config import ModelConfig
@@ -139,17 +139,9 @@ class LlamaMLP(nn.Module):
             weights, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], config.mlp_bias
         )
         self.down_proj = RowParallelLinear.load(weights, f"{prefix}.down_proj", config.mlp_bias)
-        self.interleaved = False
-
-    def interleave(self) -> None:
-        """Reorders the gate/up rows into (gate j, up j) pairs, for the fused decode GEMV."""
-        proj = self.gate_up_proj
-        proj.weight = frozen(interleave_gate_up(proj.weight))
-        proj.bias = frozen(None if proj.bias is None else interleave_gate_up(proj.bias))
-        self.interleaved = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.interleaved))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -263,22 +255,14 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(weights.get_tensor("model.norm.weight"), config.rms_norm_eps)
         head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
         self.lm_head = ParallelLMHead(weights, head, config.vocab_size)
-        self.fused_decode = self._prepare_fused_decode(weights)
-
-    def _prepare_fused_decode(self, weights: Weights) -> bool:
-        """Batch-1 decode folds the norms and SiLU * up into the one-row GEMVs on a single
-        half-precision GPU (with more ranks an all-reduce sits before each residual add). Its
-        gate/up rows are then interleaved once, for every batch size."""
-        fuses = (
+        # Batch-1 decode folds the norms and SiLU * up into the one-row GEMVs on a single
+        # half-precision GPU (with more ranks an all-reduce sits before each residual add).
+        self.fused_decode = (
             weights.tp.world_size == 1
             and torch.device(weights.device).type == "cuda"
             and weights.dtype in (torch.bfloat16, torch.float16)
             and all(layer.fuses_decode() for layer in self.layers)
         )
-        if fuses:
-            for layer in self.layers:
-                layer.mlp.interleave()
-        return fuses
 
     def forward(
         self,
