@@ -91,18 +91,15 @@ class RequestQueue:
         take: bool = True,
     ) -> list[Entry] | None:
         """Takes entries in arrival order while they fit both budgets (each with its `chunk`);
-        None when too few fit. The prompt under way, when there is one, always goes on: with the
-        others if enough fit, else alone (so that a chunked join does not force the next one).
+        None when too few fit, and always the prompt under way when there is one.
 
         Cancelled entries are dropped on the way; an entry whose prompt is prefilled in part
         stays. `take=False` only looks.
         """
+        if self.prefill_under_way:
+            min_size = None
         batch = self._fitting(max_size, prefill_token_budget, token_budget)
-        if batch and min_size is not None and len(batch) < min_size:
-            if not self.prefill_under_way:
-                return None
-            batch = batch[:1]  # the prompt under way goes on alone: joins must not cascade
-        if not batch:
+        if not batch or (min_size is not None and len(batch) < min_size):
             return None
         if not take:
             return batch

@@ -485,26 +485,3 @@ async def test_a_cancelled_partial_prompt_is_dropped_on_the_shards(tokenizer):
     chunks_of_long = [chunk for calls in fake.chunks for chunk in calls if chunk[0] == 1]
     assert len(chunks_of_long) < 5  # the rest of its prompt was never sent
     await batcher.stop()
-
-
-def test_a_chunked_prompt_goes_on_alone_when_the_join_rule_says_wait(tokenizer):
-    """A join cut a prompt; at the next step the join rule lets no new request in (too few fit
-    for the running batch): the prompt under way continues alone, so joins do not cascade."""
-    from shardline.router.queue import Entry, RequestQueue
-
-    queue = RequestQueue(chunking=True)
-    entries = [
-        Entry(id=i, request=_long_request(tokenizer, 10, max_new_tokens=4), sequences=[])
-        for i in range(4)
-    ]
-    for entry in entries:
-        queue.append(entry)
-    length = entries[0].prefill_tokens
-    first = queue.next_batch(None, None, length + 5, 10_000)
-    assert first == entries[:2] and entries[1].chunk == 5 and entries[1].chunked
-    entries[1].prefilled = 5  # the shards answered the first chunk
-    assert queue.prefill_under_way
-    alone = queue.next_batch(4, None, 4 * length, 10_000)  # the rule wants 4 joining requests
-    assert alone == [entries[1]] and not entries[1].chunked
-    assert queue.next_batch(4, None, 4 * length, 10_000) is None  # then the rule holds again
-    assert len(queue) == 2
