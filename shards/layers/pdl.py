@@ -26,9 +26,15 @@ def _supported(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def pdl_launch(device: torch.device) -> dict[str, bool]:
-    """The launch arguments of a kernel taking `USE_PDL`: PDL on where the device has it."""
-    if device.type != "cuda":
+# PDL pays where kernels are short and launch-bound: the steps of a few rows. Larger launches
+# keep plain stream order (the large-batch steps were measured without it).
+PDL_MAX_ROWS = 8
+
+
+def pdl_launch(device: torch.device, rows: int) -> dict[str, bool]:
+    """The launch arguments of a kernel taking `USE_PDL` over `rows` tokens (or sequences): PDL
+    on where the device has it and the launch is small."""
+    if device.type != "cuda" or rows > PDL_MAX_ROWS:
         return {"USE_PDL": False}
     index = device.index if device.index is not None else torch.cuda.current_device()
     if _supported(index):

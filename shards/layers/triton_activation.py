@@ -51,6 +51,6 @@ def triton_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
             out.stride(0),
             BLOCK=BLOCK,
             num_warps=4,
-            **pdl_launch(gate_up.device),
+            **pdl_launch(gate_up.device, rows.shape[0]),
         )
     return out.view(*gate_up.shape[:-1], width)

@@ -197,7 +197,7 @@ def _launch(
         EPILOGUE=int(epilogue),
         ZERO=zero is not None,
         num_warps=config.num_warps,
-        **pdl_launch(x.device),
+        **pdl_launch(x.device, 1),
     )
     return out
 

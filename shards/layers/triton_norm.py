@@ -76,7 +76,7 @@ def rms_norm(
             BLOCK=triton.next_power_of_2(hidden),
             num_warps=min(16, max(1, triton.next_power_of_2(hidden) // 256)),
             enable_fp_fusion=False,  # squares rounded before the sum, as torch's pow(2)
-            **pdl_launch(x.device),
+            **pdl_launch(x.device, rows.shape[0]),
         )
     out = out.view(*x.shape[:-1], hidden)
     return out if residual is None else (out, summed.view(x.shape))

@@ -285,7 +285,7 @@ def paged_decode_attention(
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        **pdl_launch(q.device),
+        **pdl_launch(q.device, batch),
     )
     grid = (batch, num_kv_heads, plan.num_splits)
     common = (q, k_cache, v_cache, block_tables, context_lens)
@@ -343,7 +343,7 @@ def paged_decode_attention(
         BLOCK_N=config.block_n,
         WINDOW=window,
         num_warps=4,
-        **pdl_launch(q.device),
+        **pdl_launch(q.device, batch),
     )
     return out
 

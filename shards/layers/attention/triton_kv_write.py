@@ -139,5 +139,5 @@ def rotate_and_write_kv_cache(
         PAGE_SIZE=k_cache.shape[1],
         num_warps=4,
         enable_fp_fusion=False,  # an FMA would skip the rounding of a product
-        **pdl_launch(q.device),
+        **pdl_launch(q.device, num_tokens),
     )
