@@ -314,3 +314,11 @@ def test_chunked_prefill_matches_transformers(arch, launch_next, mixed, engines,
     for i in range(len(prompts)):
         assert result.tokens[i] == expected[i], f"request {i}"
     assert_no_leaks(engine)
+
+
+def test_warmup_freezes_what_lives_on(engines):
+    """After warmup the model and every other long-lived object sit in the garbage
+    collector's permanent generation, out of the scans whose pauses would land in steps."""
+    import gc
+
+    assert gc.get_freeze_count() > 10_000
