@@ -72,9 +72,6 @@ class PartialPrompts:
     def __init__(self) -> None:
         self._prompts: dict[int, PartialPrompt] = {}
 
-    def __len__(self) -> int:
-        return len(self._prompts)
-
     def check(self, request: pb.Request) -> None:
         """A new prompt must not be under way; a continued one must be, up to `prefix_len`."""
         partial = self._prompts.get(request.id)

@@ -145,9 +145,7 @@ def _gemv_kernel(
     _epilogue(out, offs_n, n_mask, n, y_ptr, residual_ptr, ss_out_ptr, BLOCK_N, EPILOGUE)
 
 
-def gemv_applies(
-    x: torch.Tensor, weight: torch.Tensor, epilogue: Epilogue = Epilogue.PLAIN
-) -> bool:
+def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """One contiguous half-precision CUDA row against a weight the kernel tiles."""
     return (
         x.is_cuda
@@ -157,7 +155,7 @@ def gemv_applies(
         and weight.dtype == x.dtype
         and x.stride(-1) == 1
         and weight.stride(-1) == 1
-        and gemv_config(*weight.shape, epilogue) is not None
+        and gemv_config(*weight.shape) is not None
     )
 
 
