@@ -115,8 +115,16 @@ class RequestQueue:
         return head is not None and head.prefilled > 0
 
     def partly_prefilled(self) -> list[Entry]:
-        """The entries (live or not) whose prompts the shards hold in part."""
-        return [entry for entry in self._entries if entry.prefilled]
+        """The entries (live or not) whose prompts the shards hold in part. Such an entry stays
+        first among the live ones until its prompt is done, so the scan stops at the first live
+        entry that is not one (it runs every step: it must not walk a long queue)."""
+        found = []
+        for entry in self._entries:
+            if entry.prefilled:
+                found.append(entry)
+            elif entry.alive:
+                break
+        return found
 
     def _fitting(
         self, max_size: int | None, prefill_token_budget: int, token_budget: int

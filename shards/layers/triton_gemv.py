@@ -14,6 +14,7 @@ multiplies its input by the norm weight and scales its outputs by 1 / rms from t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -39,6 +40,7 @@ class GemvConfig:
     num_warps: int
 
 
+@functools.cache  # asked on every one-row linear call, twice
 def gemv_config(n: int, k: int, epilogue: Epilogue = Epilogue.PLAIN) -> GemvConfig | None:
     """The tiling for an [n, k] weight, or None where the kernel does not apply. Best on the
     H100 for the 1.7B shape: 2 rows x 1024 of K a program, 1 x 2048 for a long K (8192); 2
