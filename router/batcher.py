@@ -492,7 +492,8 @@ class Batcher:
                 events = self._events(entry, generation)
             for event in events:
                 entry.events.put_nowait(event)
-            if all(seq.done for seq in entry.sequences):
+            finishes_one = events and events[-1].finished is not None
+            if finishes_one and all(seq.done for seq in entry.sequences):
                 entry.done = True
                 self._record_success(entry)
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from shardline.event_loop import run_event_loop
+from shardline.gc_pauses import freeze_long_lived_objects
 from shardline.log import configure_logging
 from shardline.router.batcher import Batcher
 from shardline.router.client import ShardDeadlines, ShardedClient
@@ -122,6 +123,7 @@ async def serve(args: argparse.Namespace) -> int:
     )
     await runner.setup()
     await web.TCPSite(runner, args.hostname, args.port).start()
+    freeze_long_lived_objects()
     logger.info("router ready", extra={"hostname": args.hostname, "port": args.port})
     stuck = await _until_stopped_or_stuck(ctx.batcher)
     # Stuck: every request already has its error; the drain only lets the answers go out.

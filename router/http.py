@@ -117,8 +117,11 @@ class PayloadTooLargeError(RouterError):
     error_type = "payload_too_large"
 
 
+_SSE_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps builds one per call
+
+
 def sse_event(payload: Any) -> bytes:
-    return b"data:" + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+    return b"data:" + _SSE_ENCODER.encode(payload).encode() + b"\n\n"
 
 
 @web.middleware

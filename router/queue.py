@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -53,9 +54,10 @@ class Entry:
         """Whether the batch being sent leaves part of this prompt for later."""
         return self.chunk < self.prefill_tokens
 
-    @property
+    @functools.cached_property
     def budget_tokens(self) -> int:
-        """KV slots the request may need: its prompt and every token it may generate."""
+        """KV slots the request may need: its prompt and every token it may generate (summed
+        over the running batch at every step, hence kept)."""
         return self.request.budget_tokens(self.block_size)
 
     @property

@@ -6,7 +6,6 @@ protobuf messages; every method runs on one thread, in the order the router send
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from shardline.gc_pauses import freeze_long_lived_objects
 from shardline.proto import generate_pb2 as pb
 from shardline.shards import fault_injection
 from shardline.shards.batch import SequenceState, ShardBatch, build_block_table
@@ -152,7 +152,7 @@ class ShardEngine:
         if self._graphs_wanted():
             self.runner.capture_graphs(buckets, -(-max_total // block_size))
         self._run_greedy_steps()
-        _freeze_long_lived_objects()
+        freeze_long_lived_objects()
         logger.info(
             "kv cache ready: %d blocks of %d tokens (%d tokens)", num_blocks, block_size, supported
         )
@@ -626,14 +626,6 @@ class _PrefillResult:
     forward_ns: int
     batch: ShardBatch | None = None  # the completed prompts' rows
     prompt_logprobs: dict[int, list[float]] = field(default_factory=dict)  # by request
-
-
-def _freeze_long_lived_objects() -> None:
-    """Moves everything alive after warmup (the model, its weights' wrappers, the tokenizer's
-    tables) out of the garbage collector's reach, as vLLM does: a full collection then scans only
-    what serving allocates, and its pauses (tens of ms) stop landing in decode steps."""
-    gc.collect()
-    gc.freeze()
 
 
 def _samples(request: pb.Request) -> range:
