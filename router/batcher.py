@@ -503,17 +503,22 @@ class Batcher:
         if seq.done:
             return []
         events = []
-        for position, (token_id, logprob) in enumerate(
-            zip(generation.tokens.ids, generation.tokens.logprobs, strict=True)
-        ):
-            is_last = position == len(generation.tokens.ids) - 1
-            shard_reason = _SHARD_FINISH_REASONS.get(generation.finish_reason) if is_last else None
-            token, text, reason = self._next_token(seq, token_id, logprob, shard_reason)
+        # Indexed once per token: iterating or re-reading protobuf fields costs µs per token.
+        ids, logprobs = generation.tokens.ids, generation.tokens.logprobs
+        last = len(ids) - 1
+        top_tokens = generation.top_tokens
+        for position in range(last + 1):
+            shard_reason = (
+                _SHARD_FINISH_REASONS.get(generation.finish_reason) if position == last else None
+            )
+            token, text, reason = self._next_token(
+                seq, ids[position], logprobs[position], shard_reason
+            )
             event = StreamEvent(
                 index=len(seq.generated_ids), token=token, text=text, sequence_index=index
             )
-            if position < len(generation.top_tokens):
-                event.top_tokens = self._tokens(generation.top_tokens[position])
+            if position < len(top_tokens):
+                event.top_tokens = self._tokens(top_tokens[position])
             if len(seq.generated_ids) == 1 and entry.request.decoder_input_details:
                 event.prefill = self._tokens(generation.prefill_tokens)
             if reason is not None:
