@@ -4,7 +4,8 @@
 # 1.7B shape's single stream, the 8B shape served over HTTP (all at once, then 300 requests at
 # a Poisson 4 req/s),
 # the GPU correctness tests, HF transformers' generate on the same 8B model, how long an
-# 8k-token prompt stalls 64 running decodes under three prefill budgets (chunked prefill), and
+# 8k-token prompt stalls 64 running decodes under three prefill budgets (chunked prefill), the
+# router's CPU cost per streamed token over an instant fake shard (this host's CPU alone), and
 # offline at vLLM's default of 256 requests at once. Logs and JSON go to ${OUT:-/tmp/issue8};
 # each step ends with its table. STEPS (comma-separated names) runs a part, so that the whole
 # fits two device calls.
@@ -44,5 +45,6 @@ step hf_8b 100 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes hf --hf-batc
     --json "$out/hf_8b.json"
 step stall_8b 120 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes stall \
     --json "$out/stall_8b.json"
+step router 60 python3 -m benchmarks.router_bench --rounds 3
 step engine_8b_256 90 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes offline \
     --max-num-seqs 256 --json "$out/engine_8b_256.json"
