@@ -99,14 +99,27 @@ async def _round(url: str, pid: int, streams: int, new_tokens: int) -> dict:
     }
 
 
-async def _measure(args: argparse.Namespace, process: subprocess.Popen) -> list[dict]:
-    url = f"http://127.0.0.1:{args.port}"
+async def _measure(
+    port: int, process: subprocess.Popen, streams: int, new_tokens: int, rounds: int
+) -> list[dict]:
+    url = f"http://127.0.0.1:{port}"
     await _wait_ready(url, process)
-    rounds = []
-    for _ in range(args.rounds):
-        rounds.append(await _round(url, process.pid, args.streams, args.new_tokens))
-        print(json.dumps(rounds[-1]), flush=True)
-    return rounds
+    results = []
+    for _ in range(rounds):
+        results.append(await _round(url, process.pid, streams, new_tokens))
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def bench(streams: int, new_tokens: int, rounds: int, port: int) -> list[dict]:
+    """Starts the router process on `port`, streams `rounds` times, stops it."""
+    command = [sys.executable, "-m", "benchmarks.router_bench", "--serve", f"--port={port}"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    try:
+        return asyncio.run(_measure(port, process, streams, new_tokens, rounds))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def main() -> None:
@@ -121,13 +134,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             run_event_loop(_serve_router(args.port, Path(folder)))
         return
-    command = [sys.executable, "-m", "benchmarks.router_bench", "--serve", f"--port={args.port}"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    try:
-        rounds = asyncio.run(_measure(args, process))
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    rounds = bench(args.streams, args.new_tokens, args.rounds, args.port)
     cost = statistics.median(r["router_cpu_us_per_token"] for r in rounds)
     rate = statistics.median(r["output_tok_s"] for r in rounds)
     print(f"== router over an instant fake shard, {args.streams} streams ==")
