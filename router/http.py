@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from shardline.router.batcher import Batcher
@@ -117,11 +118,10 @@ class PayloadTooLargeError(RouterError):
     error_type = "payload_too_large"
 
 
-_SSE_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps builds one per call
-
-
 def sse_event(payload: Any) -> bytes:
-    return b"data:" + _SSE_ENCODER.encode(payload).encode() + b"\n\n"
+    """One SSE event, its JSON compact and in UTF-8 as TGI writes it. orjson: one per streamed
+    token, where the json module costs ~3 µs of the router's one event loop and orjson 0.3."""
+    return b"data:" + orjson.dumps(payload) + b"\n\n"
 
 
 @web.middleware
