@@ -1,12 +1,12 @@
 """The router's own cost per streamed token, without a GPU: the real router app (validation,
-queue, batcher, detokenization, SSE) over the tests' instant fake shard, in its own process on
+queue, batcher, detokenization, SSE) over the tests' fake shard, in its own process on
 the router's event loop, with every request streamed at once from this process.
 
 Prints the streamed tokens/s and the router process's CPU microseconds per token (user + system,
 from /proc): that CPU time bounds how fast the served mode can go whatever the GPU does, and it
 is spent on the router's one event loop while the shards compute the next step.
 
-    python -m benchmarks.router_bench [--streams 512] [--new-tokens 200] [--rounds 3]
+    python -m benchmarks.router_bench [--streams 512] [--new-tokens 200] [--rounds 3] [--step-ms 15]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from shardline.router.startup import RouterSettings, start_router
 CONTINUATION = " the model server streams every token of this text back"
 
 
-async def _serve_router(port: int, tokenizer_dir: Path) -> None:
+async def _serve_router(port: int, tokenizer_dir: Path, step_s: float) -> None:
     from tests.test_router_fakes import FakeShardClient, tiny_tokenizer
 
     tokenizer = tiny_tokenizer(tokenizer_dir)
@@ -42,6 +42,7 @@ async def _serve_router(port: int, tokenizer_dir: Path) -> None:
     fake = FakeShardClient(
         lambda prompt: (ids * 1000)[:4096],
         tokenizer.eos_token_id,
+        step_delay=step_s,
         max_supported_total_tokens=10_000_000,
     )
     settings = RouterSettings(
@@ -111,9 +112,10 @@ async def _measure(
     return results
 
 
-def bench(streams: int, new_tokens: int, rounds: int, port: int) -> list[dict]:
+def bench(streams: int, new_tokens: int, rounds: int, port: int, step_ms: float) -> list[dict]:
     """Starts the router process on `port`, streams `rounds` times, stops it."""
     command = [sys.executable, "-m", "benchmarks.router_bench", "--serve", f"--port={port}"]
+    command.append(f"--step-ms={step_ms}")
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     try:
         return asyncio.run(_measure(port, process, streams, new_tokens, rounds))
@@ -128,16 +130,24 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--port", type=int, default=8790)
+    parser.add_argument(
+        "--step-ms",
+        type=float,
+        default=15.0,
+        help="the fake shard's time per step (an H100's 8B step at ~450 rows); 0 streams as "
+        "fast as the router can, which leaves the load generator behind: writes back up and "
+        "the router's CPU per token doubles",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         with tempfile.TemporaryDirectory() as folder:
-            run_event_loop(_serve_router(args.port, Path(folder)))
+            run_event_loop(_serve_router(args.port, Path(folder), args.step_ms / 1e3))
         return
-    rounds = bench(args.streams, args.new_tokens, args.rounds, args.port)
+    rounds = bench(args.streams, args.new_tokens, args.rounds, args.port, args.step_ms)
     cost = statistics.median(r["router_cpu_us_per_token"] for r in rounds)
     rate = statistics.median(r["output_tok_s"] for r in rounds)
-    print(f"== router over an instant fake shard, {args.streams} streams ==")
+    print(f"== router over a fake shard at {args.step_ms} ms a step, {args.streams} streams ==")
     print(f"streamed tok/s (median of {len(rounds)})        {rate:>8}")
     print(f"router CPU us per token (median)      {cost:>8}")
     print(f"router-bound step at {args.streams} rows, ms      {cost * args.streams / 1e3:>8.1f}")
