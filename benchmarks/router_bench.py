@@ -21,11 +21,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 from shardline_client import AsyncClient
 from shardline_client.loadgen import GenerateStreamOptions, LoadRequest, run_load
 
+from benchmarks.serve_bench import wait_healthy
 from shardline.event_loop import run_event_loop
 from shardline.gc_pauses import freeze_long_lived_objects
 from shardline.router.server import create_app
@@ -67,21 +67,6 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _wait_ready(url: str, process: subprocess.Popen) -> None:
-    async with aiohttp.ClientSession() as session:
-        for _ in range(240):
-            if process.poll() is not None:
-                raise RuntimeError("the router exited")
-            try:
-                async with session.get(f"{url}/health") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.5)
-    raise TimeoutError("the router did not start")
-
-
 async def _round(url: str, pid: int, streams: int, new_tokens: int) -> dict:
     options = GenerateStreamOptions(max_new_tokens=new_tokens)
     requests = [LoadRequest("the model server", options) for _ in range(streams)]
@@ -104,7 +89,7 @@ async def _measure(
     port: int, process: subprocess.Popen, streams: int, new_tokens: int, rounds: int
 ) -> list[dict]:
     url = f"http://127.0.0.1:{port}"
-    await _wait_ready(url, process)
+    await wait_healthy(url, process, timeout=120)
     results = []
     for _ in range(rounds):
         results.append(await _round(url, process.pid, streams, new_tokens))

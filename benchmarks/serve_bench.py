@@ -58,6 +58,23 @@ def exact_prompt(rng: random.Random, words: list[str], length: int) -> str:
     return "".join(rng.choice(words) for _ in range(length))
 
 
+async def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 400) -> float:
+    """Seconds until `url`/health answers 200; fails once `process` exits or time runs out."""
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() - started < timeout:
+            if process.poll() is not None:
+                raise RuntimeError(f"{process.args[2]} exited with {process.returncode}")
+            try:
+                async with session.get(f"{url}/health") as response:
+                    if response.status == 200:
+                        return time.monotonic() - started
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
 class Server:
     def __init__(self, model_dir: Path, num_shard: int, port: int, extra: list[str]) -> None:
         command = [
@@ -68,19 +85,7 @@ class Server:
         self.process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     async def wait_ready(self, timeout: float = 400) -> float:
-        started = time.monotonic()
-        async with aiohttp.ClientSession() as session:
-            while time.monotonic() - started < timeout:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"launcher exited with {self.process.returncode}")
-                try:
-                    async with session.get(f"{self.url}/health") as response:
-                        if response.status == 200:
-                            return time.monotonic() - started
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(1)
-        raise TimeoutError("server not ready")
+        return await wait_healthy(self.url, self.process, timeout)
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)

@@ -505,12 +505,10 @@ class Batcher:
         events = []
         # Indexed once per token: iterating or re-reading protobuf fields costs µs per token.
         ids, logprobs = generation.tokens.ids, generation.tokens.logprobs
-        last = len(ids) - 1
-        top_tokens = generation.top_tokens
-        for position in range(last + 1):
-            shard_reason = (
-                _SHARD_FINISH_REASONS.get(generation.finish_reason) if position == last else None
-            )
+        count, top_tokens = len(ids), generation.top_tokens
+        for position in range(count):
+            is_last = position == count - 1
+            shard_reason = _SHARD_FINISH_REASONS.get(generation.finish_reason) if is_last else None
             token, text, reason = self._next_token(
                 seq, ids[position], logprobs[position], shard_reason
             )
