@@ -31,7 +31,8 @@ from shardline_client.loadgen import LoadRequest, run_load
 from shardline_client.loadgen import main as loadgen_main
 from shardline_client.protocol import EventStream, RetryPolicy
 
-SPEC_PATH = Path(__file__).resolve().parents[1].parent / "shared/anchors/tgi-openapi.json"
+from tests.test_router_server import TGI_SPEC_PATH
+
 CLIENT_README = Path(__file__).resolve().parents[1] / "clients/python/README.md"
 TOKEN_DELAY_S = 0.002
 
@@ -246,7 +247,7 @@ class MockTGI:
 
 @pytest.fixture(scope="module")
 def mock() -> Iterator[MockTGI]:
-    mock = MockTGI(SpecChecker(SPEC_PATH))
+    mock = MockTGI(SpecChecker(TGI_SPEC_PATH))
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(mock.app(), handler_cancellation=True)
     loop.run_until_complete(runner.setup())

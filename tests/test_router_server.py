@@ -20,9 +20,8 @@ from tests.test_router_fakes import (
     router_client,
 )
 
-TGI_SPEC = json.loads(
-    (Path(__file__).resolve().parents[2] / "shared/anchors/tgi-openapi.json").read_text()
-)
+TGI_SPEC_PATH = Path(__file__).resolve().parent / "data" / "tgi-openapi.json"  # see data/README.md
+TGI_SPEC = json.loads(TGI_SPEC_PATH.read_text())
 
 
 def _as_json_schema(node):
