@@ -25,6 +25,16 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.kernel_profile import kernel_profile
+from benchmarks.offline_floor import (
+    Call,
+    Ceilings,
+    ModelShape,
+    StepLog,
+    floor_table,
+    phase_breakdown,
+    workload_floor,
+)
 from benchmarks.random_model import tensor_shapes, write_model
 from shardline import LLM, SamplingParams
 from shardline.proto import generate_pb2 as pb
@@ -74,9 +84,9 @@ async def timed_run(
     requests: list[ValidRequest],
     config: BatchingConfig | None = None,
     delays: list[float] | None = None,
-) -> tuple[float, list[RequestTiming]]:
+) -> tuple[float, list[RequestTiming], list[Call]]:
     """Every request through a batcher (the LLM's own config unless `config`), request i
-    submitted `delays[i]` seconds after the start (default: all at once)."""
+    submitted `delays[i]` seconds after the start (default: all at once); the engine's calls."""
     metrics = RouterMetrics()
     waste: list[float] = []
     steps = StepLog.attach(llm._shards.engine)
@@ -99,57 +109,7 @@ async def timed_run(
         print(json.dumps(breakdown), flush=True)
         print(json.dumps({"steps_by_decode_rows": steps.summary()}), flush=True)
     steps.detach()
-    return elapsed, list(timings)
-
-
-@dataclass
-class StepLog:
-    """The engine's calls of one run: kind, decode rows, prompt tokens and seconds of each."""
-
-    engine: object
-    calls: list[tuple[str, int, int, float]] = field(default_factory=list)
-
-    @classmethod
-    def attach(cls, engine) -> StepLog:
-        log = cls(engine)
-        prefill, decode = engine.prefill, engine.decode
-
-        def timed(kind_of, call):
-            def wrapper(request):
-                started = time.perf_counter()
-                answer = call(request)
-                log.calls.append((*kind_of(request), time.perf_counter() - started))
-                return answer
-
-            return wrapper
-
-        def prefill_kind(request):
-            rows = sum(batch.size for batch in request.cached_batches)
-            tokens = sum(len(r.input_ids) for r in request.batch.requests)
-            return ("mixed" if rows else "prefill", rows, tokens)
-
-        engine.prefill = timed(prefill_kind, prefill)
-        engine.decode = timed(
-            lambda request: ("decode", sum(b.size for b in request.batches), 0), decode
-        )
-        return log
-
-    def detach(self) -> None:
-        del self.engine.prefill, self.engine.decode
-
-    def summary(self) -> dict:
-        """Per kind and band of 32 decode rows: calls, mean prompt tokens, mean ms."""
-        bands: dict[str, list[tuple[int, float]]] = {}
-        for kind, rows, tokens, seconds in self.calls:
-            bands.setdefault(f"{kind} {32 * (rows // 32)}+", []).append((tokens, seconds))
-        return {
-            band: {
-                "calls": len(calls),
-                "prompt_tokens": round(statistics.fmean(t for t, _ in calls)),
-                "ms": round(1e3 * statistics.fmean(s for _, s in calls), 2),
-            }
-            for band, calls in sorted(bands.items())
-        }
+    return elapsed, list(timings), steps.calls
 
 
 async def _sample_kv_waste(llm: LLM, samples: list[float], every_s: float = 0.25) -> None:
@@ -234,7 +194,7 @@ def stall_run(llm: LLM, prefill_budget: int, vocab: int, rows: int = 64) -> dict
     config = dataclasses.replace(llm._batching_config(), max_batch_prefill_tokens=prefill_budget)
     requests = make_requests(llm, [(200, 300)] * rows + [(8192, 16)], vocab)
     delays = [0.0] * rows + [0.3]
-    _, timings = asyncio.run(timed_run(llm, requests, config, delays))
+    _, timings, _ = asyncio.run(timed_run(llm, requests, config, delays))
     itl = [x for t in timings[:rows] for x in t.itl]
     result = {
         "prefill_budget": prefill_budget,
@@ -515,6 +475,47 @@ def hf_baseline(model_dir: Path, pairs: list[tuple[int, int]], batch: int, vocab
     return result
 
 
+def offline_run(
+    llm: LLM, model_dir: Path, pairs: list, vocab: int, ceilings: dict, warm_at: float
+) -> tuple[dict, list[tuple[str, str, str]]]:
+    """The whole workload at once, against the floor of its work (benchmarks/offline_floor.py)."""
+    torch.cuda.reset_peak_memory_stats()
+    elapsed, timings, calls = asyncio.run(timed_run(llm, make_requests(llm, pairs, vocab)))
+    offline = summarize("offline", elapsed, timings, sum(n for n, _ in pairs))
+    offline["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    offline["compiled_after_warmup"] = triton_compiled_since(warm_at)
+    print(json.dumps({"compiled_after_warmup": offline["compiled_after_warmup"]}), flush=True)
+    shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
+    ceil = Ceilings.of(ceilings)
+    offline["floor"] = workload_floor(shape, pairs, ceil)
+    offline["phases"] = phase_breakdown(calls, elapsed, shape, ceil)
+    print(json.dumps({"floor": offline["floor"], "phases": offline["phases"]}), flush=True)
+    rows = [
+        ("offline output tok/s", f"{offline['output_tok_s']:.0f}", f"{len(pairs)} requests"),
+        ("offline total tok/s", f"{offline['total_tok_s']:.0f}", ""),
+        ("offline peak GPU memory GiB", f"{offline['peak_gpu_gib']:.1f}", ""),
+        (
+            "offline TTFT p50/p99 ms",
+            f"{offline['ttft_p50_ms']:.0f}/{offline['ttft_p99_ms']:.0f}",
+            "",
+        ),
+        (
+            "offline TPOT p50/p99 ms",
+            f"{offline['tpot_p50_ms']:.1f}/{offline['tpot_p99_ms']:.1f}",
+            "",
+        ),
+    ]
+    return offline, rows + floor_table(offline["floor"], offline["phases"], elapsed)
+
+
+def profile_offline(llm: LLM, pairs: list, vocab: int) -> dict:
+    """The offline run again under the torch profiler: GPU time by kernel class and by kernel."""
+    requests = make_requests(llm, pairs, vocab)
+    profile = kernel_profile(lambda: asyncio.run(timed_run(llm, requests)))
+    print(json.dumps({"kernel_profile": profile}), flush=True)
+    return profile
+
+
 def load_engine(model_dir: Path, args: argparse.Namespace, results: dict) -> LLM:
     started = time.perf_counter()
     llm = LLM(
@@ -581,7 +582,7 @@ def main() -> None:
         step_ms = step["steady_mean_ms"]
         roof = roofline_step_ms(model_dir, 640, 1, ceilings)
         results["single"] = {"engine_decode_ms": step_ms, **step, "roofline": roof}
-        elapsed, timings = asyncio.run(timed_run(llm, make_requests(llm, [(128, 512)], vocab)))
+        elapsed, timings, _ = asyncio.run(timed_run(llm, make_requests(llm, [(128, 512)], vocab)))
         served = summarize("single_stream", elapsed, timings, 128)
         results["single"]["batcher"] = served
         table.append(
@@ -620,7 +621,7 @@ def main() -> None:
         runs = [
             asyncio.run(timed_run(llm, make_requests(llm, [(8192, 1)], vocab))) for _ in range(3)
         ]
-        results["prefill_8192_ms"] = 1e3 * min(timings[0].ttft for _, timings in runs)
+        results["prefill_8192_ms"] = 1e3 * min(timings[0].ttft for _, timings, _ in runs)
         results["prefill_8192_engine_ms"] = engine_prefill_ms(llm, 8192, vocab)
         table.append(("prefill 8192 tokens ms (TTFT)", f"{results['prefill_8192_ms']:.1f}", ""))
         table.append(
@@ -638,33 +639,10 @@ def main() -> None:
                 )
             )
     if "offline" in modes:
-        torch.cuda.reset_peak_memory_stats()
-        requests = make_requests(llm, pairs, vocab)
-        elapsed, timings = asyncio.run(timed_run(llm, requests))
-        offline = summarize("offline", elapsed, timings, sum(n for n, _ in pairs))
-        offline["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        offline["compiled_after_warmup"] = triton_compiled_since(warm_at)
-        print(json.dumps({"compiled_after_warmup": offline["compiled_after_warmup"]}), flush=True)
-        results["offline"] = offline
-        table.append(
-            ("offline output tok/s", f"{offline['output_tok_s']:.0f}", f"{len(pairs)} requests")
-        )
-        table.append(("offline total tok/s", f"{offline['total_tok_s']:.0f}", ""))
-        table.append(("offline peak GPU memory GiB", f"{offline['peak_gpu_gib']:.1f}", ""))
-        table.append(
-            (
-                "offline TTFT p50/p99 ms",
-                f"{offline['ttft_p50_ms']:.0f}/{offline['ttft_p99_ms']:.0f}",
-                "",
-            )
-        )
-        table.append(
-            (
-                "offline TPOT p50/p99 ms",
-                f"{offline['tpot_p50_ms']:.1f}/{offline['tpot_p99_ms']:.1f}",
-                "",
-            )
-        )
+        results["offline"], rows = offline_run(llm, model_dir, pairs, vocab, ceilings, warm_at)
+        table += rows
+    if "profile" in modes:
+        results["profile"] = profile_offline(llm, pairs, vocab)
     if "hf" in modes:
         llm = None
         torch.cuda.empty_cache()
