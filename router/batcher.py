@@ -13,7 +13,10 @@ next step lets the shards launch that step ahead. What the router ends at step N
 sequence, a cancellation, a stopped best_of sample) is filtered out of the cached batch after
 step N+1, so the shards free its KV blocks; its step N+1 token is dropped.
 
-A shard call that fails gets its requests a 424 and the batch is cleared, and the loop goes on.
+One request's bad data fails that request alone: one whose shard message cannot be built is
+dropped from its Prefill (validation refuses such requests first), and one a shard refuses
+(`StepResult.refused`) fails while the others of its Prefill run on. A shard call that fails
+gets its requests a 424 and the batch is cleared, and the loop goes on.
 A shard call past its deadline (`ShardTimeoutError`) is different: a stuck shard, or ranks
 stuck in a collective, cannot be recovered from, so the loop gives up for good: every request,
 running or queued, gets a 424, `stuck` is set (/health answers 503) and `wait_stuck` returns,
@@ -32,9 +35,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardline.proto import generate_pb2 as pb
-from shardline.router.client import ShardClient, ShardTimeoutError, StepResult
+from shardline.router.client import ShardClient, ShardTimeoutError, StepResult, request_proto
 from shardline.router.detokenizer import IncrementalDetokenizer, backend_tokenizer
-from shardline.router.errors import GenerationError, IncompleteGenerationError, RouterError
+from shardline.router.errors import (
+    GenerationError,
+    IncompleteGenerationError,
+    RouterError,
+    ValidationError,
+)
 from shardline.router.metrics import RouterMetrics
 from shardline.router.queue import Entry, RequestQueue, SequenceOutput
 from shardline.router.request_types import (
@@ -279,7 +287,10 @@ class Batcher:
         shards compute. The next call is a Decode, or, when TGI's rule lets waiting requests
         join, a Prefill of those that carries the running batch (it decodes in the same pass)."""
         answered = _Answered()
-        answered.add(*await self._prefilled(await self._send_prefill(entries)))
+        first = await self._send_prefill(entries)
+        if first is None:
+            return
+        answered.add(*await self._prefilled(first))
         waiting_steps = 1
         while answered.generations or answered.batches:
             call = None
@@ -335,7 +346,13 @@ class Batcher:
 
     async def _send_prefill(
         self, entries: list[Entry], running: Sequence[pb.CachedBatch] = ()
-    ) -> _InFlight:
+    ) -> _InFlight | None:
+        """A Prefill of the entries whose shard message builds (the others fail alone); with
+        none left, a Decode of `running`, or None when there is nothing to send."""
+        requests = self._encodable(entries)
+        entries = list(requests)
+        if not entries:
+            return await self._send_decode(list(running), launch_next=False) if running else None
         now = time.monotonic()
         for entry in entries:
             if entry.batched_at is None:
@@ -345,7 +362,7 @@ class Batcher:
         self._prefilling = {entry.id: entry for entry in entries}  # failed by `_run` on a bug
         batch = pb.Batch(
             id=next(self._batch_ids),
-            requests=[self._to_proto(entry) for entry in entries],
+            requests=list(requests.values()),
             size=len(entries),
             max_tokens=sum(entry.budget_tokens for entry in entries),
         )
@@ -366,6 +383,9 @@ class Batcher:
             await self._drop_prefills([e for e in members.values() if e.prefilled or e.chunked])
             return [], None
         for request_id, entry in members.items():
+            if request_id in result.refused:
+                self._refuse(entry, result.refused[request_id])
+                continue
             if not entry.chunked:
                 self._running[request_id] = entry
             entry.prefilled += entry.chunk
@@ -590,21 +610,24 @@ class Batcher:
             for token_id, logprob in zip(tokens.ids, tokens.logprobs, strict=False)
         ]
 
-    def _to_proto(self, entry: Entry) -> pb.Request:
-        request = entry.request
-        chooser, stopping = request.params.to_proto(request.max_new_tokens)
-        return pb.Request(
-            id=entry.id,
-            input_ids=request.input_ids,
-            prefix_len=entry.prefilled,
-            chunk_len=entry.chunk if entry.chunked else 0,
-            decoder_input_details=request.decoder_input_details,
-            parameters=chooser,
-            stopping_parameters=stopping,
-            top_n_tokens=request.top_n_tokens,
-            num_sequences=request.params.num_sequences,
-            beam_search=request.params.beam_search_proto(),
-        )
+    def _encodable(self, entries: list[Entry]) -> dict[Entry, pb.Request]:
+        """Each entry's shard message, in order; an entry whose message cannot be built fails
+        alone (a bug past validation, which builds it too)."""
+        built = {}
+        for entry in entries:
+            chunk_len = entry.chunk if entry.chunked else 0
+            try:
+                built[entry] = request_proto(entry.request, entry.id, entry.prefilled, chunk_len)
+            except (ValueError, TypeError) as error:
+                logger.error("request %d cannot be sent to the shards: %s", entry.id, error)
+                self._fail([entry], ValidationError(f"the request cannot be sent: {error}"))
+        return built
+
+    def _refuse(self, entry: Entry, reason: str) -> None:
+        """A request the shards refused: they kept nothing of it (nor of its prompt's chunks)."""
+        logger.error("the shards refused request %d: %s", entry.id, reason)
+        entry.prefilled = 0
+        self._fail([entry], ValidationError(f"the model refused the request: {reason}"))
 
     # ---- bookkeeping -------------------------------------------------------------------------
 

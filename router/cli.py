@@ -16,8 +16,8 @@ from shardline.gc_pauses import freeze_long_lived_objects
 from shardline.log import configure_logging
 from shardline.router.batcher import Batcher
 from shardline.router.client import ShardDeadlines, ShardedClient
-from shardline.router.http import PAYLOAD_LIMIT
-from shardline.router.server import create_app
+from shardline.router.http import PAYLOAD_LIMIT, RouterContext, RouterRunner
+from shardline.router.server import create_app, create_metrics_app
 from shardline.router.startup import RouterSettings, start_router
 
 logger = logging.getLogger("shardline.router")
@@ -39,8 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-batch-total-tokens", type=int)
     add("--max-waiting-tokens", type=int, default=20)
     add("--max-batch-size", type=int)
-    add("--hostname", default="0.0.0.0")
+    add("--hostname", default="0.0.0.0", help="address to listen on (0.0.0.0: every interface)")
     add("--port", type=int, default=3000)
+    add(
+        "--prometheus-port",
+        type=int,
+        default=9000,
+        help="port that serves /metrics without the API key, on --hostname (0: none)",
+    )
+    add(
+        "--metrics-without-auth",
+        action="store_true",
+        help="serve /metrics on --port without the API key too",
+    )
     add("--master-shard-uds-path", default="/tmp/text-generation-server-0")
     add("--tokenizer-name", required=True, help="model folder or hub id of the tokenizer")
     add("--tokenizer-config-path", help="folder with the tokenizer files, if not the model's")
@@ -49,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--validation-workers", type=int, default=2)
     add("--max-client-batch-size", type=int, default=4)
     add("--payload-limit", type=int, default=PAYLOAD_LIMIT)
-    add("--api-key", help="require `Authorization: Bearer <key>` on every route but /health")
+    add(
+        "--api-key",
+        help="require `Authorization: Bearer <key>` on every route but the health probes and "
+        "/docs (and /metrics with --metrics-without-auth)",
+    )
     add("--json-output", action="store_true", help="log JSON lines")
     add(
         "--shutdown-timeout",
@@ -97,7 +112,9 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
         validation_workers=args.validation_workers,
         max_client_batch_size=args.max_client_batch_size,
         api_key=args.api_key,
+        metrics_without_auth=args.metrics_without_auth,
         payload_limit=args.payload_limit,
+        shard_step_timeout=args.shard_step_timeout or None,
     )
 
 
@@ -115,7 +132,7 @@ async def serve(args: argparse.Namespace) -> int:
     client = await ShardedClient.connect(args.master_shard_uds_path, shard_deadlines(args))
     logger.info("connected to shards", extra={"world_size": client.world_size})
     ctx = await start_router(client, tokenizer, settings_from_args(args))
-    runner = web.AppRunner(
+    runner = RouterRunner(
         create_app(ctx),
         handler_cancellation=True,
         access_log=None,
@@ -123,8 +140,12 @@ async def serve(args: argparse.Namespace) -> int:
     )
     await runner.setup()
     await web.TCPSite(runner, args.hostname, args.port).start()
+    metrics_runner = await _serve_metrics(ctx, args.hostname, args.prometheus_port)
     freeze_long_lived_objects()
-    logger.info("router ready", extra={"hostname": args.hostname, "port": args.port})
+    logger.info(
+        f"router listening on http://{_url_host(args.hostname)}:{args.port}",
+        extra={"hostname": args.hostname, "port": args.port},
+    )
     stuck = await _until_stopped_or_stuck(ctx.batcher)
     # Stuck: every request already has its error; the drain only lets the answers go out.
     drain_s = _CLOSE_GRACE_S if stuck else args.shutdown_timeout
@@ -132,10 +153,33 @@ async def serve(args: argparse.Namespace) -> int:
     if not await ctx.drain(drain_s):
         logger.warning("shutdown timeout: cutting %d in-flight requests", ctx.in_flight)
     await runner.cleanup()
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
     await ctx.batcher.stop()
     ctx.validator.close()
     await client.close()
     return 1 if stuck else 0
+
+
+async def _serve_metrics(ctx: RouterContext, hostname: str, port: int) -> web.AppRunner | None:
+    """/metrics on the Prometheus port. A port already taken (another server on this machine)
+    costs the metrics port alone, never the router: a warning says so."""
+    if not port:
+        return None
+    runner = RouterRunner(create_metrics_app(ctx), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, hostname, port).start()
+    except OSError as error:
+        logger.warning(f"/metrics not served on port {port}: {error}")
+        await runner.cleanup()
+        return None
+    logger.info(f"metrics on http://{_url_host(hostname)}:{port}/metrics")
+    return runner
+
+
+def _url_host(hostname: str) -> str:
+    return f"[{hostname}]" if ":" in hostname else hostname
 
 
 async def _until_stopped_or_stuck(batcher: Batcher) -> bool:

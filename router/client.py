@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
 
 from shardline.proto import CALL_SEQUENCE_KEY, generate_pb2_grpc
 from shardline.proto import generate_pb2 as pb
+from shardline.router.request_types import ValidRequest
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
@@ -61,6 +62,8 @@ class StepResult:
     generations: list[pb.Generation]
     batch: pb.CachedBatch | None
     timings: Timings
+    refused: dict[int, str] = field(default_factory=dict)
+    """A Prefill's requests the shards would not run, with the reason: they alone fail."""
 
 
 class ShardClient(Protocol):
@@ -106,7 +109,32 @@ def step_result(answer: pb.PrefillResponse | pb.DecodeResponse) -> StepResult:
         concat=getattr(answer, "concat_ns", 0) / 1e9,
     )
     batch = answer.batch if answer.HasField("batch") else None
-    return StepResult(list(answer.generations), batch, timings)
+    refused = {r.request_id: r.reason for r in getattr(answer, "refused", ())}
+    return StepResult(list(answer.generations), batch, timings, refused)
+
+
+def request_proto(
+    request: ValidRequest, request_id: int, prefix_len: int = 0, chunk_len: int = 0
+) -> pb.Request:
+    """The shard's message for a request (or, chunked, for the prompt chunk at `prefix_len`).
+
+    Raises ValueError (a number out of its field's range), TypeError or UnicodeEncodeError (a
+    lone surrogate) where the request cannot be encoded: validation builds it once to refuse
+    such a request before it joins a batch.
+    """
+    chooser, stopping = request.params.to_proto(request.max_new_tokens)
+    return pb.Request(
+        id=request_id,
+        input_ids=request.input_ids,
+        prefix_len=prefix_len,
+        chunk_len=chunk_len,
+        decoder_input_details=request.decoder_input_details,
+        parameters=chooser,
+        stopping_parameters=stopping,
+        top_n_tokens=request.top_n_tokens,
+        num_sequences=request.params.num_sequences,
+        beam_search=request.params.beam_search_proto(),
+    )
 
 
 def filter_request(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 
 class RouterError(Exception):
     status: int = 500
@@ -53,3 +55,19 @@ class ShuttingDownError(RouterError):
 class UnsupportedMediaTypeError(RouterError):
     status = 415
     error_type = "unsupported_media_type"
+
+
+class PayloadTooLargeError(RouterError):
+    status = 413
+    error_type = "payload_too_large"
+
+
+def error_json(status: int, message: str) -> dict[str, str]:
+    """The TGI error JSON of an HTTP error that is not a `RouterError` (an unknown route, a
+    wrong method, a request line aiohttp cannot parse): its `error_type` is the status's
+    reason phrase in snake case (`method_not_allowed`)."""
+    try:
+        error_type = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        error_type = "error"
+    return {"error": message, "error_type": error_type}

@@ -17,17 +17,30 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {**schema, "nullable": True}
 
 
+_REQUEST_ERRORS = {
+    "400": "Malformed body: not JSON, invalid UTF-8, NaN or Infinity, nested over 128 levels",
+    "413": "Body larger than --payload-limit",
+    "415": "Content-Type of a form or of plain text: the body must be JSON",
+    "422": "Input validation error",
+}
+_GENERATION_ERRORS = {
+    **_REQUEST_ERRORS,
+    "424": "Generation error",
+    "429": "Model is overloaded",
+    "500": "Incomplete generation",
+}
+
+
 def _errors(media_type: str = "application/json") -> dict[str, Any]:
-    described = {
-        "422": "Input validation error",
-        "424": "Generation error",
-        "429": "Model is overloaded",
-        "500": "Incomplete generation",
-    }
-    return {
-        code: {"description": text, "content": {media_type: {"schema": _ref("ErrorResponse")}}}
-        for code, text in described.items()
-    }
+    """A generating route's errors: JSON, as TGI's spec also lists them in `media_type` (a
+    stream's; Shardline answers an error before the stream's first event in JSON, and one
+    after it as an event of the 200 stream)."""
+    return _error_responses(_GENERATION_ERRORS, "application/json", media_type)
+
+
+def _error_responses(described: dict[str, str], *media_types: str) -> dict[str, Any]:
+    content = {media_type: {"schema": _ref("ErrorResponse")} for media_type in media_types}
+    return {code: {"description": text, "content": content} for code, text in described.items()}
 
 
 def _post(operation: str, summary: str, request: str, answers: dict[str, Any], errors: str) -> dict:
@@ -112,6 +125,9 @@ _SEED = _nullable({"type": "integer", "format": "int64", "minimum": 0})
 _COUNT = {"type": "integer", "format": "int32", "minimum": 0}
 
 
+_PROMPT = {"type": "string", "minLength": 1}
+
+
 def _schemas() -> dict[str, Any]:
     generation_details = {
         "finish_reason": _FINISH,
@@ -126,13 +142,13 @@ def _schemas() -> dict[str, Any]:
         "GenerateRequest": {
             "type": "object",
             "required": ["inputs"],
-            "properties": {"inputs": {"type": "string"}, "parameters": _ref("GenerateParameters")},
+            "properties": {"inputs": _PROMPT, "parameters": _ref("GenerateParameters")},
         },
         "CompatGenerateRequest": {
             "type": "object",
             "required": ["inputs"],
             "properties": {
-                "inputs": {"type": "string"},
+                "inputs": _PROMPT,
                 "parameters": _ref("GenerateParameters"),
                 "stream": {"type": "boolean", "default": False},
             },
@@ -298,7 +314,8 @@ def openapi_spec() -> dict[str, Any]:
                         "200": {
                             "description": "Token ids with their character spans",
                             "content": {"application/json": {"schema": _ref("TokenizeResponse")}},
-                        }
+                        },
+                        **_error_responses(_REQUEST_ERRORS, "application/json"),
                     },
                 }
             },
@@ -404,7 +421,7 @@ def _openai_request_schemas() -> dict[str, Any]:
                     "type": "object",
                     "required": ["role"],
                     "properties": {
-                        "role": {"type": "string"},
+                        "role": {"type": "string", "minLength": 1},
                         "name": _nullable({"type": "string"}),
                     },
                 },
@@ -673,7 +690,7 @@ def _openai_paths() -> dict[str, Any]:
                         "description": "The templated text and its tokens",
                         "content": {"application/json": {"schema": _ref("ChatTokenizeResponse")}},
                     },
-                    "422": _errors()["422"],
+                    **_error_responses(_REQUEST_ERRORS, "application/json"),
                 },
             }
         },

@@ -23,6 +23,7 @@ from shardline.router.http import (
     RouterContext,
     auth_middleware,
     context,
+    counting_failure,
     error_middleware,
     read_bool,
     read_json,
@@ -36,13 +37,18 @@ from shardline.router.validation import ResponseOptions, parse_generate_body
 logger = logging.getLogger(__name__)
 
 STATS_TIMEOUT_S = 2.0
-OPEN_PATHS = frozenset({"/health", "/metrics"})  # served without the API key
+# Kubernetes' readiness probe times out after 1 s by default: /health answers within 2 s even
+# when a shard does not answer its Health.
+HEALTH_PROBE_TIMEOUT_S = 1.5
+# Served without the API key; /metrics too with --metrics-without-auth.
+OPEN_PATHS = frozenset({"/health"})
 
 
 def create_app(ctx: RouterContext) -> web.Application:
+    open_paths = OPEN_PATHS | {"/metrics"} if ctx.metrics_without_auth else OPEN_PATHS
     app = web.Application(
         client_max_size=ctx.payload_limit,
-        middlewares=[error_middleware, auth_middleware(ctx.api_key, OPEN_PATHS)],
+        middlewares=[error_middleware, auth_middleware(ctx.api_key, open_paths)],
     )
     app[CONTEXT] = ctx
     app.add_routes(
@@ -59,6 +65,14 @@ def create_app(ctx: RouterContext) -> web.Application:
             *OPENAI_ROUTES,
         ]
     )
+    return app
+
+
+def create_metrics_app(ctx: RouterContext) -> web.Application:
+    """/metrics alone, without the API key: what `--prometheus-port` serves."""
+    app = web.Application(middlewares=[error_middleware])
+    app[CONTEXT] = ctx
+    app.add_routes([web.get("/metrics", metrics)])
     return app
 
 
@@ -94,17 +108,13 @@ async def _validate(
 async def _generate(request: web.Request, body: Any, as_list: bool) -> web.Response:
     ctx = context(request)
     started = _count_request(ctx)
-    try:
-        with ctx.request_slot():
-            valid, options = await _validate(ctx, body, stream=False)
-            stream = ctx.batcher.submit(valid)
-            try:
-                events = await stream.collect()
-            finally:
-                stream.cancel()
-    except RouterError as error:
-        ctx.metrics.request_failure.inc(err=error.error_type)
-        raise
+    with counting_failure(ctx), ctx.request_slot():
+        valid, options = await _validate(ctx, body, stream=False)
+        stream = ctx.batcher.submit(valid)
+        try:
+            events = await stream.collect()
+        finally:
+            stream.cancel()
     _count_success(ctx, started)
     answer = generate_response(valid, options, events)
     return web.json_response([answer] if as_list else answer)
@@ -115,7 +125,7 @@ async def _generate_stream(request: web.Request, body: Any) -> web.StreamRespons
     started = _count_request(ctx)
     response = web.StreamResponse(headers=SSE_HEADERS)
     try:
-        with ctx.request_slot():
+        with counting_failure(ctx), ctx.request_slot():
             valid, options = await _validate(ctx, body, stream=True)
             stream = ctx.batcher.submit(valid)
             try:
@@ -124,11 +134,7 @@ async def _generate_stream(request: web.Request, body: Any) -> web.StreamRespons
                 await _write_events(ctx, response, first, stream, valid, options)
             finally:
                 stream.cancel()
-    except RouterError as error:
-        ctx.metrics.request_failure.inc(err=error.error_type)
-        raise
     except ConnectionError:
-        ctx.metrics.request_failure.inc(err="disconnected")
         logger.info("client disconnected mid-stream")
         return response
     _count_success(ctx, started)
@@ -274,7 +280,10 @@ async def info(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """503 once a shard call ran past its deadline, or when any shard misses its Health deadline.
+    """503 while draining, once a shard step has run past `unready_step_s` (a fraction of its
+    deadline: readiness takes the pod out before the router gives up on the shard), once a
+    shard call ran past its deadline, or when a shard misses its Health within
+    `HEALTH_PROBE_TIMEOUT_S`.
 
     Health is answered by each shard's event loop, not behind its engine thread, so asking it
     costs nothing while a batch runs, and it catches a stopped shard between steps too.
@@ -284,11 +293,14 @@ async def health(request: web.Request) -> web.Response:
         raise ShuttingDownError("the server is shutting down")
     if ctx.batcher.stuck is not None:
         raise UnhealthyError(f"unhealthy: {ctx.batcher.stuck}")
+    step_s = ctx.batcher.oldest_step_s
+    if ctx.unready_step_s is not None and step_s > ctx.unready_step_s:
+        raise UnhealthyError(f"unhealthy: a shard step has run for {step_s:.1f} s")
     try:
-        await ctx.client.health()
+        await asyncio.wait_for(ctx.client.health(), HEALTH_PROBE_TIMEOUT_S)
     except Exception as error:
-        logger.warning("health check failed: %s", error)
-        raise UnhealthyError("unhealthy") from error
+        logger.warning("health check failed: %s", str(error) or type(error).__name__)
+        raise UnhealthyError("unhealthy: a shard did not answer its health check") from error
     return web.Response(status=200)
 
 

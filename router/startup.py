@@ -9,7 +9,7 @@ from typing import Any
 from shardline import __version__
 from shardline.proto import generate_pb2 as pb
 from shardline.router.batcher import Batcher, BatchingConfig
-from shardline.router.client import ShardClient
+from shardline.router.client import ShardClient, ShardDeadlines
 from shardline.router.http import PAYLOAD_LIMIT, RouterContext
 from shardline.router.metrics import RouterMetrics
 from shardline.router.validation import ValidationLimits, Validator
@@ -18,6 +18,9 @@ logger = logging.getLogger(__name__)
 
 _DEFAULT_PREFILL_TOKENS = 4096
 _PREFILL_MARGIN = 50  # TGI's default prefill budget is max_input_tokens + 50
+# /health answers 503 once a shard step has run this fraction of --shard-step-timeout, so that
+# readiness takes the pod out well before the router gives up on the shard and exits.
+UNREADY_STEP_FRACTION = 0.5
 
 
 class StartupError(RuntimeError):
@@ -41,7 +44,9 @@ class RouterSettings:
     validation_workers: int = 2
     max_client_batch_size: int = 4
     api_key: str | None = None
+    metrics_without_auth: bool = False
     payload_limit: int = PAYLOAD_LIMIT
+    shard_step_timeout: float | None = ShardDeadlines.step  # as the client's; None or 0: none
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,13 @@ async def start_router(
         info=_info(settings, shard_info, limits),
         max_concurrent_requests=settings.max_concurrent_requests,
         api_key=settings.api_key,
+        metrics_without_auth=settings.metrics_without_auth,
         payload_limit=settings.payload_limit,
+        unready_step_s=(
+            settings.shard_step_timeout * UNREADY_STEP_FRACTION
+            if settings.shard_step_timeout
+            else None
+        ),
     )
 
 

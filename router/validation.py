@@ -13,12 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from shardline.router.client import request_proto
 from shardline.router.errors import ValidationError
 from shardline.router.request_types import ValidRequest
 from shardline.sampling_params import JSON_OBJECT_SCHEMA, SamplingParams, SamplingParamsError
 
 _MAX_SEED = 2**64 - 1
-_MAX_UINT32 = 2**32 - 1  # the shard protocol's token ids and top_k
 
 # name -> accepted JSON type; every other key of `parameters` is rejected.
 _PARAMETER_TYPES: dict[str, str] = {
@@ -191,6 +191,7 @@ class Validator:
         limits = self.limits
         if not inputs:
             raise ValidationError("`inputs` cannot be empty")
+        _check_unicode(inputs)
         if len(params.stop) > limits.max_stop_sequences:
             raise ValidationError(
                 f"`stop` supports up to {limits.max_stop_sequences} stop sequences. "
@@ -225,7 +226,7 @@ class Validator:
                 f"`min_tokens` must be <= `max_new_tokens` ({max_new_tokens}). "
                 f"Given: {params.min_tokens}"
             )
-        return ValidRequest(
+        request = ValidRequest(
             inputs=inputs,
             input_ids=input_ids,
             params=params,
@@ -233,6 +234,9 @@ class Validator:
             top_n_tokens=top_n_tokens,
             decoder_input_details=decoder_input_details,
         )
+
+        _check_encodable(request)
+        return request
 
     def _check_vocabulary(self, input_ids: list[int]) -> None:
         vocab_size = self.limits.vocab_size
@@ -242,6 +246,26 @@ class Validator:
                 f"`inputs` has token id {outside}, outside the model's vocabulary of "
                 f"{vocab_size} tokens (the tokenizer knows more tokens than the model)"
             )
+
+
+def _check_unicode(inputs: str) -> None:
+    """A lone surrogate (JSON's "\\ud800") is no text: the tokenizer and UTF-8 refuse it."""
+    try:
+        inputs.encode()
+    except UnicodeEncodeError as error:
+        raise ValidationError(
+            f"`inputs` is not valid Unicode: it holds a lone surrogate at position {error.start}"
+        ) from error
+
+
+def _check_encodable(request: ValidRequest) -> None:
+    """Builds the shard's message once, so that whatever cannot be encoded (a number beyond
+    its field's width, text that is not UTF-8) fails this request alone, here, rather than the
+    batch it would join."""
+    try:
+        request_proto(request, request_id=0)
+    except (ValueError, TypeError) as error:  # UnicodeEncodeError is a ValueError
+        raise ValidationError(f"the request cannot be sent to the model: {error}") from error
 
 
 def parse_generate_body(body: Any) -> tuple[str, dict[str, Any]]:
@@ -287,8 +311,6 @@ class _Parameters:
         top_k = self.get("top_k")
         if top_k is not None and top_k <= 0:
             raise ValidationError("`top_k` must be strictly positive")
-        if top_k is not None and top_k > _MAX_UINT32:
-            raise ValidationError(f"`top_k` must be <= {_MAX_UINT32}")
         seed = self.get("seed")
         if seed is not None and not 0 <= seed <= _MAX_SEED:
             raise ValidationError("`seed` must be >= 0 and fit in an unsigned 64-bit integer")
@@ -395,10 +417,7 @@ def _typed(name: str, value: Any) -> Any:
         "str": lambda v: isinstance(v, str),
         "list[str]": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
         "list[int]": lambda v: (
-            isinstance(v, list)
-            and all(
-                isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= _MAX_UINT32 for i in v
-            )
+            isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
         ),
         "any": lambda v: True,
     }[kind](value)

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import random
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,6 +22,8 @@ from shardline.proto import generate_pb2
 logger = logging.getLogger(__name__)
 
 _MAX_SEED = 2**64 - 1
+# The shard protocol's widths: counts, token ids and top_k are uint32, floats are float32.
+MAX_UINT32 = 2**32 - 1
 # OpenAI's json_object: an object whose values are scalars, flat arrays or flat objects. Any depth
 # would do, but outlines-core's automaton of unbounded JSON takes seconds to build per vocabulary.
 _SCALAR: dict[str, Any] = {"type": ["string", "number", "boolean", "null"]}
@@ -132,9 +135,9 @@ class SamplingParams:
         _check(self.watermark is False, "watermark", self.watermark, "is not supported")
 
     def _validate_counts(self) -> None:
-        _check_int("n", self.n, minimum=1)
+        _check_int("n", self.n, minimum=1, maximum=MAX_UINT32)
         if self.best_of is not None:
-            _check_int("best_of", self.best_of, minimum=self.n)
+            _check_int("best_of", self.best_of, minimum=self.n, maximum=MAX_UINT32)
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0, maximum=_MAX_SEED)
 
@@ -143,7 +146,7 @@ class SamplingParams:
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _check_finite("repetition_penalty", self.repetition_penalty)
         _check(
-            self.repetition_penalty > 0.0,
+            _as_float32(self.repetition_penalty) > 0.0,
             "repetition_penalty",
             self.repetition_penalty,
             "must be > 0",
@@ -154,15 +157,21 @@ class SamplingParams:
         _check(self.temperature >= 0.0, "temperature", self.temperature, "must be >= 0")
         _check_finite("top_p", self.top_p)
         _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
-        _check_int("top_k", self.top_k, minimum=0, requirement="must be -1 or 0 (off), or >= 1")
+        _check_int(
+            "top_k",
+            self.top_k,
+            minimum=0,
+            maximum=MAX_UINT32,
+            requirement=f"must be -1 or 0 (off), or in [1, {MAX_UINT32}]",
+        )
         _check_range("min_p", self.min_p, 0.0, 1.0)
         _check_finite("typical_p", self.typical_p)
         _check(0.0 < self.typical_p <= 1.0, "typical_p", self.typical_p, "must be in (0, 1]")
 
     def _validate_stopping(self) -> None:
         if self.max_tokens is not None:
-            _check_int("max_tokens", self.max_tokens, minimum=1)
-        _check_int("min_tokens", self.min_tokens, minimum=0)
+            _check_int("max_tokens", self.max_tokens, minimum=1, maximum=MAX_UINT32)
+        _check_int("min_tokens", self.min_tokens, minimum=0, maximum=MAX_UINT32)
         if self.max_tokens is not None:
             _check(
                 self.min_tokens <= self.max_tokens,
@@ -176,12 +185,14 @@ class SamplingParams:
             self.stop,
             "must hold non-empty strings",
         )
+        for stop in self.stop:
+            _check_text("stop", stop)
         _check(
             isinstance(self.stop_token_ids, list)
-            and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+            and all(_is_int(t) and 0 <= t <= MAX_UINT32 for t in self.stop_token_ids),
             "stop_token_ids",
             self.stop_token_ids,
-            "must hold non-negative token ids",
+            f"must hold token ids in [0, {MAX_UINT32}]",
         )
 
     def _validate_outputs(self) -> None:
@@ -200,7 +211,7 @@ class SamplingParams:
         )
         if not self.use_beam_search:
             return
-        _check_int("beam_width", self.beam_width, minimum=1)
+        _check_int("beam_width", self.beam_width, minimum=1, maximum=MAX_UINT32)
         _check(self.n <= self.beam_width, "n", self.n, f"must be <= beam_width ({self.beam_width})")
         _check(self.best_of is None, "best_of", self.best_of, "is not used with beam search")
         _check(
@@ -233,7 +244,14 @@ class SamplingParams:
             )
         else:
             _check(
-                isinstance(self.guided_regex, str) and _regex_error(self.guided_regex) is None,
+                isinstance(self.guided_regex, str),
+                "guided_regex",
+                self.guided_regex,
+                "must be a string",
+            )
+            _check_text("guided_regex", self.guided_regex)
+            _check(
+                _regex_error(self.guided_regex) is None,
                 "guided_regex",
                 self.guided_regex,
                 f"does not compile: {_regex_error(self.guided_regex)}",
@@ -241,6 +259,7 @@ class SamplingParams:
 
     def _schema_text(self) -> str:
         if isinstance(self.guided_json, str):
+            _check_text("guided_json", self.guided_json)
             return self.guided_json
         _check(
             isinstance(self.guided_json, dict),
@@ -322,6 +341,7 @@ _EARLY_STOPPING = {
 
 
 _ERROR_CHARS = 200
+_MAX_FLOAT32 = struct.unpack("f", struct.pack("I", 0x7F7FFFFF))[0]
 
 
 @functools.lru_cache(maxsize=256)
@@ -383,8 +403,25 @@ def _check_int(
     _check(in_range, name, value, requirement or f"must be {bounds}")
 
 
+def _as_float32(value: float) -> float:
+    """The value the shards receive (a proto float), e.g. 1e300 becomes inf and 1e-300 zero."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 def _check_finite(name: str, value: object) -> None:
-    _check(_is_number(value) and math.isfinite(value), name, value, "must be a finite number")
+    """Finite as a Python number and as the float32 the shards receive."""
+    finite = _is_number(value) and math.isfinite(value) and abs(value) <= _MAX_FLOAT32
+    _check(finite, name, value, "must be a finite number (within float32's range)")
+
+
+def _check_text(name: str, text: str) -> None:
+    """Text the shard protocol can carry: UTF-8, so no lone surrogate (JSON's "\\ud800")."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as error:
+        raise SamplingParamsError(
+            f"`{name}` is not valid Unicode: it holds a lone surrogate at position {error.start}"
+        ) from error
 
 
 def _check_range(name: str, value: object, low: float, high: float) -> None:

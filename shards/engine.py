@@ -33,7 +33,7 @@ from shardline.shards.lookahead import StepAhead, can_launch_ahead
 from shardline.shards.model_runner import ModelRunner, PendingStep, StepResult, grow_blocks
 from shardline.shards.models.config import ModelConfig
 from shardline.shards.prompt_chunks import PartialPrompts, ScheduledChunk, chunk_end
-from shardline.shards.request_checks import InvalidRequestError, check_batch
+from shardline.shards.request_checks import InvalidRequestError, admit, check_batch
 from shardline.shards.utils.dist import TPGroup
 from shardline.shards.utils.grammar import GrammarCompiler
 from shardline.shards.utils.sampling import SamplingState
@@ -214,10 +214,12 @@ class ShardEngine:
         """The new requests' prompts (or the next chunk of each) and the first tokens of the
         prompts completed. With `cached_batches`, those batches decode one step too, in the
         same forward pass (one weight read for both; or from the step launched ahead for them):
-        their generations come first, and the answered batch holds every row."""
+        their generations come first, and the answered batch holds every row. A request whose
+        data is invalid is refused alone (`refused`), the others run."""
         started = time.perf_counter_ns()
-        batch_pb = request.batch
-        self._validate(batch_pb)
+        batch_pb, refused = self._admit(request.batch)
+        if not batch_pb.requests:
+            return self._prefill_none(request, refused, started)
         cached = self._pop_batches(request.cached_batches)
         try:
             running, running_step = self._running_step(cached)
@@ -239,6 +241,23 @@ class ShardEngine:
             forward_ns=result.forward_ns,
             decode_ns=result.step.sample_ns if result.step else 0,
             total_ns=time.perf_counter_ns() - started,
+            refused=refused,
+        )
+
+    def _prefill_none(
+        self, request: pb.PrefillRequest, refused: list[pb.RefusedRequest], started: int
+    ) -> pb.PrefillResponse:
+        """Every new request was refused: the running batches carried decode their step."""
+        if not request.cached_batches:
+            return pb.PrefillResponse(refused=refused, total_ns=time.perf_counter_ns() - started)
+        answer = self.decode(pb.DecodeRequest(batches=request.cached_batches))
+        return pb.PrefillResponse(
+            generations=answer.generations,
+            batch=answer.batch if answer.HasField("batch") else None,
+            forward_ns=answer.forward_ns,
+            decode_ns=answer.decode_ns,
+            total_ns=time.perf_counter_ns() - started,
+            refused=refused,
         )
 
     def _first_tokens(
@@ -580,14 +599,18 @@ class ShardEngine:
         last_tokens[rows] = tokens.to(last_tokens.device)
         return batch.regroup(parents, allocator, self.runner.kv_cache, last_tokens=last_tokens)
 
-    def _validate(self, batch: pb.Batch) -> None:
-        check_batch(
+    def _admit(self, batch: pb.Batch) -> tuple[pb.Batch, list[pb.RefusedRequest]]:
+        """The batch without the requests the shard refuses; nothing of those is kept (a prompt
+        they had prefilled in part is dropped)."""
+        check_batch(batch, cached_batch_ids=self.batches.keys())
+        admitted, reasons = admit(
             batch,
-            cached_batch_ids=self.batches.keys(),
             vocab_size=self.config.vocab_size,
             max_positions=self.max_positions,
             compile_grammar=self.grammars.compile,
         )
+        self._partial.drop(list(reasons), self.allocator)
+        return admitted, [pb.RefusedRequest(request_id=i, reason=r) for i, r in reasons.items()]
 
     def _new_sequence(self, request: pb.Request, blocks: list[int]) -> SequenceState:
         stopping = request.stopping_parameters

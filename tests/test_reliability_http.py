@@ -12,11 +12,13 @@ from collections.abc import Iterator
 
 import pytest
 import schemathesis
+from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 from shardline.proto import generate_pb2 as pb
 from shardline.router import http
+from shardline.router.server import create_app, create_metrics_app
 from tests.test_router_fakes import FakeShardClient, fixed_script, router_client
 
 GOOD = {"inputs": "the city", "parameters": {"max_new_tokens": 6, "details": False}}
@@ -35,10 +37,11 @@ BAD_BODIES: list[tuple[str, bytes, dict[str, str], int, str]] = [
     ("inputs not a string", _raw({"inputs": 7}), JSON, 422, "validation"),
     ("missing inputs", _raw({"parameters": {}}), JSON, 422, "validation"),
     ("empty prompt", _raw({"inputs": ""}), JSON, 422, "validation"),
-    ("lone surrogate", b'{"inputs": "\\ud800 a"}', JSON, 422, "validation"),
-    ("NaN", b'{"inputs": "a", "parameters": {"temperature": NaN}}', JSON, 422, "validation"),
-    ("Infinity", b'{"inputs": "a", "parameters": {"top_p": Infinity}}', JSON, 422, "validation"),
-    ("1e999", b'{"inputs": "a", "parameters": {"temperature": 1e999}}', JSON, 422, "validation"),
+    # Not JSON to serde_json either (TGI's parser): 400, as TGI answers.
+    ("lone surrogate", b'{"inputs": "\\ud800 a"}', JSON, 400, "bad_request"),
+    ("NaN", b'{"inputs": "a", "parameters": {"temperature": NaN}}', JSON, 400, "bad_request"),
+    ("Infinity", b'{"inputs": "a", "parameters": {"top_p": Infinity}}', JSON, 400, "bad_request"),
+    ("1e999", b'{"inputs": "a", "parameters": {"temperature": 1e999}}', JSON, 400, "bad_request"),
     ("huge top_k", _raw({"inputs": "a", "parameters": {"top_k": 2**40}}), JSON, 422, "validation"),
     (
         "stop token id past uint32",
@@ -118,7 +121,7 @@ async def test_unknown_routes_and_methods_get_error_json(router):
         assert set(await answer.json()) == {"error", "error_type"}
 
 
-async def test_api_key_guards_every_route_but_health_and_metrics(tokenizer, fake, monkeypatch):
+async def test_api_key_guards_every_route_but_the_probes(tokenizer, fake, monkeypatch):
     compared: list[tuple[bytes, bytes]] = []
     real = http.hmac.compare_digest
 
@@ -129,20 +132,45 @@ async def test_api_key_guards_every_route_but_health_and_metrics(tokenizer, fake
     monkeypatch.setattr(http.hmac, "compare_digest", spy)
     client, ctx = await router_client(fake, tokenizer, max_total_tokens=128, api_key="s3cret")
     try:
-        for path in ("/health", "/metrics"):
-            assert (await client.get(path)).status == 200, path
+        assert (await client.get("/health")).status == 200
         for header in (None, "Bearer wrong", "s3cret", "Bearer s3cre", "Bearer s3cret2"):
             headers = {"Authorization": header} if header else {}
-            for method, path in [("GET", "/info"), ("GET", "/openapi.json"), ("POST", "/generate")]:
+            for method, path in [
+                ("GET", "/info"),
+                ("GET", "/openapi.json"),
+                ("GET", "/metrics"),
+                ("POST", "/generate"),
+            ]:
                 answer = await client.request(method, path, json=GOOD, headers=headers)
                 assert answer.status == 401, (path, header)
                 assert (await answer.json())["error_type"] == "unauthorized"
         ok = {"Authorization": "Bearer s3cret"}
         assert (await client.post("/generate", json=GOOD, headers=ok)).status == 200
         assert (await client.post("/tokenize", json=GOOD, headers=ok)).status == 200
+        assert (await client.get("/metrics", headers=ok)).status == 200
         assert (b"Bearer s3cret", b"Bearer s3cret") in compared
     finally:
         await client.close()
+        await ctx.batcher.stop()
+
+
+async def test_metrics_without_auth_opens_metrics_alone(tokenizer, fake):
+    client, ctx = await router_client(fake, tokenizer, max_total_tokens=128, api_key="s3cret")
+    ctx.metrics_without_auth = True
+    open_app = TestClient(TestServer(create_app(ctx)))
+    metrics_port = TestClient(TestServer(create_metrics_app(ctx)))
+    await open_app.start_server()
+    await metrics_port.start_server()
+    try:
+        for server in (open_app, metrics_port):
+            answer = await server.get("/metrics")
+            assert answer.status == 200
+            assert "tgi_request_count" in await answer.text()
+        assert (await open_app.get("/info")).status == 401
+        assert (await metrics_port.get("/info")).status == 404
+    finally:
+        for server in (open_app, metrics_port, client):
+            await server.close()
         await ctx.batcher.stop()
 
 
