@@ -7,10 +7,14 @@ import functools
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from shardline.router.detokenizer import IncrementalDetokenizer
 from shardline.router.request_types import StreamEvent, ValidRequest
 from shardline.router.stop_sequences import StopSequenceMatcher
+
+if TYPE_CHECKING:
+    from shardline.router.tracing import EntryTrace
 
 EventOrError = StreamEvent | BaseException
 
@@ -43,6 +47,7 @@ class Entry:
     # cut or sent prefills (the rest of the prompt, or a chunk of it).
     prefilled: int = 0
     chunk: int = 0
+    trace: EntryTrace | None = None  # its spans, when its HTTP request is traced
 
     @property
     def prefill_tokens(self) -> int:
