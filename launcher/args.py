@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -73,8 +74,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--cuda-graphs",), "CUDA_GRAPHS", "decode batch sizes to capture CUDA graphs for, "
          "e.g. 1,2,4,8; 0 disables"),
     # router
-    Flag(("--hostname",), "HOSTNAME", "address the HTTP server listens on", default="0.0.0.0"),
+    Flag(("--hostname",), "HOSTNAME", "address the HTTP server listens on (0.0.0.0: every "
+         "interface); HOSTNAME is ignored when it is this machine's own name, as containers "
+         "set it", default="0.0.0.0"),
     Flag(("-p", "--port"), "PORT", "port the HTTP server listens on", type=int, default=3000),
+    Flag(("--prometheus-port",), "PROMETHEUS_PORT", "port that serves /metrics without the "
+         "API key, on --hostname (0: none; a port already taken is skipped with a warning)",
+         type=int, default=9000),
     Flag(("--max-concurrent-requests",), "MAX_CONCURRENT_REQUESTS",
          "requests in flight before new ones get 429", type=int, default=128),
     Flag(("--max-best-of",), "MAX_BEST_OF", "largest best_of a client may ask", type=int,
@@ -98,6 +104,8 @@ FLAGS: tuple[Flag, ...] = (
          "decode steps before waiting requests are forced into the batch", type=int, default=20),
     Flag(("--max-batch-size",), "MAX_BATCH_SIZE", "most requests in one batch", type=int),
     Flag(("--api-key",), "API_KEY", "bearer token every request must carry"),
+    Flag(("--metrics-without-auth",), "METRICS_WITHOUT_AUTH", "serve /metrics on --port "
+         "without --api-key too, as TGI does", switch=True),
     Flag(("--validation-workers",), "VALIDATION_WORKERS", "tokenizer workers of the router",
          type=int, default=2),
     Flag(("--max-client-batch-size",), "MAX_CLIENT_BATCH_SIZE", "most inputs in one request",
@@ -123,7 +131,7 @@ FLAGS: tuple[Flag, ...] = (
 
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The parser, its defaults taken from `environ` (the process environment by default)."""
-    environ = os.environ if environ is None else environ
+    environ = _without_own_hostname(os.environ if environ is None else environ)
     parser = argparse.ArgumentParser(
         prog="text-generation-launcher",
         description="Starts the shards and the router of Shardline and supervises them.",
@@ -137,6 +145,15 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "-V", "--version", action="version", version=f"text-generation-launcher {__version__}"
     )
     return parser
+
+
+def _without_own_hostname(environ: Mapping[str, str]) -> Mapping[str, str]:
+    """TGI reads --hostname from HOSTNAME, which every container sets to its own name: the
+    server would then listen on that name's address alone (not on localhost). That value is
+    no choice of the user's, so it is dropped; any other HOSTNAME (an address) still counts."""
+    if environ.get("HOSTNAME") != socket.gethostname():
+        return environ
+    return {name: value for name, value in environ.items() if name != "HOSTNAME"}
 
 
 def _add_flag(parser: argparse.ArgumentParser, flag: Flag, environ: Mapping[str, str]) -> None:
