@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardline.proto import generate_pb2 as pb
+from shardline.router import tracing
 from shardline.router.client import ShardClient, ShardTimeoutError, StepResult, request_proto
 from shardline.router.detokenizer import IncrementalDetokenizer, backend_tokenizer
 from shardline.router.errors import (
@@ -192,6 +193,7 @@ class Batcher:
             sequences=[self._sequence_output(request) for _ in range(_returned(request))],
             block_size=self.config.block_size,
         )
+        entry.trace = tracing.entry_trace(entry)
         self._queue.append(entry)
         self._metrics.queue_size.set(len(self._queue))
         self._wakeup.set()
@@ -358,6 +360,8 @@ class Batcher:
             if entry.batched_at is None:
                 entry.batched_at = now
                 self._metrics.request_queue_duration.observe(now - entry.queued_at)
+            if entry.trace is not None:
+                entry.trace.prefill_sent(len(entries), entry.chunk)
         self._metrics.batch_next_size.observe(len(entries))
         self._prefilling = {entry.id: entry for entry in entries}  # failed by `_run` on a bug
         batch = pb.Batch(
@@ -388,6 +392,8 @@ class Batcher:
                 continue
             if not entry.chunked:
                 self._running[request_id] = entry
+            if entry.trace is not None:
+                entry.trace.prefill_answered(prompt_done=not entry.chunked)
             entry.prefilled += entry.chunk
         return result.generations, await self._filter(result.batch)
 
@@ -586,6 +592,8 @@ class Batcher:
         self, entry: Entry, seq: SequenceOutput, reason: FinishReason, seed: int
     ) -> Finished:
         seq.done = True
+        if entry.trace is not None:
+            entry.trace.finish_reasons.append(reason.value)
         return Finished(
             reason=reason,
             generated_text="".join(seq.text),
@@ -636,8 +644,12 @@ class Batcher:
             if entry.alive:
                 entry.done = True
                 entry.events.put_nowait(error)
+                if entry.trace is not None:
+                    entry.trace.close(error)
 
     def _record_success(self, entry: Entry) -> None:
+        if entry.trace is not None:
+            entry.trace.close()
         metrics = self._metrics
         inference = time.monotonic() - (entry.batched_at or entry.queued_at)
         generated = entry.generated_tokens

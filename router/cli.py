@@ -14,6 +14,7 @@ from aiohttp import web
 from shardline.event_loop import run_event_loop
 from shardline.gc_pauses import freeze_long_lived_objects
 from shardline.log import configure_logging
+from shardline.router import tracing
 from shardline.router.batcher import Batcher
 from shardline.router.client import ShardDeadlines, ShardedClient
 from shardline.router.http import PAYLOAD_LIMIT, RouterContext, RouterRunner
@@ -66,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
         "/docs (and /metrics with --metrics-without-auth)",
     )
     add("--json-output", action="store_true", help="log JSON lines")
+    add("--otlp-endpoint", help="OTLP/gRPC collector sent a trace of each request")
+    add("--otlp-service-name", default=tracing.DEFAULT_SERVICE_NAME)
+    add(
+        "--cors-allow-origin",
+        action="append",
+        default=[],
+        help="origin browsers may call the API from (repeat it; * for any)",
+    )
     add(
         "--shutdown-timeout",
         type=float,
@@ -132,8 +141,9 @@ async def serve(args: argparse.Namespace) -> int:
     client = await ShardedClient.connect(args.master_shard_uds_path, shard_deadlines(args))
     logger.info("connected to shards", extra={"world_size": client.world_size})
     ctx = await start_router(client, tokenizer, settings_from_args(args))
+    tracing.configure(args.otlp_endpoint, args.otlp_service_name)
     runner = RouterRunner(
-        create_app(ctx),
+        create_app(ctx, args.cors_allow_origin),
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=_CLOSE_GRACE_S,
@@ -158,6 +168,7 @@ async def serve(args: argparse.Namespace) -> int:
     await ctx.batcher.stop()
     ctx.validator.close()
     await client.close()
+    tracing.shutdown()
     return 1 if stuck else 0
 
 

@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 
+from shardline.router import tracing
+from shardline.router.cors import enable_cors
 from shardline.router.errors import (
     RouterError,
     ShuttingDownError,
@@ -44,12 +47,17 @@ HEALTH_PROBE_TIMEOUT_S = 1.5
 OPEN_PATHS = frozenset({"/health"})
 
 
-def create_app(ctx: RouterContext) -> web.Application:
+def create_app(ctx: RouterContext, cors_allow_origins: Sequence[str] = ()) -> web.Application:
     open_paths = OPEN_PATHS | {"/metrics"} if ctx.metrics_without_auth else OPEN_PATHS
     app = web.Application(
         client_max_size=ctx.payload_limit,
-        middlewares=[error_middleware, auth_middleware(ctx.api_key, open_paths)],
+        middlewares=[
+            *tracing.middlewares(),
+            error_middleware,
+            auth_middleware(ctx.api_key, open_paths),
+        ],
     )
+    enable_cors(app, cors_allow_origins)
     app[CONTEXT] = ctx
     app.add_routes(
         [
@@ -94,6 +102,7 @@ async def compat_generate(request: web.Request) -> web.StreamResponse:
     return await _generate(request, body, as_list=True)
 
 
+@tracing.traced("validation")
 async def _validate(
     ctx: RouterContext, body: Any, stream: bool
 ) -> tuple[ValidRequest, ResponseOptions]:
