@@ -25,6 +25,7 @@ from shardline.launcher.commands import (
 )
 from shardline.launcher.env_report import runtime_environment
 from shardline.launcher.output import ChildOutput
+from shardline.launcher.ports import check_ports_free
 from shardline.launcher.readiness import router_is_healthy, shard_is_healthy
 from shardline.launcher.supervisor import (
     Child,
@@ -100,6 +101,7 @@ def run(argv: list[str] | None = None, environ: Mapping[str, str] | None = None)
     if args.trust_remote_code:
         logger.warning("--trust-remote-code has no effect: Shardline runs its own model code only")
     try:
+        check_ports_free(args)
         model_dir = resolve_model(args.model_id, args.revision, dtype=args.dtype)
         sockets = ShardSockets(args.shard_uds_path, args.num_shard)
     except (ModelNotFoundError, LauncherError) as error:

@@ -320,16 +320,26 @@ def openapi_spec() -> dict[str, Any]:
                 }
             },
             "/info": _get("get_model_info", "Model and server limits", _ref("Info")),
-            "/health": {
+            "/health": _health("health", "200 when every shard answers"),
+            "/ping": _health("ping", "TGI's alias of /health (SageMaker's health check)"),
+            "/v2/health/live": _get(
+                "kserve_health_live",
+                "Liveness: the router answers (asks no shard)",
+                {
+                    "type": "object",
+                    "required": ["live"],
+                    "properties": {"live": {"type": "boolean"}},
+                },
+            ),
+            "/docs": {
                 "get": {
-                    "operationId": "health",
-                    "summary": "200 when every shard answers",
+                    "operationId": "swagger_ui",
+                    "summary": "Swagger UI over /openapi.json",
                     "responses": {
-                        "200": {"description": "Healthy"},
-                        "503": {
-                            "description": "A shard does not answer",
-                            "content": {"application/json": {"schema": _ref("ErrorResponse")}},
-                        },
+                        "200": {
+                            "description": "HTML page",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        }
                     },
                 }
             },
@@ -347,6 +357,22 @@ def openapi_spec() -> dict[str, Any]:
             },
         },
         "components": {"schemas": _schemas()},
+    }
+
+
+def _health(operation: str, summary: str) -> dict[str, Any]:
+    return {
+        "get": {
+            "operationId": operation,
+            "summary": summary,
+            "responses": {
+                "200": {"description": "Healthy"},
+                "503": {
+                    "description": "A shard does not answer",
+                    "content": {"application/json": {"schema": _ref("ErrorResponse")}},
+                },
+            },
+        }
     }
 
 
