@@ -1,5 +1,6 @@
-"""TGI's REST routes over aiohttp: /generate, /generate_stream, /, /invocations, /info, /health,
-/metrics, /tokenize and /openapi.json. Every error is `{"error", "error_type"}` with TGI's status.
+"""TGI's REST routes over aiohttp: /generate, /generate_stream, /, /invocations, /info, /health
+(and its alias /ping), /v2/health/live, /metrics, /tokenize, /openapi.json and /docs (Swagger UI).
+Every error is `{"error", "error_type"}` with TGI's status.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from shardline.router.http import (
 from shardline.router.openai_routes import OPENAI_ROUTES, sagemaker_invocations
 from shardline.router.openapi import openapi_spec
 from shardline.router.request_types import StreamEvent, Token, ValidRequest
+from shardline.router.swagger_ui import swagger_ui
 from shardline.router.validation import ResponseOptions, parse_generate_body
 
 logger = logging.getLogger(__name__)
@@ -43,8 +45,8 @@ STATS_TIMEOUT_S = 2.0
 # Kubernetes' readiness probe times out after 1 s by default: /health answers within 2 s even
 # when a shard does not answer its Health.
 HEALTH_PROBE_TIMEOUT_S = 1.5
-# Served without the API key; /metrics too with --metrics-without-auth.
-OPEN_PATHS = frozenset({"/health"})
+# Served without the API key: probes and the docs page; /metrics too with --metrics-without-auth.
+OPEN_PATHS = frozenset({"/health", "/ping", "/v2/health/live", "/docs"})
 
 
 def create_app(ctx: RouterContext, cors_allow_origins: Sequence[str] = ()) -> web.Application:
@@ -67,9 +69,12 @@ def create_app(ctx: RouterContext, cors_allow_origins: Sequence[str] = ()) -> we
             web.post("/invocations", sagemaker_invocations(compat_generate)),
             web.get("/info", info),
             web.get("/health", health),
+            web.get("/ping", health),
+            web.get("/v2/health/live", live),
             web.get("/metrics", metrics),
             web.post("/tokenize", tokenize),
             web.get("/openapi.json", openapi),
+            web.get("/docs", swagger_ui),
             *OPENAI_ROUTES,
         ]
     )
@@ -311,6 +316,12 @@ async def health(request: web.Request) -> web.Response:
         logger.warning("health check failed: %s", str(error) or type(error).__name__)
         raise UnhealthyError("unhealthy: a shard did not answer its health check") from error
     return web.Response(status=200)
+
+
+async def live(request: web.Request) -> web.Response:
+    """Liveness (KServe's route, as TGI serves it): answers while the router's event loop runs,
+    asks no shard, so a long step or a drain never fails it. Readiness stays on /health."""
+    return web.json_response({"live": True})
 
 
 async def metrics(request: web.Request) -> web.Response:
