@@ -118,12 +118,15 @@ async def read_json(request: web.Request) -> Any:
         raise UnsupportedMediaTypeError(
             f"expected `Content-Type: application/json`, got `{request.content_type}`"
         )
+    too_large = PayloadTooLargeError(
+        f"the body is larger than the limit of {context(request).payload_limit} bytes"
+    )
+    if (request.content_length or 0) > context(request).payload_limit:
+        raise too_large  # at once, from the header: no wait for a body that may never come
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as error:
-        raise PayloadTooLargeError(
-            f"the body is larger than the limit of {context(request).payload_limit} bytes"
-        ) from error
+        raise too_large from error
     return parse_json(raw)
 
 

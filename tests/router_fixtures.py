@@ -18,9 +18,17 @@ from aiohttp.test_utils import TestClient, TestServer
 from transformers import AutoTokenizer
 
 from shardline.router.client import ShardedClient
+from shardline.router.http import RouterRunner
 from shardline.router.server import create_app
 from shardline.router.startup import RouterSettings, start_router
 from tests.test_router_fakes import FakeShardClient, fixed_script, router_client, tiny_tokenizer
+
+
+class RouterTestServer(TestServer):
+    """A test server on the router's own runner (protocol-level errors in TGI's error JSON)."""
+
+    async def _make_runner(self, **kwargs) -> RouterRunner:
+        return RouterRunner(self.app, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +75,7 @@ async def open_router(
     shards = await ShardedClient.connect(shard_socket)
     settings = RouterSettings(model_id="tiny", max_total_tokens=max_total_tokens)
     ctx = await start_router(shards, AutoTokenizer.from_pretrained(model_dir), settings)
-    client = TestClient(TestServer(create_app(ctx), handler_cancellation=True))
+    client = TestClient(RouterTestServer(create_app(ctx), handler_cancellation=True))
     await client.start_server()
     try:
         yield client
