@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,8 @@ from shardline.model_files import PACKAGED_MODEL_ALIAS
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+_NOT_YET = "not supported yet: "
+_NO_NGROK = "not supported: Shardline opens no tunnels; run an ngrok agent in front of its port"
 
 
 def parse_bool(text: str) -> bool:
@@ -37,11 +40,19 @@ class Flag:
     default: Any = None
     choices: tuple[str, ...] | None = None
     switch: bool = False  # present = true, as TGI's `--json-output`
+    repeated: bool = False  # may be given several times; its env var holds a comma-separated list
+    # Why a value is refused at startup (TGI has the flag, Shardline does not do it), but for
+    # the values in `accepted`, which change nothing here.
+    refused: str | None = None
+    accepted: tuple[Any, ...] = ()
+
+    @property
+    def long_name(self) -> str:
+        return next(name for name in self.names if name.startswith("--"))
 
     @property
     def dest(self) -> str:
-        long_name = next(name for name in self.names if name.startswith("--"))
-        return long_name.removeprefix("--").replace("-", "_")
+        return self.long_name.removeprefix("--").replace("-", "_")
 
 
 FLAGS: tuple[Flag, ...] = (
@@ -54,6 +65,27 @@ FLAGS: tuple[Flag, ...] = (
          choices=("float16", "bfloat16", "float32")),
     Flag(("--trust-remote-code",), "TRUST_REMOTE_CODE",
          "accepted for TGI compatibility: Shardline runs its own model code only", switch=True),
+    Flag(("--quantize",), "QUANTIZE", "quantization method; not supported yet",
+         choices=("awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin", "bitsandbytes",
+                  "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8"),
+         refused=_NOT_YET + "weights are served unquantized (a GGUF file is dequantized)"),
+    Flag(("--speculate",), "SPECULATE", "tokens to speculate per step; not supported yet "
+         "(0 is accepted)", type=int, refused=_NOT_YET + "no speculative decoding; only 0 is "
+         "accepted", accepted=(0,)),
+    Flag(("--kv-cache-dtype",), "KV_CACHE_DTYPE", "dtype of the KV cache; not supported yet "
+         "(the cache takes the model's dtype)", choices=("fp8_e4m3fn", "fp8_e5m2"),
+         refused=_NOT_YET + "the KV cache takes the model's dtype"),
+    Flag(("--rope-scaling",), "ROPE_SCALING", "rotary scaling forced upon the model; not "
+         "supported yet (the model's config.json rope_scaling applies)",
+         choices=("linear", "dynamic"),
+         refused=_NOT_YET + "the rotary scaling of the model's config.json applies"),
+    Flag(("--rope-factor",), "ROPE_FACTOR", "rotary scaling factor; not supported yet",
+         type=float, refused=_NOT_YET + "the rotary scaling of the model's config.json applies"),
+    Flag(("--lora-adapters",), "LORA_ADAPTERS", "LoRA adapter ids to load; not supported yet",
+         refused=_NOT_YET + "no LoRA adapters"),
+    Flag(("--weights-cache-override",), "WEIGHTS_CACHE_OVERRIDE",
+         "folder of the weights instead of the hub cache; not supported",
+         refused="not supported: pass the folder holding the weights as --model-id"),
     # shards
     Flag(("--sharded",), "SHARDED", "shard the model over every visible GPU (true/false)",
          type=parse_bool),
@@ -73,6 +105,18 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--attention",), "ATTENTION", "attention backend (auto, torch, triton)"),
     Flag(("--cuda-graphs",), "CUDA_GRAPHS", "decode batch sizes to capture CUDA graphs for, "
          "e.g. 1,2,4,8; 0 disables"),
+    Flag(("--disable-custom-kernels",), "DISABLE_CUSTOM_KERNELS",
+         "attention in plain torch and no CUDA graphs (the shards' --attention torch "
+         "--cuda-graphs 0); the fused norm, activation, rotary and GEMV kernels still run",
+         switch=True),
+    Flag(("--prefix-caching",), "PREFIX_CACHING", "reuse the KV cache of shared prompt "
+         "prefixes (true/false); not supported yet (false is accepted)", type=parse_bool,
+         refused=_NOT_YET + "there is no prefix cache; only false is accepted",
+         accepted=(False,)),
+    Flag(("--watermark-gamma",), "WATERMARK_GAMMA", "watermark green-list fraction, passed "
+         "to the shards as WATERMARK_GAMMA", type=float),
+    Flag(("--watermark-delta",), "WATERMARK_DELTA", "watermark logit bias, passed to the "
+         "shards as WATERMARK_DELTA", type=float),
     # router
     Flag(("--hostname",), "HOSTNAME", "address the HTTP server listens on (0.0.0.0: every "
          "interface); HOSTNAME is ignored when it is this machine's own name, as containers "
@@ -91,6 +135,8 @@ FLAGS: tuple[Flag, ...] = (
          type=int, default=5),
     Flag(("--max-input-tokens",), "MAX_INPUT_TOKENS", "longest prompt in tokens; default: "
          "from the model and the KV cache", type=int),
+    Flag(("--max-input-length",), "MAX_INPUT_LENGTH",
+         "deprecated alias of --max-input-tokens", type=int),
     Flag(("--max-total-tokens",), "MAX_TOTAL_TOKENS", "prompt plus generated tokens per "
          "request; default: from the model and the KV cache", type=int),
     Flag(("--waiting-served-ratio",), "WAITING_SERVED_RATIO",
@@ -114,6 +160,16 @@ FLAGS: tuple[Flag, ...] = (
          default=2_000_000),
     Flag(("--tokenizer-config-path",), "TOKENIZER_CONFIG_PATH",
          "folder with the tokenizer files, when not the model's"),
+    Flag(("--cors-allow-origin",), "CORS_ALLOW_ORIGIN", "origin browsers may call the API "
+         "from (repeat the flag, or comma-separate in the variable; * for any); default: none, "
+         "browsers keep the same-origin rule (TGI allows any)", repeated=True),
+    Flag(("--otlp-endpoint",), "OTLP_ENDPOINT", "OpenTelemetry collector (OTLP/gRPC, e.g. "
+         "http://127.0.0.1:4317) sent a trace of each request; default: no tracing"),
+    Flag(("--otlp-service-name",), "OTLP_SERVICE_NAME", "service.name of the router's traces",
+         default="text-generation-inference.router"),
+    Flag(("--enable-prefill-logprobs",), "ENABLE_PREFILL_LOGPROBS", "accepted for TGI "
+         "compatibility: prompt logprobs (decoder_input_details) are always available",
+         switch=True),
     Flag(("--shard-step-timeout",), "SHARD_STEP_TIMEOUT",
          "seconds a Prefill, Decode, FilterBatch or ClearCache call may take; past it a shard is "
          "taken as stuck: in-flight requests get 424 and everything stops with exit 1 "
@@ -126,6 +182,13 @@ FLAGS: tuple[Flag, ...] = (
          "seconds the router may take to finish in-flight requests on SIGTERM (then cut)", type=float,
          default=60.0),
     Flag(("--json-output",), "JSON_OUTPUT", "logs as JSON lines", switch=True),
+    Flag(("--usage-stats",), "USAGE_STATS", "accepted for TGI compatibility: Shardline "
+         "collects and sends no usage statistics, whatever the value", default="on",
+         choices=("on", "off", "no-stack")),
+    Flag(("--ngrok",), "NGROK", "ngrok tunnel; not supported", switch=True, refused=_NO_NGROK),
+    Flag(("--ngrok-authtoken",), "NGROK_AUTHTOKEN", "ngrok token; not supported",
+         refused=_NO_NGROK),
+    Flag(("--ngrok-edge",), "NGROK_EDGE", "ngrok edge; not supported", refused=_NO_NGROK),
 )  # fmt: skip
 
 
@@ -172,6 +235,7 @@ def _add_flag(parser: argparse.ArgumentParser, flag: Flag, environ: Mapping[str,
     parser.add_argument(
         *flag.names,
         dest=flag.dest,
+        action=_Repeated if flag.repeated else "store",
         type=flag.type,
         default=default,
         choices=flag.choices,
@@ -180,12 +244,23 @@ def _add_flag(parser: argparse.ArgumentParser, flag: Flag, environ: Mapping[str,
     )
 
 
+class _Repeated(argparse.Action):
+    """Collects every use of the flag; given on the command line, it replaces its variable's."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        given = getattr(namespace, self.dest)
+        earlier = [] if given is self.default else given
+        setattr(namespace, self.dest, [*earlier, values])
+
+
 def _env_default(parser: argparse.ArgumentParser, flag: Flag, environ: Mapping[str, str]) -> Any:
     raw = environ.get(flag.env) if flag.env else None
     if raw is None:
         return False if flag.switch else flag.default
     convert = parse_bool if flag.switch else flag.type
     try:
+        if flag.repeated:
+            return [convert(item.strip()) for item in raw.split(",") if item.strip()]
         value = convert(raw)
     except (ValueError, argparse.ArgumentTypeError):
         parser.error(f"environment variable {flag.env}={raw!r} is not a valid {flag.dest}")
@@ -200,10 +275,36 @@ def parse_args(
     parser = build_parser(environ)
     args = parser.parse_args(argv)
     try:
+        refuse_unsupported(args, sys.argv[1:] if argv is None else argv)
+        args.max_input_tokens = _max_input_tokens(args)
         args.num_shard = resolve_num_shard(args.sharded, args.num_shard, environ)
     except ValueError as error:
-        parser.error(str(error))
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     return args
+
+
+def refuse_unsupported(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """A TGI flag or environment variable that Shardline does not act upon stops the start,
+    unless its value changes nothing here: none is silently ignored."""
+    for flag in FLAGS:
+        value = getattr(args, flag.dest)
+        if flag.refused is None or value is None or value is False or value in flag.accepted:
+            continue
+        on_command_line = any(arg.split("=")[0] in flag.names for arg in argv)
+        source = flag.long_name if on_command_line else f"{flag.env} ({flag.long_name})"
+        raise ValueError(f"{source} is {flag.refused}")
+
+
+def _max_input_tokens(args: argparse.Namespace) -> int | None:
+    """TGI's rule for its deprecated `--max-input-length`: an alias, never beside the new name."""
+    if args.max_input_length is None:
+        return args.max_input_tokens
+    if args.max_input_tokens is not None:
+        raise ValueError(
+            "--max-input-tokens and --max-input-length (its deprecated alias) are both set; "
+            "set --max-input-tokens only"
+        )
+    return args.max_input_length
 
 
 def resolve_num_shard(

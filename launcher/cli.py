@@ -100,6 +100,8 @@ def run(argv: list[str] | None = None, environ: Mapping[str, str] | None = None)
         logger.info("runtime environment", extra=runtime_environment(environ))
     if args.trust_remote_code:
         logger.warning("--trust-remote-code has no effect: Shardline runs its own model code only")
+    if args.max_input_length is not None:
+        logger.warning("--max-input-length (MAX_INPUT_LENGTH) is deprecated: use --max-input-tokens")
     try:
         check_ports_free(args)
         model_dir = resolve_model(args.model_id, args.revision, dtype=args.dtype)

@@ -76,15 +76,32 @@ def shard_spec(
                 ("--block-size", args.block_size),
                 ("--kv-cache-bytes", args.kv_cache_bytes),
                 ("--gpu-memory-utilization", args.cuda_memory_fraction),
-                ("--attention", args.attention),
-                ("--cuda-graphs", args.cuda_graphs),
+                *_kernel_options(args),
                 ("--json-output", args.json_output),
                 ("--logger-level", log_level(environ)),
             ]
         ),
     ]
     env = shard_env(environ, rank, args.num_shard, args.master_addr, args.master_port)
+    env.update(_watermark_env(args))
     return ChildSpec(name=f"shard {rank}", argv=argv, env=env, rank=rank)
+
+def _kernel_options(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """`--disable-custom-kernels`: the torch attention and no CUDA graphs."""
+    if not args.disable_custom_kernels:
+        return [("--attention", args.attention), ("--cuda-graphs", args.cuda_graphs)]
+    if args.attention not in (None, "torch") or args.cuda_graphs not in (None, "0"):
+        raise LauncherError(
+            "--disable-custom-kernels runs the torch attention without CUDA graphs: drop "
+            "--attention / --cuda-graphs, or the flag"
+        )
+    return [("--attention", "torch"), ("--cuda-graphs", "0")]
+
+
+def _watermark_env(args: argparse.Namespace) -> dict[str, str]:
+    """TGI hands the watermark's parameters to the shards as environment variables."""
+    values = {"WATERMARK_GAMMA": args.watermark_gamma, "WATERMARK_DELTA": args.watermark_delta}
+    return {name: str(value) for name, value in values.items() if value is not None}
 
 
 def shard_env(
@@ -140,6 +157,9 @@ def router_spec(
                 ("--api-key", args.api_key),
                 ("--metrics-without-auth", args.metrics_without_auth),
                 ("--json-output", args.json_output),
+                ("--otlp-endpoint", args.otlp_endpoint),
+                ("--otlp-service-name", args.otlp_service_name),
+                *(("--cors-allow-origin", origin) for origin in args.cors_allow_origin or ()),
                 ("--shutdown-timeout", args.graceful_termination_timeout),
                 ("--shard-step-timeout", args.shard_step_timeout),
                 ("--shard-warmup-timeout", args.shard_warmup_timeout),
