@@ -85,6 +85,8 @@ class EngineArgs:
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20
     enable_chunked_prefill: bool = True
+    revision: str | None = None  # of a hub model id
+    download_dir: str | None = None  # the Hugging Face cache folder hub models are downloaded to
 
     @property
     def prefill_budget(self) -> int:
@@ -112,7 +114,7 @@ class LLM:
     ) -> None:
         self.args = _engine_args(kwargs)
         self._seeds = random.Random(self.args.seed)
-        self.model_dir = Path(resolve_model(model))
+        self.model_dir = resolve_model(model, self.args.revision, cache_dir=self.args.download_dir)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or self.model_dir)

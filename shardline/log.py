@@ -8,6 +8,7 @@ import sys
 import time
 
 _STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+_HTTP_CLIENT_LOGGERS = ("httpx", "httpx2")
 
 
 class JsonFormatter(logging.Formatter):
@@ -58,3 +59,5 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for client in _HTTP_CLIENT_LOGGERS:  # one INFO line per hub request otherwise
+        logging.getLogger(client).setLevel(max(root.level, logging.WARNING))

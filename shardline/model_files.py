@@ -1,9 +1,10 @@
-"""Finds the model folder to serve: a local folder, the local Hugging Face cache, or a GGUF file.
+"""Finds the model folder to serve: a local folder, a hub id (downloaded into the Hugging Face
+cache), or a GGUF file.
 
 Everything that loads a model (launcher, shards, router, the offline `LLM`) goes through
 `resolve_model`, which always returns a folder holding `config.json`, `*.safetensors` weights and
-tokenizer files. A GGUF file is converted once into a cached safetensors folder. Nothing here
-reaches the network, and torch is imported only when a conversion runs.
+tokenizer files. A GGUF file is converted once into a cached safetensors folder. Only a hub id
+reaches the network (`hub_download`), and torch is imported only when a conversion runs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 
+from shardline.hub_download import HubDownloadError, download_model
+
 logger = logging.getLogger(__name__)
 
 PACKAGED_MODEL_ALIAS = "smollm2-135m-instruct"
@@ -33,13 +36,20 @@ class ModelNotFoundError(Exception):
 
 
 def resolve_model(
-    model_id: str | None, revision: str | None = None, *, dtype: str | None = None
+    model_id: str | None,
+    revision: str | None = None,
+    *,
+    dtype: str | None = None,
+    cache_dir: str | Path | None = None,
+    log_progress: bool = False,
 ) -> Path:
     """The local folder to load `model_id` from.
 
-    `model_id` is a folder, a `.gguf` file (or a folder holding one), a hub id already in the local
-    Hugging Face cache, or None / `smollm2-135m-instruct` for the packaged SmolLM2. `dtype` is the
-    dtype GGUF weights are dequantized to (float32 unless asked); other weights are left as saved.
+    `model_id` is a folder, a `.gguf` file (or a folder holding one), a hub id (downloaded into the
+    Hugging Face cache, or `cache_dir`, unless already there), or None / `smollm2-135m-instruct`
+    for the packaged SmolLM2. `dtype` is the dtype GGUF weights are dequantized to (float32 unless
+    asked); other weights are left as saved. `log_progress` logs the download's progress as lines
+    instead of drawing progress bars.
     """
     if model_id is None or model_id.lower() == PACKAGED_MODEL_ALIAS:
         return convert_gguf(packaged_gguf_path(), dtype)
@@ -48,7 +58,13 @@ def resolve_model(
         return _resolve_local(local, dtype)
     if _looks_like_path(model_id):
         raise ModelNotFoundError(f"model {model_id!r}: no such file or folder")
-    return _resolve_local(_hub_snapshot(model_id, revision), dtype)
+    try:
+        snapshot = download_model(
+            model_id, revision, cache_dir=cache_dir, log_progress=log_progress
+        )
+    except HubDownloadError as error:
+        raise ModelNotFoundError(str(error)) from error
+    return _resolve_local(snapshot, dtype)
 
 
 def packaged_gguf_path() -> Path:
@@ -103,27 +119,6 @@ def _check_model_folder(path: Path) -> None:
             f"model folder {str(path)!r} lacks {', '.join(missing)}; it needs what "
             "`save_pretrained` writes (safetensors), or a .gguf file"
         )
-
-
-def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
-    """The cached snapshot of `repo_id`, offline."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-    except HFValidationError as error:
-        raise ModelNotFoundError(
-            f"model {repo_id!r} is neither a local folder, a .gguf file nor a valid hub id"
-        ) from error
-    except LocalEntryNotFoundError as error:
-        raise ModelNotFoundError(
-            f"model {repo_id!r} (revision {revision or 'main'}) is not in the local Hugging Face "
-            f"cache {constants.HF_HUB_CACHE} and this server does not download: fetch it where "
-            f"there is network (`hf download {repo_id}`) into that cache (set HF_HOME), or pass "
-            f"a local folder or .gguf file (with no --model-id the packaged "
-            f"{PACKAGED_MODEL_ALIAS} is served)"
-        ) from error
 
 
 def cache_root() -> Path:

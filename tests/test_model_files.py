@@ -1,4 +1,4 @@
-"""Model resolution: local folders, the offline hub cache, and the packaged GGUF converted once."""
+"""Model resolution: local folders, the hub cache, and the packaged GGUF converted once."""
 
 from __future__ import annotations
 
@@ -23,11 +23,13 @@ def _model_folder(path: Path) -> Path:
 
 @pytest.fixture
 def hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hugging Face cache for this test alone."""
+    """An empty Hugging Face cache for this test alone, offline (HF_HUB_OFFLINE): downloads are
+    tested against a stand-in hub in test_hub_download.py."""
     home = tmp_path / "hf"
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     return home
 
 
@@ -55,6 +57,7 @@ def test_missing_hub_id_says_what_is_missing_and_how_to_get_it(hf_home: Path) ->
     assert "'someorg/not-downloaded' (revision v2)" in message
     assert str(hf_home / "hub") in message
     assert "hf download someorg/not-downloaded" in message
+    assert "HF_HUB_OFFLINE is set" in message
     assert "\n" not in message
 
 
