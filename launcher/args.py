@@ -9,7 +9,7 @@ import argparse
 import os
 import socket
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,9 +58,13 @@ class Flag:
 FLAGS: tuple[Flag, ...] = (
     # model
     Flag(("--model-id",), "MODEL_ID",
-         "local folder, hub id in the local cache, .gguf file (or a folder holding one), or "
-         f"{PACKAGED_MODEL_ALIAS!r}; default: the packaged {PACKAGED_MODEL_ALIAS}"),
+         "local folder, hub id (downloaded once into the Hugging Face cache), .gguf file (or a "
+         f"folder holding one), or {PACKAGED_MODEL_ALIAS!r}; default: the packaged "
+         f"{PACKAGED_MODEL_ALIAS}"),
     Flag(("--revision",), "REVISION", "hub revision (branch, tag or commit) of --model-id"),
+    Flag(("--huggingface-hub-cache",), "HUGGINGFACE_HUB_CACHE",
+         "Hugging Face cache folder hub models are downloaded to; default: huggingface_hub's "
+         "(HF_HUB_CACHE, else HF_HOME/hub)"),
     Flag(("--dtype",), "DTYPE", "dtype forced upon the weights; default: the shard's choice",
          choices=("float16", "bfloat16", "float32")),
     Flag(("--trust-remote-code",), "TRUST_REMOTE_CODE",
@@ -197,7 +201,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     environ = _without_own_hostname(os.environ if environ is None else environ)
     parser = argparse.ArgumentParser(
         prog="text-generation-launcher",
-        description="Starts the shards and the router of Shardline and supervises them.",
+        description="Starts the shards and the router of Shardline and supervises them. "
+        "`text-generation-launcher download-weights MODEL_ID` only fetches the model.",
     )
     for flag in FLAGS:
         _add_flag(parser, flag, environ)
@@ -217,6 +222,15 @@ def _without_own_hostname(environ: Mapping[str, str]) -> Mapping[str, str]:
     if environ.get("HOSTNAME") != socket.gethostname():
         return environ
     return {name: value for name, value in environ.items() if name != "HOSTNAME"}
+
+
+def add_flags(
+    parser: argparse.ArgumentParser, environ: Mapping[str, str], dests: Collection[str]
+) -> None:
+    """The launcher's flags named by `dests` on another command's parser (download-weights)."""
+    for flag in FLAGS:
+        if flag.dest in dests:
+            _add_flag(parser, flag, environ)
 
 
 def _add_flag(parser: argparse.ArgumentParser, flag: Flag, environ: Mapping[str, str]) -> None:

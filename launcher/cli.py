@@ -23,6 +23,7 @@ from shardline.launcher.commands import (
     shard_socket,
     shard_spec,
 )
+from shardline.launcher.download_weights import download_weights, prepare_model
 from shardline.launcher.env_report import runtime_environment
 from shardline.launcher.output import ChildOutput
 from shardline.launcher.ports import check_ports_free
@@ -35,7 +36,7 @@ from shardline.launcher.supervisor import (
     watch,
 )
 from shardline.log import configure_logging
-from shardline.model_files import ModelNotFoundError, resolve_model
+from shardline.model_files import ModelNotFoundError
 
 logger = logging.getLogger("shardline.launcher")
 
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = dict(os.environ if environ is None else environ)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["download-weights"]:
+        return download_weights(argv[1:], environ)
     args = parse_args(argv, environ)
     configure_logging(json_output=args.json_output, level=log_level(environ))
     if args.env:
@@ -104,7 +108,7 @@ def run(argv: list[str] | None = None, environ: Mapping[str, str] | None = None)
         logger.warning("--max-input-length (MAX_INPUT_LENGTH) is deprecated: use --max-input-tokens")
     try:
         check_ports_free(args)
-        model_dir = resolve_model(args.model_id, args.revision, dtype=args.dtype)
+        model_dir = prepare_model(args)
         sockets = ShardSockets(args.shard_uds_path, args.num_shard)
     except (ModelNotFoundError, LauncherError) as error:
         logger.error("%s", error)
