@@ -164,7 +164,8 @@ class Batcher:
         self._wakeup = asyncio.Event()
         # Sequences the router ended (a stop sequence matched) that the shards still run.
         self._stopped: list[pb.SequenceRef] = []
-        self._in_flight: set[asyncio.Future[tuple[StepResult, float]]] = set()
+        # Shard calls in flight, each with the time.monotonic() it was sent at.
+        self._in_flight: dict[asyncio.Future[tuple[StepResult, float]], float] = {}
         self._task: asyncio.Task[None] | None = None
         self.stuck: ShardTimeoutError | None = None
         self._stuck_event = asyncio.Event()
@@ -212,6 +213,13 @@ class Batcher:
         await self._stuck_event.wait()
         assert self.stuck is not None
         return self.stuck
+
+    @property
+    def oldest_step_s(self) -> float:
+        """Seconds the oldest Prefill or Decode in flight has run so far (0 when none)."""
+        if not self._in_flight:
+            return 0.0
+        return time.monotonic() - min(self._in_flight.values())
 
     @property
     def running_size(self) -> int:
@@ -417,7 +425,7 @@ class Batcher:
         """Starts a shard call and returns once its request is on its way."""
         self._metrics.batch_inference_count.inc(method=method)
         task = asyncio.ensure_future(_timed(call))
-        self._in_flight.add(task)
+        self._in_flight[task] = time.monotonic()
         for _ in range(_YIELDS_TO_SEND):
             await asyncio.sleep(0)
         return _InFlight(method, task, batch_ids)
@@ -437,7 +445,7 @@ class Batcher:
                 await self._clear_cache(batch_id)
             return None
         finally:
-            self._in_flight.discard(call.task)
+            self._in_flight.pop(call.task, None)
         metrics = self._metrics
         metrics.batch_inference_success.inc(method=call.method)
         metrics.batch_inference_duration.labels(call.method).observe(seconds)
@@ -446,7 +454,7 @@ class Batcher:
         return result
 
     async def _abandon_calls(self) -> None:
-        calls, self._in_flight = self._in_flight, set()
+        calls, self._in_flight = self._in_flight, {}
         for task in calls:
             task.cancel()
         await asyncio.gather(*calls, return_exceptions=True)

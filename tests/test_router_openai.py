@@ -249,7 +249,7 @@ async def test_invocations_dispatch_on_the_body(router):
         ({"temperature": -1}, "`temperature` must be >= 0"),
         ({"temperature": "hot"}, "`temperature` must be a finite number"),
         ({"top_p": 0}, "`top_p` must be in (0, 1]"),
-        ({"max_tokens": 0}, "`max_tokens` must be >= 1"),
+        ({"max_tokens": 0}, "`max_tokens` must be in [1, 4294967295]"),
         ({"max_tokens": 500}, "`inputs` tokens + `max_new_tokens` must be <= 128"),
         ({"frequency_penalty": 3}, "`frequency_penalty` must be in [-2, 2]"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "`stop` supports up to 4 stop sequences"),

@@ -171,7 +171,7 @@ async def test_stop_sequence_over_http(router):
         ),
         ({"adapter_id": "lora"}, "`adapter_id` is not supported"),
         ({"min_tokens": 10, "max_new_tokens": 5}, "`min_tokens` must be <="),
-        ({"stop_token_ids": [-1]}, "`stop_token_ids` must be a list of token ids"),
+        ({"stop_token_ids": [-1]}, "`stop_token_ids` must hold token ids in [0, 4294967295]"),
         ({"details": "yes"}, "`details` must be bool"),
     ],
 )
