@@ -7,21 +7,28 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import threading
 from collections.abc import Iterator
 
+import aiohttp
 import pytest
 import schemathesis
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient, TestServer, unused_port
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
+from shardline.launcher.args import parse_args
+from shardline.launcher.commands import router_spec
 from shardline.proto import generate_pb2 as pb
+from shardline.router import cli as router_cli
 from shardline.router import http
+from shardline.router.cli import build_parser as build_router_parser
 from shardline.router.server import create_app, create_metrics_app
 from tests.test_router_fakes import FakeShardClient, fixed_script, router_client
 
 GOOD = {"inputs": "the city", "parameters": {"max_new_tokens": 6, "details": False}}
+LONG = {"inputs": "the city", "parameters": {"max_new_tokens": 100, "ignore_eos": True}}
 JSON = {"Content-Type": "application/json"}
 MARKER = "zebra-quokka-4817"  # user input that must never reach logs or metrics labels
 
@@ -225,6 +232,38 @@ async def _send_marked_traffic(client) -> None:
     answer.close()
 
 
+async def _disconnect_mid_generation(url: str, path: str) -> None:
+    """Starts a long request on a connection of its own and drops the connection once the
+    request is generating: after the first streamed token, or when the server is busy with it."""
+    async with aiohttp.ClientSession() as session:
+        answer = await session.post(url + path, json=LONG)
+        await answer.content.readline()  # the first event
+        answer.close()
+
+
+async def test_every_disconnect_during_generation_counts_once(tokenizer):
+    fake = FakeShardClient(fixed_script(tokenizer), tokenizer.eos_token_id, step_delay=0.02)
+    client, ctx = await router_client(fake, tokenizer, max_total_tokens=128)
+    url = str(client.make_url("")).rstrip("/")
+    try:
+        streams = [_disconnect_mid_generation(url, "/generate_stream") for _ in range(10)]
+        collected = [asyncio.create_task(client.post("/generate", json=LONG)) for _ in range(10)]
+        await asyncio.gather(*streams)
+        while ctx.batcher.running_size < 10:  # the /generate ones are generating
+            await asyncio.sleep(0.01)
+        for task in collected:
+            task.cancel()
+        await asyncio.gather(*collected, return_exceptions=True)
+        while ctx.in_flight:
+            await asyncio.sleep(0.01)
+        assert ctx.metrics.request_failure.value(err="disconnected") == 20
+        assert ctx.metrics.request_count.value() == 20
+        assert ctx.metrics.request_success.value() == 0
+    finally:
+        await client.close()
+        await ctx.batcher.stop()
+
+
 async def test_metrics_labels_carry_no_user_input(router):
     await _send_marked_traffic(router)
     text = (await (await router.get("/metrics")).read()).decode()
@@ -322,3 +361,50 @@ def test_schemathesis_fuzz_finds_no_server_error(router_url):
     assert statuses.get(200) and statuses.get(422), statuses
     answer = requests.post(f"{router_url}/generate", json=GOOD, timeout=30)
     assert answer.status_code == 200
+
+
+# ---- listen address and metrics flags ----------------------------------------------------------
+
+
+def test_a_containers_own_hostname_is_not_taken_as_the_listen_address():
+    own = {"HOSTNAME": socket.gethostname()}
+    assert parse_args(["--num-shard", "1"], own).hostname == "0.0.0.0"
+    assert parse_args(["--num-shard", "1"], {"HOSTNAME": "127.0.0.1"}).hostname == "127.0.0.1"
+    flagged = ["--num-shard", "1", "--hostname", socket.gethostname()]
+    assert parse_args(flagged, own).hostname == socket.gethostname()
+
+
+def test_the_router_gets_the_metrics_flags(tmp_path):
+    args = parse_args(["--num-shard", "1", "--metrics-without-auth"], {"PROMETHEUS_PORT": "9123"})
+    argv = router_spec(args, tmp_path, str(tmp_path / "s"), {}).argv
+    assert argv[argv.index("--prometheus-port") + 1] == "9123"
+    assert "--metrics-without-auth" in argv
+    router_args = build_router_parser().parse_args([*argv[1:]])
+    assert router_args.prometheus_port == 9123 and router_args.metrics_without_auth
+    assert build_router_parser().parse_args(["--tokenizer-name", "m"]).prometheus_port == 9000
+
+
+async def test_the_prometheus_port_serves_metrics_and_a_taken_one_costs_only_itself(
+    tokenizer, fake, caplog
+):
+    client, ctx = await router_client(fake, tokenizer, max_total_tokens=128, api_key="s3cret")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    free_port = unused_port()
+    try:
+        assert await router_cli._serve_metrics(ctx, "127.0.0.1", taken.getsockname()[1]) is None
+        assert "/metrics not served on port" in caplog.text
+        runner = await router_cli._serve_metrics(ctx, "127.0.0.1", free_port)
+        assert runner is not None
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{free_port}/metrics") as answer,
+        ):
+            assert answer.status == 200
+            assert "tgi_request_count" in await answer.text()
+        await runner.cleanup()
+    finally:
+        taken.close()
+        await client.close()
+        await ctx.batcher.stop()

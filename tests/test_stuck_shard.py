@@ -43,7 +43,6 @@ pytestmark = pytest.mark.slow
 STEP_TIMEOUT_S = 3
 ANSWER_MARGIN_S = 4  # past the step timeout: the answers go out
 EXIT_MARGIN_S = 10  # past the step timeout: the router drains and exits, the launcher tears down
-HEALTH_DEADLINE_S = ShardDeadlines().probe
 
 
 STUCK = "the shards did not answer Decode within 3 s: a shard is stuck"
@@ -87,6 +86,70 @@ async def test_a_step_past_its_deadline_fails_every_request_and_marks_the_router
         await ctx.batcher.stop()
 
 
+@dataclass
+class SlowShard(FakeShardClient):
+    """Its `slow_decode`th Decode takes `slow_for` seconds; its Health hangs when `hung`."""
+
+    slow_decode: int = 3
+    slow_for: float = 2.0
+    hung: bool = False
+
+    async def decode(
+        self, batches: Sequence[pb.CachedBatch], launch_next: bool = False
+    ) -> StepResult:
+        if len(self.calls_of("decode")) + 1 == self.slow_decode:
+            await asyncio.sleep(self.slow_for)
+        return await super().decode(batches, launch_next)
+
+    async def health(self) -> None:
+        if self.hung:
+            await asyncio.sleep(3600)
+
+
+async def _timed_health(client) -> tuple[int, dict | None, float]:
+    asked_at = time.monotonic()
+    answer = await client.get("/health")
+    body = await answer.json() if answer.status != 200 else None
+    return answer.status, body, time.monotonic() - asked_at
+
+
+async def test_health_is_503_while_a_step_runs_past_half_its_deadline_then_200(tokenizer):
+    """Readiness leaves before the deadline (2 s here) fails everything: a step past 1 s."""
+    fake = SlowShard(fixed_script(tokenizer), tokenizer.eos_token_id, step_delay=0.01)
+    client, ctx = await router_client(fake, tokenizer, max_total_tokens=128, shard_step_timeout=2.0)
+    try:
+        assert (await _timed_health(client))[0] == 200
+        request = asyncio.create_task(client.post("/generate", json=LONG_BODY))
+        while len(fake.calls_of("decode")) < fake.slow_decode - 1:
+            await asyncio.sleep(0.01)
+        statuses = []
+        while not request.done():
+            status, body, took = await _timed_health(client)
+            assert took < 2, took
+            statuses.append(status)
+            if status == 503:
+                assert body["error_type"] == "healthcheck" and "step" in body["error"], body
+            await asyncio.sleep(0.1)
+        assert 503 in statuses and statuses[0] == 200, statuses
+        assert (await request).status == 200
+        assert (await _timed_health(client))[0] == 200
+    finally:
+        await client.close()
+        await ctx.batcher.stop()
+
+
+async def test_health_answers_within_2_s_when_a_shard_does_not_answer(tokenizer):
+    fake = SlowShard(fixed_script(tokenizer), tokenizer.eos_token_id, hung=True)
+    client, ctx = await router_client(fake, tokenizer, max_total_tokens=128)
+    try:
+        status, body, took = await _timed_health(client)
+        assert status == 503 and body["error_type"] == "healthcheck", body
+        assert took < 2, took
+    finally:
+        await client.close()
+        await ctx.batcher.stop()
+
+
 @pytest.fixture
 def launched(
     tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -108,6 +171,18 @@ async def _health(session: aiohttp.ClientSession, url: str) -> int:
         return answer.status
 
 
+async def _until_unready(session: aiohttp.ClientSession, url: str) -> float:
+    """Seconds until /health answers 503; each answer must come within 2 s."""
+    started = time.monotonic()
+    while True:
+        asked_at = time.monotonic()
+        status = await _health(session, url)
+        assert time.monotonic() - asked_at < 2
+        if status == 503:
+            return time.monotonic() - started
+        await asyncio.sleep(0.1)
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 async def test_a_stopped_shard_fails_in_flight_requests_and_everything_exits(
     launched: tuple[Launcher, str], tmp_path: Path, rank: int
@@ -124,8 +199,10 @@ async def test_a_stopped_shard_fails_in_flight_requests_and_everything_exits(
         await asyncio.wait_for(_until_batched(session, url, len(requests)), 30)
         os.kill(_shard_pid(launcher, rank), signal.SIGSTOP)
         stopped_at = time.monotonic()
+        unready_after = await _until_unready(session, url)
         outcomes = await asyncio.gather(*requests)
         answered_after = time.monotonic() - stopped_at
+    assert unready_after < STEP_TIMEOUT_S - 0.5, "readiness must go before the requests fail"
     code = await asyncio.to_thread(launcher.wait, STEP_TIMEOUT_S + EXIT_MARGIN_S + 5)
     exited_after = time.monotonic() - stopped_at
     expected = {"/generate_stream": "error event generation", "/generate": "status 424 generation"}
@@ -151,7 +228,7 @@ async def test_health_is_503_while_an_idle_shard_is_stopped(
         os.kill(shard, signal.SIGSTOP)
         asked_at = time.monotonic()
         assert await _health(session, url) == 503
-        assert time.monotonic() - asked_at < HEALTH_DEADLINE_S + 2
+        assert time.monotonic() - asked_at < 2
         os.kill(shard, signal.SIGCONT)
         assert await _health(session, url) == 200
 
