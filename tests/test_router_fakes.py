@@ -64,6 +64,9 @@ class FakeShardClient:
     batches: dict[int, dict[int, _Sequence]] = field(default_factory=dict)
     partial: dict[int, int] = field(default_factory=dict)  # prompts prefilled in part: tokens
     chunks: list[list[tuple[int, int, int]]] = field(default_factory=list)  # per prefill
+    # The reason the shards refuse a request of a Prefill (None: they run it), as a real shard
+    # refuses an entry whose data is invalid: the others of the batch run.
+    refuse: Callable[[pb.Request], str | None] = lambda request: None
 
     async def info(self) -> pb.InfoResponse:
         return pb.InfoResponse(
@@ -104,16 +107,19 @@ class FakeShardClient:
             self.carried.append((batch.id, [cached.id for cached in cached_batches]))
         await self._work("prefill")
         self._check_vocabulary(batch)
+        refused = {r.id: reason for r in batch.requests if (reason := self.refuse(r)) is not None}
+        batch = pb.Batch(id=batch.id, requests=[r for r in batch.requests if r.id not in refused])
         generations, batch_id = [], batch.id
         if cached_batches:
             generations, batch_id = self._decode_step(cached_batches), cached_batches[0].id
         completed = self._prefill_chunks(batch)
         sequences = {r.id: _Sequence(r, self.script(list(r.input_ids))) for r in completed}
         if not sequences and not cached_batches:
-            return StepResult([], None, Timings(0.001, 0.0, 0.001))
+            return StepResult([], None, Timings(0.001, 0.0, 0.001), refused)
         self.batches.setdefault(batch_id, {}).update(sequences)
         generations += [self._generate(seq, prefill=True) for seq in sequences.values()]
-        return StepResult(generations, self._cached(batch_id), Timings(0.001, 0.0, 0.001))
+        cached = self._cached(batch_id)
+        return StepResult(generations, cached, Timings(0.001, 0.0, 0.001), refused)
 
     async def decode(
         self, batches: Sequence[pb.CachedBatch], launch_next: bool = False
