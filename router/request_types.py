@@ -73,3 +73,11 @@ class StreamEvent:
     top_tokens: list[Token] = field(default_factory=list)
     prefill: list[Token] = field(default_factory=list)
     finished: Finished | None = None
+
+
+def by_sequence(events: list[StreamEvent]) -> list[list[StreamEvent]]:
+    """A request's events split by sequence (its n / best_of samples or beams), in order."""
+    grouped: dict[int, list[StreamEvent]] = {}
+    for event in events:
+        grouped.setdefault(event.sequence_index, []).append(event)
+    return [grouped[index] for index in sorted(grouped)]

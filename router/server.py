@@ -35,7 +35,8 @@ from shardline.router.http import (
 )
 from shardline.router.openai_routes import OPENAI_ROUTES, sagemaker_invocations
 from shardline.router.openapi import openapi_spec
-from shardline.router.request_types import StreamEvent, Token, ValidRequest
+from shardline.router.request_types import StreamEvent, Token, ValidRequest, by_sequence
+from shardline.router.responses_route import RESPONSES_ROUTES
 from shardline.router.swagger_ui import swagger_ui
 from shardline.router.validation import ResponseOptions, parse_generate_body
 
@@ -76,6 +77,7 @@ def create_app(ctx: RouterContext, cors_allow_origins: Sequence[str] = ()) -> we
             web.get("/openapi.json", openapi),
             web.get("/docs", swagger_ui),
             *OPENAI_ROUTES,
+            *RESPONSES_ROUTES,
         ]
     )
     return app
@@ -207,7 +209,7 @@ def generate_response(
     """TGI's answer. With best_of, the sample of highest mean token logprob is the answer and
     the others (in order) are its best_of_sequences, as TGI does; with beam search, the best
     beam is the answer and the other beams, best first, are its best_of_sequences."""
-    sequences = _by_sequence(events)
+    sequences = by_sequence(events)
     best = 0 if valid.params.use_beam_search else _highest_mean_logprob(sequences)
     prefill = next((event.prefill for event in events if event.prefill), [])
     answer = _sequence_json(valid, options, sequences[best], prefill)
@@ -223,13 +225,6 @@ def generate_response(
             "best_of_sequences": others if len(sequences) > 1 else None,
         }
     return {"generated_text": answer["generated_text"], "details": details}
-
-
-def _by_sequence(events: list[StreamEvent]) -> list[list[StreamEvent]]:
-    grouped: dict[int, list[StreamEvent]] = {}
-    for event in events:
-        grouped.setdefault(event.sequence_index, []).append(event)
-    return [grouped[index] for index in sorted(grouped)]
 
 
 def _highest_mean_logprob(sequences: list[list[StreamEvent]]) -> int:

@@ -242,7 +242,8 @@ async def test_invocations_dispatch_on_the_body(router):
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({"n": 2}, "`n` must be 1"),
+        ({"n": 3}, "`n` must be > 0 and <= 2 (--max-best-of)"),
+        ({"n": 2, "temperature": 0}, "`n` must be 1 with greedy sampling"),
         ({"response_format": {"type": "xml"}}, "`response_format` must be an object"),
         ({"response_format": {"type": "json_schema"}}, 'needs {"schema"'),
         ({"logit_bias": {"5": 10}}, "`logit_bias` is not supported"),
@@ -284,11 +285,12 @@ async def test_chat_validation_errors(router, fake, body, message):
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({"echo": True}, "`echo` is not supported"),
+        ({"echo": 1}, "`echo` must be a boolean"),
         ({"suffix": "end"}, "`suffix` is not supported"),
-        ({"logprobs": 2}, "`logprobs` is not supported on /v1/completions"),
-        ({"best_of": 2}, "`best_of` must be 1"),
-        ({"n": 3}, "`n` must be 1"),
+        ({"logprobs": 6}, "`logprobs` must be >= 0 and <= 5"),
+        ({"logprobs": True}, "`logprobs` must be >= 0 and <= 5"),
+        ({"best_of": 2}, "`best_of` must equal `n` (1)"),
+        ({"n": 3}, "`n` must be > 0 and <= 2"),
         ({"prompt": [1, 2]}, "must be a string or a list of strings"),
         ({"prompt": ["a"] * 5}, "between 1 and 4 prompts"),
         ({"prompt": ""}, "`inputs` cannot be empty"),
@@ -339,8 +341,8 @@ async def test_out_of_vocabulary_prompt_is_422_and_spares_the_others(
 
 async def test_the_official_client_raises_on_errors(api):
     with pytest.raises(openai.UnprocessableEntityError) as caught:
-        await api.chat.completions.create(model="m", messages=USER, n=2)
-    assert "`n` must be 1" in caught.value.body  # TGI's error JSON: `error` is the message
+        await api.chat.completions.create(model="m", messages=USER, n=3)
+    assert "`n` must be > 0" in caught.value.body  # TGI's error JSON: `error` is the message
 
 
 async def test_template_error_is_422(tmp_path, fake):
@@ -373,7 +375,7 @@ async def test_generation_errors_and_metrics(router, fake):
     assert_error(json.loads(payloads[-1]), "generation")
     fake.fail_on = None
     assert (await router.post("/v1/chat/completions", json={"messages": USER})).status == 200
-    await router.post("/v1/completions", json={"prompt": "a", "n": 2})
+    await router.post("/v1/completions", json={"prompt": "a", "n": 3})
     text = (await (await router.get("/metrics")).read()).decode()
     for sample in (
         "tgi_request_count 4.0",

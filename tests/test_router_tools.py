@@ -104,7 +104,7 @@ async def test_forced_tool_call_request_and_answer(served, tokenizer):
     assert "weather in Paris?\n---\n[{" in prompt
     assert prompt.endswith(f"}}]\n{DEFAULT_TOOL_PROMPT}<|im_end|>\n<|im_start|>assistant\n")
     choice = answer.choices[0]
-    assert choice.finish_reason == "stop" and choice.message.content is None
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None  # OpenAI's
     call = choice.message.tool_calls[0]
     assert (call.id, call.type, call.function.name) == ("0", "function", "get_weather")
     assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "celsius"}
@@ -125,10 +125,22 @@ async def test_forced_tool_call_streams_tgi_deltas(served):
     assert {call.id for call in calls} == {"0"} and {call.index for call in calls} == {0}
     arguments = "".join(call.function.arguments for call in calls)
     assert json.loads(arguments) == {"city": "Paris", "unit": "celsius"}
-    assert [chunk.choices[0].finish_reason for chunk in chunks][-2:] == [None, "stop"]
+    assert [chunk.choices[0].finish_reason for chunk in chunks][-2:] == [None, "tool_calls"]
     body = {"messages": USER, "tools": TOOLS, "tool_choice": "required", "stream": True}
     for chunk in await post_stream(client, "/v1/chat/completions", body):
         assert_schema(chunk, "ChatCompletionChunk")
+
+
+async def test_a_tool_call_cut_by_the_token_limit_finishes_with_length(served, tokenizer):
+    client, _ = served
+    named = CALL_TEXT[: CALL_TEXT.index('"city"')]
+    limit = len(tokenizer.encode(named, add_special_tokens=False)) + 2
+    stream = await _api(client).chat.completions.create(
+        model="tiny", messages=USER, tools=TOOLS, tool_choice=FORCED, stream=True, max_tokens=limit
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks[0].choices[0].delta.tool_calls[0].function.name == "get_weather"
+    assert [chunk.choices[0].finish_reason for chunk in chunks][-2:] == [None, "length"]
 
 
 async def test_auto_offers_no_tool_and_answers_again_without_tools(no_tool_served, tokenizer):
@@ -197,6 +209,7 @@ def _tool(name: str, parameters: object) -> dict:
         ({"tools": TOOLS, "tool_choice": 3}, "`tool_choice` must be"),
         ({"tool_choice": "required"}, "'required' needs `tools`"),
         ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "cannot be used together"),
+        ({"tools": TOOLS, "n": 2}, "`n` > 1 is not supported with `tools`"),
     ],
 )
 async def test_bad_tools_are_422(served, body, message):
@@ -365,7 +378,8 @@ async def test_real_forced_tool_call_validates_against_its_schema(real_router):
     options = {"model": "tiny", "messages": USER, "tools": TOOLS, "max_tokens": 96}
     answer = await api.chat.completions.create(**options, tool_choice=FORCED, temperature=0)
     call = answer.choices[0].message.tool_calls[0]
-    assert call.function.name == "get_weather" and answer.choices[0].finish_reason == "stop"
+    assert call.function.name == "get_weather"
+    assert answer.choices[0].finish_reason == "tool_calls"
     jsonschema.validate(json.loads(call.function.arguments), WEATHER)
     stream = await api.chat.completions.create(
         **options, tool_choice=FORCED, temperature=1.0, seed=3, stream=True

@@ -1,0 +1,294 @@
+"""OpenAI's Responses API, text in and text out: POST /v1/responses.
+
+`input` (a string, or message items whose content is text) and `instructions` (a system
+message first) go through the chat route's template and validation; `max_output_tokens`,
+`temperature`, `top_p` and `text.format` map onto `SamplingParams`. The answer is a `response`
+object with one assistant message; streamed, it is OpenAI's event sequence (`response.created`
+... `response.completed`, or `response.incomplete` when cut by `max_output_tokens`), each SSE
+event with its `event:` line and a `sequence_number`. Nothing is stored: `store: true`,
+`previous_response_id`, tools and non-text items are a 422, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from shardline.router.chat_template import parse_messages, render_chat
+from shardline.router.errors import RouterError, ValidationError
+from shardline.router.http import RouterContext, read_json
+from shardline.router.openai_routes import sampling_params
+from shardline.router.openai_serving import OpenAIJob, Usage, serve
+from shardline.router.request_types import Finished, FinishReason, StreamEvent, ValidRequest
+from shardline.router.validation import guided_decoding
+
+_FIELDS = frozenset(
+    {
+        "model",
+        "input",
+        "instructions",
+        "max_output_tokens",
+        "temperature",
+        "top_p",
+        "stream",
+        "text",
+        "store",
+        "metadata",
+        "user",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "previous_response_id",
+        "conversation",
+        "background",
+        "prompt",
+        "include",
+        "reasoning",
+        "truncation",
+        "top_logprobs",
+        "max_tool_calls",
+        "service_tier",
+    }
+)
+# Asked for, these change the answer in ways this server does not offer.
+_UNSUPPORTED = {
+    "previous_response_id": "responses are not stored",
+    "conversation": "responses are not stored",
+    "background": "background responses are not supported",
+    "prompt": "prompt templates are not supported",
+    "reasoning": "reasoning options are not supported",
+    "top_logprobs": "logprobs are not supported on /v1/responses",
+    "max_tool_calls": "tools are not supported on /v1/responses",
+}
+_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+_TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    return await serve(request, _job, _present, await read_json(request))
+
+
+RESPONSES_ROUTES = [web.post("/v1/responses", responses)]
+
+
+# ---- the request -------------------------------------------------------------------------------
+
+
+def _job(ctx: RouterContext, body: Any) -> OpenAIJob:
+    if not isinstance(body, dict):
+        raise ValidationError("the request body must be a JSON object")
+    fields = {name: value for name, value in body.items() if value is not None and name in _FIELDS}
+    _reject_unsupported(fields)
+    messages = parse_messages(_messages(fields))
+    max_tokens = fields.get("max_output_tokens")
+    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
+        raise ValidationError(f"`max_output_tokens` must be >= 1. Given: {max_tokens!r}")
+    guided = guided_decoding(_text_format(fields.get("text")), "text.format")
+    sampling = {name: fields[name] for name in ("temperature", "top_p") if name in fields}
+    stream = fields.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ValidationError(f"`stream` must be a boolean (got {stream!r})")
+    return OpenAIJob(
+        chat=True,
+        prompts=[render_chat(ctx.validator.tokenizer, messages)],
+        params=sampling_params(ctx, sampling, max_tokens, guided),
+        max_tokens=max_tokens,
+        stream=stream,
+        request_fields=fields,
+    )
+
+
+def _reject_unsupported(fields: dict[str, Any]) -> None:
+    for name, reason in _UNSUPPORTED.items():
+        if name in fields:
+            raise ValidationError(f"`{name}` is not supported: {reason}")
+    if fields.get("store") is True:
+        raise ValidationError("`store` must be false: this server does not store responses")
+    if fields.get("tools"):
+        raise ValidationError("`tools` are not supported on /v1/responses")
+    if fields.get("tool_choice", "none") not in ("none", "auto"):
+        raise ValidationError("`tool_choice` needs `tools`, which /v1/responses does not support")
+    if fields.get("truncation", "disabled") != "disabled":
+        raise ValidationError('`truncation` must be "disabled"')
+    if fields.get("include"):
+        raise ValidationError("`include` is not supported: there is nothing more to include")
+
+
+def _messages(fields: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chat messages of `instructions` and `input`."""
+    instructions = fields.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise ValidationError("`instructions` must be a string")
+    raw = fields.get("input")
+    if isinstance(raw, str):
+        raw = [{"role": "user", "content": raw}]
+    if not isinstance(raw, list) or not raw:
+        raise ValidationError("`input` is required: a string or a non-empty list of messages")
+    system = [{"role": "system", "content": instructions}] if instructions else []
+    return system + [_message(position, item) for position, item in enumerate(raw)]
+
+
+def _message(position: int, item: Any) -> dict[str, Any]:
+    where = f"`input[{position}]`"
+    kind = item.get("type", "message") if isinstance(item, dict) else None
+    if kind != "message":
+        raise ValidationError(f"{where} must be a message item (type {kind!r} is not supported)")
+    role = _ROLES.get(item.get("role"))
+    if role is None:
+        raise ValidationError(f"{where}.role must be one of {sorted(_ROLES)}")
+    return {"role": role, "content": _text(where, item.get("content"))}
+
+
+def _text(where: str, content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValidationError(f"{where}.content must be a string or a list of text parts")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in _TEXT_PARTS or not isinstance(part.get("text"), str):
+            raise ValidationError(
+                f'{where}.content parts must be {{"type": "input_text", "text": <string>}} '
+                f"(type {kind!r} is not supported)"
+            )
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _text_format(text: Any) -> dict[str, Any] | None:
+    """`text.format` as a `response_format`: {"type": "json_schema", "schema": ...} keeps its
+    schema at the top level."""
+    if text is None:
+        return None
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(fmt, dict):
+        raise ValidationError('`text` must be {"format": {"type": ...}}')
+    if fmt.get("type") == "json_schema":
+        return {"type": "json_schema", "value": {"schema": fmt.get("schema")}}
+    return fmt
+
+
+# ---- the answer --------------------------------------------------------------------------------
+
+
+def _present(ctx: RouterContext, job: OpenAIJob, requests: list[ValidRequest]) -> ResponsePresenter:
+    return ResponsePresenter(ctx, job)
+
+
+class ResponsePresenter:
+    def __init__(self, ctx: RouterContext, job: OpenAIJob) -> None:
+        self._job = job
+        self._model = ctx.info["model_id"]
+        self._id = f"resp_{uuid.uuid4().hex}"
+        self._item_id = f"msg_{uuid.uuid4().hex}"
+        self._created_at = int(time.time())
+        self._sequence = 0
+
+    def answer(self, results: list[list[StreamEvent]], usage: Usage) -> dict[str, Any]:
+        finished = results[0][-1].finished
+        assert finished is not None
+        return self._response(finished, usage)
+
+    def opening(self) -> list[bytes]:
+        pending = self._response(None, None)
+        part = {"type": "output_text", "text": "", "annotations": []}
+        return [
+            self._event("response.created", response=pending),
+            self._event("response.in_progress", response=pending),
+            self._event("response.output_item.added", output_index=0, item=self._item(None, "")),
+            self._event("response.content_part.added", **self._where(), part=part),
+        ]
+
+    def events(self, prompt_index: int, event: StreamEvent) -> list[bytes]:
+        if not event.text:  # the token released no text yet
+            return []
+        return [self._event("response.output_text.delta", **self._where(), delta=event.text)]
+
+    def closing(self, finals: list[StreamEvent], usage: Usage) -> list[bytes]:
+        finished = finals[0].finished
+        assert finished is not None
+        part = _output_text(finished.generated_text)
+        done = self._response(finished, usage)
+        return [
+            self._event(
+                "response.output_text.done", **self._where(), text=part["text"], logprobs=[]
+            ),
+            self._event("response.content_part.done", **self._where(), part=part),
+            self._event("response.output_item.done", output_index=0, item=done["output"][0]),
+            self._event(f"response.{done['status']}", response=done),
+        ]
+
+    def failure(self, error: RouterError) -> bytes:
+        return self._event("error", code=error.error_type, message=str(error), param=None)
+
+    # ---- bodies ----
+
+    def _response(self, finished: Finished | None, usage: Usage | None) -> dict[str, Any]:
+        fields = self._job.request_fields
+        status = "in_progress" if finished is None else _status(finished)
+        return {
+            "id": self._id,
+            "object": "response",
+            "created_at": self._created_at,
+            "status": status,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"}
+            if status == "incomplete"
+            else None,
+            "instructions": fields.get("instructions"),
+            "max_output_tokens": fields.get("max_output_tokens"),
+            "metadata": fields.get("metadata") or {},
+            "model": self._model,
+            "output": [] if finished is None else [self._item(finished, finished.generated_text)],
+            "parallel_tool_calls": fields.get("parallel_tool_calls", True),
+            "store": False,
+            "temperature": self._job.params.temperature,
+            "text": fields.get("text") or {"format": {"type": "text"}},
+            "tool_choice": fields.get("tool_choice", "auto"),
+            "tools": [],
+            "top_p": self._job.params.top_p,
+            "truncation": "disabled",
+            "usage": None if usage is None else _usage_json(usage),
+            "user": fields.get("user"),
+        }
+
+    def _item(self, finished: Finished | None, text: str) -> dict[str, Any]:
+        content = [] if finished is None else [_output_text(text)]
+        return {
+            "type": "message",
+            "id": self._item_id,
+            "status": "in_progress" if finished is None else _status(finished),
+            "role": "assistant",
+            "content": content,
+        }
+
+    def _where(self) -> dict[str, Any]:
+        return {"item_id": self._item_id, "output_index": 0, "content_index": 0}
+
+    def _event(self, kind: str, **payload: Any) -> bytes:
+        data = {"type": kind, "sequence_number": self._sequence, **payload}
+        self._sequence += 1
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def _status(finished: Finished) -> str:
+    return "incomplete" if finished.reason is FinishReason.LENGTH else "completed"
+
+
+def _output_text(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _usage_json(usage: Usage) -> dict[str, Any]:
+    return {
+        "input_tokens": usage.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": usage.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage.total_tokens,
+    }
