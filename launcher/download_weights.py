@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,13 +21,17 @@ _FLAGS = ("revision", "dtype", "huggingface_hub_cache", "json_output")
 
 
 def prepare_model(args: argparse.Namespace) -> Path:
-    """The local folder the shards load `args.model_id` from, downloaded or converted first."""
+    """The local folder the shards load `args.model_id` from, downloaded or converted first.
+
+    Download progress shows as progress bars on a terminal, else (JSON output, a log collector)
+    as log lines.
+    """
     return resolve_model(
         args.model_id,
         args.revision,
         dtype=args.dtype,
         cache_dir=args.huggingface_hub_cache,
-        log_progress=args.json_output,
+        log_progress=args.json_output or not sys.stderr.isatty(),
     )
 
 

@@ -172,13 +172,17 @@ class LoggedProgress(hub_tqdm):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._silent = kwargs.get("name") == _TRANSFER_BAR
         self._logged = -1.0
+        self._logged_at = time.monotonic()
         kwargs.update(file=io.StringIO(), disable=False, mininterval=self.every_s)
         super().__init__(*args, **kwargs)
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
-        if self._silent or self.n == self._logged or (self.n == 0 and not self.total):
+        now = time.monotonic()
+        finished = bool(self.total) and self.n >= self.total
+        due = finished or now - self._logged_at >= self.every_s
+        if self._silent or self.n == self._logged or not due:
             return True
-        self._logged = self.n
+        self._logged, self._logged_at = self.n, now
         what = "downloaded bytes" if self.unit == "B" else "downloaded files"
         total = int(self.total or 0)
         logger.info(

@@ -67,11 +67,13 @@ def hub_env(endpoint: str, hf_home: Path, **extra: str) -> dict[str, str]:
     return {**env, "HF_ENDPOINT": endpoint, "HF_HOME": str(hf_home), **extra}
 
 
-def download(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+def download(
+    env: dict[str, str], *args: str, json_output: bool = True
+) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "shardline.launcher.cli", "download-weights", *args]
-    return subprocess.run(
-        [*command, "--json-output"], env=env, capture_output=True, text=True, timeout=60
-    )
+    if json_output:
+        command.append("--json-output")
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
 
 
 def snapshot_of(result: subprocess.CompletedProcess) -> Path:
@@ -105,6 +107,14 @@ def test_download_weights_fetches_serving_files_only_with_progress_lines(hub, tm
     weights = len((snapshot / "model.safetensors").read_bytes())
     assert progress and progress[-1]["done"] == progress[-1]["total"] >= weights
     assert events[-1]["model_dir"] == str(snapshot)
+
+
+def test_progress_is_logged_as_text_lines_off_a_terminal(hub, tmp_path):
+    result = download(hub_env(hub.url, tmp_path), "org/tiny", json_output=False)
+    snapshot_of(result)
+    lines = result.stderr.splitlines()
+    assert any(" INFO shardline.hub_download: downloaded files: " in line for line in lines)
+    assert "\r" not in result.stderr
 
 
 def test_revision_downloads_that_commit(hub, tmp_path):
