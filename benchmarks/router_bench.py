@@ -7,6 +7,7 @@ from /proc): that CPU time bounds how fast the served mode can go whatever the G
 is spent on the router's one event loop while the shards compute the next step.
 
     python -m benchmarks.router_bench [--streams 512] [--new-tokens 200] [--rounds 3] [--step-ms 15]
+        [--trace]   # every request traced, its spans sent to a stand-in OTLP collector
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ from shardline_client.loadgen import GenerateStreamOptions, LoadRequest, run_loa
 from benchmarks.serve_bench import wait_healthy
 from shardline.event_loop import run_event_loop
 from shardline.gc_pauses import freeze_long_lived_objects
+from shardline.router import tracing
 from shardline.router.server import create_app
 from shardline.router.startup import RouterSettings, start_router
 
 CONTINUATION = " the model server streams every token of this text back"
 
 
-async def _serve_router(port: int, tokenizer_dir: Path, step_s: float) -> None:
+async def _serve_router(
+    port: int, tokenizer_dir: Path, step_s: float, otlp_endpoint: str | None
+) -> None:
     from tests.test_router_fakes import FakeShardClient, tiny_tokenizer
 
     tokenizer = tiny_tokenizer(tokenizer_dir)
@@ -54,6 +58,7 @@ async def _serve_router(port: int, tokenizer_dir: Path, step_s: float) -> None:
         max_concurrent_requests=8192,
     )
     ctx = await start_router(fake, tokenizer, settings)
+    tracing.configure(otlp_endpoint)
     freeze_long_lived_objects()  # as the router CLI does
     runner = web.AppRunner(create_app(ctx), access_log=None)
     await runner.setup()
@@ -97,16 +102,27 @@ async def _measure(
     return results
 
 
-def bench(streams: int, new_tokens: int, rounds: int, port: int, step_ms: float) -> list[dict]:
-    """Starts the router process on `port`, streams `rounds` times, stops it."""
+def bench(
+    streams: int, new_tokens: int, rounds: int, port: int, step_ms: float, trace: bool = False
+) -> list[dict]:
+    """Starts the router process on `port`, streams `rounds` times, stops it. With `trace`,
+    every request's spans go to a stand-in collector in this process."""
+    from tests.otlp_collector import running_collector
+
     command = [sys.executable, "-m", "benchmarks.router_bench", "--serve", f"--port={port}"]
     command.append(f"--step-ms={step_ms}")
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    try:
-        return asyncio.run(_measure(port, process, streams, new_tokens, rounds))
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with running_collector() as collector:
+        if trace:
+            command.append(f"--otlp-endpoint={collector.endpoint}")
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        try:
+            results = asyncio.run(_measure(port, process, streams, new_tokens, rounds))
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    for result in results:
+        result["spans_exported"] = len(collector.spans)
+    return results
 
 
 def main() -> None:
@@ -123,13 +139,16 @@ def main() -> None:
         "fast as the router can, which leaves the load generator behind: writes back up and "
         "the router's CPU per token doubles",
     )
+    parser.add_argument("--trace", action="store_true", help="trace every request (OTLP)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--otlp-endpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         with tempfile.TemporaryDirectory() as folder:
-            run_event_loop(_serve_router(args.port, Path(folder), args.step_ms / 1e3))
+            serving = _serve_router(args.port, Path(folder), args.step_ms / 1e3, args.otlp_endpoint)
+            run_event_loop(serving)
         return
-    rounds = bench(args.streams, args.new_tokens, args.rounds, args.port, args.step_ms)
+    rounds = bench(args.streams, args.new_tokens, args.rounds, args.port, args.step_ms, args.trace)
     cost = statistics.median(r["router_cpu_us_per_token"] for r in rounds)
     rate = statistics.median(r["output_tok_s"] for r in rounds)
     print(f"== router over a fake shard at {args.step_ms} ms a step, {args.streams} streams ==")
