@@ -15,7 +15,7 @@ from shardline.router.cli import build_parser as router_parser
 CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
 
 # TGI v3's launcher flags and their variables (docs/source/reference/launcher.md), but for
-# --huggingface-hub-cache and --disable-grammar-support, whose own tests are their authors'.
+# --disable-grammar-support, whose author's work is under way.
 TGI_FLAGS = [
     "model-id",
     "revision",
@@ -46,6 +46,7 @@ TGI_FLAGS = [
     "shard-uds-path",
     "master-addr",
     "master-port",
+    "huggingface-hub-cache",
     "weights-cache-override",
     "disable-custom-kernels",
     "cuda-memory-fraction",

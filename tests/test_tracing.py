@@ -91,6 +91,20 @@ async def test_a_request_is_one_span_with_validation_queue_prefill_and_decode(
     }
 
 
+async def test_a_chat_completion_is_traced_the_same_way(collector, tokenizer) -> None:
+    client, ctx = await _router(tokenizer)
+    try:
+        body = {"model": "tgi", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+        assert (await client.post("/v1/chat/completions", json=body)).status == 200
+    finally:
+        await client.close()
+        await ctx.batcher.stop()
+    spans = _exported(collector)
+    (root,) = spans["POST /v1/chat/completions"]
+    assert _children(spans, root) == {"validation", "queue", "prefill", "decode"}
+    assert attributes(root.attributes)["gen_ai.usage.output_tokens"] == 3
+
+
 async def test_a_traceparent_header_continues_the_callers_trace(collector, tokenizer) -> None:
     client, ctx = await _router(tokenizer)
     try:
