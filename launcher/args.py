@@ -15,6 +15,7 @@ from typing import Any
 
 from shardline import __version__
 from shardline.model_files import PACKAGED_MODEL_ALIAS
+from shardline.router.grammar_compiler import GrammarBudget
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -174,6 +175,14 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--enable-prefill-logprobs",), "ENABLE_PREFILL_LOGPROBS", "accepted for TGI "
          "compatibility: prompt logprobs (decoder_input_details) are always available",
          switch=True),
+    Flag(("--disable-grammar-support",), "DISABLE_GRAMMAR_SUPPORT",
+         "refuse grammar-constrained requests (422)", switch=True),
+    Flag(("--grammar-compile-timeout",), "GRAMMAR_COMPILE_TIMEOUT", "seconds one grammar "
+         "(JSON schema or regex) may take to compile over the vocabulary, in a worker process "
+         "killed past it; the request gets 422", type=float, default=GrammarBudget.timeout_s),
+    Flag(("--max-grammar-bytes",), "MAX_GRAMMAR_BYTES", "largest compiled grammar (its token "
+         "automaton, in bytes) sent to the shards; a larger one gets 422", type=int,
+         default=GrammarBudget.max_bytes),
     Flag(("--shard-step-timeout",), "SHARD_STEP_TIMEOUT",
          "seconds a Prefill, Decode, FilterBatch or ClearCache call may take; past it a shard is "
          "taken as stuck: in-flight requests get 424 and everything stops with exit 1 "

@@ -162,6 +162,9 @@ def router_spec(
                 *(("--cors-allow-origin", origin) for origin in args.cors_allow_origin or ()),
                 ("--shutdown-timeout", args.graceful_termination_timeout),
                 ("--shard-step-timeout", args.shard_step_timeout),
+                ("--disable-grammar-support", args.disable_grammar_support),
+                ("--grammar-compile-timeout", args.grammar_compile_timeout),
+                ("--max-grammar-bytes", args.max_grammar_bytes),
                 ("--shard-warmup-timeout", args.shard_warmup_timeout),
             ]
         ),

@@ -17,6 +17,7 @@ from shardline.log import configure_logging
 from shardline.router import tracing
 from shardline.router.batcher import Batcher
 from shardline.router.client import ShardDeadlines, ShardedClient
+from shardline.router.grammar_compiler import GrammarBudget
 from shardline.router.http import PAYLOAD_LIMIT, RouterContext, RouterRunner
 from shardline.router.server import create_app, create_metrics_app
 from shardline.router.startup import RouterSettings, start_router
@@ -89,6 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
         "taken as stuck: in-flight requests get 424 and the router exits 1 (0: no limit)",
     )
     add(
+        "--grammar-compile-timeout",
+        type=float,
+        default=GrammarBudget.timeout_s,
+        help="seconds one grammar (JSON schema or regex) may take to compile over the "
+        "vocabulary, in a worker process killed past it; the request gets 422",
+    )
+    add(
+        "--max-grammar-bytes",
+        type=int,
+        default=GrammarBudget.max_bytes,
+        help="largest compiled grammar (its token automaton, in bytes) sent to the shards; "
+        "a larger one gets 422",
+    )
+    add(
+        "--disable-grammar-support",
+        action="store_true",
+        help="refuse requests with a grammar (422)",
+    )
+    add(
         "--shard-warmup-timeout",
         type=float,
         default=1800.0,
@@ -124,6 +144,13 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
         metrics_without_auth=args.metrics_without_auth,
         payload_limit=args.payload_limit,
         shard_step_timeout=args.shard_step_timeout or None,
+        grammar_budget=None
+        if args.disable_grammar_support
+        else GrammarBudget(
+            timeout_s=args.grammar_compile_timeout,
+            max_bytes=args.max_grammar_bytes,
+            workers=args.validation_workers,
+        ),
     )
 
 

@@ -123,6 +123,7 @@ def request_proto(
     such a request before it joins a batch.
     """
     chooser, stopping = request.params.to_proto(request.max_new_tokens)
+    chooser.grammar_index = request.grammar_index
     return pb.Request(
         id=request_id,
         input_ids=request.input_ids,

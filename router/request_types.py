@@ -24,6 +24,7 @@ class ValidRequest:
     max_new_tokens: int
     top_n_tokens: int = 0
     decoder_input_details: bool = False
+    grammar_index: bytes = b""  # params.grammar() compiled by the router's GrammarCompiler
 
     @property
     def input_length(self) -> int:

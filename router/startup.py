@@ -10,6 +10,7 @@ from shardline import __version__
 from shardline.proto import generate_pb2 as pb
 from shardline.router.batcher import Batcher, BatchingConfig
 from shardline.router.client import ShardClient, ShardDeadlines
+from shardline.router.grammar_compiler import GrammarBudget, GrammarCompiler
 from shardline.router.http import PAYLOAD_LIMIT, RouterContext
 from shardline.router.metrics import RouterMetrics
 from shardline.router.validation import ValidationLimits, Validator
@@ -47,6 +48,7 @@ class RouterSettings:
     metrics_without_auth: bool = False
     payload_limit: int = PAYLOAD_LIMIT
     shard_step_timeout: float | None = ShardDeadlines.step  # as the client's; None or 0: none
+    grammar_budget: GrammarBudget | None = GrammarBudget()  # None: grammars are refused
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ async def start_router(
             max_client_batch_size=settings.max_client_batch_size,
         ),
         settings.validation_workers,
+        _grammar_compiler(tokenizer, shard_info, settings.grammar_budget),
     )
     batcher.start()
     return RouterContext(
@@ -150,6 +153,14 @@ async def _warmup(client: ShardClient, settings: RouterSettings, chunking: bool)
         "the KV cache cannot hold one full-length request",
     )
     return _Limits(max_input, max_total, prefill, batch_total)
+
+
+def _grammar_compiler(
+    tokenizer: Any, shard_info: pb.InfoResponse, budget: GrammarBudget | None
+) -> GrammarCompiler | None:
+    if budget is None:
+        return None
+    return GrammarCompiler(tokenizer, list(shard_info.eos_token_ids), budget)
 
 
 def _check(ok: bool, message: str) -> None:

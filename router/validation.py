@@ -15,6 +15,7 @@ from typing import Any
 
 from shardline.router.client import request_proto
 from shardline.router.errors import ValidationError
+from shardline.router.grammar_compiler import GrammarCompiler
 from shardline.router.request_types import ValidRequest
 from shardline.sampling_params import JSON_OBJECT_SCHEMA, SamplingParams, SamplingParamsError
 
@@ -81,14 +82,24 @@ class Encoding:
 
 
 class Validator:
-    def __init__(self, tokenizer: Any, limits: ValidationLimits, workers: int = 2) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        limits: ValidationLimits,
+        workers: int = 2,
+        grammars: GrammarCompiler | None = None,
+    ) -> None:
+        """`grammars` None: requests with a grammar are refused (--disable-grammar-support)."""
         self.tokenizer = tokenizer
         self.limits = limits
         self.workers = workers
+        self.grammars = grammars
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenizer")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.grammars is not None:
+            self.grammars.close()
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> Encoding:
         loop = asyncio.get_running_loop()
@@ -236,7 +247,18 @@ class Validator:
         )
 
         _check_encodable(request)
+        request.grammar_index = await self._grammar_index(params)
         return request
+
+    async def _grammar_index(self, params: SamplingParams) -> bytes:
+        """The compiled grammar, off the event loop and within the grammar budget (last: the
+        cheap checks refuse a request first)."""
+        grammar = params.grammar()
+        if grammar is None:
+            return b""
+        if self.grammars is None:
+            raise ValidationError("grammar is not supported")
+        return await self.grammars.compile(*grammar)
 
     def _check_vocabulary(self, input_ids: list[int]) -> None:
         vocab_size = self.limits.vocab_size

@@ -27,6 +27,8 @@ from typing import Any
 from shardline.model_files import resolve_model
 from shardline.proto import generate_pb2 as pb
 from shardline.router.batcher import Batcher, BatchingConfig
+from shardline.router.errors import ValidationError
+from shardline.router.grammar_compiler import GrammarBudget, GrammarCompiler
 from shardline.router.request_types import FinishReason, StreamEvent, ValidRequest
 from shardline.sampling_params import SamplingParams
 
@@ -114,6 +116,7 @@ class LLM:
     ) -> None:
         self.args = _engine_args(kwargs)
         self._seeds = random.Random(self.args.seed)
+        self._grammars: GrammarCompiler | None = None  # started by the first grammar
         self.model_dir = resolve_model(model, self.args.revision, cache_dir=self.args.download_dir)
         from transformers import AutoTokenizer
 
@@ -143,6 +146,8 @@ class LLM:
     def shutdown(self) -> None:
         """Stops the shard processes of `tensor_parallel_size > 1` (also done at exit)."""
         self._shards.close()
+        if self._grammars is not None:
+            self._grammars.close()
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
@@ -195,12 +200,28 @@ class LLM:
     ) -> list[RequestOutput]:
         requests = [self._valid_request(t, ids, p) for t, ids, p in zip(texts, token_ids, params)]
         async with self._shards.client() as client:
+            await self._compile_grammars(client, requests)
             batcher = Batcher(client, self.tokenizer, self._batching_config())
             batcher.start()
             try:
                 return await _collect_all(batcher, requests, params, use_tqdm)
             finally:
                 await batcher.stop()
+
+    async def _compile_grammars(self, client: Any, requests: list[ValidRequest]) -> None:
+        """Each grammar as the server compiles it: in a worker process, within the default
+        GrammarBudget; one that does not compile or is past it raises ValueError."""
+        for index, request in enumerate(requests):
+            grammar = request.params.grammar()
+            if grammar is None:
+                continue
+            if self._grammars is None:
+                eos_ids = list((await client.info()).eos_token_ids)
+                self._grammars = GrammarCompiler(self.tokenizer, eos_ids, GrammarBudget())
+            try:
+                request.grammar_index = await self._grammars.compile(*grammar)
+            except ValidationError as error:
+                raise ValueError(f"prompt {index}: {error}") from None
 
     def _valid_request(
         self, text: str | None, ids: list[int], params: SamplingParams

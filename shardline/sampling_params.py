@@ -250,12 +250,6 @@ class SamplingParams:
                 "must be a string",
             )
             _check_text("guided_regex", self.guided_regex)
-            _check(
-                _regex_error(self.guided_regex) is None,
-                "guided_regex",
-                self.guided_regex,
-                f"does not compile: {_regex_error(self.guided_regex)}",
-            )
 
     def _schema_text(self) -> str:
         if isinstance(self.guided_json, str):
@@ -269,12 +263,19 @@ class SamplingParams:
         )
         return json.dumps(self.guided_json, sort_keys=True)
 
-    def _grammar_fields(self) -> dict[str, Any]:
+    def grammar(self) -> tuple[int, str] | None:
+        """(GrammarType, the schema's JSON text or the regex); None without guided decoding.
+        Whether it compiles is only known over the model's vocabulary: the router's
+        GrammarCompiler tells, under its time budget."""
         if self.guided_json is not None:
-            return {"grammar_type": generate_pb2.GRAMMAR_TYPE_JSON, "grammar": self._schema_text()}
+            return generate_pb2.GRAMMAR_TYPE_JSON, self._schema_text()
         if self.guided_regex is not None:
-            return {"grammar_type": generate_pb2.GRAMMAR_TYPE_REGEX, "grammar": self.guided_regex}
-        return {}
+            return generate_pb2.GRAMMAR_TYPE_REGEX, self.guided_regex
+        return None
+
+    def _grammar_fields(self) -> dict[str, Any]:
+        grammar = self.grammar()
+        return {} if grammar is None else {"grammar_type": grammar[0], "grammar": grammar[1]}
 
     def beam_search_proto(self) -> generate_pb2.BeamSearchParameters | None:
         """The shard's beam search message; None without beam search."""
@@ -352,22 +353,6 @@ def _schema_error(schema: str) -> str | None:
     except (ValueError, TypeError) as error:
         return str(error)[:_ERROR_CHARS]
     return None
-
-
-@functools.lru_cache(maxsize=256)
-def _regex_error(regex: str) -> str | None:
-    """Why outlines-core cannot build the automaton of this regex over single bytes (which
-    byte-level and byte-fallback vocabularies all have); None if it can."""
-    try:
-        outlines_core.Index(regex, _byte_vocabulary())
-    except (ValueError, TypeError) as error:
-        return str(error)[:_ERROR_CHARS]
-    return None
-
-
-@functools.cache
-def _byte_vocabulary() -> outlines_core.Vocabulary:
-    return outlines_core.Vocabulary(256, {bytes([b]): [b] for b in range(256)})
 
 
 def _check(ok: bool, name: str, value: object, requirement: str) -> None:

@@ -79,6 +79,5 @@ def create_engine(args: ShardArgs) -> ShardEngine:
         gpu_memory_utilization=args.gpu_memory_utilization,
         attention_impl=backend.name,
         cuda_graph_buckets=parse_buckets(args.cuda_graphs),
-        tokenizer_dir=args.model_dir,
     )
     return ShardEngine(model, model.config, tp, device, settings)

@@ -10,7 +10,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -35,7 +34,7 @@ from shardline.shards.models.config import ModelConfig
 from shardline.shards.prompt_chunks import PartialPrompts, ScheduledChunk, chunk_end
 from shardline.shards.request_checks import InvalidRequestError, admit, check_batch
 from shardline.shards.utils.dist import TPGroup
-from shardline.shards.utils.grammar import GrammarCompiler
+from shardline.shards.utils.grammar import GrammarLoader
 from shardline.shards.utils.sampling import SamplingState
 
 logger = logging.getLogger(__name__)
@@ -48,7 +47,6 @@ class EngineSettings:
     gpu_memory_utilization: float = 0.90
     attention_impl: str = "torch"
     cuda_graph_buckets: tuple[int, ...] = ()
-    tokenizer_dir: Path | None = None  # read on the first request with a grammar
 
 
 class ShardEngine:
@@ -70,9 +68,7 @@ class ShardEngine:
         self.batches: dict[int, ShardBatch] = {}
         self._ahead: StepAhead | None = None
         self._partial = PartialPrompts()
-        self.grammars = GrammarCompiler(
-            settings.tokenizer_dir, sorted(config.eos_token_ids), config.vocab_size
-        )
+        self.grammars = GrammarLoader(sorted(config.eos_token_ids), config.vocab_size)
 
     @property
     def max_positions(self) -> int:
@@ -607,7 +603,7 @@ class ShardEngine:
             batch,
             vocab_size=self.config.vocab_size,
             max_positions=self.max_positions,
-            compile_grammar=self.grammars.compile,
+            load_grammar=self.grammars.load,
         )
         self._partial.drop(list(reasons), self.allocator)
         return admitted, [pb.RefusedRequest(request_id=i, reason=r) for i, r in reasons.items()]

@@ -32,7 +32,7 @@ def admit(
     *,
     vocab_size: int,
     max_positions: int,
-    compile_grammar: Callable[[int, str], object],
+    load_grammar: Callable[[pb.NextTokenChooserParameters], object],
 ) -> tuple[pb.Batch, dict[int, str]]:
     """The batch without the requests it refuses, and why each was refused (by request id)."""
     refused = {}
@@ -40,7 +40,7 @@ def admit(
         try:
             _check_request(request, vocab_size, max_positions)
             _check_sampling(request)
-            _check_grammar(request, compile_grammar)
+            _check_grammar(request, load_grammar)
         except InvalidRequestError as error:
             refused[request.id] = str(error)
     if not refused:
@@ -109,13 +109,15 @@ def _check_beam_search(request: pb.Request) -> None:
         raise InvalidRequestError(f"request {request.id}: beam search does not sample")
 
 
-def _check_grammar(request: pb.Request, compile_grammar: Callable[[int, str], object]) -> None:
+def _check_grammar(
+    request: pb.Request, load_grammar: Callable[[pb.NextTokenChooserParameters], object]
+) -> None:
     params = request.parameters
     if params.grammar_type == pb.GRAMMAR_TYPE_NONE:
         return
     if request.HasField("beam_search"):
         raise InvalidRequestError(f"request {request.id}: beam search takes no grammar")
     try:
-        compile_grammar(params.grammar_type, params.grammar)
+        load_grammar(params)
     except InvalidGrammarError as error:
         raise InvalidRequestError(f"request {request.id}: {error}") from error

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -69,11 +70,11 @@ def shard_socket(tiny_llama_dir: Path, tmp_path_factory) -> str:
 
 @contextlib.asynccontextmanager
 async def open_router(
-    shard_socket: str, model_dir: Path, max_total_tokens: int
+    shard_socket: str, model_dir: Path, max_total_tokens: int, **more_settings: Any
 ) -> AsyncIterator[TestClient]:
     """The router app in front of a real shard, on a test client."""
     shards = await ShardedClient.connect(shard_socket)
-    settings = RouterSettings(model_id="tiny", max_total_tokens=max_total_tokens)
+    settings = RouterSettings(model_id="tiny", max_total_tokens=max_total_tokens, **more_settings)
     ctx = await start_router(shards, AutoTokenizer.from_pretrained(model_dir), settings)
     client = TestClient(RouterTestServer(create_app(ctx), handler_cancellation=True))
     await client.start_server()
@@ -82,4 +83,5 @@ async def open_router(
     finally:
         await client.close()
         await ctx.batcher.stop()
+        ctx.validator.close()
         await shards.close()

@@ -1,4 +1,7 @@
-"""Constrained decoding (TGI's `grammar`, vLLM's guided_json / guided_regex) on the tiny model."""
+"""Constrained decoding (TGI's `grammar`, vLLM's guided_json / guided_regex) on the tiny model.
+
+The engine tests attach the compiled index as the router does (`_compiled`); the budget, the
+cache and hostile grammars are tests/test_grammar_budget.py's."""
 
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ from transformers import AutoTokenizer
 
 from shardline import LLM
 from shardline.proto import generate_pb2 as pb
+from shardline.router.grammar_compiler import build_vocabulary
+from shardline.router.grammar_worker import compile_index
 from shardline.sampling_params import JSON_OBJECT_SCHEMA, SamplingParams, SamplingParamsError
 from shardline.shards.engine import ShardEngine
 from tests.router_fixtures import open_router
@@ -42,8 +47,27 @@ def tokenizer(tiny_llama_dir: Path):
     return AutoTokenizer.from_pretrained(tiny_llama_dir)
 
 
+@pytest.fixture(scope="module")
+def vocabulary(engine, tokenizer):
+    return build_vocabulary(tokenizer, tuple(sorted(engine.config.eos_token_ids)))
+
+
 def _params(sample: bool, seed: int = 0, **grammar: object) -> SamplingParams:
     return SamplingParams(temperature=1.0 if sample else 0.0, seed=seed, **grammar)
+
+
+def _compiled(request: pb.Request, vocabulary) -> pb.Request:
+    """The request with its grammar's index, as the router sends it."""
+    params = request.parameters
+    if params.grammar_type != pb.GRAMMAR_TYPE_NONE:
+        params.grammar_index = compile_index(
+            params.grammar_type, params.grammar, vocabulary, 1 << 30
+        )
+    return request
+
+
+def _request(vocabulary, request_id: int, prompt: list[int], max_new: int, params) -> pb.Request:
+    return _compiled(make_request(request_id, prompt, max_new, params), vocabulary)
 
 
 def _run(engine: ShardEngine, requests: list[pb.Request]) -> dict[int, list[int]]:
@@ -59,31 +83,32 @@ def _text(tokenizer, tokens: list[int]) -> str:
 
 
 @pytest.mark.parametrize("sample", [False, True])
-def test_regex_output_matches_the_regex(engine, tokenizer, sample):
+def test_regex_output_matches_the_regex(engine, tokenizer, vocabulary, sample):
     prompts = random_prompts(4, engine.config.vocab_size, seed=5)
     params = [_params(sample, seed=i, guided_regex=REGEX) for i in range(4)]
-    requests = [make_request(i, p, MAX_NEW, params[i]) for i, p in enumerate(prompts)]
+    requests = [_request(vocabulary, i, p, MAX_NEW, params[i]) for i, p in enumerate(prompts)]
     for tokens in _run(engine, requests).values():
         assert tokens[-1] in engine.config.eos_token_ids
         assert re.fullmatch(REGEX, _text(tokenizer, tokens)), _text(tokenizer, tokens)
 
 
 @pytest.mark.parametrize("sample", [False, True])
-def test_json_output_validates_against_the_schema(engine, tokenizer, sample):
+def test_json_output_validates_against_the_schema(engine, tokenizer, vocabulary, sample):
     prompts = random_prompts(3, engine.config.vocab_size, seed=6)
     params = _params(sample, seed=3, guided_json=SCHEMA)
-    requests = [make_request(i, p, 128, params) for i, p in enumerate(prompts)]
+    requests = [_request(vocabulary, i, p, 128, params) for i, p in enumerate(prompts)]
     for tokens in _run(engine, requests).values():
         jsonschema.validate(json.loads(_text(tokenizer, tokens)), SCHEMA)
 
 
-def test_n_samples_each_follow_the_grammar(engine, tokenizer):
+def test_n_samples_each_follow_the_grammar(engine, tokenizer, vocabulary):
     params = SamplingParams(n=3, temperature=1.0, seed=11, guided_json=JSON_OBJECT_SCHEMA)
     prompt = random_prompts(1, engine.config.vocab_size, seed=7)[0]
     chooser, stopping = params.to_proto(96)
     request = pb.Request(
         id=1, input_ids=prompt, parameters=chooser, stopping_parameters=stopping, num_sequences=3
     )
+    _compiled(request, vocabulary)
     answers: dict[int, list[int]] = {}
     batch = engine.prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=[request])))
     while True:
@@ -99,7 +124,7 @@ def test_n_samples_each_follow_the_grammar(engine, tokenizer):
     assert_no_leaks(engine)
 
 
-def test_free_rows_get_the_tokens_they_get_alone(engine, tokenizer):
+def test_free_rows_get_the_tokens_they_get_alone(engine, tokenizer, vocabulary):
     """Constrained and free rows share batches, joining at different steps (concatenate) and
     leaving at different steps (filter): every row's output is the one it gets alone."""
     prompts = random_prompts(6, engine.config.vocab_size, seed=8)
@@ -114,7 +139,7 @@ def test_free_rows_get_the_tokens_they_get_alone(engine, tokenizer):
     samples = [False, True, True, False, True, False]
     lengths = [MAX_NEW, 9, 128, 23, MAX_NEW, 5]
     requests = [
-        make_request(i, prompt, n, _params(sample, seed=i, **grammar))
+        _request(vocabulary, i, prompt, n, _params(sample, seed=i, **grammar))
         for i, (prompt, n, sample, grammar) in enumerate(zip(prompts, lengths, samples, grammars))
     ]
     alone = {
@@ -130,15 +155,19 @@ def test_free_rows_get_the_tokens_they_get_alone(engine, tokenizer):
     assert_no_leaks(engine)
 
 
-def test_an_uncompilable_grammar_is_refused_and_changes_nothing(engine):
-    prompt = random_prompts(1, engine.config.vocab_size, seed=9)[0]
-    request = make_request(1, prompt, 8)
-    request.parameters.grammar_type = pb.GRAMMAR_TYPE_REGEX
-    request.parameters.grammar = "(unclosed"
-    answer = engine.prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=[request])))
+@pytest.mark.parametrize("index", [b"", b"not an index"], ids=["missing", "damaged"])
+def test_a_grammar_without_a_loadable_index_is_refused_alone(engine, vocabulary, index):
+    """The shard never compiles: a grammar whose index is missing or damaged fails its own
+    request, and the request beside it runs."""
+    prompts = random_prompts(2, engine.config.vocab_size, seed=9)
+    bad = make_request(1, prompts[0], 8, _params(False, guided_regex="(north|south) [0-9]{9}"))
+    bad.parameters.grammar_index = index
+    good = _request(vocabulary, 2, prompts[1], 8, _params(False, guided_regex=REGEX))
+    answer = engine.prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=[bad, good])))
     assert [refused.request_id for refused in answer.refused] == [1]
     assert "grammar" in answer.refused[0].reason
-    assert not answer.HasField("batch")
+    assert [generation.request_id for generation in answer.generations] == [2]
+    engine.clear_cache(pb.ClearCacheRequest())
     assert_no_leaks(engine)
 
 
@@ -154,7 +183,6 @@ def test_beam_search_with_a_grammar_is_refused(engine):
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"guided_regex": "(ab"}, "guided_regex"),
         ({"guided_json": {"type": "bogus"}}, "guided_json"),
         ({"guided_json": SCHEMA, "guided_regex": "a"}, "guided_regex"),
         (
@@ -177,6 +205,13 @@ def test_offline_llm_guided_decoding(tiny_llama_dir):
     assert re.fullmatch(REGEX, outputs[0].outputs[0].text)
     jsonschema.validate(json.loads(outputs[1].outputs[0].text), SCHEMA)
     assert [o.outputs[0].finish_reason for o in outputs] == ["stop", "stop"]
+    bad_pattern = {"type": "object", "properties": {"a": {"type": "string", "pattern": "(a"}}}
+    bad = SamplingParams(max_tokens=8, guided_json=bad_pattern)
+    with pytest.raises(ValueError, match="prompt 1: `guided_json` does not compile"):
+        llm.generate(prompt_token_ids=prompts, sampling_params=[regex, bad])
+    again = llm.generate(prompt_token_ids=prompts[:1], sampling_params=regex)
+    assert again[0].outputs[0].text == outputs[0].outputs[0].text
+    llm.shutdown()
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """Constrained decoding: token-level automata of TGI's `grammar` (JSON schema or regex).
 
-outlines-core turns a regex (a JSON schema first becomes one) and the model's vocabulary into an
-index: a DFA whose transitions are token ids. `GrammarCompiler` (one per shard) loads the
-tokenizer lazily, on the first grammar request, and keeps the last compiled grammars by
-(type, value). `GrammarRows` keeps the DFA state of each row of a batch (None for a free row):
+The router compiles each grammar into outlines-core's index (a DFA whose transitions are token
+ids) under its time and size budget, and sends it with the request (`grammar_index`): a shard
+only loads it (`GrammarLoader`, one per shard, keeps the last ones by (type, value)) and never
+compiles one. `GrammarRows` keeps the DFA state of each row of a batch (None for a free row):
 it builds the [B, V] mask of allowed tokens, advances with each appended token, and lets EOS
 through only where the DFA accepts. A row's state is a plain int, so filter, concatenate and
 forks copy it.
@@ -12,40 +12,21 @@ forks copy it.
 from __future__ import annotations
 
 import functools
-import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import outlines_core
 import torch
+from cachetools import LRUCache
 
 from shardline.proto import generate_pb2 as pb
 
-_CACHE_SIZE = 64
+_CACHE_BYTES = 512 << 20  # of the indexes' binary form
 _MASKS_PER_GRAMMAR = 1024
-_SENTENCEPIECE_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 class InvalidGrammarError(ValueError):
-    """A grammar that does not compile: bad regex, unsupported schema, or no token path."""
-
-
-def schema_regex(schema: str) -> str:
-    """The regex of a JSON schema given as JSON text; cheap (no vocabulary)."""
-    try:
-        return outlines_core.json_schema.build_regex_from_schema(schema)
-    except (ValueError, TypeError) as error:
-        raise InvalidGrammarError(f"invalid JSON schema grammar: {error}") from error
-
-
-def grammar_regex(grammar_type: int, value: str) -> str:
-    if grammar_type == pb.GRAMMAR_TYPE_JSON:
-        return schema_regex(value)
-    if grammar_type == pb.GRAMMAR_TYPE_REGEX:
-        return value
-    raise InvalidGrammarError(f"unknown grammar type {grammar_type}")
+    """A request's grammar that cannot be loaded: its index is missing or damaged."""
 
 
 class CompiledGrammar:
@@ -70,32 +51,32 @@ class CompiledGrammar:
         return state if following is None else following
 
 
-class GrammarCompiler:
-    """Compiles grammars against the tokenizer of `tokenizer_dir`, loaded on first use."""
+class GrammarLoader:
+    """The requests' compiled grammars, loaded from their `grammar_index` and kept by
+    (type, value), so a grammar seen before costs nothing."""
 
-    def __init__(
-        self, tokenizer_dir: Path | None, eos_token_ids: Sequence[int], vocab_size: int
-    ) -> None:
-        self.tokenizer_dir = tokenizer_dir
+    def __init__(self, eos_token_ids: Sequence[int], vocab_size: int) -> None:
         self.eos_token_ids = tuple(sorted(eos_token_ids))
         self.vocab_size = vocab_size
-        self.compile = functools.lru_cache(maxsize=_CACHE_SIZE)(self._compile)
+        self._loaded: LRUCache[tuple[int, str], tuple[CompiledGrammar, int]] = LRUCache(
+            _CACHE_BYTES, getsizeof=lambda entry: entry[1]
+        )
 
-    @functools.cached_property
-    def vocabulary(self) -> outlines_core.Vocabulary:
-        if self.tokenizer_dir is None:
-            raise InvalidGrammarError("grammar needs the model's tokenizer, which is not loaded")
-        from transformers import AutoTokenizer
+    def load(self, params: pb.NextTokenChooserParameters) -> CompiledGrammar:
+        key = (params.grammar_type, params.grammar)
+        entry = self._loaded.get(key)
+        if entry is None:
+            entry = (self._from_binary(params.grammar_index), len(params.grammar_index))
+            self._loaded[key] = entry
+        return entry[0]
 
-        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
-        return build_vocabulary(tokenizer, self.eos_token_ids)
-
-    def _compile(self, grammar_type: int, value: str) -> CompiledGrammar:
-        regex = grammar_regex(grammar_type, value)
+    def _from_binary(self, binary: bytes) -> CompiledGrammar:
+        if not binary:
+            raise InvalidGrammarError("its grammar comes without the router-compiled index")
         try:
-            index = outlines_core.Index(regex, self.vocabulary)
-        except ValueError as error:
-            raise InvalidGrammarError(f"grammar does not compile: {error}") from error
+            index = outlines_core.Index.from_binary(binary)
+        except Exception as error:  # whatever outlines-core makes of damaged bytes
+            raise InvalidGrammarError(f"its grammar index does not load: {error}") from error
         return CompiledGrammar(index, self.vocab_size)
 
     def rows(self, params: Sequence[pb.NextTokenChooserParameters]) -> GrammarRows | None:
@@ -103,55 +84,10 @@ class GrammarCompiler:
         if all(p.grammar_type == pb.GRAMMAR_TYPE_NONE for p in params):
             return None
         grammars = [
-            None
-            if p.grammar_type == pb.GRAMMAR_TYPE_NONE
-            else self.compile(p.grammar_type, p.grammar)
-            for p in params
+            None if p.grammar_type == pb.GRAMMAR_TYPE_NONE else self.load(p) for p in params
         ]
         states = [None if g is None else g.initial_state for g in grammars]
         return GrammarRows(grammars, states, self.eos_token_ids)
-
-
-def build_vocabulary(tokenizer, eos_token_ids: tuple[int, ...]) -> outlines_core.Vocabulary:
-    """outlines-core's vocabulary: each token as the bytes it decodes to, special tokens out."""
-    byte_level = '"ByteLevel"' in json.dumps(_decoder_config(tokenizer))
-    added = tokenizer.get_added_vocab()
-    special = set(tokenizer.all_special_ids) | set(eos_token_ids)
-    tokens: dict[bytes, list[int]] = {}
-    for token, token_id in tokenizer.get_vocab().items():
-        if token_id in special:
-            continue
-        text = token.encode() if token in added else _token_bytes(token, byte_level)
-        tokens.setdefault(text, []).append(token_id)
-    eos = eos_token_ids[0] if eos_token_ids else len(tokenizer)
-    return outlines_core.Vocabulary(eos, tokens)
-
-
-def _decoder_config(tokenizer) -> object:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    return json.loads(backend.to_str()).get("decoder") if backend is not None else None
-
-
-def _token_bytes(token: str, byte_level: bool) -> bytes:
-    if byte_level:
-        return bytes(_UNICODE_TO_BYTE.get(char, 0) for char in token)
-    byte = _SENTENCEPIECE_BYTE.fullmatch(token)
-    if byte:
-        return bytes([int(byte.group(1), 16)])
-    return token.replace("\u2581", " ").encode()
-
-
-def _unicode_to_byte() -> dict[str, int]:
-    """The inverse of GPT-2's byte-level alphabet: printable bytes stand for themselves, the
-    others for the code points from 256 on, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    others = [b for b in range(256) if b not in printable]
-    mapping = {chr(b): b for b in printable}
-    mapping.update({chr(256 + n): b for n, b in enumerate(others)})
-    return mapping
-
-
-_UNICODE_TO_BYTE = _unicode_to_byte()
 
 
 @dataclass
