@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from shardline.router.client import request_proto
@@ -281,11 +281,12 @@ def _check_unicode(inputs: str) -> None:
 
 
 def _check_encodable(request: ValidRequest) -> None:
-    """Builds the shard's message once, so that whatever cannot be encoded (a number beyond
-    its field's width, text that is not UTF-8) fails this request alone, here, rather than the
-    batch it would join."""
+    """Builds the parameters of the shard's message once, so that whatever cannot be encoded (a
+    number beyond its field's width, text that is not UTF-8) fails this request alone, here,
+    rather than the batch it would join. The prompt's ids are left out (checked against the
+    vocabulary; copying them costs ~50 us a thousand tokens)."""
     try:
-        request_proto(request, request_id=0)
+        request_proto(replace(request, input_ids=[]), request_id=0)
     except (ValueError, TypeError) as error:  # UnicodeEncodeError is a ValueError
         raise ValidationError(f"the request cannot be sent to the model: {error}") from error
 

@@ -118,6 +118,18 @@ HOSTILE = {
 }
 
 
+# Valid extremes: answered normally, beside the same victims.
+SAMPLED = {"inputs": "Hi", "parameters": {"max_new_tokens": 6, "do_sample": True, "details": True}}
+EXTREME = {
+    "seed 2^64-1 and top_k 2^32-1": {"seed": 2**64 - 1, "top_k": 2**32 - 1},
+    "largest float32 temperature": {"temperature": 3.4e38},
+    "smallest float32 repetition penalty": {"repetition_penalty": 1e-38},
+    "largest float32 repetition penalty": {"repetition_penalty": 3.4e38},
+    "tiny top_p and typical_p": {"top_p": 1e-30, "typical_p": 1e-30},
+    "min_p 1": {"min_p": 1.0},
+}
+
+
 async def _victim(client, started: asyncio.Event) -> dict:
     """A greedy /generate_stream; its events, the last with the details."""
     events = []
@@ -164,6 +176,22 @@ async def test_a_hostile_request_fails_alone(
         assert last["details"]["generated_tokens"] == VICTIM_TOKENS
         assert last["details"]["finish_reason"] == "length"
         assert last["generated_text"] == victim_text
+
+
+@pytest.mark.parametrize("case", list(EXTREME))
+async def test_extreme_valid_values_run_beside_others(
+    case: str, victim_text: str, shard_socket: str, tiny_llama_dir: Path
+):
+    body = {**SAMPLED, "parameters": {**SAMPLED["parameters"], **EXTREME[case]}}
+    async with open_router(shard_socket, tiny_llama_dir, max_total_tokens=128) as client:
+        started = [asyncio.Event() for _ in range(VICTIMS)]
+        victims = [asyncio.create_task(_victim(client, event)) for event in started]
+        await asyncio.gather(*(event.wait() for event in started))
+        answer = await client.post("/generate", json=body)
+        assert answer.status == 200, await answer.text()
+        assert (await answer.json())["details"]["generated_tokens"] >= 1
+        finished = await asyncio.wait_for(asyncio.gather(*victims), 60)
+    assert [last["generated_text"] for last in finished] == [victim_text] * VICTIMS
 
 
 # ---- the batcher, over a fake shard -------------------------------------------------------------
