@@ -7,6 +7,7 @@ import functools
 from typing import Any
 
 from shardline import __version__
+from shardline.router.openapi_responses import responses_schemas
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -70,7 +71,7 @@ _PARAMETERS = {
     "adapter_id": _nullable({"type": "string", "description": "Not supported: rejected with 422."}),
     "best_of": _nullable({"type": "integer", "minimum": 0, "exclusiveMinimum": True}),
     "decoder_input_details": {"type": "boolean", "default": False},
-    "details": {"type": "boolean", "default": True},
+    "details": {"type": "boolean", "default": False},
     "do_sample": {"type": "boolean", "default": False},
     "frequency_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
     "grammar": _nullable(
@@ -231,6 +232,7 @@ def _schemas() -> dict[str, Any]:
         "Info": _info_schema(),
         **_openai_request_schemas(),
         **_openai_response_schemas(),
+        **responses_schemas(),
     }
 
 
@@ -414,7 +416,13 @@ def _openai_sampling() -> dict[str, Any]:
         "stream": {"type": "boolean", "default": False},
         "stream_options": _nullable({"allOf": [_ref("StreamOptions")]}),
         "max_tokens": _nullable({"type": "integer", "minimum": 1}),
-        "n": _nullable({"type": "integer", "minimum": 1, "maximum": 1}),
+        "n": _nullable(
+            {
+                "type": "integer",
+                "minimum": 1,
+                "description": "Samples per prompt (at most --max-best-of); needs sampling",
+            }
+        ),
         "temperature": _nullable({"type": "number", "minimum": 0}),
         "top_p": _nullable(
             {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1}
@@ -508,9 +516,20 @@ def _openai_request_schemas() -> dict[str, Any]:
                 **_openai_sampling(),
                 "prompt": _ref("Prompt"),
                 "suffix": _nullable({"type": "string", "description": _UNSUPPORTED}),
-                "echo": _nullable({"type": "boolean", "description": "true is rejected with 422"}),
-                "logprobs": _nullable({"type": "integer", "description": "Rejected with 422"}),
-                "best_of": _nullable({"type": "integer", "minimum": 1, "maximum": 1}),
+                "echo": _nullable(
+                    {"type": "boolean", "description": "The prompt comes back before the text"}
+                ),
+                "logprobs": _nullable(
+                    {
+                        "type": "integer",
+                        "minimum": 0,
+                        "maximum": 5,
+                        "description": "Alternatives per token (OpenAI's legacy logprobs)",
+                    }
+                ),
+                "best_of": _nullable(
+                    {"type": "integer", "minimum": 1, "description": "Must equal `n`"}
+                ),
             },
         },
         "SagemakerRequest": {
@@ -578,7 +597,7 @@ def _openai_response_schemas() -> dict[str, Any]:
                 "index": _COUNT,
                 "message": _ref("TextMessage"),
                 "logprobs": logprobs,
-                "finish_reason": {"type": "string", "enum": ["stop", "length"]},
+                "finish_reason": {"type": "string", "enum": ["stop", "length", "tool_calls"]},
             },
         },
         "ChatCompletion": {
@@ -597,7 +616,9 @@ def _openai_response_schemas() -> dict[str, Any]:
                 "index": _COUNT,
                 "delta": _ref("TextMessage"),
                 "logprobs": logprobs,
-                "finish_reason": _nullable({"type": "string", "enum": ["stop", "length"]}),
+                "finish_reason": _nullable(
+                    {"type": "string", "enum": ["stop", "length", "tool_calls"]}
+                ),
             },
         },
         "ChatCompletionChunk": {
@@ -615,12 +636,28 @@ def _openai_response_schemas() -> dict[str, Any]:
             "properties": {
                 "index": _COUNT,
                 "text": {"type": "string"},
-                "logprobs": _nullable({"type": "array", "items": {"type": "number"}}),
+                "logprobs": _nullable({"allOf": [_ref("CompletionLogprobs")]}),
                 "finish_reason": {
                     "type": "string",
                     "enum": ["", "stop", "length"],
                     "description": "Empty in the stream until the last chunk",
                 },
+            },
+        },
+        "CompletionLogprobs": {
+            "type": "object",
+            "description": "OpenAI's legacy logprobs; with echo the prompt's tokens come first",
+            "required": ["tokens", "token_logprobs", "top_logprobs", "text_offset"],
+            "properties": {
+                "tokens": {"type": "array", "items": {"type": "string"}},
+                "token_logprobs": {"type": "array", "items": _nullable({"type": "number"})},
+                "top_logprobs": {
+                    "type": "array",
+                    "items": _nullable(
+                        {"type": "object", "additionalProperties": {"type": "number"}}
+                    ),
+                },
+                "text_offset": {"type": "array", "items": {"type": "integer", "minimum": 0}},
             },
         },
         "CompletionFinal": {
@@ -697,9 +734,16 @@ def _openai_paths() -> dict[str, Any]:
         ),
         "/v1/completions": _post(
             "completions",
-            "OpenAI completion, one choice per prompt, or its chunks when `stream` is true",
+            "OpenAI completion, n choices per prompt, or its chunks when `stream` is true",
             "CompletionRequest",
             answers("CompletionFinal", "Chunk"),
+            "application/json",
+        ),
+        "/v1/responses": _post(
+            "responses",
+            "OpenAI Responses API (text): a response, or its events when `stream` is true",
+            "ResponsesRequest",
+            answers("Response", "ResponseStreamEvent"),
             "application/json",
         ),
         "/v1/models": _get("openai_get_model_info", "The served model", models),

@@ -137,7 +137,8 @@ def _message(position: int, item: Any) -> dict[str, Any]:
     kind = item.get("type", "message") if isinstance(item, dict) else None
     if kind != "message":
         raise ValidationError(f"{where} must be a message item (type {kind!r} is not supported)")
-    role = _ROLES.get(item.get("role"))
+    role = item.get("role")
+    role = _ROLES.get(role) if isinstance(role, str) else None
     if role is None:
         raise ValidationError(f"{where}.role must be one of {sorted(_ROLES)}")
     return {"role": role, "content": _text(where, item.get("content"))}
@@ -151,7 +152,11 @@ def _text(where: str, content: Any) -> str:
     texts = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in _TEXT_PARTS or not isinstance(part.get("text"), str):
+        if (
+            not isinstance(kind, str)
+            or kind not in _TEXT_PARTS
+            or not isinstance(part.get("text"), str)
+        ):
             raise ValidationError(
                 f'{where}.content parts must be {{"type": "input_text", "text": <string>}} '
                 f"(type {kind!r} is not supported)"

@@ -213,17 +213,15 @@ def generate_response(
     best = 0 if valid.params.use_beam_search else _highest_mean_logprob(sequences)
     prefill = next((event.prefill for event in events if event.prefill), [])
     answer = _sequence_json(valid, options, sequences[best], prefill)
-    details = None
-    if options.details:
-        others = [
+    if not options.details:  # TGI leaves `details` out unless asked
+        return {"generated_text": answer["generated_text"]}
+    details = {k: v for k, v in answer.items() if k != "generated_text"}
+    if len(sequences) > 1:  # TGI leaves `best_of_sequences` out when there are none
+        details["best_of_sequences"] = [
             _sequence_json(valid, options, sequence, prefill)
             for index, sequence in enumerate(sequences)
             if index != best
         ]
-        details = {
-            **{k: v for k, v in answer.items() if k != "generated_text"},
-            "best_of_sequences": others if len(sequences) > 1 else None,
-        }
     return {"generated_text": answer["generated_text"], "details": details}
 
 

@@ -71,7 +71,7 @@ class ValidationLimits:
 class ResponseOptions:
     """What shapes the HTTP answer rather than the generation."""
 
-    details: bool = True
+    details: bool = False  # TGI's default: `details` only when asked
     return_full_text: bool = False
 
 
@@ -132,7 +132,7 @@ class Validator:
             decoder_input_details=params.get("decoder_input_details", False),
         )
         options = ResponseOptions(
-            details=params.get("details", True),
+            details=params.get("details", False) or params.get("decoder_input_details", False),
             return_full_text=params.get("return_full_text") or False,
         )
         return request, options

@@ -31,6 +31,7 @@ EXAMPLES_PER_MODE = {
     "/": 70,
     "/tokenize": 60,
     "/v1/chat/completions": 30,
+    "/v1/responses": 30,
     "/invocations": 20,
     "/chat_tokenize": 12,
 }

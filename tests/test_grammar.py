@@ -222,7 +222,8 @@ async def router(shard_socket, tiny_llama_dir):
 
 async def test_generate_with_grammar_over_a_real_shard(router):
     regex = {"type": "regex", "value": REGEX}
-    body = {"inputs": "the city", "parameters": {"max_new_tokens": MAX_NEW, "grammar": regex}}
+    parameters = {"max_new_tokens": MAX_NEW, "grammar": regex, "details": True}
+    body = {"inputs": "the city", "parameters": parameters}
     answer = await (await router.post("/generate", json=body)).json()
     assert re.fullmatch(REGEX, answer["generated_text"]), answer
     assert answer["details"]["finish_reason"] == "eos_token"

@@ -70,7 +70,7 @@ class LoopLag:
 
 
 async def _victim(router, index: int) -> dict:
-    parameters = {"max_new_tokens": VICTIM_TOKENS, "ignore_eos": True}
+    parameters = {"max_new_tokens": VICTIM_TOKENS, "ignore_eos": True, "details": True}
     body = {"inputs": f"the river {index}", "parameters": parameters}
     answer = await router.post("/generate_stream", json=body)
     assert answer.status == 200

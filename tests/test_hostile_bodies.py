@@ -155,7 +155,7 @@ async def _raw_exchange(client: TestClient, request: bytes) -> tuple[int, dict[s
 async def _assert_healthy(client: TestClient) -> None:
     assert (await client.get("/health")).status == 200
     answer = await client.post(
-        "/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 2}}
+        "/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 2, "details": True}}
     )
     assert answer.status == 200
     assert (await answer.json())["details"]["generated_tokens"] == 2

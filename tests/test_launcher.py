@@ -496,7 +496,7 @@ def test_end_to_end_generate_equals_transformers(serve_tiny, tiny_llama_dir, num
 def test_end_to_end_sigterm_during_a_stream_lets_it_finish(serve_tiny, tmp_path) -> None:
     launcher, url = serve_tiny(1)
     pids = launcher.child_pids()
-    parameters = {"max_new_tokens": 150, "ignore_eos": True}
+    parameters = {"max_new_tokens": 150, "ignore_eos": True, "details": True}
     request = post(f"{url}/generate_stream", {"inputs": PROMPT, "parameters": parameters})
     events = []
     with urllib.request.urlopen(request, timeout=60) as response:

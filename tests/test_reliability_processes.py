@@ -192,7 +192,8 @@ async def test_short_soak_finds_no_leak(router_process, shard):
 
 async def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(router_process):
     url, process = router_process
-    body = {"inputs": "the city", "parameters": {"max_new_tokens": 200, "ignore_eos": True}}
+    parameters = {"max_new_tokens": 200, "ignore_eos": True, "details": True}
+    body = {"inputs": "the city", "parameters": parameters}
     async with (
         aiohttp.ClientSession() as session,
         session.post(f"{url}/generate_stream", json=body) as answer,

@@ -48,7 +48,10 @@ async def test_greedy_tokens_equal_transformers(shard_socket, tiny_llama_dir):
             got = [t["id"] for t in answer["details"]["tokens"]]
             assert got == ids[: len(got)], prompt
         bodies = [
-            {"inputs": PROMPTS[i % len(PROMPTS)], "parameters": {"max_new_tokens": 4 + i % 9}}
+            {
+                "inputs": PROMPTS[i % len(PROMPTS)],
+                "parameters": {"max_new_tokens": 4 + i % 9, "details": True},
+            }
             for i in range(32)
         ]
         answers = await asyncio.gather(*(client.post("/generate", json=b) for b in bodies))
@@ -91,7 +94,7 @@ async def test_best_of_and_beam_search_over_generate(shard_socket, tiny_llama_di
         sequences = [answer["details"], *others]
         means = [sum(t["logprob"] for t in s["tokens"]) / len(s["tokens"]) for s in sequences]
         assert means[0] == max(means)
-        beam = {"use_beam_search": True, "beam_width": 3, "max_new_tokens": 6}
+        beam = {"use_beam_search": True, "beam_width": 3, "max_new_tokens": 6, "details": True}
         body = {"inputs": PROMPTS[2], "parameters": beam}
         answer = await (await client.post("/generate", json=body)).json()
         ids = tokenizer(PROMPTS[2], return_tensors="pt").input_ids
@@ -205,7 +208,9 @@ async def test_prompts_over_the_prefill_budget_are_chunked(shard_socket, tiny_ll
     try:
         prompts = [" ".join(PROMPTS[: 1 + i % 4]) * (1 + i % 3) for i in range(8)]
         assert max(len(tokenizer(p).input_ids) for p in prompts) > 6
-        bodies = [{"inputs": p, "parameters": {"max_new_tokens": 6}} for p in prompts]
+        bodies = [
+            {"inputs": p, "parameters": {"max_new_tokens": 6, "details": True}} for p in prompts
+        ]
         answers = await asyncio.gather(*(client.post("/generate", json=b) for b in bodies))
         for prompt, answer in zip(prompts, answers, strict=True):
             got = [t["id"] for t in (await answer.json())["details"]["tokens"]]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import jsonschema
 import pytest
 from openai import AsyncOpenAI
 from transformers import AutoTokenizer
@@ -15,7 +16,7 @@ from shardline.router.http import CONTEXT
 from tests.router_fixtures import open_router
 from tests.test_router_fakes import CONTINUATION, fixed_script
 from tests.test_router_openai import USER, RecordingShard, post_stream, templated
-from tests.test_router_server import assert_schema
+from tests.test_router_server import _as_json_schema, assert_schema
 
 PROMPT = "the city"
 
@@ -154,3 +155,13 @@ async def test_completion_n_numbers_choices_prompt_by_prompt(real_api):
             ["the city"] * 2 + ["north river"] * 2, answer.choices, strict=True
         )
     ]
+
+
+async def test_the_served_spec_describes_legacy_logprobs(router):
+    spec = await (await router.get("/openapi.json")).json()
+    schema = {
+        "$ref": "#/components/schemas/CompletionFinal",
+        "components": _as_json_schema(spec["components"]),
+    }
+    body = {"prompt": PROMPT, "echo": True, "logprobs": 2, "max_tokens": 3}
+    jsonschema.validate(await (await router.post("/v1/completions", json=body)).json(), schema)

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import pytest
 from openai import AsyncOpenAI, UnprocessableEntityError
 
 from tests.test_router_fakes import CONTINUATION, fixed_script
 from tests.test_router_openai import RecordingShard, templated
-from tests.test_router_server import assert_error
+from tests.test_router_server import _as_json_schema, assert_error
 
 STREAM_EVENTS = [
     "response.created",
@@ -166,3 +167,23 @@ async def test_a_json_schema_format_constrains_the_output(api, fake):
     text = {"format": {"type": "json_schema", "name": "thing", "schema": schema}}
     await api.responses.create(model="tiny", input="x", text=text, max_output_tokens=4)
     assert json.loads(fake.requests[-1].parameters.grammar) == schema
+
+
+async def test_the_served_spec_describes_the_route(router):
+    spec = await (await router.get("/openapi.json")).json()
+    post = spec["paths"]["/v1/responses"]["post"]
+    assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ResponsesRequest"
+    )
+    components = _as_json_schema(spec["components"])
+
+    def check(instance: dict, name: str) -> None:
+        schema = {"$ref": f"#/components/schemas/{name}", "components": components}
+        jsonschema.validate(instance, schema)
+
+    body = {"input": "the city", "instructions": "be brief"}
+    check(body, "ResponsesRequest")
+    check(await (await router.post("/v1/responses", json=body)).json(), "Response")
+    answer = await router.post("/v1/responses", json={**body, "stream": True})
+    for raw in (await answer.read()).decode().split("\n\n")[:-1]:
+        check(json.loads(raw.split("\n")[1].removeprefix("data: ")), "ResponseStreamEvent")
