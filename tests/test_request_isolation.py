@@ -255,9 +255,14 @@ def _infinite_penalty(request: pb.Request) -> None:
     request.parameters.repetition_penalty = math.inf
 
 
-def _bad_grammar(request: pb.Request) -> None:
+def _grammar_without_index(request: pb.Request) -> None:
     request.parameters.grammar_type = pb.GRAMMAR_TYPE_REGEX
     request.parameters.grammar = "(unclosed"
+
+
+def _damaged_grammar_index(request: pb.Request) -> None:
+    _grammar_without_index(request)
+    request.parameters.grammar_index = b"not an outlines-core index"
 
 
 def _outside_vocabulary(request: pb.Request) -> None:
@@ -271,7 +276,8 @@ def _too_long(request: pb.Request) -> None:
 SPOILERS: dict[str, Callable[[pb.Request], None]] = {
     "NaN temperature": _nan_temperature,
     "infinite repetition penalty": _infinite_penalty,
-    "uncompilable grammar": _bad_grammar,
+    "grammar without its compiled index": _grammar_without_index,
+    "damaged grammar index": _damaged_grammar_index,
     "token outside the vocabulary": _outside_vocabulary,
     "more positions than the model has": _too_long,
 }
