@@ -205,7 +205,9 @@ class Batcher:
             detokenizer=IncrementalDetokenizer(
                 self._tokenizer, request.input_ids, request.params.skip_special_tokens
             ),
-            stop_matcher=StopSequenceMatcher(request.params.stop),
+            stop_matcher=StopSequenceMatcher(
+                request.params.stop, keep_stop=request.params.include_stop_str_in_output
+            ),
         )
 
     async def wait_stuck(self) -> ShardTimeoutError:
@@ -608,6 +610,7 @@ class Batcher:
             generated_tokens=len(seq.generated_ids),
             input_length=entry.request.input_length,
             seed=None if entry.request.params.greedy else seed,
+            stop_reason=_stop_reason(seq, reason),
         )
 
     def _token_text(self, token_id: int) -> str:
@@ -695,6 +698,13 @@ def _returned(request: ValidRequest) -> int:
     n best beams."""
     params = request.params
     return params.n if params.use_beam_search else params.num_sequences
+
+
+def _stop_reason(seq: SequenceOutput, reason: FinishReason) -> str | int | None:
+    """vLLM's: the stop string that matched, or the stop token (a shard-side stop ends on it)."""
+    if reason is not FinishReason.STOP_SEQUENCE:
+        return None
+    return seq.stop_matcher.matched or seq.generated_ids[-1]
 
 
 def _logprob(value: float) -> float | None:

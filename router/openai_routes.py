@@ -5,7 +5,7 @@ Parameters map onto `SamplingParams` (vLLM's names, so vLLM's extras come for fr
 prompt goes through `Validator.validate`, as for TGI's own routes; `n` samples of a prompt are
 the sequences of one request, as `best_of` on /generate. Tools are TGI's tool calling
 (`router/tools.py`). Serving is `router/openai_serving.py`, the bodies `router/openai_bodies.py`.
-What this server cannot do (logit_bias, suffix, best_of beyond n) is a 422, never silently ignored.
+What this server cannot do (suffix, best_of beyond n) is a 422, never silently ignored.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from shardline.router.http import RouterContext, context, read_json
 from shardline.router.openai_bodies import present
 from shardline.router.openai_serving import OpenAIJob, serve
 from shardline.router.tools import ToolError, parse_tool_calling, render_with_tools
-from shardline.router.validation import guided_decoding
+from shardline.router.validation import guided_decoding, openai_logit_bias
 from shardline.sampling_params import SamplingParams, SamplingParamsError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -127,7 +127,6 @@ OPENAI_ROUTES = [
 
 def chat_job(ctx: RouterContext, body: Any) -> OpenAIJob:
     fields = _fields(body, _CHAT_FIELDS)
-    _reject_logit_bias(fields)
     messages = parse_messages(fields.get("messages"))
     calling = parse_tool_calling(fields)
     job = _plain_chat_job(ctx, fields, render_chat(ctx.validator.tokenizer, messages))
@@ -203,6 +202,7 @@ def sampling_params(
         _bool(fields, name)
     sampling = {name: fields[name] for name in _SAMPLING_FIELDS if name in fields}
     sampling.update(guided)
+    sampling.update(openai_logit_bias(fields.get("logit_bias")))
     try:
         return SamplingParams(max_tokens=max_tokens, n=_n(ctx, fields), **sampling)
     except SamplingParamsError as error:
@@ -261,9 +261,3 @@ def _prompts(prompt: Any, limit: int) -> list[str]:
 def _reject_unsupported_completion(fields: dict[str, Any]) -> None:
     if fields.get("suffix"):
         raise ValidationError("`suffix` is not supported by this server")
-    _reject_logit_bias(fields)
-
-
-def _reject_logit_bias(fields: dict[str, Any]) -> None:
-    if fields.get("logit_bias"):
-        raise ValidationError("`logit_bias` is not supported by this server")

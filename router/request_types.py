@@ -56,6 +56,8 @@ class Finished:
     generated_tokens: int
     input_length: int
     seed: int | None
+    stop_reason: str | int | None = None
+    """vLLM's: the stop sequence that matched, or the stop token id; None for EOS or length."""
 
 
 @dataclass

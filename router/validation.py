@@ -217,6 +217,7 @@ class Validator:
         if truncate is not None:
             input_ids = input_ids[-truncate:]
         self._check_vocabulary(input_ids)
+        self._check_logit_bias(params)
         input_length = len(input_ids)
         if max_new_tokens is None:
             max_new_tokens = max(limits.max_total_tokens - input_length, 0)
@@ -267,6 +268,14 @@ class Validator:
             raise ValidationError(
                 f"`inputs` has token id {outside}, outside the model's vocabulary of "
                 f"{vocab_size} tokens (the tokenizer knows more tokens than the model)"
+            )
+
+    def _check_logit_bias(self, params: SamplingParams) -> None:
+        outside = sorted(t for t in params.logit_bias or {} if t >= self.limits.vocab_size)
+        if outside:
+            raise ValidationError(
+                f"`logit_bias` has token id {outside[0]}, outside the model's vocabulary of "
+                f"{self.limits.vocab_size} tokens"
             )
 
 
@@ -355,6 +364,7 @@ class _Parameters:
                 min_tokens=self.get("min_tokens", 0),
                 skip_special_tokens=self.get("skip_special_tokens", True),
                 best_of=self.get("best_of"),
+                watermark=self.get("watermark", False),
                 **self._beam_search(),
                 **guided_decoding(self.get("grammar"), "grammar"),
             )
@@ -396,10 +406,23 @@ class _Parameters:
 
 
 def _reject_unsupported(params: _Parameters) -> None:
-    if params.get("watermark", False):
-        raise ValidationError("`watermark` is not supported by this server")
     if params.get("adapter_id") is not None:
         raise ValidationError("`adapter_id` is not supported: no LoRA adapters are loaded")
+
+
+def openai_logit_bias(value: Any) -> dict[str, Any]:
+    """SamplingParams' logit_bias of OpenAI's: a JSON object of token-id strings to numbers
+    (the numbers' range is SamplingParams' to check)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValidationError("`logit_bias` must be an object mapping token ids to numbers")
+    bias = {}
+    for key, number in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise ValidationError(f"`logit_bias` keys must be token ids; got {key!r}")
+        bias[int(key)] = number
+    return {"logit_bias": bias}
 
 
 _GRAMMAR_TYPES = ("json", "regex", "json_schema", "json_object", "text")

@@ -19,9 +19,11 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 _LAZY_EXPORTS = {
     "LLM": "shardline.llm",
-    "RequestOutput": "shardline.llm",
-    "CompletionOutput": "shardline.llm",
+    "RequestOutput": "shardline.outputs",
+    "CompletionOutput": "shardline.outputs",
     "SamplingParams": "shardline.sampling_params",
+    "BeamSearchParams": "shardline.sampling_params",
+    "BeamSearchOutput": "shardline.outputs",
 }
 
 __all__ = ["__version__", *_LAZY_EXPORTS]

@@ -25,50 +25,23 @@ from pathlib import Path
 from typing import Any
 
 from shardline.model_files import resolve_model
+from shardline.outputs import (
+    BeamSearchOutput,
+    CompletionOutput,
+    RequestOutput,
+    beam_search_output,
+    request_output,
+)
 from shardline.proto import generate_pb2 as pb
 from shardline.router.batcher import Batcher, BatchingConfig
 from shardline.router.errors import ValidationError
 from shardline.router.grammar_compiler import GrammarBudget, GrammarCompiler
-from shardline.router.request_types import FinishReason, StreamEvent, ValidRequest
-from shardline.sampling_params import SamplingParams
+from shardline.router.request_types import ValidRequest
+from shardline.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-_VLLM_FINISH_REASONS = {
-    FinishReason.LENGTH: "length",
-    FinishReason.EOS_TOKEN: "stop",
-    FinishReason.STOP_SEQUENCE: "stop",
-}
-
-
-@dataclass(frozen=True)
-class Logprob:
-    """vLLM's: a token's logprob, its rank among the alternatives (1 = most likely), its text."""
-
-    logprob: float
-    rank: int | None = None
-    decoded_token: str | None = None
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    cumulative_logprob: float | None
-    logprobs: list[dict[int, Logprob]] | None
-    finish_reason: str | None
-    stop_reason: str | None = None
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    prompt_logprobs: list[dict[int, Logprob] | None] | None
-    outputs: list[CompletionOutput]
-    finished: bool = True
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "BeamSearchOutput", "EngineArgs"]
 
 
 @dataclass
@@ -122,7 +95,8 @@ class LLM:
 
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or self.model_dir)
         self._shards = _start_shards(self.model_dir, self.args)
-        warmup = asyncio.run(self._warmup())
+        warmup, info = asyncio.run(self._warmup())
+        self.vocab_size = info.vocab_size
         self.max_model_len = warmup.max_total_tokens
         self.max_batch_total_tokens = warmup.max_supported_total_tokens
         if not self.args.enable_chunked_prefill and self.args.prefill_budget < self.max_model_len:
@@ -133,7 +107,7 @@ class LLM:
                 "enable chunked prefill or raise max_num_batched_tokens"
             )
 
-    async def _warmup(self) -> pb.WarmupResponse:
+    async def _warmup(self) -> tuple[pb.WarmupResponse, pb.InfoResponse]:
         async with self._shards.client() as client:
             request = pb.WarmupRequest(
                 max_prefill_tokens=self.args.prefill_budget, max_batch_size=self.args.max_num_seqs
@@ -141,7 +115,7 @@ class LLM:
             if self.args.max_model_len:
                 request.max_total_tokens = self.args.max_model_len
                 request.max_input_tokens = self.args.max_model_len - 1
-            return await client.warmup(request)
+            return await client.warmup(request), await client.info()
 
     def shutdown(self) -> None:
         """Stops the shard processes of `tensor_parallel_size > 1` (also done at exit)."""
@@ -162,6 +136,27 @@ class LLM:
         texts, token_ids = self._inputs(prompts, prompt_token_ids)
         params = _per_prompt(sampling_params, len(token_ids))
         return asyncio.run(self._generate(texts, token_ids, params, use_tqdm))
+
+    def beam_search(
+        self,
+        prompts: Sequence[str | dict[str, Any]],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's: each prompt (text, or {"prompt": text} / {"prompt_token_ids": ids}) gives its
+        beam_width beams, best first; the shard runs the search (see shards/beam_search.py)."""
+        texts, token_ids = [], []
+        for prompt in prompts:
+            if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+                texts.append(None)
+                token_ids.append(list(prompt["prompt_token_ids"]))
+            else:
+                text = prompt["prompt"] if isinstance(prompt, dict) else prompt
+                texts.append(text)
+                token_ids.append(self.tokenizer.encode(text))
+        sampling = params.sampling_params()
+        outputs = asyncio.run(self._generate(texts, token_ids, [sampling] * len(texts), use_tqdm))
+        return [beam_search_output(output) for output in outputs]
 
     def chat(
         self,
@@ -207,6 +202,11 @@ class LLM:
                 return await _collect_all(batcher, requests, params, use_tqdm)
             finally:
                 await batcher.stop()
+                # The batcher stops once every request has its last event, while the step it
+                # sent ahead still holds rows the router ended (a stop string, a stopped
+                # sample): free them, or the next call's batch 0 finds that batch still cached.
+                if batcher.stuck is None:
+                    await client.clear_cache(None)
 
     async def _compile_grammars(self, client: Any, requests: list[ValidRequest]) -> None:
         """Each grammar as the server compiles it: in a worker process, within the default
@@ -232,6 +232,12 @@ class LLM:
         if room < 1:
             raise ValueError(
                 f"the prompt has {len(ids)} tokens; the model's limit is {self.max_model_len}"
+            )
+        outside = sorted(t for t in params.logit_bias or {} if t >= self.vocab_size)
+        if outside:
+            raise ValueError(
+                f"logit_bias has token id {outside[0]}; the model's vocabulary has "
+                f"{self.vocab_size} tokens"
             )
         if params.seed is None and not params.greedy:
             # vLLM's `seed` engine argument: unseeded requests draw from one seeded stream.
@@ -276,70 +282,12 @@ async def _collect_all(
     async def one(index: int, request: ValidRequest) -> RequestOutput:
         events = await batcher.submit(request).collect()
         progress.update(1)
-        return _request_output(str(index), request, events)
+        return request_output(str(index), request, events)
 
     try:
         return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
     finally:
         progress.close()
-
-
-def _request_output(
-    request_id: str, request: ValidRequest, events: list[StreamEvent]
-) -> RequestOutput:
-    """All n sequences; of best_of samples, the n with the highest cumulative logprob (vLLM's
-    rule); beams come best first from the shard."""
-    by_sequence: dict[int, list[StreamEvent]] = {}
-    for event in events:
-        by_sequence.setdefault(event.sequence_index, []).append(event)
-    with_logprobs = request.top_n_tokens > 0
-    completions = [_completion(i, by_sequence[i], with_logprobs) for i in sorted(by_sequence)]
-    if not request.params.use_beam_search and len(completions) > request.params.n:
-        completions.sort(key=lambda c: c.cumulative_logprob or 0.0, reverse=True)
-        completions = completions[: request.params.n]
-    first = events[0]
-    prompt_logprobs = (
-        [
-            None if t.logprob is None else {t.id: Logprob(t.logprob, None, t.text)}
-            for t in first.prefill
-        ]
-        if request.decoder_input_details
-        else None
-    )
-    return RequestOutput(
-        request_id=request_id,
-        prompt=request.inputs or None,
-        prompt_token_ids=request.input_ids,
-        prompt_logprobs=prompt_logprobs,
-        outputs=completions,
-    )
-
-
-def _completion(index: int, events: list[StreamEvent], with_logprobs: bool) -> CompletionOutput:
-    finished = events[-1].finished
-    logprobs = [event.token.logprob for event in events]
-    known = [lp for lp in logprobs if lp is not None]
-    return CompletionOutput(
-        index=index,
-        text=finished.generated_text if finished else "",
-        token_ids=[event.token.id for event in events],
-        cumulative_logprob=sum(known) if known else None,
-        logprobs=[_step_logprobs(event) for event in events] if with_logprobs else None,
-        finish_reason=_VLLM_FINISH_REASONS[finished.reason] if finished else None,
-    )
-
-
-def _step_logprobs(event: StreamEvent) -> dict[int, Logprob]:
-    """The chosen token and the top alternatives of one step, ranked as vLLM ranks them."""
-    ranked = {
-        t.id: Logprob(t.logprob, rank, t.text)
-        for rank, t in enumerate(event.top_tokens, start=1)
-        if t.logprob is not None
-    }
-    chosen = event.token
-    if chosen.id not in ranked and chosen.logprob is not None:
-        ranked[chosen.id] = Logprob(chosen.logprob, None, chosen.text)
-    return ranked
 
 
 def _per_prompt(

@@ -41,6 +41,8 @@ JSON_OBJECT_SCHEMA: dict[str, Any] = {
 # it is raised to the second, as dividing logits by it would overflow.
 GREEDY_TEMPERATURE = 1e-5
 MIN_TEMPERATURE = 1e-2
+# OpenAI's documented range of a logit_bias value.
+LOGIT_BIAS_LIMIT = 100.0
 
 
 class SamplingParamsError(ValueError):
@@ -54,9 +56,12 @@ class SamplingParams:
     As in vLLM: temperature 0 means greedy (and resets top_p, top_k and min_p, here typical_p
     too), a temperature in (0, 0.01) is raised to 0.01, top_k -1 means 0 (off), seed -1 means
     none, stop may be one string, duplicate stop_token_ids are dropped, logprobs -1 means the
-    whole vocabulary. watermark is TGI's flag, which this server does not implement: True is
-    rejected, never silently ignored. guided_json (a JSON schema, as a dict or JSON text) and
-    guided_regex constrain the output as vLLM's do (TGI's `grammar`); at most one, no beam search.
+    whole vocabulary. watermark is TGI's flag (Kirchenbauer et al.'s green-list watermark, not
+    with beam search). logit_bias maps token ids to a bias in [-100, 100] added to their logits
+    (OpenAI's range; the router and LLM check the ids against the vocabulary). guided_json (a
+    JSON schema, as a dict or JSON text) and guided_regex constrain the output as vLLM's do
+    (TGI's `grammar`); at most one, no beam search. include_stop_str_in_output keeps a matched
+    stop string at the end of the text, as vLLM's does.
     """
 
     n: int = 1
@@ -72,6 +77,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     max_tokens: int | None = 16
     min_tokens: int = 0
@@ -83,6 +89,7 @@ class SamplingParams:
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
     watermark: bool = False
+    logit_bias: dict[int, float] | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
 
@@ -132,7 +139,10 @@ class SamplingParams:
         self._validate_grammar()
         if self.temperature < GREEDY_TEMPERATURE and not self.use_beam_search:
             _check(self.num_sequences == 1, "n", self.n, "must be 1 with greedy sampling")
-        _check(self.watermark is False, "watermark", self.watermark, "is not supported")
+        _check(
+            isinstance(self.watermark, bool), "watermark", self.watermark, "must be true or false"
+        )
+        self._validate_logit_bias()
 
     def _validate_counts(self) -> None:
         _check_int("n", self.n, minimum=1, maximum=MAX_UINT32)
@@ -194,6 +204,17 @@ class SamplingParams:
             self.stop_token_ids,
             f"must hold token ids in [0, {MAX_UINT32}]",
         )
+
+    def _validate_logit_bias(self) -> None:
+        if self.logit_bias is None:
+            return
+        _check(isinstance(self.logit_bias, dict), "logit_bias", self.logit_bias, "must be a dict")
+        for token_id, bias in self.logit_bias.items():
+            requirement = "must map token ids (integers >= 0) to biases"
+            _check_int("logit_bias", token_id, 0, MAX_UINT32, requirement)
+            _check_finite("logit_bias", bias)
+            in_range = -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT
+            _check(in_range, "logit_bias", {token_id: bias}, "values must be in [-100, 100]")
 
     def _validate_outputs(self) -> None:
         for name in ("logprobs", "prompt_logprobs"):
@@ -312,6 +333,8 @@ class SamplingParams:
             frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty,
             min_p=self.min_p,
+            watermark=self.watermark,
+            logit_bias=self.logit_bias or {},
             **self._grammar_fields(),
         )
         stopping = generate_pb2.StoppingCriteriaParameters(
@@ -324,6 +347,30 @@ class SamplingParams:
         return chooser, stopping
 
 
+@dataclass(frozen=True)
+class BeamSearchParams:
+    """vLLM's parameters of `LLM.beam_search`: every one of the beam_width beams comes back."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            use_beam_search=True,
+            beam_width=self.beam_width,
+            n=self.beam_width,
+            max_tokens=self.max_tokens,
+            ignore_eos=self.ignore_eos,
+            temperature=self.temperature,
+            length_penalty=self.length_penalty,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+        )
+
+
 # Beam search ranks beams by their logprobs: these settings have no meaning there (penalties
 # would need each beam's own token history; stop strings a text match on hidden beams).
 _BEAM_SEARCH_NEUTRAL: dict[str, object] = {
@@ -332,6 +379,7 @@ _BEAM_SEARCH_NEUTRAL: dict[str, object] = {
     "presence_penalty": 0.0,
     "stop": [],
     "logprobs": None,
+    "watermark": False,
 }
 
 _EARLY_STOPPING = {

@@ -16,11 +16,11 @@ from transformers import (
 
 from shardline.proto import generate_pb2
 from shardline.shards.utils import logits_process
+from shardline.shards.utils.counter_hash import pcg_hash
 from shardline.shards.utils.sampling import (
     Sampler,
     SamplerOutput,
     SamplingState,
-    _pcg_hash,
     process_logits,
 )
 
@@ -352,7 +352,7 @@ def _python_pcg_hash(value: int) -> int:
 def test_hash_is_exact_pcg_over_the_whole_32_bit_range() -> None:
     values = [0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1]
     expected = [_python_pcg_hash(v) for v in values]
-    assert _pcg_hash(torch.tensor(values)).tolist() == expected
+    assert pcg_hash(torch.tensor(values)).tolist() == expected
 
 
 def test_the_full_64_bit_seed_counts() -> None:

@@ -38,7 +38,13 @@ BAD_VALUES = [
     ("prompt_logprobs", -3),
     ("length_penalty", math.inf),
     ("early_stopping", "sometimes"),
-    ("watermark", True),
+    ("watermark", "yes"),
+    ("logit_bias", [1]),
+    ("logit_bias", {-1: 1.0}),
+    ("logit_bias", {"5": 1.0}),
+    ("logit_bias", {5: 100.5}),
+    ("logit_bias", {5: -101}),
+    ("logit_bias", {5: math.nan}),
 ]
 
 
@@ -59,6 +65,7 @@ def test_bad_value_raises_naming_the_parameter(name: str, value: object) -> None
         ({"use_beam_search": True, "beam_width": 2, "n": 3}, "n"),
         ({"use_beam_search": True, "temperature": 0.7}, "temperature"),
         ({"use_beam_search": True, "best_of": 2}, "best_of"),
+        ({"use_beam_search": True, "watermark": True}, "watermark"),
     ],
 )
 def test_bad_combination_raises_naming_the_parameter(kwargs: dict, name: str) -> None:
@@ -110,3 +117,12 @@ def test_to_proto_greedy_and_unseeded() -> None:
     assert not chooser.do_sample and chooser.temperature == 1.0
     seeds = {SamplingParams().to_proto(max_new_tokens=4)[0].seed for _ in range(4)}
     assert len(seeds) == 4
+
+
+def test_logit_bias_watermark_and_kept_stop_strings_reach_the_shard_messages() -> None:
+    params = SamplingParams(
+        logit_bias={7: 100, 3: -100.0}, watermark=True, include_stop_str_in_output=True
+    )
+    chooser, _ = params.to_proto(max_new_tokens=4)
+    assert dict(chooser.logit_bias) == {7: 100.0, 3: -100.0} and chooser.watermark
+    assert not SamplingParams().to_proto(4)[0].logit_bias

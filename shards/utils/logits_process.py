@@ -14,6 +14,15 @@ import torch
 _NEG_INF = float("-inf")
 
 
+def apply_logit_bias(
+    scores: torch.Tensor, token_ids: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """Adds bias[i, j] [B, S] to scores[i, token_ids[i, j]]: OpenAI's and vLLM's logit_bias.
+
+    A row's ids are distinct but for padding, whose bias is 0."""
+    return scores.scatter_add(1, token_ids, bias)
+
+
 def apply_repetition_penalty(
     scores: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor
 ) -> torch.Tensor:

@@ -5,9 +5,10 @@ tensors, how many tokens it generated, its penalty statistics); `Sampler` turns 
 logits into next tokens, logprobs and top-n alternatives with one set of tensor ops per step.
 
 Order of the processors: the grammar mask (a row with a grammar keeps only the tokens its
-automaton allows; a batch without one skips it), repetition penalty (prompt + generated tokens,
-transformers), frequency and presence penalties (generated tokens only, OpenAI/vLLM), the
-min_tokens mask, then the warpers in transformers' order: temperature, top-k, top-p, min-p, typical-p. Greedy rows
+automaton allows; a batch without one skips it), the watermark (watermark.py), the logit bias
+(OpenAI/vLLM), repetition penalty (prompt + generated tokens, transformers), frequency and
+presence penalties (generated tokens only, OpenAI/vLLM), the min_tokens mask, then the warpers
+in transformers' order: temperature, top-k, top-p, min-p, typical-p. Greedy rows
 (do_sample false or temperature < 1e-5) take the argmax of the penalized scores; their warpers
 are neutral, so they share every op with the sampled rows and are left untouched by them.
 
@@ -34,161 +35,13 @@ import torch
 
 from shardline.proto import generate_pb2
 from shardline.shards.utils import logits_process
+from shardline.shards.utils.counter_hash import MASK_32, pcg_hash
 from shardline.shards.utils.grammar import GrammarRows
+from shardline.shards.utils.sampling_rows import RowConfig, RowTensors
 from shardline.shards.utils.transfer import index_on, to_device
+from shardline.shards.utils.watermark import WatermarkSettings, apply_watermark
 
-GREEDY_TEMPERATURE = 1e-5
-_MASK_32 = 0xFFFFFFFF
 _UNIFORM_BITS = 24
-
-
-@dataclass(frozen=True)
-class RowConfig:
-    """One sequence's settings as the sampler applies them; a greedy row keeps neutral warpers.
-
-    min_new_tokens is 0 when the row has no id to mask (ignore_eos and no stop_token_ids)."""
-
-    sample: bool
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    seed: int = 0
-    min_new_tokens: int = 0
-    min_tokens_ids: tuple[int, ...] = ()
-    top_n_tokens: int = 0
-
-    @classmethod
-    def from_proto(
-        cls,
-        params: generate_pb2.NextTokenChooserParameters,
-        stopping: generate_pb2.StoppingCriteriaParameters,
-        eos_token_ids: Sequence[int],
-        top_n_tokens: int,
-        vocab_size: int,
-    ) -> RowConfig:
-        sample = params.do_sample and params.temperature >= GREEDY_TEMPERATURE
-        warpers = {}
-        if sample:
-            warpers = {
-                "temperature": params.temperature,
-                "top_k": min(params.top_k, vocab_size),
-                "top_p": _unset_as(params.top_p, 1.0),
-                "min_p": params.min_p,
-                "typical_p": _unset_as(params.typical_p, 1.0),
-            }
-        masked = [*stopping.stop_token_ids, *([] if stopping.ignore_eos_token else eos_token_ids)]
-        masked_ids = tuple(dict.fromkeys(t for t in masked if 0 <= t < vocab_size))
-        return cls(
-            sample=sample,
-            **warpers,
-            repetition_penalty=_unset_as(params.repetition_penalty, 1.0),
-            frequency_penalty=params.frequency_penalty,
-            presence_penalty=params.presence_penalty,
-            seed=params.seed,
-            min_new_tokens=stopping.min_new_tokens if masked_ids else 0,
-            min_tokens_ids=masked_ids,
-            top_n_tokens=min(top_n_tokens, vocab_size),
-        )
-
-    @property
-    def repetition(self) -> bool:
-        return self.repetition_penalty != 1.0
-
-    @property
-    def frequency_presence(self) -> bool:
-        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
-
-
-def _unset_as(value: float, neutral: float) -> float:
-    """proto3 sends an unset float as 0, never a valid top_p, typical_p or repetition penalty."""
-    return value if value != 0.0 else neutral
-
-
-@dataclass(frozen=True)
-class RowTensors:
-    """The per-row settings of a batch on the device, one contiguous [B] tensor each."""
-
-    sample: torch.Tensor
-    temperature: torch.Tensor
-    top_k: torch.Tensor  # in [1, V]; V when off
-    top_p_tail: torch.Tensor  # 1 - top_p, computed in double precision as transformers does
-    min_p: torch.Tensor
-    typical_p: torch.Tensor
-    repetition_penalty: torch.Tensor
-    frequency_penalty: torch.Tensor
-    presence_penalty: torch.Tensor
-    seed_low: torch.Tensor  # the seed's two 32-bit halves, so the hash never overflows int64
-    seed_high: torch.Tensor
-    min_new_tokens: torch.Tensor
-    top_n_tokens: torch.Tensor
-    min_tokens_ids: torch.Tensor  # [B, S], padded by repeating the row's own ids
-
-    @classmethod
-    def build(cls, rows: Sequence[RowConfig], vocab_size: int, device: torch.device) -> RowTensors:
-        floats = torch.tensor(
-            [
-                [
-                    r.temperature,
-                    1.0 - r.top_p,
-                    r.min_p,
-                    r.typical_p,
-                    r.repetition_penalty,
-                    r.frequency_penalty,
-                    r.presence_penalty,
-                ]
-                for r in rows
-            ],
-            dtype=torch.float32,
-        ).reshape(len(rows), 7)
-        ints = torch.tensor(
-            [
-                [
-                    r.sample,
-                    r.top_k or vocab_size,
-                    r.seed & _MASK_32,
-                    r.seed >> 32,
-                    r.min_new_tokens,
-                    r.top_n_tokens,
-                ]
-                for r in rows
-            ],
-            dtype=torch.int64,
-        ).reshape(len(rows), 6)
-        # one copy each, transposed first so that every [B] setting is contiguous (Triton reads it)
-        floats, ints = (
-            to_device(floats.T.contiguous(), device),
-            to_device(ints.T.contiguous(), device),
-        )
-        temperature, top_p_tail, min_p, typical_p, repetition, frequency, presence = floats
-        sample, top_k, seed_low, seed_high, min_new_tokens, top_n = ints
-        return cls(
-            sample=sample.bool(),
-            temperature=temperature,
-            top_k=top_k,
-            top_p_tail=top_p_tail,
-            min_p=min_p,
-            typical_p=typical_p,
-            repetition_penalty=repetition,
-            frequency_penalty=frequency,
-            presence_penalty=presence,
-            seed_low=seed_low,
-            seed_high=seed_high,
-            min_new_tokens=min_new_tokens,
-            top_n_tokens=top_n,
-            min_tokens_ids=to_device(_padded_ids([r.min_tokens_ids for r in rows]), device),
-        )
-
-
-def _padded_ids(ids: Sequence[Sequence[int]]) -> torch.Tensor:
-    """[B, S] int64; a short row repeats its first id (0 for an empty row)."""
-    width = max((len(row) for row in ids), default=0) or 1
-    padded = [list(row) + [row[0] if row else 0] * (width - len(row)) for row in ids]
-    return torch.tensor(padded, dtype=torch.int64).reshape(len(ids), width)
 
 
 @dataclass
@@ -210,6 +63,8 @@ class SamplingState:
     seen: torch.Tensor | None = None
     counts: torch.Tensor | None = None
     grammar: GrammarRows | None = None  # the DFA states of constrained rows (see grammar.py)
+    # [B] int64, each row's last token (the prompt's, then its own): a watermark row's seed
+    previous_tokens: torch.Tensor | None = None
     tensors: RowTensors = field(init=False)
 
     def __post_init__(self) -> None:
@@ -228,8 +83,9 @@ class SamplingState:
         grammar: GrammarRows | None = None,
     ) -> SamplingState:
         _check_lengths(params, stopping, prompt_ids, top_n_tokens)
+        watermark = WatermarkSettings.from_env() if any(p.watermark for p in params) else None
         rows = [
-            RowConfig.from_proto(p, s, eos_token_ids, n, vocab_size)
+            RowConfig.from_proto(p, s, eos_token_ids, n, vocab_size, watermark)
             for p, s, n in zip(params, stopping, top_n_tokens, strict=True)
         ]
         size = (len(rows), vocab_size)
@@ -238,7 +94,12 @@ class SamplingState:
         if any(r.frequency_presence for r in rows):
             counts = torch.zeros(size, dtype=torch.int32, device=device)
         generated = torch.zeros(len(rows), dtype=torch.int64, device=device)
-        return cls(rows, vocab_size, torch.device(device), generated, seen, counts, grammar)
+        previous = None
+        if watermark is not None:
+            previous = to_device(torch.tensor([ids[-1] for ids in prompt_ids]), device)
+        return cls(
+            rows, vocab_size, torch.device(device), generated, seen, counts, grammar, previous
+        )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -251,6 +112,8 @@ class SamplingState:
             self.seen.scatter_(1, column, True)
         if self.counts is not None:
             self.counts.scatter_add_(1, column, torch.ones_like(column, dtype=torch.int32))
+        if self.previous_tokens is not None:
+            self.previous_tokens.copy_(next_token_ids.view(-1))
         if self.grammar is not None:
             self.grammar.advance(next_token_ids.tolist())
 
@@ -262,7 +125,10 @@ class SamplingState:
         counts = _select(self.counts, index, any(r.frequency_presence for r in rows))
         generated = self.generated.index_select(0, index)
         grammar = self.grammar.filter(keep) if self.grammar is not None else None
-        return SamplingState(rows, self.vocab_size, self.device, generated, seen, counts, grammar)
+        previous = _select(self.previous_tokens, index, any(r.watermark for r in rows))
+        return SamplingState(
+            rows, self.vocab_size, self.device, generated, seen, counts, grammar, previous
+        )
 
     @classmethod
     def concatenate(cls, states: Sequence[SamplingState]) -> SamplingState:
@@ -276,7 +142,10 @@ class SamplingState:
             counts = _concat(states, "counts", torch.int32)
         generated = torch.cat([s.generated for s in states])
         grammar = GrammarRows.concatenate([(s.grammar, len(s)) for s in states])
-        return cls(rows, first.vocab_size, first.device, generated, seen, counts, grammar)
+        previous = None
+        if any(r.watermark for r in rows):
+            previous = torch.cat([_previous_tokens(s) for s in states])
+        return cls(rows, first.vocab_size, first.device, generated, seen, counts, grammar, previous)
 
     @functools.cached_property
     def flags(self) -> BatchFlags:
@@ -302,6 +171,13 @@ def _check_lengths(*per_row: Sequence[object]) -> None:
 
 def _select(stats: torch.Tensor | None, index: torch.Tensor, needed: bool) -> torch.Tensor | None:
     return stats.index_select(0, index) if stats is not None and needed else None
+
+
+def _previous_tokens(state: SamplingState) -> torch.Tensor:
+    """The state's previous tokens; zeros for a state without a watermark row (never read)."""
+    if state.previous_tokens is not None:
+        return state.previous_tokens
+    return torch.zeros(len(state), dtype=torch.int64, device=state.device)
 
 
 def _concat(states: Sequence[SamplingState], name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -330,6 +206,8 @@ class BatchFlags:
     min_p: bool
     typical_p: bool
     max_top_n: int
+    logit_bias: bool
+    watermark: bool
 
     @classmethod
     def of(cls, rows: Sequence[RowConfig], vocab_size: int) -> BatchFlags:
@@ -346,6 +224,8 @@ class BatchFlags:
             min_p=any(r.min_p > 0.0 for r in rows),
             typical_p=any(r.typical_p < 1.0 for r in rows),
             max_top_n=max((r.top_n_tokens for r in rows), default=0),
+            logit_bias=any(r.logit_bias for r in rows),
+            watermark=any(r.watermark for r in rows),
         )
 
 
@@ -388,9 +268,9 @@ class Sampler:
     ) -> torch.Tensor:
         """Gumbel(0, 1) noise [B, V], a pure function of (seed, generated tokens, token id)."""
         tensors = state.tensors
-        row_keys = _pcg_hash(_pcg_hash(tensors.seed_low) ^ tensors.seed_high)
-        row_keys = _pcg_hash(row_keys ^ (state.generated & _MASK_32))
-        bits = _pcg_hash(self._keys(vocab_size, device)[None, :] ^ row_keys[:, None])
+        row_keys = pcg_hash(pcg_hash(tensors.seed_low) ^ tensors.seed_high)
+        row_keys = pcg_hash(row_keys ^ (state.generated & MASK_32))
+        bits = pcg_hash(self._keys(vocab_size, device)[None, :] ^ row_keys[:, None])
         uniform = ((bits >> (32 - _UNIFORM_BITS)).float() + 0.5) * 2.0**-_UNIFORM_BITS
         return -torch.log(-torch.log(uniform))
 
@@ -399,7 +279,7 @@ class Sampler:
         key = (vocab_size, device)
         if key not in self._token_keys:
             ids = torch.arange(vocab_size, dtype=torch.int64, device=device)
-            self._token_keys[key] = _pcg_hash(ids)
+            self._token_keys[key] = pcg_hash(ids)
         return self._token_keys[key]
 
 
@@ -451,6 +331,8 @@ def _processed(state: SamplingState) -> bool:
             flags.top_p,
             flags.min_p,
             flags.typical_p,
+            flags.logit_bias,
+            flags.watermark,
         )
     )
 
@@ -461,6 +343,14 @@ def process_logits(scores: torch.Tensor, state: SamplingState) -> torch.Tensor:
     if state.grammar is not None:
         allowed = state.grammar.allowed_mask(scores.shape[-1], scores.device)
         scores = scores.masked_fill(~allowed, float("-inf"))
+    if flags.watermark:
+        scores = apply_watermark(
+            scores, state.previous_tokens, rows.watermark_gamma, rows.watermark_delta
+        )
+    if flags.logit_bias:
+        scores = logits_process.apply_logit_bias(
+            scores, rows.logit_bias_ids, rows.logit_bias_values
+        )
     if flags.repetition:
         scores = logits_process.apply_repetition_penalty(
             scores, state.seen, rows.repetition_penalty
@@ -496,13 +386,3 @@ def _apply_top_k_top_p(scores: torch.Tensor, rows: RowTensors, flags: BatchFlags
     if flags.max_top_k:
         return logits_process.apply_top_k(scores, rows.top_k, flags.max_top_k)
     return scores
-
-
-def _pcg_hash(values: torch.Tensor) -> torch.Tensor:
-    """The PCG RXS-M-XS 32-bit hash (Jarzynski and Olano, "Hash Functions for GPU Rendering") of
-    int64 tensors holding values in [0, 2^32). Both multipliers are below 2^31, so no product
-    reaches 2^63: int64 arithmetic is exact, on every device."""
-    state = (values * 747796405).add_(2891336453).bitwise_and_(_MASK_32)
-    word = (state >> (state >> 28).add_(4)).bitwise_xor_(state)
-    word.mul_(277803737).bitwise_and_(_MASK_32)
-    return (word >> 22).bitwise_xor_(word)
