@@ -73,6 +73,19 @@ HOSTILE = {
         "/generate",
         {"inputs": "Hi", "parameters": {"grammar": {"type": "regex", "value": LONE_SURROGATE}}},
     ),
+    "generate max_new_tokens 2^64": (
+        "/generate",
+        {"inputs": "Hi", "parameters": {"max_new_tokens": 2**64}},
+    ),
+    "generate truncate 2^64": ("/generate", {"inputs": "Hi", "parameters": {"truncate": 2**64}}),
+    "generate best_of 2^64": (
+        "/generate",
+        {"inputs": "Hi", "parameters": {"best_of": 2**64, "do_sample": True}},
+    ),
+    "generate top_n_tokens 2^64": (
+        "/generate",
+        {"inputs": "Hi", "parameters": {"top_n_tokens": 2**64}},
+    ),
     "completions stop surrogate": ("/v1/completions", {**COMPLETION, "stop": [LONE_SURROGATE]}),
     "completions top_k 2^64": ("/v1/completions", {**COMPLETION, "top_k": 2**64}),
     "completions seed 2^64": ("/v1/completions", {**COMPLETION, "seed": 2**64}),
@@ -85,6 +98,16 @@ HOSTILE = {
         {**COMPLETION, "stop_token_ids": [2**32]},
     ),
     "completions prompt surrogate": ("/v1/completions", {**COMPLETION, "prompt": LONE_SURROGATE}),
+    "completions logit_bias id 2^40": (
+        "/v1/completions",
+        {**COMPLETION, "logit_bias": {"1099511627776": 1}},
+    ),
+    "completions logit_bias 1e300": ("/v1/completions", {**COMPLETION, "logit_bias": {"5": 1e300}}),
+    "chat n 2^64": ("/v1/chat/completions", {**CHAT, "n": 2**64}),
+    "chat top_logprobs 2^64": (
+        "/v1/chat/completions",
+        {**CHAT, "logprobs": True, "top_logprobs": 2**64},
+    ),
     "chat stop surrogate": ("/v1/chat/completions", {**CHAT, "stop": [LONE_SURROGATE]}),
     "chat top_k 2^64": ("/v1/chat/completions", {**CHAT, "top_k": 2**64}),
     "chat seed 2^64": ("/v1/chat/completions", {**CHAT, "seed": 2**64}),
