@@ -1,7 +1,8 @@
 """What a shard refuses before it touches anything: malformed batches and requests.
 
-A malformed batch (no requests, a cached id, a repeated request id) fails the whole call; a
-request whose own data is invalid is refused alone (`admit`): the others of its batch run.
+A malformed batch (no requests, a cached id, a repeated request id, a prompt chunk outside its
+prompt: the router's own bookkeeping) fails the whole call, changing nothing; a request whose
+own data is invalid is refused alone (`admit`): the others of its batch run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ def check_batch(batch: pb.Batch, *, cached_batch_ids: Collection[int]) -> None:
     ids = [r.id for r in batch.requests]
     if len(set(ids)) != len(ids):
         raise InvalidRequestError(f"batch {batch.id} repeats a request id")
+    for request in batch.requests:  # the router's chunking, not the request's data
+        if request.prefix_len and request.prefix_len >= len(request.input_ids):
+            raise InvalidRequestError(
+                f"request {request.id}: prefix_len {request.prefix_len} is not within its "
+                f"{len(request.input_ids)}-token prompt"
+            )
 
 
 def admit(
@@ -56,11 +63,6 @@ def _check_request(request: pb.Request, vocab_size: int, max_positions: int) -> 
     if max(request.input_ids) >= vocab_size:
         raise InvalidRequestError(
             f"request {request.id} has a token id >= the vocabulary size {vocab_size}"
-        )
-    if request.prefix_len >= len(request.input_ids):
-        raise InvalidRequestError(
-            f"request {request.id}: prefix_len {request.prefix_len} is not within its "
-            f"{len(request.input_ids)}-token prompt"
         )
     if request.stopping_parameters.max_new_tokens < 1:
         raise InvalidRequestError(f"request {request.id} asks for max_new_tokens < 1")
