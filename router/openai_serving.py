@@ -19,7 +19,7 @@ from aiohttp import web
 from shardline.router import tracing
 from shardline.router.batcher import RequestStream
 from shardline.router.errors import RouterError
-from shardline.router.http import SSE_HEADERS, RouterContext, context
+from shardline.router.http import SSE_HEADERS, RouterContext, context, counting_failure
 from shardline.router.request_types import StreamEvent, ValidRequest
 from shardline.router.tools import NoToolChosen, ToolCalling
 from shardline.sampling_params import SamplingParams
@@ -98,7 +98,7 @@ async def serve(
     ctx = context(request)
     ctx.metrics.request_count.inc()
     started = time.monotonic()
-    try:
+    with counting_failure(ctx):
         job = parse(ctx, body)
         with contextlib.ExitStack() as slots:
             for _ in job.prompts:
@@ -108,9 +108,6 @@ async def serve(
             except NoToolChosen:  # TGI answers again, without tools
                 assert job.without_tools is not None
                 response, succeeded = await _respond(request, ctx, job.without_tools, present)
-    except RouterError as error:
-        ctx.metrics.request_failure.inc(err=error.error_type)
-        raise
     if succeeded:
         ctx.metrics.request_success.inc()
         ctx.metrics.request_duration.observe(time.monotonic() - started)

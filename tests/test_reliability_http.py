@@ -232,12 +232,15 @@ async def _send_marked_traffic(client) -> None:
     answer.close()
 
 
-async def _disconnect_mid_generation(url: str, path: str) -> None:
-    """Starts a long request on a connection of its own and drops the connection once the
-    request is generating: after the first streamed token, or when the server is busy with it."""
+OPENAI_LONG = {"prompt": "the city", "max_tokens": 100, "ignore_eos": True}
+
+
+async def _disconnect_mid_stream(url: str, path: str, body: dict) -> None:
+    """Starts a long stream on a connection of its own and drops the connection once the first
+    event came."""
     async with aiohttp.ClientSession() as session:
-        answer = await session.post(url + path, json=LONG)
-        await answer.content.readline()  # the first event
+        answer = await session.post(url + path, json=body)
+        await answer.content.readline()
         answer.close()
 
 
@@ -246,10 +249,15 @@ async def test_every_disconnect_during_generation_counts_once(tokenizer):
     client, ctx = await router_client(fake, tokenizer, max_total_tokens=128)
     url = str(client.make_url("")).rstrip("/")
     try:
-        streams = [_disconnect_mid_generation(url, "/generate_stream") for _ in range(10)]
-        collected = [asyncio.create_task(client.post("/generate", json=LONG)) for _ in range(10)]
+        openai_stream = {**OPENAI_LONG, "stream": True}
+        streams = [_disconnect_mid_stream(url, "/generate_stream", LONG) for _ in range(5)]
+        streams += [_disconnect_mid_stream(url, "/v1/completions", openai_stream) for _ in range(5)]
+        collected = [asyncio.create_task(client.post("/generate", json=LONG)) for _ in range(5)]
+        collected += [
+            asyncio.create_task(client.post("/v1/completions", json=OPENAI_LONG)) for _ in range(5)
+        ]
         await asyncio.gather(*streams)
-        while ctx.batcher.running_size < 10:  # the /generate ones are generating
+        while ctx.batcher.running_size < 10:  # the collected ones are generating
             await asyncio.sleep(0.01)
         for task in collected:
             task.cancel()
