@@ -67,9 +67,6 @@ _TOKEN_PROPS = {
     "logprob": _nullable({"type": "number", "format": "float"}),
 }
 
-# What validation takes as a grammar's or a response format's `type`.
-_GRAMMAR_TYPE = {"type": "string", "enum": ["json", "regex", "json_schema", "json_object", "text"]}
-
 _PARAMETERS = {
     "adapter_id": _nullable({"type": "string", "description": "Not supported: rejected with 422."}),
     "best_of": _nullable({"type": "integer", "minimum": 0, "exclusiveMinimum": True}),
@@ -80,8 +77,6 @@ _PARAMETERS = {
     "grammar": _nullable(
         {
             "type": "object",
-            "required": ["type"],
-            "properties": {"type": _GRAMMAR_TYPE},
             "description": (
                 'Constrained output: {"type": "json", "value": <JSON schema>} or '
                 '{"type": "regex", "value": "<regex>"}'
@@ -117,7 +112,11 @@ _PARAMETERS = {
             "exclusiveMaximum": True,
         }
     ),
-    "watermark": {"type": "boolean", "default": False, "description": "true is rejected with 422."},
+    "watermark": {
+        "type": "boolean",
+        "default": False,
+        "description": "Kirchenbauer et al.'s watermark (WATERMARK_GAMMA, WATERMARK_DELTA)",
+    },
     "presence_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
     "min_p": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
     "min_tokens": _nullable({"type": "integer", "minimum": 0}),
@@ -132,8 +131,6 @@ _COUNT = {"type": "integer", "format": "int32", "minimum": 0}
 
 
 _PROMPT = {"type": "string", "minLength": 1}
-# Shardline reads a null `parameters` as the defaults (TGI refuses it).
-_PARAMETERS_REF = {"allOf": [_ref("GenerateParameters")], "nullable": True}
 
 
 def _schemas() -> dict[str, Any]:
@@ -150,14 +147,14 @@ def _schemas() -> dict[str, Any]:
         "GenerateRequest": {
             "type": "object",
             "required": ["inputs"],
-            "properties": {"inputs": _PROMPT, "parameters": _PARAMETERS_REF},
+            "properties": {"inputs": _PROMPT, "parameters": _ref("GenerateParameters")},
         },
         "CompatGenerateRequest": {
             "type": "object",
             "required": ["inputs"],
             "properties": {
                 "inputs": _PROMPT,
-                "parameters": _PARAMETERS_REF,
+                "parameters": _ref("GenerateParameters"),
                 "stream": {"type": "boolean", "default": False},
             },
         },
@@ -438,7 +435,14 @@ def _openai_sampling() -> dict[str, Any]:
         "presence_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
         "seed": _SEED,
         "stop": _STOP,
-        "logit_bias": _nullable({"type": "object", "description": _UNSUPPORTED}),
+        "logit_bias": _nullable(
+            {
+                "type": "object",
+                "propertyNames": {"pattern": "^[0-9]+$"},
+                "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+                "description": "Token id (as a string) -> bias added to its logit",
+            }
+        ),
         **_VLLM_EXTRAS,
     }
 
@@ -480,8 +484,6 @@ def _openai_request_schemas() -> dict[str, Any]:
                 "response_format": _nullable(
                     {
                         "type": "object",
-                        "required": ["type"],
-                        "properties": {"type": _GRAMMAR_TYPE},
                         "description": (
                             '{"type": "text"}, {"type": "json_object"} or {"type": "json_schema",'
                             ' "json_schema": {"schema": ...}}: constrained output'

@@ -357,6 +357,10 @@ class _ShardProcesses:
             cuda_memory_fraction=args.gpu_memory_utilization,
             attention=args.attention,
             cuda_graphs=args.cuda_graphs,
+            disable_custom_kernels=False,
+            # Unset: the shards read WATERMARK_GAMMA / WATERMARK_DELTA from this environment.
+            watermark_gamma=None,
+            watermark_delta=None,
             json_output=False,
         )
         output = ChildOutput(json_output=False)

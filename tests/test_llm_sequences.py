@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shardline import LLM, SamplingParams
+from shardline import LLM, BeamSearchParams, SamplingParams
 from tests.shard_harness import random_prompts
 from tests.test_sequence_forking import transformers_beams
 
@@ -39,3 +39,19 @@ def test_beam_search_returns_transformers_beams(llm, tiny_llama_dir):
     eos = [llm.tokenizer.eos_token_id]
     expected = transformers_beams(tiny_llama_dir, prompt, 9, 3, 0.7, False, eos, 2)
     assert [c.token_ids for c in output.outputs] == expected
+
+
+def test_vllm_beam_search_call_returns_every_beam(llm, tiny_llama_dir):
+    prompt = random_prompts(1, 384, seed=73, min_len=6)[0]
+    params = BeamSearchParams(beam_width=3, max_tokens=8, length_penalty=0.7)
+    (output,) = llm.beam_search([{"prompt_token_ids": prompt}], params)
+    eos = [llm.tokenizer.eos_token_id]
+    expected = transformers_beams(tiny_llama_dir, prompt, 8, 3, 0.7, False, eos, 3)
+    assert [beam.tokens for beam in output.sequences] == [prompt + tokens for tokens in expected]
+    texts = [llm.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in expected]
+    assert [beam.text for beam in output.sequences] == texts
+    assert all(beam.cum_logprob < 0 for beam in output.sequences)
+    by_text = llm.beam_search(["the model server", "a cache"], BeamSearchParams(2, 4))
+    assert [len(o.sequences) for o in by_text] == [2, 2]
+    prompt_ids = llm.tokenizer.encode("a cache")
+    assert all(beam.tokens[: len(prompt_ids)] == prompt_ids for beam in by_text[1].sequences)
