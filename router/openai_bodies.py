@@ -1,6 +1,7 @@
 """The bodies of /v1/chat/completions and /v1/completions: answers and stream chunks.
 
-Choices are numbered prompt by prompt, the n samples of each in order. A chat answer that
+Choices are numbered prompt by prompt, the n samples of each in order (with `best_of`, the n of
+highest mean logprob per token, best first, as OpenAI ranks them). A chat answer that
 calls a tool finishes with "tool_calls" (unless cut by the token limit), as OpenAI and vLLM
 answer. Completions' `logprobs` are OpenAI's legacy shape ({tokens, token_logprobs,
 top_logprobs, text_offset}); with `echo` the prompt and its tokens come first (the first prompt
@@ -23,6 +24,7 @@ from shardline.router.request_types import (
     Token,
     ValidRequest,
     by_sequence,
+    mean_logprob,
 )
 from shardline.router.tools import ToolCallStream, tool_call
 
@@ -177,12 +179,12 @@ class CompletionPresenter(_OpenAIPresenter):
     def answer(self, results: list[list[StreamEvent]], usage: Usage) -> dict[str, Any]:
         choices = []
         for prompt_index, events in enumerate(results):
-            for sequence in by_sequence(events):
+            for rank, sequence in enumerate(self._best(by_sequence(events))):
                 finished = _finished(sequence)
                 prefix = self._echoed(prompt_index)
                 choices.append(
                     {
-                        "index": self.job.choice_index(prompt_index, sequence[0]),
+                        "index": prompt_index * self.job.params.n + rank,
                         "text": prefix + finished.generated_text,
                         "logprobs": self._logprobs(sequence, 0, prefix),
                         "finish_reason": finish_reason(finished),
@@ -207,6 +209,13 @@ class CompletionPresenter(_OpenAIPresenter):
 
     def closing(self, finals: list[StreamEvent], usage: Usage) -> list[bytes]:
         return self._closing(usage, "text_completion")
+
+    def _best(self, samples: list[list[StreamEvent]]) -> list[list[StreamEvent]]:
+        """The n samples that answer: all of them, or with best_of the n of highest mean
+        logprob per token, best first."""
+        if len(samples) <= self.job.params.n:
+            return samples
+        return sorted(samples, key=mean_logprob, reverse=True)[: self.job.params.n]
 
     def _echoed(self, prompt_index: int) -> str:
         return self._prompts[prompt_index] if self.job.echo else ""

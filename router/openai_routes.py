@@ -5,7 +5,7 @@ Parameters map onto `SamplingParams` (vLLM's names, so vLLM's extras come for fr
 prompt goes through `Validator.validate`, as for TGI's own routes; `n` samples of a prompt are
 the sequences of one request, as `best_of` on /generate. Tools are TGI's tool calling
 (`router/tools.py`). Serving is `router/openai_serving.py`, the bodies `router/openai_bodies.py`.
-What this server cannot do (suffix, best_of beyond n) is a 422, never silently ignored.
+What this server cannot do (suffix) is a 422, never silently ignored.
 """
 
 from __future__ import annotations
@@ -162,11 +162,7 @@ def _completion_job(ctx: RouterContext, body: Any) -> OpenAIJob:
     _reject_unsupported_completion(fields)
     max_tokens = fields.get("max_tokens")
     guided = guided_decoding(fields.get("response_format"), "response_format")
-    params = sampling_params(ctx, fields, max_tokens, guided)
-    if fields.get("best_of", params.n) != params.n:
-        raise ValidationError(
-            f"`best_of` must equal `n` ({params.n}): this server returns every sample"
-        )
+    params = sampling_params(ctx, fields, max_tokens, {**guided, **_best_of(ctx, fields)})
     return OpenAIJob(
         chat=False,
         prompts=_prompts(fields.get("prompt"), ctx.validator.limits.max_client_batch_size),
@@ -195,13 +191,13 @@ def _bool(fields: dict[str, Any], name: str) -> bool:
 
 
 def sampling_params(
-    ctx: RouterContext, fields: dict[str, Any], max_tokens: Any, guided: dict[str, Any]
+    ctx: RouterContext, fields: dict[str, Any], max_tokens: Any, extra: dict[str, Any]
 ) -> SamplingParams:
     """`SamplingParams` of an OpenAI body's fields (vLLM's names)."""
     for name in ("ignore_eos", "skip_special_tokens"):
         _bool(fields, name)
     sampling = {name: fields[name] for name in _SAMPLING_FIELDS if name in fields}
-    sampling.update(guided)
+    sampling.update(extra)
     sampling.update(openai_logit_bias(fields.get("logit_bias")))
     try:
         return SamplingParams(max_tokens=max_tokens, n=_n(ctx, fields), **sampling)
@@ -215,6 +211,21 @@ def _n(ctx: RouterContext, fields: dict[str, Any]) -> int:
     if type(n) is not int or not 0 < n <= limit:
         raise ValidationError(f"`n` must be > 0 and <= {limit} (--max-best-of). Given: {n!r}")
     return n
+
+
+def _best_of(ctx: RouterContext, fields: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's `best_of`: that many samples, the `n` of highest mean logprob per token answer
+    (all of them billed); the best are known only at the end, so not when streaming."""
+    best_of, limit = fields.get("best_of"), ctx.validator.limits.max_best_of
+    if best_of is None:
+        return {}
+    if type(best_of) is not int or not 0 < best_of <= limit:
+        raise ValidationError(
+            f"`best_of` must be > 0 and <= {limit} (--max-best-of). Given: {best_of!r}"
+        )
+    if best_of > fields.get("n", 1) and _bool(fields, "stream"):
+        raise ValidationError("`best_of` > `n` is not supported when streaming tokens")
+    return {"best_of": best_of}
 
 
 def _include_usage(fields: dict[str, Any]) -> bool:

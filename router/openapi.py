@@ -539,7 +539,12 @@ def _openai_request_schemas() -> dict[str, Any]:
                     }
                 ),
                 "best_of": _nullable(
-                    {"type": "integer", "minimum": 1, "description": "Must equal `n`"}
+                    {
+                        "type": "integer",
+                        "minimum": 1,
+                        "description": "Samples per prompt (at most --max-best-of), of which the "
+                        "`n` of highest mean logprob answer; not when streaming",
+                    }
                 ),
             },
         },

@@ -84,3 +84,8 @@ def by_sequence(events: list[StreamEvent]) -> list[list[StreamEvent]]:
     for event in events:
         grouped.setdefault(event.sequence_index, []).append(event)
     return [grouped[index] for index in sorted(grouped)]
+
+
+def mean_logprob(sequence: list[StreamEvent]) -> float:
+    """Per generated token: how TGI's best_of and OpenAI's best_of rank samples."""
+    return sum(event.token.logprob or 0.0 for event in sequence) / len(sequence)

@@ -35,7 +35,13 @@ from shardline.router.http import (
 )
 from shardline.router.openai_routes import OPENAI_ROUTES, sagemaker_invocations
 from shardline.router.openapi import openapi_spec
-from shardline.router.request_types import StreamEvent, Token, ValidRequest, by_sequence
+from shardline.router.request_types import (
+    StreamEvent,
+    Token,
+    ValidRequest,
+    by_sequence,
+    mean_logprob,
+)
 from shardline.router.responses_route import RESPONSES_ROUTES
 from shardline.router.swagger_ui import swagger_ui
 from shardline.router.validation import ResponseOptions, parse_generate_body
@@ -227,10 +233,7 @@ def generate_response(
 
 def _highest_mean_logprob(sequences: list[list[StreamEvent]]) -> int:
     """TGI's rule: the first sequence of strictly highest mean logprob per generated token."""
-    means = [
-        sum(event.token.logprob or 0.0 for event in sequence) / len(sequence)
-        for sequence in sequences
-    ]
+    means = [mean_logprob(sequence) for sequence in sequences]
     return means.index(max(means))
 
 

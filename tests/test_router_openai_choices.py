@@ -165,3 +165,21 @@ async def test_the_served_spec_describes_legacy_logprobs(router):
     }
     body = {"prompt": PROMPT, "echo": True, "logprobs": 2, "max_tokens": 3}
     jsonschema.validate(await (await router.post("/v1/completions", json=body)).json(), schema)
+
+
+async def test_completion_best_of_answers_the_n_best_samples(real_api):
+    """best_of 3, n 2 draws the same seeded samples as n 3 and answers the two of highest mean
+    logprob per token, best first; all three are billed, as OpenAI bills them."""
+    api, _ = real_api
+    options = {"model": "tiny", "prompt": "the city", "max_tokens": 6, "seed": 9, "logprobs": 0}
+    every = await api.completions.create(**options, n=3)
+    best = await api.completions.create(**options, n=2, best_of=3)
+
+    def mean(choice) -> float:
+        return sum(choice.logprobs.token_logprobs) / len(choice.logprobs.token_logprobs)
+
+    ranked = sorted(every.choices, key=mean, reverse=True)[:2]
+    assert ranked != every.choices[:2]  # the ranking matters for this seed
+    assert [c.text for c in best.choices] == [c.text for c in ranked]
+    assert [c.index for c in best.choices] == [0, 1]
+    assert best.usage.completion_tokens == every.usage.completion_tokens
