@@ -358,6 +358,7 @@ class _Parameters:
                 presence_penalty=self._closed_range("presence_penalty", 0.0, -2.0, 2.0),
                 seed=seed,
                 stop=self.get("stop", []),
+                include_stop_str_in_output=True,  # TGI's generated_text keeps the stop sequence
                 stop_token_ids=self.get("stop_token_ids", []),
                 ignore_eos=self.get("ignore_eos", False),
                 max_tokens=self.get("max_new_tokens"),

@@ -52,3 +52,19 @@ async def test_the_text_generation_client_still_gets_its_details(router):
     )
     assert streamed[-1].details.generated_tokens == 4
 
+
+async def test_generated_text_keeps_the_matched_stop_sequence_as_tgi_does(router):
+    """TGI stops once the text ends with a stop sequence (its StopSequenceCriteria) and answers
+    the decoded tokens, the stop sequence included, on /generate and /generate_stream alike;
+    the OpenAI routes leave it out, as OpenAI does."""
+    parameters = {"stop": ["naïve"], "max_new_tokens": 40, "details": True}
+    body = {"inputs": "a", "parameters": parameters}
+    answer = await (await router.post("/generate", json=body)).json()
+    assert answer["generated_text"] == " the café naïve"
+    assert answer["details"]["finish_reason"] == "stop_sequence"
+    events = _sse(await (await router.post("/generate_stream", json=body)).read())
+    assert events[-1]["generated_text"] == " the café naïve"
+    assert "".join(e["token"]["text"] for e in events).startswith(" the café naïve")
+    openai_body = {"prompt": "a", "stop": ["naïve"], "max_tokens": 40}
+    completion = await (await router.post("/v1/completions", json=openai_body)).json()
+    assert completion["choices"][0]["text"] == " the café "
