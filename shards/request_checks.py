@@ -64,6 +64,7 @@ def _check_request(request: pb.Request, vocab_size: int, max_positions: int) -> 
         raise InvalidRequestError(
             f"request {request.id} has a token id >= the vocabulary size {vocab_size}"
         )
+    _check_logit_bias(request, vocab_size)
     if request.stopping_parameters.max_new_tokens < 1:
         raise InvalidRequestError(f"request {request.id} asks for max_new_tokens < 1")
     if request.HasField("beam_search"):
@@ -97,6 +98,17 @@ def _check_sampling(request: pb.Request) -> None:
             raise InvalidRequestError(f"request {request.id}: {name} {value} is out of range")
     if request.HasField("beam_search") and not math.isfinite(request.beam_search.length_penalty):
         raise InvalidRequestError(f"request {request.id}: length_penalty is not finite")
+
+
+def _check_logit_bias(request: pb.Request, vocab_size: int) -> None:
+    """Ids within the vocabulary (the sampler indexes the scores with them), finite biases."""
+    bias = request.parameters.logit_bias
+    if bias and max(bias) >= vocab_size:
+        raise InvalidRequestError(
+            f"request {request.id} has a logit_bias token id >= the vocabulary size {vocab_size}"
+        )
+    if not all(math.isfinite(value) for value in bias.values()):
+        raise InvalidRequestError(f"request {request.id} has a logit_bias that is not finite")
 
 
 def _check_beam_search(request: pb.Request) -> None:

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from shardline import LLM, SamplingParams
+from shardline.proto import generate_pb2 as pb
+from shardline.shards.request_checks import admit
 from shardline.shards.utils.watermark import WatermarkSettings, green_mask
-from tests.shard_harness import random_prompts, transformers_greedy
+from tests.shard_harness import make_request, random_prompts, transformers_greedy
 
 VOCAB = 384
 
@@ -91,3 +93,16 @@ def test_green_lists_follow_the_previous_token_and_gamma():
     assert abs(green.float().mean().item() - 0.5) < 0.01
     quarter = green_mask(previous, 50_000, torch.tensor([0.25] * 3))
     assert abs(quarter.float().mean().item() - 0.25) < 0.01 and not (quarter & ~green).any()
+
+
+def test_the_shard_refuses_a_bad_logit_bias_alone():
+    good = make_request(1, [5, 6], 4, SamplingParams(temperature=0, logit_bias={7: 1.0}))
+    outside = make_request(2, [5, 6], 4, SamplingParams(temperature=0, logit_bias={VOCAB: 1.0}))
+    infinite = make_request(3, [5, 6], 4)
+    infinite.parameters.logit_bias[7] = math.inf
+    batch = pb.Batch(id=0, requests=[good, outside, infinite], size=3)
+    admitted, refused = admit(
+        batch, vocab_size=VOCAB, max_positions=64, load_grammar=lambda _: None
+    )
+    assert [request.id for request in admitted.requests] == [1]
+    assert "vocabulary" in refused[2] and "not finite" in refused[3]
