@@ -117,6 +117,18 @@ async def test_raw_sse_has_event_lines_and_ends_incomplete_at_the_limit(router):
     assert parsed[-1]["response"]["usage"]["output_tokens"] == 2
 
 
+async def test_stream_true_through_the_client_ends_incomplete_at_the_limit(api):
+    stream = await api.responses.create(
+        model="tiny", input="the city", stream=True, max_output_tokens=3
+    )
+    events = [event async for event in stream]
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.output[0].content[0].text == "".join(
+        event.delta for event in events if event.type == "response.output_text.delta"
+    )
+    assert events[-1].response.usage.output_tokens == 3
+
+
 async def test_a_failure_mid_stream_is_an_error_event(router, fake):
     fake.fail_on = "decode"
     answer = await router.post("/v1/responses", json={"input": "the city", "stream": True})
