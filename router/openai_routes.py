@@ -19,7 +19,7 @@ from aiohttp import web
 
 from shardline.router.chat_template import parse_messages, render_chat
 from shardline.router.errors import ValidationError
-from shardline.router.http import RouterContext, context, read_json
+from shardline.router.http import RouterContext, context, read_bool, read_json
 from shardline.router.openai_bodies import present
 from shardline.router.openai_serving import OpenAIJob, serve
 from shardline.router.tools import ToolError, parse_tool_calling, render_with_tools
@@ -151,7 +151,7 @@ def _plain_chat_job(ctx: RouterContext, fields: dict[str, Any], prompt: str) -> 
         prompts=[prompt],
         params=sampling_params(ctx, fields, max_tokens, guided),
         max_tokens=max_tokens,
-        stream=_bool(fields, "stream"),
+        stream=read_bool(fields, "stream"),
         include_usage=_include_usage(fields),
         top_logprobs=_top_logprobs(fields, ctx.validator.limits.max_top_n_tokens),
     )
@@ -168,10 +168,10 @@ def _completion_job(ctx: RouterContext, body: Any) -> OpenAIJob:
         prompts=_prompts(fields.get("prompt"), ctx.validator.limits.max_client_batch_size),
         params=params,
         max_tokens=max_tokens,
-        stream=_bool(fields, "stream"),
+        stream=read_bool(fields, "stream"),
         include_usage=_include_usage(fields),
         top_logprobs=_legacy_logprobs(fields, ctx.validator.limits.max_top_n_tokens),
-        echo=_bool(fields, "echo"),
+        echo=read_bool(fields, "echo"),
     )
 
 
@@ -183,19 +183,12 @@ def _fields(body: Any, known: frozenset[str]) -> dict[str, Any]:
     return {name: value for name, value in body.items() if value is not None and name in known}
 
 
-def _bool(fields: dict[str, Any], name: str) -> bool:
-    value = fields.get(name, False)
-    if not isinstance(value, bool):
-        raise ValidationError(f"`{name}` must be a boolean (got {value!r})")
-    return value
-
-
 def sampling_params(
     ctx: RouterContext, fields: dict[str, Any], max_tokens: Any, extra: dict[str, Any]
 ) -> SamplingParams:
     """`SamplingParams` of an OpenAI body's fields (vLLM's names)."""
     for name in ("ignore_eos", "skip_special_tokens"):
-        _bool(fields, name)
+        read_bool(fields, name)
     sampling = {name: fields[name] for name in _SAMPLING_FIELDS if name in fields}
     sampling.update(extra)
     sampling.update(openai_logit_bias(fields.get("logit_bias")))
@@ -223,7 +216,7 @@ def _best_of(ctx: RouterContext, fields: dict[str, Any]) -> dict[str, Any]:
         raise ValidationError(
             f"`best_of` must be > 0 and <= {limit} (--max-best-of). Given: {best_of!r}"
         )
-    if best_of > fields.get("n", 1) and _bool(fields, "stream"):
+    if best_of > fields.get("n", 1) and read_bool(fields, "stream"):
         raise ValidationError("`best_of` > `n` is not supported when streaming tokens")
     return {"best_of": best_of}
 
@@ -232,14 +225,14 @@ def _include_usage(fields: dict[str, Any]) -> bool:
     options = fields.get("stream_options", {})
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise ValidationError('`stream_options` must be {"include_usage": <boolean>}')
-    if options and not _bool(fields, "stream"):
+    if options and not read_bool(fields, "stream"):
         raise ValidationError("`stream_options` is only allowed when `stream` is true")
-    return _bool(options, "include_usage")
+    return read_bool(options, "include_usage")
 
 
 def _top_logprobs(fields: dict[str, Any], limit: int) -> int | None:
     top = fields.get("top_logprobs")
-    if not _bool(fields, "logprobs"):
+    if not read_bool(fields, "logprobs"):
         if top is not None:
             raise ValidationError("`top_logprobs` requires `logprobs` to be true")
         return None

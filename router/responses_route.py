@@ -20,7 +20,7 @@ from aiohttp import web
 
 from shardline.router.chat_template import parse_messages, render_chat
 from shardline.router.errors import RouterError, ValidationError
-from shardline.router.http import RouterContext, read_json
+from shardline.router.http import RouterContext, read_bool, read_json
 from shardline.router.openai_routes import sampling_params
 from shardline.router.openai_serving import OpenAIJob, Usage, serve
 from shardline.router.request_types import Finished, FinishReason, StreamEvent, ValidRequest
@@ -89,15 +89,12 @@ def _job(ctx: RouterContext, body: Any) -> OpenAIJob:
         raise ValidationError(f"`max_output_tokens` must be >= 1. Given: {max_tokens!r}")
     guided = guided_decoding(_text_format(fields.get("text")), "text.format")
     sampling = {name: fields[name] for name in ("temperature", "top_p") if name in fields}
-    stream = fields.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ValidationError(f"`stream` must be a boolean (got {stream!r})")
     return OpenAIJob(
         chat=True,
         prompts=[render_chat(ctx.validator.tokenizer, messages)],
         params=sampling_params(ctx, sampling, max_tokens, guided),
         max_tokens=max_tokens,
-        stream=stream,
+        stream=read_bool(fields, "stream"),
         request_fields=fields,
     )
 
