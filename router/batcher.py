@@ -37,31 +37,21 @@ from typing import Any
 from shardline.proto import generate_pb2 as pb
 from shardline.router import tracing
 from shardline.router.client import ShardClient, ShardTimeoutError, StepResult, request_proto
-from shardline.router.detokenizer import IncrementalDetokenizer, backend_tokenizer
 from shardline.router.errors import (
     GenerationError,
     IncompleteGenerationError,
     RouterError,
     ValidationError,
 )
+from shardline.router.generation_events import GenerationEvents
 from shardline.router.metrics import RouterMetrics
-from shardline.router.queue import Entry, RequestQueue, SequenceOutput
+from shardline.router.queue import Entry, RequestQueue
 from shardline.router.request_types import (
-    Finished,
-    FinishReason,
     StreamEvent,
-    Token,
     ValidRequest,
 )
-from shardline.router.stop_sequences import StopSequenceMatcher
 
 logger = logging.getLogger(__name__)
-
-_SHARD_FINISH_REASONS = {
-    pb.FINISH_REASON_LENGTH: FinishReason.LENGTH,
-    pb.FINISH_REASON_EOS_TOKEN: FinishReason.EOS_TOKEN,
-    pb.FINISH_REASON_STOP_SEQUENCE: FinishReason.STOP_SEQUENCE,
-}
 
 # Event loop turns a started shard call needs before its request is written: the gRPC client
 # sends from a task of its own, which must run before the router's work on the last step.
@@ -151,9 +141,7 @@ class Batcher:
         metrics: RouterMetrics | None = None,
     ) -> None:
         self._client = client
-        self._tokenizer = tokenizer
-        self._backend_tokenizer = backend_tokenizer(tokenizer)
-        self._special_ids = frozenset(tokenizer.all_special_ids)
+        self._events = GenerationEvents(tokenizer)
         self.config = config
         self._metrics = metrics or RouterMetrics()
         self._queue = RequestQueue(chunking=config.prefill_chunking)
@@ -191,7 +179,7 @@ class Batcher:
         entry = Entry(
             id=next(self._request_ids),
             request=request,
-            sequences=[self._sequence_output(request) for _ in range(_returned(request))],
+            sequences=self._events.sequence_outputs(request),
             block_size=self.config.block_size,
         )
         entry.trace = tracing.entry_trace(entry)
@@ -199,16 +187,6 @@ class Batcher:
         self._metrics.queue_size.set(len(self._queue))
         self._wakeup.set()
         return RequestStream(entry)
-
-    def _sequence_output(self, request: ValidRequest) -> SequenceOutput:
-        return SequenceOutput(
-            detokenizer=IncrementalDetokenizer(
-                self._tokenizer, request.input_ids, request.params.skip_special_tokens
-            ),
-            stop_matcher=StopSequenceMatcher(
-                request.params.stop, keep_stop=request.params.include_stop_str_in_output
-            ),
-        )
 
     async def wait_stuck(self) -> ShardTimeoutError:
         """Returns once a shard call ran past its deadline (the loop has stopped)."""
@@ -522,112 +500,18 @@ class Batcher:
             entry = self._running.get(generation.request_id)
             if entry is None or not entry.alive:
                 continue
-            if generation.beams:
-                events = self._beam_events(entry, generation)
-            else:
-                events = self._events(entry, generation)
+            events = self._events.of(entry, generation)
             for event in events:
                 entry.events.put_nowait(event)
-            finishes_one = events and events[-1].finished is not None
-            if finishes_one and all(seq.done for seq in entry.sequences):
+            if not events or events[-1].finished is None:
+                continue
+            if generation.finish_reason == pb.FINISH_REASON_NONE and not generation.beams:
+                # The router ended it (a stop sequence): the shards still run it.
+                index = events[-1].sequence_index
+                self._stopped.append(pb.SequenceRef(request_id=entry.id, sequence_index=index))
+            if all(seq.done for seq in entry.sequences):
                 entry.done = True
                 self._record_success(entry)
-
-    def _events(self, entry: Entry, generation: pb.Generation) -> list[StreamEvent]:
-        index = generation.sequence_index
-        seq = entry.sequences[index]
-        if seq.done:
-            return []
-        events = []
-        # Indexed once per token: iterating or re-reading protobuf fields costs µs per token.
-        ids, logprobs = generation.tokens.ids, generation.tokens.logprobs
-        count, top_tokens = len(ids), generation.top_tokens
-        for position in range(count):
-            is_last = position == count - 1
-            shard_reason = _SHARD_FINISH_REASONS.get(generation.finish_reason) if is_last else None
-            token, text, reason = self._next_token(
-                seq, ids[position], logprobs[position], shard_reason
-            )
-            event = StreamEvent(
-                index=len(seq.generated_ids), token=token, text=text, sequence_index=index
-            )
-            if position < len(top_tokens):
-                event.top_tokens = self._tokens(top_tokens[position])
-            if len(seq.generated_ids) == 1 and entry.request.decoder_input_details:
-                event.prefill = self._tokens(generation.prefill_tokens)
-            if reason is not None:
-                event.finished = self._finish(entry, seq, reason, generation.seed)
-                if generation.finish_reason == pb.FINISH_REASON_NONE:
-                    self._stopped.append(pb.SequenceRef(request_id=entry.id, sequence_index=index))
-            events.append(event)
-            if reason is not None:
-                break
-        return events
-
-    def _beam_events(self, entry: Entry, generation: pb.Generation) -> list[StreamEvent]:
-        """The returned beams, best first, each as the events of one finished sequence."""
-        events = []
-        for index, beam in enumerate(generation.beams):
-            beam_generation = pb.Generation(
-                request_id=generation.request_id,
-                sequence_index=index,
-                prefill_tokens=generation.prefill_tokens,
-                tokens=beam.tokens,
-                finish_reason=beam.finish_reason,
-            )
-            events += self._events(entry, beam_generation)
-        return events
-
-    def _next_token(
-        self, seq: SequenceOutput, token_id: int, logprob: float, reason: FinishReason | None
-    ) -> tuple[Token, str, FinishReason | None]:
-        """The token, the text it releases, and why the sequence finishes (if it does)."""
-        seq.generated_ids.append(token_id)
-        special = token_id in self._special_ids
-        delta = seq.detokenizer.add(token_id)
-        check = seq.stop_matcher.feed(delta)
-        released = check.text
-        if check.stopped:
-            reason = FinishReason.STOP_SEQUENCE
-        elif reason is not None:
-            tail = seq.stop_matcher.feed(seq.detokenizer.flush())
-            released += tail.text if tail.stopped else tail.text + seq.stop_matcher.flush()
-            reason = FinishReason.STOP_SEQUENCE if tail.stopped else reason
-        seq.text.append(released)
-        text = self._token_text(token_id) if special else delta
-        token = Token(id=token_id, text=text, logprob=_logprob(logprob), special=special)
-        return token, released, reason
-
-    def _finish(
-        self, entry: Entry, seq: SequenceOutput, reason: FinishReason, seed: int
-    ) -> Finished:
-        seq.done = True
-        if entry.trace is not None:
-            entry.trace.finish_reasons.append(reason.value)
-        return Finished(
-            reason=reason,
-            generated_text="".join(seq.text),
-            generated_tokens=len(seq.generated_ids),
-            input_length=entry.request.input_length,
-            seed=None if entry.request.params.greedy else seed,
-            stop_reason=_stop_reason(seq, reason),
-        )
-
-    def _token_text(self, token_id: int) -> str:
-        """One token's own text, through the fast tokenizer itself (the transformers wrapper
-        costs ~20x more per call, and this runs per streamed and per prompt token)."""
-        return self._backend_tokenizer.decode([token_id], skip_special_tokens=False)
-
-    def _tokens(self, tokens: pb.Tokens) -> list[Token]:
-        return [
-            Token(
-                id=token_id,
-                text=self._token_text(token_id),
-                logprob=_logprob(logprob),
-                special=token_id in self._special_ids,
-            )
-            for token_id, logprob in zip(tokens.ids, tokens.logprobs, strict=False)
-        ]
 
     def _encodable(self, entries: list[Entry]) -> dict[Entry, pb.Request]:
         """Each entry's shard message, in order; an entry whose message cannot be built fails
@@ -691,24 +575,6 @@ def _may_reach_limit_next(entry: Entry) -> bool:
 
 def _request_ids(batches: Iterable[pb.CachedBatch]) -> set[int]:
     return {request_id for batch in batches for request_id in batch.request_ids}
-
-
-def _returned(request: ValidRequest) -> int:
-    """Sequences the request answers with: every sample (the caller picks the best), or the
-    n best beams."""
-    params = request.params
-    return params.n if params.use_beam_search else params.num_sequences
-
-
-def _stop_reason(seq: SequenceOutput, reason: FinishReason) -> str | int | None:
-    """vLLM's: the stop string that matched, or the stop token (a shard-side stop ends on it)."""
-    if reason is not FinishReason.STOP_SEQUENCE:
-        return None
-    return seq.stop_matcher.matched or seq.generated_ids[-1]
-
-
-def _logprob(value: float) -> float | None:
-    return None if math.isnan(value) else value
 
 
 def _describe(error: BaseException) -> str:
