@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from shardline.proto import generate_pb2 as pb
-from shardline.shards.utils.sampling import Sampler, SamplingState
+from shardline.shards.sampling.sampling import Sampler, SamplingState
 
 PROMPT_LEN = 200
 PENALTIES = {"repetition_penalty": 1.2, "frequency_penalty": 0.1, "presence_penalty": 0.2}

@@ -10,7 +10,7 @@ from shardline.proto import generate_pb2
 from shardline.shards.beam_search import BeamSearch
 from shardline.shards.forking import fork_sequences
 from shardline.shards.kv_cache import BlockAllocator, KVCache
-from shardline.shards.utils.sampling import SamplingState
+from shardline.shards.sampling.sampling import SamplingState
 from shardline.shards.utils.transfer import to_device
 
 FinishReason = generate_pb2.FinishReason

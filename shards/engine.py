@@ -33,9 +33,9 @@ from shardline.shards.model_runner import ModelRunner, PendingStep, StepResult, 
 from shardline.shards.models.config import ModelConfig
 from shardline.shards.prompt_chunks import PartialPrompts, ScheduledChunk, chunk_end
 from shardline.shards.request_checks import InvalidRequestError, admit, check_batch
+from shardline.shards.sampling.grammar import GrammarLoader
+from shardline.shards.sampling.sampling import SamplingState
 from shardline.shards.utils.dist import TPGroup
-from shardline.shards.utils.grammar import GrammarLoader
-from shardline.shards.utils.sampling import SamplingState
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from shardline.shards.batch import ShardBatch
 from shardline.shards.cuda_graphs import DecodeGraphs
 from shardline.shards.kv_cache import BlockAllocator, KVCache
 from shardline.shards.layers.attention.metadata import AttentionMetadata
-from shardline.shards.utils.sampling import Sampler, SamplerOutput, SamplingState
+from shardline.shards.sampling.sampling import Sampler, SamplerOutput, SamplingState
 from shardline.shards.utils.transfer import index_on, to_device
 
 

@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Collection
 
 from shardline.proto import generate_pb2 as pb
-from shardline.shards.utils.grammar import InvalidGrammarError
+from shardline.shards.sampling.grammar import InvalidGrammarError
 
 
 class InvalidRequestError(ValueError):

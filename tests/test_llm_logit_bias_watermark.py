@@ -14,7 +14,7 @@ import torch
 from shardline import LLM, SamplingParams
 from shardline.proto import generate_pb2 as pb
 from shardline.shards.request_checks import admit
-from shardline.shards.utils.watermark import WatermarkSettings, green_mask
+from shardline.shards.sampling.watermark import WatermarkSettings, green_mask
 from tests.shard_harness import make_request, random_prompts, transformers_greedy
 
 VOCAB = 384

@@ -15,9 +15,9 @@ from transformers import (
 )
 
 from shardline.proto import generate_pb2
-from shardline.shards.utils import logits_process
-from shardline.shards.utils.counter_hash import pcg_hash
-from shardline.shards.utils.sampling import (
+from shardline.shards.sampling import logits_process
+from shardline.shards.sampling.counter_hash import pcg_hash
+from shardline.shards.sampling.sampling import (
     Sampler,
     SamplerOutput,
     SamplingState,

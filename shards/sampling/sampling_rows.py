@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from shardline.proto import generate_pb2
-from shardline.shards.utils.counter_hash import MASK_32
+from shardline.shards.sampling.counter_hash import MASK_32
+from shardline.shards.sampling.watermark import WatermarkSettings
 from shardline.shards.utils.transfer import to_device
-from shardline.shards.utils.watermark import WatermarkSettings
 
 GREEDY_TEMPERATURE = 1e-5
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shardline.shards.utils.counter_hash import MASK_32, pcg_hash
+from shardline.shards.sampling.counter_hash import MASK_32, pcg_hash
 
 # Mixed into every previous token: green lists of this server, not of any hash of token ids.
 _HASH_KEY = 15485863

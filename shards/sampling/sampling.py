@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 import torch
 
 from shardline.proto import generate_pb2
-from shardline.shards.utils import logits_process
-from shardline.shards.utils.counter_hash import MASK_32, pcg_hash
-from shardline.shards.utils.grammar import GrammarRows
-from shardline.shards.utils.sampling_rows import RowConfig, RowTensors
+from shardline.shards.sampling import logits_process
+from shardline.shards.sampling.counter_hash import MASK_32, pcg_hash
+from shardline.shards.sampling.grammar import GrammarRows
+from shardline.shards.sampling.sampling_rows import RowConfig, RowTensors
+from shardline.shards.sampling.watermark import WatermarkSettings, apply_watermark
 from shardline.shards.utils.transfer import index_on, to_device
-from shardline.shards.utils.watermark import WatermarkSettings, apply_watermark
 
 _UNIFORM_BITS = 24
 
@@ -286,7 +286,7 @@ class Sampler:
 def _fused_choice(scores: torch.Tensor, state: SamplingState) -> SamplerOutput:
     """The CUDA choice: one Triton pass over the scores (see triton_sampling), the noise made in
     registers; logprobs are the scores minus the row's logsumexp, no [B, V] log-softmax."""
-    from shardline.shards.utils import triton_sampling
+    from shardline.shards.sampling import triton_sampling
 
     tensors = state.tensors
     next_ids, logprobs, log_norm = triton_sampling.choose_tokens(
