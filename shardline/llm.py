@@ -144,7 +144,7 @@ class LLM:
         use_tqdm: bool = False,
     ) -> list[BeamSearchOutput]:
         """vLLM's: each prompt (text, or {"prompt": text} / {"prompt_token_ids": ids}) gives its
-        beam_width beams, best first; the shard runs the search (see shards/beam_search.py)."""
+        beam_width beams, best first; the shard runs it (shards/sequences/beam_search.py)."""
         texts, token_ids = [], []
         for prompt in prompts:
             if isinstance(prompt, dict) and "prompt_token_ids" in prompt:

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from shardline.proto import generate_pb2
-from shardline.shards.beam_search import BeamSearch
-from shardline.shards.forking import fork_sequences
 from shardline.shards.kv_cache import BlockAllocator, KVCache
 from shardline.shards.sampling.sampling import SamplingState
+from shardline.shards.sequences.beam_search import BeamSearch
+from shardline.shards.sequences.forking import fork_sequences
+from shardline.shards.sequences.stopping import StopRule
 from shardline.shards.utils.transfer import to_device
-
-FinishReason = generate_pb2.FinishReason
 
 
 @dataclass
@@ -23,10 +23,7 @@ class SequenceState:
 
     request_id: int
     prompt_len: int
-    max_new_tokens: int
-    min_new_tokens: int
-    eos_token_ids: frozenset[int]
-    stop_token_ids: frozenset[int]
+    stop: StopRule
     seed: int
     top_n_tokens: int
     blocks: list[int]
@@ -40,19 +37,25 @@ class SequenceState:
 
     @property
     def max_total_tokens(self) -> int:
-        return self.prompt_len + self.max_new_tokens
+        return self.prompt_len + self.stop.max_new_tokens
+
+    @classmethod
+    def for_prompt(
+        cls, request: generate_pb2.Request, blocks: list[int], model_eos_ids: Iterable[int]
+    ) -> SequenceState:
+        return cls(
+            request_id=request.id,
+            prompt_len=len(request.input_ids),
+            stop=StopRule.of(request, model_eos_ids),
+            seed=request.parameters.seed,
+            top_n_tokens=request.top_n_tokens,
+            blocks=blocks,
+        )
 
     def record(self, token_id: int) -> int:
         """Counts a generated token and returns why the sequence stops (NONE: it goes on)."""
         self.generated += 1
-        if self.generated > self.min_new_tokens:
-            if token_id in self.eos_token_ids:
-                return FinishReason.FINISH_REASON_EOS_TOKEN
-            if token_id in self.stop_token_ids:
-                return FinishReason.FINISH_REASON_STOP_SEQUENCE
-        if self.generated >= self.max_new_tokens:
-            return FinishReason.FINISH_REASON_LENGTH
-        return FinishReason.FINISH_REASON_NONE
+        return self.stop.finish_reason(token_id, self.generated)
 
 
 @dataclass

@@ -9,33 +9,34 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from shardline.gc_pauses import freeze_long_lived_objects
 from shardline.proto import generate_pb2 as pb
 from shardline.shards import fault_injection
-from shardline.shards.batch import SequenceState, ShardBatch, build_block_table
-from shardline.shards.beam_search import BeamSearch, candidates_per_step
-from shardline.shards.cuda_graphs import buckets_up_to
-from shardline.shards.generations import (
-    beam_candidates,
-    beam_generation,
-    prompt_tokens_by_row,
-    rows_by_request,
-    token_generation,
-)
+from shardline.shards.batch import ShardBatch
 from shardline.shards.kv_cache import BlockAllocator, KVCacheExhaustedError
-from shardline.shards.kv_sizing import agree_on_min, blocks_that_fit, warmup_lengths, warmup_request
 from shardline.shards.lookahead import StepAhead, can_launch_ahead
 from shardline.shards.model_runner import ModelRunner, PendingStep, StepResult, grow_blocks
 from shardline.shards.models.config import ModelConfig
-from shardline.shards.prompt_chunks import PartialPrompts, ScheduledChunk, chunk_end
+from shardline.shards.prompt_chunks import (
+    PartialPrompts,
+    PrefillPass,
+    ScheduledChunk,
+    run_prefill_pass,
+)
 from shardline.shards.request_checks import InvalidRequestError, admit, check_batch
 from shardline.shards.sampling.grammar import GrammarLoader
-from shardline.shards.sampling.sampling import SamplingState
+from shardline.shards.sequences.generations import advance, prompt_tokens_by_row
+from shardline.shards.sequences.samples import (
+    check_fork_blocks,
+    first_token_sampling,
+    fork_samples,
+    start_beam_searches,
+)
 from shardline.shards.utils.dist import TPGroup
+from shardline.shards.warmup import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -114,95 +115,15 @@ class ShardEngine:
     # ---- warmup ------------------------------------------------------------------------------
 
     def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
-        max_prefill = request.max_prefill_tokens or 4096
-        max_input = request.max_input_tokens if request.HasField("max_input_tokens") else None
-        positions = self.max_positions
-        if request.HasField("max_total_tokens") and request.max_total_tokens > positions:
-            raise InvalidRequestError(
-                f"max_total_tokens {request.max_total_tokens} exceeds the model's "
-                f"{positions} positions"
-            )
-        self.clear_cache(pb.ClearCacheRequest())
-        longest_prompt = min(max_input or max_prefill, positions - 1)
-        max_batch = request.max_batch_size if request.HasField("max_batch_size") else None
-        buckets = buckets_up_to(self.settings.cuda_graph_buckets, max_batch)
-        # A prefill may carry the running batch's rows: as many as the router runs at once, or
-        # (where it sets no limit) an estimate, the largest CUDA-graph batch.
-        decode_rows = max_batch if max_batch is not None else max(buckets, default=0)
-        peak_bytes = self._run_warmup_prefill(max_prefill, longest_prompt, decode_rows)
-        fit = blocks_that_fit(
-            self.model,
-            self.device,
-            peak_bytes,
-            block_size=self.settings.block_size,
-            gpu_memory_utilization=self.settings.gpu_memory_utilization,
-            kv_cache_bytes=self.settings.kv_cache_bytes,
-        )
-        num_blocks = agree_on_min(fit, self.tp, self.device)
-        block_size = self.settings.block_size
-        self.runner.allocate_cache(num_blocks, block_size)
-        self.allocator = BlockAllocator(num_blocks, block_size)
-        supported = num_blocks * block_size
-        max_total = request.max_total_tokens if request.HasField("max_total_tokens") else None
-        max_total = max_total or min(supported, positions)
-        if self._graphs_wanted():
-            self.runner.capture_graphs(buckets, -(-max_total // block_size))
-        self._run_greedy_steps()
-        freeze_long_lived_objects()
-        logger.info(
-            "kv cache ready: %d blocks of %d tokens (%d tokens)", num_blocks, block_size, supported
-        )
-        return pb.WarmupResponse(
-            max_supported_total_tokens=supported,
-            max_input_tokens=max_input or max(max_total - 1, 1),
-            max_total_tokens=max_total,
-        )
+        return warm_up(self, request)
 
-    def _run_warmup_prefill(
-        self, max_prefill_tokens: int, max_input_tokens: int, decode_rows: int
-    ) -> int:
-        """Runs the largest prefill the router may send (with the decode rows it may carry);
-        returns the peak device bytes it used."""
-        lengths = warmup_lengths(max_prefill_tokens, max_input_tokens, decode_rows, self.device)
-        block_size = self.settings.block_size
-        blocks = sum(-(-n // block_size) for n in lengths) + len(lengths)
-        self.runner.release_cache()
-        self.runner.allocate_cache(blocks, block_size)
-        self.allocator = BlockAllocator(blocks, block_size)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        batch = pb.Batch(
-            id=0,
-            requests=[warmup_request(i, n, self.config.vocab_size) for i, n in enumerate(lengths)],
-        )
-        self.prefill(pb.PrefillRequest(batch=batch))
-        self.clear_cache(pb.ClearCacheRequest())
-        peak = 0
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
+    def allocate_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_cache(num_blocks, self.settings.block_size)
+        self.allocator = BlockAllocator(num_blocks, self.settings.block_size)
+
+    def release_cache(self) -> None:
         self.runner.release_cache()
         self.allocator = None
-        return peak
-
-    def _run_greedy_steps(self) -> None:
-        """A greedy request's prompt in two chunks and a decode step, so that the kernels of the
-        greedy path and of chunked prefill compile now rather than on the first request."""
-        request = warmup_request(0, 2, self.config.vocab_size, max_new_tokens=3, sample=False)
-        request.chunk_len = 1
-        self.prefill(pb.PrefillRequest(batch=pb.Batch(id=0, requests=[request])))
-        request.prefix_len = 1
-        answer = self.prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=[request])))
-        self.decode(pb.DecodeRequest(batches=[answer.batch]))
-        self.clear_cache(pb.ClearCacheRequest())
-
-    def _graphs_wanted(self) -> bool:
-        return (
-            self.device.type == "cuda"
-            and bool(self.settings.cuda_graph_buckets)
-            and self.settings.attention_impl == "triton"
-        )
 
     # ---- generation --------------------------------------------------------------------------
 
@@ -256,16 +177,14 @@ class ShardEngine:
             refused=refused,
         )
 
-    def _first_tokens(
-        self, result: _PrefillResult
-    ) -> tuple[list[pb.Generation], ShardBatch | None]:
+    def _first_tokens(self, result: PrefillPass) -> tuple[list[pb.Generation], ShardBatch | None]:
         """The Generations of the prompts a prefill completed, and their batch."""
         if result.batch is None or result.step is None:
             return [], None
         prompt_tokens = prompt_tokens_by_row(
             result.requests, result.prompt_logprobs, result.sampled_from
         )
-        self._start_beam_searches(result.batch, result.requests, prompt_tokens)
+        start_beam_searches(result.batch, result.requests, prompt_tokens)
         return self._advance(result.batch, result.step, prompt_tokens)
 
     def _running_step(
@@ -282,15 +201,17 @@ class ShardEngine:
         grow_blocks(running, self._require_allocator(), self.settings.block_size)
         return running, None
 
-    def _prefill_new(self, batch_pb: pb.Batch, running: ShardBatch | None) -> _PrefillResult:
+    def _prefill_new(self, batch_pb: pb.Batch, running: ShardBatch | None) -> PrefillPass:
         """Runs the forward pass of the requests' prompt chunks (with `running`'s step): a new
         prompt takes the blocks of all its tokens; one left in part is kept for its next chunk."""
         allocator = self._require_allocator()
-        chunks = self._schedule_chunks(batch_pb.requests)
+        chunks = self._partial.schedule(batch_pb.requests, allocator, self.config.eos_token_ids)
         try:
-            self._check_fork_copies(batch_pb.id, chunks)
+            completing = [chunk.request for chunk in chunks if chunk.completes]
+            check_fork_blocks(completing, allocator, batch_pb.id)
             result = self._prefill_forward(batch_pb.id, chunks, running)
-            result.batch = self._fork_samples(result.batch, result.requests)
+            cache = self.runner.kv_cache
+            result.batch = fork_samples(result.batch, result.requests, allocator, cache)
         except BaseException:
             for chunk in chunks:
                 allocator.free(chunk.sequence.blocks)
@@ -300,40 +221,6 @@ class ShardEngine:
                 logprobs = result.chunk_logprobs.get(row, [])
                 self._partial.put(chunk.request.id, chunk.partial(logprobs))
         return result
-
-    def _schedule_chunks(self, requests: Sequence[pb.Request]) -> list[ScheduledChunk]:
-        """Each request's chunk: the earlier chunks of continued prompts taken back, the blocks
-        of new prompts allocated (all or none)."""
-        allocator = self._require_allocator()
-        for request in requests:
-            self._partial.check(request)
-        new = [request for request in requests if request.prefix_len == 0]
-        needed = [allocator.blocks_for(len(request.input_ids)) for request in new]
-        if sum(needed) > allocator.num_free:
-            raise KVCacheExhaustedError(
-                f"the prompts of {len(new)} new requests need {sum(needed)} KV blocks, "
-                f"{allocator.num_free} are free"
-            )
-        continued = {r.id: self._partial.take(r.id) for r in requests if r.prefix_len}
-        blocks = {r.id: allocator.allocate(n) for r, n in zip(new, needed, strict=True)}
-        chunks = []
-        for request in requests:
-            partial = continued.get(request.id)
-            if partial is None:
-                sequence, earlier = self._new_sequence(request, blocks[request.id]), []
-            else:
-                sequence, earlier = partial.sequence, partial.prompt_logprobs
-            end = chunk_end(request)
-            chunks.append(ScheduledChunk(request, sequence, request.prefix_len, end, earlier))
-        return chunks
-
-    def _check_fork_copies(self, batch_id: int, chunks: list[ScheduledChunk]) -> None:
-        copies = sum(self._fork_copies(chunk.request) for chunk in chunks if chunk.completes)
-        if copies > self._require_allocator().num_free:
-            raise KVCacheExhaustedError(
-                f"the samples of batch {batch_id} need {copies} KV blocks, "
-                f"{self._require_allocator().num_free} are free"
-            )
 
     def _merge(self, kept: ShardBatch | None, new: ShardBatch | None) -> ShardBatch | None:
         """One cached batch of the running rows kept and the new ones, under the running id."""
@@ -352,111 +239,19 @@ class ShardEngine:
 
     def _prefill_forward(
         self, batch_id: int, chunks: list[ScheduledChunk], running: ShardBatch | None
-    ) -> _PrefillResult:
-        finishing = [row for row, chunk in enumerate(chunks) if chunk.completes]
-        requests = [chunks[row].request for row in finishing]
-        sampled_from = [r for r, request in enumerate(requests) for _ in _samples(request)]
-        rows = [(requests[r], i) for r, i in zip(sampled_from, _sample_indices(requests))]
+    ) -> PrefillPass:
+        requests = [chunk.request for chunk in chunks if chunk.completes]
         sampling = None
         if requests:
-            sampling = SamplingState.from_requests(
-                params=[_sample_parameters(request, i) for request, i in rows],
-                stopping=[request.stopping_parameters for request, _ in rows],
-                prompt_ids=[list(request.input_ids) for request, _ in rows],
-                eos_token_ids=sorted(self.config.eos_token_ids),
-                top_n_tokens=[self._top_n_tokens(request) for request, _ in rows],
+            sampling = first_token_sampling(
+                requests,
+                model_eos_ids=self.config.eos_token_ids,
                 vocab_size=self.config.vocab_size,
                 device=self.device,
-                grammar=self.grammars.rows([request.parameters for request, _ in rows]),
+                grammars=self.grammars,
             )
-        table = build_block_table([chunk.sequence for chunk in chunks], self.settings.block_size)
-        sample_rows = torch.tensor([finishing[r] for r in sampled_from], dtype=torch.long)
-        output = self.runner.prefill(
-            [chunk.model_input() for chunk in chunks], sampling, table, sample_rows, running
-        )
-        result = _PrefillResult(
-            requests=requests,
-            sampled_from=sampled_from,
-            step=output.step,
-            running_step=output.running_step,
-            chunk_logprobs=output.prompt_logprobs,
-            forward_ns=output.forward_ns,
-        )
-        if sampling is None or output.step is None:
-            return result
-        result.batch = ShardBatch(
-            id=batch_id,
-            sequences=[chunks[row].sequence for row in finishing],
-            sampling=sampling,
-            block_table=table.index_select(0, torch.tensor(finishing, dtype=torch.long)),
-            last_tokens=output.step.next_tokens,
-        )
-        result.prompt_logprobs = {
-            r: chunks[row].prompt_logprobs(output.prompt_logprobs[row])
-            for r, row in enumerate(finishing)
-            if row in output.prompt_logprobs
-        }
-        return result
-
-    def _fork_samples(
-        self, batch: ShardBatch | None, requests: list[pb.Request]
-    ) -> ShardBatch | None:
-        """Gives each sampled sequence of a request its own row, forked from the prompt's."""
-        sampled_from = [r for r, request in enumerate(requests) for _ in _samples(request)]
-        if batch is None or len(sampled_from) == batch.size:
-            return batch
-        forked = batch.regroup(
-            sampled_from,
-            self._require_allocator(),
-            self.runner.kv_cache,
-            last_tokens=batch.last_tokens,
-            sampling=batch.sampling,
-        )
-        indices = _sample_indices(requests)
-        for seq, row, index in zip(forked.sequences, sampled_from, indices, strict=True):
-            seq.sequence_index = index
-            seq.seed = _sample_seed(requests[row].parameters.seed, index)
-        return forked
-
-    def _start_beam_searches(
-        self, batch: ShardBatch, requests: list[pb.Request], prompt_tokens: dict[int, pb.Tokens]
-    ) -> None:
-        first_rows = {}
-        for row, seq in enumerate(batch.sequences):
-            first_rows.setdefault(seq.request_id, row)
-        for request in requests:
-            if request.HasField("beam_search"):
-                seq = batch.sequences[first_rows[request.id]]
-                batch.beams[request.id] = BeamSearch(
-                    width=request.beam_search.beam_width,
-                    length_penalty=request.beam_search.length_penalty,
-                    early_stopping=request.beam_search.early_stopping,
-                    num_return_sequences=request.beam_search.num_return_sequences,
-                    max_new_tokens=seq.max_new_tokens,
-                    eos_token_ids=seq.eos_token_ids,
-                    stop_token_ids=seq.stop_token_ids,
-                    prompt_tokens=prompt_tokens.pop(first_rows[request.id], None),
-                )
-
-    def _top_n_tokens(self, request: pb.Request) -> int:
-        """A beam search reads its candidates from the sampler's top-n tokens."""
-        if not request.HasField("beam_search"):
-            return request.top_n_tokens
-        eos_ids, stop_ids = self._stop_ids(request)
-        return candidates_per_step(request.beam_search.beam_width, len(eos_ids | stop_ids))
-
-    def _stop_ids(self, request: pb.Request) -> tuple[frozenset[int], frozenset[int]]:
-        """The EOS ids that end this request (none with ignore_eos) and its stop token ids."""
-        stopping = request.stopping_parameters
-        eos = frozenset() if stopping.ignore_eos_token else frozenset(self.config.eos_token_ids)
-        return eos, frozenset(stopping.stop_token_ids)
-
-    def _fork_copies(self, request: pb.Request) -> int:
-        """Partial-block copies the forks of this request need right after its prefill."""
-        partial = len(request.input_ids) % self.settings.block_size != 0
-        forks = request.beam_search.beam_width if request.HasField("beam_search") else 0
-        forks = forks or max(request.num_sequences, 1)
-        return (forks - 1) * partial
+        block_size = self.settings.block_size
+        return run_prefill_pass(self.runner, batch_id, chunks, sampling, block_size, running)
 
     def decode(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
         """One decode step of the named batches, concatenated.
@@ -555,45 +350,12 @@ class ShardEngine:
     def _advance(
         self, batch: ShardBatch, step: StepResult, prompt_tokens: dict[int, pb.Tokens] | None = None
     ) -> tuple[list[pb.Generation], ShardBatch | None]:
-        """Records each row's new token and answers its Generation; drops finished rows; moves
-        each beam search a step on, forking the beams it keeps and answering when it ends."""
-        generations: list[pb.Generation] = []
-        parents: list[int] = []
-        beam_tokens: dict[int, int] = {}
-        beam_rows = rows_by_request(batch, set(batch.beams))
-        for row, seq in enumerate(batch.sequences):
-            rows = beam_rows.get(seq.request_id)
-            if rows is None:
-                generation = token_generation(seq, row, step, (prompt_tokens or {}).get(row))
-                generations.append(generation)
-                if generation.finish_reason == pb.FINISH_REASON_NONE:
-                    parents.append(row)
-                continue
-            seq.generated += 1  # the beam's token is chosen below, with its whole search
-            if row == rows[-1]:
-                outcome = batch.beams[seq.request_id].step(*beam_candidates(step, rows))
-                if outcome.done:
-                    generations.append(beam_generation(seq, batch.beams[seq.request_id]))
-                for parent, token in zip(outcome.parents, outcome.token_ids, strict=True):
-                    beam_tokens[len(parents)] = token
-                    parents.append(rows[parent])
-        kept = self._regroup(batch, parents, beam_tokens)
+        """The step's Generations; the batch that goes on is cached under its id."""
+        allocator = self._require_allocator()
+        generations, kept = advance(batch, step, allocator, self.runner.kv_cache, prompt_tokens)
         if kept is not None:
             self.batches[kept.id] = kept
         return generations, kept
-
-    def _regroup(
-        self, batch: ShardBatch, parents: list[int], beam_tokens: dict[int, int]
-    ) -> ShardBatch | None:
-        allocator = self._require_allocator()
-        if not beam_tokens:
-            return batch.keep(parents, allocator)
-        index = torch.tensor(parents, dtype=torch.long, device=batch.last_tokens.device)
-        last_tokens = batch.last_tokens.index_select(0, index)
-        rows = torch.tensor(list(beam_tokens), dtype=torch.long, device=last_tokens.device)
-        tokens = torch.tensor(list(beam_tokens.values()), dtype=last_tokens.dtype)
-        last_tokens[rows] = tokens.to(last_tokens.device)
-        return batch.regroup(parents, allocator, self.runner.kv_cache, last_tokens=last_tokens)
 
     def _admit(self, batch: pb.Batch) -> tuple[pb.Batch, list[pb.RefusedRequest]]:
         """The batch without the requests the shard refuses; nothing of those is kept (a prompt
@@ -608,21 +370,6 @@ class ShardEngine:
         self._partial.drop(list(reasons), self.allocator)
         return admitted, [pb.RefusedRequest(request_id=i, reason=r) for i, r in reasons.items()]
 
-    def _new_sequence(self, request: pb.Request, blocks: list[int]) -> SequenceState:
-        stopping = request.stopping_parameters
-        eos_ids, stop_ids = self._stop_ids(request)
-        return SequenceState(
-            request_id=request.id,
-            prompt_len=len(request.input_ids),
-            max_new_tokens=stopping.max_new_tokens,
-            min_new_tokens=stopping.min_new_tokens,
-            eos_token_ids=eos_ids,
-            stop_token_ids=stop_ids,
-            seed=request.parameters.seed,
-            top_n_tokens=request.top_n_tokens,
-            blocks=blocks,
-        )
-
     def _pop_batch(self, batch_id: int) -> ShardBatch:
         batch = self.batches.pop(batch_id, None)
         if batch is None:
@@ -633,38 +380,3 @@ class ShardEngine:
         if self.allocator is None:
             raise RuntimeError("the KV cache is not allocated: call Warmup first")
         return self.allocator
-
-
-@dataclass
-class _PrefillResult:
-    requests: list[pb.Request]  # those whose prompts the pass completed
-    sampled_from: list[int]  # for each sampling row, the request (of `requests`) it samples after
-    step: StepResult | None
-    running_step: PendingStep | None  # the running batch's step, run in the same pass
-    chunk_logprobs: dict[int, list[float]]  # by chunk row, the pass's own prompt logprobs
-    forward_ns: int
-    batch: ShardBatch | None = None  # the completed prompts' rows
-    prompt_logprobs: dict[int, list[float]] = field(default_factory=dict)  # by request
-
-
-def _samples(request: pb.Request) -> range:
-    """The sampling rows of a request's prefill: one per sampled sequence, one for a beam
-    search (its first step ranks the candidates of the prompt alone)."""
-    if request.HasField("beam_search"):
-        return range(1)
-    return range(max(request.num_sequences, 1))
-
-
-def _sample_indices(requests: list[pb.Request]) -> list[int]:
-    return [index for request in requests for index in _samples(request)]
-
-
-def _sample_seed(seed: int, index: int) -> int:
-    return (seed + index) % (1 << 64)
-
-
-def _sample_parameters(request: pb.Request, index: int) -> pb.NextTokenChooserParameters:
-    params = pb.NextTokenChooserParameters()
-    params.CopyFrom(request.parameters)
-    params.seed = _sample_seed(params.seed, index)
-    return params

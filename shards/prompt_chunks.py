@@ -1,5 +1,5 @@
-"""Chunked prefill on a shard: the slice of each prompt one prefill pass runs, and the prompts
-prefilled in part, whose KV blocks the shard holds between passes.
+"""Chunked prefill on a shard: the slice of each prompt one prefill pass runs, the pass itself,
+and the prompts prefilled in part, whose KV blocks the shard holds between passes.
 
 A request's first pass allocates the blocks of its whole prompt; each pass writes the KV of its
 chunk and attends to the chunks before it through the cache. Only the pass that reaches the
@@ -9,13 +9,18 @@ prompt's end samples a first token and makes the request a row of a cached batch
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from shardline.proto import generate_pb2 as pb
-from shardline.shards.batch import SequenceState
-from shardline.shards.kv_cache import BlockAllocator
-from shardline.shards.model_runner import PromptChunk
+from shardline.shards.batch import SequenceState, ShardBatch, build_block_table
+from shardline.shards.kv_cache import BlockAllocator, KVCacheExhaustedError
+from shardline.shards.model_runner import ModelRunner, PendingStep, PromptChunk, StepResult
 from shardline.shards.request_checks import InvalidRequestError
+from shardline.shards.sampling.sampling import SamplingState
+from shardline.shards.sequences.samples import sampling_rows
 
 
 @dataclass
@@ -59,6 +64,63 @@ class ScheduledChunk:
         return PartialPrompt(self.sequence, self.end, self.prompt_logprobs(chunk_logprobs))
 
 
+@dataclass
+class PrefillPass:
+    """What one prefill pass made."""
+
+    requests: list[pb.Request]  # those whose prompts the pass completed
+    sampled_from: list[int]  # for each sampling row, the request (of `requests`) it samples after
+    step: StepResult | None
+    running_step: PendingStep | None  # the running batch's step, run in the same pass
+    chunk_logprobs: dict[int, list[float]]  # by chunk row, the pass's own prompt logprobs
+    forward_ns: int
+    batch: ShardBatch | None = None  # the completed prompts' rows
+    prompt_logprobs: dict[int, list[float]] = field(default_factory=dict)  # by request
+
+
+def run_prefill_pass(
+    runner: ModelRunner,
+    batch_id: int,
+    chunks: list[ScheduledChunk],
+    sampling: SamplingState | None,
+    block_size: int,
+    running: ShardBatch | None,
+) -> PrefillPass:
+    """The forward pass of the chunks (with `running`'s decode step); the prompts it completes
+    sample their first tokens with `sampling` and become the rows of a new batch."""
+    finishing = [row for row, chunk in enumerate(chunks) if chunk.completes]
+    requests = [chunks[row].request for row in finishing]
+    sampled_from = [r for r, _ in sampling_rows(requests)]
+    table = build_block_table([chunk.sequence for chunk in chunks], block_size)
+    sample_rows = torch.tensor([finishing[r] for r in sampled_from], dtype=torch.long)
+    output = runner.prefill(
+        [chunk.model_input() for chunk in chunks], sampling, table, sample_rows, running
+    )
+    result = PrefillPass(
+        requests=requests,
+        sampled_from=sampled_from,
+        step=output.step,
+        running_step=output.running_step,
+        chunk_logprobs=output.prompt_logprobs,
+        forward_ns=output.forward_ns,
+    )
+    if sampling is None or output.step is None:
+        return result
+    result.batch = ShardBatch(
+        id=batch_id,
+        sequences=[chunks[row].sequence for row in finishing],
+        sampling=sampling,
+        block_table=table.index_select(0, torch.tensor(finishing, dtype=torch.long)),
+        last_tokens=output.step.next_tokens,
+    )
+    result.prompt_logprobs = {
+        r: chunks[row].prompt_logprobs(output.prompt_logprobs[row])
+        for r, row in enumerate(finishing)
+        if row in output.prompt_logprobs
+    }
+    return result
+
+
 def chunk_end(request: pb.Request) -> int:
     prompt_len = len(request.input_ids)
     if not request.chunk_len:
@@ -91,6 +153,37 @@ class PartialPrompts:
             )
         if partial.sequence.prompt_len != len(request.input_ids):
             raise InvalidRequestError(f"request {request.id} changed its prompt between chunks")
+
+    def schedule(
+        self,
+        requests: Sequence[pb.Request],
+        allocator: BlockAllocator,
+        model_eos_ids: Iterable[int],
+    ) -> list[ScheduledChunk]:
+        """Each request's chunk: the earlier chunks of continued prompts taken back, the blocks
+        of new prompts allocated (all or none)."""
+        for request in requests:
+            self.check(request)
+        new = [request for request in requests if request.prefix_len == 0]
+        needed = [allocator.blocks_for(len(request.input_ids)) for request in new]
+        if sum(needed) > allocator.num_free:
+            raise KVCacheExhaustedError(
+                f"the prompts of {len(new)} new requests need {sum(needed)} KV blocks, "
+                f"{allocator.num_free} are free"
+            )
+        continued = {r.id: self.take(r.id) for r in requests if r.prefix_len}
+        blocks = {r.id: allocator.allocate(n) for r, n in zip(new, needed, strict=True)}
+        chunks = []
+        for request in requests:
+            partial = continued.get(request.id)
+            if partial is None:
+                sequence = SequenceState.for_prompt(request, blocks[request.id], model_eos_ids)
+                earlier: list[float] = []
+            else:
+                sequence, earlier = partial.sequence, partial.prompt_logprobs
+            end = chunk_end(request)
+            chunks.append(ScheduledChunk(request, sequence, request.prefix_len, end, earlier))
+        return chunks
 
     def take(self, request_id: int) -> PartialPrompt:
         return self._prompts.pop(request_id)

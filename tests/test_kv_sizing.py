@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from shardline.shards.kv_sizing import warmup_lengths
+from shardline.shards.warmup import warmup_lengths
 
 
 def test_prompts_fill_the_prefill_budget_and_each_decode_row_adds_a_one_token_prompt():

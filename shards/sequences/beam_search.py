@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shardline.proto import generate_pb2 as pb
+from shardline.shards.sequences.stopping import StopRule
 
 # transformers' stand-in for -inf in beam scores.
 _PENALTY = -1.0e9
@@ -63,9 +64,7 @@ class BeamSearch:
     length_penalty: float
     early_stopping: int  # pb.EarlyStopping
     num_return_sequences: int
-    max_new_tokens: int
-    eos_token_ids: frozenset[int]
-    stop_token_ids: frozenset[int]
+    stop: StopRule  # EOS and stop ids stop a candidate from the first step, as in transformers
     prompt_tokens: pb.Tokens | None = None
     generated: int = 0
     improvable: bool = True
@@ -80,7 +79,7 @@ class BeamSearch:
 
     @property
     def candidates(self) -> int:
-        return candidates_per_step(self.width, len(self.eos_token_ids | self.stop_token_ids))
+        return candidates_per_step(self.width, len(self.stop.stop_ids))
 
     def step(self, top_ids: torch.Tensor, top_logprobs: torch.Tensor) -> BeamStep:
         """Advances by one token; top_ids / top_logprobs [R, >= candidates] for the R beams."""
@@ -106,10 +105,8 @@ class BeamSearch:
         return [beam for beam in self.finished if beam is not None][: self.num_return_sequences]
 
     def _stops(self, token_ids: torch.Tensor) -> torch.Tensor:
-        if self.generated >= self.max_new_tokens:
-            return torch.ones_like(token_ids, dtype=torch.bool)
-        stop_ids = self.eos_token_ids | self.stop_token_ids
-        return torch.tensor([t in stop_ids for t in token_ids.tolist()], dtype=torch.bool)
+        reasons = [self._finish_reason(token) for token in token_ids.tolist()]
+        return torch.tensor([reason != pb.FINISH_REASON_NONE for reason in reasons])
 
     def _update_finished(
         self,
@@ -153,11 +150,7 @@ class BeamSearch:
         return FinishedBeam(hypothesis, self._finish_reason(token), float(normalized[i]))
 
     def _finish_reason(self, token_id: int) -> int:
-        if token_id in self.eos_token_ids:
-            return pb.FINISH_REASON_EOS_TOKEN
-        if token_id in self.stop_token_ids:
-            return pb.FINISH_REASON_STOP_SEQUENCE
-        return pb.FINISH_REASON_LENGTH
+        return self.stop.finish_reason(token_id, self.generated)
 
     def _advance_running(
         self,
@@ -182,7 +175,7 @@ class BeamSearch:
     def _can_improve(self) -> bool:
         """transformers' early-stop heuristic: can the best running beam beat a finished one?"""
         if self.early_stopping == pb.EARLY_STOPPING_NEVER and self.length_penalty > 0.0:
-            best_length = self.max_new_tokens
+            best_length = self.stop.max_new_tokens
         else:
             best_length = self.generated
         best_possible = self.running_scores[:1] / (float(best_length) ** self.length_penalty)

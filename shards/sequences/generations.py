@@ -1,4 +1,5 @@
-"""The Generation messages a step answers: one token per sequence, or a finished beam search."""
+"""What a step's tokens make: the Generation messages it answers (one token per sequence, or a
+finished beam search) and the batch that goes on (finished rows dropped, kept beams forked)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import torch
 
 from shardline.proto import generate_pb2 as pb
 from shardline.shards.batch import SequenceState, ShardBatch
-from shardline.shards.beam_search import BeamSearch
+from shardline.shards.kv_cache import BlockAllocator, KVCache
 from shardline.shards.model_runner import StepResult
+from shardline.shards.sequences.beam_search import BeamSearch
 
 
 def prompt_tokens_by_row(
@@ -81,3 +83,53 @@ def beam_generation(seq: SequenceState, search: BeamSearch) -> pb.Generation:
     if search.prompt_tokens is not None:
         generation.prefill_tokens.CopyFrom(search.prompt_tokens)
     return generation
+
+
+def advance(
+    batch: ShardBatch,
+    step: StepResult,
+    allocator: BlockAllocator,
+    cache: KVCache | None,
+    prompt_tokens: dict[int, pb.Tokens] | None = None,
+) -> tuple[list[pb.Generation], ShardBatch | None]:
+    """Records each row's new token and answers its Generation; drops finished rows; moves
+    each beam search a step on, forking the beams it keeps and answering when it ends."""
+    generations: list[pb.Generation] = []
+    parents: list[int] = []
+    beam_tokens: dict[int, int] = {}
+    beam_rows = rows_by_request(batch, set(batch.beams))
+    for row, seq in enumerate(batch.sequences):
+        rows = beam_rows.get(seq.request_id)
+        if rows is None:
+            generation = token_generation(seq, row, step, (prompt_tokens or {}).get(row))
+            generations.append(generation)
+            if generation.finish_reason == pb.FINISH_REASON_NONE:
+                parents.append(row)
+            continue
+        seq.generated += 1  # the beam's token is chosen below, with its whole search
+        if row == rows[-1]:
+            outcome = batch.beams[seq.request_id].step(*beam_candidates(step, rows))
+            if outcome.done:
+                generations.append(beam_generation(seq, batch.beams[seq.request_id]))
+            for parent, token in zip(outcome.parents, outcome.token_ids, strict=True):
+                beam_tokens[len(parents)] = token
+                parents.append(rows[parent])
+    return generations, _regroup(batch, parents, beam_tokens, allocator, cache)
+
+
+def _regroup(
+    batch: ShardBatch,
+    parents: list[int],
+    beam_tokens: dict[int, int],
+    allocator: BlockAllocator,
+    cache: KVCache | None,
+) -> ShardBatch | None:
+    """The rows that go on, the kept beams forked and given the tokens their search chose."""
+    if not beam_tokens:
+        return batch.keep(parents, allocator)
+    index = torch.tensor(parents, dtype=torch.long, device=batch.last_tokens.device)
+    last_tokens = batch.last_tokens.index_select(0, index)
+    rows = torch.tensor(list(beam_tokens), dtype=torch.long, device=last_tokens.device)
+    tokens = torch.tensor(list(beam_tokens.values()), dtype=last_tokens.dtype)
+    last_tokens[rows] = tokens.to(last_tokens.device)
+    return batch.regroup(parents, allocator, cache, last_tokens=last_tokens)
