@@ -15,8 +15,8 @@ are neutral, so they share every op with the sampled rows and are left untouched
 Logprobs follow TGI: the log-softmax of the scores the token was chosen from, i.e. after the
 penalties, the min_tokens mask and (for sampled rows) the warpers; a token filtered out by top-k,
 top-p, min-p or typical-p has logprob -inf. top-n alternatives come from the same logprobs, and
-like TGI leave out filtered tokens (`top_counts` says how many entries of a row are real); unlike
-TGI, ties past the n-th token are not added, so the shape stays fixed.
+like TGI leave out filtered tokens (`reported_top_count`: the sampler's tensors keep a fixed shape,
+the -inf entries are cut on the host); unlike TGI, ties past the n-th token are not added.
 
 Seeded randomness without a torch.Generator per row: the uniform noise of token t for a row at
 generation step s is a counter-based hash of (seed, s, t) computed with integer tensor ops, then
@@ -28,6 +28,7 @@ its row, and the whole step stays on the device (no host sync), as a CUDA graph 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -235,7 +236,6 @@ class SamplerOutput:
     logprobs: torch.Tensor  # [B] float32, of the chosen tokens (see the module docstring)
     top_ids: torch.Tensor | None = None  # [B, max_top_n] int64, most likely first
     top_logprobs: torch.Tensor | None = None  # [B, max_top_n] float32
-    top_counts: torch.Tensor | None = None  # [B] int64: leading entries of row i to report
 
 
 class Sampler:
@@ -314,8 +314,12 @@ def _add_top_tokens(
         return
     top_values, output.top_ids = scores.topk(state.flags.max_top_n, dim=-1)
     output.top_logprobs = top_values if log_norm is None else top_values - log_norm[:, None]
-    real = output.top_logprobs.isfinite().sum(dim=-1)
-    output.top_counts = torch.minimum(state.tensors.top_n_tokens, real)
+
+
+def reported_top_count(top_logprobs: Sequence[float], top_n: int) -> int:
+    """How many of a row's top tokens (most likely first) its answer lists: at most `top_n`, and
+    none that a warper filtered out (logprob -inf), so each could have been picked."""
+    return sum(1 for logprob in top_logprobs[:top_n] if logprob != -math.inf)
 
 
 def _processed(state: SamplingState) -> bool:

@@ -120,7 +120,6 @@ class RowTensors:
     seed_low: torch.Tensor  # the seed's two 32-bit halves, so the hash never overflows int64
     seed_high: torch.Tensor
     min_new_tokens: torch.Tensor
-    top_n_tokens: torch.Tensor
     min_tokens_ids: torch.Tensor  # [B, S], padded by repeating the row's own ids
     watermark_gamma: torch.Tensor
     watermark_delta: torch.Tensor
@@ -155,12 +154,11 @@ class RowTensors:
                     r.seed & MASK_32,
                     r.seed >> 32,
                     r.min_new_tokens,
-                    r.top_n_tokens,
                 ]
                 for r in rows
             ],
             dtype=torch.int64,
-        ).reshape(len(rows), 6)
+        ).reshape(len(rows), 5)
         # one copy each, transposed first so that every [B] setting is contiguous (Triton reads it)
         floats, ints = (
             to_device(floats.T.contiguous(), device),
@@ -168,7 +166,7 @@ class RowTensors:
         )
         temperature, top_p_tail, min_p, typical_p, repetition, frequency, presence = floats[:7]
         bias_ids, bias_values = _logit_bias([r.logit_bias for r in rows], device)
-        sample, top_k, seed_low, seed_high, min_new_tokens, top_n = ints
+        sample, top_k, seed_low, seed_high, min_new_tokens = ints
         return cls(
             sample=sample.bool(),
             temperature=temperature,
@@ -182,7 +180,6 @@ class RowTensors:
             seed_low=seed_low,
             seed_high=seed_high,
             min_new_tokens=min_new_tokens,
-            top_n_tokens=top_n,
             min_tokens_ids=to_device(_padded_ids([r.min_tokens_ids for r in rows]), device),
             watermark_gamma=floats[7],
             watermark_delta=floats[8],

@@ -9,6 +9,7 @@ from shardline.proto import generate_pb2 as pb
 from shardline.shards.batch import SequenceState, ShardBatch
 from shardline.shards.kv_cache import BlockAllocator, KVCache
 from shardline.shards.model_runner import StepResult
+from shardline.shards.sampling.sampling import reported_top_count
 from shardline.shards.sequences.beam_search import BeamSearch
 
 
@@ -49,7 +50,7 @@ def token_generation(
         seed=seq.seed,
     )
     if seq.top_n_tokens and step.top_ids is not None:
-        n = seq.top_n_tokens
+        n = reported_top_count(step.top_logprobs[row], seq.top_n_tokens)
         generation.top_tokens.append(
             pb.Tokens(ids=step.top_ids[row][:n], logprobs=step.top_logprobs[row][:n])
         )
