@@ -50,7 +50,6 @@ class _StaticInputs:
             slot_mapping=self.slot_mapping[:batch],
             block_tables=self.block_tables[:batch],
             context_lens=self.context_lens[:batch],
-            max_context_len=self.block_tables.shape[1],
         )
 
 

@@ -55,9 +55,6 @@ class BlockAllocator:
                 raise RuntimeError(f"KV block {block} is shared while free")
             self._refs[block] += 1
 
-    def ref_count(self, block: int) -> int:
-        return self._refs[block]
-
     def free(self, blocks: list[int]) -> None:
         """Drops one owner of each of `blocks`; a block without owners is free again."""
         for block in blocks:

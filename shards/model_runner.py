@@ -228,7 +228,6 @@ class ModelRunner:
         meta.slot_mapping = torch.cat([slots, meta.slot_mapping])
         meta.block_tables = self._to_device(batch.block_table)
         meta.context_lens = self._to_device(context_lens)
-        meta.max_context_len = int(context_lens.max())
         meta.num_decode_tokens = batch.size
         input_ids = torch.cat([self._to_device(batch.last_tokens), prompt_ids])
         return input_ids, torch.cat([positions, prompt_positions])
@@ -252,7 +251,6 @@ class ModelRunner:
                 slot_mapping=self._to_device(slots),
                 block_tables=self._to_device(batch.block_table),
                 context_lens=self._to_device(context_lens),
-                max_context_len=int(context_lens.max()),
             )
             positions = self._to_device(positions)
             hidden = self.model(self._to_device(input_ids), positions, self._cache_layers(), meta)

@@ -92,7 +92,6 @@ class PagedSequences:
             slot_mapping=torch.tensor(slots),
             block_tables=torch.tensor(tables, dtype=torch.int32),
             context_lens=torch.tensor(self.lengths, dtype=torch.int32),
-            max_context_len=max(self.lengths),
         )
 
 

@@ -321,7 +321,13 @@ def test_rotate_and_write_kv_equals_rotary_then_write(
 
 
 def test_rotate_and_write_kv_with_no_tokens_is_a_no_op() -> None:
-    RotateWriteCase(0, 8, 2, 64, torch.float16).run_fused()
+    case = RotateWriteCase(0, 8, 2, 64, torch.float16)
+    # no rows of a buffer whose rows a kernel launched anyway would rotate and write
+    storage = _random((4, *case.qkv.shape[1:]), torch.float16, std=2.0)
+    before, case.qkv = storage.clone(), storage[:0]
+    case.run_fused()
+    assert torch.equal(storage, before)
+    assert bool((case.k_cache == 7).all()) and bool((case.v_cache == 7).all())
 
 
 def _compiled_variants(kernel: object) -> int:

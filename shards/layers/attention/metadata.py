@@ -31,7 +31,6 @@ class AttentionMetadata:
     max_seqlen: int = 0
     block_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
-    max_context_len: int = 0
     num_decode_tokens: int = 0
     prefix_lens: torch.Tensor | None = None
     prefix_block_tables: torch.Tensor | None = None

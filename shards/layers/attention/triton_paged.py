@@ -40,10 +40,6 @@ class TritonAttentionBackend:
         self._cached_prefix = triton_prefill.CachedPrefix
         self._flash_varlen = _flash_attn_varlen() if use_flash_attn else None
 
-    @property
-    def prefill_kernel(self) -> str:
-        return "flash_attn" if self._flash_varlen is not None else "triton"
-
     def rotate_and_write_kv(
         self,
         q: torch.Tensor,
