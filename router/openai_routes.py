@@ -216,7 +216,7 @@ def _best_of(ctx: RouterContext, fields: dict[str, Any]) -> dict[str, Any]:
         raise ValidationError(
             f"`best_of` must be > 0 and <= {limit} (--max-best-of). Given: {best_of!r}"
         )
-    if best_of > fields.get("n", 1) and read_bool(fields, "stream"):
+    if best_of > _n(ctx, fields) and read_bool(fields, "stream"):
         raise ValidationError("`best_of` > `n` is not supported when streaming tokens")
     return {"best_of": best_of}
 

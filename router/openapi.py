@@ -67,6 +67,9 @@ _TOKEN_PROPS = {
     "logprob": _nullable({"type": "number", "format": "float"}),
 }
 
+# What validation takes as a grammar's or a response format's `type`.
+_GRAMMAR_TYPE = {"type": "string", "enum": ["json", "regex", "json_schema", "json_object", "text"]}
+
 _PARAMETERS = {
     "adapter_id": _nullable({"type": "string", "description": "Not supported: rejected with 422."}),
     "best_of": _nullable({"type": "integer", "minimum": 0, "exclusiveMinimum": True}),
@@ -77,13 +80,15 @@ _PARAMETERS = {
     "grammar": _nullable(
         {
             "type": "object",
+            "required": ["type"],
+            "properties": {"type": _GRAMMAR_TYPE},
             "description": (
                 'Constrained output: {"type": "json", "value": <JSON schema>} or '
                 '{"type": "regex", "value": "<regex>"}'
             ),
         }
     ),
-    "max_new_tokens": _nullable({"type": "integer", "format": "int32", "minimum": 0}),
+    "max_new_tokens": _nullable({"type": "integer", "format": "int32", "minimum": 1}),
     "repetition_penalty": _nullable({"type": "number", "minimum": 0, "exclusiveMinimum": True}),
     "return_full_text": _nullable({"type": "boolean"}),
     "seed": _nullable({"type": "integer", "format": "int64", "minimum": 0}),
@@ -131,6 +136,8 @@ _COUNT = {"type": "integer", "format": "int32", "minimum": 0}
 
 
 _PROMPT = {"type": "string", "minLength": 1}
+# Shardline reads a null `parameters` as the defaults (TGI refuses it).
+_PARAMETERS_REF = {"allOf": [_ref("GenerateParameters")], "nullable": True}
 
 
 def _schemas() -> dict[str, Any]:
@@ -147,14 +154,14 @@ def _schemas() -> dict[str, Any]:
         "GenerateRequest": {
             "type": "object",
             "required": ["inputs"],
-            "properties": {"inputs": _PROMPT, "parameters": _ref("GenerateParameters")},
+            "properties": {"inputs": _PROMPT, "parameters": _PARAMETERS_REF},
         },
         "CompatGenerateRequest": {
             "type": "object",
             "required": ["inputs"],
             "properties": {
                 "inputs": _PROMPT,
-                "parameters": _ref("GenerateParameters"),
+                "parameters": _PARAMETERS_REF,
                 "stream": {"type": "boolean", "default": False},
             },
         },
@@ -484,6 +491,8 @@ def _openai_request_schemas() -> dict[str, Any]:
                 "response_format": _nullable(
                     {
                         "type": "object",
+                        "required": ["type"],
+                        "properties": {"type": _GRAMMAR_TYPE},
                         "description": (
                             '{"type": "text"}, {"type": "json_object"} or {"type": "json_schema",'
                             ' "json_schema": {"schema": ...}}: constrained output'

@@ -1,6 +1,7 @@
-"""The attacker's fuzz as a permanent test: over a thousand requests generated from the router's
-own /openapi.json (valid and invalid bodies for every POST route, hypothesis with a fixed seed)
-sent concurrently to a real router and shard on the tiny llama. None may get a 5xx or a 424 (a
+"""The attacker's fuzz as a permanent test: thousands of requests generated from the router's
+own /openapi.json (valid and invalid bodies for every POST route: hypothesis, derandomized, and
+schemathesis's coverage cases, each field at its bounds and of every wrong type) sent
+concurrently to a real router and shard on the tiny llama. None may get a 5xx or a 424 (a
 request that failed in the batch), every error is TGI's error JSON, every stream ends without an
 error event, and afterwards /health is 200 and a greedy request answers as it did before."""
 
@@ -17,25 +18,26 @@ import schemathesis
 from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from schemathesis import GenerationMode
+from schemathesis import Case, GenerationMode
+from schemathesis.config import GenerationConfig
 from schemathesis.core import NotSet
 
 from tests.router_fixtures import open_router
 
-# Valid and invalid bodies per POST route, each: 1,164 requests. Fewer where hypothesis is slow
-# to draw a body (~75 ms for a chat request against ~5 ms for /generate on a busy core).
+# Valid and invalid bodies hypothesis draws per POST route, each: fewer where a body is slow to
+# draw (~75 ms for a chat request against ~5 ms for /generate on a busy core).
 EXAMPLES_PER_MODE = {
-    "/generate": 150,
-    "/generate_stream": 120,
-    "/v1/completions": 120,
-    "/": 70,
-    "/tokenize": 60,
-    "/v1/chat/completions": 30,
-    "/v1/responses": 30,
-    "/invocations": 20,
-    "/chat_tokenize": 12,
+    "/generate": 75,
+    "/generate_stream": 60,
+    "/v1/completions": 60,
+    "/": 35,
+    "/tokenize": 30,
+    "/v1/chat/completions": 15,
+    "/v1/responses": 15,
+    "/invocations": 10,
 }
-MIN_REQUESTS = 1000
+OTHER_ROUTE_EXAMPLES = 6
+MIN_REQUESTS = 3000  # ~600 drawn by hypothesis, ~3,300 coverage cases
 CONCURRENCY = 16
 PROBE = {"inputs": "the fuzz is over", "parameters": {"max_new_tokens": 8, "details": True}}
 
@@ -43,18 +45,27 @@ Request = tuple[str, str, Any]  # method, path, JSON body (or NotSet)
 
 
 def generated_requests(spec: dict[str, Any]) -> list[Request]:
-    """Hypothesis draws the bodies from the spec's schemas, derandomized: the same requests on
-    every run."""
+    """The same requests on every run: hypothesis draws derandomized, coverage cases are fixed."""
     schema = schemathesis.openapi.from_dict(spec)
+    modes = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
     requests: list[Request] = []
     for result in schema.get_all_operations():
         operation = result.ok()
         if operation.method.upper() != "POST":
             continue
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        count = EXAMPLES_PER_MODE.get(operation.path, OTHER_ROUTE_EXAMPLES)
+        for mode in modes:
             strategy = operation.as_strategy(generation_mode=mode, media_type="application/json")
-            requests += _draw(strategy, EXAMPLES_PER_MODE[operation.path])
+            requests += _draw(strategy, count)
+        coverage = schema.iter_coverage_cases(
+            operation, generation_modes=modes, generation_config=GenerationConfig()
+        )
+        requests += [_as_request(case) for case in coverage]
     return requests
+
+
+def _as_request(case: Case) -> Request:
+    return case.method.upper(), case.formatted_path, case.body
 
 
 def _draw(strategy: st.SearchStrategy, count: int) -> list[Request]:
@@ -69,8 +80,8 @@ def _draw(strategy: st.SearchStrategy, count: int) -> list[Request]:
         suppress_health_check=list(HealthCheck),
     )
     @given(case=strategy)
-    def draw(case) -> None:
-        drawn.append((case.method.upper(), case.formatted_path, case.body))
+    def draw(case: Case) -> None:
+        drawn.append(_as_request(case))
 
     draw()
     return drawn

@@ -82,6 +82,13 @@ HOSTILE_BODIES: list[tuple[str, str, bytes, int, str]] = [
     ),  # fmt: skip
     ("empty inputs", "/generate", b'{"inputs": ""}', 422, "validation"),
     (
+        "n an object beside best_of",
+        "/v1/completions",
+        b'{"prompt": "a", "n": {}, "best_of": 1}',
+        422,
+        "validation",
+    ),  # fmt: skip
+    (
         "empty role",
         "/v1/chat/completions",
         b'{"messages": [{"role": "", "content": "a"}]}',
