@@ -339,7 +339,6 @@ class SamplingParams:
         )
         stopping = generate_pb2.StoppingCriteriaParameters(
             max_new_tokens=max_new_tokens,
-            stop_sequences=self.stop,
             ignore_eos_token=self.ignore_eos,
             min_new_tokens=self.min_tokens,
             stop_token_ids=self.stop_token_ids,

@@ -253,7 +253,7 @@ async def test_a_request_that_cannot_be_encoded_fails_alone(tokenizer):
     streams = [batcher.submit(request) for request in victims]
     first = [await stream.__anext__() for stream in streams]
     bad = _request(tokenizer, "the model", max_new_tokens=4)
-    bad.params.stop = [LONE_SURROGATE]
+    bad.params.guided_regex = LONE_SURROGATE
     too_wide = _request(tokenizer, "the model", max_new_tokens=4)
     too_wide.params.top_k = 2**64
     for hostile in (bad, too_wide):
