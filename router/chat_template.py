@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +19,7 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 
+from shardline.router import json_limits
 from shardline.router.errors import ValidationError
 
 Message = dict[str, Any]
@@ -114,7 +114,7 @@ def _parse_tool_call(where: str, call: Any) -> dict[str, Any]:
 def _arguments(where: str, arguments: Any) -> dict[str, Any]:
     if isinstance(arguments, str):
         with contextlib.suppress(ValueError):
-            arguments = json.loads(arguments)
+            arguments = json_limits.loads(arguments)
     if not isinstance(arguments, dict):
         raise ValidationError(f"{where} must be a JSON object or a string holding one")
     return arguments

@@ -18,6 +18,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
+from shardline.router import json_limits
 from shardline.router.batcher import Batcher
 from shardline.router.client import ShardClient
 from shardline.router.errors import (
@@ -36,9 +37,6 @@ from shardline.router.validation import Validator
 logger = logging.getLogger(__name__)
 
 PAYLOAD_LIMIT = 2_000_000
-# serde_json's recursion limit, which TGI's bodies go through. orjson stops at 1,024, deep
-# enough that the router's own recursive code (repr, schema walks) could still overflow.
-MAX_JSON_DEPTH = 128
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 # What a browser sends cross-site without a preflight: refused, so that a web page cannot drive
 # the API from a visitor's browser. Other types (or none) are read as JSON.
@@ -131,28 +129,11 @@ async def read_json(request: web.Request) -> Any:
 
 
 def parse_json(raw: bytes) -> Any:
-    """The body as JSON, as TGI's serde_json reads it: 400 past `MAX_JSON_DEPTH` levels, on
-    NaN or Infinity, on a number past a double's range, on a lone surrogate or invalid UTF-8.
-    An integer past 64 bits is read as a float (so never a Python integer of 5,000 digits)."""
+    """The body as JSON under `json_limits`' rules; 400 if it is none."""
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as error:
+        return json_limits.loads(raw)
+    except ValueError as error:
         raise BadRequestError(f"the body is not valid JSON: {error}") from error
-    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _deeper_than(body, MAX_JSON_DEPTH):
-        raise BadRequestError(f"the body is nested deeper than {MAX_JSON_DEPTH} levels")
-    return body
-
-
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether arrays and objects nest more than `limit` levels deep, walked without recursion."""
-    pending = [(value, 1)]
-    while pending:
-        container, depth = pending.pop()
-        if depth > limit:
-            return True
-        children = container.values() if isinstance(container, dict) else container
-        pending.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return False
 
 
 def read_bool(body: dict[str, Any], name: str) -> bool:

@@ -24,6 +24,10 @@ def _nested(depth: int) -> bytes:
     return b'{"inputs": "a", "parameters": ' + b"[" * depth + b"]" * depth + b"}"
 
 
+def _call(arguments: str) -> dict:
+    return {"id": "1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+
+
 def _body(parameters: dict) -> bytes:
     return json.dumps({"inputs": "a prompt", "parameters": parameters}).encode()
 
@@ -42,6 +46,20 @@ HOSTILE_BODIES: list[tuple[str, str, bytes, int, str]] = [
         + b"}]}",
         400,
         "bad_request",
+    ),
+    (
+        "tool call arguments nested 100,000 deep in a string",
+        "/v1/chat/completions",
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "tool_calls": [_call("[" * 100_000 + "]" * 100_000)]},
+                ]
+            }
+        ).encode(),
+        422,
+        "validation",
     ),
     (
         "an integer of 5,000 digits",
