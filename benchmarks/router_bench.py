@@ -39,7 +39,7 @@ CONTINUATION = " the model server streams every token of this text back"
 async def _serve_router(
     port: int, tokenizer_dir: Path, step_s: float, otlp_endpoint: str | None
 ) -> None:
-    from tests.test_router_fakes import FakeShardClient, tiny_tokenizer
+    from tests.fake_shard import FakeShardClient, tiny_tokenizer
 
     tokenizer = tiny_tokenizer(tokenizer_dir)
     ids = tokenizer(CONTINUATION, add_special_tokens=False)["input_ids"]

@@ -22,7 +22,7 @@ from shardline.router.client import ShardedClient
 from shardline.router.http import RouterRunner
 from shardline.router.server import create_app
 from shardline.router.startup import RouterSettings, start_router
-from tests.test_router_fakes import FakeShardClient, fixed_script, router_client, tiny_tokenizer
+from tests.fake_shard import FakeShardClient, fixed_script, router_client, tiny_tokenizer
 
 
 class RouterTestServer(TestServer):

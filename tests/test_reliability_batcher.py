@@ -14,7 +14,7 @@ from shardline.router.batcher import Batcher, BatchingConfig
 from shardline.router.client import StepResult
 from shardline.router.request_types import ValidRequest
 from shardline.sampling_params import SamplingParams
-from tests.test_router_fakes import FakeShardClient, tiny_tokenizer
+from tests.fake_shard import FakeShardClient, tiny_tokenizer
 
 TOTAL_BUDGET = 192
 PREFILL_BUDGET = 48

@@ -25,7 +25,7 @@ from shardline.router import cli as router_cli
 from shardline.router import http
 from shardline.router.cli import build_parser as build_router_parser
 from shardline.router.server import create_app, create_metrics_app
-from tests.test_router_fakes import FakeShardClient, fixed_script, router_client
+from tests.fake_shard import FakeShardClient, fixed_script, router_client
 
 GOOD = {"inputs": "the city", "parameters": {"max_new_tokens": 6, "details": False}}
 LONG = {"inputs": "the city", "parameters": {"max_new_tokens": 100, "ignore_eos": True}}

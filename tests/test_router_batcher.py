@@ -17,7 +17,7 @@ from shardline.router.client import ShardedClient, StepResult
 from shardline.router.errors import GenerationError
 from shardline.router.request_types import FinishReason, ValidRequest
 from shardline.sampling_params import SamplingParams
-from tests.test_router_fakes import FakeShardClient, tiny_tokenizer
+from tests.fake_shard import FakeShardClient, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from openai import AsyncOpenAI
 
-from tests.test_router_fakes import fixed_script
+from tests.fake_shard import fixed_script
 from tests.test_router_openai import USER, RecordingShard
 from tests.test_router_server import assert_error
 

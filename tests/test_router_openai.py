@@ -16,9 +16,9 @@ from openai import AsyncOpenAI, OpenAI
 from shardline.proto import generate_pb2 as pb
 from shardline.router.client import StepResult
 from shardline.router.http import CONTEXT
+from tests.fake_shard import CONTINUATION, FakeShardClient, fixed_script, router_client
+from tests.fake_shard import tiny_tokenizer as build_tokenizer
 from tests.router_fixtures import open_router
-from tests.test_router_fakes import CONTINUATION, FakeShardClient, fixed_script, router_client
-from tests.test_router_fakes import tiny_tokenizer as build_tokenizer
 from tests.test_router_server import TGI_SPEC, _as_json_schema, assert_error, assert_schema
 
 USER = [{"role": "user", "content": "the city"}]

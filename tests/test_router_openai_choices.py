@@ -13,8 +13,8 @@ from openai import AsyncOpenAI
 from transformers import AutoTokenizer
 
 from shardline.router.http import CONTEXT
+from tests.fake_shard import CONTINUATION, fixed_script
 from tests.router_fixtures import open_router
-from tests.test_router_fakes import CONTINUATION, fixed_script
 from tests.test_router_openai import USER, RecordingShard, post_stream, templated
 from tests.test_router_server import _as_json_schema, assert_schema
 

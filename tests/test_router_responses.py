@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 from openai import AsyncOpenAI, UnprocessableEntityError
 
-from tests.test_router_fakes import CONTINUATION, fixed_script
+from tests.fake_shard import CONTINUATION, fixed_script
 from tests.test_router_openai import RecordingShard, templated
 from tests.test_router_server import _as_json_schema, assert_error
 

@@ -13,7 +13,7 @@ import pytest
 from text_generation import AsyncClient, Client
 from text_generation import errors as tg_errors
 
-from tests.test_router_fakes import (
+from tests.fake_shard import (
     CONTINUATION,
     FakeShardClient,
     fixed_script,

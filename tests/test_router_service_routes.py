@@ -8,7 +8,7 @@ import re
 from html.parser import HTMLParser
 
 from shardline.router.swagger_ui import SPEC_URL
-from tests.test_router_fakes import router_client
+from tests.fake_shard import router_client
 from tests.test_router_server import assert_error
 
 PROBES = ("/health", "/ping", "/v2/health/live")

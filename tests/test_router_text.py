@@ -6,7 +6,7 @@ import pytest
 
 from shardline.router.detokenizer import IncrementalDetokenizer
 from shardline.router.stop_sequences import StopSequenceMatcher
-from tests.test_router_fakes import byte_ids, tiny_tokenizer
+from tests.fake_shard import byte_ids, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

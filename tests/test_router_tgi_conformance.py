@@ -8,7 +8,7 @@ import json
 
 from text_generation import Client
 
-from tests.test_router_fakes import CONTINUATION
+from tests.fake_shard import CONTINUATION
 from tests.test_router_server import assert_schema
 
 

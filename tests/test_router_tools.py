@@ -12,10 +12,10 @@ from openai import AsyncOpenAI
 
 from shardline.proto import generate_pb2 as pb
 from shardline.router.tools import DEFAULT_TOOL_PROMPT, NO_TOOL
+from tests.fake_shard import CONTINUATION, router_client
+from tests.fake_shard import tiny_tokenizer as build_tokenizer
 from tests.model_factory import CHAT_TEMPLATE
 from tests.router_fixtures import open_router
-from tests.test_router_fakes import CONTINUATION, router_client
-from tests.test_router_fakes import tiny_tokenizer as build_tokenizer
 from tests.test_router_openai import RecordingShard, post_stream
 from tests.test_router_server import assert_error, assert_schema
 

@@ -8,8 +8,8 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from shardline.router import tracing
 from shardline.router.queue import Entry
+from tests.fake_shard import FakeShardClient, fixed_script, router_client
 from tests.otlp_collector import Collector, attributes, running_collector
-from tests.test_router_fakes import FakeShardClient, fixed_script, router_client
 
 SERVICE = "shardline-test-router"
 CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
