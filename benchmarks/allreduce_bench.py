@@ -11,20 +11,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from aiohttp.test_utils import unused_port
 
 REPEATS = 200
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _time_us(fn, repeats: int = REPEATS) -> float:
@@ -80,7 +74,7 @@ def main() -> None:
         if world > torch.cuda.device_count():
             print(f"world {world}: only {torch.cuda.device_count()} GPUs, skipped")
             continue
-        mp.spawn(_worker, args=(world, _free_port(), args.hidden, batches), nprocs=world)
+        mp.spawn(_worker, args=(world, unused_port(), args.hidden, batches), nprocs=world)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from aiohttp.test_utils import unused_port
 
 from shardline.proto import generate_pb2 as pb
 from shardline.sampling_params import SamplingParams
@@ -166,16 +166,10 @@ def _cut_after_eos(tokens: list[int], eos: set[int]) -> list[int]:
     return tokens
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_shards(
     model_dir: Path, uds_prefix: str, world_size: int, extra_args: list[str] = ()
 ) -> list[subprocess.Popen]:
-    port = free_port()
+    port = unused_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return [
         subprocess.Popen(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import unused_port
 from shardline_client import (
     AsyncClient,
     Client,
@@ -29,7 +30,7 @@ from shardline_client import (
 from shardline_client.types import Response, StreamResponse
 from transformers import AutoTokenizer
 
-from tests.test_launcher import LIMITS, Launcher, free_port, transformers_greedy
+from tests.test_launcher import LIMITS, Launcher, transformers_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -59,8 +60,8 @@ def servers(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 def _argv(model_dir: Path, extra: list[str]) -> list[str]:
     argv = ["--model-id", str(model_dir), "--num-shard", "1", "--json-output"]
-    argv += ["--hostname", "127.0.0.1", "--port", str(free_port())]
-    return [*argv, "--master-port", str(free_port()), *LIMITS, *extra]
+    argv += ["--hostname", "127.0.0.1", "--port", str(unused_port())]
+    return [*argv, "--master-port", str(unused_port()), *LIMITS, *extra]
 
 
 def _ready_url(launcher: Launcher) -> str:

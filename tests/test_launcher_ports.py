@@ -9,11 +9,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from aiohttp.test_utils import unused_port
 
 from shardline.launcher.args import parse_args
 from shardline.launcher.commands import LauncherError
 from shardline.launcher.ports import Binding, bindings, check_bindable, check_ports_free
-from tests.shard_harness import free_port
 
 CPU = {"CUDA_VISIBLE_DEVICES": ""}
 
@@ -28,7 +28,7 @@ def busy_port() -> Iterator[int]:
 
 
 def test_a_free_port_passes_and_the_check_leaves_it_free() -> None:
-    port = free_port()
+    port = unused_port()
     check_bindable(Binding("--port", "127.0.0.1", port))
     check_bindable(Binding("--port", "127.0.0.1", port))
     with socket.socket() as server:
@@ -44,11 +44,11 @@ def test_a_port_in_use_is_found_on_every_host_that_covers_it(busy_port: int, hos
 
 def test_an_unknown_hostname_is_one_clear_error() -> None:
     with pytest.raises(LauncherError, match=r"--port: cannot resolve no-such-host\.invalid:"):
-        check_bindable(Binding("--port", "no-such-host.invalid", free_port()))
+        check_bindable(Binding("--port", "no-such-host.invalid", unused_port()))
 
 
 def test_the_rendezvous_port_is_checked_only_with_several_shards(busy_port: int) -> None:
-    port = str(free_port())
+    port = str(unused_port())
     one = parse_args(["--port", port, "--master-port", str(busy_port)], CPU)
     assert [b.flag for b in bindings(one)] == ["--port"]
     check_ports_free(one)

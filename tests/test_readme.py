@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import unused_port
 
 from shardline.model_files import resolve_model
-from tests.shard_harness import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -102,11 +102,11 @@ def test_offline_example_runs_as_written(shardline_cache):
 @pytest.fixture(scope="module")
 def default_server(shardline_cache: Path, tmp_path_factory) -> Iterator[str]:
     """`text-generation-launcher` with no --model-id: the packaged model."""
-    port = free_port()
+    port = unused_port()
     env = {**os.environ, "SHARDLINE_CACHE": str(shardline_cache), "CUDA_VISIBLE_DEVICES": ""}
     env["TMPDIR"] = str(tmp_path_factory.mktemp("launcher"))
     command = [sys.executable, "-m", "shardline.launcher.cli", "--port", str(port)]
-    command += ["--master-port", str(free_port()), "--max-batch-prefill-tokens", "1024"]
+    command += ["--master-port", str(unused_port()), "--max-batch-prefill-tokens", "1024"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient, TestServer, unused_port
 from transformers import AutoTokenizer
 
 from benchmarks.soak import SoakConfig, soak
@@ -24,7 +24,6 @@ from shardline.router.client import ShardedClient
 from shardline.router.server import create_app
 from shardline.router.startup import RouterSettings, start_router
 from shardline.shards.fault_injection import ENV_VAR
-from tests.shard_harness import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -148,7 +147,7 @@ async def test_an_injected_decode_failure_is_424_and_the_server_recovers(
 
 @pytest.fixture
 def router_process(shard, tiny_llama_dir) -> Iterator[tuple[str, subprocess.Popen]]:
-    port = free_port()
+    port = unused_port()
     command = [str(Path(sys.executable).parent / "shardline-router"), *ROUTER_LIMITS]
     command += ["--tokenizer-name", str(tiny_llama_dir), "--master-shard-uds-path", shard[0]]
     command += ["--hostname", "127.0.0.1", "--port", str(port), "--shutdown-timeout", "60"]

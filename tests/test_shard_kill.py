@@ -19,9 +19,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import unused_port
 from shardline_client import AsyncClient, ShardlineError
 
-from tests.test_launcher import LIMITS, Launcher, free_port, is_alive
+from tests.test_launcher import LIMITS, Launcher, is_alive
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +34,8 @@ EXIT_WITHIN_S = 5
 def _start(model_dir: Path, tmp_path: Path) -> tuple[Launcher, str]:
     env = {**os.environ, "TMPDIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
     argv = ["--model-id", str(model_dir), "--num-shard", "2", "--json-output"]
-    argv += ["--hostname", "127.0.0.1", "--port", str(free_port())]
-    argv += ["--master-port", str(free_port()), *LIMITS]
+    argv += ["--hostname", "127.0.0.1", "--port", str(unused_port())]
+    argv += ["--master-port", str(unused_port()), *LIMITS]
     launcher = Launcher(argv, env)
     ready = launcher.wait_for_line("Shardline is ready", timeout_s=180)
     return launcher, json.loads(ready)["message"].split(" on ")[1]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from aiohttp.test_utils import unused_port
 from safetensors.torch import load_file, save_file
 
 from shardline.shards.utils.dist import TPGroup, init_distributed
@@ -42,12 +42,6 @@ def uneven_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return model_dir
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(
     rank: int,
     world_size: int,
@@ -72,7 +66,7 @@ def test_ranks_match_single_rank(tmp_path: Path, uneven_model_dir: Path, world_s
     for a, e in zip(single, expected_hf, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
 
-    args = (world_size, free_port(), uneven_model_dir, prompt_ids, fed, tmp_path)
+    args = (world_size, unused_port(), uneven_model_dir, prompt_ids, fed, tmp_path)
     mp.spawn(_rank_main, args=args, nprocs=world_size, join=True)
 
     for rank in range(world_size):
