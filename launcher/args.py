@@ -46,6 +46,8 @@ class Flag:
     # the values in `accepted`, which change nothing here.
     refused: str | None = None
     accepted: tuple[Any, ...] = ()
+    # The ShardConfig field (shardline/shard_config.py) this flag sets, when the shards take it.
+    shard_field: str | None = None
 
     @property
     def long_name(self) -> str:
@@ -62,12 +64,13 @@ FLAGS: tuple[Flag, ...] = (
          "local folder, hub id (downloaded once into the Hugging Face cache), .gguf file (or a "
          f"folder holding one), or {PACKAGED_MODEL_ALIAS!r}; default: the packaged "
          f"{PACKAGED_MODEL_ALIAS}"),
-    Flag(("--revision",), "REVISION", "hub revision (branch, tag or commit) of --model-id"),
+    Flag(("--revision",), "REVISION", "hub revision (branch, tag or commit) of --model-id",
+         shard_field="revision"),
     Flag(("--huggingface-hub-cache",), "HUGGINGFACE_HUB_CACHE",
          "Hugging Face cache folder hub models are downloaded to; default: huggingface_hub's "
          "(HF_HUB_CACHE, else HF_HOME/hub)"),
     Flag(("--dtype",), "DTYPE", "dtype forced upon the weights; default: the shard's choice",
-         choices=("float16", "bfloat16", "float32")),
+         choices=("float16", "bfloat16", "float32"), shard_field="dtype"),
     Flag(("--trust-remote-code",), "TRUST_REMOTE_CODE",
          "accepted for TGI compatibility: Shardline runs its own model code only", switch=True),
     Flag(("--quantize",), "QUANTIZE", "quantization method; not supported yet",
@@ -95,21 +98,24 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--sharded",), "SHARDED", "shard the model over every visible GPU (true/false)",
          type=parse_bool),
     Flag(("--num-shard",), "NUM_SHARD", "number of shard processes; default: all visible GPUs, "
-         "1 on CPU", type=int),
+         "1 on CPU", type=int, shard_field="world_size"),
     Flag(("--shard-uds-path",), "SHARD_UDS_PATH", "unix socket prefix of the shards (rank is "
          "appended); default: inside a private directory made for this run"),
     Flag(("--master-addr",), "MASTER_ADDR", "torch.distributed rendezvous address",
          default="localhost"),
     Flag(("--master-port",), "MASTER_PORT", "torch.distributed rendezvous port", type=int,
          default=29500),
-    Flag(("--block-size",), "BLOCK_SIZE", "tokens per paged KV-cache block", type=int),
-    Flag(("--kv-cache-bytes",), "KV_CACHE_BYTES", "KV cache size in bytes on CPU", type=int),
+    Flag(("--block-size",), "BLOCK_SIZE", "tokens per paged KV-cache block", type=int,
+         shard_field="block_size"),
+    Flag(("--kv-cache-bytes",), "KV_CACHE_BYTES", "KV cache size in bytes on CPU", type=int,
+         shard_field="kv_cache_bytes"),
     Flag(("--cuda-memory-fraction", "--gpu-memory-utilization"), "CUDA_MEMORY_FRACTION",
          "fraction of GPU memory that weights, activations and the KV cache may use; "
-         "default: the shard's (0.9)", type=float),
-    Flag(("--attention",), "ATTENTION", "attention backend (auto, torch, triton)"),
+         "default: the shard's (0.9)", type=float, shard_field="gpu_memory_utilization"),
+    Flag(("--attention",), "ATTENTION", "attention backend (auto, torch, triton)",
+         shard_field="attention"),
     Flag(("--cuda-graphs",), "CUDA_GRAPHS", "decode batch sizes to capture CUDA graphs for, "
-         "e.g. 1,2,4,8; 0 disables"),
+         "e.g. 1,2,4,8; 0 disables", shard_field="cuda_graphs"),
     Flag(("--disable-custom-kernels",), "DISABLE_CUSTOM_KERNELS",
          "attention in plain torch and no CUDA graphs (the shards' --attention torch "
          "--cuda-graphs 0); the fused norm, activation, rotary and GEMV kernels still run",

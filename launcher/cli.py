@@ -16,18 +16,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from shardline.launcher.args import log_level, parse_args
-from shardline.launcher.commands import (
-    ChildSpec,
-    LauncherError,
-    router_spec,
-    shard_socket,
-    shard_spec,
-)
+from shardline.launcher.commands import ChildSpec, LauncherError, router_spec, shard_socket
 from shardline.launcher.download_weights import download_weights, prepare_model
 from shardline.launcher.env_report import runtime_environment
 from shardline.launcher.output import ChildOutput
 from shardline.launcher.ports import check_ports_free
-from shardline.launcher.readiness import router_is_healthy, shard_is_healthy
+from shardline.launcher.readiness import router_is_healthy
+from shardline.launcher.shards import ShardLaunch, shard_config, shard_environment, start_shards
 from shardline.launcher.supervisor import (
     Child,
     ChildDied,
@@ -37,6 +32,7 @@ from shardline.launcher.supervisor import (
 )
 from shardline.log import configure_logging
 from shardline.model_files import ModelNotFoundError
+from shardline.shard_config import ShardConfig
 
 logger = logging.getLogger("shardline.launcher")
 
@@ -105,7 +101,9 @@ def run(argv: list[str] | None = None, environ: Mapping[str, str] | None = None)
     if args.trust_remote_code:
         logger.warning("--trust-remote-code has no effect: Shardline runs its own model code only")
     if args.max_input_length is not None:
-        logger.warning("--max-input-length (MAX_INPUT_LENGTH) is deprecated: use --max-input-tokens")
+        logger.warning(
+            "--max-input-length (MAX_INPUT_LENGTH) is deprecated: use --max-input-tokens"
+        )
     try:
         check_ports_free(args)
         model_dir = prepare_model(args)
@@ -128,12 +126,9 @@ def _serve(
     args: argparse.Namespace, model_dir: Path, sockets: ShardSockets, environ: dict[str, str]
 ) -> int:
     logger.info("model resolved", extra={"model_dir": str(model_dir), "num_shard": args.num_shard})
-    shard_specs = [
-        shard_spec(args, model_dir, sockets.prefix, rank, environ) for rank in range(args.num_shard)
-    ]
-    return Launch(
-        args, shard_specs, router_spec(args, model_dir, sockets.prefix, environ), sockets
-    ).run()
+    config = shard_config(args, model_dir)
+    router = router_spec(args, model_dir, sockets.prefix, environ)
+    return Launch(args, config, router, sockets, shard_environment(args, environ)).run()
 
 
 class Launch:
@@ -142,12 +137,15 @@ class Launch:
     def __init__(
         self,
         args: argparse.Namespace,
-        shard_specs: list[ChildSpec],
+        config: ShardConfig,
         router: ChildSpec,
         sockets: ShardSockets,
+        shard_environ: dict[str, str],
     ) -> None:
         self.args = args
-        self.shard_specs = shard_specs
+        self.config = config
+        self.shard_launch = ShardLaunch.from_args(args, sockets.prefix)
+        self.shard_environ = shard_environ
         self.router_spec = router
         self.sockets = sockets
         self.signals = StopSignals()
@@ -167,10 +165,12 @@ class Launch:
         return 0
 
     def _serve_until_stopped(self) -> None:
-        shards = self._start(self.shard_specs)
-        if self._wait_ready(shards, lambda c: shard_is_healthy(self.sockets.paths[c.spec.rank])):
+        shards = start_shards(self.config, self.shard_launch, self.shard_environ, self.output)
+        self.children.extend(shards)
+        if self._wait_ready(shards, self.shard_launch.is_serving):
             logger.info("all %d shards answer Health", len(shards))
-            router = self._start([self.router_spec])
+            router = [Child(self.router_spec, self.output)]
+            self.children.extend(router)
             if self._wait_ready(
                 router, lambda _: router_is_healthy(self.args.hostname, self.args.port)
             ):
@@ -183,11 +183,6 @@ class Launch:
             stop_children(router, timeout, self.signals.force)
         logger.info("stopping the shards")
         stop_children(shards, SHARD_STOP_TIMEOUT_S, self.signals.force)
-
-    def _start(self, specs: list[ChildSpec]) -> list[Child]:
-        started = [Child(spec, self.output) for spec in specs]
-        self.children.extend(started)
-        return started
 
     def _wait_ready(self, pending: list[Child], is_ready: Callable[[Child], bool]) -> bool:
         return wait_until_ready(pending, is_ready, self.children, self.signals.stop)

@@ -1,4 +1,5 @@
-"""The command lines and environments of the shard processes and of the router."""
+"""The launcher's children: how a command is found, the shards' environment, the router's command
+line (the shards' command lines are built in launcher/shards.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardline.launcher.args import log_level
 from shardline.model_files import PACKAGED_MODEL_ALIAS
 
 SHARD_EXECUTABLE = "shardline-shard"
@@ -52,56 +52,6 @@ def _options(pairs: Iterable[tuple[str, object]]) -> list[str]:
             continue
         argv += [flag] if value is True else [flag, str(value)]
     return argv
-
-
-def shard_spec(
-    args: argparse.Namespace,
-    model_dir: Path,
-    uds_prefix: str,
-    rank: int,
-    environ: Mapping[str, str],
-) -> ChildSpec:
-    argv = [
-        find_executable(SHARD_EXECUTABLE),
-        "serve",
-        str(model_dir),
-        *_options(
-            [
-                ("--rank", rank),
-                ("--world-size", args.num_shard),
-                ("--uds-path", uds_prefix),
-                ("--master-addr", args.master_addr),
-                ("--master-port", args.master_port),
-                ("--dtype", args.dtype),
-                ("--block-size", args.block_size),
-                ("--kv-cache-bytes", args.kv_cache_bytes),
-                ("--gpu-memory-utilization", args.cuda_memory_fraction),
-                *_kernel_options(args),
-                ("--json-output", args.json_output),
-                ("--logger-level", log_level(environ)),
-            ]
-        ),
-    ]
-    env = shard_env(environ, rank, args.num_shard, args.master_addr, args.master_port)
-    env.update(_watermark_env(args))
-    return ChildSpec(name=f"shard {rank}", argv=argv, env=env, rank=rank)
-
-def _kernel_options(args: argparse.Namespace) -> list[tuple[str, object]]:
-    """`--disable-custom-kernels`: the torch attention and no CUDA graphs."""
-    if not args.disable_custom_kernels:
-        return [("--attention", args.attention), ("--cuda-graphs", args.cuda_graphs)]
-    if args.attention not in (None, "torch") or args.cuda_graphs not in (None, "0"):
-        raise LauncherError(
-            "--disable-custom-kernels runs the torch attention without CUDA graphs: drop "
-            "--attention / --cuda-graphs, or the flag"
-        )
-    return [("--attention", "torch"), ("--cuda-graphs", "0")]
-
-
-def _watermark_env(args: argparse.Namespace) -> dict[str, str]:
-    """TGI hands the watermark's parameters to the shards as environment variables."""
-    values = {"WATERMARK_GAMMA": args.watermark_gamma, "WATERMARK_DELTA": args.watermark_delta}
-    return {name: str(value) for name, value in values.items() if value is not None}
 
 
 def shard_env(

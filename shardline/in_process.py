@@ -1,5 +1,7 @@
 """The router's ShardClient over a ShardEngine in this process: one shard, no gRPC.
 
+`InProcessShard` builds that engine from a ShardConfig, as a shard process does from its flags.
+
 Engine calls run on one worker thread, so the event loop streams step N's tokens while the
 device computes step N+1's (the GIL is released while the host waits for the device).
 """
@@ -7,7 +9,8 @@ device computes step N+1's (the GIL is released while the host waits for the dev
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -19,6 +22,7 @@ from shardline.router.client import (
     filter_request,
     step_result,
 )
+from shardline.shard_config import ShardConfig
 from shardline.shards.engine import ShardEngine
 
 T = TypeVar("T")
@@ -76,3 +80,23 @@ class InProcessShardClient:
 
     async def stats(self) -> pb.StatsResponse:
         return await self._run(self.engine.stats)
+
+
+class InProcessShard:
+    """The one shard of `LLM(tensor_parallel_size=1)`, living as long as this process."""
+
+    def __init__(self, config: ShardConfig) -> None:
+        from shardline.shards.bootstrap import create_engine
+
+        self.engine = create_engine(config)
+
+    @contextlib.asynccontextmanager
+    async def client(self) -> AsyncIterator[InProcessShardClient]:
+        client = InProcessShardClient(self.engine)
+        try:
+            yield client
+        finally:
+            await client.close()
+
+    def close(self) -> None:
+        """Nothing to stop: the engine lives as long as this process."""

@@ -1,30 +1,23 @@
 """The offline API, with vLLM's names: `LLM(model=...).generate(prompts, SamplingParams(...))`.
 
 One shard runs in this process (no HTTP, no gRPC); `tensor_parallel_size > 1` starts shard
-processes and talks to them over gRPC. Requests go through the router's continuous batching,
-so a prompt list larger than the KV cache still completes.
+processes through the launcher's `start_shards` and talks to them over gRPC (offline_shards.py).
+Requests go through the router's continuous batching, so a prompt list larger than the KV cache
+still completes.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import atexit
-import contextlib
 import dataclasses
 import logging
-import os
 import random
-import shutil
-import socket
-import tempfile
-import threading
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from shardline.model_files import resolve_model
+from shardline.offline_shards import open_shards
 from shardline.outputs import (
     BeamSearchOutput,
     CompletionOutput,
@@ -38,29 +31,27 @@ from shardline.router.errors import ValidationError
 from shardline.router.grammar_compiler import GrammarBudget, GrammarCompiler
 from shardline.router.request_types import ValidRequest
 from shardline.sampling_params import BeamSearchParams, SamplingParams
+from shardline.shard_config import FIELD_NAMES as SHARD_FIELDS
+from shardline.shard_config import ShardConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LLM", "CompletionOutput", "RequestOutput", "BeamSearchOutput", "EngineArgs"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineArgs:
-    tensor_parallel_size: int = 1
-    dtype: str = "auto"
-    gpu_memory_utilization: float = 0.90
-    block_size: int = 16
+    """vLLM's engine arguments: the shard's settings (`ShardConfig`'s fields, by their names) and
+    how this API batches requests."""
+
+    shard: ShardConfig = field(default_factory=ShardConfig)
     max_num_batched_tokens: int | None = None
     max_num_seqs: int = 256
     max_model_len: int | None = None
-    kv_cache_bytes: int | None = None
-    attention: str = "auto"
-    cuda_graphs: str | None = None
     seed: int = 0
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20
     enable_chunked_prefill: bool = True
-    revision: str | None = None  # of a hub model id
     download_dir: str | None = None  # the Hugging Face cache folder hub models are downloaded to
 
     @property
@@ -69,18 +60,23 @@ class EngineArgs:
         return self.max_num_batched_tokens or max(self.max_model_len or 4096, 4096)
 
 
+_BATCHING_ARGS = frozenset(f.name for f in dataclasses.fields(EngineArgs)) - {"shard"}
+
+
 def _engine_args(kwargs: dict[str, Any]) -> EngineArgs:
     """The engine arguments, from vLLM's names; ones with no counterpart here are logged."""
     kwargs = dict(kwargs)
     if kwargs.pop("enforce_eager", False):
         kwargs.setdefault("cuda_graphs", "0")
+    if "tensor_parallel_size" in kwargs:
+        kwargs["world_size"] = kwargs.pop("tensor_parallel_size")
     if kwargs.pop("trust_remote_code", False):
         logger.warning("trust_remote_code has no effect: Shardline runs its own model code")
-    known = {f.name for f in dataclasses.fields(EngineArgs)}
-    ignored = sorted(set(kwargs) - known)
+    ignored = sorted(set(kwargs) - _BATCHING_ARGS - SHARD_FIELDS)
     if ignored:
         logger.warning("LLM ignores engine arguments with no Shardline counterpart: %s", ignored)
-    return EngineArgs(**{k: v for k, v in kwargs.items() if k in known})
+    shard = ShardConfig(**{k: v for k, v in kwargs.items() if k in SHARD_FIELDS})
+    return EngineArgs(shard, **{k: v for k, v in kwargs.items() if k in _BATCHING_ARGS})
 
 
 class LLM:
@@ -90,11 +86,13 @@ class LLM:
         self.args = _engine_args(kwargs)
         self._seeds = random.Random(self.args.seed)
         self._grammars: GrammarCompiler | None = None  # started by the first grammar
-        self.model_dir = resolve_model(model, self.args.revision, cache_dir=self.args.download_dir)
+        revision, cache_dir = self.args.shard.revision, self.args.download_dir
+        self.model_dir = resolve_model(model, revision, cache_dir=cache_dir)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or self.model_dir)
-        self._shards = _start_shards(self.model_dir, self.args)
+        self.shard_config = dataclasses.replace(self.args.shard, model=str(self.model_dir))
+        self._shards = open_shards(self.shard_config)
         warmup, info = asyncio.run(self._warmup())
         self.vocab_size = info.vocab_size
         self.max_model_len = warmup.max_total_tokens
@@ -262,7 +260,7 @@ class LLM:
             max_batch_prefill_tokens=self.args.prefill_budget,
             max_batch_total_tokens=self.max_batch_total_tokens,
             max_batch_size=self.args.max_num_seqs,
-            block_size=self.args.block_size,
+            block_size=self.shard_config.block_size,
             waiting_served_ratio=self.args.waiting_served_ratio,
             max_waiting_tokens=self.args.max_waiting_tokens,
             prefill_chunking=self.args.enable_chunked_prefill,
@@ -302,113 +300,3 @@ def _per_prompt(
             f"got {len(sampling_params)} SamplingParams for {count} prompts: give one, or one each"
         )
     return list(sampling_params)
-
-
-class _InProcessShards:
-    """One shard in this process."""
-
-    def __init__(self, model_dir: Path, args: EngineArgs) -> None:
-        from shardline.shards.bootstrap import ShardArgs, create_engine
-
-        self.engine = create_engine(
-            ShardArgs(
-                model_dir=model_dir,
-                dtype=args.dtype,
-                block_size=args.block_size,
-                kv_cache_bytes=args.kv_cache_bytes,
-                gpu_memory_utilization=args.gpu_memory_utilization,
-                attention=args.attention,
-                cuda_graphs=args.cuda_graphs,
-            )
-        )
-
-    @contextlib.asynccontextmanager
-    async def client(self) -> AsyncIterator[Any]:
-        from shardline.in_process import InProcessShardClient
-
-        client = InProcessShardClient(self.engine)
-        try:
-            yield client
-        finally:
-            await client.close()
-
-    def close(self) -> None:
-        """Nothing to stop: the engine lives as long as this process."""
-
-
-class _ShardProcesses:
-    """`tensor_parallel_size` shard processes, started and watched as the launcher does."""
-
-    def __init__(self, model_dir: Path, args: EngineArgs) -> None:
-        from shardline.launcher.commands import shard_socket, shard_spec
-        from shardline.launcher.output import ChildOutput
-        from shardline.launcher.readiness import shard_is_healthy
-        from shardline.launcher.supervisor import Child, ChildDied, wait_until_ready
-
-        self._socket_dir = tempfile.mkdtemp(prefix="shardline-llm-")
-        self._prefix = os.path.join(self._socket_dir, "shard")
-        options = argparse.Namespace(
-            num_shard=args.tensor_parallel_size,
-            master_addr="127.0.0.1",
-            master_port=_free_port(),
-            dtype=args.dtype,
-            block_size=args.block_size,
-            kv_cache_bytes=args.kv_cache_bytes,
-            cuda_memory_fraction=args.gpu_memory_utilization,
-            attention=args.attention,
-            cuda_graphs=args.cuda_graphs,
-            disable_custom_kernels=False,
-            # Unset: the shards read WATERMARK_GAMMA / WATERMARK_DELTA from this environment.
-            watermark_gamma=None,
-            watermark_delta=None,
-            json_output=False,
-        )
-        output = ChildOutput(json_output=False)
-        self._children = [
-            Child(shard_spec(options, model_dir, self._prefix, rank, os.environ), output)
-            for rank in range(args.tensor_parallel_size)
-        ]
-        atexit.register(self.close)
-        try:
-            wait_until_ready(
-                self._children,
-                lambda child: shard_is_healthy(shard_socket(self._prefix, child.spec.rank)),
-                self._children,
-                threading.Event(),
-            )
-        except ChildDied as died:
-            self.close()
-            raise RuntimeError(f"a shard process failed to start: {died}") from died
-
-    @contextlib.asynccontextmanager
-    async def client(self) -> AsyncIterator[Any]:
-        from shardline.launcher.commands import shard_socket
-        from shardline.router.client import ShardedClient
-
-        client = await ShardedClient.connect(shard_socket(self._prefix, 0))
-        try:
-            yield client
-        finally:
-            await client.close()
-
-    def close(self) -> None:
-        from shardline.launcher.supervisor import stop_children
-
-        stop_children(self._children, timeout_s=30, abort=threading.Event())
-        shutil.rmtree(self._socket_dir, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_shards(model_dir: Path, args: EngineArgs) -> _InProcessShards | _ShardProcesses:
-    if args.tensor_parallel_size < 1:
-        raise ValueError(
-            f"tensor_parallel_size must be at least 1 (got {args.tensor_parallel_size})"
-        )
-    if args.tensor_parallel_size == 1:
-        return _InProcessShards(model_dir, args)
-    return _ShardProcesses(model_dir, args)

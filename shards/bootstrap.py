@@ -1,14 +1,14 @@
-"""Builds a ready ShardEngine from a model folder: device, process group, dtype, weights."""
+"""Builds a ready ShardEngine from a ShardConfig: device, process group, dtype, weights."""
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from shardline.model_files import resolve_model
+from shardline.shard_config import ShardConfig
 from shardline.shards.cuda_graphs import parse_buckets
 from shardline.shards.engine import EngineSettings, ShardEngine
 from shardline.shards.layers.attention import get_attention_backend
@@ -19,22 +19,6 @@ from shardline.shards.utils.dist import init_distributed
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-@dataclass
-class ShardArgs:
-    model_dir: Path
-    rank: int = 0
-    world_size: int = 1
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    dtype: str = "auto"
-    block_size: int = 16
-    kv_cache_bytes: int | None = None
-    gpu_memory_utilization: float = 0.90
-    attention: str = "auto"
-    device: str | None = None
-    cuda_graphs: str | None = None
 
 
 def pick_device(rank: int, requested: str | None) -> torch.device:
@@ -49,10 +33,6 @@ def pick_device(rank: int, requested: str | None) -> torch.device:
 def pick_dtype(requested: str, config: ModelConfig, device: torch.device) -> torch.dtype:
     """`auto`: float32 on CPU; on GPU the checkpoint's half type, bfloat16 when it is float32."""
     if requested != "auto":
-        if requested not in _DTYPES:
-            raise ValueError(
-                f"--dtype must be auto or one of {sorted(_DTYPES)} (got {requested!r})"
-            )
         return _DTYPES[requested]
     if device.type == "cpu":
         return torch.float32
@@ -60,24 +40,28 @@ def pick_dtype(requested: str, config: ModelConfig, device: torch.device) -> tor
     return stored if stored in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
-def create_engine(args: ShardArgs) -> ShardEngine:
-    device = pick_device(args.rank, args.device)
+def create_engine(
+    config: ShardConfig, rank: int = 0, master_addr: str = "127.0.0.1", master_port: int = 29500
+) -> ShardEngine:
+    """Rank `rank` of `config.world_size`, meeting the others at master_addr:master_port."""
+    device = pick_device(rank, config.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    tp = init_distributed(args.rank, args.world_size, args.master_addr, args.master_port, device)
-    config = ModelConfig.from_dir(args.model_dir)
-    dtype = pick_dtype(args.dtype, config, device)
-    backend = get_attention_backend(args.attention, device)
+    tp = init_distributed(rank, config.world_size, master_addr, master_port, device)
+    model_dir = resolve_model(config.model, config.revision)
+    model_config = ModelConfig.from_dir(model_dir)
+    dtype = pick_dtype(config.dtype, model_config, device)
+    backend = get_attention_backend(config.attention, device)
     logger.info(
         "loading model",
-        extra={"model": str(args.model_dir), "dtype": str(dtype), "device": str(device)},
+        extra={"model": str(model_dir), "dtype": str(dtype), "device": str(device)},
     )
-    model = load_model(args.model_dir, dtype=dtype, device=device, tp=tp, attention_backend=backend)
+    model = load_model(model_dir, dtype=dtype, device=device, tp=tp, attention_backend=backend)
     settings = EngineSettings(
-        block_size=args.block_size,
-        kv_cache_bytes=args.kv_cache_bytes,
-        gpu_memory_utilization=args.gpu_memory_utilization,
+        block_size=config.block_size,
+        kv_cache_bytes=config.kv_cache_bytes,
+        gpu_memory_utilization=config.gpu_memory_utilization,
         attention_impl=backend.name,
-        cuda_graph_buckets=parse_buckets(args.cuda_graphs),
+        cuda_graph_buckets=parse_buckets(config.cuda_graphs),
     )
     return ShardEngine(model, model.config, tp, device, settings)

@@ -41,13 +41,15 @@ from shardline.shards.warmup import warm_up
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineSettings:
-    block_size: int = 16
-    kv_cache_bytes: int | None = None
-    gpu_memory_utilization: float = 0.90
-    attention_impl: str = "torch"
-    cuda_graph_buckets: tuple[int, ...] = ()
+    """A ShardConfig's engine settings, resolved (shards/bootstrap.py:create_engine)."""
+
+    block_size: int
+    kv_cache_bytes: int | None
+    gpu_memory_utilization: float
+    attention_impl: str
+    cuda_graph_buckets: tuple[int, ...]
 
 
 class ShardEngine:

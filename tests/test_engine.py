@@ -8,7 +8,8 @@ import pytest
 
 from shardline import SamplingParams
 from shardline.proto import generate_pb2 as pb
-from shardline.shards.bootstrap import ShardArgs, create_engine
+from shardline.shard_config import ShardConfig
+from shardline.shards.bootstrap import create_engine
 from shardline.shards.engine import ShardEngine
 from shardline.shards.kv_cache import KVCacheExhaustedError
 from tests.model_factory import ARCHITECTURES
@@ -25,7 +26,7 @@ def warmed_engine(
     model_dir: Path, kv_cache_bytes: int = 32 << 20, block_size: int = 4
 ) -> ShardEngine:
     engine = create_engine(
-        ShardArgs(model_dir=model_dir, kv_cache_bytes=kv_cache_bytes, block_size=block_size)
+        ShardConfig(model=str(model_dir), kv_cache_bytes=kv_cache_bytes, block_size=block_size)
     )
     engine.warmup(pb.WarmupRequest(max_prefill_tokens=256, max_input_tokens=128))
     return engine

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from shardline.proto import generate_pb2 as pb
-from shardline.shards.bootstrap import ShardArgs, create_engine
+from shardline.shard_config import ShardConfig
+from shardline.shards.bootstrap import create_engine
 from tests.model_factory import TinyModelSpec, build_tiny_model
 from tests.shard_harness import Arrival, make_request, random_prompts, run_schedule
 
@@ -24,8 +25,8 @@ def _engine_tokens(
     """`overlap`: each Decode launches the next step ahead and joins decode in the prefill pass
     (the router's way), else every step runs on its own."""
     engine = create_engine(
-        ShardArgs(
-            model_dir=model_dir,
+        ShardConfig(
+            model=str(model_dir),
             dtype=dtype,
             attention=attention,
             block_size=16,

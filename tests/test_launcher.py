@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 
 from shardline.launcher.args import parse_args, resolve_num_shard
-from shardline.launcher.commands import router_spec, shard_spec
+from shardline.launcher.commands import router_spec
 from shardline.launcher.env_report import runtime_environment
 from shardline.launcher.output import ChildOutput
+from shardline.launcher.shards import ShardLaunch, shard_config, shard_spec
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parent.parent
@@ -126,7 +127,8 @@ def test_shard_command_and_environment(tmp_path: Path) -> None:
         ["--num-shard", "2", "--dtype", "float32", "--block-size", "32", "--json-output"], CPU_ONLY
     )
     environ = {"PATH": os.environ["PATH"], "NCCL_DEBUG": "INFO", "NVSHMEM_X": "1"}
-    spec = shard_spec(args, tmp_path, "/run/s/shard", 1, environ)
+    config, launch = shard_config(args, tmp_path), ShardLaunch.from_args(args, "/run/s/shard")
+    spec = shard_spec(config, launch, 1, environ)
     assert spec.argv[1:3] == ["serve", str(tmp_path)]
     expected = "--rank 1 --world-size 2 --uds-path /run/s/shard --master-addr localhost "
     expected += (
@@ -138,10 +140,10 @@ def test_shard_command_and_environment(tmp_path: Path) -> None:
     assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("localhost", "29500")
     assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
     assert env["NCCL_DEBUG"] == "INFO" and env["NVSHMEM_X"] == "1"
-    kept = shard_spec(args, tmp_path, "/s", 0, {**environ, "NCCL_NVLS_ENABLE": "1"}).env
+    kept = shard_spec(config, launch, 0, {**environ, "NCCL_NVLS_ENABLE": "1"}).env
     assert kept["NCCL_NVLS_ENABLE"] == "1"
     tgi_level = {**environ, "LOG_LEVEL": "debug,text_generation_router=info"}
-    assert shard_spec(args, tmp_path, "/s", 0, tgi_level).argv[-2:] == ["--logger-level", "DEBUG"]
+    assert shard_spec(config, launch, 0, tgi_level).argv[-2:] == ["--logger-level", "DEBUG"]
 
 
 def test_router_command_passes_limits_only_when_set(tmp_path: Path) -> None:
@@ -163,7 +165,8 @@ def test_router_command_passes_limits_only_when_set(tmp_path: Path) -> None:
 
 def test_json_output_tags_child_lines_with_process_and_rank(tmp_path: Path) -> None:
     args = parse_args(["--num-shard", "2"], CPU_ONLY)
-    spec = shard_spec(args, tmp_path, "/s", 1, {"PATH": os.environ["PATH"]})
+    launch = ShardLaunch.from_args(args, "/s")
+    spec = shard_spec(shard_config(args, tmp_path), launch, 1, {"PATH": os.environ["PATH"]})
     path = tmp_path / "out.log"
     with path.open("w") as stream:
         output = ChildOutput(json_output=True, stream=stream)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from shardline.launcher.args import FLAGS, build_parser, parse_args
-from shardline.launcher.commands import LauncherError, router_spec, shard_spec
+from shardline.launcher.commands import LauncherError, router_spec
+from shardline.launcher.shards import ShardLaunch, shard_config, shard_environment, shard_spec
 from shardline.router.cli import build_parser as router_parser
 
 CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
@@ -150,21 +151,24 @@ def test_max_input_length_is_the_deprecated_alias_of_max_input_tokens(capsys) ->
 def test_disable_custom_kernels_runs_torch_attention_without_cuda_graphs(tmp_path: Path) -> None:
     environ = {"PATH": os.environ["PATH"]}
     args = parse_args([], {**CPU_ONLY, "DISABLE_CUSTOM_KERNELS": "true"})
-    argv = shard_spec(args, tmp_path, "/s", 0, environ).argv
+    launch = ShardLaunch("/s")
+    argv = shard_spec(shard_config(args, tmp_path), launch, 0, environ).argv
     assert argv[argv.index("--attention") + 1] == "torch"
     assert argv[argv.index("--cuda-graphs") + 1] == "0"
-    plain = shard_spec(parse_args(["--cuda-graphs", "1,2"], CPU_ONLY), tmp_path, "/s", 0, environ)
+    plain_config = shard_config(parse_args(["--cuda-graphs", "1,2"], CPU_ONLY), tmp_path)
+    plain = shard_spec(plain_config, launch, 0, environ)
     assert "--attention" not in plain.argv and "1,2" in plain.argv
     clash = parse_args(["--disable-custom-kernels", "--attention", "triton"], CPU_ONLY)
     with pytest.raises(LauncherError, match="--disable-custom-kernels"):
-        shard_spec(clash, tmp_path, "/s", 0, environ)
+        shard_spec(shard_config(clash, tmp_path), launch, 0, environ)
 
 
 def test_watermark_parameters_reach_the_shards_as_tgis_variables(tmp_path: Path) -> None:
     args = parse_args(["--watermark-gamma", "0.25", "--watermark-delta", "3"], CPU_ONLY)
-    env = shard_spec(args, tmp_path, "/s", 0, {"PATH": os.environ["PATH"]}).env
+    config, launch = shard_config(args, tmp_path), ShardLaunch("/s")
+    env = shard_spec(config, launch, 0, shard_environment(args, {"PATH": os.environ["PATH"]})).env
     assert (env["WATERMARK_GAMMA"], env["WATERMARK_DELTA"]) == ("0.25", "3.0")
-    unset = shard_spec(parse_args([], CPU_ONLY), tmp_path, "/s", 0, {}).env
+    unset = shard_spec(config, launch, 0, shard_environment(parse_args([], CPU_ONLY), {})).env
     assert "WATERMARK_GAMMA" not in unset and "WATERMARK_DELTA" not in unset
 
 

@@ -114,7 +114,7 @@ def test_vllm_engine_arguments_are_mapped_or_reported(tiny_llama_dir, caplog):
 
     with caplog.at_level("WARNING"):
         args = _engine_args({"enforce_eager": True, "swap_space": 4, "block_size": 8})
-    assert args.cuda_graphs == "0" and args.block_size == 8
+    assert args.shard.cuda_graphs == "0" and args.shard.block_size == 8
     assert "swap_space" in caplog.text
 
 

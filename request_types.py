@@ -1,0 +1,83 @@
+"""What flows between validation, the batcher and the routes; free of HTTP and gRPC."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from shardline.sampling_params import SamplingParams
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+
+
+@dataclass
+class ValidRequest:
+    """A validated, tokenized request, ready for the queue."""
+
+    inputs: str
+    input_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    top_n_tokens: int = 0
+    decoder_input_details: bool = False
+
+    @property
+    def input_length(self) -> int:
+        return len(self.input_ids)
+
+    def budget_tokens(self, block_size: int) -> int:
+        """KV slots the request may need. Its sequences share the prompt's full blocks; each
+        has its own copy of the partial last one and its own blocks for generated tokens."""
+        count = self.params.num_sequences
+        shared = self.input_length // block_size * block_size if count > 1 else 0
+        own = -(-(self.input_length - shared + self.max_new_tokens) // block_size) * block_size
+        return shared + count * own
+
+
+@dataclass
+class Token:
+    id: int
+    text: str
+    logprob: float | None
+    special: bool = False
+
+
+@dataclass
+class Finished:
+    """Carried by the last event of a request."""
+
+    reason: FinishReason
+    generated_text: str
+    generated_tokens: int
+    input_length: int
+    seed: int | None
+
+
+@dataclass
+class StreamEvent:
+    """One generated token; `prefill` only on the first event, `finished` only on the last
+    (of each sequence, for a request of several: the stream ends when all of them finished).
+
+    `text` is the generated text this token releases (detokenized, stop sequences held back and
+    cut): joined over the events it is `finished.generated_text`.
+    """
+
+    index: int
+    token: Token
+    text: str = ""
+    sequence_index: int = 0  # which of the request's best_of / n samples or beams
+    top_tokens: list[Token] = field(default_factory=list)
+    prefill: list[Token] = field(default_factory=list)
+    finished: Finished | None = None
+
+
+def by_sequence(events: list[StreamEvent]) -> list[list[StreamEvent]]:
+    """A request's events split by sequence (its n / best_of samples or beams), in order."""
+    grouped: dict[int, list[StreamEvent]] = {}
+    for event in events:
+        grouped.setdefault(event.sequence_index, []).append(event)
+    return [grouped[index] for index in sorted(grouped)]

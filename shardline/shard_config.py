@@ -1,0 +1,114 @@
+"""The settings of a shard, each declared once (name, type, default): `ShardConfig`.
+
+The launcher builds one from its flags (`launcher/shards.py:shard_config`, each flag naming its
+field in `launcher/args.py:FLAGS`), the offline `LLM` from its arguments (the same names). A shard
+process receives it as its command line (`shardline-shard serve MODEL --block-size 32 ...`: the
+settings that differ from their defaults), which `add_config_flags` / `config_from_flags` turn
+back into the same object; the in-process shard of `LLM` takes the object itself.
+
+The watermark's gamma and delta are not here: as in TGI, a shard reads them from its environment
+(`WATERMARK_GAMMA` / `WATERMARK_DELTA`), which its processes inherit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+# Placed by whoever starts the process: the command's positional model, and the group's size
+# beside the rank and rendezvous (see launcher/shards.py).
+PLACED_FIELDS = ("model", "world_size")
+
+
+def _setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    model: str | None = _setting(
+        None,
+        "model folder, .gguf file (or a folder holding one), hub id already in the local "
+        "cache, or smollm2-135m-instruct (the packaged SmolLM2, also when None)",
+    )
+    revision: str | None = _setting(None, "hub revision (branch, tag or commit) of a hub id")
+    world_size: int = _setting(1, "tensor-parallel ranks (shard processes)")
+    dtype: str = _setting(
+        "auto",
+        "dtype of the weights; auto: float32 on CPU, the checkpoint's half type on GPU",
+        DTYPES,
+    )
+    block_size: int = _setting(16, "tokens per paged KV-cache block")
+    kv_cache_bytes: int | None = _setting(
+        None, "KV cache size in bytes; default: sized from gpu_memory_utilization on GPU"
+    )
+    gpu_memory_utilization: float = _setting(
+        0.90, "fraction of GPU memory that weights, activations and the KV cache may use"
+    )
+    attention: str = _setting("auto", "attention backend: auto, torch, triton")
+    cuda_graphs: str | None = _setting(
+        None, "decode batch sizes to capture CUDA graphs for, e.g. 1,2,4,8; 0 disables"
+    )
+    device: str | None = _setting(None, "device override, e.g. cpu or cuda:1")
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"the tensor-parallel size must be at least 1 (got {self.world_size})")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be at least 1 (got {self.block_size})")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})"
+            )
+
+
+FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(ShardConfig))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _value_type(name: str) -> type:
+    """The field's type, without its `| None`."""
+    hint = typing.get_type_hints(ShardConfig)[name]
+    if isinstance(hint, types.UnionType):
+        return next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+def setting_options(config: ShardConfig) -> list[str]:
+    """`--flag value` for each setting that differs from its default (PLACED_FIELDS aside)."""
+    argv: list[str] = []
+    for setting in dataclasses.fields(ShardConfig):
+        value = getattr(config, setting.name)
+        if setting.name not in PLACED_FIELDS and value != setting.default:
+            argv += [_flag(setting.name), str(value)]
+    return argv
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The config's fields as a command's arguments: the model positional, the rest `--flags`."""
+    for setting in dataclasses.fields(ShardConfig):
+        if setting.name == "model":
+            parser.add_argument("model", help=setting.metadata["help"])
+            continue
+        parser.add_argument(
+            _flag(setting.name),
+            dest=setting.name,
+            type=_value_type(setting.name),
+            default=setting.default,
+            choices=setting.metadata["choices"],
+            help=setting.metadata["help"],
+        )
+
+
+def config_from_flags(namespace: argparse.Namespace) -> ShardConfig:
+    return ShardConfig(**{name: getattr(namespace, name) for name in FIELD_NAMES})

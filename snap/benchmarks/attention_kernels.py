@@ -1,0 +1,204 @@
+"""Micro-benchmark of the Triton attention kernels on one CUDA GPU.
+
+    python -m benchmarks.attention_kernels [--sweep] [--batches 1,64,256] [--contexts 512,2048,8192]
+
+Decode: Llama-3.1-8B attention shape (32 query heads, 8 KV heads, head_dim 128, bf16, page 16)
+at batch 1/64/256 x context 512/2048/8192, pages shuffled. Each timed call reads its own set of
+pages (sets rotate until they exceed the L2 several times over), all calls of one round are
+replayed from a CUDA graph, and the median replay over calls gives the time per call. Bandwidth
+counts the K/V bytes every call must read (plus q and out) against a measured device-to-device
+copy (bytes read + written). --sweep also times other tile/warp configurations and no split.
+Prefill: one 8192-token prompt and 64 prompts of 256 tokens against a measured bf16 matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import triton
+
+from shardline.shards.layers.attention.triton_decode import (
+    DecodeConfig,
+    SplitPlan,
+    default_decode_config,
+    paged_decode_attention,
+    plan_splits,
+)
+from shardline.shards.layers.attention.triton_prefill import (
+    PrefillConfig,
+    default_prefill_config,
+    varlen_causal_attention,
+)
+
+HEADS, KV_HEADS, HEAD_DIM, PAGE, DTYPE = 32, 8, 128, 16, torch.bfloat16
+ROTATION_BYTES = 512 << 20
+BATCHES, CONTEXTS = (1, 64, 256), (512, 2048, 8192)
+SWEEP = [
+    DecodeConfig(32, 4),
+    DecodeConfig(32, 4, 3),
+    DecodeConfig(64, 4, 3),
+    DecodeConfig(64, 8),
+    DecodeConfig(64, 8, 3),
+    DecodeConfig(128, 4),
+    DecodeConfig(128, 8),
+    DecodeConfig(128, 8, 3),
+]
+PREFILL_SWEEP = [
+    PrefillConfig(128, 64, 4, 3),
+    PrefillConfig(64, 128, 4, 3),
+    PrefillConfig(64, 64, 4, 4),
+]
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 2 GiB device-to-device copy."""
+    src = torch.empty(1 << 30, dtype=torch.int16, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def matmul_rate() -> float:
+    a = torch.randn((8192, 8192), dtype=DTYPE, device="cuda")
+    b = torch.randn((8192, 8192), dtype=DTYPE, device="cuda")
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    return 2 * 8192**3 / (ms * 1e-3)
+
+
+class DecodeProblem:
+    """Shuffled pages for `rounds` independent block tables over one cache."""
+
+    def __init__(self, batch: int, context: int) -> None:
+        pages_per_seq = triton.cdiv(context, PAGE)
+        bytes_per_round = 2 * batch * context * KV_HEADS * HEAD_DIM * DTYPE.itemsize
+        self.rounds = max(1, triton.cdiv(ROTATION_BYTES, bytes_per_round))
+        num_pages = self.rounds * batch * pages_per_seq
+        shape = (num_pages, PAGE, KV_HEADS, HEAD_DIM)
+        self.k_cache = torch.empty(shape, dtype=DTYPE, device="cuda").normal_()
+        self.v_cache = torch.empty(shape, dtype=DTYPE, device="cuda").normal_()
+        pages = torch.randperm(num_pages, device="cuda", dtype=torch.int64).to(torch.int32)
+        self.tables = pages.view(self.rounds, batch, pages_per_seq)
+        self.context_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+        self.q = torch.randn((self.rounds, batch, HEADS, HEAD_DIM), device="cuda").to(DTYPE)
+        self.bytes_per_call = bytes_per_round + 2 * self.q[0].numel() * DTYPE.itemsize
+
+    def run_round(self, config: DecodeConfig, plan: SplitPlan | None) -> None:
+        for i in range(self.rounds):
+            paged_decode_attention(
+                self.q[i], self.k_cache, self.v_cache, self.tables[i], self.context_lens,
+                HEAD_DIM**-0.5, config, plan,
+            )  # fmt: skip
+
+    def time_per_call_us(self, config: DecodeConfig, plan: SplitPlan | None = None) -> float:
+        self.run_round(config, plan)  # compiles outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.run_round(config, plan)
+        times = []
+        for _ in range(max(5, 200 // self.rounds)):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / self.rounds)
+        return statistics.median(times)
+
+    def eager_us(self, config: DecodeConfig) -> float:
+        def call() -> None:
+            paged_decode_attention(
+                self.q[0], self.k_cache, self.v_cache, self.tables[0], self.context_lens,
+                HEAD_DIM**-0.5, config,
+            )  # fmt: skip
+
+        return triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def decode_rows(
+    bandwidth: float, sweep: bool, batches: list[int], contexts: list[int]
+) -> list[str]:
+    rows = []
+    default = default_decode_config(DTYPE)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for batch in batches:
+        for context in contexts:
+            problem = DecodeProblem(batch, context)
+            plan = plan_splits(batch, KV_HEADS, context, default.block_n, sms)
+            us = problem.time_per_call_us(default)
+            gbs = problem.bytes_per_call / (us * 1e-6) / 1e9
+            row = (
+                f"decode b={batch:<3} ctx={context:<5} splits={plan.num_splits:<2} "
+                f"graph {us:8.1f} us  {gbs:7.0f} GB/s  {gbs * 1e9 / bandwidth:5.1%} of copy  "
+                f"eager {problem.eager_us(default):8.1f} us"
+            )
+            if sweep:
+                row += _sweep_cells(problem, batch, context)
+            rows.append(row)
+            del problem
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _sweep_cells(problem: DecodeProblem, batch: int, context: int) -> str:
+    cells = [
+        f"n{c.block_n}w{c.num_warps}s{c.num_stages} {problem.time_per_call_us(c):.1f}"
+        for c in SWEEP
+    ]
+    no_split = SplitPlan(1)
+    cells.append(f"nosplit {problem.time_per_call_us(default_decode_config(DTYPE), no_split):.1f}")
+    return "  | " + "  ".join(cells)
+
+
+def prefill_rows(rate: float, sweep: bool) -> list[str]:
+    rows = []
+    configs = [default_prefill_config(DTYPE), *(PREFILL_SWEEP if sweep else [])]
+    for lengths in ([8192], [256] * 64):
+        flops = sum(4 * n * (n + 1) / 2 * HEADS * HEAD_DIM for n in lengths)
+        for config in configs:
+            ms = _prefill_ms(lengths, config)
+            tflops = flops / (ms * 1e-3) / 1e12
+            rows.append(
+                f"prefill {len(lengths)}x{lengths[0]:<5} m{config.block_m}n{config.block_n}"
+                f"w{config.num_warps}s{config.num_stages}  {ms * 1e3:8.1f} us  "
+                f"{tflops:6.1f} TFLOP/s  {tflops * 1e12 / rate:5.1%} of matmul"
+            )
+    return rows
+
+
+def _prefill_ms(lengths: list[int], config: PrefillConfig) -> float:
+    total = sum(lengths)
+    q = torch.randn((total, HEADS, HEAD_DIM), device="cuda").to(DTYPE)
+    k = torch.randn((total, KV_HEADS, HEAD_DIM), device="cuda").to(DTYPE)
+    v = torch.randn((total, KV_HEADS, HEAD_DIM), device="cuda").to(DTYPE)
+    cu = torch.tensor([0, *lengths], device="cuda").cumsum(0).to(torch.int32)
+    return triton.testing.do_bench(
+        lambda: varlen_causal_attention(q, k, v, cu, max(lengths), HEAD_DIM**-0.5, config),
+        warmup=25, rep=200, return_mode="median",
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time other kernel configs")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
+    parser.add_argument("--no-prefill", action="store_true")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    torch.manual_seed(0)
+    bandwidth, rate = copy_bandwidth(), matmul_rate()
+    rows = [
+        f"device {torch.cuda.get_device_name()}  copy {bandwidth / 1e9:.0f} GB/s  "
+        f"bf16 matmul {rate / 1e12:.0f} TFLOP/s",
+        *decode_rows(bandwidth, args.sweep, batches, contexts),
+        *([] if args.no_prefill else prefill_rows(rate, args.sweep)),
+    ]
+    print("\n".join(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""GPU time of a run by kernel class (GEMM, attention, sampling, ...) and by kernel, from the
+torch profiler's CUDA activity (kernels inside CUDA graphs included)."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+# First match wins; names are cuBLAS/CUTLASS GEMMs, this repository's Triton kernels, torch ops.
+KERNEL_CLASSES: tuple[tuple[str, re.Pattern], ...] = (
+    ("attention", re.compile(r"paged_decode|merge_splits|varlen_causal|flash|attn", re.I)),
+    ("gemm", re.compile(r"gemm|gemv|nvjet|cutlass|xmma|cublas|matmul|sm90_", re.I)),
+    (
+        "sampling",
+        re.compile(r"_chunk_kernel|_merge_kernel|sort|topk|softmax|argmax|multinom", re.I),
+    ),
+    ("kv write + rotary", re.compile(r"rotate_write_kv|rotary", re.I)),
+    ("norm + activation", re.compile(r"rms_norm|silu|norm", re.I)),
+    ("copies", re.compile(r"memcpy|memset|copy|cat|index|gather|scatter", re.I)),
+)
+
+
+def kernel_class(name: str) -> str:
+    return next((label for label, pattern in KERNEL_CLASSES if pattern.search(name)), "other")
+
+
+def kernel_profile(run: Callable[[], object], top: int = 25) -> dict:
+    """Runs `run` under the profiler; GPU seconds per class and the `top` kernels by time."""
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = kernels.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.device_time / 1e6  # microseconds
+    classes: dict[str, float] = {}
+    for name, (_, seconds) in kernels.items():
+        label = kernel_class(name)
+        classes[label] = classes.get(label, 0.0) + seconds
+    busy = sum(classes.values())
+    ranked = sorted(kernels.items(), key=lambda item: -item[1][1])[:top]
+    return {
+        "wall_s": round(wall, 3),
+        "gpu_busy_s": round(busy, 3),
+        "classes_s": {k: round(v, 3) for k, v in sorted(classes.items(), key=lambda i: -i[1])},
+        "top_kernels": [
+            {"name": name[:120], "class": kernel_class(name), "calls": n, "s": round(s, 4)}
+            for name, (n, s) in ranked
+        ],
+    }

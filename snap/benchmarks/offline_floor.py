@@ -1,0 +1,242 @@
+"""The hardware floor of an offline run, and where the measured run's time went against it.
+
+The floor of a workload (no schedule can beat it): every linear layer's FLOPs for every token
+at the device's measured matmul rate, plus causal prefill attention's FLOPs at that rate, plus
+every decode step's KV-cache reads at the measured copy bandwidth; no run is shorter than its
+longest request's chain of sequential steps, each of which reads every weight once.
+
+The floor of one engine call (what this schedule could do): the call's GEMMs at the matmul rate
+or one read of the weights, whichever is longer, plus its attention (prefill FLOPs, KV reads).
+`StepLog` records each call's kind, rows, prompt tokens and context; `phase_breakdown` sums
+calls by phase (prefill and mixed calls, decode calls, the tail of small decode calls, the host
+gaps between calls) and prints measured seconds against the floor.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from benchmarks.random_model import tensor_shapes
+
+TAIL_ROWS = 32  # decode calls with fewer rows: the tail, where a few long requests run alone
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    heads: int
+    head_dim: int
+    linear_params: int  # every projection of every layer, without the LM head
+    lm_head_params: int
+    weight_bytes: int  # what one forward pass reads: every layer and the LM head
+    kv_bytes_per_token: int  # K and V of every layer
+
+    @classmethod
+    def from_config(cls, config: dict, dtype_bytes: int = 2) -> ModelShape:
+        shapes = tensor_shapes(config)
+        head_dim = config["hidden_size"] // config["num_attention_heads"]
+        linear = sum(
+            math.prod(shape)
+            for name, shape in shapes.items()
+            if name.startswith("model.layers.") and len(shape) == 2
+        )
+        layers = config["num_hidden_layers"]
+        lm_head = config["vocab_size"] * config["hidden_size"]
+        return cls(
+            layers=layers,
+            heads=config["num_attention_heads"],
+            head_dim=head_dim,
+            linear_params=linear,
+            lm_head_params=lm_head,
+            weight_bytes=dtype_bytes * (linear + lm_head),
+            kv_bytes_per_token=2 * layers * config["num_key_value_heads"] * head_dim * dtype_bytes,
+        )
+
+    def gemm_flops(self, tokens: int, logit_rows: int) -> float:
+        return 2.0 * (self.linear_params * tokens + self.lm_head_params * logit_rows)
+
+    def attention_flops(self, query_key_pairs: float) -> float:
+        """QK^T and PV over every (query, visible key) pair, all layers and heads."""
+        return 4.0 * self.layers * self.heads * self.head_dim * query_key_pairs
+
+
+def causal_pairs(prefix: int, new: int) -> int:
+    """(query, visible key) pairs of `new` prompt tokens after `prefix` cached ones."""
+    return new * prefix + new * (new + 1) // 2
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    matmul_flops: float
+    bytes_s: float
+
+    @classmethod
+    def of(cls, measured: dict) -> Ceilings:
+        return cls(measured["matmul_flops"], measured["copy_bytes_s"])
+
+
+def workload_floor(shape: ModelShape, pairs: list[tuple[int, int]], ceil: Ceilings) -> dict:
+    """`pairs`: (prompt tokens, output tokens) of each request."""
+    prompt = sum(n_in for n_in, _ in pairs)
+    output = sum(n_out for _, n_out in pairs)
+    decode_inputs = sum(n_out - 1 for _, n_out in pairs)  # the first token comes from prefill
+    # Decode step j of a request reads its prompt and the j tokens generated so far.
+    kv_reads = sum((n_out - 1) * n_in + n_out * (n_out - 1) // 2 for n_in, n_out in pairs)
+    prefill_pairs = sum(causal_pairs(0, n_in) for n_in, _ in pairs)
+    gemm_s = shape.gemm_flops(prompt + decode_inputs, output) / ceil.matmul_flops
+    prefill_attention_s = shape.attention_flops(prefill_pairs) / ceil.matmul_flops
+    kv_read_s = kv_reads * shape.kv_bytes_per_token / ceil.bytes_s
+    chain_s = max(n_out for _, n_out in pairs) * shape.weight_bytes / ceil.bytes_s
+    floor_s = max(gemm_s + prefill_attention_s + kv_read_s, chain_s)
+    return {
+        "prompt_tokens": prompt,
+        "output_tokens": output,
+        "gemm_s": round(gemm_s, 3),
+        "prefill_attention_s": round(prefill_attention_s, 3),
+        "kv_read_tokens": kv_reads,
+        "kv_read_s": round(kv_read_s, 3),
+        "longest_chain_s": round(chain_s, 3),
+        "floor_s": round(floor_s, 3),
+        "floor_output_tok_s": round(output / floor_s),
+    }
+
+
+@dataclass(frozen=True)
+class Call:
+    kind: str  # "prefill" (prompts only), "mixed" (prompts beside decoding rows), "decode"
+    decode_rows: int
+    prompt_tokens: int
+    context_tokens: int  # cached tokens the decode rows attend to
+    prompt_pairs: int  # causal (query, key) pairs of the prompt tokens
+    seconds: float
+
+    def floor_s(self, shape: ModelShape, ceil: Ceilings) -> float:
+        logit_rows = self.decode_rows + (1 if self.prompt_tokens else 0)
+        gemm = shape.gemm_flops(self.decode_rows + self.prompt_tokens, logit_rows)
+        weights_or_gemm = max(gemm / ceil.matmul_flops, shape.weight_bytes / ceil.bytes_s)
+        attention = shape.attention_flops(self.prompt_pairs) / ceil.matmul_flops
+        kv = self.context_tokens * shape.kv_bytes_per_token / ceil.bytes_s
+        return weights_or_gemm + attention + kv
+
+
+def _cached_tokens(engine, batch_ids) -> tuple[int, int]:
+    batches = [engine.batches[i] for i in batch_ids if i in engine.batches]
+    return (
+        sum(batch.size for batch in batches),
+        sum(seq.num_cached for batch in batches for seq in batch.sequences),
+    )
+
+
+@dataclass
+class StepLog:
+    """The engine's calls of one run, timed around the engine's own prefill and decode."""
+
+    engine: object
+    calls: list[Call] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def attach(cls, engine) -> StepLog:
+        log = cls(engine)
+        prefill, decode = engine.prefill, engine.decode
+
+        def timed(describe, call):
+            def wrapper(request):
+                kind, rows, context, prompt, pairs = describe(request)
+                started = time.perf_counter()
+                answer = call(request)
+                seconds = time.perf_counter() - started
+                log.calls.append(Call(kind, rows, prompt, context, pairs, seconds))
+                return answer
+
+            return wrapper
+
+        def prefill_call(request):
+            rows, context = _cached_tokens(engine, [b.id for b in request.cached_batches])
+            chunks = [
+                (r.prefix_len, (r.chunk_len or len(r.input_ids) - r.prefix_len))
+                for r in request.batch.requests
+            ]
+            prompt = sum(new for _, new in chunks)
+            pairs = sum(causal_pairs(prefix, new) for prefix, new in chunks)
+            return ("mixed" if rows else "prefill", rows, context, prompt, pairs)
+
+        def decode_call(request):
+            rows, context = _cached_tokens(engine, [b.id for b in request.batches])
+            return ("decode", rows, context, 0, 0)
+
+        engine.prefill = timed(prefill_call, prefill)
+        engine.decode = timed(decode_call, decode)
+        return log
+
+    def detach(self) -> None:
+        del self.engine.prefill, self.engine.decode
+
+    def summary(self) -> dict:
+        """Per kind and band of 32 decode rows: calls, mean prompt tokens, mean ms."""
+        bands: dict[str, list[Call]] = {}
+        for call in self.calls:
+            bands.setdefault(f"{call.kind} {32 * (call.decode_rows // 32)}+", []).append(call)
+        return {
+            band: {
+                "calls": len(calls),
+                "prompt_tokens": round(statistics.fmean(c.prompt_tokens for c in calls)),
+                "ms": round(1e3 * statistics.fmean(c.seconds for c in calls), 2),
+            }
+            for band, calls in sorted(bands.items())
+        }
+
+
+def _phase(call: Call) -> str:
+    if call.prompt_tokens:
+        return "prefill and mixed calls"
+    return "decode calls" if call.decode_rows >= TAIL_ROWS else f"decode tail (< {TAIL_ROWS} rows)"
+
+
+def phase_breakdown(calls: list[Call], wall_s: float, shape: ModelShape, ceil: Ceilings) -> dict:
+    """Measured seconds and this schedule's floor by phase; host gaps are the wall time that no
+    engine call covered."""
+    phases: dict[str, dict] = {}
+    for call in calls:
+        phase = phases.setdefault(_phase(call), {"calls": 0, "seconds": 0.0, "floor_s": 0.0})
+        phase["calls"] += 1
+        phase["seconds"] += call.seconds
+        phase["floor_s"] += call.floor_s(shape, ceil)
+    in_calls = sum(call.seconds for call in calls)
+    phases["host gaps between calls"] = {"calls": 0, "seconds": wall_s - in_calls, "floor_s": 0.0}
+    for phase in phases.values():
+        phase["seconds"] = round(phase["seconds"], 3)
+        phase["floor_s"] = round(phase["floor_s"], 3)
+        phase["share_of_wall"] = round(phase["seconds"] / wall_s, 3)
+    return phases
+
+
+def floor_table(workload: dict, phases: dict, wall_s: float) -> list[tuple[str, str, str]]:
+    schedule_floor = sum(phase["floor_s"] for phase in phases.values())
+    rows = [
+        (
+            "workload floor s (tok/s)",
+            f"{workload['floor_s']:.2f}",
+            f"{workload['floor_output_tok_s']} tok/s; run at "
+            f"{100 * workload['floor_s'] / wall_s:.0f} % of it",
+        ),
+        (
+            "  GEMMs / prefill attn / KV reads",
+            f"{workload['gemm_s']:.2f}/{workload['prefill_attention_s']:.2f}"
+            f"/{workload['kv_read_s']:.2f}",
+            f"longest chain {workload['longest_chain_s']:.2f} s",
+        ),
+        ("this schedule's floor s", f"{schedule_floor:.2f}", "sum of each call's floor"),
+    ]
+    for name, phase in phases.items():
+        rows.append(
+            (
+                f"  {name}",
+                f"{phase['seconds']:.2f}",
+                f"{phase['calls']} calls, floor {phase['floor_s']:.2f} s",
+            )
+        )
+    return rows

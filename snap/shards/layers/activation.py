@@ -1,0 +1,24 @@
+"""SiLU(gate) * up over a fused [gate | up] projection output.
+
+CUDA tensors take one Triton launch (triton_activation.py); others the torch path, which the
+kernel matches rounding for rounding (SiLU rounded to the input dtype, then the product).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up for gate_up [..., 2 * n] holding gate then up; returns [..., n]."""
+    if gate_up.is_cuda:
+        from shardline.shards.layers.triton_activation import triton_silu_and_mul
+
+        return triton_silu_and_mul(gate_up)
+    return silu_and_mul_torch(gate_up)

@@ -1,0 +1,65 @@
+"""The interface every attention implementation follows, and the choice between them.
+
+KV cache layout (per layer, per rank), the same as flash-attn's paged API:
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+Queries/keys/values arrive packed: q [num_tokens, num_heads, head_dim],
+k and v [num_tokens, num_kv_heads, head_dim]; outputs are [num_tokens, num_heads, head_dim].
+
+`rotate_and_write_kv` applies the rotary embedding to q and k in place (as `rotary.rotate_`,
+bit for bit) and writes k and v into the cache at each token's slot, skipping negative slots; a
+backend may do both in one kernel.
+
+`prefill` attends each packed sequence causally to itself and, where `meta.prefix_lens` says a
+sequence continues a cached prompt (chunked prefill), to that cached prefix first.
+
+`window` is the layer's sliding window, a constant of the model (0: full causal attention):
+the query at position p sees the keys at positions p - window + 1 .. p, as transformers'
+sliding-window mask has it (Mistral v0.1, Qwen2 with use_sliding_window).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from shardline.shards.layers.attention.metadata import AttentionMetadata
+from shardline.shards.layers.rotary import RotaryEmbedding
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def rotate_and_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None: ...
+
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int = 0,
+    ) -> torch.Tensor: ...
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int = 0,
+    ) -> torch.Tensor: ...

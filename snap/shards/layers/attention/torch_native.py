@@ -1,0 +1,132 @@
+"""Reference attention in plain torch: runs on CPU and on any device, one sequence at a time."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from shardline.shards.layers.attention.metadata import AttentionMetadata
+from shardline.shards.layers.rotary import RotaryEmbedding
+
+
+class TorchNativeBackend:
+    name = "torch"
+
+    def write_kv(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        keep = slot_mapping >= 0
+        slots = slot_mapping[keep]
+        k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+        v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+    def rotate_and_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        rotary.rotate_(q, positions)
+        rotary.rotate_(k, positions)
+        self.write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int = 0,
+    ) -> torch.Tensor:
+        """Causal attention within each packed sequence and to its cached prefix, over the last
+        `window` keys if set."""
+        out = torch.empty_like(q)
+        bounds = meta.cu_seqlens.tolist()
+        prefixes = (
+            [0] * (len(bounds) - 1) if meta.prefix_lens is None else meta.prefix_lens.tolist()
+        )
+        for i, (start, end, prefix) in enumerate(
+            zip(bounds[:-1], bounds[1:], prefixes, strict=True)
+        ):
+            keys, values = k[start:end], v[start:end]
+            if prefix:
+                table = meta.prefix_block_tables[i]
+                keys = torch.cat([_gather(k_cache, table, 0, prefix), keys])
+                values = torch.cat([_gather(v_cache, table, 0, prefix), values])
+            if prefix or window:
+                mask = causal_mask(end - start, prefix, window, q.device)
+                out[start:end] = _attend(q[start:end], keys, values, scale, mask=mask)
+            else:
+                out[start:end] = _attend(q[start:end], keys, values, scale, causal=True)
+        return out
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int = 0,
+    ) -> torch.Tensor:
+        """Each sequence's one query token against its cached tokens (the last `window` if set)."""
+        out = torch.empty_like(q)
+        for i, context_len in enumerate(meta.context_lens.tolist()):
+            first = max(0, context_len - window) if window else 0
+            table = meta.block_tables[i]
+            k = _gather(k_cache, table, first, context_len)
+            v = _gather(v_cache, table, first, context_len)
+            out[i : i + 1] = _attend(q[i : i + 1], k, v, scale)
+        return out
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, first: int, end: int) -> torch.Tensor:
+    """The cached tokens at positions first .. end - 1 of one sequence, [end - first, H_kv, D]."""
+    block_size = cache.shape[1]
+    blocks = block_table[first // block_size : -(-end // block_size)]
+    skip = first % block_size
+    return cache[blocks].flatten(0, 1)[skip : skip + end - first]
+
+
+def causal_mask(length: int, prefix: int, window: int, device: torch.device) -> torch.Tensor:
+    """[length, prefix + length] bool, True where the query at position prefix + p may see the
+    key at position j: j <= prefix + p and, with a window, prefix + p - j < window (the query
+    itself and window - 1 before it, as transformers' sliding-window mask has it)."""
+    queries = torch.arange(prefix, prefix + length, device=device)
+    offset = queries[:, None] - torch.arange(prefix + length, device=device)[None, :]
+    visible = offset >= 0
+    return visible & (offset < window) if window else visible
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """q [Tq, H, D] over k, v [Tk, H_kv, D], grouped-query; returns [Tq, H, D]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.transpose(0, 1).to(q.dtype),
+        v.transpose(0, 1).to(q.dtype),
+        attn_mask=mask,
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.transpose(0, 1)

@@ -1,0 +1,143 @@
+"""The rotary embedding and the paged KV-cache write in one launch.
+
+One program per token rotates the token's q and k heads in place (rounding exactly as
+triton_rotary does, whose jitted helpers it shares) and scatters the rotated keys and the values
+into the cache at its slot, so k is read once. Negative slots (padded rows of a CUDA graph) are
+rotated but not written. No host synchronization, and the token count reaches the kernel only
+through the grid: it sits inside CUDA graphs and nothing compiles after warmup.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
+from shardline.shards.layers.triton_rotary import load_cos_sin, rotate_heads
+
+
+@triton.jit
+def _cache_ptrs(
+    cache_ptr, slot, stride_cb, stride_ct, stride_ch, offs_h, offs_d, PAGE_SIZE: tl.constexpr
+):
+    """Pointers [heads, dims] to elements offs_d of KV heads offs_h at `slot` of a paged cache."""
+    row = cache_ptr + (slot // PAGE_SIZE) * stride_cb + (slot % PAGE_SIZE) * stride_ct
+    return row + offs_h[:, None] * stride_ch + offs_d[None, :]
+
+
+@triton.jit
+def _rotate_write_kv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    positions_ptr,
+    cos_ptr,
+    sin_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cos,
+    stride_sin,
+    stride_kcb,
+    stride_kct,
+    stride_kch,
+    stride_vcb,
+    stride_vct,
+    stride_vch,
+    NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_KV_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    allow_dependents(USE_PDL)
+    wait_for_inputs(USE_PDL)
+    token = tl.program_id(0).to(tl.int64)
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    cos, sin = load_cos_sin(cos_ptr, sin_ptr, position, stride_cos, stride_sin, HALF, BLOCK_HALF)
+    rotate_heads(q_ptr, token, stride_qt, stride_qh, NUM_HEADS, cos, sin, HALF, BLOCK_H, BLOCK_HALF)
+    k1, k2 = rotate_heads(
+        k_ptr, token, stride_kt, stride_kh, NUM_KV_HEADS, cos, sin, HALF, BLOCK_KV_H, BLOCK_HALF
+    )
+    offs_h = tl.arange(0, BLOCK_KV_H)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    mask = (slot >= 0) & (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HALF)
+    k_dst = _cache_ptrs(
+        k_cache_ptr, slot, stride_kcb, stride_kct, stride_kch, offs_h, offs_d, PAGE_SIZE
+    )
+    v_dst = _cache_ptrs(
+        v_cache_ptr, slot, stride_vcb, stride_vct, stride_vch, offs_h, offs_d, PAGE_SIZE
+    )
+    v_src = v_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
+    k_dtype = k_cache_ptr.dtype.element_ty
+    v_dtype = v_cache_ptr.dtype.element_ty
+    tl.store(k_dst, k1.to(k_dtype), mask=mask)
+    tl.store(k_dst + HALF, k2.to(k_dtype), mask=mask)
+    tl.store(v_dst, tl.load(v_src, mask=mask).to(v_dtype), mask=mask)
+    tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=mask).to(v_dtype), mask=mask)
+
+
+def _check_contiguous_last_dim(**tensors: torch.Tensor) -> None:
+    strided = [name for name, tensor in tensors.items() if tensor.stride(-1) != 1]
+    if strided:
+        raise ValueError(f"{', '.join(strided)} need a contiguous last (head_dim) dimension")
+
+
+def rotate_and_write_kv_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Rotates q [tokens, heads, dim] and k [tokens, kv_heads, dim] in place by cos/sin
+    [max_pos, dim / 2] at `positions` (as triton_rotary.rotate_in_place), then writes k and v
+    into the caches at slot_mapping (negative slots skipped); one launch."""
+    num_tokens, num_heads, head_dim = q.shape
+    if num_tokens == 0:
+        return
+    _check_contiguous_last_dim(q=q, k=k, v=v, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache)
+    num_kv_heads, half = k.shape[1], head_dim // 2
+    _rotate_write_kv_kernel[(num_tokens,)](
+        q,
+        k,
+        v,
+        positions,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        *q.stride()[:2],
+        *k.stride()[:2],
+        *v.stride()[:2],
+        cos.stride(0),
+        sin.stride(0),
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        NUM_HEADS=num_heads,
+        NUM_KV_HEADS=num_kv_heads,
+        HALF=half,
+        BLOCK_H=triton.next_power_of_2(num_heads),
+        BLOCK_KV_H=triton.next_power_of_2(num_kv_heads),
+        BLOCK_HALF=triton.next_power_of_2(half),
+        PAGE_SIZE=k_cache.shape[1],
+        num_warps=4,
+        enable_fp_fusion=False,  # an FMA would skip the rounding of a product
+        **pdl_launch(q.device, num_tokens),
+    )

@@ -1,0 +1,65 @@
+"""Tensor-parallel linear layers, built from weights already sliced for this rank."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shardline.shards.utils.dist import TPGroup
+from shardline.shards.utils.weights import Weights
+
+
+def frozen(t: torch.Tensor | None) -> nn.Parameter | None:
+    return None if t is None else nn.Parameter(t, requires_grad=False)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through the one-row Triton GEMV where it applies (batch-1 decode on a GPU)."""
+    if x.is_cuda:
+        from shardline.shards.layers.triton_gemv import gemv, gemv_applies
+
+        if gemv_applies(x, weight):
+            return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Holds a slice of the output features; the output stays split across ranks."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.weight = frozen(weight)
+        self.bias = frozen(bias)
+
+    @classmethod
+    def load(cls, weights: Weights, prefixes: Sequence[str], bias: bool) -> ColumnParallelLinear:
+        """One layer whose output stacks the shards of every `prefixes` projection."""
+        weight = weights.get_sharded_concat([f"{p}.weight" for p in prefixes], dim=0)
+        b = weights.get_sharded_concat([f"{p}.bias" for p in prefixes], dim=0) if bias else None
+        return cls(weight, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """Holds a slice of the input features; partial outputs are summed over ranks."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tp: TPGroup) -> None:
+        super().__init__()
+        self.weight = frozen(weight)
+        self.bias = frozen(bias)
+        self.tp = tp
+
+    @classmethod
+    def load(cls, weights: Weights, prefix: str, bias: bool) -> RowParallelLinear:
+        weight = weights.get_sharded(f"{prefix}.weight", dim=1)
+        b = weights.get_tensor(f"{prefix}.bias") if bias else None
+        return cls(weight, b, weights.tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.tp.all_reduce(linear(x, self.weight))
+        return out if self.bias is None else out + self.bias

@@ -1,0 +1,250 @@
+"""One-row linear layers (batch-1 decode) in Triton: y = x @ W.T (+ bias), W [N, K] row-major.
+
+At one row a linear layer only streams its weight; cuBLAS reaches 1.3-2.7 TB/s on the 8-67 MB
+weights of a 2B model where the copy ceiling is 3 TB/s. Each program here computes BLOCK_N
+outputs over the whole of K, its weight tiles loaded one ahead, and with PDL (pdl.py) issues
+its first tile before waiting for the kernel before it. Measured on an H100 in one batch-1
+graph of the SmolLM2-1.7B shape (benchmarks/RESULTS.md): 2.4-3.1 TB/s on every projection.
+
+The batch-1 decode forward of a single-GPU model also folds the RMSNorms and SiLU * up into
+these kernels (`gemv_normed`, `gemv_residual`): a kernel ending a residual branch adds the
+residual and accumulates the new residual's sum of squares into a float32 slot; the next one
+multiplies its input by the norm weight and scales its outputs by 1 / rms from that slot.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+import triton
+import triton.language as tl
+
+from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
+
+MAX_K_TILES = 16
+
+
+class Epilogue(IntEnum):
+    PLAIN = 0  # y = x @ W.T (+ bias)
+    RESIDUAL = 1  # y = residual + x @ W.T; sum(y^2) added to a float32 slot
+    SILU_PAIRS = 2  # W = [gate; up] (gate_up_proj): y[j] = silu(gate j) * up j
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int  # output rows per program
+    block_k: int
+    num_warps: int
+
+
+@functools.cache  # asked on every one-row linear call, twice
+def gemv_config(n: int, k: int, epilogue: Epilogue = Epilogue.PLAIN) -> GemvConfig | None:
+    """The tiling for an [n, k] weight, or None where the kernel does not apply. Best on the
+    H100 for the 1.7B shape: 2 rows x 1024 of K a program, 1 x 2048 for a long K (8192); 2
+    warps on small weights (n <= 2048) and long K, 4 otherwise. A residual epilogue takes more
+    rows a program (fewer atomics): 4 x 2048 (8 warps), 2 x 1024 (2 warps) for a long K; SiLU
+    pairs 4 x 1024 (4 warps)."""
+    long_k = k >= 8192
+    block_n, block_k = (1, 2048) if long_k else (2, 1024)
+    num_warps = 2 if long_k or n <= 2048 else 4
+    if epilogue == Epilogue.RESIDUAL:
+        block_n, block_k, num_warps = (2, 1024, 2) if long_k else (4, 2048, 8)
+    elif epilogue == Epilogue.SILU_PAIRS:
+        block_n, block_k, num_warps = 4, 1024, 4
+        if n % 2:
+            return None
+    while block_k < k and k // block_k > MAX_K_TILES:
+        block_k *= 2
+    while block_k > 16 and k % block_k:
+        block_k //= 2
+    if k % block_k or k // block_k > MAX_K_TILES:
+        return None
+    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=num_warps)
+
+
+@triton.jit
+def _epilogue(
+    out,
+    offs_n,
+    n_mask,
+    n,
+    y_ptr,
+    residual_ptr,
+    ss_out_ptr,
+    BLOCK_N: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+):
+    dtype = y_ptr.dtype.element_ty
+    out = out.to(dtype).to(tl.float32)  # rounded as the linear layer's output
+    if EPILOGUE == 0:
+        tl.store(y_ptr + offs_n, out.to(dtype), mask=n_mask)
+    elif EPILOGUE == 1:
+        residual = tl.load(residual_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        summed = (residual + out).to(dtype)
+        tl.store(y_ptr + offs_n, summed, mask=n_mask)
+        squares = summed.to(tl.float32) * summed.to(tl.float32)
+        tl.atomic_add(ss_out_ptr, tl.sum(squares, axis=0), sem="relaxed")
+    else:
+        gate, up = tl.split(tl.reshape(out, [BLOCK_N // 2, 2]))
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up
+        offs = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(y_ptr + offs, act.to(dtype), mask=offs < n // 2)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    y_ptr,
+    norm_ptr,  # NORM: the RMSNorm weight [K] applied to x
+    ss_in_ptr,  # NORM: float32 sum of squares of x
+    residual_ptr,  # RESIDUAL epilogue: residual [N]
+    ss_out_ptr,  # RESIDUAL epilogue: float32 slot the sum of squares of y is added to
+    zero_ptr,  # ZERO: a float32 slot program 0 zeroes (for a later kernel's ss_out)
+    n,
+    stride_w,
+    eps,
+    K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    ZERO: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    allow_dependents(USE_PDL)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < n
+    rows = offs_n  # of the weight
+    if EPILOGUE == 2:  # output slot 2j reads gate row j, slot 2j + 1 up row j
+        rows = offs_n // 2 + (offs_n % 2) * (n // 2)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_w + offs_k[None, :]
+    w_tile = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)  # depends on no kernel before
+    wait_for_inputs(USE_PDL)
+    if ZERO:
+        tl.store(zero_ptr, 0.0, mask=tl.program_id(0) == 0)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for tile in tl.static_range(K // BLOCK_K):
+        if tile + 1 < K // BLOCK_K:
+            next_tile = tl.load(w_ptrs + (tile + 1) * BLOCK_K, mask=n_mask[:, None], other=0.0)
+        x = tl.load(x_ptr + tile * BLOCK_K + offs_k).to(tl.float32)
+        if NORM:
+            x *= tl.load(norm_ptr + tile * BLOCK_K + offs_k).to(tl.float32)
+        acc += w_tile.to(tl.float32) * x[None, :]
+        if tile + 1 < K // BLOCK_K:
+            w_tile = next_tile
+    out = tl.sum(acc, axis=1)
+    if NORM:
+        out *= tl.rsqrt(tl.load(ss_in_ptr) / K + eps)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)
+    _epilogue(out, offs_n, n_mask, n, y_ptr, residual_ptr, ss_out_ptr, BLOCK_N, EPILOGUE)
+
+
+def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """One contiguous half-precision CUDA row against a weight the kernel tiles."""
+    return (
+        x.is_cuda
+        and x.dim() == 2
+        and x.shape[0] == 1
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype
+        and x.stride(-1) == 1
+        and weight.stride(-1) == 1
+        and gemv_config(*weight.shape) is not None
+    )
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    epilogue: Epilogue,
+    zero: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    residual: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    n, k = weight.shape
+    config = gemv_config(n, k, epilogue)
+    assert config is not None
+    norm_weight, ss_in, eps = norm if norm is not None else (weight, out, 0.0)
+    residual_row, ss_out = residual if residual is not None else (out, out)
+    _gemv_kernel[(triton.cdiv(n, config.block_n),)](
+        x,
+        weight,
+        bias if bias is not None else weight,
+        out,
+        norm_weight,
+        ss_in,
+        residual_row,
+        ss_out,
+        zero if zero is not None else out,
+        n,
+        weight.stride(0),
+        eps,
+        K=k,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        HAS_BIAS=bias is not None,
+        NORM=norm is not None,
+        EPILOGUE=int(epilogue),
+        ZERO=zero is not None,
+        num_warps=config.num_warps,
+        **pdl_launch(x.device, 1),
+    )
+    return out
+
+
+def _empty_row(x: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.empty((1, n), dtype=x.dtype, device=x.device)
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    zero: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [1, K] @ weight[N, K].T (+ bias) -> [1, N], as F.linear (check `gemv_applies` first);
+    zeroes the one-element float32 `zero` on the way (see `gemv_normed`)."""
+    return _launch(x, weight, bias, _empty_row(x, weight.shape[0]), Epilogue.PLAIN, zero)
+
+
+def gemv_normed(
+    x: torch.Tensor,
+    ss: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    silu_pairs: bool = False,
+    zero: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """RMSNorm(x) * norm_weight @ weight.T (+ bias), with `ss` the float32 sum of squares of x
+    (from `gemv_residual`). With `silu_pairs` the weight is gate_up_proj's (gate rows, then up
+    rows; each program takes matching ones) and the result is SiLU(gate) * up [1, N / 2]. Program 0 zeroes `zero` (the slot a later
+    `gemv_residual` accumulates into: its ordering within one forward keeps CUDA graphs valid)."""
+    epilogue = Epilogue.SILU_PAIRS if silu_pairs else Epilogue.PLAIN
+    width = weight.shape[0] // 2 if silu_pairs else weight.shape[0]
+    out = _empty_row(x, width)
+    return _launch(x, weight, bias, out, epilogue, zero, norm=(norm_weight, ss, eps))
+
+
+def gemv_residual(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor,
+    ss: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """residual + x @ weight.T (+ bias), its sum of squares added to the float32 `ss` (zero at
+    launch)."""
+    out = _empty_row(x, weight.shape[0])
+    return _launch(x, weight, bias, out, Epilogue.RESIDUAL, residual=(residual, ss))

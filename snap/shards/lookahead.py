@@ -1,0 +1,31 @@
+"""A decode step launched before the router asked for it (see ShardEngine.decode).
+
+While the host reads step N's tokens back, answers and waits for the router's next call, step
+N+1 already runs on the device. The next Decode takes the rows it names from that step.
+"""
+
+from __future__ import annotations
+
+from shardline.shards.batch import SequenceState, ShardBatch
+from shardline.shards.model_runner import PendingStep
+
+
+class StepAhead:
+    """A decode step launched before the router asked for it, over `sequences` (the very
+    objects: a filtered batch keeps its rows' objects, a new batch has new ones)."""
+
+    def __init__(self, step: PendingStep, sequences: list[SequenceState]) -> None:
+        self.step = step
+        self.sequences = list(sequences)  # holds them, so their ids stay theirs
+        self._rows = {id(seq): row for row, seq in enumerate(self.sequences)}
+
+    def covers(self, batch: ShardBatch) -> bool:
+        return all(id(seq) in self._rows for seq in batch.sequences)
+
+    def select(self, sequences: list[SequenceState]) -> PendingStep:
+        return self.step.select([self._rows[id(seq)] for seq in sequences])
+
+
+def can_launch_ahead(batch: ShardBatch) -> bool:
+    """A beam search picks its tokens on the host, a grammar needs them to mask the next step."""
+    return not batch.beams and batch.sampling.grammar is None

@@ -1,0 +1,369 @@
+"""Turns batch state into model inputs, runs the forward pass and samples the next tokens."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from shardline.shards.batch import ShardBatch
+from shardline.shards.cuda_graphs import DecodeGraphs
+from shardline.shards.kv_cache import BlockAllocator, KVCache
+from shardline.shards.layers.attention.metadata import AttentionMetadata
+from shardline.shards.utils.sampling import Sampler, SamplerOutput, SamplingState
+from shardline.shards.utils.transfer import index_on, to_device
+
+
+@dataclass
+class StepResult:
+    """The tokens one forward pass chose, copied to the host."""
+
+    next_tokens: torch.Tensor
+    next_token_ids: list[int]
+    logprobs: list[float]
+    top_ids: list[list[int]] | None
+    top_logprobs: list[list[float]] | None
+    forward_ns: int
+    sample_ns: int
+
+    def select(self, rows: list[int], next_tokens: torch.Tensor) -> StepResult:
+        """The result of rows `rows` alone, whose tokens on the device are `next_tokens`."""
+        return replace(
+            self,
+            next_tokens=next_tokens,
+            next_token_ids=[self.next_token_ids[row] for row in rows],
+            logprobs=[self.logprobs[row] for row in rows],
+            top_ids=None if self.top_ids is None else [self.top_ids[row] for row in rows],
+            top_logprobs=(
+                None if self.top_logprobs is None else [self.top_logprobs[row] for row in rows]
+            ),
+        )
+
+    @classmethod
+    def concatenate(cls, results: list[StepResult]) -> StepResult:
+        """One result of several decode steps' rows, in order (the slowest phase times)."""
+        return cls(
+            next_tokens=torch.cat([r.next_tokens for r in results]),
+            next_token_ids=[t for r in results for t in r.next_token_ids],
+            logprobs=[x for r in results for x in r.logprobs],
+            top_ids=_concat_rows([r.top_ids for r in results], [len(r.logprobs) for r in results]),
+            top_logprobs=_concat_rows(
+                [r.top_logprobs for r in results], [len(r.logprobs) for r in results]
+            ),
+            forward_ns=max(r.forward_ns for r in results),
+            sample_ns=max(r.sample_ns for r in results),
+        )
+
+
+def _concat_rows(parts: list[list | None], sizes: list[int]) -> list | None:
+    """Per-row lists of several results; a result without them gives its rows empty lists."""
+    if all(part is None for part in parts):
+        return None
+    return [row for part, n in zip(parts, sizes) for row in (part or [[] for _ in range(n)])]
+
+
+@dataclass
+class PromptChunk:
+    """Prompt tokens one prefill pass runs: `token_ids` at positions start, start + 1, ...
+    (the tokens before `start` are cached). `logprob_targets`: the prompt token after each of
+    them, whose logprob is wanted (decoder_input_details), or None."""
+
+    token_ids: list[int]
+    start: int = 0
+    logprob_targets: list[int] | None = None
+
+
+class PendingStep:
+    """A step launched on the device: its chosen token ids are usable as device inputs at once
+    (`next_tokens`), its host-side result once the device has produced it (`result()`)."""
+
+    def __init__(self, next_tokens: torch.Tensor, finish: Callable[[], StepResult]) -> None:
+        self.next_tokens = next_tokens
+        self._finish = finish
+        self._result: StepResult | None = None
+
+    def result(self) -> StepResult:
+        if self._result is None:
+            self._result = self._finish()
+        return self._result
+
+    def select(self, rows: list[int]) -> PendingStep:
+        """The step of rows `rows` alone (itself when they are all its rows, in order)."""
+        if rows == list(range(len(self.next_tokens))):
+            return self
+        selected = self.next_tokens.index_select(0, index_on(rows, self.next_tokens.device))
+        return PendingStep(selected, lambda: self.result().select(rows, selected))
+
+    @staticmethod
+    def concatenate(steps: list[PendingStep]) -> PendingStep:
+        if len(steps) == 1:
+            return steps[0]
+        return PendingStep(
+            torch.cat([step.next_tokens for step in steps]),
+            lambda: StepResult.concatenate([step.result() for step in steps]),
+        )
+
+
+@dataclass
+class PrefillOutput:
+    """A prefill pass: the first tokens of the prompts it completed (None: it completed none),
+    the running batch's decode step, each chunk's prompt logprobs by row."""
+
+    step: StepResult | None
+    running_step: PendingStep | None
+    prompt_logprobs: dict[int, list[float]]
+    forward_ns: int
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        self.sampler = Sampler()
+        self.kv_cache: KVCache | None = None
+        self.graphs: DecodeGraphs | None = None
+
+    def release_cache(self) -> None:
+        self.graphs = None
+        self.kv_cache = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def capture_graphs(self, buckets: tuple[int, ...], max_blocks_per_seq: int) -> None:
+        self.graphs = DecodeGraphs(
+            self.model, self._require_cache(), buckets, max_blocks_per_seq, self.device
+        )
+        self.graphs.capture()
+
+    def allocate_cache(self, num_blocks: int, block_size: int) -> KVCache:
+        self.kv_cache = KVCache.allocate(
+            num_layers=self.model.num_layers,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            num_kv_heads=self.model.num_kv_heads_per_rank,
+            head_dim=self.model.head_dim,
+            dtype=self.model.dtype,
+            device=self.device,
+        )
+        return self.kv_cache
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        chunks: list[PromptChunk],
+        sampling: SamplingState | None,
+        block_table: torch.Tensor,
+        sample_rows: torch.Tensor | None = None,
+        running: ShardBatch | None = None,
+    ) -> PrefillOutput:
+        """The prompt chunks' forward pass and the first tokens of the prompts it completes;
+        with `running`, one decode step of that batch in the same pass (its tokens first: one
+        weight read serves both). `sample_rows[i]`: the chunk whose last-token logits sampling
+        row i reads (default: row i), so several sequences of one prompt sample from one
+        prefill; without `sampling` no prompt samples (none ends in this pass)."""
+        started = time.perf_counter_ns()
+        lengths = torch.tensor([len(chunk.token_ids) for chunk in chunks], dtype=torch.long)
+        positions = torch.cat([torch.arange(c.start, c.start + len(c.token_ids)) for c in chunks])
+        rows = torch.repeat_interleave(torch.arange(len(chunks)), lengths)
+        cu_seqlens = torch.zeros(len(chunks) + 1, dtype=torch.int32)
+        cu_seqlens[1:] = torch.cumsum(lengths, 0)
+        meta = AttentionMetadata(
+            is_prefill=True,
+            slot_mapping=self._slots(block_table, rows, positions),
+            cu_seqlens=self._to_device(cu_seqlens),
+            max_seqlen=int(lengths.max()),
+        )
+        if any(chunk.start for chunk in chunks):
+            starts = torch.tensor([chunk.start for chunk in chunks], dtype=torch.int32)
+            meta.prefix_lens = self._to_device(starts)
+            meta.prefix_block_tables = self._to_device(block_table)
+        token_ids = torch.tensor([t for chunk in chunks for t in chunk.token_ids])
+        input_ids = self._to_device(token_ids)
+        if running is not None:
+            input_ids, positions = self._add_decode_rows(running, input_ids, positions, meta)
+        meta.slot_mapping = self._to_device(meta.slot_mapping)
+        hidden = self.model(input_ids, self._to_device(positions), self._cache_layers(), meta)
+        decoded = meta.num_decode_tokens
+        last = cu_seqlens[1:].long() - 1 + decoded
+        if sampling is None:
+            last = last[:0]
+        elif sample_rows is not None:
+            last = last[sample_rows]
+        logits = self.model.compute_logits(
+            hidden.index_select(0, self._to_device(torch.cat([torch.arange(decoded), last])))
+        )
+        prompt_logprobs = {
+            row: self._prompt_logprobs(hidden[decoded:], cu_seqlens, row, chunk.logprob_targets)
+            for row, chunk in enumerate(chunks)
+            if chunk.logprob_targets is not None
+        }
+        forward_done = time.perf_counter_ns()
+        step = None
+        if sampling is not None:
+            step = self._sample(logits[decoded:], sampling, started, forward_done)
+        decode = None
+        if running is not None:
+            decode = self._sample(logits[:decoded], running.sampling, started, forward_done)
+        return PrefillOutput(
+            step=None if step is None else step.result(),
+            running_step=decode,
+            prompt_logprobs=prompt_logprobs,
+            forward_ns=forward_done - started,
+        )
+
+    def _add_decode_rows(
+        self,
+        batch: ShardBatch,
+        prompt_ids: torch.Tensor,
+        prompt_positions: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Puts one decode token per row of `batch` before the prompts' tokens: ids, positions,
+        KV slots and the paged-attention inputs of those rows."""
+        positions = torch.tensor([seq.num_cached for seq in batch.sequences], dtype=torch.long)
+        slots = self._slots(batch.block_table, torch.arange(batch.size), positions)
+        context_lens = (positions + 1).to(torch.int32)
+        meta.slot_mapping = torch.cat([slots, meta.slot_mapping])
+        meta.block_tables = self._to_device(batch.block_table)
+        meta.context_lens = self._to_device(context_lens)
+        meta.max_context_len = int(context_lens.max())
+        meta.num_decode_tokens = batch.size
+        input_ids = torch.cat([self._to_device(batch.last_tokens), prompt_ids])
+        return input_ids, torch.cat([positions, prompt_positions])
+
+    @torch.inference_mode()
+    def decode(self, batch: ShardBatch, input_ids: torch.Tensor, ahead: int = 0) -> PendingStep:
+        """Launches one decode step of `batch` on `input_ids` (device or host), each sequence at
+        position `num_cached + ahead`: `ahead=1` runs the step after the one in flight, whose
+        tokens are `input_ids`, before the host has seen them."""
+        started = time.perf_counter_ns()
+        positions = torch.tensor(
+            [seq.num_cached + ahead for seq in batch.sequences], dtype=torch.long
+        )
+        slots = self._slots(batch.block_table, torch.arange(batch.size), positions)
+        context_lens = (positions + 1).to(torch.int32)
+        if self.graphs is not None and self.graphs.fits(batch.size, batch.block_table.shape[1]):
+            logits = self.graphs.run(input_ids, positions, slots, batch.block_table, context_lens)
+        else:
+            meta = AttentionMetadata(
+                is_prefill=False,
+                slot_mapping=self._to_device(slots),
+                block_tables=self._to_device(batch.block_table),
+                context_lens=self._to_device(context_lens),
+                max_context_len=int(context_lens.max()),
+            )
+            positions = self._to_device(positions)
+            hidden = self.model(self._to_device(input_ids), positions, self._cache_layers(), meta)
+            logits = self.model.compute_logits(hidden)
+        forward_done = time.perf_counter_ns()
+        return self._sample(logits, batch.sampling, started, forward_done)
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        sampling: SamplingState,
+        started: int,
+        forward_done: int,
+    ) -> PendingStep:
+        """Samples on the device and starts copying the choices to the host; the result waits
+        for that copy alone."""
+        out: SamplerOutput = self.sampler(logits, sampling)
+        sampling.append(out.next_token_ids)
+        host = _HostCopy.start(out)
+
+        def finish() -> StepResult:
+            host.wait()
+            return StepResult(
+                next_tokens=out.next_token_ids,
+                next_token_ids=host.next_token_ids.tolist(),
+                logprobs=host.logprobs.tolist(),
+                top_ids=None if host.top_ids is None else host.top_ids.tolist(),
+                top_logprobs=None if host.top_logprobs is None else host.top_logprobs.tolist(),
+                forward_ns=forward_done - started,
+                sample_ns=time.perf_counter_ns() - forward_done,
+            )
+
+        return PendingStep(out.next_token_ids, finish)
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, row: int, targets: list[int]
+    ) -> list[float]:
+        """The logprob of each of `targets` given the chunk's tokens up to the one before it."""
+        start = int(cu_seqlens[row])
+        logits = self.model.compute_logits(hidden[start : start + len(targets)]).float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        index = self._to_device(torch.tensor(targets, dtype=torch.long)).unsqueeze(1)
+        return logprobs.gather(1, index).squeeze(1).tolist()
+
+    def _slots(
+        self, block_table: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        block_size = self._require_cache().block_size
+        blocks = block_table[rows, positions // block_size].long()
+        return blocks * block_size + positions % block_size
+
+    def _cache_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self._require_cache().layers
+
+    def _require_cache(self) -> KVCache:
+        if self.kv_cache is None:
+            raise RuntimeError("the KV cache is not allocated: call Warmup first")
+        return self.kv_cache
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return to_device(tensor, self.device)
+
+
+@dataclass
+class _HostCopy:
+    """Pinned host copies of a sampler output, filled by non-blocking copies."""
+
+    next_token_ids: torch.Tensor
+    logprobs: torch.Tensor
+    top_ids: torch.Tensor | None
+    top_logprobs: torch.Tensor | None
+    done: torch.cuda.Event | None
+
+    @classmethod
+    def start(cls, out: SamplerOutput) -> _HostCopy:
+        if not out.next_token_ids.is_cuda:
+            return cls(out.next_token_ids, out.logprobs, out.top_ids, out.top_logprobs, None)
+        sources = (out.next_token_ids, out.logprobs, out.top_ids, out.top_logprobs)
+        copies = [None if t is None else _pinned_copy(t) for t in sources]
+        done = torch.cuda.Event()
+        done.record()
+        return cls(*copies, done)
+
+    def wait(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+
+
+def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    copy = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return copy.copy_(tensor, non_blocking=True)
+
+
+def grow_blocks(
+    batch: ShardBatch, allocator: BlockAllocator, block_size: int, ahead: int = 0
+) -> None:
+    """Gives every sequence whose token at `num_cached + ahead` starts a new block that block,
+    all or nothing."""
+    needy = [
+        row
+        for row, seq in enumerate(batch.sequences)
+        if (seq.num_cached + ahead) // block_size >= len(seq.blocks)
+    ]
+    if not needy:
+        return
+    for row in needy:
+        seq = batch.sequences[row]
+        if len(seq.blocks) >= batch.block_table.shape[1]:
+            raise RuntimeError(f"request {seq.request_id} outgrew its block table")
+    new_blocks = allocator.allocate(len(needy))
+    for row, block in zip(needy, new_blocks, strict=True):
+        seq = batch.sequences[row]
+        batch.block_table[row, len(seq.blocks)] = block
+        seq.blocks.append(block)

@@ -1,0 +1,301 @@
+"""The Llama family (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2) with tensor parallelism.
+
+Heads are split across ranks; when there are more ranks than KV heads, each KV head is
+replicated so that every rank holds exactly one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from shardline.progress import logged_progress
+from shardline.shards.layers.activation import silu_and_mul
+from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
+from shardline.shards.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear
+from shardline.shards.layers.norm import RMSNorm
+from shardline.shards.layers.rotary import RotaryEmbedding
+from shardline.shards.models.config import ModelConfig
+from shardline.shards.utils.weights import Weights
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+logger = logging.getLogger(__name__)
+
+
+def kv_heads_per_rank(num_kv_heads: int, world_size: int) -> int:
+    if world_size <= num_kv_heads:
+        if num_kv_heads % world_size:
+            raise ValueError(f"{num_kv_heads} KV heads cannot be split over {world_size} ranks")
+        return num_kv_heads // world_size
+    if world_size % num_kv_heads:
+        raise ValueError(f"{num_kv_heads} KV heads cannot be replicated over {world_size} ranks")
+    return 1
+
+
+def _check_heads(config: ModelConfig, world_size: int) -> None:
+    if config.num_heads % world_size:
+        raise ValueError(
+            f"{config.num_heads} attention heads cannot be split over {world_size} ranks"
+        )
+    if config.num_heads % config.num_kv_heads:
+        raise ValueError(
+            f"{config.num_heads} attention heads are not a multiple of {config.num_kv_heads} KV heads"
+        )
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: Weights,
+        prefix: str,
+        backend: AttentionBackend,
+        rotary: RotaryEmbedding,
+        window: int,
+    ) -> None:
+        super().__init__()
+        tp = weights.tp
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_heads // tp.world_size
+        self.num_kv_heads = kv_heads_per_rank(config.num_kv_heads, tp.world_size)
+        self.scale = config.head_dim**-0.5
+        self.window = window
+        self.backend = backend
+        self.rotary = rotary
+        self.qkv_proj = self._load_qkv(config, weights, prefix)
+        self.o_proj = RowParallelLinear.load(weights, f"{prefix}.o_proj", config.o_proj_bias)
+
+    def _load_qkv(self, config: ModelConfig, weights: Weights, prefix: str) -> ColumnParallelLinear:
+        """q rows of this rank's heads, then k and v rows of this rank's KV heads, stacked."""
+        first_kv = weights.tp.rank * config.num_kv_heads // weights.tp.world_size
+        kv_rows = (first_kv * self.head_dim, (first_kv + self.num_kv_heads) * self.head_dim)
+
+        def stacked(kind: str) -> torch.Tensor:
+            q = weights.get_sharded(f"{prefix}.q_proj.{kind}", dim=0)
+            k = weights.get_range(f"{prefix}.k_proj.{kind}", 0, *kv_rows)
+            v = weights.get_range(f"{prefix}.v_proj.{kind}", 0, *kv_rows)
+            return torch.cat([q, k, v], dim=0)
+
+        bias = stacked("bias") if config.attention_bias else None
+        return ColumnParallelLinear(stacked("weight"), bias)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        return self.o_proj(self.attend(self.qkv_proj(hidden), positions, kv_cache, meta))
+
+    def attend(
+        self, qkv: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """The attention output [T, heads * head_dim] (before o_proj) of the qkv projection."""
+        num_tokens = qkv.shape[0]
+        heads = qkv.view(num_tokens, -1, self.head_dim)
+        q, k, v = heads.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        k_cache, v_cache = kv_cache
+        self.backend.rotate_and_write_kv(
+            q, k, v, positions, self.rotary, k_cache, v_cache, meta.slot_mapping
+        )
+        out = self._attend(q, k, v, kv_cache, meta)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Decode tokens attend through the paged cache, prefill tokens among themselves (and to
+        their cached prefix, for a prompt's later chunks); a mixed pass has its decode tokens
+        first (see AttentionMetadata)."""
+        k_cache, v_cache = kv_cache
+        if not meta.is_prefill:
+            return self.backend.decode(q, k_cache, v_cache, meta, self.scale, self.window)
+        decoded = meta.num_decode_tokens
+        prefilled = self.backend.prefill(
+            q[decoded:], k[decoded:], v[decoded:], k_cache, v_cache, meta, self.scale, self.window
+        )
+        if not decoded:
+            return prefilled
+        decoding = self.backend.decode(q[:decoded], k_cache, v_cache, meta, self.scale, self.window)
+        return torch.cat([decoding, prefilled])
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, weights: Weights, prefix: str) -> None:
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear.load(
+            weights, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], config.mlp_bias
+        )
+        self.down_proj = RowParallelLinear.load(weights, f"{prefix}.down_proj", config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: Weights,
+        prefix: str,
+        backend: AttentionBackend,
+        rotary: RotaryEmbedding,
+        window: int,
+    ) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(weights.get_tensor(f"{prefix}.input_layernorm.weight"), eps)
+        self.self_attn = LlamaAttention(
+            config, weights, f"{prefix}.self_attn", backend, rotary, window
+        )
+        self.post_attention_layernorm = RMSNorm(
+            weights.get_tensor(f"{prefix}.post_attention_layernorm.weight"), eps
+        )
+        self.mlp = LlamaMLP(config, weights, f"{prefix}.mlp")
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, positions, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+    def fuses_decode(self) -> bool:
+        """Whether the fused one-row kernels tile every projection of this layer."""
+        from shardline.shards.layers.triton_gemv import Epilogue, gemv_config
+
+        attn, mlp = self.self_attn, self.mlp
+        return all(
+            gemv_config(*proj.weight.shape, epilogue) is not None
+            for proj, epilogue in [
+                (attn.qkv_proj, Epilogue.PLAIN),
+                (attn.o_proj, Epilogue.RESIDUAL),
+                (mlp.gate_up_proj, Epilogue.SILU_PAIRS),
+                (mlp.down_proj, Epilogue.RESIDUAL),
+            ]
+        )
+
+    def decode_one(
+        self,
+        residual: torch.Tensor,
+        ss_in: torch.Tensor | None,
+        ss: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """The layer on one token's residual stream [1, hidden] with the norms and SiLU * up
+        folded into the GEMVs; returns the new residual. `ss_in` holds the residual's sum of
+        squares (None: the first layer norms it itself); this layer accumulates its two sums of
+        squares into `ss` [2], zeroing each slot before (triton_gemv.py)."""
+        from shardline.shards.layers.triton_gemv import gemv, gemv_normed, gemv_residual
+
+        attn, mlp = self.self_attn, self.mlp
+        norm = self.input_layernorm
+        qkv, bias = attn.qkv_proj.weight, attn.qkv_proj.bias
+        if ss_in is None:
+            heads = gemv(norm(residual), qkv, bias, zero=ss[0])
+        else:
+            heads = gemv_normed(residual, ss_in, norm.weight, norm.eps, qkv, bias, zero=ss[0])
+        out = attn.attend(heads, positions, kv_cache, meta)
+        residual = gemv_residual(out, attn.o_proj.weight, residual, ss[0], attn.o_proj.bias)
+        norm = self.post_attention_layernorm
+        gate_up = mlp.gate_up_proj
+        act = gemv_normed(
+            residual, ss[0], norm.weight, norm.eps, gate_up.weight, gate_up.bias, True, ss[1]
+        )
+        return gemv_residual(act, mlp.down_proj.weight, residual, ss[1], mlp.down_proj.bias)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, weights: Weights, backend: AttentionBackend) -> None:
+        super().__init__()
+        _check_heads(config, weights.tp.world_size)
+        self.config = config
+        self.dtype = weights.dtype
+        self.device = weights.device
+        self.num_layers = config.num_layers
+        self.head_dim = config.head_dim
+        self.num_kv_heads_per_rank = kv_heads_per_rank(config.num_kv_heads, weights.tp.world_size)
+        self.embed_tokens = VocabParallelEmbedding(weights, "model.embed_tokens.weight")
+        self.rotary = RotaryEmbedding(
+            config.head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
+            config.rope_scaling,
+            weights.dtype,
+            weights.device,
+        )
+        windows = enumerate(config.layer_windows)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, weights, f"model.layers.{i}", backend, self.rotary, window)
+            for i, window in logged_progress(windows, config.num_layers, "loading layers", logger)
+        )
+        self.norm = RMSNorm(weights.get_tensor("model.norm.weight"), config.rms_norm_eps)
+        head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+        self.lm_head = ParallelLMHead(weights, head, config.vocab_size)
+        # Batch-1 decode folds the norms and SiLU * up into the one-row GEMVs on a single
+        # half-precision GPU (with more ranks an all-reduce sits before each residual add).
+        self.fused_decode = (
+            weights.tp.world_size == 1
+            and torch.device(weights.device).type == "cuda"
+            and weights.dtype in (torch.bfloat16, torch.float16)
+            and all(layer.fuses_decode() for layer in self.layers)
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: Sequence[KVCache],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Final-normed hidden states [T, hidden_size] of the packed tokens."""
+        if self.fused_decode and input_ids.shape[0] == 1:
+            return self._decode_one(input_ids, positions, kv_caches, meta)
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(hidden, residual, positions, kv_cache, meta)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+    def _decode_one(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: Sequence[KVCache],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        residual = self.embed_tokens(input_ids)
+        # per layer the sums of squares of the residual after attention and after the MLP
+        ss = torch.empty((self.num_layers, 2), dtype=torch.float32, device=residual.device)
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            ss_in = ss[i - 1, 1] if i else None
+            residual = layer.decode_one(residual, ss_in, ss[i], positions, kv_cache, meta)
+        return self.norm(residual)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab_size] (model dtype) over the full vocabulary, on every rank."""
+        return self.lm_head(hidden)

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.model_factory import ARCHITECTURES, TinyModelSpec, build_tiny_model
+
+pytest_plugins = ["tests.router_fixtures"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny random model folder per architecture, built once per test session."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {
+        arch: build_tiny_model(root / arch, TinyModelSpec(architecture=arch, seed=i))
+        for i, arch in enumerate(ARCHITECTURES)
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_model_dirs: dict[str, Path]) -> Path:
+    return tiny_model_dirs["llama"]

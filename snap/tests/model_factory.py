@@ -1,0 +1,200 @@
+"""Tiny random Llama-family models and a tokenizer trained on the spot, saved as real HF folders.
+
+Every test that needs a model builds one here and loads it through the real loading code.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_WORDS = [
+    "the",
+    "a",
+    "of",
+    "to",
+    "and",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "it",
+    "this",
+    "be",
+    "are",
+    "or",
+    "an",
+    "have",
+    "not",
+    "which",
+    "one",
+    "all",
+    "their",
+    "there",
+    "been",
+    "if",
+    "more",
+    "when",
+    "will",
+    "would",
+    "who",
+    "so",
+    "no",
+    "model",
+    "token",
+    "server",
+    "shard",
+    "batch",
+    "cache",
+    "block",
+    "paged",
+    "attention",
+    "tensor",
+    "parallel",
+    "router",
+    "queue",
+    "stream",
+    "Paris",
+    "France",
+    "capital",
+    "river",
+    "city",
+    "north",
+    "south",
+    "east",
+    "west",
+    "café",
+    "naïve",
+    "über",
+    "東京",
+    "☃",
+    "🙂",
+]
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    architecture: str = "llama"
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    intermediate_size: int = 128
+    max_position_embeddings: int = 1024
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.15
+    rope_scaling: dict | None = None
+    seed: int = 0
+
+
+def corpus(num_lines: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [
+        " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 20))) for _ in range(num_lines)
+    ]
+
+
+def train_tokenizer(out_dir: Path, vocab_size: int = 384) -> None:
+    """A byte-level BPE tokenizer saved as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+
+
+def _config(spec: TinyModelSpec, vocab_size: int, bos_id: int, eos_id: int):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        initializer_range=spec.initializer_range,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        rms_norm_eps=1e-5,
+        dtype="float32",
+    )
+    if spec.architecture == "llama":
+        return LlamaConfig(**common, rope_theta=10000.0, rope_scaling=spec.rope_scaling)
+    if spec.architecture == "mistral":
+        return MistralConfig(**common, rope_theta=10000.0, sliding_window=None)
+    if spec.architecture == "qwen2":
+        return Qwen2Config(**common, rope_theta=10000.0, use_sliding_window=False)
+    raise ValueError(f"unknown architecture {spec.architecture!r}")
+
+
+def build_tiny_model(out_dir: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
+    """Writes config.json, model.safetensors, generation_config.json and tokenizer files."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    config = _config(spec, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    torch.manual_seed(spec.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _spread_weights(model, spec)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def _spread_weights(model: torch.nn.Module, spec: TinyModelSpec) -> None:
+    """Random weights with enough variance that greedy decoding does not collapse."""
+    generator = torch.Generator().manual_seed(spec.seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+            elif name.endswith("bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(spec.initializer_range * torch.randn(param.shape, generator=generator))
+
+
+def read_config(model_dir: Path) -> dict:
+    return json.loads((Path(model_dir) / "config.json").read_text())

@@ -1,0 +1,64 @@
+"""The offline benchmark's floor arithmetic, and its step log on a real engine."""
+
+import json
+
+import pytest
+
+from benchmarks.offline_floor import (
+    Call,
+    Ceilings,
+    ModelShape,
+    StepLog,
+    causal_pairs,
+    phase_breakdown,
+    workload_floor,
+)
+from benchmarks.random_model import config_for
+from shardline import LLM, SamplingParams
+
+SHAPE_8B = ModelShape.from_config(config_for("8b"))
+UNIT = Ceilings(matmul_flops=1e12, bytes_s=1e12)
+
+
+def test_8b_shape_matches_llama_3_1_8b():
+    assert SHAPE_8B.linear_params == 32 * (2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 14336 * 4096)
+    assert SHAPE_8B.kv_bytes_per_token == 128 * 1024  # 32 layers x K,V x 8 heads x 128 x bf16
+    assert SHAPE_8B.weight_bytes == 2 * (SHAPE_8B.linear_params + 128000 * 4096)
+
+
+def test_workload_floor_counts_each_token_and_kv_read_once():
+    # One request: 3 prompt tokens, 4 output tokens (the first from prefill, 3 decode steps
+    # reading 3+1, 3+2, 3+3 cached tokens = 15 token-reads).
+    floor = workload_floor(SHAPE_8B, [(3, 4)], UNIT)
+    gemm = 2 * (SHAPE_8B.linear_params * 6 + SHAPE_8B.lm_head_params * 4) / 1e12
+    assert floor["kv_read_tokens"] == 15
+    assert floor["gemm_s"] == round(gemm, 3)
+    assert floor["kv_read_s"] == round(15 * 128 * 1024 / 1e12, 3)
+    chain = 4 * SHAPE_8B.weight_bytes / 1e12  # four sequential passes, each reading every weight
+    assert floor["longest_chain_s"] == round(chain, 3)
+    assert floor["floor_s"] == round(max(chain, gemm + floor["prefill_attention_s"]), 3)
+
+
+def test_call_floor_is_weight_bound_small_and_compute_bound_large():
+    one_row = Call("decode", 1, 0, 0, 0, 0.0)
+    assert one_row.floor_s(SHAPE_8B, UNIT) == pytest.approx(SHAPE_8B.weight_bytes / 1e12)
+    big = Call("decode", 4096, 0, 0, 0, 0.0)
+    assert big.floor_s(SHAPE_8B, UNIT) == pytest.approx(SHAPE_8B.gemm_flops(4096, 4096) / 1e12)
+    assert causal_pairs(prefix=2, new=3) == 3 * 2 + 6
+
+
+def test_step_log_records_every_engine_call(tiny_llama_dir):
+    llm = LLM(model=str(tiny_llama_dir), block_size=4, kv_cache_bytes=1 << 20, max_model_len=256)
+    shape = ModelShape.from_config(json.loads((tiny_llama_dir / "config.json").read_text()))
+    log = StepLog.attach(llm._shards.engine)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    params = SamplingParams(temperature=0, max_tokens=4, min_tokens=4, ignore_eos=True)
+    llm.generate(sampling_params=params, prompt_token_ids=prompts, use_tqdm=False)
+    log.detach()
+    assert sum(call.prompt_tokens for call in log.calls) == 8
+    decodes = [call for call in log.calls if call.kind == "decode"]
+    assert decodes and all(call.context_tokens >= 8 for call in decodes if call.decode_rows == 2)
+    wall = sum(call.seconds for call in log.calls) + 0.5
+    phases = phase_breakdown(log.calls, wall, shape, UNIT)
+    assert sum(phase["calls"] for phase in phases.values()) == len(log.calls)
+    assert phases["host gaps between calls"]["seconds"] == pytest.approx(0.5, abs=1e-3)

@@ -1,0 +1,332 @@
+"""The launcher's flags: TGI's names and defaults, each also read from TGI's environment variable.
+
+A flag on the command line wins over its environment variable, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shardline import __version__
+from shardline.model_files import PACKAGED_MODEL_ALIAS
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_NOT_YET = "not supported yet: "
+_NO_NGROK = "not supported: Shardline opens no tunnels; run an ngrok agent in front of its port"
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+@dataclass(frozen=True)
+class Flag:
+    names: tuple[str, ...]
+    env: str | None
+    help: str
+    type: Callable[[str], Any] = str
+    default: Any = None
+    choices: tuple[str, ...] | None = None
+    switch: bool = False  # present = true, as TGI's `--json-output`
+    repeated: bool = False  # may be given several times; its env var holds a comma-separated list
+    # Why a value is refused at startup (TGI has the flag, Shardline does not do it), but for
+    # the values in `accepted`, which change nothing here.
+    refused: str | None = None
+    accepted: tuple[Any, ...] = ()
+
+    @property
+    def long_name(self) -> str:
+        return next(name for name in self.names if name.startswith("--"))
+
+    @property
+    def dest(self) -> str:
+        return self.long_name.removeprefix("--").replace("-", "_")
+
+
+FLAGS: tuple[Flag, ...] = (
+    # model
+    Flag(("--model-id",), "MODEL_ID",
+         "local folder, hub id in the local cache, .gguf file (or a folder holding one), or "
+         f"{PACKAGED_MODEL_ALIAS!r}; default: the packaged {PACKAGED_MODEL_ALIAS}"),
+    Flag(("--revision",), "REVISION", "hub revision (branch, tag or commit) of --model-id"),
+    Flag(("--dtype",), "DTYPE", "dtype forced upon the weights; default: the shard's choice",
+         choices=("float16", "bfloat16", "float32")),
+    Flag(("--trust-remote-code",), "TRUST_REMOTE_CODE",
+         "accepted for TGI compatibility: Shardline runs its own model code only", switch=True),
+    Flag(("--quantize",), "QUANTIZE", "quantization method; not supported yet",
+         choices=("awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin", "bitsandbytes",
+                  "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8"),
+         refused=_NOT_YET + "weights are served unquantized (a GGUF file is dequantized)"),
+    Flag(("--speculate",), "SPECULATE", "tokens to speculate per step; not supported yet "
+         "(0 is accepted)", type=int, refused=_NOT_YET + "no speculative decoding; only 0 is "
+         "accepted", accepted=(0,)),
+    Flag(("--kv-cache-dtype",), "KV_CACHE_DTYPE", "dtype of the KV cache; not supported yet "
+         "(the cache takes the model's dtype)", choices=("fp8_e4m3fn", "fp8_e5m2"),
+         refused=_NOT_YET + "the KV cache takes the model's dtype"),
+    Flag(("--rope-scaling",), "ROPE_SCALING", "rotary scaling forced upon the model; not "
+         "supported yet (the model's config.json rope_scaling applies)",
+         choices=("linear", "dynamic"),
+         refused=_NOT_YET + "the rotary scaling of the model's config.json applies"),
+    Flag(("--rope-factor",), "ROPE_FACTOR", "rotary scaling factor; not supported yet",
+         type=float, refused=_NOT_YET + "the rotary scaling of the model's config.json applies"),
+    Flag(("--lora-adapters",), "LORA_ADAPTERS", "LoRA adapter ids to load; not supported yet",
+         refused=_NOT_YET + "no LoRA adapters"),
+    Flag(("--weights-cache-override",), "WEIGHTS_CACHE_OVERRIDE",
+         "folder of the weights instead of the hub cache; not supported",
+         refused="not supported: pass the folder holding the weights as --model-id"),
+    # shards
+    Flag(("--sharded",), "SHARDED", "shard the model over every visible GPU (true/false)",
+         type=parse_bool),
+    Flag(("--num-shard",), "NUM_SHARD", "number of shard processes; default: all visible GPUs, "
+         "1 on CPU", type=int),
+    Flag(("--shard-uds-path",), "SHARD_UDS_PATH", "unix socket prefix of the shards (rank is "
+         "appended); default: inside a private directory made for this run"),
+    Flag(("--master-addr",), "MASTER_ADDR", "torch.distributed rendezvous address",
+         default="localhost"),
+    Flag(("--master-port",), "MASTER_PORT", "torch.distributed rendezvous port", type=int,
+         default=29500),
+    Flag(("--block-size",), "BLOCK_SIZE", "tokens per paged KV-cache block", type=int),
+    Flag(("--kv-cache-bytes",), "KV_CACHE_BYTES", "KV cache size in bytes on CPU", type=int),
+    Flag(("--cuda-memory-fraction", "--gpu-memory-utilization"), "CUDA_MEMORY_FRACTION",
+         "fraction of GPU memory that weights, activations and the KV cache may use; "
+         "default: the shard's (0.9)", type=float),
+    Flag(("--attention",), "ATTENTION", "attention backend (auto, torch, triton)"),
+    Flag(("--cuda-graphs",), "CUDA_GRAPHS", "decode batch sizes to capture CUDA graphs for, "
+         "e.g. 1,2,4,8; 0 disables"),
+    Flag(("--disable-custom-kernels",), "DISABLE_CUSTOM_KERNELS",
+         "attention in plain torch and no CUDA graphs (the shards' --attention torch "
+         "--cuda-graphs 0); the fused norm, activation, rotary and GEMV kernels still run",
+         switch=True),
+    Flag(("--prefix-caching",), "PREFIX_CACHING", "reuse the KV cache of shared prompt "
+         "prefixes (true/false); not supported yet (false is accepted)", type=parse_bool,
+         refused=_NOT_YET + "there is no prefix cache; only false is accepted",
+         accepted=(False,)),
+    Flag(("--watermark-gamma",), "WATERMARK_GAMMA", "watermark green-list fraction, passed "
+         "to the shards as WATERMARK_GAMMA", type=float),
+    Flag(("--watermark-delta",), "WATERMARK_DELTA", "watermark logit bias, passed to the "
+         "shards as WATERMARK_DELTA", type=float),
+    # router
+    Flag(("--hostname",), "HOSTNAME", "address the HTTP server listens on (0.0.0.0: every "
+         "interface); HOSTNAME is ignored when it is this machine's own name, as containers "
+         "set it", default="0.0.0.0"),
+    Flag(("-p", "--port"), "PORT", "port the HTTP server listens on", type=int, default=3000),
+    Flag(("--prometheus-port",), "PROMETHEUS_PORT", "port that serves /metrics without the "
+         "API key, on --hostname (0: none; a port already taken is skipped with a warning)",
+         type=int, default=9000),
+    Flag(("--max-concurrent-requests",), "MAX_CONCURRENT_REQUESTS",
+         "requests in flight before new ones get 429", type=int, default=128),
+    Flag(("--max-best-of",), "MAX_BEST_OF", "largest best_of a client may ask", type=int,
+         default=2),
+    Flag(("--max-stop-sequences",), "MAX_STOP_SEQUENCES", "most stop sequences per request",
+         type=int, default=4),
+    Flag(("--max-top-n-tokens",), "MAX_TOP_N_TOKENS", "largest top_n_tokens a client may ask",
+         type=int, default=5),
+    Flag(("--max-input-tokens",), "MAX_INPUT_TOKENS", "longest prompt in tokens; default: "
+         "from the model and the KV cache", type=int),
+    Flag(("--max-input-length",), "MAX_INPUT_LENGTH",
+         "deprecated alias of --max-input-tokens", type=int),
+    Flag(("--max-total-tokens",), "MAX_TOTAL_TOKENS", "prompt plus generated tokens per "
+         "request; default: from the model and the KV cache", type=int),
+    Flag(("--waiting-served-ratio",), "WAITING_SERVED_RATIO",
+         "waiting/running ratio past which waiting requests join the batch", type=float,
+         default=0.3),
+    Flag(("--max-batch-prefill-tokens",), "MAX_BATCH_PREFILL_TOKENS",
+         "most prompt tokens in one prefill; default: max-input-tokens + 50", type=int),
+    Flag(("--max-batch-total-tokens",), "MAX_BATCH_TOTAL_TOKENS",
+         "most tokens in a running batch; default: what the KV cache holds", type=int),
+    Flag(("--max-waiting-tokens",), "MAX_WAITING_TOKENS",
+         "decode steps before waiting requests are forced into the batch", type=int, default=20),
+    Flag(("--max-batch-size",), "MAX_BATCH_SIZE", "most requests in one batch", type=int),
+    Flag(("--api-key",), "API_KEY", "bearer token every request must carry"),
+    Flag(("--metrics-without-auth",), "METRICS_WITHOUT_AUTH", "serve /metrics on --port "
+         "without --api-key too, as TGI does", switch=True),
+    Flag(("--validation-workers",), "VALIDATION_WORKERS", "tokenizer workers of the router",
+         type=int, default=2),
+    Flag(("--max-client-batch-size",), "MAX_CLIENT_BATCH_SIZE", "most inputs in one request",
+         type=int, default=4),
+    Flag(("--payload-limit",), "PAYLOAD_LIMIT", "largest request body in bytes", type=int,
+         default=2_000_000),
+    Flag(("--tokenizer-config-path",), "TOKENIZER_CONFIG_PATH",
+         "folder with the tokenizer files, when not the model's"),
+    Flag(("--cors-allow-origin",), "CORS_ALLOW_ORIGIN", "origin browsers may call the API "
+         "from (repeat the flag, or comma-separate in the variable; * for any); default: none, "
+         "browsers keep the same-origin rule (TGI allows any)", repeated=True),
+    Flag(("--otlp-endpoint",), "OTLP_ENDPOINT", "OpenTelemetry collector (OTLP/gRPC, e.g. "
+         "http://127.0.0.1:4317) sent a trace of each request; default: no tracing"),
+    Flag(("--otlp-service-name",), "OTLP_SERVICE_NAME", "service.name of the router's traces",
+         default="text-generation-inference.router"),
+    Flag(("--disable-grammar-support",), "DISABLE_GRAMMAR_SUPPORT",
+         "refuse grammar-constrained requests; not supported yet", switch=True,
+         refused=_NOT_YET + "grammar-constrained generation cannot be turned off"),
+    Flag(("--enable-prefill-logprobs",), "ENABLE_PREFILL_LOGPROBS", "accepted for TGI "
+         "compatibility: prompt logprobs (decoder_input_details) are always available",
+         switch=True),
+    Flag(("--shard-step-timeout",), "SHARD_STEP_TIMEOUT",
+         "seconds a Prefill, Decode, FilterBatch or ClearCache call may take; past it a shard is "
+         "taken as stuck: in-flight requests get 424 and everything stops with exit 1 "
+         "(0: no limit)", type=float, default=60.0),
+    Flag(("--shard-warmup-timeout",), "SHARD_WARMUP_TIMEOUT",
+         "seconds the shards' Warmup (KV cache sizing, CUDA graph capture) may take; past it "
+         "everything stops with exit 1 (0: no limit)", type=float, default=1800.0),
+    # launcher
+    Flag(("--graceful-termination-timeout",), "GRACEFUL_TERMINATION_TIMEOUT",
+         "seconds the router may take to finish in-flight requests on SIGTERM (then cut)", type=float,
+         default=60.0),
+    Flag(("--json-output",), "JSON_OUTPUT", "logs as JSON lines", switch=True),
+    Flag(("--usage-stats",), "USAGE_STATS", "accepted for TGI compatibility: Shardline "
+         "collects and sends no usage statistics, whatever the value", default="on",
+         choices=("on", "off", "no-stack")),
+    Flag(("--ngrok",), "NGROK", "ngrok tunnel; not supported", switch=True, refused=_NO_NGROK),
+    Flag(("--ngrok-authtoken",), "NGROK_AUTHTOKEN", "ngrok token; not supported",
+         refused=_NO_NGROK),
+    Flag(("--ngrok-edge",), "NGROK_EDGE", "ngrok edge; not supported", refused=_NO_NGROK),
+)  # fmt: skip
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The parser, its defaults taken from `environ` (the process environment by default)."""
+    environ = _without_own_hostname(os.environ if environ is None else environ)
+    parser = argparse.ArgumentParser(
+        prog="text-generation-launcher",
+        description="Starts the shards and the router of Shardline and supervises them.",
+    )
+    for flag in FLAGS:
+        _add_flag(parser, flag, environ)
+    parser.add_argument(
+        "-e", "--env", action="store_true", help="log the runtime environment for bug reports"
+    )
+    parser.add_argument(
+        "-V", "--version", action="version", version=f"text-generation-launcher {__version__}"
+    )
+    return parser
+
+
+def _without_own_hostname(environ: Mapping[str, str]) -> Mapping[str, str]:
+    """TGI reads --hostname from HOSTNAME, which every container sets to its own name: the
+    server would then listen on that name's address alone (not on localhost). That value is
+    no choice of the user's, so it is dropped; any other HOSTNAME (an address) still counts."""
+    if environ.get("HOSTNAME") != socket.gethostname():
+        return environ
+    return {name: value for name, value in environ.items() if name != "HOSTNAME"}
+
+
+def _add_flag(parser: argparse.ArgumentParser, flag: Flag, environ: Mapping[str, str]) -> None:
+    default = _env_default(parser, flag, environ)
+    env_help = f" [env: {flag.env}]" if flag.env else ""
+    shown = "" if default is None or flag.switch else f" [default: {default}]"
+    if flag.switch:
+        parser.add_argument(
+            *flag.names,
+            dest=flag.dest,
+            action="store_true",
+            default=default,
+            help=flag.help + env_help,
+        )
+        return
+    parser.add_argument(
+        *flag.names,
+        dest=flag.dest,
+        action="append" if flag.repeated else "store",
+        type=flag.type,
+        default=default,
+        choices=flag.choices,
+        metavar=flag.dest.upper(),
+        help=flag.help + env_help + shown,
+    )
+
+
+def _env_default(parser: argparse.ArgumentParser, flag: Flag, environ: Mapping[str, str]) -> Any:
+    raw = environ.get(flag.env) if flag.env else None
+    if raw is None:
+        return False if flag.switch else flag.default
+    convert = parse_bool if flag.switch else flag.type
+    try:
+        if flag.repeated:
+            return [convert(item.strip()) for item in raw.split(",") if item.strip()]
+        value = convert(raw)
+    except (ValueError, argparse.ArgumentTypeError):
+        parser.error(f"environment variable {flag.env}={raw!r} is not a valid {flag.dest}")
+    if flag.choices and value not in flag.choices:
+        parser.error(f"environment variable {flag.env}={raw!r}: choose from {flag.choices}")
+    return value
+
+
+def parse_args(
+    argv: list[str] | None = None, environ: Mapping[str, str] | None = None
+) -> argparse.Namespace:
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    try:
+        refuse_unsupported(args, sys.argv[1:] if argv is None else argv)
+        args.max_input_tokens = _max_input_tokens(args)
+        args.num_shard = resolve_num_shard(args.sharded, args.num_shard, environ)
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    return args
+
+
+def refuse_unsupported(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """A TGI flag or environment variable that Shardline does not act upon stops the start,
+    unless its value changes nothing here: none is silently ignored."""
+    for flag in FLAGS:
+        value = getattr(args, flag.dest)
+        if flag.refused is None or value is None or value is False or value in flag.accepted:
+            continue
+        on_command_line = any(arg.split("=")[0] in flag.names for arg in argv)
+        source = flag.long_name if on_command_line else f"{flag.env} ({flag.long_name})"
+        raise ValueError(f"{source} is {flag.refused}")
+
+
+def _max_input_tokens(args: argparse.Namespace) -> int | None:
+    """TGI's rule for its deprecated `--max-input-length`: an alias, never beside the new name."""
+    if args.max_input_length is None:
+        return args.max_input_tokens
+    if args.max_input_tokens is not None:
+        raise ValueError(
+            "--max-input-tokens and --max-input-length (its deprecated alias) are both set; "
+            "set --max-input-tokens only"
+        )
+    return args.max_input_length
+
+
+def resolve_num_shard(
+    sharded: bool | None, num_shard: int | None, environ: Mapping[str, str] | None = None
+) -> int:
+    """TGI's rules for `--sharded` with `--num-shard`; the GPUs are counted only when needed."""
+    if num_shard is not None and num_shard < 1:
+        raise ValueError(f"--num-shard must be at least 1 (got {num_shard})")
+    if sharded is False:
+        if num_shard not in (None, 1):
+            raise ValueError(f"--sharded false contradicts --num-shard {num_shard}")
+        return 1
+    count = num_shard if num_shard is not None else visible_gpu_count(environ)
+    if sharded and count < 2:
+        raise ValueError(f"--sharded true needs at least 2 shards (have {count})")
+    return max(count, 1)
+
+
+def log_level(environ: Mapping[str, str]) -> str:
+    """TGI's LOG_LEVEL (`info`, or `info,target=debug`): its leading level, for every process."""
+    return environ.get("LOG_LEVEL", "info").split(",")[0].strip().upper() or "INFO"
+
+
+def visible_gpu_count(environ: Mapping[str, str] | None = None) -> int:
+    environ = os.environ if environ is None else environ
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([device for device in visible.split(",") if device.strip()])
+    import torch
+
+    return torch.cuda.device_count()

@@ -1,0 +1,429 @@
+"""SamplingParams: every generation parameter, with vLLM's names; the one source of truth.
+
+The REST layer maps TGI's `parameters` onto this class and the offline `LLM` API takes it
+directly; both turn it into the gRPC messages the shards read with `to_proto()`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import random
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import outlines_core
+
+from shardline.proto import generate_pb2
+
+logger = logging.getLogger(__name__)
+
+_MAX_SEED = 2**64 - 1
+# The shard protocol's widths: counts, token ids and top_k are uint32, floats are float32.
+MAX_UINT32 = 2**32 - 1
+# OpenAI's json_object: an object whose values are scalars, flat arrays or flat objects. Any depth
+# would do, but outlines-core's automaton of unbounded JSON takes seconds to build per vocabulary.
+_SCALAR: dict[str, Any] = {"type": ["string", "number", "boolean", "null"]}
+JSON_OBJECT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": {
+        "anyOf": [
+            _SCALAR,
+            {"type": "array", "items": _SCALAR},
+            {"type": "object", "additionalProperties": _SCALAR},
+        ]
+    },
+}
+# vLLM's thresholds: below the first a temperature means greedy, below the second (and above 0)
+# it is raised to the second, as dividing logits by it would overflow.
+GREEDY_TEMPERATURE = 1e-5
+MIN_TEMPERATURE = 1e-2
+
+
+class SamplingParamsError(ValueError):
+    """A generation parameter is out of range; the message names it."""
+
+
+@dataclass
+class SamplingParams:
+    """vLLM's SamplingParams, plus TGI's typical_p and watermark and vLLM's beam search fields.
+
+    As in vLLM: temperature 0 means greedy (and resets top_p, top_k and min_p, here typical_p
+    too), a temperature in (0, 0.01) is raised to 0.01, top_k -1 means 0 (off), seed -1 means
+    none, stop may be one string, duplicate stop_token_ids are dropped, logprobs -1 means the
+    whole vocabulary. watermark is TGI's flag, which this server does not implement: True is
+    rejected, never silently ignored. guided_json (a JSON schema, as a dict or JSON text) and
+    guided_regex constrain the output as vLLM's do (TGI's `grammar`); at most one, no beam search.
+    """
+
+    n: int = 1
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    use_beam_search: bool = False
+    beam_width: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
+    watermark: bool = False
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+
+    def __post_init__(self) -> None:
+        self._normalize()
+        self.validate()
+        self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))
+        if self.temperature < GREEDY_TEMPERATURE:
+            self.top_p, self.top_k, self.min_p, self.typical_p = 1.0, 0, 0.0, 1.0
+
+    def _normalize(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = _as_list(self.stop)
+        self.stop_token_ids = _as_list(self.stop_token_ids)
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.seed == -1:
+            self.seed = None
+        if _is_number(self.temperature) and 0.0 < self.temperature < MIN_TEMPERATURE:
+            logger.warning(
+                "temperature %s raised to %s to keep the logits finite",
+                self.temperature,
+                MIN_TEMPERATURE,
+            )
+            self.temperature = MIN_TEMPERATURE
+
+    @property
+    def greedy(self) -> bool:
+        """No randomness: temperature 0, or beam search (which ranks beams, never samples)."""
+        return self.use_beam_search or self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def num_sequences(self) -> int:
+        """How many sequences the engine generates for this request."""
+        if self.use_beam_search:
+            return self.beam_width
+        return max(self.n, self.best_of or self.n)
+
+    def validate(self) -> None:
+        self._validate_counts()
+        self._validate_penalties()
+        self._validate_warpers()
+        self._validate_stopping()
+        self._validate_outputs()
+        self._validate_beam_search()
+        self._validate_grammar()
+        if self.temperature < GREEDY_TEMPERATURE and not self.use_beam_search:
+            _check(self.num_sequences == 1, "n", self.n, "must be 1 with greedy sampling")
+        _check(self.watermark is False, "watermark", self.watermark, "is not supported")
+
+    def _validate_counts(self) -> None:
+        _check_int("n", self.n, minimum=1, maximum=MAX_UINT32)
+        if self.best_of is not None:
+            _check_int("best_of", self.best_of, minimum=self.n, maximum=MAX_UINT32)
+        if self.seed is not None:
+            _check_int("seed", self.seed, minimum=0, maximum=_MAX_SEED)
+
+    def _validate_penalties(self) -> None:
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_finite("repetition_penalty", self.repetition_penalty)
+        _check(
+            _as_float32(self.repetition_penalty) > 0.0,
+            "repetition_penalty",
+            self.repetition_penalty,
+            "must be > 0",
+        )
+
+    def _validate_warpers(self) -> None:
+        _check_finite("temperature", self.temperature)
+        _check(self.temperature >= 0.0, "temperature", self.temperature, "must be >= 0")
+        _check_finite("top_p", self.top_p)
+        _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
+        _check_int(
+            "top_k",
+            self.top_k,
+            minimum=0,
+            maximum=MAX_UINT32,
+            requirement=f"must be -1 or 0 (off), or in [1, {MAX_UINT32}]",
+        )
+        _check_range("min_p", self.min_p, 0.0, 1.0)
+        _check_finite("typical_p", self.typical_p)
+        _check(0.0 < self.typical_p <= 1.0, "typical_p", self.typical_p, "must be in (0, 1]")
+
+    def _validate_stopping(self) -> None:
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, minimum=1, maximum=MAX_UINT32)
+        _check_int("min_tokens", self.min_tokens, minimum=0, maximum=MAX_UINT32)
+        if self.max_tokens is not None:
+            _check(
+                self.min_tokens <= self.max_tokens,
+                "min_tokens",
+                self.min_tokens,
+                f"must be <= max_tokens ({self.max_tokens})",
+            )
+        _check(
+            isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+            "stop",
+            self.stop,
+            "must hold non-empty strings",
+        )
+        for stop in self.stop:
+            _check_text("stop", stop)
+        _check(
+            isinstance(self.stop_token_ids, list)
+            and all(_is_int(t) and 0 <= t <= MAX_UINT32 for t in self.stop_token_ids),
+            "stop_token_ids",
+            self.stop_token_ids,
+            f"must hold token ids in [0, {MAX_UINT32}]",
+        )
+
+    def _validate_outputs(self) -> None:
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value, minimum=-1, requirement="must be >= 0, or -1 (all)")
+
+    def _validate_beam_search(self) -> None:
+        _check_finite("length_penalty", self.length_penalty)
+        _check(
+            self.early_stopping in (True, False, "never"),
+            "early_stopping",
+            self.early_stopping,
+            "must be true, false or 'never'",
+        )
+        if not self.use_beam_search:
+            return
+        _check_int("beam_width", self.beam_width, minimum=1, maximum=MAX_UINT32)
+        _check(self.n <= self.beam_width, "n", self.n, f"must be <= beam_width ({self.beam_width})")
+        _check(self.best_of is None, "best_of", self.best_of, "is not used with beam search")
+        _check(
+            self.temperature in (0.0, 1.0),
+            "temperature",
+            self.temperature,
+            "must be 0 or 1 with beam search (beams are ranked, not sampled)",
+        )
+        for name, neutral in _BEAM_SEARCH_NEUTRAL.items():
+            value = getattr(self, name)
+            _check(value == neutral, name, value, "is not supported with beam search")
+
+    def _validate_grammar(self) -> None:
+        if self.guided_json is None and self.guided_regex is None:
+            return
+        _check(
+            self.guided_regex is None or self.guided_json is None,
+            "guided_json",
+            self.guided_json,
+            "cannot be combined with guided_regex",
+        )
+        _check(not self.use_beam_search, "use_beam_search", True, "cannot take a grammar")
+        if self.guided_json is not None:
+            schema = self._schema_text()
+            _check(
+                _schema_error(schema) is None,
+                "guided_json",
+                self.guided_json,
+                f"is not a usable JSON schema: {_schema_error(schema)}",
+            )
+        else:
+            _check(
+                isinstance(self.guided_regex, str),
+                "guided_regex",
+                self.guided_regex,
+                "must be a string",
+            )
+            _check_text("guided_regex", self.guided_regex)
+            _check(
+                _regex_error(self.guided_regex) is None,
+                "guided_regex",
+                self.guided_regex,
+                f"does not compile: {_regex_error(self.guided_regex)}",
+            )
+
+    def _schema_text(self) -> str:
+        if isinstance(self.guided_json, str):
+            _check_text("guided_json", self.guided_json)
+            return self.guided_json
+        _check(
+            isinstance(self.guided_json, dict),
+            "guided_json",
+            self.guided_json,
+            "must be a JSON schema (an object or its JSON text)",
+        )
+        return json.dumps(self.guided_json, sort_keys=True)
+
+    def _grammar_fields(self) -> dict[str, Any]:
+        if self.guided_json is not None:
+            return {"grammar_type": generate_pb2.GRAMMAR_TYPE_JSON, "grammar": self._schema_text()}
+        if self.guided_regex is not None:
+            return {"grammar_type": generate_pb2.GRAMMAR_TYPE_REGEX, "grammar": self.guided_regex}
+        return {}
+
+    def beam_search_proto(self) -> generate_pb2.BeamSearchParameters | None:
+        """The shard's beam search message; None without beam search."""
+        if not self.use_beam_search:
+            return None
+        return generate_pb2.BeamSearchParameters(
+            beam_width=self.beam_width,
+            length_penalty=self.length_penalty,
+            early_stopping=_EARLY_STOPPING[self.early_stopping],
+            num_return_sequences=self.n,
+        )
+
+    def to_proto(
+        self, max_new_tokens: int, sequence_index: int = 0
+    ) -> tuple[generate_pb2.NextTokenChooserParameters, generate_pb2.StoppingCriteriaParameters]:
+        """The shard messages for sequence `sequence_index` of this request.
+
+        Each of the n / best_of sequences of a seeded request gets seed + sequence_index (as
+        vLLM does), so they differ from one another and stay reproducible; an unseeded request
+        gets a fresh random seed per call.
+        """
+        if self.seed is None:
+            seed = random.getrandbits(63)
+        else:
+            seed = (self.seed + sequence_index) % (_MAX_SEED + 1)
+        chooser = generate_pb2.NextTokenChooserParameters(
+            temperature=1.0 if self.greedy else self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            typical_p=self.typical_p,
+            do_sample=not self.greedy,
+            seed=seed,
+            repetition_penalty=self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            min_p=self.min_p,
+            **self._grammar_fields(),
+        )
+        stopping = generate_pb2.StoppingCriteriaParameters(
+            max_new_tokens=max_new_tokens,
+            stop_sequences=self.stop,
+            ignore_eos_token=self.ignore_eos,
+            min_new_tokens=self.min_tokens,
+            stop_token_ids=self.stop_token_ids,
+        )
+        return chooser, stopping
+
+
+# Beam search ranks beams by their logprobs: these settings have no meaning there (penalties
+# would need each beam's own token history; stop strings a text match on hidden beams).
+_BEAM_SEARCH_NEUTRAL: dict[str, object] = {
+    "repetition_penalty": 1.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "stop": [],
+    "logprobs": None,
+}
+
+_EARLY_STOPPING = {
+    False: generate_pb2.EARLY_STOPPING_HEURISTIC,
+    True: generate_pb2.EARLY_STOPPING_ALWAYS,
+    "never": generate_pb2.EARLY_STOPPING_NEVER,
+}
+
+
+_ERROR_CHARS = 200
+_MAX_FLOAT32 = struct.unpack("f", struct.pack("I", 0x7F7FFFFF))[0]
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_error(schema: str) -> str | None:
+    """Why outlines-core cannot turn this JSON schema into a regex; None if it can (cheap)."""
+    try:
+        outlines_core.json_schema.build_regex_from_schema(schema)
+    except (ValueError, TypeError) as error:
+        return str(error)[:_ERROR_CHARS]
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _regex_error(regex: str) -> str | None:
+    """Why outlines-core cannot build the automaton of this regex over single bytes (which
+    byte-level and byte-fallback vocabularies all have); None if it can."""
+    try:
+        outlines_core.Index(regex, _byte_vocabulary())
+    except (ValueError, TypeError) as error:
+        return str(error)[:_ERROR_CHARS]
+    return None
+
+
+@functools.cache
+def _byte_vocabulary() -> outlines_core.Vocabulary:
+    return outlines_core.Vocabulary(256, {bytes([b]): [b] for b in range(256)})
+
+
+def _check(ok: bool, name: str, value: object, requirement: str) -> None:
+    if not ok:
+        raise SamplingParamsError(f"`{name}` {requirement} (got {value!r})")
+
+
+def _as_list(value: object) -> object:
+    """None and tuples become lists; anything else is left for validation to judge."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(
+    name: str,
+    value: object,
+    minimum: int,
+    maximum: int | None = None,
+    requirement: str | None = None,
+) -> None:
+    _check(_is_int(value), name, value, "must be an integer")
+    in_range = value >= minimum and (maximum is None or value <= maximum)
+    bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    _check(in_range, name, value, requirement or f"must be {bounds}")
+
+
+def _as_float32(value: float) -> float:
+    """The value the shards receive (a proto float), e.g. 1e300 becomes inf and 1e-300 zero."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def _check_finite(name: str, value: object) -> None:
+    """Finite as a Python number and as the float32 the shards receive."""
+    finite = _is_number(value) and math.isfinite(value) and abs(value) <= _MAX_FLOAT32
+    _check(finite, name, value, "must be a finite number (within float32's range)")
+
+
+def _check_text(name: str, text: str) -> None:
+    """Text the shard protocol can carry: UTF-8, so no lone surrogate (JSON's "\\ud800")."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as error:
+        raise SamplingParamsError(
+            f"`{name}` is not valid Unicode: it holds a lone surrogate at position {error.start}"
+        ) from error
+
+
+def _check_range(name: str, value: object, low: float, high: float) -> None:
+    _check_finite(name, value)
+    _check(low <= value <= high, name, value, f"must be in [{low:g}, {high:g}]")
