@@ -131,7 +131,6 @@ async def _validate(ctx: RouterContext, job: OpenAIJob) -> list[ValidRequest]:
         await ctx.validator.validate(
             prompt,
             job.params,
-            max_new_tokens=job.max_tokens,
             top_n_tokens=job.top_logprobs or 0,
             decoder_input_details=job.prompt_details,
             add_special_tokens=not job.chat,  # the chat template wrote the special tokens

@@ -29,7 +29,6 @@ from shardline.router.http import (
     context,
     counting_failure,
     error_middleware,
-    read_bool,
     read_json,
     sse_event,
 )
@@ -43,8 +42,10 @@ from shardline.router.request_types import (
     mean_logprob,
 )
 from shardline.router.responses_route import RESPONSES_ROUTES
+from shardline.router.schemas.common import parse
+from shardline.router.schemas.tgi import CompatGenerateRequest, GenerateRequest, TokenizeRequest
 from shardline.router.swagger_ui import swagger_ui
-from shardline.router.validation import ResponseOptions, parse_generate_body
+from shardline.router.validation import ResponseOptions
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +110,8 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def compat_generate(request: web.Request) -> web.StreamResponse:
-    body = await read_json(request)
-    if isinstance(body, dict) and read_bool(body, "stream"):
+    body = parse(CompatGenerateRequest, await read_json(request))
+    if body.stream:
         return await _generate_stream(request, body)
     return await _generate(request, body, as_list=True)
 
@@ -119,8 +120,10 @@ async def compat_generate(request: web.Request) -> web.StreamResponse:
 async def _validate(
     ctx: RouterContext, body: Any, stream: bool
 ) -> tuple[ValidRequest, ResponseOptions]:
+    """`body`: the request's JSON, or `/`'s already parsed."""
     started = time.monotonic()
-    valid, options = await ctx.validator.validate_generate(body, stream)
+    generate = body if isinstance(body, GenerateRequest) else parse(GenerateRequest, body)
+    valid, options = await ctx.validator.validate_generate(generate, stream)
     ctx.metrics.request_validation_duration.observe(time.monotonic() - started)
     ctx.metrics.request_input_length.observe(valid.input_length)
     ctx.metrics.request_max_new_tokens.observe(valid.max_new_tokens)
@@ -338,7 +341,7 @@ async def _refresh_kv_blocks(ctx: RouterContext) -> None:
 
 
 async def tokenize(request: web.Request) -> web.Response:
-    inputs, _ = parse_generate_body(await read_json(request))
+    inputs = parse(TokenizeRequest, await read_json(request)).inputs
     if not inputs:
         raise ValidationError("`inputs` cannot be empty")
     encoding = await context(request).validator.encode(inputs)

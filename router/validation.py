@@ -1,14 +1,12 @@
-"""TGI's request validation: JSON shape, parameter ranges, limits, tokenization and truncation.
-
-TGI's `parameters` (plus vLLM's extras) are mapped onto `SamplingParams`, the one source of
-truth; `Validator.validate` is shared with callers that build `SamplingParams` themselves.
-Error messages are TGI's where TGI has one.
+"""The router's validation: TGI's request rules that hang on the server's flags, tokenization,
+truncation and the length limits (the token budget resolved against the context), for every
+API and for the offline `LLM`. Bodies are parsed by their models (router/schemas/), their
+parameters' ranges are `SamplingParams`'. Error messages are TGI's where TGI has one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -17,43 +15,8 @@ from shardline.router.client import request_proto
 from shardline.router.errors import ValidationError
 from shardline.router.grammar_compiler import GrammarCompiler
 from shardline.router.request_types import ValidRequest
+from shardline.router.schemas.tgi import GRAMMAR_TYPES, GenerateParameters, GenerateRequest
 from shardline.sampling_params import JSON_OBJECT_SCHEMA, SamplingParams, SamplingParamsError
-
-_MAX_SEED = 2**64 - 1
-
-# name -> accepted JSON type; every other key of `parameters` is rejected.
-_PARAMETER_TYPES: dict[str, str] = {
-    "best_of": "int",
-    "decoder_input_details": "bool",
-    "details": "bool",
-    "do_sample": "bool",
-    "frequency_penalty": "float",
-    "grammar": "any",
-    "max_new_tokens": "int",
-    "repetition_penalty": "float",
-    "return_full_text": "bool",
-    "seed": "int",
-    "stop": "list[str]",
-    "temperature": "float",
-    "top_k": "int",
-    "top_n_tokens": "int",
-    "top_p": "float",
-    "truncate": "int",
-    "typical_p": "float",
-    "watermark": "bool",
-    "adapter_id": "str",
-    "presence_penalty": "float",
-    "min_p": "float",
-    "min_tokens": "int",
-    "ignore_eos": "bool",
-    "skip_special_tokens": "bool",
-    "stop_token_ids": "list[int]",
-    # Beam search (vLLM's names): the best beam is the answer, the others its best_of_sequences.
-    "use_beam_search": "bool",
-    "beam_width": "int",
-    "length_penalty": "float",
-    "early_stopping": "any",
-}
 
 
 @dataclass(frozen=True)
@@ -116,70 +79,65 @@ class Validator:
         return Encoding(list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]])
 
     async def validate_generate(
-        self, body: Any, stream: bool
+        self, generate: GenerateRequest, stream: bool
     ) -> tuple[ValidRequest, ResponseOptions]:
-        """Validates a TGI `GenerateRequest` JSON body."""
-        inputs, parameters = parse_generate_body(body)
-        params = _Parameters(parameters)
-        self._check_tgi_rules(params, stream)
-        sampling = params.sampling_params()
+        parameters = generate.generation
+        self._check_tgi_rules(parameters, stream)
         request = await self.validate(
-            inputs,
-            sampling,
-            max_new_tokens=params.get("max_new_tokens"),
-            truncate=params.get("truncate"),
-            top_n_tokens=params.get("top_n_tokens") or 0,
-            decoder_input_details=params.get("decoder_input_details", False),
+            generate.inputs,
+            tgi_sampling_params(parameters),
+            truncate=parameters.truncate,
+            top_n_tokens=parameters.top_n_tokens or 0,
+            decoder_input_details=parameters.decoder_input_details,
         )
         options = ResponseOptions(
-            details=params.get("details", False) or params.get("decoder_input_details", False),
-            return_full_text=params.get("return_full_text") or False,
+            details=parameters.details or parameters.decoder_input_details,
+            return_full_text=parameters.return_full_text or False,
         )
         return request, options
 
-    def _check_tgi_rules(self, params: _Parameters, stream: bool) -> None:
-        best_of = params.get("best_of")
-        if best_of is not None:
-            self._check_best_of(best_of, params, stream)
-        if params.get("use_beam_search", False):
-            self._check_beam_search(params, stream)
-        if params.get("max_new_tokens") is not None and params.get("max_new_tokens") <= 0:
-            raise ValidationError("`max_new_tokens` must be strictly positive")
-        top_n = params.get("top_n_tokens")
-        if top_n is not None and not 0 <= top_n <= self.limits.max_top_n_tokens:
+    def _check_tgi_rules(self, parameters: GenerateParameters, stream: bool) -> None:
+        if parameters.best_of is not None:
+            self._check_best_of(parameters, stream)
+        if parameters.use_beam_search:
+            self._check_beam_search(parameters, stream)
+        top_n = parameters.top_n_tokens
+        if top_n is not None and top_n > self.limits.max_top_n_tokens:
             raise ValidationError(
                 f"`top_n_tokens` must be >= 0 and <= {self.limits.max_top_n_tokens}. Given: {top_n}"
             )
-        if stream and params.get("decoder_input_details", False):
+        if stream and parameters.decoder_input_details:
             raise ValidationError(
                 "`decoder_input_details` == true is not supported when streaming tokens"
             )
-        _reject_unsupported(params)
+        if parameters.adapter_id is not None:
+            raise ValidationError("`adapter_id` is not supported: no LoRA adapters are loaded")
 
-    def _check_best_of(self, best_of: int, params: _Parameters, stream: bool) -> None:
-        if best_of > 1 and not params.sampling:
+    def _check_best_of(self, parameters: GenerateParameters, stream: bool) -> None:
+        best_of = parameters.best_of
+        if best_of > 1 and not parameters.samples:
             raise ValidationError("you must use sampling when `best_of` is > 1")
-        if best_of > 1 and params.get("seed") is not None:
+        if best_of > 1 and parameters.seed is not None:
             raise ValidationError("`seed` must not be set when `best_of` > 1")
         if self.limits.max_best_of == 1 and best_of != 1:
             raise ValidationError("`best_of` != 1 is not allowed for this endpoint")
-        if not 0 < best_of <= self.limits.max_best_of:
+        if best_of > self.limits.max_best_of:
             raise ValidationError(
                 f"`best_of` must be > 0 and <= {self.limits.max_best_of}. Given: {best_of}"
             )
         if best_of > 1 and stream:
             raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
 
-    def _check_beam_search(self, params: _Parameters, stream: bool) -> None:
+    def _check_beam_search(self, parameters: GenerateParameters, stream: bool) -> None:
         if stream:
             raise ValidationError(
                 "`use_beam_search` is not supported when streaming tokens: the best beam is only "
                 "known when the search ends"
             )
-        if params.get("top_n_tokens"):
+        if parameters.top_n_tokens:
             raise ValidationError("`top_n_tokens` is not supported with beam search")
-        width = params.get("beam_width", 1)
-        if not 0 < width <= self.limits.max_best_of:
+        width = parameters.beam_width
+        if width > self.limits.max_best_of:
             raise ValidationError(
                 f"`beam_width` must be > 0 and <= {self.limits.max_best_of} (--max-best-of). "
                 f"Given: {width}"
@@ -189,13 +147,12 @@ class Validator:
         self,
         inputs: str,
         params: SamplingParams,
-        max_new_tokens: int | None = None,
         truncate: int | None = None,
         top_n_tokens: int = 0,
         decoder_input_details: bool = False,
         add_special_tokens: bool = True,
     ) -> ValidRequest:
-        """Tokenizes, truncates and checks the limits; `max_new_tokens` defaults to fit.
+        """Tokenizes, truncates and checks the limits (see `token_budget`).
 
         `add_special_tokens` is False for chat prompts, whose template already wrote them.
         """
@@ -216,9 +173,28 @@ class Validator:
         input_ids = (await self.encode(inputs, add_special_tokens)).ids
         if truncate is not None:
             input_ids = input_ids[-truncate:]
+        request = ValidRequest(
+            inputs=inputs,
+            input_ids=input_ids,
+            params=params,
+            max_new_tokens=self.token_budget(input_ids, params),
+            top_n_tokens=top_n_tokens,
+            decoder_input_details=decoder_input_details,
+        )
+        _check_encodable(request)
+        request.grammar_index = await self._grammar_index(params)
+        return request
+
+    def token_budget(self, input_ids: list[int], params: SamplingParams) -> int:
+        """The tokens this prompt may generate: `params.max_tokens`, or by default what the
+        context leaves; the prompt is checked against the vocabulary and the length limits."""
+        limits = self.limits
+        if not input_ids:
+            raise ValidationError("`inputs` has no tokens")
         self._check_vocabulary(input_ids)
         self._check_logit_bias(params)
         input_length = len(input_ids)
+        max_new_tokens = params.max_tokens
         if max_new_tokens is None:
             max_new_tokens = max(limits.max_total_tokens - input_length, 0)
         if input_length + max_new_tokens > limits.max_total_tokens:
@@ -238,18 +214,7 @@ class Validator:
                 f"`min_tokens` must be <= `max_new_tokens` ({max_new_tokens}). "
                 f"Given: {params.min_tokens}"
             )
-        request = ValidRequest(
-            inputs=inputs,
-            input_ids=input_ids,
-            params=params,
-            max_new_tokens=max_new_tokens,
-            top_n_tokens=top_n_tokens,
-            decoder_input_details=decoder_input_details,
-        )
-
-        _check_encodable(request)
-        request.grammar_index = await self._grammar_index(params)
-        return request
+        return max_new_tokens
 
     async def _grammar_index(self, params: SamplingParams) -> bytes:
         """The compiled grammar, off the event loop and within the grammar budget (last: the
@@ -300,115 +265,48 @@ def _check_encodable(request: ValidRequest) -> None:
         raise ValidationError(f"the request cannot be sent to the model: {error}") from error
 
 
-def parse_generate_body(body: Any) -> tuple[str, dict[str, Any]]:
-    """Checks the shape of `{"inputs": str, "parameters": {...}}`."""
-    if not isinstance(body, dict):
-        raise ValidationError("the request body must be a JSON object")
-    inputs = body.get("inputs")
-    if not isinstance(inputs, str):
-        raise ValidationError("`inputs` is required and must be a string")
-    parameters = body.get("parameters")
-    if parameters is None:
-        parameters = {}
-    if not isinstance(parameters, dict):
-        raise ValidationError("`parameters` must be a JSON object")
-    return inputs, parameters
-
-
-class _Parameters:
-    """Typed access to TGI's `parameters` object; null means absent."""
-
-    def __init__(self, raw: dict[str, Any]) -> None:
-        """Unknown names are ignored, as TGI ignores them."""
-        self._values = {
-            name: _typed(name, value)
-            for name, value in raw.items()
-            if value is not None and name in _PARAMETER_TYPES
-        }
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self._values.get(name, default)
-
-    @property
-    def sampling(self) -> bool:
-        """TGI samples when asked to, or when any warper is set."""
-        warpers = ("temperature", "top_k", "top_p", "typical_p", "min_p")
-        return self.get("do_sample", False) or any(self.get(n) is not None for n in warpers)
-
-    def sampling_params(self) -> SamplingParams:
-        temperature = self._positive("temperature", 1.0, "`temperature` must be strictly positive")
-        repetition_penalty = self._positive(
-            "repetition_penalty", 1.0, "`repetition_penalty` must be strictly positive"
+def tgi_sampling_params(parameters: GenerateParameters) -> SamplingParams:
+    """TGI's `parameters` as `SamplingParams`, which checks their ranges. Unset (None) numbers
+    take their neutral value: `or` is safe, as none of their zeros is both valid and not neutral."""
+    p = parameters
+    try:
+        return SamplingParams(
+            temperature=(p.temperature or 1.0) if p.samples else 0.0,
+            top_k=p.top_k or 0,
+            top_p=p.top_p or 1.0,
+            typical_p=p.typical_p or 1.0,
+            min_p=p.min_p or 0.0,
+            repetition_penalty=p.repetition_penalty or 1.0,
+            frequency_penalty=p.frequency_penalty or 0.0,
+            presence_penalty=p.presence_penalty or 0.0,
+            seed=p.seed,
+            stop=p.stop,
+            include_stop_str_in_output=True,  # TGI's generated_text keeps the stop sequence
+            stop_token_ids=p.stop_token_ids,
+            ignore_eos=p.ignore_eos,
+            max_tokens=p.max_new_tokens,
+            min_tokens=p.min_tokens,
+            skip_special_tokens=p.skip_special_tokens,
+            best_of=p.best_of,
+            watermark=p.watermark,
+            **_beam_search(p),
+            **guided_decoding(p.grammar, "grammar"),
         )
-        top_k = self.get("top_k")
-        if top_k is not None and top_k <= 0:
-            raise ValidationError("`top_k` must be strictly positive")
-        seed = self.get("seed")
-        if seed is not None and not 0 <= seed <= _MAX_SEED:
-            raise ValidationError("`seed` must be >= 0 and fit in an unsigned 64-bit integer")
-        try:
-            return SamplingParams(
-                temperature=temperature if self.sampling else 0.0,
-                top_k=top_k or 0,
-                top_p=self._open_unit("top_p"),
-                typical_p=self._open_unit("typical_p"),
-                min_p=self._closed_range("min_p", 0.0, 0.0, 1.0),
-                repetition_penalty=repetition_penalty,
-                frequency_penalty=self._closed_range("frequency_penalty", 0.0, -2.0, 2.0),
-                presence_penalty=self._closed_range("presence_penalty", 0.0, -2.0, 2.0),
-                seed=seed,
-                stop=self.get("stop", []),
-                include_stop_str_in_output=True,  # TGI's generated_text keeps the stop sequence
-                stop_token_ids=self.get("stop_token_ids", []),
-                ignore_eos=self.get("ignore_eos", False),
-                max_tokens=self.get("max_new_tokens"),
-                min_tokens=self.get("min_tokens", 0),
-                skip_special_tokens=self.get("skip_special_tokens", True),
-                best_of=self.get("best_of"),
-                watermark=self.get("watermark", False),
-                **self._beam_search(),
-                **guided_decoding(self.get("grammar"), "grammar"),
-            )
-        except SamplingParamsError as error:
-            raise ValidationError(str(error)) from error
-
-    def _beam_search(self) -> dict[str, Any]:
-        """Every beam comes back: the best is the answer, the others its best_of_sequences."""
-        if not self.get("use_beam_search", False):
-            return {}
-        width = self.get("beam_width", 1)
-        return {
-            "use_beam_search": True,
-            "beam_width": width,
-            "n": width,
-            "length_penalty": self.get("length_penalty", 1.0),
-            "early_stopping": self.get("early_stopping", False),
-        }
-
-    def _positive(self, name: str, default: float, message: str) -> float:
-        value = self.get(name, default)
-        if value <= 0.0:
-            raise ValidationError(message)
-        return value
-
-    def _open_unit(self, name: str) -> float:
-        value = self.get(name)
-        if value is None:
-            return 1.0
-        if not 0.0 < value < 1.0:
-            raise ValidationError(f"`{name}` must be > 0.0 and < 1.0")
-        return value
-
-    def _closed_range(self, name: str, default: float, low: float, high: float) -> float:
-        value = self.get(name, default)
-        if not low <= value <= high:
-            raise ValidationError(f"`{name}` must be >= {low} and <= {high}")
-        return value
+    except SamplingParamsError as error:
+        raise ValidationError(str(error)) from error
 
 
-def _reject_unsupported(params: _Parameters) -> None:
-    if params.get("adapter_id") is not None:
-        raise ValidationError("`adapter_id` is not supported: no LoRA adapters are loaded")
+def _beam_search(parameters: GenerateParameters) -> dict[str, Any]:
+    """Every beam comes back: the best is the answer, the others its best_of_sequences."""
+    if not parameters.use_beam_search:
+        return {}
+    return {
+        "use_beam_search": True,
+        "beam_width": parameters.beam_width,
+        "n": parameters.beam_width,
+        "length_penalty": parameters.length_penalty,
+        "early_stopping": parameters.early_stopping,
+    }
 
 
 def openai_logit_bias(value: Any) -> dict[str, Any]:
@@ -426,9 +324,6 @@ def openai_logit_bias(value: Any) -> dict[str, Any]:
     return {"logit_bias": bias}
 
 
-_GRAMMAR_TYPES = ("json", "regex", "json_schema", "json_object", "text")
-
-
 def guided_decoding(spec: Any, name: str) -> dict[str, Any]:
     """SamplingParams' guided_json / guided_regex for TGI's `grammar` ({"type": "json" | "regex",
     "value": ...} or {"type": "json_schema", "value": {"schema": ...}}) or OpenAI's
@@ -437,8 +332,8 @@ def guided_decoding(spec: Any, name: str) -> dict[str, Any]:
     if spec is None:
         return {}
     kind = spec.get("type") if isinstance(spec, dict) else None
-    if kind not in _GRAMMAR_TYPES:
-        raise ValidationError(f"`{name}` must be an object whose `type` is one of {_GRAMMAR_TYPES}")
+    if kind not in GRAMMAR_TYPES:
+        raise ValidationError(f"`{name}` must be an object whose `type` is one of {GRAMMAR_TYPES}")
     if kind == "text":
         return {}
     if kind == "json_object":
@@ -451,24 +346,3 @@ def guided_decoding(spec: Any, name: str) -> dict[str, Any]:
     if not isinstance(config, dict) or "schema" not in config:
         raise ValidationError(f'`{name}` of type json_schema needs {{"schema": <JSON schema>}}')
     return {"guided_json": config["schema"]}
-
-
-def _typed(name: str, value: Any) -> Any:
-    kind = _PARAMETER_TYPES[name]
-    ok = {
-        "bool": lambda v: isinstance(v, bool),
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "float": lambda v: (
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        ),
-        "str": lambda v: isinstance(v, str),
-        "list[str]": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
-        "list[int]": lambda v: (
-            isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
-        ),
-        "any": lambda v: True,
-    }[kind](value)
-    if not ok:
-        expected = {"float": "a finite number", "list[int]": "a list of token ids"}.get(kind, kind)
-        raise ValidationError(f"`{name}` must be {expected} (got {value!r})")
-    return value

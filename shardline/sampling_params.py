@@ -21,7 +21,8 @@ from shardline.proto import generate_pb2
 
 logger = logging.getLogger(__name__)
 
-_MAX_SEED = 2**64 - 1
+# Seeds are uint64 in the shard protocol (TGI's `seed` too).
+MAX_SEED = 2**64 - 1
 # The shard protocol's widths: counts, token ids and top_k are uint32, floats are float32.
 MAX_UINT32 = 2**32 - 1
 # OpenAI's json_object: an object whose values are scalars, flat arrays or flat objects. Any depth
@@ -149,7 +150,7 @@ class SamplingParams:
         if self.best_of is not None:
             _check_int("best_of", self.best_of, minimum=self.n, maximum=MAX_UINT32)
         if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0, maximum=_MAX_SEED)
+            _check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
 
     def _validate_penalties(self) -> None:
         _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
@@ -321,7 +322,7 @@ class SamplingParams:
         if self.seed is None:
             seed = random.getrandbits(63)
         else:
-            seed = (self.seed + sequence_index) % (_MAX_SEED + 1)
+            seed = (self.seed + sequence_index) % (MAX_SEED + 1)
         chooser = generate_pb2.NextTokenChooserParameters(
             temperature=1.0 if self.greedy else self.temperature,
             top_k=self.top_k,

@@ -9,11 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from shardline.proto import generate_pb2
+from shardline.sampling_params import GREEDY_TEMPERATURE
 from shardline.shards.sampling.counter_hash import MASK_32
 from shardline.shards.sampling.watermark import WatermarkSettings
 from shardline.shards.utils.transfer import to_device
-
-GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
