@@ -28,15 +28,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import time
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from shardline.proto import generate_pb2 as pb
 from shardline.router import tracing
-from shardline.router.client import ShardClient, ShardTimeoutError, StepResult, request_proto
+from shardline.router.client import ShardClient, ShardTimeoutError, request_proto
+from shardline.router.entry_outcomes import fail, record_success
 from shardline.router.errors import (
     GenerationError,
     IncompleteGenerationError,
@@ -44,18 +44,14 @@ from shardline.router.errors import (
     ValidationError,
 )
 from shardline.router.generation_events import GenerationEvents
+from shardline.router.join_policy import JoinPolicy
 from shardline.router.metrics import RouterMetrics
 from shardline.router.queue import Entry, RequestQueue
-from shardline.router.request_types import (
-    StreamEvent,
-    ValidRequest,
-)
+from shardline.router.request_stream import RequestStream
+from shardline.router.request_types import ValidRequest
+from shardline.router.shard_calls import InFlight, ShardCalls
 
 logger = logging.getLogger(__name__)
-
-# Event loop turns a started shard call needs before its request is written: the gRPC client
-# sends from a task of its own, which must run before the router's work on the last step.
-_YIELDS_TO_SEND = 2
 
 
 @dataclass(frozen=True)
@@ -69,54 +65,6 @@ class BatchingConfig:
     # The shards prefill prompts in chunks: a prompt that does not fit a batch's prefill budget
     # joins with the part that does, and the rest follows in the next steps.
     prefill_chunking: bool = False
-
-
-class RequestStream:
-    """The events of one request, in order; the last one carries `finished`.
-
-    Iterating raises the request's error (a `RouterError`) if generation failed. `cancel()`
-    (e.g. when the client disconnects) drops the request from its batch after the current step.
-    """
-
-    def __init__(self, entry: Entry) -> None:
-        self._entry = entry
-        self._ended = False
-        self._unfinished = len(entry.sequences)
-
-    @property
-    def request(self) -> ValidRequest:
-        return self._entry.request
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> StreamEvent:
-        if self._ended:
-            raise StopAsyncIteration
-        item = await self._entry.events.get()
-        if isinstance(item, BaseException):
-            self._ended = True
-            raise item
-        if item.finished is not None:
-            self._unfinished -= 1
-        self._ended = self._unfinished == 0
-        return item
-
-    async def collect(self) -> list[StreamEvent]:
-        return [event async for event in self]
-
-    def cancel(self) -> None:
-        if self._entry.alive:
-            self._entry.cancelled = True
-
-
-@dataclass
-class _InFlight:
-    """A shard call on its way; its task answers the result and the seconds it took."""
-
-    method: str
-    task: asyncio.Future[tuple[StepResult, float]]
-    batch_ids: list[int]
 
 
 @dataclass
@@ -145,6 +93,8 @@ class Batcher:
         self.config = config
         self._metrics = metrics or RouterMetrics()
         self._queue = RequestQueue(chunking=config.prefill_chunking)
+        self._join = JoinPolicy(config, self._queue, self._metrics)
+        self._calls = ShardCalls(client, self._metrics)
         self._running: dict[int, Entry] = {}
         self._prefilling: dict[int, Entry] = {}
         self._request_ids = itertools.count()
@@ -152,8 +102,6 @@ class Batcher:
         self._wakeup = asyncio.Event()
         # Sequences the router ended (a stop sequence matched) that the shards still run.
         self._stopped: list[pb.SequenceRef] = []
-        # Shard calls in flight, each with the time.monotonic() it was sent at.
-        self._in_flight: dict[asyncio.Future[tuple[StepResult, float]], float] = {}
         self._task: asyncio.Task[None] | None = None
         self.stuck: ShardTimeoutError | None = None
         self._stuck_event = asyncio.Event()
@@ -197,9 +145,7 @@ class Batcher:
     @property
     def oldest_step_s(self) -> float:
         """Seconds the oldest Prefill or Decode in flight has run so far (0 when none)."""
-        if not self._in_flight:
-            return 0.0
-        return time.monotonic() - min(self._in_flight.values())
+        return self._calls.oldest_s
 
     @property
     def running_size(self) -> int:
@@ -222,7 +168,7 @@ class Batcher:
             await self._wakeup.wait()
             self._wakeup.clear()
             await self._release_cancelled_prefills()
-            while entries := self._next_batch(min_size=None):
+            while entries := self._join.next_batch(None, list(self._running.values())):
                 try:
                     await self._serve(entries)
                 except ShardTimeoutError:
@@ -230,20 +176,20 @@ class Batcher:
                 except Exception as error:  # the loop must outlive any bug in one batch
                     logger.exception("batch failed")
                     await self._drop_batch(GenerationError(f"internal error: {error}"))
-                    await self._clear_cache(None)
+                    await self._calls.clear_cache(None)
                 self._update_gauges()
 
     async def _drop_batch(self, error: RouterError) -> None:
         """Abandons the calls in flight and fails every running and prefilling request."""
-        await self._abandon_calls()
+        await self._calls.abandon()
         prefills = self._queue.partly_prefilled()
-        self._fail([*self._running.values(), *self._prefilling.values(), *prefills], error)
+        fail([*self._running.values(), *self._prefilling.values(), *prefills], error)
         self._running.clear()
         self._prefilling = {}
 
     async def _fail_everything(self, error: RouterError) -> None:
         await self._drop_batch(error)
-        self._fail(self._queue.drain(), error)
+        fail(self._queue.drain(), error)
         self._update_gauges()
 
     async def _give_up(self, error: ShardTimeoutError) -> None:
@@ -251,25 +197,6 @@ class Batcher:
         self.stuck = error
         await self._fail_everything(GenerationError(str(error)))
         self._stuck_event.set()
-
-    def _next_batch(
-        self, min_size: int | None, running: list[Entry] | None = None, take: bool = True
-    ) -> list[Entry] | None:
-        """The requests that may be prefilled beside `running` (default: every running request)
-        now, taken from the queue unless `take` is False."""
-        cfg = self.config
-        running = list(self._running.values()) if running is None else running
-        max_size = None if cfg.max_batch_size is None else max(cfg.max_batch_size - len(running), 0)
-        used = sum(entry.budget_tokens for entry in running)
-        entries = self._queue.next_batch(
-            min_size,
-            max_size,
-            cfg.max_batch_prefill_tokens,
-            cfg.max_batch_total_tokens - used,
-            take,
-        )
-        self._metrics.queue_size.set(len(self._queue))
-        return entries
 
     async def _serve(self, entries: list[Entry]) -> None:
         """Runs the batch until it is empty, one step ahead of the router: the next call is sent
@@ -286,14 +213,14 @@ class Batcher:
             call = None
             await self._release_cancelled_prefills()
             if answered.batches:
-                on_shard = _request_ids(answered.batches)
-                joining = self._joining(waiting_steps, on_shard)
+                on_shard = self._on_shard(answered.batches)
+                joining = self._join.joining(waiting_steps, on_shard)
                 waiting_steps = 0 if joining else waiting_steps
                 call = await (
                     self._send_prefill(joining, answered.batches)
                     if joining
                     else self._send_decode(
-                        answered.batches, not self._join_likely_next(waiting_steps, on_shard)
+                        answered.batches, not self._join.join_likely_next(waiting_steps, on_shard)
                     )
                 )
             self._handle(answered.generations)
@@ -304,39 +231,14 @@ class Batcher:
                 answered.add(*await step)
                 waiting_steps += 1
 
-    def _join_min_size(self, waiting_steps: int, running: int) -> int | None:
-        """TGI's rule: waiting requests join when enough of them wait, or they waited long."""
-        if waiting_steps >= self.config.max_waiting_tokens:
-            return None
-        return math.floor(running * self.config.waiting_served_ratio)
-
-    def _joining(self, waiting_steps: int, on_shard: set[int]) -> list[Entry] | None:
-        """The requests that join the running batch now; asked before the last step's
-        generations are handled, of the requests the shards still hold."""
-        running = [entry for rid, entry in self._running.items() if rid in on_shard]
-        min_size = self._join_min_size(waiting_steps, len(running))
-        joining = self._next_batch(min_size, running)
-        if joining:
-            reason = "backpressure" if min_size is not None else "wait_exceeded"
-            self._metrics.batch_concat.inc(reason=reason)
-        return joining
-
-    def _join_likely_next(self, waiting_steps: int, on_shard: set[int]) -> bool:
-        """Whether requests may join at the next step: with one more step waited, beside the
-        running requests that will not have reached their token limit. An end the router cannot
-        foresee (EOS, a stop sequence) or a new arrival may still let some join; the shards
-        then run the step launched ahead and the prefill apart."""
-        staying = [
-            entry
-            for rid, entry in self._running.items()
-            if rid in on_shard and not _may_reach_limit_next(entry)
-        ]
-        min_size = self._join_min_size(waiting_steps + 1, len(staying))
-        return self._next_batch(min_size, staying, take=False) is not None
+    def _on_shard(self, batches: list[pb.CachedBatch]) -> list[Entry]:
+        """The running requests whose rows these cached batches hold."""
+        on_shard = _request_ids(batches)
+        return [entry for rid, entry in self._running.items() if rid in on_shard]
 
     async def _send_prefill(
         self, entries: list[Entry], running: Sequence[pb.CachedBatch] = ()
-    ) -> _InFlight | None:
+    ) -> InFlight | None:
         """A Prefill of the entries whose shard message builds (the others fail alone); with
         none left, a Decode of `running`, or None when there is nothing to send."""
         requests = self._encodable(entries)
@@ -359,20 +261,20 @@ class Batcher:
             max_tokens=sum(entry.budget_tokens for entry in entries),
         )
         ids = [batch.id, *(cached.id for cached in running)]
-        return await self._send("prefill", self._client.prefill(batch, running), ids)
+        return await self._calls.send("prefill", self._client.prefill(batch, running), ids)
 
-    async def _prefilled(
-        self, call: _InFlight
-    ) -> tuple[list[pb.Generation], pb.CachedBatch | None]:
+    async def _prefilled(self, call: InFlight) -> tuple[list[pb.Generation], pb.CachedBatch | None]:
         """A Prefill's answer; one that carried the running batch answers for it too."""
         carried = len(call.batch_ids) > 1
         running = list(self._running.values()) if carried else []
-        result = await self._receive(call, running + list(self._prefilling.values()))
+        result = await self._calls.receive(call, running + list(self._prefilling.values()))
         members, self._prefilling = self._prefilling, {}
         if result is None:
             if carried:
                 self._running.clear()
-            await self._drop_prefills([e for e in members.values() if e.prefilled or e.chunked])
+            await self._calls.drop_prefills(
+                [e for e in members.values() if e.prefilled or e.chunked]
+            )
             return [], None
         for request_id, entry in members.items():
             if request_id in result.refused:
@@ -385,59 +287,19 @@ class Batcher:
             entry.prefilled += entry.chunk
         return result.generations, await self._filter(result.batch)
 
-    async def _send_decode(self, batches: list[pb.CachedBatch], launch_next: bool) -> _InFlight:
+    async def _send_decode(self, batches: list[pb.CachedBatch], launch_next: bool) -> InFlight:
         """`launch_next`: no request is expected to join at the next step, so the shards may
         launch it ahead (see the shard engine's `decode`)."""
         self._update_gauges()
         ids = [batch.id for batch in batches]
-        return await self._send("decode", self._client.decode(batches, launch_next), ids)
+        return await self._calls.send("decode", self._client.decode(batches, launch_next), ids)
 
-    async def _decoded(self, call: _InFlight) -> tuple[list[pb.Generation], pb.CachedBatch | None]:
-        result = await self._receive(call, list(self._running.values()))
+    async def _decoded(self, call: InFlight) -> tuple[list[pb.Generation], pb.CachedBatch | None]:
+        result = await self._calls.receive(call, list(self._running.values()))
         if result is None:
             self._running.clear()
             return [], None
         return result.generations, await self._filter(result.batch)
-
-    async def _send(
-        self, method: str, call: Coroutine[Any, Any, StepResult], batch_ids: list[int]
-    ) -> _InFlight:
-        """Starts a shard call and returns once its request is on its way."""
-        self._metrics.batch_inference_count.inc(method=method)
-        task = asyncio.ensure_future(_timed(call))
-        self._in_flight[task] = time.monotonic()
-        for _ in range(_YIELDS_TO_SEND):
-            await asyncio.sleep(0)
-        return _InFlight(method, task, batch_ids)
-
-    async def _receive(self, call: _InFlight, entries: list[Entry]) -> StepResult | None:
-        """The call's answer; on failure every entry of its batches gets a 424 error (past its
-        deadline, the error goes up: the loop gives up)."""
-        try:
-            result, seconds = await call.task
-        except Exception as error:
-            self._metrics.batch_inference_failure.inc(method=call.method)
-            if isinstance(error, ShardTimeoutError):
-                raise
-            logger.error("%s failed: %s", call.method, error, extra={"batch_ids": call.batch_ids})
-            self._fail(entries, GenerationError(_describe(error)))
-            for batch_id in call.batch_ids:
-                await self._clear_cache(batch_id)
-            return None
-        finally:
-            self._in_flight.pop(call.task, None)
-        metrics = self._metrics
-        metrics.batch_inference_success.inc(method=call.method)
-        metrics.batch_inference_duration.labels(call.method).observe(seconds)
-        metrics.batch_forward_duration.labels(call.method).observe(result.timings.forward)
-        metrics.batch_decode_duration.labels(call.method).observe(result.timings.decode)
-        return result
-
-    async def _abandon_calls(self) -> None:
-        calls, self._in_flight = self._in_flight, {}
-        for task in calls:
-            task.cancel()
-        await asyncio.gather(*calls, return_exceptions=True)
 
     async def _filter(self, cached: pb.CachedBatch | None) -> pb.CachedBatch | None:
         """Drops the rows of ended and cancelled requests, and of samples the router stopped, from
@@ -449,15 +311,12 @@ class Batcher:
         on_shard = set(cached.request_ids)
         keep = {request_id for request_id in on_shard if request_id in self._running}
         if not keep:
-            await self._clear_cache(cached.id)
+            await self._calls.clear_cache(cached.id)
             return None
         stopped = [ref for ref in stopped if ref.request_id in keep]
         if len(keep) == len(on_shard) and not stopped:
             return cached
-        started = time.monotonic()
-        filtered = await self._client.filter_batch(cached.id, sorted(keep), stopped)
-        self._metrics.batch_filter_duration.labels("filter").observe(time.monotonic() - started)
-        return filtered if filtered is not None and filtered.size else None
+        return await self._calls.filter_batch(cached.id, sorted(keep), stopped)
 
     def _forget_ended(self, on_shard: set[int]) -> None:
         """Forgets ended requests, but those whose rows the shards still hold (until filtered)."""
@@ -471,27 +330,7 @@ class Batcher:
     async def _release_cancelled_prefills(self) -> None:
         """Frees the shards' part of the prompts of cancelled requests prefilled in part."""
         cancelled = [entry for entry in self._queue.partly_prefilled() if not entry.alive]
-        await self._drop_prefills(cancelled)
-
-    async def _drop_prefills(self, entries: list[Entry]) -> None:
-        if not entries:
-            return
-        for entry in entries:
-            entry.prefilled = 0  # the shards hold none of it now
-        try:
-            await self._client.drop_prefills([entry.id for entry in entries])
-        except ShardTimeoutError:
-            raise
-        except Exception as error:
-            logger.error("dropping partial prompts failed: %s", error)
-
-    async def _clear_cache(self, batch_id: int | None) -> None:
-        try:
-            await self._client.clear_cache(batch_id)
-        except ShardTimeoutError:
-            raise
-        except Exception as error:
-            logger.error("clear_cache failed: %s", error, extra={"batch_id": batch_id})
+        await self._calls.drop_prefills(cancelled)
 
     # ---- generations to events ---------------------------------------------------------------
 
@@ -511,7 +350,7 @@ class Batcher:
                 self._stopped.append(pb.SequenceRef(request_id=entry.id, sequence_index=index))
             if all(seq.done for seq in entry.sequences):
                 entry.done = True
-                self._record_success(entry)
+                record_success(entry, self._metrics)
 
     def _encodable(self, entries: list[Entry]) -> dict[Entry, pb.Request]:
         """Each entry's shard message, in order; an entry whose message cannot be built fails
@@ -523,34 +362,16 @@ class Batcher:
                 built[entry] = request_proto(entry.request, entry.id, entry.prefilled, chunk_len)
             except (ValueError, TypeError) as error:
                 logger.error("request %d cannot be sent to the shards: %s", entry.id, error)
-                self._fail([entry], ValidationError(f"the request cannot be sent: {error}"))
+                fail([entry], ValidationError(f"the request cannot be sent: {error}"))
         return built
 
     def _refuse(self, entry: Entry, reason: str) -> None:
         """A request the shards refused: they kept nothing of it (nor of its prompt's chunks)."""
         logger.error("the shards refused request %d: %s", entry.id, reason)
         entry.prefilled = 0
-        self._fail([entry], ValidationError(f"the model refused the request: {reason}"))
+        fail([entry], ValidationError(f"the model refused the request: {reason}"))
 
     # ---- bookkeeping -------------------------------------------------------------------------
-
-    def _fail(self, entries: Iterable[Entry], error: BaseException) -> None:
-        for entry in entries:
-            if entry.alive:
-                entry.done = True
-                entry.events.put_nowait(error)
-                if entry.trace is not None:
-                    entry.trace.close(error)
-
-    def _record_success(self, entry: Entry) -> None:
-        if entry.trace is not None:
-            entry.trace.close()
-        metrics = self._metrics
-        inference = time.monotonic() - (entry.batched_at or entry.queued_at)
-        generated = entry.generated_tokens
-        metrics.request_inference_duration.observe(inference)
-        metrics.request_mean_time_per_token_duration.observe(inference / max(generated, 1))
-        metrics.request_generated_tokens.observe(generated)
 
     def _update_gauges(self) -> None:
         self._metrics.batch_current_size.set(len(self._running))
@@ -560,23 +381,5 @@ class Batcher:
         self._metrics.queue_size.set(len(self._queue))
 
 
-async def _timed(call: Coroutine[Any, Any, StepResult]) -> tuple[StepResult, float]:
-    started = time.monotonic()
-    result = await call
-    return result, time.monotonic() - started
-
-
-def _may_reach_limit_next(entry: Entry) -> bool:
-    """Whether the step being sent may give a request its last allowed token: the router has
-    not handled the step before it yet, hence two tokens to come."""
-    generated = max(len(sequence.generated_ids) for sequence in entry.sequences)
-    return generated + 2 >= entry.request.max_new_tokens
-
-
 def _request_ids(batches: Iterable[pb.CachedBatch]) -> set[int]:
     return {request_id for batch in batches for request_id in batch.request_ids}
-
-
-def _describe(error: BaseException) -> str:
-    details = getattr(error, "details", None)
-    return str(details() if callable(details) else error) or type(error).__name__

@@ -1,0 +1,72 @@
+"""Which waiting requests the next batch takes: TGI's rule for joining a running batch (enough
+of them wait, or they waited `max_waiting_tokens` steps) under the prefill and total token
+budgets, and the look one step ahead that lets the shards launch a Decode ahead when no one is
+expected to join."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from shardline.router.metrics import RouterMetrics
+from shardline.router.queue import Entry, RequestQueue
+
+if TYPE_CHECKING:
+    from shardline.router.batcher import BatchingConfig
+
+
+class JoinPolicy:
+    def __init__(self, config: BatchingConfig, queue: RequestQueue, metrics: RouterMetrics) -> None:
+        self._config = config
+        self._queue = queue
+        self._metrics = metrics
+
+    def next_batch(
+        self, min_size: int | None, running: list[Entry], take: bool = True
+    ) -> list[Entry] | None:
+        """The requests that may be prefilled beside `running` now, taken from the queue unless
+        `take` is False."""
+        cfg = self._config
+        max_size = None if cfg.max_batch_size is None else max(cfg.max_batch_size - len(running), 0)
+        used = sum(entry.budget_tokens for entry in running)
+        entries = self._queue.next_batch(
+            min_size,
+            max_size,
+            cfg.max_batch_prefill_tokens,
+            cfg.max_batch_total_tokens - used,
+            take,
+        )
+        self._metrics.queue_size.set(len(self._queue))
+        return entries
+
+    def joining(self, waiting_steps: int, on_shard: list[Entry]) -> list[Entry] | None:
+        """The requests that join the running batch now; asked before the last step's
+        generations are handled, beside the requests the shards still hold."""
+        min_size = self._min_size(waiting_steps, len(on_shard))
+        joining = self.next_batch(min_size, on_shard)
+        if joining:
+            reason = "backpressure" if min_size is not None else "wait_exceeded"
+            self._metrics.batch_concat.inc(reason=reason)
+        return joining
+
+    def join_likely_next(self, waiting_steps: int, on_shard: list[Entry]) -> bool:
+        """Whether requests may join at the next step: with one more step waited, beside the
+        running requests that will not have reached their token limit. An end the router cannot
+        foresee (EOS, a stop sequence) or a new arrival may still let some join; the shards
+        then run the step launched ahead and the prefill apart."""
+        staying = [entry for entry in on_shard if not _may_reach_limit_next(entry)]
+        min_size = self._min_size(waiting_steps + 1, len(staying))
+        return self.next_batch(min_size, staying, take=False) is not None
+
+    def _min_size(self, waiting_steps: int, running: int) -> int | None:
+        """TGI's rule: waiting requests join when enough of them wait, or they waited long."""
+        if waiting_steps >= self._config.max_waiting_tokens:
+            return None
+        return math.floor(running * self._config.waiting_served_ratio)
+
+
+def _may_reach_limit_next(entry: Entry) -> bool:
+    """Whether the step being sent may give a request its last allowed token: the router has
+    not handled the step before it yet, hence two tokens to come."""
+    generated = max(len(sequence.generated_ids) for sequence in entry.sequences)
+    return generated + 2 >= entry.request.max_new_tokens
