@@ -25,8 +25,8 @@ import aiohttp
 from shardline_client import AsyncClient
 from shardline_client.loadgen import LoadReport, LoadRequest, run_load
 
-from benchmarks.engine_bench import load_workload
 from benchmarks.random_model import SHAPES, write_model
+from benchmarks.timed_requests import load_workload
 
 # The batching of the engine bench's headline run (at most 512 requests at once, TGI's join rule):
 # served and offline figures then differ by the HTTP, router and gRPC path alone.

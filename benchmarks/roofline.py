@@ -1,0 +1,52 @@
+"""The device's measured ceilings (copy bandwidth, bf16 matmul rate) and a decode step's
+roofline from them: the bound the engine benchmarks compare their steps with."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.random_model import tensor_shapes
+
+
+def device_ceilings() -> dict:
+    """Measured copy bandwidth (bytes read + written) and bf16 matmul rate."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(20):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    bandwidth = 2 * 20 * src.numel() / (time.perf_counter() - started)
+    del src, dst
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    flops = 10 * 2 * 8192**3 / (time.perf_counter() - started)
+    return {"copy_bytes_s": bandwidth, "matmul_flops": flops}
+
+
+def roofline_step_ms(model_dir: Path, context: int, batch: int, ceilings: dict) -> dict:
+    config = json.loads((model_dir / "config.json").read_text())
+    params = sum(math.prod(shape) for shape in tensor_shapes(config).values())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    kv_per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 2
+    bytes_moved = 2 * params + batch * context * kv_per_token
+    flops = 2 * params * batch
+    return {
+        "params": params,
+        "memory_ms": 1e3 * bytes_moved / ceilings["copy_bytes_s"],
+        "compute_ms": 1e3 * flops / ceilings["matmul_flops"],
+    }

@@ -1,0 +1,163 @@
+"""Requests timed through a batcher over an in-process engine (the offline `LLM`'s shards):
+each token's arrival, the run's latency summary, and where its wall time went by shard call.
+The engine benchmarks' runs are built on it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.offline_floor import Call, StepLog
+from shardline import LLM, SamplingParams
+from shardline.router.batcher import Batcher, BatchingConfig
+from shardline.router.metrics import RouterMetrics
+from shardline.router.request_types import ValidRequest
+
+
+@dataclass
+class RequestTiming:
+    start: float
+    token_times: list[float] = field(default_factory=list)
+
+    @property
+    def ttft(self) -> float:
+        return self.token_times[0] - self.start
+
+    @property
+    def itl(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+    @property
+    def tpot(self) -> float | None:
+        n = len(self.token_times)
+        return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else None
+
+
+def load_workload(path: Path, limit: int | None) -> list[tuple[int, int]]:
+    pairs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    pairs = [(int(p["input_len"]), int(p["output_len"])) for p in pairs]
+    return pairs[:limit] if limit else pairs
+
+
+def random_prompt(length: int, rng: random.Random, vocab: int) -> list[int]:
+    return [rng.randrange(3, min(vocab, 100_000)) for _ in range(length)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+async def timed_run(
+    llm: LLM,
+    requests: list[ValidRequest],
+    config: BatchingConfig | None = None,
+    delays: list[float] | None = None,
+) -> tuple[float, list[RequestTiming], list[Call]]:
+    """Every request through a batcher (the LLM's own config unless `config`), request i
+    submitted `delays[i]` seconds after the start (default: all at once); the engine's calls."""
+    metrics = RouterMetrics()
+    waste: list[float] = []
+    steps = StepLog.attach(llm._shards.engine)
+    delays = delays or [0.0] * len(requests)
+    async with llm._shards.client() as client:
+        batcher = Batcher(client, llm.tokenizer, config or llm._batching_config(), metrics)
+        batcher.start()
+        sampler = asyncio.create_task(_sample_kv_waste(llm, waste))
+        try:
+            started = time.perf_counter()
+            consumers = (_consume(batcher, r, d) for r, d in zip(requests, delays, strict=True))
+            timings = await asyncio.gather(*consumers)
+            elapsed = time.perf_counter() - started
+        finally:
+            sampler.cancel()
+            await batcher.stop()
+    if len(requests) > 1:
+        breakdown = shard_call_breakdown(metrics, elapsed)
+        breakdown["kv_waste_mean"] = round(statistics.fmean(waste), 4) if waste else None
+        print(json.dumps(breakdown), flush=True)
+        print(json.dumps({"steps_by_decode_rows": steps.summary()}), flush=True)
+    steps.detach()
+    return elapsed, list(timings), steps.calls
+
+
+async def _sample_kv_waste(llm: LLM, samples: list[float], every_s: float = 0.25) -> None:
+    """KV-cache waste while requests run: slots allocated to sequences but holding no token,
+    over the slots allocated (a paged cache wastes only the tail of each last block)."""
+    engine = llm._shards.engine
+    block_size = engine.settings.block_size
+    while True:
+        await asyncio.sleep(every_s)
+        sequences = [seq for batch in list(engine.batches.values()) for seq in batch.sequences]
+        allocated = block_size * sum(len(seq.blocks) for seq in sequences)
+        if allocated:
+            samples.append(1 - sum(seq.num_cached for seq in sequences) / allocated)
+
+
+def shard_call_breakdown(metrics: RouterMetrics, elapsed: float) -> dict:
+    """Where a run's wall time went, by shard call: count, seconds in total and per call."""
+    sample = metrics.registry.get_sample_value
+    out: dict = {"wall_s": round(elapsed, 2)}
+    for method in ("prefill", "decode"):
+        labels = {"method": method}
+        count = sample("tgi_batch_inference_duration_count", labels) or 0
+        seconds = sample("tgi_batch_inference_duration_sum", labels) or 0.0
+        out[method] = {
+            "calls": int(count),
+            "seconds": round(seconds, 2),
+            "ms_per_call": round(1e3 * seconds / max(count, 1), 2),
+        }
+    sizes = ("tgi_batch_next_size_sum", "tgi_batch_next_size_count")
+    out["mean_prefill_batch"] = round((sample(sizes[0]) or 0) / max(sample(sizes[1]) or 0, 1), 1)
+    return out
+
+
+async def _consume(batcher: Batcher, request: ValidRequest, delay: float = 0.0) -> RequestTiming:
+    if delay:
+        await asyncio.sleep(delay)
+    timing = RequestTiming(start=time.perf_counter())
+    async for _event in batcher.submit(request):
+        timing.token_times.append(time.perf_counter())
+    return timing
+
+
+def make_requests(llm: LLM, pairs: list[tuple[int, int]], vocab: int) -> list[ValidRequest]:
+    rng = random.Random(0)
+    return [
+        llm._valid_request(None, random_prompt(n_in, rng, vocab), exact_length(n_out))
+        for n_in, n_out in pairs
+    ]
+
+
+def exact_length(n_out: int) -> SamplingParams:
+    return SamplingParams(temperature=0, ignore_eos=True, max_tokens=n_out, min_tokens=n_out)
+
+
+def summarize(name: str, elapsed: float, timings: list[RequestTiming], prompt_tokens: int) -> dict:
+    out_tokens = sum(len(t.token_times) for t in timings)
+    itl = [x for t in timings for x in t.itl]
+    tpot = [t.tpot for t in timings if t.tpot is not None]
+    ttft = [t.ttft for t in timings]
+    result = {
+        "mode": name,
+        "requests": len(timings),
+        "seconds": elapsed,
+        "output_tok_s": out_tokens / elapsed,
+        "total_tok_s": (out_tokens + prompt_tokens) / elapsed,
+        "ttft_p50_ms": 1e3 * percentile(ttft, 50),
+        "ttft_p99_ms": 1e3 * percentile(ttft, 99),
+        "tpot_p50_ms": 1e3 * percentile(tpot, 50),
+        "tpot_p99_ms": 1e3 * percentile(tpot, 99),
+        "itl_p50_ms": 1e3 * percentile(itl, 50),
+        "itl_p99_ms": 1e3 * percentile(itl, 99),
+    }
+    print(json.dumps(result), flush=True)
+    return result
