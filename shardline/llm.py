@@ -30,6 +30,7 @@ from shardline.router.batcher import Batcher, BatchingConfig
 from shardline.router.errors import ValidationError
 from shardline.router.grammar_compiler import GrammarBudget, GrammarCompiler
 from shardline.router.request_types import ValidRequest
+from shardline.router.validation import ValidationLimits, Validator
 from shardline.sampling_params import BeamSearchParams, SamplingParams
 from shardline.shard_config import FIELD_NAMES as SHARD_FIELDS
 from shardline.shard_config import ShardConfig
@@ -96,6 +97,8 @@ class LLM:
         warmup, info = asyncio.run(self._warmup())
         self.vocab_size = info.vocab_size
         self.max_model_len = warmup.max_total_tokens
+        limits = ValidationLimits(self.max_model_len - 1, self.max_model_len, self.vocab_size)
+        self._validator = Validator(self.tokenizer, limits, workers=1)
         self.max_batch_total_tokens = warmup.max_supported_total_tokens
         if not self.args.enable_chunked_prefill and self.args.prefill_budget < self.max_model_len:
             self.shutdown()
@@ -118,6 +121,7 @@ class LLM:
     def shutdown(self) -> None:
         """Stops the shard processes of `tensor_parallel_size > 1` (also done at exit)."""
         self._shards.close()
+        self._validator.close()
         if self._grammars is not None:
             self._grammars.close()
 
@@ -224,28 +228,13 @@ class LLM:
     def _valid_request(
         self, text: str | None, ids: list[int], params: SamplingParams
     ) -> ValidRequest:
-        if not ids:
-            raise ValueError("a prompt must have at least one token")
-        room = self.max_model_len - len(ids)
-        if room < 1:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens; the model's limit is {self.max_model_len}"
-            )
-        outside = sorted(t for t in params.logit_bias or {} if t >= self.vocab_size)
-        if outside:
-            raise ValueError(
-                f"logit_bias has token id {outside[0]}; the model's vocabulary has "
-                f"{self.vocab_size} tokens"
-            )
+        try:
+            max_new = self._validator.token_budget(ids, params)
+        except ValidationError as error:
+            raise ValueError(f"{error} (max_model_len {self.max_model_len})") from None
         if params.seed is None and not params.greedy:
             # vLLM's `seed` engine argument: unseeded requests draw from one seeded stream.
             params = dataclasses.replace(params, seed=self._seeds.getrandbits(63))
-        max_new = room if params.max_tokens is None else params.max_tokens
-        if max_new > room:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({max_new}) exceeds max_model_len "
-                f"({self.max_model_len})"
-            )
         return ValidRequest(
             inputs=text or "",
             input_ids=ids,
