@@ -11,11 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shardline.router.client import ShardedClient
+from shardline.router.http import CONTEXT
 from shardline.router.request_types import ValidRequest
-from shardline.router.server import create_app
-from shardline.router.startup import RouterSettings, start_router
 from shardline.sampling_params import SamplingParams
+from tests.router_fixtures import open_router
 
 pytestmark = pytest.mark.slow
 
@@ -31,16 +30,8 @@ def _expected(model_dir: Path, prompt: str, max_new_tokens: int) -> list[int]:
 
 
 async def test_greedy_tokens_equal_transformers(shard_socket, tiny_llama_dir):
-    from aiohttp.test_utils import TestClient, TestServer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    shards = await ShardedClient.connect(shard_socket)
-    ctx = await start_router(
-        shards, tokenizer, RouterSettings(model_id="tiny", max_total_tokens=256)
-    )
-    client = TestClient(TestServer(create_app(ctx), handler_cancellation=True))
-    await client.start_server()
-    try:
+    async with open_router(shard_socket, tiny_llama_dir, 256) as client:
+        shards = client.app[CONTEXT].client
         expected = {p: _expected(tiny_llama_dir, p, 12) for p in PROMPTS}
         for prompt, ids in expected.items():
             body = {"inputs": prompt, "parameters": {"max_new_tokens": 12, "details": True}}
@@ -68,24 +59,14 @@ async def test_greedy_tokens_equal_transformers(shard_socket, tiny_llama_dir):
         batches, requests = (float(samples[f"tgi_batch_next_size_{k}"]) for k in ("count", "sum"))
         assert requests > batches, "no prefill batch held more than one request"
         assert (await shards.stats()).num_sequences == 0
-    finally:
-        await client.close()
-        await ctx.batcher.stop()
-        await shards.close()
 
 
 async def test_best_of_and_beam_search_over_generate(shard_socket, tiny_llama_dir):
     """best_of answers TGI's way (highest mean logprob, the rest in best_of_sequences); beam
     search answers with the best beam, equal to transformers', the other beams after it."""
-    from aiohttp.test_utils import TestClient, TestServer
-
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    shards = await ShardedClient.connect(shard_socket)
-    settings = RouterSettings(model_id="tiny", max_total_tokens=256, max_best_of=3)
-    ctx = await start_router(shards, tokenizer, settings)
-    client = TestClient(TestServer(create_app(ctx), handler_cancellation=True))
-    await client.start_server()
-    try:
+    async with open_router(shard_socket, tiny_llama_dir, 256, max_best_of=3) as client:
+        shards = client.app[CONTEXT].client
         body = {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 8, "best_of": 3}}
         body["parameters"].update(do_sample=True, temperature=0.9, details=True)
         answer = await (await client.post("/generate", json=body)).json()
@@ -108,10 +89,6 @@ async def test_best_of_and_beam_search_over_generate(shard_socket, tiny_llama_di
         assert (await shards.stats()).num_sequences == 0
         stats = await shards.stats()
         assert stats.free_blocks == stats.total_blocks
-    finally:
-        await client.close()
-        await ctx.batcher.stop()
-        await shards.close()
 
 
 async def _generate(client, prompt: str, **parameters) -> dict:
@@ -146,16 +123,10 @@ async def test_stop_sequences_and_disconnects_end_exactly_and_free_every_block(
 ):
     """The router ends these requests a step after the shard ran them: the extra token must
     reach no one and every KV block must come back."""
-    from aiohttp.test_utils import TestClient, TestServer
-
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    shards = await ShardedClient.connect(shard_socket)
-    ctx = await start_router(
-        shards, tokenizer, RouterSettings(model_id="tiny", max_total_tokens=256)
-    )
-    client = TestClient(TestServer(create_app(ctx), handler_cancellation=True))
-    await client.start_server()
-    try:
+    async with open_router(shard_socket, tiny_llama_dir, 256) as client:
+        ctx = client.app[CONTEXT]
+        shards = ctx.client
         full = {p: await _generate(client, p, max_new_tokens=16) for p in PROMPTS}
         stops = {p: _stop_inside(answer["generated_text"]) for p, answer in full.items()}
         long = {"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 200, "ignore_eos": True}}
@@ -186,26 +157,16 @@ async def test_stop_sequences_and_disconnects_end_exactly_and_free_every_block(
             assert time.monotonic() < deadline, stats
             await asyncio.sleep(0.02)
         assert stats.num_sequences == 0 and ctx.batcher.running_size == 0
-    finally:
-        await client.close()
-        await ctx.batcher.stop()
-        await shards.close()
 
 
 async def test_prompts_over_the_prefill_budget_are_chunked(shard_socket, tiny_llama_dir):
     """A 6-token prefill budget: prompts of 10-30 tokens are prefilled a chunk a step (beside
     the requests already decoding) and still give transformers' greedy tokens."""
-    from aiohttp.test_utils import TestClient, TestServer
-
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    shards = await ShardedClient.connect(shard_socket)
-    settings = RouterSettings(
-        model_id="tiny", max_total_tokens=256, max_input_tokens=200, max_batch_prefill_tokens=6
-    )
-    ctx = await start_router(shards, tokenizer, settings)
-    client = TestClient(TestServer(create_app(ctx), handler_cancellation=True))
-    await client.start_server()
-    try:
+    async with open_router(
+        shard_socket, tiny_llama_dir, 256, max_input_tokens=200, max_batch_prefill_tokens=6
+    ) as client:
+        shards = client.app[CONTEXT].client
         prompts = [" ".join(PROMPTS[: 1 + i % 4]) * (1 + i % 3) for i in range(8)]
         assert max(len(tokenizer(p).input_ids) for p in prompts) > 6
         bodies = [
@@ -218,7 +179,3 @@ async def test_prompts_over_the_prefill_budget_are_chunked(shard_socket, tiny_ll
             assert got == want[: len(got)], prompt
         stats = await shards.stats()
         assert stats.num_sequences == 0 and stats.free_blocks == stats.total_blocks
-    finally:
-        await client.close()
-        await ctx.batcher.stop()
-        await shards.close()
