@@ -1,8 +1,9 @@
 """TGI's OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models and
 /chat_tokenize, plus /invocations dispatching on the body's shape as TGI does.
 
-Parameters map onto `SamplingParams` (vLLM's names, so vLLM's extras come for free) and every
-prompt goes through `Validator.validate`, as for TGI's own routes; `n` samples of a prompt are
+Bodies are parsed by their models (`router/schemas/openai.py`), mapped onto `SamplingParams`
+(`router/openai_params.py`: vLLM's names, so vLLM's extras come for free), and every prompt goes
+through `Validator.validate`, as for TGI's own routes; `n` samples of a prompt are
 the sequences of one request, as `best_of` on /generate. Tools are TGI's tool calling
 (`router/tools.py`). Serving is `router/openai_serving.py`, the bodies `router/openai_bodies.py`.
 What this server cannot do (suffix) is a 422, never silently ignored.
@@ -19,57 +20,18 @@ from aiohttp import web
 
 from shardline.router.chat_template import parse_messages, render_chat
 from shardline.router.errors import ValidationError
-from shardline.router.http import RouterContext, context, read_bool, read_json
+from shardline.router.http import RouterContext, context, read_json
 from shardline.router.openai_bodies import present
+from shardline.router.openai_params import (
+    include_usage,
+    openai_extras,
+    sampling_params,
+)
 from shardline.router.openai_serving import OpenAIJob, serve
+from shardline.router.schemas.openai import ChatRequest, CompletionRequest, parse_openai
 from shardline.router.tools import ToolError, parse_tool_calling, render_with_tools
-from shardline.router.validation import guided_decoding, openai_logit_bias
-from shardline.sampling_params import SamplingParams, SamplingParamsError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-# SamplingParams checks their types and ranges; the names are vLLM's, as OpenAI clients send.
-_SAMPLING_FIELDS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "frequency_penalty",
-    "presence_penalty",
-    "repetition_penalty",
-    "seed",
-    "stop",
-    "stop_token_ids",
-    "min_tokens",
-    "ignore_eos",
-    "skip_special_tokens",
-)
-_COMMON_FIELDS = (
-    *_SAMPLING_FIELDS,
-    "model",
-    "user",
-    "stream",
-    "stream_options",
-    "max_tokens",
-    "n",
-    "logit_bias",
-    "logprobs",
-)
-_CHAT_FIELDS = frozenset(
-    {
-        *_COMMON_FIELDS,
-        "messages",
-        "max_completion_tokens",
-        "top_logprobs",
-        "response_format",
-        "tools",
-        "tool_choice",
-        "tool_prompt",
-    }
-)
-_COMPLETION_FIELDS = frozenset(
-    {*_COMMON_FIELDS, "prompt", "echo", "suffix", "best_of", "response_format"}
-)
 
 
 # ---- routes ------------------------------------------------------------------------------------
@@ -126,10 +88,10 @@ OPENAI_ROUTES = [
 
 
 def chat_job(ctx: RouterContext, body: Any) -> OpenAIJob:
-    fields = _fields(body, _CHAT_FIELDS)
-    messages = parse_messages(fields.get("messages"))
-    calling = parse_tool_calling(fields)
-    job = _plain_chat_job(ctx, fields, render_chat(ctx.validator.tokenizer, messages))
+    request = parse_openai(ChatRequest, body, ctx.validator.limits)
+    messages = parse_messages(request.messages)
+    calling = parse_tool_calling(request)
+    job = _plain_chat_job(ctx, request, render_chat(ctx.validator.tokenizer, messages))
     if calling is None:
         return job
     if job.params.n > 1:
@@ -137,131 +99,65 @@ def chat_job(ctx: RouterContext, body: Any) -> OpenAIJob:
     return replace(
         job,
         prompts=[render_with_tools(ctx.validator.tokenizer, messages, calling)],
-        params=sampling_params(ctx, fields, job.max_tokens, {"guided_json": calling.grammar}),
+        params=sampling_params(
+            request, **openai_extras(request, None), guided_json=calling.grammar
+        ),
         tools=calling,
         without_tools=job,
     )
 
 
-def _plain_chat_job(ctx: RouterContext, fields: dict[str, Any], prompt: str) -> OpenAIJob:
-    max_tokens = fields.get("max_completion_tokens", fields.get("max_tokens"))
-    guided = guided_decoding(fields.get("response_format"), "response_format")
+def _plain_chat_job(ctx: RouterContext, request: ChatRequest, prompt: str) -> OpenAIJob:
     return OpenAIJob(
         chat=True,
         prompts=[prompt],
-        params=sampling_params(ctx, fields, max_tokens, guided),
-        max_tokens=max_tokens,
-        stream=read_bool(fields, "stream"),
-        include_usage=_include_usage(fields),
-        top_logprobs=_top_logprobs(fields, ctx.validator.limits.max_top_n_tokens),
+        params=sampling_params(request, **openai_extras(request, request.response_format)),
+        stream=bool(request.stream),
+        include_usage=include_usage(request),
+        top_logprobs=_top_logprobs(request),
     )
 
 
 def _completion_job(ctx: RouterContext, body: Any) -> OpenAIJob:
-    fields = _fields(body, _COMPLETION_FIELDS)
-    _reject_unsupported_completion(fields)
-    max_tokens = fields.get("max_tokens")
-    guided = guided_decoding(fields.get("response_format"), "response_format")
-    params = sampling_params(ctx, fields, max_tokens, {**guided, **_best_of(ctx, fields)})
+    request = parse_openai(CompletionRequest, body, ctx.validator.limits)
+    if request.suffix:
+        raise ValidationError("`suffix` is not supported by this server")
+    extras = openai_extras(request, request.response_format)
     return OpenAIJob(
         chat=False,
-        prompts=_prompts(fields.get("prompt"), ctx.validator.limits.max_client_batch_size),
-        params=params,
-        max_tokens=max_tokens,
-        stream=read_bool(fields, "stream"),
-        include_usage=_include_usage(fields),
-        top_logprobs=_legacy_logprobs(fields, ctx.validator.limits.max_top_n_tokens),
-        echo=read_bool(fields, "echo"),
+        prompts=_prompts(request.prompt, ctx.validator.limits.max_client_batch_size),
+        params=sampling_params(request, **extras, **_best_of(request)),
+        stream=bool(request.stream),
+        include_usage=include_usage(request),
+        top_logprobs=request.logprobs,
+        echo=bool(request.echo),
     )
 
 
-def _fields(body: Any, known: frozenset[str]) -> dict[str, Any]:
-    """The body's known fields without nulls (null means absent); unknown ones are ignored, as
-    TGI ignores them."""
-    if not isinstance(body, dict):
-        raise ValidationError("the request body must be a JSON object")
-    return {name: value for name, value in body.items() if value is not None and name in known}
-
-
-def sampling_params(
-    ctx: RouterContext, fields: dict[str, Any], max_tokens: Any, extra: dict[str, Any]
-) -> SamplingParams:
-    """`SamplingParams` of an OpenAI body's fields (vLLM's names)."""
-    for name in ("ignore_eos", "skip_special_tokens"):
-        read_bool(fields, name)
-    sampling = {name: fields[name] for name in _SAMPLING_FIELDS if name in fields}
-    sampling.update(extra)
-    sampling.update(openai_logit_bias(fields.get("logit_bias")))
-    try:
-        return SamplingParams(max_tokens=max_tokens, n=_n(ctx, fields), **sampling)
-    except SamplingParamsError as error:
-        raise ValidationError(str(error)) from error
-
-
-def _n(ctx: RouterContext, fields: dict[str, Any]) -> int:
-    """Samples per prompt: the sequences of one request, as many as `best_of` may ask."""
-    n, limit = fields.get("n", 1), ctx.validator.limits.max_best_of
-    if type(n) is not int or not 0 < n <= limit:
-        raise ValidationError(f"`n` must be > 0 and <= {limit} (--max-best-of). Given: {n!r}")
-    return n
-
-
-def _best_of(ctx: RouterContext, fields: dict[str, Any]) -> dict[str, Any]:
+def _best_of(request: CompletionRequest) -> dict[str, Any]:
     """OpenAI's `best_of`: that many samples, the `n` of highest mean logprob per token answer
     (all of them billed); the best are known only at the end, so not when streaming."""
-    best_of, limit = fields.get("best_of"), ctx.validator.limits.max_best_of
-    if best_of is None:
+    if request.best_of is None:
         return {}
-    if type(best_of) is not int or not 0 < best_of <= limit:
-        raise ValidationError(
-            f"`best_of` must be > 0 and <= {limit} (--max-best-of). Given: {best_of!r}"
-        )
-    if best_of > _n(ctx, fields) and read_bool(fields, "stream"):
+    if request.best_of > (request.n or 1) and request.stream:
         raise ValidationError("`best_of` > `n` is not supported when streaming tokens")
-    return {"best_of": best_of}
+    return {"best_of": request.best_of}
 
 
-def _include_usage(fields: dict[str, Any]) -> bool:
-    options = fields.get("stream_options", {})
-    if not isinstance(options, dict) or set(options) - {"include_usage"}:
-        raise ValidationError('`stream_options` must be {"include_usage": <boolean>}')
-    if options and not read_bool(fields, "stream"):
-        raise ValidationError("`stream_options` is only allowed when `stream` is true")
-    return read_bool(options, "include_usage")
-
-
-def _top_logprobs(fields: dict[str, Any], limit: int) -> int | None:
-    top = fields.get("top_logprobs")
-    if not read_bool(fields, "logprobs"):
-        if top is not None:
+def _top_logprobs(request: ChatRequest) -> int | None:
+    """None: no logprobs; else how many alternatives each token gets."""
+    if not request.logprobs:
+        if request.top_logprobs is not None:
             raise ValidationError("`top_logprobs` requires `logprobs` to be true")
         return None
-    top = 0 if top is None else top
-    if type(top) is not int or not 0 <= top <= limit:
-        raise ValidationError(f"`top_logprobs` must be >= 0 and <= {limit}. Given: {top!r}")
-    return top
+    return request.top_logprobs or 0
 
 
-def _legacy_logprobs(fields: dict[str, Any], limit: int) -> int | None:
-    """Completions' `logprobs`: how many alternatives each token gets (OpenAI allows 5)."""
-    top = fields.get("logprobs")
-    if top is not None and (type(top) is not int or not 0 <= top <= limit):
-        raise ValidationError(f"`logprobs` must be >= 0 and <= {limit}. Given: {top!r}")
-    return top
-
-
-def _prompts(prompt: Any, limit: int) -> list[str]:
+def _prompts(prompt: str | list[str], limit: int) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise ValidationError("`prompt` is required and must be a string or a list of strings")
     if not 0 < len(prompts) <= limit:
         raise ValidationError(
             f"`prompt` must hold between 1 and {limit} prompts (max_client_batch_size). "
             f"Given: {len(prompts)}"
         )
     return prompts
-
-
-def _reject_unsupported_completion(fields: dict[str, Any]) -> None:
-    if fields.get("suffix"):
-        raise ValidationError("`suffix` is not supported by this server")

@@ -32,7 +32,6 @@ class OpenAIJob:
     chat: bool
     prompts: list[str]
     params: SamplingParams
-    max_tokens: int | None
     stream: bool
     include_usage: bool = False
     top_logprobs: int | None = None

@@ -1,18 +1,14 @@
 """The served spec's schemas of /v1/responses (OpenAI's Responses API, text; see
-`router/responses_route.py`), kept apart from `router/openapi.py` for size."""
+`router/responses_route.py`): the request's from `router/schemas/responses.py`, the answer's and
+the stream events' here, kept apart from `router/openapi.py` for size."""
 
 from __future__ import annotations
 
 from typing import Any
 
-_TEXT_PART = {
-    "type": "object",
-    "required": ["type", "text"],
-    "properties": {
-        "type": {"type": "string", "enum": ["input_text", "output_text", "text"]},
-        "text": {"type": "string"},
-    },
-}
+from shardline.router.schemas.common import openapi_components
+from shardline.router.schemas.responses import RESPONSES_REQUEST_MODELS
+
 _STATUS = {"type": "string", "enum": ["in_progress", "completed", "incomplete", "failed"]}
 
 
@@ -21,58 +17,9 @@ def _ref(name: str) -> dict[str, str]:
 
 
 def responses_schemas() -> dict[str, Any]:
+    """The request's schemas come from its model; the answer's and the events' are written here."""
     return {
-        "ResponsesInputMessage": {
-            "type": "object",
-            "required": ["role", "content"],
-            "properties": {
-                "type": {"type": "string", "enum": ["message"]},
-                "role": {"type": "string", "enum": ["user", "assistant", "system", "developer"]},
-                "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]},
-            },
-        },
-        "ResponsesRequest": {
-            "type": "object",
-            "required": ["input"],
-            "properties": {
-                "model": {"type": "string", "nullable": True},
-                "input": {
-                    "oneOf": [
-                        {"type": "string", "minLength": 1},
-                        {"type": "array", "items": _ref("ResponsesInputMessage"), "minItems": 1},
-                    ]
-                },
-                "instructions": {"type": "string", "nullable": True},
-                "max_output_tokens": {"type": "integer", "minimum": 1, "nullable": True},
-                "temperature": {"type": "number", "minimum": 0, "nullable": True},
-                "top_p": {"type": "number", "minimum": 0, "maximum": 1, "nullable": True},
-                "stream": {"type": "boolean", "default": False},
-                "text": {
-                    "type": "object",
-                    "nullable": True,
-                    "description": '{"format": {"type": "text" | "json_object" | '
-                    '"json_schema", "schema": ...}}: constrained output',
-                },
-                "store": {
-                    "type": "boolean",
-                    "nullable": True,
-                    "description": "Nothing is stored: true is a 422",
-                },
-                "metadata": {"type": "object", "nullable": True},
-                "user": {"type": "string", "nullable": True},
-                "previous_response_id": {
-                    "type": "string",
-                    "nullable": True,
-                    "description": "Not supported (nothing is stored): a 422",
-                },
-                "tools": {
-                    "type": "array",
-                    "items": {"type": "object"},
-                    "nullable": True,
-                    "description": "Not supported on this route: a non-empty list is a 422",
-                },
-            },
-        },
+        **openapi_components(RESPONSES_REQUEST_MODELS),
         "ResponsesOutputMessage": {
             "type": "object",
             "required": ["type", "id", "status", "role", "content"],

@@ -20,40 +20,14 @@ from aiohttp import web
 
 from shardline.router.chat_template import parse_messages, render_chat
 from shardline.router.errors import RouterError, ValidationError
-from shardline.router.http import RouterContext, read_bool, read_json
-from shardline.router.openai_routes import sampling_params
+from shardline.router.http import RouterContext, read_json
+from shardline.router.openai_params import sampling_params
 from shardline.router.openai_serving import OpenAIJob, Usage, serve
 from shardline.router.request_types import Finished, FinishReason, StreamEvent, ValidRequest
+from shardline.router.schemas.openai import parse_openai
+from shardline.router.schemas.responses import ResponsesRequest
 from shardline.router.validation import guided_decoding
 
-_FIELDS = frozenset(
-    {
-        "model",
-        "input",
-        "instructions",
-        "max_output_tokens",
-        "temperature",
-        "top_p",
-        "stream",
-        "text",
-        "store",
-        "metadata",
-        "user",
-        "tools",
-        "tool_choice",
-        "parallel_tool_calls",
-        "previous_response_id",
-        "conversation",
-        "background",
-        "prompt",
-        "include",
-        "reasoning",
-        "truncation",
-        "top_logprobs",
-        "max_tool_calls",
-        "service_tier",
-    }
-)
 # Asked for, these change the answer in ways this server does not offer.
 _UNSUPPORTED = {
     "previous_response_id": "responses are not stored",
@@ -79,53 +53,44 @@ RESPONSES_ROUTES = [web.post("/v1/responses", responses)]
 
 
 def _job(ctx: RouterContext, body: Any) -> OpenAIJob:
-    if not isinstance(body, dict):
-        raise ValidationError("the request body must be a JSON object")
-    fields = {name: value for name, value in body.items() if value is not None and name in _FIELDS}
-    _reject_unsupported(fields)
-    messages = parse_messages(_messages(fields))
-    max_tokens = fields.get("max_output_tokens")
-    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
-        raise ValidationError(f"`max_output_tokens` must be >= 1. Given: {max_tokens!r}")
-    guided = guided_decoding(_text_format(fields.get("text")), "text.format")
-    sampling = {name: fields[name] for name in ("temperature", "top_p") if name in fields}
+    request = parse_openai(ResponsesRequest, body, ctx.validator.limits)
+    _reject_unsupported(request)
+    messages = parse_messages(_messages(request))
     return OpenAIJob(
         chat=True,
         prompts=[render_chat(ctx.validator.tokenizer, messages)],
-        params=sampling_params(ctx, sampling, max_tokens, guided),
-        max_tokens=max_tokens,
-        stream=read_bool(fields, "stream"),
-        request_fields=fields,
+        params=sampling_params(
+            request, **guided_decoding(_text_format(request.text), "text.format")
+        ),
+        stream=bool(request.stream),
+        request_fields=request.model_dump(exclude_none=True, exclude={"input"}),
     )
 
 
-def _reject_unsupported(fields: dict[str, Any]) -> None:
+def _reject_unsupported(request: ResponsesRequest) -> None:
     for name, reason in _UNSUPPORTED.items():
-        if name in fields:
+        if getattr(request, name) is not None:
             raise ValidationError(f"`{name}` is not supported: {reason}")
-    if fields.get("store") is True:
+    if request.store:
         raise ValidationError("`store` must be false: this server does not store responses")
-    if fields.get("tools"):
+    if request.tools:
         raise ValidationError("`tools` are not supported on /v1/responses")
-    if fields.get("tool_choice", "none") not in ("none", "auto"):
+    if request.tool_choice not in (None, "none", "auto"):
         raise ValidationError("`tool_choice` needs `tools`, which /v1/responses does not support")
-    if fields.get("truncation", "disabled") != "disabled":
+    if request.truncation not in (None, "disabled"):
         raise ValidationError('`truncation` must be "disabled"')
-    if fields.get("include"):
+    if request.include:
         raise ValidationError("`include` is not supported: there is nothing more to include")
 
 
-def _messages(fields: dict[str, Any]) -> list[dict[str, Any]]:
+def _messages(request: ResponsesRequest) -> list[dict[str, Any]]:
     """The chat messages of `instructions` and `input`."""
-    instructions = fields.get("instructions")
-    if instructions is not None and not isinstance(instructions, str):
-        raise ValidationError("`instructions` must be a string")
-    raw = fields.get("input")
+    raw = request.input
     if isinstance(raw, str):
         raw = [{"role": "user", "content": raw}]
     if not isinstance(raw, list) or not raw:
         raise ValidationError("`input` is required: a string or a non-empty list of messages")
-    system = [{"role": "system", "content": instructions}] if instructions else []
+    system = [{"role": "system", "content": request.instructions}] if request.instructions else []
     return system + [_message(position, item) for position, item in enumerate(raw)]
 
 

@@ -15,7 +15,7 @@ import functools
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.meta
@@ -23,6 +23,9 @@ import outlines_core
 
 from shardline.router.chat_template import TemplateError
 from shardline.router.errors import ValidationError
+
+if TYPE_CHECKING:
+    from shardline.router.schemas.openai import ChatRequest
 
 NO_TOOL = "no_tool"
 DEFAULT_TOOL_PROMPT = (
@@ -85,24 +88,21 @@ class ToolCalling:
 # ---- the request -------------------------------------------------------------------------------
 
 
-def parse_tool_calling(fields: dict[str, Any]) -> ToolCalling | None:
+def parse_tool_calling(request: ChatRequest) -> ToolCalling | None:
     """The tool calling a chat request asks for; None when it calls no tool."""
-    tools = fields.get("tools") or []
+    tools = request.tools or []
     if not isinstance(tools, list):
         raise ToolError("`tools` must be a list of tools")
     functions = [_parse_tool(position, tool) for position, tool in enumerate(tools)]
     names = [f.name for f in functions]
     if len(set(names)) != len(names):
         raise ToolError(f"`tools` names must be unique. Given: {names}")
-    chosen = _choose(functions, fields.get("tool_choice", "auto"))
+    chosen = _choose(functions, "auto" if request.tool_choice is None else request.tool_choice)
     if not chosen:
         return None
-    if "response_format" in fields:
+    if request.response_format is not None:
         raise ToolError("`response_format` and `tools` cannot be used together")
-    prompt = fields.get("tool_prompt") or DEFAULT_TOOL_PROMPT
-    if not isinstance(prompt, str):
-        raise ToolError("`tool_prompt` must be a string")
-    return ToolCalling(tuple(chosen), prompt)
+    return ToolCalling(tuple(chosen), request.tool_prompt or DEFAULT_TOOL_PROMPT)
 
 
 def _parse_tool(position: int, tool: Any) -> Function:
