@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import unused_port
 
 from shardline.launcher.args import parse_args, resolve_num_shard
 from shardline.launcher.commands import router_spec
@@ -186,12 +186,6 @@ def test_env_report_redacts_secrets() -> None:
 # ---- the launcher as a process ------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Launcher:
     """A running text-generation-launcher; its stderr collected line by line."""
 
@@ -289,7 +283,14 @@ def launch(fake_env: dict[str, str], model_dir: Path) -> Iterator:
     started: list[Launcher] = []
 
     def start(*extra: str, env: dict[str, str] | None = None) -> Launcher:
-        argv = ["--model-id", str(model_dir), "--port", str(free_port()), "--hostname", "127.0.0.1"]
+        argv = [
+            "--model-id",
+            str(model_dir),
+            "--port",
+            str(unused_port()),
+            "--hostname",
+            "127.0.0.1",
+        ]
         launcher = Launcher([*argv, "--json-output", *extra], {**fake_env, **(env or {})})
         started.append(launcher)
         return launcher
@@ -405,7 +406,7 @@ def test_a_killed_launcher_takes_its_children_along(launch, fake_env) -> None:
 
 
 def test_text_output_prefixes_child_lines_with_their_name(fake_env, model_dir) -> None:
-    argv = ["--model-id", str(model_dir), "--port", str(free_port()), "--hostname", "127.0.0.1"]
+    argv = ["--model-id", str(model_dir), "--port", str(unused_port()), "--hostname", "127.0.0.1"]
     launcher = Launcher(argv, {**fake_env, "FAKE_SHARD_CRASH_RANK": "0"})
     assert launcher.wait(timeout_s=30) == 1
     assert "[shard 0] RuntimeError: CUDA out of memory (fake)" in launcher.lines
@@ -454,8 +455,8 @@ def serve_tiny(tiny_llama_dir: Path, tmp_path: Path) -> Iterator:
 
     def start(num_shard: int) -> tuple[Launcher, str]:
         argv = ["--model-id", str(tiny_llama_dir), "--num-shard", str(num_shard), "--json-output"]
-        argv += ["--hostname", "127.0.0.1", "--port", str(free_port())]
-        argv += ["--master-port", str(free_port()), *LIMITS]
+        argv += ["--hostname", "127.0.0.1", "--port", str(unused_port())]
+        argv += ["--master-port", str(unused_port()), *LIMITS]
         launcher = Launcher(argv, env)
         started.append(launcher)
         ready = launcher.wait_for_line("Shardline is ready", timeout_s=180)
