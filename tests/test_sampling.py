@@ -461,15 +461,7 @@ def test_sampler_is_cuda_graph_capturable() -> None:
         Req(1, chooser(do_sample=False, frequency_penalty=0.5), stop=stopping(min_new_tokens=3)),
         Req(2, chooser(do_sample=True, seed=2, typical_p=0.7, min_p=0.05), top_n=3),
     ]
-    state = SamplingState.from_requests(
-        [r.params for r in requests],
-        [r.stop for r in requests],
-        [r.prompt for r in requests],
-        [EOS],
-        [r.top_n for r in requests],
-        VOCAB,
-        device,
-    )
+    state = state_of(requests, device=device)
     sampler = Sampler()
     logits = torch.stack([r.logits(0) for r in requests]).to(device)
     eager = sampler(logits, state)
