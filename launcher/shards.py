@@ -53,7 +53,10 @@ def shard_config(args: argparse.Namespace, model_dir: Path) -> ShardConfig:
     }
     if args.disable_custom_kernels:
         given.update(_without_custom_kernels(given))
-    return ShardConfig(model=str(model_dir), **given)
+    try:
+        return ShardConfig(model=str(model_dir), **given)
+    except ValueError as error:
+        raise LauncherError(str(error)) from None
 
 
 def _without_custom_kernels(given: Mapping[str, object]) -> dict[str, str]:

@@ -10,6 +10,7 @@ import pytest
 from shardline import LLM, SamplingParams
 from shardline.launcher import shards as launcher_shards
 from shardline.launcher.args import FLAGS, parse_args
+from shardline.launcher.commands import LauncherError
 from shardline.launcher.shards import ShardLaunch, shard_config, shard_spec
 from shardline.shard_config import FIELD_NAMES, ShardConfig, config_from_flags
 from shardline.shards.cli import build_parser
@@ -55,6 +56,15 @@ def test_launcher_flags_and_llm_arguments_give_one_config(tiny_llama_dir: Path, 
     with pytest.raises(_Opened):
         LLM(model=str(tiny_llama_dir), **LLM_ARGUMENTS)
     assert opened == [from_flags]
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [(["--block-size", "0"], "block_size"), (["--cuda-memory-fraction", "1.5"], "gpu_memory")],
+)
+def test_a_setting_out_of_range_stops_the_launch_in_one_line(flags, named, tmp_path: Path):
+    with pytest.raises(LauncherError, match=named):
+        shard_config(parse_args(flags, CPU_ONLY), tmp_path)
 
 
 def test_a_shard_process_reads_back_its_config(tmp_path: Path) -> None:
