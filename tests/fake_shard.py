@@ -60,6 +60,7 @@ class FakeShardClient:
     healthy: bool = True
     support_chunking: bool = False
     calls: list[tuple] = field(default_factory=list)
+    requests: list[pb.Request] = field(default_factory=list)  # every request prefilled
     carried: list[tuple[int, list[int]]] = field(default_factory=list)  # prefill id, running ids
     batches: dict[int, dict[int, _Sequence]] = field(default_factory=dict)
     partial: dict[int, int] = field(default_factory=dict)  # prompts prefilled in part: tokens
@@ -102,6 +103,7 @@ class FakeShardClient:
         """With `cached_batches`, those decode one step first and the answer's batch (under
         the first one's id) holds their rows and the new ones, as the real shard does."""
         self.calls.append(("prefill", batch.id, [r.id for r in batch.requests], batch.max_tokens))
+        self.requests.extend(batch.requests)
         self.chunks.append([(r.id, r.prefix_len, r.chunk_len) for r in batch.requests])
         if cached_batches:
             self.carried.append((batch.id, [cached.id for cached in cached_batches]))

@@ -1,5 +1,6 @@
 """Router fixtures, loaded for every test module by conftest.py (a module may define its own):
-`router`, `fake`, `tokenizer` (the app over a deterministic fake shard on a test client),
+`router`, `fake`, `tokenizer` (the app over a deterministic fake shard on a test client), `api`
+(the official OpenAI client on `router`, as `openai_client` makes one for any test client),
 `shard_socket` (a real shard process on the tiny llama) and `open_router` over it.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from openai import AsyncOpenAI
 from transformers import AutoTokenizer
 
 from shardline.router.client import ShardedClient
@@ -48,6 +50,16 @@ async def router(fake, tokenizer):
     yield client
     await client.close()
     await ctx.batcher.stop()
+
+
+@pytest.fixture
+def api(router: TestClient) -> AsyncOpenAI:
+    return openai_client(router)
+
+
+def openai_client(client: TestClient) -> AsyncOpenAI:
+    """The official OpenAI client against the router on this test client."""
+    return AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from openai import AsyncOpenAI
 from transformers import AutoTokenizer
 
 from shardline import LLM
@@ -20,7 +19,7 @@ from shardline.router.grammar_compiler import build_vocabulary
 from shardline.router.grammar_worker import compile_index
 from shardline.sampling_params import JSON_OBJECT_SCHEMA, SamplingParams, SamplingParamsError
 from shardline.shards.engine import ShardEngine
-from tests.router_fixtures import open_router
+from tests.router_fixtures import open_router, openai_client
 from tests.shard_harness import Arrival, make_request, random_prompts, run_schedule
 from tests.test_engine import assert_no_leaks, warmed_engine
 
@@ -239,7 +238,7 @@ async def test_generate_with_grammar_over_a_real_shard(router):
 
 
 async def test_openai_response_format_gives_valid_json(router):
-    api = AsyncOpenAI(base_url=str(router.make_url("/v1")), api_key="x", max_retries=0)
+    api = openai_client(router)
     messages = [{"role": "user", "content": "a person"}]
     # Seeded: chat samples by default, and an unlucky draw may run out of tokens mid-JSON.
     loose = await api.chat.completions.create(

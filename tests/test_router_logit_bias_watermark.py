@@ -4,21 +4,9 @@ reaches the shard message, what it refuses is a 422 in TGI's error JSON before a
 from __future__ import annotations
 
 import pytest
-from openai import AsyncOpenAI
 
-from tests.fake_shard import fixed_script
-from tests.test_router_openai import USER, RecordingShard
+from tests.test_router_openai import USER
 from tests.test_router_server import assert_error
-
-
-@pytest.fixture
-def fake(tokenizer):
-    return RecordingShard(fixed_script(tokenizer), tokenizer.eos_token_id)
-
-
-@pytest.fixture
-def api(router):
-    return AsyncOpenAI(base_url=str(router.make_url("/v1")), api_key="x", max_retries=0)
 
 
 async def test_the_official_client_passes_logit_bias_on_both_routes(api, fake):

@@ -5,46 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import jsonschema
 import openai
 import pytest
-from openai import AsyncOpenAI, OpenAI
+from openai import OpenAI
 
-from shardline.proto import generate_pb2 as pb
-from shardline.router.client import StepResult
 from shardline.router.http import CONTEXT
 from tests.fake_shard import CONTINUATION, FakeShardClient, fixed_script, router_client
 from tests.fake_shard import tiny_tokenizer as build_tokenizer
-from tests.router_fixtures import open_router
+from tests.router_fixtures import open_router, openai_client
 from tests.test_router_server import TGI_SPEC, _as_json_schema, assert_error, assert_schema
 
 USER = [{"role": "user", "content": "the city"}]
-
-
-@dataclass
-class RecordingShard(FakeShardClient):
-    """Keeps every request the router prefilled: prompt ids and sampling parameters."""
-
-    requests: list[pb.Request] = field(default_factory=list)
-
-    async def prefill(
-        self, batch: pb.Batch, cached_batches: Sequence[pb.CachedBatch] = ()
-    ) -> StepResult:
-        self.requests.extend(batch.requests)
-        return await super().prefill(batch, cached_batches)
-
-
-@pytest.fixture
-def fake(tokenizer):  # the shared `router` and `tokenizer` fixtures run over this shard
-    return RecordingShard(fixed_script(tokenizer), tokenizer.eos_token_id)
-
-
-@pytest.fixture
-def api(router):
-    return AsyncOpenAI(base_url=str(router.make_url("/v1")), api_key="x", max_retries=0)
 
 
 def templated(tokenizer, messages) -> str:
@@ -321,7 +294,7 @@ async def test_out_of_vocabulary_prompt_is_422_and_spares_the_others(
     tokenizer, path, body, text_of
 ):
     last_id = len(tokenizer) - 1  # the tokenizer knows one token more than the model
-    fake = RecordingShard(fixed_script(tokenizer), tokenizer.eos_token_id, vocab_size=last_id)
+    fake = FakeShardClient(fixed_script(tokenizer), tokenizer.eos_token_id, vocab_size=last_id)
     client, ctx = await router_client(fake, tokenizer, max_total_tokens=128)
     try:
         refused, answered = await asyncio.gather(
@@ -434,7 +407,7 @@ async def test_chat_greedy_equals_transformers_on_a_real_shard(shard_socket, tin
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     async with open_router(shard_socket, tiny_llama_dir, max_total_tokens=256) as client:
-        api = AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
+        api = openai_client(client)
         for messages in (USER, [{"role": "system", "content": "paged"}, *USER]):
             prompt = templated(tokenizer, messages)
             ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids

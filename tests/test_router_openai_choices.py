@@ -9,26 +9,15 @@ from collections import defaultdict
 
 import jsonschema
 import pytest
-from openai import AsyncOpenAI
 from transformers import AutoTokenizer
 
 from shardline.router.http import CONTEXT
-from tests.fake_shard import CONTINUATION, fixed_script
-from tests.router_fixtures import open_router
-from tests.test_router_openai import USER, RecordingShard, post_stream, templated
+from tests.fake_shard import CONTINUATION
+from tests.router_fixtures import open_router, openai_client
+from tests.test_router_openai import USER, post_stream, templated
 from tests.test_router_server import _as_json_schema, assert_schema
 
 PROMPT = "the city"
-
-
-@pytest.fixture
-def fake(tokenizer):
-    return RecordingShard(fixed_script(tokenizer), tokenizer.eos_token_id)
-
-
-@pytest.fixture
-def api(router):
-    return AsyncOpenAI(base_url=str(router.make_url("/v1")), api_key="x", max_retries=0)
 
 
 # ---- echo and logprobs (fake shard) ------------------------------------------------------------
@@ -107,7 +96,7 @@ async def real_api(shard_socket, tiny_llama_dir):
     async with open_router(
         shard_socket, tiny_llama_dir, max_total_tokens=256, max_best_of=3
     ) as client:
-        yield AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0), client
+        yield openai_client(client), client
 
 
 async def test_chat_n_samples_are_choices_streamed_and_not(real_api, tiny_llama_dir):

@@ -8,10 +8,10 @@ import json
 
 import jsonschema
 import pytest
-from openai import AsyncOpenAI, UnprocessableEntityError
+from openai import UnprocessableEntityError
 
-from tests.fake_shard import CONTINUATION, fixed_script
-from tests.test_router_openai import RecordingShard, templated
+from tests.fake_shard import CONTINUATION
+from tests.test_router_openai import templated
 from tests.test_router_server import _as_json_schema, assert_error
 
 STREAM_EVENTS = [
@@ -24,16 +24,6 @@ STREAM_EVENTS = [
     "response.content_part.done",
     "response.output_item.done",
 ]
-
-
-@pytest.fixture
-def fake(tokenizer):
-    return RecordingShard(fixed_script(tokenizer), tokenizer.eos_token_id)
-
-
-@pytest.fixture
-def api(router):
-    return AsyncOpenAI(base_url=str(router.make_url("/v1")), api_key="x", max_retries=0)
 
 
 async def test_a_string_input_answers_a_response_object(api, router, fake, tokenizer):

@@ -8,15 +8,14 @@ import json
 
 import jsonschema
 import pytest
-from openai import AsyncOpenAI
 
 from shardline.proto import generate_pb2 as pb
 from shardline.router.tools import DEFAULT_TOOL_PROMPT, NO_TOOL
-from tests.fake_shard import CONTINUATION, router_client
+from tests.fake_shard import CONTINUATION, FakeShardClient, router_client
 from tests.fake_shard import tiny_tokenizer as build_tokenizer
 from tests.model_factory import CHAT_TEMPLATE
-from tests.router_fixtures import open_router
-from tests.test_router_openai import RecordingShard, post_stream
+from tests.router_fixtures import open_router, openai_client
+from tests.test_router_openai import post_stream
 from tests.test_router_server import assert_error, assert_schema
 
 USER = [{"role": "user", "content": "weather in Paris?"}]
@@ -55,7 +54,7 @@ def _script(tokenizer, with_tools: str):
 
 
 async def _router(tokenizer, with_tools: str = CALL_TEXT):
-    fake = RecordingShard(_script(tokenizer, with_tools), tokenizer.eos_token_id)
+    fake = FakeShardClient(_script(tokenizer, with_tools), tokenizer.eos_token_id)
     client, ctx = await router_client(fake, tokenizer, max_total_tokens=1024)
     return client, ctx, fake
 
@@ -76,10 +75,6 @@ async def no_tool_served(tokenizer):
     await ctx.batcher.stop()
 
 
-def _api(client) -> AsyncOpenAI:
-    return AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
-
-
 def _grammar(request: pb.Request) -> dict:
     assert request.parameters.grammar_type == pb.GRAMMAR_TYPE_JSON
     return json.loads(request.parameters.grammar)
@@ -91,7 +86,7 @@ def _branches(grammar: dict) -> list[str]:
 
 async def test_forced_tool_call_request_and_answer(served, tokenizer):
     client, fake = served
-    answer = await _api(client).chat.completions.create(
+    answer = await openai_client(client).chat.completions.create(
         model="tiny", messages=USER, tools=TOOLS, tool_choice=FORCED
     )
     grammar = _grammar(fake.requests[0])
@@ -116,7 +111,7 @@ async def test_forced_tool_call_request_and_answer(served, tokenizer):
 
 async def test_forced_tool_call_streams_tgi_deltas(served):
     client, _ = served
-    stream = await _api(client).chat.completions.create(
+    stream = await openai_client(client).chat.completions.create(
         model="tiny", messages=USER, tools=TOOLS, tool_choice=FORCED, stream=True
     )
     chunks = [chunk async for chunk in stream]
@@ -135,7 +130,7 @@ async def test_a_tool_call_cut_by_the_token_limit_finishes_with_length(served, t
     client, _ = served
     named = CALL_TEXT[: CALL_TEXT.index('"city"')]
     limit = len(tokenizer.encode(named, add_special_tokens=False)) + 2
-    stream = await _api(client).chat.completions.create(
+    stream = await openai_client(client).chat.completions.create(
         model="tiny", messages=USER, tools=TOOLS, tool_choice=FORCED, stream=True, max_tokens=limit
     )
     chunks = [chunk async for chunk in stream]
@@ -145,7 +140,7 @@ async def test_a_tool_call_cut_by_the_token_limit_finishes_with_length(served, t
 
 async def test_auto_offers_no_tool_and_answers_again_without_tools(no_tool_served, tokenizer):
     client, fake = no_tool_served
-    api = _api(client)
+    api = openai_client(client)
     answer = await api.chat.completions.create(model="tiny", messages=USER, tools=TOOLS)
     assert answer.choices[0].message.content == CONTINUATION
     assert answer.choices[0].message.tool_calls is None
@@ -164,7 +159,7 @@ async def test_auto_offers_no_tool_and_answers_again_without_tools(no_tool_serve
 
 async def test_tool_choice_none_is_a_request_without_tools(served):
     client, fake = served
-    api = _api(client)
+    api = openai_client(client)
     plain = await api.chat.completions.create(model="tiny", messages=USER)
     none = await api.chat.completions.create(
         model="tiny", messages=USER, tools=TOOLS, tool_choice="none"
@@ -181,7 +176,7 @@ async def test_a_template_that_takes_tools_gets_them(tmp_path):
     tokenizer.chat_template += CHAT_TEMPLATE
     client, ctx, fake = await _router(tokenizer)
     try:
-        answer = await _api(client).chat.completions.create(
+        answer = await openai_client(client).chat.completions.create(
             model="tiny", messages=USER, tools=TOOLS, tool_choice="required"
         )
         assert answer.choices[0].message.tool_calls[0].function.name == "get_weather"
@@ -271,7 +266,7 @@ def _turns_script(tokenizer):
 async def tool_template_served(tmp_path):
     tokenizer = build_tokenizer(tmp_path)
     tokenizer.chat_template = TOOL_TEMPLATE
-    fake = RecordingShard(_turns_script(tokenizer), tokenizer.eos_token_id)
+    fake = FakeShardClient(_turns_script(tokenizer), tokenizer.eos_token_id)
     client, ctx = await router_client(fake, tokenizer, max_total_tokens=1024)
     yield client, fake, tokenizer
     await client.close()
@@ -349,7 +344,7 @@ async def test_bad_tool_messages_are_422(tool_template_served, message, error):
 
 async def test_openai_client_two_turn_tool_loop(tool_template_served):
     client, fake, tokenizer = tool_template_served
-    api = _api(client)
+    api = openai_client(client)
     messages: list = list(USER)
     first = await api.chat.completions.create(model="tiny", messages=messages, tools=TOOLS)
     message = first.choices[0].message
@@ -374,7 +369,7 @@ async def real_router(shard_socket, tiny_llama_dir):
 
 
 async def test_real_forced_tool_call_validates_against_its_schema(real_router):
-    api = _api(real_router)
+    api = openai_client(real_router)
     options = {"model": "tiny", "messages": USER, "tools": TOOLS, "max_tokens": 96}
     answer = await api.chat.completions.create(**options, tool_choice=FORCED, temperature=0)
     call = answer.choices[0].message.tool_calls[0]
