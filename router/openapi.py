@@ -1,5 +1,6 @@
 """Shardline's OpenAPI description of its TGI and OpenAI-compatible routes, kept consistent with
-TGI's spec."""
+TGI's spec: the bodies' schemas come from their models (router/schemas/), the route table and
+its answers are here."""
 
 from __future__ import annotations
 
@@ -7,16 +8,12 @@ import functools
 from typing import Any
 
 from shardline import __version__
+from shardline.router.openapi_openai import openai_response_schemas
 from shardline.router.openapi_responses import responses_schemas
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    return {**schema, "nullable": True}
-
+from shardline.router.schemas.common import openapi_components, ref
+from shardline.router.schemas.openai import OPENAI_REQUEST_MODELS
+from shardline.router.schemas.tgi import CompatGenerateRequest, GenerateRequest
+from shardline.router.schemas.tgi_responses import TGI_RESPONSE_MODELS
 
 _REQUEST_ERRORS = {
     "400": "Malformed body: not JSON, invalid UTF-8, NaN or Infinity, nested over 128 levels",
@@ -40,7 +37,7 @@ def _errors(media_type: str = "application/json") -> dict[str, Any]:
 
 
 def _error_responses(described: dict[str, str], *media_types: str) -> dict[str, Any]:
-    content = {media_type: {"schema": _ref("ErrorResponse")} for media_type in media_types}
+    content = {media_type: {"schema": ref("ErrorResponse")} for media_type in media_types}
     return {code: {"description": text, "content": content} for code, text in described.items()}
 
 
@@ -51,7 +48,7 @@ def _post(operation: str, summary: str, request: str, answers: dict[str, Any], e
             "summary": summary,
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": _ref(request)}},
+                "content": {"application/json": {"schema": ref(request)}},
             },
             "responses": {
                 "200": {"description": "Generated text", "content": answers},
@@ -61,222 +58,28 @@ def _post(operation: str, summary: str, request: str, answers: dict[str, Any], e
     }
 
 
-_TOKEN_PROPS = {
-    "id": {"type": "integer", "format": "int32", "minimum": 0},
-    "text": {"type": "string"},
-    "logprob": _nullable({"type": "number", "format": "float"}),
-}
-
-# What validation takes as a grammar's or a response format's `type`.
-_GRAMMAR_TYPE = {"type": "string", "enum": ["json", "regex", "json_schema", "json_object", "text"]}
-
-_PARAMETERS = {
-    "adapter_id": _nullable({"type": "string", "description": "Not supported: rejected with 422."}),
-    "best_of": _nullable({"type": "integer", "minimum": 0, "exclusiveMinimum": True}),
-    "decoder_input_details": {"type": "boolean", "default": False},
-    "details": {"type": "boolean", "default": False},
-    "do_sample": {"type": "boolean", "default": False},
-    "frequency_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
-    "grammar": _nullable(
-        {
-            "type": "object",
-            "required": ["type"],
-            "properties": {"type": _GRAMMAR_TYPE},
-            "description": (
-                'Constrained output: {"type": "json", "value": <JSON schema>} or '
-                '{"type": "regex", "value": "<regex>"}'
-            ),
-        }
-    ),
-    "max_new_tokens": _nullable({"type": "integer", "format": "int32", "minimum": 1}),
-    "repetition_penalty": _nullable({"type": "number", "minimum": 0, "exclusiveMinimum": True}),
-    "return_full_text": _nullable({"type": "boolean"}),
-    "seed": _nullable({"type": "integer", "format": "int64", "minimum": 0}),
-    "stop": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
-    "temperature": _nullable({"type": "number", "minimum": 0, "exclusiveMinimum": True}),
-    "top_k": _nullable(
-        {"type": "integer", "format": "int32", "minimum": 0, "exclusiveMinimum": True}
-    ),
-    "top_n_tokens": _nullable({"type": "integer", "format": "int32", "minimum": 0}),
-    "top_p": _nullable(
-        {
-            "type": "number",
-            "minimum": 0,
-            "exclusiveMinimum": True,
-            "maximum": 1,
-            "exclusiveMaximum": True,
-        }
-    ),
-    "truncate": _nullable({"type": "integer", "minimum": 0}),
-    "typical_p": _nullable(
-        {
-            "type": "number",
-            "minimum": 0,
-            "exclusiveMinimum": True,
-            "maximum": 1,
-            "exclusiveMaximum": True,
-        }
-    ),
-    "watermark": {
-        "type": "boolean",
-        "default": False,
-        "description": "Kirchenbauer et al.'s watermark (WATERMARK_GAMMA, WATERMARK_DELTA)",
-    },
-    "presence_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
-    "min_p": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
-    "min_tokens": _nullable({"type": "integer", "minimum": 0}),
-    "ignore_eos": {"type": "boolean", "default": False},
-    "skip_special_tokens": {"type": "boolean", "default": True},
-    "stop_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-}
-
-_FINISH = _ref("FinishReason")
-_SEED = _nullable({"type": "integer", "format": "int64", "minimum": 0})
-_COUNT = {"type": "integer", "format": "int32", "minimum": 0}
-
-
-_PROMPT = {"type": "string", "minLength": 1}
-# Shardline reads a null `parameters` as the defaults (TGI refuses it).
-_PARAMETERS_REF = {"allOf": [_ref("GenerateParameters")], "nullable": True}
-
-
 def _schemas() -> dict[str, Any]:
-    generation_details = {
-        "finish_reason": _FINISH,
-        "generated_tokens": _COUNT,
-        "seed": _SEED,
-        "prefill": {"type": "array", "items": _ref("PrefillToken")},
-        "tokens": {"type": "array", "items": _ref("Token")},
-        "top_tokens": {"type": "array", "items": {"type": "array", "items": _ref("Token")}},
+    tgi_requests = {
+        "GenerateRequest": GenerateRequest,
+        "CompatGenerateRequest": CompatGenerateRequest,
     }
+    sagemaker = ("CompatGenerateRequest", "ChatRequest", "CompletionRequest")
     return {
-        "GenerateParameters": {"type": "object", "properties": _PARAMETERS},
-        "GenerateRequest": {
-            "type": "object",
-            "required": ["inputs"],
-            "properties": {"inputs": _PROMPT, "parameters": _PARAMETERS_REF},
-        },
-        "CompatGenerateRequest": {
-            "type": "object",
-            "required": ["inputs"],
-            "properties": {
-                "inputs": _PROMPT,
-                "parameters": _PARAMETERS_REF,
-                "stream": {"type": "boolean", "default": False},
-            },
-        },
-        "FinishReason": {"type": "string", "enum": ["length", "eos_token", "stop_sequence"]},
-        "Token": {
-            "type": "object",
-            "required": ["id", "text", "logprob", "special"],
-            "properties": {**_TOKEN_PROPS, "special": {"type": "boolean"}},
-        },
-        "PrefillToken": {
-            "type": "object",
-            "required": ["id", "text", "logprob"],
-            "properties": _TOKEN_PROPS,
-        },
-        "SimpleToken": {
-            "type": "object",
-            "required": ["id", "text", "start", "stop"],
-            "properties": {
-                "id": _TOKEN_PROPS["id"],
-                "text": {"type": "string"},
-                "start": {"type": "integer", "minimum": 0},
-                "stop": {"type": "integer", "minimum": 0},
-            },
-        },
-        "TokenizeResponse": {"type": "array", "items": _ref("SimpleToken")},
-        "BestOfSequence": {
-            "type": "object",
-            "required": [
-                "generated_text",
-                "finish_reason",
-                "generated_tokens",
-                "prefill",
-                "tokens",
-            ],
-            "properties": {"generated_text": {"type": "string"}, **generation_details},
-        },
-        "Details": {
-            "type": "object",
-            "required": ["finish_reason", "generated_tokens", "prefill", "tokens"],
-            "properties": {
-                **generation_details,
-                "best_of_sequences": _nullable({"type": "array", "items": _ref("BestOfSequence")}),
-            },
-        },
-        "GenerateResponse": {
-            "type": "object",
-            "required": ["generated_text"],
-            "properties": {
-                "generated_text": {"type": "string"},
-                "details": _nullable({"allOf": [_ref("Details")]}),
-            },
-        },
-        "StreamDetails": {
-            "type": "object",
-            "required": ["finish_reason", "generated_tokens", "input_length"],
-            "properties": {
-                "finish_reason": _FINISH,
-                "generated_tokens": _COUNT,
-                "input_length": _COUNT,
-                "seed": _SEED,
-            },
-        },
-        "StreamResponse": {
-            "type": "object",
-            "required": ["index", "token"],
-            "properties": {
-                "index": _COUNT,
-                "token": _ref("Token"),
-                "top_tokens": {"type": "array", "items": _ref("Token")},
-                "generated_text": _nullable({"type": "string"}),
-                "details": _nullable({"allOf": [_ref("StreamDetails")]}),
-            },
-        },
-        "ErrorResponse": {
-            "type": "object",
-            "required": ["error", "error_type"],
-            "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}},
-        },
-        "Info": _info_schema(),
-        **_openai_request_schemas(),
-        **_openai_response_schemas(),
+        **openapi_components(tgi_requests),
+        **openapi_components(TGI_RESPONSE_MODELS),
+        **openapi_components(OPENAI_REQUEST_MODELS),
+        "SagemakerRequest": {"oneOf": [ref(name) for name in sagemaker]},
+        **openai_response_schemas(),
         **responses_schemas(),
-    }
-
-
-def _info_schema() -> dict[str, Any]:
-    counts = (
-        "max_concurrent_requests",
-        "max_best_of",
-        "max_stop_sequences",
-        "max_input_tokens",
-        "max_total_tokens",
-        "validation_workers",
-        "max_client_batch_size",
-    )
-    texts = ("model_id", "router", "version")
-    optional_texts = ("model_sha", "model_dtype", "model_device_type", "model_pipeline_tag")
-    optional_texts += ("sha", "docker_label")
-    return {
-        "type": "object",
-        "required": [*texts[:1], *counts, *texts[1:]],
-        "properties": {
-            **{name: {"type": "integer", "minimum": 0} for name in counts},
-            **{name: {"type": "string"} for name in texts},
-            **{name: _nullable({"type": "string"}) for name in optional_texts},
-        },
     }
 
 
 @functools.cache
 def openapi_spec() -> dict[str, Any]:
-    json_answer = {"application/json": {"schema": _ref("GenerateResponse")}}
-    sse_answer = {"text/event-stream": {"schema": _ref("StreamResponse")}}
+    json_answer = {"application/json": {"schema": ref("GenerateResponse")}}
+    sse_answer = {"text/event-stream": {"schema": ref("StreamResponse")}}
     list_answer = {
-        "application/json": {"schema": {"type": "array", "items": _ref("GenerateResponse")}}
+        "application/json": {"schema": {"type": "array", "items": ref("GenerateResponse")}}
     }
     compat = _post(
         "compat_generate",
@@ -299,8 +102,8 @@ def openapi_spec() -> dict[str, Any]:
                 "TGI's, the chat or the completion request, told apart by their fields",
                 "SagemakerRequest",
                 {
-                    "application/json": {"schema": _ref("SagemakerResponse")},
-                    "text/event-stream": {"schema": _ref("SagemakerStreamResponse")},
+                    "application/json": {"schema": ref("SagemakerResponse")},
+                    "text/event-stream": {"schema": ref("SagemakerStreamResponse")},
                 },
                 "application/json",
             ),
@@ -321,18 +124,18 @@ def openapi_spec() -> dict[str, Any]:
                     "summary": "Tokenize the inputs",
                     "requestBody": {
                         "required": True,
-                        "content": {"application/json": {"schema": _ref("GenerateRequest")}},
+                        "content": {"application/json": {"schema": ref("GenerateRequest")}},
                     },
                     "responses": {
                         "200": {
                             "description": "Token ids with their character spans",
-                            "content": {"application/json": {"schema": _ref("TokenizeResponse")}},
+                            "content": {"application/json": {"schema": ref("TokenizeResponse")}},
                         },
                         **_error_responses(_REQUEST_ERRORS, "application/json"),
                     },
                 }
             },
-            "/info": _get("get_model_info", "Model and server limits", _ref("Info")),
+            "/info": _get("get_model_info", "Model and server limits", ref("Info")),
             "/health": _health("health", "200 when every shard answers"),
             "/ping": _health("ping", "TGI's alias of /health (SageMaker's health check)"),
             "/v2/health/live": _get(
@@ -382,7 +185,7 @@ def _health(operation: str, summary: str) -> dict[str, Any]:
                 "200": {"description": "Healthy"},
                 "503": {
                     "description": "A shard does not answer",
-                    "content": {"application/json": {"schema": _ref("ErrorResponse")}},
+                    "content": {"application/json": {"schema": ref("ErrorResponse")}},
                 },
             },
         }
@@ -403,342 +206,14 @@ def _get(operation: str, summary: str, schema: dict[str, Any]) -> dict[str, Any]
 
 # ---- the OpenAI-compatible routes --------------------------------------------------------------
 
-_UNSUPPORTED = "Not supported: rejected with 422 unless empty"
-_NUMBER = _nullable({"type": "number"})
-_STOP = _nullable(
-    {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]}
-)
-# vLLM's extras, with SamplingParams' ranges.
-_VLLM_EXTRAS = {
-    "top_k": _nullable({"type": "integer", "minimum": -1, "description": "0 or -1: off"}),
-    "min_p": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
-    "repetition_penalty": _nullable({"type": "number", "minimum": 0, "exclusiveMinimum": True}),
-    "min_tokens": _nullable({"type": "integer", "minimum": 0}),
-    "ignore_eos": _nullable({"type": "boolean"}),
-    "stop_token_ids": _nullable({"type": "array", "items": {"type": "integer", "minimum": 0}}),
-    "skip_special_tokens": _nullable({"type": "boolean"}),
-}
-
-
-def _openai_sampling() -> dict[str, Any]:
-    return {
-        "model": _nullable({"type": "string", "description": "Accepted, unused: one model"}),
-        "user": _nullable({"type": "string"}),
-        "stream": {"type": "boolean", "default": False},
-        "stream_options": _nullable({"allOf": [_ref("StreamOptions")]}),
-        "max_tokens": _nullable({"type": "integer", "minimum": 1}),
-        "n": _nullable(
-            {
-                "type": "integer",
-                "minimum": 1,
-                "description": "Samples per prompt (at most --max-best-of); needs sampling",
-            }
-        ),
-        "temperature": _nullable({"type": "number", "minimum": 0}),
-        "top_p": _nullable(
-            {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1}
-        ),
-        "frequency_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
-        "presence_penalty": _nullable({"type": "number", "minimum": -2, "maximum": 2}),
-        "seed": _SEED,
-        "stop": _STOP,
-        "logit_bias": _nullable(
-            {
-                "type": "object",
-                "propertyNames": {"pattern": "^[0-9]+$"},
-                "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
-                "description": "Token id (as a string) -> bias added to its logit",
-            }
-        ),
-        **_VLLM_EXTRAS,
-    }
-
-
-def _openai_request_schemas() -> dict[str, Any]:
-    text_part = {
-        "type": "object",
-        "required": ["type", "text"],
-        "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
-    }
-    content = {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}]}
-    return {
-        "StreamOptions": {
-            "type": "object",
-            "properties": {"include_usage": {"type": "boolean"}},
-        },
-        "Message": {
-            "allOf": [
-                {"type": "object", "required": ["content"], "properties": {"content": content}},
-                {
-                    "type": "object",
-                    "required": ["role"],
-                    "properties": {
-                        "role": {"type": "string", "minLength": 1},
-                        "name": _nullable({"type": "string"}),
-                    },
-                },
-            ]
-        },
-        "ChatRequest": {
-            "type": "object",
-            "required": ["messages"],
-            "properties": {
-                **_openai_sampling(),
-                "messages": {"type": "array", "items": _ref("Message"), "minItems": 1},
-                "max_completion_tokens": _nullable({"type": "integer", "minimum": 1}),
-                "logprobs": _nullable({"type": "boolean"}),
-                "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": 5}),
-                "response_format": _nullable(
-                    {
-                        "type": "object",
-                        "required": ["type"],
-                        "properties": {"type": _GRAMMAR_TYPE},
-                        "description": (
-                            '{"type": "text"}, {"type": "json_object"} or {"type": "json_schema",'
-                            ' "json_schema": {"schema": ...}}: constrained output'
-                        ),
-                    }
-                ),
-                "tools": _nullable(
-                    {
-                        "type": "array",
-                        "items": {"type": "object"},
-                        "description": (
-                            '{"type": "function", "function": {"name", "description", '
-                            '"parameters": <JSON schema of an object>}}: the answer is one call, '
-                            "its arguments constrained to the tool's schema"
-                        ),
-                    }
-                ),
-                "tool_choice": _nullable(
-                    {
-                        "oneOf": [
-                            {"type": "string", "enum": ["auto", "none", "required"]},
-                            {"type": "object"},
-                        ],
-                        "default": "auto",
-                        "description": (
-                            '"auto" (a tool or TGI\'s no_tool, then a text answer), "none", '
-                            '"required", or {"type": "function", "function": {"name": ...}}'
-                        ),
-                    }
-                ),
-                "tool_prompt": _nullable(
-                    {"type": "string", "description": "Appended to the last message with the tools"}
-                ),
-            },
-        },
-        "Prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-        "CompletionRequest": {
-            "type": "object",
-            "required": ["prompt"],
-            "properties": {
-                **_openai_sampling(),
-                "prompt": _ref("Prompt"),
-                "suffix": _nullable({"type": "string", "description": _UNSUPPORTED}),
-                "echo": _nullable(
-                    {"type": "boolean", "description": "The prompt comes back before the text"}
-                ),
-                "logprobs": _nullable(
-                    {
-                        "type": "integer",
-                        "minimum": 0,
-                        "maximum": 5,
-                        "description": "Alternatives per token (OpenAI's legacy logprobs)",
-                    }
-                ),
-                "best_of": _nullable(
-                    {
-                        "type": "integer",
-                        "minimum": 1,
-                        "description": "Samples per prompt (at most --max-best-of), of which the "
-                        "`n` of highest mean logprob answer; not when streaming",
-                    }
-                ),
-            },
-        },
-        "SagemakerRequest": {
-            "oneOf": [
-                _ref("CompatGenerateRequest"),
-                _ref("ChatRequest"),
-                _ref("CompletionRequest"),
-            ]
-        },
-    }
-
-
-def _openai_response_schemas() -> dict[str, Any]:
-    def header(object_name: str) -> dict[str, Any]:
-        return {
-            "id": {"type": "string"},
-            "object": {"type": "string", "enum": [object_name]},
-            "created": {"type": "integer", "format": "int64", "minimum": 0},
-            "model": {"type": "string"},
-            "system_fingerprint": {"type": "string"},
-        }
-
-    required = ["id", "created", "model", "system_fingerprint", "choices"]
-    logprobs = _nullable({"allOf": [_ref("ChatCompletionLogprobs")]})
-    top_logprob = {"token": {"type": "string"}, "logprob": {"type": "number"}}
-    return {
-        "Usage": {
-            "type": "object",
-            "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-            "properties": {
-                name: _COUNT for name in ("prompt_tokens", "completion_tokens", "total_tokens")
-            },
-        },
-        "TextMessage": {
-            "type": "object",
-            "required": ["role", "content"],
-            "properties": {
-                "role": {"type": "string"},
-                "content": {"type": "string"},
-                "tool_call_id": _nullable({"type": "string"}),
-            },
-        },
-        "ChatCompletionTopLogprob": {
-            "type": "object",
-            "required": ["token", "logprob"],
-            "properties": top_logprob,
-        },
-        "ChatCompletionLogprob": {
-            "type": "object",
-            "required": ["token", "logprob", "top_logprobs"],
-            "properties": {
-                **top_logprob,
-                "top_logprobs": {"type": "array", "items": _ref("ChatCompletionTopLogprob")},
-            },
-        },
-        "ChatCompletionLogprobs": {
-            "type": "object",
-            "required": ["content"],
-            "properties": {"content": {"type": "array", "items": _ref("ChatCompletionLogprob")}},
-        },
-        "ChatCompletionComplete": {
-            "type": "object",
-            "required": ["index", "message", "finish_reason"],
-            "properties": {
-                "index": _COUNT,
-                "message": _ref("TextMessage"),
-                "logprobs": logprobs,
-                "finish_reason": {"type": "string", "enum": ["stop", "length", "tool_calls"]},
-            },
-        },
-        "ChatCompletion": {
-            "type": "object",
-            "required": [*required, "usage"],
-            "properties": {
-                **header("chat.completion"),
-                "choices": {"type": "array", "items": _ref("ChatCompletionComplete")},
-                "usage": _ref("Usage"),
-            },
-        },
-        "ChatCompletionChoice": {
-            "type": "object",
-            "required": ["index", "delta"],
-            "properties": {
-                "index": _COUNT,
-                "delta": _ref("TextMessage"),
-                "logprobs": logprobs,
-                "finish_reason": _nullable(
-                    {"type": "string", "enum": ["stop", "length", "tool_calls"]}
-                ),
-            },
-        },
-        "ChatCompletionChunk": {
-            "type": "object",
-            "required": required,
-            "properties": {
-                **header("chat.completion.chunk"),
-                "choices": {"type": "array", "items": _ref("ChatCompletionChoice")},
-                "usage": _nullable({"allOf": [_ref("Usage")]}),
-            },
-        },
-        "CompletionComplete": {
-            "type": "object",
-            "required": ["index", "text", "finish_reason"],
-            "properties": {
-                "index": _COUNT,
-                "text": {"type": "string"},
-                "logprobs": _nullable({"allOf": [_ref("CompletionLogprobs")]}),
-                "finish_reason": {
-                    "type": "string",
-                    "enum": ["", "stop", "length"],
-                    "description": "Empty in the stream until the last chunk",
-                },
-            },
-        },
-        "CompletionLogprobs": {
-            "type": "object",
-            "description": "OpenAI's legacy logprobs; with echo the prompt's tokens come first",
-            "required": ["tokens", "token_logprobs", "top_logprobs", "text_offset"],
-            "properties": {
-                "tokens": {"type": "array", "items": {"type": "string"}},
-                "token_logprobs": {"type": "array", "items": _nullable({"type": "number"})},
-                "top_logprobs": {
-                    "type": "array",
-                    "items": _nullable(
-                        {"type": "object", "additionalProperties": {"type": "number"}}
-                    ),
-                },
-                "text_offset": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-            },
-        },
-        "CompletionFinal": {
-            "type": "object",
-            "required": [*required, "usage"],
-            "properties": {
-                **header("text_completion"),
-                "choices": {"type": "array", "items": _ref("CompletionComplete")},
-                "usage": _ref("Usage"),
-            },
-        },
-        "Chunk": {
-            "type": "object",
-            "required": required,
-            "properties": {
-                **header("text_completion"),
-                "choices": {"type": "array", "items": _ref("CompletionComplete")},
-                "usage": _nullable({"allOf": [_ref("Usage")]}),
-            },
-        },
-        "ModelInfo": {
-            "type": "object",
-            "required": ["id", "object", "created", "owned_by"],
-            "properties": {
-                "id": {"type": "string"},
-                "object": {"type": "string", "enum": ["model"]},
-                "created": {"type": "integer", "format": "int64", "minimum": 0},
-                "owned_by": {"type": "string"},
-            },
-        },
-        "ChatTokenizeResponse": {
-            "type": "object",
-            "required": ["tokenize_response", "templated_text"],
-            "properties": {
-                "tokenize_response": _ref("TokenizeResponse"),
-                "templated_text": {"type": "string"},
-            },
-        },
-        "SagemakerResponse": {
-            "oneOf": [
-                _ref("GenerateResponse"),
-                _ref("ChatCompletion"),
-                _ref("CompletionFinal"),
-            ]
-        },
-        "SagemakerStreamResponse": {
-            "oneOf": [_ref("StreamResponse"), _ref("ChatCompletionChunk"), _ref("Chunk")]
-        },
-    }
+# ---- the OpenAI-compatible routes --------------------------------------------------------------
 
 
 def _openai_paths() -> dict[str, Any]:
     def answers(final: str, chunk: str) -> dict[str, Any]:
         return {
-            "application/json": {"schema": _ref(final)},
-            "text/event-stream": {"schema": _ref(chunk)},
+            "application/json": {"schema": ref(final)},
+            "text/event-stream": {"schema": ref(chunk)},
         }
 
     models = {
@@ -746,7 +221,7 @@ def _openai_paths() -> dict[str, Any]:
         "required": ["object", "data"],
         "properties": {
             "object": {"type": "string", "enum": ["list"]},
-            "data": {"type": "array", "items": _ref("ModelInfo")},
+            "data": {"type": "array", "items": ref("ModelInfo")},
         },
     }
     return {
@@ -778,12 +253,12 @@ def _openai_paths() -> dict[str, Any]:
                 "summary": "Apply the chat template and tokenize the result",
                 "requestBody": {
                     "required": True,
-                    "content": {"application/json": {"schema": _ref("ChatRequest")}},
+                    "content": {"application/json": {"schema": ref("ChatRequest")}},
                 },
                 "responses": {
                     "200": {
                         "description": "The templated text and its tokens",
-                        "content": {"application/json": {"schema": _ref("ChatTokenizeResponse")}},
+                        "content": {"application/json": {"schema": ref("ChatTokenizeResponse")}},
                     },
                     **_error_responses(_REQUEST_ERRORS, "application/json"),
                 },

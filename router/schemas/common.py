@@ -117,6 +117,15 @@ def _bounds(metadata: list[Any]) -> str:
 _SYMBOLS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
+def ref(name: str) -> dict[str, str]:
+    """An OpenAPI reference to the component `name`."""
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "nullable": True}
+
+
 def openapi_components(models: dict[str, type[BaseModel]]) -> dict[str, Any]:
     """Each model's JSON schema (and the models it refers to) as OpenAPI 3.0 components."""
     components: dict[str, Any] = {}
@@ -134,7 +143,13 @@ def _openapi3(node: Any) -> Any:
         return [_openapi3(item) for item in node]
     if not isinstance(node, dict):
         return node
-    node = {key: _openapi3(value) for key, value in node.items() if key != "title"}
+    node = {
+        key: {name: _openapi3(field) for name, field in value.items()}
+        if key == "properties"
+        else _openapi3(value)
+        for key, value in node.items()
+        if key != "title"
+    }
     alternatives = node.get("anyOf")
     if alternatives and {"type": "null"} in alternatives:
         rest = [a for a in alternatives if a != {"type": "null"}]
@@ -148,4 +163,6 @@ def _openapi3(node: Any) -> Any:
             node[bound], node[exclusive] = node[exclusive], True
     if "const" in node:
         node["enum"] = [node.pop("const")]
+    if "examples" in node:
+        node["example"] = node.pop("examples")[0]
     return node
