@@ -113,6 +113,19 @@ def test_temperature(scores: torch.Tensor) -> None:
     assert_exact(actual[[1, 4]], scores[[1, 4]])
 
 
+def transformers_top_k_top_p(
+    scores: torch.Tensor, top_k: list[int], top_p: list[float]
+) -> torch.Tensor:
+    """Each row filtered by transformers' top-k then top-p warpers (0 and 1: off)."""
+    expected = scores.clone()
+    for i, (k, p) in enumerate(zip(top_k, top_p, strict=True)):
+        if k:
+            expected[i : i + 1] = TopKLogitsWarper(k)(None, expected[i : i + 1])
+        if p < 1:
+            expected[i : i + 1] = TopPLogitsWarper(p)(None, expected[i : i + 1])
+    return expected
+
+
 @pytest.mark.parametrize(
     ("top_k", "top_p"),
     [
@@ -125,13 +138,7 @@ def test_top_k_top_p(scores: torch.Tensor, top_k: list[int], top_p: list[float])
     actual = logits_process.apply_top_k_top_p(
         scores, torch.tensor([k or VOCAB for k in top_k]), torch.tensor([1 - p for p in top_p])
     )
-    expected = scores.clone()
-    for i, (k, p) in enumerate(zip(top_k, top_p, strict=True)):
-        if k:
-            expected[i : i + 1] = TopKLogitsWarper(k)(None, expected[i : i + 1])
-        if p < 1:
-            expected[i : i + 1] = TopPLogitsWarper(p)(None, expected[i : i + 1])
-    assert_exact(actual, expected)
+    assert_exact(actual, transformers_top_k_top_p(scores, top_k, top_p))
     assert actual.isfinite().sum(dim=-1).tolist() != [VOCAB] * 6
 
 
@@ -164,13 +171,7 @@ def test_top_p_cut_from_top_k_candidates(
         torch.tensor([1 - p for p in top_p]),
         max(top_k),
     )
-    expected = scores.clone()
-    for i, (k, p) in enumerate(zip(top_k, top_p, strict=True)):
-        if k:
-            expected[i : i + 1] = TopKLogitsWarper(k)(None, expected[i : i + 1])
-        if p < 1:
-            expected[i : i + 1] = TopPLogitsWarper(p)(None, expected[i : i + 1])
-    assert_exact(actual, expected)
+    assert_exact(actual, transformers_top_k_top_p(scores, top_k, top_p))
 
 
 @pytest.mark.parametrize(
