@@ -45,7 +45,7 @@ from shardline.router.responses_route import RESPONSES_ROUTES
 from shardline.router.schemas.common import parse
 from shardline.router.schemas.tgi import CompatGenerateRequest, GenerateRequest, TokenizeRequest
 from shardline.router.swagger_ui import swagger_ui
-from shardline.router.validation import ResponseOptions
+from shardline.router.tgi_params import ResponseOptions, validate_generate
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ async def _validate(
     """`body`: the request's JSON, or `/`'s already parsed."""
     started = time.monotonic()
     generate = body if isinstance(body, GenerateRequest) else parse(GenerateRequest, body)
-    valid, options = await ctx.validator.validate_generate(generate, stream)
+    valid, options = await validate_generate(ctx.validator, generate, stream)
     ctx.metrics.request_validation_duration.observe(time.monotonic() - started)
     ctx.metrics.request_input_length.observe(valid.input_length)
     ctx.metrics.request_max_new_tokens.observe(valid.max_new_tokens)

@@ -1,7 +1,7 @@
-"""The router's validation: TGI's request rules that hang on the server's flags, tokenization,
-truncation and the length limits (the token budget resolved against the context), for every
-API and for the offline `LLM`. Bodies are parsed by their models (router/schemas/), their
-parameters' ranges are `SamplingParams`'. Error messages are TGI's where TGI has one.
+"""The router's validation, for every API and the offline `LLM`: tokenization, truncation, the
+vocabulary and the length limits (the token budget resolved against the context). Bodies are
+parsed by their models (router/schemas/) and mapped onto `SamplingParams` (tgi_params.py,
+openai_params.py), which checks their ranges. Error messages are TGI's where TGI has one.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from shardline.router.client import request_proto
 from shardline.router.errors import ValidationError
 from shardline.router.grammar_compiler import GrammarCompiler
 from shardline.router.request_types import ValidRequest
-from shardline.router.schemas.tgi import GRAMMAR_TYPES, GenerateParameters, GenerateRequest
-from shardline.sampling_params import JSON_OBJECT_SCHEMA, SamplingParams, SamplingParamsError
+from shardline.router.schemas.tgi import GRAMMAR_TYPES
+from shardline.sampling_params import JSON_OBJECT_SCHEMA, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -28,14 +28,6 @@ class ValidationLimits:
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
     max_client_batch_size: int = 4
-
-
-@dataclass(frozen=True)
-class ResponseOptions:
-    """What shapes the HTTP answer rather than the generation."""
-
-    details: bool = False  # TGI's default: `details` only when asked
-    return_full_text: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,71 +69,6 @@ class Validator:
             text, add_special_tokens=add_special_tokens, return_offsets_mapping=True
         )
         return Encoding(list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]])
-
-    async def validate_generate(
-        self, generate: GenerateRequest, stream: bool
-    ) -> tuple[ValidRequest, ResponseOptions]:
-        parameters = generate.generation
-        self._check_tgi_rules(parameters, stream)
-        request = await self.validate(
-            generate.inputs,
-            tgi_sampling_params(parameters),
-            truncate=parameters.truncate,
-            top_n_tokens=parameters.top_n_tokens or 0,
-            decoder_input_details=parameters.decoder_input_details,
-        )
-        options = ResponseOptions(
-            details=parameters.details or parameters.decoder_input_details,
-            return_full_text=parameters.return_full_text or False,
-        )
-        return request, options
-
-    def _check_tgi_rules(self, parameters: GenerateParameters, stream: bool) -> None:
-        if parameters.best_of is not None:
-            self._check_best_of(parameters, stream)
-        if parameters.use_beam_search:
-            self._check_beam_search(parameters, stream)
-        top_n = parameters.top_n_tokens
-        if top_n is not None and top_n > self.limits.max_top_n_tokens:
-            raise ValidationError(
-                f"`top_n_tokens` must be >= 0 and <= {self.limits.max_top_n_tokens}. Given: {top_n}"
-            )
-        if stream and parameters.decoder_input_details:
-            raise ValidationError(
-                "`decoder_input_details` == true is not supported when streaming tokens"
-            )
-        if parameters.adapter_id is not None:
-            raise ValidationError("`adapter_id` is not supported: no LoRA adapters are loaded")
-
-    def _check_best_of(self, parameters: GenerateParameters, stream: bool) -> None:
-        best_of = parameters.best_of
-        if best_of > 1 and not parameters.samples:
-            raise ValidationError("you must use sampling when `best_of` is > 1")
-        if best_of > 1 and parameters.seed is not None:
-            raise ValidationError("`seed` must not be set when `best_of` > 1")
-        if self.limits.max_best_of == 1 and best_of != 1:
-            raise ValidationError("`best_of` != 1 is not allowed for this endpoint")
-        if best_of > self.limits.max_best_of:
-            raise ValidationError(
-                f"`best_of` must be > 0 and <= {self.limits.max_best_of}. Given: {best_of}"
-            )
-        if best_of > 1 and stream:
-            raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
-
-    def _check_beam_search(self, parameters: GenerateParameters, stream: bool) -> None:
-        if stream:
-            raise ValidationError(
-                "`use_beam_search` is not supported when streaming tokens: the best beam is only "
-                "known when the search ends"
-            )
-        if parameters.top_n_tokens:
-            raise ValidationError("`top_n_tokens` is not supported with beam search")
-        width = parameters.beam_width
-        if width > self.limits.max_best_of:
-            raise ValidationError(
-                f"`beam_width` must be > 0 and <= {self.limits.max_best_of} (--max-best-of). "
-                f"Given: {width}"
-            )
 
     async def validate(
         self,
@@ -263,50 +190,6 @@ def _check_encodable(request: ValidRequest) -> None:
         request_proto(replace(request, input_ids=[]), request_id=0)
     except (ValueError, TypeError) as error:  # UnicodeEncodeError is a ValueError
         raise ValidationError(f"the request cannot be sent to the model: {error}") from error
-
-
-def tgi_sampling_params(parameters: GenerateParameters) -> SamplingParams:
-    """TGI's `parameters` as `SamplingParams`, which checks their ranges. Unset (None) numbers
-    take their neutral value: `or` is safe, as none of their zeros is both valid and not neutral."""
-    p = parameters
-    try:
-        return SamplingParams(
-            temperature=(p.temperature or 1.0) if p.samples else 0.0,
-            top_k=p.top_k or 0,
-            top_p=p.top_p or 1.0,
-            typical_p=p.typical_p or 1.0,
-            min_p=p.min_p or 0.0,
-            repetition_penalty=p.repetition_penalty or 1.0,
-            frequency_penalty=p.frequency_penalty or 0.0,
-            presence_penalty=p.presence_penalty or 0.0,
-            seed=p.seed,
-            stop=p.stop,
-            include_stop_str_in_output=True,  # TGI's generated_text keeps the stop sequence
-            stop_token_ids=p.stop_token_ids,
-            ignore_eos=p.ignore_eos,
-            max_tokens=p.max_new_tokens,
-            min_tokens=p.min_tokens,
-            skip_special_tokens=p.skip_special_tokens,
-            best_of=p.best_of,
-            watermark=p.watermark,
-            **_beam_search(p),
-            **guided_decoding(p.grammar, "grammar"),
-        )
-    except SamplingParamsError as error:
-        raise ValidationError(str(error)) from error
-
-
-def _beam_search(parameters: GenerateParameters) -> dict[str, Any]:
-    """Every beam comes back: the best is the answer, the others its best_of_sequences."""
-    if not parameters.use_beam_search:
-        return {}
-    return {
-        "use_beam_search": True,
-        "beam_width": parameters.beam_width,
-        "n": parameters.beam_width,
-        "length_penalty": parameters.length_penalty,
-        "early_stopping": parameters.early_stopping,
-    }
 
 
 def openai_logit_bias(value: Any) -> dict[str, Any]:
