@@ -53,7 +53,7 @@ def _parse_message(position: int, message: Any) -> Message:
             raise ValidationError(f"{where}.tool_calls: only assistant messages call tools")
         parsed["tool_calls"] = _parse_tool_calls(where, message["tool_calls"])
         content = "" if content is None else content  # a call alone has no text
-    parsed["content"] = _content_text(where, content)
+    parsed["content"] = content_text(where, content)
     for field in ("name", "tool_call_id"):
         value = message.get(field)
         if value is not None:
@@ -67,7 +67,8 @@ def _string(where: str, value: Any) -> str:
     return value
 
 
-def _content_text(where: str, content: Any) -> str:
+def content_text(where: str, content: Any, text_types: tuple[str, ...] = ("text",)) -> str:
+    """A message's content as one string: itself, or its parts of `text_types` joined."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -77,9 +78,10 @@ def _content_text(where: str, content: Any) -> str:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "image_url":
             raise ValidationError(f"{where}.content: images are not supported by this model")
-        if kind != "text" or not isinstance(part.get("text"), str):
+        if kind not in text_types or not isinstance(part.get("text"), str):
             raise ValidationError(
-                f'{where}.content parts must be {{"type": "text", "text": <string>}}'
+                f'{where}.content parts must be {{"type": "{text_types[0]}", "text": <string>}} '
+                f"(type {kind!r} is not supported)"
             )
         texts.append(part["text"])
     return "".join(texts)

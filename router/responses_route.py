@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from shardline.router.chat_template import parse_messages, render_chat
+from shardline.router.chat_template import content_text, parse_messages, render_chat
 from shardline.router.errors import RouterError, ValidationError
 from shardline.router.http import RouterContext, read_json
 from shardline.router.openai_params import sampling_params
@@ -39,7 +39,7 @@ _UNSUPPORTED = {
     "max_tool_calls": "tools are not supported on /v1/responses",
 }
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
-_TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
+_TEXT_PARTS = ("input_text", "output_text", "text")
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
@@ -103,28 +103,7 @@ def _message(position: int, item: Any) -> dict[str, Any]:
     role = _ROLES.get(role) if isinstance(role, str) else None
     if role is None:
         raise ValidationError(f"{where}.role must be one of {sorted(_ROLES)}")
-    return {"role": role, "content": _text(where, item.get("content"))}
-
-
-def _text(where: str, content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise ValidationError(f"{where}.content must be a string or a list of text parts")
-    texts = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if (
-            not isinstance(kind, str)
-            or kind not in _TEXT_PARTS
-            or not isinstance(part.get("text"), str)
-        ):
-            raise ValidationError(
-                f'{where}.content parts must be {{"type": "input_text", "text": <string>}} '
-                f"(type {kind!r} is not supported)"
-            )
-        texts.append(part["text"])
-    return "".join(texts)
+    return {"role": role, "content": content_text(where, item.get("content"), _TEXT_PARTS)}
 
 
 def _text_format(text: Any) -> dict[str, Any] | None:
