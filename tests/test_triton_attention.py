@@ -9,38 +9,33 @@ reads outside a sequence's context or leaves an output element unwritten fails t
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not (torch.cuda.is_available() or INTERPRET):
-    pytest.skip("needs CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
-pytest.importorskip("triton")
+from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
-from shardline.shards.layers.attention.metadata import AttentionMetadata  # noqa: E402
-from shardline.shards.layers.attention.torch_native import TorchNativeBackend  # noqa: E402
-from shardline.shards.layers.attention.triton_decode import (  # noqa: E402
+from shardline.shards.layers.attention.metadata import AttentionMetadata
+from shardline.shards.layers.attention.torch_native import TorchNativeBackend
+from shardline.shards.layers.attention.triton_decode import (
     DecodeConfig,
     SplitPlan,
     paged_decode_attention,
     plan_splits,
 )
-from shardline.shards.layers.attention.triton_kv_write import (  # noqa: E402
+from shardline.shards.layers.attention.triton_kv_write import (
     _rotate_write_kv_kernel,
     rotate_and_write_kv_cache,
 )
-from shardline.shards.layers.attention.triton_paged import TritonAttentionBackend  # noqa: E402
-from shardline.shards.layers.attention.triton_prefill import (  # noqa: E402
+from shardline.shards.layers.attention.triton_paged import TritonAttentionBackend
+from shardline.shards.layers.attention.triton_prefill import (
     CachedPrefix,
     PrefillConfig,
     varlen_causal_attention,
 )
-from shardline.shards.layers.rotary import RotaryEmbedding  # noqa: E402
-from shardline.shards.layers.triton_rotary import rotate_in_place  # noqa: E402
+from shardline.shards.layers.rotary import RotaryEmbedding
+from shardline.shards.layers.triton_rotary import rotate_in_place
 
-DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 LONG = 300 if INTERPRET else 8192
 TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 1.5e-2, torch.float32: 1e-5}
 DTYPES = [torch.float16] if INTERPRET else [torch.bfloat16, torch.float16]

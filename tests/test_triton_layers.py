@@ -8,23 +8,19 @@ memory that was just filled with NaN, so an element the kernel leaves unwritten 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not (torch.cuda.is_available() or INTERPRET):
-    pytest.skip("needs CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
-pytest.importorskip("triton")
+from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
-from shardline.shards.layers.activation import silu_and_mul_torch  # noqa: E402
-from shardline.shards.layers.linear import linear  # noqa: E402
-from shardline.shards.layers.norm import rms_norm_torch  # noqa: E402
-from shardline.shards.layers.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
-from shardline.shards.layers.triton_activation import triton_silu_and_mul  # noqa: E402
-from shardline.shards.layers.triton_gemv import (  # noqa: E402
+from shardline.shards.layers.activation import silu_and_mul_torch
+from shardline.shards.layers.linear import linear
+from shardline.shards.layers.norm import rms_norm_torch
+from shardline.shards.layers.rotary import RotaryEmbedding, apply_rotary
+from shardline.shards.layers.triton_activation import triton_silu_and_mul
+from shardline.shards.layers.triton_gemv import (
     Epilogue,
     gemv,
     gemv_applies,
@@ -32,10 +28,9 @@ from shardline.shards.layers.triton_gemv import (  # noqa: E402
     gemv_normed,
     gemv_residual,
 )
-from shardline.shards.layers.triton_norm import rms_norm  # noqa: E402
-from shardline.shards.layers.triton_rotary import rotate_in_place  # noqa: E402
+from shardline.shards.layers.triton_norm import rms_norm
+from shardline.shards.layers.triton_rotary import rotate_in_place
 
-DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 TOLERANCE = {torch.float16: 1e-3, torch.bfloat16: 4e-3, torch.float32: 1e-6}
 # The CPU interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest.
 DTYPES = [torch.float16, torch.float32] if INTERPRET else [*TOLERANCE]
