@@ -5,6 +5,7 @@ a 4xx status and changes nothing for the others."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -181,13 +182,23 @@ async def test_metrics_without_auth_opens_metrics_alone(tokenizer, fake):
         await ctx.batcher.stop()
 
 
-async def test_draining_refuses_new_requests_with_503_and_finishes_in_flight(tokenizer):
-    fake = FakeShardClient(fixed_script(tokenizer), tokenizer.eos_token_id, step_delay=0.05)
+@contextlib.asynccontextmanager
+async def _one_request_running(tokenizer, step_delay: float, body: dict):
+    """The router over a fake shard taking `step_delay` a step, once `body` is generating."""
+    fake = FakeShardClient(fixed_script(tokenizer), tokenizer.eos_token_id, step_delay=step_delay)
     client, ctx = await router_client(fake, tokenizer, max_total_tokens=128)
     try:
-        running = asyncio.create_task(client.post("/generate", json=GOOD))
+        running = asyncio.create_task(client.post("/generate", json=body))
         while ctx.in_flight == 0:
             await asyncio.sleep(0.01)
+        yield client, ctx, running
+    finally:
+        await client.close()
+        await ctx.batcher.stop()
+
+
+async def test_draining_refuses_new_requests_with_503_and_finishes_in_flight(tokenizer):
+    async with _one_request_running(tokenizer, 0.05, GOOD) as (client, ctx, running):
         drained = asyncio.create_task(ctx.drain(timeout_s=30))
         await asyncio.sleep(0.05)
         for method, path in [
@@ -200,23 +211,12 @@ async def test_draining_refuses_new_requests_with_503_and_finishes_in_flight(tok
             assert (await answer.json())["error_type"] == "shutting_down"
         assert (await running).status == 200
         assert await drained is True
-    finally:
-        await client.close()
-        await ctx.batcher.stop()
 
 
 async def test_drain_gives_up_at_its_timeout(tokenizer):
-    fake = FakeShardClient(fixed_script(tokenizer), tokenizer.eos_token_id, step_delay=0.2)
-    client, ctx = await router_client(fake, tokenizer, max_total_tokens=128)
-    try:
-        running = asyncio.create_task(client.post("/generate", json={"inputs": "a"}))
-        while ctx.in_flight == 0:
-            await asyncio.sleep(0.01)
+    async with _one_request_running(tokenizer, 0.2, {"inputs": "a"}) as (_, ctx, running):
         assert await ctx.drain(timeout_s=0.1) is False
         running.cancel()
-    finally:
-        await client.close()
-        await ctx.batcher.stop()
 
 
 async def _send_marked_traffic(client) -> None:
