@@ -1,80 +1,21 @@
 """The served spec's schemas of /v1/responses (OpenAI's Responses API, text; see
-`router/responses_route.py`): the request's from `router/schemas/responses.py`, the answer's and
-the stream events' here, kept apart from `router/openapi.py` for size."""
+`router/responses_route.py`), from the request's and the answer's models."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from shardline.router.schemas.common import openapi_components
+from shardline.router.schemas.openai import inlined
 from shardline.router.schemas.responses import RESPONSES_REQUEST_MODELS
+from shardline.router.schemas.responses_answer import RESPONSES_ANSWER_MODELS
 
-_STATUS = {"type": "string", "enum": ["in_progress", "completed", "incomplete", "failed"]}
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
+_MODELS = {**RESPONSES_REQUEST_MODELS, **RESPONSES_ANSWER_MODELS}
+# The components the spec names; the models they hold are written out in place.
+_PUBLISHED = {*_MODELS, "ResponsesInputMessage"}
 
 
 def responses_schemas() -> dict[str, Any]:
-    """The request's schemas come from its model; the answer's and the events' are written here."""
-    return {
-        **openapi_components(RESPONSES_REQUEST_MODELS),
-        "ResponsesOutputMessage": {
-            "type": "object",
-            "required": ["type", "id", "status", "role", "content"],
-            "properties": {
-                "type": {"type": "string", "enum": ["message"]},
-                "id": {"type": "string"},
-                "status": _STATUS,
-                "role": {"type": "string", "enum": ["assistant"]},
-                "content": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["type", "text", "annotations"],
-                        "properties": {
-                            "type": {"type": "string", "enum": ["output_text"]},
-                            "text": {"type": "string"},
-                            "annotations": {"type": "array", "items": {"type": "object"}},
-                        },
-                    },
-                },
-            },
-        },
-        "Response": {
-            "type": "object",
-            "required": ["id", "object", "created_at", "status", "model", "output"],
-            "properties": {
-                "id": {"type": "string"},
-                "object": {"type": "string", "enum": ["response"]},
-                "created_at": {"type": "integer", "minimum": 0},
-                "status": _STATUS,
-                "model": {"type": "string"},
-                "output": {"type": "array", "items": _ref("ResponsesOutputMessage")},
-                "incomplete_details": {"type": "object", "nullable": True},
-                "usage": {
-                    "type": "object",
-                    "nullable": True,
-                    "required": ["input_tokens", "output_tokens", "total_tokens"],
-                    "properties": {
-                        name: {"type": "integer", "minimum": 0}
-                        for name in ("input_tokens", "output_tokens", "total_tokens")
-                    },
-                },
-            },
-        },
-        "ResponseStreamEvent": {
-            "type": "object",
-            "required": ["type", "sequence_number"],
-            "description": "One `event: <type>` / `data: <this>` SSE event: response.created, "
-            "response.in_progress, response.output_item.added, response.content_part.added, "
-            "response.output_text.delta..., response.output_text.done, "
-            "response.content_part.done, response.output_item.done, then response.completed "
-            "(response.incomplete when cut by max_output_tokens); error on a failure",
-            "properties": {
-                "type": {"type": "string"},
-                "sequence_number": {"type": "integer", "minimum": 0},
-            },
-        },
-    }
+    components = openapi_components(_MODELS)
+    nested = {name: schema for name, schema in components.items() if name not in _PUBLISHED}
+    return {name: inlined(components[name], nested) for name in components if name in _PUBLISHED}

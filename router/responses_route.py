@@ -2,8 +2,9 @@
 
 `input` (a string, or message items whose content is text) and `instructions` (a system
 message first) go through the chat route's template and validation; `max_output_tokens`,
-`temperature`, `top_p` and `text.format` map onto `SamplingParams`. The answer is a `response`
-object with one assistant message; streamed, it is OpenAI's event sequence (`response.created`
+`temperature`, `top_p` and `text.format` map onto `SamplingParams` (the request's model is
+`router/schemas/responses.py`). The answer is a `response` object with one assistant message
+(`router/schemas/responses_answer.py`); streamed, it is OpenAI's event sequence (`response.created`
 ... `response.completed`, or `response.incomplete` when cut by `max_output_tokens`), each SSE
 event with its `event:` line and a `sequence_number`. Nothing is stored: `store: true`,
 `previous_response_id`, tools and non-text items are a 422, never silently ignored.
@@ -26,6 +27,12 @@ from shardline.router.openai_serving import OpenAIJob, Usage, serve
 from shardline.router.request_types import Finished, FinishReason, StreamEvent, ValidRequest
 from shardline.router.schemas.openai import parse_openai
 from shardline.router.schemas.responses import ResponsesRequest
+from shardline.router.schemas.responses_answer import (
+    OutputText,
+    Response,
+    ResponsesOutputMessage,
+    ResponsesUsage,
+)
 from shardline.router.validation import guided_decoding
 
 # Asked for, these change the answer in ways this server does not offer.
@@ -142,11 +149,13 @@ class ResponsePresenter:
 
     def opening(self) -> list[bytes]:
         pending = self._response(None, None)
-        part = {"type": "output_text", "text": "", "annotations": []}
+        part = OutputText(text="").model_dump()
         return [
             self._event("response.created", response=pending),
             self._event("response.in_progress", response=pending),
-            self._event("response.output_item.added", output_index=0, item=self._item(None, "")),
+            self._event(
+                "response.output_item.added", output_index=0, item=self._item(None, "").model_dump()
+            ),
             self._event("response.content_part.added", **self._where(), part=part),
         ]
 
@@ -158,7 +167,7 @@ class ResponsePresenter:
     def closing(self, finals: list[StreamEvent], usage: Usage) -> list[bytes]:
         finished = finals[0].finished
         assert finished is not None
-        part = _output_text(finished.generated_text)
+        part = OutputText(text=finished.generated_text).model_dump()
         done = self._response(finished, usage)
         return [
             self._event(
@@ -177,41 +186,32 @@ class ResponsePresenter:
     def _response(self, finished: Finished | None, usage: Usage | None) -> dict[str, Any]:
         fields = self._job.request_fields
         status = "in_progress" if finished is None else _status(finished)
-        return {
-            "id": self._id,
-            "object": "response",
-            "created_at": self._created_at,
-            "status": status,
-            "error": None,
-            "incomplete_details": {"reason": "max_output_tokens"}
-            if status == "incomplete"
-            else None,
-            "instructions": fields.get("instructions"),
-            "max_output_tokens": fields.get("max_output_tokens"),
-            "metadata": fields.get("metadata") or {},
-            "model": self._model,
-            "output": [] if finished is None else [self._item(finished, finished.generated_text)],
-            "parallel_tool_calls": fields.get("parallel_tool_calls", True),
-            "store": False,
-            "temperature": self._job.params.temperature,
-            "text": fields.get("text") or {"format": {"type": "text"}},
-            "tool_choice": fields.get("tool_choice", "auto"),
-            "tools": [],
-            "top_p": self._job.params.top_p,
-            "truncation": "disabled",
-            "usage": None if usage is None else _usage_json(usage),
-            "user": fields.get("user"),
-        }
+        incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+        return Response(
+            id=self._id,
+            created_at=self._created_at,
+            status=status,
+            incomplete_details=incomplete,
+            instructions=fields.get("instructions"),
+            max_output_tokens=fields.get("max_output_tokens"),
+            metadata=fields.get("metadata") or {},
+            model=self._model,
+            output=[] if finished is None else [self._item(finished, finished.generated_text)],
+            parallel_tool_calls=fields.get("parallel_tool_calls", True),
+            temperature=self._job.params.temperature,
+            text=fields.get("text") or {"format": {"type": "text"}},
+            tool_choice=fields.get("tool_choice", "auto"),
+            top_p=self._job.params.top_p,
+            usage=None if usage is None else _usage(usage),
+            user=fields.get("user"),
+        ).model_dump()
 
-    def _item(self, finished: Finished | None, text: str) -> dict[str, Any]:
-        content = [] if finished is None else [_output_text(text)]
-        return {
-            "type": "message",
-            "id": self._item_id,
-            "status": "in_progress" if finished is None else _status(finished),
-            "role": "assistant",
-            "content": content,
-        }
+    def _item(self, finished: Finished | None, text: str) -> ResponsesOutputMessage:
+        return ResponsesOutputMessage(
+            id=self._item_id,
+            status="in_progress" if finished is None else _status(finished),
+            content=[] if finished is None else [OutputText(text=text)],
+        )
 
     def _where(self) -> dict[str, Any]:
         return {"item_id": self._item_id, "output_index": 0, "content_index": 0}
@@ -226,15 +226,11 @@ def _status(finished: Finished) -> str:
     return "incomplete" if finished.reason is FinishReason.LENGTH else "completed"
 
 
-def _output_text(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-
-def _usage_json(usage: Usage) -> dict[str, Any]:
-    return {
-        "input_tokens": usage.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
-        "output_tokens": usage.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": usage.total_tokens,
-    }
+def _usage(usage: Usage) -> ResponsesUsage:
+    return ResponsesUsage(
+        input_tokens=usage.prompt_tokens,
+        input_tokens_details={"cached_tokens": 0},
+        output_tokens=usage.completion_tokens,
+        output_tokens_details={"reasoning_tokens": 0},
+        total_tokens=usage.total_tokens,
+    )

@@ -71,17 +71,19 @@ def described_as(shape: Any) -> Any:
     """A field checked by its own parser, described in the spec as `shape`, written out in
     place (TGI's spec names no component for these shapes)."""
     schema = TypeAdapter(shape).json_schema()
-    return Annotated[Any, WithJsonSchema(_resolved(schema, schema.pop("$defs", {})))]
+    return Annotated[Any, WithJsonSchema(inlined(schema, schema.pop("$defs", {})))]
 
 
-def _resolved(node: Any, definitions: dict[str, Any]) -> Any:
+def inlined(node: Any, definitions: dict[str, Any]) -> Any:
+    """`node` with its references to `definitions` replaced by what they define."""
     if isinstance(node, list):
-        return [_resolved(item, definitions) for item in node]
+        return [inlined(item, definitions) for item in node]
     if not isinstance(node, dict):
         return node
-    if "$ref" in node:
-        return _resolved(definitions[node["$ref"].rsplit("/", 1)[-1]], definitions)
-    return {key: _resolved(value, definitions) for key, value in node.items()}
+    name = node.get("$ref", "").rsplit("/", 1)[-1]
+    if name in definitions:
+        return inlined(definitions[name], definitions)
+    return {key: inlined(value, definitions) for key, value in node.items()}
 
 
 class OpenAIModel(BaseModel):
