@@ -15,7 +15,13 @@ from shardline.router.http import CONTEXT
 from tests.fake_shard import CONTINUATION, FakeShardClient, fixed_script, router_client
 from tests.fake_shard import tiny_tokenizer as build_tokenizer
 from tests.router_fixtures import open_router, openai_client
-from tests.test_router_server import TGI_SPEC, _as_json_schema, assert_error, assert_schema
+from tests.test_router_server import (
+    TGI_SPEC,
+    _as_json_schema,
+    assert_error,
+    assert_refused,
+    assert_schema,
+)
 
 USER = [{"role": "user", "content": "the city"}]
 
@@ -247,11 +253,7 @@ async def test_invocations_dispatch_on_the_body(router):
 )
 async def test_chat_validation_errors(router, fake, body, message):
     answer = await router.post("/v1/chat/completions", json={"messages": USER, **body})
-    error = await answer.json()
-    assert answer.status == 422, error
-    assert_error(error, "validation")
-    assert message in error["error"]
-    assert not fake.requests
+    await assert_refused(answer, "validation", message, fake)
 
 
 @pytest.mark.parametrize(
@@ -272,11 +274,7 @@ async def test_chat_validation_errors(router, fake, body, message):
 )
 async def test_completion_validation_errors(router, fake, body, message):
     answer = await router.post("/v1/completions", json={"prompt": "a", **body})
-    error = await answer.json()
-    assert answer.status == 422, error
-    assert_error(error, "validation")
-    assert message in error["error"]
-    assert not fake.requests
+    await assert_refused(answer, "validation", message, fake)
 
 
 _CHAT = (

@@ -49,6 +49,15 @@ def assert_error(body, error_type: str) -> None:
     assert body["error_type"] == error_type
 
 
+async def assert_refused(answer, error_type: str, message: str, fake: FakeShardClient) -> None:
+    """A 422 in TGI's error JSON whose error names `message`, and nothing reached the shard."""
+    error = await answer.json()
+    assert answer.status == 422, error
+    assert_error(error, error_type)
+    assert message in error["error"]
+    assert not fake.requests
+
+
 def _sse_events(raw: bytes) -> list[dict]:
     chunks = raw.decode().split("\n\n")
     assert chunks[-1] == ""

@@ -16,7 +16,7 @@ from tests.fake_shard import tiny_tokenizer as build_tokenizer
 from tests.model_factory import CHAT_TEMPLATE
 from tests.router_fixtures import open_router, openai_client
 from tests.test_router_openai import post_stream
-from tests.test_router_server import assert_error, assert_schema
+from tests.test_router_server import assert_error, assert_refused, assert_schema
 
 USER = [{"role": "user", "content": "weather in Paris?"}]
 WEATHER = {
@@ -210,11 +210,7 @@ def _tool(name: str, parameters: object) -> dict:
 async def test_bad_tools_are_422(served, body, message):
     client, fake = served
     answer = await client.post("/v1/chat/completions", json={"messages": USER, **body})
-    error = await answer.json()
-    assert answer.status == 422, error
-    assert_error(error, "tool_error")
-    assert message in error["error"]
-    assert not fake.requests
+    await assert_refused(answer, "tool_error", message, fake)
 
 
 # ---- multi-turn tool use -----------------------------------------------------------------------
@@ -335,11 +331,7 @@ def _call(**changes: object) -> dict:
 async def test_bad_tool_messages_are_422(tool_template_served, message, error):
     client, fake, _ = tool_template_served
     answer = await client.post("/v1/chat/completions", json={"messages": [*USER, message]})
-    body = await answer.json()
-    assert answer.status == 422, body
-    assert_error(body, "validation")
-    assert error in body["error"]
-    assert not fake.requests
+    await assert_refused(answer, "validation", error, fake)
 
 
 async def test_openai_client_two_turn_tool_loop(tool_template_served):
