@@ -49,7 +49,8 @@ class GenerateParameters(BaseModel):
     best_of: StrictInt | None = Field(
         None,
         gt=0,
-        description="Generate best_of sequences and return the one if the highest token logprobs.",
+        description="Generate best_of sequences (at most --max-best-of; sampling, no seed, not "
+        "streamed) and return the one of highest mean token logprob.",
     )
     decoder_input_details: StrictBool = Field(
         False, description="Whether to return decoder input token logprobs and ids."
@@ -115,16 +116,24 @@ class GenerateParameters(BaseModel):
         description="Kirchenbauer et al.'s watermark (WATERMARK_GAMMA, WATERMARK_DELTA)",
     )
     # vLLM's extras.
-    presence_penalty: FiniteFloat | None = Field(None, ge=-2.0, le=2.0)
-    min_p: FiniteFloat | None = Field(None, ge=0.0, le=1.0)
+    presence_penalty: FiniteFloat | None = Field(
+        None, ge=-2.0, le=2.0, description="Penalize new tokens that already appear in the text."
+    )
+    min_p: FiniteFloat | None = Field(
+        None, ge=0.0, le=1.0, description="Keep tokens at least min_p as likely as the top one."
+    )
     min_tokens: StrictInt = Field(0, ge=0, description="Tokens generated before EOS may end.")
-    ignore_eos: StrictBool = False
-    skip_special_tokens: StrictBool = True
-    stop_token_ids: TokenIds = Field(default_factory=list)
+    ignore_eos: StrictBool = Field(False, description="Generate past the EOS token.")
+    skip_special_tokens: StrictBool = Field(True, description="Leave special tokens out of text.")
+    stop_token_ids: TokenIds = Field(
+        default_factory=list, description="Token ids that end the generation."
+    )
     # Beam search (vLLM's names): the best beam is the answer, the others its best_of_sequences.
-    use_beam_search: StrictBool = False
+    use_beam_search: StrictBool = Field(
+        False, description="Beam search (not streamed): the best beam answers."
+    )
     beam_width: StrictInt = Field(1, gt=0, description="Beams kept (at most --max-best-of).")
-    length_penalty: FiniteFloat = 1.0
+    length_penalty: FiniteFloat = Field(1.0, description="Beam score's exponent of the length.")
     early_stopping: Annotated[StrictBool | Literal["never"], Expect('true, false or "never"')] = (
         False
     )
