@@ -7,7 +7,7 @@ from typing import Any
 
 from shardline.router.errors import ValidationError
 from shardline.router.schemas.openai import OpenAIRequest, Sampling, VllmSampling
-from shardline.router.validation import guided_decoding, openai_logit_bias
+from shardline.router.validation import guided_decoding
 from shardline.sampling_params import SamplingParams, SamplingParamsError
 
 _PASSED_ON = frozenset(VllmSampling.model_fields)
@@ -38,7 +38,7 @@ def openai_extras(request: OpenAIRequest, response_format: Any) -> dict[str, Any
     (`response_format`, or a tool's grammar)."""
     return {
         "n": request.n or 1,
-        **openai_logit_bias(request.logit_bias),
+        **_logit_bias(request.logit_bias),
         **guided_decoding(response_format, "response_format"),
     }
 
@@ -49,3 +49,18 @@ def include_usage(request: OpenAIRequest) -> bool:
     if not request.stream:
         raise ValidationError("`stream_options` is only allowed when `stream` is true")
     return bool(request.stream_options.include_usage)
+
+
+def _logit_bias(value: Any) -> dict[str, Any]:
+    """SamplingParams' logit_bias of OpenAI's: a JSON object of token-id strings to numbers
+    (the numbers' range is SamplingParams' to check)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValidationError("`logit_bias` must be an object mapping token ids to numbers")
+    bias = {}
+    for key, number in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise ValidationError(f"`logit_bias` keys must be token ids; got {key!r}")
+        bias[int(key)] = number
+    return {"logit_bias": bias}

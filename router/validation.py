@@ -192,21 +192,6 @@ def _check_encodable(request: ValidRequest) -> None:
         raise ValidationError(f"the request cannot be sent to the model: {error}") from error
 
 
-def openai_logit_bias(value: Any) -> dict[str, Any]:
-    """SamplingParams' logit_bias of OpenAI's: a JSON object of token-id strings to numbers
-    (the numbers' range is SamplingParams' to check)."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ValidationError("`logit_bias` must be an object mapping token ids to numbers")
-    bias = {}
-    for key, number in value.items():
-        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
-            raise ValidationError(f"`logit_bias` keys must be token ids; got {key!r}")
-        bias[int(key)] = number
-    return {"logit_bias": bias}
-
-
 def guided_decoding(spec: Any, name: str) -> dict[str, Any]:
     """SamplingParams' guided_json / guided_regex for TGI's `grammar` ({"type": "json" | "regex",
     "value": ...} or {"type": "json_schema", "value": {"schema": ...}}) or OpenAI's
