@@ -13,7 +13,6 @@ import jsonschema
 import pytest
 from transformers import AutoTokenizer
 
-from shardline import LLM
 from shardline.proto import generate_pb2 as pb
 from shardline.router.grammar_compiler import build_vocabulary
 from shardline.router.grammar_worker import compile_index
@@ -195,8 +194,7 @@ def test_sampling_params_refuse_bad_grammars(fields, message):
         SamplingParams(**fields)
 
 
-def test_offline_llm_guided_decoding(tiny_llama_dir):
-    llm = LLM(model=str(tiny_llama_dir), block_size=4, kv_cache_bytes=1 << 20, max_model_len=256)
+def test_offline_llm_guided_decoding(llm):
     prompts = random_prompts(2, llm.tokenizer.vocab_size, seed=12)
     regex = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, guided_regex=REGEX)
     schema = SamplingParams(temperature=0.8, seed=2, max_tokens=128, guided_json=SCHEMA)
@@ -210,7 +208,6 @@ def test_offline_llm_guided_decoding(tiny_llama_dir):
         llm.generate(prompt_token_ids=prompts, sampling_params=[regex, bad])
     again = llm.generate(prompt_token_ids=prompts[:1], sampling_params=regex)
     assert again[0].outputs[0].text == outputs[0].outputs[0].text
-    llm.shutdown()
 
 
 @pytest.fixture

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from shardline import LLM, SamplingParams
 from tests.shard_harness import random_prompts, transformers_greedy
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_llama_dir: Path) -> LLM:
-    return LLM(model=str(tiny_llama_dir), block_size=4, kv_cache_bytes=1 << 20, max_model_len=256)
 
 
 def test_greedy_generate_matches_transformers(llm, tiny_llama_dir):

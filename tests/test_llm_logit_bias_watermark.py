@@ -6,7 +6,6 @@ stays transformers' greedy."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,11 +17,6 @@ from shardline.shards.sampling.watermark import WatermarkSettings, green_mask
 from tests.shard_harness import make_request, random_prompts, transformers_greedy
 
 VOCAB = 384
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_llama_dir: Path) -> LLM:
-    return LLM(model=str(tiny_llama_dir), block_size=4, kv_cache_bytes=1 << 20, max_model_len=256)
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,6 @@ MAX_NEW = 12
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_llama_dir: Path) -> LLM:
-    return LLM(model=str(tiny_llama_dir), block_size=4, kv_cache_bytes=1 << 20, max_model_len=256)
-
-
-@pytest.fixture(scope="module")
 def prompts() -> list[list[int]]:
     return random_prompts(3, 384, seed=91, min_len=4, max_len=30)
 

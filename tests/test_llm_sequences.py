@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
-from shardline import LLM, BeamSearchParams, SamplingParams
+from shardline import BeamSearchParams, SamplingParams
 from tests.shard_harness import random_prompts
 from tests.test_sequence_forking import transformers_beams
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_llama_dir: Path) -> LLM:
-    return LLM(model=str(tiny_llama_dir), block_size=4, kv_cache_bytes=1 << 20, max_model_len=256)
 
 
 def test_n_samples_differ_and_best_of_keeps_the_most_likely(llm):

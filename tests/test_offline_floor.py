@@ -14,7 +14,7 @@ from benchmarks.offline_floor import (
     workload_floor,
 )
 from benchmarks.random_model import config_for
-from shardline import LLM, SamplingParams
+from shardline import SamplingParams
 
 SHAPE_8B = ModelShape.from_config(config_for("8b"))
 UNIT = Ceilings(matmul_flops=1e12, bytes_s=1e12)
@@ -47,8 +47,7 @@ def test_call_floor_is_weight_bound_small_and_compute_bound_large():
     assert causal_pairs(prefix=2, new=3) == 3 * 2 + 6
 
 
-def test_step_log_records_every_engine_call(tiny_llama_dir):
-    llm = LLM(model=str(tiny_llama_dir), block_size=4, kv_cache_bytes=1 << 20, max_model_len=256)
+def test_step_log_records_every_engine_call(llm, tiny_llama_dir):
     shape = ModelShape.from_config(json.loads((tiny_llama_dir / "config.json").read_text()))
     log = StepLog.attach(llm._shards.engine)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
