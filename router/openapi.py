@@ -8,10 +8,10 @@ import functools
 from typing import Any
 
 from shardline import __version__
-from shardline.router.openapi_openai import openai_response_schemas
 from shardline.router.openapi_responses import responses_schemas
 from shardline.router.schemas.common import openapi_components, ref
 from shardline.router.schemas.openai import OPENAI_REQUEST_MODELS
+from shardline.router.schemas.openai_answers import OPENAI_ANSWER_MODELS
 from shardline.router.schemas.tgi import CompatGenerateRequest, GenerateRequest
 from shardline.router.schemas.tgi_responses import TGI_RESPONSE_MODELS
 
@@ -63,13 +63,18 @@ def _schemas() -> dict[str, Any]:
         "GenerateRequest": GenerateRequest,
         "CompatGenerateRequest": CompatGenerateRequest,
     }
-    sagemaker = ("CompatGenerateRequest", "ChatRequest", "CompletionRequest")
+    # /invocations takes and answers TGI's, the chat or the completion body.
+    sagemaker = {
+        "SagemakerRequest": ("CompatGenerateRequest", "ChatRequest", "CompletionRequest"),
+        "SagemakerResponse": ("GenerateResponse", "ChatCompletion", "CompletionFinal"),
+        "SagemakerStreamResponse": ("StreamResponse", "ChatCompletionChunk", "Chunk"),
+    }
     return {
         **openapi_components(tgi_requests),
         **openapi_components(TGI_RESPONSE_MODELS),
         **openapi_components(OPENAI_REQUEST_MODELS),
-        "SagemakerRequest": {"oneOf": [ref(name) for name in sagemaker]},
-        **openai_response_schemas(),
+        **openapi_components(OPENAI_ANSWER_MODELS),
+        **{name: {"oneOf": [ref(body) for body in bodies]} for name, bodies in sagemaker.items()},
         **responses_schemas(),
     }
 
