@@ -58,6 +58,28 @@ def _post(operation: str, summary: str, request: str, answers: dict[str, Any], e
     }
 
 
+def _tokenize(operation: str, summary: str, request: str, answer: tuple[str, str]) -> dict:
+    """A route that answers without generating: only the request's errors."""
+    description, schema = answer
+    return {
+        "post": {
+            "operationId": operation,
+            "summary": summary,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ref(request)}},
+            },
+            "responses": {
+                "200": {
+                    "description": description,
+                    "content": {"application/json": {"schema": ref(schema)}},
+                },
+                **_error_responses(_REQUEST_ERRORS, "application/json"),
+            },
+        }
+    }
+
+
 def _schemas() -> dict[str, Any]:
     tgi_requests = {
         "GenerateRequest": GenerateRequest,
@@ -123,23 +145,12 @@ def openapi_spec() -> dict[str, Any]:
                 sse_answer,
                 "text/event-stream",
             ),
-            "/tokenize": {
-                "post": {
-                    "operationId": "tokenize",
-                    "summary": "Tokenize the inputs",
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": ref("GenerateRequest")}},
-                    },
-                    "responses": {
-                        "200": {
-                            "description": "Token ids with their character spans",
-                            "content": {"application/json": {"schema": ref("TokenizeResponse")}},
-                        },
-                        **_error_responses(_REQUEST_ERRORS, "application/json"),
-                    },
-                }
-            },
+            "/tokenize": _tokenize(
+                "tokenize",
+                "Tokenize the inputs",
+                "GenerateRequest",
+                ("Token ids with their character spans", "TokenizeResponse"),
+            ),
             "/info": _get("get_model_info", "Model and server limits", ref("Info")),
             "/health": _health("health", "200 when every shard answers"),
             "/ping": _health("ping", "TGI's alias of /health (SageMaker's health check)"),
@@ -252,21 +263,10 @@ def _openai_paths() -> dict[str, Any]:
             "application/json",
         ),
         "/v1/models": _get("openai_get_model_info", "The served model", models),
-        "/chat_tokenize": {
-            "post": {
-                "operationId": "get_chat_tokenize",
-                "summary": "Apply the chat template and tokenize the result",
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": ref("ChatRequest")}},
-                },
-                "responses": {
-                    "200": {
-                        "description": "The templated text and its tokens",
-                        "content": {"application/json": {"schema": ref("ChatTokenizeResponse")}},
-                    },
-                    **_error_responses(_REQUEST_ERRORS, "application/json"),
-                },
-            }
-        },
+        "/chat_tokenize": _tokenize(
+            "get_chat_tokenize",
+            "Apply the chat template and tokenize the result",
+            "ChatRequest",
+            ("The templated text and its tokens", "ChatTokenizeResponse"),
+        ),
     }
