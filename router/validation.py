@@ -16,7 +16,12 @@ from shardline.router.errors import ValidationError
 from shardline.router.grammar_compiler import GrammarCompiler
 from shardline.router.request_types import ValidRequest
 from shardline.router.schemas.tgi import GRAMMAR_TYPES
-from shardline.sampling_params import JSON_OBJECT_SCHEMA, SamplingParams
+from shardline.sampling_params import (
+    JSON_OBJECT_SCHEMA,
+    SamplingParams,
+    SamplingParamsError,
+    check_text,
+)
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,10 @@ class Validator:
         limits = self.limits
         if not inputs:
             raise ValidationError("`inputs` cannot be empty")
-        _check_unicode(inputs)
+        try:
+            check_text("inputs", inputs)  # the tokenizer and UTF-8 refuse a lone surrogate
+        except SamplingParamsError as error:
+            raise ValidationError(str(error)) from None
         if len(params.stop) > limits.max_stop_sequences:
             raise ValidationError(
                 f"`stop` supports up to {limits.max_stop_sequences} stop sequences. "
@@ -169,16 +177,6 @@ class Validator:
                 f"`logit_bias` has token id {outside[0]}, outside the model's vocabulary of "
                 f"{self.limits.vocab_size} tokens"
             )
-
-
-def _check_unicode(inputs: str) -> None:
-    """A lone surrogate (JSON's "\\ud800") is no text: the tokenizer and UTF-8 refuse it."""
-    try:
-        inputs.encode()
-    except UnicodeEncodeError as error:
-        raise ValidationError(
-            f"`inputs` is not valid Unicode: it holds a lone surrogate at position {error.start}"
-        ) from error
 
 
 def _check_encodable(request: ValidRequest) -> None:

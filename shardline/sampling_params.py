@@ -197,7 +197,7 @@ class SamplingParams:
             "must hold non-empty strings",
         )
         for stop in self.stop:
-            _check_text("stop", stop)
+            check_text("stop", stop)
         _check(
             isinstance(self.stop_token_ids, list)
             and all(_is_int(t) and 0 <= t <= MAX_UINT32 for t in self.stop_token_ids),
@@ -271,11 +271,11 @@ class SamplingParams:
                 self.guided_regex,
                 "must be a string",
             )
-            _check_text("guided_regex", self.guided_regex)
+            check_text("guided_regex", self.guided_regex)
 
     def _schema_text(self) -> str:
         if isinstance(self.guided_json, str):
-            _check_text("guided_json", self.guided_json)
+            check_text("guided_json", self.guided_json)
             return self.guided_json
         _check(
             isinstance(self.guided_json, dict),
@@ -447,7 +447,7 @@ def _check_finite(name: str, value: object) -> None:
     _check(finite, name, value, "must be a finite number (within float32's range)")
 
 
-def _check_text(name: str, text: str) -> None:
+def check_text(name: str, text: str) -> None:
     """Text the shard protocol can carry: UTF-8, so no lone surrogate (JSON's "\\ud800")."""
     try:
         text.encode()
