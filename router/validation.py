@@ -117,7 +117,7 @@ class Validator:
             decoder_input_details=decoder_input_details,
         )
         _check_encodable(request)
-        request.grammar_index = await self._grammar_index(params)
+        request.grammar_index = await self.grammar_index(params)
         return request
 
     def token_budget(self, input_ids: list[int], params: SamplingParams) -> int:
@@ -151,7 +151,7 @@ class Validator:
             )
         return max_new_tokens
 
-    async def _grammar_index(self, params: SamplingParams) -> bytes:
+    async def grammar_index(self, params: SamplingParams) -> bytes:
         """The compiled grammar, off the event loop and within the grammar budget (last: the
         cheap checks refuse a request first)."""
         grammar = params.grammar()

@@ -86,7 +86,6 @@ class LLM:
     ) -> None:
         self.args = _engine_args(kwargs)
         self._seeds = random.Random(self.args.seed)
-        self._grammars: GrammarCompiler | None = None  # started by the first grammar
         revision, cache_dir = self.args.shard.revision, self.args.download_dir
         self.model_dir = resolve_model(model, revision, cache_dir=cache_dir)
         from transformers import AutoTokenizer
@@ -121,9 +120,7 @@ class LLM:
     def shutdown(self) -> None:
         """Stops the shard processes of `tensor_parallel_size > 1` (also done at exit)."""
         self._shards.close()
-        self._validator.close()
-        if self._grammars is not None:
-            self._grammars.close()
+        self._validator.close()  # and its grammar compiler, if a grammar started one
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
@@ -214,14 +211,13 @@ class LLM:
         """Each grammar as the server compiles it: in a worker process, within the default
         GrammarBudget; one that does not compile or is past it raises ValueError."""
         for index, request in enumerate(requests):
-            grammar = request.params.grammar()
-            if grammar is None:
+            if request.params.grammar() is None:
                 continue
-            if self._grammars is None:
+            if self._validator.grammars is None:  # started by the first grammar
                 eos_ids = list((await client.info()).eos_token_ids)
-                self._grammars = GrammarCompiler(self.tokenizer, eos_ids, GrammarBudget())
+                self._validator.grammars = GrammarCompiler(self.tokenizer, eos_ids, GrammarBudget())
             try:
-                request.grammar_index = await self._grammars.compile(*grammar)
+                request.grammar_index = await self._validator.grammar_index(request.params)
             except ValidationError as error:
                 raise ValueError(f"prompt {index}: {error}") from None
 
