@@ -9,14 +9,24 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import random
-import struct
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import outlines_core
 
+from shardline.param_checks import SamplingParamsError as SamplingParamsError
+from shardline.param_checks import (
+    as_float32,
+    as_list,
+    check,
+    check_finite,
+    check_int,
+    check_range,
+    check_text,
+    is_int,
+    is_number,
+)
 from shardline.proto import generate_pb2
 
 logger = logging.getLogger(__name__)
@@ -44,10 +54,6 @@ GREEDY_TEMPERATURE = 1e-5
 MIN_TEMPERATURE = 1e-2
 # OpenAI's documented range of a logit_bias value.
 LOGIT_BIAS_LIMIT = 100.0
-
-
-class SamplingParamsError(ValueError):
-    """A generation parameter is out of range; the message names it."""
 
 
 @dataclass
@@ -104,13 +110,13 @@ class SamplingParams:
     def _normalize(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = _as_list(self.stop)
-        self.stop_token_ids = _as_list(self.stop_token_ids)
+        self.stop = as_list(self.stop)
+        self.stop_token_ids = as_list(self.stop_token_ids)
         if self.top_k == -1:
             self.top_k = 0
         if self.seed == -1:
             self.seed = None
-        if _is_number(self.temperature) and 0.0 < self.temperature < MIN_TEMPERATURE:
+        if is_number(self.temperature) and 0.0 < self.temperature < MIN_TEMPERATURE:
             logger.warning(
                 "temperature %s raised to %s to keep the logits finite",
                 self.temperature,
@@ -139,58 +145,58 @@ class SamplingParams:
         self._validate_beam_search()
         self._validate_grammar()
         if self.temperature < GREEDY_TEMPERATURE and not self.use_beam_search:
-            _check(self.num_sequences == 1, "n", self.n, "must be 1 with greedy sampling")
-        _check(
+            check(self.num_sequences == 1, "n", self.n, "must be 1 with greedy sampling")
+        check(
             isinstance(self.watermark, bool), "watermark", self.watermark, "must be true or false"
         )
         self._validate_logit_bias()
 
     def _validate_counts(self) -> None:
-        _check_int("n", self.n, minimum=1, maximum=MAX_UINT32)
+        check_int("n", self.n, minimum=1, maximum=MAX_UINT32)
         if self.best_of is not None:
-            _check_int("best_of", self.best_of, minimum=self.n, maximum=MAX_UINT32)
+            check_int("best_of", self.best_of, minimum=self.n, maximum=MAX_UINT32)
         if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
+            check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
 
     def _validate_penalties(self) -> None:
-        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
-        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
-        _check_finite("repetition_penalty", self.repetition_penalty)
-        _check(
-            _as_float32(self.repetition_penalty) > 0.0,
+        check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        check_finite("repetition_penalty", self.repetition_penalty)
+        check(
+            as_float32(self.repetition_penalty) > 0.0,
             "repetition_penalty",
             self.repetition_penalty,
             "must be > 0",
         )
 
     def _validate_warpers(self) -> None:
-        _check_finite("temperature", self.temperature)
-        _check(self.temperature >= 0.0, "temperature", self.temperature, "must be >= 0")
-        _check_finite("top_p", self.top_p)
-        _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
-        _check_int(
+        check_finite("temperature", self.temperature)
+        check(self.temperature >= 0.0, "temperature", self.temperature, "must be >= 0")
+        check_finite("top_p", self.top_p)
+        check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
+        check_int(
             "top_k",
             self.top_k,
             minimum=0,
             maximum=MAX_UINT32,
             requirement=f"must be -1 or 0 (off), or in [1, {MAX_UINT32}]",
         )
-        _check_range("min_p", self.min_p, 0.0, 1.0)
-        _check_finite("typical_p", self.typical_p)
-        _check(0.0 < self.typical_p <= 1.0, "typical_p", self.typical_p, "must be in (0, 1]")
+        check_range("min_p", self.min_p, 0.0, 1.0)
+        check_finite("typical_p", self.typical_p)
+        check(0.0 < self.typical_p <= 1.0, "typical_p", self.typical_p, "must be in (0, 1]")
 
     def _validate_stopping(self) -> None:
         if self.max_tokens is not None:
-            _check_int("max_tokens", self.max_tokens, minimum=1, maximum=MAX_UINT32)
-        _check_int("min_tokens", self.min_tokens, minimum=0, maximum=MAX_UINT32)
+            check_int("max_tokens", self.max_tokens, minimum=1, maximum=MAX_UINT32)
+        check_int("min_tokens", self.min_tokens, minimum=0, maximum=MAX_UINT32)
         if self.max_tokens is not None:
-            _check(
+            check(
                 self.min_tokens <= self.max_tokens,
                 "min_tokens",
                 self.min_tokens,
                 f"must be <= max_tokens ({self.max_tokens})",
             )
-        _check(
+        check(
             isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
             "stop",
             self.stop,
@@ -198,9 +204,9 @@ class SamplingParams:
         )
         for stop in self.stop:
             check_text("stop", stop)
-        _check(
+        check(
             isinstance(self.stop_token_ids, list)
-            and all(_is_int(t) and 0 <= t <= MAX_UINT32 for t in self.stop_token_ids),
+            and all(is_int(t) and 0 <= t <= MAX_UINT32 for t in self.stop_token_ids),
             "stop_token_ids",
             self.stop_token_ids,
             f"must hold token ids in [0, {MAX_UINT32}]",
@@ -209,23 +215,23 @@ class SamplingParams:
     def _validate_logit_bias(self) -> None:
         if self.logit_bias is None:
             return
-        _check(isinstance(self.logit_bias, dict), "logit_bias", self.logit_bias, "must be a dict")
+        check(isinstance(self.logit_bias, dict), "logit_bias", self.logit_bias, "must be a dict")
         for token_id, bias in self.logit_bias.items():
             requirement = "must map token ids (integers >= 0) to biases"
-            _check_int("logit_bias", token_id, 0, MAX_UINT32, requirement)
-            _check_finite("logit_bias", bias)
+            check_int("logit_bias", token_id, 0, MAX_UINT32, requirement)
+            check_finite("logit_bias", bias)
             in_range = -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT
-            _check(in_range, "logit_bias", {token_id: bias}, "values must be in [-100, 100]")
+            check(in_range, "logit_bias", {token_id: bias}, "values must be in [-100, 100]")
 
     def _validate_outputs(self) -> None:
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
-                _check_int(name, value, minimum=-1, requirement="must be >= 0, or -1 (all)")
+                check_int(name, value, minimum=-1, requirement="must be >= 0, or -1 (all)")
 
     def _validate_beam_search(self) -> None:
-        _check_finite("length_penalty", self.length_penalty)
-        _check(
+        check_finite("length_penalty", self.length_penalty)
+        check(
             self.early_stopping in (True, False, "never"),
             "early_stopping",
             self.early_stopping,
@@ -233,10 +239,10 @@ class SamplingParams:
         )
         if not self.use_beam_search:
             return
-        _check_int("beam_width", self.beam_width, minimum=1, maximum=MAX_UINT32)
-        _check(self.n <= self.beam_width, "n", self.n, f"must be <= beam_width ({self.beam_width})")
-        _check(self.best_of is None, "best_of", self.best_of, "is not used with beam search")
-        _check(
+        check_int("beam_width", self.beam_width, minimum=1, maximum=MAX_UINT32)
+        check(self.n <= self.beam_width, "n", self.n, f"must be <= beam_width ({self.beam_width})")
+        check(self.best_of is None, "best_of", self.best_of, "is not used with beam search")
+        check(
             self.temperature in (0.0, 1.0),
             "temperature",
             self.temperature,
@@ -244,28 +250,28 @@ class SamplingParams:
         )
         for name, neutral in _BEAM_SEARCH_NEUTRAL.items():
             value = getattr(self, name)
-            _check(value == neutral, name, value, "is not supported with beam search")
+            check(value == neutral, name, value, "is not supported with beam search")
 
     def _validate_grammar(self) -> None:
         if self.guided_json is None and self.guided_regex is None:
             return
-        _check(
+        check(
             self.guided_regex is None or self.guided_json is None,
             "guided_json",
             self.guided_json,
             "cannot be combined with guided_regex",
         )
-        _check(not self.use_beam_search, "use_beam_search", True, "cannot take a grammar")
+        check(not self.use_beam_search, "use_beam_search", True, "cannot take a grammar")
         if self.guided_json is not None:
             schema = self._schema_text()
-            _check(
+            check(
                 _schema_error(schema) is None,
                 "guided_json",
                 self.guided_json,
                 f"is not a usable JSON schema: {_schema_error(schema)}",
             )
         else:
-            _check(
+            check(
                 isinstance(self.guided_regex, str),
                 "guided_regex",
                 self.guided_regex,
@@ -277,7 +283,7 @@ class SamplingParams:
         if isinstance(self.guided_json, str):
             check_text("guided_json", self.guided_json)
             return self.guided_json
-        _check(
+        check(
             isinstance(self.guided_json, dict),
             "guided_json",
             self.guided_json,
@@ -390,7 +396,6 @@ _EARLY_STOPPING = {
 
 
 _ERROR_CHARS = 200
-_MAX_FLOAT32 = struct.unpack("f", struct.pack("I", 0x7F7FFFFF))[0]
 
 
 @functools.lru_cache(maxsize=256)
@@ -401,62 +406,3 @@ def _schema_error(schema: str) -> str | None:
     except (ValueError, TypeError) as error:
         return str(error)[:_ERROR_CHARS]
     return None
-
-
-def _check(ok: bool, name: str, value: object, requirement: str) -> None:
-    if not ok:
-        raise SamplingParamsError(f"`{name}` {requirement} (got {value!r})")
-
-
-def _as_list(value: object) -> object:
-    """None and tuples become lists; anything else is left for validation to judge."""
-    if value is None:
-        return []
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_int(
-    name: str,
-    value: object,
-    minimum: int,
-    maximum: int | None = None,
-    requirement: str | None = None,
-) -> None:
-    _check(_is_int(value), name, value, "must be an integer")
-    in_range = value >= minimum and (maximum is None or value <= maximum)
-    bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-    _check(in_range, name, value, requirement or f"must be {bounds}")
-
-
-def _as_float32(value: float) -> float:
-    """The value the shards receive (a proto float), e.g. 1e300 becomes inf and 1e-300 zero."""
-    return struct.unpack("f", struct.pack("f", value))[0]
-
-
-def _check_finite(name: str, value: object) -> None:
-    """Finite as a Python number and as the float32 the shards receive."""
-    finite = _is_number(value) and math.isfinite(value) and abs(value) <= _MAX_FLOAT32
-    _check(finite, name, value, "must be a finite number (within float32's range)")
-
-
-def check_text(name: str, text: str) -> None:
-    """Text the shard protocol can carry: UTF-8, so no lone surrogate (JSON's "\\ud800")."""
-    try:
-        text.encode()
-    except UnicodeEncodeError as error:
-        raise SamplingParamsError(
-            f"`{name}` is not valid Unicode: it holds a lone surrogate at position {error.start}"
-        ) from error
-
-
-def _check_range(name: str, value: object, low: float, high: float) -> None:
-    _check_finite(name, value)
-    _check(low <= value <= high, name, value, f"must be in [{low:g}, {high:g}]")
