@@ -4,18 +4,20 @@
 # speed is compared only within one run on one card. Each tree is a snapshot folder (e.g.
 # `git archive REV | tar -x -C .snap_base`); WHEELS holds the tokenizer wheel and the workload.
 # Logs and JSON go to ${OUT:-/tmp/ab}; each step ends with its table.
-#   bash benchmarks/ab_run.sh WHEELS BASE_TREE HEAD_TREE [BUDGET_SECONDS]
+#   bash benchmarks/ab_run.sh WHEELS BASE_TREE HEAD_TREE [BUDGET_SECONDS] [STEPS]
+# STEPS: "offline router" (default), or either alone.
 set -u
 wheels=$(realpath "${1:-.wheels}")
 trees=("$2" "$3")
 deadline=$((SECONDS + ${4:-540}))
+steps=${5:-offline router}
 out=${OUT:-/tmp/ab}
 mkdir -p "$out"
 for tree in "${trees[@]}"; do
     name=$(basename "$tree")
     python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" -e "$tree/clients/python" \
         >"$out/pip_$name.log" 2>&1 || { echo "== $name: install failed"; continue; }
-    for step in offline router; do
+    for step in $steps; do
         left=$((deadline - SECONDS - 5))
         if ((left < 30)); then echo "== $name $step skipped: the budget is spent"; continue; fi
         if [[ $step == offline ]]; then
