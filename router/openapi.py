@@ -41,43 +41,32 @@ def _error_responses(described: dict[str, str], *media_types: str) -> dict[str, 
     return {code: {"description": text, "content": content} for code, text in described.items()}
 
 
-def _post(operation: str, summary: str, request: str, answers: dict[str, Any], errors: str) -> dict:
+def _operation(operation: str, summary: str, request: str, responses: dict[str, Any]) -> dict:
+    body = {"required": True, "content": {"application/json": {"schema": ref(request)}}}
     return {
         "post": {
             "operationId": operation,
             "summary": summary,
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": ref(request)}},
-            },
-            "responses": {
-                "200": {"description": "Generated text", "content": answers},
-                **_errors(errors),
-            },
+            "requestBody": body,
+            "responses": responses,
         }
     }
+
+
+def _post(operation: str, summary: str, request: str, answers: dict[str, Any], errors: str) -> dict:
+    answer = {"200": {"description": "Generated text", "content": answers}}
+    return _operation(operation, summary, request, {**answer, **_errors(errors)})
 
 
 def _tokenize(operation: str, summary: str, request: str, answer: tuple[str, str]) -> dict:
     """A route that answers without generating: only the request's errors."""
     description, schema = answer
-    return {
-        "post": {
-            "operationId": operation,
-            "summary": summary,
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": ref(request)}},
-            },
-            "responses": {
-                "200": {
-                    "description": description,
-                    "content": {"application/json": {"schema": ref(schema)}},
-                },
-                **_error_responses(_REQUEST_ERRORS, "application/json"),
-            },
-        }
+    content = {"application/json": {"schema": ref(schema)}}
+    responses = {
+        "200": {"description": description, "content": content},
+        **_error_responses(_REQUEST_ERRORS, "application/json"),
     }
+    return _operation(operation, summary, request, responses)
 
 
 def _schemas() -> dict[str, Any]:
