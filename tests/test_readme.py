@@ -42,7 +42,11 @@ def shardline_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def make_dry_run(*targets: str) -> str:
-    make = subprocess.run(["make", "-n", *targets], cwd=REPO, capture_output=True, text=True)
+    # --no-print-directory: under `make test` (CI) this is a sub-make, which would otherwise
+    # frame its output in "Entering/Leaving directory" lines.
+    make = subprocess.run(
+        ["make", "-n", "--no-print-directory", *targets], cwd=REPO, capture_output=True, text=True
+    )
     assert make.returncode == 0, make.stderr
     return make.stdout
 
