@@ -117,8 +117,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--cuda-graphs",), "CUDA_GRAPHS", "decode batch sizes to capture CUDA graphs for, "
          "e.g. 1,2,4,8; 0 disables", shard_field="cuda_graphs"),
     Flag(("--disable-custom-kernels",), "DISABLE_CUSTOM_KERNELS",
-         "attention in plain torch and no CUDA graphs (the shards' --attention torch "
-         "--cuda-graphs 0); the fused norm, activation, rotary and GEMV kernels still run",
+         "the plain torch path: torch attention, no CUDA graphs (the shards' --attention "
+         "torch --cuda-graphs 0) and none of the Triton norm, activation, rotary, GEMV and "
+         "sampling kernels",
          switch=True),
     Flag(("--prefix-caching",), "PREFIX_CACHING", "reuse the KV cache of shared prompt "
          "prefixes (true/false); not supported yet (false is accepted)", type=parse_bool,

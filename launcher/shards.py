@@ -25,6 +25,7 @@ from shardline.launcher.readiness import shard_is_healthy
 from shardline.launcher.supervisor import Child
 from shardline.model_files import PACKAGED_MODEL_ALIAS
 from shardline.shard_config import ShardConfig, setting_options
+from shardline.shards.layers import custom_kernels
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ def shard_config(args: argparse.Namespace, model_dir: Path) -> ShardConfig:
 
 
 def _without_custom_kernels(given: Mapping[str, object]) -> dict[str, str]:
-    """`--disable-custom-kernels`: the torch attention and no CUDA graphs."""
+    """`--disable-custom-kernels`: the torch attention and no CUDA graphs (the shards' other Triton
+    kernels are turned off by `shard_environment`)."""
     if given.get("attention", "torch") != "torch" or given.get("cuda_graphs", "0") != "0":
         raise LauncherError(
             "--disable-custom-kernels runs the torch attention without CUDA graphs: drop "
@@ -70,9 +72,13 @@ def _without_custom_kernels(given: Mapping[str, object]) -> dict[str, str]:
 
 
 def shard_environment(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str]:
-    """The launcher's environment plus the watermark's parameters, which TGI hands to the shards
-    as environment variables."""
-    values = {"WATERMARK_GAMMA": args.watermark_gamma, "WATERMARK_DELTA": args.watermark_delta}
+    """The launcher's environment plus what TGI hands the shards as environment variables: the
+    watermark's parameters and `--disable-custom-kernels`."""
+    values = {
+        "WATERMARK_GAMMA": args.watermark_gamma,
+        "WATERMARK_DELTA": args.watermark_delta,
+        custom_kernels.DISABLE_VARIABLE: "true" if args.disable_custom_kernels else None,
+    }
     return {**environ, **{name: str(value) for name, value in values.items() if value is not None}}
 
 

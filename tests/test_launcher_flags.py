@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -12,6 +13,7 @@ from shardline.launcher.args import FLAGS, build_parser, parse_args
 from shardline.launcher.commands import LauncherError, router_spec
 from shardline.launcher.shards import ShardLaunch, shard_config, shard_environment, shard_spec
 from shardline.router.cli import build_parser as router_parser
+from shardline.shards.layers import custom_kernels
 
 CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
 
@@ -161,6 +163,19 @@ def test_disable_custom_kernels_runs_torch_attention_without_cuda_graphs(tmp_pat
     clash = parse_args(["--disable-custom-kernels", "--attention", "triton"], CPU_ONLY)
     with pytest.raises(LauncherError, match="--disable-custom-kernels"):
         shard_spec(shard_config(clash, tmp_path), launch, 0, environ)
+
+
+def test_disable_custom_kernels_reaches_the_shards_as_tgis_variable(monkeypatch) -> None:
+    args = parse_args(["--disable-custom-kernels"], CPU_ONLY)
+    assert shard_environment(args, {})["DISABLE_CUSTOM_KERNELS"] == "true"
+    assert "DISABLE_CUSTOM_KERNELS" not in shard_environment(parse_args([], CPU_ONLY), {})
+    # In the shard, every Triton kernel's gate (norms, SiLU, rotary, GEMV, sampler) is closed.
+    cuda_tensor = SimpleNamespace(is_cuda=True)
+    for value, takes_triton in (("true", False), ("", True)):
+        monkeypatch.setenv("DISABLE_CUSTOM_KERNELS", value)
+        custom_kernels.disabled.cache_clear()
+        assert custom_kernels.applies(cuda_tensor) is takes_triton
+    custom_kernels.disabled.cache_clear()
 
 
 def test_watermark_parameters_reach_the_shards_as_tgis_variables(tmp_path: Path) -> None:

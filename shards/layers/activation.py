@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from shardline.shards.layers import custom_kernels
+
 
 def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
@@ -17,7 +19,7 @@ def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up for gate_up [..., 2 * n] holding gate then up; returns [..., n]."""
-    if gate_up.is_cuda:
+    if custom_kernels.applies(gate_up):
         from shardline.shards.layers.triton_activation import triton_silu_and_mul
 
         return triton_silu_and_mul(gate_up)

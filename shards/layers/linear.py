@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardline.shards.layers import custom_kernels
 from shardline.shards.utils.dist import TPGroup
 from shardline.shards.utils.weights import Weights
 
@@ -18,7 +19,7 @@ def frozen(t: torch.Tensor | None) -> nn.Parameter | None:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through the one-row Triton GEMV where it applies (batch-1 decode on a GPU)."""
-    if x.is_cuda:
+    if custom_kernels.applies(x):
         from shardline.shards.layers.triton_gemv import gemv, gemv_applies
 
         if gemv_applies(x, weight):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shardline.shards.layers import custom_kernels
 from shardline.shards.layers.linear import frozen
 
 NormOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -35,7 +36,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> NormOutput:
         """Normalizes x, or with `residual` normalizes x + residual and returns (normed, sum)."""
-        if x.is_cuda:
+        if custom_kernels.applies(x):
             from shardline.shards.layers.triton_norm import rms_norm
 
             return rms_norm(x, self.weight, self.eps, residual)

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from shardline.shards.layers import custom_kernels
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -57,7 +59,7 @@ class RotaryEmbedding(nn.Module):
         CUDA tensors take one Triton launch that reads cos/sin by position itself; others the
         torch path (`apply_rotary`), which the kernel matches rounding for rounding.
         """
-        if heads.is_cuda:
+        if custom_kernels.applies(heads):
             from shardline.shards.layers.triton_rotary import rotate_in_place
 
             rotate_in_place(heads, positions, self.cos, self.sin)

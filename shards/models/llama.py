@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from shardline.progress import logged_progress
+from shardline.shards.layers import custom_kernels
 from shardline.shards.layers.activation import silu_and_mul
 from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
 from shardline.shards.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -261,6 +262,7 @@ class LlamaForCausalLM(nn.Module):
             weights.tp.world_size == 1
             and torch.device(weights.device).type == "cuda"
             and weights.dtype in (torch.bfloat16, torch.float16)
+            and not custom_kernels.disabled()
             and all(layer.fuses_decode() for layer in self.layers)
         )
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shardline.proto import generate_pb2
+from shardline.shards.layers import custom_kernels
 from shardline.shards.sampling import logits_process
 from shardline.shards.sampling.counter_hash import MASK_32, pcg_hash
 from shardline.shards.sampling.grammar import GrammarRows
@@ -245,10 +246,10 @@ class Sampler:
         self._token_keys: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def __call__(self, logits: torch.Tensor, state: SamplingState) -> SamplerOutput:
-        if logits.is_cuda and not _processed(state):
+        if custom_kernels.applies(logits) and not _processed(state):
             return _fused_choice(logits, state)  # upcasts in registers: no float32 copy
         scores = process_logits(logits.float(), state)
-        if scores.is_cuda:
+        if custom_kernels.applies(scores):
             return _fused_choice(scores, state)
         next_ids = self._choose(scores, state)
         logprobs = scores.log_softmax(dim=-1)
