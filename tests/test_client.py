@@ -31,7 +31,7 @@ from shardline_client.loadgen import LoadRequest, run_load
 from shardline_client.loadgen import main as loadgen_main
 from shardline_client.protocol import EventStream, RetryPolicy
 
-from tests.test_router_server import TGI_SPEC_PATH
+from tests.router_assertions import TGI_SPEC_PATH
 
 CLIENT_README = Path(__file__).resolve().parents[1] / "clients/python/README.md"
 TOKEN_DELAY_S = 0.002

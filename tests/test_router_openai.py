@@ -14,14 +14,14 @@ from openai import OpenAI
 from shardline.router.http import CONTEXT
 from tests.fake_shard import CONTINUATION, FakeShardClient, fixed_script, router_client
 from tests.fake_shard import tiny_tokenizer as build_tokenizer
-from tests.router_fixtures import open_router, openai_client
-from tests.test_router_server import (
+from tests.router_assertions import (
     TGI_SPEC,
     _as_json_schema,
     assert_error,
     assert_refused,
     assert_schema,
 )
+from tests.router_fixtures import open_router, openai_client
 
 USER = [{"role": "user", "content": "the city"}]
 

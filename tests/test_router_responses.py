@@ -11,8 +11,8 @@ import pytest
 from openai import UnprocessableEntityError
 
 from tests.fake_shard import CONTINUATION
+from tests.router_assertions import _as_json_schema, assert_refused
 from tests.test_router_openai import templated
-from tests.test_router_server import _as_json_schema, assert_refused
 
 STREAM_EVENTS = [
     "response.created",

@@ -9,7 +9,7 @@ from html.parser import HTMLParser
 
 from shardline.router.swagger_ui import SPEC_URL
 from tests.fake_shard import router_client
-from tests.test_router_server import assert_error
+from tests.router_assertions import assert_error
 
 PROBES = ("/health", "/ping", "/v2/health/live")
 

@@ -9,7 +9,7 @@ import json
 from text_generation import Client
 
 from tests.fake_shard import CONTINUATION
-from tests.test_router_server import assert_schema
+from tests.router_assertions import assert_schema
 
 
 def _sse(raw: bytes) -> list[dict]:
