@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.openai_route_helpers import USER
 from tests.router_assertions import assert_error
-from tests.test_router_openai import USER
 
 
 async def test_the_official_client_passes_logit_bias_on_both_routes(api, fake):

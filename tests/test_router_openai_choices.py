@@ -13,9 +13,9 @@ from transformers import AutoTokenizer
 
 from shardline.router.http import CONTEXT
 from tests.fake_shard import CONTINUATION
+from tests.openai_route_helpers import USER, post_stream, templated
 from tests.router_assertions import _as_json_schema, assert_schema
 from tests.router_fixtures import open_router, openai_client
-from tests.test_router_openai import USER, post_stream, templated
 
 PROMPT = "the city"
 

@@ -11,8 +11,8 @@ import pytest
 from openai import UnprocessableEntityError
 
 from tests.fake_shard import CONTINUATION
+from tests.openai_route_helpers import templated
 from tests.router_assertions import _as_json_schema, assert_refused
-from tests.test_router_openai import templated
 
 STREAM_EVENTS = [
     "response.created",

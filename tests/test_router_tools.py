@@ -14,9 +14,9 @@ from shardline.router.tools import DEFAULT_TOOL_PROMPT, NO_TOOL
 from tests.fake_shard import CONTINUATION, FakeShardClient, router_client
 from tests.fake_shard import tiny_tokenizer as build_tokenizer
 from tests.model_factory import CHAT_TEMPLATE
+from tests.openai_route_helpers import post_stream
 from tests.router_assertions import assert_error, assert_refused, assert_schema
 from tests.router_fixtures import open_router, openai_client
-from tests.test_router_openai import post_stream
 
 USER = [{"role": "user", "content": "weather in Paris?"}]
 WEATHER = {
