@@ -30,7 +30,7 @@ from shardline_client import (
 from shardline_client.types import Response, StreamResponse
 from transformers import AutoTokenizer
 
-from tests.test_launcher import LIMITS, Launcher, transformers_greedy
+from tests.launcher_harness import LIMITS, Launcher, transformers_greedy
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ import pytest
 from aiohttp.test_utils import unused_port
 from shardline_client import AsyncClient, ShardlineError
 
-from tests.test_launcher import LIMITS, Launcher, is_alive
+from tests.launcher_harness import LIMITS, Launcher, is_alive
 
 pytestmark = pytest.mark.slow
 

@@ -35,7 +35,7 @@ from shardline.proto import generate_pb2_grpc
 from shardline.router.cli import build_parser, shard_deadlines
 from shardline.router.client import ShardDeadlines, ShardedClient, ShardTimeoutError, StepResult
 from tests.fake_shard import FakeShardClient, fixed_script, router_client
-from tests.test_launcher import Launcher, is_alive
+from tests.launcher_harness import Launcher, is_alive
 from tests.test_shard_kill import _descendants, _outcome, _shard_pid, _start, _until_batched
 
 pytestmark = pytest.mark.slow
