@@ -1,21 +1,18 @@
-"""Triton attention kernels against a float64 torch reference on random inputs.
+"""Triton paged decode attention and the fused rotary + KV-cache write against a float64 torch
+reference on random inputs (the prefill kernel: test_triton_prefill.py).
 
 Runs on CUDA; skipped elsewhere unless TRITON_INTERPRET=1 is set, which runs the same kernels
 through Triton's CPU interpreter on smaller problems (a developer aid, slow). Unused cache slots,
 unused block-table entries and the allocator's free memory are filled with NaN, so a kernel that
-reads outside a sequence's context or leaves an output element unwritten fails the check.
-"""
+reads outside a sequence's context or leaves an output element unwritten fails the check."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
 from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
-from shardline.shards.layers.attention.metadata import AttentionMetadata
 from shardline.shards.layers.attention.torch_native import TorchNativeBackend
 from shardline.shards.layers.attention.triton_decode import (
     DecodeConfig,
@@ -28,126 +25,22 @@ from shardline.shards.layers.attention.triton_kv_write import (
     rotate_and_write_kv_cache,
 )
 from shardline.shards.layers.attention.triton_paged import TritonAttentionBackend
-from shardline.shards.layers.attention.triton_prefill import (
-    CachedPrefix,
-    PrefillConfig,
-    varlen_causal_attention,
-)
 from shardline.shards.layers.rotary import RotaryEmbedding
 from shardline.shards.layers.triton_rotary import rotate_in_place
+from tests.triton_attention_helpers import (
+    DTYPES,
+    HEAD_SHAPES,
+    LONG,
+    PagedCase,
+    _assert_close_rows,
+    _poison_allocator,
+    _random,
+)
 
-LONG = 300 if INTERPRET else 8192
-TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 1.5e-2, torch.float32: 1e-5}
-DTYPES = [torch.float16] if INTERPRET else [torch.bfloat16, torch.float16]
-HEAD_SHAPES = [(4, 4), (8, 2), (16, 2)]  # (query heads, KV heads): GQA ratios 1, 4, 8
 # The CPU interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest.
 ROTARY_DTYPES = (
     [torch.float16, torch.float32] if INTERPRET else [torch.float16, torch.float32, torch.bfloat16]
 )
-
-
-def _poison_allocator() -> None:
-    """Leaves NaN in the caching allocator's free blocks, so unwritten outputs show up."""
-    if DEVICE.type == "cuda":
-        filler = torch.full((64 << 20,), float("nan"), device=DEVICE)
-        del filler
-
-
-def _random(shape: tuple[int, ...], dtype: torch.dtype, std: float = 1.0) -> torch.Tensor:
-    return (torch.randn(shape, device=DEVICE) * std).to(dtype)
-
-
-class PagedCase:
-    """Random sequences stored at shuffled pages of a NaN-filled paged cache."""
-
-    def __init__(
-        self,
-        context_lens: list[int],
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        page_size: int = 16,
-    ) -> None:
-        pages_per_seq = [math.ceil(n / page_size) for n in context_lens]
-        width = max(pages_per_seq) + 2
-        num_pages = sum(pages_per_seq) + 1  # the last page is a NaN page the tables pad with
-        shape = (num_pages, page_size, num_kv_heads, head_dim)
-        self.k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-        self.v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-        order = torch.randperm(num_pages - 1).tolist()
-        self.block_tables = torch.full((len(context_lens), width), num_pages - 1, dtype=torch.int32)
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.slots: list[torch.Tensor] = []
-        for row, (length, count) in enumerate(zip(context_lens, pages_per_seq, strict=True)):
-            pages, order = order[:count], order[count:]
-            self.block_tables[row, :count] = torch.tensor(pages, dtype=torch.int32)
-            keys = _random((length, num_kv_heads, head_dim), dtype)
-            values = _random((length, num_kv_heads, head_dim), dtype)
-            slots = (
-                torch.tensor(pages, dtype=torch.long, device=DEVICE).repeat_interleave(page_size)
-                * page_size
-            )
-            slots = (slots + torch.arange(count * page_size, device=DEVICE) % page_size)[:length]
-            self.k_cache.view(-1, num_kv_heads, head_dim)[slots] = keys
-            self.v_cache.view(-1, num_kv_heads, head_dim)[slots] = values
-            self.keys.append(keys)
-            self.values.append(values)
-            self.slots.append(slots)
-        self.block_tables = self.block_tables.to(DEVICE)
-        self.context_lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
-        self.q = _random((len(context_lens), num_heads, head_dim), dtype, std=2.0)
-        self.scale = head_dim**-0.5
-
-    def slide(self, window: int) -> None:
-        """Keeps each row's last `window` keys; the older ones become NaN in the cache, so a
-        kernel that reads them fails the check."""
-        for row, slots in enumerate(self.slots):
-            old = slots[: max(0, len(slots) - window)]
-            self.k_cache.view(-1, *self.k_cache.shape[2:])[old] = float("nan")
-            self.v_cache.view(-1, *self.v_cache.shape[2:])[old] = float("nan")
-            self.keys[row] = self.keys[row][len(old) :]
-            self.values[row] = self.values[row][len(old) :]
-
-    def reference(self) -> torch.Tensor:
-        rows = [
-            _attention_reference(q[None], k, v, self.scale, causal=False)[0]
-            for q, k, v in zip(self.q, self.keys, self.values, strict=True)
-        ]
-        return torch.stack(rows)
-
-
-def _attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, window: int = 0
-) -> torch.Tensor:
-    """Float64 softmax attention; q [m, heads, d], k/v [n, kv_heads, d]. Zeros where n == 0.
-    Causal with window > 0: each query sees itself and the window - 1 keys before it."""
-    group = q.shape[1] // k.shape[1]
-    if k.shape[0] == 0:
-        return torch.zeros(q.shape, dtype=torch.float64, device=q.device)
-    k64 = k.double().repeat_interleave(group, dim=1)
-    v64 = v.double().repeat_interleave(group, dim=1)
-    scores = torch.einsum("mhd,nhd->hmn", q.double(), k64) * scale
-    if causal:
-        offset = k.shape[0] - q.shape[0]
-        mask = torch.ones(scores.shape[1:], dtype=torch.bool, device=q.device).tril(offset)
-        if window:
-            mask = mask.triu(offset - window + 1)
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.einsum("hmn,nhd->mhd", scores.softmax(-1), v64)
-
-
-def _assert_close_rows(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    """Per-row relative error under the dtype's tolerance; zero rows must be exactly zero."""
-    assert torch.isfinite(out).all(), "non-finite output (unwritten or read outside context)"
-    out64 = out.double().flatten(1)
-    ref64 = ref.double().flatten(1)
-    ref_norm = ref64.norm(dim=1)
-    zero = ref_norm == 0
-    assert (out64[zero] == 0).all()
-    errors = (out64 - ref64).norm(dim=1)[~zero] / ref_norm[~zero]
-    assert errors.max().item() < TOLERANCE[dtype], f"max relative row error {errors.max():.2e}"
 
 
 MIXED_CONTEXTS = [0, 1, 15, 16, 17, 31, 32, 33, 64, 100, 257, 1000, LONG]
@@ -373,167 +266,3 @@ def test_backend_rotate_and_write_kv_matches_torch_backend() -> None:
             q, k, v, case.positions, case.rotary, case.k_cache, case.v_cache, case.slots
         )
     fused.assert_matches((reference.qkv, reference.k_cache, reference.v_cache))
-
-
-def _packed_prefill(
-    lengths: list[int], num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    total = sum(lengths)
-    q = _random((total, num_heads, head_dim), dtype, std=2.0)
-    k = _random((total, num_kv_heads, head_dim), dtype)
-    v = _random((total, num_kv_heads, head_dim), dtype)
-    cu = torch.tensor([0, *lengths], device=DEVICE).cumsum(0).to(torch.int32)
-    return q, k, v, cu
-
-
-def _prefill_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu: torch.Tensor,
-    scale: float,
-    window: int = 0,
-) -> torch.Tensor:
-    bounds = cu.tolist()
-    parts = [
-        _attention_reference(q[a:b], k[a:b], v[a:b], scale, causal=True, window=window)
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-    ]
-    return torch.cat(parts)
-
-
-PREFILL_LENGTHS = [1, 7, 16, 64, 129, 300] if INTERPRET else [1, 7, 16, 64, 129, 300, 1000, 2500]
-
-
-@pytest.mark.parametrize(("num_heads", "num_kv_heads"), HEAD_SHAPES)
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_prefill_matches_reference(
-    dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int
-) -> None:
-    q, k, v, cu = _packed_prefill(PREFILL_LENGTHS, num_heads, num_kv_heads, head_dim, dtype)
-    scale = head_dim**-0.5
-    _poison_allocator()
-    out = varlen_causal_attention(q, k, v, cu, max(PREFILL_LENGTHS), scale)
-    _assert_close_rows(out, _prefill_reference(q, k, v, cu, scale), dtype)
-
-
-@pytest.mark.parametrize("block_n", [16, 64])
-@pytest.mark.parametrize("window", [1, 5, 64, 100])
-def test_prefill_sliding_window(window: int, block_n: int) -> None:
-    q, k, v, cu = _packed_prefill(PREFILL_LENGTHS, 8, 2, 64, DTYPES[0])
-    config = PrefillConfig(block_m=64, block_n=block_n)
-    _poison_allocator()
-    out = varlen_causal_attention(q, k, v, cu, max(PREFILL_LENGTHS), 0.125, config, window)
-    _assert_close_rows(out, _prefill_reference(q, k, v, cu, 0.125, window), DTYPES[0])
-
-
-def test_float32_prefill_is_not_tf32() -> None:
-    q, k, v, cu = _packed_prefill([1, 70, 200], 8, 2, 128, torch.float32)
-    _poison_allocator()
-    out = varlen_causal_attention(q, k, v, cu, 200, 128**-0.5)
-    _assert_close_rows(out, _prefill_reference(q, k, v, cu, 128**-0.5), torch.float32)
-
-
-def test_prefill_many_short_prompts() -> None:
-    lengths = torch.randint(1, 65, (24 if INTERPRET else 256,)).tolist()
-    q, k, v, cu = _packed_prefill(lengths, 8, 2, 64, torch.float16)
-    _poison_allocator()
-    out = varlen_causal_attention(q, k, v, cu, max(lengths), 0.125)
-    _assert_close_rows(out, _prefill_reference(q, k, v, cu, 0.125), torch.float16)
-
-
-@pytest.mark.skipif(INTERPRET, reason="the backend needs a CUDA device")
-@pytest.mark.parametrize("use_flash_attn", [False, True])
-@pytest.mark.parametrize("window", [0, 7])
-def test_backend_prefill_write_then_decode(use_flash_attn: bool, window: int) -> None:
-    if use_flash_attn:
-        pytest.importorskip("flash_attn")
-    backend = TritonAttentionBackend(DEVICE, use_flash_attn=use_flash_attn)
-    lengths, num_heads, num_kv_heads, head_dim, page_size = [5, 33, 16], 16, 4, 128, 16
-    dtype = torch.bfloat16
-    q, k, v, cu = _packed_prefill(lengths, num_heads, num_kv_heads, head_dim, dtype)
-    shape = (12, page_size, num_kv_heads, head_dim)
-    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-    tables = torch.tensor([[3, 11, 0], [1, 4, 7], [9, 2, 5]], dtype=torch.int32, device=DEVICE)
-    slots = torch.cat(
-        [tables[i, torch.arange(n) // page_size] * page_size + torch.arange(n, device=DEVICE)
-         % page_size for i, n in enumerate(lengths)]
-    )  # fmt: skip
-    meta = AttentionMetadata(True, slots, cu_seqlens=cu, max_seqlen=max(lengths))
-    TorchNativeBackend().write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    scale = head_dim**-0.5
-    expected = _prefill_reference(q, k, v, cu, scale, window)
-    _assert_close_rows(
-        backend.prefill(q, k, v, k_cache, v_cache, meta, scale, window), expected, dtype
-    )
-    last = cu[1:] - 1
-    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
-    decode_meta = AttentionMetadata(False, slots[last], block_tables=tables, context_lens=lens)
-    out = backend.decode(q[last], k_cache, v_cache, decode_meta, scale, window)
-    _assert_close_rows(out, expected[last], dtype)
-
-
-# (cached prefix, chunk) lengths of a chunked prefill's sequences.
-CHUNKED = [(0, 5), (16, 33), (40, 1), (100, 64), (7, 130), (LONG, 70)]
-
-
-def _chunked_case(dtype: torch.dtype, page_size: int = 16):
-    """Whole sequences q/k/v, the chunks' packed q/k/v, and a NaN-poisoned paged cache holding
-    each sequence's prefix (pages shuffled)."""
-    num_heads, num_kv_heads, head_dim = 8, 2, 64
-    sequences = [
-        _packed_prefill([p + n], num_heads, num_kv_heads, head_dim, dtype)[:3] for p, n in CHUNKED
-    ]
-    width = max(-(-(p + n) // page_size) for p, n in CHUNKED)
-    pages = torch.randperm(len(CHUNKED) * width, device=DEVICE).to(torch.int32)
-    tables = pages.view(len(CHUNKED), width)
-    shape = (len(CHUNKED) * width, page_size, num_kv_heads, head_dim)
-    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-    for (prefix, _), (_, k, v), table in zip(CHUNKED, sequences, tables, strict=True):
-        positions = torch.arange(prefix, device=DEVICE)
-        slots = table[positions // page_size].long() * page_size + positions % page_size
-        TorchNativeBackend().write_kv(k[:prefix], v[:prefix], k_cache, v_cache, slots)
-    chunks = [[t[p:] for t in seq] for (p, _), seq in zip(CHUNKED, sequences, strict=True)]
-    q, k, v = (torch.cat([chunk[i] for chunk in chunks]) for i in range(3))
-    cu = torch.tensor([0] + [n for _, n in CHUNKED], device=DEVICE).cumsum(0).to(torch.int32)
-    prefix_lens = torch.tensor([p for p, _ in CHUNKED], dtype=torch.int32, device=DEVICE)
-    cached = CachedPrefix(prefix_lens, tables, k_cache, v_cache)
-    return sequences, (q, k, v, cu), cached
-
-
-def _chunked_reference(sequences, scale: float, window: int) -> torch.Tensor:
-    return torch.cat([
-        _attention_reference(q[p:], k, v, scale, causal=True, window=window)
-        for (p, _), (q, k, v) in zip(CHUNKED, sequences, strict=True)
-    ])  # fmt: skip
-
-
-@pytest.mark.parametrize("block_n", [16, 64])
-@pytest.mark.parametrize("window", [0, 5, 64])
-def test_prefill_continues_a_cached_prefix(window: int, block_n: int) -> None:
-    dtype = DTYPES[0]
-    sequences, (q, k, v, cu), cached = _chunked_case(dtype)
-    config = PrefillConfig(block_m=64, block_n=block_n)
-    _poison_allocator()
-    max_chunk = max(n for _, n in CHUNKED)
-    out = varlen_causal_attention(q, k, v, cu, max_chunk, 0.125, config, window, prefix=cached)
-    _assert_close_rows(out, _chunked_reference(sequences, 0.125, window), dtype)
-
-
-@pytest.mark.parametrize("window", [0, 5])
-def test_torch_backend_continues_a_cached_prefix(window: int) -> None:
-    """The CPU backend's chunked prefill against the same reference as the Triton kernel."""
-    dtype = DTYPES[0]
-    sequences, (q, k, v, cu), cached = _chunked_case(dtype)
-    meta = AttentionMetadata(
-        True,
-        torch.full((q.shape[0],), -1, device=DEVICE),
-        cu_seqlens=cu,
-        prefix_lens=cached.prefix_lens,
-        prefix_block_tables=cached.block_tables,
-    )
-    out = TorchNativeBackend().prefill(q, k, v, cached.k_cache, cached.v_cache, meta, 0.125, window)
-    _assert_close_rows(out, _chunked_reference(sequences, 0.125, window), dtype)

@@ -1,0 +1,194 @@
+"""Triton varlen causal prefill attention, with and without a cached prefix, against a float64
+torch reference on random inputs, and the Triton backend's prefill-write-then-decode.
+
+Runs on CUDA; skipped elsewhere unless TRITON_INTERPRET=1 is set, which runs the same kernels
+through Triton's CPU interpreter on smaller problems (a developer aid, slow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
+
+from shardline.shards.layers.attention.metadata import AttentionMetadata
+from shardline.shards.layers.attention.torch_native import TorchNativeBackend
+from shardline.shards.layers.attention.triton_paged import TritonAttentionBackend
+from shardline.shards.layers.attention.triton_prefill import (
+    CachedPrefix,
+    PrefillConfig,
+    varlen_causal_attention,
+)
+from tests.triton_attention_helpers import (
+    DTYPES,
+    HEAD_SHAPES,
+    LONG,
+    _assert_close_rows,
+    _attention_reference,
+    _poison_allocator,
+    _random,
+)
+
+
+def _packed_prefill(
+    lengths: list[int], num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    total = sum(lengths)
+    q = _random((total, num_heads, head_dim), dtype, std=2.0)
+    k = _random((total, num_kv_heads, head_dim), dtype)
+    v = _random((total, num_kv_heads, head_dim), dtype)
+    cu = torch.tensor([0, *lengths], device=DEVICE).cumsum(0).to(torch.int32)
+    return q, k, v, cu
+
+
+def _prefill_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: torch.Tensor,
+    scale: float,
+    window: int = 0,
+) -> torch.Tensor:
+    bounds = cu.tolist()
+    parts = [
+        _attention_reference(q[a:b], k[a:b], v[a:b], scale, causal=True, window=window)
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    return torch.cat(parts)
+
+
+PREFILL_LENGTHS = [1, 7, 16, 64, 129, 300] if INTERPRET else [1, 7, 16, 64, 129, 300, 1000, 2500]
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), HEAD_SHAPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_matches_reference(
+    dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int
+) -> None:
+    q, k, v, cu = _packed_prefill(PREFILL_LENGTHS, num_heads, num_kv_heads, head_dim, dtype)
+    scale = head_dim**-0.5
+    _poison_allocator()
+    out = varlen_causal_attention(q, k, v, cu, max(PREFILL_LENGTHS), scale)
+    _assert_close_rows(out, _prefill_reference(q, k, v, cu, scale), dtype)
+
+
+@pytest.mark.parametrize("block_n", [16, 64])
+@pytest.mark.parametrize("window", [1, 5, 64, 100])
+def test_prefill_sliding_window(window: int, block_n: int) -> None:
+    q, k, v, cu = _packed_prefill(PREFILL_LENGTHS, 8, 2, 64, DTYPES[0])
+    config = PrefillConfig(block_m=64, block_n=block_n)
+    _poison_allocator()
+    out = varlen_causal_attention(q, k, v, cu, max(PREFILL_LENGTHS), 0.125, config, window)
+    _assert_close_rows(out, _prefill_reference(q, k, v, cu, 0.125, window), DTYPES[0])
+
+
+def test_float32_prefill_is_not_tf32() -> None:
+    q, k, v, cu = _packed_prefill([1, 70, 200], 8, 2, 128, torch.float32)
+    _poison_allocator()
+    out = varlen_causal_attention(q, k, v, cu, 200, 128**-0.5)
+    _assert_close_rows(out, _prefill_reference(q, k, v, cu, 128**-0.5), torch.float32)
+
+
+def test_prefill_many_short_prompts() -> None:
+    lengths = torch.randint(1, 65, (24 if INTERPRET else 256,)).tolist()
+    q, k, v, cu = _packed_prefill(lengths, 8, 2, 64, torch.float16)
+    _poison_allocator()
+    out = varlen_causal_attention(q, k, v, cu, max(lengths), 0.125)
+    _assert_close_rows(out, _prefill_reference(q, k, v, cu, 0.125), torch.float16)
+
+
+@pytest.mark.skipif(INTERPRET, reason="the backend needs a CUDA device")
+@pytest.mark.parametrize("use_flash_attn", [False, True])
+@pytest.mark.parametrize("window", [0, 7])
+def test_backend_prefill_write_then_decode(use_flash_attn: bool, window: int) -> None:
+    if use_flash_attn:
+        pytest.importorskip("flash_attn")
+    backend = TritonAttentionBackend(DEVICE, use_flash_attn=use_flash_attn)
+    lengths, num_heads, num_kv_heads, head_dim, page_size = [5, 33, 16], 16, 4, 128, 16
+    dtype = torch.bfloat16
+    q, k, v, cu = _packed_prefill(lengths, num_heads, num_kv_heads, head_dim, dtype)
+    shape = (12, page_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    tables = torch.tensor([[3, 11, 0], [1, 4, 7], [9, 2, 5]], dtype=torch.int32, device=DEVICE)
+    slots = torch.cat(
+        [tables[i, torch.arange(n) // page_size] * page_size + torch.arange(n, device=DEVICE)
+         % page_size for i, n in enumerate(lengths)]
+    )  # fmt: skip
+    meta = AttentionMetadata(True, slots, cu_seqlens=cu, max_seqlen=max(lengths))
+    TorchNativeBackend().write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    scale = head_dim**-0.5
+    expected = _prefill_reference(q, k, v, cu, scale, window)
+    _assert_close_rows(
+        backend.prefill(q, k, v, k_cache, v_cache, meta, scale, window), expected, dtype
+    )
+    last = cu[1:] - 1
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    decode_meta = AttentionMetadata(False, slots[last], block_tables=tables, context_lens=lens)
+    out = backend.decode(q[last], k_cache, v_cache, decode_meta, scale, window)
+    _assert_close_rows(out, expected[last], dtype)
+
+
+# (cached prefix, chunk) lengths of a chunked prefill's sequences.
+CHUNKED = [(0, 5), (16, 33), (40, 1), (100, 64), (7, 130), (LONG, 70)]
+
+
+def _chunked_case(dtype: torch.dtype, page_size: int = 16):
+    """Whole sequences q/k/v, the chunks' packed q/k/v, and a NaN-poisoned paged cache holding
+    each sequence's prefix (pages shuffled)."""
+    num_heads, num_kv_heads, head_dim = 8, 2, 64
+    sequences = [
+        _packed_prefill([p + n], num_heads, num_kv_heads, head_dim, dtype)[:3] for p, n in CHUNKED
+    ]
+    width = max(-(-(p + n) // page_size) for p, n in CHUNKED)
+    pages = torch.randperm(len(CHUNKED) * width, device=DEVICE).to(torch.int32)
+    tables = pages.view(len(CHUNKED), width)
+    shape = (len(CHUNKED) * width, page_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    for (prefix, _), (_, k, v), table in zip(CHUNKED, sequences, tables, strict=True):
+        positions = torch.arange(prefix, device=DEVICE)
+        slots = table[positions // page_size].long() * page_size + positions % page_size
+        TorchNativeBackend().write_kv(k[:prefix], v[:prefix], k_cache, v_cache, slots)
+    chunks = [[t[p:] for t in seq] for (p, _), seq in zip(CHUNKED, sequences, strict=True)]
+    q, k, v = (torch.cat([chunk[i] for chunk in chunks]) for i in range(3))
+    cu = torch.tensor([0] + [n for _, n in CHUNKED], device=DEVICE).cumsum(0).to(torch.int32)
+    prefix_lens = torch.tensor([p for p, _ in CHUNKED], dtype=torch.int32, device=DEVICE)
+    cached = CachedPrefix(prefix_lens, tables, k_cache, v_cache)
+    return sequences, (q, k, v, cu), cached
+
+
+def _chunked_reference(sequences, scale: float, window: int) -> torch.Tensor:
+    return torch.cat([
+        _attention_reference(q[p:], k, v, scale, causal=True, window=window)
+        for (p, _), (q, k, v) in zip(CHUNKED, sequences, strict=True)
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize("block_n", [16, 64])
+@pytest.mark.parametrize("window", [0, 5, 64])
+def test_prefill_continues_a_cached_prefix(window: int, block_n: int) -> None:
+    dtype = DTYPES[0]
+    sequences, (q, k, v, cu), cached = _chunked_case(dtype)
+    config = PrefillConfig(block_m=64, block_n=block_n)
+    _poison_allocator()
+    max_chunk = max(n for _, n in CHUNKED)
+    out = varlen_causal_attention(q, k, v, cu, max_chunk, 0.125, config, window, prefix=cached)
+    _assert_close_rows(out, _chunked_reference(sequences, 0.125, window), dtype)
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_torch_backend_continues_a_cached_prefix(window: int) -> None:
+    """The CPU backend's chunked prefill against the same reference as the Triton kernel."""
+    dtype = DTYPES[0]
+    sequences, (q, k, v, cu), cached = _chunked_case(dtype)
+    meta = AttentionMetadata(
+        True,
+        torch.full((q.shape[0],), -1, device=DEVICE),
+        cu_seqlens=cu,
+        prefix_lens=cached.prefix_lens,
+        prefix_block_tables=cached.block_tables,
+    )
+    out = TorchNativeBackend().prefill(q, k, v, cached.k_cache, cached.v_cache, meta, 0.125, window)
+    _assert_close_rows(out, _chunked_reference(sequences, 0.125, window), dtype)

@@ -1,0 +1,123 @@
+"""Shared by the Triton attention kernel tests: problem sizes and tolerances, random inputs, a
+random paged KV-cache case, NaN in the allocator's free memory (so an unwritten output element
+shows up), and a float64 attention reference. A test module imports tests.triton_device first:
+it skips the module off CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
+
+
+LONG = 300 if INTERPRET else 8192
+TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 1.5e-2, torch.float32: 1e-5}
+DTYPES = [torch.float16] if INTERPRET else [torch.bfloat16, torch.float16]
+HEAD_SHAPES = [(4, 4), (8, 2), (16, 2)]  # (query heads, KV heads): GQA ratios 1, 4, 8
+
+
+def _poison_allocator() -> None:
+    """Leaves NaN in the caching allocator's free blocks, so unwritten outputs show up."""
+    if DEVICE.type == "cuda":
+        filler = torch.full((64 << 20,), float("nan"), device=DEVICE)
+        del filler
+
+
+def _random(shape: tuple[int, ...], dtype: torch.dtype, std: float = 1.0) -> torch.Tensor:
+    return (torch.randn(shape, device=DEVICE) * std).to(dtype)
+
+
+class PagedCase:
+    """Random sequences stored at shuffled pages of a NaN-filled paged cache."""
+
+    def __init__(
+        self,
+        context_lens: list[int],
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        page_size: int = 16,
+    ) -> None:
+        pages_per_seq = [math.ceil(n / page_size) for n in context_lens]
+        width = max(pages_per_seq) + 2
+        num_pages = sum(pages_per_seq) + 1  # the last page is a NaN page the tables pad with
+        shape = (num_pages, page_size, num_kv_heads, head_dim)
+        self.k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+        self.v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+        order = torch.randperm(num_pages - 1).tolist()
+        self.block_tables = torch.full((len(context_lens), width), num_pages - 1, dtype=torch.int32)
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.slots: list[torch.Tensor] = []
+        for row, (length, count) in enumerate(zip(context_lens, pages_per_seq, strict=True)):
+            pages, order = order[:count], order[count:]
+            self.block_tables[row, :count] = torch.tensor(pages, dtype=torch.int32)
+            keys = _random((length, num_kv_heads, head_dim), dtype)
+            values = _random((length, num_kv_heads, head_dim), dtype)
+            slots = (
+                torch.tensor(pages, dtype=torch.long, device=DEVICE).repeat_interleave(page_size)
+                * page_size
+            )
+            slots = (slots + torch.arange(count * page_size, device=DEVICE) % page_size)[:length]
+            self.k_cache.view(-1, num_kv_heads, head_dim)[slots] = keys
+            self.v_cache.view(-1, num_kv_heads, head_dim)[slots] = values
+            self.keys.append(keys)
+            self.values.append(values)
+            self.slots.append(slots)
+        self.block_tables = self.block_tables.to(DEVICE)
+        self.context_lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+        self.q = _random((len(context_lens), num_heads, head_dim), dtype, std=2.0)
+        self.scale = head_dim**-0.5
+
+    def slide(self, window: int) -> None:
+        """Keeps each row's last `window` keys; the older ones become NaN in the cache, so a
+        kernel that reads them fails the check."""
+        for row, slots in enumerate(self.slots):
+            old = slots[: max(0, len(slots) - window)]
+            self.k_cache.view(-1, *self.k_cache.shape[2:])[old] = float("nan")
+            self.v_cache.view(-1, *self.v_cache.shape[2:])[old] = float("nan")
+            self.keys[row] = self.keys[row][len(old) :]
+            self.values[row] = self.values[row][len(old) :]
+
+    def reference(self) -> torch.Tensor:
+        rows = [
+            _attention_reference(q[None], k, v, self.scale, causal=False)[0]
+            for q, k, v in zip(self.q, self.keys, self.values, strict=True)
+        ]
+        return torch.stack(rows)
+
+
+def _attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, window: int = 0
+) -> torch.Tensor:
+    """Float64 softmax attention; q [m, heads, d], k/v [n, kv_heads, d]. Zeros where n == 0.
+    Causal with window > 0: each query sees itself and the window - 1 keys before it."""
+    group = q.shape[1] // k.shape[1]
+    if k.shape[0] == 0:
+        return torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    k64 = k.double().repeat_interleave(group, dim=1)
+    v64 = v.double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("mhd,nhd->hmn", q.double(), k64) * scale
+    if causal:
+        offset = k.shape[0] - q.shape[0]
+        mask = torch.ones(scores.shape[1:], dtype=torch.bool, device=q.device).tril(offset)
+        if window:
+            mask = mask.triu(offset - window + 1)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hmn,nhd->mhd", scores.softmax(-1), v64)
+
+
+def _assert_close_rows(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """Per-row relative error under the dtype's tolerance; zero rows must be exactly zero."""
+    assert torch.isfinite(out).all(), "non-finite output (unwritten or read outside context)"
+    out64 = out.double().flatten(1)
+    ref64 = ref.double().flatten(1)
+    ref_norm = ref64.norm(dim=1)
+    zero = ref_norm == 0
+    assert (out64[zero] == 0).all()
+    errors = (out64 - ref64).norm(dim=1)[~zero] / ref_norm[~zero]
+    assert errors.max().item() < TOLERANCE[dtype], f"max relative row error {errors.max():.2e}"
