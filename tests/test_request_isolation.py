@@ -16,6 +16,7 @@ import pytest
 from shardline.proto import generate_pb2 as pb
 from shardline.router.errors import ValidationError
 from shardline.shards.engine import ShardEngine
+from tests.batcher_helpers import _batcher, _counting_script, _request
 from tests.fake_shard import FakeShardClient
 from tests.router_fixtures import open_router
 from tests.shard_harness import (
@@ -26,7 +27,6 @@ from tests.shard_harness import (
     transformers_greedy,
 )
 from tests.test_engine import assert_no_leaks, warmed_engine
-from tests.test_router_batcher import _batcher, _counting_script, _request
 
 LONE_SURROGATE = "\ud800"
 VICTIMS = 5
