@@ -8,7 +8,7 @@ import pytest
 from shardline import LLM
 from tests.model_factory import ARCHITECTURES, TinyModelSpec, build_tiny_model
 
-pytest_plugins = ["tests.router_fixtures", "tests.mock_tgi", "tests.sampling_helpers"]
+pytest_plugins = ["tests.router_fixtures"]
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
-"""An in-test server speaking TGI's wire format for the Python client's tests (clients/python),
-loaded for every test module by conftest.py: the `mock` fixture, and `no_spec_violations`, which
-fails a test using it when a request or answer broke TGI's OpenAPI spec, so the mock cannot drift
-from the contract the real router implements.
+"""An in-test server speaking TGI's wire format for the Python client's tests (clients/python):
+the `mock` fixture, and the autouse `no_spec_violations`, which fails a test using `mock` when a
+request or answer broke TGI's OpenAPI spec, so the mock cannot drift from the contract the real
+router implements. A test module binds both fixtures by name (`mock = mock_tgi.mock`).
 """
 
 from __future__ import annotations

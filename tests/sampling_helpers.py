@@ -1,5 +1,5 @@
-"""Requests, sampling states and random scores for the sampler tests, loaded for every test
-module by conftest.py for the `scores` fixture.
+"""Requests, sampling states and the random `scores` fixture for the sampler tests (a test module
+binds the fixture by name: `scores = sampling_helpers.scores`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,11 @@ from shardline_client.loadgen import LoadRequest, run_load
 from shardline_client.loadgen import main as loadgen_main
 from shardline_client.protocol import RetryPolicy
 
+from tests import mock_tgi
 from tests.mock_tgi import MockTGI, _async_client, _client, _texts
+
+mock = mock_tgi.mock
+no_spec_violations = mock_tgi.no_spec_violations
 
 # ---------------------------------------------------------------- errors
 

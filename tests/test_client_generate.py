@@ -18,7 +18,11 @@ import text_generation.types
 from shardline_client import errors, types
 from shardline_client.protocol import EventStream
 
+from tests import mock_tgi
 from tests.mock_tgi import MockTGI, _async_client, _client, _texts
+
+mock = mock_tgi.mock
+no_spec_violations = mock_tgi.no_spec_violations
 
 CLIENT_README = Path(__file__).resolve().parents[1] / "clients/python/README.md"
 

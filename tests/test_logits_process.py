@@ -18,7 +18,10 @@ from transformers import (
 
 from shardline.shards.sampling import logits_process
 from shardline.shards.sampling.sampling import process_logits
+from tests import sampling_helpers
 from tests.sampling_helpers import VOCAB, Req, assert_exact, chooser, state_of
+
+scores = sampling_helpers.scores
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

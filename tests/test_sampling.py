@@ -17,6 +17,7 @@ from transformers import (
 
 from shardline.shards.sampling.counter_hash import pcg_hash
 from shardline.shards.sampling.sampling import Sampler, SamplingState, reported_top_count
+from tests import sampling_helpers
 from tests.sampling_helpers import (
     CPU,
     EOS,
@@ -28,6 +29,8 @@ from tests.sampling_helpers import (
     step,
     stopping,
 )
+
+scores = sampling_helpers.scores
 
 
 def generate(requests: Sequence[Req], steps: int, device: torch.device = CPU) -> list[list[int]]:
