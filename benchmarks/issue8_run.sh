@@ -40,7 +40,8 @@ step engine_1.7b 90 "${bench[@]}" --shape 1.7b --model-dir /tmp/m17b --modes sin
 step served_8b 260 python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-shards 1 \
     --workload "$work" --rate 4 --rate-requests 300 --json "$out/served_8b.json"
 step gpu_tests 200 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu_engine.py \
-    tests/test_triton_attention.py tests/test_triton_layers.py tests/test_sampling.py
+    tests/test_triton_attention.py tests/test_triton_prefill.py tests/test_triton_layers.py \
+    tests/test_sampling.py tests/test_logits_process.py tests/test_llm_logit_bias_watermark.py
 step hf_8b 100 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes hf --hf-batches 64,128 \
     --json "$out/hf_8b.json"
 step stall_8b 120 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes stall \
