@@ -48,7 +48,7 @@ MIXED_CONTEXTS = [0, 1, 15, 16, 17, 31, 32, 33, 64, 100, 257, 1000, LONG]
 
 @pytest.mark.parametrize("splits", ["auto", 1, 5, 64])
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), HEAD_SHAPES)
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [8, 64, 128])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_matches_reference(
     dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int, splits: str | int

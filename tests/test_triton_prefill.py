@@ -61,7 +61,7 @@ PREFILL_LENGTHS = [1, 7, 16, 64, 129, 300] if INTERPRET else [1, 7, 16, 64, 129,
 
 
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), HEAD_SHAPES)
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [8, 64, 128])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_prefill_matches_reference(
     dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int

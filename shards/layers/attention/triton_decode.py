@@ -42,6 +42,11 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def head_dim_block(head_dim: int) -> int:
+    """The head dimension's tile: a power of two and at least 16, the smallest `tl.dot` takes."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 @dataclass(frozen=True)
 class SplitPlan:
     num_splits: int
@@ -278,7 +283,7 @@ def paged_decode_attention(
         GROUP=group,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_D=head_dim_block(head_dim),
         PAGE_SIZE=page_size,
         BLOCK_N=config.block_n,
         WINDOW=window,

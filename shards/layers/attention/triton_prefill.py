@@ -20,7 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from shardline.shards.layers.attention.triton_decode import dot_precision, paged_tile
+from shardline.shards.layers.attention.triton_decode import (
+    dot_precision,
+    head_dim_block,
+    paged_tile,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -231,7 +235,7 @@ def varlen_causal_attention(
         *_prefix_strides(prefix),
         GROUP=num_heads // num_kv_heads,
         HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_D=head_dim_block(head_dim),
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         WINDOW=window,
