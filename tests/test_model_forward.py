@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shardline.shards.layers.attention import AttentionMetadata, get_attention_backend
-from shardline.shards.models import CausalLM, ModelConfig, load_model
+from shardline.shards.models import FAMILIES, CausalLM, ModelConfig, load_model
 from shardline.shards.utils.dist import TPGroup
 from tests.model_factory import TinyModelSpec, build_tiny_model
 
@@ -206,9 +206,19 @@ def test_config_reads_old_style_rope_keys_and_every_eos_id() -> None:
 
 
 def test_unsupported_architecture_names_the_supported_ones() -> None:
-    raw = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
-    with pytest.raises(ValueError, match="LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+    raw = {"architectures": ["MambaForCausalLM"], "model_type": "mamba"}
+    with pytest.raises(ValueError, match="MambaForCausalLM") as refused:
         ModelConfig.from_dicts(raw, {})
+    for family in FAMILIES:
+        for architecture in family.architectures:
+            assert architecture in str(refused.value)
+
+
+def test_model_type_picks_the_family_without_architectures() -> None:
+    raw = {**QWEN2_RAW, "architectures": None, "model_type": "mistral", "hidden_act": "silu"}
+    assert ModelConfig.from_dicts(raw, {}).layer_windows == (16,) * 4
+    with pytest.raises(ValueError, match="hidden_act 'gelu'.*silu"):
+        ModelConfig.from_dicts({**raw, "hidden_act": "gelu"}, {})
 
 
 def with_config_changes(model_dir: Path, out_dir: Path, changes: dict) -> Path:

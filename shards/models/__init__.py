@@ -1,19 +1,92 @@
-"""Model loading: config.json's architecture picks the class, each rank reads its weight slices."""
+"""Model loading: config.json picks the family, each rank reads its weight slices.
+
+A family is one entry of FAMILIES: its model class, the reader that turns config.json (and
+generation_config.json) into a ModelConfig, and the `architectures` / `model_type` names that
+select it (the first architecture first, then the model type). DEVELOPERS.md says how to add one.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from shardline.shards.layers.attention import AttentionBackend
-from shardline.shards.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
-from shardline.shards.models.llama import LlamaForCausalLM
+from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
+from shardline.shards.models.config import ModelConfig
+from shardline.shards.models.llama import LlamaForCausalLM, read_llama_config
 from shardline.shards.utils.dist import TPGroup
 from shardline.shards.utils.weights import Weights
 
-CausalLM = LlamaForCausalLM
-MODEL_CLASSES: dict[str, type[CausalLM]] = dict.fromkeys(SUPPORTED_ARCHITECTURES, LlamaForCausalLM)
+KVCache = tuple[torch.Tensor, torch.Tensor]
+ConfigReader = Callable[[dict, dict], ModelConfig]
+
+
+class CausalLM(Protocol):
+    """What the engine uses of a model: forward is embed → layers → final norm, and
+    compute_logits the LM head, so that its layers can be split into stages."""
+
+    config: ModelConfig
+    dtype: torch.dtype
+    device: torch.device
+    num_layers: int
+    head_dim: int
+    num_kv_heads_per_rank: int
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: Sequence[KVCache],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor: ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def eval(self) -> CausalLM: ...
+
+
+ModelClass = Callable[[ModelConfig, Weights, AttentionBackend], CausalLM]
+
+
+@dataclass(frozen=True)
+class Family:
+    model_class: ModelClass
+    read_config: ConfigReader
+    architectures: tuple[str, ...]
+    model_types: tuple[str, ...] = ()
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        LlamaForCausalLM,
+        read_llama_config,
+        ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
+        ("llama", "mistral", "qwen2"),
+    ),
+)
+
+
+def supported_architectures() -> list[str]:
+    return [name for family in FAMILIES for name in family.architectures]
+
+
+def family_of(raw: dict) -> Family:
+    """The family of config.json `raw`; a ValueError listing the supported ones if none."""
+    architectures = raw.get("architectures") or []
+    model_type = raw.get("model_type")
+    for family in FAMILIES:
+        if architectures[:1] and architectures[0] in family.architectures:
+            return family
+    for family in FAMILIES:
+        if not architectures and model_type in family.model_types:
+            return family
+    raise ValueError(
+        f"unsupported architecture {architectures!r} (model_type {model_type!r}); "
+        f"supported: {', '.join(supported_architectures())}"
+    )
 
 
 def load_model(
@@ -26,8 +99,12 @@ def load_model(
 ) -> CausalLM:
     config = ModelConfig.from_dir(model_dir)
     weights = Weights(model_dir, dtype=dtype, device=device, tp=tp)
-    model = MODEL_CLASSES[config.architecture](config, weights, attention_backend)
+    model = family_of_config(config).model_class(config, weights, attention_backend)
     return model.eval()
 
 
-__all__ = ["CausalLM", "ModelConfig", "load_model"]
+def family_of_config(config: ModelConfig) -> Family:
+    return family_of({"architectures": list(config.architectures), "model_type": config.model_type})
+
+
+__all__ = ["CausalLM", "Family", "FAMILIES", "ModelConfig", "family_of", "load_model"]

@@ -1,15 +1,18 @@
-"""The model facts the shard needs, read from config.json and generation_config.json."""
+"""The model facts the shard needs, read from config.json and generation_config.json.
+
+Each family's reader (registered in shards/models/__init__.py) builds a ModelConfig; the
+helpers here read the keys most families share.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-QWEN2_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config default
 
 
 @dataclass(frozen=True)
@@ -36,10 +39,25 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     torch_dtype: torch.dtype | None
+    # Per-family facts; the defaults are Llama's.
+    hidden_act: str = "silu"
+    norm_kind: str = "rms"  # "rms" or "layer" (LayerNorm); rms_norm_eps is its epsilon either way
+    embed_scale: float = 1.0  # the token embeddings are multiplied by it (Gemma: sqrt(hidden))
+    attention_scale: float | None = None  # the softmax scale; None: head_dim ** -0.5
+    attn_logit_softcap: float = 0.0  # scores become cap * tanh(score / cap); 0: no cap
+    final_logit_softcap: float = 0.0  # the same on the logits
+    qk_norm: bool = False  # per-head RMSNorm of q and k before the rotary embedding
+    local_rope_theta: float | None = None  # sliding-window layers' rope base; None: rope_theta
+    alibi: bool = False  # ALiBi position biases instead of a rotary embedding
+    parallel_blocks: bool = False  # attention and MLP read the same normed input, summed
 
     @property
     def architecture(self) -> str:
         return self.architectures[0]
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.attention_scale or self.head_dim**-0.5
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ModelConfig:
@@ -54,51 +72,70 @@ class ModelConfig:
 
     @classmethod
     def from_dicts(cls, raw: dict, generation: dict) -> ModelConfig:
-        architectures = tuple(raw.get("architectures") or ())
-        _check_supported(architectures, raw)
-        num_heads = raw["num_attention_heads"]
-        model_type = raw["model_type"]
-        qkv_bias = raw.get("attention_bias", model_type == "qwen2")
-        rope_theta, rope_scaling = _rope(raw)
-        layer_windows = _layer_windows(raw)
-        return cls(
-            model_type=model_type,
-            architectures=architectures,
-            vocab_size=raw["vocab_size"],
-            hidden_size=raw["hidden_size"],
-            intermediate_size=raw["intermediate_size"],
-            num_layers=raw["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=raw.get("num_key_value_heads") or num_heads,
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
-            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            max_position_embeddings=raw.get("max_position_embeddings", 4096),
-            tie_word_embeddings=raw.get("tie_word_embeddings", False),
-            attention_bias=qkv_bias,
-            o_proj_bias=qkv_bias and model_type != "qwen2",
-            mlp_bias=raw.get("mlp_bias", False),
-            sliding_window=max(layer_windows) or None,
-            layer_windows=layer_windows,
-            eos_token_ids=_eos_ids(raw, generation),
-            bos_token_id=generation.get("bos_token_id", raw.get("bos_token_id")),
-            torch_dtype=_dtype(raw.get("torch_dtype") or raw.get("dtype")),
-        )
+        """The config of config.json's family, read by that family's registered reader."""
+        from shardline.shards.models import family_of  # the registry imports this module
+
+        return family_of(raw).read_config(raw, generation)
 
 
-def _check_supported(architectures: tuple[str, ...], raw: dict) -> None:
-    if not architectures or architectures[0] not in SUPPORTED_ARCHITECTURES:
+def decoder_config(raw: dict, generation: dict, **facts: Any) -> ModelConfig:
+    """A ModelConfig from the keys Llama-style configs share (hidden_size, num_attention_heads,
+    ...); `facts` set or override fields (layer_windows sets sliding_window too)."""
+    num_heads = raw["num_attention_heads"]
+    num_layers = raw["num_hidden_layers"]
+    rope_theta, rope_scaling = rope_parameters(raw)
+    fields = dict(
+        model_type=raw["model_type"],
+        architectures=tuple(raw.get("architectures") or ()),
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=raw.get("num_key_value_heads") or num_heads,
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=raw.get("max_position_embeddings", 4096),
+        tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        attention_bias=raw.get("attention_bias", False),
+        o_proj_bias=raw.get("attention_bias", False),
+        mlp_bias=raw.get("mlp_bias", False),
+        layer_windows=(0,) * num_layers,
+        eos_token_ids=eos_token_ids(raw, generation),
+        bos_token_id=generation.get("bos_token_id", raw.get("bos_token_id")),
+        torch_dtype=checkpoint_dtype(raw),
+    )
+    fields.update(facts)
+    return ModelConfig(**fields, sliding_window=max(fields["layer_windows"], default=0) or None)
+
+
+def require_activation(raw: dict, key: str, supported: tuple[str, ...]) -> str:
+    activation = raw.get(key) or supported[0]
+    if activation not in supported:
         raise ValueError(
-            f"unsupported architecture {list(architectures)!r}; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"unsupported {key} {activation!r} for {raw.get('model_type')!r}; "
+            f"supported: {', '.join(supported)}"
         )
-    activation = raw.get("hidden_act", "silu")
-    if activation != "silu":
-        raise ValueError(f"unsupported hidden_act {activation!r}; only 'silu' is supported")
+    return activation
 
 
-def _rope(raw: dict) -> tuple[float, dict | None]:
+def typed_layer_windows(raw: dict, sliding: Callable[[int], bool]) -> tuple[int, ...]:
+    """Each layer's sliding window (0: full attention) from config.json's layer_types
+    ("sliding_attention" / "full_attention", as transformers names them) or, where it has
+    none, from `sliding(layer index)`."""
+    num_layers = raw["num_hidden_layers"]
+    window = raw.get("sliding_window") or 0
+    layer_types = raw.get("layer_types") or [
+        "sliding_attention" if sliding(i) else "full_attention" for i in range(num_layers)
+    ]
+    if len(layer_types) != num_layers:
+        raise ValueError(f"layer_types names {len(layer_types)} layers; the model has {num_layers}")
+    return tuple(window if kind == "sliding_attention" else 0 for kind in layer_types)
+
+
+def rope_parameters(raw: dict) -> tuple[float, dict | None]:
     """(theta, scaling) from the old keys (rope_theta, rope_scaling) or transformers 5's
     rope_parameters; scaling is None for plain RoPE and always names its kind in 'rope_type'."""
     parameters = dict(raw.get("rope_parameters") or {})
@@ -112,27 +149,7 @@ def _rope(raw: dict) -> tuple[float, dict | None]:
     return float(theta), {"rope_type": rope_type, **parameters}
 
 
-def _layer_windows(raw: dict) -> tuple[int, ...]:
-    """Each layer's sliding window, 0 for full attention, as transformers reads the config:
-    Mistral slides in every layer; Qwen2 only with use_sliding_window, in the layers that
-    layer_types marks "sliding_attention" (by default those from max_window_layers on)."""
-    num_layers = raw["num_hidden_layers"]
-    window = raw.get("sliding_window") or 0
-    model_type = raw.get("model_type")
-    if model_type == "mistral":
-        return (window,) * num_layers
-    if model_type != "qwen2" or not raw.get("use_sliding_window", False):
-        return (0,) * num_layers
-    first_sliding = raw.get("max_window_layers", QWEN2_MAX_WINDOW_LAYERS)
-    layer_types = raw.get("layer_types") or [
-        "sliding_attention" if i >= first_sliding else "full_attention" for i in range(num_layers)
-    ]
-    if len(layer_types) != num_layers:
-        raise ValueError(f"layer_types names {len(layer_types)} layers; the model has {num_layers}")
-    return tuple(window if kind == "sliding_attention" else 0 for kind in layer_types)
-
-
-def _eos_ids(raw: dict, generation: dict) -> tuple[int, ...]:
+def eos_token_ids(raw: dict, generation: dict) -> tuple[int, ...]:
     ids: list[int] = []
     for value in (raw.get("eos_token_id"), generation.get("eos_token_id")):
         for token_id in value if isinstance(value, list) else [value]:
@@ -141,7 +158,11 @@ def _eos_ids(raw: dict, generation: dict) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def _dtype(name: str | None) -> torch.dtype | None:
+def checkpoint_dtype(raw: dict) -> torch.dtype | None:
+    return _dtype_named(raw.get("torch_dtype") or raw.get("dtype"))
+
+
+def _dtype_named(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
     dtype = getattr(torch, name.removeprefix("torch."), None)

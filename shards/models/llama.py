@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from shardline.progress import logged_progress
 from shardline.shards.layers import custom_kernels
 from shardline.shards.layers.activation import silu_and_mul
 from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
@@ -20,13 +19,47 @@ from shardline.shards.layers.embedding import ParallelLMHead, VocabParallelEmbed
 from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear
 from shardline.shards.layers.norm import RMSNorm
 from shardline.shards.layers.rotary import RotaryEmbedding
-from shardline.shards.models.config import ModelConfig
+from shardline.shards.models.stages import send_on, stage_input, stage_layers
+from shardline.shards.models.config import (
+    ModelConfig,
+    decoder_config,
+    require_activation,
+    typed_layer_windows,
+)
 from shardline.shards.utils.weights import Weights
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 logger = logging.getLogger(__name__)
+
+QWEN2_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config default
+
+
+def read_llama_config(raw: dict, generation: dict) -> ModelConfig:
+    """Llama, Mistral and Qwen2 (q/k/v biases by default, no o_proj bias), all SiLU."""
+    model_type = raw["model_type"]
+    qkv_bias = raw.get("attention_bias", model_type == "qwen2")
+    return decoder_config(
+        raw,
+        generation,
+        hidden_act=require_activation(raw, "hidden_act", ("silu",)),
+        attention_bias=qkv_bias,
+        o_proj_bias=qkv_bias and model_type != "qwen2",
+        layer_windows=_llama_windows(raw),
+    )
+
+
+def _llama_windows(raw: dict) -> tuple[int, ...]:
+    """Mistral slides in every layer; Qwen2 only with use_sliding_window, in the layers that
+    layer_types marks (by default those from max_window_layers on); Llama never."""
+    model_type = raw["model_type"]
+    if model_type == "mistral":
+        return typed_layer_windows(raw, lambda i: True)
+    if model_type != "qwen2" or not raw.get("use_sliding_window", False):
+        return (0,) * raw["num_hidden_layers"]
+    first_sliding = raw.get("max_window_layers", QWEN2_MAX_WINDOW_LAYERS)
+    return typed_layer_windows(raw, lambda i: i >= first_sliding)
 
 
 def kv_heads_per_rank(num_kv_heads: int, world_size: int) -> int:
@@ -236,10 +269,12 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.dtype = weights.dtype
         self.device = weights.device
-        self.num_layers = config.num_layers
+        self.stage = stage = weights.tp.stage
         self.head_dim = config.head_dim
         self.num_kv_heads_per_rank = kv_heads_per_rank(config.num_kv_heads, weights.tp.world_size)
-        self.embed_tokens = VocabParallelEmbedding(weights, "model.embed_tokens.weight")
+        self.embed_tokens = (
+            VocabParallelEmbedding(weights, "model.embed_tokens.weight") if stage.is_first else None
+        )
         self.rotary = RotaryEmbedding(
             config.head_dim,
             config.max_position_embeddings,
@@ -248,18 +283,24 @@ class LlamaForCausalLM(nn.Module):
             weights.dtype,
             weights.device,
         )
-        windows = enumerate(config.layer_windows)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, weights, f"model.layers.{i}", backend, self.rotary, window)
-            for i, window in logged_progress(windows, config.num_layers, "loading layers", logger)
+        self.layers = stage_layers(
+            stage,
+            config.num_layers,
+            lambda i: LlamaDecoderLayer(
+                config, weights, f"model.layers.{i}", backend, self.rotary, config.layer_windows[i]
+            ),
+            logger,
         )
-        self.norm = RMSNorm(weights.get_tensor("model.norm.weight"), config.rms_norm_eps)
-        head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-        self.lm_head = ParallelLMHead(weights, head, config.vocab_size)
+        self.num_layers = len(self.layers)
+        if stage.is_last:
+            self.norm = RMSNorm(weights.get_tensor("model.norm.weight"), config.rms_norm_eps)
+            head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+            self.lm_head = ParallelLMHead(weights, head, config.vocab_size)
         # Batch-1 decode folds the norms and SiLU * up into the one-row GEMVs on a single
         # half-precision GPU (with more ranks an all-reduce sits before each residual add).
         self.fused_decode = (
             weights.tp.world_size == 1
+            and stage.size == 1
             and torch.device(weights.device).type == "cuda"
             and weights.dtype in (torch.bfloat16, torch.float16)
             and not custom_kernels.disabled()
@@ -273,13 +314,17 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: Sequence[KVCache],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """Final-normed hidden states [T, hidden_size] of the packed tokens."""
+        """Final-normed hidden states [T, hidden_size] of the packed tokens (on a pipeline stage
+        but the last, those it sent on; see shards/models/stages.py)."""
         if self.fused_decode and input_ids.shape[0] == 1:
             return self._decode_one(input_ids, positions, kv_caches, meta)
-        hidden = self.embed_tokens(input_ids)
-        residual = None
+        hidden, residual = stage_input(
+            self.stage, self.embed_tokens, input_ids, self.config.hidden_size, self.dtype, True
+        )
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, positions, kv_cache, meta)
+        if not self.stage.is_last:
+            return send_on(self.stage, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
