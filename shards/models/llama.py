@@ -19,13 +19,13 @@ from shardline.shards.layers.embedding import ParallelLMHead, VocabParallelEmbed
 from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear
 from shardline.shards.layers.norm import RMSNorm
 from shardline.shards.layers.rotary import RotaryEmbedding
-from shardline.shards.models.stages import send_on, stage_input, stage_layers
 from shardline.shards.models.config import (
     ModelConfig,
     decoder_config,
     require_activation,
     typed_layer_windows,
 )
+from shardline.shards.models.stages import send_on, stage_input, stage_layers
 from shardline.shards.utils.weights import Weights
 
 KVCache = tuple[torch.Tensor, torch.Tensor]

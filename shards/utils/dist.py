@@ -1,11 +1,15 @@
-"""Tensor-parallel process group: who this rank is and the two collectives the layers need."""
+"""Tensor-parallel process group: who this rank is and the two collectives the layers need; and
+the pipeline stage the group forms (shards/utils/pipeline.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from shardline.shards.utils.pipeline import PipelineStage
 
 
 @dataclass
@@ -13,6 +17,7 @@ class TPGroup:
     rank: int = 0
     world_size: int = 1
     group: dist.ProcessGroup | None = None
+    stage: PipelineStage = field(default_factory=PipelineStage)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sums `t` in place over the ranks and returns it."""
@@ -31,14 +36,25 @@ class TPGroup:
 
 
 def init_distributed(
-    rank: int, world_size: int, master_addr: str, master_port: int, device: torch.device
+    rank: int,
+    world_size: int,
+    master_addr: str,
+    master_port: int,
+    device: torch.device,
+    pipeline_size: int = 1,
+    partition: tuple[int, ...] | None = None,
+    timeout_s: float | None = None,
 ) -> TPGroup:
-    """Joins the tensor-parallel group: NCCL on CUDA devices, gloo otherwise.
+    """Joins the world: NCCL on CUDA devices, gloo otherwise; `pipeline_size` stages of
+    `world_size / pipeline_size` tensor-parallel ranks (consecutive ranks form a stage).
 
-    One rank needs no process group. NCCL's environment variables are read as they are.
+    One rank needs no process group. NCCL's environment variables are read as they are;
+    `timeout_s` bounds the rendezvous and every collective (torch's default otherwise).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
+    if world_size % pipeline_size:
+        raise ValueError(f"{world_size} ranks cannot form {pipeline_size} pipeline stages")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size == 1:
@@ -50,5 +66,15 @@ def init_distributed(
             rank=rank,
             world_size=world_size,
             device_id=device if device.type == "cuda" else None,
+            timeout=None if timeout_s is None else timedelta(seconds=timeout_s),
         )
-    return TPGroup(rank=rank, world_size=world_size, group=dist.group.WORLD)
+    tp_size = world_size // pipeline_size
+    index = rank // tp_size
+    stage = PipelineStage(index, pipeline_size, tp_size, rank, partition, dist.group.WORLD)
+    if pipeline_size == 1:
+        return TPGroup(rank=rank, world_size=world_size, group=dist.group.WORLD, stage=stage)
+    # every rank creates every stage's group, in the same order
+    groups = [
+        dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) for s in range(pipeline_size)
+    ]
+    return TPGroup(rank=rank % tp_size, world_size=tp_size, group=groups[index], stage=stage)
