@@ -121,10 +121,9 @@ FLAGS: tuple[Flag, ...] = (
          "torch --cuda-graphs 0) and none of the Triton norm, activation, rotary, GEMV and "
          "sampling kernels",
          switch=True),
-    Flag(("--prefix-caching",), "PREFIX_CACHING", "reuse the KV cache of shared prompt "
-         "prefixes (true/false); not supported yet (false is accepted)", type=parse_bool,
-         refused=_NOT_YET + "there is no prefix cache; only false is accepted",
-         accepted=(False,)),
+    Flag(("--prefix-caching",), "PREFIX_CACHING", "reuse the KV blocks of shared prompt "
+         "prefixes across requests (true/false; default true)", type=parse_bool,
+         shard_field="enable_prefix_caching"),
     Flag(("--watermark-gamma",), "WATERMARK_GAMMA", "watermark green-list fraction, passed "
          "to the shards as WATERMARK_GAMMA", type=float),
     Flag(("--watermark-delta",), "WATERMARK_DELTA", "watermark logit bias, passed to the "

@@ -156,7 +156,7 @@ class StoppingCriteriaParameters(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., ignore_eos_token: _Optional[bool] = ..., min_new_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Request(_message.Message):
-    __slots__ = ("id", "input_ids", "decoder_input_details", "parameters", "stopping_parameters", "top_n_tokens", "num_sequences", "beam_search", "prefix_len", "chunk_len")
+    __slots__ = ("id", "input_ids", "decoder_input_details", "parameters", "stopping_parameters", "top_n_tokens", "num_sequences", "beam_search", "prefix_len", "chunk_len", "cache_salt")
     ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     DECODER_INPUT_DETAILS_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +167,7 @@ class Request(_message.Message):
     BEAM_SEARCH_FIELD_NUMBER: _ClassVar[int]
     PREFIX_LEN_FIELD_NUMBER: _ClassVar[int]
     CHUNK_LEN_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     id: int
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     decoder_input_details: bool
@@ -177,7 +178,8 @@ class Request(_message.Message):
     beam_search: BeamSearchParameters
     prefix_len: int
     chunk_len: int
-    def __init__(self, id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., decoder_input_details: _Optional[bool] = ..., parameters: _Optional[_Union[NextTokenChooserParameters, _Mapping]] = ..., stopping_parameters: _Optional[_Union[StoppingCriteriaParameters, _Mapping]] = ..., top_n_tokens: _Optional[int] = ..., num_sequences: _Optional[int] = ..., beam_search: _Optional[_Union[BeamSearchParameters, _Mapping]] = ..., prefix_len: _Optional[int] = ..., chunk_len: _Optional[int] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., decoder_input_details: _Optional[bool] = ..., parameters: _Optional[_Union[NextTokenChooserParameters, _Mapping]] = ..., stopping_parameters: _Optional[_Union[StoppingCriteriaParameters, _Mapping]] = ..., top_n_tokens: _Optional[int] = ..., num_sequences: _Optional[int] = ..., beam_search: _Optional[_Union[BeamSearchParameters, _Mapping]] = ..., prefix_len: _Optional[int] = ..., chunk_len: _Optional[int] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class BeamSearchParameters(_message.Message):
     __slots__ = ("beam_width", "length_penalty", "early_stopping", "num_return_sequences")
@@ -290,20 +292,29 @@ class PrefillRequest(_message.Message):
     def __init__(self, batch: _Optional[_Union[Batch, _Mapping]] = ..., cached_batches: _Optional[_Iterable[_Union[CachedBatch, _Mapping]]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("generations", "batch", "forward_ns", "decode_ns", "total_ns", "refused")
+    __slots__ = ("generations", "batch", "forward_ns", "decode_ns", "total_ns", "refused", "cached_tokens")
+    class CachedTokensEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     GENERATIONS_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     FORWARD_NS_FIELD_NUMBER: _ClassVar[int]
     DECODE_NS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_NS_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     generations: _containers.RepeatedCompositeFieldContainer[Generation]
     batch: CachedBatch
     forward_ns: int
     decode_ns: int
     total_ns: int
     refused: _containers.RepeatedCompositeFieldContainer[RefusedRequest]
-    def __init__(self, generations: _Optional[_Iterable[_Union[Generation, _Mapping]]] = ..., batch: _Optional[_Union[CachedBatch, _Mapping]] = ..., forward_ns: _Optional[int] = ..., decode_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., refused: _Optional[_Iterable[_Union[RefusedRequest, _Mapping]]] = ...) -> None: ...
+    cached_tokens: _containers.ScalarMap[int, int]
+    def __init__(self, generations: _Optional[_Iterable[_Union[Generation, _Mapping]]] = ..., batch: _Optional[_Union[CachedBatch, _Mapping]] = ..., forward_ns: _Optional[int] = ..., decode_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., refused: _Optional[_Iterable[_Union[RefusedRequest, _Mapping]]] = ..., cached_tokens: _Optional[_Mapping[int, int]] = ...) -> None: ...
 
 class RefusedRequest(_message.Message):
     __slots__ = ("request_id", "reason")
@@ -366,15 +377,17 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("total_blocks", "free_blocks", "block_size", "num_sequences", "num_batches")
+    __slots__ = ("total_blocks", "free_blocks", "block_size", "num_sequences", "num_batches", "cached_blocks")
     TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     NUM_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     total_blocks: int
     free_blocks: int
     block_size: int
     num_sequences: int
     num_batches: int
-    def __init__(self, total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_sequences: _Optional[int] = ..., num_batches: _Optional[int] = ...) -> None: ...
+    cached_blocks: int
+    def __init__(self, total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_sequences: _Optional[int] = ..., num_batches: _Optional[int] = ..., cached_blocks: _Optional[int] = ...) -> None: ...

@@ -55,6 +55,9 @@ class ShardConfig:
         None, "decode batch sizes to capture CUDA graphs for, e.g. 1,2,4,8; 0 disables"
     )
     device: str | None = _setting(None, "device override, e.g. cpu or cuda:1")
+    enable_prefix_caching: bool = _setting(
+        True, "keep full prompt KV blocks in an index and reuse them for shared prefixes"
+    )
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -76,12 +79,18 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _value_type(name: str) -> type:
-    """The field's type, without its `| None`."""
+def _value_type(name: str) -> Any:
+    """The field's type, without its `| None`; a bool's reader of `True` / `False`."""
     hint = typing.get_type_hints(ShardConfig)[name]
     if isinstance(hint, types.UnionType):
         return next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    return hint
+    return _read_bool if hint is bool else hint
+
+
+def _read_bool(text: str) -> bool:
+    if text not in ("True", "False"):
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return text == "True"
 
 
 def setting_options(config: ShardConfig) -> list[str]:

@@ -63,5 +63,6 @@ def create_engine(
         gpu_memory_utilization=config.gpu_memory_utilization,
         attention_impl=backend.name,
         cuda_graph_buckets=parse_buckets(config.cuda_graphs),
+        prefix_caching=config.enable_prefix_caching,
     )
     return ShardEngine(model, model.config, tp, device, settings)

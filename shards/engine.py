@@ -20,10 +20,12 @@ from shardline.shards.kv_cache import BlockAllocator, KVCacheExhaustedError
 from shardline.shards.lookahead import StepAhead, can_launch_ahead
 from shardline.shards.model_runner import ModelRunner, PendingStep, StepResult, grow_blocks
 from shardline.shards.models.config import ModelConfig
+from shardline.shards.prefix_cache import cached_block_count, clear_prefix_cache, new_allocator
 from shardline.shards.prompt_chunks import (
     PartialPrompts,
     PrefillPass,
     ScheduledChunk,
+    remember_prompts,
     run_prefill_pass,
 )
 from shardline.shards.request_checks import InvalidRequestError, admit, check_batch
@@ -50,6 +52,7 @@ class EngineSettings:
     gpu_memory_utilization: float
     attention_impl: str
     cuda_graph_buckets: tuple[int, ...]
+    prefix_caching: bool = True
 
 
 class ShardEngine:
@@ -94,7 +97,7 @@ class ShardEngine:
             window_size=self.config.sliding_window,
             speculate=0,
             support_chunking=True,
-            use_prefix_caching=False,
+            use_prefix_caching=self.settings.prefix_caching,
             attention_impl=self.settings.attention_impl,
             block_size=self.settings.block_size,
             model_type=self.config.model_type,
@@ -112,6 +115,7 @@ class ShardEngine:
             block_size=self.settings.block_size,
             num_sequences=sum(batch.size for batch in self.batches.values()),
             num_batches=len(self.batches),
+            cached_blocks=cached_block_count(allocator),
         )
 
     # ---- warmup ------------------------------------------------------------------------------
@@ -121,7 +125,9 @@ class ShardEngine:
 
     def allocate_cache(self, num_blocks: int) -> None:
         self.runner.allocate_cache(num_blocks, self.settings.block_size)
-        self.allocator = BlockAllocator(num_blocks, self.settings.block_size)
+        self.allocator = new_allocator(
+            num_blocks, self.settings.block_size, self.settings.prefix_caching
+        )
 
     def release_cache(self) -> None:
         self.runner.release_cache()
@@ -161,6 +167,7 @@ class ShardEngine:
             decode_ns=result.step.sample_ns if result.step else 0,
             total_ns=time.perf_counter_ns() - started,
             refused=refused,
+            cached_tokens=result.cached_tokens,
         )
 
     def _prefill_none(
@@ -212,6 +219,7 @@ class ShardEngine:
             completing = [chunk.request for chunk in chunks if chunk.completes]
             check_fork_blocks(completing, allocator, batch_pb.id)
             result = self._prefill_forward(batch_pb.id, chunks, running)
+            remember_prompts(chunks, allocator)
             cache = self.runner.kv_cache
             result.batch = fork_samples(result.batch, result.requests, allocator, cache)
         except BaseException:
@@ -341,6 +349,7 @@ class ShardEngine:
         else:
             ids = list(self.batches)
             self._partial.drop_all(self.allocator)
+            clear_prefix_cache(self.allocator)
         for batch_id in ids:
             batch = self.batches.pop(batch_id, None)
             if batch is not None and self.allocator is not None:

@@ -62,7 +62,11 @@ class BlockAllocator:
                 raise RuntimeError(f"KV block {block} is freed twice")
             self._refs[block] -= 1
             if self._refs[block] == 0:
-                self._free.append(block)
+                self._unowned(block)
+
+    def _unowned(self, block: int) -> None:
+        """A block whose last owner freed it: free again (a prefix cache may keep it)."""
+        self._free.append(block)
 
 
 @dataclass

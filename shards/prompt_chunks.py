@@ -18,6 +18,7 @@ from shardline.proto import generate_pb2 as pb
 from shardline.shards.batch import SequenceState, ShardBatch, build_block_table
 from shardline.shards.kv_cache import BlockAllocator, KVCacheExhaustedError
 from shardline.shards.model_runner import ModelRunner, PendingStep, PromptChunk, StepResult
+from shardline.shards.prefix_cache import remember_prompt, reuse_cached_prefix
 from shardline.shards.request_checks import InvalidRequestError
 from shardline.shards.sampling.sampling import SamplingState
 from shardline.shards.sequences.samples import sampling_rows
@@ -30,6 +31,7 @@ class PartialPrompt:
     sequence: SequenceState
     prefilled: int
     prompt_logprobs: list[float] = field(default_factory=list)
+    cached: int = 0  # leading prompt tokens whose blocks came from the prefix cache
 
 
 @dataclass
@@ -38,9 +40,11 @@ class ScheduledChunk:
 
     request: pb.Request
     sequence: SequenceState
-    start: int
+    start: int  # the first token the pass computes: the chunk's, or the first not cached
     end: int
     earlier_logprobs: list[float]  # of the prompt tokens before `start`, when asked for
+    cached: int = 0  # leading prompt tokens whose blocks came from the prefix cache
+    looked_up: bool = False  # this pass looked the prompt up in the prefix cache
 
     @property
     def completes(self) -> bool:
@@ -60,8 +64,15 @@ class ScheduledChunk:
         first = [math.nan] if self.start == 0 else []
         return [*self.earlier_logprobs, *first, *chunk_logprobs]
 
+    @property
+    def computes(self) -> bool:
+        """Whether any of the chunk's tokens is not cached (a chunk found whole in the prefix
+        cache is prefilled without running)."""
+        return self.start < self.end
+
     def partial(self, chunk_logprobs: list[float]) -> PartialPrompt:
-        return PartialPrompt(self.sequence, self.end, self.prompt_logprobs(chunk_logprobs))
+        logprobs = self.prompt_logprobs(chunk_logprobs)
+        return PartialPrompt(self.sequence, self.end, logprobs, self.cached)
 
 
 @dataclass
@@ -76,6 +87,8 @@ class PrefillPass:
     forward_ns: int
     batch: ShardBatch | None = None  # the completed prompts' rows
     prompt_logprobs: dict[int, list[float]] = field(default_factory=dict)  # by request
+    # By request id, for the new prompts looked up in the prefix cache: the tokens found there.
+    cached_tokens: dict[int, int] = field(default_factory=dict)
 
 
 def run_prefill_pass(
@@ -86,39 +99,54 @@ def run_prefill_pass(
     block_size: int,
     running: ShardBatch | None,
 ) -> PrefillPass:
-    """The forward pass of the chunks (with `running`'s decode step); the prompts it completes
-    sample their first tokens with `sampling` and become the rows of a new batch."""
+    """The forward pass of the chunks that compute (with `running`'s decode step); the prompts
+    it completes sample their first tokens with `sampling` and become the rows of a new batch.
+    Chunks found whole in the prefix cache are left out (a completing one never is)."""
+    computed = [row for row, chunk in enumerate(chunks) if chunk.computes]
+    cached = {chunk.request.id: chunk.cached for chunk in chunks if chunk.looked_up}
+    if not computed:
+        running_step = None if running is None else runner.decode(running, running.last_tokens)
+        return PrefillPass([], [], None, running_step, {}, forward_ns=0, cached_tokens=cached)
+    runner_row = {row: index for index, row in enumerate(computed)}
     finishing = [row for row, chunk in enumerate(chunks) if chunk.completes]
     requests = [chunks[row].request for row in finishing]
     sampled_from = [r for r, _ in sampling_rows(requests)]
-    table = build_block_table([chunk.sequence for chunk in chunks], block_size)
-    sample_rows = torch.tensor([finishing[r] for r in sampled_from], dtype=torch.long)
+    table = build_block_table([chunks[row].sequence for row in computed], block_size)
+    sample_rows = torch.tensor([runner_row[finishing[r]] for r in sampled_from], dtype=torch.long)
     output = runner.prefill(
-        [chunk.model_input() for chunk in chunks], sampling, table, sample_rows, running
+        [chunks[row].model_input() for row in computed], sampling, table, sample_rows, running
     )
     result = PrefillPass(
         requests=requests,
         sampled_from=sampled_from,
         step=output.step,
         running_step=output.running_step,
-        chunk_logprobs=output.prompt_logprobs,
+        chunk_logprobs={computed[index]: lps for index, lps in output.prompt_logprobs.items()},
         forward_ns=output.forward_ns,
+        cached_tokens=cached,
     )
     if sampling is None or output.step is None:
         return result
+    finishing_rows = torch.tensor([runner_row[row] for row in finishing], dtype=torch.long)
     result.batch = ShardBatch(
         id=batch_id,
         sequences=[chunks[row].sequence for row in finishing],
         sampling=sampling,
-        block_table=table.index_select(0, torch.tensor(finishing, dtype=torch.long)),
+        block_table=table.index_select(0, finishing_rows),
         last_tokens=output.step.next_tokens,
     )
     result.prompt_logprobs = {
-        r: chunks[row].prompt_logprobs(output.prompt_logprobs[row])
+        r: chunks[row].prompt_logprobs(result.chunk_logprobs[row])
         for r, row in enumerate(finishing)
-        if row in output.prompt_logprobs
+        if row in result.chunk_logprobs
     }
     return result
+
+
+def remember_prompts(chunks: list[ScheduledChunk], allocator: BlockAllocator) -> None:
+    """Indexes the full prompt blocks whose KV the pass of these chunks has written."""
+    for chunk in chunks:
+        remember_prompt(allocator, chunk.request, chunk.sequence.blocks, chunk.end)
 
 
 def chunk_end(request: pb.Request) -> int:
@@ -165,25 +193,49 @@ class PartialPrompts:
         for request in requests:
             self.check(request)
         new = [request for request in requests if request.prefix_len == 0]
-        needed = [allocator.blocks_for(len(request.input_ids)) for request in new]
-        if sum(needed) > allocator.num_free:
-            raise KVCacheExhaustedError(
-                f"the prompts of {len(new)} new requests need {sum(needed)} KV blocks, "
-                f"{allocator.num_free} are free"
-            )
+        blocks = self._blocks_of_new(new, allocator)
         continued = {r.id: self.take(r.id) for r in requests if r.prefix_len}
-        blocks = {r.id: allocator.allocate(n) for r, n in zip(new, needed, strict=True)}
         chunks = []
         for request in requests:
+            end = chunk_end(request)
             partial = continued.get(request.id)
             if partial is None:
-                sequence = SequenceState.for_prompt(request, blocks[request.id], model_eos_ids)
-                earlier: list[float] = []
+                held, found = blocks[request.id]
+                sequence = SequenceState.for_prompt(request, held, model_eos_ids)
+                cached = len(found or ()) * allocator.block_size
+                start = min(cached, end)
+                chunk = ScheduledChunk(request, sequence, start, end, [], cached, found is not None)
             else:
-                sequence, earlier = partial.sequence, partial.prompt_logprobs
-            end = chunk_end(request)
-            chunks.append(ScheduledChunk(request, sequence, request.prefix_len, end, earlier))
+                start = min(max(request.prefix_len, partial.cached), end)
+                chunk = ScheduledChunk(
+                    request, partial.sequence, start, end, partial.prompt_logprobs, partial.cached
+                )
+            chunks.append(chunk)
         return chunks
+
+    @staticmethod
+    def _blocks_of_new(
+        requests: list[pb.Request], allocator: BlockAllocator
+    ) -> dict[int, tuple[list[int], list[int] | None]]:
+        """Each new prompt's blocks (those of its prefix found in the prefix cache, then new
+        ones) and the blocks found cached (None: not looked up); all or none."""
+        lookups = {request.id: reuse_cached_prefix(allocator, request) for request in requests}
+        found = {request_id: blocks or [] for request_id, blocks in lookups.items()}
+        needed = [
+            allocator.blocks_for(len(request.input_ids)) - len(found[request.id])
+            for request in requests
+        ]
+        if sum(needed) > allocator.num_free:
+            for blocks in found.values():
+                allocator.free(blocks)
+            raise KVCacheExhaustedError(
+                f"the prompts of {len(requests)} new requests need {sum(needed)} KV blocks, "
+                f"{allocator.num_free} are free"
+            )
+        return {
+            request.id: (found[request.id] + allocator.allocate(n), lookups[request.id])
+            for request, n in zip(requests, needed, strict=True)
+        }
 
     def take(self, request_id: int) -> PartialPrompt:
         return self._prompts.pop(request_id)

@@ -83,7 +83,6 @@ REFUSED_VALUES = {
     "ROPE_FACTOR": "2.0",
     "LORA_ADAPTERS": "org/adapter",
     "WEIGHTS_CACHE_OVERRIDE": "/weights",
-    "PREFIX_CACHING": "1",
     "NGROK": "true",
     "NGROK_AUTHTOKEN": "s3cret-token",
     "NGROK_EDGE": "edge",
@@ -132,8 +131,7 @@ def test_an_unsupported_flag_is_named_as_given(argv, capsys) -> None:
     ("argv", "environ"),
     [
         (["--speculate", "0"], {}),
-        (["--prefix-caching", "false"], {}),
-        ([], {"PREFIX_CACHING": "0", "NGROK": "false"}),
+        ([], {"NGROK": "false"}),
         (["--usage-stats", "off", "--enable-prefill-logprobs"], {}),
         ([], {"USAGE_STATS": "no-stack", "ENABLE_PREFILL_LOGPROBS": "true"}),
     ],
