@@ -1,40 +1,13 @@
-"""Rotary position embedding (rotate-half layout) with a precomputed cos/sin cache."""
+"""Rotary position embedding (rotate-half layout) with a precomputed cos/sin cache (its scaling
+kinds: rope_scaling.py)."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
 from shardline.shards.layers import custom_kernels
-
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-
-
-def inverse_frequencies(head_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-    inv_freq = 1.0 / (base**exponents)
-    rope_type = (scaling or {}).get("rope_type", "default")
-    if rope_type == "default":
-        return inv_freq
-    if rope_type == "linear":
-        return inv_freq / scaling["factor"]
-    if rope_type == "llama3":
-        return _llama3_frequencies(inv_freq, scaling)
-    raise ValueError(
-        f"rope scaling {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-    )
-
-
-def _llama3_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
-    """Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between."""
-    factor = scaling["factor"]
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    original_len = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    ramp = ((original_len / wavelen - low) / (high - low)).clamp(0.0, 1.0)
-    return (1 - ramp) * inv_freq / factor + ramp * inv_freq
+from shardline.shards.layers.rope_scaling import rope_cos_sin
 
 
 class RotaryEmbedding(nn.Module):
@@ -48,10 +21,9 @@ class RotaryEmbedding(nn.Module):
         device: torch.device,
     ) -> None:
         super().__init__()
-        inv_freq = inverse_frequencies(head_dim, base, scaling)
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", angles.cos().to(device=device, dtype=dtype), persistent=False)
-        self.register_buffer("sin", angles.sin().to(device=device, dtype=dtype), persistent=False)
+        cos, sin = rope_cos_sin(head_dim, max_positions, base, scaling)
+        self.register_buffer("cos", cos.to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("sin", sin.to(device=device, dtype=dtype), persistent=False)
 
     def rotate_(self, heads: torch.Tensor, positions: torch.Tensor) -> None:
         """Rotates heads [T, num_heads, head_dim] in place by the angles of each token's position.

@@ -14,6 +14,10 @@ from typing import Any
 
 import torch
 
+from shardline.shards.layers.rope_scaling import scaled_context
+
+DEFAULT_MAX_POSITIONS = 4096
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -42,6 +46,7 @@ class ModelConfig:
     # Per-family facts; the defaults are Llama's.
     hidden_act: str = "silu"
     norm_kind: str = "rms"  # "rms" or "layer" (LayerNorm); rms_norm_eps is its epsilon either way
+    norm_weight_offset: float = 0.0  # RMSNorm scales by offset + weight (Gemma: 1)
     embed_scale: float = 1.0  # the token embeddings are multiplied by it (Gemma: sqrt(hidden))
     attention_scale: float | None = None  # the softmax scale; None: head_dim ** -0.5
     attn_logit_softcap: float = 0.0  # scores become cap * tanh(score / cap); 0: no cap
@@ -97,7 +102,9 @@ def decoder_config(raw: dict, generation: dict, **facts: Any) -> ModelConfig:
         rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
-        max_position_embeddings=raw.get("max_position_embeddings", 4096),
+        max_position_embeddings=scaled_context(
+            raw.get("max_position_embeddings", DEFAULT_MAX_POSITIONS), rope_scaling
+        ),
         tie_word_embeddings=raw.get("tie_word_embeddings", False),
         attention_bias=raw.get("attention_bias", False),
         o_proj_bias=raw.get("attention_bias", False),
@@ -137,7 +144,9 @@ def typed_layer_windows(raw: dict, sliding: Callable[[int], bool]) -> tuple[int,
 
 def rope_parameters(raw: dict) -> tuple[float, dict | None]:
     """(theta, scaling) from the old keys (rope_theta, rope_scaling) or transformers 5's
-    rope_parameters; scaling is None for plain RoPE and always names its kind in 'rope_type'."""
+    rope_parameters; scaling is None for plain RoPE and always names its kind in 'rope_type',
+    and the original context length and factor where its kind uses them, as transformers
+    fills them in (rope_scaling.py reads it)."""
     parameters = dict(raw.get("rope_parameters") or {})
     parameters.update(raw.get("rope_scaling") or {})
     theta = raw.get("rope_theta") or parameters.pop("rope_theta", 10000.0)
@@ -146,7 +155,28 @@ def rope_parameters(raw: dict) -> tuple[float, dict | None]:
     parameters.pop("type", None)
     if rope_type == "default":
         return float(theta), None
-    return float(theta), {"rope_type": rope_type, **parameters}
+    return float(theta), {
+        "rope_type": rope_type,
+        **parameters,
+        **_rope_lengths(raw, rope_type, parameters),
+    }
+
+
+def _rope_lengths(raw: dict, rope_type: str, parameters: dict) -> dict:
+    """Dynamic NTK counts from max_position_embeddings; the others from the original length
+    (a top-level original_max_position_embeddings first: Phi-3 keeps it there)."""
+    max_positions = raw.get("max_position_embeddings", DEFAULT_MAX_POSITIONS)
+    original = max_positions
+    if rope_type != "dynamic":
+        original = (
+            raw.get("original_max_position_embeddings")
+            or parameters.get("original_max_position_embeddings")
+            or max_positions
+        )
+    return {
+        "original_max_position_embeddings": original,
+        "factor": parameters.get("factor") or max_positions / original,
+    }
 
 
 def eos_token_ids(raw: dict, generation: dict) -> tuple[int, ...]:
