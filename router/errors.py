@@ -18,6 +18,12 @@ class ValidationError(RouterError):
     error_type = "validation"
 
 
+class ToolError(ValidationError):
+    """A tool request that cannot be served (TGI's `tool_error`)."""
+
+    error_type = "tool_error"
+
+
 class BadRequestError(RouterError):
     """The body is not JSON at all."""
 

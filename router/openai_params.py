@@ -51,16 +51,9 @@ def include_usage(request: OpenAIRequest) -> bool:
     return bool(request.stream_options.include_usage)
 
 
-def _logit_bias(value: Any) -> dict[str, Any]:
-    """SamplingParams' logit_bias of OpenAI's: a JSON object of token-id strings to numbers
-    (the numbers' range is SamplingParams' to check)."""
+def _logit_bias(value: dict[str, float] | None) -> dict[str, Any]:
+    """SamplingParams' logit_bias of OpenAI's, whose keys are token ids as strings (the
+    numbers' range is SamplingParams' to check)."""
     if value is None:
         return {}
-    if not isinstance(value, dict):
-        raise ValidationError("`logit_bias` must be an object mapping token ids to numbers")
-    bias = {}
-    for key, number in value.items():
-        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
-            raise ValidationError(f"`logit_bias` keys must be token ids; got {key!r}")
-        bias[int(key)] = number
-    return {"logit_bias": bias}
+    return {"logit_bias": {int(key): number for key, number in value.items()}}

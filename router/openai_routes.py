@@ -18,8 +18,8 @@ from typing import Any
 
 from aiohttp import web
 
-from shardline.router.chat_template import parse_messages, render_chat
-from shardline.router.errors import ValidationError
+from shardline.router.chat_template import render_chat, template_messages
+from shardline.router.errors import ToolError, ValidationError
 from shardline.router.http import RouterContext, context, read_json
 from shardline.router.openai_bodies import present
 from shardline.router.openai_params import (
@@ -29,7 +29,7 @@ from shardline.router.openai_params import (
 )
 from shardline.router.openai_serving import OpenAIJob, serve
 from shardline.router.schemas.openai import ChatRequest, CompletionRequest, parse_openai
-from shardline.router.tools import ToolError, parse_tool_calling, render_with_tools
+from shardline.router.tools import parse_tool_calling, render_with_tools
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -89,7 +89,7 @@ OPENAI_ROUTES = [
 
 def chat_job(ctx: RouterContext, body: Any) -> OpenAIJob:
     request = parse_openai(ChatRequest, body, ctx.validator.limits)
-    messages = parse_messages(request.messages)
+    messages = template_messages(request.messages)
     calling = parse_tool_calling(request)
     job = _plain_chat_job(ctx, request, render_chat(ctx.validator.tokenizer, messages))
     if calling is None:

@@ -19,14 +19,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from shardline.router.chat_template import content_text, parse_messages, render_chat
+from shardline.router.chat_template import Message, content_text, render_chat
 from shardline.router.errors import RouterError, ValidationError
 from shardline.router.http import RouterContext, read_json
 from shardline.router.openai_params import sampling_params
 from shardline.router.openai_serving import OpenAIJob, Usage, serve
 from shardline.router.request_types import Finished, FinishReason, StreamEvent, ValidRequest
+from shardline.router.schemas.common import Grammar
 from shardline.router.schemas.openai import parse_openai
-from shardline.router.schemas.responses import ResponsesRequest
+from shardline.router.schemas.responses import ROLES, ResponsesRequest, TextOptions
 from shardline.router.schemas.responses_answer import (
     OutputText,
     Response,
@@ -45,8 +46,6 @@ _UNSUPPORTED = {
     "top_logprobs": "logprobs are not supported on /v1/responses",
     "max_tool_calls": "tools are not supported on /v1/responses",
 }
-_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
-_TEXT_PARTS = ("input_text", "output_text", "text")
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
@@ -62,7 +61,7 @@ RESPONSES_ROUTES = [web.post("/v1/responses", responses)]
 def _job(ctx: RouterContext, body: Any) -> OpenAIJob:
     request = parse_openai(ResponsesRequest, body, ctx.validator.limits)
     _reject_unsupported(request)
-    messages = parse_messages(_messages(request))
+    messages = _messages(request)
     return OpenAIJob(
         chat=True,
         prompts=[render_chat(ctx.validator.tokenizer, messages)],
@@ -90,40 +89,23 @@ def _reject_unsupported(request: ResponsesRequest) -> None:
         raise ValidationError("`include` is not supported: there is nothing more to include")
 
 
-def _messages(request: ResponsesRequest) -> list[dict[str, Any]]:
+def _messages(request: ResponsesRequest) -> list[Message]:
     """The chat messages of `instructions` and `input`."""
-    raw = request.input
-    if isinstance(raw, str):
-        raw = [{"role": "user", "content": raw}]
-    if not isinstance(raw, list) or not raw:
-        raise ValidationError("`input` is required: a string or a non-empty list of messages")
     system = [{"role": "system", "content": request.instructions}] if request.instructions else []
-    return system + [_message(position, item) for position, item in enumerate(raw)]
+    if isinstance(request.input, str):
+        return [*system, {"role": "user", "content": request.input}]
+    return system + [
+        {"role": ROLES[item.role], "content": content_text(item.content)} for item in request.input
+    ]
 
 
-def _message(position: int, item: Any) -> dict[str, Any]:
-    where = f"`input[{position}]`"
-    kind = item.get("type", "message") if isinstance(item, dict) else None
-    if kind != "message":
-        raise ValidationError(f"{where} must be a message item (type {kind!r} is not supported)")
-    role = item.get("role")
-    role = _ROLES.get(role) if isinstance(role, str) else None
-    if role is None:
-        raise ValidationError(f"{where}.role must be one of {sorted(_ROLES)}")
-    return {"role": role, "content": content_text(where, item.get("content"), _TEXT_PARTS)}
-
-
-def _text_format(text: Any) -> dict[str, Any] | None:
-    """`text.format` as a `response_format`: {"type": "json_schema", "schema": ...} keeps its
-    schema at the top level."""
+def _text_format(text: TextOptions | None) -> Grammar | None:
+    """`text.format` as a constrained output: json_schema's schema is at the format's top."""
     if text is None:
         return None
-    fmt = text.get("format") if isinstance(text, dict) else None
-    if not isinstance(fmt, dict):
-        raise ValidationError('`text` must be {"format": {"type": ...}}')
-    if fmt.get("type") == "json_schema":
-        return {"type": "json_schema", "value": {"schema": fmt.get("schema")}}
-    return fmt
+    if text.format.type == "json_schema":
+        return Grammar(type="json_schema", value={"schema": text.format.format_schema})
+    return Grammar(type=text.format.type)
 
 
 # ---- the answer --------------------------------------------------------------------------------

@@ -22,10 +22,10 @@ import jinja2.meta
 import outlines_core
 
 from shardline.router.chat_template import TemplateError
-from shardline.router.errors import ValidationError
+from shardline.router.errors import ToolError
 
 if TYPE_CHECKING:
-    from shardline.router.schemas.openai import ChatRequest
+    from shardline.router.schemas.openai import ChatRequest, Tool, ToolChoiceFunction
 
 NO_TOOL = "no_tool"
 DEFAULT_TOOL_PROMPT = (
@@ -35,14 +35,7 @@ DEFAULT_TOOL_PROMPT = (
     "Do not use variables."
 )
 TOOL_CALL_ID = "0"  # TGI numbers the calls of an answer; this server makes one call per answer
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _CALL_PREFIX = re.compile(r'\s*\{\s*"function"\s*:\s*\{\s*"_name"\s*:\s*"([A-Za-z0-9_-]+)"')
-
-
-class ToolError(ValidationError):
-    """A tool request that cannot be served (TGI's `tool_error`)."""
-
-    error_type = "tool_error"
 
 
 class NoToolChosen(Exception):
@@ -90,10 +83,7 @@ class ToolCalling:
 
 def parse_tool_calling(request: ChatRequest) -> ToolCalling | None:
     """The tool calling a chat request asks for; None when it calls no tool."""
-    tools = request.tools or []
-    if not isinstance(tools, list):
-        raise ToolError("`tools` must be a list of tools")
-    functions = [_parse_tool(position, tool) for position, tool in enumerate(tools)]
+    functions = [_function(position, tool) for position, tool in enumerate(request.tools or [])]
     names = [f.name for f in functions]
     if len(set(names)) != len(names):
         raise ToolError(f"`tools` names must be unique. Given: {names}")
@@ -105,32 +95,19 @@ def parse_tool_calling(request: ChatRequest) -> ToolCalling | None:
     return ToolCalling(tuple(chosen), request.tool_prompt or DEFAULT_TOOL_PROMPT)
 
 
-def _parse_tool(position: int, tool: Any) -> Function:
-    where = f"`tools[{position}]`"
-    if not isinstance(tool, dict) or tool.get("type", "function") != "function":
-        raise ToolError(f'{where} must be {{"type": "function", "function": {{...}}}}')
-    function = tool.get("function")
-    if not isinstance(function, dict):
-        raise ToolError(f"{where}.function must be an object")
-    name = function.get("name")
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ToolError(f"{where}.function.name must match [A-Za-z0-9_-]{{1,64}}. Given: {name!r}")
-    description = function.get("description")
-    if description is not None and not isinstance(description, str):
-        raise ToolError(f"{where}.function.description must be a string")
-    parameters = function.get("parameters", function.get("arguments"))
-    return Function(name, description, _check_parameters(where, parameters))
+def _function(position: int, tool: Tool) -> Function:
+    function = tool.function
+    parameters = _usable_parameters(f"`tools[{position}]`", function.parameters)
+    return Function(function.name, function.description, parameters)
 
 
-def _check_parameters(where: str, parameters: Any) -> dict[str, Any]:
+def _usable_parameters(where: str, parameters: dict[str, Any] | None) -> dict[str, Any]:
     """The parameters' JSON schema: an object schema that outlines-core can constrain to."""
     if parameters is None:
         return {"type": "object", "properties": {}}
-    properties = parameters.get("properties", {}) if isinstance(parameters, dict) else None
-    required = parameters.get("required", []) if isinstance(parameters, dict) else None
     if (
-        not isinstance(properties, dict)
-        or not isinstance(required, list)
+        not isinstance(parameters.get("properties", {}), dict)
+        or not isinstance(parameters.get("required", []), list)
         or parameters.get("type", "object") != "object"
     ):
         raise ToolError(f"{where}.function.parameters must be a JSON schema of type object")
@@ -143,7 +120,7 @@ def _check_parameters(where: str, parameters: Any) -> dict[str, Any]:
     return parameters
 
 
-def _choose(functions: list[Function], choice: Any) -> list[Function]:
+def _choose(functions: list[Function], choice: str | ToolChoiceFunction) -> list[Function]:
     """The functions `tool_choice` leaves to the model (TGI's rules); [] calls no tool."""
     if choice == "none":
         return []
@@ -153,24 +130,11 @@ def _choose(functions: list[Function], choice: Any) -> list[Function]:
         if not functions:
             raise ToolError("`tool_choice` 'required' needs `tools`")
         return functions
-    name = _forced_name(choice)
+    name = choice if isinstance(choice, str) else choice.function.name  # TGI takes a bare name
     for function in functions:
         if function.name == name:
             return [function]
     raise ToolError(f"Tool with name {name} not found")
-
-
-def _forced_name(choice: Any) -> str:
-    if isinstance(choice, str):  # TGI takes a bare name too
-        return choice
-    function = choice.get("function") if isinstance(choice, dict) else None
-    name = function.get("name") if isinstance(function, dict) else None
-    if not isinstance(name, str) or choice.get("type", "function") != "function":
-        raise ToolError(
-            "`tool_choice` must be 'auto', 'none', 'required' or "
-            '{"type": "function", "function": {"name": <tool name>}}'
-        )
-    return name
 
 
 def _call_schema(function: Function) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from shardline.router.client import request_proto
 from shardline.router.errors import ValidationError
 from shardline.router.grammar_compiler import GrammarCompiler
 from shardline.router.request_types import ValidRequest
-from shardline.router.schemas.tgi import GRAMMAR_TYPES
+from shardline.router.schemas.common import Grammar
 from shardline.sampling_params import (
     JSON_OBJECT_SCHEMA,
     SamplingParams,
@@ -190,25 +190,17 @@ def _check_encodable(request: ValidRequest) -> None:
         raise ValidationError(f"the request cannot be sent to the model: {error}") from error
 
 
-def guided_decoding(spec: Any, name: str) -> dict[str, Any]:
-    """SamplingParams' guided_json / guided_regex for TGI's `grammar` ({"type": "json" | "regex",
-    "value": ...} or {"type": "json_schema", "value": {"schema": ...}}) or OpenAI's
-    `response_format` ({"type": "text" | "json_object"} or {"type": "json_schema",
-    "json_schema": {"schema": ...}}); both fields take either shape."""
-    if spec is None:
+def guided_decoding(spec: Grammar | None, name: str) -> dict[str, Any]:
+    """SamplingParams' guided_json / guided_regex for a request's constrained output."""
+    if spec is None or spec.type == "text":
         return {}
-    kind = spec.get("type") if isinstance(spec, dict) else None
-    if kind not in GRAMMAR_TYPES:
-        raise ValidationError(f"`{name}` must be an object whose `type` is one of {GRAMMAR_TYPES}")
-    if kind == "text":
-        return {}
-    if kind == "json_object":
+    if spec.type == "json_object":
         return {"guided_json": JSON_OBJECT_SCHEMA}
-    if kind == "regex":
-        return {"guided_regex": spec.get("value")}
-    if kind == "json":
-        return {"guided_json": spec.get("value")}
-    config = spec.get("json_schema", spec.get("value"))
+    if spec.type == "regex":
+        return {"guided_regex": spec.value}
+    if spec.type == "json":
+        return {"guided_json": spec.value}
+    config = spec.json_schema if spec.json_schema is not None else spec.value
     if not isinstance(config, dict) or "schema" not in config:
         raise ValidationError(f'`{name}` of type json_schema needs {{"schema": <JSON schema>}}')
     return {"guided_json": config["schema"]}

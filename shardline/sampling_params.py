@@ -54,6 +54,7 @@ GREEDY_TEMPERATURE = 1e-5
 MIN_TEMPERATURE = 1e-2
 # OpenAI's documented range of a logit_bias value.
 LOGIT_BIAS_LIMIT = 100.0
+PENALTY_LIMIT = 2.0  # presence and frequency penalties lie in [-2, 2], as in OpenAI's API
 
 
 @dataclass
@@ -159,8 +160,8 @@ class SamplingParams:
             check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
 
     def _validate_penalties(self) -> None:
-        check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
-        check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        for name in ("presence_penalty", "frequency_penalty"):
+            check_range(name, getattr(self, name), -PENALTY_LIMIT, PENALTY_LIMIT)
         check_finite("repetition_penalty", self.repetition_penalty)
         check(
             as_float32(self.repetition_penalty) > 0.0,

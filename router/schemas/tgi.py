@@ -11,17 +11,19 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, Strict, WithJsonSchema, model_validator
 
 from shardline.router.schemas.common import (
+    GRAMMAR_TYPES,
     Expect,
     FiniteFloat,
+    GrammarField,
+    Namespace,
     StrictBool,
     StrictInt,
     StrictStr,
     StrList,
     TokenIds,
 )
-from shardline.sampling_params import MAX_SEED
+from shardline.sampling_params import MAX_SEED, PENALTY_LIMIT
 
-GRAMMAR_TYPES = ("json", "regex", "json_schema", "json_object", "text")
 _GRAMMAR_SCHEMA = {
     "type": "object",
     "required": ["type"],
@@ -31,12 +33,7 @@ _GRAMMAR_SCHEMA = {
         '"value": "<regex>"} or {"type": "json_schema", "value": {"schema": <JSON schema>}}'
     ),
 }
-GrammarSpec = Annotated[
-    dict[str, Any],
-    Strict(),
-    Expect(f"an object whose `type` is one of {GRAMMAR_TYPES}"),
-    WithJsonSchema(_GRAMMAR_SCHEMA),
-]
+GrammarSpec = Annotated[GrammarField, WithJsonSchema(_GRAMMAR_SCHEMA)]
 _WARPERS = ("temperature", "top_k", "top_p", "typical_p", "min_p")
 
 
@@ -59,8 +56,8 @@ class GenerateParameters(BaseModel):
     do_sample: StrictBool = Field(False, description="Activate logits sampling.")
     frequency_penalty: FiniteFloat | None = Field(
         None,
-        ge=-2.0,
-        le=2.0,
+        ge=-PENALTY_LIMIT,
+        le=PENALTY_LIMIT,
         description="Penalize new tokens based on their existing frequency in the text so far.",
     )
     grammar: GrammarSpec | None = None
@@ -117,7 +114,10 @@ class GenerateParameters(BaseModel):
     )
     # vLLM's extras.
     presence_penalty: FiniteFloat | None = Field(
-        None, ge=-2.0, le=2.0, description="Penalize new tokens that already appear in the text."
+        None,
+        ge=-PENALTY_LIMIT,
+        le=PENALTY_LIMIT,
+        description="Penalize new tokens that already appear in the text.",
     )
     min_p: FiniteFloat | None = Field(
         None, ge=0.0, le=1.0, description="Keep tokens at least min_p as likely as the top one."
@@ -152,7 +152,7 @@ class GenerateParameters(BaseModel):
 
 
 Inputs = Annotated[str, Strict(), Expect("a string"), WithJsonSchema({"type": "string"})]
-OptionalParameters = Annotated[GenerateParameters | None, Expect("a JSON object")]
+OptionalParameters = Annotated[GenerateParameters | None, Expect("a JSON object"), Namespace()]
 
 
 class GenerateRequest(BaseModel):
