@@ -46,6 +46,7 @@ from shardline.router.errors import (
 from shardline.router.generation_events import GenerationEvents
 from shardline.router.join_policy import JoinPolicy
 from shardline.router.metrics import RouterMetrics
+from shardline.router.prefix_view import PrefixCacheView
 from shardline.router.queue import Entry, RequestQueue
 from shardline.router.request_stream import RequestStream
 from shardline.router.request_types import ValidRequest
@@ -65,6 +66,8 @@ class BatchingConfig:
     # The shards prefill prompts in chunks: a prompt that does not fit a batch's prefill budget
     # joins with the part that does, and the rest follows in the next steps.
     prefill_chunking: bool = False
+    # The shards reuse cached prompt prefixes: the prefill budget counts only what they compute.
+    prefix_caching: bool = False
 
 
 @dataclass
@@ -92,7 +95,8 @@ class Batcher:
         self._events = GenerationEvents(tokenizer)
         self.config = config
         self._metrics = metrics or RouterMetrics()
-        self._queue = RequestQueue(chunking=config.prefill_chunking)
+        self._prefixes = prefix_cache_view(config)
+        self._queue = RequestQueue(config.prefill_chunking, self._prefixes)
         self._join = JoinPolicy(config, self._queue, self._metrics)
         self._calls = ShardCalls(client, self._metrics)
         self._running: dict[int, Entry] = {}
@@ -177,6 +181,8 @@ class Batcher:
                     logger.exception("batch failed")
                     await self._drop_batch(GenerationError(f"internal error: {error}"))
                     await self._calls.clear_cache(None)
+                    if self._prefixes is not None:
+                        self._prefixes.clear()
                 self._update_gauges()
 
     async def _drop_batch(self, error: RouterError) -> None:
@@ -284,8 +290,19 @@ class Batcher:
                 self._running[request_id] = entry
             if entry.trace is not None:
                 entry.trace.prefill_answered(prompt_done=not entry.chunked)
-            entry.prefilled += entry.chunk
+            entry.prefilled += entry.pass_tokens
+            self._prefix_answered(entry, result.cached_tokens.get(request_id))
         return result.generations, await self._filter(result.batch)
+
+    def _prefix_answered(self, entry: Entry, found: int | None) -> None:
+        """A pass of the entry's prompt answered; `found`: the tokens the shards found in their
+        prefix cache (None: they did not look it up in this pass)."""
+        if found is not None:
+            self._metrics.prefix_cache_queries.inc(entry.request.input_length)
+            self._metrics.prefix_cache_hits.inc(found)
+            entry.cached = found
+        if self._prefixes is not None:
+            self._prefixes.answered(entry, found)
 
     async def _send_decode(self, batches: list[pb.CachedBatch], launch_next: bool) -> InFlight:
         """`launch_next`: no request is expected to join at the next step, so the shards may
@@ -357,7 +374,7 @@ class Batcher:
         alone (a bug past validation, which builds it too)."""
         built = {}
         for entry in entries:
-            chunk_len = entry.chunk if entry.chunked else 0
+            chunk_len = entry.pass_tokens if entry.chunked else 0
             try:
                 built[entry] = request_proto(entry.request, entry.id, entry.prefilled, chunk_len)
             except (ValueError, TypeError) as error:
@@ -379,6 +396,13 @@ class Batcher:
             sum(entry.budget_tokens for entry in self._running.values())
         )
         self._metrics.queue_size.set(len(self._queue))
+
+
+def prefix_cache_view(config: BatchingConfig) -> PrefixCacheView | None:
+    """The router's picture of the shards' prefix cache, of their whole KV capacity."""
+    if not config.prefix_caching:
+        return None
+    return PrefixCacheView(config.block_size, config.max_batch_total_tokens // config.block_size)
 
 
 def _request_ids(batches: Iterable[pb.CachedBatch]) -> set[int]:

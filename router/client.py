@@ -64,6 +64,8 @@ class StepResult:
     timings: Timings
     refused: dict[int, str] = field(default_factory=dict)
     """A Prefill's requests the shards would not run, with the reason: they alone fail."""
+    cached_tokens: dict[int, int] = field(default_factory=dict)
+    """A Prefill's new prompts looked up in the prefix cache: the tokens found there."""
 
 
 class ShardClient(Protocol):
@@ -110,7 +112,8 @@ def step_result(answer: pb.PrefillResponse | pb.DecodeResponse) -> StepResult:
     )
     batch = answer.batch if answer.HasField("batch") else None
     refused = {r.request_id: r.reason for r in getattr(answer, "refused", ())}
-    return StepResult(list(answer.generations), batch, timings, refused)
+    cached = dict(getattr(answer, "cached_tokens", {}))
+    return StepResult(list(answer.generations), batch, timings, refused, cached)
 
 
 def request_proto(
@@ -135,6 +138,7 @@ def request_proto(
         top_n_tokens=request.top_n_tokens,
         num_sequences=request.params.num_sequences,
         beam_search=request.params.beam_search_proto(),
+        cache_salt=request.params.cache_salt or "",
     )
 
 

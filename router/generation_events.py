@@ -131,6 +131,7 @@ class GenerationEvents:
             input_length=entry.request.input_length,
             seed=None if entry.request.params.greedy else seed,
             stop_reason=_stop_reason(seq, reason),
+            cached_tokens=entry.cached,
         )
 
     def _token_text(self, token_id: int) -> str:

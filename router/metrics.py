@@ -96,6 +96,12 @@ class RouterMetrics:
             "tgi_batch_next_size", "Requests in each new prefill batch", _TOKEN_BUCKETS
         )
         self.batch_concat = counter("tgi_batch_concat", "New batches joined to the running one")
+        self.prefix_cache_queries = counter(
+            "tgi_prefix_cache_queries", "Prompt tokens looked up in the shards' prefix cache"
+        )
+        self.prefix_cache_hits = counter(
+            "tgi_prefix_cache_hits", "Prompt tokens found in the shards' prefix cache"
+        )
         self.batch_inference_count = counter("tgi_batch_inference_count", "Shard steps, by method")
         self.batch_inference_success = counter(
             "tgi_batch_inference_success", "Successful shard steps, by method"

@@ -37,11 +37,12 @@ def present(ctx: RouterContext, job: OpenAIJob, requests: list[ValidRequest]) ->
     return CompletionPresenter(ctx, job, requests)
 
 
-def usage_json(usage: Usage) -> dict[str, int]:
+def usage_json(usage: Usage) -> dict[str, Any]:
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
 
 

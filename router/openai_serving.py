@@ -58,6 +58,7 @@ class OpenAIJob:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of the prompt tokens, those found in the prefix cache
 
     @property
     def total_tokens(self) -> int:
@@ -145,8 +146,15 @@ async def _validate(ctx: RouterContext, job: OpenAIJob) -> list[ValidRequest]:
 
 def _usage(requests: list[ValidRequest], events: list[StreamEvent]) -> Usage:
     """The prompt counts once per prompt, whatever its n; every sample's tokens count."""
-    generated = sum(event.finished.generated_tokens for event in events if event.finished)
-    return Usage(sum(valid.input_length for valid in requests), generated)
+    finished = [event.finished for event in events if event.finished]
+    generated = sum(done.generated_tokens for done in finished)
+    # Each prompt's first sequence (or beam) tells what its prompt found cached.
+    cached = sum(event.finished.cached_tokens for event in events if _first_of_prompt(event))
+    return Usage(sum(valid.input_length for valid in requests), generated, cached)
+
+
+def _first_of_prompt(event: StreamEvent) -> bool:
+    return event.finished is not None and event.sequence_index == 0
 
 
 async def _answer(

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from shardline.router.detokenizer import IncrementalDetokenizer
+from shardline.router.prefix_view import PrefixCacheView
 from shardline.router.request_types import StreamEvent, ValidRequest
 from shardline.router.stop_sequences import StopSequenceMatcher
 
@@ -44,15 +45,25 @@ class Entry:
     cancelled: bool = False
     done: bool = False
     # Chunked prefill: prompt tokens already prefilled on the shards, and those the batch being
-    # cut or sent prefills (the rest of the prompt, or a chunk of it).
+    # cut or sent computes (the rest of the prompt, or a chunk of it).
     prefilled: int = 0
     chunk: int = 0
+    # Prefix caching: the leading prompt tokens the shards are expected to find cached (the
+    # shards' own count once they answered its first pass), and its full blocks' prefix hashes.
+    cached: int = 0
+    prefix_hashes: list[int] = field(default_factory=list)
     trace: EntryTrace | None = None  # its spans, when its HTTP request is traced
 
     @property
     def prefill_tokens(self) -> int:
-        """The prompt tokens still to prefill."""
-        return self.request.input_length - self.prefilled
+        """The prompt tokens still to compute (those expected cached are not)."""
+        return self.request.input_length - max(self.prefilled, self.cached)
+
+    @property
+    def pass_tokens(self) -> int:
+        """The prompt tokens the batch being sent takes on: those expected cached, then the
+        `chunk` it computes."""
+        return max(self.prefilled, self.cached) - self.prefilled + self.chunk
 
     @property
     def chunked(self) -> bool:
@@ -79,9 +90,10 @@ class RequestQueue:
     prefill budget joins with the chunk of its prompt that does, and stays first in the queue
     until its prompt is prefilled (TGI v3's chunked prefill)."""
 
-    def __init__(self, chunking: bool = False) -> None:
+    def __init__(self, chunking: bool = False, prefixes: PrefixCacheView | None = None) -> None:
         self._entries: deque[Entry] = deque()
         self.chunking = chunking
+        self._prefixes = prefixes
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -146,6 +158,8 @@ class RequestQueue:
                 continue
             if total_tokens + entry.budget_tokens > token_budget:
                 break
+            if self._prefixes is not None and not entry.prefilled:
+                self._prefixes.expect(entry)
             entry.chunk = min(entry.prefill_tokens, prefill_token_budget - prefill_tokens)
             if entry.chunked and not (self.chunking and entry.chunk > 0):
                 break

@@ -58,6 +58,8 @@ class Finished:
     seed: int | None
     stop_reason: str | int | None = None
     """vLLM's: the stop sequence that matched, or the stop token id; None for EOS or length."""
+    cached_tokens: int = 0
+    """Prompt tokens the shards found in their prefix cache (not computed)."""
 
 
 @dataclass

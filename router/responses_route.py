@@ -211,7 +211,7 @@ def _status(finished: Finished) -> str:
 def _usage(usage: Usage) -> ResponsesUsage:
     return ResponsesUsage(
         input_tokens=usage.prompt_tokens,
-        input_tokens_details={"cached_tokens": 0},
+        input_tokens_details={"cached_tokens": usage.cached_tokens},
         output_tokens=usage.completion_tokens,
         output_tokens_details={"reasoning_tokens": 0},
         total_tokens=usage.total_tokens,

@@ -79,6 +79,7 @@ async def start_router(
             max_waiting_tokens=settings.max_waiting_tokens,
             block_size=max(shard_info.block_size, 1),
             prefill_chunking=shard_info.support_chunking,
+            prefix_caching=shard_info.use_prefix_caching,
         ),
         metrics,
     )

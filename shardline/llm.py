@@ -249,6 +249,7 @@ class LLM:
             waiting_served_ratio=self.args.waiting_served_ratio,
             max_waiting_tokens=self.args.max_waiting_tokens,
             prefill_chunking=self.args.enable_chunked_prefill,
+            prefix_caching=self.shard_config.enable_prefix_caching,
         )
 
 

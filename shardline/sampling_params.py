@@ -69,7 +69,8 @@ class SamplingParams:
     (OpenAI's range; the router and LLM check the ids against the vocabulary). guided_json (a
     JSON schema, as a dict or JSON text) and guided_regex constrain the output as vLLM's do
     (TGI's `grammar`); at most one, no beam search. include_stop_str_in_output keeps a matched
-    stop string at the end of the text, as vLLM's does.
+    stop string at the end of the text, as vLLM's does. cache_salt (vLLM's) keeps the request's
+    prefix-cache hits among requests of the same salt: a non-empty string, or None.
     """
 
     n: int = 1
@@ -100,6 +101,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -151,6 +153,9 @@ class SamplingParams:
             isinstance(self.watermark, bool), "watermark", self.watermark, "must be true or false"
         )
         self._validate_logit_bias()
+        if self.cache_salt is not None:
+            salted = isinstance(self.cache_salt, str) and bool(self.cache_salt)
+            check(salted, "cache_salt", self.cache_salt, "must be a non-empty string")
 
     def _validate_counts(self) -> None:
         check_int("n", self.n, minimum=1, maximum=MAX_UINT32)

@@ -123,7 +123,15 @@ async def test_chat_n_samples_are_choices_streamed_and_not(real_api, tiny_llama_
         reasons[choice.index].append(choice.finish_reason)
     assert [streamed[i] for i in range(3)] == texts  # same seed, same samples
     assert all(r[-1] in ("stop", "length") and set(r[:-1]) <= {None} for r in reasons.values())
-    assert chunks[-1].usage == answer.usage
+    usage = chunks[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
+        answer.usage.prompt_tokens,
+        answer.usage.completion_tokens,
+        answer.usage.total_tokens,
+    )
+    # The prompt's second asking finds its full blocks in the shard's prefix cache.
+    assert answer.usage.prompt_tokens_details.cached_tokens == 0
+    assert 0 < usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
     assert (await client.app[CONTEXT].client.stats()).num_sequences == 0
 
 

@@ -1,0 +1,78 @@
+"""The router's picture of the shards' prefix cache, for the prefill token budget.
+
+The shards own the index (`shards/prefix_cache.py`): they alone decide what a prompt reuses,
+and they answer, for each new prompt, how many of its tokens they found cached. The router
+keeps a bounded, least-recently-used set of the full prompt blocks it had prefilled (a hash of
+each block's whole prefix and the request's cache_salt), and before cutting a batch expects a
+prompt to find as many leading blocks cached as this set holds: the batch's prefill budget then
+counts only the tokens left to compute, so more prompts share one prefill. An expectation is
+only ever an estimate (the shards may have evicted a block since): a prompt whose shards found
+less computes more in that pass, and its chain is dropped from the set at once. The total token
+budget does not use it (see DEVELOPERS.md, "Prefix caching").
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from shardline.router.request_types import ValidRequest
+
+if TYPE_CHECKING:
+    from shardline.router.queue import Entry
+
+
+def block_hashes(request: ValidRequest, block_size: int) -> list[int]:
+    """A hash of each full block of the prompt together with everything before it."""
+    hashes: list[int] = []
+    previous = hash(("salt", request.params.cache_salt or ""))
+    ids = request.input_ids
+    for start in range(0, len(ids) - block_size + 1, block_size):
+        previous = hash((previous, tuple(ids[start : start + block_size])))
+        hashes.append(previous)
+    return hashes
+
+
+class PrefixCacheView:
+    """What the router expects the shards' prefix cache to hold: at most `capacity` blocks."""
+
+    def __init__(self, block_size: int, capacity: int) -> None:
+        self.block_size = block_size
+        self.capacity = capacity
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+
+    def expect(self, entry: Entry) -> None:
+        """Sets the leading prompt tokens the shards should find cached (never the last one:
+        its logits are computed); none for a request that bypasses the cache."""
+        request = entry.request
+        if request.decoder_input_details:
+            return
+        hashes = self._hashes(entry)
+        usable = (request.input_length - 1) // self.block_size
+        found = 0
+        while found < usable and hashes[found] in self._blocks:
+            found += 1
+        entry.cached = found * self.block_size
+
+    def answered(self, entry: Entry, found_tokens: int | None) -> None:
+        """A pass of the entry's prompt answered: the shards found `found_tokens` cached (None:
+        not its first pass), what the view held beyond is gone there; they now hold its first
+        `entry.prefilled` tokens."""
+        hashes = self._hashes(entry)
+        if found_tokens is not None:
+            for block in hashes[found_tokens // self.block_size :]:
+                self._blocks.pop(block, None)
+        for block in hashes[: entry.prefilled // self.block_size]:
+            self._blocks[block] = None
+            self._blocks.move_to_end(block)
+        while len(self._blocks) > self.capacity:
+            self._blocks.popitem(last=False)
+
+    def _hashes(self, entry: Entry) -> list[int]:
+        if not entry.prefix_hashes:
+            entry.prefix_hashes = block_hashes(entry.request, self.block_size)
+        return entry.prefix_hashes
+
+    def clear(self) -> None:
+        """The shards' index was emptied (ClearCache of everything)."""
+        self._blocks.clear()
