@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+QUANTIZE_CHOICES = ("fp8", "compressed-tensors")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3fn", "fp8_e5m2")
 # Placed by whoever starts the process: the command's positional model, and the group's size
 # beside the rank and rendezvous (see launcher/shards.py).
 PLACED_FIELDS = ("model", "world_size")
@@ -55,6 +57,19 @@ class ShardConfig:
         None, "decode batch sizes to capture CUDA graphs for, e.g. 1,2,4,8; 0 disables"
     )
     device: str | None = _setting(None, "device override, e.g. cpu or cuda:1")
+    quantization: str | None = _setting(
+        None,
+        "fp8: full-precision weights quantized to FP8 at load (per output channel, activations "
+        "per token); compressed-tensors: the checkpoint must be one. FP8 checkpoints "
+        "(compressed-tensors, fbgemm_fp8, fp8) are detected from config.json either way",
+        QUANTIZE_CHOICES,
+    )
+    kv_cache_dtype: str = _setting(
+        "auto",
+        "dtype of the KV cache: auto (the model's), fp8 / fp8_e4m3fn or fp8_e5m2 (scaled by "
+        "the checkpoint's k_scale / v_scale, else 1.0)",
+        KV_CACHE_DTYPES,
+    )
     enable_prefix_caching: bool = _setting(
         True, "keep full prompt KV blocks in an index and reuse them for shared prefixes"
     )
@@ -66,6 +81,16 @@ class ShardConfig:
             raise ValueError(f"block_size must be at least 1 (got {self.block_size})")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if self.quantization not in (None, *QUANTIZE_CHOICES):
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZE_CHOICES)} "
+                f"(got {self.quantization!r})"
+            )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)} "
+                f"(got {self.kv_cache_dtype!r})"
+            )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})"

@@ -12,9 +12,11 @@ from shardline.shard_config import ShardConfig
 from shardline.shards.cuda_graphs import parse_buckets
 from shardline.shards.engine import EngineSettings, ShardEngine
 from shardline.shards.layers.attention import get_attention_backend
+from shardline.shards.layers.attention.fp8_kv import kv_cache_dtype
 from shardline.shards.models import load_model
 from shardline.shards.models.config import ModelConfig
 from shardline.shards.utils.dist import init_distributed
+from shardline.shards.utils.quantization import weight_format
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +54,26 @@ def create_engine(
     model_config = ModelConfig.from_dir(model_dir)
     dtype = pick_dtype(config.dtype, model_config, device)
     backend = get_attention_backend(config.attention, device)
+    quantization = weight_format(model_dir, config.quantization)
+    kv_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype)
     logger.info(
         "loading model",
-        extra={"model": str(model_dir), "dtype": str(dtype), "device": str(device)},
+        extra={
+            "model": str(model_dir),
+            "dtype": str(dtype),
+            "device": str(device),
+            "weights": quantization.description if quantization else str(dtype),
+            "kv_cache_dtype": str(kv_dtype),
+        },
     )
-    model = load_model(model_dir, dtype=dtype, device=device, tp=tp, attention_backend=backend)
+    model = load_model(
+        model_dir,
+        dtype=dtype,
+        device=device,
+        tp=tp,
+        attention_backend=backend,
+        quantization=quantization,
+    )
     settings = EngineSettings(
         block_size=config.block_size,
         kv_cache_bytes=config.kv_cache_bytes,
@@ -64,5 +81,7 @@ def create_engine(
         attention_impl=backend.name,
         cuda_graph_buckets=parse_buckets(config.cuda_graphs),
         prefix_caching=config.enable_prefix_caching,
+        kv_cache_dtype=kv_dtype,
+        quantization=quantization.method if quantization else None,
     )
     return ShardEngine(model, model.config, tp, device, settings)

@@ -52,6 +52,8 @@ class EngineSettings:
     gpu_memory_utilization: float
     attention_impl: str
     cuda_graph_buckets: tuple[int, ...]
+    kv_cache_dtype: torch.dtype | None = None  # None: the model's dtype
+    quantization: str | None = None  # the FP8 weights' format (quantization.py), for /info
     prefix_caching: bool = True
 
 
@@ -123,8 +125,12 @@ class ShardEngine:
     def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
         return warm_up(self, request)
 
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        return self.settings.kv_cache_dtype or self.model.dtype
+
     def allocate_cache(self, num_blocks: int) -> None:
-        self.runner.allocate_cache(num_blocks, self.settings.block_size)
+        self.runner.allocate_cache(num_blocks, self.settings.block_size, self.kv_cache_dtype)
         self.allocator = new_allocator(
             num_blocks, self.settings.block_size, self.settings.prefix_caching
         )

@@ -109,9 +109,8 @@ class KVCache:
         device = self.layers[0][0].device
         src = torch.tensor(sources, dtype=torch.long, device=device)
         dst = torch.tensor(targets, dtype=torch.long, device=device)
-        for keys, values in self.layers:
-            keys.index_copy_(0, dst, keys.index_select(0, src))
-            values.index_copy_(0, dst, values.index_select(0, src))
+        for pool in (pool.view(torch.uint8) for layer in self.layers for pool in layer):
+            pool.index_copy_(0, dst, pool.index_select(0, src))  # as bytes: FP8 pools too
 
 
 def bytes_per_block(

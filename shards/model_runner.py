@@ -137,14 +137,17 @@ class ModelRunner:
         )
         self.graphs.capture()
 
-    def allocate_cache(self, num_blocks: int, block_size: int) -> KVCache:
+    def allocate_cache(
+        self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """The paged cache, in `dtype` (default: the model's)."""
         self.kv_cache = KVCache.allocate(
             num_layers=self.model.num_layers,
             num_blocks=num_blocks,
             block_size=block_size,
             num_kv_heads=self.model.num_kv_heads_per_rank,
             head_dim=self.model.head_dim,
-            dtype=self.model.dtype,
+            dtype=dtype or self.model.dtype,
             device=self.device,
         )
         return self.kv_cache

@@ -50,6 +50,7 @@ def warm_up(engine: ShardEngine, request: pb.WarmupRequest) -> pb.WarmupResponse
         block_size=settings.block_size,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         kv_cache_bytes=settings.kv_cache_bytes,
+        kv_cache_dtype=engine.kv_cache_dtype,
     )
     num_blocks = agree_on_min(fit, engine.tp, engine.device)
     engine.allocate_cache(num_blocks)
@@ -61,10 +62,11 @@ def warm_up(engine: ShardEngine, request: pb.WarmupRequest) -> pb.WarmupResponse
     _run_greedy_steps(engine)
     freeze_long_lived_objects()
     logger.info(
-        "kv cache ready: %d blocks of %d tokens (%d tokens)",
+        "kv cache ready: %d blocks of %d tokens (%d tokens, %s)",
         num_blocks,
         settings.block_size,
         supported,
+        str(engine.kv_cache_dtype).removeprefix("torch."),
     )
     return pb.WarmupResponse(
         max_supported_total_tokens=supported,
@@ -167,14 +169,16 @@ def blocks_that_fit(
     block_size: int,
     gpu_memory_utilization: float,
     kv_cache_bytes: int | None,
+    kv_cache_dtype: torch.dtype | None = None,
 ) -> int:
-    """On GPU: the memory fraction of the card less the warmup's peak; on CPU: kv_cache_bytes."""
+    """On GPU: the memory fraction of the card less the warmup's peak; on CPU: kv_cache_bytes.
+    Blocks hold `kv_cache_dtype` (default: the model's dtype)."""
     per_block = bytes_per_block(
         num_layers=model.num_layers,
         block_size=block_size,
         num_kv_heads=model.num_kv_heads_per_rank,
         head_dim=model.head_dim,
-        dtype=model.dtype,
+        dtype=kv_cache_dtype or model.dtype,
     )
     if device.type == "cuda":
         _, total = torch.cuda.mem_get_info(device)

@@ -44,10 +44,17 @@ def load(model_dir: Path, tp: TPGroup | None = None) -> CausalLM:
 class PagedSequences:
     """Sequences on a paged KV cache whose blocks are handed out in shuffled order."""
 
-    def __init__(self, model: CausalLM, block_size: int, num_blocks: int = 64) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        block_size: int,
+        num_blocks: int = 64,
+        kv_dtype: torch.dtype | None = None,
+    ) -> None:
         shape = (num_blocks, block_size, model.num_kv_heads_per_rank, model.head_dim)
+        dtype = kv_dtype or model.dtype
         self.kv_caches = [
-            (torch.zeros(shape, dtype=model.dtype), torch.zeros(shape, dtype=model.dtype))
+            (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
             for _ in range(model.num_layers)
         ]
         self.block_size = block_size
@@ -97,11 +104,16 @@ class PagedSequences:
 
 @torch.inference_mode()
 def run_engine(
-    model: CausalLM, prompt_ids: list[list[int]], fed_tokens: list[list[int]], block_size: int
+    model: CausalLM,
+    prompt_ids: list[list[int]],
+    fed_tokens: list[list[int]],
+    block_size: int,
+    kv_dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
     """Logits [num_seqs, vocab] after the packed prefill and after each decode step, where
-    step s feeds fed_tokens[s] (one token per sequence)."""
-    paged = PagedSequences(model, block_size)
+    step s feeds fed_tokens[s] (one token per sequence); the cache in `kv_dtype` (default: the
+    model's)."""
+    paged = PagedSequences(model, block_size, kv_dtype=kv_dtype)
     lengths = [len(p) for p in prompt_ids]
     meta = paged.prefill_meta(lengths)
     input_ids = torch.tensor([t for p in prompt_ids for t in p])

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardline.shards.layers import custom_kernels
+from shardline.shards.layers.fp8 import fp8_linear
 from shardline.shards.utils.dist import TPGroup
+from shardline.shards.utils.fp8_weights import read_linear, stack_rows
 from shardline.shards.utils.weights import Weights
 
 
@@ -17,8 +19,16 @@ def frozen(t: torch.Tensor | None) -> nn.Parameter | None:
     return None if t is None else nn.Parameter(t, requires_grad=False)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through the one-row Triton GEMV where it applies (batch-1 decode on a GPU)."""
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """F.linear, through the one-row Triton GEMV where it applies (batch-1 decode on a GPU); an
+    FP8 weight comes with its per-row `weight_scale` (fp8.py)."""
+    if weight_scale is not None:
+        return fp8_linear(x, weight, weight_scale, bias)
     if custom_kernels.applies(x):
         from shardline.shards.layers.triton_gemv import gemv, gemv_applies
 
@@ -30,37 +40,50 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class ColumnParallelLinear(nn.Module):
     """Holds a slice of the output features; the output stays split across ranks."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        weight_scale: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.weight = frozen(weight)
         self.bias = frozen(bias)
+        self.weight_scale = frozen(weight_scale)
 
     @classmethod
     def load(cls, weights: Weights, prefixes: Sequence[str], bias: bool) -> ColumnParallelLinear:
         """One layer whose output stacks the shards of every `prefixes` projection."""
-        weight = weights.get_sharded_concat([f"{p}.weight" for p in prefixes], dim=0)
+        weight = stack_rows([read_linear(weights, p, dim=0) for p in prefixes])
         b = weights.get_sharded_concat([f"{p}.bias" for p in prefixes], dim=0) if bias else None
-        return cls(weight, b)
+        return cls(weight.weight, b, weight.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.weight_scale)
 
 
 class RowParallelLinear(nn.Module):
     """Holds a slice of the input features; partial outputs are summed over ranks."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tp: TPGroup) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        tp: TPGroup,
+        weight_scale: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.weight = frozen(weight)
         self.bias = frozen(bias)
+        self.weight_scale = frozen(weight_scale)
         self.tp = tp
 
     @classmethod
     def load(cls, weights: Weights, prefix: str, bias: bool) -> RowParallelLinear:
-        weight = weights.get_sharded(f"{prefix}.weight", dim=1)
+        weight = read_linear(weights, prefix, dim=1)
         b = weights.get_tensor(f"{prefix}.bias") if bias else None
-        return cls(weight, b, weights.tp)
+        return cls(weight.weight, b, weights.tp, weight.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(linear(x, self.weight))
+        out = self.tp.all_reduce(linear(x, self.weight, weight_scale=self.weight_scale))
         return out if self.bias is None else out + self.bias

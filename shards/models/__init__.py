@@ -18,6 +18,7 @@ from shardline.shards.layers.attention import AttentionBackend, AttentionMetadat
 from shardline.shards.models.config import ModelConfig
 from shardline.shards.models.llama import LlamaForCausalLM, read_llama_config
 from shardline.shards.utils.dist import TPGroup
+from shardline.shards.utils.quantization import UnsupportedQuantizationError, WeightFormat
 from shardline.shards.utils.weights import Weights
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -96,11 +97,21 @@ def load_model(
     device: torch.device,
     tp: TPGroup,
     attention_backend: AttentionBackend,
+    quantization: WeightFormat | None = None,
 ) -> CausalLM:
+    """The model of `model_dir`, its linear layers in FP8 where `quantization` says so."""
     config = ModelConfig.from_dir(model_dir)
-    weights = Weights(model_dir, dtype=dtype, device=device, tp=tp)
+    weights = Weights(model_dir, dtype=dtype, device=device, tp=tp, quantization=quantization)
     model = family_of_config(config).model_class(config, weights, attention_backend)
+    if quantization is not None and not _has_fp8_layers(model):
+        raise UnsupportedQuantizationError(
+            f"{quantization.description} is not supported for {config.architecture} models yet"
+        )
     return model.eval()
+
+
+def _has_fp8_layers(model: torch.nn.Module) -> bool:
+    return any(getattr(module, "weight_scale", None) is not None for module in model.modules())
 
 
 def family_of_config(config: ModelConfig) -> Family:

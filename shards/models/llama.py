@@ -15,6 +15,7 @@ from torch import nn
 from shardline.shards.layers import custom_kernels
 from shardline.shards.layers.activation import silu_and_mul
 from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
+from shardline.shards.layers.attention.fp8_kv import KVScales
 from shardline.shards.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear
 from shardline.shards.layers.norm import RMSNorm
@@ -26,6 +27,7 @@ from shardline.shards.models.config import (
     typed_layer_windows,
 )
 from shardline.shards.models.stages import send_on, stage_input, stage_layers
+from shardline.shards.utils.fp8_weights import read_linear, stack_rows
 from shardline.shards.utils.weights import Weights
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -104,6 +106,7 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         self.qkv_proj = self._load_qkv(config, weights, prefix)
         self.o_proj = RowParallelLinear.load(weights, f"{prefix}.o_proj", config.o_proj_bias)
+        self.kv_scales = KVScales.load(weights, prefix)
 
     def _load_qkv(self, config: ModelConfig, weights: Weights, prefix: str) -> ColumnParallelLinear:
         """q rows of this rank's heads, then k and v rows of this rank's KV heads, stacked."""
@@ -117,7 +120,14 @@ class LlamaAttention(nn.Module):
             return torch.cat([q, k, v], dim=0)
 
         bias = stacked("bias") if config.attention_bias else None
-        return ColumnParallelLinear(stacked("weight"), bias)
+        weight = stack_rows(
+            [
+                read_linear(weights, f"{prefix}.q_proj", 0),
+                read_linear(weights, f"{prefix}.k_proj", 0, kv_rows),
+                read_linear(weights, f"{prefix}.v_proj", 0, kv_rows),
+            ]
+        )
+        return ColumnParallelLinear(weight.weight, bias, weight.scale)
 
     def forward(
         self,
@@ -136,10 +146,15 @@ class LlamaAttention(nn.Module):
         heads = qkv.view(num_tokens, -1, self.head_dim)
         q, k, v = heads.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         k_cache, v_cache = kv_cache
+        scaled = self.kv_scales.applies(k_cache)
+        if scaled:
+            q, k, v = self.kv_scales.into_cache(q, k, v)
         self.backend.rotate_and_write_kv(
             q, k, v, positions, self.rotary, k_cache, v_cache, meta.slot_mapping
         )
         out = self._attend(q, k, v, kv_cache, meta)
+        if scaled:
+            out = self.kv_scales.out_of_cache(out)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
     def _attend(
@@ -216,12 +231,12 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
     def fuses_decode(self) -> bool:
-        """Whether the fused one-row kernels tile every projection of this layer."""
+        """Whether the fused one-row kernels tile every (unquantized) projection of this layer."""
         from shardline.shards.layers.triton_gemv import Epilogue, gemv_config
 
         attn, mlp = self.self_attn, self.mlp
         return all(
-            gemv_config(*proj.weight.shape, epilogue) is not None
+            proj.weight_scale is None and gemv_config(*proj.weight.shape, epilogue) is not None
             for proj, epilogue in [
                 (attn.qkv_proj, Epilogue.PLAIN),
                 (attn.o_proj, Epilogue.RESIDUAL),

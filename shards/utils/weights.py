@@ -11,23 +11,41 @@ import torch
 from safetensors import safe_open
 
 from shardline.shards.utils.dist import TPGroup
+from shardline.shards.utils.quantization import WeightFormat
 
 INDEX_FILE = "model.safetensors.index.json"
 
 
 class Weights:
     def __init__(
-        self, model_dir: Path, *, dtype: torch.dtype, device: torch.device, tp: TPGroup
+        self,
+        model_dir: Path,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        tp: TPGroup,
+        quantization: WeightFormat | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.dtype = dtype
         self.device = device
         self.tp = tp
+        self.quantization = quantization  # the linear layers' FP8 format (fp8_weights.py)
         self._file_of = _tensor_files(self.model_dir)
         self._handles: dict[Path, Any] = {}
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
     def shape(self, name: str) -> list[int]:
         return list(self._slice(name).get_shape())
+
+    def get_stored(
+        self, name: str, dim: int = 0, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        """Rows [start, stop) along `dim` in the dtype they are stored in, on the device."""
+        index = (slice(None),) * dim + (slice(start, stop),)
+        return self._slice(name)[index].to(self.device).contiguous()
 
     def get_tensor(self, name: str) -> torch.Tensor:
         return self._cast(self._slice(name)[:])
@@ -43,6 +61,17 @@ class Weights:
         A size not divisible by the world size is refused, or with `pad` split in parts of
         ceil(size / world_size) with the last ones zero-padded to that size.
         """
+        start, stop = self.shard_bounds(name, dim, pad=pad)
+        part = self.get_range(name, dim, start, stop)
+        missing = -(-self.shape(name)[dim] // self.tp.world_size) - (stop - start)
+        if missing:
+            pad_shape = list(part.shape)
+            pad_shape[dim] = missing
+            part = torch.cat([part, part.new_zeros(pad_shape)], dim=dim)
+        return part
+
+    def shard_bounds(self, name: str, dim: int, *, pad: bool = False) -> tuple[int, int]:
+        """This rank's [start, stop) of `name` along `dim` (see `get_sharded`)."""
         size = self.shape(name)[dim]
         world, rank = self.tp.world_size, self.tp.rank
         if size % world and not pad:
@@ -51,14 +80,7 @@ class Weights:
                 f"not divisible by the tensor-parallel world size {world}"
             )
         block = -(-size // world)
-        start, stop = min(rank * block, size), min((rank + 1) * block, size)
-        part = self.get_range(name, dim, start, stop)
-        missing = block - (stop - start)
-        if missing:
-            pad_shape = list(part.shape)
-            pad_shape[dim] = missing
-            part = torch.cat([part, part.new_zeros(pad_shape)], dim=dim)
-        return part
+        return min(rank * block, size), min((rank + 1) * block, size)
 
     def get_sharded_concat(self, names: Sequence[str], dim: int) -> torch.Tensor:
         """Each tensor's shard, concatenated along `dim` (e.g. gate and up stacked)."""

@@ -64,8 +64,8 @@ class TorchNativeBackend:
             keys, values = k[start:end], v[start:end]
             if prefix:
                 table = meta.prefix_block_tables[i]
-                keys = torch.cat([_gather(k_cache, table, 0, prefix), keys])
-                values = torch.cat([_gather(v_cache, table, 0, prefix), values])
+                keys = torch.cat([_gather(k_cache, table, 0, prefix).to(keys.dtype), keys])
+                values = torch.cat([_gather(v_cache, table, 0, prefix).to(values.dtype), values])
             if prefix or window:
                 mask = causal_mask(end - start, prefix, window, q.device)
                 out[start:end] = _attend(q[start:end], keys, values, scale, mask=mask)

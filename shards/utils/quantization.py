@@ -1,0 +1,129 @@
+"""Which FP8 weight format a model is served in: its checkpoint's, detected from config.json's
+`quantization_config`, or its full-precision weights quantized at load (`--quantize fp8`).
+
+Checkpoint formats read as published:
+- compressed-tensors (`*-FP8`, `*-FP8-dynamic` releases of llm-compressor): float8_e4m3fn
+  `weight` with a per-channel [N, 1] or per-tensor `weight_scale`;
+- fbgemm_fp8 (Meta's Llama 3.1 FP8): float8_e4m3fn `weight`, per-channel `weight_scale`;
+- fp8 (transformers' fine-grained FP8, as Qwen3 and DeepSeek ship it): float8_e4m3fn `weight`
+  with one `weight_scale_inv` per block of weight_block_size (128 x 128).
+Activations are quantized per token at run time whatever the checkpoint says (a static input
+scale is not used). Any other `quant_method` is refused with a message naming it.
+
+No torch here: the launcher checks a model's format before it starts the shards.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shardline.shard_config import QUANTIZE_CHOICES
+
+CHECKPOINT_METHODS = ("compressed-tensors", "fbgemm_fp8", "fp8")
+
+
+class UnsupportedQuantizationError(ValueError):
+    """A checkpoint quantized in a way Shardline does not load."""
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    method: str  # reported by /info as `quantize`
+    # The tensor beside each `<layer>.weight` that holds its scales; None: quantized at load.
+    scale_suffix: str | None = None
+    block: tuple[int, int] | None = None  # the (rows, columns) of one scale's block
+
+    @property
+    def description(self) -> str:
+        if self.scale_suffix is None:
+            return "fp8 weights quantized at load (per output channel)"
+        layout = f"{self.block[0]}x{self.block[1]} blocks" if self.block else "channel or tensor"
+        return f"{self.method} FP8 checkpoint ({layout} weight scales)"
+
+
+AT_LOAD = WeightFormat("fp8")
+
+
+def weight_format(model_dir: Path, quantize: str | None) -> WeightFormat | None:
+    """The FP8 format of the model's linear layers, None for unquantized weights."""
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise UnsupportedQuantizationError(
+            f"quantization {quantize!r} is not supported; choose one of {QUANTIZE_CHOICES}"
+        )
+    config_path = Path(model_dir) / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    quantization_config = config.get("quantization_config")
+    if quantization_config is None:
+        if quantize == "compressed-tensors":
+            raise UnsupportedQuantizationError(
+                f"--quantize compressed-tensors: {model_dir} has no quantization_config"
+            )
+        return AT_LOAD if quantize == "fp8" else None
+    method = quantization_config.get("quant_method")
+    if quantize == "compressed-tensors" and method != quantize:
+        raise UnsupportedQuantizationError(
+            f"--quantize compressed-tensors: {model_dir} is quantized with {method!r}"
+        )
+    return checkpoint_format(quantization_config)
+
+
+def checkpoint_format(quantization_config: dict[str, Any]) -> WeightFormat:
+    method = quantization_config.get("quant_method")
+    if method == "compressed-tensors":
+        _check_compressed_tensors(quantization_config)
+        return WeightFormat(method, "weight_scale")
+    if method == "fbgemm_fp8":
+        return WeightFormat(method, "weight_scale")
+    if method == "fp8":
+        return _fine_grained(quantization_config)
+    raise UnsupportedQuantizationError(
+        f"checkpoint quantization {method!r} is not supported: Shardline loads the FP8 formats "
+        f"{', '.join(CHECKPOINT_METHODS)}, and quantizes full-precision weights with "
+        "--quantize fp8"
+    )
+
+
+def _fine_grained(quantization_config: dict[str, Any]) -> WeightFormat:
+    block = quantization_config.get("weight_block_size")
+    if not block or len(block) != 2:
+        raise UnsupportedQuantizationError(
+            f"fp8 checkpoint without a 2-D weight_block_size (got {block!r}) is not supported"
+        )
+    scheme = quantization_config.get("activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        raise UnsupportedQuantizationError(
+            f"fp8 checkpoint with activation_scheme {scheme!r} is not supported (only dynamic)"
+        )
+    return WeightFormat("fp8", "weight_scale_inv", (int(block[0]), int(block[1])))
+
+
+def _check_compressed_tensors(quantization_config: dict[str, Any]) -> None:
+    """Float 8-bit weights with channel or tensor scales in every group (compressed-tensors'
+    own reading of the config); activations, if quantized, to 8-bit floats."""
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationStrategy,
+        QuantizationType,
+    )
+
+    config = QuantizationConfig.model_validate(quantization_config)
+    for name, scheme in config.config_groups.items():
+        weights, inputs = scheme.weights, scheme.input_activations
+        group_format = scheme.format or config.format
+        problems = []
+        if group_format != "float-quantized":
+            problems.append(f"format {group_format!r}")
+        if weights is None or weights.num_bits != 8 or weights.type != QuantizationType.FLOAT:
+            problems.append("weights other than 8-bit floats")
+        elif weights.strategy not in (QuantizationStrategy.CHANNEL, QuantizationStrategy.TENSOR):
+            problems.append(f"weight strategy {weights.strategy.value!r}")
+        if inputs is not None and (inputs.num_bits != 8 or inputs.type != QuantizationType.FLOAT):
+            problems.append("activations other than 8-bit floats")
+        if problems:
+            raise UnsupportedQuantizationError(
+                f"compressed-tensors group {name!r} is not supported ({'; '.join(problems)}): "
+                "Shardline loads float-quantized FP8 weights with channel or tensor scales"
+            )

@@ -1,0 +1,158 @@
+"""FP8 weights on CPU through the reference path: quantized at load and every published
+checkpoint format against the unquantized model, checkpoints against their dequantized twins
+(greedy tokens equal transformers'), tensor parallelism over gloo against one rank."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from aiohttp.test_utils import unused_port
+
+from shardline.shards.layers.attention import get_attention_backend
+from shardline.shards.layers.fp8 import FP8, dequantize_rows, fp8_linear, quantize_rows
+from shardline.shards.models import CausalLM, load_model
+from shardline.shards.utils.dist import TPGroup, init_distributed
+from shardline.shards.utils.quantization import weight_format
+from tests.fp8_checkpoints import FORMATS, write_dequantized_twin, write_fp8_checkpoint
+from tests.model_factory import TinyModelSpec, build_tiny_model
+from tests.test_model_forward import prompts, run_engine, transformers_reference
+
+CPU = torch.device("cpu")
+SPEC = TinyModelSpec(
+    architecture="llama", num_heads=8, num_kv_heads=4, seed=11, initializer_range=0.05
+)
+BLOCK_SIZE = 4
+DECODE_STEPS = 3
+# The logits' error relative to their norm: FP8 (3 mantissa bits) rounds each weight by up to
+# 6 %; over the tiny model's layers the logits move by 6-8 % (a scale misplaced: 100 % and more).
+FP8_TOLERANCE = 0.12
+AT_LOAD_NAME = "quantized-at-load"
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+def load(model_dir: Path, quantize: str | None = None, tp: TPGroup | None = None) -> CausalLM:
+    return load_model(
+        model_dir,
+        dtype=torch.float32,
+        device=CPU,
+        tp=tp or TPGroup(),
+        attention_backend=get_attention_backend("torch", CPU),
+        quantization=weight_format(model_dir, quantize),
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny model, each FP8 checkpoint of it and each checkpoint's dequantized twin."""
+    root = tmp_path_factory.mktemp("fp8")
+    base = build_tiny_model(root / "base", SPEC)
+    dirs = {"base": base}
+    for fmt in FORMATS:
+        dirs[fmt] = write_fp8_checkpoint(base, root / fmt, fmt)
+        dirs[f"{fmt}-twin"] = write_dequantized_twin(dirs[fmt], root / f"{fmt}-twin")
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def reference(model_dirs: dict[str, Path]) -> tuple[list[list[int]], list[list[int]], list]:
+    """Prompts, the tokens fed at each decode step and the unquantized model's logits."""
+    prompt_ids = prompts(load(model_dirs["base"]).config.vocab_size, seed=2)
+    expected, fed = transformers_reference(model_dirs["base"], prompt_ids, DECODE_STEPS)
+    return prompt_ids, fed, expected
+
+
+def test_rows_quantize_to_within_fp8_rounding() -> None:
+    x = torch.randn(6, 40) * torch.logspace(-3, 3, 6)[:, None]
+    x[2] = 0.0
+    quantized, scale = quantize_rows(x)
+    assert quantized.dtype == FP8 and scale.shape == (6,)
+    assert torch.equal(
+        quantized.float().abs().amax(dim=1)[[0, 1, 3, 4, 5]], torch.full((5,), 448.0)
+    )
+    back = dequantize_rows(quantized, scale)
+    assert torch.all((back - x).abs() <= x.abs() / 16 + scale[:, None] * 2**-9)
+    assert torch.equal(back[2], torch.zeros(40))
+
+
+def test_the_reference_linear_dequantizes_the_weight() -> None:
+    weight, x, bias = torch.randn(24, 32), torch.randn(3, 5, 32), torch.randn(24)
+    quantized, scale = quantize_rows(weight)
+    expected = torch.nn.functional.linear(x, dequantize_rows(quantized, scale), bias)
+    torch.testing.assert_close(fp8_linear(x, quantized, scale, bias), expected)
+
+
+@pytest.mark.parametrize("fmt", [AT_LOAD_NAME, *FORMATS])
+def test_fp8_logits_match_the_unquantized_model(model_dirs, reference, fmt: str) -> None:
+    prompt_ids, fed, expected = reference
+    model_dir, quantize = (
+        (model_dirs["base"], "fp8") if fmt == AT_LOAD_NAME else (model_dirs[fmt], None)
+    )
+    model = load(model_dir, quantize)
+    assert model.layers[0].mlp.down_proj.weight.dtype == FP8
+    assert model.lm_head.weight.dtype == torch.float32  # the LM head stays unquantized
+    for step, (actual, logits) in enumerate(
+        zip(run_engine(model, prompt_ids, fed, BLOCK_SIZE), expected, strict=True)
+    ):
+        assert relative_error(actual, logits) < FP8_TOLERANCE, f"step {step}"
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_checkpoints_equal_their_dequantized_twins(model_dirs, reference, fmt: str) -> None:
+    """The twin's greedy tokens (transformers') at every step, and the twin's logits: exactly
+    its weights where scales are per row or tensor; a block-scaled checkpoint is requantized per
+    row at load, as the twin is with --quantize fp8."""
+    prompt_ids, fed, _ = reference
+    twin_dir = model_dirs[f"{fmt}-twin"]
+    if fmt == "fp8-block":
+        expected = run_engine(load(twin_dir, "fp8"), prompt_ids, fed, BLOCK_SIZE)
+    else:
+        expected, fed = transformers_reference(twin_dir, prompt_ids, DECODE_STEPS)
+    actual = run_engine(load(model_dirs[fmt]), prompt_ids, fed, BLOCK_SIZE)
+    greedy = [[logits.argmax(-1).tolist() for logits in run] for run in (actual, expected)]
+    assert greedy[0] == greedy[1]
+    for step, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+
+
+TP_CASES = (AT_LOAD_NAME, "fp8-block", "compressed-tensors-tensor")
+
+
+def _tp_case(model_dirs: dict[str, Path], case: str) -> tuple[Path, str | None]:
+    return (model_dirs["base"], "fp8") if case == AT_LOAD_NAME else (model_dirs[case], None)
+
+
+def _rank_main(
+    rank: int,
+    port: int,
+    model_dirs: dict[str, Path],
+    prompt_ids: list[list[int]],
+    fed: list[list[int]],
+    out_dir: Path,
+) -> None:
+    torch.set_num_threads(1)
+    tp = init_distributed(rank, 2, "127.0.0.1", port, CPU)
+    results = {
+        case: run_engine(load(*_tp_case(model_dirs, case), tp=tp), prompt_ids, fed, BLOCK_SIZE)
+        for case in TP_CASES
+    }
+    torch.save(results, out_dir / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_over_gloo_equal_one(tmp_path: Path, model_dirs, reference) -> None:
+    """Row-parallel layers take their columns of weights quantized by whole rows, so both ranks
+    hold the single rank's FP8 values and scales."""
+    prompt_ids, fed, _ = reference
+    mp.spawn(_rank_main, args=(unused_port(), model_dirs, prompt_ids, fed, tmp_path), nprocs=2)
+    for case in TP_CASES:
+        single = run_engine(load(*_tp_case(model_dirs, case)), prompt_ids, fed, BLOCK_SIZE)
+        for rank in range(2):
+            per_step = torch.load(tmp_path / f"rank{rank}.pt")[case]
+            for step, (a, e) in enumerate(zip(per_step, single, strict=True)):
+                torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5, msg=f"{case} r{rank} {step}")
