@@ -90,6 +90,10 @@ _WORDS = [
 ]
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
+# LayerNorm families (tests/test_model_families.py): Falcon's new decoder architecture (grouped
+# KV, ln_attn / ln_mlp), its 7B layout (multi-query, parallel attention) and its RW layout
+# (ALiBi, sequential blocks, biases).
+LAYER_NORM_ARCHITECTURES = ("gpt2", "bloom", "falcon", "falcon-7b", "falcon-rw")
 
 
 @dataclass(frozen=True)
@@ -140,8 +144,51 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 384) -> None:
     fast.save_pretrained(out_dir)
 
 
+def _layer_norm_config(spec: TinyModelSpec, vocab_size: int, bos_id: int, eos_id: int):
+    from transformers import BloomConfig, FalconConfig, GPT2Config
+
+    tokens = dict(
+        vocab_size=vocab_size,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        initializer_range=spec.initializer_range,
+        layer_norm_epsilon=1e-5,
+        dtype="float32",
+    )
+    if spec.architecture == "gpt2":
+        return GPT2Config(
+            **tokens,
+            n_positions=spec.max_position_embeddings,
+            n_embd=spec.hidden_size,
+            n_layer=spec.num_layers,
+            n_head=spec.num_heads,
+            n_inner=spec.intermediate_size,
+        )
+    if spec.architecture == "bloom":
+        return BloomConfig(
+            **tokens, hidden_size=spec.hidden_size, n_layer=spec.num_layers, n_head=spec.num_heads
+        )
+    layouts = {
+        "falcon": dict(new_decoder_architecture=True, num_kv_heads=spec.num_kv_heads),
+        "falcon-7b": dict(multi_query=True),
+        "falcon-rw": dict(multi_query=False, parallel_attn=False, bias=True, alibi=True),
+    }
+    return FalconConfig(
+        **tokens,
+        **layouts[spec.architecture],
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        ffn_hidden_size=spec.intermediate_size,
+        max_position_embeddings=spec.max_position_embeddings,
+    )
+
+
 def _config(spec: TinyModelSpec, vocab_size: int, bos_id: int, eos_id: int):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    if spec.architecture in LAYER_NORM_ARCHITECTURES:
+        return _layer_norm_config(spec, vocab_size, bos_id, eos_id)
 
     common = dict(
         vocab_size=vocab_size,
@@ -188,12 +235,19 @@ def _spread_weights(model: torch.nn.Module, spec: TinyModelSpec) -> None:
     generator = torch.Generator().manual_seed(spec.seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name:
+            if _is_norm_weight(name):
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
             elif name.endswith("bias"):
                 param.copy_(0.1 * torch.randn(param.shape, generator=generator))
             else:
                 param.copy_(spec.initializer_range * torch.randn(param.shape, generator=generator))
+
+
+def _is_norm_weight(name: str) -> bool:
+    """RMSNorm and LayerNorm scales (GPT-2 and Falcon name theirs ln_*)."""
+    return ("norm" in name or ".ln_" in name or name.startswith("ln_")) and not name.endswith(
+        "bias"
+    )
 
 
 def read_config(model_dir: Path) -> dict:

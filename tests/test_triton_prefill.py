@@ -48,10 +48,11 @@ def _prefill_reference(
     cu: torch.Tensor,
     scale: float,
     window: int = 0,
+    slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     bounds = cu.tolist()
     parts = [
-        _attention_reference(q[a:b], k[a:b], v[a:b], scale, causal=True, window=window)
+        _attention_reference(q[a:b], k[a:b], v[a:b], scale, True, window, slopes)
         for a, b in zip(bounds[:-1], bounds[1:], strict=True)
     ]
     return torch.cat(parts)
@@ -159,9 +160,11 @@ def _chunked_case(dtype: torch.dtype, page_size: int = 16):
     return sequences, (q, k, v, cu), cached
 
 
-def _chunked_reference(sequences, scale: float, window: int) -> torch.Tensor:
+def _chunked_reference(
+    sequences, scale: float, window: int, slopes: torch.Tensor | None = None
+) -> torch.Tensor:
     return torch.cat([
-        _attention_reference(q[p:], k, v, scale, causal=True, window=window)
+        _attention_reference(q[p:], k, v, scale, True, window, slopes)
         for (p, _), (q, k, v) in zip(CHUNKED, sequences, strict=True)
     ])  # fmt: skip
 

@@ -83,25 +83,37 @@ class PagedCase:
             self.keys[row] = self.keys[row][len(old) :]
             self.values[row] = self.values[row][len(old) :]
 
-    def reference(self) -> torch.Tensor:
+    def reference(self, slopes: torch.Tensor | None = None) -> torch.Tensor:
         rows = [
-            _attention_reference(q[None], k, v, self.scale, causal=False)[0]
+            _attention_reference(q[None], k, v, self.scale, causal=False, slopes=slopes)[0]
             for q, k, v in zip(self.q, self.keys, self.values, strict=True)
         ]
         return torch.stack(rows)
 
 
 def _attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, window: int = 0
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window: int = 0,
+    slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float64 softmax attention; q [m, heads, d], k/v [n, kv_heads, d]. Zeros where n == 0.
-    Causal with window > 0: each query sees itself and the window - 1 keys before it."""
+    Causal with window > 0: each query sees itself and the window - 1 keys before it. With
+    ALiBi `slopes` [heads], each score gains slope * (key position - query position), the
+    queries being the last m positions."""
     group = q.shape[1] // k.shape[1]
     if k.shape[0] == 0:
         return torch.zeros(q.shape, dtype=torch.float64, device=q.device)
     k64 = k.double().repeat_interleave(group, dim=1)
     v64 = v.double().repeat_interleave(group, dim=1)
     scores = torch.einsum("mhd,nhd->hmn", q.double(), k64) * scale
+    if slopes is not None:
+        keys = torch.arange(k.shape[0], device=q.device)
+        distance = keys[None, :] - keys[k.shape[0] - q.shape[0] :, None]
+        scores = scores + slopes.double()[:, None, None] * distance.double()
     if causal:
         offset = k.shape[0] - q.shape[0]
         mask = torch.ones(scores.shape[1:], dtype=torch.bool, device=q.device).tril(offset)

@@ -24,3 +24,17 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
         return triton_silu_and_mul(gate_up)
     return silu_and_mul_torch(gate_up)
+
+
+# transformers' names (ACT2FN) of the GELU variants: exact (erf) or the tanh approximation.
+GELU_APPROXIMATIONS = {
+    "gelu": "none",
+    "gelu_new": "tanh",
+    "gelu_fast": "tanh",
+    "gelu_pytorch_tanh": "tanh",
+}
+
+
+def gelu(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """The GELU variant transformers names `activation` (see GELU_APPROXIMATIONS)."""
+    return F.gelu(x, approximate=GELU_APPROXIMATIONS[activation])

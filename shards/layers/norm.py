@@ -7,10 +7,12 @@ which the kernel matches rounding for rounding.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from shardline.shards.layers import custom_kernels
 from shardline.shards.layers.linear import frozen
+from shardline.shards.utils.weights import Weights
 
 NormOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -41,3 +43,22 @@ class RMSNorm(nn.Module):
 
             return rms_norm(x, self.weight, self.eps, residual)
         return rms_norm_torch(x, self.weight, self.eps, residual)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias (GPT-2, BLOOM, Falcon); the torch kernel on every device."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = frozen(weight)
+        self.bias = frozen(bias)
+        self.eps = eps
+
+    @classmethod
+    def load(cls, weights: Weights, prefix: str, eps: float) -> LayerNorm:
+        return cls(
+            weights.get_tensor(f"{prefix}.weight"), weights.get_tensor(f"{prefix}.bias"), eps
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)

@@ -15,7 +15,10 @@ from typing import Protocol
 import torch
 
 from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
+from shardline.shards.models.bloom import BloomForCausalLM, read_bloom_config
 from shardline.shards.models.config import ModelConfig
+from shardline.shards.models.falcon import FalconForCausalLM, read_falcon_config
+from shardline.shards.models.gpt2 import GPT2LMHeadModel, read_gpt2_config
 from shardline.shards.models.llama import LlamaForCausalLM, read_llama_config
 from shardline.shards.utils.dist import TPGroup
 from shardline.shards.utils.quantization import UnsupportedQuantizationError, WeightFormat
@@ -66,6 +69,14 @@ FAMILIES: tuple[Family, ...] = (
         read_llama_config,
         ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
         ("llama", "mistral", "qwen2"),
+    ),
+    Family(GPT2LMHeadModel, read_gpt2_config, ("GPT2LMHeadModel",), ("gpt2",)),
+    Family(BloomForCausalLM, read_bloom_config, ("BloomForCausalLM",), ("bloom",)),
+    Family(
+        FalconForCausalLM,
+        read_falcon_config,
+        ("FalconForCausalLM", "RWForCausalLM"),
+        ("falcon", "RefinedWeb", "RefinedWebModel"),
     ),
 )
 

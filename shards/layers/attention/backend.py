@@ -7,7 +7,8 @@ k and v [num_tokens, num_kv_heads, head_dim]; outputs are [num_tokens, num_heads
 
 `rotate_and_write_kv` applies the rotary embedding to q and k in place (as `rotary.rotate_`,
 bit for bit) and writes k and v into the cache at each token's slot, skipping negative slots; a
-backend may do both in one kernel.
+backend may do both in one kernel. `write_kv` writes them without rotating (models without
+rotary embeddings: learned positions, ALiBi).
 
 `prefill` attends each packed sequence causally to itself and, where `meta.prefix_lens` says a
 sequence continues a cached prompt (chunked prefill), to that cached prefix first.
@@ -15,6 +16,9 @@ sequence continues a cached prompt (chunked prefill), to that cached prefix firs
 `window` is the layer's sliding window, a constant of the model (0: full causal attention):
 the query at position p sees the keys at positions p - window + 1 .. p, as transformers'
 sliding-window mask has it (Mistral v0.1, Qwen2 with use_sliding_window).
+
+`alibi_slopes` (float32 [num_heads], None: no bias) adds slope * (key position - query
+position) to each head's scaled scores (ALiBi: BLOOM, some Falcons).
 """
 
 from __future__ import annotations
@@ -42,6 +46,15 @@ class AttentionBackend(Protocol):
         slot_mapping: torch.Tensor,
     ) -> None: ...
 
+    def write_kv(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None: ...
+
     def prefill(
         self,
         q: torch.Tensor,
@@ -52,6 +65,7 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
         window: int = 0,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
     def decode(
@@ -62,4 +76,5 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
         window: int = 0,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> torch.Tensor: ...

@@ -50,9 +50,10 @@ class TorchNativeBackend:
         meta: AttentionMetadata,
         scale: float,
         window: int = 0,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal attention within each packed sequence and to its cached prefix, over the last
-        `window` keys if set."""
+        `window` keys if set, with each head's ALiBi bias if `alibi_slopes` [heads] are given."""
         out = torch.empty_like(q)
         bounds = meta.cu_seqlens.tolist()
         prefixes = (
@@ -66,8 +67,10 @@ class TorchNativeBackend:
                 table = meta.prefix_block_tables[i]
                 keys = torch.cat([_gather(k_cache, table, 0, prefix).to(keys.dtype), keys])
                 values = torch.cat([_gather(v_cache, table, 0, prefix).to(values.dtype), values])
-            if prefix or window:
+            if prefix or window or alibi_slopes is not None:
                 mask = causal_mask(end - start, prefix, window, q.device)
+                if alibi_slopes is not None:
+                    mask = alibi_bias(alibi_slopes, mask, q.dtype)
                 out[start:end] = _attend(q[start:end], keys, values, scale, mask=mask)
             else:
                 out[start:end] = _attend(q[start:end], keys, values, scale, causal=True)
@@ -81,15 +84,21 @@ class TorchNativeBackend:
         meta: AttentionMetadata,
         scale: float,
         window: int = 0,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Each sequence's one query token against its cached tokens (the last `window` if set)."""
+        """Each sequence's one query token against its cached tokens (the last `window` if set),
+        with each head's ALiBi bias if `alibi_slopes` [heads] are given."""
         out = torch.empty_like(q)
         for i, context_len in enumerate(meta.context_lens.tolist()):
             first = max(0, context_len - window) if window else 0
             table = meta.block_tables[i]
             k = _gather(k_cache, table, first, context_len)
             v = _gather(v_cache, table, first, context_len)
-            out[i : i + 1] = _attend(q[i : i + 1], k, v, scale)
+            mask = None
+            if alibi_slopes is not None:
+                visible = torch.ones((1, context_len - first), dtype=torch.bool, device=q.device)
+                mask = alibi_bias(alibi_slopes, visible, q.dtype)
+            out[i : i + 1] = _attend(q[i : i + 1], k, v, scale, mask=mask)
         return out
 
 
@@ -109,6 +118,16 @@ def causal_mask(length: int, prefix: int, window: int, device: torch.device) -> 
     offset = queries[:, None] - torch.arange(prefix + length, device=device)[None, :]
     visible = offset >= 0
     return visible & (offset < window) if window else visible
+
+
+def alibi_bias(slopes: torch.Tensor, visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[heads, queries, keys] additive mask: slope * (key position - query position) where
+    `visible` [queries, keys] (the queries are the keys' last ones), -inf elsewhere."""
+    num_queries, num_keys = visible.shape
+    keys = torch.arange(num_keys, device=visible.device)
+    distance = keys[None, :] - keys[num_keys - num_queries :, None]
+    bias = slopes.float()[:, None, None] * distance.float()
+    return bias.masked_fill(~visible, float("-inf")).to(dtype)
 
 
 def _attend(

@@ -7,7 +7,8 @@ separate programs whose partial results a second kernel merges (log-sum-exp weig
 The launch shape depends only on tensor shapes (batch, heads, block-table width), never on
 context lengths, and nothing is read back to the host: the call can be captured in a CUDA graph.
 Rows whose context length is 0 (padding) produce zeros. With a sliding window W (a constant of
-the model, 0 for none) each row reads only its last W keys: the partitions cover those.
+the model, 0 for none) each row reads only its last W keys: the partitions cover those. With
+ALiBi slopes each head adds slope * (key position - query position) to its scores.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def _paged_decode_kernel(
     context_lens_ptr,
     out_ptr,
     lse_ptr,
+    alibi_ptr,
     qk_scale,
     num_splits,
     stride_qt,
@@ -118,6 +120,7 @@ def _paged_decode_kernel(
     SPLIT: tl.constexpr,
     WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     allow_dependents(USE_PDL)
@@ -138,6 +141,8 @@ def _paged_decode_kernel(
     d_mask = offs_d < HEAD_DIM
     q_ptrs = q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    if HAS_ALIBI:  # in log2 units, as the scores
+        slopes = tl.load(alibi_ptr + heads, mask=g_mask, other=0.0) * 1.4426950408889634
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -156,6 +161,8 @@ def _paged_decode_kernel(
             v_cache_ptr, page, in_page, kv_head, offs_d, kv_mask, stride_vb, stride_vt, stride_vh
         )
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_ALIBI:
+            scores += slopes[:, None] * (pos - context_len + 1).to(tl.float32)[None, :]
         scores = tl.where(n_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -264,9 +271,11 @@ def paged_decode_attention(
     config: DecodeConfig | None = None,
     plan: SplitPlan | None = None,
     window: int = 0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [batch, heads, dim] against the paged cache [pages, page_size, kv_heads, dim], each row
-    over its last `window` keys when window > 0."""
+    over its last `window` keys when window > 0, with the ALiBi bias of float32 `alibi_slopes`
+    [heads] if given."""
     config = config or default_decode_config(q.dtype)
     batch, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
@@ -288,12 +297,14 @@ def paged_decode_attention(
         BLOCK_N=config.block_n,
         WINDOW=window,
         DOT_PRECISION=dot_precision(q.dtype),
+        HAS_ALIBI=alibi_slopes is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl_launch(q.device, batch),
     )
     grid = (batch, num_kv_heads, plan.num_splits)
     common = (q, k_cache, v_cache, block_tables, context_lens)
+    alibi = q if alibi_slopes is None else alibi_slopes  # a stand-in, unread without ALiBi
     strides = (
         *q.stride()[:2],
         *k_cache.stride()[:3],
@@ -306,6 +317,7 @@ def paged_decode_attention(
             *common,
             out,
             out,
+            alibi,
             qk_scale,
             1,
             *strides,
@@ -325,6 +337,7 @@ def paged_decode_attention(
         *common,
         partial,
         lse,
+        alibi,
         qk_scale,
         plan.num_splits,
         *strides,

@@ -3,8 +3,10 @@
 One program per token rotates the token's q and k heads in place (rounding exactly as
 triton_rotary does, whose jitted helpers it shares) and scatters the rotated keys and the values
 into the cache at its slot, so k is read once. Negative slots (padded rows of a CUDA graph) are
-rotated but not written. No host synchronization, and the token count reaches the kernel only
-through the grid: it sits inside CUDA graphs and nothing compiles after warmup.
+rotated but not written. Models without rotary embeddings (learned positions, ALiBi) take the
+same kernel with ROTATE off: k and v are only written. No host synchronization, and the token
+count reaches the kernel only through the grid: it sits inside CUDA graphs and nothing compiles
+after warmup.
 """
 
 from __future__ import annotations
@@ -58,21 +60,31 @@ def _rotate_write_kv_kernel(
     BLOCK_KV_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    ROTATE: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     allow_dependents(USE_PDL)
     wait_for_inputs(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
-    position = tl.load(positions_ptr + token).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    cos, sin = load_cos_sin(cos_ptr, sin_ptr, position, stride_cos, stride_sin, HALF, BLOCK_HALF)
-    rotate_heads(q_ptr, token, stride_qt, stride_qh, NUM_HEADS, cos, sin, HALF, BLOCK_H, BLOCK_HALF)
-    k1, k2 = rotate_heads(
-        k_ptr, token, stride_kt, stride_kh, NUM_KV_HEADS, cos, sin, HALF, BLOCK_KV_H, BLOCK_HALF
-    )
     offs_h = tl.arange(0, BLOCK_KV_H)
     offs_d = tl.arange(0, BLOCK_HALF)
     mask = (slot >= 0) & (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HALF)
+    if ROTATE:
+        position = tl.load(positions_ptr + token).to(tl.int64)
+        cos, sin = load_cos_sin(
+            cos_ptr, sin_ptr, position, stride_cos, stride_sin, HALF, BLOCK_HALF
+        )
+        rotate_heads(
+            q_ptr, token, stride_qt, stride_qh, NUM_HEADS, cos, sin, HALF, BLOCK_H, BLOCK_HALF
+        )
+        k1, k2 = rotate_heads(
+            k_ptr, token, stride_kt, stride_kh, NUM_KV_HEADS, cos, sin, HALF, BLOCK_KV_H, BLOCK_HALF
+        )
+    else:
+        k_src = k_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :]
+        k1 = tl.load(k_src, mask=mask)
+        k2 = tl.load(k_src + HALF, mask=mask)
     k_dst = _cache_ptrs(
         k_cache_ptr, slot, stride_kcb, stride_kct, stride_kch, offs_h, offs_d, PAGE_SIZE
     )
@@ -94,23 +106,39 @@ def _check_contiguous_last_dim(**tensors: torch.Tensor) -> None:
         raise ValueError(f"{', '.join(strided)} need a contiguous last (head_dim) dimension")
 
 
+def write_kv_cache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Writes k and v [tokens, kv_heads, dim] into the caches at slot_mapping (negative slots
+    skipped), unrotated; one launch."""
+    rotate_and_write_kv_cache(k, k, v, None, None, None, k_cache, v_cache, slot_mapping)
+
+
 def rotate_and_write_kv_cache(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    positions: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    positions: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
     """Rotates q [tokens, heads, dim] and k [tokens, kv_heads, dim] in place by cos/sin
     [max_pos, dim / 2] at `positions` (as triton_rotary.rotate_in_place), then writes k and v
-    into the caches at slot_mapping (negative slots skipped); one launch."""
+    into the caches at slot_mapping (negative slots skipped); one launch. Without cos/sin
+    (write_kv_cache) nothing is rotated."""
     num_tokens, num_heads, head_dim = q.shape
     if num_tokens == 0:
         return
+    rotate = cos is not None
+    if not rotate:  # unread stand-ins
+        positions, cos, sin = slot_mapping, k_cache[0, 0], k_cache[0, 0]
     _check_contiguous_last_dim(q=q, k=k, v=v, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache)
     num_kv_heads, half = k.shape[1], head_dim // 2
     _rotate_write_kv_kernel[(num_tokens,)](
@@ -137,6 +165,7 @@ def rotate_and_write_kv_cache(
         BLOCK_KV_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half),
         PAGE_SIZE=k_cache.shape[1],
+        ROTATE=rotate,
         num_warps=4,
         enable_fp_fusion=False,  # an FMA would skip the rounding of a product
         **pdl_launch(q.device, num_tokens),

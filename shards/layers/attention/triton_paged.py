@@ -36,6 +36,7 @@ class TritonAttentionBackend:
 
         self._decode = triton_decode.paged_decode_attention
         self._rotate_and_write_kv = triton_kv_write.rotate_and_write_kv_cache
+        self._write_kv = triton_kv_write.write_kv_cache
         self._varlen = triton_prefill.varlen_causal_attention
         self._cached_prefix = triton_prefill.CachedPrefix
         self._flash_varlen = _flash_attn_varlen() if use_flash_attn else None
@@ -55,6 +56,16 @@ class TritonAttentionBackend:
             q, k, v, positions, rotary.cos, rotary.sin, k_cache, v_cache, slot_mapping
         )
 
+    def write_kv(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        self._write_kv(k, v, k_cache, v_cache, slot_mapping)
+
     def prefill(
         self,
         q: torch.Tensor,
@@ -65,6 +76,7 @@ class TritonAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         window: int = 0,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """A pass with cached prefixes (chunked prefill) goes through the Triton kernel, which
         reads them from the paged cache."""
@@ -78,7 +90,15 @@ class TritonAttentionBackend:
             )
         if self._flash_varlen is None or prefix is not None:
             return self._varlen(
-                q, k, v, meta.cu_seqlens, max_seqlen, scale, window=window, prefix=prefix
+                q,
+                k,
+                v,
+                meta.cu_seqlens,
+                max_seqlen,
+                scale,
+                window=window,
+                prefix=prefix,
+                alibi_slopes=alibi_slopes,
             )
         return self._flash_varlen(
             q,
@@ -91,6 +111,7 @@ class TritonAttentionBackend:
             softmax_scale=scale,
             causal=True,
             window_size=(window - 1, 0) if window else (-1, -1),
+            alibi_slopes=alibi_slopes,
         )
 
     def decode(
@@ -101,9 +122,17 @@ class TritonAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         window: int = 0,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if meta.block_tables is None or meta.context_lens is None:
             raise ValueError("decode needs meta.block_tables and meta.context_lens")
         return self._decode(
-            q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, window=window
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.context_lens,
+            scale,
+            window=window,
+            alibi_slopes=alibi_slopes,
         )

@@ -10,6 +10,8 @@ Chunked prefill: a sequence may continue a prompt whose first `prefix_len` token
 Its queries then sit at positions prefix_len onwards; the program first streams the cached
 prefix's keys and values from the paged cache (through the sequence's block table, all visible
 but for the window), then its own keys as above.
+
+ALiBi: with per-head slopes each score gains slope * (key position - query position).
 """
 
 from __future__ import annotations
@@ -46,10 +48,25 @@ def default_prefill_config(dtype: torch.dtype) -> PrefillConfig:
 
 
 @triton.jit
-def _online_softmax_tile(q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+def _online_softmax_tile(
+    q,
+    k,
+    v,
+    visible,
+    bias,
+    m_i,
+    l_i,
+    acc,
+    qk_scale,
+    DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
     """Folds one key tile into the running max `m_i`, sum `l_i` and output `acc`; a row that
-    sees no key yet keeps m = -inf and is shifted by 0."""
+    sees no key yet keeps m = -inf and is shifted by 0. `bias` (log2 units) is added to the
+    scores when HAS_BIAS."""
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if HAS_BIAS:
+        scores += bias
     scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -69,6 +86,15 @@ def _first_visible_key(query_start, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr)
     return first
 
 
+@triton.jit
+def _alibi_bias(slope, key_pos, query_pos, HAS_ALIBI: tl.constexpr):
+    """slope * (key - query) for every [query, key] of a tile, or 0.0 without ALiBi."""
+    bias = 0.0
+    if HAS_ALIBI:
+        bias = slope * (key_pos[None, :] - query_pos[:, None]).to(tl.float32)
+    return bias
+
+
 # Per-call sizes and strides: specialized on their values, they would compile new variants after
 # warmup.
 @triton.jit(do_not_specialize=["num_m_blocks", "stride_bt"])
@@ -82,6 +108,7 @@ def _varlen_causal_kernel(
     block_tables_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    alibi_ptr,
     qk_scale,
     num_m_blocks,
     stride_qt,
@@ -108,6 +135,7 @@ def _varlen_causal_kernel(
     DOT_PRECISION: tl.constexpr,
     HAS_PREFIX: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
 ):
     m_block = num_m_blocks - 1 - tl.program_id(0)  # the longest tiles start first
     seq = tl.program_id(1)
@@ -125,6 +153,9 @@ def _varlen_causal_kernel(
         rows = seq_start + offs_m
         q_ptrs = q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
         q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        slope = 0.0
+        if HAS_ALIBI:  # in log2 units, as the scores
+            slope = tl.load(alibi_ptr + head) * 1.4426950408889634
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -165,8 +196,9 @@ def _varlen_causal_kernel(
                 visible = tl.broadcast_to(n_mask[None, :], (BLOCK_M, BLOCK_N))
                 if WINDOW > 0:
                     visible = visible & (pos[None, :] > query_pos[:, None] - WINDOW)
+                bias = _alibi_bias(slope, pos, query_pos, HAS_ALIBI)
                 m_i, l_i, acc = _online_softmax_tile(
-                    q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_PRECISION
+                    q, k, v, visible, bias, m_i, l_i, acc, qk_scale, DOT_PRECISION, HAS_ALIBI
                 )
 
         k_base = k_ptr + seq_start * stride_kt + kv_head * stride_kh
@@ -185,8 +217,9 @@ def _varlen_causal_kernel(
             visible = (cols[None, :] <= offs_m[:, None]) & n_mask[None, :]
             if WINDOW > 0:
                 visible = visible & (cols[None, :] > offs_m[:, None] - WINDOW)
+            bias = _alibi_bias(slope, cols, offs_m, HAS_ALIBI)
             m_i, l_i, acc = _online_softmax_tile(
-                q, k, v, visible, m_i, l_i, acc, qk_scale, DOT_PRECISION
+                q, k, v, visible, bias, m_i, l_i, acc, qk_scale, DOT_PRECISION, HAS_ALIBI
             )
 
         out = acc / l_i[:, None]
@@ -204,9 +237,11 @@ def varlen_causal_attention(
     config: PrefillConfig | None = None,
     window: int = 0,
     prefix: CachedPrefix | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [tokens, heads, dim], k/v [tokens, kv_heads, dim] packed by cu_seqlens (int32); each
-    query sees its last `window` keys when window > 0, and its sequence's cached `prefix`."""
+    query sees its last `window` keys when window > 0, and its sequence's cached `prefix`; with
+    float32 `alibi_slopes` [heads], each head's ALiBi bias."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_heads % num_kv_heads:
@@ -226,6 +261,7 @@ def varlen_causal_attention(
         out,
         cu_seqlens,
         *_prefix_tensors(prefix, cu_seqlens, k, v),
+        q if alibi_slopes is None else alibi_slopes,  # a stand-in, unread without ALiBi
         scale * LOG2E,
         num_m_blocks,
         *q.stride()[:2],
@@ -242,6 +278,7 @@ def varlen_causal_attention(
         DOT_PRECISION=dot_precision(q.dtype),
         HAS_PREFIX=prefix is not None,
         PAGE_SIZE=prefix.k_cache.shape[1] if prefix else 1,
+        HAS_ALIBI=alibi_slopes is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

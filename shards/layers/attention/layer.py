@@ -1,0 +1,82 @@
+"""One layer's attention over the paged KV cache, whatever the model's position scheme.
+
+The caller hands this pass's q, k and v heads (split from its own qkv projection); the layer
+rotates q and k and writes k and v into the layer's cache (rotary models), or only writes them
+(learned positions, ALiBi), then attends: decode tokens through the paged cache, prefill tokens
+among themselves and to their cached prefix. A mixed pass has its decode tokens first (see
+AttentionMetadata).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shardline.shards.layers.attention.backend import AttentionBackend
+from shardline.shards.layers.attention.metadata import AttentionMetadata
+from shardline.shards.layers.rotary import RotaryEmbedding
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class PagedAttention(nn.Module):
+    def __init__(
+        self,
+        backend: AttentionBackend,
+        num_heads: int,
+        head_dim: int,
+        *,
+        rotary: RotaryEmbedding | None = None,
+        window: int = 0,
+        alibi_slopes: torch.Tensor | None = None,
+    ) -> None:
+        """`num_heads` and `alibi_slopes` [num_heads] (float32) are this rank's."""
+        super().__init__()
+        self.backend = backend
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.rotary = rotary
+        self.window = window
+        self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """q [T, heads, head_dim], k and v [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
+        k_cache, v_cache = kv_cache
+        if self.rotary is None:
+            self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        else:
+            self.backend.rotate_and_write_kv(
+                q, k, v, positions, self.rotary, k_cache, v_cache, meta.slot_mapping
+            )
+        out = self._attend(q, k, v, k_cache, v_cache, meta)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        options = dict(window=self.window, alibi_slopes=self.alibi_slopes)
+        if not meta.is_prefill:
+            return self.backend.decode(q, k_cache, v_cache, meta, self.scale, **options)
+        decoded = meta.num_decode_tokens
+        prefilled = self.backend.prefill(
+            q[decoded:], k[decoded:], v[decoded:], k_cache, v_cache, meta, self.scale, **options
+        )
+        if not decoded:
+            return prefilled
+        decoding = self.backend.decode(q[:decoded], k_cache, v_cache, meta, self.scale, **options)
+        return torch.cat([decoding, prefilled])

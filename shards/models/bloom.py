@@ -1,0 +1,131 @@
+"""BLOOM: ALiBi position biases (no position embedding), a LayerNorm on the token embeddings,
+LayerNorm blocks with a GELU MLP, a fused query_key_value stored per head as [q, k, v], the LM
+head tied to the token embedding. Heads (and their ALiBi slopes) are split across ranks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shardline.shards.layers.alibi import alibi_slopes, rank_slopes
+from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
+from shardline.shards.layers.attention.layer import KVCache, PagedAttention
+from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear
+from shardline.shards.layers.norm import LayerNorm
+from shardline.shards.models.config import (
+    ModelConfig,
+    checkpoint_dtype,
+    eos_token_ids,
+)
+from shardline.shards.models.fused_attention import FusedQKVAttention
+from shardline.shards.models.gelu_mlp import GeluMLP
+from shardline.shards.models.layer_norm_lm import LayerNormCausalLM
+from shardline.shards.models.layout import checkpoint_prefix, grouped_qkv
+from shardline.shards.utils.weights import Weights
+
+BLOOM_CONTEXT = 2048  # BLOOM's training length; its config.json names none (ALiBi has no table)
+
+
+def read_bloom_config(raw: dict, generation: dict) -> ModelConfig:
+    if raw.get("apply_residual_connection_post_layernorm"):
+        raise ValueError("BLOOM with apply_residual_connection_post_layernorm is not supported")
+    hidden_size = raw.get("hidden_size") or raw["n_embed"]
+    num_heads = raw.get("n_head") or raw["num_attention_heads"]
+    num_layers = raw.get("n_layer") or raw["num_hidden_layers"]
+    return ModelConfig(
+        model_type=raw["model_type"],
+        architectures=tuple(raw.get("architectures") or ()),
+        vocab_size=raw["vocab_size"],
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_heads,
+        head_dim=hidden_size // num_heads,
+        rms_norm_eps=raw.get("layer_norm_epsilon", 1e-5),
+        rope_theta=0.0,
+        rope_scaling=None,
+        max_position_embeddings=raw.get("seq_length") or BLOOM_CONTEXT,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        o_proj_bias=True,
+        mlp_bias=True,
+        sliding_window=None,
+        layer_windows=(0,) * num_layers,
+        eos_token_ids=eos_token_ids(raw, generation),
+        bos_token_id=generation.get("bos_token_id", raw.get("bos_token_id")),
+        torch_dtype=checkpoint_dtype(raw),
+        hidden_act="gelu_pytorch_tanh",
+        norm_kind="layer",
+        alibi=True,
+    )
+
+
+class BloomBlock(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: Weights,
+        prefix: str,
+        backend: AttentionBackend,
+        slopes: torch.Tensor,
+    ) -> None:
+        super().__init__()
+        eps, tp = config.rms_norm_eps, weights.tp
+        heads = config.num_heads // tp.world_size
+        fused = f"{prefix}.self_attention.query_key_value"
+        qkv = [
+            grouped_qkv(
+                weights, f"{fused}.{kind}", config.num_heads, config.num_heads, config.head_dim
+            )
+            for kind in ("weight", "bias")
+        ]
+        self.input_layernorm = LayerNorm.load(weights, f"{prefix}.input_layernorm", eps)
+        self.self_attention = FusedQKVAttention(
+            ColumnParallelLinear(*qkv),
+            RowParallelLinear.load(weights, f"{prefix}.self_attention.dense", True),
+            PagedAttention(backend, heads, config.head_dim, alibi_slopes=slopes),
+            heads,
+        )
+        self.post_attention_layernorm = LayerNorm.load(
+            weights, f"{prefix}.post_attention_layernorm", eps
+        )
+        self.mlp = GeluMLP.load(
+            weights,
+            f"{prefix}.mlp.dense_h_to_4h",
+            f"{prefix}.mlp.dense_4h_to_h",
+            True,
+            config.hidden_act,
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        attended = self.self_attention(self.input_layernorm(hidden), positions, kv_cache, meta)
+        hidden = hidden + attended
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class BloomForCausalLM(LayerNormCausalLM):
+    def __init__(self, config: ModelConfig, weights: Weights, backend: AttentionBackend) -> None:
+        prefix = checkpoint_prefix(weights, "word_embeddings.weight", "transformer.")
+        slopes = rank_slopes(alibi_slopes(config.num_heads), weights.tp).to(weights.device)
+        super().__init__(
+            config,
+            weights,
+            embedding=f"{prefix}word_embeddings.weight",
+            block=lambda i: BloomBlock(config, weights, f"{prefix}h.{i}", backend, slopes),
+            final_norm=f"{prefix}ln_f",
+            lm_head=f"{prefix}word_embeddings.weight",
+        )
+        if self.stage.is_first:
+            self.embedding_norm = LayerNorm.load(
+                weights, f"{prefix}word_embeddings_layernorm", config.rms_norm_eps
+            )
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.embedding_norm(self.embed_tokens(input_ids))

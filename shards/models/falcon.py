@@ -1,0 +1,180 @@
+"""Falcon: rotary (or, in its RW models, ALiBi) attention with a fused query_key_value stored per
+KV head as [its query heads, key, value] (7B: multi-query, one KV head; 40B/180B: the "new
+decoder architecture", grouped KV), LayerNorm blocks whose attention and GELU MLP read the same
+input and are summed (parallel attention; 40B/180B norm it twice, ln_attn and ln_mlp) or run one
+after the other, the LM head tied to the token embedding unless the config says otherwise."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from shardline.shards.layers.alibi import alibi_slopes, rank_slopes
+from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
+from shardline.shards.layers.attention.layer import KVCache, PagedAttention
+from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear
+from shardline.shards.layers.norm import LayerNorm
+from shardline.shards.layers.rotary import RotaryEmbedding
+from shardline.shards.models.config import (
+    ModelConfig,
+    checkpoint_dtype,
+    eos_token_ids,
+    require_activation,
+    rope_parameters,
+)
+from shardline.shards.models.fused_attention import FusedQKVAttention
+from shardline.shards.models.gelu_mlp import GeluMLP
+from shardline.shards.models.layer_norm_lm import LayerNormCausalLM
+from shardline.shards.models.layout import grouped_qkv
+from shardline.shards.models.llama import kv_heads_per_rank
+from shardline.shards.utils.weights import Weights
+
+GELU_VARIANTS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh")
+
+
+def _first(raw: dict, *keys: str, default: object = None) -> object:
+    """The value of the first of `keys` config.json has (FalconConfig's names, then the
+    RefinedWeb checkpoints' older ones)."""
+    return next((raw[key] for key in keys if raw.get(key) is not None), default)
+
+
+def read_falcon_config(raw: dict, generation: dict) -> ModelConfig:
+    """FalconConfig's keys; the KV head count the layout implies (multi-query: 1, new decoder
+    architecture: num_kv_heads, otherwise one per head)."""
+    model_type = raw["model_type"]
+    hidden_size = _first(raw, "hidden_size", "n_embed")
+    num_heads = _first(raw, "num_attention_heads", "n_head")
+    num_layers = _first(raw, "num_hidden_layers", "n_layer")
+    new_decoder = raw.get("new_decoder_architecture", model_type == "RefinedWeb")
+    parallel = raw.get("parallel_attn", True)
+    if new_decoder and not parallel:
+        raise ValueError("Falcon's new decoder architecture without parallel_attn is not supported")
+    if new_decoder:
+        num_kv_heads = _first(raw, "num_kv_heads", "n_head_kv", default=num_heads)
+    else:
+        num_kv_heads = 1 if raw.get("multi_query", True) else num_heads
+    rope_theta, rope_scaling = rope_parameters(raw)
+    bias = raw.get("bias", False)
+    return ModelConfig(
+        model_type=model_type,
+        architectures=tuple(raw.get("architectures") or ()),
+        vocab_size=raw["vocab_size"],
+        hidden_size=hidden_size,
+        intermediate_size=raw.get("ffn_hidden_size") or 4 * hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        rms_norm_eps=raw.get("layer_norm_epsilon", 1e-5),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=raw.get("max_position_embeddings", 2048),
+        tie_word_embeddings=raw.get("tie_word_embeddings", True),
+        attention_bias=bias,
+        o_proj_bias=bias,
+        mlp_bias=bias,
+        sliding_window=None,
+        layer_windows=(0,) * num_layers,
+        eos_token_ids=eos_token_ids(raw, generation),
+        bos_token_id=generation.get("bos_token_id", raw.get("bos_token_id")),
+        torch_dtype=checkpoint_dtype(raw),
+        hidden_act=require_activation(raw, "activation", GELU_VARIANTS),
+        norm_kind="layer",
+        alibi=bool(raw.get("alibi", False)),
+        parallel_blocks=parallel,
+    )
+
+
+def falcon_alibi_slopes(config: ModelConfig) -> torch.Tensor:
+    """transformers' Falcon rounds the slopes to bfloat16 and scales the bias by the softmax
+    scale (BLOOM does neither)."""
+    return alibi_slopes(config.num_heads).bfloat16().float() * config.head_dim**-0.5
+
+
+class FalconBlock(nn.Module):
+    def __init__(
+        self, config: ModelConfig, weights: Weights, prefix: str, attention: PagedAttention
+    ) -> None:
+        super().__init__()
+        eps, bias = config.rms_norm_eps, config.attention_bias
+        fused = f"{prefix}.self_attention.query_key_value"
+        qkv = [
+            grouped_qkv(weights, f"{fused}.{kind}", *_heads(config)) if wanted else None
+            for kind, wanted in (("weight", True), ("bias", bias))
+        ]
+        self.self_attention = FusedQKVAttention(
+            ColumnParallelLinear(*qkv),
+            RowParallelLinear.load(weights, f"{prefix}.self_attention.dense", bias),
+            attention,
+            kv_heads_per_rank(config.num_kv_heads, weights.tp.world_size),
+        )
+        self.mlp = GeluMLP.load(
+            weights,
+            f"{prefix}.mlp.dense_h_to_4h",
+            f"{prefix}.mlp.dense_4h_to_h",
+            config.mlp_bias,
+            config.hidden_act,
+        )
+        self.parallel = config.parallel_blocks
+        self.mlp_norm: LayerNorm | None = None
+        if f"{prefix}.ln_attn.weight" in weights:  # the new decoder architecture's two norms
+            self.attention_norm = LayerNorm.load(weights, f"{prefix}.ln_attn", eps)
+            self.mlp_norm = LayerNorm.load(weights, f"{prefix}.ln_mlp", eps)
+        else:
+            self.attention_norm = LayerNorm.load(weights, f"{prefix}.input_layernorm", eps)
+        if not self.parallel:
+            self.mlp_norm = LayerNorm.load(weights, f"{prefix}.post_attention_layernorm", eps)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        normed = self.attention_norm(hidden)
+        attended = self.self_attention(normed, positions, kv_cache, meta)
+        if not self.parallel:
+            hidden = hidden + attended
+            return hidden + self.mlp(self.mlp_norm(hidden))
+        mlp_input = normed if self.mlp_norm is None else self.mlp_norm(hidden)
+        return hidden + (self.mlp(mlp_input) + attended)
+
+
+def _heads(config: ModelConfig) -> tuple[int, int, int]:
+    return config.num_heads, config.num_kv_heads, config.head_dim
+
+
+class FalconForCausalLM(LayerNormCausalLM):
+    def __init__(self, config: ModelConfig, weights: Weights, backend: AttentionBackend) -> None:
+        attention = _attention_factory(config, weights, backend)
+        embedding = "transformer.word_embeddings.weight"
+        super().__init__(
+            config,
+            weights,
+            embedding=embedding,
+            block=lambda i: FalconBlock(config, weights, f"transformer.h.{i}", attention()),
+            final_norm="transformer.ln_f",
+            lm_head=embedding if config.tie_word_embeddings else "lm_head.weight",
+        )
+
+
+def _attention_factory(
+    config: ModelConfig, weights: Weights, backend: AttentionBackend
+) -> Callable[[], PagedAttention]:
+    """Each block's attention: one rotary table (or this rank's ALiBi slopes) for all of them."""
+    heads = config.num_heads // weights.tp.world_size
+    if config.alibi:
+        slopes = rank_slopes(falcon_alibi_slopes(config), weights.tp).to(weights.device)
+        return lambda: PagedAttention(backend, heads, config.head_dim, alibi_slopes=slopes)
+    rotary = RotaryEmbedding(
+        config.head_dim,
+        config.max_position_embeddings,
+        config.rope_theta,
+        config.rope_scaling,
+        weights.dtype,
+        weights.device,
+    )
+    return lambda: PagedAttention(backend, heads, config.head_dim, rotary=rotary)

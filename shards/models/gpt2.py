@@ -1,0 +1,100 @@
+"""GPT-2: learned absolute position embeddings, pre-LayerNorm blocks, a GELU MLP, Conv1D
+projections (weights stored [in, out], transposed at load), the LM head tied to the token
+embedding. Heads are split across ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
+from shardline.shards.layers.attention.layer import KVCache, PagedAttention
+from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear, frozen
+from shardline.shards.layers.norm import LayerNorm
+from shardline.shards.models.config import ModelConfig, decoder_config, require_activation
+from shardline.shards.models.fused_attention import FusedQKVAttention
+from shardline.shards.models.gelu_mlp import GeluMLP
+from shardline.shards.models.layer_norm_lm import LayerNormCausalLM
+from shardline.shards.models.layout import checkpoint_prefix, conv1d_column, conv1d_qkv, conv1d_row
+from shardline.shards.utils.weights import Weights
+
+GELU_VARIANTS = ("gelu_new", "gelu", "gelu_fast", "gelu_pytorch_tanh")
+
+
+def read_gpt2_config(raw: dict, generation: dict) -> ModelConfig:
+    """GPT2Config's keys (n_embd, n_head, n_layer, n_inner, n_positions) read as Llama's."""
+    if raw.get("scale_attn_by_inverse_layer_idx"):
+        raise ValueError("GPT-2 with scale_attn_by_inverse_layer_idx is not supported")
+    if raw.get("scale_attn_weights") is False:
+        raise ValueError("GPT-2 without scale_attn_weights is not supported")
+    hidden_size = raw.get("n_embd") or raw["hidden_size"]
+    renamed = {
+        **raw,
+        "hidden_size": hidden_size,
+        "num_attention_heads": raw.get("n_head") or raw["num_attention_heads"],
+        "num_hidden_layers": raw.get("n_layer") or raw["num_hidden_layers"],
+        "intermediate_size": raw.get("n_inner") or 4 * hidden_size,
+        "max_position_embeddings": raw.get("n_positions") or raw["max_position_embeddings"],
+    }
+    return decoder_config(
+        renamed,
+        generation,
+        rms_norm_eps=raw.get("layer_norm_epsilon", 1e-5),
+        norm_kind="layer",
+        hidden_act=require_activation(raw, "activation_function", GELU_VARIANTS),
+        tie_word_embeddings=True,
+        attention_bias=True,
+        o_proj_bias=True,
+        mlp_bias=True,
+    )
+
+
+class GPT2Block(nn.Module):
+    def __init__(
+        self, config: ModelConfig, weights: Weights, prefix: str, backend: AttentionBackend
+    ) -> None:
+        super().__init__()
+        eps, tp = config.rms_norm_eps, weights.tp
+        heads = config.num_heads // tp.world_size
+        self.ln_1 = LayerNorm.load(weights, f"{prefix}.ln_1", eps)
+        self.attn = FusedQKVAttention(
+            ColumnParallelLinear(*conv1d_qkv(weights, f"{prefix}.attn.c_attn", config.hidden_size)),
+            RowParallelLinear(*conv1d_row(weights, f"{prefix}.attn.c_proj"), tp),
+            PagedAttention(backend, heads, config.head_dim),
+            heads,
+        )
+        self.ln_2 = LayerNorm.load(weights, f"{prefix}.ln_2", eps)
+        self.mlp = GeluMLP(
+            ColumnParallelLinear(*conv1d_column(weights, f"{prefix}.mlp.c_fc")),
+            RowParallelLinear(*conv1d_row(weights, f"{prefix}.mlp.c_proj"), tp),
+            config.hidden_act,
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = hidden + self.attn(self.ln_1(hidden), positions, kv_cache, meta)
+        return hidden + self.mlp(self.ln_2(hidden))
+
+
+class GPT2LMHeadModel(LayerNormCausalLM):
+    def __init__(self, config: ModelConfig, weights: Weights, backend: AttentionBackend) -> None:
+        prefix = checkpoint_prefix(weights, "wte.weight", "transformer.")
+        super().__init__(
+            config,
+            weights,
+            embedding=f"{prefix}wte.weight",
+            block=lambda i: GPT2Block(config, weights, f"{prefix}h.{i}", backend),
+            final_norm=f"{prefix}ln_f",
+            lm_head=f"{prefix}wte.weight",
+        )
+        if self.stage.is_first:
+            self.position_embeddings = frozen(weights.get_tensor(f"{prefix}wpe.weight"))
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids) + F.embedding(positions, self.position_embeddings)

@@ -1,0 +1,196 @@
+"""GPT-2, BLOOM and Falcon (its new decoder architecture, its 7B multi-query layout and its RW
+layout with ALiBi) loaded through the real loader from tiny checkpoints that transformers' own
+config classes wrote: paged logits equal transformers', the engine's greedy tokens equal
+transformers' generate for mixed batches with chunked prefill, and two ranks over gloo equal
+one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from aiohttp.test_utils import unused_port
+
+from shardline.shards.layers.alibi import alibi_slopes, rank_slopes
+from shardline.shards.models import ModelConfig
+from shardline.shards.utils.dist import TPGroup, init_distributed
+from tests.model_factory import LAYER_NORM_ARCHITECTURES, TinyModelSpec, build_tiny_model
+from tests.shard_harness import (
+    Arrival,
+    make_request,
+    random_prompts,
+    run_schedule,
+    transformers_greedy,
+)
+from tests.test_engine import assert_no_leaks, warmed_engine
+from tests.test_model_forward import (
+    assert_logits_close,
+    load,
+    prompts,
+    run_engine,
+    transformers_reference,
+)
+
+PROMPT_LENGTHS = (5, 11, 1, 30)
+DECODE_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny checkpoint per family layout, shared by this module's tests."""
+    root = tmp_path_factory.mktemp("families")
+    return {
+        arch: build_tiny_model(root / arch, TinyModelSpec(architecture=arch, seed=10 + i))
+        for i, arch in enumerate(LAYER_NORM_ARCHITECTURES)
+    }
+
+
+@pytest.mark.parametrize("arch", LAYER_NORM_ARCHITECTURES)
+def test_paged_forward_matches_transformers(family_dirs: dict[str, Path], arch: str) -> None:
+    model = load(family_dirs[arch])
+    prompt_ids = prompts(model.config.vocab_size, lengths=PROMPT_LENGTHS)
+    expected, fed = transformers_reference(family_dirs[arch], prompt_ids, DECODE_STEPS)
+    assert_logits_close(run_engine(model, prompt_ids, fed, block_size=4), expected)
+
+
+# (launch_next, mixed, chunk): plain joins, then chunked prefill beside a decoding batch.
+SCHEDULES = [(False, False, 0), (True, True, 7)]
+
+
+@pytest.mark.parametrize("arch", LAYER_NORM_ARCHITECTURES)
+def test_engine_greedy_matches_transformers(family_dirs: dict[str, Path], arch: str) -> None:
+    """6 prompts arrive at different steps and stop at different lengths, once prefilled whole
+    and once 7 tokens a pass beside the running batch; every token is transformers'."""
+    engine = warmed_engine(family_dirs[arch])
+    prompt_ids = random_prompts(6, engine.config.vocab_size, seed=21, min_len=5, max_len=40)
+    max_new = [12, 3, 20, 8, 15, 6]
+    expected = transformers_greedy(family_dirs[arch], prompt_ids, max_new)
+    arrivals = [
+        Arrival(step, make_request(i, prompt, n))
+        for i, (step, prompt, n) in enumerate(zip([0, 0, 2, 5, 5, 9], prompt_ids, max_new))
+    ]
+    for launch_next, mixed, chunk in SCHEDULES:
+        result = run_schedule(engine.prefill, engine.decode, arrivals, launch_next, mixed, chunk)
+        assert result.max_batch_size > 1
+        for i in range(len(prompt_ids)):
+            assert result.tokens[i] == expected[i], f"request {i}, chunk {chunk}"
+        assert_no_leaks(engine)
+
+
+def _rank_main(
+    rank: int, world_size: int, port: int, cases: dict[str, tuple], out_dir: Path
+) -> None:
+    torch.set_num_threads(1)
+    tp = init_distributed(rank, world_size, "127.0.0.1", port, torch.device("cpu"))
+    logits = {
+        arch: run_engine(load(model_dir, tp), prompt_ids, fed, 4)
+        for arch, (model_dir, prompt_ids, fed) in cases.items()
+    }
+    torch.save(logits, out_dir / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_match_one(tmp_path: Path, family_dirs: dict[str, Path]) -> None:
+    """Heads (and ALiBi slopes) split over 2 ranks; Falcon 7B's one KV head replicated."""
+    cases, single = {}, {}
+    for arch, model_dir in family_dirs.items():
+        model = load(model_dir)
+        prompt_ids = prompts(model.config.vocab_size, seed=3, lengths=PROMPT_LENGTHS)
+        _, fed = transformers_reference(model_dir, prompt_ids, steps=2)
+        cases[arch] = (model_dir, prompt_ids, fed)
+        single[arch] = run_engine(model, prompt_ids, fed, 4)
+    mp.spawn(_rank_main, args=(2, unused_port(), cases, tmp_path), nprocs=2, join=True)
+    for rank in range(2):
+        per_arch = torch.load(tmp_path / f"rank{rank}.pt")
+        for arch, steps in single.items():
+            for step, (a, e) in enumerate(zip(per_arch[arch], steps, strict=True)):
+                torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5, msg=f"{arch} {step}")
+
+
+@pytest.mark.parametrize("num_heads", [*range(1, 20), 71, 112])
+def test_alibi_slopes_are_transformers(num_heads: int) -> None:
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    expected = _get_alibi_slopes(num_heads, torch.device("cpu"))
+    assert torch.equal(alibi_slopes(num_heads), expected)
+    if num_heads % 4 == 0:
+        parts = [rank_slopes(expected, TPGroup(rank, 4)) for rank in range(4)]
+        assert torch.equal(torch.cat(parts), expected)
+
+
+FALCON_7B = {
+    "architectures": ["FalconForCausalLM"],
+    "model_type": "falcon",
+    "vocab_size": 65024,
+    "hidden_size": 4544,
+    "num_attention_heads": 71,
+    "num_hidden_layers": 32,
+    "multi_query": True,
+    "parallel_attn": True,
+    "new_decoder_architecture": False,
+    "bias": False,
+    "alibi": False,
+}
+FALCON_40B = {
+    **FALCON_7B,
+    "hidden_size": 8192,
+    "num_attention_heads": 128,
+    "num_hidden_layers": 60,
+    "num_kv_heads": 8,
+    "new_decoder_architecture": True,
+    "rope_theta": 10000.0,
+}
+RW_40B = {  # the RefinedWeb checkpoints' own config.json names
+    "architectures": ["RWForCausalLM"],
+    "model_type": "RefinedWeb",
+    "vocab_size": 65024,
+    "hidden_size": 8192,
+    "n_head": 128,
+    "n_head_kv": 8,
+    "n_layer": 60,
+    "parallel_attn": True,
+    "bias": False,
+    "alibi": False,
+}
+
+
+@pytest.mark.parametrize(
+    ("raw", "kv_heads", "head_dim", "parallel"),
+    [
+        (FALCON_7B, 1, 64, True),
+        (FALCON_40B, 8, 64, True),
+        (RW_40B, 8, 64, True),
+        ({**FALCON_7B, "multi_query": False, "parallel_attn": False}, 71, 64, False),
+    ],
+)
+def test_falcon_layouts_read_as_transformers(
+    raw: dict, kv_heads: int, head_dim: int, parallel: bool
+) -> None:
+    config = ModelConfig.from_dicts(raw, {})
+    assert (config.num_kv_heads, config.head_dim) == (kv_heads, head_dim)
+    assert config.parallel_blocks is parallel and config.tie_word_embeddings
+    assert config.intermediate_size == 4 * config.hidden_size and not config.alibi
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({**FALCON_40B, "parallel_attn": False}, "new decoder architecture without parallel"),
+        ({**FALCON_7B, "activation": "relu"}, "unsupported activation 'relu'"),
+        (
+            {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+             "scale_attn_by_inverse_layer_idx": True},
+            "scale_attn_by_inverse_layer_idx",
+        ),
+        (
+            {"architectures": ["BloomForCausalLM"], "model_type": "bloom",
+             "apply_residual_connection_post_layernorm": True},
+            "apply_residual_connection_post_layernorm",
+        ),
+    ],
+)  # fmt: skip
+def test_unsupported_variants_are_refused_by_name(raw: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_dicts(raw, {})
