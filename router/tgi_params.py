@@ -118,6 +118,7 @@ def tgi_sampling_params(parameters: GenerateParameters) -> SamplingParams:
             skip_special_tokens=p.skip_special_tokens,
             best_of=p.best_of,
             watermark=p.watermark,
+            cache_salt=p.cache_salt,
             **_beam_search(p),
             **guided_decoding(p.grammar, "grammar"),
         )

@@ -98,6 +98,10 @@ HOSTILE = {
         {**COMPLETION, "stop_token_ids": [2**32]},
     ),
     "completions prompt surrogate": ("/v1/completions", {**COMPLETION, "prompt": LONE_SURROGATE}),
+    "completions empty cache_salt": ("/v1/completions", {**COMPLETION, "cache_salt": ""}),
+    "chat cache_salt surrogate": ("/v1/chat/completions", {**CHAT, "cache_salt": LONE_SURROGATE}),
+    "chat cache_salt number": ("/v1/chat/completions", {**CHAT, "cache_salt": 7}),
+    "generate empty cache_salt": ("/generate", {"inputs": "Hi", "parameters": {"cache_salt": ""}}),
     "completions logit_bias id 2^40": (
         "/v1/completions",
         {**COMPLETION, "logit_bias": {"1099511627776": 1}},

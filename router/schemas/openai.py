@@ -246,6 +246,11 @@ class VllmSampling(Sampling):
     min_tokens: StrictInt | None = None
     ignore_eos: Boolean | None = None
     skip_special_tokens: Boolean | None = None
+    cache_salt: StrictStr | None = Field(
+        None,
+        description="Prefix-cache isolation (vLLM's): only requests of the same non-empty salt "
+        "share cached prompt blocks",
+    )
 
 
 class OpenAIRequest(VllmSampling):

@@ -133,6 +133,11 @@ class GenerateParameters(BaseModel):
         False, description="Beam search (not streamed): the best beam answers."
     )
     beam_width: StrictInt = Field(1, gt=0, description="Beams kept (at most --max-best-of).")
+    cache_salt: StrictStr | None = Field(
+        None,
+        description="Prefix-cache isolation (vLLM's): only requests of the same non-empty salt "
+        "share cached prompt blocks",
+    )
     length_penalty: FiniteFloat = Field(1.0, description="Beam score's exponent of the length.")
     early_stopping: Annotated[StrictBool | Literal["never"], Expect('true, false or "never"')] = (
         False
