@@ -16,6 +16,7 @@ from typing import Any
 from shardline import __version__
 from shardline.model_files import PACKAGED_MODEL_ALIAS
 from shardline.router.grammar_compiler import GrammarBudget
+from shardline.shard_config import QUANTIZE_CHOICES
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -73,16 +74,20 @@ FLAGS: tuple[Flag, ...] = (
          choices=("float16", "bfloat16", "float32"), shard_field="dtype"),
     Flag(("--trust-remote-code",), "TRUST_REMOTE_CODE",
          "accepted for TGI compatibility: Shardline runs its own model code only", switch=True),
-    Flag(("--quantize",), "QUANTIZE", "quantization method; not supported yet",
+    Flag(("--quantize",), "QUANTIZE", "fp8: full-precision weights quantized to FP8 at load "
+         "(FP8 checkpoints, compressed-tensors, fbgemm_fp8 or fp8, are detected from config.json "
+         "without it); compressed-tensors: the checkpoint must be one; the others are not "
+         "supported yet",
          choices=("awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin", "bitsandbytes",
                   "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8"),
-         refused=_NOT_YET + "weights are served unquantized (a GGUF file is dequantized)"),
+         refused=_NOT_YET + "only fp8 and compressed-tensors FP8 checkpoints",
+         accepted=QUANTIZE_CHOICES, shard_field="quantization"),
     Flag(("--speculate",), "SPECULATE", "tokens to speculate per step; not supported yet "
          "(0 is accepted)", type=int, refused=_NOT_YET + "no speculative decoding; only 0 is "
          "accepted", accepted=(0,)),
-    Flag(("--kv-cache-dtype",), "KV_CACHE_DTYPE", "dtype of the KV cache; not supported yet "
-         "(the cache takes the model's dtype)", choices=("fp8_e4m3fn", "fp8_e5m2"),
-         refused=_NOT_YET + "the KV cache takes the model's dtype"),
+    Flag(("--kv-cache-dtype",), "KV_CACHE_DTYPE", "dtype of the KV cache: fp8_e4m3fn or "
+         "fp8_e5m2 (scaled by the checkpoint's k_scale / v_scale, else 1.0); default: the "
+         "model's", choices=("fp8_e4m3fn", "fp8_e5m2"), shard_field="kv_cache_dtype"),
     Flag(("--rope-scaling",), "ROPE_SCALING", "rotary scaling forced upon the model; not "
          "supported yet (the model's config.json rope_scaling applies)",
          choices=("linear", "dynamic"),

@@ -26,6 +26,7 @@ from shardline.launcher.supervisor import Child
 from shardline.model_files import PACKAGED_MODEL_ALIAS
 from shardline.shard_config import ShardConfig, setting_options
 from shardline.shards.layers import custom_kernels
+from shardline.shards.utils.quantization import weight_format
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,11 @@ def shard_config(args: argparse.Namespace, model_dir: Path) -> ShardConfig:
     if args.disable_custom_kernels:
         given.update(_without_custom_kernels(given))
     try:
-        return ShardConfig(model=str(model_dir), **given)
+        config = ShardConfig(model=str(model_dir), **given)
+        weight_format(model_dir, config.quantization)  # an unsupported checkpoint stops here
     except ValueError as error:
         raise LauncherError(str(error)) from None
+    return config
 
 
 def _without_custom_kernels(given: Mapping[str, object]) -> dict[str, str]:

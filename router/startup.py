@@ -175,6 +175,8 @@ def _info(settings: RouterSettings, shard_info: pb.InfoResponse, limits: _Limits
         "model_sha": None,
         "model_dtype": shard_info.dtype,
         "model_device_type": shard_info.device_type,
+        "quantize": shard_info.quantize or None,
+        "kv_cache_dtype": shard_info.kv_cache_dtype or None,
         "model_pipeline_tag": "text-generation",
         "max_concurrent_requests": settings.max_concurrent_requests,
         "max_best_of": settings.max_best_of,

@@ -107,6 +107,8 @@ class ShardEngine:
             vocab_size=self.config.vocab_size,
             max_position_embeddings=self.max_positions,
             eos_token_ids=sorted(self.config.eos_token_ids),
+            quantize=self.settings.quantization or "",
+            kv_cache_dtype=str(self.kv_cache_dtype).removeprefix("torch."),
         )
 
     def stats(self) -> pb.StatsResponse:

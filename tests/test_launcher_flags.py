@@ -3,13 +3,17 @@ acted upon, or refused at startup in one line naming it (never silently ignored)
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from aiohttp.test_utils import unused_port
 
 from shardline.launcher.args import FLAGS, build_parser, parse_args
+from shardline.launcher.cli import run
 from shardline.launcher.commands import LauncherError, router_spec
 from shardline.launcher.shards import ShardLaunch, shard_config, shard_environment, shard_spec
 from shardline.router.cli import build_parser as router_parser
@@ -78,7 +82,6 @@ TGI_FLAGS = [
 REFUSED_VALUES = {
     "QUANTIZE": "awq",
     "SPECULATE": "2",
-    "KV_CACHE_DTYPE": "fp8_e5m2",
     "ROPE_SCALING": "dynamic",
     "ROPE_FACTOR": "2.0",
     "LORA_ADAPTERS": "org/adapter",
@@ -118,7 +121,7 @@ def test_an_unsupported_tgi_variable_stops_the_start_in_one_line(variable, value
 
 @pytest.mark.parametrize(
     "argv",
-    [["--quantize", "gptq"], ["--kv-cache-dtype=fp8_e4m3fn"], ["--lora-adapters", "a,b"]],
+    [["--quantize", "gptq"], ["--rope-scaling=dynamic"], ["--lora-adapters", "a,b"]],
 )
 def test_an_unsupported_flag_is_named_as_given(argv, capsys) -> None:
     with pytest.raises(SystemExit):
@@ -198,3 +201,25 @@ def test_tracing_and_cors_settings_reach_the_router(tmp_path: Path) -> None:
         "a",
         "b",
     ]
+
+
+def test_fp8_weights_and_kv_cache_reach_the_shards(tmp_path: Path) -> None:
+    environ = {**CPU_ONLY, "KV_CACHE_DTYPE": "fp8_e5m2", "PATH": os.environ["PATH"]}
+    args = parse_args(["--quantize", "fp8"], environ)
+    argv = shard_spec(shard_config(args, tmp_path), ShardLaunch("/s"), 0, environ).argv
+    assert argv[argv.index("--quantization") + 1] == "fp8"
+    assert argv[argv.index("--kv-cache-dtype") + 1] == "fp8_e5m2"
+
+
+def test_an_unsupported_checkpoint_quantization_stops_the_start(
+    tmp_path: Path, tiny_llama_dir: Path, capfd
+) -> None:
+    model_dir = shutil.copytree(tiny_llama_dir, tmp_path / "awq")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LauncherError, match="checkpoint quantization 'awq' is not supported"):
+        shard_config(parse_args([], CPU_ONLY), model_dir)
+    port = ["--port", str(unused_port()), "--prometheus-port", "0"]
+    assert run(["--model-id", str(model_dir), *port], CPU_ONLY) == 1
+    assert "checkpoint quantization 'awq' is not supported" in capfd.readouterr().err

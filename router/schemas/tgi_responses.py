@@ -87,6 +87,8 @@ class Info(BaseModel):
     model_sha: str | None = None
     model_dtype: str | None = None
     model_device_type: str | None = None
+    quantize: str | None = None  # the weights' FP8 format (TGI's --quantize); null: unquantized
+    kv_cache_dtype: str | None = None
     model_pipeline_tag: str | None = None
     max_concurrent_requests: Count
     max_best_of: Count

@@ -43,8 +43,10 @@ class Weights:
     def get_stored(
         self, name: str, dim: int = 0, start: int = 0, stop: int | None = None
     ) -> torch.Tensor:
-        """Rows [start, stop) along `dim` in the dtype they are stored in, on the device."""
-        index = (slice(None),) * dim + (slice(start, stop),)
+        """Rows [start, stop) along `dim` (default: all of it, a scalar too) in the dtype they
+        are stored in, on the device."""
+        whole = start == 0 and stop is None
+        index = () if whole else (slice(None),) * dim + (slice(start, stop),)
         return self._slice(name)[index].to(self.device).contiguous()
 
     def get_tensor(self, name: str) -> torch.Tensor:
