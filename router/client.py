@@ -93,7 +93,11 @@ class ShardClient(Protocol):
         stopped_sequences: Sequence[pb.SequenceRef] = (),
     ) -> pb.CachedBatch | None: ...
 
-    async def clear_cache(self, batch_id: int | None = None) -> None: ...
+    async def clear_cache(
+        self, batch_id: int | None = None, keep_prefix_cache: bool = False
+    ) -> None:
+        """Frees one batch, or (None) every batch, partial prompt and the prefix-cache index
+        (that one kept with `keep_prefix_cache`)."""
 
     async def drop_prefills(self, request_ids: Sequence[int]) -> None:
         """Frees what the shards hold of these requests' prompts prefilled in part."""
@@ -150,9 +154,13 @@ def filter_request(
     )
 
 
-def clear_cache_request(batch_id: int | None) -> pb.ClearCacheRequest:
+def clear_cache_request(
+    batch_id: int | None, keep_prefix_cache: bool = False
+) -> pb.ClearCacheRequest:
     """For one batch, or (None) for all of them."""
-    return pb.ClearCacheRequest() if batch_id is None else pb.ClearCacheRequest(id=batch_id)
+    if batch_id is None:
+        return pb.ClearCacheRequest(keep_prefix_cache=keep_prefix_cache)
+    return pb.ClearCacheRequest(id=batch_id)
 
 
 def drop_prefills_request(request_ids: Sequence[int]) -> pb.ClearCacheRequest:
@@ -249,8 +257,11 @@ class ShardedClient:
         )
         return answer.batch if answer.HasField("batch") else None
 
-    async def clear_cache(self, batch_id: int | None = None) -> None:
-        await self._ordered("ClearCache", clear_cache_request(batch_id), self.deadlines.step)
+    async def clear_cache(
+        self, batch_id: int | None = None, keep_prefix_cache: bool = False
+    ) -> None:
+        request = clear_cache_request(batch_id, keep_prefix_cache)
+        await self._ordered("ClearCache", request, self.deadlines.step)
 
     async def drop_prefills(self, request_ids: Sequence[int]) -> None:
         request = drop_prefills_request(request_ids)

@@ -72,8 +72,11 @@ class InProcessShardClient:
         answer = await self._run(self.engine.filter_batch, request)
         return answer.batch if answer.batch.size else None
 
-    async def clear_cache(self, batch_id: int | None = None) -> None:
-        await self._run(self.engine.clear_cache, clear_cache_request(batch_id))
+    async def clear_cache(
+        self, batch_id: int | None = None, keep_prefix_cache: bool = False
+    ) -> None:
+        request = clear_cache_request(batch_id, keep_prefix_cache)
+        await self._run(self.engine.clear_cache, request)
 
     async def drop_prefills(self, request_ids: Sequence[int]) -> None:
         await self._run(self.engine.clear_cache, drop_prefills_request(request_ids))

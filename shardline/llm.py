@@ -205,7 +205,7 @@ class LLM:
                 # sent ahead still holds rows the router ended (a stop string, a stopped
                 # sample): free them, or the next call's batch 0 finds that batch still cached.
                 if batcher.stuck is None:
-                    await client.clear_cache(None)
+                    await client.clear_cache(None, keep_prefix_cache=True)
 
     async def _compile_grammars(self, client: Any, requests: list[ValidRequest]) -> None:
         """Each grammar as the server compiles it: in a worker process, within the default

@@ -42,6 +42,7 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, Logprob] | None] | None
     outputs: list[CompletionOutput]
     finished: bool = True
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (vLLM's)
 
 
 def request_output(
@@ -72,7 +73,12 @@ def request_output(
         prompt_token_ids=request.input_ids,
         prompt_logprobs=prompt_logprobs,
         outputs=completions,
+        num_cached_tokens=_cached_tokens(events),
     )
+
+
+def _cached_tokens(events: list[StreamEvent]) -> int:
+    return next((event.finished.cached_tokens for event in events if event.finished), 0)
 
 
 def _completion(index: int, events: list[StreamEvent], with_logprobs: bool) -> CompletionOutput:

@@ -357,7 +357,8 @@ class ShardEngine:
         else:
             ids = list(self.batches)
             self._partial.drop_all(self.allocator)
-            clear_prefix_cache(self.allocator)
+            if not request.keep_prefix_cache:
+                clear_prefix_cache(self.allocator)
         for batch_id in ids:
             batch = self.batches.pop(batch_id, None)
             if batch is not None and self.allocator is not None:

@@ -149,7 +149,9 @@ class FakeShardClient:
         self.batches[batch_id] = kept
         return self._cached(batch_id)
 
-    async def clear_cache(self, batch_id: int | None = None) -> None:
+    async def clear_cache(
+        self, batch_id: int | None = None, keep_prefix_cache: bool = False
+    ) -> None:
         self.calls.append(("clear", batch_id))
         if batch_id is None:
             self.batches.clear()
