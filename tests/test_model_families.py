@@ -6,12 +6,14 @@ one."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from aiohttp.test_utils import unused_port
+from safetensors.torch import load_file, save_file
 
 from shardline.shards.layers.alibi import alibi_slopes, rank_slopes
 from shardline.shards.models import ModelConfig
@@ -55,6 +57,23 @@ def test_paged_forward_matches_transformers(family_dirs: dict[str, Path], arch: 
     assert_logits_close(run_engine(model, prompt_ids, fed, block_size=4), expected)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "bloom"])
+def test_checkpoint_without_the_wrapper_prefix(
+    tmp_path: Path, family_dirs: dict[str, Path], arch: str
+) -> None:
+    """GPT-2's and BLOOM's own checkpoints name their tensors without "transformer."."""
+    model_dir = shutil.copytree(family_dirs[arch], tmp_path / arch)
+    path = model_dir / "model.safetensors"
+    tensors = {name.removeprefix("transformer."): t for name, t in load_file(path).items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+    model = load(model_dir)
+    prompt_ids = prompts(model.config.vocab_size, lengths=PROMPT_LENGTHS)
+    fed = [[7] * len(prompt_ids)] * 2
+    expected = run_engine(load(family_dirs[arch]), prompt_ids, fed, block_size=4)
+    for a, e in zip(run_engine(model, prompt_ids, fed, block_size=4), expected, strict=True):
+        assert torch.equal(a, e)
+
+
 # (launch_next, mixed, chunk): plain joins, then chunked prefill beside a decoding batch.
 SCHEDULES = [(False, False, 0), (True, True, 7)]
 
@@ -79,21 +98,24 @@ def test_engine_greedy_matches_transformers(family_dirs: dict[str, Path], arch: 
         assert_no_leaks(engine)
 
 
-def _rank_main(
-    rank: int, world_size: int, port: int, cases: dict[str, tuple], out_dir: Path
-) -> None:
+def _rank_main(rank: int, stages: int, port: int, cases: dict[str, tuple], out_dir: Path) -> None:
     torch.set_num_threads(1)
-    tp = init_distributed(rank, world_size, "127.0.0.1", port, torch.device("cpu"))
-    logits = {
-        arch: run_engine(load(model_dir, tp), prompt_ids, fed, 4)
-        for arch, (model_dir, prompt_ids, fed) in cases.items()
-    }
-    torch.save(logits, out_dir / f"rank{rank}.pt")
+    tp = init_distributed(rank, 2, "127.0.0.1", port, torch.device("cpu"), pipeline_size=stages)
+    logits = {}
+    for arch, (model_dir, prompt_ids, fed) in cases.items():
+        model = load(model_dir, tp)
+        if not tp.stage.is_last:  # no LM head: its forward sends the hidden states on
+            model.compute_logits = lambda hidden: hidden
+        logits[arch] = run_engine(model, prompt_ids, fed, 4)
+    if tp.stage.is_last:
+        torch.save(logits, out_dir / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
-def test_two_ranks_match_one(tmp_path: Path, family_dirs: dict[str, Path]) -> None:
-    """Heads (and ALiBi slopes) split over 2 ranks; Falcon 7B's one KV head replicated."""
+@pytest.mark.parametrize("stages", [1, 2])
+def test_two_ranks_match_one(tmp_path: Path, family_dirs: dict[str, Path], stages: int) -> None:
+    """Tensor parallel (1 stage): heads and ALiBi slopes split over 2 ranks, Falcon 7B's one KV
+    head replicated; pipeline parallel (2 stages): one layer each, the hidden states handed on."""
     cases, single = {}, {}
     for arch, model_dir in family_dirs.items():
         model = load(model_dir)
@@ -101,8 +123,8 @@ def test_two_ranks_match_one(tmp_path: Path, family_dirs: dict[str, Path]) -> No
         _, fed = transformers_reference(model_dir, prompt_ids, steps=2)
         cases[arch] = (model_dir, prompt_ids, fed)
         single[arch] = run_engine(model, prompt_ids, fed, 4)
-    mp.spawn(_rank_main, args=(2, unused_port(), cases, tmp_path), nprocs=2, join=True)
-    for rank in range(2):
+    mp.spawn(_rank_main, args=(stages, unused_port(), cases, tmp_path), nprocs=2, join=True)
+    for rank in range(2 - 2 // stages, 2):  # the last stage's ranks
         per_arch = torch.load(tmp_path / f"rank{rank}.pt")
         for arch, steps in single.items():
             for step, (a, e) in enumerate(zip(per_arch[arch], steps, strict=True)):
