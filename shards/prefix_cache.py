@@ -163,9 +163,7 @@ def remember_prompt(
 
 def new_allocator(num_blocks: int, block_size: int, prefix_caching: bool) -> BlockAllocator:
     kind = PrefixCachingAllocator if prefix_caching else BlockAllocator
-    allocator = kind(num_blocks, block_size)
-    logger.info("prefix cache %s: 0 blocks indexed", "on" if prefix_caching else "off")
-    return allocator
+    return kind(num_blocks, block_size)
 
 
 def cached_block_count(allocator: BlockAllocator | None) -> int:

@@ -62,11 +62,13 @@ def warm_up(engine: ShardEngine, request: pb.WarmupRequest) -> pb.WarmupResponse
     _run_greedy_steps(engine)
     freeze_long_lived_objects()
     logger.info(
-        "kv cache ready: %d blocks of %d tokens (%d tokens, %s)",
+        "kv cache ready: %d blocks of %d tokens (%d tokens, %s); prefix cache %s, %d blocks",
         num_blocks,
         settings.block_size,
         supported,
         str(engine.kv_cache_dtype).removeprefix("torch."),
+        "on" if settings.prefix_caching else "off",
+        engine.stats().cached_blocks,
     )
     return pb.WarmupResponse(
         max_supported_total_tokens=supported,

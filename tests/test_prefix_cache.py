@@ -165,11 +165,15 @@ def test_salts_never_share_and_the_same_salt_does(cached):
     assert_no_leaks(cached)
 
 
-def test_clear_cache_empties_the_index(cached):
+def test_clear_cache_empties_the_index(cached, caplog):
     prompt = random_prompts(1, cached.config.vocab_size, seed=46, min_len=20, max_len=20)[0]
     _run(cached, [make_request(1, prompt, 3)])
     assert cached.stats().cached_blocks == 5
-    cached.clear_cache(pb.ClearCacheRequest())
+    cached.clear_cache(pb.ClearCacheRequest(keep_prefix_cache=True))
+    assert cached.stats().cached_blocks == 5
+    with caplog.at_level("INFO"):
+        cached.clear_cache(pb.ClearCacheRequest())
+    assert "prefix cache cleared: 5 blocks were indexed" in caplog.text
     stats = cached.stats()
     assert stats.cached_blocks == 0 and stats.free_blocks == stats.total_blocks
     assert _prefill_alone(cached, make_request(2, prompt, 1)).cached_tokens == {2: 0}
