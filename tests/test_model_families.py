@@ -16,8 +16,10 @@ from aiohttp.test_utils import unused_port
 from safetensors.torch import load_file, save_file
 
 from shardline.shards.layers.alibi import alibi_slopes, rank_slopes
+from shardline.shards.layers.fp8 import FP8
 from shardline.shards.models import ModelConfig
 from shardline.shards.utils.dist import TPGroup, init_distributed
+from shardline.shards.utils.quantization import UnsupportedQuantizationError
 from tests.model_factory import LAYER_NORM_ARCHITECTURES, TinyModelSpec, build_tiny_model
 from tests.shard_harness import (
     Arrival,
@@ -27,6 +29,8 @@ from tests.shard_harness import (
     transformers_greedy,
 )
 from tests.test_engine import assert_no_leaks, warmed_engine
+from tests.test_fp8 import FP8_TOLERANCE, relative_error
+from tests.test_fp8 import load as load_fp8
 from tests.test_model_forward import (
     assert_logits_close,
     load,
@@ -72,6 +76,23 @@ def test_checkpoint_without_the_wrapper_prefix(
     expected = run_engine(load(family_dirs[arch]), prompt_ids, fed, block_size=4)
     for a, e in zip(run_engine(model, prompt_ids, fed, block_size=4), expected, strict=True):
         assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("arch", ["bloom", "falcon", "falcon-7b", "falcon-rw"])
+def test_fp8_at_load_tracks_the_unquantized_model(family_dirs: dict[str, Path], arch: str) -> None:
+    """Every linear layer FP8 (the fused qkv rows reordered with their scales)."""
+    quantized = load_fp8(family_dirs[arch], "fp8")
+    assert quantized.layers[0].self_attention.qkv.weight.dtype == FP8
+    prompt_ids = prompts(quantized.config.vocab_size, lengths=PROMPT_LENGTHS)
+    fed = [[7] * len(prompt_ids)] * 2
+    expected = run_engine(load(family_dirs[arch]), prompt_ids, fed, block_size=4)
+    for a, e in zip(run_engine(quantized, prompt_ids, fed, block_size=4), expected, strict=True):
+        assert relative_error(a, e) < FP8_TOLERANCE
+
+
+def test_gpt2_refuses_fp8_by_name(family_dirs: dict[str, Path]) -> None:
+    with pytest.raises(UnsupportedQuantizationError, match="GPT2LMHeadModel"):
+        load_fp8(family_dirs["gpt2"], "fp8")
 
 
 # (launch_next, mixed, chunk): plain joins, then chunked prefill beside a decoding batch.

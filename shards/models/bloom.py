@@ -10,7 +10,7 @@ from torch import nn
 from shardline.shards.layers.alibi import alibi_slopes, rank_slopes
 from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
 from shardline.shards.layers.attention.layer import KVCache, PagedAttention
-from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear
+from shardline.shards.layers.linear import RowParallelLinear
 from shardline.shards.layers.norm import LayerNorm
 from shardline.shards.models.config import (
     ModelConfig,
@@ -74,15 +74,10 @@ class BloomBlock(nn.Module):
         eps, tp = config.rms_norm_eps, weights.tp
         heads = config.num_heads // tp.world_size
         fused = f"{prefix}.self_attention.query_key_value"
-        qkv = [
-            grouped_qkv(
-                weights, f"{fused}.{kind}", config.num_heads, config.num_heads, config.head_dim
-            )
-            for kind in ("weight", "bias")
-        ]
+        layout = (config.num_heads, config.num_heads, config.head_dim)  # one query head per KV
         self.input_layernorm = LayerNorm.load(weights, f"{prefix}.input_layernorm", eps)
         self.self_attention = FusedQKVAttention(
-            ColumnParallelLinear(*qkv),
+            grouped_qkv(weights, fused, layout, True),
             RowParallelLinear.load(weights, f"{prefix}.self_attention.dense", True),
             PagedAttention(backend, heads, config.head_dim, alibi_slopes=slopes),
             heads,

@@ -14,7 +14,7 @@ from torch import nn
 from shardline.shards.layers.alibi import alibi_slopes, rank_slopes
 from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
 from shardline.shards.layers.attention.layer import KVCache, PagedAttention
-from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear
+from shardline.shards.layers.linear import RowParallelLinear
 from shardline.shards.layers.norm import LayerNorm
 from shardline.shards.layers.rotary import RotaryEmbedding
 from shardline.shards.models.config import (
@@ -99,13 +99,9 @@ class FalconBlock(nn.Module):
     ) -> None:
         super().__init__()
         eps, bias = config.rms_norm_eps, config.attention_bias
-        fused = f"{prefix}.self_attention.query_key_value"
-        qkv = [
-            grouped_qkv(weights, f"{fused}.{kind}", *_heads(config)) if wanted else None
-            for kind, wanted in (("weight", True), ("bias", bias))
-        ]
+        layout = (config.num_heads, config.num_kv_heads, config.head_dim)
         self.self_attention = FusedQKVAttention(
-            ColumnParallelLinear(*qkv),
+            grouped_qkv(weights, f"{prefix}.self_attention.query_key_value", layout, bias),
             RowParallelLinear.load(weights, f"{prefix}.self_attention.dense", bias),
             attention,
             kv_heads_per_rank(config.num_kv_heads, weights.tp.world_size),
@@ -141,10 +137,6 @@ class FalconBlock(nn.Module):
             return hidden + self.mlp(self.mlp_norm(hidden))
         mlp_input = normed if self.mlp_norm is None else self.mlp_norm(hidden)
         return hidden + (self.mlp(mlp_input) + attended)
-
-
-def _heads(config: ModelConfig) -> tuple[int, int, int]:
-    return config.num_heads, config.num_kv_heads, config.head_dim
 
 
 class FalconForCausalLM(LayerNormCausalLM):
