@@ -154,12 +154,13 @@ def _paged_decode_kernel(
         page = tl.load(table_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
         in_page = pos % PAGE_SIZE
         kv_mask = n_mask[:, None] & d_mask[None, :]
+        # an FP8 cache (--kv-cache-dtype) is read in the query's dtype; its scales apply outside
         k = paged_tile(
             k_cache_ptr, page, in_page, kv_head, offs_d, kv_mask, stride_kb, stride_kt, stride_kh
-        )
+        ).to(q.dtype)
         v = paged_tile(
             v_cache_ptr, page, in_page, kv_head, offs_d, kv_mask, stride_vb, stride_vt, stride_vh
-        )
+        ).to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if HAS_ALIBI:
             scores += slopes[:, None] * (pos - context_len + 1).to(tl.float32)[None, :]

@@ -181,7 +181,7 @@ def _varlen_causal_kernel(
                     stride_kcb,
                     stride_kct,
                     stride_kch,
-                )
+                ).to(q.dtype)  # an FP8 cache is read in the query's dtype
                 v = paged_tile(
                     v_cache_ptr,
                     page,
@@ -192,7 +192,7 @@ def _varlen_causal_kernel(
                     stride_vcb,
                     stride_vct,
                     stride_vch,
-                )
+                ).to(q.dtype)
                 visible = tl.broadcast_to(n_mask[None, :], (BLOCK_M, BLOCK_N))
                 if WINDOW > 0:
                     visible = visible & (pos[None, :] > query_pos[:, None] - WINDOW)

@@ -1,0 +1,170 @@
+"""FP8 on the GPU: the row-wise scaled GEMM (torch._scaled_mm) against a float32 reference, the
+Triton decode, prefill and KV-write kernels over an FP8 cache against float64 attention on the
+FP8-rounded keys and values, and the tiny model with FP8 weights and KV cache against the CPU
+reference path. Skipped off CUDA (and the FP8 GEMM below compute capability 8.9)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
+
+from shardline.shards.layers.attention import get_attention_backend
+from shardline.shards.layers.attention.triton_decode import SplitPlan, paged_decode_attention
+from shardline.shards.layers.attention.triton_prefill import CachedPrefix, varlen_causal_attention
+from shardline.shards.layers.fp8 import (
+    dequantize_rows,
+    fp8_linear,
+    quantize_rows,
+    scaled_mm_applies,
+)
+from shardline.shards.models import load_model
+from shardline.shards.utils.dist import TPGroup
+from shardline.shards.utils.quantization import weight_format
+from tests.test_fp8 import BLOCK_SIZE, SPEC, relative_error
+from tests.test_model_forward import prompts, run_engine
+from tests.test_triton_attention import MIXED_CONTEXTS, RotateWriteCase
+from tests.test_triton_prefill import CHUNKED, _chunked_case, _chunked_reference
+from tests.triton_attention_helpers import PagedCase, _assert_close_rows, _poison_allocator
+
+pytestmark = pytest.mark.skipif(INTERPRET, reason="FP8 needs the GPU")
+FP8_KV = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+HALF = [torch.bfloat16, torch.float16]
+needs_fp8_gemm = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="FP8 tensor cores need compute capability 8.9",
+)
+
+
+def _fp8_rounded(t: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:
+    return t.to(kv_dtype).to(t.dtype)
+
+
+@needs_fp8_gemm
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+@pytest.mark.parametrize("dtype", HALF)
+def test_scaled_mm_matches_the_dequantized_product(rows: int, dtype: torch.dtype) -> None:
+    """x quantized per token, the weight per output channel: the product of the dequantized
+    operands in float32, within the half-precision output's rounding."""
+    weight = torch.randn(1024, 2048, device=DEVICE) * 0.05
+    x = torch.randn(rows, 2048, device=DEVICE).to(dtype)
+    bias = torch.randn(1024, device=DEVICE).to(dtype)
+    quantized, scale = quantize_rows(weight)
+    assert scaled_mm_applies(x, quantized)
+    out = fp8_linear(x, quantized, scale, bias)
+    assert out.dtype == dtype and out.shape == (rows, 1024)
+    x_quantized, x_scale = quantize_rows(x)
+    expected = F.linear(
+        dequantize_rows(x_quantized, x_scale), dequantize_rows(quantized, scale), bias.float()
+    )
+    assert relative_error(out.float(), expected) < 1e-2
+    # x and the weight each rounded to 3 mantissa bits: about 5 % off the unquantized product
+    assert relative_error(out.float(), F.linear(x.float(), weight, bias.float())) < 0.1
+
+
+@needs_fp8_gemm
+def test_scaled_mm_keeps_leading_dimensions_and_runs_in_a_cuda_graph() -> None:
+    quantized, scale = quantize_rows(torch.randn(256, 512, device=DEVICE))
+    x = torch.randn(3, 5, 512, device=DEVICE, dtype=torch.bfloat16)
+    eager = fp8_linear(x, quantized, scale)
+    assert eager.shape == (3, 5, 256)
+    fp8_linear(x, quantized, scale)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fp8_linear(x, quantized, scale)
+    graph.replay()
+    torch.testing.assert_close(captured, eager)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", list(FP8_KV))
+@pytest.mark.parametrize("splits", ["auto", 1, 5])
+@pytest.mark.parametrize("dtype", HALF)
+def test_decode_reads_an_fp8_cache(dtype: torch.dtype, splits: str | int, kv_cache_dtype: str):
+    case = PagedCase(MIXED_CONTEXTS, 16, 2, 128, dtype)
+    kv_dtype = FP8_KV[kv_cache_dtype]
+    case.keys = [_fp8_rounded(k, kv_dtype) for k in case.keys]
+    case.values = [_fp8_rounded(v, kv_dtype) for v in case.values]
+    plan = None if splits == "auto" else SplitPlan(int(splits))
+    _poison_allocator()
+    out = paged_decode_attention(
+        case.q, case.k_cache.to(kv_dtype), case.v_cache.to(kv_dtype), case.block_tables,
+        case.context_lens, case.scale, plan=plan,
+    )  # fmt: skip
+    _assert_close_rows(out, case.reference(), dtype)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", list(FP8_KV))
+def test_prefill_reads_an_fp8_cached_prefix(kv_cache_dtype: str) -> None:
+    dtype, kv_dtype = torch.bfloat16, FP8_KV[kv_cache_dtype]
+    sequences, (q, k, v, cu), cached = _chunked_case(dtype)
+    rounded = [
+        (seq_q, torch.cat([_fp8_rounded(seq_k[:p], kv_dtype), seq_k[p:]]),
+         torch.cat([_fp8_rounded(seq_v[:p], kv_dtype), seq_v[p:]]))
+        for (p, _), (seq_q, seq_k, seq_v) in zip(CHUNKED, sequences, strict=True)
+    ]  # fmt: skip
+    fp8_prefix = dataclasses.replace(
+        cached, k_cache=cached.k_cache.to(kv_dtype), v_cache=cached.v_cache.to(kv_dtype)
+    )
+    assert isinstance(fp8_prefix, CachedPrefix)
+    _poison_allocator()
+    max_chunk = max(n for _, n in CHUNKED)
+    out = varlen_causal_attention(q, k, v, cu, max_chunk, 0.125, prefix=fp8_prefix)
+    _assert_close_rows(out, _chunked_reference(rounded, 0.125, 0), dtype)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", list(FP8_KV))
+def test_rotate_and_write_kv_stores_fp8(kv_cache_dtype: str) -> None:
+    """The fused write rounds the rotated keys and the values to the cache's FP8 type: within
+    one FP8 step of the half-precision write converted afterwards."""
+    kv_dtype = FP8_KV[kv_cache_dtype]
+    fused = RotateWriteCase(37, 16, 4, 128, torch.bfloat16)
+    fused.k_cache, fused.v_cache = fused.k_cache.to(kv_dtype), fused.v_cache.to(kv_dtype)
+    expected = RotateWriteCase(37, 16, 4, 128, torch.bfloat16)
+    for name in ("qkv", "positions", "slots"):
+        getattr(expected, name).copy_(getattr(fused, name))
+    expected.run_fused()
+    fused.run_fused()
+    step = 2**-3 if kv_dtype == torch.float8_e4m3fn else 2**-2
+    for cache, reference in ((fused.k_cache, expected.k_cache), (fused.v_cache, expected.v_cache)):
+        written = reference.to(kv_dtype).float()
+        torch.testing.assert_close(cache.float(), written, rtol=step, atol=2**-9)
+
+
+@needs_fp8_gemm
+@pytest.mark.parametrize("kv_cache_dtype", [None, *FP8_KV])
+def test_the_tiny_model_on_gpu_matches_the_cpu_reference(
+    tmp_path_factory: pytest.TempPathFactory, kv_cache_dtype: str | None
+) -> None:
+    """FP8 weights (and cache): the GPU's FP8 GEMMs and Triton attention in bfloat16 against the
+    CPU's dequantizing path in float32 on the same FP8 weights."""
+    from tests.model_factory import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path_factory.mktemp("gpu-fp8") / "llama", SPEC)
+    kv_dtype = FP8_KV.get(kv_cache_dtype) if kv_cache_dtype else None
+    cpu = _load(model_dir, torch.device("cpu"), torch.float32)
+    gpu = _load(model_dir, DEVICE, torch.bfloat16)
+    prompt_ids = prompts(cpu.config.vocab_size, seed=6)
+    fed = [[3, 5, 7]] * 3
+    expected = run_engine(cpu, prompt_ids, fed, BLOCK_SIZE, kv_dtype)
+    with torch.device(DEVICE):
+        actual = run_engine(gpu, prompt_ids, fed, BLOCK_SIZE, kv_dtype)
+    for step, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        # the GPU also rounds activations to FP8 (per token): about as far again as the weights
+        assert relative_error(a.float().cpu(), e) < 0.15, f"step {step}"
+
+
+def _load(model_dir: Path, device: torch.device, dtype: torch.dtype):
+    backend = get_attention_backend("auto", device)
+    return load_model(
+        model_dir,
+        dtype=dtype,
+        device=device,
+        tp=TPGroup(),
+        attention_backend=backend,
+        quantization=weight_format(model_dir, "fp8"),
+    )
