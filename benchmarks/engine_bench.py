@@ -120,6 +120,8 @@ def load_engine(model_dir: Path, args: argparse.Namespace, results: dict) -> LLM
         max_num_seqs=args.max_num_seqs,
         waiting_served_ratio=args.waiting_served_ratio,
         max_waiting_tokens=args.max_waiting_tokens,
+        quantization=args.quantize,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     results["load_and_warmup_s"] = time.perf_counter() - started
     loaded = {
@@ -155,6 +157,10 @@ def main() -> None:
     )
     parser.add_argument("--max-waiting-tokens", type=int, default=20)
     parser.add_argument("--attention", default="auto")
+    parser.add_argument("--quantize", choices=["fp8"], default=None, help="FP8 weights")
+    parser.add_argument(
+        "--kv-cache-dtype", choices=["auto", "fp8_e4m3fn", "fp8_e5m2"], default="auto"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.switch_interval is not None:
@@ -164,6 +170,7 @@ def main() -> None:
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     pairs = load_workload(args.workload, args.num_requests)
     results: dict = {"shape": args.shape, "device": torch.cuda.get_device_name()}
+    results |= {"quantize": args.quantize, "kv_cache_dtype": args.kv_cache_dtype}
     results["ceilings"] = ceilings = device_ceilings()
     print(json.dumps(results), flush=True)
     llm = load_engine(model_dir, args, results) if modes - {"hf"} else None
@@ -172,7 +179,15 @@ def main() -> None:
     if "single" in modes:
         step = engine_decode_step_ms(llm, 128, 512, vocab)
         step_ms = step["steady_mean_ms"]
-        roof = roofline_step_ms(model_dir, 640, 1, ceilings)
+        kv_bytes = 2 if args.kv_cache_dtype == "auto" else 1
+        roof = roofline_step_ms(
+            model_dir,
+            640,
+            1,
+            ceilings,
+            fp8_weights=args.quantize == "fp8",
+            kv_element_bytes=kv_bytes,
+        )
         results["single"] = {"engine_decode_ms": step_ms, **step, "roofline": roof}
         elapsed, timings, _ = asyncio.run(timed_run(llm, make_requests(llm, [(128, 512)], vocab)))
         served = summarize("single_stream", elapsed, timings, 128)
@@ -254,7 +269,8 @@ def main() -> None:
             )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-    print(f"\n== {args.shape} on {results['device']} ==")
+    formats = f"weights {args.quantize or 'bf16'}, KV {args.kv_cache_dtype}"
+    print(f"\n== {args.shape} on {results['device']} ({formats}) ==")
     for name, value, note in table:
         print(f"{name:34s} {value:>14s}  {note}")
 

@@ -38,12 +38,32 @@ def device_ceilings() -> dict:
     return {"copy_bytes_s": bandwidth, "matmul_flops": flops}
 
 
-def roofline_step_ms(model_dir: Path, context: int, batch: int, ceilings: dict) -> dict:
+def roofline_step_ms(
+    model_dir: Path,
+    context: int,
+    batch: int,
+    ceilings: dict,
+    *,
+    fp8_weights: bool = False,
+    kv_element_bytes: int = 2,
+) -> dict:
+    """bf16 weights, or FP8 decoder projections (`--quantize fp8`: one byte each, the
+    embeddings, norms and LM head in bf16); a KV cache of `kv_element_bytes` per value."""
     config = json.loads((model_dir / "config.json").read_text())
-    params = sum(math.prod(shape) for shape in tensor_shapes(config).values())
+    shapes = tensor_shapes(config)
+    params = sum(math.prod(shape) for shape in shapes.values())
+    one_byte = sum(
+        math.prod(shape) for name, shape in shapes.items() if fp8_weights and "_proj." in name
+    )
     head_dim = config["hidden_size"] // config["num_attention_heads"]
-    kv_per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 2
-    bytes_moved = 2 * params + batch * context * kv_per_token
+    kv_per_token = (
+        2
+        * config["num_hidden_layers"]
+        * config["num_key_value_heads"]
+        * head_dim
+        * kv_element_bytes
+    )
+    bytes_moved = 2 * params - one_byte + batch * context * kv_per_token
     flops = 2 * params * batch
     return {
         "params": params,
