@@ -1,0 +1,58 @@
+"""The host's cost of one offline decode step: a tiny Llama (hidden 256, so that on a GPU its
+forward costs almost nothing) generating for many rows through `LLM.generate`; what each step
+takes is then the router's and the shard's Python work per step.
+
+    python -m benchmarks.host_step_cost [--rows 256] [--tokens 48] [--passes 5] [--label NAME]
+
+Prints one line per pass: wall ms per step and the process's CPU seconds. To compare two
+source trees, install each with `pip install --target DIR` and run this file from the repo root
+with `PYTHONPATH=DIR` (see benchmarks/RESULTS.md, issue 25).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from shardline import LLM, SamplingParams
+from tests.model_factory import TinyModelSpec, build_tiny_model
+
+SPEC = TinyModelSpec(hidden_size=256, num_heads=8, num_kv_heads=4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--passes", type=int, default=5)
+    parser.add_argument("--label", default="tree")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        model = build_tiny_model(Path(folder), SPEC)
+        llm = LLM(
+            model=str(model),
+            block_size=16,
+            kv_cache_bytes=256 << 20,
+            max_model_len=256,
+            max_num_seqs=args.rows,
+        )
+        rng = random.Random(0)
+        prompts = [
+            [rng.randrange(3, 380) for _ in range(rng.randrange(4, 30))] for _ in range(args.rows)
+        ]
+        params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
+        llm.generate(prompt_token_ids=prompts[:8], sampling_params=params, use_tqdm=False)
+        for _ in range(args.passes):
+            cpu, wall = time.process_time(), time.perf_counter()
+            llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+            step_ms = 1e3 * (time.perf_counter() - wall) / args.tokens
+            cpu_s = time.process_time() - cpu
+            print(f"{args.label} wall_ms_per_step {step_ms:.3f} cpu_s {cpu_s:.3f}", flush=True)
+        llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
