@@ -16,6 +16,8 @@ from aiohttp.test_utils import unused_port
 from safetensors.torch import load_file, save_file
 
 from shardline.shards.layers.alibi import alibi_slopes, rank_slopes
+from shardline.shards.layers.attention.fp8_kv import KVScales
+from shardline.shards.layers.attention.layer import PagedAttention
 from shardline.shards.layers.fp8 import FP8
 from shardline.shards.models import ModelConfig
 from shardline.shards.utils.dist import TPGroup, init_distributed
@@ -93,6 +95,32 @@ def test_fp8_at_load_tracks_the_unquantized_model(family_dirs: dict[str, Path], 
 def test_gpt2_refuses_fp8_by_name(family_dirs: dict[str, Path]) -> None:
     with pytest.raises(UnsupportedQuantizationError, match="GPT2LMHeadModel"):
         load_fp8(family_dirs["gpt2"], "fp8")
+
+
+ATTENTION_MODULES = {"gpt2": "attn", "bloom": "self_attention", "falcon": "self_attention"}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bloom", "falcon"])
+def test_fp8_cache_scales_are_read_per_layer(
+    tmp_path: Path, family_dirs: dict[str, Path], arch: str
+) -> None:
+    """The checkpoint's k_scale / v_scale beside each attention module (llm-compressor's names)
+    reach that layer's attention; a layer without them keeps 1.0."""
+    model_dir = shutil.copytree(family_dirs[arch], tmp_path / arch)
+    path = model_dir / "model.safetensors"
+    tensors = load_file(path)
+    module = f"transformer.h.0.{ATTENTION_MODULES[arch]}"
+    tensors[f"{module}.k_scale"], tensors[f"{module}.v_scale"] = (
+        torch.tensor(0.5),
+        torch.tensor(2.0),
+    )
+    save_file(tensors, path, metadata={"format": "pt"})
+    model = load(model_dir)
+    scales = [
+        next(m for m in layer.modules() if isinstance(m, PagedAttention)).kv_scales
+        for layer in model.layers
+    ]
+    assert scales == [KVScales(0.5, 2.0), KVScales()]
 
 
 # (launch_next, mixed, chunk): plain joins, then chunked prefill beside a decoding batch.

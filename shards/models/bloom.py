@@ -9,6 +9,7 @@ from torch import nn
 
 from shardline.shards.layers.alibi import alibi_slopes, rank_slopes
 from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
+from shardline.shards.layers.attention.fp8_kv import KVScales
 from shardline.shards.layers.attention.layer import KVCache, PagedAttention
 from shardline.shards.layers.linear import RowParallelLinear
 from shardline.shards.layers.norm import LayerNorm
@@ -79,7 +80,13 @@ class BloomBlock(nn.Module):
         self.self_attention = FusedQKVAttention(
             grouped_qkv(weights, fused, layout, True),
             RowParallelLinear.load(weights, f"{prefix}.self_attention.dense", True),
-            PagedAttention(backend, heads, config.head_dim, alibi_slopes=slopes),
+            PagedAttention(
+                backend,
+                heads,
+                config.head_dim,
+                alibi_slopes=slopes,
+                kv_scales=KVScales.load(weights, f"{prefix}.self_attention"),
+            ),
             heads,
         )
         self.post_attention_layernorm = LayerNorm.load(

@@ -13,6 +13,7 @@ from torch import nn
 
 from shardline.shards.layers.alibi import alibi_slopes, rank_slopes
 from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
+from shardline.shards.layers.attention.fp8_kv import KVScales
 from shardline.shards.layers.attention.layer import KVCache, PagedAttention
 from shardline.shards.layers.linear import RowParallelLinear
 from shardline.shards.layers.norm import LayerNorm
@@ -147,7 +148,12 @@ class FalconForCausalLM(LayerNormCausalLM):
             config,
             weights,
             embedding=embedding,
-            block=lambda i: FalconBlock(config, weights, f"transformer.h.{i}", attention()),
+            block=lambda i: FalconBlock(
+                config,
+                weights,
+                f"transformer.h.{i}",
+                attention(f"transformer.h.{i}.self_attention"),
+            ),
             final_norm="transformer.ln_f",
             lm_head=embedding if config.tie_word_embeddings else "lm_head.weight",
         )
@@ -155,18 +161,23 @@ class FalconForCausalLM(LayerNormCausalLM):
 
 def _attention_factory(
     config: ModelConfig, weights: Weights, backend: AttentionBackend
-) -> Callable[[], PagedAttention]:
-    """Each block's attention: one rotary table (or this rank's ALiBi slopes) for all of them."""
+) -> Callable[[str], PagedAttention]:
+    """Each block's attention, by the attention module's name: one rotary table (or this rank's
+    ALiBi slopes) for all of them, each with its own FP8 cache scales."""
     heads = config.num_heads // weights.tp.world_size
+    positions: dict[str, torch.Tensor | RotaryEmbedding] = {}
     if config.alibi:
         slopes = rank_slopes(falcon_alibi_slopes(config), weights.tp).to(weights.device)
-        return lambda: PagedAttention(backend, heads, config.head_dim, alibi_slopes=slopes)
-    rotary = RotaryEmbedding(
-        config.head_dim,
-        config.max_position_embeddings,
-        config.rope_theta,
-        config.rope_scaling,
-        weights.dtype,
-        weights.device,
+        positions["alibi_slopes"] = slopes
+    else:
+        positions["rotary"] = RotaryEmbedding(
+            config.head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
+            config.rope_scaling,
+            weights.dtype,
+            weights.device,
+        )
+    return lambda prefix: PagedAttention(
+        backend, heads, config.head_dim, kv_scales=KVScales.load(weights, prefix), **positions
     )
-    return lambda: PagedAttention(backend, heads, config.head_dim, rotary=rotary)

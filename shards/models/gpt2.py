@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
+from shardline.shards.layers.attention.fp8_kv import KVScales
 from shardline.shards.layers.attention.layer import KVCache, PagedAttention
 from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear, frozen
 from shardline.shards.layers.norm import LayerNorm
@@ -61,7 +62,12 @@ class GPT2Block(nn.Module):
         self.attn = FusedQKVAttention(
             ColumnParallelLinear(*conv1d_qkv(weights, f"{prefix}.attn.c_attn", config.hidden_size)),
             RowParallelLinear(*conv1d_row(weights, f"{prefix}.attn.c_proj"), tp),
-            PagedAttention(backend, heads, config.head_dim),
+            PagedAttention(
+                backend,
+                heads,
+                config.head_dim,
+                kv_scales=KVScales.load(weights, f"{prefix}.attn"),
+            ),
             heads,
         )
         self.ln_2 = LayerNorm.load(weights, f"{prefix}.ln_2", eps)

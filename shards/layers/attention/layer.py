@@ -4,7 +4,8 @@ The caller hands this pass's q, k and v heads (split from its own qkv projection
 rotates q and k and writes k and v into the layer's cache (rotary models), or only writes them
 (learned positions, ALiBi), then attends: decode tokens through the paged cache, prefill tokens
 among themselves and to their cached prefix. A mixed pass has its decode tokens first (see
-AttentionMetadata).
+AttentionMetadata). An FP8 cache with the checkpoint's k/v scales gets them applied around the
+kernels (fp8_kv.KVScales).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from shardline.shards.layers.attention.backend import AttentionBackend
+from shardline.shards.layers.attention.fp8_kv import KVScales
 from shardline.shards.layers.attention.metadata import AttentionMetadata
 from shardline.shards.layers.rotary import RotaryEmbedding
 
@@ -29,8 +31,10 @@ class PagedAttention(nn.Module):
         rotary: RotaryEmbedding | None = None,
         window: int = 0,
         alibi_slopes: torch.Tensor | None = None,
+        kv_scales: KVScales | None = None,
     ) -> None:
-        """`num_heads` and `alibi_slopes` [num_heads] (float32) are this rank's."""
+        """`num_heads` and `alibi_slopes` [num_heads] (float32) are this rank's; `kv_scales`
+        the checkpoint's FP8 cache scales of this layer (None: 1.0)."""
         super().__init__()
         self.backend = backend
         self.num_heads = num_heads
@@ -39,6 +43,7 @@ class PagedAttention(nn.Module):
         self.rotary = rotary
         self.window = window
         self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
+        self.kv_scales = kv_scales or KVScales()
 
     def forward(
         self,
@@ -51,6 +56,9 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:
         """q [T, heads, head_dim], k and v [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
         k_cache, v_cache = kv_cache
+        scaled = self.kv_scales.applies(k_cache)
+        if scaled:
+            q, k, v = self.kv_scales.into_cache(q, k, v)
         if self.rotary is None:
             self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         else:
@@ -58,6 +66,8 @@ class PagedAttention(nn.Module):
                 q, k, v, positions, self.rotary, k_cache, v_cache, meta.slot_mapping
             )
         out = self._attend(q, k, v, k_cache, v_cache, meta)
+        if scaled:
+            out = self.kv_scales.out_of_cache(out)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def _attend(
