@@ -32,6 +32,7 @@ from benchmarks.random_model import write_model
 from benchmarks.roofline import device_ceilings, roofline_step_ms
 from benchmarks.timed_requests import load_workload, make_requests, percentile, summarize, timed_run
 from shardline import LLM
+from shardline.llm import submission_order
 
 
 def stall_run(llm: LLM, prefill_budget: int, vocab: int, rows: int = 64) -> dict:
@@ -68,11 +69,18 @@ def triton_compiled_since(started: float) -> list[str]:
 
 
 def offline_run(
-    llm: LLM, model_dir: Path, pairs: list, vocab: int, ceilings: dict, warm_at: float
+    llm: LLM,
+    model_dir: Path,
+    pairs: list,
+    vocab: int,
+    ceilings: dict,
+    warm_at: float,
+    arrival_order: bool,
 ) -> tuple[dict, list[tuple[str, str, str]]]:
     """The whole workload at once, against the floor of its work (benchmarks/offline_floor.py)."""
     torch.cuda.reset_peak_memory_stats()
-    elapsed, timings, calls = asyncio.run(timed_run(llm, make_requests(llm, pairs, vocab)))
+    requests = offline_requests(llm, pairs, vocab, arrival_order)
+    elapsed, timings, calls = asyncio.run(timed_run(llm, requests))
     offline = summarize("offline", elapsed, timings, sum(n for n, _ in pairs))
     offline["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     offline["compiled_after_warmup"] = triton_compiled_since(warm_at)
@@ -100,9 +108,16 @@ def offline_run(
     return offline, rows + floor_table(offline["floor"], offline["phases"], elapsed)
 
 
-def profile_offline(llm: LLM, pairs: list, vocab: int) -> dict:
-    """The offline run again under the torch profiler: GPU time by kernel class and by kernel."""
+def offline_requests(llm: LLM, pairs: list, vocab: int, arrival_order: bool) -> list:
+    """The workload's requests in the order `LLM.generate` submits them (longest first), or in
+    the workload's own order (a served router's first come, first served)."""
     requests = make_requests(llm, pairs, vocab)
+    return requests if arrival_order else [requests[i] for i in submission_order(requests)]
+
+
+def profile_offline(llm: LLM, pairs: list, vocab: int, arrival_order: bool) -> dict:
+    """The offline run again under the torch profiler: GPU time by kernel class and by kernel."""
+    requests = offline_requests(llm, pairs, vocab, arrival_order)
     profile = kernel_profile(lambda: asyncio.run(timed_run(llm, requests)))
     print(json.dumps({"kernel_profile": profile}), flush=True)
     return profile
@@ -145,6 +160,11 @@ def main() -> None:
     parser.add_argument("--hf-batches", default="64,128,256")
     parser.add_argument("--cuda-graphs", default=None)
     parser.add_argument("--max-num-seqs", type=int, default=256, help="requests run at once")
+    parser.add_argument(
+        "--arrival-order",
+        action="store_true",
+        help="offline: submit in the workload's order, not LLM.generate's longest first",
+    )
     parser.add_argument(
         "--switch-interval",
         type=float,
@@ -246,10 +266,12 @@ def main() -> None:
                 )
             )
     if "offline" in modes:
-        results["offline"], rows = offline_run(llm, model_dir, pairs, vocab, ceilings, warm_at)
+        results["offline"], rows = offline_run(
+            llm, model_dir, pairs, vocab, ceilings, warm_at, arrival_order=args.arrival_order
+        )
         table += rows
     if "profile" in modes:
-        results["profile"] = profile_offline(llm, pairs, vocab)
+        results["profile"] = profile_offline(llm, pairs, vocab, args.arrival_order)
     if "hf" in modes:
         llm = None
         torch.cuda.empty_cache()

@@ -268,10 +268,20 @@ async def _collect_all(
         progress.update(1)
         return request_output(str(index), request, events)
 
+    order = submission_order(requests)
     try:
-        return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
+        outputs = await asyncio.gather(*(one(i, requests[i]) for i in order))
     finally:
         progress.close()
+    return [output for _, output in sorted(zip(order, outputs, strict=True))]
+
+
+def submission_order(requests: list[ValidRequest]) -> list[int]:
+    """Longest first: in an offline run only the last answer's time counts, so the requests
+    that take the most steps start first and the short ones fill the slots they leave (the
+    longest-processing-time rule); a long request let in late would decode alone at the end,
+    in small, weight-bound steps. The outputs keep the prompts' order."""
+    return sorted(range(len(requests)), key=lambda i: -requests[i].max_new_tokens)
 
 
 def _per_prompt(
