@@ -23,6 +23,8 @@ from shardline.shards.layers.fp8 import (
     quantize_rows,
     scaled_mm_applies,
 )
+from shardline.shards.layers.linear import linear
+from shardline.shards.layers.triton_gemv import gemv, gemv_applies, gemv_normed, gemv_residual
 from shardline.shards.models import load_model
 from shardline.shards.utils.dist import TPGroup
 from shardline.shards.utils.quantization import weight_format
@@ -79,6 +81,34 @@ def test_scaled_mm_keeps_leading_dimensions_and_runs_in_a_cuda_graph() -> None:
         captured = fp8_linear(x, quantized, scale)
     graph.replay()
     torch.testing.assert_close(captured, eager)
+
+
+@needs_fp8_gemm
+@pytest.mark.parametrize("shape", [(6144, 2048), (2048, 8192), (4096, 14336), (302, 896)])
+def test_gemv_streams_an_fp8_weight(shape: tuple[int, int]) -> None:
+    """The batch-1 GEMV, plain, normed with SiLU pairs and with a residual, on an FP8 weight
+    against float64 on the dequantized weight."""
+    quantized, scale = quantize_rows(torch.randn(shape, device=DEVICE) * 0.02)
+    weight64 = dequantize_rows(quantized, scale).double()
+    x = torch.randn(1, shape[1], device=DEVICE).to(torch.bfloat16)
+    bias = torch.randn(shape[0], device=DEVICE).to(torch.bfloat16)
+    assert gemv_applies(x, quantized)
+    out = gemv(x, quantized, bias, scale=scale)
+    assert relative_error(out.double(), F.linear(x.double(), weight64, bias.double())) < 1e-2
+    torch.testing.assert_close(linear(x, quantized, bias, scale), out)
+    ss = x.float().pow(2).sum()
+    norm = torch.ones(shape[1], device=DEVICE, dtype=torch.bfloat16)
+    zero = torch.zeros((), device=DEVICE)
+    paired = gemv_normed(x, ss, norm, 1e-5, quantized, bias, True, zero, scale)
+    x64 = x.double()
+    normed = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)
+    gate, up = F.linear(normed, weight64, bias.double()).to(torch.bfloat16).chunk(2, dim=-1)
+    expected = F.silu(gate.double()) * up.double()
+    assert relative_error(paired.double(), expected) < 2e-2
+    residual = torch.randn(1, shape[0], device=DEVICE).to(torch.bfloat16)
+    summed = gemv_residual(x, quantized, residual, torch.zeros((), device=DEVICE), scale=scale)
+    expected = residual.double() + F.linear(x.double(), weight64)
+    assert relative_error(summed.double(), expected) < 1e-2
 
 
 @pytest.mark.parametrize("kv_cache_dtype", list(FP8_KV))
@@ -148,14 +178,18 @@ def test_the_tiny_model_on_gpu_matches_the_cpu_reference(
     kv_dtype = FP8_KV.get(kv_cache_dtype) if kv_cache_dtype else None
     cpu = _load(model_dir, torch.device("cpu"), torch.float32)
     gpu = _load(model_dir, DEVICE, torch.bfloat16)
-    prompt_ids = prompts(cpu.config.vocab_size, seed=6)
-    fed = [[3, 5, 7]] * 3
-    expected = run_engine(cpu, prompt_ids, fed, BLOCK_SIZE, kv_dtype)
-    with torch.device(DEVICE):
-        actual = run_engine(gpu, prompt_ids, fed, BLOCK_SIZE, kv_dtype)
-    for step, (a, e) in enumerate(zip(actual, expected, strict=True)):
-        # the GPU also rounds activations to FP8 (per token): about as far again as the weights
-        assert relative_error(a.float().cpu(), e) < 0.15, f"step {step}"
+    assert gpu.fused_decode  # batch-1 decode through the FP8 GEMVs
+    vocab = cpu.config.vocab_size
+    for prompt_ids, fed in (
+        (prompts(vocab, seed=6), [[3, 5, 7]] * 3),  # scaled GEMMs
+        (prompts(vocab, seed=7, lengths=(9,)), [[3]] * 3),  # the fused batch-1 path
+    ):
+        expected = run_engine(cpu, prompt_ids, fed, BLOCK_SIZE, kv_dtype)
+        with torch.device(DEVICE):
+            actual = run_engine(gpu, prompt_ids, fed, BLOCK_SIZE, kv_dtype)
+        for step, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            # scaled GEMMs also round activations to FP8 (per token): as far again as the weights
+            assert relative_error(a.float().cpu(), e) < 0.15, f"step {step}"
 
 
 def _load(model_dir: Path, device: torch.device, dtype: torch.dtype):

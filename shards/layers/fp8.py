@@ -51,7 +51,7 @@ def scaled_mm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     n, k = weight.shape
     return (
         x.is_cuda
-        and _has_fp8_tensor_cores(x.device)
+        and has_fp8_tensor_cores(x.device)
         and x.dtype in (torch.bfloat16, torch.float16)
         and n % SCALED_MM_ALIGNMENT == 0
         and k % SCALED_MM_ALIGNMENT == 0
@@ -60,7 +60,8 @@ def scaled_mm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _has_fp8_tensor_cores(device: torch.device) -> bool:
+def has_fp8_tensor_cores(device: torch.device) -> bool:
+    """Compute capability 8.9 or later: FP8 GEMMs, and FP8 conversions in Triton."""
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 

@@ -27,13 +27,13 @@ def linear(
 ) -> torch.Tensor:
     """F.linear, through the one-row Triton GEMV where it applies (batch-1 decode on a GPU); an
     FP8 weight comes with its per-row `weight_scale` (fp8.py)."""
-    if weight_scale is not None:
-        return fp8_linear(x, weight, weight_scale, bias)
     if custom_kernels.applies(x):
         from shardline.shards.layers.triton_gemv import gemv, gemv_applies
 
         if gemv_applies(x, weight):
-            return gemv(x, weight, bias)
+            return gemv(x, weight, bias, scale=weight_scale)
+    if weight_scale is not None:
+        return fp8_linear(x, weight, weight_scale, bias)
     return F.linear(x, weight, bias)
 
 

@@ -10,6 +10,9 @@ The batch-1 decode forward of a single-GPU model also folds the RMSNorms and SiL
 these kernels (`gemv_normed`, `gemv_residual`): a kernel ending a residual branch adds the
 residual and accumulates the new residual's sum of squares into a float32 slot; the next one
 multiplies its input by the norm weight and scales its outputs by 1 / rms from that slot.
+
+An FP8 weight (fp8.py: float8_e4m3fn with one float32 scale per row) streams half the bytes:
+each output is its row's dot product times the row's scale, before the bias and the epilogue.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from shardline.shards.layers.fp8 import FP8, has_fp8_tensor_cores
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
 
 MAX_K_TILES = 16
@@ -99,6 +103,7 @@ def _gemv_kernel(
     x_ptr,
     w_ptr,
     bias_ptr,
+    scale_ptr,  # HAS_SCALE: float32 [N], an FP8 weight's row scales
     y_ptr,
     norm_ptr,  # NORM: the RMSNorm weight [K] applied to x
     ss_in_ptr,  # NORM: float32 sum of squares of x
@@ -112,6 +117,7 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     NORM: tl.constexpr,
     EPILOGUE: tl.constexpr,
     ZERO: tl.constexpr,
@@ -140,6 +146,8 @@ def _gemv_kernel(
         if tile + 1 < K // BLOCK_K:
             w_tile = next_tile
     out = tl.sum(acc, axis=1)
+    if HAS_SCALE:
+        out *= tl.load(scale_ptr + rows, mask=n_mask, other=0.0)
     if NORM:
         out *= tl.rsqrt(tl.load(ss_in_ptr) / K + eps)
     if HAS_BIAS:
@@ -148,13 +156,14 @@ def _gemv_kernel(
 
 
 def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """One contiguous half-precision CUDA row against a weight the kernel tiles."""
+    """One contiguous half-precision CUDA row against a weight the kernel tiles: of x's dtype,
+    or FP8 (with its scales) on a GPU that converts FP8."""
     return (
         x.is_cuda
         and x.dim() == 2
         and x.shape[0] == 1
         and x.dtype in (torch.bfloat16, torch.float16)
-        and weight.dtype == x.dtype
+        and (weight.dtype == x.dtype or (weight.dtype == FP8 and has_fp8_tensor_cores(x.device)))
         and x.stride(-1) == 1
         and weight.stride(-1) == 1
         and gemv_config(*weight.shape) is not None
@@ -170,6 +179,7 @@ def _launch(
     zero: torch.Tensor | None = None,
     norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     residual: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     n, k = weight.shape
     config = gemv_config(n, k, epilogue)
@@ -180,6 +190,7 @@ def _launch(
         x,
         weight,
         bias if bias is not None else weight,
+        scale if scale is not None else weight,
         out,
         norm_weight,
         ss_in,
@@ -193,6 +204,7 @@ def _launch(
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         HAS_BIAS=bias is not None,
+        HAS_SCALE=scale is not None,
         NORM=norm is not None,
         EPILOGUE=int(epilogue),
         ZERO=zero is not None,
@@ -211,10 +223,13 @@ def gemv(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     zero: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [1, K] @ weight[N, K].T (+ bias) -> [1, N], as F.linear (check `gemv_applies` first);
-    zeroes the one-element float32 `zero` on the way (see `gemv_normed`)."""
-    return _launch(x, weight, bias, _empty_row(x, weight.shape[0]), Epilogue.PLAIN, zero)
+    zeroes the one-element float32 `zero` on the way (see `gemv_normed`). An FP8 weight comes
+    with its row `scale`s, here and in the fused variants below."""
+    out = _empty_row(x, weight.shape[0])
+    return _launch(x, weight, bias, out, Epilogue.PLAIN, zero, scale=scale)
 
 
 def gemv_normed(
@@ -226,6 +241,7 @@ def gemv_normed(
     bias: torch.Tensor | None = None,
     silu_pairs: bool = False,
     zero: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RMSNorm(x) * norm_weight @ weight.T (+ bias), with `ss` the float32 sum of squares of x
     (from `gemv_residual`). With `silu_pairs` the weight is gate_up_proj's (gate rows, then up
@@ -234,7 +250,7 @@ def gemv_normed(
     epilogue = Epilogue.SILU_PAIRS if silu_pairs else Epilogue.PLAIN
     width = weight.shape[0] // 2 if silu_pairs else weight.shape[0]
     out = _empty_row(x, width)
-    return _launch(x, weight, bias, out, epilogue, zero, norm=(norm_weight, ss, eps))
+    return _launch(x, weight, bias, out, epilogue, zero, norm=(norm_weight, ss, eps), scale=scale)
 
 
 def gemv_residual(
@@ -243,8 +259,9 @@ def gemv_residual(
     residual: torch.Tensor,
     ss: torch.Tensor,
     bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """residual + x @ weight.T (+ bias), its sum of squares added to the float32 `ss` (zero at
     launch)."""
     out = _empty_row(x, weight.shape[0])
-    return _launch(x, weight, bias, out, Epilogue.RESIDUAL, residual=(residual, ss))
+    return _launch(x, weight, bias, out, Epilogue.RESIDUAL, residual=(residual, ss), scale=scale)

@@ -231,12 +231,15 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
     def fuses_decode(self) -> bool:
-        """Whether the fused one-row kernels tile every (unquantized) projection of this layer."""
+        """Whether the fused one-row kernels tile every projection of this layer (FP8 ones on
+        a GPU that converts FP8)."""
+        from shardline.shards.layers.fp8 import has_fp8_tensor_cores
         from shardline.shards.layers.triton_gemv import Epilogue, gemv_config
 
         attn, mlp = self.self_attn, self.mlp
         return all(
-            proj.weight_scale is None and gemv_config(*proj.weight.shape, epilogue) is not None
+            (proj.weight_scale is None or has_fp8_tensor_cores(proj.weight.device))
+            and gemv_config(*proj.weight.shape, epilogue) is not None
             for proj, epilogue in [
                 (attn.qkv_proj, Epilogue.PLAIN),
                 (attn.o_proj, Epilogue.RESIDUAL),
@@ -262,19 +265,25 @@ class LlamaDecoderLayer(nn.Module):
 
         attn, mlp = self.self_attn, self.mlp
         norm = self.input_layernorm
-        qkv, bias = attn.qkv_proj.weight, attn.qkv_proj.bias
+        qkv, bias, scale = attn.qkv_proj.weight, attn.qkv_proj.bias, attn.qkv_proj.weight_scale
         if ss_in is None:
-            heads = gemv(norm(residual), qkv, bias, zero=ss[0])
+            heads = gemv(norm(residual), qkv, bias, zero=ss[0], scale=scale)
         else:
-            heads = gemv_normed(residual, ss_in, norm.weight, norm.eps, qkv, bias, zero=ss[0])
+            heads = gemv_normed(
+                residual, ss_in, norm.weight, norm.eps, qkv, bias, zero=ss[0], scale=scale
+            )
         out = attn.attend(heads, positions, kv_cache, meta)
-        residual = gemv_residual(out, attn.o_proj.weight, residual, ss[0], attn.o_proj.bias)
-        norm = self.post_attention_layernorm
-        gate_up = mlp.gate_up_proj
-        act = gemv_normed(
-            residual, ss[0], norm.weight, norm.eps, gate_up.weight, gate_up.bias, True, ss[1]
+        o_proj = attn.o_proj
+        residual = gemv_residual(
+            out, o_proj.weight, residual, ss[0], o_proj.bias, o_proj.weight_scale
         )
-        return gemv_residual(act, mlp.down_proj.weight, residual, ss[1], mlp.down_proj.bias)
+        norm = self.post_attention_layernorm
+        gate_up, down = mlp.gate_up_proj, mlp.down_proj
+        act = gemv_normed(
+            residual, ss[0], norm.weight, norm.eps, gate_up.weight, gate_up.bias, True, ss[1],
+            gate_up.weight_scale,
+        )  # fmt: skip
+        return gemv_residual(act, down.weight, residual, ss[1], down.bias, down.weight_scale)
 
 
 class LlamaForCausalLM(nn.Module):
