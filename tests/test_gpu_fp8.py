@@ -24,6 +24,7 @@ from shardline.shards.layers.fp8 import (
     scaled_mm_applies,
 )
 from shardline.shards.layers.linear import linear
+from shardline.shards.layers.triton_fp8_quant import quantize_rows_triton
 from shardline.shards.layers.triton_gemv import gemv, gemv_applies, gemv_normed, gemv_residual
 from shardline.shards.models import load_model
 from shardline.shards.utils.dist import TPGroup
@@ -67,6 +68,21 @@ def test_scaled_mm_matches_the_dequantized_product(rows: int, dtype: torch.dtype
     assert relative_error(out.float(), expected) < 1e-2
     # x and the weight each rounded to 3 mantissa bits: about 5 % off the unquantized product
     assert relative_error(out.float(), F.linear(x.float(), weight, bias.float())) < 0.1
+
+
+@needs_fp8_gemm
+@pytest.mark.parametrize("shape", [(1, 64), (7, 2048), (300, 14336), (5, 1000)])
+@pytest.mark.parametrize("dtype", HALF)
+def test_triton_quantizes_tokens_as_torch_does(shape: tuple[int, int], dtype: torch.dtype):
+    magnitudes = torch.logspace(-3, 3, shape[0], device=DEVICE)[:, None]
+    x = (torch.randn(shape, device=DEVICE) * magnitudes).to(dtype)
+    x[shape[0] // 2] = 0.0  # an all-zero row: a tiny scale, zeros
+    quantized, scale = quantize_rows_triton(x)
+    expected, expected_scale = quantize_rows(x)
+    torch.testing.assert_close(scale, expected_scale, rtol=1e-6, atol=0)
+    # Triton's float32 division may differ from torch's in the last bit: at most one FP8 step
+    torch.testing.assert_close(quantized.float(), expected.float(), rtol=2**-3, atol=2**-9)
+    assert (quantized.float() == expected.float()).float().mean() > 0.99
 
 
 @needs_fp8_gemm

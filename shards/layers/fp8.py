@@ -5,7 +5,7 @@ A weight W [N, K] is held as Q [N, K] float8_e4m3fn and s [N] float32 with W ~ Q
 On a GPU with FP8 tensor cores (compute capability 8.9 and up) `fp8_linear` quantizes each row
 of x the same way (dynamic per-token scales) and multiplies on the tensor cores through
 `torch._scaled_mm` with row-wise scales (cuBLASLt / CUTLASS; bfloat16 output, the only one
-row-wise scaling takes). Elsewhere (CPU, older GPUs, shapes the FP8 GEMM does not take) it
+row-wise scaling takes), the activations quantized by one Triton kernel (triton_fp8_quant.py). Elsewhere (CPU, older GPUs, shapes the FP8 GEMM does not take) it
 dequantizes the weight and runs a plain matmul: the reference the tests check every loader with.
 """
 
@@ -15,6 +15,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from shardline.shards.layers import custom_kernels
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
@@ -71,7 +73,12 @@ def _scaled_mm_linear(
     """Row-wise scaled FP8 GEMM: x's rows quantized per token (scale_a [M, 1]), the weight's
     per output channel (scale_b [1, N]); mat2 is the weight transposed, i.e. column-major."""
     rows = x.reshape(-1, x.shape[-1])
-    quantized, row_scale = quantize_rows(rows)
+    if custom_kernels.applies(x):
+        from shardline.shards.layers.triton_fp8_quant import quantize_rows_triton
+
+        quantized, row_scale = quantize_rows_triton(rows)
+    else:
+        quantized, row_scale = quantize_rows(rows)
     out = torch._scaled_mm(
         quantized,
         weight.t(),
