@@ -9,6 +9,7 @@ import torch
 
 from shardline.proto import generate_pb2
 from shardline.shards.kv_cache import BlockAllocator, KVCache
+from shardline.shards.prefix_cache import Root, cache_root, remember_sequence
 from shardline.shards.sampling.sampling import SamplingState
 from shardline.shards.sequences.beam_search import BeamSearch
 from shardline.shards.sequences.forking import fork_sequences
@@ -29,6 +30,11 @@ class SequenceState:
     blocks: list[int]
     generated: int = 0
     sequence_index: int = 0
+    # What the prefix cache indexes the sequence's blocks by when it ends: its prompt, the
+    # tokens it generated (a beam's are its search's: left empty) and its request's cache root.
+    prompt_ids: tuple[int, ...] = ()
+    generated_ids: list[int] = field(default_factory=list)
+    cache_root: Root = ("salt", "")
 
     @property
     def num_cached(self) -> int:
@@ -50,11 +56,14 @@ class SequenceState:
             seed=request.parameters.seed,
             top_n_tokens=request.top_n_tokens,
             blocks=blocks,
+            prompt_ids=tuple(request.input_ids),
+            cache_root=cache_root(request),
         )
 
     def record(self, token_id: int) -> int:
         """Counts a generated token and returns why the sequence stops (NONE: it goes on)."""
         self.generated += 1
+        self.generated_ids.append(token_id)
         return self.stop.finish_reason(token_id, self.generated)
 
 
@@ -97,6 +106,7 @@ class ShardBatch:
 
     def free_all(self, allocator: BlockAllocator) -> None:
         for seq in self.sequences:
+            remember_sequence(allocator, seq)
             allocator.free(seq.blocks)
             seq.blocks = []
 

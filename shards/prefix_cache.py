@@ -10,8 +10,9 @@ block holds next.
 Cached blocks are owned like any others (reference-counted; forks and requests that hit them
 share them). A cached block whose last owner frees it stays in the index, evictable: it counts
 as free, and the allocator hands it out again (least recently freed first) only when no
-never-cached block is left. Only prompt blocks are indexed, once their prompt tokens' KV is
-written (a prefill pass that reached them); generated tokens are not.
+never-cached block is left. Prompt blocks are indexed once their KV is written (after the
+prefill pass that reached them), a sequence's generated tokens when it ends (all but its last
+token, whose KV is never written): a chat's next turn finds the last turn's reply too.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from shardline.proto import generate_pb2 as pb
 from shardline.shards.kv_cache import BlockAllocator
+
+if TYPE_CHECKING:
+    from shardline.shards.batch import SequenceState
 
 logger = logging.getLogger(__name__)
 
@@ -174,3 +179,14 @@ def clear_prefix_cache(allocator: BlockAllocator | None) -> None:
     """Empties the index (ClearCache of everything), logging the blocks it held."""
     if isinstance(allocator, PrefixCachingAllocator):
         logger.info("prefix cache cleared: %d blocks were indexed", allocator.clear())
+
+
+def remember_sequence(allocator: BlockAllocator, seq: SequenceState) -> None:
+    """Indexes the full blocks of an ending sequence's prompt and generated tokens (those whose
+    KV is written), before its blocks are freed. A beam's tokens are its search's, not the
+    sequence's: its prompt's prefill indexed what it can."""
+    complete = bool(seq.generated_ids) and len(seq.generated_ids) == seq.generated
+    if isinstance(allocator, PrefixCachingAllocator) and complete:
+        tokens = [*seq.prompt_ids, *seq.generated_ids]
+        count = seq.num_cached // allocator.block_size
+        allocator.register(tokens, seq.cache_root, seq.blocks, count)

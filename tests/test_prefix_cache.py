@@ -165,6 +165,19 @@ def test_salts_never_share_and_the_same_salt_does(cached):
     assert_no_leaks(cached)
 
 
+def test_a_reply_is_found_by_the_next_turn(cached, engines):
+    """A finished sequence's generated tokens are indexed too, all but its last (whose KV was
+    never written): 10 prompt and 12 generated tokens leave five full blocks."""
+    prompt = random_prompts(1, cached.config.vocab_size, seed=48, min_len=10, max_len=10)[0]
+    endless = SamplingParams(temperature=0.0, seed=0, ignore_eos=True)
+    reply = _run(cached, [make_request(1, prompt, 12, endless)])[1]
+    turn = prompt + reply + [5, 6, 7]
+    assert _prefill_alone(cached, make_request(2, turn, 1)).cached_tokens == {2: 20}
+    cold = _run(engines[False], [make_request(3, turn, 8)])[3]
+    assert _run(cached, [make_request(3, turn, 8)])[3] == cold
+    assert_no_leaks(cached)
+
+
 def test_clear_cache_empties_the_index(cached, caplog):
     prompt = random_prompts(1, cached.config.vocab_size, seed=46, min_len=20, max_len=20)[0]
     _run(cached, [make_request(1, prompt, 3)])

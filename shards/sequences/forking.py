@@ -13,6 +13,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from shardline.shards.kv_cache import BlockAllocator, KVCache, KVCacheExhaustedError
+from shardline.shards.prefix_cache import remember_sequence
 
 if TYPE_CHECKING:
     from shardline.shards.batch import SequenceState
@@ -35,6 +36,7 @@ def fork_sequences(
     taken = set(parents)
     for row, seq in enumerate(sequences):
         if row not in taken:
+            remember_sequence(allocator, seq)
             allocator.free(seq.blocks)
             seq.blocks = []
     copies = _copies_needed(sequences, parents, allocator.block_size)
@@ -52,7 +54,9 @@ def fork_sequences(
             moved.add(parent)
             result.sequences.append(seq)
             continue
-        child = dataclasses.replace(seq, blocks=list(seq.blocks))
+        child = dataclasses.replace(
+            seq, blocks=list(seq.blocks), generated_ids=list(seq.generated_ids)
+        )
         if _has_partial_block(seq, allocator.block_size):
             allocator.share(child.blocks[:-1])
             child.blocks[-1] = new_blocks.pop()
