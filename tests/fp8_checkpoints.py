@@ -52,7 +52,7 @@ def _per_block(weight: torch.Tensor) -> Quantized:
     return {"weight": _scaled(weight, per_element), "weight_scale_inv": scale}
 
 
-def _compressed_tensors_config(strategy: str) -> dict:
+def compressed_tensors_config(strategy: str) -> dict:
     return {
         "quant_method": "compressed-tensors",
         "format": "float-quantized",
@@ -76,9 +76,9 @@ def _compressed_tensors_config(strategy: str) -> dict:
 FORMATS: dict[str, tuple[Callable[[torch.Tensor], Quantized], dict]] = {
     "compressed-tensors-channel": (
         lambda w: _per_channel(w, torch.bfloat16),
-        _compressed_tensors_config("channel"),
+        compressed_tensors_config("channel"),
     ),
-    "compressed-tensors-tensor": (_per_tensor, _compressed_tensors_config("tensor")),
+    "compressed-tensors-tensor": (_per_tensor, compressed_tensors_config("tensor")),
     "fbgemm_fp8": (
         lambda w: _per_channel(w, torch.float32),
         {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0},

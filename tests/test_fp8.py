@@ -15,8 +15,18 @@ from shardline.shards.layers.attention import get_attention_backend
 from shardline.shards.layers.fp8 import FP8, dequantize_rows, fp8_linear, quantize_rows
 from shardline.shards.models import CausalLM, load_model
 from shardline.shards.utils.dist import TPGroup, init_distributed
-from shardline.shards.utils.quantization import weight_format
-from tests.fp8_checkpoints import FORMATS, write_dequantized_twin, write_fp8_checkpoint
+from shardline.shards.utils.quantization import (
+    UnsupportedQuantizationError,
+    checkpoint_format,
+    weight_format,
+)
+from shardline.shards.utils.weights import Weights
+from tests.fp8_checkpoints import (
+    FORMATS,
+    compressed_tensors_config,
+    write_dequantized_twin,
+    write_fp8_checkpoint,
+)
 from tests.model_factory import TinyModelSpec, build_tiny_model
 from tests.test_model_forward import prompts, run_engine, transformers_reference
 
@@ -156,3 +166,16 @@ def test_two_ranks_over_gloo_equal_one(tmp_path: Path, model_dirs, reference) ->
             per_step = torch.load(tmp_path / f"rank{rank}.pt")[case]
             for step, (a, e) in enumerate(zip(per_step, single, strict=True)):
                 torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5, msg=f"{case} r{rank} {step}")
+
+
+def test_unsupported_formats_are_refused_by_name(model_dirs) -> None:
+    """A compressed-tensors scheme other than FP8 channel/tensor, and an FP8 tensor read by a
+    layer that does not apply scales (instead of garbage weights)."""
+    int4 = compressed_tensors_config("group")
+    int4["config_groups"]["group_0"]["weights"] |= {"num_bits": 4, "type": "int", "group_size": 128}
+    int4["format"] = "pack-quantized"
+    with pytest.raises(UnsupportedQuantizationError, match="format 'pack-quantized'"):
+        checkpoint_format(int4)
+    weights = Weights(model_dirs["fbgemm_fp8"], dtype=torch.float32, device=CPU, tp=TPGroup())
+    with pytest.raises(UnsupportedQuantizationError, match="down_proj.weight is stored in FP8"):
+        weights.get_tensor("model.layers.0.mlp.down_proj.weight")

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from shardline.shards.utils.dist import TPGroup
-from shardline.shards.utils.quantization import WeightFormat
+from shardline.shards.utils.quantization import UnsupportedQuantizationError, WeightFormat
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -50,12 +50,12 @@ class Weights:
         return self._slice(name)[index].to(self.device).contiguous()
 
     def get_tensor(self, name: str) -> torch.Tensor:
-        return self._cast(self._slice(name)[:])
+        return self._cast(name, self._slice(name)[:])
 
     def get_range(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) along `dim`; only those bytes are read."""
         index = (slice(None),) * dim + (slice(start, stop),)
-        return self._cast(self._slice(name)[index])
+        return self._cast(name, self._slice(name)[index])
 
     def get_sharded(self, name: str, dim: int, *, pad: bool = False) -> torch.Tensor:
         """This rank's equal part of `name` along `dim`.
@@ -96,7 +96,13 @@ class Weights:
             self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
         return self._handles[path].get_slice(name)
 
-    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+    def _cast(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """`t` in the model's dtype; an FP8 tensor means nothing without its scales, which only
+        fp8_weights.read_linear applies."""
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise UnsupportedQuantizationError(
+                f"{name} is stored in FP8 but its layer does not load FP8 checkpoints yet"
+            )
         dtype = self.dtype if t.is_floating_point() else t.dtype
         return t.to(device=self.device, dtype=dtype).contiguous()
 
