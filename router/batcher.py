@@ -95,7 +95,9 @@ class Batcher:
         self._events = GenerationEvents(tokenizer)
         self.config = config
         self._metrics = metrics or RouterMetrics()
-        self._prefixes = prefix_cache_view(config)
+        self._prefixes = (
+            PrefixCacheView.of(config, self._metrics) if config.prefix_caching else None
+        )
         self._queue = RequestQueue(config.prefill_chunking, self._prefixes)
         self._join = JoinPolicy(config, self._queue, self._metrics)
         self._calls = ShardCalls(client, self._metrics)
@@ -291,18 +293,9 @@ class Batcher:
             if entry.trace is not None:
                 entry.trace.prefill_answered(prompt_done=not entry.chunked)
             entry.prefilled += entry.pass_tokens
-            self._prefix_answered(entry, result.cached_tokens.get(request_id))
+            if self._prefixes is not None:
+                self._prefixes.answered(entry, result.cached_tokens.get(request_id))
         return result.generations, await self._filter(result.batch)
-
-    def _prefix_answered(self, entry: Entry, found: int | None) -> None:
-        """A pass of the entry's prompt answered; `found`: the tokens the shards found in their
-        prefix cache (None: they did not look it up in this pass)."""
-        if found is not None:
-            self._metrics.prefix_cache_queries.inc(entry.request.input_length)
-            self._metrics.prefix_cache_hits.inc(found)
-            entry.cached = found
-        if self._prefixes is not None:
-            self._prefixes.answered(entry, found)
 
     async def _send_decode(self, batches: list[pb.CachedBatch], launch_next: bool) -> InFlight:
         """`launch_next`: no request is expected to join at the next step, so the shards may
@@ -396,13 +389,6 @@ class Batcher:
             sum(entry.budget_tokens for entry in self._running.values())
         )
         self._metrics.queue_size.set(len(self._queue))
-
-
-def prefix_cache_view(config: BatchingConfig) -> PrefixCacheView | None:
-    """The router's picture of the shards' prefix cache, of their whole KV capacity."""
-    if not config.prefix_caching:
-        return None
-    return PrefixCacheView(config.block_size, config.max_batch_total_tokens // config.block_size)
 
 
 def _request_ids(batches: Iterable[pb.CachedBatch]) -> set[int]:

@@ -16,9 +16,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from shardline.router.metrics import RouterMetrics
 from shardline.router.request_types import ValidRequest
 
 if TYPE_CHECKING:
+    from shardline.router.batcher import BatchingConfig
     from shardline.router.queue import Entry
 
 
@@ -36,10 +38,16 @@ def block_hashes(request: ValidRequest, block_size: int) -> list[int]:
 class PrefixCacheView:
     """What the router expects the shards' prefix cache to hold: at most `capacity` blocks."""
 
-    def __init__(self, block_size: int, capacity: int) -> None:
+    def __init__(self, block_size: int, capacity: int, metrics: RouterMetrics) -> None:
         self.block_size = block_size
         self.capacity = capacity
+        self._metrics = metrics
         self._blocks: OrderedDict[int, None] = OrderedDict()
+
+    @classmethod
+    def of(cls, config: BatchingConfig, metrics: RouterMetrics) -> PrefixCacheView:
+        """Of the shards' whole KV capacity (the total token budget)."""
+        return cls(config.block_size, config.max_batch_total_tokens // config.block_size, metrics)
 
     def expect(self, entry: Entry) -> None:
         """Sets the leading prompt tokens the shards should find cached (never the last one:
@@ -56,13 +64,16 @@ class PrefixCacheView:
 
     def answered(self, entry: Entry, found_tokens: int | None) -> None:
         """A pass of the entry's prompt answered: the shards found `found_tokens` cached (None:
-        not its first pass), what the view held beyond is gone there; they now hold its first
-        `entry.prefilled` tokens."""
+        not looked up in this pass), what the view held beyond is gone there; they now hold its
+        first `entry.prefilled` tokens. Counts the lookup in the metrics."""
         hashes = self._hashes(entry)
         if found_tokens is not None:
+            entry.cached = found_tokens
+            self._metrics.prefix_cache_queries.inc(entry.request.input_length)
+            self._metrics.prefix_cache_hits.inc(found_tokens)
             for block in hashes[found_tokens // self.block_size :]:
                 self._blocks.pop(block, None)
-        for block in hashes[: entry.prefilled // self.block_size]:
+        for block in reversed(hashes[: entry.prefilled // self.block_size]):  # tails go first
             self._blocks[block] = None
             self._blocks.move_to_end(block)
         while len(self._blocks) > self.capacity:

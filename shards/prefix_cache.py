@@ -9,8 +9,8 @@ block holds next.
 
 Cached blocks are owned like any others (reference-counted; forks and requests that hit them
 share them). A cached block whose last owner frees it stays in the index, evictable: it counts
-as free, and the allocator hands it out again (least recently freed first) only when no
-never-cached block is left. Prompt blocks are indexed once their KV is written (after the
+as free, and the allocator hands it out again (least recently freed first, a prompt's tail
+before its head) only when no never-cached block is left. Prompt blocks are indexed once their KV is written (after the
 prefill pass that reached them), a sequence's generated tokens when it ends (all but its last
 token, whose KV is never written): a chat's next turn finds the last turn's reply too.
 """
@@ -68,6 +68,11 @@ class PrefixCachingAllocator(BlockAllocator):
     def num_cached(self) -> int:
         """Blocks in the index, in use or evictable."""
         return len(self._keys)
+
+    def free(self, blocks: list[int]) -> None:
+        """As BlockAllocator's, last block first: a freed prompt's tail is evicted before its
+        head, which other prompts are likelier to share (a chain without its head is lost)."""
+        super().free(blocks[::-1])
 
     def allocate(self, count: int) -> list[int]:
         """Never-cached blocks first; then the least recently freed cached ones, evicted."""

@@ -90,3 +90,11 @@ def test_a_prefix_indexed_twice_keeps_the_first_block() -> None:
     assert allocator.lookup(prompt, ROOT, 2) == first
     allocator.free(second)
     assert allocator.num_cached == 2 and allocator.num_free == 4
+
+
+def test_a_freed_prompt_loses_its_tail_first() -> None:
+    allocator = PrefixCachingAllocator(3, BLOCK)
+    prompt = list(range(30, 42))
+    blocks = _prompt_blocks(allocator, prompt)
+    allocator.allocate(1)
+    assert allocator.lookup(prompt, ROOT, 3) == blocks[:2]

@@ -9,6 +9,9 @@ import re
 
 import pytest
 
+from shardline.router.metrics import RouterMetrics
+from shardline.router.prefix_view import PrefixCacheView
+from shardline.router.queue import Entry
 from shardline.router.request_types import ValidRequest
 from shardline.sampling_params import SamplingParams
 from tests.batcher_helpers import _batcher, _counting_script
@@ -42,6 +45,34 @@ async def test_the_prefill_budget_counts_only_the_tokens_left_to_compute(tokeniz
         sizes = [len(call[2]) for call in fake.calls_of("prefill")]
         assert sizes == ([2] if together else [1, 1])
     await batcher.stop()
+
+
+def test_the_view_follows_what_the_shards_report():
+    """The view expects what it saw prefilled, believes the shards over itself (a chain they
+    found shorter is dropped), and keeps at most its capacity, least recently used first."""
+    metrics = RouterMetrics()
+    view = PrefixCacheView(block_size=4, capacity=6, metrics=metrics)
+
+    def entry(ids: list[int], prefilled: int = 0) -> Entry:
+        new = Entry(id=0, request=_ids_request(ids), sequences=[])
+        new.prefilled = prefilled
+        return new
+
+    first = list(range(10, 30))  # five full blocks
+    view.answered(entry(first, prefilled=20), found_tokens=0)
+    assert (metrics.prefix_cache_queries.value(), metrics.prefix_cache_hits.value()) == (20, 0)
+    again = entry(first + [1, 2])
+    view.expect(again)
+    assert again.cached == 20
+    again.prefilled = 22
+    view.answered(again, found_tokens=8)  # the shards had evicted all but two blocks
+    assert again.cached == 8 and metrics.prefix_cache_hits.value() == 8
+    third = entry(first + [3])
+    view.expect(third)
+    assert third.cached == 20  # the second prompt's prefill put them back
+    view.answered(entry(list(range(50, 70)), prefilled=20), found_tokens=None)
+    view.expect(third)
+    assert third.cached == 4  # six blocks at most: the older chain lost its tail
 
 
 @pytest.fixture
