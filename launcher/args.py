@@ -104,6 +104,14 @@ FLAGS: tuple[Flag, ...] = (
          type=parse_bool),
     Flag(("--num-shard",), "NUM_SHARD", "number of shard processes; default: all visible GPUs, "
          "1 on CPU", type=int, shard_field="world_size"),
+    Flag(("--pipeline-parallel-size",), "PIPELINE_PARALLEL_SIZE", "pipeline stages (vLLM's "
+         "name): the shards of every node form this many stages of consecutive ranks, tensor "
+         "parallel inside each; must divide --num-shard x --nnodes", type=int,
+         shard_field="pipeline_parallel_size"),
+    Flag(("--pipeline-layer-partition",), "PIPELINE_LAYER_PARTITION", "decoder layers of each "
+         "pipeline stage, first to last, e.g. 7,9,9,7 to lighten the first and last stages (they "
+         "hold the embedding and the LM head); default: an even split",
+         shard_field="pipeline_layer_partition"),
     Flag(("--shard-uds-path",), "SHARD_UDS_PATH", "unix socket prefix of the shards (rank is "
          "appended); default: inside a private directory made for this run"),
     Flag(("--master-addr",), "MASTER_ADDR", "torch.distributed rendezvous address",

@@ -69,8 +69,9 @@ def _engine_args(kwargs: dict[str, Any]) -> EngineArgs:
     kwargs = dict(kwargs)
     if kwargs.pop("enforce_eager", False):
         kwargs.setdefault("cuda_graphs", "0")
-    if "tensor_parallel_size" in kwargs:
-        kwargs["world_size"] = kwargs.pop("tensor_parallel_size")
+    if "tensor_parallel_size" in kwargs or "pipeline_parallel_size" in kwargs:
+        stages = kwargs.get("pipeline_parallel_size", 1)
+        kwargs["world_size"] = kwargs.pop("tensor_parallel_size", 1) * stages
     if kwargs.pop("trust_remote_code", False):
         logger.warning("trust_remote_code has no effect: Shardline runs its own model code")
     ignored = sorted(set(kwargs) - _BATCHING_ARGS - SHARD_FIELDS)

@@ -39,7 +39,17 @@ class ShardConfig:
         "cache, or smollm2-135m-instruct (the packaged SmolLM2, also when None)",
     )
     revision: str | None = _setting(None, "hub revision (branch, tag or commit) of a hub id")
-    world_size: int = _setting(1, "tensor-parallel ranks (shard processes)")
+    world_size: int = _setting(
+        1, "ranks (shard processes) of the whole group: tensor-parallel ranks x pipeline stages"
+    )
+    pipeline_parallel_size: int = _setting(
+        1, "pipeline stages, each of world_size / pipeline_parallel_size tensor-parallel ranks"
+    )
+    pipeline_layer_partition: str | None = _setting(
+        None,
+        "decoder layers of each pipeline stage, first to last, e.g. 7,9,9,7 (default: an even "
+        "split)",
+    )
     dtype: str = _setting(
         "auto",
         "dtype of the weights; auto: float32 on CPU, the checkpoint's half type on GPU",
@@ -77,6 +87,13 @@ class ShardConfig:
     def __post_init__(self) -> None:
         if self.world_size < 1:
             raise ValueError(f"the tensor-parallel size must be at least 1 (got {self.world_size})")
+        if self.pipeline_parallel_size < 1 or self.world_size % self.pipeline_parallel_size:
+            raise ValueError(
+                f"{self.world_size} shard processes cannot form {self.pipeline_parallel_size} "
+                "pipeline stages of equal tensor-parallel size: the pipeline-parallel size must "
+                "divide the number of shards (times the number of nodes)"
+            )
+        parse_partition(self.pipeline_layer_partition, self.pipeline_parallel_size)
         if self.block_size < 1:
             raise ValueError(f"block_size must be at least 1 (got {self.block_size})")
         if self.dtype not in DTYPES:
@@ -95,6 +112,25 @@ class ShardConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})"
             )
+
+
+def parse_partition(text: str | None, stages: int) -> tuple[int, ...] | None:
+    """`"3,5,5,3"`: the layers of each stage, first to last (None: an even split)."""
+    if text is None or not text.strip():
+        return None
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"the layer partition must be comma-separated integers (got {text!r})"
+        ) from None
+    if len(counts) != stages:
+        raise ValueError(
+            f"the layer partition {text!r} names {len(counts)} stages; the pipeline has {stages}"
+        )
+    if min(counts) < 1:
+        raise ValueError(f"every pipeline stage needs at least one layer (got {text!r})")
+    return counts
 
 
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(ShardConfig))

@@ -8,7 +8,7 @@ import os
 import torch
 
 from shardline.model_files import resolve_model
-from shardline.shard_config import ShardConfig
+from shardline.shard_config import ShardConfig, parse_partition
 from shardline.shards.cuda_graphs import parse_buckets
 from shardline.shards.engine import EngineSettings, ShardEngine
 from shardline.shards.layers.attention import get_attention_backend
@@ -49,7 +49,11 @@ def create_engine(
     device = pick_device(rank, config.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    tp = init_distributed(rank, config.world_size, master_addr, master_port, device)
+    stages = config.pipeline_parallel_size
+    partition = parse_partition(config.pipeline_layer_partition, stages)
+    tp = init_distributed(
+        rank, config.world_size, master_addr, master_port, device, stages, partition
+    )
     model_dir = resolve_model(config.model, config.revision)
     model_config = ModelConfig.from_dir(model_dir)
     dtype = pick_dtype(config.dtype, model_config, device)

@@ -71,7 +71,7 @@ class ShardEngine:
         self.tp = tp
         self.device = device
         self.settings = settings
-        self.runner = ModelRunner(model, device)
+        self.runner = ModelRunner(model, device, tp.stage)
         self.allocator: BlockAllocator | None = None
         self.batches: dict[int, ShardBatch] = {}
         self._ahead: StepAhead | None = None
@@ -103,7 +103,7 @@ class ShardEngine:
             attention_impl=self.settings.attention_impl,
             block_size=self.settings.block_size,
             model_type=self.config.model_type,
-            world_size=self.tp.world_size,
+            world_size=self.tp.stage.world_size,
             vocab_size=self.config.vocab_size,
             max_position_embeddings=self.max_positions,
             eos_token_ids=sorted(self.config.eos_token_ids),

@@ -13,6 +13,8 @@ from shardline.shards.cuda_graphs import DecodeGraphs
 from shardline.shards.kv_cache import BlockAllocator, KVCache
 from shardline.shards.layers.attention.metadata import AttentionMetadata
 from shardline.shards.sampling.sampling import Sampler, SamplerOutput, SamplingState
+from shardline.shards.stage_outputs import share_prompt_logprobs, share_sampled
+from shardline.shards.utils.pipeline import SINGLE_STAGE, PipelineStage
 from shardline.shards.utils.transfer import index_on, to_device
 
 
@@ -118,9 +120,15 @@ class PrefillOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    """Runs the model of this rank's pipeline stage; with several stages, the last one's logits
+    are sampled there and its choices shared with every rank (stage_outputs.py)."""
+
+    def __init__(
+        self, model: torch.nn.Module, device: torch.device, stage: PipelineStage = SINGLE_STAGE
+    ) -> None:
         self.model = model
         self.device = device
+        self.stage = stage
         self.sampler = Sampler()
         self.kv_cache: KVCache | None = None
         self.graphs: DecodeGraphs | None = None
@@ -194,21 +202,21 @@ class ModelRunner:
             last = last[:0]
         elif sample_rows is not None:
             last = last[sample_rows]
-        logits = self.model.compute_logits(
-            hidden.index_select(0, self._to_device(torch.cat([torch.arange(decoded), last])))
-        )
-        prompt_logprobs = {
-            row: self._prompt_logprobs(hidden[decoded:], cu_seqlens, row, chunk.logprob_targets)
-            for row, chunk in enumerate(chunks)
-            if chunk.logprob_targets is not None
-        }
+        logits = None
+        if self.stage.is_last:
+            logits = self.model.compute_logits(
+                hidden.index_select(0, self._to_device(torch.cat([torch.arange(decoded), last])))
+            )
+        prompt_logprobs = self._all_prompt_logprobs(hidden[decoded:], cu_seqlens, chunks)
         forward_done = time.perf_counter_ns()
         step = None
         if sampling is not None:
-            step = self._sample(logits[decoded:], sampling, started, forward_done)
+            rows = None if logits is None else logits[decoded:]
+            step = self._sample(rows, sampling, started, forward_done)
         decode = None
         if running is not None:
-            decode = self._sample(logits[:decoded], running.sampling, started, forward_done)
+            rows = None if logits is None else logits[:decoded]
+            decode = self._sample(rows, running.sampling, started, forward_done)
         return PrefillOutput(
             step=None if step is None else step.result(),
             running_step=decode,
@@ -257,20 +265,23 @@ class ModelRunner:
             )
             positions = self._to_device(positions)
             hidden = self.model(self._to_device(input_ids), positions, self._cache_layers(), meta)
-            logits = self.model.compute_logits(hidden)
+            logits = self.model.compute_logits(hidden) if self.stage.is_last else None
         forward_done = time.perf_counter_ns()
         return self._sample(logits, batch.sampling, started, forward_done)
 
     def _sample(
         self,
-        logits: torch.Tensor,
+        logits: torch.Tensor | None,
         sampling: SamplingState,
         started: int,
         forward_done: int,
     ) -> PendingStep:
         """Samples on the device and starts copying the choices to the host; the result waits
-        for that copy alone."""
-        out: SamplerOutput = self.sampler(logits, sampling)
+        for that copy alone. `logits` is None on a pipeline stage but the last."""
+        out = None if logits is None else self.sampler(logits, sampling)
+        if self.stage.size > 1:
+            out = share_sampled(self.stage, out, sampling, self.device)
+        assert out is not None
         sampling.append(out.next_token_ids)
         host = _HostCopy.start(out)
 
@@ -287,6 +298,26 @@ class ModelRunner:
             )
 
         return PendingStep(out.next_token_ids, finish)
+
+    def _all_prompt_logprobs(
+        self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, chunks: list[PromptChunk]
+    ) -> dict[int, list[float]]:
+        """Each chunk's prompt logprobs, by row, of the chunks that want them."""
+        wanted = {
+            row: chunk.logprob_targets
+            for row, chunk in enumerate(chunks)
+            if chunk.logprob_targets is not None
+        }
+        computed = None
+        if self.stage.is_last:
+            computed = {
+                row: self._prompt_logprobs(hidden, cu_seqlens, row, targets)
+                for row, targets in wanted.items()
+            }
+        if self.stage.size == 1:
+            return computed
+        lengths = {row: len(targets) for row, targets in wanted.items()}
+        return share_prompt_logprobs(self.stage, computed, lengths, self.device)
 
     def _prompt_logprobs(
         self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, row: int, targets: list[int]

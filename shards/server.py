@@ -96,7 +96,7 @@ class TextGenerationService(generate_pb2_grpc.TextGenerationServiceServicer):
     async def ServiceDiscovery(self, request, context):
         urls = [
             f"unix://{socket_path(self.uds_prefix, rank)}"
-            for rank in range(self.engine.tp.world_size)
+            for rank in range(self.engine.tp.stage.world_size)
         ]
         return pb.ServiceDiscoveryResponse(urls=urls)
 

@@ -120,6 +120,7 @@ def _graphs_wanted(engine: ShardEngine) -> bool:
     settings = engine.settings
     return (
         engine.device.type == "cuda"
+        and engine.tp.stage.size == 1  # a captured graph cannot hold the stage hand-offs
         and bool(settings.cuda_graph_buckets)
         and settings.attention_impl == "triton"
     )
@@ -197,10 +198,11 @@ def blocks_that_fit(
 
 
 def agree_on_min(value: int, tp: TPGroup, device: torch.device) -> int:
-    """The smallest value over the tensor-parallel ranks, so every rank sizes the same cache."""
-    if tp.world_size == 1:
+    """The smallest value over every rank (of every pipeline stage, each sizing the cache of its
+    own layers), so that every rank has the same blocks."""
+    if tp.stage.world_size == 1:
         return value
     where = device if device.type == "cuda" else torch.device("cpu")
     tensor = torch.tensor([value], dtype=torch.long, device=where)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN, group=tp.group)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN, group=tp.stage.group)
     return int(tensor.item())
