@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
+KV_SCALE_NAMES = ("k_scale", "v_scale")
 BLOCK = (24, 24)  # not a divisor of the tiny model's sizes: partial blocks at the edges
 
 Quantized = dict[str, torch.Tensor]
@@ -137,12 +138,14 @@ def write_dequantized_twin(src: Path, dst: Path) -> Path:
     return _rewrite(src, dst, twin, config)
 
 
-def add_kv_scales(src: Path, dst: Path, k_scale: float, v_scale: float) -> Path:
-    """`src` with per-tensor k_scale / v_scale in every attention layer, as llm-compressor
-    writes an FP8 KV-cache scheme."""
+def add_kv_scales(
+    src: Path, dst: Path, k_scale: float, v_scale: float, names: tuple[str, str] = KV_SCALE_NAMES
+) -> Path:
+    """`src` with per-tensor k / v scales in every attention layer, as llm-compressor writes an
+    FP8 KV-cache scheme (AutoFP8: k_proj.output_scale, v_proj.output_scale)."""
     tensors = load_file(src / "model.safetensors")
     layers = {name.split(".self_attn.")[0] for name in tensors if ".self_attn." in name}
     for layer in layers:
-        tensors[f"{layer}.self_attn.k_scale"] = torch.tensor(k_scale)
-        tensors[f"{layer}.self_attn.v_scale"] = torch.tensor(v_scale)
+        tensors[f"{layer}.self_attn.{names[0]}"] = torch.tensor(k_scale)
+        tensors[f"{layer}.self_attn.{names[1]}"] = torch.tensor(v_scale)
     return _rewrite(src, dst, tensors, json.loads((src / "config.json").read_text()))

@@ -13,6 +13,7 @@ from shardline import LLM, SamplingParams
 from shardline.proto import generate_pb2 as pb
 from shardline.shard_config import ShardConfig
 from shardline.shards.bootstrap import create_engine
+from shardline.shards.layers.attention.fp8_kv import KVScales
 from shardline.shards.models import CausalLM
 from tests.fp8_checkpoints import add_kv_scales, write_dequantized_twin, write_fp8_checkpoint
 from tests.model_factory import build_tiny_model
@@ -34,6 +35,9 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "base": base,
         "kv-scaled": add_kv_scales(base, root / "kv-scaled", K_SCALE, V_SCALE),
+        "kv-scaled-autofp8": add_kv_scales(
+            base, root / "autofp8", K_SCALE, V_SCALE, ("k_proj.output_scale", "v_proj.output_scale")
+        ),
         "checkpoint": checkpoint,
         "twin": write_dequantized_twin(checkpoint, root / "twin"),
     }
@@ -62,7 +66,9 @@ def _prefilled_cache(model: CausalLM, prompt_ids: list[list[int]]) -> list:
 def test_the_checkpoints_kv_scales_divide_what_the_cache_holds(model_dirs) -> None:
     """k / k_scale and v / v_scale in the cache; the attention undoes them."""
     scaled_model, plain_model = load(model_dirs["kv-scaled"]), load(model_dirs["base"])
-    assert scaled_model.layers[0].self_attn.kv_scales.k == K_SCALE
+    assert scaled_model.layers[0].self_attn.kv_scales == KVScales(K_SCALE, V_SCALE)
+    autofp8 = load(model_dirs["kv-scaled-autofp8"])
+    assert autofp8.layers[1].self_attn.kv_scales == KVScales(K_SCALE, V_SCALE)
     prompt_ids = prompts(plain_model.config.vocab_size, seed=5)
     layers = zip(
         _prefilled_cache(scaled_model, prompt_ids),
