@@ -20,10 +20,16 @@ pytestmark = [
 
 
 def _engine_tokens(
-    model_dir: Path, dtype: str, attention: str, prompts, max_new, overlap: bool = False
+    model_dir: Path,
+    dtype: str,
+    attention: str,
+    prompts,
+    max_new,
+    overlap: bool = False,
+    **settings: str,
 ) -> list[list[int]]:
     """`overlap`: each Decode launches the next step ahead and joins decode in the prefill pass
-    (the router's way), else every step runs on its own."""
+    (the router's way), else every step runs on its own. `settings`: more ShardConfig fields."""
     engine = create_engine(
         ShardConfig(
             model=str(model_dir),
@@ -31,6 +37,7 @@ def _engine_tokens(
             attention=attention,
             block_size=16,
             gpu_memory_utilization=0.5,
+            **settings,
         )
     )
     engine.warmup(pb.WarmupRequest(max_prefill_tokens=4096, max_input_tokens=1024))

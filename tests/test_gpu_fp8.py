@@ -29,7 +29,9 @@ from shardline.shards.layers.triton_gemv import gemv, gemv_applies, gemv_normed,
 from shardline.shards.models import load_model
 from shardline.shards.utils.dist import TPGroup
 from shardline.shards.utils.quantization import weight_format
+from tests.shard_harness import random_prompts
 from tests.test_fp8 import BLOCK_SIZE, SPEC, relative_error
+from tests.test_gpu_engine import _engine_tokens, medium_model  # noqa: F401 (the fixture)
 from tests.test_model_forward import prompts, run_engine
 from tests.test_triton_attention import MIXED_CONTEXTS, RotateWriteCase
 from tests.test_triton_prefill import CHUNKED, _chunked_case, _chunked_reference
@@ -218,3 +220,19 @@ def _load(model_dir: Path, device: torch.device, dtype: torch.dtype):
         attention_backend=backend,
         quantization=weight_format(model_dir, "fp8"),
     )
+
+
+@needs_fp8_gemm
+def test_fp8_engine_graphs_on_and_off(medium_model: Path) -> None:  # noqa: F811
+    """FP8 weights and cache through the whole engine (warmup, CUDA graphs, the fused batch-1
+    path, the overlap) against the same formats on torch attention without graphs: the same 32
+    greedy tokens on most prompts, as issue 8's bf16 check asks; prints the rate."""
+    prompts = random_prompts(32, 384, seed=24, max_len=300)
+    max_new = [32] * len(prompts)
+    fp8 = dict(quantization="fp8", kv_cache_dtype="fp8_e4m3fn")
+    fast = _engine_tokens(medium_model, "bfloat16", "triton", prompts, max_new, True, **fp8)
+    plain = _engine_tokens(medium_model, "bfloat16", "torch", prompts, max_new, **fp8)
+    exact = sum(a == b for a, b in zip(fast, plain, strict=True))
+    summary = f"fp8 weights + KV, graphs+Triton vs torch eager: all 32 equal on {exact}/32"
+    print(summary)
+    assert exact >= 16, summary
