@@ -26,6 +26,7 @@ from shardline.shards.prompt_chunks import (
     PrefillPass,
     ScheduledChunk,
     remember_prompts,
+    run_excess_ahead,
     run_prefill_pass,
 )
 from shardline.shards.request_checks import InvalidRequestError, admit, check_batch
@@ -76,6 +77,7 @@ class ShardEngine:
         self.batches: dict[int, ShardBatch] = {}
         self._ahead: StepAhead | None = None
         self._partial = PartialPrompts()
+        self.prefill_limit: int | None = None  # the largest pass warmup sized the memory for
         self.grammars = GrammarLoader(sorted(config.eos_token_ids), config.vocab_size)
 
     @property
@@ -269,6 +271,7 @@ class ShardEngine:
                 grammars=self.grammars,
             )
         block_size = self.settings.block_size
+        run_excess_ahead(self.runner, batch_id, chunks, self.prefill_limit, block_size)
         return run_prefill_pass(self.runner, batch_id, chunks, sampling, block_size, running)
 
     def decode(self, request: pb.DecodeRequest) -> pb.DecodeResponse:

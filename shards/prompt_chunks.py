@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -141,6 +141,35 @@ def run_prefill_pass(
         if row in result.chunk_logprobs
     }
     return result
+
+
+def run_excess_ahead(
+    runner: ModelRunner,
+    batch_id: int,
+    chunks: list[ScheduledChunk],
+    limit: int | None,
+    block_size: int,
+) -> None:
+    """Keeps the pass of `chunks` within `limit` tokens (the largest one warmup sized the memory
+    for): where prompts found fewer tokens cached than the router expected, the excess runs
+    first, in passes of at most `limit` tokens that write KV and sample nothing. A chunk that
+    wants prompt logprobs is never split (its prompt was not looked up, the router budgeted it
+    whole), nor the last token of a prompt."""
+    excess = sum(chunk.end - chunk.start for chunk in chunks if chunk.computes) - (limit or 0)
+    while limit and excess > 0:
+        ahead, room = [], min(limit, excess)
+        for chunk in chunks:
+            last = chunk.end - 1 if chunk.completes else chunk.end
+            take = min(room, last - chunk.start)
+            if take <= 0 or chunk.request.decoder_input_details:
+                continue
+            ahead.append(replace(chunk, end=chunk.start + take))
+            chunk.start += take
+            room -= take
+        if not ahead:
+            return
+        run_prefill_pass(runner, batch_id, ahead, None, block_size, None)
+        excess -= min(limit, excess) - room
 
 
 def remember_prompts(chunks: list[ScheduledChunk], allocator: BlockAllocator) -> None:

@@ -35,6 +35,7 @@ def warm_up(engine: ShardEngine, request: pb.WarmupRequest) -> pb.WarmupResponse
             f"max_total_tokens {request.max_total_tokens} exceeds the model's {positions} positions"
         )
     engine.clear_cache(pb.ClearCacheRequest())
+    engine.prefill_limit = None  # the passes below are sized as they come
     settings = engine.settings
     longest_prompt = min(max_input or max_prefill, positions - 1)
     max_batch = request.max_batch_size if request.HasField("max_batch_size") else None
@@ -60,6 +61,7 @@ def warm_up(engine: ShardEngine, request: pb.WarmupRequest) -> pb.WarmupResponse
     if _graphs_wanted(engine):
         engine.runner.capture_graphs(buckets, -(-max_total // settings.block_size))
     _run_greedy_steps(engine)
+    engine.prefill_limit = max_prefill
     freeze_long_lived_objects()
     logger.info(
         "kv cache ready: %d blocks of %d tokens (%d tokens, %s); prefix cache %s, %d blocks",

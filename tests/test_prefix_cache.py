@@ -178,6 +178,27 @@ def test_a_reply_is_found_by_the_next_turn(cached, engines):
     assert_no_leaks(cached)
 
 
+def test_a_pass_over_the_warmed_size_runs_its_excess_ahead(cached, engines, monkeypatch):
+    """A prompt that found less cached than the router expected makes a pass larger than warmup
+    sized the memory for: its excess runs first, in passes within the limit that sample
+    nothing, and the answers are those of one pass."""
+    prompts = random_prompts(3, cached.config.vocab_size, seed=49, min_len=30, max_len=40)
+    requests = [make_request(i, p, 6) for i, p in enumerate(prompts)]
+    cold = _run(engines[False], requests)
+    passes: list[int] = []
+    prefill = cached.runner.prefill
+
+    def recording(chunks, *args, **kwargs):
+        passes.append(sum(len(chunk.token_ids) for chunk in chunks))
+        return prefill(chunks, *args, **kwargs)
+
+    monkeypatch.setattr(cached.runner, "prefill", recording)
+    monkeypatch.setattr(cached, "prefill_limit", 16)
+    assert _run(cached, requests) == cold
+    assert max(passes) <= 16 and sum(passes) == sum(len(p) for p in prompts)
+    assert_no_leaks(cached)
+
+
 def test_clear_cache_empties_the_index(cached, caplog):
     prompt = random_prompts(1, cached.config.vocab_size, seed=46, min_len=20, max_len=20)[0]
     _run(cached, [make_request(1, prompt, 3)])
