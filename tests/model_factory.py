@@ -91,8 +91,8 @@ _WORDS = [
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 # LayerNorm families (tests/test_model_families.py): Falcon's new decoder architecture (grouped
-# KV, ln_attn / ln_mlp, an untied LM head), its 7B layout (multi-query, parallel attention) and its RW layout
-# (ALiBi, sequential blocks, biases).
+# KV, ln_attn / ln_mlp, an untied LM head), its 7B layout (multi-query, parallel attention, here
+# with biases) and its RW layout (ALiBi, sequential blocks, biases).
 LAYER_NORM_ARCHITECTURES = ("gpt2", "bloom", "falcon", "falcon-7b", "falcon-rw")
 
 
@@ -172,7 +172,7 @@ def _layer_norm_config(spec: TinyModelSpec, vocab_size: int, bos_id: int, eos_id
         "falcon": dict(
             new_decoder_architecture=True, num_kv_heads=spec.num_kv_heads, tie_word_embeddings=False
         ),
-        "falcon-7b": dict(multi_query=True),
+        "falcon-7b": dict(multi_query=True, bias=True),
         "falcon-rw": dict(multi_query=False, parallel_attn=False, bias=True, alibi=True),
     }
     return FalconConfig(

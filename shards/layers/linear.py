@@ -85,5 +85,14 @@ class RowParallelLinear(nn.Module):
         return cls(weight.weight, b, weights.tp, weight.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(linear(x, self.weight, weight_scale=self.weight_scale))
+        return self.finish(self.partial(x))
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the output; `finish` sums the parts (one all-reduce may sum
+        several layers' parts: Falcon's parallel attention and MLP)."""
+        return linear(x, self.weight, weight_scale=self.weight_scale)
+
+    def finish(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum of every rank's partial output, plus the bias."""
+        out = self.tp.all_reduce(partial)
         return out if self.bias is None else out + self.bias

@@ -132,12 +132,17 @@ class FalconBlock(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         normed = self.attention_norm(hidden)
-        attended = self.self_attention(normed, positions, kv_cache, meta)
+        attn, mlp = self.self_attention, self.mlp
         if not self.parallel:
-            hidden = hidden + attended
-            return hidden + self.mlp(self.mlp_norm(hidden))
+            hidden = hidden + attn(normed, positions, kv_cache, meta)
+            return hidden + mlp(self.mlp_norm(hidden))
         mlp_input = normed if self.mlp_norm is None else self.mlp_norm(hidden)
-        return hidden + (self.mlp(mlp_input) + attended)
+        # the attention's and the MLP's partial outputs summed over ranks in one all-reduce
+        heads = attn.attend(normed, positions, kv_cache, meta)
+        out = attn.out.finish(
+            attn.out.partial(heads) + mlp.down.partial(mlp.activations(mlp_input))
+        )
+        return hidden + (out if mlp.down.bias is None else out + mlp.down.bias)
 
 
 class FalconForCausalLM(LayerNormCausalLM):

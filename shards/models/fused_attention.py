@@ -34,6 +34,16 @@ class FusedQKVAttention(nn.Module):
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        return self.out(self.attend(hidden, positions, kv_cache, meta))
+
+    def attend(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """This rank's heads' attention output [T, heads * head_dim], before `out`."""
         heads = self.qkv(hidden).view(hidden.shape[0], -1, self.attention.head_dim)
         q, k, v = heads.split(self.split, dim=1)
-        return self.out(self.attention(q, k, v, positions, kv_cache, meta))
+        return self.attention(q, k, v, positions, kv_cache, meta)

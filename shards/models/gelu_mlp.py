@@ -29,4 +29,8 @@ class GeluMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(gelu(self.up(x), self.activation))
+        return self.down(self.activations(x))
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """GELU(up(x)), this rank's part of the hidden features: `down`'s input."""
+        return gelu(self.up(x), self.activation)
