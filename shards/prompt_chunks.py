@@ -1,9 +1,10 @@
 """Chunked prefill on a shard: the slice of each prompt one prefill pass runs, the pass itself,
 and the prompts prefilled in part, whose KV blocks the shard holds between passes.
 
-A request's first pass allocates the blocks of its whole prompt; each pass writes the KV of its
-chunk and attends to the chunks before it through the cache. Only the pass that reaches the
-prompt's end samples a first token and makes the request a row of a cached batch.
+A request's first pass takes the blocks of its prompt's prefix found in the prefix cache and
+allocates the rest; each pass writes the KV of its chunk (from the first token not cached) and
+attends to the tokens before it through the cache. Only the pass that reaches the prompt's end
+samples a first token and makes the request a row of a cached batch.
 """
 
 from __future__ import annotations
@@ -218,7 +219,7 @@ class PartialPrompts:
         model_eos_ids: Iterable[int],
     ) -> list[ScheduledChunk]:
         """Each request's chunk: the earlier chunks of continued prompts taken back, the blocks
-        of new prompts allocated (all or none)."""
+        of new prompts found cached or allocated (all or none)."""
         for request in requests:
             self.check(request)
         new = [request for request in requests if request.prefix_len == 0]
