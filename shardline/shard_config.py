@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-QUANTIZE_CHOICES = ("fp8", "compressed-tensors")
+QUANTIZE_CHOICES = ("fp8", "compressed-tensors", "fbgemm_fp8")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3fn", "fp8_e5m2")
 # Placed by whoever starts the process: the command's positional model, and the group's size
 # beside the rank and rendezvous (see launcher/shards.py).
@@ -70,7 +70,7 @@ class ShardConfig:
     quantization: str | None = _setting(
         None,
         "fp8: full-precision weights quantized to FP8 at load (per output channel, activations "
-        "per token); compressed-tensors: the checkpoint must be one. FP8 checkpoints "
+        "per token); compressed-tensors, fbgemm_fp8: the checkpoint must be one. FP8 checkpoints "
         "(compressed-tensors, fbgemm_fp8, fp8) are detected from config.json either way",
         QUANTIZE_CHOICES,
     )

@@ -22,6 +22,7 @@ from shardline.shards.utils.quantization import (
 )
 from shardline.shards.utils.weights import Weights
 from tests.fp8_checkpoints import (
+    BLOCK,
     FORMATS,
     compressed_tensors_config,
     write_dequantized_twin,
@@ -176,6 +177,11 @@ def test_unsupported_formats_are_refused_by_name(model_dirs) -> None:
     int4["format"] = "pack-quantized"
     with pytest.raises(UnsupportedQuantizationError, match="format 'pack-quantized'"):
         checkpoint_format(int4)
+    assert weight_format(model_dirs["fbgemm_fp8"], "fbgemm_fp8").method == "fbgemm_fp8"
+    assert weight_format(model_dirs["fp8-block"], "fp8").block == BLOCK  # fp8 takes any FP8
+    for model_dir, quantize in (("base", "compressed-tensors"), ("fp8-block", "fbgemm_fp8")):
+        with pytest.raises(UnsupportedQuantizationError, match=f"quantization '{quantize}'"):
+            weight_format(model_dirs[model_dir], quantize)
     weights = Weights(model_dirs["fbgemm_fp8"], dtype=torch.float32, device=CPU, tp=TPGroup())
     with pytest.raises(UnsupportedQuantizationError, match="down_proj.weight is stored in FP8"):
         weights.get_tensor("model.layers.0.mlp.down_proj.weight")

@@ -56,17 +56,13 @@ def weight_format(model_dir: Path, quantize: str | None) -> WeightFormat | None:
     config_path = Path(model_dir) / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     quantization_config = config.get("quantization_config")
-    if quantization_config is None:
-        if quantize == "compressed-tensors":
-            raise UnsupportedQuantizationError(
-                f"--quantize compressed-tensors: {model_dir} has no quantization_config"
-            )
-        return AT_LOAD if quantize == "fp8" else None
-    method = quantization_config.get("quant_method")
-    if quantize == "compressed-tensors" and method != quantize:
+    method = None if quantization_config is None else quantization_config.get("quant_method")
+    if quantize not in (None, "fp8", method):  # a checkpoint format names what it expects
         raise UnsupportedQuantizationError(
-            f"--quantize compressed-tensors: {model_dir} is quantized with {method!r}"
+            f"quantization {quantize!r}: {model_dir} is quantized with {method!r}"
         )
+    if quantization_config is None:
+        return AT_LOAD if quantize == "fp8" else None
     return checkpoint_format(quantization_config)
 
 
