@@ -58,6 +58,7 @@ def scaled_mm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and n % SCALED_MM_ALIGNMENT == 0
         and k % SCALED_MM_ALIGNMENT == 0
         and weight.is_contiguous()
+        and x.numel() > 0
     )
 
 
