@@ -92,6 +92,11 @@ class RouterMetrics:
         self.kv_blocks_total = Gauge(
             "shardline_kv_blocks_total", "KV cache blocks on shard 0", registry=registry
         )
+        self.kv_blocks_cached = Gauge(
+            "shardline_kv_blocks_cached",
+            "KV cache blocks in shard 0's prefix-cache index (the evictable ones count as free)",
+            registry=registry,
+        )
         self.batch_next_size = histogram(
             "tgi_batch_next_size", "Requests in each new prefill batch", _TOKEN_BUCKETS
         )

@@ -338,6 +338,7 @@ async def _refresh_kv_blocks(ctx: RouterContext) -> None:
         return
     ctx.metrics.kv_blocks_free.set(stats.free_blocks)
     ctx.metrics.kv_blocks_total.set(stats.total_blocks)
+    ctx.metrics.kv_blocks_cached.set(stats.cached_blocks)
 
 
 async def tokenize(request: web.Request) -> web.Response:

@@ -100,6 +100,8 @@ async def test_completions_report_cached_tokens_and_answer_as_a_cold_run(api_cli
     queries = float(re.search(r"^tgi_prefix_cache_queries (\S+)$", metrics, re.M).group(1))
     hits = float(re.search(r"^tgi_prefix_cache_hits (\S+)$", metrics, re.M).group(1))
     assert hits >= cached and queries > hits
+    indexed = float(re.search(r"^shardline_kv_blocks_cached (\S+)$", metrics, re.M).group(1))
+    assert indexed >= 3
 
 
 async def test_salts_never_share_and_the_same_salt_does(api_client):
