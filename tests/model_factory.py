@@ -94,6 +94,9 @@ ARCHITECTURES = ("llama", "mistral", "qwen2")
 # KV, ln_attn / ln_mlp, an untied LM head), its 7B layout (multi-query, parallel attention, here
 # with biases) and its RW layout (ALiBi, sequential blocks, biases).
 LAYER_NORM_ARCHITECTURES = ("gpt2", "bloom", "falcon", "falcon-7b", "falcon-rw")
+# RMSNorm families beside Llama's (tests/test_decoder_families.py), each with what sets it apart
+# made to matter at this size: short sliding windows, low soft-caps, scaled rope.
+DECODER_FAMILY_ARCHITECTURES = ("qwen3", "gemma2", "gemma3", "phi3")
 
 
 @dataclass(frozen=True)
@@ -213,7 +216,45 @@ def _config(spec: TinyModelSpec, vocab_size: int, bos_id: int, eos_id: int):
         return MistralConfig(**common, rope_theta=10000.0, sliding_window=None)
     if spec.architecture == "qwen2":
         return Qwen2Config(**common, rope_theta=10000.0, use_sliding_window=False)
+    if spec.architecture in DECODER_FAMILY_ARCHITECTURES:
+        return _decoder_family_config(spec, common)
     raise ValueError(f"unknown architecture {spec.architecture!r}")
+
+
+def _decoder_family_config(spec: TinyModelSpec, common: dict):
+    from transformers import Gemma2Config, Gemma3TextConfig, Phi3Config, Qwen3Config
+
+    head_dim = spec.hidden_size // spec.num_heads
+    if spec.architecture == "qwen3":
+        return Qwen3Config(**common, head_dim=head_dim, attention_bias=True)
+    gemma = dict(
+        head_dim=head_dim,
+        query_pre_attn_scalar=2 * head_dim,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * (spec.num_layers // 2),
+    )
+    if spec.architecture == "gemma2":
+        return Gemma2Config(
+            **common, **gemma, attn_logit_softcapping=3.0, final_logit_softcapping=5.0
+        )
+    if spec.architecture == "gemma3":
+        rope = {
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+        }
+        return Gemma3TextConfig(**common, **gemma, rope_parameters=rope)
+    longrope = {
+        "rope_type": "longrope",
+        "short_factor": [1.0 + 0.2 * i for i in range(head_dim // 2)],
+        "long_factor": [2.0 + 1.5 * i for i in range(head_dim // 2)],
+    }
+    return Phi3Config(
+        **{**common, "max_position_embeddings": 256},
+        pad_token_id=common["eos_token_id"],
+        original_max_position_embeddings=48,
+        rope_parameters=longrope,
+        sliding_window=12,
+    )
 
 
 def build_tiny_model(out_dir: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:

@@ -99,17 +99,21 @@ def _attention_reference(
     causal: bool,
     window: int = 0,
     slopes: torch.Tensor | None = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Float64 softmax attention; q [m, heads, d], k/v [n, kv_heads, d]. Zeros where n == 0.
     Causal with window > 0: each query sees itself and the window - 1 keys before it. With
     ALiBi `slopes` [heads], each score gains slope * (key position - query position), the
-    queries being the last m positions."""
+    queries being the last m positions. With `softcap`, the scaled scores are capped first
+    (softcap * tanh(score / softcap))."""
     group = q.shape[1] // k.shape[1]
     if k.shape[0] == 0:
         return torch.zeros(q.shape, dtype=torch.float64, device=q.device)
     k64 = k.double().repeat_interleave(group, dim=1)
     v64 = v.double().repeat_interleave(group, dim=1)
     scores = torch.einsum("mhd,nhd->hmn", q.double(), k64) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     if slopes is not None:
         keys = torch.arange(k.shape[0], device=q.device)
         distance = keys[None, :] - keys[k.shape[0] - q.shape[0] :, None]

@@ -18,8 +18,11 @@ from shardline.shards.layers.attention import AttentionBackend, AttentionMetadat
 from shardline.shards.models.bloom import BloomForCausalLM, read_bloom_config
 from shardline.shards.models.config import ModelConfig
 from shardline.shards.models.falcon import FalconForCausalLM, read_falcon_config
+from shardline.shards.models.gemma import Gemma2ForCausalLM, read_gemma_config
 from shardline.shards.models.gpt2 import GPT2LMHeadModel, read_gpt2_config
 from shardline.shards.models.llama import LlamaForCausalLM, read_llama_config
+from shardline.shards.models.phi3 import Phi3ForCausalLM, read_phi3_config
+from shardline.shards.models.qwen3 import read_qwen3_config
 from shardline.shards.utils.dist import TPGroup
 from shardline.shards.utils.quantization import UnsupportedQuantizationError, WeightFormat
 from shardline.shards.utils.weights import Weights
@@ -70,6 +73,14 @@ FAMILIES: tuple[Family, ...] = (
         ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
         ("llama", "mistral", "qwen2"),
     ),
+    Family(LlamaForCausalLM, read_qwen3_config, ("Qwen3ForCausalLM",), ("qwen3",)),
+    Family(
+        Gemma2ForCausalLM,
+        read_gemma_config,
+        ("Gemma2ForCausalLM", "Gemma3ForCausalLM"),
+        ("gemma2", "gemma3_text"),
+    ),
+    Family(Phi3ForCausalLM, read_phi3_config, ("Phi3ForCausalLM",), ("phi3",)),
     Family(GPT2LMHeadModel, read_gpt2_config, ("GPT2LMHeadModel",), ("gpt2",)),
     Family(BloomForCausalLM, read_bloom_config, ("BloomForCausalLM",), ("bloom",)),
     Family(

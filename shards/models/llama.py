@@ -53,15 +53,24 @@ def read_llama_config(raw: dict, generation: dict) -> ModelConfig:
 
 
 def _llama_windows(raw: dict) -> tuple[int, ...]:
-    """Mistral slides in every layer; Qwen2 only with use_sliding_window, in the layers that
-    layer_types marks (by default those from max_window_layers on); Llama never."""
+    """Mistral slides in every layer; Qwen2 and Qwen3 only with use_sliding_window, in the
+    layers that layer_types marks (by default those from max_window_layers on); Llama never."""
     model_type = raw["model_type"]
     if model_type == "mistral":
         return typed_layer_windows(raw, lambda i: True)
-    if model_type != "qwen2" or not raw.get("use_sliding_window", False):
+    if model_type not in ("qwen2", "qwen3") or not raw.get("use_sliding_window", False):
         return (0,) * raw["num_hidden_layers"]
     first_sliding = raw.get("max_window_layers", QWEN2_MAX_WINDOW_LAYERS)
     return typed_layer_windows(raw, lambda i: i >= first_sliding)
+
+
+def rms_norm(weights: Weights, name: str, config: ModelConfig) -> RMSNorm:
+    """The RMSNorm of weight `name`, scaling by config.norm_weight_offset + weight."""
+    weight = weights.get_tensor(name)
+    return RMSNorm(
+        weight + config.norm_weight_offset if config.norm_weight_offset else weight,
+        config.rms_norm_eps,
+    )
 
 
 def kv_heads_per_rank(num_kv_heads: int, world_size: int) -> int:
@@ -100,10 +109,17 @@ class LlamaAttention(nn.Module):
         self.head_dim = config.head_dim
         self.num_heads = config.num_heads // tp.world_size
         self.num_kv_heads = kv_heads_per_rank(config.num_kv_heads, tp.world_size)
-        self.scale = config.head_dim**-0.5
+        self.scale = config.softmax_scale
+        self.softcap = config.attn_logit_softcap
         self.window = window
         self.backend = backend
         self.rotary = rotary
+        self.q_norm = (
+            rms_norm(weights, f"{prefix}.q_norm.weight", config) if config.qk_norm else None
+        )
+        self.k_norm = (
+            rms_norm(weights, f"{prefix}.k_norm.weight", config) if config.qk_norm else None
+        )
         self.qkv_proj = self._load_qkv(config, weights, prefix)
         self.o_proj = RowParallelLinear.load(weights, f"{prefix}.o_proj", config.o_proj_bias)
         self.kv_scales = KVScales.load(weights, prefix)
@@ -145,6 +161,8 @@ class LlamaAttention(nn.Module):
         num_tokens = qkv.shape[0]
         heads = qkv.view(num_tokens, -1, self.head_dim)
         q, k, v = heads.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         k_cache, v_cache = kv_cache
         scaled = self.kv_scales.applies(k_cache)
         if scaled:
@@ -169,31 +187,41 @@ class LlamaAttention(nn.Module):
         their cached prefix, for a prompt's later chunks); a mixed pass has its decode tokens
         first (see AttentionMetadata)."""
         k_cache, v_cache = kv_cache
+        options = dict(window=self.window, softcap=self.softcap)
         if not meta.is_prefill:
-            return self.backend.decode(q, k_cache, v_cache, meta, self.scale, self.window)
+            return self.backend.decode(q, k_cache, v_cache, meta, self.scale, **options)
         decoded = meta.num_decode_tokens
         prefilled = self.backend.prefill(
-            q[decoded:], k[decoded:], v[decoded:], k_cache, v_cache, meta, self.scale, self.window
+            q[decoded:], k[decoded:], v[decoded:], k_cache, v_cache, meta, self.scale, **options
         )
         if not decoded:
             return prefilled
-        decoding = self.backend.decode(q[:decoded], k_cache, v_cache, meta, self.scale, self.window)
+        decoding = self.backend.decode(q[:decoded], k_cache, v_cache, meta, self.scale, **options)
         return torch.cat([decoding, prefilled])
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, weights: Weights, prefix: str) -> None:
         super().__init__()
-        self.gate_up_proj = ColumnParallelLinear.load(
-            weights, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], config.mlp_bias
-        )
+        self.gate_up_proj = self._load_gate_up(config, weights, prefix)
         self.down_proj = RowParallelLinear.load(weights, f"{prefix}.down_proj", config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
+    def _load_gate_up(
+        self, config: ModelConfig, weights: Weights, prefix: str
+    ) -> ColumnParallelLinear:
+        """This rank's gate rows, then its up rows."""
+        return ColumnParallelLinear.load(
+            weights, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], config.mlp_bias
+        )
+
 
 class LlamaDecoderLayer(nn.Module):
+    attention_class = LlamaAttention
+    mlp_class = LlamaMLP
+
     def __init__(
         self,
         config: ModelConfig,
@@ -204,15 +232,14 @@ class LlamaDecoderLayer(nn.Module):
         window: int,
     ) -> None:
         super().__init__()
-        eps = config.rms_norm_eps
-        self.input_layernorm = RMSNorm(weights.get_tensor(f"{prefix}.input_layernorm.weight"), eps)
-        self.self_attn = LlamaAttention(
+        self.input_layernorm = rms_norm(weights, f"{prefix}.input_layernorm.weight", config)
+        self.self_attn = self.attention_class(
             config, weights, f"{prefix}.self_attn", backend, rotary, window
         )
-        self.post_attention_layernorm = RMSNorm(
-            weights.get_tensor(f"{prefix}.post_attention_layernorm.weight"), eps
+        self.post_attention_layernorm = rms_norm(
+            weights, f"{prefix}.post_attention_layernorm.weight", config
         )
-        self.mlp = LlamaMLP(config, weights, f"{prefix}.mlp")
+        self.mlp = self.mlp_class(config, weights, f"{prefix}.mlp")
 
     def forward(
         self,
@@ -287,6 +314,8 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    layer_class = LlamaDecoderLayer
+
     def __init__(self, config: ModelConfig, weights: Weights, backend: AttentionBackend) -> None:
         super().__init__()
         _check_heads(config, weights.tp.world_size)
@@ -307,17 +336,33 @@ class LlamaForCausalLM(nn.Module):
             weights.dtype,
             weights.device,
         )
+        # Gemma 3's sliding-window layers rotate with their own base, unscaled
+        local_rotary = self.rotary
+        if config.local_rope_theta is not None:
+            local_rotary = RotaryEmbedding(
+                config.head_dim,
+                config.max_position_embeddings,
+                config.local_rope_theta,
+                None,
+                weights.dtype,
+                weights.device,
+            )
         self.layers = stage_layers(
             stage,
             config.num_layers,
-            lambda i: LlamaDecoderLayer(
-                config, weights, f"model.layers.{i}", backend, self.rotary, config.layer_windows[i]
+            lambda i: self.layer_class(
+                config,
+                weights,
+                f"model.layers.{i}",
+                backend,
+                local_rotary if config.layer_windows[i] else self.rotary,
+                config.layer_windows[i],
             ),
             logger,
         )
         self.num_layers = len(self.layers)
         if stage.is_last:
-            self.norm = RMSNorm(weights.get_tensor("model.norm.weight"), config.rms_norm_eps)
+            self.norm = rms_norm(weights, "model.norm.weight", config)
             head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
             self.lm_head = ParallelLMHead(weights, head, config.vocab_size)
         # Batch-1 decode folds the norms and SiLU * up into the one-row GEMVs on a single

@@ -19,6 +19,9 @@ sliding-window mask has it (Mistral v0.1, Qwen2 with use_sliding_window).
 
 `alibi_slopes` (float32 [num_heads], None: no bias) adds slope * (key position - query
 position) to each head's scaled scores (ALiBi: BLOOM, some Falcons).
+
+`softcap` (0: none) caps each scaled score s at softcap * tanh(s / softcap) before any bias,
+mask and softmax (Gemma 2's attention logit soft-capping).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class AttentionBackend(Protocol):
         scale: float,
         window: int = 0,
         alibi_slopes: torch.Tensor | None = None,
+        softcap: float = 0.0,
     ) -> torch.Tensor: ...
 
     def decode(
@@ -77,4 +81,5 @@ class AttentionBackend(Protocol):
         scale: float,
         window: int = 0,
         alibi_slopes: torch.Tensor | None = None,
+        softcap: float = 0.0,
     ) -> torch.Tensor: ...

@@ -51,9 +51,11 @@ class TorchNativeBackend:
         scale: float,
         window: int = 0,
         alibi_slopes: torch.Tensor | None = None,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         """Causal attention within each packed sequence and to its cached prefix, over the last
-        `window` keys if set, with each head's ALiBi bias if `alibi_slopes` [heads] are given."""
+        `window` keys if set, with each head's ALiBi bias if `alibi_slopes` [heads] are given,
+        the scaled scores capped at `softcap` (cap * tanh(score / cap)) if set."""
         out = torch.empty_like(q)
         bounds = meta.cu_seqlens.tolist()
         prefixes = (
@@ -67,11 +69,11 @@ class TorchNativeBackend:
                 table = meta.prefix_block_tables[i]
                 keys = torch.cat([_gather(k_cache, table, 0, prefix).to(keys.dtype), keys])
                 values = torch.cat([_gather(v_cache, table, 0, prefix).to(values.dtype), values])
-            if prefix or window or alibi_slopes is not None:
+            if prefix or window or softcap or alibi_slopes is not None:
                 mask = causal_mask(end - start, prefix, window, q.device)
                 if alibi_slopes is not None:
                     mask = alibi_bias(alibi_slopes, mask, q.dtype)
-                out[start:end] = _attend(q[start:end], keys, values, scale, mask=mask)
+                out[start:end] = _attend(q[start:end], keys, values, scale, mask, softcap=softcap)
             else:
                 out[start:end] = _attend(q[start:end], keys, values, scale, causal=True)
         return out
@@ -85,9 +87,10 @@ class TorchNativeBackend:
         scale: float,
         window: int = 0,
         alibi_slopes: torch.Tensor | None = None,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         """Each sequence's one query token against its cached tokens (the last `window` if set),
-        with each head's ALiBi bias if `alibi_slopes` [heads] are given."""
+        with each head's ALiBi bias if `alibi_slopes` [heads] are given, capped at `softcap`."""
         out = torch.empty_like(q)
         for i, context_len in enumerate(meta.context_lens.tolist()):
             first = max(0, context_len - window) if window else 0
@@ -98,7 +101,7 @@ class TorchNativeBackend:
             if alibi_slopes is not None:
                 visible = torch.ones((1, context_len - first), dtype=torch.bool, device=q.device)
                 mask = alibi_bias(alibi_slopes, visible, q.dtype)
-            out[i : i + 1] = _attend(q[i : i + 1], k, v, scale, mask=mask)
+            out[i : i + 1] = _attend(q[i : i + 1], k, v, scale, mask, softcap=softcap)
         return out
 
 
@@ -137,8 +140,12 @@ def _attend(
     scale: float,
     mask: torch.Tensor | None = None,
     causal: bool = False,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """q [Tq, H, D] over k, v [Tk, H_kv, D], grouped-query; returns [Tq, H, D]."""
+    """q [Tq, H, D] over k, v [Tk, H_kv, D], grouped-query; returns [Tq, H, D]. `mask`: where
+    a query sees a key (bool) or a bias added to the scores (-inf: unseen)."""
+    if softcap:
+        return _capped_attend(q, k.to(q.dtype), v.to(q.dtype), scale, mask, softcap)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1),
         k.transpose(0, 1).to(q.dtype),
@@ -149,3 +156,26 @@ def _attend(
         enable_gqa=True,
     )
     return out.transpose(0, 1)
+
+
+def _capped_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None,
+    softcap: float,
+) -> torch.Tensor:
+    """Attention whose scaled scores are soft-capped before the mask and the softmax (float32),
+    in transformers' order (Gemma 2)."""
+    group = q.shape[1] // k.shape[1]
+    keys = k.repeat_interleave(group, dim=1).transpose(0, 1)
+    values = v.repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = q.transpose(0, 1) @ keys.transpose(1, 2) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:
+        scores = scores + mask
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    return (probs @ values).transpose(0, 1)

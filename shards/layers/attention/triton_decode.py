@@ -72,6 +72,17 @@ def _partition_tiles(context_len, num_splits, BLOCK_N: tl.constexpr, WINDOW: tl.
 
 
 @triton.jit
+def soft_cap(scores, softcap, SOFTCAP: tl.constexpr):
+    """softcap * tanh(scores / softcap) (both in log2 units), or the scores without SOFTCAP."""
+    if SOFTCAP:
+        # tanh(x) = 1 - 2 / (e^(2x) + 1): exact at both ends, as e^(2x) over- or underflows
+        scores = softcap * (
+            1.0 - 2.0 / (tl.exp2(scores * (2.0 * 1.4426950408889634 / softcap)) + 1.0)
+        )
+    return scores
+
+
+@triton.jit
 def paged_tile(cache_ptr, page, in_page, kv_head, offs_d, mask, stride_b, stride_t, stride_h):
     """The [keys, dims] tile of KV head `kv_head` at slots (page, in_page) of a paged cache."""
     ptrs = (
@@ -96,6 +107,7 @@ def _paged_decode_kernel(
     lse_ptr,
     alibi_ptr,
     qk_scale,
+    softcap,
     num_splits,
     stride_qt,
     stride_qh,
@@ -121,6 +133,7 @@ def _paged_decode_kernel(
     WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     allow_dependents(USE_PDL)
@@ -162,6 +175,7 @@ def _paged_decode_kernel(
             v_cache_ptr, page, in_page, kv_head, offs_d, kv_mask, stride_vb, stride_vt, stride_vh
         ).to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        scores = soft_cap(scores, softcap, SOFTCAP)
         if HAS_ALIBI:
             scores += slopes[:, None] * (pos - context_len + 1).to(tl.float32)[None, :]
         scores = tl.where(n_mask[None, :], scores, float("-inf"))
@@ -273,10 +287,11 @@ def paged_decode_attention(
     plan: SplitPlan | None = None,
     window: int = 0,
     alibi_slopes: torch.Tensor | None = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """q [batch, heads, dim] against the paged cache [pages, page_size, kv_heads, dim], each row
     over its last `window` keys when window > 0, with the ALiBi bias of float32 `alibi_slopes`
-    [heads] if given."""
+    [heads] if given, the scaled scores capped at `softcap` (cap * tanh(score / cap)) if set."""
     config = config or default_decode_config(q.dtype)
     batch, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
@@ -299,6 +314,7 @@ def paged_decode_attention(
         WINDOW=window,
         DOT_PRECISION=dot_precision(q.dtype),
         HAS_ALIBI=alibi_slopes is not None,
+        SOFTCAP=softcap > 0,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl_launch(q.device, batch),
@@ -313,6 +329,7 @@ def paged_decode_attention(
         block_tables.stride(0),
     )
     qk_scale = scale * LOG2E
+    softcap_log2 = softcap * LOG2E if softcap > 0 else 1.0  # unread without SOFTCAP
     if plan.num_splits == 1:
         _paged_decode_kernel[grid](
             *common,
@@ -320,6 +337,7 @@ def paged_decode_attention(
             out,
             alibi,
             qk_scale,
+            softcap_log2,
             1,
             *strides,
             *out.stride()[:2],
@@ -340,6 +358,7 @@ def paged_decode_attention(
         lse,
         alibi,
         qk_scale,
+        softcap_log2,
         plan.num_splits,
         *strides,
         *partial.stride()[:3],

@@ -77,9 +77,10 @@ class TritonAttentionBackend:
         scale: float,
         window: int = 0,
         alibi_slopes: torch.Tensor | None = None,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         """A pass with cached prefixes (chunked prefill) goes through the Triton kernel, which
-        reads them from the paged cache."""
+        reads them from the paged cache, and so does one with soft-capped scores."""
         if meta.cu_seqlens is None:
             raise ValueError("prefill needs meta.cu_seqlens")
         max_seqlen = meta.max_seqlen or int((meta.cu_seqlens[1:] - meta.cu_seqlens[:-1]).max())
@@ -88,7 +89,7 @@ class TritonAttentionBackend:
             prefix = self._cached_prefix(
                 meta.prefix_lens, meta.prefix_block_tables, k_cache, v_cache
             )
-        if self._flash_varlen is None or prefix is not None:
+        if self._flash_varlen is None or prefix is not None or softcap:
             return self._varlen(
                 q,
                 k,
@@ -99,6 +100,7 @@ class TritonAttentionBackend:
                 window=window,
                 prefix=prefix,
                 alibi_slopes=alibi_slopes,
+                softcap=softcap,
             )
         return self._flash_varlen(
             q,
@@ -123,6 +125,7 @@ class TritonAttentionBackend:
         scale: float,
         window: int = 0,
         alibi_slopes: torch.Tensor | None = None,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         if meta.block_tables is None or meta.context_lens is None:
             raise ValueError("decode needs meta.block_tables and meta.context_lens")
@@ -135,4 +138,5 @@ class TritonAttentionBackend:
             scale,
             window=window,
             alibi_slopes=alibi_slopes,
+            softcap=softcap,
         )

@@ -26,6 +26,7 @@ from shardline.shards.layers.attention.triton_decode import (
     dot_precision,
     head_dim_block,
     paged_tile,
+    soft_cap,
 )
 
 LOG2E = 1.4426950408889634
@@ -58,13 +59,16 @@ def _online_softmax_tile(
     l_i,
     acc,
     qk_scale,
+    softcap,
     DOT_PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Folds one key tile into the running max `m_i`, sum `l_i` and output `acc`; a row that
-    sees no key yet keeps m = -inf and is shifted by 0. `bias` (log2 units) is added to the
-    scores when HAS_BIAS."""
+    sees no key yet keeps m = -inf and is shifted by 0. The scores are capped at `softcap` when
+    SOFTCAP, then `bias` (log2 units, as both) is added when HAS_BIAS."""
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    scores = soft_cap(scores, softcap, SOFTCAP)
     if HAS_BIAS:
         scores += bias
     scores = tl.where(visible, scores, float("-inf"))
@@ -110,6 +114,7 @@ def _varlen_causal_kernel(
     v_cache_ptr,
     alibi_ptr,
     qk_scale,
+    softcap,
     num_m_blocks,
     stride_qt,
     stride_qh,
@@ -136,6 +141,7 @@ def _varlen_causal_kernel(
     HAS_PREFIX: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     m_block = num_m_blocks - 1 - tl.program_id(0)  # the longest tiles start first
     seq = tl.program_id(1)
@@ -198,7 +204,19 @@ def _varlen_causal_kernel(
                     visible = visible & (pos[None, :] > query_pos[:, None] - WINDOW)
                 bias = _alibi_bias(slope, pos, query_pos, HAS_ALIBI)
                 m_i, l_i, acc = _online_softmax_tile(
-                    q, k, v, visible, bias, m_i, l_i, acc, qk_scale, DOT_PRECISION, HAS_ALIBI
+                    q,
+                    k,
+                    v,
+                    visible,
+                    bias,
+                    m_i,
+                    l_i,
+                    acc,
+                    qk_scale,
+                    softcap,
+                    DOT_PRECISION,
+                    HAS_ALIBI,
+                    SOFTCAP,
                 )
 
         k_base = k_ptr + seq_start * stride_kt + kv_head * stride_kh
@@ -219,7 +237,19 @@ def _varlen_causal_kernel(
                 visible = visible & (cols[None, :] > offs_m[:, None] - WINDOW)
             bias = _alibi_bias(slope, cols, offs_m, HAS_ALIBI)
             m_i, l_i, acc = _online_softmax_tile(
-                q, k, v, visible, bias, m_i, l_i, acc, qk_scale, DOT_PRECISION, HAS_ALIBI
+                q,
+                k,
+                v,
+                visible,
+                bias,
+                m_i,
+                l_i,
+                acc,
+                qk_scale,
+                softcap,
+                DOT_PRECISION,
+                HAS_ALIBI,
+                SOFTCAP,
             )
 
         out = acc / l_i[:, None]
@@ -238,10 +268,12 @@ def varlen_causal_attention(
     window: int = 0,
     prefix: CachedPrefix | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """q [tokens, heads, dim], k/v [tokens, kv_heads, dim] packed by cu_seqlens (int32); each
     query sees its last `window` keys when window > 0, and its sequence's cached `prefix`; with
-    float32 `alibi_slopes` [heads], each head's ALiBi bias."""
+    float32 `alibi_slopes` [heads], each head's ALiBi bias; with `softcap`, the scaled scores
+    capped (cap * tanh(score / cap))."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_heads % num_kv_heads:
@@ -263,6 +295,7 @@ def varlen_causal_attention(
         *_prefix_tensors(prefix, cu_seqlens, k, v),
         q if alibi_slopes is None else alibi_slopes,  # a stand-in, unread without ALiBi
         scale * LOG2E,
+        softcap * LOG2E if softcap > 0 else 1.0,  # unread without SOFTCAP
         num_m_blocks,
         *q.stride()[:2],
         *k.stride()[:2],
@@ -279,6 +312,7 @@ def varlen_causal_attention(
         HAS_PREFIX=prefix is not None,
         PAGE_SIZE=prefix.k_cache.shape[1] if prefix else 1,
         HAS_ALIBI=alibi_slopes is not None,
+        SOFTCAP=softcap > 0,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

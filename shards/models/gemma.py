@@ -1,0 +1,145 @@
+"""Gemma 2 and Gemma 3 (text): the Llama layers with Gemma's differences.
+
+RMSNorms scale by 1 + weight (folded into the weight at load); the MLP is GeGLU (tanh GELU);
+token embeddings are multiplied by sqrt(hidden_size); each layer norms the attention output and
+the MLP's input and output too (post_attention, pre_ / post_feedforward norms); the softmax
+scale is query_pre_attn_scalar ** -0.5; sliding-window layers alternate with global ones
+(layer_types). Gemma 2 caps the attention scores and the logits (cap * tanh(x / cap)); Gemma 3
+norms q and k per head and rotates its sliding layers with their own, unscaled base.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
+from shardline.shards.layers.rotary import RotaryEmbedding
+from shardline.shards.models.config import (
+    ModelConfig,
+    decoder_config,
+    require_activation,
+    typed_layer_windows,
+)
+from shardline.shards.models.llama import (
+    KVCache,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaMLP,
+    rms_norm,
+)
+from shardline.shards.utils.weights import Weights
+
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
+GEMMA3_SLIDING_PATTERN = 6  # transformers' Gemma3TextConfig: every 6th layer is global
+
+
+def read_gemma_config(raw: dict, generation: dict) -> ModelConfig:
+    """Gemma 2 (`gemma2`) and Gemma 3's text model (`gemma3_text`)."""
+    gemma3 = raw["model_type"] == "gemma3_text"
+    global_rope, local_theta = _gemma_rope(raw, gemma3)
+    pattern = raw.get("sliding_window_pattern", GEMMA3_SLIDING_PATTERN) if gemma3 else 2
+    scalar = raw.get("query_pre_attn_scalar")
+    activation_key = "hidden_activation" if raw.get("hidden_activation") else "hidden_act"
+    return decoder_config(
+        global_rope,
+        generation,
+        hidden_act=require_activation(raw, activation_key, GELU_TANH),
+        norm_weight_offset=1.0,
+        embed_scale=raw["hidden_size"] ** 0.5,
+        attention_scale=scalar**-0.5 if scalar else None,
+        attn_logit_softcap=raw.get("attn_logit_softcapping") or 0.0,
+        final_logit_softcap=raw.get("final_logit_softcapping") or 0.0,
+        qk_norm=gemma3,
+        local_rope_theta=local_theta,
+        tie_word_embeddings=raw.get("tie_word_embeddings", True),
+        layer_windows=typed_layer_windows(raw, lambda i: bool((i + 1) % pattern)),
+    )
+
+
+def _gemma_rope(raw: dict, gemma3: bool) -> tuple[dict, float | None]:
+    """config.json with the global layers' rope settings in the usual keys, and (Gemma 3) the
+    sliding layers' base: transformers 5 nests both by layer type in rope_parameters, older
+    configs keep rope_theta / rope_scaling for the global layers and rope_local_base_freq."""
+    parameters = raw.get("rope_parameters") or {}
+    if "full_attention" in parameters:
+        local = parameters.get("sliding_attention") or {}
+        return {**raw, "rope_parameters": parameters["full_attention"]}, local.get("rope_theta")
+    return raw, raw.get("rope_local_base_freq", 10000.0) if gemma3 else None
+
+
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(x / cap) * cap
+
+
+class GemmaMLP(LlamaMLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+
+
+class Gemma2DecoderLayer(LlamaDecoderLayer):
+    mlp_class = GemmaMLP
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: Weights,
+        prefix: str,
+        backend: AttentionBackend,
+        rotary: RotaryEmbedding,
+        window: int,
+    ) -> None:
+        super().__init__(config, weights, prefix, backend, rotary, window)
+        self.pre_feedforward_layernorm = rms_norm(
+            weights, f"{prefix}.pre_feedforward_layernorm.weight", config
+        )
+        self.post_feedforward_layernorm = rms_norm(
+            weights, f"{prefix}.post_feedforward_layernorm.weight", config
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.post_attention_layernorm(self.self_attn(hidden, positions, kv_cache, meta))
+        hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
+        return self.post_feedforward_layernorm(self.mlp(hidden)), residual
+
+    def fuses_decode(self) -> bool:
+        return False
+
+
+class ScaledEmbedding(nn.Module):
+    """The token embedding times `scale`, rounded to the embedding's dtype as transformers does."""
+
+    def __init__(self, embedding: nn.Module, scale: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.scale = torch.tensor(scale, dtype=dtype).item()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(input_ids) * self.scale
+
+
+class Gemma2ForCausalLM(LlamaForCausalLM):
+    layer_class = Gemma2DecoderLayer
+
+    def __init__(self, config: ModelConfig, weights: Weights, backend: AttentionBackend) -> None:
+        super().__init__(config, weights, backend)
+        if self.embed_tokens is not None:
+            self.embed_tokens = ScaledEmbedding(self.embed_tokens, config.embed_scale, self.dtype)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = super().compute_logits(hidden)
+        cap = self.config.final_logit_softcap
+        return soft_cap(logits, cap) if cap else logits

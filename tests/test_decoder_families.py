@@ -1,0 +1,132 @@
+"""Qwen3, Gemma 2, Gemma 3 and Phi-3 against transformers: the paged forward's logits, greedy
+tokens through the engine (staggered joins, mixed and chunked prefill) and tensor parallelism
+over gloo. One tiny checkpoint per family (tests/model_factory.py), written by transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from aiohttp.test_utils import unused_port
+
+from shardline.shards.utils.dist import init_distributed
+from tests.model_factory import DECODER_FAMILY_ARCHITECTURES, TinyModelSpec, build_tiny_model
+from tests.shard_harness import (
+    Arrival,
+    make_request,
+    random_prompts,
+    run_schedule,
+    transformers_greedy,
+)
+from tests.test_engine import assert_no_leaks, warmed_engine
+from tests.test_model_forward import (
+    assert_logits_close,
+    load,
+    prompts,
+    run_engine,
+    transformers_reference,
+)
+
+PROMPT_LENGTHS = (5, 11, 1, 21)
+DECODE_STEPS = 4
+BLOCK_SIZE = 4
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {
+        arch: build_tiny_model(root / arch, TinyModelSpec(architecture=arch, seed=11))
+        for arch in DECODER_FAMILY_ARCHITECTURES
+    }
+
+
+@pytest.mark.parametrize("arch", DECODER_FAMILY_ARCHITECTURES)
+def test_paged_forward_matches_transformers(family_dirs: dict[str, Path], arch: str) -> None:
+    model = load(family_dirs[arch])
+    prompt_ids = prompts(model.config.vocab_size, 1, PROMPT_LENGTHS)
+    expected, fed = transformers_reference(family_dirs[arch], prompt_ids, DECODE_STEPS)
+    assert_logits_close(run_engine(model, prompt_ids, fed, BLOCK_SIZE), expected)
+
+
+@pytest.mark.parametrize(("mixed", "chunk"), [(False, 0), (True, 5)])
+@pytest.mark.parametrize("arch", DECODER_FAMILY_ARCHITECTURES)
+def test_engine_greedy_matches_generate(
+    family_dirs: dict[str, Path], arch: str, mixed: bool, chunk: int
+) -> None:
+    """6 prompts join at different steps and stop at different lengths; with `mixed`, joining
+    prompts prefill `chunk` tokens a pass beside the running batch's decode."""
+    engine = warmed_engine(family_dirs[arch])
+    prompt_ids = random_prompts(6, engine.config.vocab_size, seed=7, max_len=16)
+    max_new = [12, 5, 20, 9, 1, 15]
+    expected = transformers_greedy(family_dirs[arch], prompt_ids, max_new)
+    arrivals = [
+        Arrival(step, make_request(i, prompt, n))
+        for i, (step, prompt, n) in enumerate(zip([0, 0, 2, 3, 3, 6], prompt_ids, max_new))
+    ]
+    result = run_schedule(engine.prefill, engine.decode, arrivals, mixed=mixed, chunk=chunk)
+    assert result.max_batch_size > 1
+    for i in range(len(prompt_ids)):
+        assert result.tokens[i] == expected[i], f"request {i}"
+    assert_no_leaks(engine)
+
+
+def _rank_main(rank: int, port: int, dirs: dict[str, Path], out_dir: Path) -> None:
+    torch.set_num_threads(1)
+    tp = init_distributed(rank, 2, "127.0.0.1", port, torch.device("cpu"))
+    for arch, model_dir in dirs.items():
+        model = load(model_dir, tp)
+        prompt_ids = prompts(model.config.vocab_size, 3, PROMPT_LENGTHS)
+        fed = torch.load(out_dir / f"{arch}-fed.pt")
+        torch.save(run_engine(model, prompt_ids, fed, BLOCK_SIZE), out_dir / f"{arch}{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_match_transformers(tmp_path: Path, family_dirs: dict[str, Path]) -> None:
+    """Heads, KV heads, the fused Phi-3 rows and the vocabulary split over 2 ranks (gloo)."""
+    expected = {}
+    for arch, model_dir in family_dirs.items():
+        vocab_size = load(model_dir).config.vocab_size
+        expected[arch], fed = transformers_reference(
+            model_dir, prompts(vocab_size, 3, PROMPT_LENGTHS), DECODE_STEPS
+        )
+        torch.save(fed, tmp_path / f"{arch}-fed.pt")
+    mp.spawn(_rank_main, args=(unused_port(), family_dirs, tmp_path), nprocs=2, join=True)
+    for arch in family_dirs:
+        for rank in range(2):
+            assert_logits_close(torch.load(tmp_path / f"{arch}{rank}.pt"), expected[arch])
+
+
+@torch.inference_mode()
+def transformers_cached_logits(model_dir: Path, prompt: list[int], steps: int):
+    """transformers' last-token logits of the prompt, then of each of its greedy tokens fed one
+    at a time through its KV cache (generate re-prefills a Phi-3 prompt once the sequence
+    passes original_max_position_embeddings; a paged cache keeps what it has)."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    cache = DynamicCache(config=hf.config)
+    out = hf(torch.tensor([prompt]), cache=cache)
+    step_logits, fed = [out.logits[:, -1]], []
+    for position in range(len(prompt), len(prompt) + steps):
+        token = int(step_logits[-1].argmax())
+        fed.append([token])
+        out = hf(
+            torch.tensor([[token]]),
+            cache=cache,
+            position_ids=torch.tensor([[position]]),
+        )
+        step_logits.append(out.logits[:, -1])
+    return step_logits, fed
+
+
+def test_longrope_switches_to_its_long_factors_past_the_original_length(
+    family_dirs: dict[str, Path],
+) -> None:
+    """Phi-3's tiny checkpoint was trained to 48 positions: a 40-token prompt decodes past it."""
+    model = load(family_dirs["phi3"])
+    prompt = prompts(model.config.vocab_size, 5, (40,))[0]
+    expected, fed = transformers_cached_logits(family_dirs["phi3"], prompt, steps=14)
+    assert_logits_close(run_engine(model, [prompt], fed, BLOCK_SIZE), expected)

@@ -1,0 +1,148 @@
+"""Attention logit soft-capping (Gemma 2) in the Triton kernels (paged decode, varlen prefill with
+and without a cached prefix and window, the backend's prefill-then-decode) and the torch backend,
+against the float64 reference (tests/triton_attention_helpers.py).
+
+Runs on CUDA; skipped elsewhere unless TRITON_INTERPRET=1 is set (Triton's CPU interpreter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
+
+from shardline.shards.layers.attention.metadata import AttentionMetadata
+from shardline.shards.layers.attention.torch_native import TorchNativeBackend
+from shardline.shards.layers.attention.triton_decode import (
+    DecodeConfig,
+    SplitPlan,
+    paged_decode_attention,
+)
+from shardline.shards.layers.attention.triton_paged import TritonAttentionBackend
+from shardline.shards.layers.attention.triton_prefill import PrefillConfig, varlen_causal_attention
+from tests.test_triton_prefill import CHUNKED, PREFILL_LENGTHS, _chunked_case, _packed_prefill
+from tests.triton_attention_helpers import (
+    DTYPES,
+    LONG,
+    PagedCase,
+    _assert_close_rows,
+    _attention_reference,
+    _poison_allocator,
+)
+
+CAP = 1.5  # below most scaled scores of these random cases, so the cap changes the result
+CONTEXTS = [0, 1, 15, 17, 64, 257, LONG]
+
+
+def _decode_reference(case: PagedCase, softcap: float) -> torch.Tensor:
+    rows = [
+        _attention_reference(q[None], k, v, case.scale, causal=False, softcap=softcap)[0]
+        for q, k, v in zip(case.q, case.keys, case.values, strict=True)
+    ]
+    return torch.stack(rows)
+
+
+def _prefill_reference(q, k, v, cu, scale: float, window: int, softcap: float) -> torch.Tensor:
+    bounds = cu.tolist()
+    return torch.cat([
+        _attention_reference(q[a:b], k[a:b], v[a:b], scale, True, window, softcap=softcap)
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize("window", [0, 37])
+@pytest.mark.parametrize("splits", ["auto", 1, 5])
+@pytest.mark.parametrize("dtype", [DTYPES[0], torch.float32])
+def test_decode_softcap(dtype: torch.dtype, splits, window: int) -> None:
+    case = PagedCase(CONTEXTS, 8, 2, 64, dtype)
+    if window:
+        case.slide(window)
+    plan = None if splits == "auto" else SplitPlan(int(splits))
+    _poison_allocator()
+    out = paged_decode_attention(
+        case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale,
+        DecodeConfig(), plan, window=window, softcap=CAP,
+    )  # fmt: skip
+    expected = _decode_reference(case, CAP)
+    _assert_close_rows(out, expected, dtype)
+    assert not torch.allclose(expected, _decode_reference(case, 0.0))
+
+
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("dtype", [DTYPES[0], torch.float32])
+def test_prefill_softcap(dtype: torch.dtype, window: int) -> None:
+    q, k, v, cu = _packed_prefill(PREFILL_LENGTHS, 8, 2, 64, dtype)
+    _poison_allocator()
+    out = varlen_causal_attention(
+        q, k, v, cu, max(PREFILL_LENGTHS), 0.125, window=window, softcap=CAP
+    )
+    _assert_close_rows(out, _prefill_reference(q, k, v, cu, 0.125, window, CAP), dtype)
+
+
+def _chunked_reference(sequences, window: int) -> torch.Tensor:
+    return torch.cat([
+        _attention_reference(q[p:], k, v, 0.125, True, window, softcap=CAP)
+        for (p, _), (q, k, v) in zip(CHUNKED, sequences, strict=True)
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_prefill_softcap_continues_a_cached_prefix(window: int) -> None:
+    dtype = DTYPES[0]
+    sequences, (q, k, v, cu), cached = _chunked_case(dtype)
+    _poison_allocator()
+    max_chunk = max(n for _, n in CHUNKED)
+    out = varlen_causal_attention(
+        q, k, v, cu, max_chunk, 0.125, PrefillConfig(block_n=16), window, cached, softcap=CAP
+    )
+    _assert_close_rows(out, _chunked_reference(sequences, window), dtype)
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_torch_backend_softcap_continues_a_cached_prefix(window: int) -> None:
+    """The CPU backend's soft-capping against the same reference as the kernels."""
+    dtype = DTYPES[0]
+    sequences, (q, k, v, cu), cached = _chunked_case(dtype)
+    meta = AttentionMetadata(
+        True,
+        torch.full((q.shape[0],), -1, device=DEVICE),
+        cu_seqlens=cu,
+        prefix_lens=cached.prefix_lens,
+        prefix_block_tables=cached.block_tables,
+    )
+    out = TorchNativeBackend().prefill(
+        q, k, v, cached.k_cache, cached.v_cache, meta, 0.125, window, softcap=CAP
+    )
+    _assert_close_rows(out, _chunked_reference(sequences, window), dtype)
+
+
+@pytest.mark.skipif(INTERPRET, reason="the backend needs a CUDA device")
+@pytest.mark.parametrize("use_flash_attn", [False, True])
+def test_backend_softcap_prefill_write_then_decode(use_flash_attn: bool) -> None:
+    """The backend's rotate-free write, soft-capped prefill (the Triton kernel even where
+    flash-attn is on) and decode from the written cache."""
+    if use_flash_attn:
+        pytest.importorskip("flash_attn")
+    backend = TritonAttentionBackend(DEVICE, use_flash_attn=use_flash_attn)
+    lengths, num_heads, num_kv_heads, head_dim, page_size = [5, 33, 16], 16, 8, 64, 16
+    dtype = torch.bfloat16
+    q, k, v, cu = _packed_prefill(lengths, num_heads, num_kv_heads, head_dim, dtype)
+    shape = (12, page_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    tables = torch.tensor([[3, 11, 0], [1, 4, 7], [9, 2, 5]], dtype=torch.int32, device=DEVICE)
+    slots = torch.cat(
+        [tables[i, torch.arange(n) // page_size] * page_size + torch.arange(n, device=DEVICE)
+         % page_size for i, n in enumerate(lengths)]
+    )  # fmt: skip
+    meta = AttentionMetadata(True, slots, cu_seqlens=cu, max_seqlen=max(lengths))
+    backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    scale = head_dim**-0.5
+    expected = _prefill_reference(q, k, v, cu, scale, 0, CAP)
+    out = backend.prefill(q, k, v, k_cache, v_cache, meta, scale, softcap=CAP)
+    _assert_close_rows(out, expected, dtype)
+    last = cu[1:] - 1
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    decode_meta = AttentionMetadata(False, slots[last], block_tables=tables, context_lens=lens)
+    out = backend.decode(q[last], k_cache, v_cache, decode_meta, scale, softcap=CAP)
+    _assert_close_rows(out, expected[last], dtype)
