@@ -21,7 +21,7 @@ OPTIONS = dict(
 TOLERANCE = 0.03
 
 
-def perplexity(**settings: str) -> float:
+def perplexity(**settings: str | float) -> float:
     llm = LLM(**OPTIONS, **settings)
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
     output = llm.generate([PASSAGE], params, use_tqdm=False)[0]

@@ -31,6 +31,7 @@ from shardline.shards.utils.dist import TPGroup
 from shardline.shards.utils.quantization import weight_format
 from tests.shard_harness import random_prompts
 from tests.test_fp8 import BLOCK_SIZE, SPEC, relative_error
+from tests.test_fp8_perplexity import TOLERANCE, perplexity
 from tests.test_gpu_engine import _engine_tokens, medium_model  # noqa: F401 (the fixture)
 from tests.test_model_forward import prompts, run_engine
 from tests.test_triton_attention import MIXED_CONTEXTS, RotateWriteCase
@@ -236,3 +237,16 @@ def test_fp8_engine_graphs_on_and_off(medium_model: Path) -> None:  # noqa: F811
     summary = f"fp8 weights + KV, graphs+Triton vs torch eager: all 32 equal on {exact}/32"
     print(summary)
     assert exact >= 16, summary
+
+
+@needs_fp8_gemm
+def test_smollm2_perplexity_with_fp8_on_gpu() -> None:
+    """The packaged SmolLM2-135M on the shipped passage in bfloat16 on the GPU: FP8 weights
+    (activations rounded too, unlike the CPU reference), an FP8 cache, both; prints each."""
+    on_gpu = dict(dtype="bfloat16", gpu_memory_utilization=0.3)
+    reference = perplexity(**on_gpu)
+    fp8_weights, fp8_kv = dict(quantization="fp8"), dict(kv_cache_dtype="fp8_e4m3fn")
+    for settings in (fp8_weights, fp8_kv, fp8_weights | fp8_kv):
+        value = perplexity(**on_gpu, **settings)
+        print(f"SmolLM2-135M perplexity bf16 {reference:.2f}, {settings}: {value:.2f}")
+        assert abs(value / reference - 1) < TOLERANCE, settings
