@@ -39,9 +39,11 @@ from tests.test_model_forward import (
     prompts,
     run_engine,
     transformers_reference,
+    with_config_changes,
 )
 
 PROMPT_LENGTHS = (5, 11, 1, 30)
+UNSCALED_GPT2 = {"scale_attn_weights": False}
 DECODE_STEPS = 4
 
 
@@ -60,6 +62,17 @@ def test_paged_forward_matches_transformers(family_dirs: dict[str, Path], arch: 
     model = load(family_dirs[arch])
     prompt_ids = prompts(model.config.vocab_size, lengths=PROMPT_LENGTHS)
     expected, fed = transformers_reference(family_dirs[arch], prompt_ids, DECODE_STEPS)
+    assert_logits_close(run_engine(model, prompt_ids, fed, block_size=4), expected)
+
+
+def test_gpt2_without_scaled_scores_matches_transformers(
+    tmp_path: Path, family_dirs: dict[str, Path]
+) -> None:
+    model_dir = with_config_changes(family_dirs["gpt2"], tmp_path / "gpt2", UNSCALED_GPT2)
+    model = load(model_dir)
+    assert model.config.softmax_scale == 1.0
+    prompt_ids = prompts(model.config.vocab_size, lengths=PROMPT_LENGTHS)
+    expected, fed = transformers_reference(model_dir, prompt_ids, DECODE_STEPS)
     assert_logits_close(run_engine(model, prompt_ids, fed, block_size=4), expected)
 
 

@@ -27,8 +27,6 @@ def read_gpt2_config(raw: dict, generation: dict) -> ModelConfig:
     """GPT2Config's keys (n_embd, n_head, n_layer, n_inner, n_positions) read as Llama's."""
     if raw.get("scale_attn_by_inverse_layer_idx"):
         raise ValueError("GPT-2 with scale_attn_by_inverse_layer_idx is not supported")
-    if raw.get("scale_attn_weights") is False:
-        raise ValueError("GPT-2 without scale_attn_weights is not supported")
     hidden_size = raw.get("n_embd") or raw["hidden_size"]
     renamed = {
         **raw,
@@ -48,6 +46,7 @@ def read_gpt2_config(raw: dict, generation: dict) -> ModelConfig:
         attention_bias=True,
         o_proj_bias=True,
         mlp_bias=True,
+        attention_scale=None if raw.get("scale_attn_weights", True) else 1.0,  # unscaled
     )
 
 
@@ -66,6 +65,7 @@ class GPT2Block(nn.Module):
                 backend,
                 heads,
                 config.head_dim,
+                scale=config.softmax_scale,
                 kv_scales=KVScales.load(weights, f"{prefix}.attn"),
             ),
             heads,

@@ -28,18 +28,20 @@ class PagedAttention(nn.Module):
         num_heads: int,
         head_dim: int,
         *,
+        scale: float | None = None,
         rotary: RotaryEmbedding | None = None,
         window: int = 0,
         alibi_slopes: torch.Tensor | None = None,
         kv_scales: KVScales | None = None,
     ) -> None:
-        """`num_heads` and `alibi_slopes` [num_heads] (float32) are this rank's; `kv_scales`
-        the checkpoint's FP8 cache scales of this layer (None: 1.0)."""
+        """`num_heads` and `alibi_slopes` [num_heads] (float32) are this rank's; `scale` the
+        softmax scale (None: head_dim ** -0.5); `kv_scales` the checkpoint's FP8 cache scales of
+        this layer (None: 1.0)."""
         super().__init__()
         self.backend = backend
         self.num_heads = num_heads
         self.head_dim = head_dim
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
         self.rotary = rotary
         self.window = window
         self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
