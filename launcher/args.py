@@ -114,10 +114,20 @@ FLAGS: tuple[Flag, ...] = (
          shard_field="pipeline_layer_partition"),
     Flag(("--shard-uds-path",), "SHARD_UDS_PATH", "unix socket prefix of the shards (rank is "
          "appended); default: inside a private directory made for this run"),
-    Flag(("--master-addr",), "MASTER_ADDR", "torch.distributed rendezvous address",
-         default="localhost"),
-    Flag(("--master-port",), "MASTER_PORT", "torch.distributed rendezvous port", type=int,
+    Flag(("--master-addr",), "MASTER_ADDR", "torch.distributed rendezvous address: node 0's, "
+         "reachable from every node", default="localhost"),
+    Flag(("--master-port",), "MASTER_PORT", "torch.distributed rendezvous port; with several "
+         "nodes also port + 1 (node 0's launcher, which the others join) and port + 2 + i "
+         "(shard i of a node other than 0, which node 0's router calls)", type=int,
          default=29500),
+    Flag(("--nnodes",), "NNODES", "nodes (hosts) of the group, a launcher on each (torchrun's "
+         "name); the shards of all of them form one world of --num-shard x --nnodes ranks; "
+         "needs SHARDLINE_CLUSTER_TOKEN", type=int, default=1),
+    Flag(("--node-rank",), "NODE_RANK", "this node's rank, 0 to --nnodes - 1: node 0 runs the "
+         "router and the HTTP API and holds the first --num-shard ranks", type=int, default=0),
+    Flag(("--rendezvous-timeout",), "RENDEZVOUS_TIMEOUT", "seconds the nodes wait for each "
+         "other (and a shard for its group), after which every launcher exits 1", type=float,
+         default=300.0),
     Flag(("--block-size",), "BLOCK_SIZE", "tokens per paged KV-cache block", type=int,
          shard_field="block_size"),
     Flag(("--kv-cache-bytes",), "KV_CACHE_BYTES", "KV cache size in bytes on CPU", type=int,
@@ -320,6 +330,7 @@ def parse_args(
         refuse_unsupported(args, sys.argv[1:] if argv is None else argv)
         args.max_input_tokens = _max_input_tokens(args)
         args.num_shard = resolve_num_shard(args.sharded, args.num_shard, environ)
+        check_nodes(args.nnodes, args.node_rank)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     return args
@@ -363,6 +374,13 @@ def resolve_num_shard(
     if sharded and count < 2:
         raise ValueError(f"--sharded true needs at least 2 shards (have {count})")
     return max(count, 1)
+
+
+def check_nodes(nnodes: int, node_rank: int) -> None:
+    if nnodes < 1:
+        raise ValueError(f"--nnodes must be at least 1 (got {nnodes})")
+    if not 0 <= node_rank < nnodes:
+        raise ValueError(f"--node-rank must be in 0..{nnodes - 1} (got {node_rank})")
 
 
 def log_level(environ: Mapping[str, str]) -> str:

@@ -15,10 +15,12 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from shardline.cluster_token import TOKEN_ENV, cluster_token
 from shardline.launcher.args import log_level, parse_args
 from shardline.launcher.commands import ChildSpec, LauncherError, router_spec, shard_socket
 from shardline.launcher.download_weights import download_weights, prepare_model
 from shardline.launcher.env_report import runtime_environment
+from shardline.launcher.nodes import NodeLink, join, lead, link_port
 from shardline.launcher.output import ChildOutput
 from shardline.launcher.ports import check_ports_free
 from shardline.launcher.readiness import router_is_healthy
@@ -26,6 +28,7 @@ from shardline.launcher.shards import ShardLaunch, shard_config, shard_environme
 from shardline.launcher.supervisor import (
     Child,
     ChildDied,
+    Watched,
     stop_children,
     wait_until_ready,
     watch,
@@ -48,7 +51,7 @@ class ShardSockets:
     `cleanup` removes every socket file left behind and the private folder.
     """
 
-    def __init__(self, requested_prefix: str | None, num_shard: int) -> None:
+    def __init__(self, requested_prefix: str | None, ranks: range) -> None:
         self._private_dir: Path | None = None
         if requested_prefix is None:
             self._private_dir = Path(tempfile.mkdtemp(prefix="shardline-"))
@@ -56,7 +59,7 @@ class ShardSockets:
         else:
             Path(requested_prefix).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.prefix = requested_prefix
-        self.paths = [shard_socket(self.prefix, rank) for rank in range(num_shard)]
+        self.paths = [shard_socket(self.prefix, rank) for rank in ranks]
         if len(self.paths[-1].encode()) > _MAX_SOCKET_PATH:
             self.cleanup()
             raise LauncherError(
@@ -105,16 +108,19 @@ def run(argv: list[str] | None = None, environ: Mapping[str, str] | None = None)
             "--max-input-length (MAX_INPUT_LENGTH) is deprecated: use --max-input-tokens"
         )
     try:
-        check_ports_free(args)
+        if args.node_rank == 0:
+            check_ports_free(args)
+        token = _cluster_token(args, environ)
         model_dir = prepare_model(args)
-        sockets = ShardSockets(args.shard_uds_path, args.num_shard)
+        first = args.node_rank * args.num_shard
+        sockets = ShardSockets(args.shard_uds_path, range(first, first + args.num_shard))
     except (ModelNotFoundError, LauncherError) as error:
         logger.error("%s", error)
         return 1
     except KeyboardInterrupt:
         return 130
     try:
-        return _serve(args, model_dir, sockets, environ)
+        return _serve(args, model_dir, sockets, environ, token)
     except LauncherError as error:
         logger.error("%s", error)
         return 1
@@ -122,13 +128,28 @@ def run(argv: list[str] | None = None, environ: Mapping[str, str] | None = None)
         sockets.cleanup()
 
 
+def _cluster_token(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    token = cluster_token(environ)
+    if args.nnodes > 1 and token is None:
+        raise LauncherError(
+            f"--nnodes {args.nnodes} needs a shared secret in {TOKEN_ENV} on every node (e.g. "
+            "from a Kubernetes Secret): the nodes authenticate each other and the router's calls"
+        )
+    return token
+
+
 def _serve(
-    args: argparse.Namespace, model_dir: Path, sockets: ShardSockets, environ: dict[str, str]
+    args: argparse.Namespace,
+    model_dir: Path,
+    sockets: ShardSockets,
+    environ: dict[str, str],
+    token: str | None,
 ) -> int:
     logger.info("model resolved", extra={"model_dir": str(model_dir), "num_shard": args.num_shard})
     config = shard_config(args, model_dir)
     router = router_spec(args, model_dir, sockets.prefix, environ)
-    return Launch(args, config, router, sockets, shard_environment(args, environ)).run()
+    launch = Launch(args, config, router, sockets, shard_environment(args, environ))
+    return launch.run(token)
 
 
 class Launch:
@@ -151,31 +172,51 @@ class Launch:
         self.signals = StopSignals()
         self.output = ChildOutput(args.json_output)
         self.children: list[Child] = []
+        self.nodes: list[NodeLink] = []
 
-    def run(self) -> int:
-        """0 after a stop signal; 1 when a child exited on its own (everything is torn down)."""
+    def run(self, token: str | None = None) -> int:
+        """0 after a stop signal; 1 when a child exited on its own or another node left (every
+        node's launcher tears everything down)."""
         try:
+            self.nodes = self._join_nodes(token)
             self._serve_until_stopped()
         except ChildDied as died:
             _report_death(died.child)
             return 1
         finally:
+            for node in self.nodes:
+                node.close()
             stop_children(self.children, TEARDOWN_TIMEOUT_S, self.signals.force)
         logger.info("shut down")
         return 0
 
+    def _join_nodes(self, token: str | None) -> list[NodeLink]:
+        """The links to the other nodes' launchers (none on one node), once all have joined."""
+        args = self.args
+        if args.nnodes == 1 or token is None:
+            return []
+        port, timeout = link_port(args.master_port), args.rendezvous_timeout
+        if args.node_rank == 0:
+            return lead(port, args.nnodes, token, timeout, self.signals.stop)
+        stop = self.signals.stop
+        return [join(args.master_addr, port, args.node_rank, token, timeout, stop)]
+
     def _serve_until_stopped(self) -> None:
         shards = start_shards(self.config, self.shard_launch, self.shard_environ, self.output)
         self.children.extend(shards)
-        if self._wait_ready(shards, self.shard_launch.is_serving):
-            logger.info("all %d shards answer Health", len(shards))
+        if self.args.node_rank > 0:
+            self._serve_as_worker(shards)
+        elif self._wait_ready(shards, self.shard_launch.is_serving) and self._wait_ready(
+            self.nodes, lambda node: node.ready.is_set()
+        ):
+            logger.info("all %d shards answer Health", len(shards) * self.args.nnodes)
             router = [Child(self.router_spec, self.output)]
             self.children.extend(router)
             if self._wait_ready(
                 router, lambda _: router_is_healthy(self.args.hostname, self.args.port)
             ):
                 logger.info(f"Shardline is ready on http://{self.args.hostname}:{self.args.port}")
-                dead = watch(self.children, self.signals.stop)
+                dead = watch([*self.children, *self.nodes], self.signals.stop)
                 if dead is not None:
                     raise ChildDied(dead)
             logger.info("stopping: the router finishes in-flight requests first")
@@ -184,11 +225,24 @@ class Launch:
         logger.info("stopping the shards")
         stop_children(shards, SHARD_STOP_TIMEOUT_S, self.signals.force)
 
-    def _wait_ready(self, pending: list[Child], is_ready: Callable[[Child], bool]) -> bool:
-        return wait_until_ready(pending, is_ready, self.children, self.signals.stop)
+    def _serve_as_worker(self, shards: list[Child]) -> None:
+        """A node other than 0: its shards serve node 0's router until a signal or a death."""
+        if self._wait_ready(shards, self.shard_launch.is_serving):
+            logger.info("all %d shards of this node answer Health", len(shards))
+            self.nodes[0].send({"ready": True})
+            dead = watch([*self.children, *self.nodes], self.signals.stop)
+            if dead is not None:
+                raise ChildDied(dead)
+
+    def _wait_ready(self, pending: list[Watched], is_ready: Callable[[Watched], bool]) -> bool:
+        watched = [*self.children, *self.nodes]
+        return wait_until_ready(pending, is_ready, watched, self.signals.stop)
 
 
-def _report_death(child: Child) -> None:
+def _report_death(child: Watched) -> None:
+    if not isinstance(child, Child):
+        logger.error(f"{child.name} {child.describe_exit()}; shutting down")
+        return
     child.finish_output()
     last_lines = " | ".join(child.tail) or "(no output)"
     logger.error(

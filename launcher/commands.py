@@ -55,24 +55,31 @@ def _options(pairs: Iterable[tuple[str, object]]) -> list[str]:
 
 
 def shard_env(
-    environ: Mapping[str, str], rank: int, world_size: int, master_addr: str, master_port: int
+    environ: Mapping[str, str],
+    rank: int,
+    world_size: int,
+    master_addr: str,
+    master_port: int,
+    node_ranks: range | None = None,
 ) -> dict[str, str]:
     """The launcher's environment (NCCL_*, NVSHMEM_*, CUDA_VISIBLE_DEVICES... pass through) plus
-    torch.distributed's variables; each rank takes the GPU of its LOCAL_RANK."""
+    torch.distributed's variables; each rank takes the GPU of its LOCAL_RANK, its place among
+    `node_ranks` (this node's ranks; default: all of them)."""
+    node_ranks = node_ranks or range(world_size)
     env = dict(environ)
     env.update(
         RANK=str(rank),
-        LOCAL_RANK=str(rank),
+        LOCAL_RANK=str(rank - node_ranks.start),
         WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(len(node_ranks)),
         MASTER_ADDR=master_addr,
         MASTER_PORT=str(master_port),
         PYTHONUNBUFFERED="1",
     )
     for name, value in _DISTRIBUTED_DEFAULTS.items():
         env.setdefault(name, value)
-    if world_size > 1:
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
+    if len(node_ranks) > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(node_ranks))))
     return env
 
 

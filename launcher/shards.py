@@ -31,16 +31,37 @@ from shardline.shards.utils.quantization import weight_format
 
 @dataclass(frozen=True)
 class ShardLaunch:
-    """Where one run's shard processes listen and meet, and how they log."""
+    """Where one run's shard processes listen and meet, and how they log. With several nodes,
+    `node_rank` and `nnodes` place this node's ranks; a node other than 0 also serves its shards
+    over TCP (`shard_grpc_port`) to node 0's router."""
 
     uds_prefix: str
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     json_output: bool = False
+    node_rank: int = 0
+    nnodes: int = 1
+    rendezvous_timeout: float | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, uds_prefix: str) -> ShardLaunch:
-        return cls(uds_prefix, args.master_addr, args.master_port, args.json_output)
+        return cls(
+            uds_prefix,
+            args.master_addr,
+            args.master_port,
+            args.json_output,
+            args.node_rank,
+            args.nnodes,
+            args.rendezvous_timeout,
+        )
+
+    def ranks(self, world_size: int) -> range:
+        """The ranks of this node's shard processes."""
+        per_node = world_size // self.nnodes
+        return range(self.node_rank * per_node, (self.node_rank + 1) * per_node)
+
+    def shard_grpc_port(self, local_rank: int) -> int | None:
+        return None if self.node_rank == 0 else self.master_port + 2 + local_rank
 
     def is_serving(self, shard: Child) -> bool:
         return shard_is_healthy(shard_socket(self.uds_prefix, shard.spec.rank))
@@ -55,6 +76,8 @@ def shard_config(args: argparse.Namespace, model_dir: Path) -> ShardConfig:
     }
     if args.disable_custom_kernels:
         given.update(_without_custom_kernels(given))
+    if "world_size" in given:
+        given["world_size"] *= args.nnodes  # --num-shard counts this node's shards
     try:
         config = ShardConfig(model=str(model_dir), **given)
         weight_format(model_dir, config.quantization)  # an unsupported checkpoint stops here
@@ -88,6 +111,8 @@ def shard_environment(args: argparse.Namespace, environ: Mapping[str, str]) -> d
 def shard_spec(
     config: ShardConfig, launch: ShardLaunch, rank: int, environ: Mapping[str, str]
 ) -> ChildSpec:
+    local = launch.ranks(config.world_size)
+    grpc_port = launch.shard_grpc_port(rank - local.start)
     argv = [
         find_executable(SHARD_EXECUTABLE),
         "serve",
@@ -96,17 +121,21 @@ def shard_spec(
         *("--uds-path", launch.uds_prefix),
         *("--master-addr", launch.master_addr, "--master-port", str(launch.master_port)),
         *setting_options(config),
+        *(["--grpc-port", str(grpc_port)] if grpc_port is not None else []),
+        *(["--rendezvous-timeout", str(launch.rendezvous_timeout)] if launch.nnodes > 1 else []),
         *(["--json-output"] if launch.json_output else []),
         *("--logger-level", log_level(environ)),
     ]
-    env = shard_env(environ, rank, config.world_size, launch.master_addr, launch.master_port)
+    env = shard_env(environ, rank, config.world_size, launch.master_addr, launch.master_port, local)
     return ChildSpec(name=f"shard {rank}", argv=argv, env=env, rank=rank)
 
 
 def start_shards(
     config: ShardConfig, launch: ShardLaunch, environ: Mapping[str, str], output: ChildOutput
 ) -> list[Child]:
-    """One process per rank of `config.world_size`; every command line is built before the
-    first starts. Wait for them with `supervisor.wait_until_ready(..., launch.is_serving, ...)`."""
-    specs = [shard_spec(config, launch, rank, environ) for rank in range(config.world_size)]
+    """One process per rank of `config.world_size` on this node; every command line is built
+    before the first starts. Wait for them with `supervisor.wait_until_ready(...,
+    launch.is_serving, ...)`."""
+    ranks = launch.ranks(config.world_size)
+    specs = [shard_spec(config, launch, rank, environ) for rank in ranks]
     return [Child(spec, output) for spec in specs]

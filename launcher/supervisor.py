@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from shardline.launcher.commands import ChildSpec
 from shardline.launcher.output import ChildOutput
@@ -106,20 +107,30 @@ def stop_children(children: Iterable[Child], timeout_s: float, abort: threading.
         child.finish_output()
 
 
+class Watched(Protocol):
+    """What the launcher watches: a child process, or another node (launcher/nodes.py)."""
+
+    name: str
+
+    def returncode(self) -> int | None: ...
+
+    def describe_exit(self) -> str: ...
+
+
 class ChildDied(Exception):
-    def __init__(self, child: Child) -> None:
+    def __init__(self, child: Watched) -> None:
         super().__init__(f"{child.name} {child.describe_exit()}")
         self.child = child
 
 
-def first_dead(children: Iterable[Child]) -> Child | None:
+def first_dead(children: Iterable[Watched]) -> Watched | None:
     return next((child for child in children if child.returncode() is not None), None)
 
 
 def wait_until_ready(
-    pending: list[Child],
-    is_ready: Callable[[Child], bool],
-    watched: list[Child],
+    pending: list[Watched],
+    is_ready: Callable[[Watched], bool],
+    watched: list[Watched],
     stop: threading.Event,
     progress_every_s: float = 5.0,
 ) -> bool:
@@ -145,7 +156,7 @@ def wait_until_ready(
     return False
 
 
-def watch(children: list[Child], stop: threading.Event) -> Child | None:
+def watch(children: list[Watched], stop: threading.Event) -> Watched | None:
     """Blocks until a child exits (returned) or `stop` is set (None)."""
     while not stop.wait(0.1):
         dead = first_dead(children)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
 from aiohttp import web
 
+from shardline.cluster_token import cluster_token
 from shardline.event_loop import run_event_loop
 from shardline.gc_pauses import freeze_long_lived_objects
 from shardline.log import configure_logging
@@ -165,7 +167,9 @@ async def serve(args: argparse.Namespace) -> int:
     """Serves until SIGTERM/SIGINT (drains, then 0) or until a shard is stuck (1: only a restart
     of every process recovers ranks stuck mid-step, so the launcher must tear everything down)."""
     tokenizer = load_tokenizer(args)
-    client = await ShardedClient.connect(args.master_shard_uds_path, shard_deadlines(args))
+    client = await ShardedClient.connect(
+        args.master_shard_uds_path, shard_deadlines(args), cluster_token(os.environ)
+    )
     logger.info("connected to shards", extra={"world_size": client.world_size})
     ctx = await start_router(client, tokenizer, settings_from_args(args))
     tracing.configure(args.otlp_endpoint, args.otlp_service_name)

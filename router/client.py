@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from shardline.cluster_token import METADATA_KEY
 from shardline.proto import CALL_SEQUENCE_KEY, generate_pb2_grpc
 from shardline.proto import generate_pb2 as pb
 from shardline.router.request_types import ValidRequest
@@ -168,28 +169,41 @@ def drop_prefills_request(request_ids: Sequence[int]) -> pb.ClearCacheRequest:
 
 
 class ShardedClient:
-    """gRPC to every shard over unix sockets (`unix://PATH`)."""
+    """gRPC to every shard: over unix sockets (`unix://PATH`), and to the shards of other nodes
+    over TCP (`tcp://HOST:PORT`), every call carrying the cluster `token`."""
 
-    def __init__(self, urls: Sequence[str], deadlines: ShardDeadlines = ShardDeadlines()) -> None:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        deadlines: ShardDeadlines = ShardDeadlines(),
+        token: str | None = None,
+    ) -> None:
         if not urls:
             raise ValueError("at least one shard url is needed")
         self.deadlines = deadlines
-        self._channels = [grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS) for url in urls]
+        self._auth = () if token is None else ((METADATA_KEY, token),)
+        self._channels = [
+            grpc.aio.insecure_channel(url.removeprefix("tcp://"), options=_CHANNEL_OPTIONS)
+            for url in urls
+        ]
         self._stubs = [generate_pb2_grpc.TextGenerationServiceStub(ch) for ch in self._channels]
         self._sequence = itertools.count()
 
     @classmethod
     async def connect(
-        cls, master_uds_path: str, deadlines: ShardDeadlines = ShardDeadlines()
+        cls,
+        master_uds_path: str,
+        deadlines: ShardDeadlines = ShardDeadlines(),
+        token: str | None = None,
     ) -> ShardedClient:
         """Asks the master shard for every shard's address (ServiceDiscovery)."""
-        master = cls([_unix_url(master_uds_path)], deadlines)
+        master = cls([_unix_url(master_uds_path)], deadlines, token)
         try:
             request = pb.ServiceDiscoveryRequest()
             found = await master._all("ServiceDiscovery", request, deadlines.probe)
         finally:
             await master.close()
-        return cls(list(found.urls) or [_unix_url(master_uds_path)], deadlines)
+        return cls(list(found.urls) or [_unix_url(master_uds_path)], deadlines, token)
 
     @property
     def world_size(self) -> int:
@@ -205,6 +219,7 @@ class ShardedClient:
         timeout: float | None,
         metadata: tuple[tuple[str, str], ...] = (),
     ) -> Any:
+        metadata = metadata + self._auth
         calls = [
             getattr(stub, method)(request, timeout=timeout, metadata=metadata)
             for stub in self._stubs

@@ -43,16 +43,28 @@ def pick_dtype(requested: str, config: ModelConfig, device: torch.device) -> tor
 
 
 def create_engine(
-    config: ShardConfig, rank: int = 0, master_addr: str = "127.0.0.1", master_port: int = 29500
+    config: ShardConfig,
+    rank: int = 0,
+    master_addr: str = "127.0.0.1",
+    master_port: int = 29500,
+    rendezvous_timeout_s: float | None = None,
 ) -> ShardEngine:
-    """Rank `rank` of `config.world_size`, meeting the others at master_addr:master_port."""
+    """Rank `rank` of `config.world_size`, meeting the others at master_addr:master_port (within
+    `rendezvous_timeout_s`, which also bounds every collective; torch's default otherwise)."""
     device = pick_device(rank, config.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     stages = config.pipeline_parallel_size
     partition = parse_partition(config.pipeline_layer_partition, stages)
     tp = init_distributed(
-        rank, config.world_size, master_addr, master_port, device, stages, partition
+        rank,
+        config.world_size,
+        master_addr,
+        master_port,
+        device,
+        stages,
+        partition,
+        rendezvous_timeout_s,
     )
     model_dir = resolve_model(config.model, config.revision)
     model_config = ModelConfig.from_dir(model_dir)

@@ -78,6 +78,14 @@ class PipelineStage:
             dist.recv(tensor, self.world_rank - self.tp_size, group=self.group)
         return tensors
 
+    def gather(self, value: object) -> list[object]:
+        """Every rank's `value` (picklable), in rank order."""
+        if self.world_size == 1:
+            return [value]
+        gathered: list[object] = [None] * self.world_size
+        dist.all_gather_object(gathered, value, group=self.group)
+        return gathered
+
     def share(self, tensors: Sequence[torch.Tensor]) -> None:
         """Copies the last stage's `tensors` into every rank's (in place; same shapes)."""
         source = (self.size - 1) * self.tp_size
