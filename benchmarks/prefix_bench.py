@@ -19,10 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import random
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -208,25 +210,37 @@ def main() -> None:
     parser.add_argument("--kv-cache-bytes", type=int, default=None, help="CPU runs")
     parser.add_argument("--workloads", default="shared,chat,long,unshared")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--caching", choices=["on", "off"], help="run this one mode alone")
     args = parser.parse_args()
+    if args.caching:
+        runs = {args.caching: run_mode(args, args.caching == "on")}
+        (args.json or Path(f"prefix_{args.caching}.json")).write_text(json.dumps(runs))
+        return
     if args.shape:
         write_model(args.shape, args.model_dir, args.tokenizer_wheel)
-    vocab = json.loads((args.model_dir / "config.json").read_text())["vocab_size"]
-    pairs = load_workload(args.workload, args.num_requests)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     runs = {}
-    for caching in (True, False):
-        llm = load(args.model_dir, args, caching)
-        runs["on" if caching else "off"] = run_all(llm, args, pairs, vocab)
-        llm.shutdown()
-        del llm
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("on", "off"):  # each in a process of its own: the same memory for both
+            out = Path(tmp) / f"{mode}.json"
+            own = ["--caching", mode, "--json", str(out)]
+            subprocess.run([sys.executable, "-m", "benchmarks.prefix_bench", *sys.argv[1:], *own])
+            runs.update(json.loads(out.read_text()) if out.exists() else {})
     if args.json:
         args.json.write_text(json.dumps({"device": device, **runs}, indent=1))
-    print(f"\n== prefix caching on vs off ({device}) ==")
-    print("\n".join(table(runs["on"], runs["off"])))
+    if set(runs) == {"on", "off"}:
+        print(f"\n== prefix caching on vs off ({device}) ==")
+        print("\n".join(table(runs["on"], runs["off"])))
+
+
+def run_mode(args: argparse.Namespace, caching: bool) -> dict:
+    vocab = json.loads((args.model_dir / "config.json").read_text())["vocab_size"]
+    pairs = load_workload(args.workload, args.num_requests)
+    llm = load(args.model_dir, args, caching)
+    try:
+        return run_all(llm, args, pairs, vocab)
+    finally:
+        llm.shutdown()
 
 
 def _mean_ratio(on: dict, off: dict) -> float:
