@@ -42,7 +42,7 @@ def _per_tensor(weight: torch.Tensor) -> Quantized:
     return {"weight": _scaled(weight, scale), "weight_scale": scale}
 
 
-def _per_block(weight: torch.Tensor) -> Quantized:
+def _per_block(weight: torch.Tensor, scale_name: str = "weight_scale_inv") -> Quantized:
     rows, cols = BLOCK
     n, k = weight.shape
     padded = torch.zeros(-(-n // rows) * rows, -(-k // cols) * cols)
@@ -50,10 +50,10 @@ def _per_block(weight: torch.Tensor) -> Quantized:
     blocks = padded.view(padded.shape[0] // rows, rows, padded.shape[1] // cols, cols)
     scale = blocks.abs().amax(dim=(1, 3)) / FP8_MAX
     per_element = scale.repeat_interleave(rows, 0).repeat_interleave(cols, 1)[:n, :k]
-    return {"weight": _scaled(weight, per_element), "weight_scale_inv": scale}
+    return {"weight": _scaled(weight, per_element), scale_name: scale}
 
 
-def compressed_tensors_config(strategy: str) -> dict:
+def compressed_tensors_config(strategy: str, **weights: object) -> dict:
     return {
         "quant_method": "compressed-tensors",
         "format": "float-quantized",
@@ -62,7 +62,13 @@ def compressed_tensors_config(strategy: str) -> dict:
         "config_groups": {
             "group_0": {
                 "targets": ["Linear"],
-                "weights": {"num_bits": 8, "type": "float", "strategy": strategy, "dynamic": False},
+                "weights": {
+                    "num_bits": 8,
+                    "type": "float",
+                    "strategy": strategy,
+                    "dynamic": False,
+                    **weights,
+                },
                 "input_activations": {
                     "num_bits": 8,
                     "type": "float",
@@ -80,6 +86,10 @@ FORMATS: dict[str, tuple[Callable[[torch.Tensor], Quantized], dict]] = {
         compressed_tensors_config("channel"),
     ),
     "compressed-tensors-tensor": (_per_tensor, compressed_tensors_config("tensor")),
+    "compressed-tensors-block": (
+        lambda w: _per_block(w, "weight_scale"),
+        compressed_tensors_config("block", block_structure=list(BLOCK)),
+    ),
     "fbgemm_fp8": (
         lambda w: _per_channel(w, torch.float32),
         {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0},
@@ -113,14 +123,19 @@ def write_fp8_checkpoint(src: Path, dst: Path, fmt: str) -> Path:
     return _rewrite(src, dst, tensors, {**config, "quantization_config": quantization_config})
 
 
-def dequantize(tensors: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+def is_blocked(quantization_config: dict) -> bool:
+    weights = quantization_config.get("config_groups", {}).get("group_0", {}).get("weights", {})
+    return "weight_block_size" in quantization_config or weights.get("strategy") == "block"
+
+
+def dequantize(tensors: dict[str, torch.Tensor], prefix: str, blocked: bool) -> torch.Tensor:
     weight = tensors[f"{prefix}.weight"].float()
-    if f"{prefix}.weight_scale_inv" in tensors:
+    scale_name = f"{prefix}.weight_scale_inv"
+    scale = tensors.get(scale_name, tensors.get(f"{prefix}.weight_scale")).float()
+    if blocked:
         rows, cols = BLOCK
-        scale = tensors[f"{prefix}.weight_scale_inv"].float()
         per_element = scale.repeat_interleave(rows, 0).repeat_interleave(cols, 1)
         return weight * per_element[: weight.shape[0], : weight.shape[1]]
-    scale = tensors[f"{prefix}.weight_scale"].float()
     return weight * (scale if scale.dim() == 2 else scale.expand(weight.shape[0], 1))
 
 
@@ -128,13 +143,15 @@ def write_dequantized_twin(src: Path, dst: Path) -> Path:
     """`src` (an FP8 checkpoint) with every FP8 weight dequantized to float32 and no
     quantization_config."""
     tensors = load_file(src / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    blocked = is_blocked(config.pop("quantization_config"))
     twin = {
-        name: dequantize(tensors, name.removesuffix(".weight")) if tensor.dtype == FP8 else tensor
+        name: dequantize(tensors, name.removesuffix(".weight"), blocked)
+        if tensor.dtype == FP8
+        else tensor
         for name, tensor in tensors.items()
         if "_scale" not in name.rsplit(".", 1)[-1]
     }
-    config = json.loads((src / "config.json").read_text())
-    config.pop("quantization_config")
     return _rewrite(src, dst, twin, config)
 
 

@@ -120,7 +120,7 @@ def test_checkpoints_equal_their_dequantized_twins(model_dirs, reference, fmt: s
     row at load, as the twin is with --quantize fp8."""
     prompt_ids, fed, _ = reference
     twin_dir = model_dirs[f"{fmt}-twin"]
-    if fmt == "fp8-block":
+    if fmt.endswith("-block"):
         expected = run_engine(load(twin_dir, "fp8"), prompt_ids, fed, BLOCK_SIZE)
     else:
         expected, fed = transformers_reference(twin_dir, prompt_ids, DECODE_STEPS)
@@ -131,7 +131,7 @@ def test_checkpoints_equal_their_dequantized_twins(model_dirs, reference, fmt: s
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=f"step {step}")
 
 
-TP_CASES = (AT_LOAD_NAME, "fp8-block", "compressed-tensors-tensor")
+TP_CASES = (AT_LOAD_NAME, "fp8-block", "compressed-tensors-block", "compressed-tensors-tensor")
 
 
 def _tp_case(model_dirs: dict[str, Path], case: str) -> tuple[Path, str | None]:

@@ -3,7 +3,7 @@
 
 Checkpoint formats read as published:
 - compressed-tensors (`*-FP8`, `*-FP8-dynamic` releases of llm-compressor): float8_e4m3fn
-  `weight` with a per-channel [N, 1] or per-tensor `weight_scale`;
+  `weight` with a per-channel [N, 1], per-tensor or (FP8_BLOCK) per-block `weight_scale`;
 - fbgemm_fp8 (Meta's Llama 3.1 FP8): float8_e4m3fn `weight`, per-channel `weight_scale`;
 - fp8 (transformers' fine-grained FP8, as Qwen3 and DeepSeek ship it): float8_e4m3fn `weight`
   with one `weight_scale_inv` per block of weight_block_size (128 x 128).
@@ -69,8 +69,7 @@ def weight_format(model_dir: Path, quantize: str | None) -> WeightFormat | None:
 def checkpoint_format(quantization_config: dict[str, Any]) -> WeightFormat:
     method = quantization_config.get("quant_method")
     if method == "compressed-tensors":
-        _check_compressed_tensors(quantization_config)
-        return WeightFormat(method, "weight_scale")
+        return WeightFormat(method, "weight_scale", _compressed_tensors_block(quantization_config))
     if method == "fbgemm_fp8":
         return WeightFormat(method, "weight_scale")
     if method == "fp8":
@@ -96,30 +95,45 @@ def _fine_grained(quantization_config: dict[str, Any]) -> WeightFormat:
     return WeightFormat("fp8", "weight_scale_inv", (int(block[0]), int(block[1])))
 
 
-def _check_compressed_tensors(quantization_config: dict[str, Any]) -> None:
-    """Float 8-bit weights with channel or tensor scales in every group (compressed-tensors'
-    own reading of the config); activations, if quantized, to 8-bit floats."""
-    from compressed_tensors.quantization import (
-        QuantizationConfig,
-        QuantizationStrategy,
-        QuantizationType,
-    )
+def _compressed_tensors_block(quantization_config: dict[str, Any]) -> tuple[int, int] | None:
+    """The weight scales' block (FP8_BLOCK schemes), None for channel or tensor scales: the same
+    in every group, each of float 8-bit weights (compressed-tensors' own reading of the config)
+    and activations, if quantized, to 8-bit floats."""
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStrategy
 
     config = QuantizationConfig.model_validate(quantization_config)
+    blocks = set()
     for name, scheme in config.config_groups.items():
-        weights, inputs = scheme.weights, scheme.input_activations
-        group_format = scheme.format or config.format
-        problems = []
-        if group_format != "float-quantized":
-            problems.append(f"format {group_format!r}")
-        if weights is None or weights.num_bits != 8 or weights.type != QuantizationType.FLOAT:
-            problems.append("weights other than 8-bit floats")
-        elif weights.strategy not in (QuantizationStrategy.CHANNEL, QuantizationStrategy.TENSOR):
-            problems.append(f"weight strategy {weights.strategy.value!r}")
-        if inputs is not None and (inputs.num_bits != 8 or inputs.type != QuantizationType.FLOAT):
-            problems.append("activations other than 8-bit floats")
+        problems = _group_problems(scheme, scheme.format or config.format)
         if problems:
             raise UnsupportedQuantizationError(
                 f"compressed-tensors group {name!r} is not supported ({'; '.join(problems)}): "
-                "Shardline loads float-quantized FP8 weights with channel or tensor scales"
+                "Shardline loads float-quantized FP8 weights with channel, tensor or block scales"
             )
+        weights = scheme.weights
+        block = weights.block_structure if weights.strategy == QuantizationStrategy.BLOCK else None
+        blocks.add(None if block is None else (int(block[0]), int(block[1])))
+    if len(blocks) > 1:
+        raise UnsupportedQuantizationError(
+            f"compressed-tensors groups with different weight scales ({blocks}) are not supported"
+        )
+    return blocks.pop() if blocks else None
+
+
+def _group_problems(scheme: Any, group_format: str | None) -> list[str]:
+    from compressed_tensors.quantization import QuantizationStrategy, QuantizationType
+
+    weights, inputs = scheme.weights, scheme.input_activations
+    scales = (QuantizationStrategy.CHANNEL, QuantizationStrategy.TENSOR, QuantizationStrategy.BLOCK)
+    problems = []
+    if group_format != "float-quantized":
+        problems.append(f"format {group_format!r}")
+    if weights is None or weights.num_bits != 8 or weights.type != QuantizationType.FLOAT:
+        problems.append("weights other than 8-bit floats")
+    elif weights.strategy not in scales:
+        problems.append(f"weight strategy {weights.strategy.value!r}")
+    elif weights.strategy == QuantizationStrategy.BLOCK and len(weights.block_structure or ()) != 2:
+        problems.append(f"block structure {weights.block_structure!r}")
+    if inputs is not None and (inputs.num_bits != 8 or inputs.type != QuantizationType.FLOAT):
+        problems.append("activations other than 8-bit floats")
+    return problems
