@@ -16,7 +16,7 @@ from typing import Any
 from shardline import __version__
 from shardline.model_files import PACKAGED_MODEL_ALIAS
 from shardline.router.grammar_compiler import GrammarBudget
-from shardline.shard_config import QUANTIZE_CHOICES
+from shardline.shard_config import QUANTIZE_CHOICES, ROPE_SCALINGS
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -88,12 +88,12 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--kv-cache-dtype",), "KV_CACHE_DTYPE", "dtype of the KV cache: fp8_e4m3fn or "
          "fp8_e5m2 (scaled by the checkpoint's k_scale / v_scale, else 1.0); default: the "
          "model's", choices=("fp8_e4m3fn", "fp8_e5m2"), shard_field="kv_cache_dtype"),
-    Flag(("--rope-scaling",), "ROPE_SCALING", "rotary scaling forced upon the model; not "
-         "supported yet (the model's config.json rope_scaling applies)",
-         choices=("linear", "dynamic"),
-         refused=_NOT_YET + "the rotary scaling of the model's config.json applies"),
-    Flag(("--rope-factor",), "ROPE_FACTOR", "rotary scaling factor; not supported yet",
-         type=float, refused=_NOT_YET + "the rotary scaling of the model's config.json applies"),
+    Flag(("--rope-scaling",), "ROPE_SCALING", "rotary scaling forced upon the model instead "
+         "of its config.json's: linear, or dynamic (NTK) for a model not fine-tuned to the longer "
+         "context; by --rope-factor (default 1.0)", choices=ROPE_SCALINGS,
+         shard_field="rope_scaling"),
+    Flag(("--rope-factor",), "ROPE_FACTOR", "rotary scaling factor: the context grows by it; "
+         "alone it means linear scaling", type=float, shard_field="rope_factor"),
     Flag(("--lora-adapters",), "LORA_ADAPTERS", "LoRA adapter ids to load; not supported yet",
          refused=_NOT_YET + "no LoRA adapters"),
     Flag(("--weights-cache-override",), "WEIGHTS_CACHE_OVERRIDE",

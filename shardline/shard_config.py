@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+ROPE_SCALINGS = ("linear", "dynamic")  # TGI's --rope-scaling values
 QUANTIZE_CHOICES = ("fp8", "compressed-tensors", "fbgemm_fp8")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3fn", "fp8_e5m2")
 # Placed by whoever starts the process: the command's positional model, and the group's size
@@ -80,6 +81,15 @@ class ShardConfig:
         "the checkpoint's k_scale / v_scale, else 1.0)",
         KV_CACHE_DTYPES,
     )
+    rope_scaling: str | None = _setting(
+        None,
+        "rotary scaling forced upon the model instead of its config.json's: linear or dynamic "
+        "(NTK), by rope_factor (default 1.0); the context grows by the factor",
+        ROPE_SCALINGS,
+    )
+    rope_factor: float | None = _setting(
+        None, "rotary scaling factor; without rope_scaling it means linear scaling"
+    )
     enable_prefix_caching: bool = _setting(
         True, "keep full prompt KV blocks in an index and reuse them for shared prefixes"
     )
@@ -108,6 +118,13 @@ class ShardConfig:
                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)} "
                 f"(got {self.kv_cache_dtype!r})"
             )
+        if self.rope_scaling not in (None, *ROPE_SCALINGS):
+            raise ValueError(
+                f"rope_scaling must be one of {', '.join(ROPE_SCALINGS)} "
+                f"(got {self.rope_scaling!r})"
+            )
+        if self.rope_factor is not None and not self.rope_factor > 0:
+            raise ValueError(f"rope_factor must be positive (got {self.rope_factor})")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})"

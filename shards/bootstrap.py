@@ -14,7 +14,7 @@ from shardline.shards.engine import EngineSettings, ShardEngine
 from shardline.shards.layers.attention import get_attention_backend
 from shardline.shards.layers.attention.fp8_kv import kv_cache_dtype
 from shardline.shards.models import load_model
-from shardline.shards.models.config import ModelConfig
+from shardline.shards.models.config import ModelConfig, rope_override
 from shardline.shards.utils.dist import init_distributed
 from shardline.shards.utils.quantization import weight_format
 
@@ -89,6 +89,7 @@ def create_engine(
         tp=tp,
         attention_backend=backend,
         quantization=quantization,
+        rope_override=rope_override(config.rope_scaling, config.rope_factor),
     )
     settings = EngineSettings(
         block_size=config.block_size,

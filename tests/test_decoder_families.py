@@ -26,6 +26,7 @@ from tests.test_model_forward import (
     load,
     prompts,
     run_engine,
+    transformers_cached_logits,
     transformers_reference,
 )
 
@@ -97,29 +98,6 @@ def test_two_ranks_match_transformers(tmp_path: Path, family_dirs: dict[str, Pat
     for arch in family_dirs:
         for rank in range(2):
             assert_logits_close(torch.load(tmp_path / f"{arch}{rank}.pt"), expected[arch])
-
-
-@torch.inference_mode()
-def transformers_cached_logits(model_dir: Path, prompt: list[int], steps: int):
-    """transformers' last-token logits of the prompt, then of each of its greedy tokens fed one
-    at a time through its KV cache (generate re-prefills a Phi-3 prompt once the sequence
-    passes original_max_position_embeddings; a paged cache keeps what it has)."""
-    from transformers import AutoModelForCausalLM, DynamicCache
-
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    cache = DynamicCache(config=hf.config)
-    out = hf(torch.tensor([prompt]), cache=cache)
-    step_logits, fed = [out.logits[:, -1]], []
-    for position in range(len(prompt), len(prompt) + steps):
-        token = int(step_logits[-1].argmax())
-        fed.append([token])
-        out = hf(
-            torch.tensor([[token]]),
-            cache=cache,
-            position_ids=torch.tensor([[position]]),
-        )
-        step_logits.append(out.logits[:, -1])
-    return step_logits, fed
 
 
 def test_longrope_switches_to_its_long_factors_past_the_original_length(

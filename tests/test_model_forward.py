@@ -149,6 +149,29 @@ def transformers_reference(
     return step_logits, fed[:-1]
 
 
+@torch.inference_mode()
+def transformers_cached_logits(model_dir: Path, prompt: list[int], steps: int):
+    """transformers' last-token logits of the prompt, then of each of its greedy tokens fed one
+    at a time through its KV cache (generate re-prefills a Phi-3 prompt once the sequence
+    passes original_max_position_embeddings; a paged cache keeps what it has)."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    cache = DynamicCache(config=hf.config)
+    out = hf(torch.tensor([prompt]), cache=cache)
+    step_logits, fed = [out.logits[:, -1]], []
+    for position in range(len(prompt), len(prompt) + steps):
+        token = int(step_logits[-1].argmax())
+        fed.append([token])
+        out = hf(
+            torch.tensor([[token]]),
+            cache=cache,
+            position_ids=torch.tensor([[position]]),
+        )
+        step_logits.append(out.logits[:, -1])
+    return step_logits, fed
+
+
 def assert_logits_close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
     assert len(actual) == len(expected)
     for step, (a, e) in enumerate(zip(actual, expected, strict=True)):

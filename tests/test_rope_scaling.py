@@ -6,8 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from shardline.shards.layers.attention import get_attention_backend
 from shardline.shards.layers.rope_scaling import rope_cos_sin
-from shardline.shards.models.config import rope_parameters
+from shardline.shards.models import load_model
+from shardline.shards.models.config import rope_override, rope_parameters
+from shardline.shards.utils.dist import TPGroup
+from tests.test_model_forward import (
+    assert_logits_close,
+    prompts,
+    run_engine,
+    transformers_cached_logits,
+    with_config_changes,
+)
 
 HEAD_DIM = 16
 MAX_POSITIONS = 32
@@ -102,3 +112,38 @@ def test_scaled_rope_sets_the_context_length(scaling: dict, context: int) -> Non
         "rope_scaling": scaling,
     }
     assert decoder_config(raw, {}).max_position_embeddings == context
+
+
+def test_rope_override_follows_tgis_rule() -> None:
+    assert rope_override(None, None) is None
+    assert rope_override("dynamic", None) == {"rope_type": "dynamic", "factor": 1.0}
+    assert rope_override(None, 2.0) == {"rope_type": "linear", "factor": 2.0}
+    assert rope_override("dynamic", 3.0) == {"rope_type": "dynamic", "factor": 3.0}
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic"])
+def test_forced_rope_scaling_equals_transformers_with_it_in_config(
+    tmp_path, tiny_model_dirs, kind: str
+) -> None:
+    """--rope-scaling / --rope-factor on the tiny Llama (1024 positions, shrunk to 16 so that
+    dynamic NTK acts past it) against transformers reading the same scaling from config.json,
+    decoding through its cache past 16 positions."""
+    short = with_config_changes(
+        tiny_model_dirs["llama"], tmp_path / "short", {"max_position_embeddings": 16}
+    )
+    scaled = with_config_changes(
+        short, tmp_path / "scaled", {"rope_scaling": {"rope_type": kind, "factor": 2.0}}
+    )
+    cpu = torch.device("cpu")
+    model = load_model(
+        short,
+        dtype=torch.float32,
+        device=cpu,
+        tp=TPGroup(),
+        attention_backend=get_attention_backend("torch", cpu),
+        rope_override=rope_override(kind, 2.0),
+    )
+    assert model.config.max_position_embeddings == 32
+    prompt = prompts(model.config.vocab_size, 2, (12,))[0]
+    expected, fed = transformers_cached_logits(scaled, prompt, steps=12)
+    assert_logits_close(run_engine(model, [prompt], fed, 4), expected)

@@ -21,6 +21,7 @@ LAUNCHER_FLAGS = [
     *("--num-shard", "2", "--revision", "main", "--dtype", "float32", "--block-size", "8"),
     *("--kv-cache-bytes", "1048576", "--cuda-memory-fraction", "0.5"),
     *("--attention", "torch", "--cuda-graphs", "1,2", "--prefix-caching", "false"),
+    *("--rope-scaling", "dynamic", "--rope-factor", "2.5"),
 ]
 LLM_ARGUMENTS = {
     "tensor_parallel_size": 2,
@@ -32,6 +33,8 @@ LLM_ARGUMENTS = {
     "attention": "torch",
     "cuda_graphs": "1,2",
     "enable_prefix_caching": False,
+    "rope_scaling": "dynamic",
+    "rope_factor": 2.5,
 }
 
 
@@ -61,7 +64,11 @@ def test_launcher_flags_and_llm_arguments_give_one_config(tiny_llama_dir: Path, 
 
 @pytest.mark.parametrize(
     ("flags", "named"),
-    [(["--block-size", "0"], "block_size"), (["--cuda-memory-fraction", "1.5"], "gpu_memory")],
+    [
+        (["--block-size", "0"], "block_size"),
+        (["--cuda-memory-fraction", "1.5"], "gpu_memory"),
+        (["--rope-factor", "0"], "rope_factor"),
+    ],
 )
 def test_a_setting_out_of_range_stops_the_launch_in_one_line(flags, named, tmp_path: Path):
     with pytest.raises(LauncherError, match=named):

@@ -120,9 +120,11 @@ def load_model(
     tp: TPGroup,
     attention_backend: AttentionBackend,
     quantization: WeightFormat | None = None,
+    rope_override: dict | None = None,
 ) -> CausalLM:
-    """The model of `model_dir`, its linear layers in FP8 where `quantization` says so."""
-    config = ModelConfig.from_dir(model_dir)
+    """The model of `model_dir`, its linear layers in FP8 where `quantization` says so, its
+    rope scaling `rope_override` where set (config.rope_override)."""
+    config = ModelConfig.from_dir(model_dir, rope_override)
     weights = Weights(model_dir, dtype=dtype, device=device, tp=tp, quantization=quantization)
     model = family_of_config(config).model_class(config, weights, attention_backend)
     if quantization is not None and not _has_fp8_layers(model):

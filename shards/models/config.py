@@ -65,7 +65,8 @@ class ModelConfig:
         return self.attention_scale or self.head_dim**-0.5
 
     @classmethod
-    def from_dir(cls, model_dir: Path) -> ModelConfig:
+    def from_dir(cls, model_dir: Path, rope_override: dict | None = None) -> ModelConfig:
+        """`rope_override` (see `rope_override`) replaces config.json's rope scaling."""
         model_dir = Path(model_dir)
         path = model_dir / "config.json"
         if not path.exists():
@@ -73,7 +74,7 @@ class ModelConfig:
         raw = json.loads(path.read_text())
         generation_path = model_dir / "generation_config.json"
         generation = json.loads(generation_path.read_text()) if generation_path.exists() else {}
-        return cls.from_dicts(raw, generation)
+        return cls.from_dicts(with_rope_override(raw, rope_override), generation)
 
     @classmethod
     def from_dicts(cls, raw: dict, generation: dict) -> ModelConfig:
@@ -81,6 +82,27 @@ class ModelConfig:
         from shardline.shards.models import family_of  # the registry imports this module
 
         return family_of(raw).read_config(raw, generation)
+
+
+def rope_override(scaling: str | None, factor: float | None) -> dict | None:
+    """The rope scaling TGI's --rope-scaling / --rope-factor force upon a model: a kind alone
+    scales by 1.0, a factor alone scales linearly; None when neither is set."""
+    if scaling is None and factor is None:
+        return None
+    return {"rope_type": scaling or "linear", "factor": factor or 1.0}
+
+
+def with_rope_override(raw: dict, override: dict | None) -> dict:
+    """config.json with `override` in place of its rope scaling (Gemma 3: its global layers'),
+    the rope base kept."""
+    if override is None:
+        return raw
+    parameters = raw.get("rope_parameters") or {}
+    if "full_attention" in parameters:
+        full = {"rope_theta": parameters["full_attention"].get("rope_theta"), **override}
+        return {**raw, "rope_parameters": {**parameters, "full_attention": full}}
+    theta, _ = rope_parameters(raw)
+    return {**raw, "rope_theta": theta, "rope_parameters": None, "rope_scaling": override}
 
 
 def decoder_config(raw: dict, generation: dict, **facts: Any) -> ModelConfig:
