@@ -66,9 +66,9 @@ def _prefilled_cache(model: CausalLM, prompt_ids: list[list[int]]) -> list:
 def test_the_checkpoints_kv_scales_divide_what_the_cache_holds(model_dirs) -> None:
     """k / k_scale and v / v_scale in the cache; the attention undoes them."""
     scaled_model, plain_model = load(model_dirs["kv-scaled"]), load(model_dirs["base"])
-    assert scaled_model.layers[0].self_attn.kv_scales == KVScales(K_SCALE, V_SCALE)
+    assert scaled_model.layers[0].self_attn.attention.kv_scales == KVScales(K_SCALE, V_SCALE)
     autofp8 = load(model_dirs["kv-scaled-autofp8"])
-    assert autofp8.layers[1].self_attn.kv_scales == KVScales(K_SCALE, V_SCALE)
+    assert autofp8.layers[1].self_attn.attention.kv_scales == KVScales(K_SCALE, V_SCALE)
     prompt_ids = prompts(plain_model.config.vocab_size, seed=5)
     layers = zip(
         _prefilled_cache(scaled_model, prompt_ids),

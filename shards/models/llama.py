@@ -16,6 +16,7 @@ from shardline.shards.layers import custom_kernels
 from shardline.shards.layers.activation import silu_and_mul
 from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
 from shardline.shards.layers.attention.fp8_kv import KVScales
+from shardline.shards.layers.attention.layer import PagedAttention
 from shardline.shards.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear
 from shardline.shards.layers.norm import RMSNorm
@@ -109,11 +110,16 @@ class LlamaAttention(nn.Module):
         self.head_dim = config.head_dim
         self.num_heads = config.num_heads // tp.world_size
         self.num_kv_heads = kv_heads_per_rank(config.num_kv_heads, tp.world_size)
-        self.scale = config.softmax_scale
-        self.softcap = config.attn_logit_softcap
-        self.window = window
-        self.backend = backend
-        self.rotary = rotary
+        self.attention = PagedAttention(
+            backend,
+            self.num_heads,
+            config.head_dim,
+            scale=config.softmax_scale,
+            softcap=config.attn_logit_softcap,
+            rotary=rotary,
+            window=window,
+            kv_scales=KVScales.load(weights, prefix),
+        )
         self.q_norm = (
             rms_norm(weights, f"{prefix}.q_norm.weight", config) if config.qk_norm else None
         )
@@ -122,7 +128,6 @@ class LlamaAttention(nn.Module):
         )
         self.qkv_proj = self._load_qkv(config, weights, prefix)
         self.o_proj = RowParallelLinear.load(weights, f"{prefix}.o_proj", config.o_proj_bias)
-        self.kv_scales = KVScales.load(weights, prefix)
 
     def _load_qkv(self, config: ModelConfig, weights: Weights, prefix: str) -> ColumnParallelLinear:
         """q rows of this rank's heads, then k and v rows of this rank's KV heads, stacked."""
@@ -163,41 +168,7 @@ class LlamaAttention(nn.Module):
         q, k, v = heads.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        k_cache, v_cache = kv_cache
-        scaled = self.kv_scales.applies(k_cache)
-        if scaled:
-            q, k, v = self.kv_scales.into_cache(q, k, v)
-        self.backend.rotate_and_write_kv(
-            q, k, v, positions, self.rotary, k_cache, v_cache, meta.slot_mapping
-        )
-        out = self._attend(q, k, v, kv_cache, meta)
-        if scaled:
-            out = self.kv_scales.out_of_cache(out)
-        return out.reshape(num_tokens, self.num_heads * self.head_dim)
-
-    def _attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kv_cache: KVCache,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        """Decode tokens attend through the paged cache, prefill tokens among themselves (and to
-        their cached prefix, for a prompt's later chunks); a mixed pass has its decode tokens
-        first (see AttentionMetadata)."""
-        k_cache, v_cache = kv_cache
-        options = dict(window=self.window, softcap=self.softcap)
-        if not meta.is_prefill:
-            return self.backend.decode(q, k_cache, v_cache, meta, self.scale, **options)
-        decoded = meta.num_decode_tokens
-        prefilled = self.backend.prefill(
-            q[decoded:], k[decoded:], v[decoded:], k_cache, v_cache, meta, self.scale, **options
-        )
-        if not decoded:
-            return prefilled
-        decoding = self.backend.decode(q[:decoded], k_cache, v_cache, meta, self.scale, **options)
-        return torch.cat([decoding, prefilled])
+        return self.attention(q, k, v, positions, kv_cache, meta)
 
 
 class LlamaMLP(nn.Module):

@@ -29,19 +29,21 @@ class PagedAttention(nn.Module):
         head_dim: int,
         *,
         scale: float | None = None,
+        softcap: float = 0.0,
         rotary: RotaryEmbedding | None = None,
         window: int = 0,
         alibi_slopes: torch.Tensor | None = None,
         kv_scales: KVScales | None = None,
     ) -> None:
         """`num_heads` and `alibi_slopes` [num_heads] (float32) are this rank's; `scale` the
-        softmax scale (None: head_dim ** -0.5); `kv_scales` the checkpoint's FP8 cache scales of
-        this layer (None: 1.0)."""
+        softmax scale (None: head_dim ** -0.5); `softcap` the scores' cap (0: none, see
+        backend.py); `kv_scales` the checkpoint's FP8 cache scales of this layer (None: 1.0)."""
         super().__init__()
         self.backend = backend
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
+        self.softcap = softcap
         self.rotary = rotary
         self.window = window
         self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
@@ -81,7 +83,7 @@ class PagedAttention(nn.Module):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        options = dict(window=self.window, alibi_slopes=self.alibi_slopes)
+        options = dict(window=self.window, softcap=self.softcap, alibi_slopes=self.alibi_slopes)
         if not meta.is_prefill:
             return self.backend.decode(q, k_cache, v_cache, meta, self.scale, **options)
         decoded = meta.num_decode_tokens
