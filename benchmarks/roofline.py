@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.random_model import tensor_shapes
+from benchmarks.random_model import head_dim, tensor_shapes
 
 
 def device_ceilings() -> dict:
@@ -55,12 +55,11 @@ def roofline_step_ms(
     one_byte = sum(
         math.prod(shape) for name, shape in shapes.items() if fp8_weights and "_proj." in name
     )
-    head_dim = config["hidden_size"] // config["num_attention_heads"]
     kv_per_token = (
         2
         * config["num_hidden_layers"]
         * config["num_key_value_heads"]
-        * head_dim
+        * head_dim(config)
         * kv_element_bytes
     )
     bytes_moved = 2 * params - one_byte + batch * context * kv_per_token
