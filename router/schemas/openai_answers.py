@@ -14,10 +14,15 @@ Timestamp = Annotated[int, Field(ge=0, json_schema_extra={"format": "int64"})]
 ChatFinish = Literal["stop", "length", "tool_calls"]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: Count = Field(description="Prompt tokens found in the prefix cache")
+
+
 class Usage(BaseModel):
     prompt_tokens: Count
     completion_tokens: Count
     total_tokens: Count
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class TextMessage(BaseModel):
