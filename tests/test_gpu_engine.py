@@ -26,6 +26,7 @@ def _engine_tokens(
     prompts,
     max_new,
     overlap: bool = False,
+    max_input_tokens: int = 1024,
     **settings: str,
 ) -> list[list[int]]:
     """`overlap`: each Decode launches the next step ahead and joins decode in the prefill pass
@@ -40,7 +41,7 @@ def _engine_tokens(
             **settings,
         )
     )
-    engine.warmup(pb.WarmupRequest(max_prefill_tokens=4096, max_input_tokens=1024))
+    engine.warmup(pb.WarmupRequest(max_prefill_tokens=4096, max_input_tokens=max_input_tokens))
     arrivals = [
         Arrival(i % 5, make_request(i, p, n)) for i, (p, n) in enumerate(zip(prompts, max_new))
     ]
