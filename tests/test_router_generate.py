@@ -142,8 +142,9 @@ async def test_openapi_is_consistent_with_tgi(router):
         assert path in ours["paths"], path
         assert set(ours["paths"][path]) == set(TGI_SPEC["paths"][path]), path
     theirs = TGI_SPEC["components"]["schemas"]
-    ours_only = {  # OpenAI's, where TGI has nothing: legacy logprobs, the Responses API
-        "CompletionLogprobs",
+    ours_only = {  # OpenAI's, where TGI has nothing: legacy logprobs, the Responses API, the
+        # usage's prompt_tokens_details (prefix-cached tokens)
+        *("CompletionLogprobs", "PromptTokensDetails"),
         *("ResponsesRequest", "ResponsesInputMessage", "ResponsesOutputMessage"),
         *("Response", "ResponseStreamEvent"),
     }
