@@ -225,14 +225,18 @@ def test_gemv_applies_to_one_half_precision_row_it_can_tile() -> None:
     torch.testing.assert_close(linear(row, weight), torch.nn.functional.linear(row, weight))
 
 
-def _tiny_llama_decode(tmp_path: Path, context_lens: list[int]) -> tuple[torch.nn.Module, tuple]:
-    """A bf16 Llama model on the Triton backend and the arguments of one decode step."""
+def _tiny_llama_decode(
+    tmp_path: Path, context_lens: list[int], architecture: str = "llama"
+) -> tuple[torch.nn.Module, tuple]:
+    """A bf16 Llama-layered model on the Triton backend and the arguments of one decode step."""
     from shardline.shards.layers.attention import AttentionMetadata, get_attention_backend
     from shardline.shards.models import load_model
     from shardline.shards.utils.dist import TPGroup
     from tests.model_factory import TinyModelSpec, build_tiny_model
 
-    spec = TinyModelSpec(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2)
+    spec = TinyModelSpec(
+        architecture=architecture, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2
+    )
     model = load_model(
         build_tiny_model(tmp_path, spec),
         dtype=torch.bfloat16,
@@ -282,8 +286,12 @@ def test_decode_forward_launches_few_kernels_per_layer(
 
 
 @pytest.mark.skipif(INTERPRET, reason="the fused path needs a CUDA model")
-def test_fused_batch_1_decode_matches_the_unfused_forward(tmp_path: Path) -> None:
-    model, args = _tiny_llama_decode(tmp_path, [20])
+@pytest.mark.parametrize("architecture", ["llama", "qwen3", "phi3"])
+def test_fused_batch_1_decode_matches_the_unfused_forward(
+    tmp_path: Path, architecture: str
+) -> None:
+    """Qwen3's q/k norms and Phi-3's split fused projections ride the fused path too."""
+    model, args = _tiny_llama_decode(tmp_path, [20], architecture)
     assert model.fused_decode
     with torch.inference_mode():
         fused = model(*args)
