@@ -18,6 +18,9 @@ KINDS = {
     "Deployment": "deployment-apps-v1.json",
     "Service": "service-v1.json",
     "PersistentVolumeClaim": "persistentvolumeclaim-v1.json",
+    "NetworkPolicy": "networkpolicy-networking-v1.json",
+    # not a kind: the pod templates of a LeaderWorkerSet (a custom resource) are checked with it
+    "PodTemplateSpec": "podtemplatespec-v1.json",
 }
 _REF_PREFIXES = ("/api/_definitions.json#/$defs/", "#/$defs/")
 
