@@ -184,7 +184,10 @@ def _write_converted(gguf_path: Path, out_dir: Path, dtype: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     _set_special_tokens(tokenizer, gguf_special_token_ids(gguf_path))
     tokenizer.clean_up_tokenization_spaces = False
-    tokenizer.model_max_length = model.config.max_position_embeddings
+    # BLOOM's config names no length (ALiBi): the tokenizer keeps its own
+    tokenizer.model_max_length = getattr(
+        model.config, "max_position_embeddings", tokenizer.model_max_length
+    )
     tokenizer.save_pretrained(out_dir)
 
 
