@@ -108,3 +108,42 @@ def test_longrope_switches_to_its_long_factors_past_the_original_length(
     prompt = prompts(model.config.vocab_size, 5, (40,))[0]
     expected, fed = transformers_cached_logits(family_dirs["phi3"], prompt, steps=14)
     assert_logits_close(run_engine(model, [prompt], fed, BLOCK_SIZE), expected)
+
+
+GEMMA3_V4_CONFIG = {  # as transformers 4 saved Gemma 3 1B's text config
+    "architectures": ["Gemma3ForCausalLM"],
+    "model_type": "gemma3_text",
+    "vocab_size": 262144,
+    "hidden_size": 1152,
+    "intermediate_size": 6912,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "query_pre_attn_scalar": 256,
+    "rope_theta": 1000000.0,
+    "rope_local_base_freq": 10000.0,
+    "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+    "sliding_window": 512,
+    "sliding_window_pattern": 6,
+    "max_position_embeddings": 32768,
+}
+
+
+def test_a_transformers_4_gemma3_config_reads_as_transformers_5_does() -> None:
+    from transformers import Gemma3TextConfig
+
+    from shardline.shards.models import ModelConfig
+
+    config = ModelConfig.from_dicts(GEMMA3_V4_CONFIG, {})
+    reference = Gemma3TextConfig(**GEMMA3_V4_CONFIG)
+    assert config.layer_windows == tuple(
+        512 if kind == "sliding_attention" else 0 for kind in reference.layer_types
+    )
+    assert config.rope_theta == reference.rope_parameters["full_attention"]["rope_theta"]
+    assert config.rope_scaling["rope_type"] == "linear" and config.rope_scaling["factor"] == 8.0
+    assert config.local_rope_theta == 10000.0 and config.tie_word_embeddings
+    assert config.softmax_scale == 256**-0.5 and config.embed_scale == 1152**0.5
+    with pytest.raises(ValueError, match="hidden_activation 'relu'.*gelu_pytorch_tanh"):
+        ModelConfig.from_dicts({**GEMMA3_V4_CONFIG, "hidden_activation": "relu"}, {})

@@ -11,9 +11,9 @@ norms q and k per head and rotates its sliding layers with their own, unscaled b
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from shardline.shards.layers.activation import gelu
 from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
 from shardline.shards.layers.rotary import RotaryEmbedding
 from shardline.shards.models.config import (
@@ -31,7 +31,7 @@ from shardline.shards.models.llama import (
 )
 from shardline.shards.utils.weights import Weights
 
-GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
+GELU_TANH = ("gelu_pytorch_tanh",)
 GEMMA3_SLIDING_PATTERN = 6  # transformers' Gemma3TextConfig: every 6th layer is global
 
 
@@ -74,9 +74,13 @@ def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 class GemmaMLP(LlamaMLP):
+    def __init__(self, config: ModelConfig, weights: Weights, prefix: str) -> None:
+        super().__init__(config, weights, prefix)
+        self.activation = config.hidden_act
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return self.down_proj(gelu(gate, self.activation) * up)
 
 
 class Gemma2DecoderLayer(LlamaDecoderLayer):
