@@ -137,6 +137,7 @@ def load_engine(model_dir: Path, args: argparse.Namespace, results: dict) -> LLM
         max_waiting_tokens=args.max_waiting_tokens,
         quantization=args.quantize,
         kv_cache_dtype=args.kv_cache_dtype,
+        enable_prefix_caching=args.prefix_caching == "on",
     )
     results["load_and_warmup_s"] = time.perf_counter() - started
     loaded = {
@@ -181,6 +182,7 @@ def main() -> None:
     parser.add_argument(
         "--kv-cache-dtype", choices=["auto", "fp8_e4m3fn", "fp8_e5m2"], default="auto"
     )
+    parser.add_argument("--prefix-caching", choices=["on", "off"], default="on")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.switch_interval is not None:
