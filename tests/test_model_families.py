@@ -76,6 +76,31 @@ def test_gpt2_without_scaled_scores_matches_transformers(
     assert_logits_close(run_engine(model, prompt_ids, fed, block_size=4), expected)
 
 
+LINEAR_ROPE = {"rope_type": "linear", "factor": 2.0}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bloom", "falcon-rw"])
+def test_rope_scaling_is_refused_without_rotary(family_dirs: dict[str, Path], arch: str) -> None:
+    """Learned or ALiBi positions: --rope-scaling / --rope-factor have nothing to scale (and a
+    grown context would run past GPT-2's position table)."""
+    with pytest.raises(ValueError, match="no rotary embedding: rope scaling does not apply"):
+        ModelConfig.from_dir(family_dirs[arch], dict(LINEAR_ROPE))
+
+
+def test_falcon_rope_scaling_matches_transformers(
+    tmp_path: Path, family_dirs: dict[str, Path]
+) -> None:
+    """Falcon's rotary scaled linearly (config.json's rope_parameters): the context doubles and
+    the logits are transformers'."""
+    rope = {"rope_parameters": {**LINEAR_ROPE, "rope_theta": 10000.0}}
+    model_dir = with_config_changes(family_dirs["falcon"], tmp_path / "falcon", rope)
+    model = load(model_dir)
+    assert model.config.max_position_embeddings == 2 * 1024
+    prompt_ids = prompts(model.config.vocab_size, lengths=PROMPT_LENGTHS)
+    expected, fed = transformers_reference(model_dir, prompt_ids, DECODE_STEPS)
+    assert_logits_close(run_engine(model, prompt_ids, fed, block_size=4), expected)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "bloom"])
 def test_checkpoint_without_the_wrapper_prefix(
     tmp_path: Path, family_dirs: dict[str, Path], arch: str

@@ -17,6 +17,7 @@ from shardline.shards.models.config import (
     ModelConfig,
     checkpoint_dtype,
     eos_token_ids,
+    refuse_rope_scaling,
 )
 from shardline.shards.models.fused_attention import FusedQKVAttention
 from shardline.shards.models.gelu_mlp import GeluMLP
@@ -30,6 +31,7 @@ BLOOM_CONTEXT = 2048  # BLOOM's training length; its config.json names none (ALi
 def read_bloom_config(raw: dict, generation: dict) -> ModelConfig:
     if raw.get("apply_residual_connection_post_layernorm"):
         raise ValueError("BLOOM with apply_residual_connection_post_layernorm is not supported")
+    refuse_rope_scaling(raw, "ALiBi positions")
     hidden_size = raw.get("hidden_size") or raw["n_embed"]
     num_heads = raw.get("n_head") or raw["num_attention_heads"]
     num_layers = raw.get("n_layer") or raw["num_hidden_layers"]

@@ -150,6 +150,16 @@ def require_activation(raw: dict, key: str, supported: tuple[str, ...]) -> str:
     return activation
 
 
+def refuse_rope_scaling(raw: dict, positions: str) -> None:
+    """A model whose positions are `positions` (learned, ALiBi) has no rotary embedding to scale:
+    rope scaling in config.json or forced by --rope-scaling / --rope-factor is refused."""
+    if rope_parameters(raw)[1] is not None:
+        raise ValueError(
+            f"{raw.get('model_type')!r} has {positions}, no rotary embedding: rope scaling "
+            "does not apply"
+        )
+
+
 def typed_layer_windows(raw: dict, sliding: Callable[[int], bool]) -> tuple[int, ...]:
     """Each layer's sliding window (0: full attention) from config.json's layer_types
     ("sliding_attention" / "full_attention", as transformers names them) or, where it has

@@ -17,11 +17,13 @@ from shardline.shards.layers.attention.fp8_kv import KVScales
 from shardline.shards.layers.attention.layer import KVCache, PagedAttention
 from shardline.shards.layers.linear import RowParallelLinear
 from shardline.shards.layers.norm import LayerNorm
+from shardline.shards.layers.rope_scaling import scaled_context
 from shardline.shards.layers.rotary import RotaryEmbedding
 from shardline.shards.models.config import (
     ModelConfig,
     checkpoint_dtype,
     eos_token_ids,
+    refuse_rope_scaling,
     require_activation,
     rope_parameters,
 )
@@ -56,6 +58,8 @@ def read_falcon_config(raw: dict, generation: dict) -> ModelConfig:
         num_kv_heads = _first(raw, "num_kv_heads", "n_head_kv", default=num_heads)
     else:
         num_kv_heads = 1 if raw.get("multi_query", True) else num_heads
+    if raw.get("alibi"):
+        refuse_rope_scaling(raw, "ALiBi positions")
     rope_theta, rope_scaling = rope_parameters(raw)
     bias = raw.get("bias", False)
     return ModelConfig(
@@ -71,7 +75,9 @@ def read_falcon_config(raw: dict, generation: dict) -> ModelConfig:
         rms_norm_eps=raw.get("layer_norm_epsilon", 1e-5),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
-        max_position_embeddings=raw.get("max_position_embeddings", 2048),
+        max_position_embeddings=scaled_context(
+            raw.get("max_position_embeddings", 2048), rope_scaling
+        ),
         tie_word_embeddings=raw.get("tie_word_embeddings", True),
         attention_bias=bias,
         o_proj_bias=bias,

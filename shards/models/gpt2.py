@@ -13,7 +13,12 @@ from shardline.shards.layers.attention.fp8_kv import KVScales
 from shardline.shards.layers.attention.layer import KVCache, PagedAttention
 from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear, frozen
 from shardline.shards.layers.norm import LayerNorm
-from shardline.shards.models.config import ModelConfig, decoder_config, require_activation
+from shardline.shards.models.config import (
+    ModelConfig,
+    decoder_config,
+    refuse_rope_scaling,
+    require_activation,
+)
 from shardline.shards.models.fused_attention import FusedQKVAttention
 from shardline.shards.models.gelu_mlp import GeluMLP
 from shardline.shards.models.layer_norm_lm import LayerNormCausalLM
@@ -27,6 +32,7 @@ def read_gpt2_config(raw: dict, generation: dict) -> ModelConfig:
     """GPT2Config's keys (n_embd, n_head, n_layer, n_inner, n_positions) read as Llama's."""
     if raw.get("scale_attn_by_inverse_layer_idx"):
         raise ValueError("GPT-2 with scale_attn_by_inverse_layer_idx is not supported")
+    refuse_rope_scaling(raw, "learned positions")
     hidden_size = raw.get("n_embd") or raw["hidden_size"]
     renamed = {
         **raw,
