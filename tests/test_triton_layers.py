@@ -15,11 +15,14 @@ import torch
 
 from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
-from shardline.shards.layers.activation import silu_and_mul_torch
+from shardline.shards.layers.activation import gelu_tanh_and_mul_torch, silu_and_mul_torch
 from shardline.shards.layers.linear import linear
 from shardline.shards.layers.norm import rms_norm_torch
 from shardline.shards.layers.rotary import RotaryEmbedding, apply_rotary
-from shardline.shards.layers.triton_activation import triton_silu_and_mul
+from shardline.shards.layers.triton_activation import (
+    triton_gelu_tanh_and_mul,
+    triton_silu_and_mul,
+)
 from shardline.shards.layers.triton_gemv import (
     Epilogue,
     gemv,
@@ -128,12 +131,19 @@ def test_rotary_with_no_tokens_is_a_no_op() -> None:
     assert torch.equal(rotary.cos, tables[0]) and torch.equal(rotary.sin, tables[1])
 
 
+@pytest.mark.parametrize(
+    ("kernel", "reference"),
+    [
+        (triton_silu_and_mul, silu_and_mul_torch),
+        (triton_gelu_tanh_and_mul, gelu_tanh_and_mul_torch),
+    ],
+)
 @pytest.mark.parametrize("shape", [(1, 64), (3, 5, 2000), (7, 2 * 8192), (40, 2 * 14336)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_and_mul_matches_torch(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+def test_act_and_mul_matches_torch(dtype: torch.dtype, shape: tuple[int, ...], kernel, reference):
     gate_up = _random(shape, dtype, std=3.0)
     _poison_next_allocation((*shape[:-1], shape[-1] // 2), dtype)
-    _assert_close(triton_silu_and_mul(gate_up), silu_and_mul_torch(gate_up), dtype)
+    _assert_close(kernel(gate_up), reference(gate_up), dtype)
 
 
 # (N, K): 2 rows a program, long K (1 row of 2048), an odd N, a K of 7 x 128 (Qwen2-0.5B's 896).

@@ -1,7 +1,8 @@
-"""SiLU(gate) * up over a fused [gate | up] projection output.
+"""SiLU(gate) * up (and tanh-GELU(gate) * up) over a fused [gate | up] projection output.
 
 CUDA tensors take one Triton launch (triton_activation.py); others the torch path, which the
-kernel matches rounding for rounding (SiLU rounded to the input dtype, then the product).
+kernel matches rounding for rounding (the activation rounded to the input dtype, then the
+product; the kernel's tanh-GELU is x * sigmoid(2z), torch's uses tanh: within float32 rounding).
 """
 
 from __future__ import annotations
@@ -24,6 +25,20 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
         return triton_silu_and_mul(gate_up)
     return silu_and_mul_torch(gate_up)
+
+
+def gelu_tanh_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """tanh-GELU(gate) * up (GeGLU) for gate_up [..., 2 * n] holding gate then up."""
+    if custom_kernels.applies(gate_up):
+        from shardline.shards.layers.triton_activation import triton_gelu_tanh_and_mul
+
+        return triton_gelu_tanh_and_mul(gate_up)
+    return gelu_tanh_and_mul_torch(gate_up)
 
 
 # transformers' names (ACT2FN) of the GELU variants: exact (erf) or the tanh approximation.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shardline.shards.layers.activation import gelu
+from shardline.shards.layers.activation import gelu_tanh_and_mul
 from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
 from shardline.shards.layers.rotary import RotaryEmbedding
 from shardline.shards.models.config import (
@@ -74,13 +74,8 @@ def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 class GemmaMLP(LlamaMLP):
-    def __init__(self, config: ModelConfig, weights: Weights, prefix: str) -> None:
-        super().__init__(config, weights, prefix)
-        self.activation = config.hidden_act
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(gelu(gate, self.activation) * up)
+        return self.down_proj(gelu_tanh_and_mul(self.gate_up_proj(x)))
 
 
 class Gemma2DecoderLayer(LlamaDecoderLayer):
