@@ -13,12 +13,7 @@ from shardline.shards.layers.attention.fp8_kv import KVScales
 from shardline.shards.layers.attention.layer import KVCache, PagedAttention
 from shardline.shards.layers.linear import RowParallelLinear
 from shardline.shards.layers.norm import LayerNorm
-from shardline.shards.models.config import (
-    ModelConfig,
-    checkpoint_dtype,
-    eos_token_ids,
-    refuse_rope_scaling,
-)
+from shardline.shards.models.config import ModelConfig, decoder_config, refuse_rope_scaling
 from shardline.shards.models.fused_attention import FusedQKVAttention
 from shardline.shards.models.gelu_mlp import GeluMLP
 from shardline.shards.models.layer_norm_lm import LayerNormCausalLM
@@ -33,31 +28,22 @@ def read_bloom_config(raw: dict, generation: dict) -> ModelConfig:
         raise ValueError("BLOOM with apply_residual_connection_post_layernorm is not supported")
     refuse_rope_scaling(raw, "ALiBi positions")
     hidden_size = raw.get("hidden_size") or raw["n_embed"]
-    num_heads = raw.get("n_head") or raw["num_attention_heads"]
-    num_layers = raw.get("n_layer") or raw["num_hidden_layers"]
-    return ModelConfig(
-        model_type=raw["model_type"],
-        architectures=tuple(raw.get("architectures") or ()),
-        vocab_size=raw["vocab_size"],
-        hidden_size=hidden_size,
-        intermediate_size=4 * hidden_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_heads,
-        head_dim=hidden_size // num_heads,
+    renamed = {
+        **raw,
+        "hidden_size": hidden_size,
+        "num_attention_heads": raw.get("n_head") or raw["num_attention_heads"],
+        "num_hidden_layers": raw.get("n_layer") or raw["num_hidden_layers"],
+        "intermediate_size": 4 * hidden_size,
+        "max_position_embeddings": raw.get("seq_length") or BLOOM_CONTEXT,
+    }
+    return decoder_config(
+        renamed,
+        generation,
         rms_norm_eps=raw.get("layer_norm_epsilon", 1e-5),
-        rope_theta=0.0,
-        rope_scaling=None,
-        max_position_embeddings=raw.get("seq_length") or BLOOM_CONTEXT,
         tie_word_embeddings=True,
         attention_bias=True,
         o_proj_bias=True,
         mlp_bias=True,
-        sliding_window=None,
-        layer_windows=(0,) * num_layers,
-        eos_token_ids=eos_token_ids(raw, generation),
-        bos_token_id=generation.get("bos_token_id", raw.get("bos_token_id")),
-        torch_dtype=checkpoint_dtype(raw),
         hidden_act="gelu_pytorch_tanh",
         norm_kind="layer",
         alibi=True,

@@ -17,15 +17,12 @@ from shardline.shards.layers.attention.fp8_kv import KVScales
 from shardline.shards.layers.attention.layer import KVCache, PagedAttention
 from shardline.shards.layers.linear import RowParallelLinear
 from shardline.shards.layers.norm import LayerNorm
-from shardline.shards.layers.rope_scaling import scaled_context
 from shardline.shards.layers.rotary import RotaryEmbedding
 from shardline.shards.models.config import (
     ModelConfig,
-    checkpoint_dtype,
-    eos_token_ids,
+    decoder_config,
     refuse_rope_scaling,
     require_activation,
-    rope_parameters,
 )
 from shardline.shards.models.fused_attention import FusedQKVAttention
 from shardline.shards.models.gelu_mlp import GeluMLP
@@ -49,7 +46,6 @@ def read_falcon_config(raw: dict, generation: dict) -> ModelConfig:
     model_type = raw["model_type"]
     hidden_size = _first(raw, "hidden_size", "n_embed")
     num_heads = _first(raw, "num_attention_heads", "n_head")
-    num_layers = _first(raw, "num_hidden_layers", "n_layer")
     new_decoder = raw.get("new_decoder_architecture", model_type == "RefinedWeb")
     parallel = raw.get("parallel_attn", True)
     if new_decoder and not parallel:
@@ -60,33 +56,25 @@ def read_falcon_config(raw: dict, generation: dict) -> ModelConfig:
         num_kv_heads = 1 if raw.get("multi_query", True) else num_heads
     if raw.get("alibi"):
         refuse_rope_scaling(raw, "ALiBi positions")
-    rope_theta, rope_scaling = rope_parameters(raw)
     bias = raw.get("bias", False)
-    return ModelConfig(
-        model_type=model_type,
-        architectures=tuple(raw.get("architectures") or ()),
-        vocab_size=raw["vocab_size"],
-        hidden_size=hidden_size,
-        intermediate_size=raw.get("ffn_hidden_size") or 4 * hidden_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=hidden_size // num_heads,
+    renamed = {
+        **raw,
+        "hidden_size": hidden_size,
+        "num_attention_heads": num_heads,
+        "num_hidden_layers": _first(raw, "num_hidden_layers", "n_layer"),
+        "num_key_value_heads": num_kv_heads,
+        "head_dim": hidden_size // num_heads,
+        "intermediate_size": raw.get("ffn_hidden_size") or 4 * hidden_size,
+        "max_position_embeddings": raw.get("max_position_embeddings", 2048),
+    }
+    return decoder_config(
+        renamed,
+        generation,
         rms_norm_eps=raw.get("layer_norm_epsilon", 1e-5),
-        rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
-        max_position_embeddings=scaled_context(
-            raw.get("max_position_embeddings", 2048), rope_scaling
-        ),
         tie_word_embeddings=raw.get("tie_word_embeddings", True),
         attention_bias=bias,
         o_proj_bias=bias,
         mlp_bias=bias,
-        sliding_window=None,
-        layer_windows=(0,) * num_layers,
-        eos_token_ids=eos_token_ids(raw, generation),
-        bos_token_id=generation.get("bos_token_id", raw.get("bos_token_id")),
-        torch_dtype=checkpoint_dtype(raw),
         hidden_act=require_activation(raw, "activation", GELU_VARIANTS),
         norm_kind="layer",
         alibi=bool(raw.get("alibi", False)),
