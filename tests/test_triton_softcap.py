@@ -50,11 +50,12 @@ def _prefill_reference(q, k, v, cu, scale: float, window: int, softcap: float) -
     ])  # fmt: skip
 
 
+@pytest.mark.parametrize("head_dim", [64, 256])  # 256: Gemma's
 @pytest.mark.parametrize("window", [0, 37])
 @pytest.mark.parametrize("splits", ["auto", 1, 5])
 @pytest.mark.parametrize("dtype", [DTYPES[0], torch.float32])
-def test_decode_softcap(dtype: torch.dtype, splits, window: int) -> None:
-    case = PagedCase(CONTEXTS, 8, 2, 64, dtype)
+def test_decode_softcap(dtype: torch.dtype, splits, window: int, head_dim: int) -> None:
+    case = PagedCase(CONTEXTS, 8, 2, head_dim, dtype)
     if window:
         case.slide(window)
     plan = None if splits == "auto" else SplitPlan(int(splits))
@@ -68,10 +69,11 @@ def test_decode_softcap(dtype: torch.dtype, splits, window: int) -> None:
     assert not torch.allclose(expected, _decode_reference(case, 0.0))
 
 
+@pytest.mark.parametrize("head_dim", [64, 256])
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("dtype", [DTYPES[0], torch.float32])
-def test_prefill_softcap(dtype: torch.dtype, window: int) -> None:
-    q, k, v, cu = _packed_prefill(PREFILL_LENGTHS, 8, 2, 64, dtype)
+def test_prefill_softcap(dtype: torch.dtype, window: int, head_dim: int) -> None:
+    q, k, v, cu = _packed_prefill(PREFILL_LENGTHS, 8, 2, head_dim, dtype)
     _poison_allocator()
     out = varlen_causal_attention(
         q, k, v, cu, max(PREFILL_LENGTHS), 0.125, window=window, softcap=CAP
