@@ -350,16 +350,16 @@ class Batcher:
             if entry is None or not entry.alive:
                 continue
             events = self._events.of(entry, generation)
-            for event in events:
-                entry.events.put_nowait(event)
             if not events or events[-1].finished is None:
+                entry.events.put(events)
                 continue
             if generation.finish_reason == pb.FINISH_REASON_NONE and not generation.beams:
                 # The router ended it (a stop sequence): the shards still run it.
                 index = events[-1].sequence_index
                 self._stopped.append(pb.SequenceRef(request_id=entry.id, sequence_index=index))
-            if all(seq.done for seq in entry.sequences):
-                entry.done = True
+            entry.done = all(seq.done for seq in entry.sequences)
+            entry.events.put(events, final=entry.done)
+            if entry.done:
                 record_success(entry, self._metrics)
 
     def _encodable(self, entries: list[Entry]) -> dict[Entry, pb.Request]:

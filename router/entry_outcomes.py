@@ -15,7 +15,7 @@ def fail(entries: Iterable[Entry], error: BaseException) -> None:
     for entry in entries:
         if entry.alive:
             entry.done = True
-            entry.events.put_nowait(error)
+            entry.events.put([error], final=True)
             if entry.trace is not None:
                 entry.trace.close(error)
 

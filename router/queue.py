@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import time
 from collections import deque
@@ -10,14 +9,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from shardline.router.detokenizer import IncrementalDetokenizer
+from shardline.router.event_channel import EventChannel
 from shardline.router.prefix_view import PrefixCacheView
-from shardline.router.request_types import StreamEvent, ValidRequest
+from shardline.router.request_types import ValidRequest
 from shardline.router.stop_sequences import StopSequenceMatcher
 
 if TYPE_CHECKING:
     from shardline.router.tracing import EntryTrace
-
-EventOrError = StreamEvent | BaseException
 
 
 @dataclass(eq=False)
@@ -39,7 +37,7 @@ class Entry:
     request: ValidRequest
     sequences: list[SequenceOutput]
     block_size: int = 1
-    events: asyncio.Queue[EventOrError] = field(default_factory=asyncio.Queue)
+    events: EventChannel = field(default_factory=EventChannel)
     queued_at: float = field(default_factory=time.monotonic)
     batched_at: float | None = None
     cancelled: bool = False

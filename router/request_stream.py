@@ -38,7 +38,17 @@ class RequestStream:
         return item
 
     async def collect(self) -> list[StreamEvent]:
-        return [event async for event in self]
+        """The events not read yet, once the last is in (its error raised, if it failed)."""
+        if self._ended:
+            return []
+        items = await self._entry.events.rest()
+        self._ended = True
+        events = []
+        for item in items:
+            if isinstance(item, BaseException):
+                raise item
+            events.append(item)
+        return events
 
     def cancel(self) -> None:
         if self._entry.alive:
