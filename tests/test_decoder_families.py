@@ -147,3 +147,30 @@ def test_a_transformers_4_gemma3_config_reads_as_transformers_5_does() -> None:
     assert config.softmax_scale == 256**-0.5 and config.embed_scale == 1152**0.5
     with pytest.raises(ValueError, match="hidden_activation 'relu'.*gelu_pytorch_tanh"):
         ModelConfig.from_dicts({**GEMMA3_V4_CONFIG, "hidden_activation": "relu"}, {})
+
+
+@pytest.mark.parametrize("name", ["su", "yarn"])
+def test_phi3s_first_longrope_names_read_as_longrope(name: str) -> None:
+    from transformers import Phi3Config
+
+    from shardline.shards.models import ModelConfig
+
+    scaling = {"type": name, "short_factor": [1.0] * 48, "long_factor": [2.0] * 48}
+    raw = {
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "vocab_size": 32064,
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096,
+        "rope_scaling": scaling,
+        "sliding_window": 262144,
+    }
+    config = ModelConfig.from_dicts(raw, {})
+    reference = Phi3Config(**raw).rope_parameters
+    assert config.rope_scaling["rope_type"] == reference["rope_type"] == "longrope"
+    assert config.rope_scaling["original_max_position_embeddings"] == 4096
+    assert config.max_position_embeddings == 131072

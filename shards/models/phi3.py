@@ -24,6 +24,7 @@ from shardline.shards.utils.weights import Weights
 
 
 def read_phi3_config(raw: dict, generation: dict) -> ModelConfig:
+    raw = _longrope_named(raw)
     partial = (raw.get("rope_parameters") or {}).get("partial_rotary_factor")
     if (raw.get("partial_rotary_factor") or partial or 1.0) != 1.0:
         raise ValueError(
@@ -35,6 +36,16 @@ def read_phi3_config(raw: dict, generation: dict) -> ModelConfig:
         hidden_act=require_activation(raw, "hidden_act", ("silu",)),
         layer_windows=typed_layer_windows(raw, lambda i: True),
     )
+
+
+def _longrope_named(raw: dict) -> dict:
+    """The first Phi-3 checkpoints name LongRoPE "su" (or "yarn"), as transformers still reads."""
+    key = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
+    scaling = dict(raw.get(key) or {})
+    if (scaling.get("rope_type") or scaling.get("type")) not in ("su", "yarn"):
+        return raw
+    scaling.pop("type", None)
+    return {**raw, key: {**scaling, "rope_type": "longrope"}}
 
 
 def rank_rows(weights: Weights, name: str, parts: list[tuple[int, int]]) -> torch.Tensor:
