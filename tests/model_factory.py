@@ -91,9 +91,10 @@ _WORDS = [
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 # LayerNorm families (tests/test_model_families.py): Falcon's new decoder architecture (grouped
-# KV, ln_attn / ln_mlp, an untied LM head), its 7B layout (multi-query, parallel attention, here
-# with biases) and its RW layout (ALiBi, sequential blocks, biases).
-LAYER_NORM_ARCHITECTURES = ("gpt2", "bloom", "falcon", "falcon-7b", "falcon-rw")
+# KV, ln_attn / ln_mlp, an untied LM head), Falcon 2's (one norm for both), its 7B layout
+# (multi-query, parallel attention, here with biases) and its RW layout (ALiBi, sequential
+# blocks, biases).
+LAYER_NORM_ARCHITECTURES = ("gpt2", "bloom", "falcon", "falcon2", "falcon-7b", "falcon-rw")
 # RMSNorm families beside Llama's (tests/test_decoder_families.py), each with what sets it apart
 # made to matter at this size: short sliding windows, low soft-caps, scaled rope.
 DECODER_FAMILY_ARCHITECTURES = ("qwen3", "gemma2", "gemma3", "phi3")
@@ -174,6 +175,9 @@ def _layer_norm_config(spec: TinyModelSpec, vocab_size: int, bos_id: int, eos_id
     layouts = {
         "falcon": dict(
             new_decoder_architecture=True, num_kv_heads=spec.num_kv_heads, tie_word_embeddings=False
+        ),
+        "falcon2": dict(
+            new_decoder_architecture=True, num_kv_heads=spec.num_kv_heads, num_ln_in_parallel_attn=1
         ),
         "falcon-7b": dict(multi_query=True, bias=True),
         "falcon-rw": dict(multi_query=False, parallel_attn=False, bias=True, alibi=True),
