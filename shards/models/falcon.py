@@ -1,8 +1,9 @@
 """Falcon: rotary (or, in its RW models, ALiBi) attention with a fused query_key_value stored per
 KV head as [its query heads, key, value] (7B: multi-query, one KV head; 40B/180B: the "new
 decoder architecture", grouped KV), LayerNorm blocks whose attention and GELU MLP read the same
-input and are summed (parallel attention; 40B/180B norm it twice, ln_attn and ln_mlp) or run one
-after the other, the LM head tied to the token embedding unless the config says otherwise."""
+input and are summed (parallel attention; 40B/180B norm it twice, ln_attn and ln_mlp, Falcon 2
+once) or run one after the other, the LM head tied to the token embedding unless the config says
+otherwise."""
 
 from __future__ import annotations
 
