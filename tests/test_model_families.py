@@ -1,8 +1,8 @@
 """GPT-2, BLOOM and Falcon (its new decoder architecture, Falcon 2's, its 7B multi-query layout
-and its RW layout with ALiBi) loaded through the real loader from tiny checkpoints that transformers' own
-config classes wrote: paged logits equal transformers', the engine's greedy tokens equal
-transformers' generate for mixed batches with chunked prefill, and two ranks over gloo equal
-one."""
+and its RW layout with ALiBi) loaded through the real loader from tiny checkpoints that
+transformers' own config classes wrote: paged logits equal transformers', the engine's greedy
+tokens equal transformers' generate for mixed batches with chunked prefill, and two ranks over
+gloo (tensor or pipeline parallel) equal one."""
 
 from __future__ import annotations
 
