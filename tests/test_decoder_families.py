@@ -174,3 +174,21 @@ def test_phi3s_first_longrope_names_read_as_longrope(name: str) -> None:
     assert config.rope_scaling["rope_type"] == reference["rope_type"] == "longrope"
     assert config.rope_scaling["original_max_position_embeddings"] == 4096
     assert config.max_position_embeddings == 131072
+
+
+@pytest.mark.parametrize("arch", DECODER_FAMILY_ARCHITECTURES)
+def test_fp8_at_load_stays_within_fp8_rounding(family_dirs: dict[str, Path], arch: str) -> None:
+    """--quantize fp8: every projection (Phi-3's fused rows too) in FP8, logits near the
+    unquantized model's on average over the steps (each step's error is FP8 noise, 9-14 %)."""
+    from tests.test_fp8 import FP8, FP8_TOLERANCE, relative_error
+    from tests.test_fp8 import load as load_quantized
+
+    model = load_quantized(family_dirs[arch], "fp8")
+    attention, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    for projection in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj):
+        assert projection.weight.dtype == FP8
+    prompt_ids = prompts(model.config.vocab_size, 4, PROMPT_LENGTHS)
+    expected, fed = transformers_reference(family_dirs[arch], prompt_ids, DECODE_STEPS)
+    actual = run_engine(model, prompt_ids, fed, BLOCK_SIZE)
+    errors = [relative_error(a, e) for a, e in zip(actual, expected, strict=True)]
+    assert sum(errors) / len(errors) < FP8_TOLERANCE, errors  # a misplaced scale: 100 % and more

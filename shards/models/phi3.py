@@ -5,8 +5,6 @@ layer where the config sets one."""
 
 from __future__ import annotations
 
-import torch
-
 from shardline.shards.layers.linear import ColumnParallelLinear
 from shardline.shards.models.config import (
     ModelConfig,
@@ -20,6 +18,7 @@ from shardline.shards.models.llama import (
     LlamaForCausalLM,
     LlamaMLP,
 )
+from shardline.shards.utils.fp8_weights import read_linear, stack_rows
 from shardline.shards.utils.weights import Weights
 
 
@@ -48,9 +47,11 @@ def _longrope_named(raw: dict) -> dict:
     return {**raw, key: {**scaling, "rope_type": "longrope"}}
 
 
-def rank_rows(weights: Weights, name: str, parts: list[tuple[int, int]]) -> torch.Tensor:
-    """Rows [start, stop) of each part of the fused weight `name`, stacked in order."""
-    return torch.cat([weights.get_range(name, 0, start, stop) for start, stop in parts])
+def fused_rows(weights: Weights, prefix: str, parts: list[tuple[int, int]]) -> ColumnParallelLinear:
+    """Rows [start, stop) of each part of the fused projection `prefix`, stacked in order (FP8
+    where the model is)."""
+    weight = stack_rows([read_linear(weights, prefix, 0, part) for part in parts])
+    return ColumnParallelLinear(weight.weight, None, weight.scale)
 
 
 class Phi3Attention(LlamaAttention):
@@ -68,7 +69,7 @@ class Phi3Attention(LlamaAttention):
             (k_start, k_start + kv_rows),
             (v_start, v_start + kv_rows),
         ]
-        return ColumnParallelLinear(rank_rows(weights, f"{prefix}.qkv_proj.weight", parts))
+        return fused_rows(weights, f"{prefix}.qkv_proj", parts)
 
 
 class Phi3MLP(LlamaMLP):
@@ -86,7 +87,7 @@ class Phi3MLP(LlamaMLP):
         gate = tp.rank * share
         up = config.intermediate_size + gate
         parts = [(gate, gate + share), (up, up + share)]
-        return ColumnParallelLinear(rank_rows(weights, f"{prefix}.gate_up_proj.weight", parts))
+        return fused_rows(weights, f"{prefix}.gate_up_proj", parts)
 
 
 class Phi3DecoderLayer(LlamaDecoderLayer):
