@@ -192,3 +192,29 @@ def test_fp8_at_load_stays_within_fp8_rounding(family_dirs: dict[str, Path], arc
     actual = run_engine(model, prompt_ids, fed, BLOCK_SIZE)
     errors = [relative_error(a, e) for a, e in zip(actual, expected, strict=True)]
     assert sum(errors) / len(errors) < FP8_TOLERANCE, errors  # a misplaced scale: 100 % and more
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_two_pipeline_stages_match_transformers(family_dirs: dict[str, Path], arch: str) -> None:
+    """The scaled embedding on the first stage, the capped logits on the last, Gemma 3's local
+    rope on both: two shard processes, prompts prefilled in chunks beside running rows."""
+    from shardline import LLM, SamplingParams
+
+    prompt_ids = random_prompts(4, 384, seed=43, min_len=10, max_len=20)
+    lengths = [8, 5, 9, 6]
+    expected = transformers_greedy(family_dirs[arch], prompt_ids, lengths)
+    pipelined = LLM(
+        model=str(family_dirs[arch]),
+        pipeline_parallel_size=2,
+        block_size=4,
+        kv_cache_bytes=1 << 20,
+        max_model_len=256,
+        max_num_seqs=3,
+        max_num_batched_tokens=16,
+    )
+    try:
+        params = [SamplingParams(temperature=0, max_tokens=n) for n in lengths]
+        outputs = pipelined.generate(prompt_token_ids=prompt_ids, sampling_params=params)
+    finally:
+        pipelined.shutdown()
+    assert [o.outputs[0].token_ids for o in outputs] == expected
