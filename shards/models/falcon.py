@@ -27,9 +27,9 @@ from shardline.shards.models.config import (
 )
 from shardline.shards.models.fused_attention import FusedQKVAttention
 from shardline.shards.models.gelu_mlp import GeluMLP
+from shardline.shards.models.heads import kv_heads_per_rank
 from shardline.shards.models.layer_norm_lm import LayerNormCausalLM
 from shardline.shards.models.layout import grouped_qkv
-from shardline.shards.models.llama import kv_heads_per_rank
 from shardline.shards.utils.weights import Weights
 
 GELU_VARIANTS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh")

@@ -16,7 +16,7 @@ from shardline.shards.layers.attention.layer import KVCache
 from shardline.shards.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardline.shards.layers.norm import LayerNorm
 from shardline.shards.models.config import ModelConfig
-from shardline.shards.models.llama import _check_heads, kv_heads_per_rank
+from shardline.shards.models.heads import check_heads, kv_heads_per_rank
 from shardline.shards.models.stages import send_on, stage_input, stage_layers
 from shardline.shards.utils.weights import Weights
 
@@ -37,7 +37,7 @@ class LayerNormCausalLM(nn.Module):
         """`embedding` and `lm_head` name weights, `final_norm` the final LayerNorm's prefix;
         `block(i)` builds decoder block i."""
         super().__init__()
-        _check_heads(config, weights.tp.world_size)
+        check_heads(config, weights.tp.world_size)
         self.config = config
         self.dtype = weights.dtype
         self.device = weights.device

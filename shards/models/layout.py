@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from shardline.shards.layers.linear import ColumnParallelLinear
-from shardline.shards.models.llama import kv_heads_per_rank
+from shardline.shards.models.heads import kv_heads_per_rank
 from shardline.shards.utils.fp8_weights import read_linear
 from shardline.shards.utils.weights import Weights
 

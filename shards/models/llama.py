@@ -27,6 +27,7 @@ from shardline.shards.models.config import (
     require_activation,
     typed_layer_windows,
 )
+from shardline.shards.models.heads import check_heads, kv_heads_per_rank
 from shardline.shards.models.stages import send_on, stage_input, stage_layers
 from shardline.shards.utils.fp8_weights import read_linear, stack_rows
 from shardline.shards.utils.weights import Weights
@@ -72,27 +73,6 @@ def rms_norm(weights: Weights, name: str, config: ModelConfig) -> RMSNorm:
         weight + config.norm_weight_offset if config.norm_weight_offset else weight,
         config.rms_norm_eps,
     )
-
-
-def kv_heads_per_rank(num_kv_heads: int, world_size: int) -> int:
-    if world_size <= num_kv_heads:
-        if num_kv_heads % world_size:
-            raise ValueError(f"{num_kv_heads} KV heads cannot be split over {world_size} ranks")
-        return num_kv_heads // world_size
-    if world_size % num_kv_heads:
-        raise ValueError(f"{num_kv_heads} KV heads cannot be replicated over {world_size} ranks")
-    return 1
-
-
-def _check_heads(config: ModelConfig, world_size: int) -> None:
-    if config.num_heads % world_size:
-        raise ValueError(
-            f"{config.num_heads} attention heads cannot be split over {world_size} ranks"
-        )
-    if config.num_heads % config.num_kv_heads:
-        raise ValueError(
-            f"{config.num_heads} attention heads are not a multiple of {config.num_kv_heads} KV heads"
-        )
 
 
 class LlamaAttention(nn.Module):
@@ -289,7 +269,7 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, config: ModelConfig, weights: Weights, backend: AttentionBackend) -> None:
         super().__init__()
-        _check_heads(config, weights.tp.world_size)
+        check_heads(config, weights.tp.world_size)
         self.config = config
         self.dtype = weights.dtype
         self.device = weights.device
