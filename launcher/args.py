@@ -120,6 +120,11 @@ FLAGS: tuple[Flag, ...] = (
          "nodes also port + 1 (node 0's launcher, which the others join) and port + 2 + i "
          "(shard i of a node other than 0, which node 0's router calls)", type=int,
          default=29500),
+    Flag(("--distributed-executor-backend",), "DISTRIBUTED_EXECUTOR_BACKEND", "how the shard "
+         "processes are started (vLLM's flag): mp, as the launcher's children on this node; ray, "
+         "as actors of an existing Ray cluster (RAY_ADDRESS, or `ray start` on this node), one GPU "
+         "each, wherever the cluster places them (needs the `ray` extra)",
+         choices=("mp", "ray"), default="mp"),
     Flag(("--nnodes",), "NNODES", "nodes (hosts) of the group, a launcher on each (torchrun's "
          "name); the shards of all of them form one world of --num-shard x --nnodes ranks; "
          "needs SHARDLINE_CLUSTER_TOKEN", type=int, default=1),

@@ -130,6 +130,8 @@ def run(argv: list[str] | None = None, environ: Mapping[str, str] | None = None)
 
 def _cluster_token(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
     token = cluster_token(environ)
+    if args.nnodes > 1 and args.distributed_executor_backend == "ray":
+        raise LauncherError("with Ray, start one launcher: the Ray cluster places every shard")
     if args.nnodes > 1 and token is None:
         raise LauncherError(
             f"--nnodes {args.nnodes} needs a shared secret in {TOKEN_ENV} on every node (e.g. "
@@ -201,12 +203,26 @@ class Launch:
         stop = self.signals.stop
         return [join(args.master_addr, port, args.node_rank, token, timeout, stop)]
 
+    def _start_shards(self) -> tuple[list, Callable[[Watched], bool]]:
+        """This node's shard processes (or, with Ray, the cluster's) and their readiness."""
+        if self.args.distributed_executor_backend == "mp":
+            shards = start_shards(self.config, self.shard_launch, self.shard_environ, self.output)
+            return shards, self.shard_launch.is_serving
+        from shardline.launcher import ray_shards
+
+        token = ray_shards.cluster_token_for_ray(self.shard_environ)
+        shards = ray_shards.start_ray_shards(
+            self.config, self.shard_launch, self.shard_environ, token
+        )
+        self.router_spec = ray_shards.router_for_ray_shards(self.router_spec, shards[0])
+        return shards, lambda shard: shard.is_serving()
+
     def _serve_until_stopped(self) -> None:
-        shards = start_shards(self.config, self.shard_launch, self.shard_environ, self.output)
+        shards, is_serving = self._start_shards()
         self.children.extend(shards)
         if self.args.node_rank > 0:
             self._serve_as_worker(shards)
-        elif self._wait_ready(shards, self.shard_launch.is_serving) and self._wait_ready(
+        elif self._wait_ready(shards, is_serving) and self._wait_ready(
             self.nodes, lambda node: node.ready.is_set()
         ):
             logger.info("all %d shards answer Health", len(shards) * self.args.nnodes)

@@ -7,6 +7,7 @@ import os
 
 import grpc
 
+from shardline.cluster_token import METADATA_KEY
 from shardline.proto import generate_pb2, generate_pb2_grpc
 
 _PROBE_TIMEOUT_S = 2.0
@@ -14,12 +15,16 @@ _WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
 def shard_is_healthy(socket_path: str) -> bool:
-    if not os.path.exists(socket_path):
-        return False
-    with grpc.insecure_channel(f"unix://{socket_path}") as channel:
+    return os.path.exists(socket_path) and shard_answers(f"unix://{socket_path}")
+
+
+def shard_answers(target: str, token: str | None = None) -> bool:
+    """Whether the shard at gRPC `target` answers Health (with the cluster token, over TCP)."""
+    metadata = () if token is None else ((METADATA_KEY, token),)
+    with grpc.insecure_channel(target) as channel:
         stub = generate_pb2_grpc.TextGenerationServiceStub(channel)
         try:
-            stub.Health(generate_pb2.HealthRequest(), timeout=_PROBE_TIMEOUT_S)
+            stub.Health(generate_pb2.HealthRequest(), timeout=_PROBE_TIMEOUT_S, metadata=metadata)
         except grpc.RpcError:
             return False
     return True

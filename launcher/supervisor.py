@@ -77,6 +77,9 @@ class Child:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, sig)
 
+    def wait(self) -> None:
+        self.process.wait()
+
     def finish_output(self) -> None:
         self._pump.join(timeout=2)
 
@@ -103,7 +106,7 @@ def stop_children(children: Iterable[Child], timeout_s: float, abort: threading.
             logger.warning("%s did not stop in time: SIGKILL", child.name)
             child.signal(signal.SIGKILL)
     for child in children:
-        child.process.wait()
+        child.wait()
         child.finish_output()
 
 

@@ -287,4 +287,5 @@ class ShardedClient:
 
 
 def _unix_url(path: str) -> str:
-    return path if path.startswith("unix:") else f"unix://{path}"
+    """A socket path as a gRPC url; a url (`unix:`, `tcp://`, with Ray) as it is."""
+    return path if path.startswith(("unix:", "tcp://")) else f"unix://{path}"
