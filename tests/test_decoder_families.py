@@ -144,6 +144,7 @@ def test_a_transformers_4_gemma3_config_reads_as_transformers_5_does() -> None:
     assert config.rope_theta == reference.rope_parameters["full_attention"]["rope_theta"]
     assert config.rope_scaling["rope_type"] == "linear" and config.rope_scaling["factor"] == 8.0
     assert config.local_rope_theta == 10000.0 and config.tie_word_embeddings
+    assert config.max_position_embeddings == 32768  # stated with the linear factor applied
     assert config.softmax_scale == 256**-0.5 and config.embed_scale == 1152**0.5
     with pytest.raises(ValueError, match="hidden_activation 'relu'.*gelu_pytorch_tanh"):
         ModelConfig.from_dicts({**GEMMA3_V4_CONFIG, "hidden_activation": "relu"}, {})

@@ -17,6 +17,7 @@ from shardline.shards.layers.activation import gelu_tanh_and_mul
 from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
 from shardline.shards.layers.rotary import RotaryEmbedding
 from shardline.shards.models.config import (
+    DEFAULT_MAX_POSITIONS,
     ModelConfig,
     decoder_config,
     require_activation,
@@ -42,9 +43,12 @@ def read_gemma_config(raw: dict, generation: dict) -> ModelConfig:
     pattern = raw.get("sliding_window_pattern", GEMMA3_SLIDING_PATTERN) if gemma3 else 2
     scalar = raw.get("query_pre_attn_scalar")
     activation_key = "hidden_activation" if raw.get("hidden_activation") else "hidden_act"
+    # Gemma 3 states its context already scaled (its global layers' linear factor included)
+    stated = {"max_position_embeddings": raw.get("max_position_embeddings", DEFAULT_MAX_POSITIONS)}
     return decoder_config(
         global_rope,
         generation,
+        **(stated if gemma3 else {}),
         hidden_act=require_activation(raw, activation_key, GELU_TANH),
         norm_weight_offset=1.0,
         embed_scale=raw["hidden_size"] ** 0.5,
