@@ -4,16 +4,27 @@ processes) giving transformers' and the single rank's greedy tokens."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from shardline import LLM, SamplingParams
+from shardline.launcher.args import parse_args
+from shardline.launcher.commands import LauncherError
+from shardline.launcher.shards import shard_config
 from shardline.shard_config import ShardConfig, parse_partition
 from shardline.shards.utils.pipeline import PipelineStage, even_partition
+from tests.model_factory import TinyModelSpec, build_tiny_model
 from tests.shard_harness import random_prompts, transformers_greedy
 
 
 @pytest.mark.parametrize(
     ("layers", "stages", "expected"),
-    [(4, 2, (2, 2)), (5, 2, (3, 2)), (10, 4, (2, 3, 3, 2)), (11, 4, (3, 3, 3, 2)), (3, 3, (1,) * 3)],
+    [
+        (4, 2, (2, 2)),
+        (5, 2, (3, 2)),
+        (10, 4, (2, 3, 3, 2)),
+        (11, 4, (3, 3, 3, 2)),
+        (3, 3, (1,) * 3),
+    ],
 )
 def test_even_partition_gives_the_middle_stages_the_extra_layers(layers, stages, expected):
     assert even_partition(layers, stages) == expected
@@ -36,9 +47,14 @@ def test_a_given_partition_is_checked_and_followed():
         even_partition(2, 3)
 
 
-def test_a_world_the_stages_do_not_divide_is_refused():
+def test_a_world_the_stages_do_not_divide_is_refused(tiny_llama_dir):
     with pytest.raises(ValueError, match="3 shard processes cannot form 2 pipeline stages"):
         ShardConfig(world_size=3, pipeline_parallel_size=2)
+    flags = ["--num-shard", "1", "--nnodes", "3", "--pipeline-parallel-size", "2"]
+    with pytest.raises(LauncherError, match="3 shard processes cannot form 2 pipeline stages"):
+        shard_config(parse_args(flags, {"CUDA_VISIBLE_DEVICES": ""}), tiny_llama_dir)
+    flags = ["--num-shard", "2", "--nnodes", "2", "--pipeline-parallel-size", "4"]
+    assert shard_config(parse_args(flags, {}), tiny_llama_dir).world_size == 4
 
 
 def test_llm_runs_tensor_times_pipeline_ranks():
@@ -82,3 +98,49 @@ def test_tp2_pp2_matches_transformers_and_one_rank(llm, tiny_llama_dir):
 
 def _logprobs(prompt_logprobs) -> list[float]:
     return [lp.logprob for entry in prompt_logprobs if entry for lp in entry.values()]
+
+
+@pytest.mark.parametrize(
+    ("architecture", "num_layers", "partition"), [("gemma2", 2, "1,1"), ("gpt2", 3, "1,2")]
+)
+def test_pp2_of_each_model_base_matches_transformers(architecture, num_layers, partition, tmp_path):
+    """A family built on each model base over two stages: Gemma 2 (Llama's: the residual stream
+    crosses; its sliding and global layers keep their global index) and GPT-2 (LayerNorm
+    blocks: the hidden states alone cross), with three layers split unevenly."""
+    spec = TinyModelSpec(architecture=architecture, num_layers=num_layers, seed=7)
+    model_dir = build_tiny_model(tmp_path / architecture, spec)
+    prompts = random_prompts(3, 384, seed=43, min_len=8)
+    expected = transformers_greedy(model_dir, prompts, [5] * 3)
+    pipelined = LLM(
+        model=str(model_dir),
+        pipeline_parallel_size=2,
+        pipeline_layer_partition=partition,
+        block_size=4,
+        kv_cache_bytes=1 << 20,
+        max_model_len=128,
+    )
+    try:
+        params = SamplingParams(temperature=0, max_tokens=5)
+        outputs = pipelined.generate(prompt_token_ids=prompts, sampling_params=params)
+    finally:
+        pipelined.shutdown()
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+
+
+def test_a_family_that_does_not_run_as_a_stage_is_refused(tiny_llama_dir, monkeypatch):
+    from shardline.shards import models
+    from shardline.shards.layers.attention import get_attention_backend
+    from shardline.shards.utils.dist import TPGroup
+
+    cpu = torch.device("cpu")
+    unstaged = models.Family(lambda *_: torch.nn.Identity(), models.FAMILIES[0].read_config, ())
+    monkeypatch.setattr(models, "family_of_config", lambda config: unstaged)
+    tp = TPGroup(stage=PipelineStage(index=0, size=2))
+    with pytest.raises(ValueError, match="do not run as pipeline stages yet"):
+        models.load_model(
+            tiny_llama_dir,
+            dtype=torch.float32,
+            device=cpu,
+            tp=tp,
+            attention_backend=get_attention_backend("torch", cpu),
+        )

@@ -127,6 +127,11 @@ def load_model(
     config = ModelConfig.from_dir(model_dir, rope_override)
     weights = Weights(model_dir, dtype=dtype, device=device, tp=tp, quantization=quantization)
     model = family_of_config(config).model_class(config, weights, attention_backend)
+    if tp.stage.size > 1 and getattr(model, "stage", None) is not tp.stage:
+        raise ValueError(
+            f"{config.architecture} models do not run as pipeline stages yet "
+            "(shards/models/stages.py)"
+        )
     if quantization is not None and not _has_fp8_layers(model):
         raise UnsupportedQuantizationError(
             f"{quantization.description} is not supported for {config.architecture} models yet"
