@@ -120,3 +120,19 @@ def test_a_lonely_worker_and_a_missing_token_are_clear_errors(nodes, tiny_llama_
     untrusted = nodes(0, free_port_run(), *model, token="")
     assert untrusted.wait(timeout_s=30) == 1
     assert any("SHARDLINE_CLUSTER_TOKEN" in line for line in untrusted.lines)
+
+
+def test_a_worker_whose_node_0_dies_exits_too(nodes, tiny_llama_dir: Path) -> None:
+    base = free_port_run()
+    model = ["--model-id", str(tiny_llama_dir), "--num-shard", "1", *LIMITS]
+    model += ["--pipeline-parallel-size", "2"]
+    leader = nodes(0, base, *model, "--hostname", "127.0.0.1", "--port", str(unused_port()))
+    worker = nodes(1, base, *model)
+    worker.wait_for_line("joined node 0", timeout_s=60)
+    leader.process.send_signal(signal.SIGKILL)
+    assert worker.wait(timeout_s=15) == 1
+    assert any("node 0 left the group" in line for line in worker.lines)
+    deadline = time.monotonic() + 5
+    while any(is_alive(pid) for pid in worker.child_pids()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(is_alive(pid) for pid in worker.child_pids())
