@@ -97,7 +97,7 @@ ARCHITECTURES = ("llama", "mistral", "qwen2")
 LAYER_NORM_ARCHITECTURES = ("gpt2", "bloom", "falcon", "falcon2", "falcon-7b", "falcon-rw")
 # RMSNorm families beside Llama's (tests/test_decoder_families.py), each with what sets it apart
 # made to matter at this size: short sliding windows, low soft-caps, scaled rope.
-DECODER_FAMILY_ARCHITECTURES = ("qwen3", "gemma2", "gemma3", "phi3")
+DECODER_FAMILY_ARCHITECTURES = ("qwen3", "gemma2", "gemma3", "gemma3-image-text", "phi3")
 
 
 @dataclass(frozen=True)
@@ -241,12 +241,13 @@ def _decoder_family_config(spec: TinyModelSpec, common: dict):
         return Gemma2Config(
             **common, **gemma, attn_logit_softcapping=3.0, final_logit_softcapping=5.0
         )
-    if spec.architecture == "gemma3":
+    if spec.architecture.startswith("gemma3"):
         rope = {
             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
         }
-        return Gemma3TextConfig(**common, **gemma, rope_parameters=rope)
+        text = Gemma3TextConfig(**common, **gemma, rope_parameters=rope)
+        return text if spec.architecture == "gemma3" else _image_text_config(text)
     longrope = {
         "rope_type": "longrope",
         "short_factor": [1.0 + 0.2 * i for i in range(head_dim // 2)],
@@ -259,6 +260,26 @@ def _decoder_family_config(spec: TinyModelSpec, common: dict):
         rope_parameters=longrope,
         sliding_window=12,
     )
+
+
+def _image_text_config(text):
+    """Gemma 3's image-text model around `text`, with a one-layer vision tower."""
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    # special ids outside the vocabulary: no random prompt holds an image placeholder
+    image_tokens = dict(image_token_index=1000, boi_token_index=1001, eoi_token_index=1002)
+    return Gemma3Config(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+        **image_tokens, eos_token_id=text.eos_token_id, bos_token_id=text.bos_token_id,
+    )  # fmt: skip
 
 
 def build_tiny_model(out_dir: Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:

@@ -219,3 +219,30 @@ def test_two_pipeline_stages_match_transformers(family_dirs: dict[str, Path], ar
     finally:
         pipelined.shutdown()
     assert [o.outputs[0].token_ids for o in outputs] == expected
+
+
+def test_a_hub_gemma3_image_text_config_reads_with_transformers_defaults() -> None:
+    """Gemma 3 4B's config.json names only what differs from Gemma3TextConfig's defaults."""
+    from shardline.shards.models import ModelConfig
+
+    raw = {
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "model_type": "gemma3",
+        "eos_token_id": [1, 106],
+        "text_config": {
+            "hidden_size": 2560,
+            "intermediate_size": 10240,
+            "model_type": "gemma3_text",
+            "num_hidden_layers": 34,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+            "sliding_window": 1024,
+        },
+        "vision_config": {"model_type": "siglip_vision_model"},
+    }
+    config = ModelConfig.from_dicts(raw, {})
+    assert config.architecture == "Gemma3ForConditionalGeneration"
+    assert (config.num_heads, config.num_kv_heads, config.head_dim) == (8, 4, 256)
+    assert config.vocab_size == 262208 and config.max_position_embeddings == 131072
+    assert config.layer_windows == tuple(0 if i % 6 == 5 else 1024 for i in range(34))
+    assert config.rope_scaling["factor"] == 8.0 and config.rope_theta == 1e6
+    assert config.local_rope_theta == 10000.0 and config.eos_token_ids == (1, 106)

@@ -18,7 +18,12 @@ from shardline.shards.layers.attention import AttentionBackend, AttentionMetadat
 from shardline.shards.models.bloom import BloomForCausalLM, read_bloom_config
 from shardline.shards.models.config import ModelConfig
 from shardline.shards.models.falcon import FalconForCausalLM, read_falcon_config
-from shardline.shards.models.gemma import Gemma2ForCausalLM, read_gemma_config
+from shardline.shards.models.gemma import (
+    Gemma2ForCausalLM,
+    Gemma3ForConditionalGeneration,
+    read_gemma3_image_text_config,
+    read_gemma_config,
+)
 from shardline.shards.models.gpt2 import GPT2LMHeadModel, read_gpt2_config
 from shardline.shards.models.llama import LlamaForCausalLM, read_llama_config
 from shardline.shards.models.phi3 import Phi3ForCausalLM, read_phi3_config
@@ -79,6 +84,12 @@ FAMILIES: tuple[Family, ...] = (
         read_gemma_config,
         ("Gemma2ForCausalLM", "Gemma3ForCausalLM"),
         ("gemma2", "gemma3_text"),
+    ),
+    Family(
+        Gemma3ForConditionalGeneration,
+        read_gemma3_image_text_config,
+        ("Gemma3ForConditionalGeneration",),
+        ("gemma3",),
     ),
     Family(Phi3ForCausalLM, read_phi3_config, ("Phi3ForCausalLM",), ("phi3",)),
     Family(GPT2LMHeadModel, read_gpt2_config, ("GPT2LMHeadModel",), ("gpt2",)),

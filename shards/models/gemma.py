@@ -62,6 +62,20 @@ def read_gemma_config(raw: dict, generation: dict) -> ModelConfig:
     )
 
 
+def read_gemma3_image_text_config(raw: dict, generation: dict) -> ModelConfig:
+    """Gemma 3's image-text checkpoints (Gemma3ForConditionalGeneration) served as their text
+    model: text_config with transformers' defaults filled in (the Hub's name only what differs
+    from them), the checkpoint's own architecture, dtype, special tokens and tying kept."""
+    from transformers import Gemma3TextConfig
+
+    text = Gemma3TextConfig(**raw["text_config"]).to_dict()
+    kept = ("architectures", "torch_dtype", "dtype", "eos_token_id", "bos_token_id")
+    text |= {key: raw[key] for key in kept if raw.get(key)}
+    # the image-text model ties its LM head by its own setting, not its text config's
+    text["tie_word_embeddings"] = raw.get("tie_word_embeddings", True)
+    return read_gemma_config(text, generation)
+
+
 def _gemma_rope(raw: dict, gemma3: bool) -> tuple[dict, float | None]:
     """config.json with the global layers' rope settings in the usual keys, and (Gemma 3) the
     sliding layers' base: transformers 5 nests both by layer type in rope_parameters, older
@@ -146,3 +160,13 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         logits = super().compute_logits(hidden)
         cap = self.config.final_logit_softcap
         return soft_cap(logits, cap) if cap else logits
+
+
+class Gemma3ForConditionalGeneration(Gemma2ForCausalLM):
+    """The language model of a Gemma 3 image-text checkpoint (its tensors under
+    language_model.model, its LM head tied to the embedding); the vision tower is not read."""
+
+    def __init__(self, config: ModelConfig, weights: Weights, backend: AttentionBackend) -> None:
+        weights.serve_as("language_model.model.", "model.")
+        weights.serve_as("language_model.lm_head.", "lm_head.")
+        super().__init__(config, weights, backend)

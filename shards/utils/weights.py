@@ -32,6 +32,7 @@ class Weights:
         self.tp = tp
         self.quantization = quantization  # the linear layers' FP8 format (fp8_weights.py)
         self._file_of = _tensor_files(self.model_dir)
+        self._stored_names: dict[str, str] = {}  # a name served under another (serve_as)
         self._handles: dict[Path, Any] = {}
 
     def __contains__(self, name: str) -> bool:
@@ -84,6 +85,15 @@ class Weights:
         block = -(-size // world)
         return min(rank * block, size), min((rank + 1) * block, size)
 
+    def serve_as(self, stored_prefix: str, prefix: str) -> None:
+        """Serves every tensor stored under `stored_prefix` under `prefix` too (a multimodal
+        checkpoint's language model read as a causal LM's)."""
+        for name, path in list(self._file_of.items()):
+            if name.startswith(stored_prefix):
+                alias = prefix + name.removeprefix(stored_prefix)
+                self._file_of[alias] = path
+                self._stored_names[alias] = name
+
     def get_sharded_concat(self, names: Sequence[str], dim: int) -> torch.Tensor:
         """Each tensor's shard, concatenated along `dim` (e.g. gate and up stacked)."""
         return torch.cat([self.get_sharded(name, dim) for name in names], dim=dim)
@@ -94,7 +104,7 @@ class Weights:
             raise KeyError(f"tensor {name!r} is missing from the safetensors in {self.model_dir}")
         if path not in self._handles:
             self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-        return self._handles[path].get_slice(name)
+        return self._handles[path].get_slice(self._stored_names.get(name, name))
 
     def _cast(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """`t` in the model's dtype; an FP8 tensor means nothing without its scales, which only
