@@ -63,7 +63,9 @@ def scaled_context(max_position_embeddings: int, scaling: dict | None) -> int:
     return max_position_embeddings
 
 
-def _frequencies(rope_type: str, exponents: torch.Tensor, base: float, scaling: dict):
+def _frequencies(
+    rope_type: str, exponents: torch.Tensor, base: float, scaling: dict
+) -> torch.Tensor:
     inv_freq = 1.0 / (base**exponents)
     if rope_type == "linear":
         return inv_freq / scaling["factor"]
