@@ -51,19 +51,25 @@ class GenerationEvents:
     def of(self, entry: Entry, generation: pb.Generation) -> list[StreamEvent]:
         """The events of one Generation; a sequence that finishes here ends with a `finished`
         event (and its later tokens, if the shard sent any, are dropped)."""
-        if generation.beams:
+        # A beam search's Generation carries no tokens of its own: `beams` (whose reading
+        # costs as much as the tokens') is looked at only then.
+        tokens = generation.tokens
+        if not tokens.ids and generation.beams:
             return self._beam_events(entry, generation)
-        return self._events(entry, generation)
+        return self._events(entry, generation, tokens)
 
-    def _events(self, entry: Entry, generation: pb.Generation) -> list[StreamEvent]:
+    def _events(
+        self, entry: Entry, generation: pb.Generation, tokens: pb.Tokens
+    ) -> list[StreamEvent]:
         index = generation.sequence_index
         seq = entry.sequences[index]
         if seq.done:
             return []
         events = []
         # Indexed once per token: iterating or re-reading protobuf fields costs µs per token.
-        ids, logprobs = generation.tokens.ids, generation.tokens.logprobs
+        ids, logprobs = tokens.ids, tokens.logprobs
         count, top_tokens = len(ids), generation.top_tokens
+        top_count = len(top_tokens)
         for position in range(count):
             is_last = position == count - 1
             shard_reason = _SHARD_FINISH_REASONS.get(generation.finish_reason) if is_last else None
@@ -73,7 +79,7 @@ class GenerationEvents:
             event = StreamEvent(
                 index=len(seq.generated_ids), token=token, text=text, sequence_index=index
             )
-            if position < len(top_tokens):
+            if position < top_count:
                 event.top_tokens = self._tokens(top_tokens[position])
             if len(seq.generated_ids) == 1 and entry.request.decoder_input_details:
                 event.prefill = self._tokens(generation.prefill_tokens)
@@ -95,7 +101,7 @@ class GenerationEvents:
                 tokens=beam.tokens,
                 finish_reason=beam.finish_reason,
             )
-            events += self._events(entry, beam_generation)
+            events += self._events(entry, beam_generation, beam.tokens)
         return events
 
     def _next_token(
@@ -105,14 +111,10 @@ class GenerationEvents:
         seq.generated_ids.append(token_id)
         special = token_id in self._special_ids
         delta = seq.detokenizer.add(token_id)
-        check = seq.stop_matcher.feed(delta)
-        released = check.text
-        if check.stopped:
-            reason = FinishReason.STOP_SEQUENCE
-        elif reason is not None:
-            tail = seq.stop_matcher.feed(seq.detokenizer.flush())
-            released += tail.text if tail.stopped else tail.text + seq.stop_matcher.flush()
-            reason = FinishReason.STOP_SEQUENCE if tail.stopped else reason
+        if seq.stop_matcher.watching:
+            released, reason = _stop_checked(seq, delta, reason)
+        else:  # no stop sequences: the text goes out as it comes
+            released = delta if reason is None else delta + seq.detokenizer.flush()
         seq.text.append(released)
         text = self._token_text(token_id) if special else delta
         token = Token(id=token_id, text=text, logprob=_logprob(logprob), special=special)
@@ -149,6 +151,21 @@ class GenerationEvents:
             )
             for token_id, logprob in zip(tokens.ids, tokens.logprobs, strict=False)
         ]
+
+
+def _stop_checked(
+    seq: SequenceOutput, delta: str, reason: FinishReason | None
+) -> tuple[str, FinishReason | None]:
+    """The text `delta` releases past the stop sequences, and why the sequence finishes."""
+    check = seq.stop_matcher.feed(delta)
+    if check.stopped:
+        return check.text, FinishReason.STOP_SEQUENCE
+    if reason is None:
+        return check.text, None
+    tail = seq.stop_matcher.feed(seq.detokenizer.flush())
+    if tail.stopped:
+        return check.text + tail.text, FinishReason.STOP_SEQUENCE
+    return check.text + tail.text + seq.stop_matcher.flush(), reason
 
 
 def _stop_reason(seq: SequenceOutput, reason: FinishReason) -> str | int | None:

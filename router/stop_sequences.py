@@ -26,6 +26,11 @@ class StopSequenceMatcher:
         self.matched: str | None = None
         """The stop sequence that matched, once one did."""
 
+    @property
+    def watching(self) -> bool:
+        """Whether there is any stop sequence to match (else `feed` releases all it gets)."""
+        return bool(self._stops)
+
     def feed(self, text: str) -> StopCheck:
         if not self._stops:
             return StopCheck(text, stopped=False)
