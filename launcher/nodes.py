@@ -96,11 +96,13 @@ def lead(
             if stop.is_set() or time.monotonic() > deadline:
                 for link in links.values():
                     link.close()
-                missing = sorted(set(range(1, nnodes)) - set(links))
+                missing = ", ".join(map(str, sorted(set(range(1, nnodes)) - set(links))))
+                if stop.is_set():
+                    raise LauncherError(f"stopped while waiting for node(s) {missing} to join")
                 raise LauncherError(
-                    f"node(s) {', '.join(map(str, missing))} did not join within "
-                    f"{timeout_s:g} s (--rendezvous-timeout): check their launchers, "
-                    "--master-addr/--master-port and SHARDLINE_CLUSTER_TOKEN"
+                    f"node(s) {missing} did not join within {timeout_s:g} s "
+                    "(--rendezvous-timeout): check their launchers, --master-addr/--master-port "
+                    "and SHARDLINE_CLUSTER_TOKEN"
                 )
             with contextlib.suppress(TimeoutError):
                 sock, address = server.accept()
