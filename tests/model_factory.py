@@ -97,7 +97,9 @@ ARCHITECTURES = ("llama", "mistral", "qwen2")
 LAYER_NORM_ARCHITECTURES = ("gpt2", "bloom", "falcon", "falcon2", "falcon-7b", "falcon-rw")
 # RMSNorm families beside Llama's (tests/test_decoder_families.py), each with what sets it apart
 # made to matter at this size: short sliding windows, low soft-caps, scaled rope.
-DECODER_FAMILY_ARCHITECTURES = ("qwen3", "gemma2", "gemma3", "gemma3-image-text", "phi3")
+DECODER_FAMILY_ARCHITECTURES = (
+    *("qwen3", "gemma", "gemma2", "gemma3", "gemma3-image-text", "phi3"),
+)
 
 
 @dataclass(frozen=True)
@@ -226,11 +228,13 @@ def _config(spec: TinyModelSpec, vocab_size: int, bos_id: int, eos_id: int):
 
 
 def _decoder_family_config(spec: TinyModelSpec, common: dict):
-    from transformers import Gemma2Config, Gemma3TextConfig, Phi3Config, Qwen3Config
+    from transformers import Gemma2Config, Gemma3TextConfig, GemmaConfig, Phi3Config, Qwen3Config
 
     head_dim = spec.hidden_size // spec.num_heads
     if spec.architecture == "qwen3":
         return Qwen3Config(**common, head_dim=head_dim, attention_bias=True)
+    if spec.architecture == "gemma":  # its release's config names tanh GELU "gelu"
+        return GemmaConfig(**common, head_dim=head_dim, hidden_act="gelu")
     gemma = dict(
         head_dim=head_dim,
         query_pre_attn_scalar=2 * head_dim,

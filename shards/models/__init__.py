@@ -21,6 +21,7 @@ from shardline.shards.models.falcon import FalconForCausalLM, read_falcon_config
 from shardline.shards.models.gemma import (
     Gemma2ForCausalLM,
     Gemma3ForConditionalGeneration,
+    GemmaForCausalLM,
     read_gemma3_image_text_config,
     read_gemma_config,
 )
@@ -79,6 +80,7 @@ FAMILIES: tuple[Family, ...] = (
         ("llama", "mistral", "qwen2"),
     ),
     Family(LlamaForCausalLM, read_qwen3_config, ("Qwen3ForCausalLM",), ("qwen3",)),
+    Family(GemmaForCausalLM, read_gemma_config, ("GemmaForCausalLM",), ("gemma",)),
     Family(
         Gemma2ForCausalLM,
         read_gemma_config,

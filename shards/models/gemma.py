@@ -1,8 +1,9 @@
-"""Gemma 2 and Gemma 3 (text): the Llama layers with Gemma's differences.
+"""Gemma, Gemma 2 and Gemma 3 (text): the Llama layers with Gemma's differences.
 
 RMSNorms scale by 1 + weight (folded into the weight at load); the MLP is GeGLU (tanh GELU);
 token embeddings are multiplied by sqrt(hidden_size); each layer norms the attention output and
-the MLP's input and output too (post_attention, pre_ / post_feedforward norms); the softmax
+the MLP's input and output too (Gemma 2 and 3: post_attention, pre_ / post_feedforward norms;
+Gemma keeps Llama's two); the softmax
 scale is query_pre_attn_scalar ** -0.5; sliding-window layers alternate with global ones
 (layer_types). Gemma 2 caps the attention scores and the logits (cap * tanh(x / cap)); Gemma 3
 norms q and k per head and rotates its sliding layers with their own, unscaled base.
@@ -37,7 +38,9 @@ GEMMA3_SLIDING_PATTERN = 6  # transformers' Gemma3TextConfig: every 6th layer is
 
 
 def read_gemma_config(raw: dict, generation: dict) -> ModelConfig:
-    """Gemma 2 (`gemma2`) and Gemma 3's text model (`gemma3_text`)."""
+    """Gemma (`gemma`), Gemma 2 (`gemma2`) and Gemma 3's text model (`gemma3_text`)."""
+    if raw["model_type"] == "gemma" and raw.get("hidden_act") == "gelu":
+        raw = {**raw, "hidden_act": "gelu_pytorch_tanh"}  # its release's name for it, as read
     gemma3 = raw["model_type"] == "gemma3_text"
     global_rope, local_theta = _gemma_rope(raw, gemma3)
     pattern = raw.get("sliding_window_pattern", GEMMA3_SLIDING_PATTERN) if gemma3 else 2
@@ -96,9 +99,14 @@ class GemmaMLP(LlamaMLP):
         return self.down_proj(gelu_tanh_and_mul(self.gate_up_proj(x)))
 
 
-class Gemma2DecoderLayer(LlamaDecoderLayer):
+class GemmaDecoderLayer(LlamaDecoderLayer):
     mlp_class = GemmaMLP
 
+    def fuses_decode(self) -> bool:
+        return False
+
+
+class Gemma2DecoderLayer(GemmaDecoderLayer):
     def __init__(
         self,
         config: ModelConfig,
@@ -132,9 +140,6 @@ class Gemma2DecoderLayer(LlamaDecoderLayer):
         hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
         return self.post_feedforward_layernorm(self.mlp(hidden)), residual
 
-    def fuses_decode(self) -> bool:
-        return False
-
 
 class ScaledEmbedding(nn.Module):
     """The token embedding times `scale`, rounded to the embedding's dtype as transformers does."""
@@ -148,8 +153,8 @@ class ScaledEmbedding(nn.Module):
         return self.embedding(input_ids) * self.scale
 
 
-class Gemma2ForCausalLM(LlamaForCausalLM):
-    layer_class = Gemma2DecoderLayer
+class GemmaForCausalLM(LlamaForCausalLM):
+    layer_class = GemmaDecoderLayer
 
     def __init__(self, config: ModelConfig, weights: Weights, backend: AttentionBackend) -> None:
         super().__init__(config, weights, backend)
@@ -160,6 +165,10 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         logits = super().compute_logits(hidden)
         cap = self.config.final_logit_softcap
         return soft_cap(logits, cap) if cap else logits
+
+
+class Gemma2ForCausalLM(GemmaForCausalLM):
+    layer_class = Gemma2DecoderLayer
 
 
 class Gemma3ForConditionalGeneration(Gemma2ForCausalLM):
