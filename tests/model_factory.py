@@ -97,9 +97,7 @@ ARCHITECTURES = ("llama", "mistral", "qwen2")
 LAYER_NORM_ARCHITECTURES = ("gpt2", "bloom", "falcon", "falcon2", "falcon-7b", "falcon-rw")
 # RMSNorm families beside Llama's (tests/test_decoder_families.py), each with what sets it apart
 # made to matter at this size: short sliding windows, low soft-caps, scaled rope.
-DECODER_FAMILY_ARCHITECTURES = (
-    *("qwen3", "gemma", "gemma2", "gemma3", "gemma3-image-text", "phi3"),
-)
+DECODER_FAMILY_ARCHITECTURES = ("qwen3", "gemma", "gemma2", "gemma3", "gemma3-image-text", "phi3")
 
 
 @dataclass(frozen=True)
