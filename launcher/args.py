@@ -131,8 +131,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--node-rank",), "NODE_RANK", "this node's rank, 0 to --nnodes - 1: node 0 runs the "
          "router and the HTTP API and holds the first --num-shard ranks", type=int, default=0),
     Flag(("--rendezvous-timeout",), "RENDEZVOUS_TIMEOUT", "seconds the nodes wait for each "
-         "other (and a shard for its group), after which every launcher exits 1", type=float,
-         default=300.0),
+         "other (a node joins once its weights are downloaded: cover the slowest download, or "
+         "download first) and a shard for its group, after which every launcher exits 1",
+         type=float, default=300.0),
     Flag(("--block-size",), "BLOCK_SIZE", "tokens per paged KV-cache block", type=int,
          shard_field="block_size"),
     Flag(("--kv-cache-bytes",), "KV_CACHE_BYTES", "KV cache size in bytes on CPU", type=int,
