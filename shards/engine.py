@@ -31,7 +31,7 @@ from shardline.shards.prompt_chunks import (
 )
 from shardline.shards.request_checks import InvalidRequestError, admit, check_batch
 from shardline.shards.sampling.grammar import GrammarLoader
-from shardline.shards.sequences.generations import advance, prompt_tokens_by_row
+from shardline.shards.sequences.generations import Generations, advance, prompt_tokens_by_row
 from shardline.shards.sequences.samples import (
     check_fork_blocks,
     first_token_sampling,
@@ -163,22 +163,24 @@ class ShardEngine:
             for batch in cached:
                 self.batches[batch.id] = batch
             raise
-        generations, batch = self._first_tokens(result)
-        if running is not None:
-            step = (running_step or result.running_step).result()
-            running.last_tokens = step.next_tokens
-            running_generations, kept = self._advance(running, step)
-            generations = running_generations + generations
-            batch = self._merge(kept, batch)
-        return pb.PrefillResponse(
-            generations=generations,
-            batch=batch.to_proto() if batch else None,
+        answer = pb.PrefillResponse(
             forward_ns=result.forward_ns,
             decode_ns=result.step.sample_ns if result.step else 0,
-            total_ns=time.perf_counter_ns() - started,
             refused=refused,
             cached_tokens=result.cached_tokens,
         )
+        first = pb.PrefillResponse()  # the new prompts' Generations: after the running batch's
+        batch = self._first_tokens(result, first.generations)
+        if running is not None:
+            step = (running_step or result.running_step).result()
+            running.last_tokens = step.next_tokens
+            kept = self._advance(running, step, answer.generations)
+            batch = self._merge(kept, batch)
+        answer.generations.extend(first.generations)
+        if batch is not None:
+            answer.batch.CopyFrom(batch.to_proto())
+        answer.total_ns = time.perf_counter_ns() - started
+        return answer
 
     def _prefill_none(
         self, request: pb.PrefillRequest, refused: list[pb.RefusedRequest], started: int
@@ -196,15 +198,15 @@ class ShardEngine:
             refused=refused,
         )
 
-    def _first_tokens(self, result: PrefillPass) -> tuple[list[pb.Generation], ShardBatch | None]:
-        """The Generations of the prompts a prefill completed, and their batch."""
+    def _first_tokens(self, result: PrefillPass, generations: Generations) -> ShardBatch | None:
+        """The batch of the prompts a prefill completed; their Generations go to `generations`."""
         if result.batch is None or result.step is None:
-            return [], None
+            return None
         prompt_tokens = prompt_tokens_by_row(
             result.requests, result.prompt_logprobs, result.sampled_from
         )
         start_beam_searches(result.batch, result.requests, prompt_tokens)
-        return self._advance(result.batch, result.step, prompt_tokens)
+        return self._advance(result.batch, result.step, generations, prompt_tokens)
 
     def _running_step(
         self, cached: list[ShardBatch]
@@ -301,15 +303,16 @@ class ShardEngine:
             self._ahead = self._launch_ahead(batch, step)
         result = step.result()
         batch.last_tokens = result.next_tokens
-        generations, kept = self._advance(batch, result)
-        return pb.DecodeResponse(
-            generations=generations,
-            batch=kept.to_proto() if kept else None,
+        answer = pb.DecodeResponse(
             concat_ns=concat_done - started,
             forward_ns=result.forward_ns,
             decode_ns=result.sample_ns,
-            total_ns=time.perf_counter_ns() - started,
         )
+        kept = self._advance(batch, result, answer.generations)
+        if kept is not None:
+            answer.batch.CopyFrom(kept.to_proto())
+        answer.total_ns = time.perf_counter_ns() - started
+        return answer
 
     def _step(self, batches: list[ShardBatch]) -> tuple[ShardBatch, PendingStep]:
         """One decode step of `batches`: the rows of those the step launched ahead covers taken
@@ -371,14 +374,19 @@ class ShardEngine:
     # ---- helpers -----------------------------------------------------------------------------
 
     def _advance(
-        self, batch: ShardBatch, step: StepResult, prompt_tokens: dict[int, pb.Tokens] | None = None
-    ) -> tuple[list[pb.Generation], ShardBatch | None]:
-        """The step's Generations; the batch that goes on is cached under its id."""
+        self,
+        batch: ShardBatch,
+        step: StepResult,
+        generations: Generations,
+        prompt_tokens: dict[int, pb.Tokens] | None = None,
+    ) -> ShardBatch | None:
+        """The step's Generations, added to `generations`; the batch that goes on, cached
+        under its id."""
         allocator = self._require_allocator()
-        generations, kept = advance(batch, step, allocator, self.runner.kv_cache, prompt_tokens)
+        kept = advance(batch, step, allocator, self.runner.kv_cache, generations, prompt_tokens)
         if kept is not None:
             self.batches[kept.id] = kept
-        return generations, kept
+        return kept
 
     def _admit(self, batch: pb.Batch) -> tuple[pb.Batch, list[pb.RefusedRequest]]:
         """The batch without the requests the shard refuses; nothing of those is kept (a prompt

@@ -3,7 +3,10 @@ finished beam search) and the batch that goes on (finished rows dropped, kept be
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import torch
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from shardline.proto import generate_pb2 as pb
 from shardline.shards.batch import SequenceState, ShardBatch
@@ -11,6 +14,10 @@ from shardline.shards.kv_cache import BlockAllocator, KVCache
 from shardline.shards.model_runner import StepResult
 from shardline.shards.sampling.sampling import reported_top_count
 from shardline.shards.sequences.beam_search import BeamSearch
+
+# A response's `generations`, filled in place: a Generation built apart and then put into the
+# response would be copied, and cost twice.
+Generations: TypeAlias = RepeatedCompositeFieldContainer[pb.Generation]
 
 
 def prompt_tokens_by_row(
@@ -36,27 +43,32 @@ def rows_by_request(batch: ShardBatch, request_ids: set[int]) -> dict[int, list[
     return rows
 
 
-def token_generation(
-    seq: SequenceState, row: int, step: StepResult, prompt_tokens: pb.Tokens | None
-) -> pb.Generation:
+def add_token_generation(
+    generations: Generations,
+    seq: SequenceState,
+    row: int,
+    step: StepResult,
+    prompt_tokens: pb.Tokens | None,
+) -> int:
+    """Adds the row's Generation; returns why its sequence stops (NONE: it goes on)."""
     token = step.next_token_ids[row]
     reason = seq.record(token)
-    generation = pb.Generation(
+    generation = generations.add(
         request_id=seq.request_id,
         sequence_index=seq.sequence_index,
-        tokens=pb.Tokens(ids=[token], logprobs=[step.logprobs[row]]),
         finish_reason=reason,
         generated_tokens=seq.generated,
         seed=seq.seed,
     )
+    tokens = generation.tokens
+    tokens.ids.append(token)
+    tokens.logprobs.append(step.logprobs[row])
     if seq.top_n_tokens and step.top_ids is not None:
         n = reported_top_count(step.top_logprobs[row], seq.top_n_tokens)
-        generation.top_tokens.append(
-            pb.Tokens(ids=step.top_ids[row][:n], logprobs=step.top_logprobs[row][:n])
-        )
+        generation.top_tokens.add(ids=step.top_ids[row][:n], logprobs=step.top_logprobs[row][:n])
     if prompt_tokens is not None:
         generation.prefill_tokens.CopyFrom(prompt_tokens)
-    return generation
+    return reason
 
 
 def beam_candidates(step: StepResult, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +78,7 @@ def beam_candidates(step: StepResult, rows: list[int]) -> tuple[torch.Tensor, to
     return ids, logprobs
 
 
-def beam_generation(seq: SequenceState, search: BeamSearch) -> pb.Generation:
+def add_beam_generation(generations: Generations, seq: SequenceState, search: BeamSearch) -> None:
     beams = [
         pb.Beam(
             tokens=pb.Tokens(ids=beam.hypothesis.token_ids, logprobs=beam.hypothesis.logprobs),
@@ -75,7 +87,7 @@ def beam_generation(seq: SequenceState, search: BeamSearch) -> pb.Generation:
         )
         for beam in search.results()
     ]
-    generation = pb.Generation(
+    generation = generations.add(
         request_id=seq.request_id,
         finish_reason=beams[0].finish_reason,
         generated_tokens=len(beams[0].tokens.ids),
@@ -83,7 +95,6 @@ def beam_generation(seq: SequenceState, search: BeamSearch) -> pb.Generation:
     )
     if search.prompt_tokens is not None:
         generation.prefill_tokens.CopyFrom(search.prompt_tokens)
-    return generation
 
 
 def advance(
@@ -91,31 +102,32 @@ def advance(
     step: StepResult,
     allocator: BlockAllocator,
     cache: KVCache | None,
+    generations: Generations,
     prompt_tokens: dict[int, pb.Tokens] | None = None,
-) -> tuple[list[pb.Generation], ShardBatch | None]:
-    """Records each row's new token and answers its Generation; drops finished rows; moves
-    each beam search a step on, forking the beams it keeps and answering when it ends."""
-    generations: list[pb.Generation] = []
+) -> ShardBatch | None:
+    """Records each row's new token and adds its Generation to `generations`; drops finished
+    rows; moves each beam search a step on, forking the beams it keeps and answering when it
+    ends. Returns the batch that goes on."""
     parents: list[int] = []
     beam_tokens: dict[int, int] = {}
     beam_rows = rows_by_request(batch, set(batch.beams))
+    prompt_tokens = prompt_tokens or {}
     for row, seq in enumerate(batch.sequences):
         rows = beam_rows.get(seq.request_id)
         if rows is None:
-            generation = token_generation(seq, row, step, (prompt_tokens or {}).get(row))
-            generations.append(generation)
-            if generation.finish_reason == pb.FINISH_REASON_NONE:
+            reason = add_token_generation(generations, seq, row, step, prompt_tokens.get(row))
+            if reason == pb.FINISH_REASON_NONE:
                 parents.append(row)
             continue
         seq.generated += 1  # the beam's token is chosen below, with its whole search
         if row == rows[-1]:
             outcome = batch.beams[seq.request_id].step(*beam_candidates(step, rows))
             if outcome.done:
-                generations.append(beam_generation(seq, batch.beams[seq.request_id]))
+                add_beam_generation(generations, seq, batch.beams[seq.request_id])
             for parent, token in zip(outcome.parents, outcome.token_ids, strict=True):
                 beam_tokens[len(parents)] = token
                 parents.append(rows[parent])
-    return generations, _regroup(batch, parents, beam_tokens, allocator, cache)
+    return _regroup(batch, parents, beam_tokens, allocator, cache)
 
 
 def _regroup(
