@@ -100,6 +100,17 @@ def test_two_ranks_match_transformers(tmp_path: Path, family_dirs: dict[str, Pat
             assert_logits_close(torch.load(tmp_path / f"{arch}{rank}.pt"), expected[arch])
 
 
+def test_longrope_rotates_a_prompt_longer_than_the_original_length_long(
+    family_dirs: dict[str, Path],
+) -> None:
+    """A 52-token prompt (and the 11-token one beside it, short) in one pass: transformers
+    rotates every token of the long sequence with the long factors, as ours."""
+    model = load(family_dirs["phi3"])
+    prompt_ids = prompts(model.config.vocab_size, 6, (52, 11))
+    expected, fed = transformers_reference(family_dirs["phi3"], prompt_ids, steps=3)
+    assert_logits_close(run_engine(model, prompt_ids, fed, BLOCK_SIZE), expected)
+
+
 def test_longrope_switches_to_its_long_factors_past_the_original_length(
     family_dirs: dict[str, Path],
 ) -> None:

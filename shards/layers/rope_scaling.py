@@ -3,12 +3,12 @@
 `scaling` is config.rope_parameters' normalized dict: it names `original_max_position_embeddings`
 for every kind but linear, and YaRN's and LongRoPE's `factor`.
 
-The kinds whose frequencies depend on the sequence's length in transformers (dynamic NTK grows
-the base once a sequence passes `original_max_position_embeddings`, LongRoPE switches from its
-short to its long factors there) get that length from the row's own position: a token at
-position p is rotated as transformers rotates it when the sequence is p + 1 tokens long, which is
-what it does while generating one token at a time (a single prefill longer than the original
-length is rotated with the long-sequence frequencies throughout in transformers).
+Dynamic NTK's frequencies depend on the sequence's length in transformers (the base grows once
+a sequence passes its original length): a row takes that length from its own position, as
+transformers rotates a token generated one at a time. LongRoPE switches from its short to its
+long factors for a sequence longer than `original_max_position_embeddings`, prompt included:
+its table holds a row per position with the short factors, then one with the long factors,
+and `RotaryEmbedding.rows` picks each token's by its sequence's length in the pass.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ def rope_cos_sin(
     head_dim: int, max_positions: int, base: float, scaling: dict | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [max_positions, head_dim / 2] (float32) of each position's angles, times
-    the kind's attention factor (YaRN, LongRoPE)."""
+    the kind's attention factor (YaRN, LongRoPE); LongRoPE's are [2 * max_positions, ...], the
+    short factors' rows then the long factors'."""
     scaling = scaling or {}
     rope_type = scaling.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -44,8 +45,7 @@ def rope_cos_sin(
         long = torch.outer(
             positions, _longrope_frequencies(exponents, base, scaling["long_factor"])
         )
-        is_long = positions >= scaling["original_max_position_embeddings"]
-        angles = torch.where(is_long[:, None], long, angles)
+        angles = torch.cat([angles, long])
     factor = _attention_factor(rope_type, scaling)
     return angles.cos() * factor, angles.sin() * factor
 

@@ -336,6 +336,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final-normed hidden states [T, hidden_size] of the packed tokens (on a pipeline stage
         but the last, those it sent on; see shards/models/stages.py)."""
+        positions = self.rotary.rows(positions, meta)  # LongRoPE: the long factors' rows
         if self.fused_decode and input_ids.shape[0] == 1:
             return self._decode_one(input_ids, positions, kv_caches, meta)
         hidden, residual = stage_input(
