@@ -91,13 +91,19 @@ def create_engine(
         quantization=quantization,
         rope_override=rope_override(config.rope_scaling, config.rope_factor),
     )
+    prefix_caching = config.enable_prefix_caching and not model.config.rotates_by_sequence_length
+    if config.enable_prefix_caching and not prefix_caching:
+        logger.warning(
+            "prefix caching off: the model rotates a sequence by its length (LongRoPE)",
+            extra={"model": str(model_dir)},
+        )
     settings = EngineSettings(
         block_size=config.block_size,
         kv_cache_bytes=config.kv_cache_bytes,
         gpu_memory_utilization=config.gpu_memory_utilization,
         attention_impl=backend.name,
         cuda_graph_buckets=parse_buckets(config.cuda_graphs),
-        prefix_caching=config.enable_prefix_caching,
+        prefix_caching=prefix_caching,
         kv_cache_dtype=kv_dtype,
         quantization=quantization.method if quantization else None,
     )

@@ -277,3 +277,12 @@ def test_gemmas_release_config_names_its_tanh_gelu_gelu() -> None:
     config = ModelConfig.from_dicts(raw, {})
     assert config.hidden_act == "gelu_pytorch_tanh" and config.layer_windows == (0,) * 28
     assert config.softmax_scale == 256**-0.5 and config.tie_word_embeddings
+
+
+def test_prefix_caching_is_off_where_rotation_follows_the_sequence_length(
+    family_dirs: dict[str, Path],
+) -> None:
+    """Phi-3's LongRoPE rotates a prompt by its sequence's length, which cached blocks do not
+    record: its engine runs without the prefix cache; the others keep it."""
+    assert not warmed_engine(family_dirs["phi3"]).settings.prefix_caching
+    assert warmed_engine(family_dirs["qwen3"]).settings.prefix_caching

@@ -64,6 +64,12 @@ class ModelConfig:
     def softmax_scale(self) -> float:
         return self.attention_scale or self.head_dim**-0.5
 
+    @property
+    def rotates_by_sequence_length(self) -> bool:
+        """Whether a token's rotation depends on its sequence's length (LongRoPE): a cached
+        prompt block does not record it, so prefix caching is off for such a model."""
+        return (self.rope_scaling or {}).get("rope_type") == "longrope"
+
     @classmethod
     def from_dir(cls, model_dir: Path, rope_override: dict | None = None) -> ModelConfig:
         """`rope_override` (see `rope_override`) replaces config.json's rope scaling."""
