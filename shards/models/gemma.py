@@ -1,12 +1,12 @@
 """Gemma, Gemma 2 and Gemma 3 (text): the Llama layers with Gemma's differences.
 
 RMSNorms scale by 1 + weight (folded into the weight at load); the MLP is GeGLU (tanh GELU);
-token embeddings are multiplied by sqrt(hidden_size); each layer norms the attention output and
-the MLP's input and output too (Gemma 2 and 3: post_attention, pre_ / post_feedforward norms;
-Gemma keeps Llama's two); the softmax
-scale is query_pre_attn_scalar ** -0.5; sliding-window layers alternate with global ones
-(layer_types). Gemma 2 caps the attention scores and the logits (cap * tanh(x / cap)); Gemma 3
-norms q and k per head and rotates its sliding layers with their own, unscaled base.
+token embeddings are multiplied by sqrt(hidden_size). Gemma keeps Llama's two norms a layer;
+Gemma 2 and 3 norm the attention output and the MLP's input and output too (post_attention,
+pre_ / post_feedforward norms), scale the softmax by query_pre_attn_scalar ** -0.5 and alternate
+sliding-window layers with global ones (layer_types). Gemma 2 caps the attention scores and the
+logits (cap * tanh(x / cap)); Gemma 3 norms q and k per head and rotates its sliding layers with
+their own, unscaled base.
 """
 
 from __future__ import annotations
