@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -39,10 +40,12 @@ class SequenceState:
     @property
     def num_cached(self) -> int:
         """Tokens whose K/V are in the cache: the prompt and all generated tokens but the last."""
-        return self.prompt_len + max(self.generated - 1, 0)
+        # Read for every row at every step: a conditional costs less than max().
+        return self.prompt_len + self.generated - 1 if self.generated else self.prompt_len
 
-    @property
+    @functools.cached_property
     def max_total_tokens(self) -> int:
+        """Kept: summed over the batch at every step; neither term changes."""
         return self.prompt_len + self.stop.max_new_tokens
 
     @classmethod
