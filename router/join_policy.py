@@ -54,6 +54,8 @@ class JoinPolicy:
         running requests that will not have reached their token limit. An end the router cannot
         foresee (EOS, a stop sequence) or a new arrival may still let some join; the shards
         then run the step launched ahead and the prefill apart."""
+        if not len(self._queue):  # nothing waits: no pass over the running requests
+            return False
         staying = [entry for entry in on_shard if not _may_reach_limit_next(entry)]
         min_size = self._min_size(waiting_steps + 1, len(staying))
         return self.next_batch(min_size, staying, take=False) is not None
