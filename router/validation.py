@@ -11,17 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
+from shardline.guided_decoding import JSON_OBJECT_SCHEMA
 from shardline.router.client import request_proto
 from shardline.router.errors import ValidationError
 from shardline.router.grammar_compiler import GrammarCompiler
 from shardline.router.request_types import ValidRequest
 from shardline.router.schemas.common import Grammar
-from shardline.sampling_params import (
-    JSON_OBJECT_SCHEMA,
-    SamplingParams,
-    SamplingParamsError,
-    check_text,
-)
+from shardline.sampling_params import SamplingParams, SamplingParamsError, check_text
 
 
 @dataclass(frozen=True)

@@ -6,15 +6,12 @@ directly; both turn it into the gRPC messages the shards read with `to_proto()`.
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import outlines_core
-
+from shardline.guided_decoding import check_grammar, grammar_of
 from shardline.param_checks import SamplingParamsError as SamplingParamsError
 from shardline.param_checks import (
     as_float32,
@@ -35,19 +32,6 @@ logger = logging.getLogger(__name__)
 MAX_SEED = 2**64 - 1
 # The shard protocol's widths: counts, token ids and top_k are uint32, floats are float32.
 MAX_UINT32 = 2**32 - 1
-# OpenAI's json_object: an object whose values are scalars, flat arrays or flat objects. Any depth
-# would do, but outlines-core's automaton of unbounded JSON takes seconds to build per vocabulary.
-_SCALAR: dict[str, Any] = {"type": ["string", "number", "boolean", "null"]}
-JSON_OBJECT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": {
-        "anyOf": [
-            _SCALAR,
-            {"type": "array", "items": _SCALAR},
-            {"type": "object", "additionalProperties": _SCALAR},
-        ]
-    },
-}
 # vLLM's thresholds: below the first a temperature means greedy, below the second (and above 0)
 # it is raised to the second, as dividing logits by it would overflow.
 GREEDY_TEMPERATURE = 1e-5
@@ -259,53 +243,13 @@ class SamplingParams:
             check(value == neutral, name, value, "is not supported with beam search")
 
     def _validate_grammar(self) -> None:
-        if self.guided_json is None and self.guided_regex is None:
-            return
-        check(
-            self.guided_regex is None or self.guided_json is None,
-            "guided_json",
-            self.guided_json,
-            "cannot be combined with guided_regex",
-        )
-        check(not self.use_beam_search, "use_beam_search", True, "cannot take a grammar")
-        if self.guided_json is not None:
-            schema = self._schema_text()
-            check(
-                _schema_error(schema) is None,
-                "guided_json",
-                self.guided_json,
-                f"is not a usable JSON schema: {_schema_error(schema)}",
-            )
-        else:
-            check(
-                isinstance(self.guided_regex, str),
-                "guided_regex",
-                self.guided_regex,
-                "must be a string",
-            )
-            check_text("guided_regex", self.guided_regex)
-
-    def _schema_text(self) -> str:
-        if isinstance(self.guided_json, str):
-            check_text("guided_json", self.guided_json)
-            return self.guided_json
-        check(
-            isinstance(self.guided_json, dict),
-            "guided_json",
-            self.guided_json,
-            "must be a JSON schema (an object or its JSON text)",
-        )
-        return json.dumps(self.guided_json, sort_keys=True)
+        check_grammar(self.guided_json, self.guided_regex, self.use_beam_search)
 
     def grammar(self) -> tuple[int, str] | None:
         """(GrammarType, the schema's JSON text or the regex); None without guided decoding.
         Whether it compiles is only known over the model's vocabulary: the router's
         GrammarCompiler tells, under its time budget."""
-        if self.guided_json is not None:
-            return generate_pb2.GRAMMAR_TYPE_JSON, self._schema_text()
-        if self.guided_regex is not None:
-            return generate_pb2.GRAMMAR_TYPE_REGEX, self.guided_regex
-        return None
+        return grammar_of(self.guided_json, self.guided_regex)
 
     def _grammar_fields(self) -> dict[str, Any]:
         grammar = self.grammar()
@@ -399,16 +343,3 @@ _EARLY_STOPPING = {
     True: generate_pb2.EARLY_STOPPING_ALWAYS,
     "never": generate_pb2.EARLY_STOPPING_NEVER,
 }
-
-
-_ERROR_CHARS = 200
-
-
-@functools.lru_cache(maxsize=256)
-def _schema_error(schema: str) -> str | None:
-    """Why outlines-core cannot turn this JSON schema into a regex; None if it can (cheap)."""
-    try:
-        outlines_core.json_schema.build_regex_from_schema(schema)
-    except (ValueError, TypeError) as error:
-        return str(error)[:_ERROR_CHARS]
-    return None

@@ -13,10 +13,11 @@ import jsonschema
 import pytest
 from transformers import AutoTokenizer
 
+from shardline.guided_decoding import JSON_OBJECT_SCHEMA
 from shardline.proto import generate_pb2 as pb
 from shardline.router.grammar_compiler import build_vocabulary
 from shardline.router.grammar_worker import compile_index
-from shardline.sampling_params import JSON_OBJECT_SCHEMA, SamplingParams, SamplingParamsError
+from shardline.sampling_params import SamplingParams, SamplingParamsError
 from shardline.shards.engine import ShardEngine
 from tests.router_fixtures import open_router, openai_client
 from tests.shard_harness import Arrival, make_request, random_prompts, run_schedule
