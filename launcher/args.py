@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shardline import __version__
+from shardline.launcher.flag_rules import check_nodes, max_input_tokens, resolve_num_shard
 from shardline.model_files import PACKAGED_MODEL_ALIAS
 from shardline.router.grammar_compiler import GrammarBudget
 from shardline.shard_config import QUANTIZE_CHOICES, ROPE_SCALINGS
@@ -334,7 +335,7 @@ def parse_args(
     args = parser.parse_args(argv)
     try:
         refuse_unsupported(args, sys.argv[1:] if argv is None else argv)
-        args.max_input_tokens = _max_input_tokens(args)
+        args.max_input_tokens = max_input_tokens(args)
         args.num_shard = resolve_num_shard(args.sharded, args.num_shard, environ)
         check_nodes(args.nnodes, args.node_rank)
     except ValueError as error:
@@ -354,51 +355,6 @@ def refuse_unsupported(args: argparse.Namespace, argv: Sequence[str]) -> None:
         raise ValueError(f"{source} is {flag.refused}")
 
 
-def _max_input_tokens(args: argparse.Namespace) -> int | None:
-    """TGI's rule for its deprecated `--max-input-length`: an alias, never beside the new name."""
-    if args.max_input_length is None:
-        return args.max_input_tokens
-    if args.max_input_tokens is not None:
-        raise ValueError(
-            "--max-input-tokens and --max-input-length (its deprecated alias) are both set; "
-            "set --max-input-tokens only"
-        )
-    return args.max_input_length
-
-
-def resolve_num_shard(
-    sharded: bool | None, num_shard: int | None, environ: Mapping[str, str] | None = None
-) -> int:
-    """TGI's rules for `--sharded` with `--num-shard`; the GPUs are counted only when needed."""
-    if num_shard is not None and num_shard < 1:
-        raise ValueError(f"--num-shard must be at least 1 (got {num_shard})")
-    if sharded is False:
-        if num_shard not in (None, 1):
-            raise ValueError(f"--sharded false contradicts --num-shard {num_shard}")
-        return 1
-    count = num_shard if num_shard is not None else visible_gpu_count(environ)
-    if sharded and count < 2:
-        raise ValueError(f"--sharded true needs at least 2 shards (have {count})")
-    return max(count, 1)
-
-
-def check_nodes(nnodes: int, node_rank: int) -> None:
-    if nnodes < 1:
-        raise ValueError(f"--nnodes must be at least 1 (got {nnodes})")
-    if not 0 <= node_rank < nnodes:
-        raise ValueError(f"--node-rank must be in 0..{nnodes - 1} (got {node_rank})")
-
-
 def log_level(environ: Mapping[str, str]) -> str:
     """TGI's LOG_LEVEL (`info`, or `info,target=debug`): its leading level, for every process."""
     return environ.get("LOG_LEVEL", "info").split(",")[0].strip().upper() or "INFO"
-
-
-def visible_gpu_count(environ: Mapping[str, str] | None = None) -> int:
-    environ = os.environ if environ is None else environ
-    visible = environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([device for device in visible.split(",") if device.strip()])
-    import torch
-
-    return torch.cuda.device_count()

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from shardline.launcher.args import parse_args, resolve_num_shard
+from shardline.launcher.args import parse_args
 from shardline.launcher.commands import router_spec
 from shardline.launcher.env_report import runtime_environment
+from shardline.launcher.flag_rules import resolve_num_shard
 from shardline.launcher.output import ChildOutput
 from shardline.launcher.shards import ShardLaunch, shard_config, shard_spec
 
