@@ -7,7 +7,7 @@ N+1 already runs on the device. The next Decode takes the rows it names from tha
 from __future__ import annotations
 
 from shardline.shards.batch import SequenceState, ShardBatch
-from shardline.shards.model_runner import PendingStep
+from shardline.shards.step_result import PendingStep
 
 
 class StepAhead:

@@ -18,11 +18,12 @@ import torch
 from shardline.proto import generate_pb2 as pb
 from shardline.shards.batch import SequenceState, ShardBatch, build_block_table
 from shardline.shards.kv_cache import BlockAllocator, KVCacheExhaustedError
-from shardline.shards.model_runner import ModelRunner, PendingStep, PromptChunk, StepResult
+from shardline.shards.model_runner import ModelRunner, PromptChunk
 from shardline.shards.prefix_cache import remember_prompt, reuse_cached_prefix
 from shardline.shards.request_checks import InvalidRequestError
 from shardline.shards.sampling.sampling import SamplingState
 from shardline.shards.sequences.samples import sampling_rows
+from shardline.shards.step_result import PendingStep, StepResult
 
 
 @dataclass
