@@ -13,7 +13,12 @@ from shardline.shards.layers.attention.fp8_kv import KVScales
 from shardline.shards.layers.attention.layer import KVCache, PagedAttention
 from shardline.shards.layers.linear import RowParallelLinear
 from shardline.shards.layers.norm import LayerNorm
-from shardline.shards.models.config import ModelConfig, decoder_config, refuse_rope_scaling
+from shardline.shards.models.config import (
+    ModelConfig,
+    first_key,
+    layer_norm_config,
+    refuse_rope_scaling,
+)
 from shardline.shards.models.fused_attention import FusedQKVAttention
 from shardline.shards.models.gelu_mlp import GeluMLP
 from shardline.shards.models.layer_norm_lm import LayerNormCausalLM
@@ -27,25 +32,21 @@ def read_bloom_config(raw: dict, generation: dict) -> ModelConfig:
     if raw.get("apply_residual_connection_post_layernorm"):
         raise ValueError("BLOOM with apply_residual_connection_post_layernorm is not supported")
     refuse_rope_scaling(raw, "ALiBi positions")
-    hidden_size = raw.get("hidden_size") or raw["n_embed"]
+    hidden_size = first_key(raw, "hidden_size", "n_embed")
     renamed = {
-        **raw,
         "hidden_size": hidden_size,
-        "num_attention_heads": raw.get("n_head") or raw["num_attention_heads"],
-        "num_hidden_layers": raw.get("n_layer") or raw["num_hidden_layers"],
+        "num_attention_heads": first_key(raw, "n_head", "num_attention_heads"),
+        "num_hidden_layers": first_key(raw, "n_layer", "num_hidden_layers"),
         "intermediate_size": 4 * hidden_size,
         "max_position_embeddings": raw.get("seq_length") or BLOOM_CONTEXT,
     }
-    return decoder_config(
-        renamed,
+    return layer_norm_config(
+        raw,
         generation,
-        rms_norm_eps=raw.get("layer_norm_epsilon", 1e-5),
+        renamed,
+        bias=True,
         tie_word_embeddings=True,
-        attention_bias=True,
-        o_proj_bias=True,
-        mlp_bias=True,
         hidden_act="gelu_pytorch_tanh",
-        norm_kind="layer",
         alibi=True,
     )
 

@@ -146,6 +146,30 @@ def decoder_config(raw: dict, generation: dict, **facts: Any) -> ModelConfig:
     return ModelConfig(**fields, sliding_window=max(fields["layer_windows"], default=0) or None)
 
 
+def first_key(raw: dict, *keys: str, default: object = None) -> Any:
+    """The value of the first of `keys` config.json sets (a family's own name for a setting,
+    then its older or Llama's names)."""
+    return next((raw[key] for key in keys if raw.get(key) is not None), default)
+
+
+def layer_norm_config(
+    raw: dict, generation: dict, renamed: dict, bias: bool, **facts: Any
+) -> ModelConfig:
+    """A LayerNorm family's ModelConfig (GPT-2, BLOOM, Falcon): `renamed`, its own keys' values
+    under Llama's names (hidden_size, num_attention_heads, ...), LayerNorms of its
+    layer_norm_epsilon, `bias` on every projection, and its other `facts`."""
+    return decoder_config(
+        {**raw, **renamed},
+        generation,
+        rms_norm_eps=raw.get("layer_norm_epsilon", 1e-5),
+        norm_kind="layer",
+        attention_bias=bias,
+        o_proj_bias=bias,
+        mlp_bias=bias,
+        **facts,
+    )
+
+
 def require_activation(raw: dict, key: str, supported: tuple[str, ...]) -> str:
     activation = raw.get(key) or supported[0]
     if activation not in supported:

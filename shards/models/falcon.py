@@ -21,7 +21,8 @@ from shardline.shards.layers.norm import LayerNorm
 from shardline.shards.layers.rotary import RotaryEmbedding
 from shardline.shards.models.config import (
     ModelConfig,
-    decoder_config,
+    first_key,
+    layer_norm_config,
     refuse_rope_scaling,
     require_activation,
 )
@@ -35,49 +36,38 @@ from shardline.shards.utils.weights import Weights
 GELU_VARIANTS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh")
 
 
-def _first(raw: dict, *keys: str, default: object = None) -> object:
-    """The value of the first of `keys` config.json has (FalconConfig's names, then the
-    RefinedWeb checkpoints' older ones)."""
-    return next((raw[key] for key in keys if raw.get(key) is not None), default)
-
-
 def read_falcon_config(raw: dict, generation: dict) -> ModelConfig:
     """FalconConfig's keys; the KV head count the layout implies (multi-query: 1, new decoder
     architecture: num_kv_heads, otherwise one per head)."""
     model_type = raw["model_type"]
-    hidden_size = _first(raw, "hidden_size", "n_embed")
-    num_heads = _first(raw, "num_attention_heads", "n_head")
+    hidden_size = first_key(raw, "hidden_size", "n_embed")
+    num_heads = first_key(raw, "num_attention_heads", "n_head")
     new_decoder = raw.get("new_decoder_architecture", model_type == "RefinedWeb")
     parallel = raw.get("parallel_attn", True)
     if new_decoder and not parallel:
         raise ValueError("Falcon's new decoder architecture without parallel_attn is not supported")
     if new_decoder:
-        num_kv_heads = _first(raw, "num_kv_heads", "n_head_kv", default=num_heads)
+        num_kv_heads = first_key(raw, "num_kv_heads", "n_head_kv", default=num_heads)
     else:
         num_kv_heads = 1 if raw.get("multi_query", True) else num_heads
     if raw.get("alibi"):
         refuse_rope_scaling(raw, "ALiBi positions")
-    bias = raw.get("bias", False)
     renamed = {
-        **raw,
         "hidden_size": hidden_size,
         "num_attention_heads": num_heads,
-        "num_hidden_layers": _first(raw, "num_hidden_layers", "n_layer"),
+        "num_hidden_layers": first_key(raw, "num_hidden_layers", "n_layer"),
         "num_key_value_heads": num_kv_heads,
         "head_dim": hidden_size // num_heads,
         "intermediate_size": raw.get("ffn_hidden_size") or 4 * hidden_size,
         "max_position_embeddings": raw.get("max_position_embeddings", 2048),
     }
-    return decoder_config(
-        renamed,
+    return layer_norm_config(
+        raw,
         generation,
-        rms_norm_eps=raw.get("layer_norm_epsilon", 1e-5),
+        renamed,
+        bias=raw.get("bias", False),
         tie_word_embeddings=raw.get("tie_word_embeddings", True),
-        attention_bias=bias,
-        o_proj_bias=bias,
-        mlp_bias=bias,
         hidden_act=require_activation(raw, "activation", GELU_VARIANTS),
-        norm_kind="layer",
         alibi=bool(raw.get("alibi", False)),
         parallel_blocks=parallel,
     )

@@ -15,7 +15,8 @@ from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLine
 from shardline.shards.layers.norm import LayerNorm
 from shardline.shards.models.config import (
     ModelConfig,
-    decoder_config,
+    first_key,
+    layer_norm_config,
     refuse_rope_scaling,
     require_activation,
 )
@@ -33,25 +34,21 @@ def read_gpt2_config(raw: dict, generation: dict) -> ModelConfig:
     if raw.get("scale_attn_by_inverse_layer_idx"):
         raise ValueError("GPT-2 with scale_attn_by_inverse_layer_idx is not supported")
     refuse_rope_scaling(raw, "learned positions")
-    hidden_size = raw.get("n_embd") or raw["hidden_size"]
+    hidden_size = first_key(raw, "n_embd", "hidden_size")
     renamed = {
-        **raw,
         "hidden_size": hidden_size,
-        "num_attention_heads": raw.get("n_head") or raw["num_attention_heads"],
-        "num_hidden_layers": raw.get("n_layer") or raw["num_hidden_layers"],
+        "num_attention_heads": first_key(raw, "n_head", "num_attention_heads"),
+        "num_hidden_layers": first_key(raw, "n_layer", "num_hidden_layers"),
         "intermediate_size": raw.get("n_inner") or 4 * hidden_size,
-        "max_position_embeddings": raw.get("n_positions") or raw["max_position_embeddings"],
+        "max_position_embeddings": first_key(raw, "n_positions", "max_position_embeddings"),
     }
-    return decoder_config(
-        renamed,
+    return layer_norm_config(
+        raw,
         generation,
-        rms_norm_eps=raw.get("layer_norm_epsilon", 1e-5),
-        norm_kind="layer",
+        renamed,
+        bias=True,
         hidden_act=require_activation(raw, "activation_function", GELU_VARIANTS),
         tie_word_embeddings=True,
-        attention_bias=True,
-        o_proj_bias=True,
-        mlp_bias=True,
         attention_scale=None if raw.get("scale_attn_weights", True) else 1.0,  # unscaled
     )
 
