@@ -43,6 +43,16 @@ class Arrival:
     request: pb.Request
 
 
+def staggered_arrivals(
+    steps: list[int], prompts: list[list[int]], max_new_tokens: list[int]
+) -> list[Arrival]:
+    """Greedy request i (prompt i, at most max_new_tokens[i] tokens) joining at steps[i]."""
+    return [
+        Arrival(step, make_request(i, prompt, n))
+        for i, (step, prompt, n) in enumerate(zip(steps, prompts, max_new_tokens, strict=True))
+    ]
+
+
 @dataclass
 class ScheduleResult:
     tokens: dict[int, list[int]] = field(default_factory=dict)
@@ -151,6 +161,22 @@ def transformers_greedy(
         outputs.append(out[0, len(prompt) :].tolist())
     eos = set(_as_list(model.generation_config.eos_token_id))
     return [_cut_after_eos(tokens, eos) for tokens in outputs]
+
+
+def llm_greedy(
+    model_dir: Path, prompts: list[list[int]], max_new_tokens: list[int], **llm_args: object
+) -> list[list[int]]:
+    """Each prompt's greedy tokens from an offline LLM(model_dir, **llm_args) started for this
+    call alone and shut down after."""
+    from shardline import LLM
+
+    llm = LLM(model=str(model_dir), **llm_args)
+    try:
+        params = [SamplingParams(temperature=0, max_tokens=n) for n in max_new_tokens]
+        outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    finally:
+        llm.shutdown()
+    return [output.outputs[0].token_ids for output in outputs]
 
 
 def _as_list(value: int | list[int] | None) -> list[int]:

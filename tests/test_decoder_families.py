@@ -14,15 +14,16 @@ from aiohttp.test_utils import unused_port
 from shardline.shards.utils.dist import init_distributed
 from tests.model_factory import DECODER_FAMILY_ARCHITECTURES, TinyModelSpec, build_tiny_model
 from tests.shard_harness import (
-    Arrival,
-    make_request,
+    llm_greedy,
     random_prompts,
     run_schedule,
+    staggered_arrivals,
     transformers_greedy,
 )
 from tests.test_engine import assert_no_leaks, warmed_engine
 from tests.test_model_forward import (
     assert_logits_close,
+    assert_paged_forward_matches,
     load,
     prompts,
     run_engine,
@@ -46,10 +47,7 @@ def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("arch", DECODER_FAMILY_ARCHITECTURES)
 def test_paged_forward_matches_transformers(family_dirs: dict[str, Path], arch: str) -> None:
-    model = load(family_dirs[arch])
-    prompt_ids = prompts(model.config.vocab_size, 1, PROMPT_LENGTHS)
-    expected, fed = transformers_reference(family_dirs[arch], prompt_ids, DECODE_STEPS)
-    assert_logits_close(run_engine(model, prompt_ids, fed, BLOCK_SIZE), expected)
+    assert_paged_forward_matches(family_dirs[arch], PROMPT_LENGTHS, DECODE_STEPS, BLOCK_SIZE, 1)
 
 
 @pytest.mark.parametrize(("mixed", "chunk"), [(False, 0), (True, 5)])
@@ -63,10 +61,7 @@ def test_engine_greedy_matches_generate(
     prompt_ids = random_prompts(6, engine.config.vocab_size, seed=7, max_len=16)
     max_new = [12, 5, 20, 9, 1, 15]
     expected = transformers_greedy(family_dirs[arch], prompt_ids, max_new)
-    arrivals = [
-        Arrival(step, make_request(i, prompt, n))
-        for i, (step, prompt, n) in enumerate(zip([0, 0, 2, 3, 3, 6], prompt_ids, max_new))
-    ]
+    arrivals = staggered_arrivals([0, 0, 2, 3, 3, 6], prompt_ids, max_new)
     result = run_schedule(engine.prefill, engine.decode, arrivals, mixed=mixed, chunk=chunk)
     assert result.max_batch_size > 1
     for i in range(len(prompt_ids)):
@@ -210,13 +205,13 @@ def test_fp8_at_load_stays_within_fp8_rounding(family_dirs: dict[str, Path], arc
 def test_two_pipeline_stages_match_transformers(family_dirs: dict[str, Path], arch: str) -> None:
     """The scaled embedding on the first stage, the capped logits on the last, Gemma 3's local
     rope on both: two shard processes, prompts prefilled in chunks beside running rows."""
-    from shardline import LLM, SamplingParams
-
     prompt_ids = random_prompts(4, 384, seed=43, min_len=10, max_len=20)
     lengths = [8, 5, 9, 6]
     expected = transformers_greedy(family_dirs[arch], prompt_ids, lengths)
-    pipelined = LLM(
-        model=str(family_dirs[arch]),
+    pipelined = llm_greedy(
+        family_dirs[arch],
+        prompt_ids,
+        lengths,
         pipeline_parallel_size=2,
         block_size=4,
         kv_cache_bytes=1 << 20,
@@ -224,12 +219,7 @@ def test_two_pipeline_stages_match_transformers(family_dirs: dict[str, Path], ar
         max_num_seqs=3,
         max_num_batched_tokens=16,
     )
-    try:
-        params = [SamplingParams(temperature=0, max_tokens=n) for n in lengths]
-        outputs = pipelined.generate(prompt_token_ids=prompt_ids, sampling_params=params)
-    finally:
-        pipelined.shutdown()
-    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert pipelined == expected
 
 
 def test_a_hub_gemma3_image_text_config_reads_with_transformers_defaults() -> None:

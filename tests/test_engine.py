@@ -18,6 +18,7 @@ from tests.shard_harness import (
     make_request,
     random_prompts,
     run_schedule,
+    staggered_arrivals,
     transformers_greedy,
 )
 
@@ -66,10 +67,7 @@ def test_concurrent_requests_join_and_leave(arch, launch_next, mixed, engines, t
     prompts = random_prompts(8, engine.config.vocab_size, seed=2)
     max_new = [5, 17, 9, 30, 1, 12, 22, 7]
     expected = transformers_greedy(tiny_model_dirs[arch], prompts, max_new)
-    arrivals = [
-        Arrival(step, make_request(i, prompt, n))
-        for i, (step, prompt, n) in enumerate(zip([0, 0, 1, 3, 3, 4, 8, 11], prompts, max_new))
-    ]
+    arrivals = staggered_arrivals([0, 0, 1, 3, 3, 4, 8, 11], prompts, max_new)
     result = run_schedule(engine.prefill, engine.decode, arrivals, launch_next, mixed)
     assert result.max_batch_size > 1
     for i in range(8):
@@ -308,10 +306,7 @@ def test_chunked_prefill_matches_transformers(arch, launch_next, mixed, engines,
     prompts = random_prompts(6, engine.config.vocab_size, seed=21, min_len=5, max_len=40)
     max_new = [12, 3, 20, 8, 15, 6]
     expected = transformers_greedy(tiny_model_dirs[arch], prompts, max_new)
-    arrivals = [
-        Arrival(step, make_request(i, prompt, n))
-        for i, (step, prompt, n) in enumerate(zip([0, 0, 2, 5, 5, 9], prompts, max_new))
-    ]
+    arrivals = staggered_arrivals([0, 0, 2, 5, 5, 9], prompts, max_new)
     result = run_schedule(engine.prefill, engine.decode, arrivals, launch_next, mixed, chunk=7)
     for i in range(len(prompts)):
         assert result.tokens[i] == expected[i], f"request {i}"

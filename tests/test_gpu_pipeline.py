@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shardline import LLM, SamplingParams
-from tests.shard_harness import random_prompts, transformers_greedy
+from tests.shard_harness import llm_greedy, random_prompts, transformers_greedy
 
 pytestmark = [pytest.mark.gpu]
 
@@ -23,8 +22,10 @@ def test_pipeline_over_nccl_equals_transformers(tiny_llama_dir, tp: int, pp: int
     prompts = random_prompts(6, 384, seed=51, min_len=10)
     lengths = [8, 4, 6, 8, 5, 7]
     expected = transformers_greedy(tiny_llama_dir, prompts, lengths)
-    pipelined = LLM(
-        model=str(tiny_llama_dir),
+    pipelined = llm_greedy(
+        tiny_llama_dir,
+        prompts,
+        lengths,
         tensor_parallel_size=tp,
         pipeline_parallel_size=pp,
         dtype="float32",
@@ -34,9 +35,4 @@ def test_pipeline_over_nccl_equals_transformers(tiny_llama_dir, tp: int, pp: int
         max_num_seqs=3,
         max_num_batched_tokens=16,
     )
-    try:
-        params = [SamplingParams(temperature=0, max_tokens=n) for n in lengths]
-        outputs = pipelined.generate(prompt_token_ids=prompts, sampling_params=params)
-    finally:
-        pipelined.shutdown()
-    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert pipelined == expected

@@ -24,10 +24,9 @@ from shardline.shards.utils.dist import TPGroup, init_distributed
 from shardline.shards.utils.quantization import UnsupportedQuantizationError
 from tests.model_factory import LAYER_NORM_ARCHITECTURES, TinyModelSpec, build_tiny_model
 from tests.shard_harness import (
-    Arrival,
-    make_request,
     random_prompts,
     run_schedule,
+    staggered_arrivals,
     transformers_greedy,
 )
 from tests.test_engine import assert_no_leaks, warmed_engine
@@ -35,6 +34,7 @@ from tests.test_fp8 import FP8_TOLERANCE, relative_error
 from tests.test_fp8 import load as load_fp8
 from tests.test_model_forward import (
     assert_logits_close,
+    assert_paged_forward_matches,
     load,
     prompts,
     run_engine,
@@ -59,10 +59,7 @@ def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("arch", LAYER_NORM_ARCHITECTURES)
 def test_paged_forward_matches_transformers(family_dirs: dict[str, Path], arch: str) -> None:
-    model = load(family_dirs[arch])
-    prompt_ids = prompts(model.config.vocab_size, lengths=PROMPT_LENGTHS)
-    expected, fed = transformers_reference(family_dirs[arch], prompt_ids, DECODE_STEPS)
-    assert_logits_close(run_engine(model, prompt_ids, fed, block_size=4), expected)
+    assert_paged_forward_matches(family_dirs[arch], PROMPT_LENGTHS, DECODE_STEPS, block_size=4)
 
 
 def test_gpt2_without_scaled_scores_matches_transformers(
@@ -173,10 +170,7 @@ def test_engine_greedy_matches_transformers(family_dirs: dict[str, Path], arch: 
     prompt_ids = random_prompts(6, engine.config.vocab_size, seed=21, min_len=5, max_len=40)
     max_new = [12, 3, 20, 8, 15, 6]
     expected = transformers_greedy(family_dirs[arch], prompt_ids, max_new)
-    arrivals = [
-        Arrival(step, make_request(i, prompt, n))
-        for i, (step, prompt, n) in enumerate(zip([0, 0, 2, 5, 5, 9], prompt_ids, max_new))
-    ]
+    arrivals = staggered_arrivals([0, 0, 2, 5, 5, 9], prompt_ids, max_new)
     for launch_next, mixed, chunk in SCHEDULES:
         result = run_schedule(engine.prefill, engine.decode, arrivals, launch_next, mixed, chunk)
         assert result.max_batch_size > 1

@@ -172,6 +172,17 @@ def transformers_cached_logits(model_dir: Path, prompt: list[int], steps: int):
     return step_logits, fed
 
 
+def assert_paged_forward_matches(
+    model_dir: Path, lengths: tuple[int, ...], steps: int, block_size: int, seed: int = 0
+) -> None:
+    """The paged forward's last-token logits at every step equal transformers' (its greedy
+    tokens fed back) for random prompts of `lengths`."""
+    model = load(model_dir)
+    prompt_ids = prompts(model.config.vocab_size, seed, lengths)
+    expected, fed = transformers_reference(model_dir, prompt_ids, steps)
+    assert_logits_close(run_engine(model, prompt_ids, fed, block_size), expected)
+
+
 def assert_logits_close(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
     assert len(actual) == len(expected)
     for step, (a, e) in enumerate(zip(actual, expected, strict=True)):
@@ -197,11 +208,7 @@ def test_paged_forward_matches_transformers(
         model_dir = build_tiny_model(tmp_path / name, VARIANTS[name])
     else:
         model_dir = tiny_model_dirs[name]
-    model = load(model_dir)
-    prompt_ids = prompts(model.config.vocab_size)
-    expected, fed = transformers_reference(model_dir, prompt_ids, DECODE_STEPS)
-    actual = run_engine(model, prompt_ids, fed, block_size)
-    assert_logits_close(actual, expected)
+    assert_paged_forward_matches(model_dir, PROMPT_LENGTHS, DECODE_STEPS, block_size)
 
 
 def test_write_kv_skips_negative_slots() -> None:
