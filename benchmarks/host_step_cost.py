@@ -5,8 +5,11 @@ takes is then the router's and the shard's Python work per step.
     python -m benchmarks.host_step_cost [--rows 256] [--tokens 48] [--passes 5] [--label NAME]
 
 Prints one line per pass: wall ms per step and the process's CPU seconds. To compare two
-source trees, install each with `pip install --target DIR` and run this file from the repo root
-with `PYTHONPATH=DIR` (see benchmarks/RESULTS.md, issue 25).
+source trees, install each with `pip install --no-deps --target DIR` and run this file with
+`PYTHONPATH=DIR` from a folder that holds `benchmarks/` and `tests/` but no `shardline/` (e.g.
+links to a snapshot's): from the repo root, the working tree's `shardline/` comes first on the
+path and, through an editable install, its `router/` and `shards/` too, so every "tree" runs the
+working tree's code (check `shardline.router.batcher.__file__`).
 """
 
 from __future__ import annotations
