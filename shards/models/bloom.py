@@ -5,12 +5,11 @@ head tied to the token embedding. Heads (and their ALiBi slopes) are split acros
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from shardline.shards.layers.alibi import alibi_slopes, rank_slopes
-from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
+from shardline.shards.layers.attention import AttentionBackend
 from shardline.shards.layers.attention.fp8_kv import KVScales
-from shardline.shards.layers.attention.layer import KVCache, PagedAttention
+from shardline.shards.layers.attention.layer import PagedAttention
 from shardline.shards.layers.linear import RowParallelLinear
 from shardline.shards.layers.norm import LayerNorm
 from shardline.shards.models.config import (
@@ -21,7 +20,7 @@ from shardline.shards.models.config import (
 )
 from shardline.shards.models.fused_attention import FusedQKVAttention
 from shardline.shards.models.gelu_mlp import GeluMLP
-from shardline.shards.models.layer_norm_lm import LayerNormCausalLM
+from shardline.shards.models.layer_norm_lm import LayerNormCausalLM, PreNormBlock
 from shardline.shards.models.layout import checkpoint_prefix, grouped_qkv
 from shardline.shards.utils.weights import Weights
 
@@ -51,54 +50,42 @@ def read_bloom_config(raw: dict, generation: dict) -> ModelConfig:
     )
 
 
-class BloomBlock(nn.Module):
-    def __init__(
-        self,
-        config: ModelConfig,
-        weights: Weights,
-        prefix: str,
-        backend: AttentionBackend,
-        slopes: torch.Tensor,
-    ) -> None:
-        super().__init__()
-        eps, tp = config.rms_norm_eps, weights.tp
-        heads = config.num_heads // tp.world_size
-        fused = f"{prefix}.self_attention.query_key_value"
-        layout = (config.num_heads, config.num_heads, config.head_dim)  # one query head per KV
-        self.input_layernorm = LayerNorm.load(weights, f"{prefix}.input_layernorm", eps)
-        self.self_attention = FusedQKVAttention(
-            grouped_qkv(weights, fused, layout, True),
-            RowParallelLinear.load(weights, f"{prefix}.self_attention.dense", True),
-            PagedAttention(
-                backend,
-                heads,
-                config.head_dim,
-                alibi_slopes=slopes,
-                kv_scales=KVScales.load(weights, f"{prefix}.self_attention"),
-            ),
+def bloom_block(
+    config: ModelConfig,
+    weights: Weights,
+    prefix: str,
+    backend: AttentionBackend,
+    slopes: torch.Tensor,
+) -> PreNormBlock:
+    eps, tp = config.rms_norm_eps, weights.tp
+    heads = config.num_heads // tp.world_size
+    fused = f"{prefix}.self_attention.query_key_value"
+    layout = (config.num_heads, config.num_heads, config.head_dim)  # one query head per KV
+    attention = FusedQKVAttention(
+        grouped_qkv(weights, fused, layout, True),
+        RowParallelLinear.load(weights, f"{prefix}.self_attention.dense", True),
+        PagedAttention(
+            backend,
             heads,
-        )
-        self.post_attention_layernorm = LayerNorm.load(
-            weights, f"{prefix}.post_attention_layernorm", eps
-        )
-        self.mlp = GeluMLP.load(
-            weights,
-            f"{prefix}.mlp.dense_h_to_4h",
-            f"{prefix}.mlp.dense_4h_to_h",
-            True,
-            config.hidden_act,
-        )
-
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        positions: torch.Tensor,
-        kv_cache: KVCache,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        attended = self.self_attention(self.input_layernorm(hidden), positions, kv_cache, meta)
-        hidden = hidden + attended
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+            config.head_dim,
+            alibi_slopes=slopes,
+            kv_scales=KVScales.load(weights, f"{prefix}.self_attention"),
+        ),
+        heads,
+    )
+    mlp = GeluMLP.load(
+        weights,
+        f"{prefix}.mlp.dense_h_to_4h",
+        f"{prefix}.mlp.dense_4h_to_h",
+        True,
+        config.hidden_act,
+    )
+    return PreNormBlock(
+        LayerNorm.load(weights, f"{prefix}.input_layernorm", eps),
+        attention,
+        LayerNorm.load(weights, f"{prefix}.post_attention_layernorm", eps),
+        mlp,
+    )
 
 
 class BloomForCausalLM(LayerNormCausalLM):
@@ -109,7 +96,7 @@ class BloomForCausalLM(LayerNormCausalLM):
             config,
             weights,
             embedding=f"{prefix}word_embeddings.weight",
-            block=lambda i: BloomBlock(config, weights, f"{prefix}h.{i}", backend, slopes),
+            block=lambda i: bloom_block(config, weights, f"{prefix}h.{i}", backend, slopes),
             final_norm=f"{prefix}ln_f",
             lm_head=f"{prefix}word_embeddings.weight",
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from shardline.shards.layers.alibi import alibi_slopes, rank_slopes
 from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
@@ -29,7 +28,7 @@ from shardline.shards.models.config import (
 from shardline.shards.models.fused_attention import FusedQKVAttention
 from shardline.shards.models.gelu_mlp import GeluMLP
 from shardline.shards.models.heads import kv_heads_per_rank
-from shardline.shards.models.layer_norm_lm import LayerNormCausalLM
+from shardline.shards.models.layer_norm_lm import LayerNormCausalLM, PreNormBlock
 from shardline.shards.models.layout import grouped_qkv
 from shardline.shards.utils.weights import Weights
 
@@ -79,35 +78,38 @@ def falcon_alibi_slopes(config: ModelConfig) -> torch.Tensor:
     return alibi_slopes(config.num_heads).bfloat16().float() * config.head_dim**-0.5
 
 
-class FalconBlock(nn.Module):
+class FalconBlock(PreNormBlock):
+    """Falcon's block: with parallel attention, the attention and the MLP read the same input
+    (normed once, or twice by the new decoder architecture) and their outputs are summed."""
+
     def __init__(
         self, config: ModelConfig, weights: Weights, prefix: str, attention: PagedAttention
     ) -> None:
-        super().__init__()
         eps, bias = config.rms_norm_eps, config.attention_bias
         layout = (config.num_heads, config.num_kv_heads, config.head_dim)
-        self.self_attention = FusedQKVAttention(
+        fused = FusedQKVAttention(
             grouped_qkv(weights, f"{prefix}.self_attention.query_key_value", layout, bias),
             RowParallelLinear.load(weights, f"{prefix}.self_attention.dense", bias),
             attention,
             kv_heads_per_rank(config.num_kv_heads, weights.tp.world_size),
         )
-        self.mlp = GeluMLP.load(
+        mlp = GeluMLP.load(
             weights,
             f"{prefix}.mlp.dense_h_to_4h",
             f"{prefix}.mlp.dense_4h_to_h",
             config.mlp_bias,
             config.hidden_act,
         )
-        self.parallel = config.parallel_blocks
-        self.mlp_norm: LayerNorm | None = None
+        mlp_norm: LayerNorm | None = None
         if f"{prefix}.ln_attn.weight" in weights:  # the new decoder architecture's two norms
-            self.attention_norm = LayerNorm.load(weights, f"{prefix}.ln_attn", eps)
-            self.mlp_norm = LayerNorm.load(weights, f"{prefix}.ln_mlp", eps)
+            attention_norm = LayerNorm.load(weights, f"{prefix}.ln_attn", eps)
+            mlp_norm = LayerNorm.load(weights, f"{prefix}.ln_mlp", eps)
         else:
-            self.attention_norm = LayerNorm.load(weights, f"{prefix}.input_layernorm", eps)
-        if not self.parallel:
-            self.mlp_norm = LayerNorm.load(weights, f"{prefix}.post_attention_layernorm", eps)
+            attention_norm = LayerNorm.load(weights, f"{prefix}.input_layernorm", eps)
+        if not config.parallel_blocks:
+            mlp_norm = LayerNorm.load(weights, f"{prefix}.post_attention_layernorm", eps)
+        super().__init__(attention_norm, fused, mlp_norm, mlp)
+        self.parallel = config.parallel_blocks
 
     def forward(
         self,
@@ -116,11 +118,10 @@ class FalconBlock(nn.Module):
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        if not self.parallel:
+            return super().forward(hidden, positions, kv_cache, meta)
         normed = self.attention_norm(hidden)
         attn, mlp = self.self_attention, self.mlp
-        if not self.parallel:
-            hidden = hidden + attn(normed, positions, kv_cache, meta)
-            return hidden + mlp(self.mlp_norm(hidden))
         mlp_input = normed if self.mlp_norm is None else self.mlp_norm(hidden)
         # the attention's and the MLP's partial outputs summed over ranks in one all-reduce
         heads = attn.attend(normed, positions, kv_cache, meta)

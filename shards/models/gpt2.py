@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
+from shardline.shards.layers.attention import AttentionBackend
 from shardline.shards.layers.attention.fp8_kv import KVScales
-from shardline.shards.layers.attention.layer import KVCache, PagedAttention
+from shardline.shards.layers.attention.layer import PagedAttention
 from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear, frozen
 from shardline.shards.layers.norm import LayerNorm
 from shardline.shards.models.config import (
@@ -22,7 +21,7 @@ from shardline.shards.models.config import (
 )
 from shardline.shards.models.fused_attention import FusedQKVAttention
 from shardline.shards.models.gelu_mlp import GeluMLP
-from shardline.shards.models.layer_norm_lm import LayerNormCausalLM
+from shardline.shards.models.layer_norm_lm import LayerNormCausalLM, PreNormBlock
 from shardline.shards.models.layout import checkpoint_prefix, conv1d_column, conv1d_qkv, conv1d_row
 from shardline.shards.utils.weights import Weights
 
@@ -53,42 +52,34 @@ def read_gpt2_config(raw: dict, generation: dict) -> ModelConfig:
     )
 
 
-class GPT2Block(nn.Module):
-    def __init__(
-        self, config: ModelConfig, weights: Weights, prefix: str, backend: AttentionBackend
-    ) -> None:
-        super().__init__()
-        eps, tp = config.rms_norm_eps, weights.tp
-        heads = config.num_heads // tp.world_size
-        self.ln_1 = LayerNorm.load(weights, f"{prefix}.ln_1", eps)
-        self.attn = FusedQKVAttention(
-            ColumnParallelLinear(*conv1d_qkv(weights, f"{prefix}.attn.c_attn", config.hidden_size)),
-            RowParallelLinear(*conv1d_row(weights, f"{prefix}.attn.c_proj"), tp),
-            PagedAttention(
-                backend,
-                heads,
-                config.head_dim,
-                scale=config.softmax_scale,
-                kv_scales=KVScales.load(weights, f"{prefix}.attn"),
-            ),
+def gpt2_block(
+    config: ModelConfig, weights: Weights, prefix: str, backend: AttentionBackend
+) -> PreNormBlock:
+    eps, tp = config.rms_norm_eps, weights.tp
+    heads = config.num_heads // tp.world_size
+    attention = FusedQKVAttention(
+        ColumnParallelLinear(*conv1d_qkv(weights, f"{prefix}.attn.c_attn", config.hidden_size)),
+        RowParallelLinear(*conv1d_row(weights, f"{prefix}.attn.c_proj"), tp),
+        PagedAttention(
+            backend,
             heads,
-        )
-        self.ln_2 = LayerNorm.load(weights, f"{prefix}.ln_2", eps)
-        self.mlp = GeluMLP(
-            ColumnParallelLinear(*conv1d_column(weights, f"{prefix}.mlp.c_fc")),
-            RowParallelLinear(*conv1d_row(weights, f"{prefix}.mlp.c_proj"), tp),
-            config.hidden_act,
-        )
-
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        positions: torch.Tensor,
-        kv_cache: KVCache,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        hidden = hidden + self.attn(self.ln_1(hidden), positions, kv_cache, meta)
-        return hidden + self.mlp(self.ln_2(hidden))
+            config.head_dim,
+            scale=config.softmax_scale,
+            kv_scales=KVScales.load(weights, f"{prefix}.attn"),
+        ),
+        heads,
+    )
+    mlp = GeluMLP(
+        ColumnParallelLinear(*conv1d_column(weights, f"{prefix}.mlp.c_fc")),
+        RowParallelLinear(*conv1d_row(weights, f"{prefix}.mlp.c_proj"), tp),
+        config.hidden_act,
+    )
+    return PreNormBlock(
+        LayerNorm.load(weights, f"{prefix}.ln_1", eps),
+        attention,
+        LayerNorm.load(weights, f"{prefix}.ln_2", eps),
+        mlp,
+    )
 
 
 class GPT2LMHeadModel(LayerNormCausalLM):
@@ -98,7 +89,7 @@ class GPT2LMHeadModel(LayerNormCausalLM):
             config,
             weights,
             embedding=f"{prefix}wte.weight",
-            block=lambda i: GPT2Block(config, weights, f"{prefix}h.{i}", backend),
+            block=lambda i: gpt2_block(config, weights, f"{prefix}h.{i}", backend),
             final_norm=f"{prefix}ln_f",
             lm_head=f"{prefix}wte.weight",
         )

@@ -15,15 +15,40 @@ from shardline.shards.layers.attention import AttentionMetadata
 from shardline.shards.layers.attention.layer import KVCache
 from shardline.shards.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardline.shards.layers.norm import LayerNorm
+from shardline.shards.models.causal_lm import CausalLMBase
 from shardline.shards.models.config import ModelConfig
-from shardline.shards.models.heads import check_heads, kv_heads_per_rank
 from shardline.shards.models.stages import send_on, stage_input, stage_layers
 from shardline.shards.utils.weights import Weights
 
 logger = logging.getLogger(__name__)
 
 
-class LayerNormCausalLM(nn.Module):
+class PreNormBlock(nn.Module):
+    """hidden + attention(norm(hidden)), then hidden + mlp(norm(hidden)): GPT-2's and BLOOM's
+    block, and Falcon's without parallel attention."""
+
+    def __init__(
+        self, attention_norm: nn.Module, attention: nn.Module, mlp_norm: nn.Module, mlp: nn.Module
+    ) -> None:
+        super().__init__()
+        self.attention_norm = attention_norm
+        self.self_attention = attention
+        self.mlp_norm = mlp_norm
+        self.mlp = mlp
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        normed = self.attention_norm(hidden)
+        hidden = hidden + self.self_attention(normed, positions, kv_cache, meta)
+        return hidden + self.mlp(self.mlp_norm(hidden))
+
+
+class LayerNormCausalLM(CausalLMBase):
     def __init__(
         self,
         config: ModelConfig,
@@ -36,14 +61,8 @@ class LayerNormCausalLM(nn.Module):
     ) -> None:
         """`embedding` and `lm_head` name weights, `final_norm` the final LayerNorm's prefix;
         `block(i)` builds decoder block i."""
-        super().__init__()
-        check_heads(config, weights.tp.world_size)
-        self.config = config
-        self.dtype = weights.dtype
-        self.device = weights.device
-        self.head_dim = config.head_dim
-        self.num_kv_heads_per_rank = kv_heads_per_rank(config.num_kv_heads, weights.tp.world_size)
-        self.stage = stage = weights.tp.stage
+        super().__init__(config, weights)
+        stage = self.stage
         self.embed_tokens = VocabParallelEmbedding(weights, embedding) if stage.is_first else None
         self.layers = stage_layers(stage, config.num_layers, block, logger)
         self.num_layers = len(self.layers)
@@ -74,7 +93,3 @@ class LayerNormCausalLM(nn.Module):
         if not self.stage.is_last:
             return send_on(self.stage, hidden, None)
         return self.norm(hidden)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [N, vocab_size] (model dtype) over the full vocabulary, on every rank."""
-        return self.lm_head(hidden)

@@ -21,13 +21,14 @@ from shardline.shards.layers.embedding import ParallelLMHead, VocabParallelEmbed
 from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear
 from shardline.shards.layers.norm import RMSNorm
 from shardline.shards.layers.rotary import RotaryEmbedding
+from shardline.shards.models.causal_lm import CausalLMBase
 from shardline.shards.models.config import (
     ModelConfig,
     decoder_config,
     require_activation,
     typed_layer_windows,
 )
-from shardline.shards.models.heads import check_heads, kv_heads_per_rank
+from shardline.shards.models.heads import kv_heads_per_rank
 from shardline.shards.models.stages import send_on, stage_input, stage_layers
 from shardline.shards.utils.fp8_weights import read_linear, stack_rows
 from shardline.shards.utils.weights import Weights
@@ -271,18 +272,12 @@ class LlamaDecoderLayer(nn.Module):
         return gemv_residual(act, down.weight, residual, ss[1], down.bias, down.weight_scale)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLMBase):
     layer_class = LlamaDecoderLayer
 
     def __init__(self, config: ModelConfig, weights: Weights, backend: AttentionBackend) -> None:
-        super().__init__()
-        check_heads(config, weights.tp.world_size)
-        self.config = config
-        self.dtype = weights.dtype
-        self.device = weights.device
-        self.stage = stage = weights.tp.stage
-        self.head_dim = config.head_dim
-        self.num_kv_heads_per_rank = kv_heads_per_rank(config.num_kv_heads, weights.tp.world_size)
+        super().__init__(config, weights)
+        stage = self.stage
         self.embed_tokens = (
             VocabParallelEmbedding(weights, "model.embed_tokens.weight") if stage.is_first else None
         )
@@ -370,7 +365,3 @@ class LlamaForCausalLM(nn.Module):
             ss_in = ss[i - 1, 1] if i else None
             residual = layer.decode_one(residual, ss_in, ss[i], positions, kv_cache, meta)
         return self.norm(residual)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [N, vocab_size] (model dtype) over the full vocabulary, on every rank."""
-        return self.lm_head(hidden)
