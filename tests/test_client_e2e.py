@@ -243,8 +243,10 @@ async def _timed_stream(
 
 
 async def test_sixteen_concurrent_async_streams_each_equal_their_single_request(url) -> None:
+    # Long enough that all sixteen have joined before the shortest ends, even when a loaded
+    # machine spreads their arrivals (the 16th joins a later step through TGI's join rule).
     requests = [
-        (f"{PROMPT} {word} {i}", 24 + 2 * i) for i, word in enumerate(["river", "cache"] * 8)
+        (f"{PROMPT} {word} {i}", 64 + 2 * i) for i, word in enumerate(["river", "cache"] * 8)
     ]
     async with AsyncClient(url, timeout=60) as client:
         singles = [await client.generate(prompt, max_new_tokens=n) for prompt, n in requests]
