@@ -16,11 +16,12 @@ import torch
 from shardline.proto import generate_pb2 as pb
 from shardline.shards import fault_injection
 from shardline.shards.batch import ShardBatch
+from shardline.shards.engine_facts import engine_info, engine_stats
 from shardline.shards.kv_cache import BlockAllocator, KVCacheExhaustedError
 from shardline.shards.lookahead import StepAhead, can_launch_ahead
 from shardline.shards.model_runner import ModelRunner, PendingStep, StepResult, grow_blocks
 from shardline.shards.models.config import ModelConfig
-from shardline.shards.prefix_cache import cached_block_count, clear_prefix_cache, new_allocator
+from shardline.shards.prefix_cache import clear_prefix_cache, new_allocator
 from shardline.shards.prompt_chunks import (
     PartialPrompts,
     PrefillPass,
@@ -94,35 +95,10 @@ class ShardEngine:
     # ---- facts -------------------------------------------------------------------------------
 
     def info(self) -> pb.InfoResponse:
-        return pb.InfoResponse(
-            requires_padding=False,
-            dtype=str(self.model.dtype).removeprefix("torch."),
-            device_type=self.device.type,
-            window_size=self.config.sliding_window,
-            speculate=0,
-            support_chunking=True,
-            use_prefix_caching=self.settings.prefix_caching,
-            attention_impl=self.settings.attention_impl,
-            block_size=self.settings.block_size,
-            model_type=self.config.model_type,
-            world_size=self.tp.stage.world_size,
-            vocab_size=self.config.vocab_size,
-            max_position_embeddings=self.max_positions,
-            eos_token_ids=sorted(self.config.eos_token_ids),
-            quantize=self.settings.quantization or "",
-            kv_cache_dtype=str(self.kv_cache_dtype).removeprefix("torch."),
-        )
+        return engine_info(self)
 
     def stats(self) -> pb.StatsResponse:
-        allocator = self.allocator
-        return pb.StatsResponse(
-            total_blocks=allocator.num_blocks if allocator else 0,
-            free_blocks=allocator.num_free if allocator else 0,
-            block_size=self.settings.block_size,
-            num_sequences=sum(batch.size for batch in self.batches.values()),
-            num_batches=len(self.batches),
-            cached_blocks=cached_block_count(allocator),
-        )
+        return engine_stats(self)
 
     # ---- warmup ------------------------------------------------------------------------------
 
