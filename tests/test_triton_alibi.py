@@ -12,7 +12,6 @@ import torch
 from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
 from shardline.shards.layers.alibi import alibi_slopes
-from shardline.shards.layers.attention.metadata import AttentionMetadata
 from shardline.shards.layers.attention.torch_native import TorchNativeBackend
 from shardline.shards.layers.attention.triton_decode import (
     DecodeConfig,
@@ -27,16 +26,18 @@ from tests.test_triton_prefill import (
     PREFILL_LENGTHS,
     _chunked_case,
     _chunked_reference,
-    _packed_prefill,
     _prefill_reference,
 )
 from tests.triton_attention_helpers import (
     DTYPES,
     LONG,
     PagedCase,
+    PrefillThenDecode,
     _assert_close_rows,
+    _packed_prefill,
     _poison_allocator,
     _random,
+    cached_prefix_meta,
 )
 
 # (query heads, KV heads): 12 and 6 heads are no power of two (the slopes' second series).
@@ -105,13 +106,7 @@ def test_torch_backend_alibi_continues_a_cached_prefix() -> None:
     dtype = DTYPES[0]
     sequences, (q, k, v, cu), cached = _chunked_case(dtype)
     slopes = _slopes(q.shape[1])
-    meta = AttentionMetadata(
-        True,
-        torch.full((q.shape[0],), -1, device=DEVICE),
-        cu_seqlens=cu,
-        prefix_lens=cached.prefix_lens,
-        prefix_block_tables=cached.block_tables,
-    )
+    meta = cached_prefix_meta(q.shape[0], cu, cached)
     backend = TorchNativeBackend()
     out = backend.prefill(q, k, v, cached.k_cache, cached.v_cache, meta, 0.125, 0, slopes)
     _assert_close_rows(out, _chunked_reference(sequences, 0.125, 0, slopes), dtype)
@@ -125,28 +120,16 @@ def test_backend_alibi_prefill_write_then_decode(use_flash_attn: bool) -> None:
     if use_flash_attn:
         pytest.importorskip("flash_attn")
     backend = TritonAttentionBackend(DEVICE, use_flash_attn=use_flash_attn)
-    lengths, num_heads, num_kv_heads, head_dim, page_size = [5, 33, 16], 16, 16, 64, 16
-    dtype = torch.bfloat16
-    q, k, v, cu = _packed_prefill(lengths, num_heads, num_kv_heads, head_dim, dtype)
-    shape = (12, page_size, num_kv_heads, head_dim)
-    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-    tables = torch.tensor([[3, 11, 0], [1, 4, 7], [9, 2, 5]], dtype=torch.int32, device=DEVICE)
-    slots = torch.cat(
-        [tables[i, torch.arange(n) // page_size] * page_size + torch.arange(n, device=DEVICE)
-         % page_size for i, n in enumerate(lengths)]
-    )  # fmt: skip
-    meta = AttentionMetadata(True, slots, cu_seqlens=cu, max_seqlen=max(lengths))
-    backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    scale, slopes = head_dim**-0.5, _slopes(num_heads)
-    expected = _prefill_reference(q, k, v, cu, scale, 0, slopes)
-    out = backend.prefill(q, k, v, k_cache, v_cache, meta, scale, alibi_slopes=slopes)
-    _assert_close_rows(out, expected, dtype)
-    last = cu[1:] - 1
-    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
-    decode_meta = AttentionMetadata(False, slots[last], block_tables=tables, context_lens=lens)
-    out = backend.decode(q[last], k_cache, v_cache, decode_meta, scale, alibi_slopes=slopes)
-    _assert_close_rows(out, expected[last], dtype)
+    case = PrefillThenDecode.build(num_heads=16, num_kv_heads=16, head_dim=64)
+    q, k, v, cu = case.q, case.k, case.v, case.cu
+    backend.write_kv(k, v, case.k_cache, case.v_cache, case.meta.slot_mapping)
+    slopes = _slopes(16)
+    expected = _prefill_reference(q, k, v, cu, case.scale, 0, slopes)
+    out = backend.prefill(
+        q, k, v, case.k_cache, case.v_cache, case.meta, case.scale, alibi_slopes=slopes
+    )
+    _assert_close_rows(out, expected, case.dtype)
+    case.check_decode(backend, expected, alibi_slopes=slopes)
 
 
 @pytest.mark.parametrize(("num_kv_heads", "head_dim"), [(1, 64), (3, 80), (8, 128)])

@@ -11,7 +11,6 @@ import torch
 
 from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
-from shardline.shards.layers.attention.metadata import AttentionMetadata
 from shardline.shards.layers.attention.torch_native import TorchNativeBackend
 from shardline.shards.layers.attention.triton_paged import TritonAttentionBackend
 from shardline.shards.layers.attention.triton_prefill import (
@@ -23,22 +22,13 @@ from tests.triton_attention_helpers import (
     DTYPES,
     HEAD_SHAPES,
     LONG,
+    PrefillThenDecode,
     _assert_close_rows,
     _attention_reference,
+    _packed_prefill,
     _poison_allocator,
-    _random,
+    cached_prefix_meta,
 )
-
-
-def _packed_prefill(
-    lengths: list[int], num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    total = sum(lengths)
-    q = _random((total, num_heads, head_dim), dtype, std=2.0)
-    k = _random((total, num_kv_heads, head_dim), dtype)
-    v = _random((total, num_kv_heads, head_dim), dtype)
-    cu = torch.tensor([0, *lengths], device=DEVICE).cumsum(0).to(torch.int32)
-    return q, k, v, cu
 
 
 def _prefill_reference(
@@ -106,29 +96,13 @@ def test_backend_prefill_write_then_decode(use_flash_attn: bool, window: int) ->
     if use_flash_attn:
         pytest.importorskip("flash_attn")
     backend = TritonAttentionBackend(DEVICE, use_flash_attn=use_flash_attn)
-    lengths, num_heads, num_kv_heads, head_dim, page_size = [5, 33, 16], 16, 4, 128, 16
-    dtype = torch.bfloat16
-    q, k, v, cu = _packed_prefill(lengths, num_heads, num_kv_heads, head_dim, dtype)
-    shape = (12, page_size, num_kv_heads, head_dim)
-    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-    tables = torch.tensor([[3, 11, 0], [1, 4, 7], [9, 2, 5]], dtype=torch.int32, device=DEVICE)
-    slots = torch.cat(
-        [tables[i, torch.arange(n) // page_size] * page_size + torch.arange(n, device=DEVICE)
-         % page_size for i, n in enumerate(lengths)]
-    )  # fmt: skip
-    meta = AttentionMetadata(True, slots, cu_seqlens=cu, max_seqlen=max(lengths))
-    TorchNativeBackend().write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    scale = head_dim**-0.5
-    expected = _prefill_reference(q, k, v, cu, scale, window)
-    _assert_close_rows(
-        backend.prefill(q, k, v, k_cache, v_cache, meta, scale, window), expected, dtype
-    )
-    last = cu[1:] - 1
-    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
-    decode_meta = AttentionMetadata(False, slots[last], block_tables=tables, context_lens=lens)
-    out = backend.decode(q[last], k_cache, v_cache, decode_meta, scale, window)
-    _assert_close_rows(out, expected[last], dtype)
+    case = PrefillThenDecode.build(num_heads=16, num_kv_heads=4, head_dim=128)
+    q, k, v, cu = case.q, case.k, case.v, case.cu
+    TorchNativeBackend().write_kv(k, v, case.k_cache, case.v_cache, case.meta.slot_mapping)
+    expected = _prefill_reference(q, k, v, cu, case.scale, window)
+    out = backend.prefill(q, k, v, case.k_cache, case.v_cache, case.meta, case.scale, window)
+    _assert_close_rows(out, expected, case.dtype)
+    case.check_decode(backend, expected, window=window)
 
 
 # (cached prefix, chunk) lengths of a chunked prefill's sequences.
@@ -186,12 +160,6 @@ def test_torch_backend_continues_a_cached_prefix(window: int) -> None:
     """The CPU backend's chunked prefill against the same reference as the Triton kernel."""
     dtype = DTYPES[0]
     sequences, (q, k, v, cu), cached = _chunked_case(dtype)
-    meta = AttentionMetadata(
-        True,
-        torch.full((q.shape[0],), -1, device=DEVICE),
-        cu_seqlens=cu,
-        prefix_lens=cached.prefix_lens,
-        prefix_block_tables=cached.block_tables,
-    )
+    meta = cached_prefix_meta(q.shape[0], cu, cached)
     out = TorchNativeBackend().prefill(q, k, v, cached.k_cache, cached.v_cache, meta, 0.125, window)
     _assert_close_rows(out, _chunked_reference(sequences, 0.125, window), dtype)

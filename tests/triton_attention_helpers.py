@@ -7,11 +7,15 @@ it skips the module off CUDA.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
+from shardline.shards.layers.attention.backend import AttentionBackend
+from shardline.shards.layers.attention.metadata import AttentionMetadata
+from shardline.shards.layers.attention.triton_prefill import CachedPrefix
 
 LONG = 300 if INTERPRET else 8192
 TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 1.5e-2, torch.float32: 1e-5}
@@ -28,6 +32,78 @@ def _poison_allocator() -> None:
 
 def _random(shape: tuple[int, ...], dtype: torch.dtype, std: float = 1.0) -> torch.Tensor:
     return (torch.randn(shape, device=DEVICE) * std).to(dtype)
+
+
+def _packed_prefill(
+    lengths: list[int], num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    total = sum(lengths)
+    q = _random((total, num_heads, head_dim), dtype, std=2.0)
+    k = _random((total, num_kv_heads, head_dim), dtype)
+    v = _random((total, num_kv_heads, head_dim), dtype)
+    cu = torch.tensor([0, *lengths], device=DEVICE).cumsum(0).to(torch.int32)
+    return q, k, v, cu
+
+
+@dataclass
+class PrefillThenDecode:
+    """Three bfloat16 prompts (5, 33 and 16 tokens) packed for a prefill whose KV goes to their
+    pages of a NaN-filled paged cache (pages of 16), then decoded from there."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    cu: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    tables: torch.Tensor
+    meta: AttentionMetadata
+    lengths: list[int]
+    scale: float
+    dtype: torch.dtype = torch.bfloat16
+
+    @classmethod
+    def build(cls, num_heads: int, num_kv_heads: int, head_dim: int) -> PrefillThenDecode:
+        lengths, page_size, dtype = [5, 33, 16], 16, torch.bfloat16
+        q, k, v, cu = _packed_prefill(lengths, num_heads, num_kv_heads, head_dim, dtype)
+        shape = (12, page_size, num_kv_heads, head_dim)
+        k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+        v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+        tables = torch.tensor([[3, 11, 0], [1, 4, 7], [9, 2, 5]], dtype=torch.int32, device=DEVICE)
+        slots = torch.cat(
+            [tables[i, torch.arange(n) // page_size] * page_size + torch.arange(n, device=DEVICE)
+             % page_size for i, n in enumerate(lengths)]
+        )  # fmt: skip
+        meta = AttentionMetadata(True, slots, cu_seqlens=cu, max_seqlen=max(lengths))
+        return cls(q, k, v, cu, k_cache, v_cache, tables, meta, lengths, head_dim**-0.5)
+
+    def check_decode(
+        self, backend: AttentionBackend, expected: torch.Tensor, **attention: object
+    ) -> None:
+        """Each prompt's last token decoded from the written cache matches its row of the
+        prefill's `expected` output; `attention`: the decode's window, slopes or soft-cap."""
+        last = self.cu[1:] - 1
+        lens = torch.tensor(self.lengths, dtype=torch.int32, device=DEVICE)
+        decode_meta = AttentionMetadata(
+            False, self.meta.slot_mapping[last], block_tables=self.tables, context_lens=lens
+        )
+        out = backend.decode(
+            self.q[last], self.k_cache, self.v_cache, decode_meta, self.scale, **attention
+        )
+        _assert_close_rows(out, expected[last], self.dtype)
+
+
+def cached_prefix_meta(
+    num_tokens: int, cu: torch.Tensor, cached: CachedPrefix
+) -> AttentionMetadata:
+    """A chunked prefill's metadata (nothing written) for the torch backend."""
+    return AttentionMetadata(
+        True,
+        torch.full((num_tokens,), -1, device=DEVICE),
+        cu_seqlens=cu,
+        prefix_lens=cached.prefix_lens,
+        prefix_block_tables=cached.block_tables,
+    )
 
 
 class PagedCase:

@@ -20,9 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
+from shardline.shards.layers.attention.triton_tiles import (
+    LOG2E,
+    dot_precision,
+    head_dim_block,
+    paged_tile,
+    soft_cap,
+)
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
 
-LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 PROGRAMS_PER_SM = 4
 
@@ -36,16 +42,6 @@ class DecodeConfig:
 
 def default_decode_config(dtype: torch.dtype) -> DecodeConfig:
     return DecodeConfig(block_n=32) if dtype == torch.float32 else DecodeConfig()
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """Full float32 products for float32 inputs (token-exact checks), tensor-core rate otherwise."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def head_dim_block(head_dim: int) -> int:
-    """The head dimension's tile: a power of two and at least 16, the smallest `tl.dot` takes."""
-    return max(16, triton.next_power_of_2(head_dim))
 
 
 @dataclass(frozen=True)
@@ -69,30 +65,6 @@ def _partition_tiles(context_len, num_splits, BLOCK_N: tl.constexpr, WINDOW: tl.
     first = _first_key(context_len, WINDOW)
     tiles = tl.cdiv(context_len - first, BLOCK_N)
     return first, tl.maximum(tl.cdiv(tiles, num_splits), 1)
-
-
-@triton.jit
-def soft_cap(scores, softcap, SOFTCAP: tl.constexpr):
-    """softcap * tanh(scores / softcap) (both in log2 units), or the scores without SOFTCAP."""
-    if SOFTCAP:
-        # tanh(x) = 1 - 2 / (e^(2x) + 1): exact at both ends, as e^(2x) over- or underflows
-        scores = softcap * (
-            1.0 - 2.0 / (tl.exp2(scores * (2.0 * 1.4426950408889634 / softcap)) + 1.0)
-        )
-    return scores
-
-
-@triton.jit
-def paged_tile(cache_ptr, page, in_page, kv_head, offs_d, mask, stride_b, stride_t, stride_h):
-    """The [keys, dims] tile of KV head `kv_head` at slots (page, in_page) of a paged cache."""
-    ptrs = (
-        cache_ptr
-        + page[:, None] * stride_b
-        + in_page[:, None] * stride_t
-        + kv_head * stride_h
-        + offs_d[None, :]
-    )
-    return tl.load(ptrs, mask=mask, other=0.0)
 
 
 # A per-call size: specialized on its value, it would compile new variants after warmup.

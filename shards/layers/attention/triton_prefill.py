@@ -22,14 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
-from shardline.shards.layers.attention.triton_decode import (
+from shardline.shards.layers.attention.triton_tiles import (
+    LOG2E,
     dot_precision,
     head_dim_block,
     paged_tile,
     soft_cap,
 )
-
-LOG2E = 1.4426950408889634
 
 
 @dataclass(frozen=True)
@@ -58,23 +57,30 @@ def _online_softmax_tile(
     k,
     v,
     visible,
-    bias,
+    key_pos,
+    query_pos,
+    slope,
     m_i,
     l_i,
     acc,
     qk_scale,
     softcap,
+    WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr,
 ):
-    """Folds one key tile into the running max `m_i`, sum `l_i` and output `acc`; a row that
+    """Folds one key tile (keys at `key_pos`, queries at `query_pos`; `visible`: which the mask
+    shows, the window aside) into the running max `m_i`, sum `l_i` and output `acc`; a row that
     sees no key yet keeps m = -inf and is shifted by 0. The scores are capped at `softcap` when
-    SOFTCAP, then `bias` (log2 units, as both) is added when HAS_BIAS."""
+    SOFTCAP, then gain ALiBi's slope * (key - query) (log2 units, as both) when HAS_ALIBI; keys
+    before a query's window are hidden."""
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     scores = soft_cap(scores, softcap, SOFTCAP)
-    if HAS_BIAS:
-        scores += bias
+    if HAS_ALIBI:
+        scores += slope * (key_pos[None, :] - query_pos[:, None]).to(tl.float32)
+    if WINDOW > 0:
+        visible = visible & (key_pos[None, :] > query_pos[:, None] - WINDOW)
     scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -92,15 +98,6 @@ def _first_visible_key(query_start, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr)
     if WINDOW > 0:
         first = tl.maximum(query_start - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
     return first
-
-
-@triton.jit
-def _alibi_bias(slope, key_pos, query_pos, HAS_ALIBI: tl.constexpr):
-    """slope * (key - query) for every [query, key] of a tile, or 0.0 without ALiBi."""
-    bias = 0.0
-    if HAS_ALIBI:
-        bias = slope * (key_pos[None, :] - query_pos[:, None]).to(tl.float32)
-    return bias
 
 
 # Per-call sizes and strides: specialized on their values, they would compile new variants after
@@ -204,24 +201,10 @@ def _varlen_causal_kernel(
                     stride_vch,
                 ).to(q.dtype)
                 visible = tl.broadcast_to(n_mask[None, :], (BLOCK_M, BLOCK_N))
-                if WINDOW > 0:
-                    visible = visible & (pos[None, :] > query_pos[:, None] - WINDOW)
-                bias = _alibi_bias(slope, pos, query_pos, HAS_ALIBI)
                 m_i, l_i, acc = _online_softmax_tile(
-                    q,
-                    k,
-                    v,
-                    visible,
-                    bias,
-                    m_i,
-                    l_i,
-                    acc,
-                    qk_scale,
-                    softcap,
-                    DOT_PRECISION,
-                    HAS_ALIBI,
-                    SOFTCAP,
-                )
+                    q, k, v, visible, pos, query_pos, slope, m_i, l_i, acc, qk_scale, softcap,
+                    WINDOW, DOT_PRECISION, HAS_ALIBI, SOFTCAP,
+                )  # fmt: skip
 
         k_base = k_ptr + seq_start * stride_kt + kv_head * stride_kh
         v_base = v_ptr + seq_start * stride_vt + kv_head * stride_vh
@@ -237,24 +220,10 @@ def _varlen_causal_kernel(
                 v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0
             )
             visible = (cols[None, :] <= offs_m[:, None]) & n_mask[None, :]
-            if WINDOW > 0:
-                visible = visible & (cols[None, :] > offs_m[:, None] - WINDOW)
-            bias = _alibi_bias(slope, cols, offs_m, HAS_ALIBI)
             m_i, l_i, acc = _online_softmax_tile(
-                q,
-                k,
-                v,
-                visible,
-                bias,
-                m_i,
-                l_i,
-                acc,
-                qk_scale,
-                softcap,
-                DOT_PRECISION,
-                HAS_ALIBI,
-                SOFTCAP,
-            )
+                q, k, v, visible, cols, offs_m, slope, m_i, l_i, acc, qk_scale, softcap,
+                WINDOW, DOT_PRECISION, HAS_ALIBI, SOFTCAP,
+            )  # fmt: skip
 
         out = acc / l_i[:, None]
         out_ptrs = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
