@@ -121,15 +121,9 @@ def test_backend_alibi_prefill_write_then_decode(use_flash_attn: bool) -> None:
         pytest.importorskip("flash_attn")
     backend = TritonAttentionBackend(DEVICE, use_flash_attn=use_flash_attn)
     case = PrefillThenDecode.build(num_heads=16, num_kv_heads=16, head_dim=64)
-    q, k, v, cu = case.q, case.k, case.v, case.cu
-    backend.write_kv(k, v, case.k_cache, case.v_cache, case.meta.slot_mapping)
     slopes = _slopes(16)
-    expected = _prefill_reference(q, k, v, cu, case.scale, 0, slopes)
-    out = backend.prefill(
-        q, k, v, case.k_cache, case.v_cache, case.meta, case.scale, alibi_slopes=slopes
-    )
-    _assert_close_rows(out, expected, case.dtype)
-    case.check_decode(backend, expected, alibi_slopes=slopes)
+    expected = _prefill_reference(case.q, case.k, case.v, case.cu, case.scale, 0, slopes)
+    case.check(backend, backend, expected, alibi_slopes=slopes)
 
 
 @pytest.mark.parametrize(("num_kv_heads", "head_dim"), [(1, 64), (3, 80), (8, 128)])

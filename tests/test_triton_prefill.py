@@ -97,12 +97,8 @@ def test_backend_prefill_write_then_decode(use_flash_attn: bool, window: int) ->
         pytest.importorskip("flash_attn")
     backend = TritonAttentionBackend(DEVICE, use_flash_attn=use_flash_attn)
     case = PrefillThenDecode.build(num_heads=16, num_kv_heads=4, head_dim=128)
-    q, k, v, cu = case.q, case.k, case.v, case.cu
-    TorchNativeBackend().write_kv(k, v, case.k_cache, case.v_cache, case.meta.slot_mapping)
-    expected = _prefill_reference(q, k, v, cu, case.scale, window)
-    out = backend.prefill(q, k, v, case.k_cache, case.v_cache, case.meta, case.scale, window)
-    _assert_close_rows(out, expected, case.dtype)
-    case.check_decode(backend, expected, window=window)
+    expected = _prefill_reference(case.q, case.k, case.v, case.cu, case.scale, window)
+    case.check(backend, TorchNativeBackend(), expected, window=window)
 
 
 # (cached prefix, chunk) lengths of a chunked prefill's sequences.

@@ -77,19 +77,26 @@ class PrefillThenDecode:
         meta = AttentionMetadata(True, slots, cu_seqlens=cu, max_seqlen=max(lengths))
         return cls(q, k, v, cu, k_cache, v_cache, tables, meta, lengths, head_dim**-0.5)
 
-    def check_decode(
-        self, backend: AttentionBackend, expected: torch.Tensor, **attention: object
+    def check(
+        self,
+        backend: AttentionBackend,
+        writer: AttentionBackend,
+        expected: torch.Tensor,
+        **attention: object,
     ) -> None:
-        """Each prompt's last token decoded from the written cache matches its row of the
-        prefill's `expected` output; `attention`: the decode's window, slopes or soft-cap."""
+        """`writer` writes the prompts' K and V into the cache; `backend`'s prefill equals
+        `expected`, and each prompt's last token decoded from the written cache equals its row;
+        `attention`: the window, ALiBi slopes or soft-cap of both passes."""
+        q, k, v, caches = self.q, self.k, self.v, (self.k_cache, self.v_cache)
+        writer.write_kv(k, v, *caches, self.meta.slot_mapping)
+        out = backend.prefill(q, k, v, *caches, self.meta, self.scale, **attention)
+        _assert_close_rows(out, expected, self.dtype)
         last = self.cu[1:] - 1
         lens = torch.tensor(self.lengths, dtype=torch.int32, device=DEVICE)
         decode_meta = AttentionMetadata(
             False, self.meta.slot_mapping[last], block_tables=self.tables, context_lens=lens
         )
-        out = backend.decode(
-            self.q[last], self.k_cache, self.v_cache, decode_meta, self.scale, **attention
-        )
+        out = backend.decode(q[last], *caches, decode_meta, self.scale, **attention)
         _assert_close_rows(out, expected[last], self.dtype)
 
 

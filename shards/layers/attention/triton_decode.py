@@ -24,7 +24,7 @@ from shardline.shards.layers.attention.triton_tiles import (
     LOG2E,
     dot_precision,
     head_dim_block,
-    paged_tile,
+    paged_kv_tiles,
     soft_cap,
 )
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
@@ -136,16 +136,12 @@ def _paged_decode_kernel(
     for tile_start in range(start, end, BLOCK_N):
         pos = tile_start + offs_n
         n_mask = pos < end
-        page = tl.load(table_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-        in_page = pos % PAGE_SIZE
-        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k, v = paged_kv_tiles(
+            k_cache_ptr, v_cache_ptr, table_row, pos, n_mask, kv_head, offs_d, d_mask,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE,
+        )  # fmt: skip
         # an FP8 cache (--kv-cache-dtype) is read in the query's dtype; its scales apply outside
-        k = paged_tile(
-            k_cache_ptr, page, in_page, kv_head, offs_d, kv_mask, stride_kb, stride_kt, stride_kh
-        ).to(q.dtype)
-        v = paged_tile(
-            v_cache_ptr, page, in_page, kv_head, offs_d, kv_mask, stride_vb, stride_vt, stride_vh
-        ).to(q.dtype)
+        k, v = k.to(q.dtype), v.to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         scores = soft_cap(scores, softcap, SOFTCAP)
         if HAS_ALIBI:

@@ -26,7 +26,7 @@ from shardline.shards.layers.attention.triton_tiles import (
     LOG2E,
     dot_precision,
     head_dim_block,
-    paged_tile,
+    paged_kv_tiles,
     soft_cap,
 )
 
@@ -175,31 +175,12 @@ def _varlen_causal_kernel(
             for n_start in range(first, prefix_len, BLOCK_N):
                 pos = n_start + offs_n
                 n_mask = pos < prefix_len
-                page = tl.load(table_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-                in_page = pos % PAGE_SIZE
-                kv_mask = n_mask[:, None] & d_mask[None, :]
-                k = paged_tile(
-                    k_cache_ptr,
-                    page,
-                    in_page,
-                    kv_head,
-                    offs_d,
-                    kv_mask,
-                    stride_kcb,
-                    stride_kct,
-                    stride_kch,
-                ).to(q.dtype)  # an FP8 cache is read in the query's dtype
-                v = paged_tile(
-                    v_cache_ptr,
-                    page,
-                    in_page,
-                    kv_head,
-                    offs_d,
-                    kv_mask,
-                    stride_vcb,
-                    stride_vct,
-                    stride_vch,
-                ).to(q.dtype)
+                k, v = paged_kv_tiles(
+                    k_cache_ptr, v_cache_ptr, table_row, pos, n_mask, kv_head, offs_d, d_mask,
+                    stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+                    PAGE_SIZE,
+                )  # fmt: skip
+                k, v = k.to(q.dtype), v.to(q.dtype)  # an FP8 cache is read in the query's dtype
                 visible = tl.broadcast_to(n_mask[None, :], (BLOCK_M, BLOCK_N))
                 m_i, l_i, acc = _online_softmax_tile(
                     q, k, v, visible, pos, query_pos, slope, m_i, l_i, acc, qk_scale, softcap,

@@ -1,5 +1,5 @@
 """Triton pieces the paged decode and the varlen prefill kernels share: the dot products'
-precision, the head dimension's tile, soft-capping in log2 units, a paged cache's tile."""
+precision, the head dimension's tile, soft-capping in log2 units, a paged cache's K and V tiles."""
 
 from __future__ import annotations
 
@@ -32,7 +32,39 @@ def soft_cap(scores, softcap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def paged_tile(cache_ptr, page, in_page, kv_head, offs_d, mask, stride_b, stride_t, stride_h):
+def paged_kv_tiles(
+    k_cache_ptr,
+    v_cache_ptr,
+    table_row,
+    pos,
+    n_mask,
+    kv_head,
+    offs_d,
+    d_mask,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    PAGE_SIZE: tl.constexpr,
+):
+    """The [keys, dims] K and V tiles of KV head `kv_head` at a sequence's positions `pos` (where
+    `n_mask`), its pages looked up in its block table row `table_row`, in the cache's dtype."""
+    page = tl.load(table_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+    in_page = pos % PAGE_SIZE
+    mask = n_mask[:, None] & d_mask[None, :]
+    k = _paged_tile(
+        k_cache_ptr, page, in_page, kv_head, offs_d, mask, stride_kb, stride_kt, stride_kh
+    )
+    v = _paged_tile(
+        v_cache_ptr, page, in_page, kv_head, offs_d, mask, stride_vb, stride_vt, stride_vh
+    )
+    return k, v
+
+
+@triton.jit
+def _paged_tile(cache_ptr, page, in_page, kv_head, offs_d, mask, stride_b, stride_t, stride_h):
     """The [keys, dims] tile of KV head `kv_head` at slots (page, in_page) of a paged cache."""
     ptrs = (
         cache_ptr
