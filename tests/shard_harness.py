@@ -18,6 +18,15 @@ from shardline.proto import generate_pb2 as pb
 from shardline.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, seed=0)
+# An offline LLM's settings (a small CPU cache) under which requests join running batches, three
+# rows at a time, and prompts are prefilled in chunks of 16 tokens beside them.
+JOINING_CHUNKED_LLM: dict[str, int] = {
+    "block_size": 4,
+    "kv_cache_bytes": 1 << 20,
+    "max_model_len": 256,
+    "max_num_seqs": 3,
+    "max_num_batched_tokens": 16,
+}
 
 
 def make_request(

@@ -14,6 +14,7 @@ from aiohttp.test_utils import unused_port
 from shardline.shards.utils.dist import init_distributed
 from tests.model_factory import DECODER_FAMILY_ARCHITECTURES, TinyModelSpec, build_tiny_model
 from tests.shard_harness import (
+    JOINING_CHUNKED_LLM,
     llm_greedy,
     random_prompts,
     run_schedule,
@@ -213,11 +214,7 @@ def test_two_pipeline_stages_match_transformers(family_dirs: dict[str, Path], ar
         prompt_ids,
         lengths,
         pipeline_parallel_size=2,
-        block_size=4,
-        kv_cache_bytes=1 << 20,
-        max_model_len=256,
-        max_num_seqs=3,
-        max_num_batched_tokens=16,
+        **JOINING_CHUNKED_LLM,
     )
     assert pipelined == expected
 

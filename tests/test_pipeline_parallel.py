@@ -13,7 +13,7 @@ from shardline.launcher.shards import shard_config
 from shardline.shard_config import ShardConfig, parse_partition
 from shardline.shards.utils.pipeline import PipelineStage, even_partition
 from tests.model_factory import TinyModelSpec, build_tiny_model
-from tests.shard_harness import random_prompts, transformers_greedy
+from tests.shard_harness import JOINING_CHUNKED_LLM, random_prompts, transformers_greedy
 
 
 @pytest.mark.parametrize(
@@ -77,11 +77,7 @@ def test_tp2_pp2_matches_transformers_and_one_rank(llm, tiny_llama_dir):
         model=str(tiny_llama_dir),
         tensor_parallel_size=2,
         pipeline_parallel_size=2,
-        block_size=4,
-        kv_cache_bytes=1 << 20,
-        max_model_len=256,
-        max_num_seqs=3,
-        max_num_batched_tokens=16,
+        **JOINING_CHUNKED_LLM,
     )
     children = [child.process for child in pipelined._shards._children]
     try:
