@@ -19,7 +19,7 @@ from shardline.shards.batch import ShardBatch
 from shardline.shards.engine_facts import engine_info, engine_stats
 from shardline.shards.kv_cache import BlockAllocator, KVCacheExhaustedError
 from shardline.shards.lookahead import StepAhead, can_launch_ahead
-from shardline.shards.model_runner import ModelRunner, PendingStep, StepResult, grow_blocks
+from shardline.shards.model_runner import ModelRunner, grow_blocks
 from shardline.shards.models.config import ModelConfig
 from shardline.shards.prefix_cache import clear_prefix_cache, new_allocator
 from shardline.shards.prompt_chunks import (
@@ -39,6 +39,7 @@ from shardline.shards.sequences.samples import (
     fork_samples,
     start_beam_searches,
 )
+from shardline.shards.step_result import PendingStep, StepResult
 from shardline.shards.utils.dist import TPGroup
 from shardline.shards.warmup import warm_up
 

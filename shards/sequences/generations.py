@@ -11,9 +11,9 @@ from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from shardline.proto import generate_pb2 as pb
 from shardline.shards.batch import SequenceState, ShardBatch
 from shardline.shards.kv_cache import BlockAllocator, KVCache
-from shardline.shards.model_runner import StepResult
 from shardline.shards.sampling.sampling import reported_top_count
 from shardline.shards.sequences.beam_search import BeamSearch
+from shardline.shards.step_result import StepResult
 
 # A response's `generations`, filled in place: a Generation built apart and then put into the
 # response would be copied, and cost twice.
