@@ -79,6 +79,22 @@ class PrefixCacheView:
         while len(self._blocks) > self.capacity:
             self._blocks.popitem(last=False)
 
+    def waits_for(self, entry: Entry, computing: set[int]) -> bool:
+        """Whether the first full block the entry would compute is one that an entry before it
+        in the batch being cut computes: it then waits a pass, and finds the block cached."""
+        if entry.request.decoder_input_details:
+            return False
+        hashes = self._hashes(entry)
+        first = entry.cached // self.block_size
+        usable = (entry.request.input_length - 1) // self.block_size
+        return first < usable and hashes[first] in computing
+
+    def computed(self, entry: Entry) -> list[int]:
+        """The full blocks of the entry's prompt that the batch being cut computes."""
+        start = max(entry.prefilled, entry.cached)
+        end = start + entry.chunk
+        return self._hashes(entry)[start // self.block_size : end // self.block_size]
+
     def _hashes(self, entry: Entry) -> list[int]:
         if not entry.prefix_hashes:
             entry.prefix_hashes = block_hashes(entry.request, self.block_size)

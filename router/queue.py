@@ -108,7 +108,9 @@ class RequestQueue:
         take: bool = True,
     ) -> list[Entry] | None:
         """Takes entries in arrival order while they fit both budgets (each with its `chunk`);
-        None when too few fit, and always the prompt under way when there is one.
+        None when too few fit, and always the prompt under way when there is one. An entry
+        whose prompt starts with blocks that an entry taken before it computes waits for the
+        next batch, where it finds them cached (prefix caching).
 
         Cancelled entries are dropped on the way; an entry whose prompt is prefilled in part
         stays. `take=False` only looks.
@@ -123,6 +125,8 @@ class RequestQueue:
         taken = {entry for entry in batch if not entry.chunked}
         while self._entries and (not self._entries[0].alive or self._entries[0] in taken):
             self._entries.popleft()
+        if any(entry in taken for entry in self._entries):  # some waited for a shared prefix
+            self._entries = deque(e for e in self._entries if e.alive and e not in taken)
         return batch
 
     @property
@@ -149,6 +153,7 @@ class RequestQueue:
         """The live entries at the head of the queue that fit the size and both budgets."""
         batch: list[Entry] = []
         prefill_tokens = total_tokens = 0
+        computing: set[int] = set()  # prefix blocks the batch computes
         for entry in self._entries:
             if max_size is not None and len(batch) >= max_size:
                 break
@@ -158,12 +163,16 @@ class RequestQueue:
                 break
             if self._prefixes is not None and not entry.prefilled:
                 self._prefixes.expect(entry)
+                if self._prefixes.waits_for(entry, computing):
+                    continue
             entry.chunk = min(entry.prefill_tokens, prefill_token_budget - prefill_tokens)
             if entry.chunked and not (self.chunking and entry.chunk > 0):
                 break
             prefill_tokens += entry.chunk
             total_tokens += entry.budget_tokens
             batch.append(entry)
+            if self._prefixes is not None:
+                computing.update(self._prefixes.computed(entry))
             if entry.chunked:
                 break
         return batch

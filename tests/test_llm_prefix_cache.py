@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shardline import LLM, SamplingParams
-from tests.shard_harness import random_prompts
+from tests.shard_harness import random_prompts, transformers_greedy
 
 COMMON = random_prompts(1, 384, seed=90, min_len=30, max_len=30)[0]
 TAILS = random_prompts(4, 384, seed=91, min_len=2, max_len=7)
@@ -52,6 +52,18 @@ def test_every_path_answers_as_without_caching(llm, uncached):
     cached.clear()
     assert _answers(llm, cached) == uncached  # now each finds its own prompt cached
     assert cached == [(len(prompt) - 1) // 4 * 4 for prompt in PROMPTS]
+
+
+def test_prompts_sent_together_compute_their_common_prefix_once(llm, tiny_llama_dir):
+    """The first takes the common prefix's blocks in its pass; the others wait one pass for
+    them instead of computing them alongside (router/queue.py)."""
+    common = random_prompts(1, 384, seed=92, min_len=30, max_len=30)[0]
+    prompts = [common + tail for tail in TAILS]
+    params = SamplingParams(temperature=0, max_tokens=4)
+    outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    assert [output.num_cached_tokens for output in outputs] == [0, 28, 28, 28]
+    expected = transformers_greedy(tiny_llama_dir, prompts, [4] * len(prompts))
+    assert [list(output.outputs[0].token_ids) for output in outputs] == expected
 
 
 def test_prompt_logprobs_are_those_of_a_cold_run(llm):
