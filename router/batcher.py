@@ -220,8 +220,9 @@ class Batcher:
         while answered.generations or answered.batches:
             call = None
             await self._release_cancelled_prefills()
+            held_ids = _request_ids(answered.batches)
             if answered.batches:
-                on_shard = self._on_shard(answered.batches)
+                on_shard = self._on_shard(held_ids)
                 joining = self._join.joining(waiting_steps, on_shard)
                 waiting_steps = 0 if joining else waiting_steps
                 call = await (
@@ -232,17 +233,16 @@ class Batcher:
                     )
                 )
             self._handle(answered.generations)
-            self._forget_ended(on_shard=_request_ids(answered.batches))
+            self._forget_ended(on_shard=held_ids)
             answered = _Answered()
             if call is not None:
                 step = self._prefilled(call) if call.method == "prefill" else self._decoded(call)
                 answered.add(*await step)
                 waiting_steps += 1
 
-    def _on_shard(self, batches: list[pb.CachedBatch]) -> list[Entry]:
-        """The running requests whose rows these cached batches hold."""
-        on_shard = _request_ids(batches)
-        return [entry for rid, entry in self._running.items() if rid in on_shard]
+    def _on_shard(self, held_ids: set[int]) -> list[Entry]:
+        """The running requests whose rows the shards' cached batches hold."""
+        return [entry for rid, entry in self._running.items() if rid in held_ids]
 
     async def _send_prefill(
         self, entries: list[Entry], running: Sequence[pb.CachedBatch] = ()
