@@ -56,7 +56,7 @@ class PrefixCacheView:
         if request.decoder_input_details:
             return
         hashes = self._hashes(entry)
-        usable = (request.input_length - 1) // self.block_size
+        usable = self._usable_blocks(entry)
         found = 0
         while found < usable and hashes[found] in self._blocks:
             found += 1
@@ -84,16 +84,19 @@ class PrefixCacheView:
         in the batch being cut computes: it then waits a pass, and finds the block cached."""
         if entry.request.decoder_input_details:
             return False
-        hashes = self._hashes(entry)
         first = entry.cached // self.block_size
-        usable = (entry.request.input_length - 1) // self.block_size
-        return first < usable and hashes[first] in computing
+        return first < self._usable_blocks(entry) and self._hashes(entry)[first] in computing
 
     def computed(self, entry: Entry) -> list[int]:
         """The full blocks of the entry's prompt that the batch being cut computes."""
         start = max(entry.prefilled, entry.cached)
         end = start + entry.chunk
         return self._hashes(entry)[start // self.block_size : end // self.block_size]
+
+    def _usable_blocks(self, entry: Entry) -> int:
+        """The prompt's full blocks a lookup may find: never the one holding its last token,
+        whose logits are computed."""
+        return (entry.request.input_length - 1) // self.block_size
 
     def _hashes(self, entry: Entry) -> list[int]:
         if not entry.prefix_hashes:
