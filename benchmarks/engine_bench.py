@@ -125,10 +125,11 @@ def profile_offline(llm: LLM, pairs: list, vocab: int, arrival_order: bool) -> d
 
 def load_engine(model_dir: Path, args: argparse.Namespace, results: dict) -> LLM:
     started = time.perf_counter()
+    positions = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
     llm = LLM(
         model=str(model_dir),
         dtype="bfloat16",
-        max_model_len=8192 + 64,
+        max_model_len=min(8192 + 64, positions),  # Gemma 2 has 8192 positions
         max_num_batched_tokens=8192 + 64,
         cuda_graphs=args.cuda_graphs,
         attention=args.attention,

@@ -28,7 +28,14 @@ def tiny_llama_dir(tiny_model_dirs: dict[str, Path]) -> Path:
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama_dir: Path) -> Iterator[LLM]:
-    """The offline LLM on the tiny llama, one per test module."""
-    llm = LLM(model=str(tiny_llama_dir), block_size=4, kv_cache_bytes=1 << 20, max_model_len=256)
+    """The offline LLM on the tiny llama, one per test module; float32 on a GPU too, as the
+    transformers references it is compared with."""
+    llm = LLM(
+        model=str(tiny_llama_dir),
+        dtype="float32",
+        block_size=4,
+        kv_cache_bytes=1 << 20,
+        max_model_len=256,
+    )
     yield llm
     llm.shutdown()

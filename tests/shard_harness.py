@@ -18,6 +18,9 @@ from shardline.proto import generate_pb2 as pb
 from shardline.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, seed=0)
+# transformers' reference attention: some releases default Gemma 2 to SDPA, which drops its
+# logit soft-capping (with a warning) and so is not Gemma 2 any more
+EXACT_ATTENTION = {"attn_implementation": "eager"}
 # An offline LLM's settings (a small CPU cache) under which requests join running batches, three
 # rows at a time, and prompts are prefilled in chunks of 16 tokens beside them.
 JOINING_CHUNKED_LLM: dict[str, int] = {
@@ -160,7 +163,7 @@ def transformers_greedy(
     """transformers' own greedy generate, one prompt at a time, up to and including EOS."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **EXACT_ATTENTION)
     outputs = []
     for prompt, new_tokens in zip(prompts, max_new_tokens, strict=True):
         ids = torch.tensor([prompt])

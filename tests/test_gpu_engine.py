@@ -11,7 +11,13 @@ from shardline.proto import generate_pb2 as pb
 from shardline.shard_config import ShardConfig
 from shardline.shards.bootstrap import create_engine
 from tests.model_factory import TinyModelSpec, build_tiny_model
-from tests.shard_harness import Arrival, make_request, random_prompts, run_schedule
+from tests.shard_harness import (
+    EXACT_ATTENTION,
+    Arrival,
+    make_request,
+    random_prompts,
+    run_schedule,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -55,7 +61,7 @@ def _engine_tokens(
 def _hf_tokens(model_dir: Path, dtype: torch.dtype, prompts, max_new) -> list[list[int]]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).cuda()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **EXACT_ATTENTION).cuda()
     outputs = []
     for prompt, n in zip(prompts, max_new, strict=True):
         ids = torch.tensor([prompt], device="cuda")

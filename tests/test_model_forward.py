@@ -14,6 +14,7 @@ from shardline.shards.layers.attention import AttentionMetadata, get_attention_b
 from shardline.shards.models import FAMILIES, CausalLM, ModelConfig, load_model
 from shardline.shards.utils.dist import TPGroup
 from tests.model_factory import TinyModelSpec, build_tiny_model
+from tests.shard_harness import EXACT_ATTENTION
 
 PROMPT_LENGTHS = (5, 11, 1)
 DECODE_STEPS = 4
@@ -136,7 +137,9 @@ def transformers_reference(
     """transformers' last-token logits per step and its greedy tokens, fed back each step."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, **EXACT_ATTENTION
+    ).eval()
     sequences = [list(p) for p in prompt_ids]
     step_logits, fed = [], []
     for _ in range(steps + 1):
@@ -156,7 +159,9 @@ def transformers_cached_logits(model_dir: Path, prompt: list[int], steps: int):
     passes original_max_position_embeddings; a paged cache keeps what it has)."""
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, **EXACT_ATTENTION
+    ).eval()
     cache = DynamicCache(config=hf.config)
     out = hf(torch.tensor([prompt]), cache=cache)
     step_logits, fed = [out.logits[:, -1]], []
