@@ -226,15 +226,21 @@ def _load(model_dir: Path, device: torch.device, dtype: torch.dtype):
 @needs_fp8_gemm
 def test_fp8_engine_graphs_on_and_off(medium_model: Path) -> None:  # noqa: F811
     """FP8 weights and cache through the whole engine (warmup, CUDA graphs, the fused batch-1
-    path, the overlap) against the same formats on torch attention without graphs: the same 32
-    greedy tokens on most prompts, as issue 8's bf16 check asks; prints the rate."""
+    path, the overlap) against the same kernels without graphs or overlap: the same 32 greedy
+    tokens on most prompts, as issue 8's bf16 check asks; prints the rate. The reference is not
+    torch attention, as in bf16: rounding activations to FP8 turns its last-bit differences into
+    other tokens of this random model (on an H100 the two backends' first tokens agreed on 9 of
+    16 prompts with FP8 weights, 16 of 16 in bf16; on the CPU, a bf16-ulp noise on attention
+    outputs moves 4 of 16 first tokens with FP8 rounding emulated, none without)."""
     prompts = random_prompts(32, 384, seed=24, max_len=300)
     max_new = [32] * len(prompts)
     fp8 = dict(quantization="fp8", kv_cache_dtype="fp8_e4m3fn")
     fast = _engine_tokens(medium_model, "bfloat16", "triton", prompts, max_new, True, **fp8)
-    plain = _engine_tokens(medium_model, "bfloat16", "torch", prompts, max_new, **fp8)
+    plain = _engine_tokens(
+        medium_model, "bfloat16", "triton", prompts, max_new, cuda_graphs="0", **fp8
+    )
     exact = sum(a == b for a, b in zip(fast, plain, strict=True))
-    summary = f"fp8 weights + KV, graphs+Triton vs torch eager: all 32 equal on {exact}/32"
+    summary = f"fp8 weights + KV, graphs+overlap vs neither: all 32 equal on {exact}/32"
     print(summary)
     assert exact >= 16, summary
 
