@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# What session 7 (2026-12-06) built and could not run on a GPU (no machine came), in priority
-# order under one budget: every GPU test file (FP8, prefix caching, ALiBi, soft-capping, the new
-# families, the refactored Triton tiles), then issue 27's offline 8B run first come first served
-# vs longest first (prefix caching off, so that the order alone differs) and with caching on
-# (issue 21: within 2 % of off on unshared traffic), FP8 weights + FP8 KV (issue 22), issue 21's
-# shared-prompt and long-conversation workloads, and batch-1 decode of the Qwen3-8B and
-# Gemma-2-9B shapes (issue 23). Logs and JSON go to ${OUT:-/tmp/open}; STEPS (comma-separated
-# names) runs a part, so that the whole fits two or three device calls.
+# What the open issues still need from one GPU (after session 8's runs, benchmarks/RESULTS.md), in
+# priority order under one budget: the GPU tests changed since (FP8: graphs on/off, the small-M
+# FP8 GEMM), the FP8 GEMM shapes (to set its row threshold), issue 22's bf16 / FP8 / FP8 + FP8-KV
+# triple in one run (batch-1, 8k prefill, offline), issue 21's multi-turn chat and unshared
+# workloads with caching on and off, and kernel profiles of the offline run in bf16 and FP8 (GPU
+# busy vs idle: where issue 27's and 22's remaining seconds go). Logs and JSON go to
+# ${OUT:-/tmp/open}; STEPS (comma-separated names) runs a part, so the whole fits a few calls.
 #   bash benchmarks/open_issues_run.sh WHEELS_DIR BUDGET_SECONDS [STEPS]
 set -u
 wheels=${1:-.wheels}
@@ -14,21 +13,17 @@ deadline=$((SECONDS + ${2:-560}))
 only=${3:-}
 out=${OUT:-/tmp/open}
 source "$(dirname "$0")/bench_steps.sh"
-offline=("${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes offline --max-num-seqs 512)
-step gpu_tests 330 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fp8.py \
-    tests/test_gpu_prefix_cache.py tests/test_triton_alibi.py tests/test_triton_softcap.py \
-    tests/test_gpu_families.py tests/test_gpu_layer_norm_families.py tests/test_gpu_engine.py \
-    tests/test_triton_prefill.py tests/test_triton_attention.py tests/test_triton_layers.py \
-    tests/test_llm_logit_bias_watermark.py tests/test_sampling.py tests/test_logits_process.py
-step offline_arrival 100 "${offline[@]}" --arrival-order --prefix-caching off \
-    --json "$out/offline_arrival.json"
-step offline_longest 100 "${offline[@]}" --prefix-caching off --json "$out/offline_longest.json"
-step offline_cached 100 "${offline[@]}" --prefix-caching on --json "$out/offline_cached.json"
-step offline_fp8_kv 120 "${offline[@]}" --quantize fp8 --kv-cache-dtype fp8_e4m3fn \
-    --json "$out/offline_fp8_kv.json"
-step prefix_shared_long 330 python3 -m benchmarks.prefix_bench --model-dir /tmp/m8 \
-    --workload "$work" --workloads shared,long --json "$out/prefix_shared_long.json"
-step qwen3_b1 150 "${bench[@]}" --shape qwen3-8b --model-dir /tmp/qwen3-8b --modes single \
-    --json "$out/qwen3_b1.json"
-step gemma2_b1 150 "${bench[@]}" --shape gemma2-9b --model-dir /tmp/gemma2-9b --modes single \
-    --json "$out/gemma2_b1.json"
+single=(--shape 8b --model-dir /tmp/m8 --modes single,prefill,offline --max-num-seqs 512)
+profile=("${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes profile --max-num-seqs 512)
+step gpu_tests 300 bash benchmarks/gpu_tests.sh 100 tests/test_gpu_fp8.py \
+    tests/test_triton_fp8_gemm.py tests/test_gpu_engine.py tests/test_gpu_prefix_cache.py
+step fp8_gemm 90 python3 -m benchmarks.fp8_gemm_bench
+step bf16 190 "${bench[@]}" "${single[@]}" --json "$out/bf16.json"
+step fp8 190 "${bench[@]}" "${single[@]}" --quantize fp8 --json "$out/fp8.json"
+step fp8_kv 190 "${bench[@]}" "${single[@]}" --quantize fp8 --kv-cache-dtype fp8_e4m3fn \
+    --json "$out/fp8_kv.json"
+step prefix_chat_unshared 330 python3 -m benchmarks.prefix_bench --model-dir /tmp/m8 \
+    --workload "$work" --workloads chat,unshared --json "$out/prefix_chat_unshared.json"
+step profile_bf16 150 "${profile[@]}" --json "$out/profile_bf16.json"
+step profile_fp8_kv 150 "${profile[@]}" --quantize fp8 --kv-cache-dtype fp8_e4m3fn \
+    --json "$out/profile_fp8_kv.json"
