@@ -3,8 +3,12 @@ forward costs almost nothing) generating for many rows through `LLM.generate`; w
 takes is then the router's and the shard's Python work per step.
 
     python -m benchmarks.host_step_cost [--rows 256] [--tokens 48] [--passes 5] [--label NAME]
+        [--hidden 256] [--layers 2]
 
-Prints one line per pass: wall ms per step and the process's CPU seconds. To compare two
+Prints one line per pass: wall ms per step, the process's CPU seconds, and `host_us` (per row
+and step: the process's CPU less the model forward's, timed on the engine thread between
+forward hooks; on CPU the forward is the torch reference attention's loop over rows, which a
+GPU does not run, and it is what dominates `cpu_s`). To compare two
 source trees, install each with `pip install --no-deps --target DIR` and run this file with
 `PYTHONPATH=DIR` from a folder that holds `benchmarks/` and `tests/` but no `shardline/` (e.g.
 links to a snapshot's): from the repo root, the working tree's `shardline/` comes first on the
@@ -20,10 +24,26 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from shardline import LLM, SamplingParams
 from tests.model_factory import TinyModelSpec, build_tiny_model
 
-SPEC = TinyModelSpec(hidden_size=256, num_heads=8, num_kv_heads=4)
+
+class ForwardClock:
+    """CPU seconds the calling thread spends inside a module's forward (hooks around it)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+        module.register_forward_pre_hook(self._start)
+        module.register_forward_hook(self._stop)
+
+    def _start(self, *_: object) -> None:
+        self._started = time.thread_time()
+
+    def _stop(self, *_: object) -> None:
+        self.seconds += time.thread_time() - self._started
 
 
 def main() -> None:
@@ -32,9 +52,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--passes", type=int, default=5)
     parser.add_argument("--label", default="tree")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
+    spec = TinyModelSpec(
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=8,
+        num_kv_heads=4,
+        intermediate_size=args.hidden // 2,
+    )
     with tempfile.TemporaryDirectory() as folder:
-        model = build_tiny_model(Path(folder), SPEC)
+        model = build_tiny_model(Path(folder), spec)
         llm = LLM(
             model=str(model),
             block_size=16,
@@ -48,12 +77,18 @@ def main() -> None:
         ]
         params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
         llm.generate(prompt_token_ids=prompts[:8], sampling_params=params, use_tqdm=False)
+        forward = ForwardClock(llm._shards.engine.model)
         for _ in range(args.passes):
-            cpu, wall = time.process_time(), time.perf_counter()
+            cpu, wall, in_forward = time.process_time(), time.perf_counter(), forward.seconds
             llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
             step_ms = 1e3 * (time.perf_counter() - wall) / args.tokens
             cpu_s = time.process_time() - cpu
-            print(f"{args.label} wall_ms_per_step {step_ms:.3f} cpu_s {cpu_s:.3f}", flush=True)
+            host_us = 1e6 * (cpu_s - forward.seconds + in_forward) / (args.rows * args.tokens)
+            print(
+                f"{args.label} wall_ms_per_step {step_ms:.3f} cpu_s {cpu_s:.3f} "
+                f"host_us {host_us:.2f}",
+                flush=True,
+            )
         llm.shutdown()
 
 
