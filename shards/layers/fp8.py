@@ -5,7 +5,9 @@ A weight W [N, K] is held as Q [N, K] float8_e4m3fn and s [N] float32 with W ~ Q
 On a GPU with FP8 tensor cores (compute capability 8.9 and up) `fp8_linear` quantizes each row
 of x the same way (dynamic per-token scales) and multiplies on the tensor cores through
 `torch._scaled_mm` with row-wise scales (cuBLASLt / CUTLASS; bfloat16 output, the only one
-row-wise scaling takes), the activations quantized by one Triton kernel (triton_fp8_quant.py). Elsewhere (CPU, older GPUs, shapes the FP8 GEMM does not take) it
+row-wise scaling takes), the activations quantized by one Triton kernel (triton_fp8_quant.py);
+up to SKINNY_GEMM_MAX_ROWS rows the weight-only Triton GEMM (triton_fp8_gemm.py) multiplies x as
+it is instead. Elsewhere (CPU, older GPUs, shapes the FP8 GEMM does not take) it
 dequantizes the weight and runs a plain matmul: the reference the tests check every loader with.
 """
 
@@ -24,6 +26,10 @@ FP8_MAX = torch.finfo(FP8).max
 MIN_AMAX = 1e-12
 # torch._scaled_mm needs both GEMM dimensions of the weight divisible by 16.
 SCALED_MM_ALIGNMENT = 16
+# Up to this many rows, a CUDA FP8 linear layer streams its weight through the weight-only Triton
+# GEMM (triton_fp8_gemm.py) instead of quantizing x for torch._scaled_mm, which is far from the
+# copy bandwidth at a few rows (benchmarks/fp8_gemm_bench.py compares them per M).
+SKINNY_GEMM_MAX_ROWS = 16
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,8 +50,12 @@ def fp8_linear(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """F.linear(x, weight * scale[:, None], bias) in x's dtype, for an FP8 `weight` [N, K]."""
+    if skinny_gemm_applies(x, weight):
+        from shardline.shards.layers.triton_fp8_gemm import fp8_skinny_gemm
+
+        return fp8_skinny_gemm(x, weight, scale, bias)
     if scaled_mm_applies(x, weight):
-        return _scaled_mm_linear(x, weight, scale, bias)
+        return scaled_mm_linear(x, weight, scale, bias)
     return F.linear(x, dequantize_rows(weight, scale).to(x.dtype), bias)
 
 
@@ -62,13 +72,25 @@ def scaled_mm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def skinny_gemm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """1 to SKINNY_GEMM_MAX_ROWS half-precision rows on a GPU whose Triton converts FP8, where
+    custom kernels apply."""
+    return (
+        custom_kernels.applies(x)
+        and has_fp8_tensor_cores(x.device)
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.stride(-1) == 1
+        and 0 < x.numel() <= SKINNY_GEMM_MAX_ROWS * x.shape[-1]
+    )
+
+
 @functools.cache
 def has_fp8_tensor_cores(device: torch.device) -> bool:
     """Compute capability 8.9 or later: FP8 GEMMs, and FP8 conversions in Triton."""
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def _scaled_mm_linear(
+def scaled_mm_linear(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """Row-wise scaled FP8 GEMM: x's rows quantized per token (scale_a [M, 1]), the weight's
