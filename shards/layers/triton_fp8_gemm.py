@@ -41,10 +41,15 @@ class SkinnyConfig:
     num_stages: int = 4
 
 
+def row_block(m: int) -> int:
+    """BLOCK_M for M rows: all of them in one tile up to MAX_BLOCK_M."""
+    return min(max(MIN_DOT, triton.next_power_of_2(m)), MAX_BLOCK_M)
+
+
 @functools.cache
 def skinny_config(m: int, n: int, k: int, sm_count: int) -> SkinnyConfig:
     """The tiling for M rows against an [n, k] weight on a GPU of `sm_count` SMs."""
-    block_m = min(max(MIN_DOT, triton.next_power_of_2(m)), MAX_BLOCK_M)
+    block_m = row_block(m)
     block_n = next(
         (b for b in BLOCK_N_CHOICES if triton.cdiv(n, b) >= MIN_SM_SHARE * sm_count),
         BLOCK_N_CHOICES[-1],
