@@ -13,6 +13,12 @@ next step lets the shards launch that step ahead. What the router ends at step N
 sequence, a cancellation, a stopped best_of sample) is filtered out of the cached batch after
 step N+1, so the shards free its KV blocks; its step N+1 token is dropped.
 
+With pipeline parallelism (P stages) up to P batches run at once, each a lane of its own
+(router/batch_lane.py) with its own join rule: the step of one is sent as soon as another's is
+sent, not answered, so that each stage computes one batch's step while the others compute
+theirs. The calls stay numbered, so every rank runs them in the order they were sent; an idle
+lane starts a batch of the waiting requests that fit beside the others' tokens.
+
 One request's bad data fails that request alone: one whose shard message cannot be built is
 dropped from its Prefill (validation refuses such requests first), and one a shard refuses
 (`StepResult.refused`) fails while the others of its Prefill run on. A shard call that fails
@@ -28,21 +34,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
-from shardline.proto import generate_pb2 as pb
 from shardline.router import tracing
-from shardline.router.client import ShardClient, ShardTimeoutError, request_proto
-from shardline.router.entry_outcomes import fail, record_success
-from shardline.router.errors import (
-    GenerationError,
-    IncompleteGenerationError,
-    RouterError,
-    ValidationError,
-)
+from shardline.router.batch_lane import BatchLane, LaneParts
+from shardline.router.client import ShardClient, ShardTimeoutError
+from shardline.router.entry_outcomes import fail
+from shardline.router.errors import GenerationError, IncompleteGenerationError, RouterError
 from shardline.router.generation_events import GenerationEvents
 from shardline.router.join_policy import JoinPolicy
 from shardline.router.metrics import RouterMetrics
@@ -50,7 +50,7 @@ from shardline.router.prefix_view import PrefixCacheView
 from shardline.router.queue import Entry, RequestQueue
 from shardline.router.request_stream import RequestStream
 from shardline.router.request_types import ValidRequest
-from shardline.router.shard_calls import InFlight, ShardCalls
+from shardline.router.shard_calls import ShardCalls
 
 logger = logging.getLogger(__name__)
 
@@ -68,19 +68,8 @@ class BatchingConfig:
     prefill_chunking: bool = False
     # The shards reuse cached prompt prefixes: the prefill budget counts only what they compute.
     prefix_caching: bool = False
-
-
-@dataclass
-class _Answered:
-    """What the shards answered in one step, for the router to handle once the next is sent."""
-
-    generations: list[pb.Generation] = field(default_factory=list)
-    batches: list[pb.CachedBatch] = field(default_factory=list)
-
-    def add(self, generations: list[pb.Generation], batch: pb.CachedBatch | None) -> None:
-        self.generations += generations
-        if batch is not None:
-            self.batches.append(batch)
+    # Batches in flight at once: the pipeline's stages (P), one batch for each to compute.
+    batches_in_flight: int = 1
 
 
 class Batcher:
@@ -101,13 +90,20 @@ class Batcher:
         self._queue = RequestQueue(config.prefill_chunking, self._prefixes)
         self._join = JoinPolicy(config, self._queue, self._metrics)
         self._calls = ShardCalls(client, self._metrics)
-        self._running: dict[int, Entry] = {}
-        self._prefilling: dict[int, Entry] = {}
+        parts = LaneParts(
+            client,
+            self._calls,
+            self._events,
+            self._join,
+            self._metrics,
+            self._prefixes,
+            itertools.count(),
+            self._update_gauges,
+        )
+        self._depth = config.batches_in_flight
+        self._lanes = [BatchLane(parts) for _ in range(self._depth)]
         self._request_ids = itertools.count()
-        self._batch_ids = itertools.count()
         self._wakeup = asyncio.Event()
-        # Sequences the router ended (a stop sequence matched) that the shards still run.
-        self._stopped: list[pb.SequenceRef] = []
         self._task: asyncio.Task[None] | None = None
         self.stuck: ShardTimeoutError | None = None
         self._stuck_event = asyncio.Event()
@@ -155,7 +151,7 @@ class Batcher:
 
     @property
     def running_size(self) -> int:
-        return len(self._running)
+        return sum(len(lane.running) for lane in self._lanes)
 
     @property
     def queue_size(self) -> int:
@@ -174,7 +170,7 @@ class Batcher:
             await self._wakeup.wait()
             self._wakeup.clear()
             await self._release_cancelled_prefills()
-            while entries := self._join.next_batch(None, list(self._running.values())):
+            while entries := self._join.next_batch(None, self._running_entries()):
                 try:
                     await self._serve(entries)
                 except ShardTimeoutError:
@@ -191,9 +187,10 @@ class Batcher:
         """Abandons the calls in flight and fails every running and prefilling request."""
         await self._calls.abandon()
         prefills = self._queue.partly_prefilled()
-        fail([*self._running.values(), *self._prefilling.values(), *prefills], error)
-        self._running.clear()
-        self._prefilling = {}
+        prefilling = [entry for lane in self._lanes for entry in lane.prefilling.values()]
+        fail([*self._running_entries(), *prefilling, *prefills], error)
+        for lane in self._lanes:
+            lane.clear()
 
     async def _fail_everything(self, error: RouterError) -> None:
         await self._drop_batch(error)
@@ -207,189 +204,59 @@ class Batcher:
         self._stuck_event.set()
 
     async def _serve(self, entries: list[Entry]) -> None:
-        """Runs the batch until it is empty, one step ahead of the router: the next call is sent
-        as soon as a step answers, then the router handles that step's generations while the
-        shards compute. The next call is a Decode, or, when TGI's rule lets waiting requests
-        join, a Prefill of those that carries the running batch (it decodes in the same pass)."""
-        answered = _Answered()
-        first = await self._send_prefill(entries)
-        if first is None:
-            return
-        answered.add(*await self._prefilled(first))
-        waiting_steps = 1
-        while answered.generations or answered.batches:
-            call = None
+        """Runs batches until none is left, each one step ahead of the router: a batch's next
+        call is sent as soon as its step answers, then the router handles that step's
+        generations while the shards compute. The next call is a Decode, or, when TGI's rule
+        lets waiting requests join, a Prefill of those that carries the batch (it decodes in
+        the same pass). With several lanes, `flight` holds those with a call in flight, in the
+        order the calls were sent (the order the shards run them)."""
+        flight: deque[BatchLane] = deque()
+        if await self._lanes[0].start(entries):
+            flight.append(self._lanes[0])
+        while flight:
+            if len(flight) < self._depth:
+                await self._start_lanes(flight)
+            lane = flight.popleft()
+            answered = await lane.answer()
             await self._release_cancelled_prefills()
-            held_ids = _request_ids(answered.batches)
-            if answered.batches:
-                on_shard = self._on_shard(held_ids)
-                joining = self._join.joining(waiting_steps, on_shard)
-                waiting_steps = 0 if joining else waiting_steps
-                call = await (
-                    self._send_prefill(joining, answered.batches)
-                    if joining
-                    else self._send_decode(
-                        answered.batches, not self._join.join_likely_next(waiting_steps, on_shard)
-                    )
-                )
-            self._handle(answered.generations)
-            self._forget_ended(on_shard=held_ids)
-            answered = _Answered()
-            if call is not None:
-                step = self._prefilled(call) if call.method == "prefill" else self._decoded(call)
-                answered.add(*await step)
-                waiting_steps += 1
+            may_join = not any(other.prefills_chunk for other in flight)
+            held = sum(other.held_tokens for other in flight)
+            if await lane.step(answered, held, may_join, look_ahead=self._depth == 1):
+                flight.append(lane)
 
-    def _on_shard(self, held_ids: set[int]) -> list[Entry]:
-        """The running requests whose rows the shards' cached batches hold."""
-        return [entry for rid, entry in self._running.items() if rid in held_ids]
-
-    async def _send_prefill(
-        self, entries: list[Entry], running: Sequence[pb.CachedBatch] = ()
-    ) -> InFlight | None:
-        """A Prefill of the entries whose shard message builds (the others fail alone); with
-        none left, a Decode of `running`, or None when there is nothing to send."""
-        requests = self._encodable(entries)
-        entries = list(requests)
-        if not entries:
-            return await self._send_decode(list(running), launch_next=False) if running else None
-        now = time.monotonic()
-        for entry in entries:
-            if entry.batched_at is None:
-                entry.batched_at = now
-                self._metrics.request_queue_duration.observe(now - entry.queued_at)
-            if entry.trace is not None:
-                entry.trace.prefill_sent(len(entries), entry.chunk)
-        self._metrics.batch_next_size.observe(len(entries))
-        self._prefilling = {entry.id: entry for entry in entries}  # failed by `_run` on a bug
-        batch = pb.Batch(
-            id=next(self._batch_ids),
-            requests=list(requests.values()),
-            size=len(entries),
-            max_tokens=sum(entry.budget_tokens for entry in entries),
-        )
-        ids = [batch.id, *(cached.id for cached in running)]
-        return await self._calls.send("prefill", self._client.prefill(batch, running), ids)
-
-    async def _prefilled(self, call: InFlight) -> tuple[list[pb.Generation], pb.CachedBatch | None]:
-        """A Prefill's answer; one that carried the running batch answers for it too."""
-        carried = len(call.batch_ids) > 1
-        running = list(self._running.values()) if carried else []
-        result = await self._calls.receive(call, running + list(self._prefilling.values()))
-        members, self._prefilling = self._prefilling, {}
-        if result is None:
-            if carried:
-                self._running.clear()
-            await self._calls.drop_prefills(
-                [e for e in members.values() if e.prefilled or e.chunked]
-            )
-            return [], None
-        for request_id, entry in members.items():
-            if request_id in result.refused:
-                self._refuse(entry, result.refused[request_id])
+    async def _start_lanes(self, flight: deque[BatchLane]) -> None:
+        """Idle lanes start batches of the waiting requests that fit beside the others (not
+        while a prompt's chunk is in flight: it stays in the queue until answered)."""
+        for lane in self._lanes:
+            if lane in flight:
                 continue
-            if not entry.chunked:
-                self._running[request_id] = entry
-            if entry.trace is not None:
-                entry.trace.prefill_answered(prompt_done=not entry.chunked)
-            entry.prefilled += entry.pass_tokens
-            if self._prefixes is not None:
-                self._prefixes.answered(entry, result.cached_tokens.get(request_id))
-        return result.generations, await self._filter(result.batch)
+            if any(other.prefills_chunk for other in flight):
+                return
+            held = sum(other.held_tokens for other in flight)
+            entries = self._join.next_batch(None, [], held=held)
+            if not entries:
+                return
+            if await lane.start(entries):
+                flight.append(lane)
 
-    async def _send_decode(self, batches: list[pb.CachedBatch], launch_next: bool) -> InFlight:
-        """`launch_next`: no request is expected to join at the next step, so the shards may
-        launch it ahead (see the shard engine's `decode`)."""
-        self._update_gauges()
-        ids = [batch.id for batch in batches]
-        return await self._calls.send("decode", self._client.decode(batches, launch_next), ids)
-
-    async def _decoded(self, call: InFlight) -> tuple[list[pb.Generation], pb.CachedBatch | None]:
-        result = await self._calls.receive(call, list(self._running.values()))
-        if result is None:
-            self._running.clear()
-            return [], None
-        return result.generations, await self._filter(result.batch)
-
-    async def _filter(self, cached: pb.CachedBatch | None) -> pb.CachedBatch | None:
-        """Drops the rows of ended and cancelled requests, and of samples the router stopped, from
-        the cached batch so their blocks return."""
-        self._forget_ended(on_shard=set())
-        stopped, self._stopped = self._stopped, []
-        if cached is None:
-            return None
-        on_shard = set(cached.request_ids)
-        keep = {request_id for request_id in on_shard if request_id in self._running}
-        if not keep:
-            await self._calls.clear_cache(cached.id)
-            return None
-        stopped = [ref for ref in stopped if ref.request_id in keep]
-        if len(keep) == len(on_shard) and not stopped:
-            return cached
-        return await self._calls.filter_batch(cached.id, sorted(keep), stopped)
-
-    def _forget_ended(self, on_shard: set[int]) -> None:
-        """Forgets ended requests, but those whose rows the shards still hold (until filtered)."""
-        for request_id in [
-            request_id
-            for request_id, entry in self._running.items()
-            if not entry.alive and request_id not in on_shard
-        ]:
-            del self._running[request_id]
+    def _running_entries(self) -> list[Entry]:
+        return [entry for lane in self._lanes for entry in lane.running.values()]
 
     async def _release_cancelled_prefills(self) -> None:
         """Frees the shards' part of the prompts of cancelled requests prefilled in part."""
-        cancelled = [entry for entry in self._queue.partly_prefilled() if not entry.alive]
+        cancelled = [
+            entry
+            for entry in self._queue.partly_prefilled()
+            if not entry.alive and not any(entry.id in lane.prefilling for lane in self._lanes)
+        ]
         await self._calls.drop_prefills(cancelled)
-
-    # ---- generations to events ---------------------------------------------------------------
-
-    def _handle(self, generations: Iterable[pb.Generation]) -> None:
-        for generation in generations:
-            entry = self._running.get(generation.request_id)
-            if entry is None or not entry.alive:
-                continue
-            events = self._events.of(entry, generation)
-            if not events or events[-1].finished is None:
-                entry.events.put(events)
-                continue
-            if generation.finish_reason == pb.FINISH_REASON_NONE and not generation.beams:
-                # The router ended it (a stop sequence): the shards still run it.
-                index = events[-1].sequence_index
-                self._stopped.append(pb.SequenceRef(request_id=entry.id, sequence_index=index))
-            entry.done = all(seq.done for seq in entry.sequences)
-            entry.events.put(events, final=entry.done)
-            if entry.done:
-                record_success(entry, self._metrics)
-
-    def _encodable(self, entries: list[Entry]) -> dict[Entry, pb.Request]:
-        """Each entry's shard message, in order; an entry whose message cannot be built fails
-        alone (a bug past validation, which builds it too)."""
-        built = {}
-        for entry in entries:
-            chunk_len = entry.pass_tokens if entry.chunked else 0
-            try:
-                built[entry] = request_proto(entry.request, entry.id, entry.prefilled, chunk_len)
-            except (ValueError, TypeError) as error:
-                logger.error("request %d cannot be sent to the shards: %s", entry.id, error)
-                fail([entry], ValidationError(f"the request cannot be sent: {error}"))
-        return built
-
-    def _refuse(self, entry: Entry, reason: str) -> None:
-        """A request the shards refused: they kept nothing of it (nor of its prompt's chunks)."""
-        logger.error("the shards refused request %d: %s", entry.id, reason)
-        entry.prefilled = 0
-        fail([entry], ValidationError(f"the model refused the request: {reason}"))
 
     # ---- bookkeeping -------------------------------------------------------------------------
 
     def _update_gauges(self) -> None:
-        self._metrics.batch_current_size.set(len(self._running))
+        lanes = self._lanes
+        self._metrics.batch_current_size.set(sum(len(lane.running) for lane in lanes))
         self._metrics.batch_current_max_tokens.set(
-            sum(entry.budget_tokens for entry in self._running.values())
+            sum(entry.budget_tokens for lane in lanes for entry in lane.running.values())
         )
         self._metrics.queue_size.set(len(self._queue))
-
-
-def _request_ids(batches: Iterable[pb.CachedBatch]) -> set[int]:
-    return {request_id for batch in batches for request_id in batch.request_ids}

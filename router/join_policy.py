@@ -1,7 +1,8 @@
 """Which waiting requests the next batch takes: TGI's rule for joining a running batch (enough
 of them wait, or they waited `max_waiting_tokens` steps) under the prefill and total token
 budgets, and the look one step ahead that lets the shards launch a Decode ahead when no one is
-expected to join."""
+expected to join. With several batches in flight (pipeline parallelism) each has its own rule;
+the total budget counts the tokens the others hold (`held`)."""
 
 from __future__ import annotations
 
@@ -22,13 +23,13 @@ class JoinPolicy:
         self._metrics = metrics
 
     def next_batch(
-        self, min_size: int | None, running: list[Entry], take: bool = True
+        self, min_size: int | None, running: list[Entry], take: bool = True, held: int = 0
     ) -> list[Entry] | None:
-        """The requests that may be prefilled beside `running` now, taken from the queue unless
-        `take` is False."""
+        """The requests that may be prefilled beside `running` now (other batches holding `held`
+        tokens), taken from the queue unless `take` is False."""
         cfg = self._config
         max_size = None if cfg.max_batch_size is None else max(cfg.max_batch_size - len(running), 0)
-        used = sum(entry.budget_tokens for entry in running)
+        used = held + sum(entry.budget_tokens for entry in running)
         entries = self._queue.next_batch(
             min_size,
             max_size,
@@ -39,17 +40,19 @@ class JoinPolicy:
         self._metrics.queue_size.set(len(self._queue))
         return entries
 
-    def joining(self, waiting_steps: int, on_shard: list[Entry]) -> list[Entry] | None:
+    def joining(
+        self, waiting_steps: int, on_shard: list[Entry], held: int = 0
+    ) -> list[Entry] | None:
         """The requests that join the running batch now; asked before the last step's
         generations are handled, beside the requests the shards still hold."""
         min_size = self._min_size(waiting_steps, len(on_shard))
-        joining = self.next_batch(min_size, on_shard)
+        joining = self.next_batch(min_size, on_shard, held=held)
         if joining:
             reason = "backpressure" if min_size is not None else "wait_exceeded"
             self._metrics.batch_concat.inc(reason=reason)
         return joining
 
-    def join_likely_next(self, waiting_steps: int, on_shard: list[Entry]) -> bool:
+    def join_likely_next(self, waiting_steps: int, on_shard: list[Entry], held: int = 0) -> bool:
         """Whether requests may join at the next step: with one more step waited, beside the
         running requests that will not have reached their token limit. An end the router cannot
         foresee (EOS, a stop sequence) or a new arrival may still let some join; the shards
@@ -58,7 +61,7 @@ class JoinPolicy:
             return False
         staying = [entry for entry in on_shard if not _may_reach_limit_next(entry)]
         min_size = self._min_size(waiting_steps + 1, len(staying))
-        return self.next_batch(min_size, staying, take=False) is not None
+        return self.next_batch(min_size, staying, take=False, held=held) is not None
 
     def _min_size(self, waiting_steps: int, running: int) -> int | None:
         """TGI's rule: waiting requests join when enough of them wait, or they waited long."""

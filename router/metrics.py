@@ -108,6 +108,10 @@ class RouterMetrics:
             "tgi_prefix_cache_hits", "Prompt tokens found in the shards' prefix cache"
         )
         self.batch_inference_count = counter("tgi_batch_inference_count", "Shard steps, by method")
+        self.batch_steps_overlapped = counter(
+            "shardline_batch_steps_overlapped",
+            "Shard steps sent while another batch's step was in flight (pipeline parallelism)",
+        )
         self.batch_inference_success = counter(
             "tgi_batch_inference_success", "Successful shard steps, by method"
         )

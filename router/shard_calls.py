@@ -55,6 +55,8 @@ class ShardCalls:
     ) -> InFlight:
         """Starts a step and returns once its request is on its way."""
         self._metrics.batch_inference_count.inc(method=method)
+        if self._in_flight:  # another batch's step (pipeline parallelism)
+            self._metrics.batch_steps_overlapped.inc()
         task = asyncio.ensure_future(_timed(call))
         self._in_flight[task] = time.monotonic()
         for _ in range(_YIELDS_TO_SEND):

@@ -80,6 +80,7 @@ async def start_router(
             block_size=max(shard_info.block_size, 1),
             prefill_chunking=shard_info.support_chunking,
             prefix_caching=shard_info.use_prefix_caching,
+            batches_in_flight=max(shard_info.pipeline_parallel_size, 1),
         ),
         metrics,
     )

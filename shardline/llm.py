@@ -29,6 +29,7 @@ from shardline.proto import generate_pb2 as pb
 from shardline.router.batcher import Batcher, BatchingConfig
 from shardline.router.errors import ValidationError
 from shardline.router.grammar_compiler import GrammarBudget, GrammarCompiler
+from shardline.router.metrics import RouterMetrics
 from shardline.router.request_types import ValidRequest
 from shardline.router.validation import ValidationLimits, Validator
 from shardline.sampling_params import BeamSearchParams, SamplingParams
@@ -100,6 +101,8 @@ class LLM:
         limits = ValidationLimits(self.max_model_len - 1, self.max_model_len, self.vocab_size)
         self._validator = Validator(self.tokenizer, limits, workers=1)
         self.max_batch_total_tokens = warmup.max_supported_total_tokens
+        # The batching metrics of every call (the server's /metrics: `metrics.exposition()`).
+        self.metrics = RouterMetrics()
         if not self.args.enable_chunked_prefill and self.args.prefill_budget < self.max_model_len:
             self.shutdown()
             raise ValueError(
@@ -196,7 +199,7 @@ class LLM:
         requests = [self._valid_request(t, ids, p) for t, ids, p in zip(texts, token_ids, params)]
         async with self._shards.client() as client:
             await self._compile_grammars(client, requests)
-            batcher = Batcher(client, self.tokenizer, self._batching_config())
+            batcher = Batcher(client, self.tokenizer, self._batching_config(), self.metrics)
             batcher.start()
             try:
                 return await _collect_all(batcher, requests, params, use_tqdm)
@@ -251,6 +254,7 @@ class LLM:
             max_waiting_tokens=self.args.max_waiting_tokens,
             prefill_chunking=self.args.enable_chunked_prefill,
             prefix_caching=self.shard_config.enable_prefix_caching,
+            batches_in_flight=self.shard_config.pipeline_parallel_size,
         )
 
 

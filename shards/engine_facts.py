@@ -25,6 +25,7 @@ def engine_info(engine: ShardEngine) -> pb.InfoResponse:
         block_size=engine.settings.block_size,
         model_type=engine.config.model_type,
         world_size=engine.tp.stage.world_size,
+        pipeline_parallel_size=engine.tp.stage.size,
         vocab_size=engine.config.vocab_size,
         max_position_embeddings=engine.max_positions,
         eos_token_ids=sorted(engine.config.eos_token_ids),

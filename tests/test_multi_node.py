@@ -12,6 +12,7 @@ import socket
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -70,15 +71,26 @@ def post(url: str, body: dict) -> urllib.request.Request:
 def test_two_nodes_serve_a_pipeline_and_fall_together(nodes, tiny_llama_dir: Path) -> None:
     base = free_port_run()
     model = ["--model-id", str(tiny_llama_dir), "--num-shard", "1", *LIMITS]
-    model += ["--pipeline-parallel-size", "2"]
+    model += ["--pipeline-parallel-size", "2", "--max-batch-size", "1"]
     leader = nodes(0, base, *model, "--hostname", "127.0.0.1", "--port", str(unused_port()))
     worker = nodes(1, base, *model)
     ready = leader.wait_for_line("Shardline is ready", timeout_s=180)
     url = json.loads(ready)["message"].split(" on ")[1]
-    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 8, "details": True}}
-    with urllib.request.urlopen(post(f"{url}/generate", body), timeout=60) as response:
-        tokens = [t["id"] for t in json.load(response)["details"]["tokens"]]
-    assert tokens == transformers_greedy(tiny_llama_dir, PROMPT, 8)
+
+    def generate(max_new_tokens: int) -> list[int]:
+        parameters = {"max_new_tokens": max_new_tokens, "details": True}
+        body = {"inputs": PROMPT, "parameters": parameters}
+        with urllib.request.urlopen(post(f"{url}/generate", body), timeout=60) as response:
+            return [t["id"] for t in json.load(response)["details"]["tokens"]]
+
+    with ThreadPoolExecutor(2) as pool:  # two batches of one, in flight at once (PP 2)
+        answers = list(pool.map(generate, [8, 24]))
+    expected = transformers_greedy(tiny_llama_dir, PROMPT, 24)
+    assert answers == [expected[:8], expected]
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    overlapped = next(m for m in metrics.splitlines() if m.startswith("shardline_batch_steps_ov"))
+    assert float(overlapped.split()[-1]) > 0
 
     with grpc.insecure_channel(f"127.0.0.1:{base + 2}") as channel:  # node 1's shard
         stub = generate_pb2_grpc.TextGenerationServiceStub(channel)

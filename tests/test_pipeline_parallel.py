@@ -66,12 +66,18 @@ def test_llm_runs_tensor_times_pipeline_ranks():
 
 def test_tp2_pp2_matches_transformers_and_one_rank(llm, tiny_llama_dir):
     """Four ranks (two stages of two): three rows at a time so that requests join running
-    batches, a 16-token prefill budget so that prompts are prefilled in chunks, prompt logprobs
-    shared from the last stage."""
-    prompts = random_prompts(6, 384, seed=41, min_len=10)
-    lengths = [6, 3, 5, 6, 4, 5]
+    batches and two batches run at once (one step in flight while the other's is sent), a
+    16-token prefill budget so that prompts are prefilled in chunks, one request ended early by
+    a stop token, prompt logprobs shared from the last stage."""
+    prompts = random_prompts(9, 384, seed=41, min_len=10)
+    lengths = [6, 3, 5, 6, 4, 5, 7, 2, 6]
     expected = transformers_greedy(tiny_llama_dir, prompts, lengths)
     params = [SamplingParams(temperature=0, max_tokens=n, prompt_logprobs=1) for n in lengths]
+    stop_token = expected[6][2]
+    params[6] = SamplingParams(
+        temperature=0, max_tokens=lengths[6], prompt_logprobs=1, stop_token_ids=[stop_token]
+    )
+    expected[6] = expected[6][: expected[6].index(stop_token) + 1]
     single = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     pipelined = LLM(
         model=str(tiny_llama_dir),
@@ -86,6 +92,8 @@ def test_tp2_pp2_matches_transformers_and_one_rank(llm, tiny_llama_dir):
         pipelined.shutdown()
     assert len(children) == 4
     assert all(process.poll() is not None for process in children)
+    assert pipelined.metrics.batch_steps_overlapped.value() > 0
+    assert llm.metrics.batch_steps_overlapped.value() == 0
     assert [o.outputs[0].token_ids for o in outputs] == expected
     assert [o.outputs[0].token_ids for o in single] == expected
     for one, many in zip(single, outputs, strict=True):
@@ -102,7 +110,8 @@ def _logprobs(prompt_logprobs) -> list[float]:
 def test_pp2_of_each_model_base_matches_transformers(architecture, num_layers, partition, tmp_path):
     """A family built on each model base over two stages: Gemma 2 (Llama's: the residual stream
     crosses; its sliding and global layers keep their global index) and GPT-2 (LayerNorm
-    blocks: the hidden states alone cross), with three layers split unevenly."""
+    blocks: the hidden states alone cross), with three layers split unevenly; two batches in
+    flight."""
     spec = TinyModelSpec(architecture=architecture, num_layers=num_layers, seed=7)
     model_dir = build_tiny_model(tmp_path / architecture, spec)
     prompts = random_prompts(3, 384, seed=43, min_len=8)
@@ -114,6 +123,7 @@ def test_pp2_of_each_model_base_matches_transformers(architecture, num_layers, p
         block_size=4,
         kv_cache_bytes=1 << 20,
         max_model_len=128,
+        max_num_seqs=2,
     )
     try:
         params = SamplingParams(temperature=0, max_tokens=5)
@@ -121,6 +131,7 @@ def test_pp2_of_each_model_base_matches_transformers(architecture, num_layers, p
     finally:
         pipelined.shutdown()
     assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert pipelined.metrics.batch_steps_overlapped.value() > 0  # two batches of 2 and 1
 
 
 def test_a_family_that_does_not_run_as_a_stage_is_refused(tiny_llama_dir, monkeypatch):

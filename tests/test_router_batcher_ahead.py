@@ -21,14 +21,15 @@ from tests.fake_shard import FakeShardClient
 
 def _log_events(batcher: Batcher, log: list[str]) -> None:
     """Logs the tokens of each step as the batcher turns them into events."""
-    handle = batcher._handle
+    lane = batcher._lanes[0]
+    handle = lane._handle
 
     def logged(generations) -> None:
         generations = list(generations)
         log.append("events " + ",".join(str(g.generated_tokens) for g in generations))
         handle(generations)
 
-    batcher._handle = logged
+    lane._handle = logged
 
 
 async def test_decode_n_plus_1_is_sent_before_step_n_events_are_made(tokenizer):
@@ -212,14 +213,15 @@ async def test_over_grpc_decode_n_plus_1_reaches_the_shard_before_step_n_is_hand
     server.start()
     client = ShardedClient([socket])
     batcher = _batcher(tokenizer, client)
-    handle = batcher._handle
+    lane = batcher._lanes[0]
+    handle = lane._handle
 
     def slow_handle(generations) -> None:
         time.sleep(0.05)  # the router's work on a step, holding the event loop
         handle(generations)
         log.append("handled")
 
-    batcher._handle = slow_handle
+    lane._handle = slow_handle
     try:
         events = await batcher.submit(_request(tokenizer, "the city", max_new_tokens=4)).collect()
     finally:
