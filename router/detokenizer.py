@@ -43,11 +43,12 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         """Adds one generated id; returns the text it completes (often "", never half a char)."""
-        self._pending.append(token_id)
         text = self._stream.step(self._tokenizer, token_id)
-        if text is None:
+        if text is None:  # held back: `flush` decodes what is pending
+            self._pending.append(token_id)
             return ""
-        self._pending.clear()
+        if self._pending:
+            self._pending.clear()
         return text
 
     def flush(self) -> str:

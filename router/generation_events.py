@@ -66,27 +66,26 @@ class GenerationEvents:
         if seq.done:
             return []
         events = []
-        # Indexed once per token: iterating or re-reading protobuf fields costs µs per token.
+        # Indexed once per token: iterating or re-reading protobuf fields costs µs per token;
+        # the events are built with positional arguments (keywords cost ~30 % more).
         ids, logprobs = tokens.ids, tokens.logprobs
-        count, top_tokens = len(ids), generation.top_tokens
-        top_count = len(top_tokens)
-        for position in range(count):
-            is_last = position == count - 1
-            shard_reason = _SHARD_FINISH_REASONS.get(generation.finish_reason) if is_last else None
+        last, top_tokens = len(ids) - 1, generation.top_tokens
+        top_count, details = len(top_tokens), entry.request.decoder_input_details
+        for position in range(last + 1):
+            shard_reason = (
+                _SHARD_FINISH_REASONS.get(generation.finish_reason) if position == last else None
+            )
             token, text, reason = self._next_token(
                 seq, ids[position], logprobs[position], shard_reason
             )
-            event = StreamEvent(
-                index=len(seq.generated_ids), token=token, text=text, sequence_index=index
-            )
+            event = StreamEvent(len(seq.generated_ids), token, text, index)
+            events.append(event)
             if position < top_count:
                 event.top_tokens = self._tokens(top_tokens[position])
-            if len(seq.generated_ids) == 1 and entry.request.decoder_input_details:
+            if details and len(seq.generated_ids) == 1:
                 event.prefill = self._tokens(generation.prefill_tokens)
             if reason is not None:
                 event.finished = self._finish(entry, seq, reason, generation.seed)
-            events.append(event)
-            if reason is not None:
                 break
         return events
 
@@ -117,8 +116,7 @@ class GenerationEvents:
             released = delta if reason is None else delta + seq.detokenizer.flush()
         seq.text.append(released)
         text = self._token_text(token_id) if special else delta
-        token = Token(id=token_id, text=text, logprob=_logprob(logprob), special=special)
-        return token, released, reason
+        return Token(token_id, text, _logprob(logprob), special), released, reason
 
     def _finish(
         self, entry: Entry, seq: SequenceOutput, reason: FinishReason, seed: int

@@ -93,17 +93,24 @@ class ShardBatch:
     def size(self) -> int:
         return len(self.sequences)
 
-    @property
+    # A batch's `sequences` never change (a step that drops or forks rows makes a new batch):
+    # what depends on them alone is computed once, not at every step's `to_proto`.
+
+    @functools.cached_property
     def request_ids(self) -> list[int]:
         """Each request once, in row order."""
         return list(dict.fromkeys(seq.request_id for seq in self.sequences))
+
+    @functools.cached_property
+    def max_tokens(self) -> int:
+        return sum(seq.max_total_tokens for seq in self.sequences)
 
     def to_proto(self) -> generate_pb2.CachedBatch:
         return generate_pb2.CachedBatch(
             id=self.id,
             request_ids=self.request_ids,
             size=self.size,
-            max_tokens=sum(seq.max_total_tokens for seq in self.sequences),
+            max_tokens=self.max_tokens,
             current_tokens=sum(seq.num_cached for seq in self.sequences),
         )
 
