@@ -60,4 +60,9 @@ def test_step_log_records_every_engine_call(llm, tiny_llama_dir):
     wall = sum(call.seconds for call in log.calls) + 0.5
     phases = phase_breakdown(log.calls, wall, shape, UNIT)
     assert sum(phase["calls"] for phase in phases.values()) == len(log.calls)
-    assert phases["host gaps between calls"]["seconds"] == pytest.approx(0.5, abs=1e-3)
+    gaps = phases["host gaps between calls"]
+    assert gaps["seconds"] == pytest.approx(0.5, abs=1e-3)
+    measured_gaps = sum(call.gap_before_s for call in log.calls)
+    assert 0 <= gaps["ahead_in_flight_s"] <= measured_gaps + 1e-3
+    # On CPU too, a decode sent with nothing expected to join launches the next step ahead.
+    assert any(call.ahead_in_flight for call in decodes)
