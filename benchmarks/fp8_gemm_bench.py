@@ -9,7 +9,10 @@ with bf16 activations. Each timed call reads its own copy of the weight (copies 
 they exceed the L2 several times over), a round of calls is replayed from a CUDA graph (as a
 decode step is), and the median replay gives the time per call. GB/s counts the bytes a call
 must move (weight, scales, x, y) against a measured device-to-device copy (bytes read +
-written). --sweep also times other tilings of the Triton GEMM and prints the fastest.
+written). The last lines add up the decoder's four projections over its 32 layers per M: the
+linear layers' share of a decode step, to set SKINNY_GEMM_MAX_ROWS from. --sweep also times
+other tilings of the Triton GEMM and prints the fastest (slow: a compile per tiling; pick
+--layers and --rows).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ LAYERS = {  # name: (N, K) of Llama-3.1-8B
     "down": (4096, 14336),
     "lm_head": (128256, 4096),
 }
+DECODER_LAYERS, DECODER_DEPTH = ("qkv", "o", "gate_up", "down"), 32
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 ROTATION_BYTES = 512 << 20
 REPLAYS = 50
@@ -121,18 +125,23 @@ def cell(layer: Layer, rows: int, ms: float, weight_bytes: int, bandwidth: float
     return f"{ms:7.4f} ms {rate / 1e9:5.0f} GB/s {100 * rate / bandwidth:3.0f} %"
 
 
-def print_layer(name: str, layer: Layer, rows: list[int], bandwidth: float, sweep: bool) -> None:
+def print_layer(
+    name: str, layer: Layer, rows: list[int], bandwidth: float, sweep: bool
+) -> dict[int, tuple[float, float, float]]:
+    """Prints a line per M; returns M -> (triton, scaled_mm, bf16) ms."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    times = {}
     for m in rows:
         x = torch.randn(m, layer.k, device="cuda").to(DTYPE)
         skinny = layer.time_fp8(x, fp8_skinny_gemm)
         scaled = layer.time_fp8(x, scaled_mm_linear)
+        times[m] = (skinny, scaled, layer.time_bf16(x))
         config = skinny_config(m, layer.n, layer.k, sms)
         line = (
             f"{name:8s} {layer.n:6d} x {layer.k:5d}  M {m:3d}"
             f" | triton {cell(layer, m, skinny, 1, bandwidth)}"
             f" | scaled_mm {cell(layer, m, scaled, 1, bandwidth)}"
-            f" | bf16 {cell(layer, m, layer.time_bf16(x), 2, bandwidth)}"
+            f" | bf16 {cell(layer, m, times[m][2], 2, bandwidth)}"
             f" | scaled_mm/triton {scaled / skinny:4.2f}x"
             f" ({config.block_n}x{config.block_k} {config.num_warps}w {config.num_stages}s)"
         )
@@ -143,6 +152,23 @@ def print_layer(name: str, layer: Layer, rows: list[int], bandwidth: float, swee
         if sweep:
             ms, best = fastest(layer, x)
             print(f"{'':31s}fastest tiling {cell(layer, m, ms, 1, bandwidth)}: {best}", flush=True)
+    return times
+
+
+def print_decoder_totals(by_layer: dict[str, dict[int, tuple[float, float, float]]]) -> None:
+    """The 8B decoder's projections (qkv, o, gate_up, down) times its 32 layers, per M."""
+    if not set(DECODER_LAYERS) <= set(by_layer):
+        return
+    for m in by_layer[DECODER_LAYERS[0]]:
+        skinny, scaled, bf16 = (
+            DECODER_DEPTH * sum(by_layer[name][m][i] for name in DECODER_LAYERS) for i in range(3)
+        )
+        print(
+            f"decoder projections x {DECODER_DEPTH} layers  M {m:3d} | triton {skinny:6.3f} ms"
+            f" | scaled_mm {scaled:6.3f} ms | bf16 {bf16:6.3f} ms"
+            f" | the faster FP8: {'triton' if skinny < scaled else 'scaled_mm'}",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -159,11 +185,13 @@ def main() -> None:
         flush=True,
     )
     rows = [int(m) for m in args.rows.split(",")]
+    by_layer = {}
     for name in args.layers.split(","):
         layer = Layer(*LAYERS[name])
-        print_layer(name, layer, rows, bandwidth, args.sweep)
+        by_layer[name] = print_layer(name, layer, rows, bandwidth, args.sweep)
         del layer
         torch.cuda.empty_cache()
+    print_decoder_totals(by_layer)
 
 
 if __name__ == "__main__":
