@@ -3,15 +3,16 @@ for bf16/fp16 activations x [M, K] and an FP8 weight Q [N, K] (float8_e4m3fn) wi
 scale s per output row (fp8.py's runtime form), accumulated in float32, output in x's dtype.
 
 A decode step of a few rows only streams the weights. cuBLAS's row-wise scaled FP8 GEMM
-(`torch._scaled_mm`) is far from the copy bandwidth at small M and needs the activations
-quantized first (another launch per layer). Here each program owns BLOCK_N output columns for
-all of x's rows (BLOCK_M at a time, padded to the 16 a tensor-core dot needs), walks K once
-with its weight tiles software-pipelined (`num_stages`), converts them to x's dtype in
-registers (exact: every e4m3 value is a bf16 and an fp16) and multiplies on the tensor cores
-with the weight as the dot's left operand; the row scales and the bias are the epilogue. BLOCK_N
-shrinks until the programs cover the SMs, so even a 4096-row weight spreads over the whole GPU;
-x (a few KB per row) is re-read from L2 by every program, 2 * M / BLOCK_N bytes per weight byte. Launched with PDL
-(pdl.py) at the few-row sizes that use it, waiting before its first load.
+(`torch._scaled_mm`) is not bandwidth-bound at small M and needs the activations quantized
+first (another launch per layer). Here each program owns BLOCK_N output columns for all of x's
+rows (BLOCK_M at a time, padded to the 16 a tensor-core dot needs) and walks K once, its weight
+and x tiles software-pipelined (`num_stages`: cp.async into shared memory on sm_90); it
+converts the weight tile to x's dtype in registers (exact: every e4m3 value is a bf16 and an
+fp16) and multiplies on the tensor cores with the weight as the dot's left operand; the row
+scales and the bias are the epilogue. BLOCK_N shrinks until the programs cover the SMs, so even
+a 4096-row weight spreads over the whole GPU; every program re-reads x from L2, 2 * M / BLOCK_N
+bytes per weight byte. Launched with PDL (pdl.py) at the few-row sizes that use it, waiting
+before its first load.
 """
 
 from __future__ import annotations
