@@ -53,12 +53,17 @@ def add_token_generation(
     """Adds the row's Generation; returns why its sequence stops (NONE: it goes on)."""
     token = step.next_token_ids[row]
     reason = seq.record(token)
-    generation = generations.add()  # set field by field: ~15% cheaper than keywords (upb)
+    # Set field by field (~15% cheaper than keywords with upb), and zeros not at all: a proto3
+    # zero is not sent either way, and each set costs ~0.1 µs (most rows: sample 0, going on).
+    generation = generations.add()
     generation.request_id = seq.request_id
-    generation.sequence_index = seq.sequence_index
-    generation.finish_reason = reason
     generation.generated_tokens = seq.generated
-    generation.seed = seq.seed
+    if seq.sequence_index:
+        generation.sequence_index = seq.sequence_index
+    if reason:
+        generation.finish_reason = reason
+    if seq.seed:
+        generation.seed = seq.seed
     tokens = generation.tokens
     tokens.ids.append(token)
     tokens.logprobs.append(step.logprobs[row])
