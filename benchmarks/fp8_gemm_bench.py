@@ -157,14 +157,13 @@ def print_layer(
 
 def print_decoder_totals(by_layer: dict[str, dict[int, tuple[float, float, float]]]) -> None:
     """The 8B decoder's projections (qkv, o, gate_up, down) times its 32 layers, per M."""
-    if not set(DECODER_LAYERS) <= set(by_layer):
-        return
+    print(f"== the decoder's projections x {DECODER_DEPTH} layers (a decode step's linears)")
     for m in by_layer[DECODER_LAYERS[0]]:
         skinny, scaled, bf16 = (
             DECODER_DEPTH * sum(by_layer[name][m][i] for name in DECODER_LAYERS) for i in range(3)
         )
         print(
-            f"decoder projections x {DECODER_DEPTH} layers  M {m:3d} | triton {skinny:6.3f} ms"
+            f"M {m:3d} | triton {skinny:6.3f} ms"
             f" | scaled_mm {scaled:6.3f} ms | bf16 {bf16:6.3f} ms"
             f" | the faster FP8: {'triton' if skinny < scaled else 'scaled_mm'}",
             flush=True,
@@ -191,7 +190,8 @@ def main() -> None:
         by_layer[name] = print_layer(name, layer, rows, bandwidth, args.sweep)
         del layer
         torch.cuda.empty_cache()
-    print_decoder_totals(by_layer)
+        if name in DECODER_LAYERS and set(DECODER_LAYERS) <= set(by_layer):
+            print_decoder_totals(by_layer)
 
 
 if __name__ == "__main__":
