@@ -116,6 +116,10 @@ class Call:
     # A decode step launched ahead (ShardEngine.decode) was on the device during that gap, so
     # the gap overlapped device work; without one the device had nothing to do.
     ahead_in_flight: bool = False
+    # Launching the next step ahead inside this call: its wall time, and the part of it the
+    # engine thread spent off the CPU (waiting for the GIL the router's Python holds, in `LLM`).
+    launch_s: float = 0.0
+    launch_off_cpu_s: float = 0.0
 
     def floor_s(self, shape: ModelShape, ceil: Ceilings) -> float:
         logit_rows = self.decode_rows + (1 if self.prompt_tokens else 0)
@@ -142,11 +146,19 @@ class StepLog:
     calls: list[Call] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     last_end: float | None = None
+    launch: tuple[float, float] = (0.0, 0.0)  # the current call's launch ahead: wall, off-CPU
 
     @classmethod
     def attach(cls, engine) -> StepLog:
         log = cls(engine)
-        prefill, decode = engine.prefill, engine.decode
+        prefill, decode, launch_ahead = engine.prefill, engine.decode, engine._launch_ahead
+
+        def timed_launch(batch, step):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            ahead = launch_ahead(batch, step)
+            wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+            log.launch = (wall, max(wall - cpu, 0.0))
+            return ahead
 
         def timed(describe, call):
             def wrapper(request):
@@ -158,7 +170,8 @@ class StepLog:
                 gap = 0.0 if log.last_end is None else started - log.last_end
                 log.last_end = ended
                 facts = (kind, rows, prompt, context, pairs, ended - started, gap, ahead)
-                log.calls.append(Call(*facts))
+                log.calls.append(Call(*facts, *log.launch))
+                log.launch = (0.0, 0.0)
                 return answer
 
             return wrapper
@@ -179,10 +192,11 @@ class StepLog:
 
         engine.prefill = timed(prefill_call, prefill)
         engine.decode = timed(decode_call, decode)
+        engine._launch_ahead = timed_launch
         return log
 
     def detach(self) -> None:
-        del self.engine.prefill, self.engine.decode
+        del self.engine.prefill, self.engine.decode, self.engine._launch_ahead
 
     def summary(self) -> dict:
         """Per kind and band of 32 decode rows: calls, mean prompt tokens, mean ms."""
@@ -222,6 +236,9 @@ def phase_breakdown(calls: list[Call], wall_s: float, shape: ModelShape, ceil: C
         # The part of the gaps that overlapped a step launched ahead (an upper bound of what
         # the device computed meanwhile); the rest left the device idle.
         "ahead_in_flight_s": round(sum(c.gap_before_s for c in calls if c.ahead_in_flight), 3),
+        # Inside the calls: launching steps ahead, and the part of that spent off the CPU.
+        "launch_ahead_s": round(sum(c.launch_s for c in calls), 3),
+        "launch_ahead_off_cpu_s": round(sum(c.launch_off_cpu_s for c in calls), 3),
     }
     for phase in phases.values():
         phase["seconds"] = round(phase["seconds"], 3)
@@ -250,6 +267,10 @@ def floor_table(workload: dict, phases: dict, wall_s: float) -> list[tuple[str, 
     for name, phase in phases.items():
         note = f"{phase['calls']} calls, floor {phase['floor_s']:.2f} s"
         if "ahead_in_flight_s" in phase:
-            note += f"; {phase['ahead_in_flight_s']:.2f} s with a step launched ahead in flight"
+            note += (
+                f"; {phase['ahead_in_flight_s']:.2f} s with a step launched ahead in flight; "
+                f"launches ahead {phase['launch_ahead_s']:.2f} s in calls, "
+                f"{phase['launch_ahead_off_cpu_s']:.2f} s of it off the CPU"
+            )
         rows.append((f"  {name}", f"{phase['seconds']:.2f}", note))
     return rows

@@ -66,3 +66,6 @@ def test_step_log_records_every_engine_call(llm, tiny_llama_dir):
     assert 0 <= gaps["ahead_in_flight_s"] <= measured_gaps + 1e-3
     # On CPU too, a decode sent with nothing expected to join launches the next step ahead.
     assert any(call.ahead_in_flight for call in decodes)
+    launches = [call for call in decodes if call.launch_s > 0]
+    assert launches and all(0 <= call.launch_off_cpu_s <= call.launch_s for call in launches)
+    assert gaps["launch_ahead_s"] == pytest.approx(sum(c.launch_s for c in launches), abs=1e-3)
