@@ -4,6 +4,7 @@ matched on the text (across tokens), a sequence's last event carrying `finished`
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from shardline.proto import generate_pb2 as pb
@@ -54,12 +55,17 @@ class GenerationEvents:
         # A beam search's Generation carries no tokens of its own: `beams` (whose reading
         # costs as much as the tokens') is looked at only then.
         tokens = generation.tokens
-        if not tokens.ids and generation.beams:
+        ids = tokens.ids
+        if not ids and generation.beams:
             return self._beam_events(entry, generation)
-        return self._events(entry, generation, tokens)
+        return self._events(entry, generation, ids, tokens.logprobs)
 
     def _events(
-        self, entry: Entry, generation: pb.Generation, tokens: pb.Tokens
+        self,
+        entry: Entry,
+        generation: pb.Generation,
+        ids: Sequence[int],
+        logprobs: Sequence[float],
     ) -> list[StreamEvent]:
         index = generation.sequence_index
         seq = entry.sequences[index]
@@ -68,7 +74,6 @@ class GenerationEvents:
         events = []
         # Indexed once per token: iterating or re-reading protobuf fields costs µs per token;
         # the events are built with positional arguments (keywords cost ~30 % more).
-        ids, logprobs = tokens.ids, tokens.logprobs
         last, top_tokens = len(ids) - 1, generation.top_tokens
         top_count, details = len(top_tokens), entry.request.decoder_input_details
         for position in range(last + 1):
@@ -100,7 +105,7 @@ class GenerationEvents:
                 tokens=beam.tokens,
                 finish_reason=beam.finish_reason,
             )
-            events += self._events(entry, beam_generation, beam.tokens)
+            events += self._events(entry, beam_generation, beam.tokens.ids, beam.tokens.logprobs)
         return events
 
     def _next_token(
