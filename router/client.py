@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -170,13 +170,16 @@ def drop_prefills_request(request_ids: Sequence[int]) -> pb.ClearCacheRequest:
 
 class ShardedClient:
     """gRPC to every shard: over unix sockets (`unix://PATH`), and to the shards of other nodes
-    over TCP (`tcp://HOST:PORT`), every call carrying the cluster `token`."""
+    over TCP (`tcp://HOST:PORT`), every call carrying the cluster `token`. `call_numbers`: the
+    numbers of the calls that change the shards' state, shared by the clients that follow one
+    another on the same shards (each shard runs them in that order)."""
 
     def __init__(
         self,
         urls: Sequence[str],
         deadlines: ShardDeadlines = ShardDeadlines(),
         token: str | None = None,
+        call_numbers: Iterator[int] | None = None,
     ) -> None:
         if not urls:
             raise ValueError("at least one shard url is needed")
@@ -187,7 +190,7 @@ class ShardedClient:
             for url in urls
         ]
         self._stubs = [generate_pb2_grpc.TextGenerationServiceStub(ch) for ch in self._channels]
-        self._sequence = itertools.count()
+        self._sequence = itertools.count() if call_numbers is None else call_numbers
 
     @classmethod
     async def connect(
@@ -195,6 +198,7 @@ class ShardedClient:
         master_uds_path: str,
         deadlines: ShardDeadlines = ShardDeadlines(),
         token: str | None = None,
+        call_numbers: Iterator[int] | None = None,
     ) -> ShardedClient:
         """Asks the master shard for every shard's address (ServiceDiscovery)."""
         master = cls([_unix_url(master_uds_path)], deadlines, token)
@@ -203,7 +207,8 @@ class ShardedClient:
             found = await master._all("ServiceDiscovery", request, deadlines.probe)
         finally:
             await master.close()
-        return cls(list(found.urls) or [_unix_url(master_uds_path)], deadlines, token)
+        urls = list(found.urls) or [_unix_url(master_uds_path)]
+        return cls(urls, deadlines, token, call_numbers)
 
     @property
     def world_size(self) -> int:

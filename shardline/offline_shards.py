@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import os
 import shutil
 import socket
@@ -30,6 +31,9 @@ class ShardProcesses:
             os.path.join(self._socket_dir, "shard"), "127.0.0.1", _free_port()
         )
         self._children = start_shards(config, self.launch, os.environ, ChildOutput(False))
+        # One numbering of the calls over the clients of successive generate() calls: the shards
+        # run numbered calls in order, and a client that started again at 0 would not be.
+        self._call_numbers = itertools.count()
         atexit.register(self.close)
         try:
             wait_until_ready(
@@ -44,7 +48,8 @@ class ShardProcesses:
         from shardline.launcher.commands import shard_socket
         from shardline.router.client import ShardedClient
 
-        client = await ShardedClient.connect(shard_socket(self.launch.uds_prefix, 0))
+        socket = shard_socket(self.launch.uds_prefix, 0)
+        client = await ShardedClient.connect(socket, call_numbers=self._call_numbers)
         try:
             yield client
         finally:
