@@ -1,7 +1,8 @@
 """The router's view of the shards: a `ShardClient` protocol and its gRPC implementation.
 
-Every call goes to every shard at once and the shards run in lockstep; shard 0's answer is
-the one used (TGI's sharded client).
+Every call goes to every shard at once and the shards run in lockstep; the last shard's answer
+is the one used (TGI's sharded client uses shard 0's: with pipeline stages, only the last stage
+answers a Decode with its tokens, the others before they are chosen).
 
 Every call has a deadline (`ShardDeadlines`): a shard that is alive but stuck (a stopped process,
 a deadlock, a hung collective) makes the call raise `ShardTimeoutError` instead of hanging the
@@ -237,7 +238,7 @@ class ShardedClient:
                     f"the shards did not answer {method} within {timeout:g} s: a shard is stuck"
                 ) from error
             raise
-        return answers[0]
+        return answers[-1]
 
     async def _ordered(self, method: str, request: object, timeout: float | None) -> Any:
         """A call that changes the shards' state, numbered so every rank runs it in this order."""

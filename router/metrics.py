@@ -87,14 +87,14 @@ class RouterMetrics:
         )
         self.queue_size = Gauge("tgi_queue_size", "Requests waiting", registry=registry)
         self.kv_blocks_free = Gauge(
-            "shardline_kv_blocks_free", "Free KV cache blocks on shard 0", registry=registry
+            "shardline_kv_blocks_free", "Free KV cache blocks on the last shard", registry=registry
         )
         self.kv_blocks_total = Gauge(
-            "shardline_kv_blocks_total", "KV cache blocks on shard 0", registry=registry
+            "shardline_kv_blocks_total", "KV cache blocks on the last shard", registry=registry
         )
         self.kv_blocks_cached = Gauge(
             "shardline_kv_blocks_cached",
-            "KV cache blocks in shard 0's prefix-cache index (the evictable ones count as free)",
+            "KV cache blocks in the last shard's prefix-cache index (evictable ones count as free)",
             registry=registry,
         )
         self.batch_next_size = histogram(

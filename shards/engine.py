@@ -39,6 +39,7 @@ from shardline.shards.sequences.samples import (
     fork_samples,
     start_beam_searches,
 )
+from shardline.shards.stage_pending import PendingSteps, needs_more_than_fresh
 from shardline.shards.step_result import PendingStep, StepResult
 from shardline.shards.utils.dist import TPGroup
 from shardline.shards.warmup import warm_up
@@ -78,6 +79,8 @@ class ShardEngine:
         self.allocator: BlockAllocator | None = None
         self.batches: dict[int, ShardBatch] = {}
         self._ahead: StepAhead | None = None
+        # Decodes a stage but the last answered before their tokens came (stage_pending.py).
+        self._held = PendingSteps(lambda b, r: self._advance(b, r, pb.DecodeResponse().generations))
         self._partial = PartialPrompts()
         self.prefill_limit: int | None = None  # the largest pass warmup sized the memory for
         self.grammars = GrammarLoader(sorted(config.eos_token_ids), config.vocab_size)
@@ -129,6 +132,7 @@ class ShardEngine:
         their generations come first, and the answered batch holds every row. A request whose
         data is invalid is refused alone (`refused`), the others run."""
         started = time.perf_counter_ns()
+        self._held.complete()
         batch_pb, refused = self._admit(request.batch)
         if not batch_pb.requests:
             return self._prefill_none(request, refused, started)
@@ -266,9 +270,13 @@ class ShardEngine:
         started = time.perf_counter_ns()
         if not request.batches:
             raise InvalidRequestError("Decode needs at least one cached batch")
+        if self._held:
+            self._held.complete([batch.id for batch in request.batches])
         batches = self._pop_batches(request.batches)
         try:
             fault_injection.maybe_fail("decode")
+            if self._held and needs_more_than_fresh(batches, self._require_allocator()):
+                self._held.complete()
             batch, step = self._step(batches)
         except BaseException:
             for batch in batches:
@@ -276,7 +284,11 @@ class ShardEngine:
             raise
         batch.id = batches[0].id
         concat_done = time.perf_counter_ns()
-        if request.launch_next and can_launch_ahead(batch):
+        self._held.complete()  # the step before this one: its tokens came while this one ran
+        if not self.tp.stage.is_last and not batch.beams:
+            self._held.hold(batch, step)  # the router reads the last stage's answer
+            return pb.DecodeResponse(total_ns=time.perf_counter_ns() - started)
+        if request.launch_next and self.tp.stage.size == 1 and can_launch_ahead(batch):
             self._ahead = self._launch_ahead(batch, step)
         result = step.result()
         batch.last_tokens = result.next_tokens
@@ -316,6 +328,7 @@ class ShardEngine:
         return StepAhead(self.runner.decode(batch, step.next_tokens, ahead=1), batch.sequences)
 
     def filter_batch(self, request: pb.FilterBatchRequest) -> pb.FilterBatchResponse:
+        self._held.complete()
         batch = self._pop_batch(request.batch_id)
         wanted = set(request.request_ids)
         stopped = {(ref.request_id, ref.sequence_index) for ref in request.stopped_sequences}
@@ -331,6 +344,7 @@ class ShardEngine:
         return pb.FilterBatchResponse(batch=kept.to_proto())
 
     def clear_cache(self, request: pb.ClearCacheRequest) -> pb.ClearCacheResponse:
+        self._held.complete()
         self._ahead = None
         self._partial.drop(list(request.prefilling_request_ids), self.allocator)
         if request.HasField("id"):

@@ -33,6 +33,11 @@ class BlockAllocator:
     def num_free(self) -> int:
         return len(self._free)
 
+    @property
+    def num_fresh(self) -> int:
+        """Blocks an allocation takes without evicting a cached prefix (prefix_cache.py)."""
+        return len(self._free)
+
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

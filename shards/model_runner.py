@@ -12,7 +12,7 @@ from shardline.shards.cuda_graphs import DecodeGraphs
 from shardline.shards.kv_cache import BlockAllocator, KVCache
 from shardline.shards.layers.attention.metadata import AttentionMetadata
 from shardline.shards.sampling.sampling import Sampler, SamplingState
-from shardline.shards.stage_outputs import share_prompt_logprobs, share_sampled
+from shardline.shards.stage_outputs import share_prompt_logprobs, share_sampled, step_on_arrival
 from shardline.shards.step_result import PendingStep, StepResult, pending_step
 from shardline.shards.utils.pipeline import SINGLE_STAGE, PipelineStage
 from shardline.shards.utils.transfer import to_device
@@ -201,7 +201,9 @@ class ModelRunner:
         for that copy alone. `logits` is None on a pipeline stage but the last."""
         out = None if logits is None else self.sampler(logits, sampling)
         if self.stage.size > 1:
-            out = share_sampled(self.stage, out, sampling, self.device)
+            out, arrived = share_sampled(self.stage, out, sampling, self.device)
+            if arrived is not None:
+                return step_on_arrival(out, arrived, sampling, started, forward_done)
         assert out is not None
         sampling.append(out.next_token_ids)
         return pending_step(out, started, forward_done)

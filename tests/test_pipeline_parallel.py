@@ -10,6 +10,7 @@ from shardline import LLM, SamplingParams
 from shardline.launcher.args import parse_args
 from shardline.launcher.commands import LauncherError
 from shardline.launcher.shards import shard_config
+from shardline.sampling_params import BeamSearchParams
 from shardline.shard_config import ShardConfig, parse_partition
 from shardline.shards.utils.pipeline import PipelineStage, even_partition
 from tests.model_factory import TinyModelSpec, build_tiny_model
@@ -88,8 +89,12 @@ def test_tp2_pp2_matches_transformers_and_one_rank(llm, tiny_llama_dir):
     children = [child.process for child in pipelined._shards._children]
     try:
         outputs = pipelined.generate(prompt_token_ids=prompts, sampling_params=params)
+        sampled = _sampled_and_beams(pipelined, prompts)
     finally:
         pipelined.shutdown()
+    tokens, logprobs = _sampled_and_beams(llm, prompts)
+    assert sampled[0] == tokens
+    assert sampled[1] == pytest.approx(logprobs, abs=1e-3)
     assert len(children) == 4
     assert all(process.poll() is not None for process in children)
     assert pipelined.metrics.batch_steps_overlapped.value() > 0
@@ -98,6 +103,27 @@ def test_tp2_pp2_matches_transformers_and_one_rank(llm, tiny_llama_dir):
     assert [o.outputs[0].token_ids for o in single] == expected
     for one, many in zip(single, outputs, strict=True):
         assert _logprobs(many.prompt_logprobs) == pytest.approx(_logprobs(one.prompt_logprobs))
+
+
+_SAMPLED = [
+    SamplingParams(temperature=0.8, seed=5, n=2, max_tokens=5, logprobs=2),
+    SamplingParams(temperature=0.7, seed=9, top_k=20, repetition_penalty=1.3, max_tokens=7),
+    SamplingParams(temperature=0.9, seed=3, best_of=3, max_tokens=4),
+    SamplingParams(temperature=0, frequency_penalty=0.5, max_tokens=8),
+]
+
+
+def _sampled_and_beams(llm: LLM, prompts: list[list[int]]) -> tuple[list, list[float]]:
+    """The tokens of seeded samples (penalties, n, best_of) and of beam searches (which a stage
+    but the last completes at once rather than after the next step), and the top logprobs."""
+    outputs = llm.generate(prompt_token_ids=prompts[:4], sampling_params=_SAMPLED)
+    samples = [c for o in outputs for c in o.outputs]
+    logprobs = [v.logprob for c in samples for lp in c.logprobs or [] for v in lp.values()]
+    beams = llm.beam_search(
+        [{"prompt_token_ids": p} for p in prompts[:2]], BeamSearchParams(beam_width=2, max_tokens=4)
+    )
+    tokens = [[c.token_ids for c in samples], [[s.tokens for s in b.sequences] for b in beams]]
+    return tokens, logprobs
 
 
 def _logprobs(prompt_logprobs) -> list[float]:

@@ -5,13 +5,15 @@ The world of `world_size` ranks is split into `size` stages of `tp_size` consecu
 holds a contiguous run of the decoder layers (`layers`); the first also the embedding, the last
 the final norm and the LM head. A forward pass hands its activations from each rank to the rank
 of the same tensor-parallel position in the next stage (`send` / `receive`), and the last stage,
-which alone has logits, shares what it sampled with every rank (`share`), so that every rank
-keeps the same batches, sampling state and answers.
+which alone has logits, sends what it sampled back to the same position of every earlier stage
+(`send_back` / `receive_from_last`: the receives are posted at once and waited on later) and
+shares its prompt logprobs with every rank (`share`), so that every rank keeps the same
+batches, sampling state and answers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +79,26 @@ class PipelineStage:
         for tensor in tensors:
             dist.recv(tensor, self.world_rank - self.tp_size, group=self.group)
         return tensors
+
+    def send_back(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Hands the last stage's `tensors` to the same tensor-parallel rank of every earlier
+        stage."""
+        position = self.world_rank % self.tp_size
+        for stage in range(self.size - 1):
+            for tensor in tensors:
+                dist.send(tensor, stage * self.tp_size + position, group=self.group)
+
+    def receive_from_last(self, tensors: Sequence[torch.Tensor]) -> Callable[[], None]:
+        """Posts the receives of the last stage's `tensors` (in place); the function returned
+        waits until they are in."""
+        source = (self.size - 1) * self.tp_size + self.world_rank % self.tp_size
+        works = [dist.irecv(tensor, source, group=self.group) for tensor in tensors]
+
+        def arrived() -> None:
+            for work in works:
+                work.wait()
+
+        return arrived
 
     def gather(self, value: object) -> list[object]:
         """Every rank's `value` (picklable), in rank order."""
