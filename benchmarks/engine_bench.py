@@ -75,12 +75,12 @@ def offline_run(
     vocab: int,
     ceilings: dict,
     warm_at: float,
-    arrival_order: bool,
+    submission: str,
 ) -> tuple[dict, list[tuple[str, str, str]]]:
     """The whole workload at once, against the floor of its work (benchmarks/offline_floor.py)."""
     torch.cuda.reset_peak_memory_stats()
-    requests = offline_requests(llm, pairs, vocab, arrival_order)
-    elapsed, timings, calls = asyncio.run(timed_run(llm, requests))
+    requests = offline_requests(llm, pairs, vocab, submission)
+    elapsed, timings, calls = asyncio.run(timed_run(llm, requests, paced=submission == "paced"))
     offline = summarize("offline", elapsed, timings, sum(n for n, _ in pairs))
     offline["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     offline["compiled_after_warmup"] = triton_compiled_since(warm_at)
@@ -108,17 +108,20 @@ def offline_run(
     return offline, rows + floor_table(offline["floor"], offline["phases"], elapsed)
 
 
-def offline_requests(llm: LLM, pairs: list, vocab: int, arrival_order: bool) -> list:
+def offline_requests(llm: LLM, pairs: list, vocab: int, submission: str) -> list:
     """The workload's requests in the order `LLM.generate` submits them (longest first), or in
-    the workload's own order (a served router's first come, first served)."""
+    the workload's own order (`arrival`: a served router's first come, first served)."""
     requests = make_requests(llm, pairs, vocab)
-    return requests if arrival_order else [requests[i] for i in submission_order(requests)]
+    if submission == "arrival":
+        return requests
+    return [requests[i] for i in submission_order(requests)]
 
 
-def profile_offline(llm: LLM, pairs: list, vocab: int, arrival_order: bool) -> dict:
+def profile_offline(llm: LLM, pairs: list, vocab: int, submission: str) -> dict:
     """The offline run again under the torch profiler: GPU time by kernel class and by kernel."""
-    requests = offline_requests(llm, pairs, vocab, arrival_order)
-    profile = kernel_profile(lambda: asyncio.run(timed_run(llm, requests)))
+    requests = offline_requests(llm, pairs, vocab, submission)
+    paced = submission == "paced"
+    profile = kernel_profile(lambda: asyncio.run(timed_run(llm, requests, paced=paced)))
     print(json.dumps({"kernel_profile": profile}), flush=True)
     return profile
 
@@ -163,9 +166,11 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", default=None)
     parser.add_argument("--max-num-seqs", type=int, default=256, help="requests run at once")
     parser.add_argument(
-        "--arrival-order",
-        action="store_true",
-        help="offline: submit in the workload's order, not LLM.generate's longest first",
+        "--submission",
+        choices=["paced", "longest", "arrival"],
+        default="paced",
+        help="offline: LLM.generate's way (longest first, let in at offline_pacing's pace), "
+        "longest first all at once, or the workload's order all at once",
     )
     parser.add_argument(
         "--switch-interval",
@@ -270,11 +275,11 @@ def main() -> None:
             )
     if "offline" in modes:
         results["offline"], rows = offline_run(
-            llm, model_dir, pairs, vocab, ceilings, warm_at, arrival_order=args.arrival_order
+            llm, model_dir, pairs, vocab, ceilings, warm_at, submission=args.submission
         )
         table += rows
     if "profile" in modes:
-        results["profile"] = profile_offline(llm, pairs, vocab, args.arrival_order)
+        results["profile"] = profile_offline(llm, pairs, vocab, args.submission)
     if "hf" in modes:
         llm = None
         torch.cuda.empty_cache()

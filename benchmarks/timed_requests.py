@@ -15,8 +15,10 @@ from pathlib import Path
 
 from benchmarks.offline_floor import Call, StepLog
 from shardline import LLM, SamplingParams
+from shardline.offline_pacing import submitted_at_pace
 from shardline.router.batcher import Batcher, BatchingConfig
 from shardline.router.metrics import RouterMetrics
+from shardline.router.request_stream import RequestStream
 from shardline.router.request_types import ValidRequest
 
 
@@ -61,9 +63,11 @@ async def timed_run(
     requests: list[ValidRequest],
     config: BatchingConfig | None = None,
     delays: list[float] | None = None,
+    paced: bool = False,
 ) -> tuple[float, list[RequestTiming], list[Call]]:
     """Every request through a batcher (the LLM's own config unless `config`), request i
-    submitted `delays[i]` seconds after the start (default: all at once); the engine's calls."""
+    submitted `delays[i]` seconds after the start (default: all at once), or in order at
+    `LLM.generate`'s pace if `paced` (shardline/offline_pacing.py); the engine's calls."""
     metrics = RouterMetrics()
     waste: list[float] = []
     steps = StepLog.attach(llm._shards.engine)
@@ -74,8 +78,14 @@ async def timed_run(
         sampler = asyncio.create_task(_sample_kv_waste(llm, waste))
         try:
             started = time.perf_counter()
-            consumers = (_consume(batcher, r, d) for r, d in zip(requests, delays, strict=True))
-            timings = await asyncio.gather(*consumers)
+            if paced:
+                # TTFT from the run's start, as for requests all submitted at once
+                timings = await submitted_at_pace(
+                    batcher, requests, lambda _, stream: _timed(stream, started)
+                )
+            else:
+                consumers = (_consume(batcher, r, d) for r, d in zip(requests, delays, strict=True))
+                timings = await asyncio.gather(*consumers)
             elapsed = time.perf_counter() - started
         finally:
             sampler.cancel()
@@ -123,8 +133,12 @@ def shard_call_breakdown(metrics: RouterMetrics, elapsed: float) -> dict:
 async def _consume(batcher: Batcher, request: ValidRequest, delay: float = 0.0) -> RequestTiming:
     if delay:
         await asyncio.sleep(delay)
-    timing = RequestTiming(start=time.perf_counter())
-    async for _event in batcher.submit(request):
+    return await _timed(batcher.submit(request), time.perf_counter())
+
+
+async def _timed(stream: RequestStream, start: float) -> RequestTiming:
+    timing = RequestTiming(start=start)
+    async for _event in stream:
         timing.token_times.append(time.perf_counter())
     return timing
 

@@ -22,6 +22,11 @@ class RequestStream:
     def request(self) -> ValidRequest:
         return self._entry.request
 
+    @property
+    def entry(self) -> Entry:
+        """The request's place in the router: its sequences and what they generated so far."""
+        return self._entry
+
     def __aiter__(self) -> RequestStream:
         return self
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardline.model_files import resolve_model
+from shardline.offline_pacing import submitted_at_pace
 from shardline.offline_shards import open_shards
 from shardline.outputs import (
     BeamSearchOutput,
@@ -30,6 +31,7 @@ from shardline.router.batcher import Batcher, BatchingConfig
 from shardline.router.errors import ValidationError
 from shardline.router.grammar_compiler import GrammarBudget, GrammarCompiler
 from shardline.router.metrics import RouterMetrics
+from shardline.router.request_stream import RequestStream
 from shardline.router.request_types import ValidRequest
 from shardline.router.validation import ValidationLimits, Validator
 from shardline.sampling_params import BeamSearchParams, SamplingParams
@@ -268,14 +270,15 @@ async def _collect_all(
 
     progress = tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm)
 
-    async def one(index: int, request: ValidRequest) -> RequestOutput:
-        events = await batcher.submit(request).collect()
-        progress.update(1)
-        return request_output(str(index), request, events)
-
     order = submission_order(requests)
+
+    async def one(position: int, stream: RequestStream) -> RequestOutput:
+        events = await stream.collect()
+        progress.update(1)
+        return request_output(str(order[position]), stream.request, events)
+
     try:
-        outputs = await asyncio.gather(*(one(i, requests[i]) for i in order))
+        outputs = await submitted_at_pace(batcher, [requests[i] for i in order], one)
     finally:
         progress.close()
     return [output for _, output in sorted(zip(order, outputs, strict=True))]
@@ -285,7 +288,8 @@ def submission_order(requests: list[ValidRequest]) -> list[int]:
     """Longest first: in an offline run only the last answer's time counts, so the requests
     that take the most steps start first and the short ones fill the slots they leave (the
     longest-processing-time rule); a long request let in late would decode alone at the end,
-    in small, weight-bound steps. The outputs keep the prompts' order."""
+    in small, weight-bound steps (and `offline_pacing` lets them in at the pace that spreads
+    the short ones over the longest one's steps). The outputs keep the prompts' order."""
     return sorted(range(len(requests)), key=lambda i: -requests[i].max_new_tokens)
 
 
