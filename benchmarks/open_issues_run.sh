@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What the open issues still need from one GPU (after session 8's runs, benchmarks/RESULTS.md), in
 # priority order under one budget: the GPU tests changed since (FP8: graphs on/off, the small-M
-# FP8 GEMM), the FP8 GEMM shapes (to set its row threshold), issue 22's bf16 / FP8 / FP8 + FP8-KV
+# FP8 GEMM), issue 27's offline run longest first all at once vs paced (shardline/
+# offline_pacing.py), the FP8 GEMM shapes (to set its row threshold), issue 22's bf16 / FP8 / FP8 + FP8-KV
 # triple in one run (batch-1, 8k prefill, offline), issue 21's multi-turn chat and unshared
 # workloads with caching on and off, and kernel profiles of the offline run in bf16 and FP8 (GPU
 # busy vs idle: where issue 27's and 22's remaining seconds go). Logs and JSON go to
@@ -17,7 +18,10 @@ single=(--shape 8b --model-dir /tmp/m8 --modes single,prefill,offline --max-num-
 profile=("${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes profile --max-num-seqs 512)
 step gpu_tests 300 bash benchmarks/gpu_tests.sh 100 tests/test_gpu_fp8.py \
     tests/test_triton_fp8_gemm.py tests/test_gpu_engine.py tests/test_gpu_prefix_cache.py
-step fp8_gemm 90 python3 -m benchmarks.fp8_gemm_bench
+offline=("${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes offline --max-num-seqs 512)
+step offline_longest 100 "${offline[@]}" --submission longest --json "$out/offline_longest.json"
+step offline_paced 100 "${offline[@]}" --submission paced --json "$out/offline_paced.json"
+step fp8_gemm 180 python3 -m benchmarks.fp8_gemm_bench
 step bf16 190 "${bench[@]}" "${single[@]}" --json "$out/bf16.json"
 step fp8 190 "${bench[@]}" "${single[@]}" --quantize fp8 --json "$out/fp8.json"
 step fp8_kv 190 "${bench[@]}" "${single[@]}" --quantize fp8 --kv-cache-dtype fp8_e4m3fn \
