@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# What the open issues still need from one GPU (after session 8's runs, benchmarks/RESULTS.md), in
-# priority order under one budget: the GPU tests changed since (FP8: graphs on/off, the small-M
-# FP8 GEMM), issue 27's offline run longest first all at once vs paced (shardline/
-# offline_pacing.py), the FP8 GEMM shapes (to set its row threshold), issue 22's bf16 / FP8 / FP8 + FP8-KV
-# triple in one run (batch-1, 8k prefill, offline), issue 21's multi-turn chat and unshared
-# workloads with caching on and off, and kernel profiles of the offline run in bf16 and FP8 (GPU
-# busy vs idle: where issue 27's and 22's remaining seconds go). Logs and JSON go to
-# ${OUT:-/tmp/open}; STEPS (comma-separated names) runs a part, so the whole fits a few calls.
+# What the open issues still need from one GPU (after session 8's runs, benchmarks/RESULTS.md),
+# in priority order under one budget: the GPU tests changed since (FP8: graphs on/off, the
+# small-M FP8 GEMM), issue 27's offline run longest first all at once vs paced
+# (shardline/offline_pacing.py), the FP8 GEMM shapes (to set its row threshold), issue 22's
+# bf16 / FP8 / FP8 + FP8-KV triple in one run (batch-1, 8k prefill, offline), issue 21's
+# multi-turn chat and unshared workloads with caching on and off, and kernel profiles of the
+# offline run in bf16 and FP8 (GPU busy vs idle: where issue 27's and 22's remaining seconds
+# go). Logs and JSON go to ${OUT:-/tmp/open}; STEPS (comma-separated names) runs a part.
 #   bash benchmarks/open_issues_run.sh WHEELS_DIR BUDGET_SECONDS [STEPS]
 set -u
 wheels=${1:-.wheels}
