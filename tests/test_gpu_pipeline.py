@@ -1,5 +1,7 @@
 """On several CUDA devices: pipeline stages over NCCL (activations by send/recv, the last stage's
-choices broadcast) give the single GPU's float32 greedy tokens (skipped with fewer GPUs)."""
+choices sent back to the earlier stages, which answer a Decode before they come; three rows a
+batch, so two batches are in flight) give the single GPU's float32 greedy tokens (skipped with
+fewer GPUs)."""
 
 from __future__ import annotations
 
