@@ -5,8 +5,9 @@ first, and longest first at `offline_pacing`'s pace, for several `max_num_seqs`.
     python -m benchmarks.schedule_sim --workload .wheels/sharegpt-shaped-1000.jsonl --shape 8b
 
 A step takes up to `--prefill-budget` prompt tokens of the requests waiting (a prompt that does
-not fit is chunked) beside every running request's decode row, while the running requests and
-their whole answers fit `--kv-tokens`; its cost is `Call.floor_s` at the given ceilings (an
+not fit is chunked) beside every running request's decode row when TGI's join rule lets them
+join (`--waiting-served-ratio`, `--max-waiting-tokens`), while the running requests and their
+whole answers fit `--kv-tokens`; its cost is `Call.floor_s` at the given ceilings (an
 H100's measured ones by default). Every request generates exactly its output length.
 """
 
@@ -42,12 +43,18 @@ def simulate(
 ) -> Schedule:
     shape = ModelShape.from_config(config_for(args.shape))
     ceilings = Ceilings(args.matmul_flops, args.bytes_s)
-    waiting = deque([prompt, output, 0] for prompt, output in pairs)
+    held = deque([prompt, output, 0] for prompt, output in pairs)  # not submitted yet
+    queue: deque = deque()  # submitted, waiting in the router
     running: list[Running] = []
-    seconds, steps, tail = 0.0, 0, 0
-    while waiting or running:
-        limit = min(max_seqs, _paced_limit(waiting, running)) if paced else max_seqs
-        joining, prompt_tokens, pairs_computed = _admit(waiting, running, limit, args)
+    seconds, steps, tail, waited = 0.0, 0, 0, 0
+    while held or queue or running:
+        limit = _paced_limit(held, queue, running) if paced else len(pairs)
+        while held and len(running) + len(queue) < limit:
+            queue.append(held.popleft())
+        joining, prompt_tokens, pairs_computed = [], 0, 0
+        if _joins(queue, running, waited, args):
+            joining, prompt_tokens, pairs_computed = _admit(queue, running, max_seqs, args)
+        waited = 0 if prompt_tokens else waited + 1
         rows = len(running)
         context = sum(r.prompt + r.generated for r in running)
         call = Call("step", rows, prompt_tokens, context, pairs_computed, 0.0)
@@ -58,6 +65,16 @@ def simulate(
             r.generated += 1
         running = [r for r in running + joining if r.generated < r.output]
     return Schedule(seconds, steps, tail)
+
+
+def _joins(queue: deque, running: list[Running], waited: int, args: argparse.Namespace) -> bool:
+    """TGI's join rule (router/join_policy.py): enough wait, or they waited long enough; a
+    prompt under way always goes on."""
+    if not queue:
+        return False
+    if not running or queue[0][2] or waited >= args.max_waiting_tokens:
+        return True
+    return len(queue) >= int(len(running) * args.waiting_served_ratio)
 
 
 def _admit(
@@ -82,9 +99,10 @@ def _admit(
     return joining, prompt_tokens, pairs_computed
 
 
-def _paced_limit(waiting: deque, running: list[Running]) -> int:
-    tokens = sum(r.output - r.generated for r in running) + sum(w[1] for w in waiting)
-    chain = max([r.output - r.generated for r in running] + [w[1] for w in list(waiting)[:1]])
+def _paced_limit(held: deque, queue: deque, running: list[Running]) -> int:
+    waiting = [*queue, *list(held)[:1]]
+    tokens = sum(r.output - r.generated for r in running) + sum(w[1] for w in (*queue, *held))
+    chain = max([r.output - r.generated for r in running] + [w[1] for w in waiting] + [1])
     return pace_limit(tokens, chain)
 
 
@@ -95,6 +113,8 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", default="192,256,384,512,1024")
     parser.add_argument("--prefill-budget", type=int, default=8256)
     parser.add_argument("--kv-tokens", type=int, default=419_000, help="the 8B's on one H100")
+    parser.add_argument("--waiting-served-ratio", type=float, default=0.3)
+    parser.add_argument("--max-waiting-tokens", type=int, default=20)
     parser.add_argument("--matmul-flops", type=float, default=803e12)
     parser.add_argument("--bytes-s", type=float, default=3.0e12)
     args = parser.parse_args()

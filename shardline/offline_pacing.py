@@ -11,8 +11,8 @@ budget still bound the batch. Tokens left are estimated from each request's `max
 (an upper bound: a request ending at EOS frees its slot, and the estimate follows).
 
 On the 8B shape's 1,000 ShareGPT-shaped requests the floor of the schedule (per-step cost model
-of benchmarks/offline_floor.py, H100 ceilings) falls from 12.85 s with all 512 let in at once to
-11.09 s at this pace (benchmarks/schedule_sim.py).
+of benchmarks/offline_floor.py, H100 ceilings, TGI's join rule at the LLM's defaults) falls from
+12.85 s with up to 512 let in at once to 11.51 s at this pace (benchmarks/schedule_sim.py).
 """
 
 from __future__ import annotations
