@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from shardline.proto import generate_pb2 as pb
 from shardline.router.client import ShardClient, request_proto
@@ -26,6 +26,7 @@ from shardline.router.metrics import RouterMetrics
 from shardline.router.prefix_view import PrefixCacheView
 from shardline.router.queue import Entry
 from shardline.router.shard_calls import InFlight, ShardCalls
+from shardline.shard_answers import GenerationColumns
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +45,12 @@ class LaneParts:
     update_gauges: Callable[[], None]  # the batcher's, before each Decode
 
 
-@dataclass
+@dataclass(frozen=True)
 class Answered:
     """What the shards answered in one step, for the router to handle once the next is sent."""
 
-    generations: list[pb.Generation] = field(default_factory=list)
-    batches: list[pb.CachedBatch] = field(default_factory=list)
-
-    def add(self, generations: list[pb.Generation], batch: pb.CachedBatch | None) -> None:
-        self.generations += generations
-        if batch is not None:
-            self.batches.append(batch)
+    generations: GenerationColumns
+    batches: list[pb.CachedBatch]
 
 
 class BatchLane:
@@ -97,10 +93,9 @@ class BatchLane:
         call, self.call = self.call, None
         assert call is not None
         step = self._prefilled(call) if call.method == "prefill" else self._decoded(call)
-        answered = Answered()
-        answered.add(*await step)
+        generations, batch = await step
         self._waiting_steps += 1
-        return answered
+        return Answered(generations, [] if batch is None else [batch])
 
     async def step(self, answered: Answered, held: int, may_join: bool, look_ahead: bool) -> bool:
         """Sends the next call (a Decode, or a Prefill of joining requests that carries the
@@ -155,7 +150,7 @@ class BatchLane:
             "prefill", self._parts.client.prefill(batch, running), ids
         )
 
-    async def _prefilled(self, call: InFlight) -> tuple[list[pb.Generation], pb.CachedBatch | None]:
+    async def _prefilled(self, call: InFlight) -> tuple[GenerationColumns, pb.CachedBatch | None]:
         """A Prefill's answer; one that carried the running batch answers for it too."""
         carried = len(call.batch_ids) > 1
         running = list(self.running.values()) if carried else []
@@ -166,7 +161,7 @@ class BatchLane:
             if carried:
                 self.running.clear()
             await calls.drop_prefills([e for e in members.values() if e.prefilled or e.chunked])
-            return [], None
+            return GenerationColumns(), None
         prefixes = self._parts.prefixes
         for request_id, entry in members.items():
             if request_id in result.refused:
@@ -189,11 +184,11 @@ class BatchLane:
         decode = self._parts.client.decode(batches, launch_next)
         return await self._parts.calls.send("decode", decode, ids)
 
-    async def _decoded(self, call: InFlight) -> tuple[list[pb.Generation], pb.CachedBatch | None]:
+    async def _decoded(self, call: InFlight) -> tuple[GenerationColumns, pb.CachedBatch | None]:
         result = await self._parts.calls.receive(call, list(self.running.values()))
         if result is None:
             self.running.clear()
-            return [], None
+            return GenerationColumns(), None
         return result.generations, await self._filter(result.batch)
 
     async def _filter(self, cached: pb.CachedBatch | None) -> pb.CachedBatch | None:
@@ -224,16 +219,17 @@ class BatchLane:
 
     # ---- generations to events ---------------------------------------------------------------
 
-    def _handle(self, generations: Iterable[pb.Generation]) -> None:
-        for generation in generations:
-            entry = self.running.get(generation.request_id)
+    def _handle(self, generations: GenerationColumns) -> None:
+        running, of, reasons = self.running, self._parts.events.of, generations.finish_reasons
+        for row, request_id in enumerate(generations.request_ids):
+            entry = running.get(request_id)
             if entry is None or not entry.alive:
                 continue
-            events = self._parts.events.of(entry, generation)
+            events = of(entry, generations, row)
             if not events or events[-1].finished is None:
                 entry.events.put(events)
                 continue
-            if generation.finish_reason == pb.FINISH_REASON_NONE and not generation.beams:
+            if reasons[row] == pb.FINISH_REASON_NONE and row not in generations.beams:
                 # The router ended it (a stop sequence): the shards still run it.
                 index = events[-1].sequence_index
                 self._stopped.append(pb.SequenceRef(request_id=entry.id, sequence_index=index))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -23,6 +23,7 @@ from shardline.cluster_token import METADATA_KEY
 from shardline.proto import CALL_SEQUENCE_KEY, generate_pb2_grpc
 from shardline.proto import generate_pb2 as pb
 from shardline.router.request_types import ValidRequest
+from shardline.shard_answers import StepResult, step_result
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
@@ -47,27 +48,6 @@ class ShardDeadlines:
 class ShardTimeoutError(Exception):
     """A shard call ran past its deadline: a shard is stuck, and tensor-parallel ranks cannot
     recover from a half-run step."""
-
-
-@dataclass(frozen=True)
-class Timings:
-    """Seconds spent on the shard; `concat` only for decode."""
-
-    forward: float
-    decode: float
-    total: float
-    concat: float = 0.0
-
-
-@dataclass(frozen=True)
-class StepResult:
-    generations: list[pb.Generation]
-    batch: pb.CachedBatch | None
-    timings: Timings
-    refused: dict[int, str] = field(default_factory=dict)
-    """A Prefill's requests the shards would not run, with the reason: they alone fail."""
-    cached_tokens: dict[int, int] = field(default_factory=dict)
-    """A Prefill's new prompts looked up in the prefix cache: the tokens found there."""
 
 
 class ShardClient(Protocol):
@@ -106,20 +86,6 @@ class ShardClient(Protocol):
         ...
 
     async def stats(self) -> pb.StatsResponse: ...
-
-
-def step_result(answer: pb.PrefillResponse | pb.DecodeResponse) -> StepResult:
-    """A Prefill or Decode answer as the batcher reads it."""
-    timings = Timings(
-        forward=answer.forward_ns / 1e9,
-        decode=answer.decode_ns / 1e9,
-        total=answer.total_ns / 1e9,
-        concat=getattr(answer, "concat_ns", 0) / 1e9,
-    )
-    batch = answer.batch if answer.HasField("batch") else None
-    refused = {r.request_id: r.reason for r in getattr(answer, "refused", ())}
-    cached = dict(getattr(answer, "cached_tokens", {}))
-    return StepResult(list(answer.generations), batch, timings, refused, cached)
 
 
 def request_proto(

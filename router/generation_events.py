@@ -1,10 +1,10 @@
-"""A shard's Generations as a request's StreamEvents: each token detokenized, stop sequences
-matched on the text (across tokens), a sequence's last event carrying `finished`."""
+"""A step's Generations (shardline/shard_answers.py) as a request's StreamEvents: each token
+detokenized, stop sequences matched on the text (across tokens), a sequence's last event
+carrying `finished`."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 from shardline.proto import generate_pb2 as pb
@@ -18,6 +18,7 @@ from shardline.router.request_types import (
     ValidRequest,
 )
 from shardline.router.stop_sequences import StopSequenceMatcher
+from shardline.shard_answers import Beam, GenerationColumns, Tokens
 
 _SHARD_FINISH_REASONS = {
     pb.FINISH_REASON_LENGTH: FinishReason.LENGTH,
@@ -49,64 +50,71 @@ class GenerationEvents:
             ),
         )
 
-    def of(self, entry: Entry, generation: pb.Generation) -> list[StreamEvent]:
-        """The events of one Generation; a sequence that finishes here ends with a `finished`
-        event (and its later tokens, if the shard sent any, are dropped)."""
-        # A beam search's Generation carries no tokens of its own: `beams` (whose reading
-        # costs as much as the tokens') is looked at only then.
-        tokens = generation.tokens
-        ids = tokens.ids
-        if not ids and generation.beams:
-            return self._beam_events(entry, generation)
-        return self._events(entry, generation, ids, tokens.logprobs)
-
-    def _events(
-        self,
-        entry: Entry,
-        generation: pb.Generation,
-        ids: Sequence[int],
-        logprobs: Sequence[float],
-    ) -> list[StreamEvent]:
-        index = generation.sequence_index
+    def of(self, entry: Entry, step: GenerationColumns, row: int) -> list[StreamEvent]:
+        """The events of a step's Generation `row`; a sequence that finishes here ends with a
+        `finished` event (and its later tokens, if the shard sent any, are dropped)."""
+        beams = step.beams.get(row) if step.beams else None
+        if beams is not None:
+            return self._beam_events(entry, beams, step.prefill_tokens.get(row))
+        index = step.sequence_indexes[row]
         seq = entry.sequences[index]
         if seq.done:
             return []
-        events = []
-        # Indexed once per token: iterating or re-reading protobuf fields costs µs per token;
-        # the events are built with positional arguments (keywords cost ~30 % more).
-        last, top_tokens = len(ids) - 1, generation.top_tokens
-        top_count, details = len(top_tokens), entry.request.decoder_input_details
-        for position in range(last + 1):
-            shard_reason = (
-                _SHARD_FINISH_REASONS.get(generation.finish_reason) if position == last else None
-            )
-            token, text, reason = self._next_token(
-                seq, ids[position], logprobs[position], shard_reason
-            )
-            event = StreamEvent(len(seq.generated_ids), token, text, index)
-            events.append(event)
-            if position < top_count:
-                event.top_tokens = self._tokens(top_tokens[position])
-            if details and len(seq.generated_ids) == 1:
-                event.prefill = self._tokens(generation.prefill_tokens)
-            if reason is not None:
-                event.finished = self._finish(entry, seq, reason, generation.seed)
-                break
-        return events
+        reason = step.finish_reasons[row]
+        event = self._event(
+            entry,
+            seq,
+            index,
+            step.token_ids[row],
+            step.logprobs[row],
+            _SHARD_FINISH_REASONS.get(reason) if reason else None,
+            step.prefill_tokens.get(row) if step.prefill_tokens else None,
+            step.seeds[row],
+        )
+        if step.top_tokens and (top := step.top_tokens.get(row)) is not None:
+            event.top_tokens = self._tokens(top)
+        return [event]
 
-    def _beam_events(self, entry: Entry, generation: pb.Generation) -> list[StreamEvent]:
+    def _beam_events(
+        self, entry: Entry, beams: list[Beam], prefill: Tokens | None
+    ) -> list[StreamEvent]:
         """The returned beams, best first, each as the events of one finished sequence."""
         events = []
-        for index, beam in enumerate(generation.beams):
-            beam_generation = pb.Generation(
-                request_id=generation.request_id,
-                sequence_index=index,
-                prefill_tokens=generation.prefill_tokens,
-                tokens=beam.tokens,
-                finish_reason=beam.finish_reason,
-            )
-            events += self._events(entry, beam_generation, beam.tokens.ids, beam.tokens.logprobs)
+        for index, beam in enumerate(beams):
+            seq = entry.sequences[index]
+            if seq.done:
+                continue
+            ids, logprobs = beam.tokens
+            last = len(ids) - 1
+            for position in range(last + 1):
+                done = _SHARD_FINISH_REASONS.get(beam.finish_reason) if position == last else None
+                event = self._event(
+                    entry, seq, index, ids[position], logprobs[position], done, prefill, 0
+                )
+                events.append(event)
+                if event.finished is not None:
+                    break
         return events
+
+    def _event(
+        self,
+        entry: Entry,
+        seq: SequenceOutput,
+        index: int,
+        token_id: int,
+        logprob: float,
+        shard_reason: FinishReason | None,
+        prefill: Tokens | None,
+        seed: int,
+    ) -> StreamEvent:
+        """One token's event (built with positional arguments: keywords cost ~30 % more)."""
+        token, text, reason = self._next_token(seq, token_id, logprob, shard_reason)
+        event = StreamEvent(len(seq.generated_ids), token, text, index)
+        if entry.request.decoder_input_details and len(seq.generated_ids) == 1:
+            event.prefill = self._tokens(prefill)
+        if reason is not None:
+            event.finished = self._finish(entry, seq, reason, seed)
+        return event
 
     def _next_token(
         self, seq: SequenceOutput, token_id: int, logprob: float, reason: FinishReason | None
@@ -144,7 +152,9 @@ class GenerationEvents:
         costs ~20x more per call, and this runs per streamed and per prompt token)."""
         return self._backend_tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def _tokens(self, tokens: pb.Tokens) -> list[Token]:
+    def _tokens(self, tokens: Tokens | None) -> list[Token]:
+        if tokens is None:
+            return []
         return [
             Token(
                 id=token_id,

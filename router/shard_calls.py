@@ -82,8 +82,8 @@ class ShardCalls:
         metrics = self._metrics
         metrics.batch_inference_success.inc(method=call.method)
         metrics.batch_inference_duration.labels(call.method).observe(seconds)
-        metrics.batch_forward_duration.labels(call.method).observe(result.timings.forward)
-        metrics.batch_decode_duration.labels(call.method).observe(result.timings.decode)
+        metrics.batch_forward_duration.labels(call.method).observe(result.timings.forward_ns / 1e9)
+        metrics.batch_decode_duration.labels(call.method).observe(result.timings.decode_ns / 1e9)
         return result
 
     async def abandon(self) -> None:

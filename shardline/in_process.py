@@ -1,4 +1,5 @@
-"""The router's ShardClient over a ShardEngine in this process: one shard, no gRPC.
+"""The router's ShardClient over a ShardEngine in this process: one shard, no gRPC, and the
+steps' answers handed over as plain data (shardline/shard_answers.py), never as protobuf.
 
 `InProcessShard` builds that engine from a ShardConfig, as a shard process does from its flags.
 
@@ -15,13 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from shardline.proto import generate_pb2 as pb
-from shardline.router.client import (
-    StepResult,
-    clear_cache_request,
-    drop_prefills_request,
-    filter_request,
-    step_result,
-)
+from shardline.router.client import clear_cache_request, drop_prefills_request, filter_request
+from shardline.shard_answers import StepResult
 from shardline.shard_config import ShardConfig
 from shardline.shards.engine import ShardEngine
 
@@ -54,13 +50,13 @@ class InProcessShardClient:
         self, batch: pb.Batch, cached_batches: Sequence[pb.CachedBatch] = ()
     ) -> StepResult:
         request = pb.PrefillRequest(batch=batch, cached_batches=list(cached_batches))
-        return step_result(await self._run(self.engine.prefill, request))
+        return await self._run(self.engine.prefill_step, request)
 
     async def decode(
         self, batches: Sequence[pb.CachedBatch], launch_next: bool = False
     ) -> StepResult:
         request = pb.DecodeRequest(batches=list(batches), launch_next=launch_next)
-        return step_result(await self._run(self.engine.decode, request))
+        return await self._run(self.engine.decode_step, request)
 
     async def filter_batch(
         self,

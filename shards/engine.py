@@ -1,7 +1,9 @@
 """The shard's engine: the RPCs of generate.proto over the model runner, the KV blocks and batches.
 
 The gRPC server (server.py) and the in-process offline API both drive this class with the same
-protobuf messages; every method runs on one thread, in the order the router sends the calls.
+protobuf requests; a Prefill or Decode answers plain data (`prefill_step`, `decode_step`: what
+the in-process router reads), which `prefill` and `decode` encode for the wire. Every method
+runs on one thread, in the order the router sends the calls.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from shardline import shard_answers as answers
 from shardline.proto import generate_pb2 as pb
+from shardline.shard_answers import GenerationColumns, Tokens
 from shardline.shards import fault_injection
 from shardline.shards.batch import ShardBatch
 from shardline.shards.engine_facts import engine_info, engine_stats
@@ -32,7 +36,7 @@ from shardline.shards.prompt_chunks import (
 )
 from shardline.shards.request_checks import InvalidRequestError, admit, check_batch
 from shardline.shards.sampling.grammar import GrammarLoader
-from shardline.shards.sequences.generations import Generations, advance, prompt_tokens_by_row
+from shardline.shards.sequences.generations import advance, prompt_tokens_by_row
 from shardline.shards.sequences.samples import (
     check_fork_blocks,
     first_token_sampling,
@@ -80,7 +84,7 @@ class ShardEngine:
         self.batches: dict[int, ShardBatch] = {}
         self._ahead: StepAhead | None = None
         # Decodes a stage but the last answered before their tokens came (stage_pending.py).
-        self._held = PendingSteps(lambda b, r: self._advance(b, r, pb.DecodeResponse().generations))
+        self._held = PendingSteps(lambda b, r: self._advance(b, r, GenerationColumns()))
         self._partial = PartialPrompts()
         self.prefill_limit: int | None = None  # the largest pass warmup sized the memory for
         self.grammars = GrammarLoader(sorted(config.eos_token_ids), config.vocab_size)
@@ -126,6 +130,9 @@ class ShardEngine:
     # ---- generation --------------------------------------------------------------------------
 
     def prefill(self, request: pb.PrefillRequest) -> pb.PrefillResponse:
+        return answers.prefill_response(self.prefill_step(request))
+
+    def prefill_step(self, request: pb.PrefillRequest) -> answers.StepResult:
         """The new requests' prompts (or the next chunk of each) and the first tokens of the
         prompts completed. With `cached_batches`, those batches decode one step too, in the
         same forward pass (one weight read for both; or from the step launched ahead for them):
@@ -144,42 +151,37 @@ class ShardEngine:
             for batch in cached:
                 self.batches[batch.id] = batch
             raise
-        answer = pb.PrefillResponse(
-            forward_ns=result.forward_ns,
-            decode_ns=result.step.sample_ns if result.step else 0,
-            refused=refused,
-            cached_tokens=result.cached_tokens,
-        )
-        first = pb.PrefillResponse()  # the new prompts' Generations: after the running batch's
-        batch = self._first_tokens(result, first.generations)
+        generations = GenerationColumns()
+        first = GenerationColumns()  # the new prompts' Generations: after the running batch's
+        batch = self._first_tokens(result, first)
         if running is not None:
             step = (running_step or result.running_step).result()
             running.last_tokens = step.next_tokens
-            kept = self._advance(running, step, answer.generations)
+            kept = self._advance(running, step, generations)
             batch = self._merge(kept, batch)
-        answer.generations.extend(first.generations)
-        if batch is not None:
-            answer.batch.CopyFrom(batch.to_proto())
-        answer.total_ns = time.perf_counter_ns() - started
-        return answer
+        generations.extend(first)
+        cached_batch = None if batch is None else batch.to_proto()
+        decode_ns = result.step.sample_ns if result.step else 0
+        timings = answers.Timings(result.forward_ns, decode_ns, time.perf_counter_ns() - started)
+        return answers.StepResult(generations, cached_batch, timings, refused, result.cached_tokens)
 
     def _prefill_none(
-        self, request: pb.PrefillRequest, refused: list[pb.RefusedRequest], started: int
-    ) -> pb.PrefillResponse:
+        self, request: pb.PrefillRequest, refused: dict[int, str], started: int
+    ) -> answers.StepResult:
         """Every new request was refused: the running batches carried decode their step."""
         if not request.cached_batches:
-            return pb.PrefillResponse(refused=refused, total_ns=time.perf_counter_ns() - started)
-        answer = self.decode(pb.DecodeRequest(batches=request.cached_batches))
-        return pb.PrefillResponse(
-            generations=answer.generations,
-            batch=answer.batch if answer.HasField("batch") else None,
-            forward_ns=answer.forward_ns,
-            decode_ns=answer.decode_ns,
-            total_ns=time.perf_counter_ns() - started,
-            refused=refused,
+            timings = answers.Timings(0, 0, time.perf_counter_ns() - started)
+            return answers.StepResult(GenerationColumns(), None, timings, refused)
+        answer = self.decode_step(pb.DecodeRequest(batches=request.cached_batches))
+        spent = answer.timings
+        timings = answers.Timings(
+            spent.forward_ns, spent.decode_ns, time.perf_counter_ns() - started
         )
+        return answers.StepResult(answer.generations, answer.batch, timings, refused)
 
-    def _first_tokens(self, result: PrefillPass, generations: Generations) -> ShardBatch | None:
+    def _first_tokens(
+        self, result: PrefillPass, generations: GenerationColumns
+    ) -> ShardBatch | None:
         """The batch of the prompts a prefill completed; their Generations go to `generations`."""
         if result.batch is None or result.step is None:
             return None
@@ -258,6 +260,9 @@ class ShardEngine:
         return run_prefill_pass(self.runner, batch_id, chunks, sampling, block_size, running)
 
     def decode(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
+        return answers.decode_response(self.decode_step(request))
+
+    def decode_step(self, request: pb.DecodeRequest) -> answers.StepResult:
         """One decode step of the named batches, concatenated.
 
         With `launch_next` the router expects to decode the batch this step returns next, with
@@ -287,21 +292,22 @@ class ShardEngine:
         self._held.complete()  # the step before this one: its tokens came while this one ran
         if not self.tp.stage.is_last and not batch.beams:
             self._held.hold(batch, step)  # the router reads the last stage's answer
-            return pb.DecodeResponse(total_ns=time.perf_counter_ns() - started)
+            timings = answers.Timings(0, 0, time.perf_counter_ns() - started)
+            return answers.StepResult(GenerationColumns(), None, timings)
         if request.launch_next and self.tp.stage.size == 1 and can_launch_ahead(batch):
             self._ahead = self._launch_ahead(batch, step)
         result = step.result()
         batch.last_tokens = result.next_tokens
-        answer = pb.DecodeResponse(
+        generations = GenerationColumns()
+        kept = self._advance(batch, result, generations)
+        cached_batch = None if kept is None else kept.to_proto()
+        timings = answers.Timings(
+            result.forward_ns,
+            result.sample_ns,
+            time.perf_counter_ns() - started,
             concat_ns=concat_done - started,
-            forward_ns=result.forward_ns,
-            decode_ns=result.sample_ns,
         )
-        kept = self._advance(batch, result, answer.generations)
-        if kept is not None:
-            answer.batch.CopyFrom(kept.to_proto())
-        answer.total_ns = time.perf_counter_ns() - started
-        return answer
+        return answers.StepResult(generations, cached_batch, timings)
 
     def _step(self, batches: list[ShardBatch]) -> tuple[ShardBatch, PendingStep]:
         """One decode step of `batches`: the rows of those the step launched ahead covers taken
@@ -368,8 +374,8 @@ class ShardEngine:
         self,
         batch: ShardBatch,
         step: StepResult,
-        generations: Generations,
-        prompt_tokens: dict[int, pb.Tokens] | None = None,
+        generations: GenerationColumns,
+        prompt_tokens: dict[int, Tokens] | None = None,
     ) -> ShardBatch | None:
         """The step's Generations, added to `generations`; the batch that goes on, cached
         under its id."""
@@ -379,7 +385,7 @@ class ShardEngine:
             self.batches[kept.id] = kept
         return kept
 
-    def _admit(self, batch: pb.Batch) -> tuple[pb.Batch, list[pb.RefusedRequest]]:
+    def _admit(self, batch: pb.Batch) -> tuple[pb.Batch, dict[int, str]]:
         """The batch without the requests the shard refuses; nothing of those is kept (a prompt
         they had prefilled in part is dropped)."""
         check_batch(batch, cached_batch_ids=self.batches.keys())
@@ -390,7 +396,7 @@ class ShardEngine:
             load_grammar=self.grammars.load,
         )
         self._partial.drop(list(reasons), self.allocator)
-        return admitted, [pb.RefusedRequest(request_id=i, reason=r) for i, r in reasons.items()]
+        return admitted, reasons
 
     def _pop_batch(self, batch_id: int) -> ShardBatch:
         batch = self.batches.pop(batch_id, None)

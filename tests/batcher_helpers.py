@@ -57,8 +57,8 @@ class RecordingShard(FakeShardClient):
             result = await super().decode(batches, launch_next)
         finally:
             self.decoding -= 1
-        for generation in result.generations:
-            self.tokens[generation.request_id] = generation.generated_tokens
+        generations = result.generations
+        self.tokens.update(zip(generations.request_ids, generations.generated_tokens, strict=True))
         return result
 
     async def prefill(

@@ -17,9 +17,9 @@ from pathlib import Path
 from aiohttp.test_utils import TestClient, TestServer
 
 from shardline.proto import generate_pb2 as pb
-from shardline.router.client import StepResult, Timings
 from shardline.router.server import create_app
 from shardline.router.startup import RouterSettings, start_router
+from shardline.shard_answers import GenerationColumns, StepResult, Timings, Tokens
 from tests.model_factory import train_tokenizer
 
 CONTINUATION = " the café naïve 東京 ☃ 🙂 model server"
@@ -111,17 +111,17 @@ class FakeShardClient:
         self._check_vocabulary(batch)
         refused = {r.id: reason for r in batch.requests if (reason := self.refuse(r)) is not None}
         batch = pb.Batch(id=batch.id, requests=[r for r in batch.requests if r.id not in refused])
-        generations, batch_id = [], batch.id
+        generations, batch_id = GenerationColumns(), batch.id
         if cached_batches:
             generations, batch_id = self._decode_step(cached_batches), cached_batches[0].id
         completed = self._prefill_chunks(batch)
         sequences = {r.id: _Sequence(r, self.script(list(r.input_ids))) for r in completed}
         if not sequences and not cached_batches:
-            return StepResult([], None, Timings(0.001, 0.0, 0.001), refused)
+            return StepResult(generations, None, _TIMINGS, refused)
         self.batches.setdefault(batch_id, {}).update(sequences)
-        generations += [self._generate(seq, prefill=True) for seq in sequences.values()]
-        cached = self._cached(batch_id)
-        return StepResult(generations, cached, Timings(0.001, 0.0, 0.001), refused)
+        for seq in sequences.values():
+            self._generate(seq, generations, prefill=True)
+        return StepResult(generations, self._cached(batch_id), _TIMINGS, refused)
 
     async def decode(
         self, batches: Sequence[pb.CachedBatch], launch_next: bool = False
@@ -129,14 +129,18 @@ class FakeShardClient:
         self.calls.append(("decode", [b.id for b in batches]))
         await self._work("decode")
         generations = self._decode_step(batches)
-        return StepResult(generations, self._cached(batches[0].id), Timings(0.001, 0.0, 0.001))
+        return StepResult(generations, self._cached(batches[0].id), _TIMINGS)
 
-    def _decode_step(self, batches: Sequence[pb.CachedBatch]) -> list[pb.Generation]:
+    def _decode_step(self, batches: Sequence[pb.CachedBatch]) -> GenerationColumns:
         merged: dict[int, _Sequence] = {}
         for batch in batches:
             merged.update(self.batches.pop(batch.id))
         self.batches[batches[0].id] = merged
-        return [self._generate(seq) for seq in merged.values() if not seq.finished]
+        generations = GenerationColumns()
+        for seq in merged.values():
+            if not seq.finished:
+                self._generate(seq, generations)
+        return generations
 
     async def filter_batch(
         self,
@@ -201,7 +205,9 @@ class FakeShardClient:
                     f"request {request.id} has a token id >= the vocabulary size {self.vocab_size}"
                 )
 
-    def _generate(self, seq: _Sequence, prefill: bool = False) -> pb.Generation:
+    def _generate(
+        self, seq: _Sequence, generations: GenerationColumns, prefill: bool = False
+    ) -> None:
         stopping = seq.request.stopping_parameters
         token = seq.script[seq.generated] if seq.generated < len(seq.script) else self.eos_id
         seq.generated += 1
@@ -214,22 +220,16 @@ class FakeShardClient:
         elif seq.generated >= stopping.max_new_tokens:
             reason = pb.FINISH_REASON_LENGTH
         seq.finished = reason != pb.FINISH_REASON_NONE
-        generation = pb.Generation(
-            request_id=seq.request.id,
-            tokens=pb.Tokens(ids=[token], logprobs=[-0.5]),
-            finish_reason=reason,
-            generated_tokens=seq.generated,
-            seed=seq.request.parameters.seed,
+        row = generations.add_token(
+            seq.request.id, 0, token, -0.5, reason, seq.generated, seq.request.parameters.seed
         )
         if top_n := seq.request.top_n_tokens:
             alternatives = [token + offset for offset in range(top_n)]
-            generation.top_tokens.add(ids=alternatives, logprobs=[-0.5] * top_n)
+            generations.top_tokens[row] = Tokens(alternatives, [-0.5] * top_n)
         if prefill and seq.request.decoder_input_details:
             ids = list(seq.request.input_ids)
-            generation.prefill_tokens.CopyFrom(
-                pb.Tokens(ids=ids, logprobs=[float("nan")] + [-1.0] * (len(ids) - 1))
-            )
-        return generation
+            logprobs = [float("nan")] + [-1.0] * (len(ids) - 1)
+            generations.prefill_tokens[row] = Tokens(ids, logprobs)
 
     def _cached(self, batch_id: int) -> pb.CachedBatch | None:
         sequences = self.batches[batch_id]
@@ -256,3 +256,6 @@ async def router_client(fake: FakeShardClient, tokenizer, **settings) -> tuple[T
     client = TestClient(TestServer(create_app(ctx), handler_cancellation=True))
     await client.start_server()
     return client, ctx
+
+
+_TIMINGS = Timings(forward_ns=1_000_000, decode_ns=0, total_ns=1_000_000)

@@ -15,6 +15,7 @@ from shardline.proto import generate_pb2_grpc
 from shardline.router.batcher import Batcher
 from shardline.router.client import ShardedClient, StepResult
 from shardline.router.request_types import FinishReason
+from shardline.shard_answers import decode_response, prefill_response
 from tests.batcher_helpers import RecordingShard, _batcher, _counting_script, _request
 from tests.fake_shard import FakeShardClient
 
@@ -25,8 +26,7 @@ def _log_events(batcher: Batcher, log: list[str]) -> None:
     handle = lane._handle
 
     def logged(generations) -> None:
-        generations = list(generations)
-        log.append("events " + ",".join(str(g.generated_tokens) for g in generations))
+        log.append("events " + ",".join(str(n) for n in generations.generated_tokens))
         handle(generations)
 
     lane._handle = logged
@@ -187,12 +187,12 @@ class _FakeShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
         result = self._loop.run_until_complete(
             self._fake.prefill(request.batch, request.cached_batches)
         )
-        return pb.PrefillResponse(generations=result.generations, batch=result.batch)
+        return prefill_response(result)
 
     def Decode(self, request, context):
         self._log.append("decode")
         result = self._loop.run_until_complete(self._fake.decode(request.batches))
-        return pb.DecodeResponse(generations=result.generations, batch=result.batch)
+        return decode_response(result)
 
     def ClearCache(self, request, context):
         self._loop.run_until_complete(self._fake.clear_cache(request.id))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shardline.proto import generate_pb2 as pb
+from shardline.shard_answers import Tokens
 from shardline.shards.sequences.stopping import StopRule
 
 # transformers' stand-in for -inf in beam scores.
@@ -65,7 +66,7 @@ class BeamSearch:
     early_stopping: int  # pb.EarlyStopping
     num_return_sequences: int
     stop: StopRule  # EOS and stop ids stop a candidate from the first step, as in transformers
-    prompt_tokens: pb.Tokens | None = None
+    prompt_tokens: Tokens | None = None
     generated: int = 0
     improvable: bool = True
     running_scores: torch.Tensor = field(default_factory=lambda: torch.zeros(1))

@@ -9,6 +9,7 @@ from dataclasses import replace
 import torch
 
 from shardline.proto import generate_pb2 as pb
+from shardline.shard_answers import Tokens
 from shardline.shards.batch import ShardBatch
 from shardline.shards.kv_cache import BlockAllocator, KVCache, KVCacheExhaustedError
 from shardline.shards.sampling.grammar import GrammarLoader
@@ -110,7 +111,7 @@ def fork_samples(
 
 
 def start_beam_searches(
-    batch: ShardBatch, requests: list[pb.Request], prompt_tokens: dict[int, pb.Tokens]
+    batch: ShardBatch, requests: list[pb.Request], prompt_tokens: dict[int, Tokens]
 ) -> None:
     """The search of each beam-search request, on its (single) row; its prompt logprobs go
     with the search's answer."""
