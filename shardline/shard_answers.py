@@ -216,33 +216,37 @@ def step_result(answer: pb.PrefillResponse | pb.DecodeResponse) -> StepResult:
 
 
 def generation_columns(generations: Iterable[pb.Generation]) -> GenerationColumns:
+    """One row per Generation; each field read once (a upb read costs ~0.1 µs)."""
     columns = GenerationColumns()
+    add_token = columns.add_token
     for generation in generations:
-        if generation.beams:
+        tokens = generation.tokens
+        ids = tokens.ids
+        if len(ids) == 1:
+            row = add_token(
+                generation.request_id,
+                generation.sequence_index,
+                ids[0],
+                tokens.logprobs[0],
+                generation.finish_reason,
+                generation.generated_tokens,
+                generation.seed,
+            )
+            if generation.top_tokens:
+                columns.top_tokens[row] = _alternatives(generation.top_tokens)
+        elif not ids and generation.beams:
             row = columns.add_beams(generation.request_id, [_beam(b) for b in generation.beams])
         else:
-            row = _add_token_row(columns, generation)
+            raise ValueError(f"a Generation carries one token or beams, not {len(ids)} tokens")
         if generation.HasField("prefill_tokens"):
             columns.prefill_tokens[row] = _tokens(generation.prefill_tokens)
     return columns
 
 
-def _add_token_row(columns: GenerationColumns, generation: pb.Generation) -> int:
-    tokens = generation.tokens
-    if len(tokens.ids) != 1 or len(generation.top_tokens) > 1:
-        raise ValueError("a Generation carries one token and at most one set of alternatives")
-    row = columns.add_token(
-        generation.request_id,
-        generation.sequence_index,
-        tokens.ids[0],
-        tokens.logprobs[0],
-        generation.finish_reason,
-        generation.generated_tokens,
-        generation.seed,
-    )
-    if generation.top_tokens:
-        columns.top_tokens[row] = _tokens(generation.top_tokens[0])
-    return row
+def _alternatives(top_tokens: RepeatedCompositeFieldContainer[pb.Tokens]) -> Tokens:
+    if len(top_tokens) > 1:
+        raise ValueError("a Generation of one token carries one set of alternatives")
+    return _tokens(top_tokens[0])
 
 
 def _beam(beam: pb.Beam) -> Beam:

@@ -85,7 +85,17 @@ def test_extend_moves_the_extras_to_their_rows():
     assert columns.request_ids == [4, 5, 6, 8] * 2
 
 
-def test_a_generation_of_several_tokens_is_refused():
-    generation = pb.Generation(request_id=1, tokens=pb.Tokens(ids=[1, 2], logprobs=[0.0, 0.0]))
-    with pytest.raises(ValueError, match="one token"):
+_TWO = pb.Tokens(ids=[1, 2], logprobs=[0.0, 0.0])
+_ONE = pb.Tokens(ids=[1], logprobs=[0.0])
+
+
+@pytest.mark.parametrize(
+    "generation, message",
+    [
+        (pb.Generation(request_id=1, tokens=_TWO), "not 2 tokens"),
+        (pb.Generation(request_id=1, tokens=_ONE, top_tokens=[_ONE, _ONE]), "one set"),
+    ],
+)
+def test_a_generation_of_several_tokens_is_refused(generation, message):
+    with pytest.raises(ValueError, match=message):
         generation_columns([generation])
