@@ -140,7 +140,8 @@ def _cached_tokens(engine, batch_ids) -> tuple[int, int]:
 
 @dataclass
 class StepLog:
-    """The engine's calls of one run, timed around the engine's own prefill and decode."""
+    """The engine's calls of one run, timed around its prefill_step and decode_step (which the
+    in-process client calls, and the gRPC answers wrap)."""
 
     engine: object
     calls: list[Call] = field(default_factory=list)
@@ -151,7 +152,8 @@ class StepLog:
     @classmethod
     def attach(cls, engine) -> StepLog:
         log = cls(engine)
-        prefill, decode, launch_ahead = engine.prefill, engine.decode, engine._launch_ahead
+        prefill, decode = engine.prefill_step, engine.decode_step  # what both paths call
+        launch_ahead = engine._launch_ahead
 
         def timed_launch(batch, step):
             wall, cpu = time.perf_counter(), time.thread_time()
@@ -190,13 +192,13 @@ class StepLog:
             rows, context = _cached_tokens(engine, [b.id for b in request.batches])
             return ("decode", rows, context, 0, 0)
 
-        engine.prefill = timed(prefill_call, prefill)
-        engine.decode = timed(decode_call, decode)
+        engine.prefill_step = timed(prefill_call, prefill)
+        engine.decode_step = timed(decode_call, decode)
         engine._launch_ahead = timed_launch
         return log
 
     def detach(self) -> None:
-        del self.engine.prefill, self.engine.decode, self.engine._launch_ahead
+        del self.engine.prefill_step, self.engine.decode_step, self.engine._launch_ahead
 
     def summary(self) -> dict:
         """Per kind and band of 32 decode rows: calls, mean prompt tokens, mean ms."""
