@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from benchmarks.offline_floor import StepLog
 from shardline.offline_pacing import pace_limit, submitted_at_pace
 from shardline.sampling_params import SamplingParams
+from tests.shard_harness import random_prompts
 
 
 def test_pace_limit_spreads_the_tokens_left_over_the_longest_chain():
@@ -114,3 +116,26 @@ def test_the_first_error_ends_the_run_and_cancels_the_rest():
     with pytest.raises(ValueError, match="request 3"):
         _run([_Request(n) for n in (50, 40, 30, 5, 5, 5)], consume)
     assert 0 in cancelled
+
+
+def test_llm_generate_runs_at_the_pace_and_keeps_every_answer(llm):
+    """Through the real LLM: one request of 24 tokens and 12 of 2 (48 tokens over 24 steps: at
+    most ceil(1.5 x 2) = 3 at once); the engine never decodes more than three rows, and every
+    answer is the one the prompt gets alone, in the prompts' order."""
+    prompts = random_prompts(13, 384, seed=71, min_len=3, max_len=12)
+    lengths = [2] * 6 + [24] + [2] * 6
+    params = [
+        SamplingParams(temperature=0, max_tokens=n, min_tokens=n, ignore_eos=True) for n in lengths
+    ]
+    alone = [
+        llm.generate(prompt_token_ids=[p], sampling_params=sp, use_tqdm=False)[0]
+        for p, sp in zip(prompts, params, strict=True)
+    ]
+    log = StepLog.attach(llm._shards.engine)
+    try:
+        outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    finally:
+        log.detach()
+    assert [o.outputs[0].token_ids for o in outputs] == [a.outputs[0].token_ids for a in alone]
+    assert [len(o.outputs[0].token_ids) for o in outputs] == lengths
+    assert max(call.decode_rows for call in log.calls) <= pace_limit(sum(lengths), 24) == 3
