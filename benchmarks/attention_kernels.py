@@ -1,9 +1,10 @@
 """Micro-benchmark of the Triton attention kernels on one CUDA GPU.
 
     python -m benchmarks.attention_kernels [--sweep] [--batches 1,64,256] [--contexts 512,2048,8192]
+        [--kv-dtype bf16|fp8_e4m3fn|fp8_e5m2]
 
 Decode: Llama-3.1-8B attention shape (32 query heads, 8 KV heads, head_dim 128, bf16, page 16)
-at batch 1/64/256 x context 512/2048/8192, pages shuffled. Each timed call reads its own set of
+at batch 1/64/256 x context 512/2048/8192, pages shuffled; `--kv-dtype` an FP8 cache instead. Each timed call reads its own set of
 pages (sets rotate until they exceed the L2 several times over), all calls of one round are
 replayed from a CUDA graph, and the median replay over calls gives the time per call. Bandwidth
 counts the K/V bytes every call must read (plus q and out) against a measured device-to-device
@@ -19,6 +20,7 @@ import statistics
 import torch
 import triton
 
+from shardline.shards.layers.attention.fp8_kv import FP8_KV_DTYPES
 from shardline.shards.layers.attention.triton_decode import (
     DecodeConfig,
     SplitPlan,
@@ -33,6 +35,8 @@ from shardline.shards.layers.attention.triton_prefill import (
 )
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE, DTYPE = 32, 8, 128, 16, torch.bfloat16
+KV_DTYPES = {"bf16": DTYPE, **FP8_KV_DTYPES}
+KV_NAMES = {dtype: name for name, dtype in KV_DTYPES.items()}  # e4m3fn: its long name
 ROTATION_BYTES = 512 << 20
 BATCHES, CONTEXTS = (1, 64, 256), (512, 2048, 8192)
 SWEEP = [
@@ -70,14 +74,14 @@ def matmul_rate() -> float:
 class DecodeProblem:
     """Shuffled pages for `rounds` independent block tables over one cache."""
 
-    def __init__(self, batch: int, context: int) -> None:
+    def __init__(self, batch: int, context: int, kv_dtype: torch.dtype = DTYPE) -> None:
         pages_per_seq = triton.cdiv(context, PAGE)
-        bytes_per_round = 2 * batch * context * KV_HEADS * HEAD_DIM * DTYPE.itemsize
+        bytes_per_round = 2 * batch * context * KV_HEADS * HEAD_DIM * kv_dtype.itemsize
         self.rounds = max(1, triton.cdiv(ROTATION_BYTES, bytes_per_round))
         num_pages = self.rounds * batch * pages_per_seq
         shape = (num_pages, PAGE, KV_HEADS, HEAD_DIM)
-        self.k_cache = torch.empty(shape, dtype=DTYPE, device="cuda").normal_()
-        self.v_cache = torch.empty(shape, dtype=DTYPE, device="cuda").normal_()
+        self.k_cache = torch.empty(shape, dtype=DTYPE, device="cuda").normal_().to(kv_dtype)
+        self.v_cache = torch.empty(shape, dtype=DTYPE, device="cuda").normal_().to(kv_dtype)
         pages = torch.randperm(num_pages, device="cuda", dtype=torch.int64).to(torch.int32)
         self.tables = pages.view(self.rounds, batch, pages_per_seq)
         self.context_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
@@ -118,19 +122,20 @@ class DecodeProblem:
 
 
 def decode_rows(
-    bandwidth: float, sweep: bool, batches: list[int], contexts: list[int]
+    bandwidth: float, sweep: bool, batches: list[int], contexts: list[int], kv_dtype: torch.dtype
 ) -> list[str]:
     rows = []
     default = default_decode_config(DTYPE)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for batch in batches:
         for context in contexts:
-            problem = DecodeProblem(batch, context)
+            problem = DecodeProblem(batch, context, kv_dtype)
             plan = plan_splits(batch, KV_HEADS, context, default.block_n, sms)
             us = problem.time_per_call_us(default)
             gbs = problem.bytes_per_call / (us * 1e-6) / 1e9
             row = (
-                f"decode b={batch:<3} ctx={context:<5} splits={plan.num_splits:<2} "
+                f"decode {KV_NAMES[kv_dtype]} b={batch:<3} ctx={context:<5} "
+                f"splits={plan.num_splits:<2} "
                 f"graph {us:8.1f} us  {gbs:7.0f} GB/s  {gbs * 1e9 / bandwidth:5.1%} of copy  "
                 f"eager {problem.eager_us(default):8.1f} us"
             )
@@ -186,6 +191,7 @@ def main() -> None:
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     parser.add_argument("--no-prefill", action="store_true")
+    parser.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bf16")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -194,7 +200,7 @@ def main() -> None:
     rows = [
         f"device {torch.cuda.get_device_name()}  copy {bandwidth / 1e9:.0f} GB/s  "
         f"bf16 matmul {rate / 1e12:.0f} TFLOP/s",
-        *decode_rows(bandwidth, args.sweep, batches, contexts),
+        *decode_rows(bandwidth, args.sweep, batches, contexts, KV_DTYPES[args.kv_dtype]),
         *([] if args.no_prefill else prefill_rows(rate, args.sweep)),
     ]
     print("\n".join(rows), flush=True)

@@ -2,11 +2,13 @@
 # What the open issues still need from one GPU (after session 8's runs, benchmarks/RESULTS.md),
 # in priority order under one budget: the GPU tests changed since (FP8: graphs on/off, the
 # small-M FP8 GEMM), issue 27's offline run longest first all at once vs paced
-# (shardline/offline_pacing.py), the FP8 GEMM shapes (to set its row threshold), issue 22's
-# bf16 / FP8 / FP8 + FP8-KV triple in one run (batch-1, 8k prefill, offline), issue 21's
-# multi-turn chat and unshared workloads with caching on and off, and kernel profiles of the
-# offline run in bf16 and FP8 (GPU busy vs idle: where issue 27's and 22's remaining seconds
-# go). Logs and JSON go to ${OUT:-/tmp/open}; STEPS (comma-separated names) runs a part.
+# (shardline/offline_pacing.py), the FP8 GEMM shapes (to set its row threshold), the paged
+# decode kernel with a bf16 vs FP8 cache and its tile sweep (FP8 KV barely sped up large
+# decode steps in session 8), issue 22's bf16 / FP8 / FP8 + FP8-KV triple in one run (batch-1,
+# 8k prefill, offline), issue 21's multi-turn chat and unshared workloads with caching on and
+# off, and kernel profiles of the offline run in bf16 and FP8 (GPU busy vs idle: where issue
+# 27's and 22's remaining seconds go). Logs and JSON go to ${OUT:-/tmp/open}; STEPS
+# (comma-separated names) runs a part.
 #   bash benchmarks/open_issues_run.sh WHEELS_DIR BUDGET_SECONDS [STEPS]
 set -u
 wheels=${1:-.wheels}
@@ -22,6 +24,10 @@ offline=("${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes offline --max-num-
 step offline_longest 100 "${offline[@]}" --submission longest --json "$out/offline_longest.json"
 step offline_paced 100 "${offline[@]}" --submission paced --json "$out/offline_paced.json"
 step fp8_gemm 180 python3 -m benchmarks.fp8_gemm_bench
+attention=(python3 -m benchmarks.attention_kernels --sweep --no-prefill --batches 64,256,512
+    --contexts 512,2048)
+step decode_attention_kv 240 bash -c "${attention[*]} --kv-dtype bf16 && ${attention[*]} \
+    --kv-dtype fp8_e4m3fn"
 step bf16 190 "${bench[@]}" "${single[@]}" --json "$out/bf16.json"
 step fp8 190 "${bench[@]}" "${single[@]}" --quantize fp8 --json "$out/fp8.json"
 step fp8_kv 190 "${bench[@]}" "${single[@]}" --quantize fp8 --kv-cache-dtype fp8_e4m3fn \
