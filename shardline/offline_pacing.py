@@ -60,7 +60,10 @@ async def submitted_at_pace(
     results: list[T] = [None] * len(requests)  # type: ignore[list-item]
     try:
         while waiting or running:
-            while waiting and len(running) < _limit(running, waiting_tokens, requests, waiting):
+            # Submitting moves a request's tokens from waiting to running, and (longest first)
+            # never lengthens the chain: the limit changes only as tokens are generated.
+            limit = _limit(running, waiting_tokens, requests, waiting) if waiting else 0
+            while waiting and len(running) < limit:
                 index = waiting.popleft()
                 waiting_tokens -= _width(requests[index]) * requests[index].max_new_tokens
                 stream = batcher.submit(requests[index])
