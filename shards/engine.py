@@ -84,7 +84,7 @@ class ShardEngine:
         self.batches: dict[int, ShardBatch] = {}
         self._ahead: StepAhead | None = None
         # Decodes a stage but the last answered before their tokens came (stage_pending.py).
-        self._held = PendingSteps(lambda b, r: self._advance(b, r, GenerationColumns()))
+        self._held = PendingSteps()
         self._partial = PartialPrompts()
         self.prefill_limit: int | None = None  # the largest pass warmup sized the memory for
         self.grammars = GrammarLoader(sorted(config.eos_token_ids), config.vocab_size)
@@ -139,7 +139,7 @@ class ShardEngine:
         their generations come first, and the answered batch holds every row. A request whose
         data is invalid is refused alone (`refused`), the others run."""
         started = time.perf_counter_ns()
-        self._held.complete()
+        self._complete_held()
         batch_pb, refused = self._admit(request.batch)
         if not batch_pb.requests:
             return self._prefill_none(request, refused, started)
@@ -276,12 +276,12 @@ class ShardEngine:
         if not request.batches:
             raise InvalidRequestError("Decode needs at least one cached batch")
         if self._held:
-            self._held.complete([batch.id for batch in request.batches])
+            self._complete_held([batch.id for batch in request.batches])
         batches = self._pop_batches(request.batches)
         try:
             fault_injection.maybe_fail("decode")
             if self._held and needs_more_than_fresh(batches, self._require_allocator()):
-                self._held.complete()
+                self._complete_held()
             batch, step = self._step(batches)
         except BaseException:
             for batch in batches:
@@ -289,7 +289,7 @@ class ShardEngine:
             raise
         batch.id = batches[0].id
         concat_done = time.perf_counter_ns()
-        self._held.complete()  # the step before this one: its tokens came while this one ran
+        self._complete_held()  # the step before this one: its tokens came while this one ran
         if not self.tp.stage.is_last and not batch.beams:
             self._held.hold(batch, step)  # the router reads the last stage's answer
             timings = answers.Timings(0, 0, time.perf_counter_ns() - started)
@@ -334,7 +334,7 @@ class ShardEngine:
         return StepAhead(self.runner.decode(batch, step.next_tokens, ahead=1), batch.sequences)
 
     def filter_batch(self, request: pb.FilterBatchRequest) -> pb.FilterBatchResponse:
-        self._held.complete()
+        self._complete_held()
         batch = self._pop_batch(request.batch_id)
         wanted = set(request.request_ids)
         stopped = {(ref.request_id, ref.sequence_index) for ref in request.stopped_sequences}
@@ -350,7 +350,7 @@ class ShardEngine:
         return pb.FilterBatchResponse(batch=kept.to_proto())
 
     def clear_cache(self, request: pb.ClearCacheRequest) -> pb.ClearCacheResponse:
-        self._held.complete()
+        self._complete_held()
         self._ahead = None
         self._partial.drop(list(request.prefilling_request_ids), self.allocator)
         if request.HasField("id"):
@@ -369,6 +369,11 @@ class ShardEngine:
         return pb.ClearCacheResponse()
 
     # ---- helpers -----------------------------------------------------------------------------
+
+    def _complete_held(self, batch_ids: list[int] | None = None) -> None:
+        self._held.complete(
+            lambda batch, step: self._advance(batch, step, GenerationColumns()), batch_ids
+        )
 
     def _advance(
         self,

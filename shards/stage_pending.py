@@ -27,11 +27,12 @@ from shardline.shards.step_result import PendingStep, StepResult
 
 
 class PendingSteps:
-    """The held steps, by batch id; `finish` takes a batch and its step's result once its tokens
-    are in (the engine's advance: tokens recorded, finished rows freed)."""
+    """The held steps, by batch id. `complete` hands each batch and its step's result, once its
+    tokens are in, to `finish` (the engine's advance: tokens recorded, finished rows freed); it
+    is not kept, so that the engine holding this is not in a reference cycle, which the
+    garbage collector, frozen after warmup, would never free (with the GPU memory it holds)."""
 
-    def __init__(self, finish: Callable[[ShardBatch, StepResult], object]) -> None:
-        self._finish = finish
+    def __init__(self) -> None:
         self._steps: dict[int, tuple[ShardBatch, PendingStep]] = {}
 
     def __bool__(self) -> bool:
@@ -40,7 +41,11 @@ class PendingSteps:
     def hold(self, batch: ShardBatch, step: PendingStep) -> None:
         self._steps[batch.id] = (batch, step)
 
-    def complete(self, batch_ids: Iterable[int] | None = None) -> None:
+    def complete(
+        self,
+        finish: Callable[[ShardBatch, StepResult], object],
+        batch_ids: Iterable[int] | None = None,
+    ) -> None:
         """Finishes the held steps of `batch_ids` (all with None), oldest first."""
         if not self._steps:
             return
@@ -49,7 +54,7 @@ class PendingSteps:
             batch, step = self._steps.pop(batch_id)
             result = step.result()
             batch.last_tokens = result.next_tokens
-            self._finish(batch, result)
+            finish(batch, result)
 
 
 def needs_more_than_fresh(batches: Iterable[ShardBatch], allocator: BlockAllocator) -> bool:

@@ -319,3 +319,17 @@ def test_warmup_freezes_what_lives_on(engines):
     import gc
 
     assert gc.get_freeze_count() > 10_000
+
+
+def test_a_dropped_engine_is_freed_although_warmup_froze_the_collector(tiny_model_dirs):
+    """Warmup freezes the garbage collector's view of everything alive, so an engine caught in a
+    reference cycle would never be freed, nor its KV cache and weights: a second engine in the
+    same process (an `LLM` made again, the GPU tests) would find no memory."""
+    import weakref
+
+    engine = warmed_engine(tiny_model_dirs["llama"])
+    prompt = random_prompts(1, engine.config.vocab_size, seed=3)[0]
+    run_schedule(engine.prefill, engine.decode, [Arrival(0, make_request(1, prompt, 4))], True)
+    dropped = weakref.ref(engine)
+    del engine
+    assert dropped() is None

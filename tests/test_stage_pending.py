@@ -26,16 +26,20 @@ def _step(log: list[str], name: str, token: int) -> PendingStep:
 
 def test_held_steps_finish_in_order_and_a_named_batch_alone() -> None:
     log: list[str] = []
-    held = PendingSteps(lambda batch, result: log.append(f"advance {batch.id}"))
+    held = PendingSteps()
+
+    def advance(batch, result) -> None:
+        log.append(f"advance {batch.id}")
+
     first, second = SimpleNamespace(id=3), SimpleNamespace(id=5)
     held.hold(first, _step(log, "3", 11))
     held.hold(second, _step(log, "5", 12))
     assert not log  # answered before the tokens came
 
-    held.complete([5])
+    held.complete(advance, [5])
     assert log == ["tokens of 5", "advance 5"]
     assert second.last_tokens.tolist() == [12] and not hasattr(first, "last_tokens")
-    held.complete()
+    held.complete(advance)
     assert log[2:] == ["tokens of 3", "advance 3"] and not held
 
 
