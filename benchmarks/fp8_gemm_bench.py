@@ -93,14 +93,14 @@ class Layer:
         return self.n * self.k * weight_bytes + 2 * rows * (self.k + self.n) + 4 * self.n * scales
 
     def time_fp8(self, x: torch.Tensor, op: Callable) -> float:
-        return per_call_ms([lambda w=w, s=s: op(x, w, s) for w, s in self.fp8])
+        return per_call_ms([lambda w=w, s=s: op(x, w, s, None) for w, s in self.fp8])
 
     def time_bf16(self, x: torch.Tensor) -> float:
         return per_call_ms([lambda w=w: F.linear(x, w) for w in self.bf16])
 
 
 def skinny_with(config: SkinnyConfig) -> Callable:
-    return lambda x, w, s: fp8_skinny_gemm(x, w, s, config=config)
+    return lambda x, w, s, bias: fp8_skinny_gemm(x, w, s, bias, config=config)
 
 
 def sweep_configs(rows: int) -> list[SkinnyConfig]:
@@ -146,7 +146,7 @@ def print_layer(
             f" ({config.block_n}x{config.block_k} {config.num_warps}w {config.num_stages}s)"
         )
         if m == 1 and gemv_applies(x, layer.fp8[0][0]):
-            gemv_ms = layer.time_fp8(x, lambda x, w, s: gemv(x, w, scale=s))
+            gemv_ms = layer.time_fp8(x, lambda x, w, s, bias: gemv(x, w, scale=s))
             line += f" | fp8 gemv {cell(layer, m, gemv_ms, 1, bandwidth)}"
         print(line, flush=True)
         if sweep:
