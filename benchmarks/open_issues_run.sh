@@ -19,7 +19,7 @@ source "$(dirname "$0")/bench_steps.sh"
 single=(--shape 8b --model-dir /tmp/m8 --modes single,prefill,offline --max-num-seqs 512)
 profile=("${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes profile --max-num-seqs 512)
 step gpu_tests 300 bash benchmarks/gpu_tests.sh 100 tests/test_gpu_fp8.py \
-    tests/test_triton_fp8_gemm.py tests/test_gpu_engine.py tests/test_gpu_prefix_cache.py
+    tests/test_gpu_engine.py tests/test_gpu_prefix_cache.py
 offline=("${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes offline --max-num-seqs 512)
 step offline_longest 100 "${offline[@]}" --submission longest --json "$out/offline_longest.json"
 step offline_paced 100 "${offline[@]}" --submission paced --json "$out/offline_paced.json"

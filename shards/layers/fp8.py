@@ -5,9 +5,8 @@ A weight W [N, K] is held as Q [N, K] float8_e4m3fn and s [N] float32 with W ~ Q
 On a GPU with FP8 tensor cores (compute capability 8.9 and up) `fp8_linear` quantizes each row
 of x the same way (dynamic per-token scales) and multiplies on the tensor cores through
 `torch._scaled_mm` with row-wise scales (cuBLASLt / CUTLASS; bfloat16 output, the only one
-row-wise scaling takes), the activations quantized by one Triton kernel (triton_fp8_quant.py);
-up to SKINNY_GEMM_MAX_ROWS rows the weight-only Triton GEMM (triton_fp8_gemm.py) multiplies x as
-it is instead. Elsewhere (CPU, older GPUs, shapes the FP8 GEMM does not take) it
+row-wise scaling takes), the activations quantized by one Triton kernel (triton_fp8_quant.py)
+(at every M from 1 to 128 that beat a weight-only Triton GEMM on an H100: RESULTS.md). Elsewhere (CPU, older GPUs, shapes the FP8 GEMM does not take) it
 dequantizes the weight and runs a plain matmul: the reference the tests check every loader with.
 """
 
@@ -26,10 +25,6 @@ FP8_MAX = torch.finfo(FP8).max
 MIN_AMAX = 1e-12
 # torch._scaled_mm needs both GEMM dimensions of the weight divisible by 16.
 SCALED_MM_ALIGNMENT = 16
-# Up to this many rows, a CUDA FP8 linear layer streams its weight through the weight-only Triton
-# GEMM (triton_fp8_gemm.py) instead of quantizing x for torch._scaled_mm, which is far from the
-# copy bandwidth at a few rows (benchmarks/fp8_gemm_bench.py compares them per M).
-SKINNY_GEMM_MAX_ROWS = 16
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,10 +45,6 @@ def fp8_linear(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """F.linear(x, weight * scale[:, None], bias) in x's dtype, for an FP8 `weight` [N, K]."""
-    if skinny_gemm_applies(x, weight):
-        from shardline.shards.layers.triton_fp8_gemm import fp8_skinny_gemm
-
-        return fp8_skinny_gemm(x, weight, scale, bias)
     if scaled_mm_applies(x, weight):
         return scaled_mm_linear(x, weight, scale, bias)
     return F.linear(x, dequantize_rows(weight, scale).to(x.dtype), bias)
@@ -69,18 +60,6 @@ def scaled_mm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and k % SCALED_MM_ALIGNMENT == 0
         and weight.is_contiguous()
         and x.numel() > 0
-    )
-
-
-def skinny_gemm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """1 to SKINNY_GEMM_MAX_ROWS half-precision rows on a GPU whose Triton converts FP8, where
-    custom kernels apply."""
-    return (
-        custom_kernels.applies(x)
-        and has_fp8_tensor_cores(x.device)
-        and x.dtype in (torch.bfloat16, torch.float16)
-        and weight.stride(-1) == 1
-        and 0 < x.numel() <= SKINNY_GEMM_MAX_ROWS * x.shape[-1]
     )
 
 
