@@ -58,10 +58,12 @@ def _engine_tokens(
     return [result.tokens[i] for i in range(len(prompts))]
 
 
-def _hf_tokens(model_dir: Path, dtype: torch.dtype, prompts, max_new) -> list[list[int]]:
+def _hf_tokens(
+    model_dir: Path, dtype: torch.dtype, prompts, max_new, attention: dict = EXACT_ATTENTION
+) -> list[list[int]]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **EXACT_ATTENTION).cuda()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **attention).cuda()
     outputs = []
     for prompt, n in zip(prompts, max_new, strict=True):
         ids = torch.tensor([prompt], device="cuda")
@@ -102,11 +104,15 @@ def test_float32_gpu_tokens_equal_transformers(medium_model, attention, overlap)
 def test_bfloat16_gpu_tokens_track_transformers_bf16(medium_model):
     """Random-weight models are chaotic in bf16 (transformers' own bf16 and float32 greedy paths
     part within a few tokens), so exact equality is no bar: ours must follow transformers' bf16
-    path at least half of the 32 tokens on average, and float32 as far as transformers' does."""
+    path at least half of the 32 tokens on average, and float32 as far as transformers' does.
+    transformers' bf16 path uses SDPA here, a fused kernel rounding as ours does (its eager
+    attention rounds the scores and probabilities to bf16 between steps: ours then followed it
+    7.8 tokens on average, on an H100)."""
     prompts = random_prompts(32, 384, seed=22, max_len=300)
     max_new = [32] * len(prompts)
     reference = _hf_tokens(medium_model, torch.float32, prompts, max_new)
-    hf_bf16 = _hf_tokens(medium_model, torch.bfloat16, prompts, max_new)
+    fused = {"attn_implementation": "sdpa"}
+    hf_bf16 = _hf_tokens(medium_model, torch.bfloat16, prompts, max_new, fused)
     ours = _engine_tokens(medium_model, "bfloat16", "triton", prompts, max_new)
     ours_vs_hf = _mean_common_prefix(ours, hf_bf16)
     ours_vs_fp32 = _mean_common_prefix(ours, reference)
