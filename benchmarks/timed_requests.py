@@ -12,6 +12,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from benchmarks.offline_floor import Call, StepLog
 from shardline import LLM, SamplingParams
@@ -20,6 +21,9 @@ from shardline.router.batcher import Batcher, BatchingConfig
 from shardline.router.metrics import RouterMetrics
 from shardline.router.request_stream import RequestStream
 from shardline.router.request_types import ValidRequest
+
+if TYPE_CHECKING:
+    from shardline.shards.engine import ShardEngine
 
 
 @dataclass
@@ -67,15 +71,17 @@ async def timed_run(
 ) -> tuple[float, list[RequestTiming], list[Call]]:
     """Every request through a batcher (the LLM's own config unless `config`), request i
     submitted `delays[i]` seconds after the start (default: all at once), or in order at
-    `LLM.generate`'s pace if `paced` (shardline/offline_pacing.py); the engine's calls."""
+    `LLM.generate`'s pace if `paced` (shardline/offline_pacing.py); the engine's calls (none
+    where the shard runs in its own process)."""
     metrics = RouterMetrics()
     waste: list[float] = []
-    steps = StepLog.attach(llm._shards.engine)
+    engine = getattr(llm._shards, "engine", None)  # None: the shard runs in its own process
+    steps = StepLog.attach(engine) if engine is not None else None
     delays = delays or [0.0] * len(requests)
     async with llm._shards.client() as client:
         batcher = Batcher(client, llm.tokenizer, config or llm._batching_config(), metrics)
         batcher.start()
-        sampler = asyncio.create_task(_sample_kv_waste(llm, waste))
+        sampler = asyncio.create_task(_sample_kv_waste(engine, waste)) if engine else None
         try:
             started = time.perf_counter()
             if paced:
@@ -88,21 +94,26 @@ async def timed_run(
                 timings = await asyncio.gather(*consumers)
             elapsed = time.perf_counter() - started
         finally:
-            sampler.cancel()
+            if sampler is not None:
+                sampler.cancel()
             await batcher.stop()
     if len(requests) > 1:
         breakdown = shard_call_breakdown(metrics, elapsed)
         breakdown["kv_waste_mean"] = round(statistics.fmean(waste), 4) if waste else None
         print(json.dumps(breakdown), flush=True)
+    if steps is None:
+        return elapsed, list(timings), []
+    if len(requests) > 1:
         print(json.dumps({"steps_by_decode_rows": steps.summary()}), flush=True)
     steps.detach()
     return elapsed, list(timings), steps.calls
 
 
-async def _sample_kv_waste(llm: LLM, samples: list[float], every_s: float = 0.25) -> None:
+async def _sample_kv_waste(
+    engine: ShardEngine, samples: list[float], every_s: float = 0.25
+) -> None:
     """KV-cache waste while requests run: slots allocated to sequences but holding no token,
     over the slots allocated (a paged cache wastes only the tail of each last block)."""
-    engine = llm._shards.engine
     block_size = engine.settings.block_size
     while True:
         await asyncio.sleep(every_s)

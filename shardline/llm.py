@@ -1,7 +1,8 @@
 """The offline API, with vLLM's names: `LLM(model=...).generate(prompts, SamplingParams(...))`.
 
-One shard runs in this process (no HTTP, no gRPC); `tensor_parallel_size > 1` starts shard
-processes through the launcher's `start_shards` and talks to them over gRPC (offline_shards.py).
+One shard runs in this process (no HTTP, no gRPC); `tensor_parallel_size > 1` (or
+`shard_process=True`) starts shard processes through the launcher's `start_shards` and talks to
+them over gRPC (offline_shards.py).
 Requests go through the router's continuous batching, so a prompt list larger than the KV cache
 still completes.
 """
@@ -57,6 +58,10 @@ class EngineArgs:
     max_waiting_tokens: int = 20
     enable_chunked_prefill: bool = True
     download_dir: str | None = None  # the Hugging Face cache folder hub models are downloaded to
+    # The one shard of tensor_parallel_size 1 in a process of its own, as larger sizes run (vLLM
+    # runs its engine core in one by default): the router's Python and the shard's then run on
+    # two cores at once instead of taking turns under one interpreter lock.
+    shard_process: bool = False
 
     @property
     def prefill_budget(self) -> int:
@@ -96,7 +101,7 @@ class LLM:
 
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or self.model_dir)
         self.shard_config = dataclasses.replace(self.args.shard, model=str(self.model_dir))
-        self._shards = open_shards(self.shard_config)
+        self._shards = open_shards(self.shard_config, self.args.shard_process)
         warmup, info = asyncio.run(self._warmup())
         self.vocab_size = info.vocab_size
         self.max_model_len = warmup.max_total_tokens

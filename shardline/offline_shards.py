@@ -68,5 +68,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def open_shards(config: ShardConfig) -> InProcessShard | ShardProcesses:
-    return InProcessShard(config) if config.world_size == 1 else ShardProcesses(config)
+def open_shards(config: ShardConfig, own_process: bool = False) -> InProcessShard | ShardProcesses:
+    """One shard in this process, unless `own_process` or the world is larger."""
+    in_process = config.world_size == 1 and not own_process
+    return InProcessShard(config) if in_process else ShardProcesses(config)

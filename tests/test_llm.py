@@ -97,19 +97,23 @@ def test_bad_arguments_are_clear(llm):
         SamplingParams(temperature=-1)
 
 
-def test_tensor_parallel_llm_runs_shard_processes(tiny_llama_dir):
-    """Two ranks over gRPC, three rows at a time: requests join by prefills that carry the
-    running rows, steps are launched ahead while nothing waits; greedy equals transformers."""
+@pytest.mark.parametrize(
+    "processes", [{"tensor_parallel_size": 2}, {"shard_process": True}], ids=["tp2", "tp1"]
+)
+def test_shard_processes_answer_as_in_process(tiny_llama_dir, processes):
+    """Two ranks (or the one shard in its own process) over gRPC, three rows at a time: requests
+    join by prefills that carry the running rows, steps are launched ahead while nothing waits;
+    greedy equals transformers."""
     prompts = random_prompts(6, 384, seed=33)
     lengths = [10, 4, 7, 10, 5, 8]
     expected = transformers_greedy(tiny_llama_dir, prompts, lengths)
     llm = LLM(
         model=str(tiny_llama_dir),
-        tensor_parallel_size=2,
         block_size=4,
         kv_cache_bytes=1 << 20,
         max_model_len=256,
         max_num_seqs=3,
+        **processes,
     )
     children = [child.process for child in llm._shards._children]
     try:
