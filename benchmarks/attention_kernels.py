@@ -1,7 +1,8 @@
 """Micro-benchmark of the Triton attention kernels on one CUDA GPU.
 
     python -m benchmarks.attention_kernels [--sweep] [--batches 1,64,256] [--contexts 512,2048,8192]
-        [--kv-dtype bf16|fp8_e4m3fn|fp8_e5m2]
+        [--kv-dtype bf16|fp8_e4m3fn|fp8_e5m2] [--lengths uniform|mixed [--workload JSONL]
+        [--splits 1,2,4,8] [--seed 0]]
 
 Decode: Llama-3.1-8B attention shape (32 query heads, 8 KV heads, head_dim 128, bf16, page 16)
 at batch 1/64/256 x context 512/2048/8192, pages shuffled; `--kv-dtype` an FP8 cache instead. Each timed call reads its own set of
@@ -9,6 +10,11 @@ pages (sets rotate until they exceed the L2 several times over), all calls of on
 replayed from a CUDA graph, and the median replay over calls gives the time per call. Bandwidth
 counts the K/V bytes every call must read (plus q and out) against a measured device-to-device
 copy (bytes read + written). --sweep also times other tile/warp configurations and no split.
+`--lengths mixed` gives the rows different context lengths, as a large batch mid-run has them
+(benchmarks/decode_lengths.py: from the `--workload`'s requests, else log-uniform from 32),
+capped at the context (the block table's width): each (batch, context) prints its lengths, then
+time and bandwidth (from the keys each row reads) with the plan's split choice and with each
+`--splits` count forced, the rows as drawn and longest first (--sweep does not apply).
 Prefill: one 8192-token prompt and 64 prompts of 256 tokens against a measured bf16 matmul rate.
 """
 
@@ -16,10 +22,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
 
+from benchmarks.decode_lengths import ORDERS, describe, draw_lengths
+from benchmarks.timed_requests import load_workload
 from shardline.shards.layers.attention.fp8_kv import FP8_KV_DTYPES
 from shardline.shards.layers.attention.triton_decode import (
     DecodeConfig,
@@ -72,21 +82,35 @@ def matmul_rate() -> float:
 
 
 class DecodeProblem:
-    """Shuffled pages for `rounds` independent block tables over one cache."""
+    """Shuffled pages for `rounds` independent block tables over one cache: row i reads
+    lengths[i] keys through a table of `width` pages (entries past its pages unread)."""
 
-    def __init__(self, batch: int, context: int, kv_dtype: torch.dtype = DTYPE) -> None:
-        pages_per_seq = triton.cdiv(context, PAGE)
-        bytes_per_round = 2 * batch * context * KV_HEADS * HEAD_DIM * kv_dtype.itemsize
-        self.rounds = max(1, triton.cdiv(ROTATION_BYTES, bytes_per_round))
-        num_pages = self.rounds * batch * pages_per_seq
+    def __init__(
+        self,
+        lengths: list[int],
+        width: int,
+        kv_dtype: torch.dtype = DTYPE,
+        device: str = "cuda",
+    ) -> None:
+        batch = len(lengths)
+        row_pages = torch.tensor([triton.cdiv(n, PAGE) for n in lengths], device=device)
+        kv_bytes = 2 * sum(lengths) * KV_HEADS * HEAD_DIM * kv_dtype.itemsize
+        self.rounds = max(1, triton.cdiv(ROTATION_BYTES, kv_bytes))
+        num_pages = self.rounds * int(row_pages.sum())
         shape = (num_pages, PAGE, KV_HEADS, HEAD_DIM)
-        self.k_cache = torch.empty(shape, dtype=DTYPE, device="cuda").normal_().to(kv_dtype)
-        self.v_cache = torch.empty(shape, dtype=DTYPE, device="cuda").normal_().to(kv_dtype)
-        pages = torch.randperm(num_pages, device="cuda", dtype=torch.int64).to(torch.int32)
-        self.tables = pages.view(self.rounds, batch, pages_per_seq)
-        self.context_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-        self.q = torch.randn((self.rounds, batch, HEADS, HEAD_DIM), device="cuda").to(DTYPE)
-        self.bytes_per_call = bytes_per_round + 2 * self.q[0].numel() * DTYPE.itemsize
+        self.k_cache = torch.empty(shape, dtype=DTYPE, device=device).normal_().to(kv_dtype)
+        self.v_cache = torch.empty(shape, dtype=DTYPE, device=device).normal_().to(kv_dtype)
+        pages = torch.randperm(num_pages, device=device, dtype=torch.int64).to(torch.int32)
+        used = torch.arange(width, device=device)[None, :] < row_pages[:, None]
+        self.tables = torch.zeros((self.rounds, batch, width), dtype=torch.int32, device=device)
+        self.tables[:, used] = pages.view(self.rounds, -1)
+        self.context_lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+        self.q = torch.randn((self.rounds, batch, HEADS, HEAD_DIM), device=device).to(DTYPE)
+        self.bytes_per_call = kv_bytes + 2 * self.q[0].numel() * DTYPE.itemsize
+
+    @classmethod
+    def uniform(cls, batch: int, context: int, kv_dtype: torch.dtype = DTYPE) -> DecodeProblem:
+        return cls([context] * batch, triton.cdiv(context, PAGE), kv_dtype)
 
     def run_round(self, config: DecodeConfig, plan: SplitPlan | None) -> None:
         for i in range(self.rounds):
@@ -129,14 +153,12 @@ def decode_rows(
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for batch in batches:
         for context in contexts:
-            problem = DecodeProblem(batch, context, kv_dtype)
+            problem = DecodeProblem.uniform(batch, context, kv_dtype)
             plan = plan_splits(batch, KV_HEADS, context, default.block_n, sms)
             us = problem.time_per_call_us(default)
-            gbs = problem.bytes_per_call / (us * 1e-6) / 1e9
             row = (
                 f"decode {KV_NAMES[kv_dtype]} b={batch:<3} ctx={context:<5} "
-                f"splits={plan.num_splits:<2} "
-                f"graph {us:8.1f} us  {gbs:7.0f} GB/s  {gbs * 1e9 / bandwidth:5.1%} of copy  "
+                f"splits={plan.num_splits:<2} {_rate(problem, us, bandwidth)}  "
                 f"eager {problem.eager_us(default):8.1f} us"
             )
             if sweep:
@@ -144,6 +166,57 @@ def decode_rows(
             rows.append(row)
             del problem
             torch.cuda.empty_cache()
+    return rows
+
+
+def _rate(problem: DecodeProblem, us: float, bandwidth: float) -> str:
+    gbs = problem.bytes_per_call / (us * 1e-6) / 1e9
+    return f"graph {us:8.1f} us  {gbs:7.0f} GB/s  {gbs * 1e9 / bandwidth:5.1%} of copy"
+
+
+@dataclass(frozen=True)
+class MixedLengths:
+    """--lengths mixed: each row's context length drawn (benchmarks/decode_lengths.py) from
+    `workload` (input_len, output_len pairs; log-uniform without one), seeded by `seed`, timed
+    with the plan's split choice and with each of `splits` forced, rows in each of ORDERS."""
+
+    workload: list[tuple[int, int]] | None
+    splits: list[int]
+    seed: int = 0
+
+
+def mixed_rows(
+    bandwidth: float,
+    batches: list[int],
+    contexts: list[int],
+    kv_dtype: torch.dtype,
+    mixed: MixedLengths,
+    device: str = "cuda",
+) -> list[str]:
+    """One line of lengths per (batch, context: the block table's width and the lengths' cap),
+    then one per order and split choice; bandwidth from the keys each row reads."""
+    rows = []
+    default = default_decode_config(DTYPE)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 1
+    source = "workload" if mixed.workload else "log-uniform"
+    for batch in batches:
+        for context in contexts:
+            lengths = draw_lengths(mixed.workload, batch, context, mixed.seed)
+            width = triton.cdiv(context, PAGE)
+            planned = plan_splits(batch, KV_HEADS, width * PAGE, default.block_n, sms)
+            label = f"decode-mixed {KV_NAMES[kv_dtype]} b={batch:<3} ctx={context:<5}"
+            rows.append(f"{label} {source} {describe(lengths)}")
+            plans = [(f"plan({planned.num_splits})", None)]
+            plans += [(str(n), SplitPlan(n)) for n in mixed.splits]
+            for order, arrange in ORDERS.items():
+                problem = DecodeProblem(arrange(lengths), width, kv_dtype, device)
+                for name, plan in plans:
+                    us = problem.time_per_call_us(default, plan)
+                    rows.append(
+                        f"{label} order={order:<7} splits={name:<8} {_rate(problem, us, bandwidth)}"
+                    )
+                del problem
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -192,15 +265,32 @@ def main() -> None:
     parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     parser.add_argument("--no-prefill", action="store_true")
     parser.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bf16")
+    parser.add_argument(
+        "--lengths",
+        choices=["uniform", "mixed"],
+        default="uniform",
+        help="every row at the context, or rows of drawn lengths up to it (decode)",
+    )
+    parser.add_argument("--workload", type=Path, help="mixed: JSON lines of input/output_len")
+    parser.add_argument("--splits", default="1,2,4,8", help="mixed: forced split counts")
+    parser.add_argument("--seed", type=int, default=0, help="mixed: seed of the lengths")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
+    kv_dtype = KV_DTYPES[args.kv_dtype]
     torch.manual_seed(0)
     bandwidth, rate = copy_bandwidth(), matmul_rate()
+    if args.lengths == "mixed":
+        workload = load_workload(args.workload, None) if args.workload else None
+        splits = [int(n) for n in args.splits.split(",") if n]
+        mixed = MixedLengths(workload, splits, args.seed)
+        decode = mixed_rows(bandwidth, batches, contexts, kv_dtype, mixed)
+    else:
+        decode = decode_rows(bandwidth, args.sweep, batches, contexts, kv_dtype)
     rows = [
         f"device {torch.cuda.get_device_name()}  copy {bandwidth / 1e9:.0f} GB/s  "
         f"bf16 matmul {rate / 1e12:.0f} TFLOP/s",
-        *decode_rows(bandwidth, args.sweep, batches, contexts, KV_DTYPES[args.kv_dtype]),
+        *decode,
         *([] if args.no_prefill else prefill_rows(rate, args.sweep)),
     ]
     print("\n".join(rows), flush=True)
