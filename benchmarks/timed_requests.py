@@ -154,8 +154,11 @@ async def _timed(stream: RequestStream, start: float) -> RequestTiming:
     return timing
 
 
-def make_requests(llm: LLM, pairs: list[tuple[int, int]], vocab: int) -> list[ValidRequest]:
-    rng = random.Random(0)
+def make_requests(
+    llm: LLM, pairs: list[tuple[int, int]], vocab: int, seed: int = 0
+) -> list[ValidRequest]:
+    """Random prompts (the same for the same seed: a prefix cache would hit them again)."""
+    rng = random.Random(seed)
     return [
         llm._valid_request(None, random_prompt(n_in, rng, vocab), exact_length(n_out))
         for n_in, n_out in pairs
