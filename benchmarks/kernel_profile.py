@@ -1,14 +1,17 @@
 """GPU time of a run by kernel class (GEMM, attention, sampling, ...) and by kernel, from the
-torch profiler's CUDA activity (kernels inside CUDA graphs included)."""
+torch profiler's CUDA activity (kernels inside CUDA graphs included), and where the GPU sat
+idle between its kernels (benchmarks/gpu_idle.py)."""
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.gpu_idle import gpu_idle
 
 # First match wins; names are cuBLAS/CUTLASS GEMMs, this repository's Triton kernels, torch ops.
 KERNEL_CLASSES: tuple[tuple[str, re.Pattern], ...] = (
@@ -28,20 +31,34 @@ def kernel_class(name: str) -> str:
     return next((label for label, pattern in KERNEL_CLASSES if pattern.search(name)), "other")
 
 
+def device_kernels(events: Iterable) -> list[tuple[float, float, str]]:
+    """(start_us, end_us, name) of the profiler's device events (kernels, copies, memsets),
+    not its user-annotation ranges that span them."""
+    return [
+        (event.time_range.start, event.time_range.end, event.name)
+        for event in events
+        if event.device_type == torch.autograd.DeviceType.CUDA
+        and not getattr(event, "is_user_annotation", False)
+    ]
+
+
 def kernel_profile(run: Callable[[], object], top: int = 25) -> dict:
-    """Runs `run` under the profiler; GPU seconds per class and the `top` kernels by time."""
+    """Runs `run` under the profiler; GPU seconds per class and the `top` kernels by time, and
+    where the GPU sat idle (gpu_idle)."""
     torch.cuda.synchronize()
     started = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        region_started = time.perf_counter()
         run()
         torch.cuda.synchronize()
+        region = time.perf_counter() - region_started
     wall = time.perf_counter() - started
+    intervals = device_kernels(prof.events())
     kernels: dict[str, list[float]] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            entry = kernels.setdefault(event.name, [0, 0.0])
-            entry[0] += 1
-            entry[1] += event.device_time / 1e6  # microseconds
+    for start, end, name in intervals:
+        entry = kernels.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += (end - start) / 1e6  # microseconds
     classes: dict[str, float] = {}
     for name, (_, seconds) in kernels.items():
         label = kernel_class(name)
@@ -56,4 +73,5 @@ def kernel_profile(run: Callable[[], object], top: int = 25) -> dict:
             {"name": name[:120], "class": kernel_class(name), "calls": n, "s": round(s, 4)}
             for name, (n, s) in ranked
         ],
+        "gpu_idle": gpu_idle(intervals, region),
     }
