@@ -29,7 +29,7 @@ import torch
 import triton
 
 from benchmarks.decode_lengths import ORDERS, describe, draw_lengths
-from benchmarks.timed_requests import load_workload
+from benchmarks.workload import load_workload
 from shardline.shards.layers.attention.fp8_kv import FP8_KV_DTYPES
 from shardline.shards.layers.attention.triton_decode import (
     DecodeConfig,

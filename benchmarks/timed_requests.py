@@ -11,10 +11,10 @@ import random
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from benchmarks.offline_floor import Call, StepLog
+from benchmarks.workload import load_workload as load_workload  # its importers' old home
 from shardline import LLM, SamplingParams
 from shardline.offline_pacing import submitted_at_pace
 from shardline.router.batcher import Batcher, BatchingConfig
@@ -43,12 +43,6 @@ class RequestTiming:
     def tpot(self) -> float | None:
         n = len(self.token_times)
         return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else None
-
-
-def load_workload(path: Path, limit: int | None) -> list[tuple[int, int]]:
-    pairs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    pairs = [(int(p["input_len"]), int(p["output_len"])) for p in pairs]
-    return pairs[:limit] if limit else pairs
 
 
 def random_prompt(length: int, rng: random.Random, vocab: int) -> list[int]:
