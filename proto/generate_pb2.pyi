@@ -292,12 +292,14 @@ class FilterBatchResponse(_message.Message):
     def __init__(self, batch: _Optional[_Union[CachedBatch, _Mapping]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("batch", "cached_batches")
+    __slots__ = ("batch", "cached_batches", "launch_next")
     BATCH_FIELD_NUMBER: _ClassVar[int]
     CACHED_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    LAUNCH_NEXT_FIELD_NUMBER: _ClassVar[int]
     batch: Batch
     cached_batches: _containers.RepeatedCompositeFieldContainer[CachedBatch]
-    def __init__(self, batch: _Optional[_Union[Batch, _Mapping]] = ..., cached_batches: _Optional[_Iterable[_Union[CachedBatch, _Mapping]]] = ...) -> None: ...
+    launch_next: bool
+    def __init__(self, batch: _Optional[_Union[Batch, _Mapping]] = ..., cached_batches: _Optional[_Iterable[_Union[CachedBatch, _Mapping]]] = ..., launch_next: _Optional[bool] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("generations", "batch", "forward_ns", "decode_ns", "total_ns", "refused", "cached_tokens")

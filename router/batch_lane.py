@@ -110,7 +110,12 @@ class BatchLane:
             joining = join.joining(self._waiting_steps, on_shard, held) if may_join else None
             if joining:
                 self._waiting_steps = 0
-                self.call = await self._send_prefill(joining, answered.batches)
+                ahead = (
+                    look_ahead
+                    and not any(entry.chunked for entry in joining)  # it goes on next step
+                    and not join.join_likely_next(0, on_shard + joining, held)
+                )
+                self.call = await self._send_prefill(joining, answered.batches, ahead)
             else:
                 ahead = look_ahead and not join.join_likely_next(
                     self._waiting_steps, on_shard, held
@@ -121,10 +126,14 @@ class BatchLane:
         return self.call is not None
 
     async def _send_prefill(
-        self, entries: list[Entry], running: Sequence[pb.CachedBatch] = ()
+        self,
+        entries: list[Entry],
+        running: Sequence[pb.CachedBatch] = (),
+        launch_next: bool = False,
     ) -> InFlight | None:
         """A Prefill of the entries whose shard message builds (the others fail alone); with
-        none left, a Decode of `running`, or None when there is nothing to send."""
+        none left, a Decode of `running`, or None when there is nothing to send. `launch_next`
+        as for a Decode."""
         requests = self._encodable(entries)
         entries = list(requests)
         if not entries:
@@ -146,9 +155,8 @@ class BatchLane:
             max_tokens=sum(entry.budget_tokens for entry in entries),
         )
         ids = [batch.id, *(cached.id for cached in running)]
-        return await self._parts.calls.send(
-            "prefill", self._parts.client.prefill(batch, running), ids
-        )
+        prefill = self._parts.client.prefill(batch, running, launch_next)
+        return await self._parts.calls.send("prefill", prefill, ids)
 
     async def _prefilled(self, call: InFlight) -> tuple[GenerationColumns, pb.CachedBatch | None]:
         """A Prefill's answer; one that carried the running batch answers for it too."""

@@ -61,7 +61,10 @@ class ShardClient(Protocol):
     async def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse: ...
 
     async def prefill(
-        self, batch: pb.Batch, cached_batches: Sequence[pb.CachedBatch] = ()
+        self,
+        batch: pb.Batch,
+        cached_batches: Sequence[pb.CachedBatch] = (),
+        launch_next: bool = False,
     ) -> StepResult: ...
 
     async def decode(
@@ -221,9 +224,14 @@ class ShardedClient:
         return await self._ordered("Warmup", request, self.deadlines.warmup)
 
     async def prefill(
-        self, batch: pb.Batch, cached_batches: Sequence[pb.CachedBatch] = ()
+        self,
+        batch: pb.Batch,
+        cached_batches: Sequence[pb.CachedBatch] = (),
+        launch_next: bool = False,
     ) -> StepResult:
-        request = pb.PrefillRequest(batch=batch, cached_batches=list(cached_batches))
+        request = pb.PrefillRequest(
+            batch=batch, cached_batches=list(cached_batches), launch_next=launch_next
+        )
         return step_result(await self._ordered("Prefill", request, self.deadlines.step))
 
     async def decode(

@@ -47,9 +47,14 @@ class InProcessShardClient:
         return await self._run(self.engine.warmup, request)
 
     async def prefill(
-        self, batch: pb.Batch, cached_batches: Sequence[pb.CachedBatch] = ()
+        self,
+        batch: pb.Batch,
+        cached_batches: Sequence[pb.CachedBatch] = (),
+        launch_next: bool = False,
     ) -> StepResult:
-        request = pb.PrefillRequest(batch=batch, cached_batches=list(cached_batches))
+        request = pb.PrefillRequest(
+            batch=batch, cached_batches=list(cached_batches), launch_next=launch_next
+        )
         return await self._run(self.engine.prefill_step, request)
 
     async def decode(

@@ -160,6 +160,8 @@ class ShardEngine:
             kept = self._advance(running, step, generations)
             batch = self._merge(kept, batch)
         generations.extend(first)
+        if request.launch_next and batch is not None:
+            self._ahead = self._launch_recorded(batch)
         cached_batch = None if batch is None else batch.to_proto()
         decode_ns = result.step.sample_ns if result.step else 0
         timings = answers.Timings(result.forward_ns, decode_ns, time.perf_counter_ns() - started)
@@ -325,6 +327,17 @@ class ShardEngine:
             parts.append(self.runner.decode(batch, batch.last_tokens))
             covered = [*covered, batch]
         return ShardBatch.concatenate(covered), PendingStep.concatenate(parts)
+
+    def _launch_recorded(self, batch: ShardBatch) -> StepAhead | None:
+        """The next decode step of a batch whose tokens are recorded (a prefill's answer), launched
+        before the answer goes back, as a Decode's `launch_next` asks."""
+        if self.tp.stage.size > 1 or not can_launch_ahead(batch):
+            return None
+        try:
+            grow_blocks(batch, self._require_allocator(), self.settings.block_size)
+        except KVCacheExhaustedError:
+            return None  # the next Decode grows the blocks it can, or the router preempts
+        return StepAhead(self.runner.decode(batch, batch.last_tokens), batch.sequences)
 
     def _launch_ahead(self, batch: ShardBatch, step: PendingStep) -> StepAhead | None:
         try:

@@ -1,7 +1,9 @@
 """A decode step launched before the router asked for it (see ShardEngine.decode).
 
 While the host reads step N's tokens back, answers and waits for the router's next call, step
-N+1 already runs on the device. The next Decode takes the rows it names from that step.
+N+1 already runs on the device. The next Decode takes the rows it names from that step. A
+Prefill asked to (`launch_next`) launches its answer's first decode step once its tokens are
+recorded, so the device works while the router handles the new requests' first tokens.
 """
 
 from __future__ import annotations

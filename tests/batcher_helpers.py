@@ -46,6 +46,7 @@ class RecordingShard(FakeShardClient):
         self.prefills_during_decode: list[bool] = []
         self.tokens: dict[int, int] = {}
         self.launch_next: list[bool] = []
+        self.prefill_launch_next: list[bool] = []
 
     async def decode(
         self, batches: Sequence[pb.CachedBatch], launch_next: bool = False
@@ -62,7 +63,11 @@ class RecordingShard(FakeShardClient):
         return result
 
     async def prefill(
-        self, batch: pb.Batch, cached_batches: Sequence[pb.CachedBatch] = ()
+        self,
+        batch: pb.Batch,
+        cached_batches: Sequence[pb.CachedBatch] = (),
+        launch_next: bool = False,
     ) -> StepResult:
         self.prefills_during_decode.append(self.decoding > 0)
-        return await super().prefill(batch, cached_batches)
+        self.prefill_launch_next.append(launch_next)
+        return await super().prefill(batch, cached_batches, launch_next)

@@ -98,7 +98,10 @@ class FakeShardClient:
         )
 
     async def prefill(
-        self, batch: pb.Batch, cached_batches: Sequence[pb.CachedBatch] = ()
+        self,
+        batch: pb.Batch,
+        cached_batches: Sequence[pb.CachedBatch] = (),
+        launch_next: bool = False,
     ) -> StepResult:
         """With `cached_batches`, those decode one step first and the answer's batch (under
         the first one's id) holds their rows and the new ones, as the real shard does."""

@@ -82,7 +82,8 @@ def run_schedule(
 ) -> ScheduleResult:
     """Continuous batching as the router does it: new requests join the running batch by a
     prefill at their arrival step, then every cached batch decodes together. `launch_next` asks
-    every Decode to launch the next step ahead, joins or not (the shard must stay exact); with
+    every Prefill and Decode to launch the next step ahead, joins or not (the shard must stay
+    exact); with
     `mixed`, a joining prefill carries the running batch, which decodes in the same pass. With
     `chunk`, the joining prompts are prefilled `chunk` tokens a pass (chunked prefill), each
     pass carrying the running batch when `mixed`."""
@@ -97,7 +98,9 @@ def run_schedule(
         for requests in prompt_passes(joining, chunk):
             batch = pb.Batch(id=next(batch_ids), requests=requests)
             carried = batches if mixed else []
-            answer = prefill(pb.PrefillRequest(batch=batch, cached_batches=carried))
+            request = pb.PrefillRequest(batch=batch, cached_batches=carried)
+            request.launch_next = launch_next
+            answer = prefill(request)
             _record(result, answer.generations)
             batches = [] if mixed else batches
             if answer.HasField("batch"):

@@ -144,9 +144,8 @@ def _tokens_and_logprobs(generations) -> dict[int, list[tuple[int, float, list[i
 
 def _run_with_filter(engine: ShardEngine, launch_next: bool) -> dict[int, list]:
     """Seeded sampling with penalties; request 1 is filtered out by the router at step 4."""
-    answer = engine.prefill(
-        pb.PrefillRequest(batch=pb.Batch(id=21, requests=_sampled_requests(engine, seed=11)))
-    )
+    batch = pb.Batch(id=21, requests=_sampled_requests(engine, seed=11))
+    answer = engine.prefill(pb.PrefillRequest(batch=batch, launch_next=launch_next))
     seen: dict[int, list] = {}
     for step in range(40):
         for rid, items in _tokens_and_logprobs(answer.generations).items():
@@ -164,8 +163,8 @@ def _run_with_filter(engine: ShardEngine, launch_next: bool) -> dict[int, list]:
 
 
 def test_steps_launched_ahead_change_no_token(engines):
-    """The same seeded samples, logprobs and top tokens whether each Decode launches the next
-    step ahead or not, through a filter; every block comes back."""
+    """The same seeded samples, logprobs and top tokens whether the Prefill and each Decode
+    launch the next step ahead or not, through a filter; every block comes back."""
     engine = engines["llama"]
     plain = _run_with_filter(engine, launch_next=False)
     assert_no_leaks(engine)
@@ -333,3 +332,20 @@ def test_a_dropped_engine_is_freed_although_warmup_froze_the_collector(tiny_mode
     dropped = weakref.ref(engine)
     del engine
     assert dropped() is None
+
+
+def test_a_prefill_asked_to_launch_next_leaves_the_step_the_next_decode_takes(engines, monkeypatch):
+    engine = engines["llama"]
+    launched = []
+    decode = engine.runner.decode
+    monkeypatch.setattr(
+        engine.runner, "decode", lambda *a, **k: launched.append(1) or decode(*a, **k)
+    )
+    prompts = random_prompts(2, engine.config.vocab_size, seed=5)
+    batch = pb.Batch(id=31, requests=[make_request(i, p, 3) for i, p in enumerate(prompts)])
+    answer = engine.prefill(pb.PrefillRequest(batch=batch, launch_next=True))
+    assert len(launched) == 1  # the decode step of both rows, launched before answering
+    engine.decode(pb.DecodeRequest(batches=[answer.batch]))
+    assert len(launched) == 1  # taken from the step in flight
+    engine.clear_cache(pb.ClearCacheRequest())
+    assert_no_leaks(engine)

@@ -37,7 +37,10 @@ class BudgetCheckingShard(FakeShardClient):
         return -(-total // self.block_size) * self.block_size
 
     async def prefill(
-        self, batch: pb.Batch, cached_batches: Sequence[pb.CachedBatch] = ()
+        self,
+        batch: pb.Batch,
+        cached_batches: Sequence[pb.CachedBatch] = (),
+        launch_next: bool = False,
     ) -> StepResult:
         held = sum(
             self._reserved(seq.request)
@@ -46,7 +49,7 @@ class BudgetCheckingShard(FakeShardClient):
         )
         self.held.append(held + sum(self._reserved(r) for r in batch.requests))
         self.prefill_sizes.append(sum(len(r.input_ids) for r in batch.requests))
-        return await super().prefill(batch, cached_batches)
+        return await super().prefill(batch, cached_batches, launch_next)
 
 
 @pytest.fixture(scope="module")

@@ -131,11 +131,14 @@ class FailingJoinShard(RecordingShard):
     """Fails the Prefill that carries the running batch."""
 
     async def prefill(
-        self, batch: pb.Batch, cached_batches: Sequence[pb.CachedBatch] = ()
+        self,
+        batch: pb.Batch,
+        cached_batches: Sequence[pb.CachedBatch] = (),
+        launch_next: bool = False,
     ) -> StepResult:
         if cached_batches:
             raise RuntimeError("CUDA error during prefill")
-        return await super().prefill(batch, cached_batches)
+        return await super().prefill(batch, cached_batches, launch_next)
 
 
 async def test_a_failing_join_fails_the_running_and_joining_requests_and_the_loop_goes_on(

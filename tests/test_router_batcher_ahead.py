@@ -60,6 +60,8 @@ async def test_joining_requests_prefill_with_the_running_batch_in_one_call(token
     decodes = [call[1] for call in fake.calls_of("decode")]
     assert all(ids == [first_batch] for ids in decodes)
     assert len(await first) == 30
+    # the join's Prefill, with nothing left waiting, lets the shards launch the next step
+    assert fake.prefill_launch_next == [False, True]
     assert fake.num_sequences == 0
     await batcher.stop()
 
