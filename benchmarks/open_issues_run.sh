@@ -16,7 +16,9 @@ only=${3:-}
 out=${OUT:-/tmp/open}
 source "$(dirname "$0")/bench_steps.sh"
 step gpu_tests 300 bash benchmarks/gpu_tests.sh 100 tests/test_gpu_fp8.py \
-    tests/test_gpu_engine.py tests/test_triton_attention_bench.py tests/test_gpu_idle.py
+    tests/test_gpu_engine.py
+step gpu_bench_tests 60 bash benchmarks/gpu_tests.sh 50 tests/test_triton_attention_bench.py \
+    tests/test_gpu_idle.py
 offline=("${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes offline --max-num-seqs 512)
 fp8_kv=(--quantize fp8 --kv-cache-dtype fp8_e4m3fn)
 step offline_fp8_kv 110 "${offline[@]}" "${fp8_kv[@]}" --json "$out/offline_fp8_kv.json"
