@@ -7,8 +7,7 @@ set -u
 per=${1:-100}
 shift
 log=${OUT:-/tmp/gpu_tests}/gpu_tests.log
-mkdir -p "$(dirname "$log")"
-: >"$log"
+mkdir -p "$(dirname "$log")"  # appended to: a call's $OUT starts empty
 for file in "$@"; do
     started=$SECONDS
     echo "##### $file" >>"$log"
