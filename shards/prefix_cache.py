@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -84,7 +85,7 @@ class PrefixCachingAllocator(BlockAllocator):
                 self._free.append(block)
         return super().allocate(count)
 
-    def lookup(self, token_ids: list[int], root: Root, max_blocks: int) -> list[int]:
+    def lookup(self, token_ids: Sequence[int], root: Root, max_blocks: int) -> list[int]:
         """The cached blocks holding the leading full blocks of `token_ids` (at most
         `max_blocks`), in order; not taken."""
         blocks: list[int] = []
@@ -106,16 +107,24 @@ class PrefixCachingAllocator(BlockAllocator):
             else:
                 self.share([block])
 
-    def register(self, token_ids: list[int], root: Root, blocks: list[int], count: int) -> None:
+    def register(self, token_ids: Sequence[int], root: Root, blocks: list[int], count: int) -> None:
         """Indexes the first `count` blocks of a prompt whose KV they hold (owned by the caller).
         A block whose prefix is indexed already under another block stays private; the blocks
-        after it are keyed under the indexed one, which holds the same prefix."""
+        after it are keyed under the indexed one, which holds the same prefix. A block indexed
+        under the same parent already (its earlier chunk, or its prompt when its sequence ends)
+        holds these very tokens: the same parent means the same prefix, and a block's owners
+        share its tokens. Its key is not made again."""
         parent: Parent = root
         for number in range(count):
+            own = blocks[number]
+            key = self._keys.get(own)
+            if key is not None and key[0] == parent:  # indexed here before: its tokens match
+                parent = (own, self._epochs[own])
+                continue
             key = (parent, self._block_tokens(token_ids, number))
             block = self._index.get(key)
-            if block is None and blocks[number] not in self._keys:
-                block = blocks[number]
+            if block is None and own not in self._keys:
+                block = own
                 self._index[key] = block
                 self._keys[block] = key
             if block is None:
@@ -141,7 +150,7 @@ class PrefixCachingAllocator(BlockAllocator):
         del self._index[self._keys.pop(block)]
         self._epochs[block] += 1
 
-    def _block_tokens(self, token_ids: list[int], number: int) -> tuple[int, ...]:
+    def _block_tokens(self, token_ids: Sequence[int], number: int) -> tuple[int, ...]:
         start = number * self.block_size
         return tuple(token_ids[start : start + self.block_size])
 
@@ -153,7 +162,7 @@ def reuse_cached_prefix(allocator: BlockAllocator, request: pb.Request) -> list[
     full."""
     if not isinstance(allocator, PrefixCachingAllocator) or request.decoder_input_details:
         return None
-    prompt = list(request.input_ids)
+    prompt = request.input_ids  # sliced per block looked up: most prompts miss at once
     usable = (len(prompt) - 1) // allocator.block_size
     blocks = allocator.lookup(prompt, cache_root(request), usable)
     allocator.take(blocks)
@@ -162,13 +171,11 @@ def reuse_cached_prefix(allocator: BlockAllocator, request: pb.Request) -> list[
     return blocks
 
 
-def remember_prompt(
-    allocator: BlockAllocator, request: pb.Request, blocks: list[int], prefilled: int
-) -> None:
+def remember_prompt(allocator: BlockAllocator, seq: SequenceState, prefilled: int) -> None:
     """Indexes the full blocks of the first `prefilled` prompt tokens (their KV is written)."""
     if isinstance(allocator, PrefixCachingAllocator):
         count = prefilled // allocator.block_size
-        allocator.register(list(request.input_ids), cache_root(request), blocks, count)
+        allocator.register(seq.prompt_ids, seq.cache_root, seq.blocks, count)
 
 
 def new_allocator(num_blocks: int, block_size: int, prefix_caching: bool) -> BlockAllocator:
@@ -192,6 +199,6 @@ def remember_sequence(allocator: BlockAllocator, seq: SequenceState) -> None:
     sequence's: its prompt's prefill indexed what it can."""
     complete = bool(seq.generated_ids) and len(seq.generated_ids) == seq.generated
     if isinstance(allocator, PrefixCachingAllocator) and complete:
-        tokens = [*seq.prompt_ids, *seq.generated_ids]
+        tokens = seq.prompt_ids + tuple(seq.generated_ids)  # a tuple's slices are tuples
         count = seq.num_cached // allocator.block_size
         allocator.register(tokens, seq.cache_root, seq.blocks, count)

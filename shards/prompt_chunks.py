@@ -177,7 +177,7 @@ def run_excess_ahead(
 def remember_prompts(chunks: list[ScheduledChunk], allocator: BlockAllocator) -> None:
     """Indexes the full prompt blocks whose KV the pass of these chunks has written."""
     for chunk in chunks:
-        remember_prompt(allocator, chunk.request, chunk.sequence.blocks, chunk.end)
+        remember_prompt(allocator, chunk.sequence, chunk.end)
 
 
 def chunk_end(request: pb.Request) -> int:

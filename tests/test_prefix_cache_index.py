@@ -98,3 +98,22 @@ def test_a_freed_prompt_loses_its_tail_first() -> None:
     blocks = _prompt_blocks(allocator, prompt)
     allocator.allocate(1)
     assert allocator.lookup(prompt, ROOT, 3) == blocks[:2]
+
+
+def test_indexing_again_extends_a_chain_and_keeps_each_block_under_one_prefix() -> None:
+    """A prompt's blocks indexed again with the tokens after them (its sequence ended) keep
+    their keys and chain the new block under them; a block indexed under another prefix keeps
+    that one and ends the chain."""
+    allocator = PrefixCachingAllocator(8, BLOCK)
+    blocks = allocator.allocate(3)
+    prompt = list(range(40, 48))
+    allocator.register(prompt, ROOT, blocks, 2)
+    allocator.register([*prompt, 1, 2, 3, 4], ROOT, blocks, 3)
+    assert allocator.num_cached == 3
+    assert allocator.lookup([*prompt, 1, 2, 3, 4], ROOT, 3) == blocks
+    assert allocator.lookup([*prompt[:4], 9, 9, 9, 9], ROOT, 2) == blocks[:1]
+    head, tail = allocator.allocate(2)
+    other = [5, 5, 5, 5, *prompt[4:], 6, 6, 6, 6]
+    allocator.register(other, ROOT, [head, blocks[1], tail], 3)
+    assert allocator.num_cached == 4  # the tail is not chained under blocks[1]'s prefix
+    assert allocator.lookup(other, ROOT, 3) == [head]
