@@ -102,7 +102,7 @@ class PrefixCacheView:
         return (entry.request.input_length - 1) // self.block_size
 
     def _hashes(self, entry: Entry) -> list[int]:
-        if not entry.prefix_hashes:
+        if entry.prefix_hashes is None:  # once: a prompt shorter than a block has none
             entry.prefix_hashes = block_hashes(entry.request, self.block_size)
         return entry.prefix_hashes
 

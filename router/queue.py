@@ -50,7 +50,7 @@ class Entry:
     # shards' own count once they answered its first pass), its full blocks' prefix hashes, and
     # the version of the router's view that `cached` was expected under.
     cached: int = 0
-    prefix_hashes: list[int] = field(default_factory=list)
+    prefix_hashes: list[int] | None = None
     expected_at: int = -1
     trace: EntryTrace | None = None  # its spans, when its HTTP request is traced
 
