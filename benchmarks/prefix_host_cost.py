@@ -179,8 +179,9 @@ def run(args: argparse.Namespace, pairs: list[tuple[int, int]]) -> None:
                 same = first.setdefault("crc", steps["schedule_crc"]) == steps["schedule_crc"]
                 print(
                     f"run {mode}: wall {result['seconds']:.2f} s, cpu {cpu:.2f} s, forward "
-                    f"{forward:.2f} s, host {cpu - forward:.2f} s; calls (prefill, decode) {steps['calls']} rows "
-                    f"{steps['decode_rows']} prompt {steps['prompt_tokens']} schedule "
+                    f"{forward:.2f} s, host {cpu - forward:.2f} s; calls (prefill, decode) "
+                    f"{steps['calls']} rows {steps['decode_rows']} prompt {steps['prompt_tokens']} "
+                    "schedule "
                     f"{'the same as the first run' if same else 'DIFFERENT'}; hit rate "
                     f"{result['hit_rate']:.3f}; {collector.report()}\n"
                     f"{timers.report(len(pairs))}",
