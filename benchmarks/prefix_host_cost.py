@@ -11,7 +11,7 @@
    run's schedule (calls, decode rows, prompt tokens, and whether every call was the same as
    in the first run), its wall and CPU seconds, the host's CPU (the process's less the model
    forward's), the garbage collector's time, and the time inside each prefix function (timed
-   by wrappers, ~0.1 us each; per request; next_batch includes the view's three).
+   by wrappers, ~0.35 us each; per request; next_batch includes the view's three).
 
     python -m benchmarks.prefix_host_cost --workload .wheels/sharegpt-shaped-1000.jsonl \
         [--part lifecycle|run|both] [--rounds 2] [--num-requests 1000]
