@@ -134,7 +134,7 @@ def load_engine(model_dir: Path, args: argparse.Namespace, results: dict) -> LLM
         model=str(model_dir),
         dtype="bfloat16",
         max_model_len=min(8192 + 64, positions),  # Gemma 2 has 8192 positions
-        max_num_batched_tokens=8192 + 64,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         cuda_graphs=args.cuda_graphs,
         attention=args.attention,
         max_num_seqs=args.max_num_seqs,
@@ -185,6 +185,12 @@ def main() -> None:
         "--waiting-served-ratio", type=float, default=0.3, help="TGI's join rule (0: join at once)"
     )
     parser.add_argument("--max-waiting-tokens", type=int, default=20)
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=8192 + 64,
+        help="prompt tokens a forward pass takes at most (longer prompts are chunked)",
+    )
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--quantize", choices=["fp8"], default=None, help="FP8 weights")
     parser.add_argument(
