@@ -52,7 +52,7 @@ def test_launcher_flags_and_llm_arguments_give_one_config(tiny_llama_dir: Path, 
     assert from_flags != ShardConfig(model=str(tiny_llama_dir))
     opened: list[ShardConfig] = []
 
-    def record(config: ShardConfig) -> None:
+    def record(config: ShardConfig, own_process: bool) -> None:
         opened.append(config)
         raise _Opened
 
