@@ -31,7 +31,7 @@ from benchmarks.offline_floor import (
 from benchmarks.random_model import SHAPES, write_model
 from benchmarks.roofline import device_ceilings, roofline_step_ms
 from benchmarks.timed_requests import load_workload, make_requests, percentile, summarize, timed_run
-from shardline import LLM
+from shardline import LLM, offline_pacing
 from shardline.llm import submission_order
 
 
@@ -186,6 +186,12 @@ def main() -> None:
     )
     parser.add_argument("--max-waiting-tokens", type=int, default=20)
     parser.add_argument(
+        "--pace-factor",
+        type=float,
+        default=offline_pacing.PACE_FACTOR,
+        help="offline_pacing.PACE_FACTOR for --submission paced (rows per step over the least)",
+    )
+    parser.add_argument(
         "--max-num-batched-tokens",
         type=int,
         default=8192 + 64,
@@ -204,6 +210,7 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    offline_pacing.PACE_FACTOR = args.pace_factor
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
     modes = set(args.modes.split(","))

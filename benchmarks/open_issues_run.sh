@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What the open issues still need from one GPU (after session 9, benchmarks/RESULTS.md), in
 # priority order under one budget: the GPU tests; where the FP8 + FP8-KV run's GPU time goes and
-# where it idles (kernel profile with its idle gaps); the bf16 offline run with smaller prefill
-# budgets (prompt chunks in every step: the schedule model says 11.2 -> 10.6 s at 512); issue
+# where it idles (kernel profile with its idle gaps); the bf16 offline run against itself with
+# smaller prefill budgets (prompt chunks in every step: the schedule model says 11.2 -> 10.6 s
+# at 512) and a pace of 3 (larger decode steps, off the weight-read bound); issue
 # 22's bf16 / FP8 / FP8 + FP8-KV triple in one run (batch-1, 8k prefill, offline: the ratio on
 # one machine); the decode kernel over ShareGPT-shaped lengths; the bf16 profile; the FP8
 # linears per M. Logs and JSON go to ${OUT:-/tmp/open}; STEPS (comma-separated names) runs a
@@ -22,10 +23,12 @@ fp8_kv=(--quantize fp8 --kv-cache-dtype fp8_e4m3fn)
 profile=("${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes profile --max-num-seqs 512)
 step profile_fp8_kv 150 "${profile[@]}" "${fp8_kv[@]}" --json "$out/profile_fp8_kv.json"
 offline=("${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes offline --max-num-seqs 512)
+step offline_paced 110 "${offline[@]}" --json "$out/offline_paced.json"  # the reference
 for budget in 2048 512; do
     step "offline_budget_$budget" 110 "${offline[@]}" --max-num-batched-tokens "$budget" \
         --json "$out/offline_budget_$budget.json"
 done
+step offline_pace_3 110 "${offline[@]}" --pace-factor 3 --json "$out/offline_pace_3.json"
 single=(--shape 8b --model-dir /tmp/m8 --modes single,prefill,offline --max-num-seqs 512)
 step bf16 190 "${bench[@]}" "${single[@]}" --json "$out/bf16.json"
 step fp8 190 "${bench[@]}" "${single[@]}" --quantize fp8 --json "$out/fp8.json"
