@@ -160,8 +160,9 @@ class ShardEngine:
             kept = self._advance(running, step, generations)
             batch = self._merge(kept, batch)
         generations.extend(first)
-        if request.launch_next and batch is not None:
-            self._ahead = self._launch_recorded(batch)
+        if request.launch_next and batch is not None and self._may_launch_ahead(batch):
+            # its tokens are recorded: the step after them, as a Decode's launch_next asks
+            self._ahead = self._launch(batch, batch.last_tokens, ahead=0)
         cached_batch = None if batch is None else batch.to_proto()
         decode_ns = result.step.sample_ns if result.step else 0
         timings = answers.Timings(result.forward_ns, decode_ns, time.perf_counter_ns() - started)
@@ -296,8 +297,8 @@ class ShardEngine:
             self._held.hold(batch, step)  # the router reads the last stage's answer
             timings = answers.Timings(0, 0, time.perf_counter_ns() - started)
             return answers.StepResult(GenerationColumns(), None, timings)
-        if request.launch_next and self.tp.stage.size == 1 and can_launch_ahead(batch):
-            self._ahead = self._launch_ahead(batch, step)
+        if request.launch_next and self._may_launch_ahead(batch):
+            self._ahead = self._launch(batch, step.next_tokens, ahead=1)
         result = step.result()
         batch.last_tokens = result.next_tokens
         generations = GenerationColumns()
@@ -328,23 +329,17 @@ class ShardEngine:
             covered = [*covered, batch]
         return ShardBatch.concatenate(covered), PendingStep.concatenate(parts)
 
-    def _launch_recorded(self, batch: ShardBatch) -> StepAhead | None:
-        """The next decode step of a batch whose tokens are recorded (a prefill's answer), launched
-        before the answer goes back, as a Decode's `launch_next` asks."""
-        if self.tp.stage.size > 1 or not can_launch_ahead(batch):
-            return None
-        try:
-            grow_blocks(batch, self._require_allocator(), self.settings.block_size)
-        except KVCacheExhaustedError:
-            return None  # the next Decode grows the blocks it can, or the router preempts
-        return StepAhead(self.runner.decode(batch, batch.last_tokens), batch.sequences)
+    def _may_launch_ahead(self, batch: ShardBatch) -> bool:
+        return self.tp.stage.size == 1 and can_launch_ahead(batch)
 
-    def _launch_ahead(self, batch: ShardBatch, step: PendingStep) -> StepAhead | None:
+    def _launch(self, batch: ShardBatch, tokens: torch.Tensor, ahead: int) -> StepAhead | None:
+        """The decode step of `batch` on `tokens`, `ahead` of its recorded ones, launched before
+        the router asks for it."""
         try:
-            grow_blocks(batch, self._require_allocator(), self.settings.block_size, ahead=1)
+            grow_blocks(batch, self._require_allocator(), self.settings.block_size, ahead=ahead)
         except KVCacheExhaustedError:
             return None  # the next Decode runs its step then, or the router preempts
-        return StepAhead(self.runner.decode(batch, step.next_tokens, ahead=1), batch.sequences)
+        return StepAhead(self.runner.decode(batch, tokens, ahead=ahead), batch.sequences)
 
     def filter_batch(self, request: pb.FilterBatchRequest) -> pb.FilterBatchResponse:
         self._complete_held()
