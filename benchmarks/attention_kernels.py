@@ -49,13 +49,15 @@ KV_DTYPES = {"bf16": DTYPE, **FP8_KV_DTYPES}
 KV_NAMES = {dtype: name for name, dtype in KV_DTYPES.items()}  # e4m3fn: its long name
 ROTATION_BYTES = 512 << 20
 BATCHES, CONTEXTS = (1, 64, 256), (512, 2048, 8192)
-SWEEP = [
+SWEEP = [  # with both defaults (64 keys for a bf16 cache, 128 for FP8: triton_decode.py)
     DecodeConfig(32, 4),
     DecodeConfig(32, 4, 3),
+    DecodeConfig(64, 4),
     DecodeConfig(64, 4, 3),
     DecodeConfig(64, 8),
     DecodeConfig(64, 8, 3),
     DecodeConfig(128, 4),
+    DecodeConfig(128, 4, 3),
     DecodeConfig(128, 8),
     DecodeConfig(128, 8, 3),
 ]
@@ -149,7 +151,7 @@ def decode_rows(
     bandwidth: float, sweep: bool, batches: list[int], contexts: list[int], kv_dtype: torch.dtype
 ) -> list[str]:
     rows = []
-    default = default_decode_config(DTYPE)
+    default = default_decode_config(DTYPE, kv_dtype)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for batch in batches:
         for context in contexts:
@@ -196,7 +198,7 @@ def mixed_rows(
     """One line of lengths per (batch, context: the block table's width and the lengths' cap),
     then one per order and split choice; bandwidth from the keys each row reads."""
     rows = []
-    default = default_decode_config(DTYPE)
+    default = default_decode_config(DTYPE, kv_dtype)
     sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 1
     source = "workload" if mixed.workload else "log-uniform"
     for batch in batches:
@@ -226,7 +228,8 @@ def _sweep_cells(problem: DecodeProblem, batch: int, context: int) -> str:
         for c in SWEEP
     ]
     no_split = SplitPlan(1)
-    cells.append(f"nosplit {problem.time_per_call_us(default_decode_config(DTYPE), no_split):.1f}")
+    default = default_decode_config(DTYPE, problem.k_cache.dtype)
+    cells.append(f"nosplit {problem.time_per_call_us(default, no_split):.1f}")
     return "  | " + "  ".join(cells)
 
 

@@ -40,8 +40,18 @@ class DecodeConfig:
     num_stages: int = 2
 
 
-def default_decode_config(dtype: torch.dtype) -> DecodeConfig:
-    return DecodeConfig(block_n=32) if dtype == torch.float32 else DecodeConfig()
+def default_decode_config(
+    dtype: torch.dtype, cache_dtype: torch.dtype | None = None
+) -> DecodeConfig:
+    """For a query of `dtype` against a cache of `cache_dtype` (default: the same)."""
+    if dtype == torch.float32:
+        return DecodeConfig(block_n=32)
+    if cache_dtype is not None and cache_dtype.itemsize == 1:
+        # An FP8 tile of 64 keys puts half a bf16 tile's bytes in flight per pipeline stage,
+        # and a program then waits on memory latency: tiles of 128 keys were faster at 5 of 6
+        # shapes on an H100 (up to 27 %, benchmarks/RESULTS.md, session 9's sweep).
+        return DecodeConfig(block_n=128)
+    return DecodeConfig()
 
 
 @dataclass(frozen=True)
@@ -272,7 +282,7 @@ def paged_decode_attention(
     """q [batch, heads, dim] against the paged cache [pages, page_size, kv_heads, dim], each row
     over its last `window` keys when window > 0, with the ALiBi bias of float32 `alibi_slopes`
     [heads] if given, the scaled scores capped at `softcap` (cap * tanh(score / cap)) if set."""
-    config = config or default_decode_config(q.dtype)
+    config = config or default_decode_config(q.dtype, k_cache.dtype)
     batch, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     _check_inputs(q, k_cache, v_cache, num_heads, num_kv_heads)
