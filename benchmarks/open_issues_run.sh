@@ -37,6 +37,6 @@ mixed=(python3 -m benchmarks.attention_kernels --no-prefill --batches 128,256,51
     --lengths mixed --workload "$work" --splits 1,2,4)
 step attention_mixed 150 bash -c "${mixed[*]} --kv-dtype bf16 && ${mixed[*]} --kv-dtype \
     fp8_e4m3fn && python3 -m benchmarks.attention_kernels --no-prefill --batches 128,256,512 \
-    --contexts 384,2048 --kv-dtype fp8_e4m3fn"
+    --contexts 384,2048 --kv-dtype fp8_e4m3fn --sweep"
 step profile_bf16 150 "${profile[@]}" --json "$out/profile_bf16.json"
 step fp8_gemm 180 python3 -m benchmarks.fp8_gemm_bench
