@@ -153,14 +153,14 @@ class StepLog:
     def attach(cls, engine) -> StepLog:
         log = cls(engine)
         prefill, decode = engine.prefill_step, engine.decode_step  # what both paths call
-        launch_ahead = engine._launch_ahead
+        launch_ahead = engine._launch  # a Decode's or a Prefill's step launched ahead
 
-        def timed_launch(batch, step):
+        def timed_launch(batch, tokens, ahead):
             wall, cpu = time.perf_counter(), time.thread_time()
-            ahead = launch_ahead(batch, step)
+            launched = launch_ahead(batch, tokens, ahead)
             wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
             log.launch = (wall, max(wall - cpu, 0.0))
-            return ahead
+            return launched
 
         def timed(describe, call):
             def wrapper(request):
@@ -194,11 +194,11 @@ class StepLog:
 
         engine.prefill_step = timed(prefill_call, prefill)
         engine.decode_step = timed(decode_call, decode)
-        engine._launch_ahead = timed_launch
+        engine._launch = timed_launch
         return log
 
     def detach(self) -> None:
-        del self.engine.prefill_step, self.engine.decode_step, self.engine._launch_ahead
+        del self.engine.prefill_step, self.engine.decode_step, self.engine._launch
 
     def summary(self) -> dict:
         """Per kind and band of 32 decode rows: calls, mean prompt tokens, mean ms."""
