@@ -379,6 +379,8 @@ class ShardEngine:
     # ---- helpers -----------------------------------------------------------------------------
 
     def _complete_held(self, batch_ids: list[int] | None = None) -> None:
+        if not self._held:  # every call asks, and almost always nothing is held
+            return
         self._held.complete(
             lambda batch, step: self._advance(batch, step, GenerationColumns()), batch_ids
         )
