@@ -2,14 +2,15 @@
 
     python -m benchmarks.attention_kernels [--sweep] [--batches 1,64,256] [--contexts 512,2048,8192]
         [--kv-dtype bf16|fp8_e4m3fn|fp8_e5m2] [--lengths uniform|mixed [--workload JSONL]
-        [--splits 1,2,4,8] [--seed 0]]
+        [--splits 1,2,4,8] [--seed 0]] [--balanced 4,8]
 
 Decode: Llama-3.1-8B attention shape (32 query heads, 8 KV heads, head_dim 128, bf16, page 16)
 at batch 1/64/256 x context 512/2048/8192, pages shuffled; `--kv-dtype` an FP8 cache instead. Each timed call reads its own set of
 pages (sets rotate until they exceed the L2 several times over), all calls of one round are
 replayed from a CUDA graph, and the median replay over calls gives the time per call. Bandwidth
 counts the K/V bytes every call must read (plus q and out) against a measured device-to-device
-copy (bytes read + written). --sweep also times other tile/warp configurations and no split.
+copy (bytes read + written). --sweep also times other tile/warp configurations and no split;
+`--balanced` the balanced kernel (triton_decode_balanced.py) at each number of programs per SM.
 `--lengths mixed` gives the rows different context lengths, as a large batch mid-run has them
 (benchmarks/decode_lengths.py: from the `--workload`'s requests, else log-uniform from 32),
 capped at the context (the block table's width): each (batch, context) prints its lengths, then
@@ -38,6 +39,7 @@ from shardline.shards.layers.attention.triton_decode import (
     paged_decode_attention,
     plan_splits,
 )
+from shardline.shards.layers.attention.triton_decode_balanced import balanced_decode_attention
 from shardline.shards.layers.attention.triton_prefill import (
     PrefillConfig,
     default_prefill_config,
@@ -83,6 +85,16 @@ def matmul_rate() -> float:
     return 2 * 8192**3 / (ms * 1e-3)
 
 
+@dataclass(frozen=True)
+class BalancedPlan:
+    """The balanced kernel (triton_decode_balanced.py) at this many programs per SM."""
+
+    programs_per_sm: int
+
+
+Plan = SplitPlan | BalancedPlan | None
+
+
 class DecodeProblem:
     """Shuffled pages for `rounds` independent block tables over one cache: row i reads
     lengths[i] keys through a table of `width` pages (entries past its pages unread)."""
@@ -114,14 +126,20 @@ class DecodeProblem:
     def uniform(cls, batch: int, context: int, kv_dtype: torch.dtype = DTYPE) -> DecodeProblem:
         return cls([context] * batch, triton.cdiv(context, PAGE), kv_dtype)
 
-    def run_round(self, config: DecodeConfig, plan: SplitPlan | None) -> None:
-        for i in range(self.rounds):
-            paged_decode_attention(
-                self.q[i], self.k_cache, self.v_cache, self.tables[i], self.context_lens,
-                HEAD_DIM**-0.5, config, plan,
-            )  # fmt: skip
+    def attend(self, i: int, config: DecodeConfig, plan: Plan) -> None:
+        args = (self.q[i], self.k_cache, self.v_cache, self.tables[i], self.context_lens)
+        if isinstance(plan, BalancedPlan):
+            balanced_decode_attention(
+                *args, HEAD_DIM**-0.5, config, programs_per_sm=plan.programs_per_sm
+            )
+        else:
+            paged_decode_attention(*args, HEAD_DIM**-0.5, config, plan)
 
-    def time_per_call_us(self, config: DecodeConfig, plan: SplitPlan | None = None) -> float:
+    def run_round(self, config: DecodeConfig, plan: Plan) -> None:
+        for i in range(self.rounds):
+            self.attend(i, config, plan)
+
+    def time_per_call_us(self, config: DecodeConfig, plan: Plan = None) -> float:
         self.run_round(config, plan)  # compiles outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -138,17 +156,18 @@ class DecodeProblem:
         return statistics.median(times)
 
     def eager_us(self, config: DecodeConfig) -> float:
-        def call() -> None:
-            paged_decode_attention(
-                self.q[0], self.k_cache, self.v_cache, self.tables[0], self.context_lens,
-                HEAD_DIM**-0.5, config,
-            )  # fmt: skip
-
-        return triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median") * 1e3
+        return 1e3 * triton.testing.do_bench(
+            lambda: self.attend(0, config, None), warmup=25, rep=100, return_mode="median"
+        )
 
 
 def decode_rows(
-    bandwidth: float, sweep: bool, batches: list[int], contexts: list[int], kv_dtype: torch.dtype
+    bandwidth: float,
+    sweep: bool,
+    batches: list[int],
+    contexts: list[int],
+    kv_dtype: torch.dtype,
+    balanced: list[int],
 ) -> list[str]:
     rows = []
     default = default_decode_config(DTYPE, kv_dtype)
@@ -163,6 +182,9 @@ def decode_rows(
                 f"splits={plan.num_splits:<2} {_rate(problem, us, bandwidth)}  "
                 f"eager {problem.eager_us(default):8.1f} us"
             )
+            for programs in balanced:
+                us = problem.time_per_call_us(default, BalancedPlan(programs))
+                row += f"  bal{programs} {us:.1f} us"
             if sweep:
                 row += _sweep_cells(problem, batch, context)
             rows.append(row)
@@ -184,6 +206,7 @@ class MixedLengths:
 
     workload: list[tuple[int, int]] | None
     splits: list[int]
+    balanced: list[int]
     seed: int = 0
 
 
@@ -210,6 +233,7 @@ def mixed_rows(
             rows.append(f"{label} {source} {describe(lengths)}")
             plans = [(f"plan({planned.num_splits})", None)]
             plans += [(str(n), SplitPlan(n)) for n in mixed.splits]
+            plans += [(f"bal{n}", BalancedPlan(n)) for n in mixed.balanced]
             for order, arrange in ORDERS.items():
                 problem = DecodeProblem(arrange(lengths), width, kv_dtype, device)
                 for name, plan in plans:
@@ -277,19 +301,23 @@ def main() -> None:
     parser.add_argument("--workload", type=Path, help="mixed: JSON lines of input/output_len")
     parser.add_argument("--splits", default="1,2,4,8", help="mixed: forced split counts")
     parser.add_argument("--seed", type=int, default=0, help="mixed: seed of the lengths")
+    parser.add_argument(
+        "--balanced", default="4", help="programs per SM of the balanced kernel, also timed"
+    )
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     kv_dtype = KV_DTYPES[args.kv_dtype]
+    balanced = [int(n) for n in args.balanced.split(",") if n]
     torch.manual_seed(0)
     bandwidth, rate = copy_bandwidth(), matmul_rate()
     if args.lengths == "mixed":
         workload = load_workload(args.workload, None) if args.workload else None
         splits = [int(n) for n in args.splits.split(",") if n]
-        mixed = MixedLengths(workload, splits, args.seed)
+        mixed = MixedLengths(workload, splits, balanced, args.seed)
         decode = mixed_rows(bandwidth, batches, contexts, kv_dtype, mixed)
     else:
-        decode = decode_rows(bandwidth, args.sweep, batches, contexts, kv_dtype)
+        decode = decode_rows(bandwidth, args.sweep, batches, contexts, kv_dtype, balanced)
     rows = [
         f"device {torch.cuda.get_device_name()}  copy {bandwidth / 1e9:.0f} GB/s  "
         f"bf16 matmul {rate / 1e12:.0f} TFLOP/s",

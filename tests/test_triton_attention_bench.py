@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from benchmarks import attention_kernels as bench
-from benchmarks.attention_kernels import KV_DTYPES, DecodeProblem, MixedLengths, mixed_rows
+from benchmarks.attention_kernels import (
+    KV_DTYPES,
+    BalancedPlan,
+    DecodeProblem,
+    MixedLengths,
+    mixed_rows,
+)
 from shardline.shards.layers.attention.triton_decode import SplitPlan, plan_splits
 
 BYTES_PER_KEY = 2 * bench.KV_HEADS * bench.HEAD_DIM * 2  # K and V, bf16
@@ -54,20 +60,21 @@ def test_mixed_rows_run_every_split_choice_in_both_orders(monkeypatch, kv_dtype)
         return 50.0
 
     monkeypatch.setattr(DecodeProblem, "time_per_call_us", run_once)
-    mixed = MixedLengths([(20, 30), (70, 40)], [1, 3], seed=5)
+    mixed = MixedLengths([(20, 30), (70, 40)], [1, 3], [2], seed=5)
     rows = mixed_rows(2e12, [3], [96], KV_DTYPES[kv_dtype], mixed, DEVICE.type)
 
-    assert len(rows) == 1 + 2 * 3
+    assert len(rows) == 1 + 2 * 4
     assert rows[0].startswith(f"decode-mixed {kv_dtype} b=3   ctx=96    workload rows=3 keys")
     drawn = calls[0][0]
     assert all(21 <= n <= 96 for n in drawn)
-    assert [lengths for lengths, _ in calls] == [drawn] * 3 + [sorted(drawn, reverse=True)] * 3
-    assert [plan for _, plan in calls] == [None, SplitPlan(1), SplitPlan(3)] * 2
+    assert [lengths for lengths, _ in calls] == [drawn] * 4 + [sorted(drawn, reverse=True)] * 4
+    assert [plan for _, plan in calls] == [None, SplitPlan(1), SplitPlan(3), BalancedPlan(2)] * 2
     sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE.type == "cuda" else 1
     planned = f"plan({plan_splits(3, bench.KV_HEADS, 96, 64, sms).num_splits})"  # 2 on a GPU
-    assert [row.split("splits=")[1].split()[0] for row in rows[1:]] == [planned, "1", "3"] * 2
-    assert all("order=random " in row for row in rows[1:4])
-    assert all("order=longest" in row for row in rows[4:])
+    choices = [planned, "1", "3", "bal2"] * 2
+    assert [row.split("splits=")[1].split()[0] for row in rows[1:]] == choices
+    assert all("order=random " in row for row in rows[1:5])
+    assert all("order=longest" in row for row in rows[5:])
     key_bytes = BYTES_PER_KEY // (1 if kv_dtype == "bf16" else 2)
     gbs = (sum(drawn) * key_bytes + 2 * 3 * 32 * 128 * 2) / 50e-6 / 1e9
     assert f"{gbs:7.0f} GB/s  {gbs * 1e9 / 2e12:5.1%} of copy" in rows[1]
@@ -87,9 +94,9 @@ def test_the_command_line_reads_the_workload_and_the_split_counts(monkeypatch, t
     monkeypatch.setattr(bench, "matmul_rate", lambda: 8e14)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "card")
     argv = "--no-prefill --batches 256,512 --contexts 2048 --lengths mixed --splits 1,2,4"
-    argv += f" --kv-dtype fp8_e4m3fn --seed 3 --workload {workload}"
+    argv += f" --kv-dtype fp8_e4m3fn --seed 3 --workload {workload} --balanced 4,8"
     monkeypatch.setattr("sys.argv", ["attention_kernels", *argv.split()])
     bench.main()
-    mixed = MixedLengths([(5, 9), (7, 2)], [1, 2, 4], 3)
+    mixed = MixedLengths([(5, 9), (7, 2)], [1, 2, 4], [4, 8], 3)
     assert seen == [([256, 512], [2048], torch.float8_e4m3fn, mixed)]
     assert capsys.readouterr().out.splitlines()[1:] == ["mixed row"]

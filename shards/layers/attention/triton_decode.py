@@ -60,7 +60,7 @@ class SplitPlan:
 
 
 @triton.jit
-def _first_key(context_len, WINDOW: tl.constexpr):
+def first_key(context_len, WINDOW: tl.constexpr):
     """The first position a query at context_len - 1 sees."""
     first = context_len * 0
     if WINDOW > 0:
@@ -72,7 +72,7 @@ def _first_key(context_len, WINDOW: tl.constexpr):
 def _partition_tiles(context_len, num_splits, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
     """The keys a row reads, cut into `num_splits` partitions of whole tiles: the first key
     and the tiles of each partition (at least one, so short contexts leave splits unused)."""
-    first = _first_key(context_len, WINDOW)
+    first = first_key(context_len, WINDOW)
     tiles = tl.cdiv(context_len - first, BLOCK_N)
     return first, tl.maximum(tl.cdiv(tiles, num_splits), 1)
 
@@ -232,7 +232,7 @@ def _merge_splits_kernel(
 
 
 @functools.cache
-def _multiprocessor_count(device: torch.device) -> int:
+def multiprocessor_count(device: torch.device) -> int:
     if device.type != "cuda":  # Triton's CPU interpreter
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -285,13 +285,13 @@ def paged_decode_attention(
     config = config or default_decode_config(q.dtype, k_cache.dtype)
     batch, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
-    _check_inputs(q, k_cache, v_cache, num_heads, num_kv_heads)
+    check_inputs(q, k_cache, v_cache, num_heads, num_kv_heads)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if batch == 0:
         return out
     if plan is None:
         max_tokens = block_tables.shape[1] * page_size
-        num_sms = _multiprocessor_count(q.device)
+        num_sms = multiprocessor_count(q.device)
         plan = plan_splits(batch, num_kv_heads, max_tokens, config.block_n, num_sms, window)
     group = num_heads // num_kv_heads
     shape = dict(
@@ -377,7 +377,7 @@ def paged_decode_attention(
     return out
 
 
-def _check_inputs(
+def check_inputs(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,

@@ -1,0 +1,285 @@
+"""Paged decode attention with the batch's key tiles dealt out evenly over a fixed set of programs.
+
+The split kernel (triton_decode.py) gives each (row, KV head) its own program: with the short,
+uneven contexts of a large batch mid-run (a few tiles per row) each program spends much of its
+life waiting for its first loads, and the last wave of programs leaves most SMs idle. Here the
+tiles of every row, laid end to end, are cut into equal runs, one per program (a few per SM, for
+each KV head): a program walks its run across row boundaries in one pipelined loop, writing a
+row's output itself when the row lies wholly in its run, else the row's part (normalized, with
+its log-sum-exp) to a scratch slot that a second kernel merges.
+
+The slot of a row's part is row + program: along the runs both only grow, so no two parts share
+one. Launch shapes depend only on tensor shapes and the device: the call can be captured in a
+CUDA graph. Rows of context length 0 (padding) produce zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from shardline.shards.layers.attention.triton_decode import (
+    DecodeConfig,
+    check_inputs,
+    default_decode_config,
+    first_key,
+    fp8_in_fp16,
+    multiprocessor_count,
+)
+from shardline.shards.layers.attention.triton_tiles import (
+    LOG2E,
+    dot_precision,
+    head_dim_block,
+    paged_kv_tiles,
+    soft_cap,
+)
+from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
+
+PROGRAMS_PER_SM = 4
+
+
+@triton.jit
+def _row_tiles(context_lens_ptr, batch, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+               WINDOW: tl.constexpr):  # fmt: skip
+    """Every row's tile count and where its tiles end along the run of all rows' tiles."""
+    rows = tl.arange(0, BLOCK_B)
+    lens = tl.load(context_lens_ptr + rows, mask=rows < batch, other=0)
+    tiles = tl.cdiv(lens - first_key(lens, WINDOW), BLOCK_N)
+    return tiles, tl.cumsum(tiles, 0)
+
+
+# Per-call sizes: specialized on their values, they would compile new variants after warmup.
+@triton.jit(do_not_specialize=["batch", "stride_bt"])
+def _balanced_decode_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    out_ptr,
+    part_ptr,
+    lse_ptr,
+    alibi_ptr,
+    qk_scale,
+    softcap,
+    batch,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    stride_pt,
+    stride_ph,
+    stride_lt,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    FP8_IN_FP16: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    allow_dependents(USE_PDL)
+    wait_for_inputs(USE_PDL)
+    program = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    tiles, ends = _row_tiles(context_lens_ptr, batch, BLOCK_B, BLOCK_N, WINDOW)
+    total = tl.sum(tiles, 0)
+    run = tl.cdiv(total, tl.num_programs(0))
+    run_start = program * run
+    run_end = tl.minimum(run_start + run, total)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kv_head * GROUP + offs_g
+    g_mask = offs_g < GROUP
+    qd_mask = g_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    if HAS_ALIBI:  # in log2 units, as the scores
+        slopes = tl.load(alibi_ptr + heads, mask=g_mask, other=0.0) * 1.4426950408889634
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for t in range(run_start, run_end):
+        # the row of tile t, where its tiles begin and end along the run of all tiles
+        row = tl.sum((ends <= t).to(tl.int32), 0)
+        row_begin = tl.max(tl.where(ends <= t, ends, 0), 0)
+        row_end = tl.min(tl.where(ends > t, ends, total), 0)
+        context_len = tl.load(context_lens_ptr + row)
+        pos = first_key(context_len, WINDOW) + (t - row_begin) * BLOCK_N + offs_n
+        n_mask = pos < context_len
+        q = tl.load(
+            q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=qd_mask,
+            other=0.0,
+        )
+        if FP8_IN_FP16:  # within float16's range (a query past it would be inf otherwise)
+            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+        table_row = block_tables_ptr + row.to(tl.int64) * stride_bt
+        k, v = paged_kv_tiles(
+            k_cache_ptr, v_cache_ptr, table_row, pos, n_mask, kv_head, offs_d,
+            offs_d < HEAD_DIM, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+            stride_vh, PAGE_SIZE,
+        )  # fmt: skip
+        # an FP8 cache (--kv-cache-dtype) is read in the query's dtype, or float16 for a
+        # half-precision query (FP8_IN_FP16); its scales apply outside
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        scores = soft_cap(scores, softcap, SOFTCAP)
+        if HAS_ALIBI:
+            scores += slopes[:, None] * (pos - context_len + 1).to(tl.float32)[None, :]
+        scores = tl.where(n_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+        if (t == row_end - 1) | (t == run_end - 1):  # the row, or this program's part of it, ends
+            out = acc / l_i[:, None]
+            if (row_begin >= run_start) & (row_end <= run_end):  # the whole row: its output
+                out_ptrs = out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+                tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=qd_mask)
+            else:  # a part, merged later
+                slot = row + program
+                part_ptrs = (
+                    part_ptr + slot * stride_pt + heads[:, None] * stride_ph + offs_d[None, :]
+                )
+                tl.store(part_ptrs, out, mask=qd_mask)
+                tl.store(lse_ptr + slot * stride_lt + heads, m_i + tl.log2(l_i), mask=g_mask)
+            m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+
+
+@triton.jit(do_not_specialize=["batch", "programs"])
+def _merge_parts_kernel(
+    part_ptr,
+    lse_ptr,
+    context_lens_ptr,
+    out_ptr,
+    batch,
+    programs,
+    stride_pt,
+    stride_ph,
+    stride_lt,
+    stride_ot,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    WINDOW: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """One row, all heads: its parts merged (log-sum-exp weighted) where programs shared it,
+    zeros where it had no keys, nothing where one program wrote it whole."""
+    allow_dependents(USE_PDL)
+    wait_for_inputs(USE_PDL)
+    row = tl.program_id(0)
+    tiles, ends = _row_tiles(context_lens_ptr, batch, BLOCK_B, BLOCK_N, WINDOW)
+    run = tl.cdiv(tl.sum(tiles, 0), programs)
+    rows = tl.arange(0, BLOCK_B)
+    row_end = tl.sum(tl.where(rows == row, ends, 0), 0)
+    row_tiles = tl.sum(tl.where(rows == row, tiles, 0), 0)
+    first_program = (row_end - row_tiles) // tl.maximum(run, 1)
+    last_program = (row_end - 1) // tl.maximum(run, 1)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    hd_mask = (offs_h < NUM_HEADS)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    out_ptrs = out_ptr + row * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :]
+    if row_tiles == 0:
+        tl.store(out_ptrs, tl.zeros([BLOCK_H, BLOCK_D], dtype=out_ptr.dtype.element_ty),
+                 mask=hd_mask)  # fmt: skip
+    elif first_program < last_program:
+        m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        weight = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+        for program in range(first_program, last_program + 1):
+            slot = row + program
+            lse = tl.load(lse_ptr + slot * stride_lt + offs_h, mask=offs_h < NUM_HEADS, other=0.0)
+            part = tl.load(
+                part_ptr + slot * stride_pt + offs_h[:, None] * stride_ph + offs_d[None, :],
+                mask=hd_mask,
+                other=0.0,
+            )
+            m_new = tl.maximum(m, lse)
+            alpha = tl.exp2(m - m_new)
+            beta = tl.exp2(lse - m_new)
+            weight = weight * alpha + beta
+            acc = acc * alpha[:, None] + beta[:, None] * part
+            m = m_new
+        tl.store(out_ptrs, (acc / weight[:, None]).to(out_ptr.dtype.element_ty), mask=hd_mask)
+
+
+def balanced_programs(num_kv_heads: int, num_sms: int, programs_per_sm: int) -> int:
+    """Programs for each KV head: `programs_per_sm` per SM over all KV heads."""
+    return max(1, triton.cdiv(programs_per_sm * num_sms, num_kv_heads))
+
+
+def balanced_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    config: DecodeConfig | None = None,
+    window: int = 0,
+    alibi_slopes: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    programs_per_sm: int = PROGRAMS_PER_SM,
+) -> torch.Tensor:
+    """As triton_decode.paged_decode_attention (same arguments and result), the batch's tiles
+    dealt out evenly over `programs_per_sm` programs per SM."""
+    config = config or default_decode_config(q.dtype, k_cache.dtype)
+    batch, num_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_cache.shape
+    check_inputs(q, k_cache, v_cache, num_heads, num_kv_heads)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if batch == 0:
+        return out
+    programs = balanced_programs(num_kv_heads, multiprocessor_count(q.device), programs_per_sm)
+    part = torch.empty((batch + programs, num_heads, head_dim), dtype=torch.float32,
+                       device=q.device)  # fmt: skip
+    lse = torch.empty((batch + programs, num_heads), dtype=torch.float32, device=q.device)
+    block_b = max(16, triton.next_power_of_2(batch))
+    block_d = head_dim_block(head_dim)
+    pdl = pdl_launch(q.device, batch)
+    _balanced_decode_kernel[(programs, num_kv_heads)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part, lse,
+        q if alibi_slopes is None else alibi_slopes,  # a stand-in, unread without ALiBi
+        scale * LOG2E,
+        softcap * LOG2E if softcap > 0 else 1.0,  # unread without SOFTCAP
+        batch, *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
+        block_tables.stride(0), *out.stride()[:2], *part.stride()[:2], lse.stride(0),
+        GROUP=num_heads // num_kv_heads,
+        BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size, BLOCK_N=config.block_n,
+        BLOCK_B=block_b, WINDOW=window, DOT_PRECISION=dot_precision(q.dtype),
+        HAS_ALIBI=alibi_slopes is not None, SOFTCAP=softcap > 0,
+        FP8_IN_FP16=fp8_in_fp16(k_cache.dtype, q.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
+    )  # fmt: skip
+    _merge_parts_kernel[(batch,)](
+        part, lse, context_lens, out, batch, programs, *part.stride()[:2], lse.stride(0),
+        *out.stride()[:2], NUM_HEADS=num_heads, BLOCK_H=triton.next_power_of_2(num_heads),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=config.block_n, BLOCK_B=block_b,
+        WINDOW=window, num_warps=4, **pdl,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,111 @@
+"""The balanced paged decode kernel (tiles dealt out evenly over a fixed set of programs) against
+a float64 reference: rows split over several programs and merged, rows written whole by one,
+empty rows, windows, ALiBi, soft-capping, FP8-free dtypes; and a CUDA graph replay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
+
+from shardline.shards.layers.alibi import alibi_slopes
+from shardline.shards.layers.attention.triton_decode import DecodeConfig
+from shardline.shards.layers.attention.triton_decode_balanced import (
+    balanced_decode_attention,
+)
+from tests.triton_attention_helpers import (
+    DTYPES,
+    HEAD_SHAPES,
+    LONG,
+    PagedCase,
+    _assert_close_rows,
+    _attention_reference,
+    _poison_allocator,
+)
+
+CONTEXTS = [0, 1, 15, 16, 17, 31, 33, 64, 100, 257, 0, 1000, LONG, 5]
+# Programs per SM (the interpreter counts one SM): one program for everything, runs that cut
+# rows in several places, more programs than tiles.
+PROGRAMS = [1, 7, 64] if INTERPRET else [1, 4, 64]
+
+
+def _decode(case: PagedCase, programs: int, config: DecodeConfig | None = None, **kw):
+    _poison_allocator()
+    return balanced_decode_attention(
+        case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale,
+        config, programs_per_sm=programs, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("programs", PROGRAMS)
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), HEAD_SHAPES)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float32])
+def test_balanced_decode_matches_reference(
+    dtype: torch.dtype, num_heads: int, num_kv_heads: int, programs: int
+) -> None:
+    case = PagedCase(CONTEXTS, num_heads, num_kv_heads, 64, dtype)
+    _assert_close_rows(_decode(case, programs), case.reference(), dtype)
+
+
+@pytest.mark.parametrize("block_n", [16, 64, 128])
+@pytest.mark.parametrize("head_dim", [8, 128])
+def test_balanced_decode_tiles_and_head_dims(block_n: int, head_dim: int) -> None:
+    case = PagedCase([1, 47, 48, 49, 200, 0, 130], 8, 2, head_dim, torch.float16, page_size=16)
+    out = _decode(case, 7, DecodeConfig(block_n=block_n))
+    _assert_close_rows(out, case.reference(), torch.float16)
+
+
+@pytest.mark.parametrize("programs", PROGRAMS)
+@pytest.mark.parametrize("window", [1, 16, 37])
+def test_balanced_decode_window_reads_only_the_window(window: int, programs: int) -> None:
+    case = PagedCase(CONTEXTS, 8, 2, 64, DTYPES[0])
+    case.slide(window)
+    out = _decode(case, programs, DecodeConfig(block_n=16), window=window)
+    _assert_close_rows(out, case.reference(), DTYPES[0])
+
+
+@pytest.mark.parametrize("programs", PROGRAMS)
+def test_balanced_decode_alibi(programs: int) -> None:
+    case = PagedCase(CONTEXTS, 12, 3, 64, DTYPES[0])
+    slopes = alibi_slopes(12).to(DEVICE)
+    out = _decode(case, programs, alibi_slopes=slopes)
+    _assert_close_rows(out, case.reference(slopes), DTYPES[0])
+
+
+@pytest.mark.parametrize("programs", PROGRAMS)
+def test_balanced_decode_softcap(programs: int) -> None:
+    case = PagedCase(CONTEXTS, 8, 2, 64, torch.float32)
+    case.q = case.q * 8  # scores past the cap
+    out = _decode(case, programs, softcap=5.0)
+    reference = torch.stack(
+        [
+            _attention_reference(q[None], k, v, case.scale, causal=False, softcap=5.0)[0]
+            for q, k, v in zip(case.q, case.keys, case.values, strict=True)
+        ]
+    )
+    _assert_close_rows(out, reference, torch.float32)
+
+
+def test_balanced_decode_batch_one_long_context() -> None:
+    case = PagedCase([LONG], 32, 8, 128, DTYPES[0])
+    _assert_close_rows(_decode(case, 4), case.reference(), DTYPES[0])
+
+
+@pytest.mark.skipif(INTERPRET, reason="CUDA graphs need a GPU")
+def test_balanced_decode_replays_in_cuda_graph() -> None:
+    case = PagedCase([3, 700, 40, 0, 129], 32, 8, 128, torch.bfloat16)
+    lens = case.context_lens.clone()
+    _decode(case, 4)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = balanced_decode_attention(
+            case.q, case.k_cache, case.v_cache, case.block_tables, lens, case.scale
+        )
+    for shorter in ([3, 700, 40, 0, 129], [1, 16, 700, 0, 2]):
+        lens.copy_(torch.tensor(shorter, dtype=torch.int32))
+        graph.replay()
+        expected = balanced_decode_attention(
+            case.q, case.k_cache, case.v_cache, case.block_tables, lens, case.scale
+        )
+        torch.testing.assert_close(out, expected)
