@@ -208,6 +208,8 @@ class MixedLengths:
     splits: list[int]
     balanced: list[int]
     seed: int = 0
+    configs: tuple[DecodeConfig, ...] = ()  # each plan with each; none: the default only
+    orders: tuple[str, ...] = tuple(ORDERS)
 
 
 def mixed_rows(
@@ -234,23 +236,33 @@ def mixed_rows(
             plans = [(f"plan({planned.num_splits})", None)]
             plans += [(str(n), SplitPlan(n)) for n in mixed.splits]
             plans += [(f"bal{n}", BalancedPlan(n)) for n in mixed.balanced]
-            for order, arrange in ORDERS.items():
-                problem = DecodeProblem(arrange(lengths), width, kv_dtype, device)
-                for name, plan in plans:
-                    us = problem.time_per_call_us(default, plan)
-                    rows.append(
-                        f"{label} order={order:<7} splits={name:<8} {_rate(problem, us, bandwidth)}"
-                    )
+            for order in mixed.orders:
+                problem = DecodeProblem(ORDERS[order](lengths), width, kv_dtype, device)
+                for config in mixed.configs or (default,):
+                    for name, plan in plans:
+                        us = problem.time_per_call_us(config, plan)
+                        rows.append(
+                            f"{label} order={order:<7} {_config_name(config)} splits={name:<8} "
+                            f"{_rate(problem, us, bandwidth)}"
+                        )
                 del problem
                 torch.cuda.empty_cache()
     return rows
 
 
+def _config_name(config: DecodeConfig) -> str:
+    return f"n{config.block_n}w{config.num_warps}s{config.num_stages}"
+
+
+def parse_config(name: str) -> DecodeConfig:
+    """`n64w4s2`: tiles of 64 keys, 4 warps, 2 pipeline stages."""
+    block_n, rest = name.removeprefix("n").split("w")
+    warps, stages = rest.split("s")
+    return DecodeConfig(int(block_n), int(warps), int(stages))
+
+
 def _sweep_cells(problem: DecodeProblem, batch: int, context: int) -> str:
-    cells = [
-        f"n{c.block_n}w{c.num_warps}s{c.num_stages} {problem.time_per_call_us(c):.1f}"
-        for c in SWEEP
-    ]
+    cells = [f"{_config_name(c)} {problem.time_per_call_us(c):.1f}" for c in SWEEP]
     no_split = SplitPlan(1)
     default = default_decode_config(DTYPE, problem.k_cache.dtype)
     cells.append(f"nosplit {problem.time_per_call_us(default, no_split):.1f}")
@@ -304,6 +316,8 @@ def main() -> None:
     parser.add_argument(
         "--balanced", default="4", help="programs per SM of the balanced kernel, also timed"
     )
+    parser.add_argument("--configs", default="", help="mixed: tilings as n64w4s2, comma-separated")
+    parser.add_argument("--orders", default=",".join(ORDERS), help="mixed: row orders")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -314,7 +328,9 @@ def main() -> None:
     if args.lengths == "mixed":
         workload = load_workload(args.workload, None) if args.workload else None
         splits = [int(n) for n in args.splits.split(",") if n]
-        mixed = MixedLengths(workload, splits, balanced, args.seed)
+        configs = tuple(parse_config(name) for name in args.configs.split(",") if name)
+        orders = tuple(args.orders.split(","))
+        mixed = MixedLengths(workload, splits, balanced, args.seed, configs, orders)
         decode = mixed_rows(bandwidth, batches, contexts, kv_dtype, mixed)
     else:
         decode = decode_rows(bandwidth, args.sweep, batches, contexts, kv_dtype, balanced)

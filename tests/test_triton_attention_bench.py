@@ -17,7 +17,7 @@ from benchmarks.attention_kernels import (
     MixedLengths,
     mixed_rows,
 )
-from shardline.shards.layers.attention.triton_decode import SplitPlan, plan_splits
+from shardline.shards.layers.attention.triton_decode import DecodeConfig, SplitPlan, plan_splits
 
 BYTES_PER_KEY = 2 * bench.KV_HEADS * bench.HEAD_DIM * 2  # K and V, bf16
 
@@ -95,8 +95,10 @@ def test_the_command_line_reads_the_workload_and_the_split_counts(monkeypatch, t
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "card")
     argv = "--no-prefill --batches 256,512 --contexts 2048 --lengths mixed --splits 1,2,4"
     argv += f" --kv-dtype fp8_e4m3fn --seed 3 --workload {workload} --balanced 4,8"
+    argv += " --configs n32w4s5,n128w8s2 --orders longest"
     monkeypatch.setattr("sys.argv", ["attention_kernels", *argv.split()])
     bench.main()
-    mixed = MixedLengths([(5, 9), (7, 2)], [1, 2, 4], [4, 8], 3)
+    configs = (DecodeConfig(32, 4, 5), DecodeConfig(128, 8, 2))
+    mixed = MixedLengths([(5, 9), (7, 2)], [1, 2, 4], [4, 8], 3, configs, ("longest",))
     assert seen == [([256, 512], [2048], torch.float8_e4m3fn, mixed)]
     assert capsys.readouterr().out.splitlines()[1:] == ["mixed row"]
