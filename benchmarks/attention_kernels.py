@@ -31,15 +31,16 @@ import triton
 
 from benchmarks.decode_lengths import ORDERS, describe, draw_lengths
 from benchmarks.workload import load_workload
-from shardline.shards.layers.attention.fp8_kv import FP8_KV_DTYPES
-from shardline.shards.layers.attention.triton_decode import (
+from shardline.shards.layers.attention.decode_plan import (
+    BalancedPlan,
     DecodeConfig,
     SplitPlan,
     default_decode_config,
-    paged_decode_attention,
-    plan_splits,
+    fills_gpu,
+    plan_decode,
 )
-from shardline.shards.layers.attention.triton_decode_balanced import balanced_decode_attention
+from shardline.shards.layers.attention.fp8_kv import FP8_KV_DTYPES
+from shardline.shards.layers.attention.triton_decode import paged_decode_attention
 from shardline.shards.layers.attention.triton_prefill import (
     PrefillConfig,
     default_prefill_config,
@@ -85,13 +86,6 @@ def matmul_rate() -> float:
     return 2 * 8192**3 / (ms * 1e-3)
 
 
-@dataclass(frozen=True)
-class BalancedPlan:
-    """The balanced kernel (triton_decode_balanced.py) at this many programs per SM."""
-
-    programs_per_sm: int
-
-
 Plan = SplitPlan | BalancedPlan | None
 
 
@@ -128,12 +122,7 @@ class DecodeProblem:
 
     def attend(self, i: int, config: DecodeConfig, plan: Plan) -> None:
         args = (self.q[i], self.k_cache, self.v_cache, self.tables[i], self.context_lens)
-        if isinstance(plan, BalancedPlan):
-            balanced_decode_attention(
-                *args, HEAD_DIM**-0.5, config, programs_per_sm=plan.programs_per_sm
-            )
-        else:
-            paged_decode_attention(*args, HEAD_DIM**-0.5, config, plan)
+        paged_decode_attention(*args, HEAD_DIM**-0.5, config, plan)
 
     def run_round(self, config: DecodeConfig, plan: Plan) -> None:
         for i in range(self.rounds):
@@ -170,16 +159,15 @@ def decode_rows(
     balanced: list[int],
 ) -> list[str]:
     rows = []
-    default = default_decode_config(DTYPE, kv_dtype)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for batch in batches:
         for context in contexts:
             problem = DecodeProblem.uniform(batch, context, kv_dtype)
-            plan = plan_splits(batch, KV_HEADS, context, default.block_n, sms)
-            us = problem.time_per_call_us(default)
+            default, plan = planned(batch, context, kv_dtype, sms)
+            us = problem.time_per_call_us(default, plan)
             row = (
                 f"decode {KV_NAMES[kv_dtype]} b={batch:<3} ctx={context:<5} "
-                f"splits={plan.num_splits:<2} {_rate(problem, us, bandwidth)}  "
+                f"splits={plan_name(plan):<4} {_rate(problem, us, bandwidth)}  "
                 f"eager {problem.eager_us(default):8.1f} us"
             )
             for programs in balanced:
@@ -191,6 +179,20 @@ def decode_rows(
             del problem
             torch.cuda.empty_cache()
     return rows
+
+
+def planned(
+    batch: int, max_tokens: int, kv_dtype: torch.dtype, sms: int
+) -> tuple[DecodeConfig, SplitPlan | BalancedPlan]:
+    """The tiling and schedule paged_decode_attention picks for this shape (decode_plan.py)."""
+    config = default_decode_config(DTYPE, kv_dtype, fills_gpu(batch, KV_HEADS, sms))
+    return config, plan_decode(batch, KV_HEADS, max_tokens, config, kv_dtype, sms)
+
+
+def plan_name(plan: SplitPlan | BalancedPlan) -> str:
+    if isinstance(plan, BalancedPlan):
+        return f"bal{plan.programs_per_sm}"
+    return str(plan.num_splits)
 
 
 def _rate(problem: DecodeProblem, us: float, bandwidth: float) -> str:
@@ -223,17 +225,16 @@ def mixed_rows(
     """One line of lengths per (batch, context: the block table's width and the lengths' cap),
     then one per order and split choice; bandwidth from the keys each row reads."""
     rows = []
-    default = default_decode_config(DTYPE, kv_dtype)
     sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 1
     source = "workload" if mixed.workload else "log-uniform"
     for batch in batches:
         for context in contexts:
             lengths = draw_lengths(mixed.workload, batch, context, mixed.seed)
             width = triton.cdiv(context, PAGE)
-            planned = plan_splits(batch, KV_HEADS, width * PAGE, default.block_n, sms)
+            default, plan = planned(batch, width * PAGE, kv_dtype, sms)
             label = f"decode-mixed {KV_NAMES[kv_dtype]} b={batch:<3} ctx={context:<5}"
             rows.append(f"{label} {source} {describe(lengths)}")
-            plans = [(f"plan({planned.num_splits})", None)]
+            plans = [(f"plan({plan_name(plan)})", plan)]
             plans += [(str(n), SplitPlan(n)) for n in mixed.splits]
             plans += [(f"bal{n}", BalancedPlan(n)) for n in mixed.balanced]
             for order in mixed.orders:
@@ -264,7 +265,7 @@ def parse_config(name: str) -> DecodeConfig:
 def _sweep_cells(problem: DecodeProblem, batch: int, context: int) -> str:
     cells = [f"{_config_name(c)} {problem.time_per_call_us(c):.1f}" for c in SWEEP]
     no_split = SplitPlan(1)
-    default = default_decode_config(DTYPE, problem.k_cache.dtype)
+    default = default_decode_config(DTYPE, problem.k_cache.dtype, fills_gpu=True)
     cells.append(f"nosplit {problem.time_per_call_us(default, no_split):.1f}")
     return "  | " + "  ".join(cells)
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
 from shardline.shards.layers.attention import get_attention_backend
-from shardline.shards.layers.attention.triton_decode import SplitPlan, paged_decode_attention
+from shardline.shards.layers.attention.decode_plan import SplitPlan
+from shardline.shards.layers.attention.triton_decode import paged_decode_attention
 from shardline.shards.layers.attention.triton_prefill import CachedPrefix, varlen_causal_attention
 from shardline.shards.layers.fp8 import (
     dequantize_rows,

@@ -13,13 +13,9 @@ import torch
 
 from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
+from shardline.shards.layers.attention.decode_plan import DecodeConfig, SplitPlan, plan_splits
 from shardline.shards.layers.attention.torch_native import TorchNativeBackend
-from shardline.shards.layers.attention.triton_decode import (
-    DecodeConfig,
-    SplitPlan,
-    paged_decode_attention,
-    plan_splits,
-)
+from shardline.shards.layers.attention.triton_decode import paged_decode_attention
 from shardline.shards.layers.attention.triton_kv_write import (
     _rotate_write_kv_kernel,
     rotate_and_write_kv_cache,

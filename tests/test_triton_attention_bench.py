@@ -12,12 +12,15 @@ import torch
 from benchmarks import attention_kernels as bench
 from benchmarks.attention_kernels import (
     KV_DTYPES,
-    BalancedPlan,
     DecodeProblem,
     MixedLengths,
     mixed_rows,
 )
-from shardline.shards.layers.attention.triton_decode import DecodeConfig, SplitPlan, plan_splits
+from shardline.shards.layers.attention.decode_plan import (
+    BalancedPlan,
+    DecodeConfig,
+    SplitPlan,
+)
 
 BYTES_PER_KEY = 2 * bench.KV_HEADS * bench.HEAD_DIM * 2  # K and V, bf16
 
@@ -68,10 +71,10 @@ def test_mixed_rows_run_every_split_choice_in_both_orders(monkeypatch, kv_dtype)
     drawn = calls[0][0]
     assert all(21 <= n <= 96 for n in drawn)
     assert [lengths for lengths, _ in calls] == [drawn] * 4 + [sorted(drawn, reverse=True)] * 4
-    assert [plan for _, plan in calls] == [None, SplitPlan(1), SplitPlan(3), BalancedPlan(2)] * 2
     sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE.type == "cuda" else 1
-    planned = f"plan({plan_splits(3, bench.KV_HEADS, 96, 64, sms).num_splits})"  # 2 on a GPU
-    choices = [planned, "1", "3", "bal2"] * 2
+    _, chosen = bench.planned(3, 96, KV_DTYPES[kv_dtype], sms)  # 2 splits on a GPU
+    assert [plan for _, plan in calls] == [chosen, SplitPlan(1), SplitPlan(3), BalancedPlan(2)] * 2
+    choices = [f"plan({bench.plan_name(chosen)})", "1", "3", "bal2"] * 2
     assert [row.split("splits=")[1].split()[0] for row in rows[1:]] == choices
     assert all("order=random " in row for row in rows[1:5])
     assert all("order=longest" in row for row in rows[5:])

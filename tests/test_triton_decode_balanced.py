@@ -10,7 +10,7 @@ import torch
 from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
 from shardline.shards.layers.alibi import alibi_slopes
-from shardline.shards.layers.attention.triton_decode import DecodeConfig
+from shardline.shards.layers.attention.decode_plan import BalancedPlan, DecodeConfig
 from shardline.shards.layers.attention.triton_decode_balanced import (
     balanced_decode_attention,
 )
@@ -34,7 +34,7 @@ def _decode(case: PagedCase, programs: int, config: DecodeConfig | None = None, 
     _poison_allocator()
     return balanced_decode_attention(
         case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale,
-        config, programs_per_sm=programs, **kw,
+        config or DecodeConfig(), BalancedPlan(programs), **kw,
     )  # fmt: skip
 
 
@@ -96,16 +96,14 @@ def test_balanced_decode_batch_one_long_context() -> None:
 def test_balanced_decode_replays_in_cuda_graph() -> None:
     case = PagedCase([3, 700, 40, 0, 129], 32, 8, 128, torch.bfloat16)
     lens = case.context_lens.clone()
-    _decode(case, 4)  # compiles outside the capture
+    args = (case.q, case.k_cache, case.v_cache, case.block_tables)
+    schedule = (DecodeConfig(num_stages=5), BalancedPlan(2))
+    balanced_decode_attention(*args, lens, case.scale, *schedule)  # compiles outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = balanced_decode_attention(
-            case.q, case.k_cache, case.v_cache, case.block_tables, lens, case.scale
-        )
+        out = balanced_decode_attention(*args, lens, case.scale, *schedule)
     for shorter in ([3, 700, 40, 0, 129], [1, 650, 16, 0, 2]):  # within each row's pages
         lens.copy_(torch.tensor(shorter, dtype=torch.int32))
         graph.replay()
-        expected = balanced_decode_attention(
-            case.q, case.k_cache, case.v_cache, case.block_tables, lens, case.scale
-        )
+        expected = balanced_decode_attention(*args, lens, case.scale, *schedule)
         torch.testing.assert_close(out, expected)

@@ -11,12 +11,9 @@ import torch
 
 from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
+from shardline.shards.layers.attention.decode_plan import DecodeConfig, SplitPlan
 from shardline.shards.layers.attention.torch_native import TorchNativeBackend
-from shardline.shards.layers.attention.triton_decode import (
-    DecodeConfig,
-    SplitPlan,
-    paged_decode_attention,
-)
+from shardline.shards.layers.attention.triton_decode import paged_decode_attention
 from shardline.shards.layers.attention.triton_paged import TritonAttentionBackend
 from shardline.shards.layers.attention.triton_prefill import PrefillConfig, varlen_causal_attention
 from tests.test_triton_prefill import CHUNKED, PREFILL_LENGTHS, _chunked_case

@@ -1,4 +1,6 @@
-"""Paged decode attention in Triton: GQA-aware, split-K (flash-decoding) for long contexts.
+"""Paged decode attention in Triton: GQA-aware, split-K (flash-decoding) for long contexts; the
+entry point for both decode schedules (decode_plan.py), the balanced one in
+triton_decode_balanced.py.
 
 One program handles every query head that shares a KV head, so each K/V tile is read once per
 group. When the batch alone cannot fill the GPU, the context is cut into partitions handled by
@@ -13,59 +15,31 @@ ALiBi slopes each head adds slope * (key position - query position) to its score
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
+from shardline.shards.layers.attention.decode_plan import (
+    BalancedPlan,
+    DecodeConfig,
+    SplitPlan,
+    check_inputs,
+    default_decode_config,
+    fills_gpu,
+    fp8_in_fp16,
+    multiprocessor_count,
+    plan_decode,
+)
+from shardline.shards.layers.attention.triton_decode_balanced import balanced_decode_attention
 from shardline.shards.layers.attention.triton_tiles import (
     LOG2E,
     dot_precision,
+    first_key,
     head_dim_block,
     paged_kv_tiles,
     soft_cap,
 )
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
-
-MAX_SPLITS = 64
-PROGRAMS_PER_SM = 4
-
-
-@dataclass(frozen=True)
-class DecodeConfig:
-    block_n: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-def default_decode_config(
-    dtype: torch.dtype, cache_dtype: torch.dtype | None = None
-) -> DecodeConfig:
-    """For a query of `dtype` against a cache of `cache_dtype` (default: the same)."""
-    if dtype == torch.float32:
-        return DecodeConfig(block_n=32)
-    if cache_dtype is not None and cache_dtype.itemsize == 1:
-        # An FP8 tile of 64 keys puts half a bf16 tile's bytes in flight per pipeline stage,
-        # and a program then waits on memory latency: tiles of 128 keys were faster at 5 of 6
-        # shapes on an H100 (up to 27 %, benchmarks/RESULTS.md, session 9's sweep).
-        return DecodeConfig(block_n=128)
-    return DecodeConfig()
-
-
-@dataclass(frozen=True)
-class SplitPlan:
-    num_splits: int
-
-
-@triton.jit
-def first_key(context_len, WINDOW: tl.constexpr):
-    """The first position a query at context_len - 1 sees."""
-    first = context_len * 0
-    if WINDOW > 0:
-        first = tl.maximum(context_len - WINDOW, 0)
-    return first
 
 
 @triton.jit
@@ -231,41 +205,6 @@ def _merge_splits_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
-@functools.cache
-def multiprocessor_count(device: torch.device) -> int:
-    if device.type != "cuda":  # Triton's CPU interpreter
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def plan_splits(
-    batch: int, num_kv_heads: int, max_tokens: int, block_n: int, num_sms: int, window: int = 0
-) -> SplitPlan:
-    """No split once (sequence, KV head) programs cover every SM; otherwise about
-    PROGRAMS_PER_SM programs per SM, each row's keys cut evenly (in whole tiles) among its
-    splits by the kernel. Measured on an H200 (32 query / 8 KV heads, head_dim 128): batch 64
-    ran 7-14% slower with 2 splits than with none; batch 1 at 8192 tokens ran 15x faster with
-    64 splits than with none.
-
-    Depends on shapes only (max_tokens = block-table width x page size), so a captured CUDA
-    graph stays valid for every context length that fits its block table. A sliding window
-    caps the keys any row reads at `window`.
-    """
-    max_keys = min(max_tokens, window) if window else max_tokens
-    max_tiles = max(1, triton.cdiv(max_keys, block_n))
-    programs = max(1, batch * num_kv_heads)
-    wanted = 1 if programs >= num_sms else triton.cdiv(PROGRAMS_PER_SM * num_sms, programs)
-    return SplitPlan(max(1, min(wanted, max_tiles, MAX_SPLITS)))
-
-
-def fp8_in_fp16(cache_dtype: torch.dtype, query_dtype: torch.dtype) -> bool:
-    """Whether an FP8 cache is multiplied in float16 against a bf16/fp16 query: Hopper converts
-    two FP8 values to float16 in one instruction (exact for e4m3 and e5m2), to bfloat16 only
-    through float16 and float32 (with bfloat16 conversions the kernel read an FP8 cache at 41-64 %
-    of the copy bandwidth on an H100, a bf16 one at 88-101 %)."""
-    return cache_dtype.itemsize == 1 and query_dtype in (torch.bfloat16, torch.float16)
-
-
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -274,25 +213,32 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     config: DecodeConfig | None = None,
-    plan: SplitPlan | None = None,
+    plan: SplitPlan | BalancedPlan | None = None,
     window: int = 0,
     alibi_slopes: torch.Tensor | None = None,
     softcap: float = 0.0,
 ) -> torch.Tensor:
     """q [batch, heads, dim] against the paged cache [pages, page_size, kv_heads, dim], each row
     over its last `window` keys when window > 0, with the ALiBi bias of float32 `alibi_slopes`
-    [heads] if given, the scaled scores capped at `softcap` (cap * tanh(score / cap)) if set."""
-    config = config or default_decode_config(q.dtype, k_cache.dtype)
+    [heads] if given, the scaled scores capped at `softcap` (cap * tanh(score / cap)) if set.
+    The schedule and tiling are decode_plan's unless given."""
     batch, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     check_inputs(q, k_cache, v_cache, num_heads, num_kv_heads)
+    num_sms = multiprocessor_count(q.device)
+    fills = fills_gpu(batch, num_kv_heads, num_sms)
+    config = config or default_decode_config(q.dtype, k_cache.dtype, fills)
+    if plan is None:
+        max_tokens = block_tables.shape[1] * page_size
+        plan = plan_decode(batch, num_kv_heads, max_tokens, config, k_cache.dtype, num_sms, window)
+    if isinstance(plan, BalancedPlan):
+        return balanced_decode_attention(
+            q, k_cache, v_cache, block_tables, context_lens, scale, config, plan, window,
+            alibi_slopes, softcap,
+        )  # fmt: skip
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if batch == 0:
         return out
-    if plan is None:
-        max_tokens = block_tables.shape[1] * page_size
-        num_sms = multiprocessor_count(q.device)
-        plan = plan_splits(batch, num_kv_heads, max_tokens, config.block_n, num_sms, window)
     group = num_heads // num_kv_heads
     shape = dict(
         GROUP=group,
@@ -375,18 +321,3 @@ def paged_decode_attention(
         **pdl_launch(q.device, batch),
     )
     return out
-
-
-def check_inputs(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
-) -> None:
-    if num_heads % num_kv_heads:
-        raise ValueError(f"{num_heads} query heads do not divide into {num_kv_heads} KV heads")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("q, k_cache and v_cache need a contiguous last (head_dim) dimension")
-    if k_cache.shape != v_cache.shape or k_cache.shape[-1] != q.shape[-1]:
-        raise ValueError(f"cache shapes {k_cache.shape}/{v_cache.shape} do not match q {q.shape}")

@@ -19,24 +19,26 @@ import torch
 import triton
 import triton.language as tl
 
-from shardline.shards.layers.attention.triton_decode import (
+from shardline.shards.layers.attention.decode_plan import (
+    BalancedPlan,
     DecodeConfig,
     check_inputs,
-    default_decode_config,
-    first_key,
     fp8_in_fp16,
     multiprocessor_count,
 )
 from shardline.shards.layers.attention.triton_tiles import (
     LOG2E,
     dot_precision,
+    first_key,
     head_dim_block,
     paged_kv_tiles,
     soft_cap,
 )
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
 
-PROGRAMS_PER_SM = 4
+# The rows' tile counts are summed over a vector of at least this many rows, so that a batch
+# size compiles no variant of its own below it (the CUDA graphs' buckets reach 512).
+MIN_BLOCK_B = 512
 
 
 @triton.jit
@@ -239,26 +241,25 @@ def balanced_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
-    config: DecodeConfig | None = None,
+    config: DecodeConfig,
+    plan: BalancedPlan,
     window: int = 0,
     alibi_slopes: torch.Tensor | None = None,
     softcap: float = 0.0,
-    programs_per_sm: int = PROGRAMS_PER_SM,
 ) -> torch.Tensor:
     """As triton_decode.paged_decode_attention (same arguments and result), the batch's tiles
-    dealt out evenly over `programs_per_sm` programs per SM."""
-    config = config or default_decode_config(q.dtype, k_cache.dtype)
+    dealt out evenly over `plan.programs_per_sm` programs per SM."""
     batch, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     check_inputs(q, k_cache, v_cache, num_heads, num_kv_heads)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if batch == 0:
         return out
-    programs = balanced_programs(num_kv_heads, multiprocessor_count(q.device), programs_per_sm)
+    programs = balanced_programs(num_kv_heads, multiprocessor_count(q.device), plan.programs_per_sm)
     part = torch.empty((batch + programs, num_heads, head_dim), dtype=torch.float32,
                        device=q.device)  # fmt: skip
     lse = torch.empty((batch + programs, num_heads), dtype=torch.float32, device=q.device)
-    block_b = max(16, triton.next_power_of_2(batch))
+    block_b = max(MIN_BLOCK_B, triton.next_power_of_2(batch))
     block_d = head_dim_block(head_dim)
     pdl = pdl_launch(q.device, batch)
     _balanced_decode_kernel[(programs, num_kv_heads)](

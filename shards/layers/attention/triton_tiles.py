@@ -21,6 +21,15 @@ def head_dim_block(head_dim: int) -> int:
 
 
 @triton.jit
+def first_key(context_len, WINDOW: tl.constexpr):
+    """The first position a query at context_len - 1 sees."""
+    first = context_len * 0
+    if WINDOW > 0:
+        first = tl.maximum(context_len - WINDOW, 0)
+    return first
+
+
+@triton.jit
 def soft_cap(scores, softcap, SOFTCAP: tl.constexpr):
     """softcap * tanh(scores / softcap) (both in log2 units), or the scores without SOFTCAP."""
     if SOFTCAP:
