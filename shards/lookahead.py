@@ -8,6 +8,8 @@ recorded, so the device works while the router handles the new requests' first t
 
 from __future__ import annotations
 
+from operator import is_
+
 from shardline.shards.batch import SequenceState, ShardBatch
 from shardline.shards.step_result import PendingStep
 
@@ -22,10 +24,16 @@ class StepAhead:
         self._rows = {id(seq): row for row, seq in enumerate(self.sequences)}
 
     def covers(self, batch: ShardBatch) -> bool:
-        return all(id(seq) in self._rows for seq in batch.sequences)
+        return self._same(batch.sequences) or all(id(seq) in self._rows for seq in batch.sequences)
 
     def select(self, sequences: list[SequenceState]) -> PendingStep:
+        if self._same(sequences):  # the usual step: the rows it was launched for, in order
+            return self.step
         return self.step.select([self._rows[id(seq)] for seq in sequences])
+
+    def _same(self, sequences: list[SequenceState]) -> bool:
+        """The very sequences it was launched for, in order (compared in C, not per row)."""
+        return len(sequences) == len(self.sequences) and all(map(is_, sequences, self.sequences))
 
 
 def can_launch_ahead(batch: ShardBatch) -> bool:
