@@ -28,11 +28,13 @@ from shardline.shards.layers.attention.decode_plan import (
 )
 from shardline.shards.layers.attention.triton_tiles import (
     LOG2E,
+    alibi_log2_slopes,
+    attend_tile,
+    decode_query,
     dot_precision,
     first_key,
     head_dim_block,
     paged_kv_tiles,
-    soft_cap,
 )
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
 
@@ -110,8 +112,7 @@ def _balanced_decode_kernel(
     heads = kv_head * GROUP + offs_g
     g_mask = offs_g < GROUP
     qd_mask = g_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    if HAS_ALIBI:  # in log2 units, as the scores
-        slopes = tl.load(alibi_ptr + heads, mask=g_mask, other=0.0) * 1.4426950408889634
+    slopes = alibi_log2_slopes(alibi_ptr, heads, g_mask, HAS_ALIBI)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
@@ -128,28 +129,17 @@ def _balanced_decode_kernel(
             mask=qd_mask,
             other=0.0,
         )
-        if FP8_IN_FP16:  # within float16's range (a query past it would be inf otherwise)
-            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+        q = decode_query(q, FP8_IN_FP16)
         table_row = block_tables_ptr + row.to(tl.int64) * stride_bt
         k, v = paged_kv_tiles(
             k_cache_ptr, v_cache_ptr, table_row, pos, n_mask, kv_head, offs_d,
             offs_d < HEAD_DIM, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
             stride_vh, PAGE_SIZE,
         )  # fmt: skip
-        # an FP8 cache (--kv-cache-dtype) is read in the query's dtype, or float16 for a
-        # half-precision query (FP8_IN_FP16); its scales apply outside
-        k, v = k.to(q.dtype), v.to(q.dtype)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        scores = soft_cap(scores, softcap, SOFTCAP)
-        if HAS_ALIBI:
-            scores += slopes[:, None] * (pos - context_len + 1).to(tl.float32)[None, :]
-        scores = tl.where(n_mask[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = attend_tile(
+            q, k, v, pos, n_mask, context_len, m_i, l_i, acc, qk_scale, softcap, slopes,
+            DOT_PRECISION, SOFTCAP, HAS_ALIBI,
+        )  # fmt: skip
         if (t == row_end - 1) | (t == run_end - 1):  # the row, or this program's part of it, ends
             out = acc / l_i[:, None]
             if (row_begin >= run_start) & (row_end <= run_end):  # the whole row: its output

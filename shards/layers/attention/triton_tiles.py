@@ -41,6 +41,47 @@ def soft_cap(scores, softcap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def decode_query(q, FP8_IN_FP16: tl.constexpr):
+    """A query to multiply against an FP8 cache in float16 (FP8_IN_FP16) is first clamped into
+    float16's range (past it, it would be inf)."""
+    if FP8_IN_FP16:
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+    return q
+
+
+@triton.jit
+def alibi_log2_slopes(alibi_ptr, heads, g_mask, HAS_ALIBI: tl.constexpr):
+    """The heads' ALiBi slopes in log2 units, as the scores (zeros without ALiBi)."""
+    slopes = tl.zeros(heads.shape, dtype=tl.float32)
+    if HAS_ALIBI:
+        slopes = tl.load(alibi_ptr + heads, mask=g_mask, other=0.0) * 1.4426950408889634
+    return slopes
+
+
+@triton.jit
+def attend_tile(
+    q, k, v, pos, n_mask, context_len, m_i, l_i, acc, qk_scale, softcap, slopes,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+):  # fmt: skip
+    """One K/V tile (keys at `pos`, where `n_mask`) into a decode query's online softmax: the new
+    running max `m_i`, sum `l_i` and output `acc` of the query's heads."""
+    # an FP8 cache (--kv-cache-dtype) is read in the query's dtype, or float16 for a
+    # half-precision query (decode_query); its scales apply outside
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    scores = soft_cap(scores, softcap, SOFTCAP)
+    if HAS_ALIBI:
+        scores += slopes[:, None] * (pos - context_len + 1).to(tl.float32)[None, :]
+    scores = tl.where(n_mask[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def paged_kv_tiles(
     k_cache_ptr,
     v_cache_ptr,
