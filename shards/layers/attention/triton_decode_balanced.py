@@ -1,12 +1,14 @@
 """Paged decode attention with the batch's key tiles dealt out evenly over a fixed set of programs.
 
 The split kernel (triton_decode.py) gives each (row, KV head) its own program: with the short,
-uneven contexts of a large batch mid-run (a few tiles per row) each program spends much of its
-life waiting for its first loads, and the last wave of programs leaves most SMs idle. Here the
-tiles of every row, laid end to end, are cut into equal runs, one per program (a few per SM, for
-each KV head): a program walks its run across row boundaries in one pipelined loop, writing a
-row's output itself when the row lies wholly in its run, else the row's part (normalized, with
-its log-sum-exp) to a scratch slot that a second kernel merges.
+uneven contexts of a large batch mid-run (a few tiles per row) each program pays its start-up
+(context length, query, first page-table and K/V loads, one after the other) for little work,
+and the last programs leave SMs idle. Here the tiles of every row, laid end to end, are cut into
+equal runs, one per program (a few per SM, for each KV head): a program walks its run across row
+boundaries in one pipelined loop, writing a row's output itself when the row lies wholly in its
+run, else the row's part (normalized, with its log-sum-exp) to a scratch slot that a second
+kernel merges. It pays where rows are short and many (decode_plan.py has the figures); its merge
+walks a row's parts one by one, so a few long rows are the split kernel's.
 
 The slot of a row's part is row + program: along the runs both only grow, so no two parts share
 one. Launch shapes depend only on tensor shapes and the device: the call can be captured in a
