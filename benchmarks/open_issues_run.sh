@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# What the open issues still need from one GPU (after session 9, benchmarks/RESULTS.md), in
-# priority order under one budget: the GPU tests; where the FP8 + FP8-KV run's GPU time goes and
-# where it idles (kernel profile with its idle gaps); the bf16 offline run against itself with
-# smaller prefill budgets (prompt chunks in every step: the schedule model says 11.2 -> 10.6 s
-# at 512) and a pace of 3 (larger decode steps, off the weight-read bound); issue
-# 22's bf16 / FP8 / FP8 + FP8-KV triple in one run (batch-1, 8k prefill, offline: the ratio on
-# one machine); the decode kernel over ShareGPT-shaped lengths; the bf16 profile; the FP8
-# linears per M. Logs and JSON go to ${OUT:-/tmp/open}; STEPS (comma-separated names) runs a
-# part.
+# What the open issues still need from one GPU (after session 10, benchmarks/RESULTS.md), in
+# priority order under one budget: the GPU tests; where the FP8 + FP8-KV and bf16 runs' GPU time
+# goes and where it idles (kernel profiles with idle gaps: since the faster decode attention the
+# bf16 run looks paced by the host); the bf16 offline run against smaller prefill budgets and a
+# pace of 3 (session 10: both lose, eager mixed steps are launch-bound); issue 22's bf16 / FP8 /
+# FP8 + FP8-KV triple in one run (batch-1, 8k prefill, offline: the ratio on one machine, not yet
+# measured with session 10's decode schedules); the decode kernels over ShareGPT-shaped lengths
+# (the plan's choice against forced splits and the balanced kernel); the FP8 linears per M. Logs
+# and JSON go to ${OUT:-/tmp/open} (a device call brings back 8 files: name few steps); STEPS
+# (comma-separated names) runs a part.
 #   bash benchmarks/open_issues_run.sh WHEELS_DIR BUDGET_SECONDS [STEPS]
 set -u
 wheels=${1:-.wheels}
@@ -33,8 +34,8 @@ single=(--shape 8b --model-dir /tmp/m8 --modes single,prefill,offline --max-num-
 step bf16 190 "${bench[@]}" "${single[@]}" --json "$out/bf16.json"
 step fp8 190 "${bench[@]}" "${single[@]}" --quantize fp8 --json "$out/fp8.json"
 step fp8_kv 190 "${bench[@]}" "${single[@]}" "${fp8_kv[@]}" --json "$out/fp8_kv.json"
-mixed=(python3 -m benchmarks.attention_kernels --no-prefill --batches 128,256,512 --contexts 2048
-    --lengths mixed --workload "$work" --splits 1,2,4)
+mixed=(python3 -m benchmarks.attention_kernels --no-prefill --batches 64,128,256,512 --contexts 2048
+    --lengths mixed --workload "$work" --splits 1,2 --balanced 2 --orders random)
 step attention_mixed 150 bash -c "${mixed[*]} --kv-dtype bf16 && ${mixed[*]} --kv-dtype \
     fp8_e4m3fn && python3 -m benchmarks.attention_kernels --no-prefill --batches 128,256,512 \
     --contexts 384,2048 --kv-dtype fp8_e4m3fn --sweep"
