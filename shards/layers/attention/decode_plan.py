@@ -1,4 +1,4 @@
-"""How a paged decode call runs: its tiling (`DecodeConfig`) and its schedule, chosen from shapes
+"""How a paged decode call runs (torch only, no Triton: the CPU tests check it): its tiling (`DecodeConfig`) and its schedule, chosen from shapes
 only (batch, heads, block-table width, dtypes, the device's SMs), never from context lengths, so
 that a captured CUDA graph stays valid for every length its block table holds.
 
@@ -14,10 +14,10 @@ fewer, so it keeps that one.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
-import triton
 
 MAX_SPLITS = 64
 SPLIT_PROGRAMS_PER_SM = 4
@@ -73,9 +73,9 @@ def plan_splits(
     caps the keys any row reads at `window`.
     """
     max_keys = min(max_tokens, window) if window else max_tokens
-    max_tiles = max(1, triton.cdiv(max_keys, block_n))
+    max_tiles = max(1, math.ceil(max_keys / block_n))
     programs = max(1, batch * num_kv_heads)
-    wanted = 1 if programs >= num_sms else triton.cdiv(SPLIT_PROGRAMS_PER_SM * num_sms, programs)
+    wanted = 1 if programs >= num_sms else math.ceil(SPLIT_PROGRAMS_PER_SM * num_sms / programs)
     return SplitPlan(max(1, min(wanted, max_tiles, MAX_SPLITS)))
 
 
