@@ -278,8 +278,7 @@ class ShardEngine:
         started = time.perf_counter_ns()
         if not request.batches:
             raise InvalidRequestError("Decode needs at least one cached batch")
-        if self._held:
-            self._complete_held([batch.id for batch in request.batches])
+        self._complete_held([batch.id for batch in request.batches])
         batches = self._pop_batches(request.batches)
         try:
             fault_injection.maybe_fail("decode")

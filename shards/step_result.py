@@ -76,9 +76,7 @@ class PendingStep:
         return self._result
 
     def select(self, rows: list[int]) -> PendingStep:
-        """The step of rows `rows` alone (itself when they are all its rows, in order)."""
-        if rows == list(range(len(self.next_tokens))):
-            return self
+        """The step of rows `rows` alone (StepAhead.select hands back the whole step itself)."""
         selected = self.next_tokens.index_select(0, index_on(rows, self.next_tokens.device))
         return PendingStep(selected, lambda: self.result().select(rows, selected))
 
