@@ -41,3 +41,8 @@ step attention_mixed 150 bash -c "${mixed[*]} --kv-dtype bf16 && ${mixed[*]} --k
     --contexts 384,2048 --kv-dtype fp8_e4m3fn --sweep"
 step profile_bf16 150 "${profile[@]}" --json "$out/profile_bf16.json"
 step fp8_gemm 180 python3 -m benchmarks.fp8_gemm_bench
+# The host's Python during the bf16 offline run (py-spy from $wheels/spy, sampled while holding
+# the GIL), summarized by function; the raw stacks stay in $out.
+spy=(py-spy record --gil --rate 250 --format raw -o "$out/spy_bf16.txt" --)
+step spy_bf16 150 bash -c "${spy[*]} ${offline[*]} && python3 $wheels/spy_summary.py \
+    $out/spy_bf16.txt 45"
