@@ -10,6 +10,7 @@ import math
 import random
 import statistics
 import time
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -18,9 +19,10 @@ from benchmarks.workload import load_workload as load_workload  # its importers'
 from shardline import LLM, SamplingParams
 from shardline.offline_pacing import submitted_at_pace
 from shardline.router.batcher import Batcher, BatchingConfig
+from shardline.router.event_channel import EventOrError
 from shardline.router.metrics import RouterMetrics
 from shardline.router.request_stream import RequestStream
-from shardline.router.request_types import ValidRequest
+from shardline.router.request_types import StreamEvent, ValidRequest
 
 if TYPE_CHECKING:
     from shardline.shards.engine import ShardEngine
@@ -141,11 +143,27 @@ async def _consume(batcher: Batcher, request: ValidRequest, delay: float = 0.0) 
     return await _timed(batcher.submit(request), time.perf_counter())
 
 
-async def _timed(stream: RequestStream, start: float) -> RequestTiming:
+def _timed(stream: RequestStream, start: float) -> Awaitable[RequestTiming]:
+    """The request's token times, stamped as the batcher hands over each step's events, read
+    the way `LLM.generate` reads a request (one wake-up, at its end): a reader woken at every
+    token would add a task switch per row and step to the host's work the run measures."""
     timing = RequestTiming(start=start)
-    async for _event in stream:
-        timing.token_times.append(time.perf_counter())
-    return timing
+    channel = stream.entry.events
+    put = channel.put
+
+    def stamped(items: Iterable[EventOrError], final: bool = False) -> None:
+        items = list(items)
+        now = time.perf_counter()
+        timing.token_times.extend(now for item in items if isinstance(item, StreamEvent))
+        put(items, final)
+
+    channel.put = stamped  # type: ignore[method-assign]
+
+    async def collected() -> RequestTiming:
+        await stream.collect()
+        return timing
+
+    return collected()
 
 
 def make_requests(
