@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 
 from benchmarks.attention_kernels import copy_bandwidth
-from shardline.shards.layers.fp8 import quantize_rows, scaled_mm_linear
+from shardline.shards.layers.fp8 import fp8_linear, quantize_rows
 from shardline.shards.layers.triton_gemv import gemv, gemv_applies
 
 LAYERS = {  # name: (N, K) of Llama-3.1-8B
@@ -96,7 +96,7 @@ def print_layer(
     times = {}
     for m in rows:
         x = torch.randn(m, layer.k, device="cuda").to(DTYPE)
-        times[m] = (layer.time_fp8(x, scaled_mm_linear), layer.time_bf16(x))
+        times[m] = (layer.time_fp8(x, fp8_linear), layer.time_bf16(x))
         line = (
             f"{name:8s} {layer.n:6d} x {layer.k:5d}  M {m:3d}"
             f" | scaled_mm {cell(layer, m, times[m][0], 1, bandwidth)}"

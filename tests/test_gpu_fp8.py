@@ -202,6 +202,7 @@ def test_the_tiny_model_on_gpu_matches_the_cpu_reference(
     gpu = _load(model_dir, DEVICE, torch.bfloat16)
     assert gpu.fused_decode  # batch-1 decode through the FP8 GEMVs
     vocab = cpu.config.vocab_size
+    inputs = _input_kinds(gpu)
     for prompt_ids, fed in (
         (prompts(vocab, seed=6), [[3, 5, 7]] * 3),  # scaled GEMMs
         (prompts(vocab, seed=7, lengths=(9,)), [[3]] * 3),  # the fused batch-1 path
@@ -209,9 +210,27 @@ def test_the_tiny_model_on_gpu_matches_the_cpu_reference(
         expected = run_engine(cpu, prompt_ids, fed, BLOCK_SIZE, kv_dtype)
         with torch.device(DEVICE):
             actual = run_engine(gpu, prompt_ids, fed, BLOCK_SIZE, kv_dtype)
+        # every projection but o_proj (after attention) takes rows its producer quantized
+        assert inputs.pop("self_attn.o_proj") == {"Tensor"}
+        assert len(inputs) == 3 and all(k == {"FP8Rows"} for k in inputs.values()), inputs
+        inputs.clear()
         for step, (a, e) in enumerate(zip(actual, expected, strict=True)):
             # scaled GEMMs also round activations to FP8 (per token): as far again as the weights
             assert relative_error(a.float().cpu(), e) < 0.15, f"step {step}"
+
+
+def _input_kinds(model: torch.nn.Module) -> dict[str, set[str]]:
+    """Layer 0's projections -> the kinds of input each got in multi-row forwards (hooks)."""
+    kinds: dict[str, set[str]] = {}
+    layer = model.layers[0]
+    for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+
+        def record(module, args, name=name) -> None:
+            if not isinstance(args[0], torch.Tensor) or args[0].shape[0] > 1:
+                kinds.setdefault(name, set()).add(type(args[0]).__name__)
+
+        layer.get_submodule(name).register_forward_pre_hook(record)
+    return kinds
 
 
 def _load(model_dir: Path, device: torch.device, dtype: torch.dtype):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from shardline.shards.layers import custom_kernels
+from shardline.shards.layers.fp8 import FP8Rows, takes_fp8_rows
 
 
 def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
@@ -18,12 +20,15 @@ def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up for gate_up [..., 2 * n] holding gate then up; returns [..., n]."""
+def silu_and_mul(
+    gate_up: torch.Tensor, quantize_for: nn.Module | None = None
+) -> torch.Tensor | FP8Rows:
+    """SiLU(gate) * up for gate_up [..., 2 * n] holding gate then up; returns [..., n], as
+    FP8Rows where `quantize_for`, the one layer it feeds, takes them."""
     if custom_kernels.applies(gate_up):
         from shardline.shards.layers.triton_activation import triton_silu_and_mul
 
-        return triton_silu_and_mul(gate_up)
+        return triton_silu_and_mul(gate_up, fp8=takes_fp8_rows(gate_up, quantize_for))
     return silu_and_mul_torch(gate_up)
 
 
@@ -32,12 +37,15 @@ def gelu_tanh_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
-def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """tanh-GELU(gate) * up (GeGLU) for gate_up [..., 2 * n] holding gate then up."""
+def gelu_tanh_and_mul(
+    gate_up: torch.Tensor, quantize_for: nn.Module | None = None
+) -> torch.Tensor | FP8Rows:
+    """tanh-GELU(gate) * up (GeGLU) for gate_up [..., 2 * n] holding gate then up (FP8Rows as
+    silu_and_mul gives them)."""
     if custom_kernels.applies(gate_up):
         from shardline.shards.layers.triton_activation import triton_gelu_tanh_and_mul
 
-        return triton_gelu_tanh_and_mul(gate_up)
+        return triton_gelu_tanh_and_mul(gate_up, fp8=takes_fp8_rows(gate_up, quantize_for))
     return gelu_tanh_and_mul_torch(gate_up)
 
 

@@ -13,9 +13,11 @@ dequantizes the weight and runs a plain matmul: the reference the tests check ev
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from shardline.shards.layers import custom_kernels
 
@@ -41,12 +43,28 @@ def dequantize_rows(quantized: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     return quantized.float() * scale[:, None]
 
 
+class FP8Rows(NamedTuple):
+    """Activations [rows, K] already quantized per token (quantize_rows' numbers) by the kernel
+    that produced them (a fused RMSNorm or SiLU * up), for a layer `takes_fp8_rows` says
+    multiplies through _scaled_mm: one kernel fewer, and one read and write of the rows less."""
+
+    quantized: torch.Tensor  # [rows, K] float8_e4m3fn
+    scale: torch.Tensor  # [rows] float32
+    dtype: torch.dtype  # the activations' own dtype, which the product comes back in
+
+
 def fp8_linear(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor | FP8Rows,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """F.linear(x, weight * scale[:, None], bias) in x's dtype, for an FP8 `weight` [N, K]."""
+    if isinstance(x, FP8Rows):
+        return scaled_mm_rows(x, weight, scale, bias)
     if scaled_mm_applies(x, weight):
-        return scaled_mm_linear(x, weight, scale, bias)
+        rows = quantized_rows(x.reshape(-1, x.shape[-1]))
+        return scaled_mm_rows(rows, weight, scale, bias).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, dequantize_rows(weight, scale).to(x.dtype), bias)
 
 
@@ -63,33 +81,51 @@ def scaled_mm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def takes_fp8_rows(x: torch.Tensor, layer: nn.Module | None) -> bool:
+    """Whether `layer`, a linear layer, multiplies the 2-D activations `x` will become (x
+    itself, or SiLU * up of it) through _scaled_mm: an FP8 weight and more than one row (one
+    row takes the GEMV, which reads half-precision x)."""
+    weight_scale = getattr(layer, "weight_scale", None)
+    return (
+        weight_scale is not None
+        and x.dim() == 2
+        and x.shape[0] > 1
+        and custom_kernels.applies(x)
+        and scaled_mm_applies(x, layer.weight)
+    )
+
+
 @functools.cache
 def has_fp8_tensor_cores(device: torch.device) -> bool:
     """Compute capability 8.9 or later: FP8 GEMMs, and FP8 conversions in Triton."""
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def scaled_mm_linear(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """Row-wise scaled FP8 GEMM: x's rows quantized per token (scale_a [M, 1]), the weight's
-    per output channel (scale_b [1, N]); mat2 is the weight transposed, i.e. column-major."""
-    rows = x.reshape(-1, x.shape[-1])
-    if custom_kernels.applies(x):
+def quantized_rows(rows: torch.Tensor) -> FP8Rows:
+    """rows [M, K] quantized per token (one Triton launch on a GPU)."""
+    if custom_kernels.applies(rows):
         from shardline.shards.layers.triton_fp8_quant import quantize_rows_triton
 
-        quantized, row_scale = quantize_rows_triton(rows)
+        quantized, scale = quantize_rows_triton(rows)
     else:
-        quantized, row_scale = quantize_rows(rows)
+        quantized, scale = quantize_rows(rows)
+    return FP8Rows(quantized, scale, rows.dtype)
+
+
+def scaled_mm_rows(
+    rows: FP8Rows, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Row-wise scaled FP8 GEMM: the rows' per-token scales (scale_a [M, 1]), the weight's per
+    output channel (scale_b [1, N]); mat2 is the weight transposed, i.e. column-major."""
     out = torch._scaled_mm(
-        quantized,
+        rows.quantized,
         weight.t(),
-        scale_a=row_scale[:, None],
+        scale_a=rows.scale[:, None],
         scale_b=scale[None, :],
         out_dtype=torch.bfloat16,
         use_fast_accum=True,
     )
-    out = out.to(x.dtype)
+    out = out.to(rows.dtype)
     if bias is not None:
         out += bias
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return out

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardline.shards.layers import custom_kernels
-from shardline.shards.layers.fp8 import fp8_linear
+from shardline.shards.layers.fp8 import FP8Rows, fp8_linear
 from shardline.shards.utils.dist import TPGroup
 from shardline.shards.utils.fp8_weights import read_linear, stack_rows
 from shardline.shards.utils.weights import Weights
@@ -20,13 +20,17 @@ def frozen(t: torch.Tensor | None) -> nn.Parameter | None:
 
 
 def linear(
-    x: torch.Tensor,
+    x: torch.Tensor | FP8Rows,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """F.linear, through the one-row Triton GEMV where it applies (batch-1 decode on a GPU); an
-    FP8 weight comes with its per-row `weight_scale` (fp8.py)."""
+    FP8 weight comes with its per-row `weight_scale` (fp8.py), and may take x already quantized
+    (FP8Rows, from the kernel that produced x)."""
+    if isinstance(x, FP8Rows):
+        assert weight_scale is not None, "FP8 rows for a layer without an FP8 weight"
+        return fp8_linear(x, weight, weight_scale, bias)
     if custom_kernels.applies(x):
         from shardline.shards.layers.triton_gemv import gemv, gemv_applies
 
@@ -58,7 +62,7 @@ class ColumnParallelLinear(nn.Module):
         b = weights.get_sharded_concat([f"{p}.bias" for p in prefixes], dim=0) if bias else None
         return cls(weight.weight, b, weight.scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | FP8Rows) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.weight_scale)
 
 
@@ -84,10 +88,10 @@ class RowParallelLinear(nn.Module):
         b = weights.get_tensor(f"{prefix}.bias") if bias else None
         return cls(weight.weight, b, weights.tp, weight.scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | FP8Rows) -> torch.Tensor:
         return self.finish(self.partial(x))
 
-    def partial(self, x: torch.Tensor) -> torch.Tensor:
+    def partial(self, x: torch.Tensor | FP8Rows) -> torch.Tensor:
         """This rank's part of the output; `finish` sums the parts (one all-reduce may sum
         several layers' parts: Falcon's parallel attention and MLP)."""
         return linear(x, self.weight, weight_scale=self.weight_scale)

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardline.shards.layers import custom_kernels
+from shardline.shards.layers.fp8 import FP8Rows, takes_fp8_rows
 from shardline.shards.layers.linear import frozen
 from shardline.shards.utils.weights import Weights
 
-NormOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+Normed = torch.Tensor | FP8Rows
+NormOutput = Normed | tuple[Normed, torch.Tensor]
 
 
 def rms_norm_torch(
@@ -36,12 +38,19 @@ class RMSNorm(nn.Module):
         self.weight = frozen(weight)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> NormOutput:
-        """Normalizes x, or with `residual` normalizes x + residual and returns (normed, sum)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        quantize_for: nn.Module | None = None,
+    ) -> NormOutput:
+        """Normalizes x, or with `residual` normalizes x + residual and returns (normed, sum);
+        the normed rows as FP8Rows where `quantize_for`, the one layer they feed, takes them."""
         if custom_kernels.applies(x):
             from shardline.shards.layers.triton_norm import rms_norm
 
-            return rms_norm(x, self.weight, self.eps, residual)
+            fp8 = takes_fp8_rows(x, quantize_for)
+            return rms_norm(x, self.weight, self.eps, residual, fp8=fp8)
         return rms_norm_torch(x, self.weight, self.eps, residual)
 
 

@@ -1,5 +1,6 @@
 """SiLU(gate) * up, or tanh-GELU(gate) * up (GeGLU), in Triton: one read of the fused gate/up
-rows, one write of the product."""
+rows, one write of the product; for an FP8 linear layer after it, the product quantized per
+token (FP8Rows) in the same launch."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from shardline.shards.layers.fp8 import FP8, FP8_MAX, MIN_AMAX, FP8Rows
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
 
 BLOCK = 1024
@@ -27,34 +29,79 @@ def _act_and_mul_kernel(
     wait_for_inputs(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    out = _act_product(gate_up_ptr + row * stride_in, cols, width, GELU_TANH)
+    tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=cols < width)
+
+
+@triton.jit
+def _act_and_mul_fp8_kernel(
+    gate_up_ptr,
+    q_ptr,
+    scale_ptr,
+    width,
+    stride_in,
+    stride_q,
+    BLOCK: tl.constexpr,
+    GELU_TANH: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """A program per row: the row's products once for their largest magnitude, then again
+    (from cache) divided by the scale, stored in FP8 (triton_fp8_quant's numbers)."""
+    allow_dependents(USE_PDL)
+    wait_for_inputs(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    in_row = gate_up_ptr + row * stride_in
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in tl.range(0, width, BLOCK):
+        amax = tl.maximum(amax, tl.abs(_act_product(in_row, start + offs, width, GELU_TANH)))
+    scale = tl.maximum(tl.max(amax, axis=0), MIN_AMAX) / FP8_MAX
+    tl.store(scale_ptr + row, scale)
+    for start in tl.range(0, width, BLOCK):
+        cols = start + offs
+        quantized = tl.clamp(
+            _act_product(in_row, cols, width, GELU_TANH) / scale, -FP8_MAX, FP8_MAX
+        )
+        tl.store(
+            q_ptr + row * stride_q + cols, quantized.to(q_ptr.dtype.element_ty), mask=cols < width
+        )
+
+
+@triton.jit
+def _act_product(row_ptr, cols, width, GELU_TANH: tl.constexpr):
+    """act(gate) * up at `cols` of one [gate | up] row, rounded to the row's dtype, in float32
+    (masked lanes 0)."""
     mask = cols < width
-    gate = tl.load(gate_up_ptr + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gate_up_ptr + row * stride_in + width + cols, mask=mask, other=0.0)
-    out_dtype = out_ptr.dtype.element_ty
+    gate = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(row_ptr + width + cols, mask=mask, other=0.0)
+    dtype = row_ptr.dtype.element_ty
     if GELU_TANH:  # 0.5 x (1 + tanh(z)) = x * sigmoid(2 z), z = sqrt(2 / pi) (x + 0.044715 x^3)
         inner = 0.7978845608028654 * (gate + 0.044715 * (gate * gate * gate))
-        act = (gate / (1.0 + tl.exp(-2.0 * inner))).to(out_dtype)
+        act = (gate / (1.0 + tl.exp(-2.0 * inner))).to(dtype)
     else:
-        act = (gate / (1.0 + tl.exp(-gate))).to(out_dtype)
-    out = act.to(tl.float32) * up.to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, out.to(out_dtype), mask=mask)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype)
+    return (act.to(tl.float32) * up.to(tl.float32)).to(dtype).to(tl.float32)
 
 
-def triton_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up for gate_up [..., 2 * n] holding gate then up; returns [..., n]."""
-    return _act_and_mul(gate_up, gelu_tanh=False)
+def triton_silu_and_mul(gate_up: torch.Tensor, fp8: bool = False) -> torch.Tensor | FP8Rows:
+    """SiLU(gate) * up for gate_up [..., 2 * n] holding gate then up; returns [..., n] (FP8Rows
+    with `fp8`, gate_up 2-D)."""
+    return _act_and_mul(gate_up, gelu_tanh=False, fp8=fp8)
 
 
-def triton_gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """tanh-GELU(gate) * up for gate_up [..., 2 * n] holding gate then up; returns [..., n]."""
-    return _act_and_mul(gate_up, gelu_tanh=True)
+def triton_gelu_tanh_and_mul(gate_up: torch.Tensor, fp8: bool = False) -> torch.Tensor | FP8Rows:
+    """tanh-GELU(gate) * up for gate_up [..., 2 * n] holding gate then up; returns [..., n]
+    (FP8Rows with `fp8`, gate_up 2-D)."""
+    return _act_and_mul(gate_up, gelu_tanh=True, fp8=fp8)
 
 
-def _act_and_mul(gate_up: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
+def _act_and_mul(gate_up: torch.Tensor, gelu_tanh: bool, fp8: bool) -> torch.Tensor | FP8Rows:
     width = gate_up.shape[-1] // 2
     rows = gate_up.reshape(-1, 2 * width)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
+    if fp8:
+        return _act_and_mul_fp8(rows, gelu_tanh)
     out = torch.empty((rows.shape[0], width), dtype=gate_up.dtype, device=gate_up.device)
     if rows.shape[0] > 0:
         grid = (rows.shape[0], triton.cdiv(width, BLOCK))
@@ -70,3 +117,23 @@ def _act_and_mul(gate_up: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
             **pdl_launch(gate_up.device, rows.shape[0]),
         )
     return out.view(*gate_up.shape[:-1], width)
+
+
+def _act_and_mul_fp8(rows: torch.Tensor, gelu_tanh: bool) -> FP8Rows:
+    count, width = rows.shape[0], rows.shape[1] // 2
+    quantized = torch.empty((count, width), dtype=FP8, device=rows.device)
+    scale = torch.empty(count, dtype=torch.float32, device=rows.device)
+    if count:
+        _act_and_mul_fp8_kernel[(count,)](
+            rows,
+            quantized,
+            scale,
+            width,
+            rows.stride(0),
+            quantized.stride(0),
+            BLOCK=BLOCK,
+            GELU_TANH=gelu_tanh,
+            num_warps=4,
+            **pdl_launch(rows.device, count),
+        )
+    return FP8Rows(quantized, scale, rows.dtype)

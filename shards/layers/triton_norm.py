@@ -2,7 +2,9 @@
 
 Rounds where the torch RMSNorm in norm.py rounds (the sum to the input dtype, the normalized
 value to the input dtype before the weight), so both give the same result up to the order of
-the float32 mean-of-squares reduction.
+the float32 mean-of-squares reduction. For an FP8 linear layer after it (fp8.takes_fp8_rows) it
+writes the normed row quantized per token (FP8Rows) instead: the numbers RMSNorm then
+fp8.quantize_rows give, in one launch.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from shardline.shards.layers.fp8 import FP8, FP8_MAX, MIN_AMAX, FP8Rows
+from shardline.shards.layers.norm import NormOutput
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
 
 
@@ -21,6 +25,7 @@ def _rms_norm_kernel(
     weight_ptr,
     out_ptr,
     sum_ptr,
+    scale_ptr,
     eps,
     hidden,
     stride_x,
@@ -28,6 +33,7 @@ def _rms_norm_kernel(
     stride_o,
     stride_s,
     HAS_RESIDUAL: tl.constexpr,
+    FP8_OUT: tl.constexpr,
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -46,17 +52,34 @@ def _rms_norm_kernel(
     inv_rms = tl.rsqrt(tl.sum(x32 * x32, axis=0) / hidden + eps)
     normed = (x32 * inv_rms).to(x_ptr.dtype.element_ty)
     out = weight.to(tl.float32) * normed.to(tl.float32)
+    if FP8_OUT:  # rounded to x's dtype, then quantized as triton_fp8_quant does
+        out = quantize_row(out.to(x_ptr.dtype.element_ty).to(tl.float32), scale_ptr + row)
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def quantize_row(row, scale_ptr):
+    """A whole row (float32; masked lanes 0) divided by its scale, amax / 448, stored there."""
+    scale = tl.maximum(tl.max(tl.abs(row), axis=0), MIN_AMAX) / FP8_MAX
+    tl.store(scale_ptr, scale)
+    return tl.clamp(row / scale, -FP8_MAX, FP8_MAX)
+
+
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm(x) * weight, or with `residual` (normed(x + residual), x + residual)."""
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    fp8: bool = False,
+) -> NormOutput:
+    """RMSNorm(x) * weight, or with `residual` (normed(x + residual), x + residual); with `fp8`
+    (x 2-D, of the weight's dtype) the normed rows come as FP8Rows."""
     hidden = x.shape[-1]
     rows = x.reshape(-1, hidden).contiguous()
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
-    out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
+    fp8 = fp8 and out_dtype == x.dtype
+    out = torch.empty(rows.shape, dtype=FP8 if fp8 else out_dtype, device=x.device)
+    scale = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device) if fp8 else out
     summed = torch.empty_like(rows) if residual is not None else out
     res_rows = residual.reshape(-1, hidden).contiguous() if residual is not None else rows
     if rows.shape[0] > 0:
@@ -66,6 +89,7 @@ def rms_norm(
             weight,
             out,
             summed,
+            scale,
             eps,
             hidden,
             rows.stride(0),
@@ -73,10 +97,11 @@ def rms_norm(
             out.stride(0),
             summed.stride(0),
             HAS_RESIDUAL=residual is not None,
+            FP8_OUT=fp8,
             BLOCK=triton.next_power_of_2(hidden),
             num_warps=min(16, max(1, triton.next_power_of_2(hidden) // 256)),
             enable_fp_fusion=False,  # squares rounded before the sum, as torch's pow(2)
             **pdl_launch(x.device, rows.shape[0]),
         )
-    out = out.view(*x.shape[:-1], hidden)
-    return out if residual is None else (out, summed.view(x.shape))
+    normed = FP8Rows(out, scale, x.dtype) if fp8 else out.view(*x.shape[:-1], hidden)
+    return normed if residual is None else (normed, summed.view(x.shape))

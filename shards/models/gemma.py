@@ -16,6 +16,7 @@ from torch import nn
 
 from shardline.shards.layers.activation import gelu_tanh_and_mul
 from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
+from shardline.shards.layers.fp8 import FP8Rows
 from shardline.shards.layers.rotary import RotaryEmbedding
 from shardline.shards.models.config import (
     DEFAULT_MAX_POSITIONS,
@@ -95,8 +96,9 @@ def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 class GemmaMLP(LlamaMLP):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gelu_tanh_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | FP8Rows) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj(gelu_tanh_and_mul(gate_up, quantize_for=self.down_proj))
 
 
 class GemmaDecoderLayer(LlamaDecoderLayer):
@@ -134,7 +136,8 @@ class Gemma2DecoderLayer(GemmaDecoderLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, residual = self.input_norm(hidden, residual)
         hidden = self.post_attention_layernorm(self.self_attn(hidden, positions, kv_cache, meta))
-        hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
+        mlp_input = self.mlp.gate_up_proj
+        hidden, residual = self.pre_feedforward_layernorm(hidden, residual, quantize_for=mlp_input)
         return self.post_feedforward_layernorm(self.mlp(hidden)), residual
 
 

@@ -18,6 +18,7 @@ from shardline.shards.layers.attention import AttentionBackend, AttentionMetadat
 from shardline.shards.layers.attention.fp8_kv import KVScales
 from shardline.shards.layers.attention.layer import PagedAttention
 from shardline.shards.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from shardline.shards.layers.fp8 import FP8Rows
 from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear
 from shardline.shards.layers.norm import RMSNorm
 from shardline.shards.layers.rotary import RotaryEmbedding
@@ -133,7 +134,7 @@ class LlamaAttention(nn.Module):
 
     def forward(
         self,
-        hidden: torch.Tensor,
+        hidden: torch.Tensor | FP8Rows,
         positions: torch.Tensor,
         kv_cache: KVCache,
         meta: AttentionMetadata,
@@ -158,8 +159,8 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = self._load_gate_up(config, weights, prefix)
         self.down_proj = RowParallelLinear.load(weights, f"{prefix}.down_proj", config.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | FP8Rows) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), quantize_for=self.down_proj))
 
     def _load_gate_up(
         self, config: ModelConfig, weights: Weights, prefix: str
@@ -203,18 +204,21 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, residual = self.input_norm(hidden, residual)
         hidden = self.self_attn(hidden, positions, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        mlp_input = self.mlp.gate_up_proj
+        hidden, residual = self.post_attention_layernorm(hidden, residual, quantize_for=mlp_input)
         return self.mlp(hidden), residual
 
     def input_norm(
         self, hidden: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attention's input and the residual stream: the first layer (no residual yet)
-        norms the hidden states, which become the residual; a later one adds the residual to
-        them and norms the sum in one fused step."""
+    ) -> tuple[torch.Tensor | FP8Rows, torch.Tensor]:
+        """The attention's input (its qkv projection's only input, hence quantized for it where
+        that is FP8) and the residual stream: the first layer (no residual yet) norms the hidden
+        states, which become the residual; a later one adds the residual to them and norms the
+        sum in one fused step."""
+        qkv = self.self_attn.qkv_proj
         if residual is None:
-            return self.input_layernorm(hidden), hidden
-        return self.input_layernorm(hidden, residual)
+            return self.input_layernorm(hidden, quantize_for=qkv), hidden
+        return self.input_layernorm(hidden, residual, quantize_for=qkv)
 
     def fuses_decode(self) -> bool:
         """Whether the fused one-row kernels tile every projection of this layer (FP8 ones on
