@@ -23,7 +23,6 @@ from shardline.shards.layers.fp8 import (
     fp8_linear,
     quantize_rows,
     scaled_mm_applies,
-    scaled_mm_linear,
 )
 from shardline.shards.layers.linear import linear
 from shardline.shards.layers.triton_fp8_quant import quantize_rows_triton
@@ -64,7 +63,7 @@ def test_scaled_mm_matches_the_dequantized_product(rows: int, dtype: torch.dtype
     bias = torch.randn(1024, device=DEVICE).to(dtype)
     quantized, scale = quantize_rows(weight)
     assert scaled_mm_applies(x, quantized)
-    out = scaled_mm_linear(x, quantized, scale, bias)
+    out = fp8_linear(x, quantized, scale, bias)
     assert out.dtype == dtype and out.shape == (rows, 1024)
     x_quantized, x_scale = quantize_rows(x)
     expected = F.linear(

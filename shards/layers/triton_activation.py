@@ -8,8 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
-from shardline.shards.layers.fp8 import FP8, FP8_MAX, MIN_AMAX, FP8Rows
+from shardline.shards.layers.fp8 import FP8, FP8Rows
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
+from shardline.shards.layers.triton_norm import FP8_MAX, MIN_AMAX
 
 BLOCK = 1024
 

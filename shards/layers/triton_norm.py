@@ -13,9 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
-from shardline.shards.layers.fp8 import FP8, FP8_MAX, MIN_AMAX, FP8Rows
+from shardline.shards.layers import fp8 as fp8_format
+from shardline.shards.layers.fp8 import FP8, FP8Rows
 from shardline.shards.layers.norm import NormOutput
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
+
+# fp8's bounds, as the constants a Triton function may read
+FP8_MAX = tl.constexpr(fp8_format.FP8_MAX)
+MIN_AMAX = tl.constexpr(fp8_format.MIN_AMAX)
 
 
 @triton.jit
