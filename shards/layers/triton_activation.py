@@ -10,7 +10,7 @@ import triton.language as tl
 
 from shardline.shards.layers.fp8 import FP8, FP8Rows
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
-from shardline.shards.layers.triton_norm import FP8_MAX, MIN_AMAX
+from shardline.shards.layers.triton_fp8_quant import store_row_scale, to_fp8
 
 BLOCK = 1024
 
@@ -56,16 +56,11 @@ def _act_and_mul_fp8_kernel(
     amax = tl.zeros([BLOCK], dtype=tl.float32)
     for start in tl.range(0, width, BLOCK):
         amax = tl.maximum(amax, tl.abs(_act_product(in_row, start + offs, width, GELU_TANH)))
-    scale = tl.maximum(tl.max(amax, axis=0), MIN_AMAX) / FP8_MAX
-    tl.store(scale_ptr + row, scale)
+    scale = store_row_scale(amax, scale_ptr + row)
     for start in tl.range(0, width, BLOCK):
         cols = start + offs
-        quantized = tl.clamp(
-            _act_product(in_row, cols, width, GELU_TANH) / scale, -FP8_MAX, FP8_MAX
-        )
-        tl.store(
-            q_ptr + row * stride_q + cols, quantized.to(q_ptr.dtype.element_ty), mask=cols < width
-        )
+        quantized = to_fp8(_act_product(in_row, cols, width, GELU_TANH), scale, q_ptr)
+        tl.store(q_ptr + row * stride_q + cols, quantized, mask=cols < width)
 
 
 @triton.jit

@@ -9,10 +9,14 @@ import torch
 import triton
 import triton.language as tl
 
-from shardline.shards.layers.fp8 import FP8, FP8_MAX, MIN_AMAX
+from shardline.shards.layers import fp8 as fp8_format
+from shardline.shards.layers.fp8 import FP8
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
 
 BLOCK_K = 1024
+# fp8's bounds, as the constants a Triton function may read
+FP8_MAX = tl.constexpr(fp8_format.FP8_MAX)
+MIN_AMAX = tl.constexpr(fp8_format.MIN_AMAX)
 
 
 @triton.jit
@@ -24,8 +28,6 @@ def _quantize_rows_kernel(
     stride_q,
     K: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    FP8_MAX: tl.constexpr,
-    MIN_AMAX: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     allow_dependents(USE_PDL)
@@ -37,14 +39,27 @@ def _quantize_rows_kernel(
     for start in tl.range(0, K, BLOCK_K):
         x = tl.load(x_row + start + offs, mask=start + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, axis=0), MIN_AMAX) / FP8_MAX
-    tl.store(scale_ptr + row, scale)
+    scale = store_row_scale(amax, scale_ptr + row)
     q_row = q_ptr + row * stride_q
     for start in tl.range(0, K, BLOCK_K):
         mask = start + offs < K
         x = tl.load(x_row + start + offs, mask=mask, other=0.0).to(tl.float32)
-        quantized = tl.clamp(x / scale, -FP8_MAX, FP8_MAX)
-        tl.store(q_row + start + offs, quantized.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_row + start + offs, to_fp8(x, scale, q_ptr), mask=mask)
+
+
+@triton.jit
+def store_row_scale(amax, scale_ptr):
+    """A row's scale from `amax` (its magnitudes, or their running maxima: a vector), stored
+    at `scale_ptr`: the largest / 448, or a tiny one for a row of zeros."""
+    scale = tl.maximum(tl.max(amax, axis=0), MIN_AMAX) / FP8_MAX
+    tl.store(scale_ptr, scale)
+    return scale
+
+
+@triton.jit
+def to_fp8(x, scale, q_ptr):
+    """float32 values of a row divided by its scale, in the FP8 type `q_ptr` points to."""
+    return tl.clamp(x / scale, -FP8_MAX, FP8_MAX).to(q_ptr.dtype.element_ty)
 
 
 def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,8 +78,6 @@ def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             quantized.stride(0),
             K=k,
             BLOCK_K=min(BLOCK_K, triton.next_power_of_2(k)),
-            FP8_MAX=FP8_MAX,
-            MIN_AMAX=MIN_AMAX,
             num_warps=4,
             **pdl_launch(x.device, rows),
         )

@@ -13,14 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from shardline.shards.layers import fp8 as fp8_format
 from shardline.shards.layers.fp8 import FP8, FP8Rows
 from shardline.shards.layers.norm import NormOutput
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
-
-# fp8's bounds, as the constants a Triton function may read
-FP8_MAX = tl.constexpr(fp8_format.FP8_MAX)
-MIN_AMAX = tl.constexpr(fp8_format.MIN_AMAX)
+from shardline.shards.layers.triton_fp8_quant import store_row_scale, to_fp8
 
 
 @triton.jit
@@ -58,16 +54,9 @@ def _rms_norm_kernel(
     normed = (x32 * inv_rms).to(x_ptr.dtype.element_ty)
     out = weight.to(tl.float32) * normed.to(tl.float32)
     if FP8_OUT:  # rounded to x's dtype, then quantized as triton_fp8_quant does
-        out = quantize_row(out.to(x_ptr.dtype.element_ty).to(tl.float32), scale_ptr + row)
+        out = out.to(x_ptr.dtype.element_ty).to(tl.float32)
+        out = to_fp8(out, store_row_scale(tl.abs(out), scale_ptr + row), out_ptr)
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def quantize_row(row, scale_ptr):
-    """A whole row (float32; masked lanes 0) divided by its scale, amax / 448, stored there."""
-    scale = tl.maximum(tl.max(tl.abs(row), axis=0), MIN_AMAX) / FP8_MAX
-    tl.store(scale_ptr, scale)
-    return tl.clamp(row / scale, -FP8_MAX, FP8_MAX)
 
 
 def rms_norm(
