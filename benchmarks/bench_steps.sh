@@ -22,6 +22,6 @@ step() {  # name, seconds at most, command...
     timeout $((limit < left ? limit : left)) "$@" >"$out/$name.log" 2>&1
     echo "== $name (exit $?)"
     grep -E '^\{"(wall_s|mode|steps_by|compiled)|bf16, 32 prompts' "$out/$name.log" | cut -c1-1500
-    sed -n '/^== /,$p' "$out/$name.log" | tail -14
+    sed -n '/^== /,$p' "$out/$name.log" | tail -18
 }
 bench=(python3 -m benchmarks.engine_bench --tokenizer-wheel "$tok" --workload "$work")

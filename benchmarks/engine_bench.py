@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.engine_steps import engine_decode_step_ms, engine_mixed_step_ms, engine_prefill_ms
+from benchmarks.gpu_clocks import ClockSampler, clock_rows, floors_at_run_clock
 from benchmarks.hf_baseline import hf_baseline
 from benchmarks.kernel_profile import kernel_profile
 from benchmarks.offline_floor import (
@@ -80,7 +81,9 @@ def offline_run(
     """The whole workload at once, against the floor of its work (benchmarks/offline_floor.py)."""
     torch.cuda.reset_peak_memory_stats()
     requests = offline_requests(llm, pairs, vocab, submission)
-    elapsed, timings, calls = asyncio.run(timed_run(llm, requests, paced=submission == "paced"))
+    with ClockSampler() as clocks:
+        run = timed_run(llm, requests, paced=submission == "paced")
+        elapsed, timings, calls = asyncio.run(run)
     offline = summarize("offline", elapsed, timings, sum(n for n, _ in pairs))
     offline["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     offline["compiled_after_warmup"] = triton_compiled_since(warm_at)
@@ -89,7 +92,10 @@ def offline_run(
     ceil = Ceilings.of(ceilings)
     offline["floor"] = workload_floor(shape, pairs, ceil)
     offline["phases"] = phase_breakdown(calls, elapsed, shape, ceil) if calls else {}
+    at_clock = floors_at_run_clock(clocks.summary(), shape, pairs, calls, elapsed, ceil)
+    offline["floor_at_run_clock"] = at_clock
     print(json.dumps({"floor": offline["floor"], "phases": offline["phases"]}), flush=True)
+    print(json.dumps({"floor_at_run_clock": at_clock}), flush=True)
     rows = [
         ("offline output tok/s", f"{offline['output_tok_s']:.0f}", f"{len(pairs)} requests"),
         ("offline total tok/s", f"{offline['total_tok_s']:.0f}", ""),
@@ -105,7 +111,8 @@ def offline_run(
             "",
         ),
     ]
-    return offline, rows + floor_table(offline["floor"], offline["phases"], elapsed)
+    floors = floor_table(offline["floor"], offline["phases"], elapsed)
+    return offline, rows + floors + clock_rows(at_clock, elapsed)
 
 
 def offline_requests(llm: LLM, pairs: list, vocab: int, submission: str) -> list:
