@@ -22,6 +22,7 @@ from benchmarks.engine_steps import engine_decode_step_ms, engine_mixed_step_ms,
 from benchmarks.gpu_clocks import ClockSampler, clock_rows, floors_at_run_clock
 from benchmarks.hf_baseline import hf_baseline
 from benchmarks.kernel_profile import kernel_profile
+from benchmarks.occupancy import call_columns
 from benchmarks.offline_floor import (
     Ceilings,
     ModelShape,
@@ -94,6 +95,7 @@ def offline_run(
     offline["phases"] = phase_breakdown(calls, elapsed, shape, ceil) if calls else {}
     at_clock = floors_at_run_clock(clocks.summary(), shape, pairs, calls, elapsed, ceil)
     offline["floor_at_run_clock"] = at_clock
+    offline["calls"] = call_columns(calls)  # for benchmarks/occupancy.py
     print(json.dumps({"floor": offline["floor"], "phases": offline["phases"]}), flush=True)
     print(json.dumps({"floor_at_run_clock": at_clock}), flush=True)
     rows = [
