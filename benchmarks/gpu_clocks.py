@@ -116,7 +116,7 @@ def floors_at_run_clock(
 def clock_rows(at_clock: dict | None, wall_s: float) -> list[tuple[str, str, str]]:
     """The table rows of `floors_at_run_clock`: the clock, and each floor against the run."""
     if at_clock is None:
-        return [("mean SM clock MHz", "n/a", "no nvidia-smi samples")]
+        return [("mean SM clock MHz", "n/a", "no nvidia-smi samples, or no engine calls logged")]
     clocks = at_clock["clocks"]
     schedule = at_clock["schedule_floor_s"]
     return [
