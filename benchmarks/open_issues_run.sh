@@ -16,8 +16,8 @@ deadline=$((SECONDS + ${2:-560}))
 only=${3:-}
 out=${OUT:-/tmp/open}
 source "$(dirname "$0")/bench_steps.sh"
-step gpu_tests 300 bash benchmarks/gpu_tests.sh 100 tests/test_gpu_fp8.py \
-    tests/test_gpu_engine.py
+step gpu_tests 300 bash benchmarks/gpu_tests.sh 100 tests/test_triton_fp8_activations.py \
+    tests/test_gpu_fp8.py tests/test_gpu_engine.py
 step gpu_bench_tests 60 bash benchmarks/gpu_tests.sh 50 tests/test_triton_attention_bench.py \
     tests/test_gpu_idle.py
 fp8_kv=(--quantize fp8 --kv-cache-dtype fp8_e4m3fn)
