@@ -14,11 +14,9 @@ from benchmarks.gpu_clocks import (
     parse_sample,
     scaled_ceilings,
 )
-from benchmarks.offline_floor import Call, Ceilings, ModelShape, phase_breakdown, workload_floor
-from benchmarks.random_model import config_for
+from benchmarks.offline_floor import Call, Ceilings, phase_breakdown, workload_floor
+from tests.test_offline_floor import SHAPE_8B, UNIT
 
-SHAPE_8B = ModelShape.from_config(config_for("8b"))
-UNIT = Ceilings(matmul_flops=1e12, bytes_s=1e12)
 HALF_CLOCK = {"mean_sm_mhz": 990, "max_sm_mhz": 1980.0, "min_sm_mhz": 900.0, "samples": 3,
               "mean_power_w": 650, "power_capped_share": 0.5}  # fmt: skip
 
