@@ -140,7 +140,7 @@ def _balanced_decode_kernel(
         k, v = paged_kv_tiles(
             k_cache_ptr, v_cache_ptr, table_row, pos, n_mask, context_len, kv_head, offs_d,
             offs_d < HEAD_DIM, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-            stride_vh, stride_vd, PAGE_SIZE, V_BY_KEYS,
+            stride_vh, stride_vd, PAGE_SIZE, V_BY_KEYS, q.dtype,
         )  # fmt: skip
         m_i, l_i, acc = attend_tile(
             q, k, v, pos, n_mask, context_len, m_i, l_i, acc, qk_scale, softcap, slopes,

@@ -179,11 +179,26 @@ def _varlen_causal_kernel(
                 pos = n_start + offs_n
                 n_mask = pos < prefix_len
                 k, v = paged_kv_tiles(
-                    k_cache_ptr, v_cache_ptr, table_row, pos, n_mask, prefix_len, kv_head,
-                    offs_d, d_mask, stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct,
-                    stride_vch, stride_vcd, PAGE_SIZE, V_BY_KEYS,
-                )  # fmt: skip
-                k, v = k.to(q.dtype), v.to(q.dtype)  # an FP8 cache is read in the query's dtype
+                    k_cache_ptr,
+                    v_cache_ptr,
+                    table_row,
+                    pos,
+                    n_mask,
+                    prefix_len,
+                    kv_head,
+                    offs_d,
+                    d_mask,
+                    stride_kcb,
+                    stride_kct,
+                    stride_kch,
+                    stride_vcb,
+                    stride_vct,
+                    stride_vch,
+                    stride_vcd,
+                    PAGE_SIZE,
+                    V_BY_KEYS,
+                    q.dtype,
+                )  # fmt: skip  (an FP8 cache is read in the query's dtype)
                 visible = tl.broadcast_to(n_mask[None, :], (BLOCK_M, BLOCK_N))
                 m_i, l_i, acc = _online_softmax_tile(
                     q, k, v, visible, pos, query_pos, slope, m_i, l_i, acc, qk_scale, softcap,
