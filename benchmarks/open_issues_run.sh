@@ -25,6 +25,8 @@ step gpu_bench_tests 60 bash benchmarks/gpu_tests.sh 50 tests/test_triton_attent
 fp8_kv=(--quantize fp8 --kv-cache-dtype fp8_e4m3fn)
 offline=("${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes offline --max-num-seqs 512)
 step offline_paced 110 "${offline[@]}" --json "$out/offline_paced.json"  # the reference
+step offline_fp8_kv 110 "${offline[@]}" --quantize fp8 --kv-cache-dtype fp8_e4m3fn \
+    --json "$out/offline_fp8_kv.json"
 step served_8b 260 python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-shards 1 \
     --workload "$work" --rate 4 --rate-requests 300 --json "$out/served_8b.json"
 fp8_mixed=(python3 -m benchmarks.attention_kernels --no-prefill --batches 64,128,256,512
