@@ -31,7 +31,6 @@ import triton
 
 from benchmarks.decode_lengths import ORDERS, describe, draw_lengths
 from benchmarks.workload import load_workload
-from shardline.shards.kv_cache import as_value_pool
 from shardline.shards.layers.attention.decode_plan import (
     BalancedPlan,
     DecodeConfig,
@@ -100,7 +99,6 @@ class DecodeProblem:
         width: int,
         kv_dtype: torch.dtype = DTYPE,
         device: str = "cuda",
-        values_by_tokens: bool = False,
     ) -> None:
         batch = len(lengths)
         row_pages = torch.tensor([triton.cdiv(n, PAGE) for n in lengths], device=device)
@@ -110,8 +108,6 @@ class DecodeProblem:
         shape = (num_pages, PAGE, KV_HEADS, HEAD_DIM)
         self.k_cache = torch.empty(shape, dtype=DTYPE, device=device).normal_().to(kv_dtype)
         self.v_cache = torch.empty(shape, dtype=DTYPE, device=device).normal_().to(kv_dtype)
-        if not values_by_tokens:  # the engine's layout (kv_cache.value_pool)
-            self.v_cache = as_value_pool(self.v_cache)
         pages = torch.randperm(num_pages, device=device, dtype=torch.int64).to(torch.int32)
         used = torch.arange(width, device=device)[None, :] < row_pages[:, None]
         self.tables = torch.zeros((self.rounds, batch, width), dtype=torch.int32, device=device)
@@ -216,7 +212,6 @@ class MixedLengths:
     seed: int = 0
     configs: tuple[DecodeConfig, ...] = ()  # each plan with each; none: the default only
     orders: tuple[str, ...] = tuple(ORDERS)
-    values_by_tokens: bool = False  # FP8 values token-contiguous, not as the engine lays them
 
 
 def mixed_rows(
@@ -243,9 +238,7 @@ def mixed_rows(
             plans += [(str(n), SplitPlan(n)) for n in mixed.splits]
             plans += [(f"bal{n}", BalancedPlan(n)) for n in mixed.balanced]
             for order in mixed.orders:
-                problem = DecodeProblem(
-                    ORDERS[order](lengths), width, kv_dtype, device, mixed.values_by_tokens
-                )
+                problem = DecodeProblem(ORDERS[order](lengths), width, kv_dtype, device)
                 for config in mixed.configs or (default,):
                     for name, plan in plans:
                         us = problem.time_per_call_us(config, plan)
@@ -326,12 +319,6 @@ def main() -> None:
     )
     parser.add_argument("--configs", default="", help="mixed: tilings as n64w4s2, comma-separated")
     parser.add_argument("--orders", default=",".join(ORDERS), help="mixed: row orders")
-    parser.add_argument(
-        "--values-by-tokens",
-        action="store_true",
-        help="mixed: an FP8 cache's values token-contiguous (the layout before keys-contiguous "
-        "FP8 value pages)",
-    )
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -344,9 +331,7 @@ def main() -> None:
         splits = [int(n) for n in args.splits.split(",") if n]
         configs = tuple(parse_config(name) for name in args.configs.split(",") if name)
         orders = tuple(args.orders.split(","))
-        mixed = MixedLengths(
-            workload, splits, balanced, args.seed, configs, orders, args.values_by_tokens
-        )
+        mixed = MixedLengths(workload, splits, balanced, args.seed, configs, orders)
         decode = mixed_rows(bandwidth, batches, contexts, kv_dtype, mixed)
     else:
         decode = decode_rows(bandwidth, args.sweep, batches, contexts, kv_dtype, balanced)

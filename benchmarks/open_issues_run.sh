@@ -18,8 +18,6 @@ out=${OUT:-/tmp/open}
 source "$(dirname "$0")/bench_steps.sh"
 step gpu_tests 300 bash benchmarks/gpu_tests.sh 100 tests/test_triton_fp8_activations.py \
     tests/test_gpu_fp8.py tests/test_gpu_engine.py
-step gpu_tests_values 240 bash benchmarks/gpu_tests.sh 110 tests/test_gpu_fp8.py \
-    tests/test_triton_decode_balanced.py tests/test_triton_attention.py
 step gpu_bench_tests 60 bash benchmarks/gpu_tests.sh 50 tests/test_triton_attention_bench.py \
     tests/test_gpu_idle.py
 fp8_kv=(--quantize fp8 --kv-cache-dtype fp8_e4m3fn)
@@ -34,9 +32,6 @@ fp8_mixed=(python3 -m benchmarks.attention_kernels --no-prefill --batches 64,128
 step attention_fp8 150 bash -c "${fp8_mixed[*]} --splits 1 --balanced '' --configs \
     n128w4s5,n64w4s5,n64w4s8,n128w8s5 && ${fp8_mixed[*]} --splits '' --balanced 2,3 \
     --configs n64w4s5,n64w4s3,n32w4s8"
-# FP8 values keys-contiguous (the engine's layout since session 12) against token-contiguous
-fp8_layout="${fp8_mixed[*]} --splits '' --balanced '' --configs n128w4s5,n128w4s4,n128w4s3"
-step attention_fp8_layout 150 bash -c "$fp8_layout --values-by-tokens && $fp8_layout"
 profile=("${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes profile --max-num-seqs 512)
 step profile_fp8_kv 150 "${profile[@]}" "${fp8_kv[@]}" --json "$out/profile_fp8_kv.json"
 for budget in 2048 512; do

@@ -1,13 +1,4 @@
-"""The paged KV cache: per-layer key/value block pools and the allocator that hands out blocks.
-
-Every pool reads as [num_blocks, block_size, kv_heads, head_dim]. An FP8 value pool with pages of
-a multiple of VALUE_RUN tokens is stored keys-contiguous underneath, [num_blocks, kv_heads,
-head_dim, block_size] (vLLM's value-cache layout), and seen through a permuted view: a decode
-tile's second product (probabilities x values) sums over keys, and FP8 values laid out along
-them reach the tensor cores in whole 16-byte runs; token-contiguous FP8 values were read back
-from shared memory one byte per instruction (DEVELOPERS.md, device notes). Torch code indexes
-the view as any pool; the Triton kernels take its strides (`values_by_keys`).
-"""
+"""The paged KV cache: per-layer key/value block pools and the allocator that hands out blocks."""
 
 from __future__ import annotations
 
@@ -104,7 +95,10 @@ class KVCache:
     ) -> KVCache:
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         layers = [
-            (torch.zeros(shape, dtype=dtype, device=device), value_pool(shape, dtype, device))
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
             for _ in range(num_layers)
         ]
         return cls(layers=layers, block_size=block_size)
@@ -122,34 +116,6 @@ class KVCache:
         dst = torch.tensor(targets, dtype=torch.long, device=device)
         for pool in (pool.view(torch.uint8) for layer in self.layers for pool in layer):
             pool.index_copy_(0, dst, pool.index_select(0, src))  # as bytes: FP8 pools too
-
-
-VALUE_RUN = 16  # tokens: 16 FP8 values, one 16-byte copy
-
-
-def value_pool(
-    shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device | str
-) -> torch.Tensor:
-    """A zeroed value pool of `shape` [blocks, block_size, kv_heads, head_dim], keys-contiguous
-    underneath for FP8 pages of whole runs (the module's docstring)."""
-    blocks, block_size, kv_heads, head_dim = shape
-    if dtype.itemsize != 1 or block_size % VALUE_RUN:
-        return torch.zeros(shape, dtype=dtype, device=device)
-    stored = torch.zeros((blocks, kv_heads, head_dim, block_size), dtype=dtype, device=device)
-    return stored.permute(0, 3, 1, 2)
-
-
-def as_value_pool(values: torch.Tensor) -> torch.Tensor:
-    """`values` [blocks, block_size, kv_heads, head_dim] copied into value_pool's layout."""
-    pool = value_pool(tuple(values.shape), values.dtype, values.device)
-    return pool.copy_(values)
-
-
-def values_by_keys(pool: torch.Tensor) -> bool:
-    """Whether a value pool is stored keys-contiguous (value_pool's FP8 layout)."""
-    blocks, block_size, kv_heads, head_dim = pool.shape
-    keys_contiguous = (kv_heads * head_dim * block_size, 1, head_dim * block_size, block_size)
-    return block_size > 1 and pool.stride() == keys_contiguous
 
 
 def bytes_per_block(

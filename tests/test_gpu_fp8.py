@@ -14,9 +14,8 @@ import torch.nn.functional as F
 
 from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
-from shardline.shards.kv_cache import as_value_pool, values_by_keys
 from shardline.shards.layers.attention import get_attention_backend
-from shardline.shards.layers.attention.decode_plan import BalancedPlan, DecodeConfig, SplitPlan
+from shardline.shards.layers.attention.decode_plan import SplitPlan
 from shardline.shards.layers.attention.triton_decode import paged_decode_attention
 from shardline.shards.layers.attention.triton_prefill import CachedPrefix, varlen_causal_attention
 from shardline.shards.layers.fp8 import (
@@ -133,52 +132,21 @@ def test_gemv_streams_an_fp8_weight(shape: tuple[int, int]) -> None:
     assert relative_error(summed.double(), expected) < 1e-2
 
 
-def _fp8_case(dtype: torch.dtype, kv_dtype: torch.dtype, window: int = 0) -> PagedCase:
-    """A paged case with its caches in `kv_dtype` (values in the engine's layout,
-    kv_cache.value_pool) and its reference on the FP8-rounded keys and values."""
-    case = PagedCase(MIXED_CONTEXTS, 16, 2, 128, dtype)
-    if window:
-        case.slide(window)
-    case.keys = [_fp8_rounded(k, kv_dtype) for k in case.keys]
-    case.values = [_fp8_rounded(v, kv_dtype) for v in case.values]
-    case.k_cache, case.v_cache = case.k_cache.to(kv_dtype), as_value_pool(case.v_cache.to(kv_dtype))
-    return case
-
-
 @pytest.mark.parametrize("kv_cache_dtype", list(FP8_KV))
 @pytest.mark.parametrize("splits", ["auto", 1, 5])
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("values_by_tokens", [False, True])
-def test_decode_reads_an_fp8_cache(
-    dtype: torch.dtype, splits: str | int, kv_cache_dtype: str, values_by_tokens: bool
-) -> None:
-    """Values keys-contiguous (the engine's FP8 pages of 16) or token-contiguous (its layout
-    for other page sizes)."""
-    case = _fp8_case(dtype, FP8_KV[kv_cache_dtype])
-    assert values_by_keys(case.v_cache)
-    if values_by_tokens:
-        case.v_cache = case.v_cache.contiguous()
+def test_decode_reads_an_fp8_cache(dtype: torch.dtype, splits: str | int, kv_cache_dtype: str):
+    case = PagedCase(MIXED_CONTEXTS, 16, 2, 128, dtype)
+    kv_dtype = FP8_KV[kv_cache_dtype]
+    case.keys = [_fp8_rounded(k, kv_dtype) for k in case.keys]
+    case.values = [_fp8_rounded(v, kv_dtype) for v in case.values]
     plan = None if splits == "auto" else SplitPlan(int(splits))
     _poison_allocator()
     out = paged_decode_attention(
-        case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale,
-        plan=plan,
+        case.q, case.k_cache.to(kv_dtype), case.v_cache.to(kv_dtype), case.block_tables,
+        case.context_lens, case.scale, plan=plan,
     )  # fmt: skip
     _assert_close_rows(out, case.reference(), dtype)
-
-
-@pytest.mark.parametrize("plan", [SplitPlan(1), SplitPlan(5), BalancedPlan(4)])
-@pytest.mark.parametrize("window", [1, 37])
-def test_decode_reads_fp8_values_by_keys_in_a_window(plan: SplitPlan | BalancedPlan, window: int):
-    """Whole 16-key runs are read and the keys before the window (NaN here) zeroed, by both
-    schedules."""
-    case = _fp8_case(torch.bfloat16, torch.float8_e4m3fn, window)
-    _poison_allocator()
-    out = paged_decode_attention(
-        case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale,
-        DecodeConfig(block_n=128, num_stages=5), plan, window,
-    )  # fmt: skip
-    _assert_close_rows(out, case.reference(), torch.bfloat16)
 
 
 @pytest.mark.parametrize("kv_cache_dtype", list(FP8_KV))
@@ -191,11 +159,8 @@ def test_prefill_reads_an_fp8_cached_prefix(kv_cache_dtype: str) -> None:
         for (p, _), (seq_q, seq_k, seq_v) in zip(CHUNKED, sequences, strict=True)
     ]  # fmt: skip
     fp8_prefix = dataclasses.replace(
-        cached,
-        k_cache=cached.k_cache.to(kv_dtype),
-        v_cache=as_value_pool(cached.v_cache.to(kv_dtype)),
+        cached, k_cache=cached.k_cache.to(kv_dtype), v_cache=cached.v_cache.to(kv_dtype)
     )
-    assert values_by_keys(fp8_prefix.v_cache)
     assert isinstance(fp8_prefix, CachedPrefix)
     _poison_allocator()
     max_chunk = max(n for _, n in CHUNKED)
@@ -209,11 +174,7 @@ def test_rotate_and_write_kv_stores_fp8(kv_cache_dtype: str) -> None:
     one FP8 step of the half-precision write converted afterwards."""
     kv_dtype = FP8_KV[kv_cache_dtype]
     fused = RotateWriteCase(37, 16, 4, 128, torch.bfloat16)
-    fused.k_cache, fused.v_cache = (
-        fused.k_cache.to(kv_dtype),
-        as_value_pool(fused.v_cache.to(kv_dtype)),
-    )
-    assert values_by_keys(fused.v_cache)
+    fused.k_cache, fused.v_cache = fused.k_cache.to(kv_dtype), fused.v_cache.to(kv_dtype)
     expected = RotateWriteCase(37, 16, 4, 128, torch.bfloat16)
     for name in ("qkv", "positions", "slots"):
         getattr(expected, name).copy_(getattr(fused, name))

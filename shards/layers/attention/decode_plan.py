@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from shardline.shards.kv_cache import values_by_keys
-
 MAX_SPLITS = 64
 SPLIT_PROGRAMS_PER_SM = 4
 BALANCED_PROGRAMS_PER_SM = 2
@@ -129,9 +127,7 @@ def check_inputs(
 ) -> None:
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads do not divide into {num_kv_heads} KV heads")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1:
-        raise ValueError("q and k_cache need a contiguous last (head_dim) dimension")
-    if v_cache.stride(-1) != 1 and not values_by_keys(v_cache):
-        raise ValueError("v_cache needs a contiguous head_dim or kv_cache.value_pool's layout")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("q, k_cache and v_cache need a contiguous last (head_dim) dimension")
     if k_cache.shape != v_cache.shape or k_cache.shape[-1] != q.shape[-1]:
         raise ValueError(f"cache shapes {k_cache.shape}/{v_cache.shape} do not match q {q.shape}")

@@ -22,9 +22,8 @@ class TorchNativeBackend:
     ) -> None:
         keep = slot_mapping >= 0
         slots = slot_mapping[keep]
-        blocks, offsets = slots // k_cache.shape[1], slots % k_cache.shape[1]
-        k_cache[blocks, offsets] = k[keep].to(k_cache.dtype)
-        v_cache[blocks, offsets] = v[keep].to(v_cache.dtype)  # a view: kv_cache.value_pool
+        k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+        v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
 
     def rotate_and_write_kv(
         self,

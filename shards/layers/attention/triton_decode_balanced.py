@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from shardline.shards.kv_cache import values_by_keys
 from shardline.shards.layers.attention.decode_plan import (
     BalancedPlan,
     DecodeConfig,
@@ -37,7 +36,6 @@ from shardline.shards.layers.attention.triton_tiles import (
     dot_precision,
     first_key,
     head_dim_block,
-    key_mask,
     paged_kv_tiles,
 )
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
@@ -49,11 +47,11 @@ MIN_BLOCK_B = 512
 
 @triton.jit
 def _row_tiles(context_lens_ptr, batch, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-               WINDOW: tl.constexpr, PAGE_SIZE: tl.constexpr):  # fmt: skip
+               WINDOW: tl.constexpr):  # fmt: skip
     """Every row's tile count and where its tiles end along the run of all rows' tiles."""
     rows = tl.arange(0, BLOCK_B)
     lens = tl.load(context_lens_ptr + rows, mask=rows < batch, other=0)
-    tiles = tl.cdiv(lens - first_key(lens, WINDOW, PAGE_SIZE), BLOCK_N)
+    tiles = tl.cdiv(lens - first_key(lens, WINDOW), BLOCK_N)
     return tiles, tl.cumsum(tiles, 0)
 
 
@@ -80,7 +78,6 @@ def _balanced_decode_kernel(
     stride_vb,
     stride_vt,
     stride_vh,
-    stride_vd,
     stride_bt,
     stride_ot,
     stride_oh,
@@ -99,14 +96,13 @@ def _balanced_decode_kernel(
     HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr,
     FP8_IN_FP16: tl.constexpr,
-    V_BY_KEYS: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     allow_dependents(USE_PDL)
     wait_for_inputs(USE_PDL)
     program = tl.program_id(0)
     kv_head = tl.program_id(1)
-    tiles, ends = _row_tiles(context_lens_ptr, batch, BLOCK_B, BLOCK_N, WINDOW, PAGE_SIZE)
+    tiles, ends = _row_tiles(context_lens_ptr, batch, BLOCK_B, BLOCK_N, WINDOW)
     total = tl.sum(tiles, 0)
     run = tl.cdiv(total, tl.num_programs(0))
     run_start = program * run
@@ -128,8 +124,8 @@ def _balanced_decode_kernel(
         row_begin = tl.max(tl.where(ends <= t, ends, 0), 0)
         row_end = tl.min(tl.where(ends > t, ends, total), 0)
         context_len = tl.load(context_lens_ptr + row)
-        pos = first_key(context_len, WINDOW, PAGE_SIZE) + (t - row_begin) * BLOCK_N + offs_n
-        n_mask = key_mask(pos, context_len, context_len, WINDOW)
+        pos = first_key(context_len, WINDOW) + (t - row_begin) * BLOCK_N + offs_n
+        n_mask = pos < context_len
         q = tl.load(
             q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
             mask=qd_mask,
@@ -138,9 +134,9 @@ def _balanced_decode_kernel(
         q = decode_query(q, FP8_IN_FP16)
         table_row = block_tables_ptr + row.to(tl.int64) * stride_bt
         k, v = paged_kv_tiles(
-            k_cache_ptr, v_cache_ptr, table_row, pos, n_mask, context_len, kv_head, offs_d,
+            k_cache_ptr, v_cache_ptr, table_row, pos, n_mask, kv_head, offs_d,
             offs_d < HEAD_DIM, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-            stride_vh, stride_vd, PAGE_SIZE, V_BY_KEYS, q.dtype,
+            stride_vh, PAGE_SIZE,
         )  # fmt: skip
         m_i, l_i, acc = attend_tile(
             q, k, v, pos, n_mask, context_len, m_i, l_i, acc, qk_scale, softcap, slopes,
@@ -183,7 +179,6 @@ def _merge_parts_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_B: tl.constexpr,
     WINDOW: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     """One row, all heads: its parts merged (log-sum-exp weighted) where programs shared it,
@@ -191,7 +186,7 @@ def _merge_parts_kernel(
     allow_dependents(USE_PDL)
     wait_for_inputs(USE_PDL)
     row = tl.program_id(0)
-    tiles, ends = _row_tiles(context_lens_ptr, batch, BLOCK_B, BLOCK_N, WINDOW, PAGE_SIZE)
+    tiles, ends = _row_tiles(context_lens_ptr, batch, BLOCK_B, BLOCK_N, WINDOW)
     run = tl.cdiv(tl.sum(tiles, 0), programs)
     rows = tl.arange(0, BLOCK_B)
     row_end = tl.sum(tl.where(rows == row, ends, 0), 0)
@@ -264,20 +259,20 @@ def balanced_decode_attention(
         q if alibi_slopes is None else alibi_slopes,  # a stand-in, unread without ALiBi
         scale * LOG2E,
         softcap * LOG2E if softcap > 0 else 1.0,  # unread without SOFTCAP
-        batch, *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride(),
+        batch, *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_tables.stride(0), *out.stride()[:2], *part.stride()[:2], lse.stride(0),
         GROUP=num_heads // num_kv_heads,
         BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size, BLOCK_N=config.block_n,
         BLOCK_B=block_b, WINDOW=window, DOT_PRECISION=dot_precision(q.dtype),
         HAS_ALIBI=alibi_slopes is not None, SOFTCAP=softcap > 0,
-        FP8_IN_FP16=fp8_in_fp16(k_cache.dtype, q.dtype), V_BY_KEYS=values_by_keys(v_cache),
+        FP8_IN_FP16=fp8_in_fp16(k_cache.dtype, q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
     )  # fmt: skip
     _merge_parts_kernel[(batch,)](
         part, lse, context_lens, out, batch, programs, *part.stride()[:2], lse.stride(0),
         *out.stride()[:2], NUM_HEADS=num_heads, BLOCK_H=triton.next_power_of_2(num_heads),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=config.block_n, BLOCK_B=block_b,
-        WINDOW=window, PAGE_SIZE=page_size, num_warps=4, **pdl,
+        WINDOW=window, num_warps=4, **pdl,
     )  # fmt: skip
     return out

@@ -21,12 +21,11 @@ from shardline.shards.layers.triton_rotary import load_cos_sin, rotate_heads
 
 @triton.jit
 def _cache_ptrs(
-    cache_ptr, slot, stride_cb, stride_ct, stride_ch, stride_cd, offs_h, offs_d,
-    PAGE_SIZE: tl.constexpr,
-):  # fmt: skip
+    cache_ptr, slot, stride_cb, stride_ct, stride_ch, offs_h, offs_d, PAGE_SIZE: tl.constexpr
+):
     """Pointers [heads, dims] to elements offs_d of KV heads offs_h at `slot` of a paged cache."""
     row = cache_ptr + (slot // PAGE_SIZE) * stride_cb + (slot % PAGE_SIZE) * stride_ct
-    return row + offs_h[:, None] * stride_ch + offs_d[None, :] * stride_cd
+    return row + offs_h[:, None] * stride_ch + offs_d[None, :]
 
 
 @triton.jit
@@ -54,7 +53,6 @@ def _rotate_write_kv_kernel(
     stride_vcb,
     stride_vct,
     stride_vch,
-    stride_vcd,
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HALF: tl.constexpr,
@@ -88,19 +86,18 @@ def _rotate_write_kv_kernel(
         k1 = tl.load(k_src, mask=mask)
         k2 = tl.load(k_src + HALF, mask=mask)
     k_dst = _cache_ptrs(
-        k_cache_ptr, slot, stride_kcb, stride_kct, stride_kch, 1, offs_h, offs_d, PAGE_SIZE
+        k_cache_ptr, slot, stride_kcb, stride_kct, stride_kch, offs_h, offs_d, PAGE_SIZE
     )
     v_dst = _cache_ptrs(
-        v_cache_ptr, slot, stride_vcb, stride_vct, stride_vch, stride_vcd, offs_h, offs_d,
-        PAGE_SIZE,
-    )  # fmt: skip
+        v_cache_ptr, slot, stride_vcb, stride_vct, stride_vch, offs_h, offs_d, PAGE_SIZE
+    )
     v_src = v_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
     k_dtype = k_cache_ptr.dtype.element_ty
     v_dtype = v_cache_ptr.dtype.element_ty
     tl.store(k_dst, k1.to(k_dtype), mask=mask)
     tl.store(k_dst + HALF, k2.to(k_dtype), mask=mask)
     tl.store(v_dst, tl.load(v_src, mask=mask).to(v_dtype), mask=mask)
-    tl.store(v_dst + HALF * stride_vcd, tl.load(v_src + HALF, mask=mask).to(v_dtype), mask=mask)
+    tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=mask).to(v_dtype), mask=mask)
 
 
 def _check_contiguous_last_dim(**tensors: torch.Tensor) -> None:
@@ -142,7 +139,7 @@ def rotate_and_write_kv_cache(
     rotate = cos is not None
     if not rotate:  # unread stand-ins
         positions, cos, sin = slot_mapping, k_cache[0, 0], k_cache[0, 0]
-    _check_contiguous_last_dim(q=q, k=k, v=v, cos=cos, sin=sin, k_cache=k_cache)
+    _check_contiguous_last_dim(q=q, k=k, v=v, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache)
     num_kv_heads, half = k.shape[1], head_dim // 2
     _rotate_write_kv_kernel[(num_tokens,)](
         q,
@@ -160,7 +157,7 @@ def rotate_and_write_kv_cache(
         cos.stride(0),
         sin.stride(0),
         *k_cache.stride()[:3],
-        *v_cache.stride(),
+        *v_cache.stride()[:3],
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
         HALF=half,

@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from shardline.shards.kv_cache import values_by_keys
 from shardline.shards.layers.attention.triton_tiles import (
     LOG2E,
     dot_precision,
@@ -133,7 +132,6 @@ def _varlen_causal_kernel(
     stride_vcb,
     stride_vct,
     stride_vch,
-    stride_vcd,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -143,7 +141,6 @@ def _varlen_causal_kernel(
     DOT_PRECISION: tl.constexpr,
     HAS_PREFIX: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
-    V_BY_KEYS: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr,
 ):
@@ -179,26 +176,11 @@ def _varlen_causal_kernel(
                 pos = n_start + offs_n
                 n_mask = pos < prefix_len
                 k, v = paged_kv_tiles(
-                    k_cache_ptr,
-                    v_cache_ptr,
-                    table_row,
-                    pos,
-                    n_mask,
-                    prefix_len,
-                    kv_head,
-                    offs_d,
-                    d_mask,
-                    stride_kcb,
-                    stride_kct,
-                    stride_kch,
-                    stride_vcb,
-                    stride_vct,
-                    stride_vch,
-                    stride_vcd,
+                    k_cache_ptr, v_cache_ptr, table_row, pos, n_mask, kv_head, offs_d, d_mask,
+                    stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
                     PAGE_SIZE,
-                    V_BY_KEYS,
-                    q.dtype,
-                )  # fmt: skip  (an FP8 cache is read in the query's dtype)
+                )  # fmt: skip
+                k, v = k.to(q.dtype), v.to(q.dtype)  # an FP8 cache is read in the query's dtype
                 visible = tl.broadcast_to(n_mask[None, :], (BLOCK_M, BLOCK_N))
                 m_i, l_i, acc = _online_softmax_tile(
                     q, k, v, visible, pos, query_pos, slope, m_i, l_i, acc, qk_scale, softcap,
@@ -283,7 +265,6 @@ def varlen_causal_attention(
         DOT_PRECISION=dot_precision(q.dtype),
         HAS_PREFIX=prefix is not None,
         PAGE_SIZE=prefix.k_cache.shape[1] if prefix else 1,
-        V_BY_KEYS=prefix is not None and values_by_keys(prefix.v_cache),
         HAS_ALIBI=alibi_slopes is not None,
         SOFTCAP=softcap > 0,
         num_warps=config.num_warps,
@@ -314,9 +295,9 @@ def _prefix_tensors(
 
 def _prefix_strides(prefix: CachedPrefix | None) -> tuple[int, ...]:
     if prefix is None:
-        return (0,) * 8
+        return (0,) * 7
     return (
         prefix.block_tables.stride(0),
         *prefix.k_cache.stride()[:3],
-        *prefix.v_cache.stride(),
+        *prefix.v_cache.stride()[:3],
     )

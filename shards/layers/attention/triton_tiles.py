@@ -21,25 +21,12 @@ def head_dim_block(head_dim: int) -> int:
 
 
 @triton.jit
-def first_key(context_len, WINDOW: tl.constexpr, PAGE_SIZE: tl.constexpr):
-    """Where a row's tiles start: the first position a query at context_len - 1 sees, rounded
-    down to a multiple of 16 where pages hold whole 16-key runs (a keys-contiguous value tile
-    must start on one: paged_kv_tiles); key_mask leaves out the keys before the window."""
+def first_key(context_len, WINDOW: tl.constexpr):
+    """The first position a query at context_len - 1 sees."""
     first = context_len * 0
     if WINDOW > 0:
         first = tl.maximum(context_len - WINDOW, 0)
-        if PAGE_SIZE % 16 == 0:
-            first -= first % 16
     return first
-
-
-@triton.jit
-def key_mask(pos, context_len, end, WINDOW: tl.constexpr):
-    """The keys at `pos` that a row's query at context_len - 1 attends to, below `end`."""
-    mask = pos < end
-    if WINDOW > 0:
-        mask &= pos >= context_len - WINDOW
-    return mask
 
 
 @triton.jit
@@ -78,8 +65,9 @@ def attend_tile(
 ):  # fmt: skip
     """One K/V tile (keys at `pos`, where `n_mask`) into a decode query's online softmax: the new
     running max `m_i`, sum `l_i` and output `acc` of the query's heads."""
-    # k and v come in the query's dtype (paged_kv_tiles): an FP8 cache (--kv-cache-dtype) in
-    # float16 for a half-precision query (decode_query); its scales apply outside
+    # an FP8 cache (--kv-cache-dtype) is read in the query's dtype, or float16 for a
+    # half-precision query (decode_query); its scales apply outside
+    k, v = k.to(q.dtype), v.to(q.dtype)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     scores = soft_cap(scores, softcap, SOFTCAP)
     if HAS_ALIBI:
@@ -100,7 +88,6 @@ def paged_kv_tiles(
     table_row,
     pos,
     n_mask,
-    end,
     kv_head,
     offs_d,
     d_mask,
@@ -110,31 +97,30 @@ def paged_kv_tiles(
     stride_vb,
     stride_vt,
     stride_vh,
-    stride_vd,
     PAGE_SIZE: tl.constexpr,
-    V_BY_KEYS: tl.constexpr,
-    dtype: tl.constexpr,
 ):
     """The [keys, dims] K and V tiles of KV head `kv_head` at a sequence's positions `pos` (where
-    `n_mask`; none at or past `end`), its pages looked up in its block table row `table_row`, as
-    `dtype`. V_BY_KEYS: the value pool is keys-contiguous (kv_cache.value_pool) and
-    `pos` starts at a multiple of 16: the value tile is read in whole 16-key runs."""
+    `n_mask`), its pages looked up in its block table row `table_row`, in the cache's dtype."""
+    page = tl.load(table_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
     in_page = pos % PAGE_SIZE
-    page_mask = pos // PAGE_SIZE * PAGE_SIZE < end  # a form whose runs Triton sees constant
-    page = tl.load(table_row + pos // PAGE_SIZE, mask=page_mask, other=0).to(tl.int64)
     mask = n_mask[:, None] & d_mask[None, :]
-    k_rows = page * stride_kb + in_page * stride_kt + kv_head * stride_kh
-    k = tl.load(k_cache_ptr + k_rows[:, None] + offs_d[None, :], mask=mask, other=0.0).to(dtype)
-    v_rows = page * stride_vb + in_page * stride_vt + kv_head * stride_vh
-    v_offsets = v_rows[:, None] + offs_d[None, :] * stride_vd
-    if V_BY_KEYS:
-        # one mask per page lets each 16-key run move as one 16-byte copy; what is loaded past
-        # n_mask (a page's unwritten tail, keys before a window) is zeroed, as 0 x NaN is NaN
-        # (once converted: fewer instructions than on bytes)
-        v_offsets = tl.max_contiguous(tl.multiple_of(v_offsets, [16, 16]), [16, 1])
-        v = tl.load(v_cache_ptr + v_offsets, mask=page_mask[:, None] & d_mask[None, :], other=0.0)
-        v = v.to(dtype)
-        v = tl.where(n_mask[:, None], v, tl.zeros_like(v))
-    else:
-        v = tl.load(v_cache_ptr + v_offsets, mask=mask, other=0.0).to(dtype)
+    k = _paged_tile(
+        k_cache_ptr, page, in_page, kv_head, offs_d, mask, stride_kb, stride_kt, stride_kh
+    )
+    v = _paged_tile(
+        v_cache_ptr, page, in_page, kv_head, offs_d, mask, stride_vb, stride_vt, stride_vh
+    )
     return k, v
+
+
+@triton.jit
+def _paged_tile(cache_ptr, page, in_page, kv_head, offs_d, mask, stride_b, stride_t, stride_h):
+    """The [keys, dims] tile of KV head `kv_head` at slots (page, in_page) of a paged cache."""
+    ptrs = (
+        cache_ptr
+        + page[:, None] * stride_b
+        + in_page[:, None] * stride_t
+        + kv_head * stride_h
+        + offs_d[None, :]
+    )
+    return tl.load(ptrs, mask=mask, other=0.0)
