@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from shardline.sampling_params import SamplingParams
 
@@ -75,8 +76,10 @@ class StreamEvent:
     token: Token
     text: str = ""
     sequence_index: int = 0  # which of the request's best_of / n samples or beams
-    top_tokens: list[Token] = field(default_factory=list)
-    prefill: list[Token] = field(default_factory=list)
+    # empty tuples unless set: most events carry neither, and two new lists a token were two
+    # more objects for the garbage collector's full passes to walk
+    top_tokens: Sequence[Token] = ()
+    prefill: Sequence[Token] = ()
     finished: Finished | None = None
 
 
