@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
-# What the open issues still need from one GPU (after session 11, benchmarks/RESULTS.md), in
-# priority order under one budget: the GPU tests; issue 27's served run beside the offline one
-# (served >= 95 % of offline, Poisson 4 req/s latency: not measured since session 8); the FP8
-# decode attention over ShareGPT-shaped lengths with the configurations not yet timed (at 256
-# rows it reads an FP8 cache at ~53 % of copy: issue 22's largest lever, ~1.5 s of the FP8 run);
-# kernel profiles (the bf16 run is paced by the GPU at its power cap, not by the host: session
-# 11); issue 22's bf16 / FP8 / FP8 + FP8-KV triple (batch-1, 8k prefill, offline); the host's
-# Python under py-spy; the FP8 linears per M. Logs and JSON go to ${OUT:-/tmp/open} (a device
+# What the open issues still need from one GPU (after session 12, benchmarks/RESULTS.md), in
+# priority order under one budget: the GPU tests; issue 27's served run beside the offline run
+# with the same admission (`offline_arrival`) and the paced one; the FP8 + FP8-KV offline run
+# beside bf16 (issue 22's ratio, host gaps now ~26 % of its wall); the FP8 decode attention's
+# tilings; kernel profiles; issue 22's bf16 / FP8 / FP8 + FP8-KV triple (batch-1, 8k prefill,
+# offline); the host's Python under py-spy; the FP8 linears per M. Logs and JSON go to ${OUT:-/tmp/open} (a device
 # call brings back 8 files: name few steps); STEPS (comma-separated names) runs a part. Runs on
 # one machine differ by up to ~12 % from another's: compare within a call.
 #   bash benchmarks/open_issues_run.sh WHEELS_DIR BUDGET_SECONDS [STEPS]
@@ -25,6 +23,10 @@ offline=("${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes offline --max-num-
 step offline_paced 110 "${offline[@]}" --json "$out/offline_paced.json"  # the reference
 step offline_fp8_kv 110 "${offline[@]}" --quantize fp8 --kv-cache-dtype fp8_e4m3fn \
     --json "$out/offline_fp8_kv.json"
+# the served run's admission (all at once, in arrival order) played offline: served >= 95 % of
+# this isolates the router and HTTP path from the offline API's pacing (session 12: served 88 %
+# of the paced offline run)
+step offline_arrival 110 "${offline[@]}" --submission arrival --json "$out/offline_arrival.json"
 step served_8b 260 python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-shards 1 \
     --workload "$work" --rate 4 --rate-requests 300 --json "$out/served_8b.json"
 fp8_mixed=(python3 -m benchmarks.attention_kernels --no-prefill --batches 64,128,256,512
