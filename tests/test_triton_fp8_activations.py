@@ -61,6 +61,7 @@ def test_rms_norm_keeps_half_precision_for_a_wider_weight() -> None:
 
 
 @pytest.mark.parametrize("kernel", [triton_silu_and_mul, triton_gelu_tanh_and_mul])
+# rows up to ONE_PASS_WIDTH products are computed once in registers, wider ones in two passes
 @pytest.mark.parametrize("shape", [(2, 64), (7, 2 * 2000), (40, 2 * 14336), (3, 2 * 20000)])
 @pytest.mark.parametrize("dtype", HALF)
 def test_act_and_mul_quantizes_its_products(dtype: torch.dtype, shape: tuple[int, int], kernel):
