@@ -1,6 +1,7 @@
-"""How a paged decode call runs (torch only, no Triton: the CPU tests check it): its tiling (`DecodeConfig`) and its schedule, chosen from shapes
+"""How a paged decode call runs: its tiling (`DecodeConfig`) and its schedule, chosen from shapes
 only (batch, heads, block-table width, dtypes, the device's SMs), never from context lengths, so
-that a captured CUDA graph stays valid for every length its block table holds.
+that a captured CUDA graph stays valid for every length its block table holds. Plain torch and
+math, no Triton, so the CPU tests check it.
 
 Two schedules: `SplitPlan` (triton_decode.py) gives each (row, KV head) a program and, when the
 batch cannot fill the GPU, cuts each row's keys into partitions; `BalancedPlan`
