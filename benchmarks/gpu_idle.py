@@ -1,6 +1,7 @@
 """Where a GPU sat idle during a profiled region, from its kernels' intervals
 (benchmarks/kernel_profile.py): the busy union of kernels that may overlap (several streams),
-the idle time between them by gap size, the largest gaps with the kernels either side."""
+the idle time between them by gap size, the largest gaps with the kernels either side, and the
+kernel pairs around which most idle time of each size class sits."""
 
 from __future__ import annotations
 
@@ -55,10 +56,34 @@ def gap_buckets(gaps: list[Gap]) -> dict[str, dict[str, float]]:
     return {label: {"count": b["count"], "s": round(b["s"], 4)} for label, b in buckets.items()}
 
 
+def gap_sites(gaps: list[Gap], top: int = 5) -> dict[str, list[dict]]:
+    """Per size class, the `top` (kernel before, kernel after) pairs by idle seconds: where in
+    a step the GPU waits (between a graph's last kernel and the sampler's first, say)."""
+    sites: dict[str, dict[tuple[str, str], list[float]]] = {
+        label: {} for label, _ in GAP_BUCKETS_US
+    }
+    for gap in gaps:
+        label = next(label for label, upper in GAP_BUCKETS_US if gap.us < upper)
+        pair = (gap.before[:NAME_CHARS], gap.after[:NAME_CHARS])
+        entry = sites[label].setdefault(pair, [0, 0.0])
+        entry[0] += 1
+        entry[1] += gap.us / 1e6
+    return {
+        label: [
+            {"before": before, "after": after, "count": count, "s": round(seconds, 6)}
+            for (before, after), (count, seconds) in sorted(pairs.items(), key=lambda i: -i[1][1])[
+                :top
+            ]
+        ]
+        for label, pairs in sites.items()
+    }
+
+
 def gpu_idle(kernels: Iterable[tuple[float, float, str]], region_s: float, top: int = 10) -> dict:
     """The idle time of a region of `region_s` seconds whose device work was `kernels`
     (start_us, end_us, name): in all (the region less the busy union), between kernels (by gap
-    size), and before the first kernel plus after the last; the `top` largest gaps."""
+    size, and where: gap_sites), and before the first kernel plus after the last; the `top`
+    largest gaps."""
     busy_us, span_us, gaps = merged_gaps(kernels)
     largest = sorted(gaps, key=lambda gap: -gap.us)[:top]
     return {
@@ -68,6 +93,7 @@ def gpu_idle(kernels: Iterable[tuple[float, float, str]], region_s: float, top: 
         "idle_between_kernels_s": round((span_us - busy_us) / 1e6, 3),
         "idle_before_first_after_last_s": round(region_s - span_us / 1e6, 3),
         "gaps": gap_buckets(gaps),
+        "gap_sites": gap_sites(gaps),
         "largest_gaps": [
             {
                 "us": round(gap.us, 1),

@@ -151,3 +151,20 @@ def test_a_host_pause_in_a_profiled_run_is_its_largest_gap():
     assert idle["idle_s"] == pytest.approx(
         idle["idle_between_kernels_s"] + idle["idle_before_first_after_last_s"], abs=0.002
     )
+
+
+def test_gap_sites_rank_kernel_pairs_by_idle_time_within_each_size():
+    # per step: a 50 us wait graph -> sampler, a 10 us one sampler -> graph; one 3 ms stall
+    kernels, t = [], 0.0
+    for _ in range(4):
+        kernels += [(t, t + 100, "graph_tail"), (t + 150, t + 160, "sampler")]
+        t += 170
+    kernels.append((t + 3000, t + 3100, "graph_tail"))
+    sites = gpu_idle(kernels, 0.1)["gap_sites"]
+    assert sites["20-200us"] == [
+        {"before": "graph_tail", "after": "sampler", "count": 4, "s": 0.0002}
+    ]
+    assert sites["<20us"] == [
+        {"before": "sampler", "after": "graph_tail", "count": 3, "s": 0.00003}
+    ]
+    assert sites[">2ms"][0]["count"] == 1 and sites["0.2-2ms"] == []
