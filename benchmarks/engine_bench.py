@@ -33,8 +33,8 @@ from benchmarks.offline_floor import (
 from benchmarks.random_model import SHAPES, write_model
 from benchmarks.roofline import device_ceilings, roofline_step_ms
 from benchmarks.timed_requests import load_workload, make_requests, percentile, summarize, timed_run
-from shardline import LLM, offline_pacing
-from shardline.llm import submission_order
+from shardline import LLM
+from shardline.router import paced_admission
 
 
 def stall_run(llm: LLM, prefill_budget: int, vocab: int, rows: int = 64) -> dict:
@@ -83,7 +83,7 @@ def offline_run(
     torch.cuda.reset_peak_memory_stats()
     requests = offline_requests(llm, pairs, vocab, submission)
     with ClockSampler() as clocks:
-        run = timed_run(llm, requests, paced=submission == "paced")
+        run = timed_run(llm, requests, policy=_policy(submission))
         elapsed, timings, calls = asyncio.run(run)
     offline = summarize("offline", elapsed, timings, sum(n for n, _ in pairs))
     offline["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -118,19 +118,24 @@ def offline_run(
 
 
 def offline_requests(llm: LLM, pairs: list, vocab: int, submission: str) -> list:
-    """The workload's requests in the order `LLM.generate` submits them (longest first), or in
-    the workload's own order (`arrival`: a served router's first come, first served)."""
+    """The workload's requests longest first (`longest`: the order the `paced` policy lets them
+    in, all at once), or in the workload's own order (a served router's first come, first
+    served; `paced` sorts them itself)."""
     requests = make_requests(llm, pairs, vocab)
-    if submission == "arrival":
-        return requests
-    return [requests[i] for i in submission_order(requests)]
+    if submission == "longest":
+        return sorted(requests, key=lambda request: -request.max_new_tokens)
+    return requests
+
+
+def _policy(submission: str) -> paced_admission.SchedulingPolicy:
+    return "paced" if submission == "paced" else "fcfs"
 
 
 def profile_offline(llm: LLM, pairs: list, vocab: int, submission: str) -> dict:
     """The offline run again under the torch profiler: GPU time by kernel class and by kernel."""
     requests = offline_requests(llm, pairs, vocab, submission)
-    paced = submission == "paced"
-    profile = kernel_profile(lambda: asyncio.run(timed_run(llm, requests, paced=paced)))
+    run = timed_run(llm, requests, policy=_policy(submission))
+    profile = kernel_profile(lambda: asyncio.run(run))
     print(json.dumps({"kernel_profile": profile}), flush=True)
     return profile
 
@@ -180,8 +185,9 @@ def main() -> None:
         "--submission",
         choices=["paced", "longest", "arrival"],
         default="paced",
-        help="offline: LLM.generate's way (longest first, let in at offline_pacing's pace), "
-        "longest first all at once, or the workload's order all at once",
+        help="offline: LLM.generate's way (the paced scheduling policy: longest first, at "
+        "router/paced_admission.py's pace), longest first all at once, or the workload's order "
+        "all at once (first come, first served, as the server's default)",
     )
     parser.add_argument(
         "--switch-interval",
@@ -197,8 +203,8 @@ def main() -> None:
     parser.add_argument(
         "--pace-factor",
         type=float,
-        default=offline_pacing.PACE_FACTOR,
-        help="offline_pacing.PACE_FACTOR for --submission paced (rows per step over the least)",
+        default=paced_admission.PACE_FACTOR,
+        help="paced_admission.PACE_FACTOR for --submission paced (rows per step over the least)",
     )
     parser.add_argument(
         "--max-num-batched-tokens",
@@ -219,7 +225,7 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    offline_pacing.PACE_FACTOR = args.pace_factor
+    paced_admission.PACE_FACTOR = args.pace_factor
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
     modes = set(args.modes.split(","))

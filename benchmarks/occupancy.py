@@ -8,7 +8,7 @@ prompt tokens, drawn as an SVG and summarized.
         # whose KV cache holds what the 8B's holds on an H100 (--kv-tokens), over step number
 
 The schedule hardly depends on the device: exact output lengths, admission by tokens and steps
-(offline_pacing, TGI's join rule), never by time. Only when a request ends relative to the steps
+(router/paced_admission.py, TGI's join rule), never by time. Only when a request ends relative to the steps
 (the pacing looks again as each request's reader wakes) can differ: on the CPU the 1,000
 ShareGPT-shaped requests made the same calls of 128 rows and more, band by band, as an H100
 run did, and a few dozen calls fewer and more below that.
@@ -98,10 +98,9 @@ def svg(columns: dict[str, list], x: list[float], x_label: str, title: str) -> s
 
 def cpu_schedule(workload: Path, kv_tokens: int, max_num_seqs: int) -> dict[str, list]:
     """The offline run's calls, played on the CPU with a tiny Llama (fp32, 512 bytes of KV per
-    token) through `timed_run`'s paced submission, as `engine_bench --modes offline` plays it."""
+    token) through `timed_run` under the paced scheduling policy, as `engine_bench --modes offline` plays it."""
     from benchmarks.timed_requests import load_workload, make_requests, timed_run
     from shardline import LLM
-    from shardline.llm import submission_order
     from tests.model_factory import TinyModelSpec, build_tiny_model
 
     spec = TinyModelSpec(num_heads=8, num_kv_heads=4, max_position_embeddings=8192 + 64)
@@ -120,8 +119,7 @@ def cpu_schedule(workload: Path, kv_tokens: int, max_num_seqs: int) -> dict[str,
         try:
             pairs = load_workload(workload, None)
             requests = make_requests(llm, pairs, llm.vocab_size)
-            requests = [requests[i] for i in submission_order(requests)]
-            _, _, calls = asyncio.run(timed_run(llm, requests, paced=True))
+            _, _, calls = asyncio.run(timed_run(llm, requests, policy="paced"))
         finally:
             llm.shutdown()
     return call_columns(calls)

@@ -29,6 +29,10 @@ step offline_fp8_kv 110 "${offline[@]}" --quantize fp8 --kv-cache-dtype fp8_e4m3
 step offline_arrival 110 "${offline[@]}" --submission arrival --json "$out/offline_arrival.json"
 step served_8b 260 python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-shards 1 \
     --workload "$work" --rate 4 --rate-requests 300 --json "$out/served_8b.json"
+# the same burst with the server admitting as the offline LLM does (router/paced_admission.py):
+# served against offline_paced with one admission rule
+step served_8b_paced 200 python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-shards 1 \
+    --workload "$work" --scheduling-policy paced --json "$out/served_8b_paced.json"
 fp8_mixed=(python3 -m benchmarks.attention_kernels --no-prefill --batches 64,128,256,512
     --contexts 2048 --lengths mixed --workload "$work" --orders random --kv-dtype fp8_e4m3fn)
 step attention_fp8 150 bash -c "${fp8_mixed[*]} --splits 1 --balanced '' --configs \

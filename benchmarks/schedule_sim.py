@@ -1,6 +1,6 @@
 """The offline run's schedule on the per-call floor cost model (benchmarks/offline_floor.py),
 without a GPU: how long the router's admission would take at best in arrival order, longest
-first, and longest first at `offline_pacing`'s pace, for several `max_num_seqs`.
+first, and longest first at the `paced` policy's pace (router/paced_admission.py), for several `max_num_seqs`.
 
     python -m benchmarks.schedule_sim --workload .wheels/sharegpt-shaped-1000.jsonl --shape 8b
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from benchmarks.offline_floor import Call, Ceilings, ModelShape, causal_pairs
 from benchmarks.random_model import SHAPES, config_for
 from benchmarks.timed_requests import load_workload
-from shardline.offline_pacing import pace_limit
+from shardline.router.paced_admission import pace_limit
 
 
 @dataclass

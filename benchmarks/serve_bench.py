@@ -6,6 +6,8 @@
 For each N: greedy tokens of 32 prompts x 64 tokens (compared with N=1: exact-match rate and
 the largest logprob gap where tokens agree), the ShareGPT-shaped workload sent all at once with
 streaming (optionally also at a Poisson rate), and one stream of 128 prompt / 512 new tokens.
+With `--scheduling-policy paced` the server admits the all-at-once run as the offline `LLM` does
+(its Poisson figures then say what that policy costs interactive traffic).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from shardline_client.loadgen import LoadReport, LoadRequest, run_load
 
 from benchmarks.random_model import SHAPES, write_model
 from benchmarks.timed_requests import load_workload
+from shardline.router.paced_admission import SCHEDULING_POLICIES, SERVER_SCHEDULING_POLICY
 
 # The batching of the engine bench's headline run (at most 512 requests at once, TGI's join rule):
 # served and offline figures then differ by the HTTP, router and gRPC path alone.
@@ -154,7 +157,8 @@ def compare(reference: list, other: list) -> dict:
 
 
 async def bench_one(args: argparse.Namespace, num_shard: int, words: list[str]) -> dict:
-    server = Server(args.model_dir, num_shard, args.port, args.launcher_args.split())
+    launcher_args = [*args.launcher_args.split(), "--scheduling-policy", args.scheduling_policy]
+    server = Server(args.model_dir, num_shard, args.port, launcher_args)
     result: dict = {"num_shard": num_shard}
     try:
         result["ready_s"] = await server.wait_ready()
@@ -203,6 +207,12 @@ def main() -> None:
     )
     parser.add_argument("--port", type=int, default=8089)
     parser.add_argument("--launcher-args", default=DEFAULT_LAUNCHER_ARGS)
+    parser.add_argument(
+        "--scheduling-policy",
+        choices=SCHEDULING_POLICIES,
+        default=SERVER_SCHEDULING_POLICY,
+        help="the server's (paced: the offline LLM's admission, for the all-at-once run)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.shape:

@@ -5,6 +5,7 @@ The engine benchmarks' runs are built on it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import random
@@ -17,10 +18,10 @@ from typing import TYPE_CHECKING
 from benchmarks.offline_floor import Call, StepLog
 from benchmarks.workload import load_workload as load_workload  # its importers' old home
 from shardline import LLM, SamplingParams
-from shardline.offline_pacing import submitted_at_pace
 from shardline.router.batcher import Batcher, BatchingConfig
 from shardline.router.event_channel import EventOrError
 from shardline.router.metrics import RouterMetrics
+from shardline.router.paced_admission import SchedulingPolicy
 from shardline.router.request_stream import RequestStream
 from shardline.router.request_types import StreamEvent, ValidRequest
 
@@ -63,31 +64,26 @@ async def timed_run(
     requests: list[ValidRequest],
     config: BatchingConfig | None = None,
     delays: list[float] | None = None,
-    paced: bool = False,
+    policy: SchedulingPolicy = "fcfs",
 ) -> tuple[float, list[RequestTiming], list[Call]]:
-    """Every request through a batcher (the LLM's own config unless `config`), request i
-    submitted `delays[i]` seconds after the start (default: all at once), or in order at
-    `LLM.generate`'s pace if `paced` (shardline/offline_pacing.py); the engine's calls (none
-    where the shard runs in its own process)."""
+    """Every request through a batcher (the LLM's own config unless `config`, under the
+    scheduling `policy`: `paced` is `LLM.generate`'s), request i submitted `delays[i]` seconds
+    after the start (default: all at once, in order); the engine's calls (none where the shard
+    runs in its own process)."""
     metrics = RouterMetrics()
     waste: list[float] = []
     engine = getattr(llm._shards, "engine", None)  # None: the shard runs in its own process
     steps = StepLog.attach(engine) if engine is not None else None
     delays = delays or [0.0] * len(requests)
+    config = dataclasses.replace(config or llm._batching_config(), scheduling_policy=policy)
     async with llm._shards.client() as client:
-        batcher = Batcher(client, llm.tokenizer, config or llm._batching_config(), metrics)
+        batcher = Batcher(client, llm.tokenizer, config, metrics)
         batcher.start()
         sampler = asyncio.create_task(_sample_kv_waste(engine, waste)) if engine else None
         try:
             started = time.perf_counter()
-            if paced:
-                # TTFT from the run's start, as for requests all submitted at once
-                timings = await submitted_at_pace(
-                    batcher, requests, lambda _, stream: _timed(stream, started)
-                )
-            else:
-                consumers = (_consume(batcher, r, d) for r, d in zip(requests, delays, strict=True))
-                timings = await asyncio.gather(*consumers)
+            consumers = (_consume(batcher, r, d) for r, d in zip(requests, delays, strict=True))
+            timings = await asyncio.gather(*consumers)
             elapsed = time.perf_counter() - started
         finally:
             if sampler is not None:

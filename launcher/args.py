@@ -17,6 +17,7 @@ from shardline import __version__
 from shardline.launcher.flag_rules import check_nodes, max_input_tokens, resolve_num_shard
 from shardline.model_files import PACKAGED_MODEL_ALIAS
 from shardline.router.grammar_compiler import GrammarBudget
+from shardline.router.paced_admission import SCHEDULING_POLICIES, SERVER_SCHEDULING_POLICY
 from shardline.shard_config import QUANTIZE_CHOICES, ROPE_SCALINGS
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -190,6 +191,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--max-waiting-tokens",), "MAX_WAITING_TOKENS",
          "decode steps before waiting requests are forced into the batch", type=int, default=20),
     Flag(("--max-batch-size",), "MAX_BATCH_SIZE", "most requests in one batch", type=int),
+    Flag(("--scheduling-policy",), "SCHEDULING_POLICY", "fcfs: waiting requests join in "
+         "arrival order (TGI's); paced: longest max_new_tokens first, let in at a pace that "
+         "spreads the short ones over the longest one's steps (throughput for a batch job's "
+         "backlog; holds requests back, so their first token comes later)",
+         choices=SCHEDULING_POLICIES, default=SERVER_SCHEDULING_POLICY),
     Flag(("--api-key",), "API_KEY", "bearer token every request must carry"),
     Flag(("--metrics-without-auth",), "METRICS_WITHOUT_AUTH", "serve /metrics on --port "
          "without --api-key too, as TGI does", switch=True),

@@ -108,6 +108,7 @@ def router_spec(
                 ("--max-batch-total-tokens", args.max_batch_total_tokens),
                 ("--max-waiting-tokens", args.max_waiting_tokens),
                 ("--max-batch-size", args.max_batch_size),
+                ("--scheduling-policy", args.scheduling_policy),
                 ("--validation-workers", args.validation_workers),
                 ("--max-client-batch-size", args.max_client_batch_size),
                 ("--payload-limit", args.payload_limit),

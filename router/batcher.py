@@ -46,6 +46,12 @@ from shardline.router.errors import GenerationError, IncompleteGenerationError, 
 from shardline.router.generation_events import GenerationEvents
 from shardline.router.join_policy import JoinPolicy
 from shardline.router.metrics import RouterMetrics
+from shardline.router.paced_admission import (
+    SCHEDULING_POLICIES,
+    SERVER_SCHEDULING_POLICY,
+    PacedAdmission,
+    SchedulingPolicy,
+)
 from shardline.router.prefix_view import PrefixCacheView
 from shardline.router.queue import Entry, RequestQueue
 from shardline.router.request_stream import RequestStream
@@ -70,6 +76,15 @@ class BatchingConfig:
     prefix_caching: bool = False
     # Batches in flight at once: the pipeline's stages (P), one batch for each to compute.
     batches_in_flight: int = 1
+    # Arrival order (TGI's), or longest first at a pace that spreads a known backlog's short
+    # requests over its longest one's steps (router/paced_admission.py).
+    scheduling_policy: SchedulingPolicy = SERVER_SCHEDULING_POLICY
+
+    def __post_init__(self) -> None:
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(
+                f"scheduling_policy {self.scheduling_policy!r} is not one of {SCHEDULING_POLICIES}"
+            )
 
 
 class Batcher:
@@ -87,7 +102,8 @@ class Batcher:
         self._prefixes = (
             PrefixCacheView.of(config, self._metrics) if config.prefix_caching else None
         )
-        self._queue = RequestQueue(config.prefill_chunking, self._prefixes)
+        pace = PacedAdmission() if config.scheduling_policy == "paced" else None
+        self._queue = RequestQueue(config.prefill_chunking, self._prefixes, pace)
         self._join = JoinPolicy(config, self._queue, self._metrics)
         self._calls = ShardCalls(client, self._metrics)
         parts = LaneParts(
@@ -170,7 +186,11 @@ class Batcher:
             await self._wakeup.wait()
             self._wakeup.clear()
             await self._release_cancelled_prefills()
-            while entries := self._join.next_batch(None, self._running_entries()):
+            while True:
+                self._queue.let_in()
+                entries = self._join.next_batch(None, self._running_entries())
+                if not entries:
+                    break
                 try:
                     await self._serve(entries)
                 except ShardTimeoutError:
@@ -223,6 +243,7 @@ class Batcher:
             held = sum(other.held_tokens for other in flight)
             if await lane.step(answered, held, may_join, look_ahead=self._depth == 1):
                 flight.append(lane)
+            self._queue.let_in()  # what the requests that ended in that step make room for
 
     async def _start_lanes(self, flight: deque[BatchLane]) -> None:
         """Idle lanes start batches of the waiting requests that fit beside the others (not

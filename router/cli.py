@@ -21,6 +21,7 @@ from shardline.router.batcher import Batcher
 from shardline.router.client import ShardDeadlines, ShardedClient
 from shardline.router.grammar_compiler import GrammarBudget
 from shardline.router.http import PAYLOAD_LIMIT, RouterContext, RouterRunner
+from shardline.router.paced_admission import SCHEDULING_POLICIES, SERVER_SCHEDULING_POLICY
 from shardline.router.server import create_app, create_metrics_app
 from shardline.router.startup import RouterSettings, start_router
 
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-batch-total-tokens", type=int)
     add("--max-waiting-tokens", type=int, default=20)
     add("--max-batch-size", type=int)
+    add("--scheduling-policy", choices=SCHEDULING_POLICIES, default=SERVER_SCHEDULING_POLICY)
     add("--hostname", default="0.0.0.0", help="address to listen on (0.0.0.0: every interface)")
     add("--port", type=int, default=3000)
     add(
@@ -140,6 +142,7 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
         max_batch_total_tokens=args.max_batch_total_tokens,
         max_waiting_tokens=args.max_waiting_tokens,
         max_batch_size=args.max_batch_size,
+        scheduling_policy=args.scheduling_policy,
         validation_workers=args.validation_workers,
         max_client_batch_size=args.max_client_batch_size,
         api_key=args.api_key,

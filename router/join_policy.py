@@ -57,7 +57,7 @@ class JoinPolicy:
         running requests that will not have reached their token limit. An end the router cannot
         foresee (EOS, a stop sequence) or a new arrival may still let some join; the shards
         then run the step launched ahead and the prefill apart."""
-        if not len(self._queue):  # nothing waits: no pass over the running requests
+        if not self._queue.queued:  # nothing may join: no pass over the running requests
             return False
         staying = [entry for entry in on_shard if not _may_reach_limit_next(entry)]
         min_size = self._min_size(waiting_steps + 1, len(staying))

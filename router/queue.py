@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from shardline.router.detokenizer import IncrementalDetokenizer
 from shardline.router.event_channel import EventChannel
+from shardline.router.paced_admission import PacedAdmission
 from shardline.router.prefix_view import PrefixCacheView
 from shardline.router.request_types import ValidRequest
 from shardline.router.stop_sequences import StopSequenceMatcher
@@ -86,20 +87,41 @@ class Entry:
 
 
 class RequestQueue:
-    """Waiting requests in arrival order. With `chunking`, the entry that does not fit a batch's
-    prefill budget joins with the chunk of its prompt that does, and stays first in the queue
-    until its prompt is prefilled (TGI v3's chunked prefill)."""
+    """Waiting requests in arrival order, or, with a `pace` (the `paced` scheduling policy),
+    held by it and queued in its order as it lets them in. With `chunking`, the entry that does
+    not fit a batch's prefill budget joins with the chunk of its prompt that does, and stays
+    first in the queue until its prompt is prefilled (TGI v3's chunked prefill)."""
 
-    def __init__(self, chunking: bool = False, prefixes: PrefixCacheView | None = None) -> None:
+    def __init__(
+        self,
+        chunking: bool = False,
+        prefixes: PrefixCacheView | None = None,
+        pace: PacedAdmission | None = None,
+    ) -> None:
         self._entries: deque[Entry] = deque()
         self.chunking = chunking
         self._prefixes = prefixes
+        self._pace = pace
 
     def __len__(self) -> int:
-        return len(self._entries)
+        """The requests waiting, held by the pace or queued."""
+        return len(self._entries) + (len(self._pace) if self._pace is not None else 0)
+
+    @property
+    def queued(self) -> bool:
+        """Whether any request is queued (not held by the pace)."""
+        return bool(self._entries)
 
     def append(self, entry: Entry) -> None:
-        self._entries.append(entry)
+        if self._pace is None:
+            self._entries.append(entry)
+        else:  # let in by the batcher's loop, once every request submitted with it is held
+            self._pace.hold(entry)
+
+    def let_in(self) -> None:
+        """Queues what the pace lets in now; nothing without one."""
+        if self._pace is not None:
+            self._entries.extend(self._pace.let_in())
 
     def next_batch(
         self,
@@ -182,4 +204,4 @@ class RequestQueue:
     def drain(self) -> list[Entry]:
         entries = list(self._entries)
         self._entries.clear()
-        return entries
+        return entries + (self._pace.drain() if self._pace is not None else [])

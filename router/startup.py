@@ -13,6 +13,7 @@ from shardline.router.client import ShardClient, ShardDeadlines
 from shardline.router.grammar_compiler import GrammarBudget, GrammarCompiler
 from shardline.router.http import PAYLOAD_LIMIT, RouterContext
 from shardline.router.metrics import RouterMetrics
+from shardline.router.paced_admission import SERVER_SCHEDULING_POLICY, SchedulingPolicy
 from shardline.router.validation import ValidationLimits, Validator
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class RouterSettings:
     max_batch_total_tokens: int | None = None
     max_waiting_tokens: int = 20
     max_batch_size: int | None = None
+    scheduling_policy: SchedulingPolicy = SERVER_SCHEDULING_POLICY
     validation_workers: int = 2
     max_client_batch_size: int = 4
     api_key: str | None = None
@@ -81,6 +83,7 @@ async def start_router(
             prefill_chunking=shard_info.support_chunking,
             prefix_caching=shard_info.use_prefix_caching,
             batches_in_flight=max(shard_info.pipeline_parallel_size, 1),
+            scheduling_policy=settings.scheduling_policy,
         ),
         metrics,
     )

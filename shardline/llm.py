@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardline.model_files import resolve_model
-from shardline.offline_pacing import submitted_at_pace
 from shardline.offline_shards import open_shards
 from shardline.outputs import (
     BeamSearchOutput,
@@ -32,6 +31,7 @@ from shardline.router.batcher import Batcher, BatchingConfig
 from shardline.router.errors import ValidationError
 from shardline.router.grammar_compiler import GrammarBudget, GrammarCompiler
 from shardline.router.metrics import RouterMetrics
+from shardline.router.paced_admission import SchedulingPolicy
 from shardline.router.request_stream import RequestStream
 from shardline.router.request_types import ValidRequest
 from shardline.router.validation import ValidationLimits, Validator
@@ -57,6 +57,9 @@ class EngineArgs:
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20
     enable_chunked_prefill: bool = True
+    # vLLM's name; `paced` (longest first, at router/paced_admission.py's pace) by default here:
+    # in an offline run only the last answer's time counts
+    scheduling_policy: SchedulingPolicy = "paced"
     download_dir: str | None = None  # the Hugging Face cache folder hub models are downloaded to
     # The one shard of tensor_parallel_size 1 in a process of its own, as larger sizes run (vLLM
     # runs its engine core in one by default): the router's Python and the shard's then run on
@@ -209,7 +212,7 @@ class LLM:
             batcher = Batcher(client, self.tokenizer, self._batching_config(), self.metrics)
             batcher.start()
             try:
-                return await _collect_all(batcher, requests, params, use_tqdm)
+                return await _collect_all(batcher, requests, use_tqdm)
             finally:
                 await batcher.stop()
                 # The batcher stops once every request has its last event, while the step it
@@ -262,40 +265,33 @@ class LLM:
             prefill_chunking=self.args.enable_chunked_prefill,
             prefix_caching=self.shard_config.enable_prefix_caching,
             batches_in_flight=self.shard_config.pipeline_parallel_size,
+            scheduling_policy=self.args.scheduling_policy,
         )
 
 
 async def _collect_all(
-    batcher: Batcher,
-    requests: list[ValidRequest],
-    params: list[SamplingParams],
-    use_tqdm: bool,
+    batcher: Batcher, requests: list[ValidRequest], use_tqdm: bool
 ) -> list[RequestOutput]:
+    """Every request's output, in the prompts' order; the first error cancels the others."""
     from tqdm.auto import tqdm
 
     progress = tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm)
 
-    order = submission_order(requests)
-
-    async def one(position: int, stream: RequestStream) -> RequestOutput:
+    async def one(index: int, stream: RequestStream) -> RequestOutput:
         events = await stream.collect()
         progress.update(1)
-        return request_output(str(order[position]), stream.request, events)
+        return request_output(str(index), stream.request, events)
 
+    streams = [batcher.submit(request) for request in requests]
+    tasks = [asyncio.ensure_future(one(i, stream)) for i, stream in enumerate(streams)]
     try:
-        outputs = await submitted_at_pace(batcher, [requests[i] for i in order], one)
+        return await asyncio.gather(*tasks)
     finally:
+        for stream, task in zip(streams, tasks, strict=True):
+            if not task.done():
+                stream.cancel()
+                task.cancel()
         progress.close()
-    return [output for _, output in sorted(zip(order, outputs, strict=True))]
-
-
-def submission_order(requests: list[ValidRequest]) -> list[int]:
-    """Longest first: in an offline run only the last answer's time counts, so the requests
-    that take the most steps start first and the short ones fill the slots they leave (the
-    longest-processing-time rule); a long request let in late would decode alone at the end,
-    in small, weight-bound steps (and `offline_pacing` lets them in at the pace that spreads
-    the short ones over the longest one's steps). The outputs keep the prompts' order."""
-    return sorted(range(len(requests)), key=lambda i: -requests[i].max_new_tokens)
 
 
 def _per_prompt(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shardline import LLM, SamplingParams
-from shardline.router.batcher import Batcher
+from shardline.router.paced_admission import PacedAdmission
 from tests.shard_harness import random_prompts, transformers_greedy
 
 
@@ -31,19 +31,20 @@ def test_more_prompts_than_the_kv_cache_holds_all_complete(llm):
 
 
 def test_the_longest_requests_start_first_and_outputs_keep_the_prompts_order(llm, monkeypatch):
-    submitted = []
-    submit = Batcher.submit
+    let_in = []
+    pace = PacedAdmission.let_in
 
-    def recording(batcher, request):
-        submitted.append(request.max_new_tokens)
-        return submit(batcher, request)
+    def recording(admission):
+        entries = pace(admission)
+        let_in.extend(entry.request.max_new_tokens for entry in entries)
+        return entries
 
-    monkeypatch.setattr(Batcher, "submit", recording)
+    monkeypatch.setattr(PacedAdmission, "let_in", recording)
     lengths = [2, 9, 5, 9, 1]
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
     prompts = random_prompts(len(lengths), 384, seed=33)
     outputs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
-    assert submitted == [9, 9, 5, 2, 1]
+    assert let_in == [9, 9, 5, 2, 1]
     assert [len(o.outputs[0].token_ids) for o in outputs] == lengths
     assert [o.prompt_token_ids for o in outputs] == prompts
 
