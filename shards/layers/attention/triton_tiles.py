@@ -67,13 +67,6 @@ def attend_tile(
     running max `m_i`, sum `l_i` and output `acc` of the query's heads."""
     # an FP8 cache (--kv-cache-dtype) is read in the query's dtype, or float16 for a
     # half-precision query (decode_query); its scales apply outside
-    if v.dtype.is_fp8():
-        # V's keys are the second product's reduction dimension: an FP8 tile taken from shared
-        # memory straight into that operand's layout loads one byte per instruction (128 a
-        # thread per 128-key tile on sm_90); converted first (the select keeps the conversion
-        # ahead of the layout change), it goes through shared memory as float16, four bytes a
-        # load with transposing ldmatrix
-        v = tl.where(n_mask[:, None], v.to(q.dtype), 0.0)
     k, v = k.to(q.dtype), v.to(q.dtype)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     scores = soft_cap(scores, softcap, SOFTCAP)
