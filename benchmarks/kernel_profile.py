@@ -1,9 +1,11 @@
-"""GPU time of a run by kernel class (GEMM, attention, sampling, ...) and by kernel, from the
-torch profiler's CUDA activity (kernels inside CUDA graphs included), and where the GPU sat
-idle between its kernels (benchmarks/gpu_idle.py)."""
+"""GPU time of a run by kernel class (GEMM, attention, sampling, ...), by kernel and by engine
+call kind (prefill, mixed, decode: the ranges `StepLog` opens), from the torch profiler's CUDA
+activity (kernels inside CUDA graphs included), and where the GPU sat idle between its kernels
+(benchmarks/gpu_idle.py)."""
 
 from __future__ import annotations
 
+import bisect
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -12,6 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.gpu_idle import gpu_idle
+from benchmarks.offline_floor import CALL_RANGE
 
 # First match wins; names are cuBLAS/CUTLASS GEMMs, this repository's Triton kernels, torch ops.
 KERNEL_CLASSES: tuple[tuple[str, re.Pattern], ...] = (
@@ -42,9 +45,60 @@ def device_kernels(events: Iterable) -> list[tuple[float, float, str]]:
     ]
 
 
+def call_ranges(events: Iterable) -> list[tuple[float, float, str]]:
+    """(start_us, end_us, kind) of the engine calls' ranges on the GPU's timeline (the profiler
+    stretches a range there over the kernels launched inside it)."""
+    return [
+        (event.time_range.start, event.time_range.end, event.name.removeprefix(CALL_RANGE))
+        for event in events
+        if event.device_type == torch.autograd.DeviceType.CUDA
+        and getattr(event, "is_user_annotation", False)
+        and event.name.startswith(CALL_RANGE)
+    ]
+
+
+def time_by_call(
+    kernels: list[tuple[float, float, str]], ranges: list[tuple[float, float, str]]
+) -> dict[str, dict]:
+    """Per call kind: the calls, their kernels' GPU seconds and those by kernel class; a kernel
+    counts for the innermost range holding it (a decode launched ahead inside a prefill call
+    is its own), or for "outside calls"."""
+    ranges = sorted(ranges)
+    starts = [start for start, _, _ in ranges]
+    kinds: dict[str, dict] = {}
+    for _, _, kind in ranges:
+        kinds.setdefault(kind, {"calls": 0, "gpu_s": 0.0, "classes_s": {}})["calls"] += 1
+    for start, end, name in kernels:
+        kind = _innermost(ranges, starts, start, end)
+        entry = kinds.setdefault(kind, {"calls": 0, "gpu_s": 0.0, "classes_s": {}})
+        seconds = (end - start) / 1e6
+        entry["gpu_s"] += seconds
+        label = kernel_class(name)
+        entry["classes_s"][label] = entry["classes_s"].get(label, 0.0) + seconds
+    return {
+        kind: {
+            "calls": entry["calls"],
+            "gpu_s": round(entry["gpu_s"], 3),
+            "classes_s": {k: round(v, 3) for k, v in sorted(entry["classes_s"].items())},
+        }
+        for kind, entry in sorted(kinds.items())
+    }
+
+
+def _innermost(
+    ranges: list[tuple[float, float, str]], starts: list[float], start: float, end: float
+) -> str:
+    last = bisect.bisect_right(starts, start) - 1
+    # ranges nest one level deep: the last one opened before the kernel, or the one around it
+    for r_start, r_end, kind in reversed(ranges[max(last - 1, 0) : last + 1]):
+        if r_start <= start and end <= r_end:
+            return kind
+    return "outside calls"
+
+
 def kernel_profile(run: Callable[[], object], top: int = 25) -> dict:
-    """Runs `run` under the profiler; GPU seconds per class and the `top` kernels by time, and
-    where the GPU sat idle (gpu_idle)."""
+    """Runs `run` under the profiler; GPU seconds per class, the `top` kernels by time, the
+    time by engine call kind (time_by_call), and where the GPU sat idle (gpu_idle)."""
     torch.cuda.synchronize()
     started = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -53,7 +107,8 @@ def kernel_profile(run: Callable[[], object], top: int = 25) -> dict:
         torch.cuda.synchronize()
         region = time.perf_counter() - region_started
     wall = time.perf_counter() - started
-    intervals = device_kernels(prof.events())
+    events = prof.events()
+    intervals = device_kernels(events)
     kernels: dict[str, list[float]] = {}
     for start, end, name in intervals:
         entry = kernels.setdefault(name, [0, 0.0])
@@ -73,5 +128,6 @@ def kernel_profile(run: Callable[[], object], top: int = 25) -> dict:
             {"name": name[:120], "class": kernel_class(name), "calls": n, "s": round(s, 4)}
             for name, (n, s) in ranked
         ],
+        "by_call": time_by_call(intervals, call_ranges(events)),
         "gpu_idle": gpu_idle(intervals, region),
     }

@@ -10,7 +10,8 @@ import torch
 
 from benchmarks import kernel_profile as kernel_profile_module
 from benchmarks.gpu_idle import Gap, gap_buckets, gpu_idle, merged_gaps
-from benchmarks.kernel_profile import device_kernels, kernel_profile
+from benchmarks.kernel_profile import device_kernels, kernel_profile, time_by_call
+from benchmarks.offline_floor import CALL_RANGE, LAUNCHED_AHEAD
 
 
 def test_overlapping_and_touching_kernels_merge_into_one_busy_stretch():
@@ -168,3 +169,49 @@ def test_gap_sites_rank_kernel_pairs_by_idle_time_within_each_size():
         {"before": "sampler", "after": "graph_tail", "count": 3, "s": 0.00003}
     ]
     assert sites[">2ms"][0]["count"] == 1 and sites["0.2-2ms"] == []
+
+
+def test_time_by_call_counts_each_kernel_for_its_innermost_call_range():
+    ms = 1000.0  # the profiler's microseconds
+    ranges = [
+        (0.0, 1000 * ms, "mixed"),
+        (600 * ms, 900 * ms, "decode launched ahead"),  # launched inside the mixed call
+        (1000 * ms, 1500 * ms, "decode"),
+    ]
+    kernels = [
+        (0.0, 400 * ms, "nvjet_gemm"),
+        (400 * ms, 600 * ms, "_varlen_causal_kernel"),
+        (600 * ms, 800 * ms, "nvjet_gemm"),
+        (800 * ms, 900 * ms, "_paged_decode_kernel"),
+        (900 * ms, 950 * ms, "rms_norm"),  # after the inner range, still in the mixed call
+        (1000 * ms, 1300 * ms, "nvjet_gemm"),
+        (2000 * ms, 2100 * ms, "memcpy"),  # no call around it
+    ]
+    by_call = time_by_call(kernels, ranges)
+    assert by_call["mixed"] == {
+        "calls": 1,
+        "gpu_s": 0.65,
+        "classes_s": {"attention": 0.2, "gemm": 0.4, "norm + activation": 0.05},
+    }
+    assert by_call["decode launched ahead"]["classes_s"] == {"attention": 0.1, "gemm": 0.2}
+    assert by_call["decode"] == {"calls": 1, "gpu_s": 0.3, "classes_s": {"gemm": 0.3}}
+    assert by_call["outside calls"] == {"calls": 0, "gpu_s": 0.1, "classes_s": {"copies": 0.1}}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_an_engine_call_range_holds_its_kernels_on_the_gpu_timeline():
+    a = torch.randn((2048, 2048), device="cuda")
+
+    def run() -> None:
+        with torch.profiler.record_function(CALL_RANGE + "prefill"):
+            a @ a
+            with torch.profiler.record_function(CALL_RANGE + LAUNCHED_AHEAD):
+                a @ a
+        a @ a
+        torch.cuda.synchronize()
+
+    by_call = kernel_profile(run)["by_call"]
+    assert by_call["prefill"]["calls"] == 1 and by_call[LAUNCHED_AHEAD]["calls"] == 1
+    assert by_call["prefill"]["gpu_s"] > 0 and by_call[LAUNCHED_AHEAD]["gpu_s"] > 0
+    assert by_call["outside calls"]["gpu_s"] > 0
