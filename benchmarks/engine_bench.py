@@ -26,6 +26,7 @@ from benchmarks.occupancy import call_columns
 from benchmarks.offline_floor import (
     Ceilings,
     ModelShape,
+    achieved_rates,
     floor_table,
     phase_breakdown,
     workload_floor,
@@ -131,13 +132,33 @@ def _policy(submission: str) -> paced_admission.SchedulingPolicy:
     return "paced" if submission == "paced" else "fcfs"
 
 
-def profile_offline(llm: LLM, pairs: list, vocab: int, submission: str) -> dict:
-    """The offline run again under the torch profiler: GPU time by kernel class and by kernel."""
+def profile_offline(llm: LLM, pairs: list, vocab: int, submission: str, shape: ModelShape) -> dict:
+    """The offline run again under the torch profiler: GPU time by kernel class, by kernel and
+    by call kind, and what the GEMM and attention kernels achieved in the run's shapes."""
     requests = offline_requests(llm, pairs, vocab, submission)
-    run = timed_run(llm, requests, policy=_policy(submission))
-    profile = kernel_profile(lambda: asyncio.run(run))
+    finished: list = []
+
+    def run() -> None:
+        finished.append(asyncio.run(timed_run(llm, requests, policy=_policy(submission))))
+
+    profile = kernel_profile(run)
+    _, _, calls = finished[0]
+    profile["achieved"] = achieved_rates(profile["by_call"], calls, shape)
     print(json.dumps({"kernel_profile": profile}), flush=True)
     return profile
+
+
+def stored_shape(model_dir: Path, args: argparse.Namespace) -> ModelShape:
+    """The model's shape with the bytes its weights and KV cache are stored in (FP8: 1; the
+    LM head stays 16-bit)."""
+    shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
+    weight_bytes = 1 if args.quantize else 2
+    kv_bytes = 1 if args.kv_cache_dtype.startswith("fp8") else 2
+    return dataclasses.replace(
+        shape,
+        weight_bytes=weight_bytes * shape.linear_params + 2 * shape.lm_head_params,
+        kv_bytes_per_token=shape.kv_bytes_per_token // 2 * kv_bytes,
+    )
 
 
 def load_engine(model_dir: Path, args: argparse.Namespace, results: dict) -> LLM:
@@ -315,7 +336,8 @@ def main() -> None:
         )
         table += rows
     if "profile" in modes:
-        results["profile"] = profile_offline(llm, pairs, vocab, args.submission)
+        shape = stored_shape(model_dir, args)
+        results["profile"] = profile_offline(llm, pairs, vocab, args.submission, shape)
     if "hf" in modes:
         llm = None
         torch.cuda.empty_cache()

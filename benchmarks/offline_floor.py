@@ -285,3 +285,33 @@ def floor_table(workload: dict, phases: dict, wall_s: float) -> list[tuple[str, 
             )
         rows.append((f"  {name}", f"{phase['seconds']:.2f}", note))
     return rows
+
+
+def achieved_rates(by_call: dict[str, dict], calls: list[Call], shape: ModelShape) -> dict:
+    """What a profiled run's kernels achieved (`by_call`: kernel_profile's seconds by call kind
+    and kernel class): the prefill and mixed calls' linear FLOPs over their GEMM kernels'
+    seconds, and the decode calls' weight reads and KV-cache reads over their GEMM and
+    attention kernels' seconds (a decode's kernels are launched in its own call or, ahead, in
+    the call before it). Against the device's ceilings they say how far each kernel class is
+    from its roofline in the shapes the run had."""
+
+    def seconds(kinds: tuple[str, ...], label: str) -> float:
+        return sum(by_call.get(kind, {}).get("classes_s", {}).get(label, 0.0) for kind in kinds)
+
+    prompt_calls = [call for call in calls if call.prompt_tokens]
+    decode_calls = [call for call in calls if not call.prompt_tokens]
+    flops = sum(
+        shape.gemm_flops(call.decode_rows + call.prompt_tokens, call.decode_rows + 1)
+        for call in prompt_calls
+    )
+    decode_kinds = ("decode", LAUNCHED_AHEAD)
+    weights = len(decode_calls) * shape.weight_bytes
+    kv = sum(call.context_tokens for call in decode_calls) * shape.kv_bytes_per_token
+    rates = {
+        "prefill_gemm_tflop_s": (flops, seconds(("prefill", "mixed"), "gemm"), 1e12),
+        "decode_gemm_weight_gb_s": (weights, seconds(decode_kinds, "gemm"), 1e9),
+        "decode_attention_kv_gb_s": (kv, seconds(decode_kinds, "attention"), 1e9),
+    }
+    return {
+        name: round(work / s / unit, 1) if s else None for name, (work, s, unit) in rates.items()
+    }

@@ -9,6 +9,7 @@ from benchmarks.offline_floor import (
     Ceilings,
     ModelShape,
     StepLog,
+    achieved_rates,
     causal_pairs,
     phase_breakdown,
     workload_floor,
@@ -69,3 +70,26 @@ def test_step_log_records_every_engine_call(llm, tiny_llama_dir):
     launches = [call for call in decodes if call.launch_s > 0]
     assert launches and all(0 <= call.launch_off_cpu_s <= call.launch_s for call in launches)
     assert gaps["launch_ahead_s"] == pytest.approx(sum(c.launch_s for c in launches), abs=1e-3)
+
+
+def test_achieved_rates_divide_each_call_kinds_work_by_its_kernels_seconds():
+    shape = ModelShape(32, 32, 128, 10**9, 10**8, 2 * 10**9 + 2 * 10**8, 131_072)
+    calls = [
+        Call("prefill", 0, 1000, 0, 0, 0.1),
+        Call("mixed", 9, 990, 4000, 0, 0.1),
+        Call("decode", 100, 0, 50_000, 0, 0.01),
+        Call("decode", 100, 0, 50_000, 0, 0.01),
+    ]
+    by_call = {
+        "prefill": {"classes_s": {"gemm": 0.002}},
+        "mixed": {"classes_s": {"gemm": 0.002, "attention": 0.001}},
+        "decode": {"classes_s": {"gemm": 0.001, "attention": 0.002}},
+        "decode launched ahead": {"classes_s": {"gemm": 0.001, "attention": 0.002}},
+    }
+    rates = achieved_rates(by_call, calls, shape)
+    # 2 x (1e9 x 1000 + 1e8 x 1) + 2 x (1e9 x 999 + 1e8 x 10) FLOPs in 4 ms
+    flops = 2 * (1e9 * 1000 + 1e8) + 2 * (1e9 * 999 + 1e8 * 10)
+    assert rates["prefill_gemm_tflop_s"] == pytest.approx(flops / 0.004 / 1e12, abs=0.1)
+    assert rates["decode_gemm_weight_gb_s"] == pytest.approx(2 * 2.2e9 / 0.002 / 1e9, abs=0.1)
+    assert rates["decode_attention_kv_gb_s"] == pytest.approx(1e5 * 131_072 / 0.004 / 1e9, abs=0.1)
+    assert achieved_rates({}, calls, shape)["prefill_gemm_tflop_s"] is None
