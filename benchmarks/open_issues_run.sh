@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# What the open issues still need from one GPU (after session 12, benchmarks/RESULTS.md), in
-# priority order under one budget: the GPU tests; issue 27's served run beside the offline run
-# with the same admission (`offline_arrival`) and the paced one; the FP8 + FP8-KV offline run
-# beside bf16 (issue 22's ratio, host gaps now ~26 % of its wall); the FP8 decode attention's
-# tilings; kernel profiles; issue 22's bf16 / FP8 / FP8 + FP8-KV triple (batch-1, 8k prefill,
-# offline); the host's Python under py-spy; the FP8 linears per M. Logs and JSON go to ${OUT:-/tmp/open} (a device
-# call brings back 8 files: name few steps); STEPS (comma-separated names) runs a part. Runs on
-# one machine differ by up to ~12 % from another's: compare within a call.
+# What the open issues still need from one GPU (after session 13, benchmarks/RESULTS.md), in
+# priority order under one budget: the GPU tests (gpu_bench_tests holds the check that a
+# profile's call ranges land on the GPU timeline); the kernel profiles, now split by call kind
+# with the GEMM and attention rates achieved (where the bf16 run's prefill and mixed calls lose
+# ~1.4 s against their floor, and the FP8 run's decode attention ~1.6 s); the paced offline run
+# beside the served ones (fcfs and --scheduling-policy paced); the FP8 + FP8-KV offline run
+# beside bf16 (issue 22's ratio); the FP8 decode attention's tilings; issue 22's bf16 / FP8 /
+# FP8 + FP8-KV triple (batch-1, 8k prefill, offline); the host's Python under py-spy; the FP8
+# linears per M. Logs and JSON go to ${OUT:-/tmp/open} (a device call brings back 8 files: name
+# few steps); STEPS (comma-separated names) runs a part. Runs on one machine differ by up to
+# ~12 % from another's: compare within a call.
 #   bash benchmarks/open_issues_run.sh WHEELS_DIR BUDGET_SECONDS [STEPS]
 set -u
 wheels=${1:-.wheels}
