@@ -47,10 +47,10 @@ from shardline.router.generation_events import GenerationEvents
 from shardline.router.join_policy import JoinPolicy
 from shardline.router.metrics import RouterMetrics
 from shardline.router.paced_admission import (
-    SCHEDULING_POLICIES,
     SERVER_SCHEDULING_POLICY,
     PacedAdmission,
     SchedulingPolicy,
+    check_policy,
 )
 from shardline.router.prefix_view import PrefixCacheView
 from shardline.router.queue import Entry, RequestQueue
@@ -81,10 +81,7 @@ class BatchingConfig:
     scheduling_policy: SchedulingPolicy = SERVER_SCHEDULING_POLICY
 
     def __post_init__(self) -> None:
-        if self.scheduling_policy not in SCHEDULING_POLICIES:
-            raise ValueError(
-                f"scheduling_policy {self.scheduling_policy!r} is not one of {SCHEDULING_POLICIES}"
-            )
+        check_policy(self.scheduling_policy)
 
 
 class Batcher:

@@ -35,6 +35,11 @@ SERVER_SCHEDULING_POLICY: SchedulingPolicy = "fcfs"  # TGI's; the offline LLM's 
 PACE_FACTOR = 1.5  # the schedule simulation's best of 0.8 to 2.0
 
 
+def check_policy(name: str) -> None:
+    if name not in SCHEDULING_POLICIES:
+        raise ValueError(f"scheduling_policy {name!r} is not one of {SCHEDULING_POLICIES}")
+
+
 def pace_limit(tokens_left: int, longest_chain: int, factor: float | None = None) -> int:
     """How many requests may be unfinished at once: enough rows per step to generate every
     token left within the steps the longest request still needs, times `factor` (PACE_FACTOR

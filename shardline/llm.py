@@ -31,7 +31,7 @@ from shardline.router.batcher import Batcher, BatchingConfig
 from shardline.router.errors import ValidationError
 from shardline.router.grammar_compiler import GrammarBudget, GrammarCompiler
 from shardline.router.metrics import RouterMetrics
-from shardline.router.paced_admission import SchedulingPolicy
+from shardline.router.paced_admission import SchedulingPolicy, check_policy
 from shardline.router.request_stream import RequestStream
 from shardline.router.request_types import ValidRequest
 from shardline.router.validation import ValidationLimits, Validator
@@ -65,6 +65,9 @@ class EngineArgs:
     # runs its engine core in one by default): the router's Python and the shard's then run on
     # two cores at once instead of taking turns under one interpreter lock.
     shard_process: bool = False
+
+    def __post_init__(self) -> None:
+        check_policy(self.scheduling_policy)
 
     @property
     def prefill_budget(self) -> int:

@@ -13,6 +13,7 @@ import pytest
 from benchmarks.offline_floor import StepLog
 from shardline.launcher.args import parse_args
 from shardline.launcher.commands import router_spec
+from shardline.llm import _engine_args
 from shardline.router.batcher import BatchingConfig
 from shardline.router.cli import build_parser as router_parser
 from shardline.router.cli import settings_from_args
@@ -141,6 +142,8 @@ async def test_a_paced_server_holds_a_burst_back_beside_a_long_request(tokenizer
 def test_an_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="'lifo' is not one of"):
         BatchingConfig(100, 1000, scheduling_policy="lifo")
+    with pytest.raises(ValueError, match="'priority' is not one of"):
+        _engine_args({"scheduling_policy": "priority"})  # vLLM's other policy, before any load
 
 
 def test_the_launchers_scheduling_policy_reaches_the_routers_batching(tmp_path: Path):
