@@ -1,7 +1,8 @@
 """Helpers for the router tests: a deterministic in-process shard and a tiny tokenizer.
 
-`FakeShardClient` implements the `ShardClient` protocol the way the shards do: every request
-'generates' the continuation `script(prompt_ids)` one token per step, reports EOS / length /
+`FakeShardClient` implements the `ShardClient` protocol the way the shards do: every sequence of
+a request (its `num_sequences`: n / best_of) 'generates' the continuation `script(prompt_ids)`
+one token per step, reports EOS / length /
 stop_token_ids, refuses a prefill batch holding a prompt outside its vocabulary, keeps finished
 requests until the router filters them, and counts the sequences it holds so tests can check
 that nothing leaks.
@@ -44,8 +45,12 @@ def byte_ids(tokenizer, text: str) -> list[int]:
 class _Sequence:
     request: pb.Request
     script: list[int]
+    index: int = 0  # its sequence_index among the request's
     generated: int = 0
     finished: bool = False
+
+
+SequenceKey = tuple[int, int]  # request id, sequence index
 
 
 @dataclass
@@ -62,7 +67,7 @@ class FakeShardClient:
     calls: list[tuple] = field(default_factory=list)
     requests: list[pb.Request] = field(default_factory=list)  # every request prefilled
     carried: list[tuple[int, list[int]]] = field(default_factory=list)  # prefill id, running ids
-    batches: dict[int, dict[int, _Sequence]] = field(default_factory=dict)
+    batches: dict[int, dict[SequenceKey, _Sequence]] = field(default_factory=dict)
     partial: dict[int, int] = field(default_factory=dict)  # prompts prefilled in part: tokens
     chunks: list[list[tuple[int, int, int]]] = field(default_factory=list)  # per prefill
     # The reason the shards refuse a request of a Prefill (None: they run it), as a real shard
@@ -118,7 +123,11 @@ class FakeShardClient:
         if cached_batches:
             generations, batch_id = self._decode_step(cached_batches), cached_batches[0].id
         completed = self._prefill_chunks(batch)
-        sequences = {r.id: _Sequence(r, self.script(list(r.input_ids))) for r in completed}
+        sequences = {
+            (r.id, index): _Sequence(r, self.script(list(r.input_ids)), index)
+            for r in completed
+            for index in range(max(r.num_sequences, 1))
+        }
         if not sequences and not cached_batches:
             return StepResult(generations, None, _TIMINGS, refused)
         self.batches.setdefault(batch_id, {}).update(sequences)
@@ -135,7 +144,7 @@ class FakeShardClient:
         return StepResult(generations, self._cached(batches[0].id), _TIMINGS)
 
     def _decode_step(self, batches: Sequence[pb.CachedBatch]) -> GenerationColumns:
-        merged: dict[int, _Sequence] = {}
+        merged: dict[SequenceKey, _Sequence] = {}
         for batch in batches:
             merged.update(self.batches.pop(batch.id))
         self.batches[batches[0].id] = merged
@@ -152,8 +161,12 @@ class FakeShardClient:
         stopped_sequences: Sequence[pb.SequenceRef] = (),
     ) -> pb.CachedBatch | None:
         self.calls.append(("filter", batch_id, sorted(request_ids)))
-        kept = {rid: seq for rid, seq in self.batches[batch_id].items() if rid in request_ids}
-        self.batches[batch_id] = kept
+        stopped = {(ref.request_id, ref.sequence_index) for ref in stopped_sequences}
+        self.batches[batch_id] = {
+            key: seq
+            for key, seq in self.batches[batch_id].items()
+            if key[0] in request_ids and key not in stopped
+        }
         return self._cached(batch_id)
 
     async def clear_cache(
@@ -224,7 +237,13 @@ class FakeShardClient:
             reason = pb.FINISH_REASON_LENGTH
         seq.finished = reason != pb.FINISH_REASON_NONE
         row = generations.add_token(
-            seq.request.id, 0, token, -0.5, reason, seq.generated, seq.request.parameters.seed
+            seq.request.id,
+            seq.index,
+            token,
+            -0.5,
+            reason,
+            seq.generated,
+            seq.request.parameters.seed,
         )
         if top_n := seq.request.top_n_tokens:
             alternatives = [token + offset for offset in range(top_n)]
@@ -239,10 +258,11 @@ class FakeShardClient:
         if all(seq.finished for seq in sequences.values()):
             del self.batches[batch_id]
             return None
+        request_ids = list(dict.fromkeys(request_id for request_id, _ in sequences))
         return pb.CachedBatch(
             id=batch_id,
-            request_ids=list(sequences),
-            size=len(sequences),
+            request_ids=request_ids,
+            size=len(request_ids),
             current_tokens=sum(len(s.request.input_ids) + s.generated for s in sequences.values()),
         )
 
