@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from shardline.proto import generate_pb2 as pb
 from shardline.router.client import ShardClient, request_proto
 from shardline.router.entry_outcomes import fail, record_success
-from shardline.router.errors import ValidationError
+from shardline.router.errors import IncompleteGenerationError, ValidationError
 from shardline.router.generation_events import GenerationEvents
 from shardline.router.join_policy import JoinPolicy
 from shardline.router.metrics import RouterMetrics
@@ -122,6 +122,7 @@ class BatchLane:
                 )
                 self.call = await self._send_decode(answered.batches, ahead)
         self._handle(answered.generations)
+        self._fail_dropped(on_shard=held_ids)
         self._forget_ended(on_shard=held_ids)
         return self.call is not None
 
@@ -215,6 +216,23 @@ class BatchLane:
         if len(keep) == len(on_shard) and not stopped:
             return cached
         return await self._parts.calls.filter_batch(cached.id, sorted(keep), stopped)
+
+    def _fail_dropped(self, on_shard: set[int]) -> None:
+        """Fails the running requests that a step neither ended nor left on the shards (a
+        sequence the shards never generated, say): no token of theirs would come again, and
+        waiting for one would hold them, and their clients, for ever."""
+        dropped = [
+            entry
+            for request_id, entry in self.running.items()
+            if entry.alive and request_id not in on_shard
+        ]
+        if dropped:
+            logger.error(
+                "the shards dropped requests %s before they ended", [e.id for e in dropped]
+            )
+            fail(
+                dropped, IncompleteGenerationError("the shards dropped the request before it ended")
+            )
 
     def _forget_ended(self, on_shard: set[int]) -> None:
         """Forgets ended requests, but those whose rows the shards still hold (until filtered)."""

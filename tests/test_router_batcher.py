@@ -10,8 +10,9 @@ import pytest
 
 from shardline.proto import generate_pb2 as pb
 from shardline.router.client import StepResult
-from shardline.router.errors import GenerationError
+from shardline.router.errors import GenerationError, IncompleteGenerationError
 from shardline.router.request_types import FinishReason, ValidRequest
+from shardline.sampling_params import SamplingParams
 from tests.batcher_helpers import RecordingShard, _batcher, _counting_script, _request
 from tests.fake_shard import FakeShardClient
 
@@ -210,4 +211,31 @@ async def test_a_cancelled_partial_prompt_is_dropped_on_the_shards(tokenizer):
     assert not fake.partial and fake.num_sequences == 0
     chunks_of_long = [chunk for calls in fake.chunks for chunk in calls if chunk[0] == 1]
     assert len(chunks_of_long) < 5  # the rest of its prompt was never sent
+    await batcher.stop()
+
+
+class _OneSequenceShard(FakeShardClient):
+    """Generates only the first sequence of every request, whatever its num_sequences."""
+
+    async def prefill(self, batch, cached_batches=(), launch_next=False):
+        for request in batch.requests:
+            request.num_sequences = 1
+        return await super().prefill(batch, cached_batches, launch_next)
+
+
+async def test_a_request_the_shards_drop_unfinished_fails_instead_of_hanging(tokenizer):
+    fake = _OneSequenceShard(_counting_script, tokenizer.eos_token_id)
+    batcher = _batcher(tokenizer, fake)
+    request = ValidRequest(
+        inputs="the city",
+        input_ids=tokenizer.encode("the city"),
+        params=SamplingParams(n=2, seed=1),
+        max_new_tokens=5,
+    )
+    dropped = batcher.submit(request)
+    bystander = batcher.submit(_request(tokenizer, "the model", max_new_tokens=8))
+    with pytest.raises(IncompleteGenerationError, match="dropped"):
+        await asyncio.wait_for(dropped.collect(), 5)
+    assert len(await asyncio.wait_for(bystander.collect(), 5)) == 8
+    assert batcher.running_size == 0 and fake.num_sequences == 0
     await batcher.stop()
