@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from shardline.shards.batch import ShardBatch
@@ -111,8 +113,7 @@ class ModelRunner:
             starts = torch.tensor([chunk.start for chunk in chunks], dtype=torch.int32)
             meta.prefix_lens = self._to_device(starts)
             meta.prefix_block_tables = self._to_device(block_table)
-        token_ids = torch.tensor([t for chunk in chunks for t in chunk.token_ids])
-        input_ids = self._to_device(token_ids)
+        input_ids = self._to_device(_concatenated_ids(chunks, int(cu_seqlens[-1])))
         if running is not None:
             input_ids, positions = self._add_decode_rows(running, input_ids, positions, meta)
         meta.slot_mapping = self._to_device(meta.slot_mapping)
@@ -255,6 +256,13 @@ class ModelRunner:
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return to_device(tensor, self.device)
+
+
+def _concatenated_ids(chunks: list[PromptChunk], total: int) -> torch.Tensor:
+    """The chunks' token ids end to end (through numpy: `torch.tensor` of a list of Python ints
+    costs ~8x more, ~1 ms for an 8k-token prefill on a 2-core host)."""
+    ids = itertools.chain.from_iterable(chunk.token_ids for chunk in chunks)
+    return torch.from_numpy(np.fromiter(ids, dtype=np.int64, count=total))
 
 
 def grow_blocks(
