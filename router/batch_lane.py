@@ -122,8 +122,7 @@ class BatchLane:
                 )
                 self.call = await self._send_decode(answered.batches, ahead)
         self._handle(answered.generations)
-        self._fail_dropped(on_shard=held_ids)
-        self._forget_ended(on_shard=held_ids)
+        self._forget_off_shard(on_shard=held_ids)
         return self.call is not None
 
     async def _send_prefill(
@@ -203,7 +202,7 @@ class BatchLane:
     async def _filter(self, cached: pb.CachedBatch | None) -> pb.CachedBatch | None:
         """Drops the rows of ended and cancelled requests, and of samples the router stopped, from
         the cached batch so their blocks return."""
-        self._forget_ended(on_shard=set())
+        self._forget_ended()
         stopped, self._stopped = self._stopped, []
         if cached is None:
             return None
@@ -217,15 +216,13 @@ class BatchLane:
             return cached
         return await self._parts.calls.filter_batch(cached.id, sorted(keep), stopped)
 
-    def _fail_dropped(self, on_shard: set[int]) -> None:
-        """Fails the running requests that a step neither ended nor left on the shards (a
-        sequence the shards never generated, say): no token of theirs would come again, and
-        waiting for one would hold them, and their clients, for ever."""
-        dropped = [
-            entry
-            for request_id, entry in self.running.items()
-            if entry.alive and request_id not in on_shard
-        ]
+    def _forget_off_shard(self, on_shard: set[int]) -> None:
+        """After a step, forgets the requests the shards no longer hold: those that ended and,
+        failed first, any the step neither ended nor left there (a sequence the shards never
+        generated, say): no token of theirs would come again, and waiting for one would hold
+        them, and their clients, for ever. One pass of set lookups per step."""
+        off = [request_id for request_id in self.running if request_id not in on_shard]
+        dropped = [self.running[request_id] for request_id in off if self.running[request_id].alive]
         if dropped:
             logger.error(
                 "the shards dropped requests %s before they ended", [e.id for e in dropped]
@@ -233,14 +230,12 @@ class BatchLane:
             fail(
                 dropped, IncompleteGenerationError("the shards dropped the request before it ended")
             )
+        for request_id in off:
+            del self.running[request_id]
 
-    def _forget_ended(self, on_shard: set[int]) -> None:
-        """Forgets ended requests, but those whose rows the shards still hold (until filtered)."""
-        for request_id in [
-            request_id
-            for request_id, entry in self.running.items()
-            if not entry.alive and request_id not in on_shard
-        ]:
+    def _forget_ended(self) -> None:
+        """Forgets ended requests (before their rows are filtered from the shards' batch)."""
+        for request_id in [rid for rid, entry in self.running.items() if not entry.alive]:
             del self.running[request_id]
 
     # ---- generations to events ---------------------------------------------------------------
