@@ -6,6 +6,7 @@ activity (kernels inside CUDA graphs included), and where the GPU sat idle betwe
 from __future__ import annotations
 
 import bisect
+import collections
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -65,12 +66,13 @@ def time_by_call(
     is its own), or for "outside calls"."""
     ranges = sorted(ranges)
     starts = [start for start, _, _ in ranges]
-    kinds: dict[str, dict] = {}
+    kinds: dict[str, dict] = collections.defaultdict(
+        lambda: {"calls": 0, "gpu_s": 0.0, "classes_s": {}}
+    )
     for _, _, kind in ranges:
-        kinds.setdefault(kind, {"calls": 0, "gpu_s": 0.0, "classes_s": {}})["calls"] += 1
+        kinds[kind]["calls"] += 1
     for start, end, name in kernels:
-        kind = _innermost(ranges, starts, start, end)
-        entry = kinds.setdefault(kind, {"calls": 0, "gpu_s": 0.0, "classes_s": {}})
+        entry = kinds[_innermost(ranges, starts, start, end)]
         seconds = (end - start) / 1e6
         entry["gpu_s"] += seconds
         label = kernel_class(name)
