@@ -263,3 +263,11 @@ def stop_shards(processes: list[subprocess.Popen]) -> None:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def leave_process_group() -> None:
+    """A spawned test rank's last step: wait for every rank, then tear the group down. A rank
+    tearing gloo down while another still closes its side can abort it ("terminate called
+    without an active exception", SIGABRT; seen once in CI in test_fp8's two ranks)."""
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

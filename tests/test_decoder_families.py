@@ -15,6 +15,7 @@ from shardline.shards.utils.dist import init_distributed
 from tests.model_factory import DECODER_FAMILY_ARCHITECTURES, TinyModelSpec, build_tiny_model
 from tests.shard_harness import (
     JOINING_CHUNKED_LLM,
+    leave_process_group,
     llm_greedy,
     random_prompts,
     run_schedule,
@@ -78,7 +79,7 @@ def _rank_main(rank: int, port: int, dirs: dict[str, Path], out_dir: Path) -> No
         prompt_ids = prompts(model.config.vocab_size, 3, PROMPT_LENGTHS)
         fed = torch.load(out_dir / f"{arch}-fed.pt")
         torch.save(run_engine(model, prompt_ids, fed, BLOCK_SIZE), out_dir / f"{arch}{rank}.pt")
-    torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 def test_two_ranks_match_transformers(tmp_path: Path, family_dirs: dict[str, Path]) -> None:

@@ -29,6 +29,7 @@ from tests.fp8_checkpoints import (
     write_fp8_checkpoint,
 )
 from tests.model_factory import TinyModelSpec, build_tiny_model
+from tests.shard_harness import leave_process_group
 from tests.test_model_forward import prompts, run_engine, transformers_reference
 
 CPU = torch.device("cpu")
@@ -153,7 +154,7 @@ def _rank_main(
         for case in TP_CASES
     }
     torch.save(results, out_dir / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 def test_two_ranks_over_gloo_equal_one(tmp_path: Path, model_dirs, reference) -> None:

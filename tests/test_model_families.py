@@ -24,6 +24,7 @@ from shardline.shards.utils.dist import TPGroup, init_distributed
 from shardline.shards.utils.quantization import UnsupportedQuantizationError
 from tests.model_factory import LAYER_NORM_ARCHITECTURES, TinyModelSpec, build_tiny_model
 from tests.shard_harness import (
+    leave_process_group,
     random_prompts,
     run_schedule,
     staggered_arrivals,
@@ -190,7 +191,7 @@ def _rank_main(rank: int, stages: int, port: int, cases: dict[str, tuple], out_d
         logits[arch] = run_engine(model, prompt_ids, fed, 4)
     if tp.stage.is_last:
         torch.save(logits, out_dir / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 @pytest.mark.parametrize("stages", [1, 2])

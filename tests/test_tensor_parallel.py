@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from shardline.shards.utils.dist import TPGroup, init_distributed
 from shardline.shards.utils.weights import Weights
 from tests.model_factory import TinyModelSpec, build_tiny_model
+from tests.shard_harness import leave_process_group
 from tests.test_model_forward import load, prompts, run_engine, transformers_reference
 
 # 2 KV heads over 4 ranks are replicated; 381 vocabulary rows over 2 or 4 ranks need padding.
@@ -55,7 +56,7 @@ def _rank_main(
     tp = init_distributed(rank, world_size, "127.0.0.1", port, torch.device("cpu"))
     model = load(model_dir, tp)
     torch.save(run_engine(model, prompt_ids, fed, BLOCK_SIZE), out_dir / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
