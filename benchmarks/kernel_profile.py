@@ -1,11 +1,10 @@
 """GPU time of a run by kernel class (GEMM, attention, sampling, ...), by kernel and by engine
-call kind (prefill, mixed, decode: the ranges `StepLog` opens), from the torch profiler's CUDA
+call kind (prefill, mixed, decode: the calls `StepLog` marks, call_marks.py), from the torch profiler's CUDA
 activity (kernels inside CUDA graphs included), and where the GPU sat idle between its kernels
 (benchmarks/gpu_idle.py)."""
 
 from __future__ import annotations
 
-import bisect
 import collections
 import re
 import time
@@ -14,19 +13,24 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.call_marks import MARKER_KERNEL, CallMarks, kernels_by_call, recording
 from benchmarks.gpu_idle import gpu_idle
-from benchmarks.offline_floor import CALL_RANGE
 
 # First match wins; names are cuBLAS/CUTLASS GEMMs, this repository's Triton kernels, torch ops.
 KERNEL_CLASSES: tuple[tuple[str, re.Pattern], ...] = (
-    ("attention", re.compile(r"paged_decode|merge_splits|varlen_causal|flash|attn", re.I)),
+    (
+        "attention",
+        re.compile(
+            r"paged_decode|balanced_decode|merge_(splits|parts)|varlen_causal|flash|attn", re.I
+        ),
+    ),
     ("gemm", re.compile(r"gemm|gemv|nvjet|cutlass|xmma|cublas|matmul|sm90_", re.I)),
     (
         "sampling",
         re.compile(r"_chunk_kernel|_merge_kernel|sort|topk|softmax|argmax|multinom", re.I),
     ),
     ("kv write + rotary", re.compile(r"rotate_write_kv|rotary", re.I)),
-    ("norm + activation", re.compile(r"rms_norm|silu|norm", re.I)),
+    ("norm + activation", re.compile(r"rms_norm|silu|norm|act_and_mul|quantize_rows", re.I)),
     ("copies", re.compile(r"memcpy|memset|copy|cat|index|gather|scatter", re.I)),
 )
 
@@ -46,38 +50,22 @@ def device_kernels(events: Iterable) -> list[tuple[float, float, str]]:
     ]
 
 
-def call_ranges(events: Iterable) -> list[tuple[float, float, str]]:
-    """(start_us, end_us, kind) of the engine calls' ranges on the GPU's timeline (the profiler
-    stretches a range there over the kernels launched inside it)."""
-    return [
-        (event.time_range.start, event.time_range.end, event.name.removeprefix(CALL_RANGE))
-        for event in events
-        if event.device_type == torch.autograd.DeviceType.CUDA
-        and getattr(event, "is_user_annotation", False)
-        and event.name.startswith(CALL_RANGE)
-    ]
-
-
-def time_by_call(
-    kernels: list[tuple[float, float, str]], ranges: list[tuple[float, float, str]]
-) -> dict[str, dict]:
+def time_by_call(kernels: list[tuple[float, float, str]], marks: CallMarks) -> dict[str, dict]:
     """Per call kind: the calls, their kernels' GPU seconds and those by kernel class; a kernel
-    counts for the innermost range holding it (a decode launched ahead inside a prefill call
-    is its own), or for "outside calls"."""
-    ranges = sorted(ranges)
-    starts = [start for start, _, _ in ranges]
+    counts for the call whose marker precedes it (call_marks.py), a decode launched ahead inside
+    a call for itself. `markers` says whether every marker launched reached the timeline."""
     kinds: dict[str, dict] = collections.defaultdict(
         lambda: {"calls": 0, "gpu_s": 0.0, "classes_s": {}}
     )
-    for _, _, kind in ranges:
-        kinds[kind]["calls"] += 1
-    for start, end, name in kernels:
-        entry = kinds[_innermost(ranges, starts, start, end)]
+    for kind, calls in marks.calls.items():
+        kinds[kind]["calls"] = calls
+    for kind, (start, end, name) in kernels_by_call(kernels, marks):
+        entry = kinds[kind]
         seconds = (end - start) / 1e6
         entry["gpu_s"] += seconds
         label = kernel_class(name)
         entry["classes_s"][label] = entry["classes_s"].get(label, 0.0) + seconds
-    return {
+    by_call = {
         kind: {
             "calls": entry["calls"],
             "gpu_s": round(entry["gpu_s"], 3),
@@ -85,17 +73,9 @@ def time_by_call(
         }
         for kind, entry in sorted(kinds.items())
     }
-
-
-def _innermost(
-    ranges: list[tuple[float, float, str]], starts: list[float], start: float, end: float
-) -> str:
-    last = bisect.bisect_right(starts, start) - 1
-    # ranges nest one level deep: the last one opened before the kernel, or the one around it
-    for r_start, r_end, kind in reversed(ranges[max(last - 1, 0) : last + 1]):
-        if r_start <= start and end <= r_end:
-            return kind
-    return "outside calls"
+    seen = sum(MARKER_KERNEL in name for _, _, name in kernels)
+    by_call["markers"] = {"launched": len(marks.kinds), "seen": seen}
+    return by_call
 
 
 def kernel_profile(run: Callable[[], object], top: int = 25) -> dict:
@@ -103,7 +83,7 @@ def kernel_profile(run: Callable[[], object], top: int = 25) -> dict:
     time by engine call kind (time_by_call), and where the GPU sat idle (gpu_idle)."""
     torch.cuda.synchronize()
     started = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with recording() as marks, profile(activities=[ProfilerActivity.CUDA]) as prof:
         region_started = time.perf_counter()
         run()
         torch.cuda.synchronize()
@@ -113,6 +93,8 @@ def kernel_profile(run: Callable[[], object], top: int = 25) -> dict:
     intervals = device_kernels(events)
     kernels: dict[str, list[float]] = {}
     for start, end, name in intervals:
+        if MARKER_KERNEL in name:
+            continue
         entry = kernels.setdefault(name, [0, 0.0])
         entry[0] += 1
         entry[1] += (end - start) / 1e6  # microseconds
@@ -130,6 +112,6 @@ def kernel_profile(run: Callable[[], object], top: int = 25) -> dict:
             {"name": name[:120], "class": kernel_class(name), "calls": n, "s": round(s, 4)}
             for name, (n, s) in ranked
         ],
-        "by_call": time_by_call(intervals, call_ranges(events)),
+        "by_call": time_by_call(intervals, marks),
         "gpu_idle": gpu_idle(intervals, region),
     }

@@ -19,15 +19,9 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-import torch
-
+from benchmarks.call_marks import LAUNCHED_AHEAD, engine_call
 from benchmarks.random_model import head_dim, tensor_shapes
 
-# Each engine call runs under a profiler range of this prefix and its kind (prefill, mixed,
-# decode; a decode launched ahead inside another call its own), so that a kernel profile can
-# say which call's kernels took the GPU's time (kernel_profile.time_by_call)
-CALL_RANGE = "engine call: "
-LAUNCHED_AHEAD = "decode launched ahead"
 TAIL_ROWS = 32  # decode calls with fewer rows: the tail, where a few long requests run alone
 
 
@@ -164,7 +158,7 @@ class StepLog:
 
         def timed_launch(batch, tokens, ahead):
             wall, cpu = time.perf_counter(), time.thread_time()
-            with torch.profiler.record_function(CALL_RANGE + LAUNCHED_AHEAD):
+            with engine_call(LAUNCHED_AHEAD):
                 launched = launch_ahead(batch, tokens, ahead)
             wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
             log.launch = (wall, max(wall - cpu, 0.0))
@@ -175,7 +169,7 @@ class StepLog:
                 kind, rows, context, prompt, pairs = describe(request)
                 ahead = engine._ahead is not None
                 started = time.perf_counter()
-                with torch.profiler.record_function(CALL_RANGE + kind):
+                with engine_call(kind):
                     answer = call(request)
                 ended = time.perf_counter()
                 gap = 0.0 if log.last_end is None else started - log.last_end

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from benchmarks import kernel_profile as kernel_profile_module
+from benchmarks.call_marks import LAUNCHED_AHEAD, OUTSIDE, CallMarks, engine_call
 from benchmarks.gpu_idle import Gap, gap_buckets, gpu_idle, merged_gaps
 from benchmarks.kernel_profile import device_kernels, kernel_profile, time_by_call
-from benchmarks.offline_floor import CALL_RANGE, LAUNCHED_AHEAD
 
 
 def test_overlapping_and_touching_kernels_merge_into_one_busy_stretch():
@@ -171,47 +171,55 @@ def test_gap_sites_rank_kernel_pairs_by_idle_time_within_each_size():
     assert sites[">2ms"][0]["count"] == 1 and sites["0.2-2ms"] == []
 
 
-def test_time_by_call_counts_each_kernel_for_its_innermost_call_range():
+def test_time_by_call_counts_each_kernel_for_the_call_whose_marker_precedes_it():
     ms = 1000.0  # the profiler's microseconds
-    ranges = [
-        (0.0, 1000 * ms, "mixed"),
-        (600 * ms, 900 * ms, "decode launched ahead"),  # launched inside the mixed call
-        (1000 * ms, 1500 * ms, "decode"),
-    ]
+    marks = CallMarks()
+    marks.calls.update(["mixed", LAUNCHED_AHEAD, "decode"])
+    # a mixed call opens, a decode launched inside it opens and returns to it; a decode call
+    marks.kinds = ["mixed", LAUNCHED_AHEAD, "mixed", OUTSIDE, "decode", OUTSIDE]
     kernels = [
+        (0.0, 1.0, "void spin_kernel(long)"),
         (0.0, 400 * ms, "nvjet_gemm"),
         (400 * ms, 600 * ms, "_varlen_causal_kernel"),
-        (600 * ms, 800 * ms, "nvjet_gemm"),
+        (600 * ms, 601 * ms, "void spin_kernel(long)"),
+        (601 * ms, 800 * ms, "nvjet_gemm"),
         (800 * ms, 900 * ms, "_paged_decode_kernel"),
-        (900 * ms, 950 * ms, "rms_norm"),  # after the inner range, still in the mixed call
-        (1000 * ms, 1300 * ms, "nvjet_gemm"),
-        (2000 * ms, 2100 * ms, "memcpy"),  # no call around it
+        (900 * ms, 901 * ms, "void spin_kernel(long)"),
+        (901 * ms, 951 * ms, "_rms_norm_kernel"),  # after the inner call, still the mixed one's
+        (960 * ms, 961 * ms, "void spin_kernel(long)"),
+        (1000 * ms, 1001 * ms, "void spin_kernel(long)"),
+        (1001 * ms, 1301 * ms, "nvjet_gemm"),
+        (1400 * ms, 1401 * ms, "void spin_kernel(long)"),
+        (2000 * ms, 2100 * ms, "Memcpy DtoH"),  # no call around it
     ]
-    by_call = time_by_call(kernels, ranges)
+    by_call = time_by_call(list(reversed(kernels)), marks)  # any order: sorted by start
     assert by_call["mixed"] == {
         "calls": 1,
         "gpu_s": 0.65,
         "classes_s": {"attention": 0.2, "gemm": 0.4, "norm + activation": 0.05},
     }
-    assert by_call["decode launched ahead"]["classes_s"] == {"attention": 0.1, "gemm": 0.2}
+    assert by_call[LAUNCHED_AHEAD]["classes_s"] == {"attention": 0.1, "gemm": 0.199}
     assert by_call["decode"] == {"calls": 1, "gpu_s": 0.3, "classes_s": {"gemm": 0.3}}
-    assert by_call["outside calls"] == {"calls": 0, "gpu_s": 0.1, "classes_s": {"copies": 0.1}}
+    assert by_call[OUTSIDE] == {"calls": 0, "gpu_s": 0.1, "classes_s": {"copies": 0.1}}
+    assert by_call["markers"] == {"launched": 6, "seen": 6}
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_an_engine_call_range_holds_its_kernels_on_the_gpu_timeline():
+def test_an_engine_calls_markers_hold_its_kernels_on_the_gpu_timeline():
     a = torch.randn((2048, 2048), device="cuda")
 
     def run() -> None:
-        with torch.profiler.record_function(CALL_RANGE + "prefill"):
+        with engine_call("prefill"):
             a @ a
-            with torch.profiler.record_function(CALL_RANGE + LAUNCHED_AHEAD):
+            with engine_call(LAUNCHED_AHEAD):
                 a @ a
+            a @ a
         a @ a
         torch.cuda.synchronize()
 
     by_call = kernel_profile(run)["by_call"]
+    assert by_call["markers"] == {"launched": 4, "seen": 4}
     assert by_call["prefill"]["calls"] == 1 and by_call[LAUNCHED_AHEAD]["calls"] == 1
-    assert by_call["prefill"]["gpu_s"] > 0 and by_call[LAUNCHED_AHEAD]["gpu_s"] > 0
-    assert by_call["outside calls"]["gpu_s"] > 0
+    assert by_call["prefill"]["classes_s"]["gemm"] > by_call[LAUNCHED_AHEAD]["classes_s"]["gemm"]
+    assert by_call[OUTSIDE]["gpu_s"] > 0
