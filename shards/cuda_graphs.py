@@ -20,10 +20,12 @@ from shardline.shards.layers.attention.metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BUCKETS = (
-    *(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256),
-    *(288, 320, 352, 384, 448, 512),
-)
+# A step runs the graph of the smallest bucket holding its rows, padded: between 128 and 384
+# rows its GEMMs sit near the H100's ridge, where a padded row costs nearly what a real one
+# does. Buckets every 8 rows (not 32) took the 8B offline run from 10,855 / 10,882 to 11,236 /
+# 11,222 output tok/s in bf16 and 15,108 / 15,092 to 15,402 in FP8 (one H100, alternating;
+# benchmarks/RESULTS.md, session 14), for ~1.5 s more capture at warmup.
+DEFAULT_BUCKETS = (1, 2, 4, *range(8, 385, 8), 416, 448, 480, 512)
 
 
 @dataclass
