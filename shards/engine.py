@@ -153,12 +153,14 @@ class ShardEngine:
             raise
         generations = GenerationColumns()
         first = GenerationColumns()  # the new prompts' Generations: after the running batch's
-        batch = self._first_tokens(result, first)
+        # A running step launched ahead ran before the prompts' pass: its rows are advanced
+        # while that pass may still run on the device, before waiting for the first tokens.
+        kept = None
         if running is not None:
             step = (running_step or result.running_step).result()
             running.last_tokens = step.next_tokens
             kept = self._advance(running, step, generations)
-            batch = self._merge(kept, batch)
+        batch = self._merge(kept, self._first_tokens(result, first))
         generations.extend(first)
         if request.launch_next and batch is not None and self._may_launch_ahead(batch):
             # its tokens are recorded: the step after them, as a Decode's launch_next asks
