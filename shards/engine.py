@@ -23,7 +23,7 @@ from shardline.shards.batch import ShardBatch
 from shardline.shards.engine_facts import engine_info, engine_stats
 from shardline.shards.kv_cache import BlockAllocator, KVCacheExhaustedError
 from shardline.shards.lookahead import StepAhead, can_launch_ahead
-from shardline.shards.model_runner import ModelRunner, grow_blocks
+from shardline.shards.model_runner import Ahead, ModelRunner, grow_blocks
 from shardline.shards.models.config import ModelConfig
 from shardline.shards.prefix_cache import clear_prefix_cache, new_allocator
 from shardline.shards.prompt_chunks import (
@@ -151,22 +151,18 @@ class ShardEngine:
             for batch in cached:
                 self.batches[batch.id] = batch
             raise
+        joined, step, prompt_tokens = self._joined(running, running_step, result)
+        if request.launch_next and joined is not None and self._may_launch_ahead(joined):
+            # every row's next step, queued behind the prompts' pass before any token is read
+            new_rows = joined.size - (0 if running is None else running.size)
+            ahead = [1] * (joined.size - new_rows) + [0] * new_rows
+            self._ahead = self._launch(joined, joined.last_tokens, ahead=ahead)
         generations = GenerationColumns()
-        first = GenerationColumns()  # the new prompts' Generations: after the running batch's
-        # A running step launched ahead ran before the prompts' pass: its rows are advanced
-        # while that pass may still run on the device, before waiting for the first tokens.
-        kept = None
-        if running is not None:
-            step = (running_step or result.running_step).result()
-            running.last_tokens = step.next_tokens
-            kept = self._advance(running, step, generations)
-        batch = self._merge(kept, self._first_tokens(result, first))
-        generations.extend(first)
-        if request.launch_next and batch is not None and self._may_launch_ahead(batch):
-            # its tokens are recorded: the step after them, as a Decode's launch_next asks
-            self._ahead = self._launch(batch, batch.last_tokens, ahead=0)
+        batch = None
+        if joined is not None and step is not None:
+            batch = self._advance(joined, step.result(), generations, prompt_tokens)
         cached_batch = None if batch is None else batch.to_proto()
-        decode_ns = result.step.sample_ns if result.step else 0
+        decode_ns = result.step.result().sample_ns if result.step else 0
         timings = answers.Timings(result.forward_ns, decode_ns, time.perf_counter_ns() - started)
         return answers.StepResult(generations, cached_batch, timings, refused, result.cached_tokens)
 
@@ -184,17 +180,36 @@ class ShardEngine:
         )
         return answers.StepResult(answer.generations, answer.batch, timings, refused)
 
-    def _first_tokens(
-        self, result: PrefillPass, generations: GenerationColumns
-    ) -> ShardBatch | None:
-        """The batch of the prompts a prefill completed; their Generations go to `generations`."""
-        if result.batch is None or result.step is None:
-            return None
-        prompt_tokens = prompt_tokens_by_row(
-            result.requests, result.prompt_logprobs, result.sampled_from
-        )
-        start_beam_searches(result.batch, result.requests, prompt_tokens)
-        return self._advance(result.batch, result.step, generations, prompt_tokens)
+    def _joined(
+        self, running: ShardBatch | None, running_step: PendingStep | None, result: PrefillPass
+    ) -> tuple[ShardBatch | None, PendingStep | None, dict[int, Tokens]]:
+        """The running rows (their step launched ahead, or run in the prompts' pass) and the
+        rows of the prompts the pass completed, as one batch under the running id, before any
+        token is recorded; its step, and the new prompts' logprobs by its rows."""
+        parts: list[ShardBatch] = []
+        steps: list[PendingStep] = []
+        if running is not None:
+            parts.append(running)
+            steps.append(running_step or result.running_step)
+        prompt_tokens: dict[int, Tokens] = {}
+        if result.batch is not None and result.step is not None:
+            by_row = prompt_tokens_by_row(
+                result.requests, result.prompt_logprobs, result.sampled_from
+            )
+            start_beam_searches(result.batch, result.requests, by_row)
+            offset = 0 if running is None else running.size
+            prompt_tokens = {offset + row: tokens for row, tokens in by_row.items()}
+            parts.append(result.batch)
+            steps.append(result.step)
+        if not parts:
+            return None, None, prompt_tokens
+        if self.tp.stage.size > 1:  # a stage but the last records the tokens as they arrive
+            for step in steps:
+                step.result()
+        joined = ShardBatch.concatenate(parts)
+        step = PendingStep.concatenate(steps)
+        joined.last_tokens = step.next_tokens
+        return joined, step, prompt_tokens
 
     def _running_step(
         self, cached: list[ShardBatch]
@@ -231,14 +246,6 @@ class ShardEngine:
                 logprobs = result.chunk_logprobs.get(row, [])
                 self._partial.put(chunk.request.id, chunk.partial(logprobs))
         return result
-
-    def _merge(self, kept: ShardBatch | None, new: ShardBatch | None) -> ShardBatch | None:
-        """One cached batch of the running rows kept and the new ones, under the running id."""
-        if kept is None or new is None:
-            return kept or new
-        merged = ShardBatch.concatenate([self.batches.pop(kept.id), self.batches.pop(new.id)])
-        self.batches[merged.id] = merged
-        return merged
 
     def _pop_batches(self, cached: Sequence[pb.CachedBatch]) -> list[ShardBatch]:
         """All the named batches, or none taken and an error naming one that is missing."""
@@ -333,7 +340,7 @@ class ShardEngine:
     def _may_launch_ahead(self, batch: ShardBatch) -> bool:
         return self.tp.stage.size == 1 and can_launch_ahead(batch)
 
-    def _launch(self, batch: ShardBatch, tokens: torch.Tensor, ahead: int) -> StepAhead | None:
+    def _launch(self, batch: ShardBatch, tokens: torch.Tensor, ahead: Ahead) -> StepAhead | None:
         """The decode step of `batch` on `tokens`, `ahead` of its recorded ones, launched before
         the router asks for it."""
         try:

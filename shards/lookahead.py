@@ -2,8 +2,10 @@
 
 While the host reads step N's tokens back, answers and waits for the router's next call, step
 N+1 already runs on the device. The next Decode takes the rows it names from that step. A
-Prefill asked to (`launch_next`) launches its answer's first decode step once its tokens are
-recorded, so the device works while the router handles the new requests' first tokens.
+Prefill asked to (`launch_next`) launches the next step of every row it answers (the running
+rows one step past the one in flight, the new prompts at their first token) right behind its
+forward pass, before reading any token back, so the device goes on while the host records the
+tokens and the router handles the new requests' first ones.
 """
 
 from __future__ import annotations

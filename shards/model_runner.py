@@ -9,13 +9,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shardline.shards.batch import ShardBatch
+from shardline.shards.batch import SequenceState, ShardBatch
 from shardline.shards.cuda_graphs import DecodeGraphs
 from shardline.shards.kv_cache import BlockAllocator, KVCache
 from shardline.shards.layers.attention.metadata import AttentionMetadata
 from shardline.shards.sampling.sampling import Sampler, SamplingState
 from shardline.shards.stage_outputs import share_prompt_logprobs, share_sampled, step_on_arrival
-from shardline.shards.step_result import PendingStep, StepResult, pending_step
+from shardline.shards.step_result import PendingStep, pending_step
 from shardline.shards.utils.pipeline import SINGLE_STAGE, PipelineStage
 from shardline.shards.utils.transfer import to_device
 
@@ -36,7 +36,7 @@ class PrefillOutput:
     """A prefill pass: the first tokens of the prompts it completed (None: it completed none),
     the running batch's decode step, each chunk's prompt logprobs by row."""
 
-    step: StepResult | None
+    step: PendingStep | None
     running_step: PendingStep | None
     prompt_logprobs: dict[int, list[float]]
     forward_ns: int
@@ -140,7 +140,7 @@ class ModelRunner:
             rows = None if logits is None else logits[:decoded]
             decode = self._sample(rows, running.sampling, started, forward_done)
         return PrefillOutput(
-            step=None if step is None else step.result(),
+            step=step,
             running_step=decode,
             prompt_logprobs=prompt_logprobs,
             forward_ns=forward_done - started,
@@ -166,14 +166,12 @@ class ModelRunner:
         return input_ids, torch.cat([positions, prompt_positions])
 
     @torch.inference_mode()
-    def decode(self, batch: ShardBatch, input_ids: torch.Tensor, ahead: int = 0) -> PendingStep:
+    def decode(self, batch: ShardBatch, input_ids: torch.Tensor, ahead: Ahead = 0) -> PendingStep:
         """Launches one decode step of `batch` on `input_ids` (device or host), each sequence at
         position `num_cached + ahead`: `ahead=1` runs the step after the one in flight, whose
         tokens are `input_ids`, before the host has seen them."""
         started = time.perf_counter_ns()
-        positions = torch.tensor(
-            [seq.num_cached + ahead for seq in batch.sequences], dtype=torch.long
-        )
+        positions = torch.tensor(step_positions(batch.sequences, ahead), dtype=torch.long)
         slots = self._slots(batch.block_table, torch.arange(batch.size), positions)
         context_lens = (positions + 1).to(torch.int32)
         if self.graphs is not None and self.graphs.fits(batch.size, batch.block_table.shape[1]):
@@ -265,15 +263,27 @@ def _concatenated_ids(chunks: list[PromptChunk], total: int) -> torch.Tensor:
     return torch.from_numpy(np.fromiter(ids, dtype=np.int64, count=total))
 
 
+# How far past its cached tokens each row's next input sits: one offset for the batch, or one
+# per row (a prefill's joined step: 1 for rows decoding a step in flight, 0 for new prompts).
+Ahead = int | list[int]
+
+
+def step_positions(sequences: list[SequenceState], ahead: Ahead) -> list[int]:
+    if isinstance(ahead, int):
+        return [seq.num_cached + ahead for seq in sequences]
+    return [seq.num_cached + offset for seq, offset in zip(sequences, ahead, strict=True)]
+
+
 def grow_blocks(
-    batch: ShardBatch, allocator: BlockAllocator, block_size: int, ahead: int = 0
+    batch: ShardBatch, allocator: BlockAllocator, block_size: int, ahead: Ahead = 0
 ) -> None:
     """Gives every sequence whose token at `num_cached + ahead` starts a new block that block,
     all or nothing."""
+    positions = step_positions(batch.sequences, ahead)
     needy = [
         row
-        for row, seq in enumerate(batch.sequences)
-        if (seq.num_cached + ahead) // block_size >= len(seq.blocks)
+        for row, (seq, position) in enumerate(zip(batch.sequences, positions, strict=True))
+        if position // block_size >= len(seq.blocks)
     ]
     if not needy:
         return

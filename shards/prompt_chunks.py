@@ -23,7 +23,7 @@ from shardline.shards.prefix_cache import remember_prompt, reuse_cached_prefix
 from shardline.shards.request_checks import InvalidRequestError
 from shardline.shards.sampling.sampling import SamplingState
 from shardline.shards.sequences.samples import sampling_rows
-from shardline.shards.step_result import PendingStep, StepResult
+from shardline.shards.step_result import PendingStep
 
 
 @dataclass
@@ -83,7 +83,7 @@ class PrefillPass:
 
     requests: list[pb.Request]  # those whose prompts the pass completed
     sampled_from: list[int]  # for each sampling row, the request (of `requests`) it samples after
-    step: StepResult | None
+    step: PendingStep | None  # the completed prompts' first tokens
     running_step: PendingStep | None  # the running batch's step, run in the same pass
     chunk_logprobs: dict[int, list[float]]  # by chunk row, the pass's own prompt logprobs
     forward_ns: int
