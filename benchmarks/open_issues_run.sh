@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# What the open issues still need from one GPU (after session 13, benchmarks/RESULTS.md), in
-# priority order under one budget: the GPU tests (gpu_bench_tests holds the check that a
-# profile's call ranges land on the GPU timeline); the kernel profiles, now split by call kind
+# What the open issues still need from one GPU (after session 14, benchmarks/RESULTS.md), in
+# priority order under one budget: the GPU tests (gpu_tests: the split decode kernel reading
+# several KV heads a program, the Prefill's joined step launched ahead); the split decode
+# kernel with several KV heads a program against today's tilings (attention_kv_heads: the FP8
+# run's decode attention reads at ~50 % of copy); the kernel profiles, now split by call kind
 # with the GEMM and attention rates achieved (where the bf16 run's prefill and mixed calls lose
 # ~1.4 s against their floor, and the FP8 run's decode attention ~1.6 s); the paced offline run
 # beside the served ones (fcfs and --scheduling-policy paced); the FP8 + FP8-KV offline run
@@ -17,8 +19,8 @@ deadline=$((SECONDS + ${2:-560}))
 only=${3:-}
 out=${OUT:-/tmp/open}
 source "$(dirname "$0")/bench_steps.sh"
-step gpu_tests 300 bash benchmarks/gpu_tests.sh 100 tests/test_triton_fp8_activations.py \
-    tests/test_gpu_fp8.py tests/test_gpu_engine.py
+step gpu_tests 400 bash benchmarks/gpu_tests.sh 100 tests/test_triton_attention.py \
+    tests/test_triton_alibi.py tests/test_gpu_fp8.py tests/test_gpu_engine.py
 step gpu_bench_tests 60 bash benchmarks/gpu_tests.sh 50 tests/test_triton_attention_bench.py \
     tests/test_gpu_idle.py
 fp8_kv=(--quantize fp8 --kv-cache-dtype fp8_e4m3fn)
@@ -36,6 +38,13 @@ step served_8b 260 python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-s
 # served against offline_paced with one admission rule
 step served_8b_paced 200 python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-shards 1 \
     --workload "$work" --scheduling-policy paced --json "$out/served_8b_paced.json"
+# the split decode kernel reading 2, 4 or 8 KV heads a program (a key's heads one contiguous
+# run, half as many programs per halving) against today's tilings, FP8 and bf16 caches
+heads_mixed=(python3 -m benchmarks.attention_kernels --no-prefill --batches 64,128,256,512
+    --contexts 2048 --lengths mixed --workload "$work" --orders random --splits 1)
+step attention_kv_heads 200 bash -c "${heads_mixed[*]} --balanced '' --kv-dtype fp8_e4m3fn \
+    --configs n128w4s5,n64w4s5h2,n32w4s5h4,n16w4s5h8,n64w8s5h2 && ${heads_mixed[*]} \
+    --balanced '' --kv-dtype bf16 --configs n64w4s5,n32w4s5h2,n16w4s5h4"
 fp8_mixed=(python3 -m benchmarks.attention_kernels --no-prefill --batches 64,128,256,512
     --contexts 2048 --lengths mixed --workload "$work" --orders random --kv-dtype fp8_e4m3fn)
 step attention_fp8 150 bash -c "${fp8_mixed[*]} --splits 1 --balanced '' --configs \

@@ -73,6 +73,18 @@ def test_decode_alibi_with_window() -> None:
     _assert_close_rows(out, case.reference(slopes), DTYPES[0])
 
 
+def test_decode_alibi_window_and_several_kv_heads_a_program() -> None:
+    case = PagedCase(CONTEXTS, 8, 2, 64, DTYPES[0])
+    case.slide(37)
+    slopes = _slopes(8)
+    _poison_allocator()
+    out = paged_decode_attention(
+        case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale,
+        DecodeConfig(block_n=16, kv_heads=2), SplitPlan(3), window=37, alibi_slopes=slopes,
+    )  # fmt: skip
+    _assert_close_rows(out, case.reference(slopes), DTYPES[0])
+
+
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), ALIBI_HEADS)
 @pytest.mark.parametrize("dtype", [DTYPES[0], torch.float32])
 def test_prefill_alibi(dtype: torch.dtype, num_heads: int, num_kv_heads: int) -> None:
