@@ -73,14 +73,15 @@ def triton_compiled_since(started: float) -> list[str]:
 
 def offline_run(
     llm: LLM,
-    model_dir: Path,
     pairs: list,
     vocab: int,
-    ceilings: dict,
+    shape: ModelShape,
+    ceil: Ceilings,
     warm_at: float,
     submission: str,
 ) -> tuple[dict, list[tuple[str, str, str]]]:
-    """The whole workload at once, against the floor of its work (benchmarks/offline_floor.py)."""
+    """The whole workload at once, against the floor of its work (benchmarks/offline_floor.py)
+    for the model `shape` as the run stores it, at the device's ceilings `ceil`."""
     torch.cuda.reset_peak_memory_stats()
     requests = offline_requests(llm, pairs, vocab, submission)
     with ClockSampler() as clocks:
@@ -90,8 +91,6 @@ def offline_run(
     offline["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     offline["compiled_after_warmup"] = triton_compiled_since(warm_at)
     print(json.dumps({"compiled_after_warmup": offline["compiled_after_warmup"]}), flush=True)
-    shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
-    ceil = Ceilings.of(ceilings)
     offline["floor"] = workload_floor(shape, pairs, ceil)
     offline["phases"] = phase_breakdown(calls, elapsed, shape, ceil) if calls else {}
     at_clock = floors_at_run_clock(clocks.summary(), shape, pairs, calls, elapsed, ceil)
@@ -330,13 +329,14 @@ def main() -> None:
                     f"8k TTFT {stall['long_prompt_ttft_ms']:.0f} ms",
                 )
             )
+    shape = stored_shape(model_dir, args)
     if "offline" in modes:
+        ceil = Ceilings.of(ceilings, fp8_linears=bool(args.quantize))
         results["offline"], rows = offline_run(
-            llm, model_dir, pairs, vocab, ceilings, warm_at, submission=args.submission
+            llm, pairs, vocab, shape, ceil, warm_at, submission=args.submission
         )
         table += rows
     if "profile" in modes:
-        shape = stored_shape(model_dir, args)
         results["profile"] = profile_offline(llm, pairs, vocab, args.submission, shape)
     if "hf" in modes:
         llm = None

@@ -93,9 +93,11 @@ class ClockSampler:
 
 
 def scaled_ceilings(ceil: Ceilings, clocks: dict) -> Ceilings:
-    """The matmul ceiling at the run's mean SM clock (the burst that measured it ran at the
+    """The matmul ceilings at the run's mean SM clock (the burst that measured them ran at the
     maximum); the copy ceiling as it was (HBM keeps its clock under the power cap)."""
-    return Ceilings(ceil.matmul_flops * clocks["mean_sm_mhz"] / clocks["max_sm_mhz"], ceil.bytes_s)
+    share = clocks["mean_sm_mhz"] / clocks["max_sm_mhz"]
+    linear = None if ceil.linear_flops is None else ceil.linear_flops * share
+    return Ceilings(ceil.matmul_flops * share, ceil.bytes_s, linear)
 
 
 def floors_at_run_clock(

@@ -1,7 +1,8 @@
 """The hardware floor of an offline run, and where the measured run's time went against it.
 
 The floor of a workload (no schedule can beat it): every linear layer's FLOPs for every token
-at the device's measured matmul rate, plus causal prefill attention's FLOPs at that rate, plus
+at the device's measured matmul rate (FP8's for FP8 projections), with its weights and KV cache
+in the bytes the run stores them in, plus causal prefill attention's FLOPs at that rate, plus
 every decode step's KV-cache reads at the measured copy bandwidth; no run is shorter than its
 longest request's chain of sequential steps, each of which reads every weight once.
 
@@ -59,6 +60,12 @@ class ModelShape:
     def gemm_flops(self, tokens: int, logit_rows: int) -> float:
         return 2.0 * (self.linear_params * tokens + self.lm_head_params * logit_rows)
 
+    def gemm_seconds(self, tokens: int, logit_rows: int, ceil: Ceilings) -> float:
+        """The decoder projections at the linear layers' rate (FP8's for `--quantize fp8`), the
+        LM head at the 16-bit one."""
+        linear = 2.0 * self.linear_params * tokens / ceil.linear_rate
+        return linear + 2.0 * self.lm_head_params * logit_rows / ceil.matmul_flops
+
     def attention_flops(self, query_key_pairs: float) -> float:
         """QK^T and PV over every (query, visible key) pair, all layers and heads."""
         return 4.0 * self.layers * self.heads * self.head_dim * query_key_pairs
@@ -71,12 +78,20 @@ def causal_pairs(prefix: int, new: int) -> int:
 
 @dataclass(frozen=True)
 class Ceilings:
-    matmul_flops: float
+    matmul_flops: float  # 16-bit
     bytes_s: float
+    linear_flops: float | None = None  # the decoder projections' when not 16-bit (FP8)
+
+    @property
+    def linear_rate(self) -> float:
+        return self.linear_flops or self.matmul_flops
 
     @classmethod
-    def of(cls, measured: dict) -> Ceilings:
-        return cls(measured["matmul_flops"], measured["copy_bytes_s"])
+    def of(cls, measured: dict, fp8_linears: bool = False) -> Ceilings:
+        """roofline.device_ceilings' numbers; with `fp8_linears` the projections at its FP8
+        rate (one without it, on a GPU with no FP8 GEMM, prices them at the 16-bit one)."""
+        linear = measured.get("fp8_matmul_flops") if fp8_linears else None
+        return cls(measured["matmul_flops"], measured["copy_bytes_s"], linear)
 
 
 def workload_floor(shape: ModelShape, pairs: list[tuple[int, int]], ceil: Ceilings) -> dict:
@@ -87,7 +102,7 @@ def workload_floor(shape: ModelShape, pairs: list[tuple[int, int]], ceil: Ceilin
     # Decode step j of a request reads its prompt and the j tokens generated so far.
     kv_reads = sum((n_out - 1) * n_in + n_out * (n_out - 1) // 2 for n_in, n_out in pairs)
     prefill_pairs = sum(causal_pairs(0, n_in) for n_in, _ in pairs)
-    gemm_s = shape.gemm_flops(prompt + decode_inputs, output) / ceil.matmul_flops
+    gemm_s = shape.gemm_seconds(prompt + decode_inputs, output, ceil)
     prefill_attention_s = shape.attention_flops(prefill_pairs) / ceil.matmul_flops
     kv_read_s = kv_reads * shape.kv_bytes_per_token / ceil.bytes_s
     chain_s = max(n_out for _, n_out in pairs) * shape.weight_bytes / ceil.bytes_s
@@ -124,8 +139,8 @@ class Call:
 
     def floor_s(self, shape: ModelShape, ceil: Ceilings) -> float:
         logit_rows = self.decode_rows + (1 if self.prompt_tokens else 0)
-        gemm = shape.gemm_flops(self.decode_rows + self.prompt_tokens, logit_rows)
-        weights_or_gemm = max(gemm / ceil.matmul_flops, shape.weight_bytes / ceil.bytes_s)
+        gemm = shape.gemm_seconds(self.decode_rows + self.prompt_tokens, logit_rows, ceil)
+        weights_or_gemm = max(gemm, shape.weight_bytes / ceil.bytes_s)
         attention = shape.attention_flops(self.prompt_pairs) / ceil.matmul_flops
         kv = self.context_tokens * shape.kv_bytes_per_token / ceil.bytes_s
         return weights_or_gemm + attention + kv

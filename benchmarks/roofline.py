@@ -1,4 +1,4 @@
-"""The device's measured ceilings (copy bandwidth, bf16 matmul rate) and a decode step's
+"""The device's measured ceilings (copy bandwidth, bf16 and FP8 matmul rates) and a decode step's
 roofline from them: the bound the engine benchmarks compare their steps with."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from benchmarks.random_model import head_dim, tensor_shapes
 
 
 def device_ceilings() -> dict:
-    """Measured copy bandwidth (bytes read + written) and bf16 matmul rate."""
+    """Measured copy bandwidth (bytes read + written), bf16 matmul rate and (compute capability
+    8.9 and up) FP8 `_scaled_mm` rate."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     for _ in range(3):
@@ -35,7 +36,31 @@ def device_ceilings() -> dict:
         a @ a
     torch.cuda.synchronize()
     flops = 10 * 2 * 8192**3 / (time.perf_counter() - started)
-    return {"copy_bytes_s": bandwidth, "matmul_flops": flops}
+    ceilings = {"copy_bytes_s": bandwidth, "matmul_flops": flops}
+    if torch.cuda.get_device_capability() >= (8, 9):
+        ceilings["fp8_matmul_flops"] = _fp8_matmul_flops(a)
+    return ceilings
+
+
+def _fp8_matmul_flops(a: torch.Tensor) -> float:
+    """The rate of `--quantize fp8`'s GEMM (torch._scaled_mm, row-wise scales, bf16 out)."""
+    q = a.to(torch.float8_e4m3fn)
+    rows = torch.ones((q.shape[0], 1), device=q.device)
+    cols = torch.ones((1, q.shape[0]), device=q.device)
+
+    def product() -> torch.Tensor:
+        return torch._scaled_mm(
+            q, q.t(), scale_a=rows, scale_b=cols, out_dtype=torch.bfloat16, use_fast_accum=True
+        )
+
+    for _ in range(3):
+        product()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(10):
+        product()
+    torch.cuda.synchronize()
+    return 10 * 2 * q.shape[0] ** 3 / (time.perf_counter() - started)
 
 
 def roofline_step_ms(

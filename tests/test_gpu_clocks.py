@@ -77,6 +77,8 @@ def test_sampler_without_nvidia_smi_samples_nothing(tmp_path, monkeypatch):
 
 def test_floors_at_half_clock_double_compute_and_keep_bytes():
     assert scaled_ceilings(UNIT, HALF_CLOCK) == Ceilings(matmul_flops=0.5e12, bytes_s=1e12)
+    fp8 = Ceilings(matmul_flops=1e12, bytes_s=1e12, linear_flops=2e12)
+    assert scaled_ceilings(fp8, HALF_CLOCK).linear_flops == 1e12
     decode = Call("decode", decode_rows=4, prompt_tokens=0, context_tokens=100, prompt_pairs=0,
                   seconds=1.0)  # fmt: skip
     prefill = Call("prefill", decode_rows=0, prompt_tokens=8192, context_tokens=0,

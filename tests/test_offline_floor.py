@@ -48,6 +48,20 @@ def test_call_floor_is_weight_bound_small_and_compute_bound_large():
     assert causal_pairs(prefix=2, new=3) == 3 * 2 + 6
 
 
+def test_fp8_projections_run_at_the_fp8_rate_and_the_lm_head_at_the_16_bit_one():
+    measured = {"matmul_flops": 1e12, "copy_bytes_s": 1e12, "fp8_matmul_flops": 2e12}
+    fp8 = Ceilings.of(measured, fp8_linears=True)
+    assert fp8 == Ceilings(matmul_flops=1e12, bytes_s=1e12, linear_flops=2e12)
+    assert Ceilings.of(measured) == UNIT  # a bf16 run's projections: the 16-bit rate
+    no_fp8_gemm = Ceilings.of({"matmul_flops": 1e12, "copy_bytes_s": 1e12}, fp8_linears=True)
+    assert no_fp8_gemm.linear_rate == 1e12
+    seconds = SHAPE_8B.gemm_seconds(tokens=10, logit_rows=2, ceil=fp8)
+    expected = 2 * SHAPE_8B.linear_params * 10 / 2e12 + 2 * SHAPE_8B.lm_head_params * 2 / 1e12
+    assert seconds == pytest.approx(expected)
+    big = Call("decode", 4096, 0, 0, 0, 0.0)
+    assert big.floor_s(SHAPE_8B, fp8) == pytest.approx(SHAPE_8B.gemm_seconds(4096, 4096, fp8))
+
+
 def test_step_log_records_every_engine_call(llm, tiny_llama_dir):
     shape = ModelShape.from_config(json.loads((tiny_llama_dir / "config.json").read_text()))
     log = StepLog.attach(llm._shards.engine)
