@@ -50,14 +50,17 @@ def test_decode_matches_reference(
     dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int, splits: str | int
 ) -> None:
     case = PagedCase(MIXED_CONTEXTS, num_heads, num_kv_heads, head_dim, dtype)
-    config = DecodeConfig()
+    _assert_decodes_as_reference(case, DecodeConfig(), splits)
+
+
+def _assert_decodes_as_reference(case: PagedCase, config: DecodeConfig, splits: str | int) -> None:
     plan = None if splits == "auto" else SplitPlan(int(splits))
     _poison_allocator()
     out = paged_decode_attention(
         case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale,
         config, plan,
     )  # fmt: skip
-    _assert_close_rows(out, case.reference(), dtype)
+    _assert_close_rows(out, case.reference(), case.q.dtype)
 
 
 @pytest.mark.parametrize("page_size", [1, 16, 48])
@@ -81,14 +84,7 @@ def test_decode_reading_several_kv_heads_a_program_matches_reference(
     """A program scores the query heads of `kv_heads` KV heads together, each against its own
     KV head's keys alone (GQA groups of 1, 4 and 4)."""
     case = PagedCase(MIXED_CONTEXTS, num_heads, num_kv_heads, 64, DTYPES[0])
-    config = DecodeConfig(block_n=16, kv_heads=kv_heads)
-    plan = None if splits == "auto" else SplitPlan(int(splits))
-    _poison_allocator()
-    out = paged_decode_attention(
-        case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale,
-        config, plan,
-    )  # fmt: skip
-    _assert_close_rows(out, case.reference(), DTYPES[0])
+    _assert_decodes_as_reference(case, DecodeConfig(block_n=16, kv_heads=kv_heads), splits)
 
 
 def test_decode_refuses_kv_heads_that_do_not_divide_the_cache_heads() -> None:
