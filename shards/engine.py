@@ -154,8 +154,8 @@ class ShardEngine:
         joined, step, prompt_tokens = self._joined(running, running_step, result)
         if request.launch_next and joined is not None and self._may_launch_ahead(joined):
             # every row's next step, queued behind the prompts' pass before any token is read
-            new_rows = joined.size - (0 if running is None else running.size)
-            ahead = [1] * (joined.size - new_rows) + [0] * new_rows
+            running_rows = 0 if running is None else running.size
+            ahead = [1] * running_rows + [0] * (joined.size - running_rows)
             self._ahead = self._launch(joined, joined.last_tokens, ahead=ahead)
         generations = GenerationColumns()
         batch = None
@@ -332,8 +332,8 @@ class ShardEngine:
             parts.append(ahead.select([seq for b in covered for seq in b.sequences]))
         if fresh:
             batch = ShardBatch.concatenate(fresh)
-            grow_blocks(batch, self._require_allocator(), self.settings.block_size)
-            parts.append(self.runner.decode(batch, batch.last_tokens))
+            positions = grow_blocks(batch, self._require_allocator(), self.settings.block_size)
+            parts.append(self.runner.decode(batch, batch.last_tokens, positions))
             covered = [*covered, batch]
         return ShardBatch.concatenate(covered), PendingStep.concatenate(parts)
 
@@ -343,11 +343,12 @@ class ShardEngine:
     def _launch(self, batch: ShardBatch, tokens: torch.Tensor, ahead: Ahead) -> StepAhead | None:
         """The decode step of `batch` on `tokens`, `ahead` of its recorded ones, launched before
         the router asks for it."""
+        allocator = self._require_allocator()
         try:
-            grow_blocks(batch, self._require_allocator(), self.settings.block_size, ahead=ahead)
+            positions = grow_blocks(batch, allocator, self.settings.block_size, ahead=ahead)
         except KVCacheExhaustedError:
             return None  # the next Decode runs its step then, or the router preempts
-        return StepAhead(self.runner.decode(batch, tokens, ahead=ahead), batch.sequences)
+        return StepAhead(self.runner.decode(batch, tokens, positions), batch.sequences)
 
     def filter_batch(self, request: pb.FilterBatchRequest) -> pb.FilterBatchResponse:
         self._complete_held()

@@ -166,12 +166,14 @@ class ModelRunner:
         return input_ids, torch.cat([positions, prompt_positions])
 
     @torch.inference_mode()
-    def decode(self, batch: ShardBatch, input_ids: torch.Tensor, ahead: Ahead = 0) -> PendingStep:
-        """Launches one decode step of `batch` on `input_ids` (device or host), each sequence at
-        position `num_cached + ahead`: `ahead=1` runs the step after the one in flight, whose
-        tokens are `input_ids`, before the host has seen them."""
+    def decode(
+        self, batch: ShardBatch, input_ids: torch.Tensor, positions: list[int]
+    ) -> PendingStep:
+        """Launches one decode step of `batch` on `input_ids` (device or host) at each row's
+        position (`grow_blocks` gives them: a row `ahead` of its recorded tokens runs the step
+        after the one in flight, whose tokens are `input_ids`, before the host has seen them)."""
         started = time.perf_counter_ns()
-        positions = torch.tensor(step_positions(batch.sequences, ahead), dtype=torch.long)
+        positions = torch.tensor(positions, dtype=torch.long)
         slots = self._slots(batch.block_table, torch.arange(batch.size), positions)
         context_lens = (positions + 1).to(torch.int32)
         if self.graphs is not None and self.graphs.fits(batch.size, batch.block_table.shape[1]):
@@ -276,9 +278,9 @@ def step_positions(sequences: list[SequenceState], ahead: Ahead) -> list[int]:
 
 def grow_blocks(
     batch: ShardBatch, allocator: BlockAllocator, block_size: int, ahead: Ahead = 0
-) -> None:
+) -> list[int]:
     """Gives every sequence whose token at `num_cached + ahead` starts a new block that block,
-    all or nothing."""
+    all or nothing; returns those positions, the decode step's (ModelRunner.decode)."""
     positions = step_positions(batch.sequences, ahead)
     needy = [
         row
@@ -286,7 +288,7 @@ def grow_blocks(
         if position // block_size >= len(seq.blocks)
     ]
     if not needy:
-        return
+        return positions
     for row in needy:
         seq = batch.sequences[row]
         if len(seq.blocks) >= batch.block_table.shape[1]:
@@ -296,3 +298,4 @@ def grow_blocks(
         seq = batch.sequences[row]
         batch.block_table[row, len(seq.blocks)] = block
         seq.blocks.append(block)
+    return positions

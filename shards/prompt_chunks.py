@@ -18,7 +18,7 @@ import torch
 from shardline.proto import generate_pb2 as pb
 from shardline.shards.batch import SequenceState, ShardBatch, build_block_table
 from shardline.shards.kv_cache import BlockAllocator, KVCacheExhaustedError
-from shardline.shards.model_runner import ModelRunner, PromptChunk
+from shardline.shards.model_runner import ModelRunner, PromptChunk, step_positions
 from shardline.shards.prefix_cache import remember_prompt, reuse_cached_prefix
 from shardline.shards.request_checks import InvalidRequestError
 from shardline.shards.sampling.sampling import SamplingState
@@ -107,7 +107,10 @@ def run_prefill_pass(
     computed = [row for row, chunk in enumerate(chunks) if chunk.computes]
     cached = {chunk.request.id: chunk.cached for chunk in chunks if chunk.looked_up}
     if not computed:
-        running_step = None if running is None else runner.decode(running, running.last_tokens)
+        running_step = None
+        if running is not None:  # its blocks are grown (ShardEngine._running_step)
+            positions = step_positions(running.sequences, 0)
+            running_step = runner.decode(running, running.last_tokens, positions)
         return PrefillPass([], [], None, running_step, {}, forward_ns=0, cached_tokens=cached)
     runner_row = {row: index for index, row in enumerate(computed)}
     finishing = [row for row, chunk in enumerate(chunks) if chunk.completes]
