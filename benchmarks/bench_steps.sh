@@ -18,7 +18,7 @@ step() {  # name, seconds at most, command...
     shift 2
     if [[ -n $only && ",$only," != *",$name,"* ]]; then return; fi
     if ((left < 30)); then echo "== $name skipped: the run's budget is spent"; return; fi
-    [[ $name == gpu_tests ]] || write_m8
+    [[ $name == gpu_* ]] || write_m8  # the test runs write their own models
     timeout $((limit < left ? limit : left)) "$@" >"$out/$name.log" 2>&1
     echo "== $name (exit $?)"
     grep -E '^\{"(wall_s|mode|steps_by|compiled)|bf16, 32 prompts' "$out/$name.log" | cut -c1-1500

@@ -1,7 +1,9 @@
-"""FP8 linear layers of a few rows on one CUDA GPU: torch._scaled_mm with the activations
-quantized per token (fp8.py's path) against bf16 F.linear, and at one row the FP8 GEMV.
+"""FP8 linear layers of a few rows on one CUDA GPU: cuBLASLt's row-scaled GEMM (torch._scaled_mm)
+and the Triton GEMM (triton_fp8_gemm.py, each tiling of --tilings) on activations already
+quantized per token (as the fused norm and SiLU kernels hand them over), against bf16 F.linear;
+at one row the FP8 GEMV.
 
-    python -m benchmarks.fp8_gemm_bench [--rows 1,2,4,8,16,32,64,128]
+    python -m benchmarks.fp8_gemm_bench [--rows 1,2,4,8,16,32,64,128] [--tilings m64n64k128w4s4,...]
 
 The Llama-3.1-8B layers (qkv, o, gate_up, down; the LM head, bf16 in the engine, for its width)
 with bf16 activations. Each timed call reads its own copy of the weight (copies rotate until
@@ -9,7 +11,8 @@ they exceed the L2 several times over), a round of calls is replayed from a CUDA
 decode step is), and the median replay gives the time per call. GB/s counts the bytes a call
 must move (weight, scales, x, y) against a measured device-to-device copy (bytes read +
 written). The last lines add up the decoder's four projections over its 32 layers per M: the
-linear layers' share of a decode step. (A weight-only Triton GEMM for 2-128 rows ran at 14-68 %
+linear layers' share of a decode step, for cuBLASLt, each tiling, the best tiling per layer and
+the engine's choice (triton_fp8_gemm.tiling_for). (A weight-only Triton GEMM for 2-128 rows ran at 14-68 %
 of the copy bandwidth here, slower than _scaled_mm at every M on an H100, and was dropped:
 benchmarks/RESULTS.md.)
 """
@@ -25,7 +28,8 @@ import torch.nn.functional as F
 import triton
 
 from benchmarks.attention_kernels import copy_bandwidth
-from shardline.shards.layers.fp8 import fp8_linear, quantize_rows
+from shardline.shards.layers.fp8 import FP8Rows, cublas_scaled_mm, quantize_rows
+from shardline.shards.layers.triton_fp8_gemm import GemmTiling, fp8_gemm, tiling_for
 from shardline.shards.layers.triton_gemv import gemv, gemv_applies
 
 LAYERS = {  # name: (N, K) of Llama-3.1-8B
@@ -37,6 +41,8 @@ LAYERS = {  # name: (N, K) of Llama-3.1-8B
 }
 DECODER_LAYERS, DECODER_DEPTH = ("qkv", "o", "gate_up", "down"), 32
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
+BASELINES = ("scaled_mm", "bf16")
+TILINGS = ("m64n64k128w4s4", "m128n64k128w8s4", "m64n128k128w4s3", "m128n128k128w8s3")
 ROTATION_BYTES = 512 << 20
 REPLAYS = 50
 DTYPE = torch.bfloat16
@@ -77,7 +83,7 @@ class Layer:
     def bytes_moved(self, rows: int, weight_bytes: int, scales: bool) -> int:
         return self.n * self.k * weight_bytes + 2 * rows * (self.k + self.n) + 4 * self.n * scales
 
-    def time_fp8(self, x: torch.Tensor, op: Callable) -> float:
+    def time_fp8(self, x: torch.Tensor | FP8Rows, op: Callable) -> float:
         return per_call_ms([lambda w=w, s=s: op(x, w, s, None) for w, s in self.fp8])
 
     def time_bf16(self, x: torch.Tensor) -> float:
@@ -90,18 +96,27 @@ def cell(layer: Layer, rows: int, ms: float, weight_bytes: int, bandwidth: float
 
 
 def print_layer(
-    name: str, layer: Layer, rows: list[int], bandwidth: float
-) -> dict[int, tuple[float, float]]:
-    """Prints a line per M; returns M -> (scaled_mm, bf16) ms."""
+    name: str, layer: Layer, rows: list[int], tilings: list[GemmTiling], bandwidth: float
+) -> dict[int, dict[str, float]]:
+    """Prints a line per M; returns M -> {"scaled_mm" | "bf16" | tiling name: ms}."""
     times = {}
     for m in rows:
         x = torch.randn(m, layer.k, device="cuda").to(DTYPE)
-        times[m] = (layer.time_fp8(x, fp8_linear), layer.time_bf16(x))
+        fp8_rows = FP8Rows(*quantize_rows(x), DTYPE)
+        times[m] = {
+            "scaled_mm": layer.time_fp8(fp8_rows, cublas_scaled_mm),
+            "bf16": layer.time_bf16(x),
+        }
         line = (
             f"{name:8s} {layer.n:6d} x {layer.k:5d}  M {m:3d}"
-            f" | scaled_mm {cell(layer, m, times[m][0], 1, bandwidth)}"
-            f" | bf16 {cell(layer, m, times[m][1], 2, bandwidth)}"
+            f" | scaled_mm {cell(layer, m, times[m]['scaled_mm'], 1, bandwidth)}"
+            f" | bf16 {cell(layer, m, times[m]['bf16'], 2, bandwidth)}"
         )
+        for tiling in tilings:
+            if layer.n % tiling.block_n == 0 and layer.k % tiling.block_k == 0:
+                triton_op = lambda r, w, s, bias, t=tiling: fp8_gemm(r, w, s, bias, t)  # noqa: E731
+                times[m][tiling.name] = layer.time_fp8(fp8_rows, triton_op)
+                line += f" | {tiling.name} {cell(layer, m, times[m][tiling.name], 1, bandwidth)}"
         if m == 1 and gemv_applies(x, layer.fp8[0][0]):
             gemv_ms = layer.time_fp8(x, lambda x, w, s, bias: gemv(x, w, scale=s))
             line += f" | fp8 gemv {cell(layer, m, gemv_ms, 1, bandwidth)}"
@@ -109,20 +124,28 @@ def print_layer(
     return times
 
 
-def print_decoder_totals(by_layer: dict[str, dict[int, tuple[float, float]]]) -> None:
-    """The 8B decoder's projections (qkv, o, gate_up, down) times its 32 layers, per M."""
-    print(f"== the decoder's projections x {DECODER_DEPTH} layers (a decode step's linears)")
+def print_decoder_totals(by_layer: dict[str, dict[int, dict[str, float]]]) -> None:
+    """The 8B decoder's projections (qkv, o, gate_up, down) times its 32 layers, per M: each
+    kernel, the best tiling per layer, and the engine's choice."""
+    print(f"== the decoder's projections x {DECODER_DEPTH} layers (a decode step's linears), ms")
     for m in by_layer[DECODER_LAYERS[0]]:
-        scaled, bf16 = (
-            DECODER_DEPTH * sum(by_layer[name][m][i] for name in DECODER_LAYERS) for i in range(2)
-        )
-        print(f"M {m:3d} | scaled_mm {scaled:6.3f} ms | bf16 {bf16:6.3f} ms", flush=True)
+        layers = [by_layer[name][m] for name in DECODER_LAYERS]
+        kinds = [kind for kind in layers[0] if all(kind in layer for layer in layers)]
+        totals = {kind: DECODER_DEPTH * sum(layer[kind] for layer in layers) for kind in kinds}
+        triton = [[ms for kind, ms in layer.items() if kind not in BASELINES] for layer in layers]
+        if all(triton):
+            totals["best tiling"] = DECODER_DEPTH * sum(min(ms) for ms in triton)
+        chosen = tiling_for(m).name
+        if chosen in totals:
+            totals[f"engine ({chosen})"] = totals[chosen]
+        print(f"M {m:3d} | " + " | ".join(f"{k} {v:6.3f}" for k, v in totals.items()), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(map(str, ROWS)))
     parser.add_argument("--layers", default=",".join(LAYERS))
+    parser.add_argument("--tilings", default=",".join(TILINGS))
     args = parser.parse_args()
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
@@ -131,10 +154,11 @@ def main() -> None:
         flush=True,
     )
     rows = [int(m) for m in args.rows.split(",")]
+    tilings = [GemmTiling.parse(name) for name in args.tilings.split(",") if name]
     by_layer = {}
     for name in args.layers.split(","):
         layer = Layer(*LAYERS[name])
-        by_layer[name] = print_layer(name, layer, rows, bandwidth)
+        by_layer[name] = print_layer(name, layer, rows, tilings, bandwidth)
         del layer
         torch.cuda.empty_cache()
         if name in DECODER_LAYERS and set(DECODER_LAYERS) <= set(by_layer):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# What the open issues still need from one GPU (after session 14, benchmarks/RESULTS.md), in
-# priority order under one budget: the GPU tests (gpu_tests: the split decode kernel reading
-# several KV heads a program, the Prefill's joined step launched ahead); the split decode
+# What the open issues still need from one GPU (after session 15, benchmarks/RESULTS.md), in
+# priority order under one budget: the GPU tests (gpu_tests; gpu_fp8_gemm_tests and
+# fp8_gemm_tilings: the Triton FP8 GEMM of decode-sized calls against cuBLASLt's); the split decode
 # kernel with several KV heads a program against today's tilings (attention_kv_heads: the FP8
 # run's decode attention reads at ~50 % of copy); the kernel profiles, now split by call kind
 # with the GEMM and attention rates achieved (where the bf16 run's prefill and mixed calls lose
@@ -21,6 +21,12 @@ out=${OUT:-/tmp/open}
 source "$(dirname "$0")/bench_steps.sh"
 step gpu_tests 400 bash benchmarks/gpu_tests.sh 100 tests/test_triton_attention.py \
     tests/test_triton_alibi.py tests/test_gpu_fp8.py tests/test_gpu_engine.py
+# the Triton FP8 GEMM of decode-sized calls (session 15), its tilings against cuBLASLt's
+step gpu_fp8_gemm_tests 200 bash benchmarks/gpu_tests.sh 100 tests/test_triton_fp8_gemm.py \
+    tests/test_gpu_fp8.py
+step fp8_gemm_tilings 200 python3 -m benchmarks.fp8_gemm_bench --rows 16,64,128,192,256,384 \
+    --layers qkv,o,gate_up,down --tilings m64n32k128w4s5,m64n64k128w4s4,m64n64k256w4s3,\
+m64n128k128w4s3,m128n32k128w4s4,m128n64k128w8s4,m128n128k128w8s3,m256n64k128w8s3
 step gpu_bench_tests 60 bash benchmarks/gpu_tests.sh 50 tests/test_triton_attention_bench.py \
     tests/test_gpu_idle.py
 fp8_kv=(--quantize fp8 --kv-cache-dtype fp8_e4m3fn)
@@ -67,7 +73,6 @@ step attention_mixed 150 bash -c "${mixed[*]} --kv-dtype bf16 && ${mixed[*]} --k
     fp8_e4m3fn && python3 -m benchmarks.attention_kernels --no-prefill --batches 128,256,512 \
     --contexts 384,2048 --kv-dtype fp8_e4m3fn --sweep"
 step profile_bf16 150 "${profile[@]}" --json "$out/profile_bf16.json"
-step fp8_gemm 180 python3 -m benchmarks.fp8_gemm_bench
 # The host's Python during the bf16 offline run (py-spy from $wheels/spy, sampled while holding
 # the GIL), summarized by function; the raw stacks stay in $out.
 spy=(py-spy record --gil --rate 250 --format raw -o "$out/spy_bf16.txt" --)

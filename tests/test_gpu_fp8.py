@@ -53,11 +53,12 @@ def _fp8_rounded(t: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:
 
 
 @needs_fp8_gemm
-@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+@pytest.mark.parametrize("rows", [1, 7, 64, 300, 500])
 @pytest.mark.parametrize("dtype", HALF)
 def test_scaled_mm_matches_the_dequantized_product(rows: int, dtype: torch.dtype) -> None:
     """x quantized per token, the weight per output channel: the product of the dequantized
-    operands in float32, within the half-precision output's rounding."""
+    operands in float32, within the half-precision output's rounding (one row: the GEMV; up to
+    triton_fp8_gemm.MAX_ROWS: the Triton GEMM; more: cuBLASLt)."""
     weight = torch.randn(1024, 2048, device=DEVICE) * 0.05
     x = torch.randn(rows, 2048, device=DEVICE).to(dtype)
     bias = torch.randn(1024, device=DEVICE).to(dtype)

@@ -5,8 +5,9 @@ A weight W [N, K] is held as Q [N, K] float8_e4m3fn and s [N] float32 with W ~ Q
 On a GPU with FP8 tensor cores (compute capability 8.9 and up) `fp8_linear` quantizes each row
 of x the same way (dynamic per-token scales) and multiplies on the tensor cores through
 `torch._scaled_mm` with row-wise scales (cuBLASLt / CUTLASS; bfloat16 output, the only one
-row-wise scaling takes), the activations quantized by one Triton kernel (triton_fp8_quant.py)
-(at every M from 1 to 128 that beat a weight-only Triton GEMM on an H100: RESULTS.md). Elsewhere (CPU, older GPUs, shapes the FP8 GEMM does not take) it
+row-wise scaling takes), or for a decode-sized call a Triton GEMM on the same numbers
+(triton_fp8_gemm.py), the activations quantized by one Triton kernel (triton_fp8_quant.py) or
+by the norm or SiLU kernel before. Elsewhere (CPU, older GPUs, shapes the FP8 GEMM does not take) it
 dequantizes the weight and runs a plain matmul: the reference the tests check every loader with.
 """
 
@@ -115,7 +116,21 @@ def quantized_rows(rows: torch.Tensor) -> FP8Rows:
 def scaled_mm_rows(
     rows: FP8Rows, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """Row-wise scaled FP8 GEMM: the rows' per-token scales (scale_a [M, 1]), the weight's per
+    """Row-wise scaled FP8 GEMM: a decode-sized call runs the Triton GEMM (triton_fp8_gemm.py),
+    a larger one cuBLASLt's."""
+    if rows.quantized.is_cuda:
+        from shardline.shards.layers import triton_fp8_gemm
+
+        tiling = triton_fp8_gemm.tiling_for(rows.quantized.shape[0])
+        if triton_fp8_gemm.triton_gemm_applies(rows, weight, tiling):
+            return triton_fp8_gemm.fp8_gemm(rows, weight, scale, bias, tiling)
+    return cublas_scaled_mm(rows, weight, scale, bias)
+
+
+def cublas_scaled_mm(
+    rows: FP8Rows, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """torch._scaled_mm with the rows' per-token scales (scale_a [M, 1]) and the weight's per
     output channel (scale_b [1, N]); mat2 is the weight transposed, i.e. column-major."""
     out = torch._scaled_mm(
         rows.quantized,
