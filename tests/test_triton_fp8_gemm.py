@@ -16,6 +16,9 @@ from shardline.shards.layers.fp8 import FP8Rows, dequantize_rows, quantize_rows
 from shardline.shards.layers.triton_fp8_gemm import (
     MAX_ROWS,
     MIN_ROWS,
+    NARROW,
+    WIDE,
+    WIDE_MAX_ROWS,
     GemmTiling,
     fp8_gemm,
     tiling_for,
@@ -26,7 +29,7 @@ from tests.test_fp8 import relative_error
 if not INTERPRET and torch.cuda.get_device_capability() < (8, 9):
     pytest.skip("FP8 tensor cores need compute capability 8.9", allow_module_level=True)
 
-TILINGS = ["m64n64k128w4s4", "m128n64k128w8s4", "m64n128k128w4s3", "m128n128k128w8s3"]
+TILINGS = [NARROW.name, WIDE.name, "m64n64k128w4s4", "m128n128k128w8s3"]
 
 
 def _rows(rows: int, k: int, dtype: torch.dtype) -> FP8Rows:
@@ -57,7 +60,7 @@ def test_triton_gemm_matches_the_dequantized_product(tiling: str, rows: int, wit
 def test_the_product_comes_back_in_float16_too() -> None:
     weight, weight_scale = quantize_rows(torch.randn(128, 256, device=DEVICE))
     x = _rows(5, 256, torch.float16)
-    out = fp8_gemm(x, weight, weight_scale, None, tiling_for(5))
+    out = fp8_gemm(x, weight, weight_scale, None, tiling_for(MIN_ROWS, 128))
     expected = F.linear(
         dequantize_rows(x.quantized, x.scale), dequantize_rows(weight, weight_scale)
     )
@@ -65,20 +68,26 @@ def test_the_product_comes_back_in_float16_too() -> None:
     assert relative_error(out.float(), expected) < 1e-2
 
 
+def test_the_tiling_follows_the_rows_and_the_width() -> None:
+    """Narrow tiles up to MAX_ROWS, wide ones for a wide weight up to WIDE_MAX_ROWS, cuBLASLt
+    (None) for a few rows (PDL's) and past those."""
+    assert tiling_for(MIN_ROWS - 1, 4096) is None
+    assert tiling_for(MIN_ROWS, 4096) == tiling_for(MAX_ROWS, 4096) == NARROW
+    assert tiling_for(MAX_ROWS + 1, 4096) is None
+    assert tiling_for(WIDE_MAX_ROWS, 28672) == WIDE
+    assert tiling_for(WIDE_MAX_ROWS + 1, 28672) is None
+
+
 @pytest.mark.skipif(INTERPRET, reason="the dispatch takes CUDA tensors")
-def test_the_dispatch_leaves_small_and_large_calls_and_odd_shapes_to_cublas() -> None:
+def test_a_weight_the_tiles_do_not_divide_goes_to_cublas() -> None:
     weight, _ = quantize_rows(torch.randn(256, 512, device=DEVICE))
-    for rows, taken in [(MIN_ROWS - 1, False), (MIN_ROWS, True), (MAX_ROWS, True)]:
-        applies = triton_gemm_applies(_rows(rows, 512, torch.bfloat16), weight, tiling_for(rows))
-        assert applies == taken, rows
-    large = _rows(MAX_ROWS + 1, 512, torch.bfloat16)
-    assert not triton_gemm_applies(large, weight, tiling_for(MAX_ROWS + 1))
+    assert triton_gemm_applies(_rows(MIN_ROWS, 512, torch.bfloat16), weight, NARROW)
     odd_k, _ = quantize_rows(torch.randn(256, 528, device=DEVICE))
-    assert not triton_gemm_applies(_rows(8, 528, torch.bfloat16), odd_k, tiling_for(8))
+    assert not triton_gemm_applies(_rows(MIN_ROWS, 528, torch.bfloat16), odd_k, NARROW)
 
 
 def test_a_tiling_is_parsed_from_its_name() -> None:
     assert GemmTiling.parse("m64n128k128w4s3") == GemmTiling(64, 128, 128, 4, 3)
-    assert GemmTiling.parse(tiling_for(200).name) == tiling_for(200)
+    assert GemmTiling.parse(NARROW.name) == NARROW
     with pytest.raises(ValueError, match="not a GEMM tiling"):
         GemmTiling.parse("n64w4s5")

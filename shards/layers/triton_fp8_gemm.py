@@ -2,9 +2,9 @@
 (Qw * sw[:, None]).T (+ bias) for activations already quantized per token (fp8.FP8Rows) and an
 FP8 weight [N, K] with one float32 scale per output row (fp8.py's runtime form).
 
-cuBLASLt's row-scaled kernels (`torch._scaled_mm`) tile a few hundred rows 128 x 128: a
-4096-wide projection then has 32-64 tiles for 132 SMs, and the decode steps' FP8 projections
-stream their weights at ~59 % of the copy bandwidth (benchmarks/RESULTS.md, session 15). Here
+cuBLASLt's row-scaled kernels (`torch._scaled_mm`) tile up to a few hundred rows 128 x 128: a
+4096-wide projection then has 32 tiles for 132 SMs and streams its weight at 41-56 % of the
+copy bandwidth (benchmarks/RESULTS.md, session 15). Here
 each program owns a BLOCK_M x BLOCK_N tile and walks K on FP8 tensor cores (both operands e4m3,
 float32 accumulation), its tiles software-pipelined (`num_stages`); the programs of one weight
 strip are adjacent in the launch order, so the strip comes from HBM once and from L2 for the
@@ -48,19 +48,26 @@ class GemmTiling:
         return cls(*map(int, match.groups()))
 
 
-# The rows the Triton GEMM takes (a decode step's batch); larger calls go to cuBLASLt, and so
-# do the steps of a few rows, whose kernels are launched with PDL (pdl.py), which this one is not.
+# The rows the Triton GEMM takes; larger calls go to cuBLASLt, and so do the steps of a few rows,
+# whose kernels are launched with PDL (pdl.py), which this one is not.
 MIN_ROWS = PDL_MAX_ROWS + 1
-MAX_ROWS = 384
-# The row count from which the larger row block is used.
-LARGE_ROWS = 128
+MAX_ROWS = 128
+# Measured on an H100 (benchmarks/RESULTS.md, session 15: the 8B projections, 16-384 rows):
+# narrow tiles win for projections up to 8,192 wide up to 128 rows (cuBLASLt leaves them a
+# few dozen tiles), wide ones for the 28,672-wide gate/up up to 64 rows; cuBLASLt wins beyond.
+NARROW = GemmTiling(block_m=64, block_n=32, num_warps=4, num_stages=5)
+WIDE = GemmTiling(block_m=64, block_n=128, num_warps=4, num_stages=3)
+WIDE_FROM_N = 16384
+WIDE_MAX_ROWS = 64
 
 
-def tiling_for(rows: int) -> GemmTiling:
-    """The tiling for a call of `rows` rows."""
-    if rows <= LARGE_ROWS:
-        return GemmTiling(block_m=64, block_n=64)
-    return GemmTiling(block_m=128, block_n=64, num_warps=8)
+def tiling_for(rows: int, n: int) -> GemmTiling | None:
+    """The tiling for `rows` rows against an [n, K] weight, or None where cuBLASLt is faster."""
+    if not MIN_ROWS <= rows <= MAX_ROWS:
+        return None
+    if n < WIDE_FROM_N:
+        return NARROW
+    return WIDE if rows <= WIDE_MAX_ROWS else None
 
 
 @triton.jit(do_not_specialize=["rows"])
@@ -105,13 +112,12 @@ def _fp8_gemm_kernel(
 
 
 def triton_gemm_applies(rows: FP8Rows, weight: torch.Tensor, tiling: GemmTiling) -> bool:
-    """Whether the Triton GEMM takes these rows against `weight` [N, K]: a decode-sized call on a
-    GPU with FP8 tensor cores, the weight's dimensions whole multiples of the tiling's blocks."""
+    """Whether the Triton GEMM with `tiling` takes these rows against `weight` [N, K]: on a GPU
+    with FP8 tensor cores, the weight's dimensions whole multiples of the tiling's blocks."""
     n, k = weight.shape
     x = rows.quantized
     return (
-        MIN_ROWS <= x.shape[0] <= MAX_ROWS
-        and custom_kernels.applies(x)
+        custom_kernels.applies(x)
         and has_fp8_tensor_cores(x.device)
         and x.stride(-1) == 1
         and weight.stride(-1) == 1
