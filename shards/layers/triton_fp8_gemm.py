@@ -4,13 +4,12 @@ FP8 weight [N, K] with one float32 scale per output row (fp8.py's runtime form).
 
 cuBLASLt's row-scaled kernels (`torch._scaled_mm`) tile up to a few hundred rows 128 x 128: a
 4096-wide projection then has 32 tiles for 132 SMs and streams its weight at 41-56 % of the
-copy bandwidth (benchmarks/RESULTS.md, session 15). Here
-each program owns a BLOCK_M x BLOCK_N tile and walks K on FP8 tensor cores (both operands e4m3,
-float32 accumulation), its tiles software-pipelined (`num_stages`); the programs of one weight
-strip are adjacent in the launch order, so the strip comes from HBM once and from L2 for the
-other row blocks. The row and weight scales and the bias are the epilogue; the product is
-written in the activations' dtype. Per-call row counts are not specialized on (one compile per
-tiling and weight shape).
+copy bandwidth (benchmarks/RESULTS.md, session 15). Here each program owns a BLOCK_M x BLOCK_N
+tile and walks K on FP8 tensor cores (both operands e4m3, float32 accumulation), its tiles
+software-pipelined (`num_stages`); the programs of one weight strip are adjacent in the launch
+order, so the strip comes from HBM once and from L2 for the other row blocks. The row and
+weight scales and the bias are the epilogue; the product is written in the activations' dtype.
+Per-call row counts are not specialized on (one compile per tiling and weight shape).
 """
 
 from __future__ import annotations
@@ -53,8 +52,9 @@ class GemmTiling:
 MIN_ROWS = PDL_MAX_ROWS + 1
 MAX_ROWS = 128
 # Measured on an H100 (benchmarks/RESULTS.md, session 15: the 8B projections, 16-384 rows):
-# narrow tiles win for projections up to 8,192 wide up to 128 rows (cuBLASLt leaves them a
-# few dozen tiles), wide ones for the 28,672-wide gate/up up to 64 rows; cuBLASLt wins beyond.
+# narrow tiles win for the 4,096- and 6,144-wide projections up to 128 rows (cuBLASLt leaves
+# them a few dozen tiles), wide ones for the 28,672-wide gate/up up to 64 rows (WIDE_FROM_N
+# parts the two); cuBLASLt wins beyond.
 NARROW = GemmTiling(block_m=64, block_n=32, num_warps=4, num_stages=5)
 WIDE = GemmTiling(block_m=64, block_n=128, num_warps=4, num_stages=3)
 WIDE_FROM_N = 16384
