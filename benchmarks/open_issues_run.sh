@@ -40,6 +40,14 @@ step offline_fp8_kv 110 "${offline[@]}" --quantize fp8 --kv-cache-dtype fp8_e4m3
 step offline_arrival 110 "${offline[@]}" --submission arrival --json "$out/offline_arrival.json"
 step served_8b 260 python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-shards 1 \
     --workload "$work" --rate 4 --rate-requests 300 --json "$out/served_8b.json"
+# FP8 served: the Poisson 4 req/s steps are 10-60 rows, where the Triton FP8 GEMM replaced
+# cuBLASLt's (session 15: -13 to -16 % of the projections' time at 16-64 rows); compare TPOT with
+# the tree before it (`git archive fd4ec6d`) on one machine
+step served_8b_fp8 260 python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-shards 1 \
+    --workload "$work" --rate 4 --rate-requests 300 --json "$out/served_8b_fp8.json" \
+    --launcher-args "--dtype bfloat16 --max-input-tokens 1024 --max-total-tokens 2048 \
+--max-batch-prefill-tokens 8192 --max-concurrent-requests 2048 --max-batch-size 512 \
+--quantize fp8 --kv-cache-dtype fp8_e4m3fn"
 # the same burst with the server admitting as the offline LLM does (router/paced_admission.py):
 # served against offline_paced with one admission rule
 step served_8b_paced 200 python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-shards 1 \
