@@ -24,9 +24,13 @@ step gpu_tests 400 bash benchmarks/gpu_tests.sh 100 tests/test_triton_attention.
 # the Triton FP8 GEMM of decode-sized calls (session 15), its tilings against cuBLASLt's
 step gpu_fp8_gemm_tests 200 bash benchmarks/gpu_tests.sh 100 tests/test_triton_fp8_gemm.py \
     tests/test_gpu_fp8.py
-step fp8_gemm_tilings 200 python3 -m benchmarks.fp8_gemm_bench --rows 16,64,128,192,256,384 \
-    --layers qkv,o,gate_up,down --tilings m64n32k128w4s5,m64n64k128w4s4,m64n64k256w4s3,\
-m64n128k128w4s3,m128n32k128w4s4,m128n64k128w8s4,m128n128k128w8s3,m256n64k128w8s3
+# (session 15 swept m64n32k128w4s5,m64n64k128w4s4,m64n64k256w4s3,m64n128k128w4s3,m128n32k128w4s4,
+# m128n64k128w8s4,m128n128k128w8s3,m256n64k128w8s3 at 16-384 rows; cuBLASLt won from 192 rows.
+# Left: all of a 128-256-row step in one row block, 128 weight strips of 32 (one wave, each
+# weight byte read once), for the 4,096-wide o and down at 41-58 % of copy under cuBLASLt)
+step fp8_gemm_tilings 200 python3 -m benchmarks.fp8_gemm_bench --rows 128,192,256 \
+    --layers qkv,o,gate_up,down --tilings m64n32k128w4s5,m64n128k128w4s3,m128n32k128w8s4,\
+m256n32k128w8s4,m256n32k64w8s5,m256n64k128w8s4
 step gpu_bench_tests 60 bash benchmarks/gpu_tests.sh 50 tests/test_triton_attention_bench.py \
     tests/test_gpu_idle.py
 fp8_kv=(--quantize fp8 --kv-cache-dtype fp8_e4m3fn)
