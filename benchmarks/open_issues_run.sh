@@ -65,9 +65,12 @@ step attention_kv_heads 200 bash -c "${heads_mixed[*]} --balanced '' --kv-dtype 
     --balanced '' --kv-dtype bf16 --configs n64w4s5,n32w4s5h2,n16w4s5h4"
 fp8_mixed=(python3 -m benchmarks.attention_kernels --no-prefill --batches 64,128,256,512
     --contexts 2048 --lengths mixed --workload "$work" --orders random --kv-dtype fp8_e4m3fn)
+# (fewer stages: more programs a SM for the FP8 kernel's short rows, whose programs each wait
+# on a chain of dependent loads; session 15's note)
 step attention_fp8 150 bash -c "${fp8_mixed[*]} --splits 1 --balanced '' --configs \
     n128w4s5,n64w4s5,n64w4s8,n128w8s5 && ${fp8_mixed[*]} --splits '' --balanced 2,3 \
-    --configs n64w4s5,n64w4s3,n32w4s8"
+    --configs n64w4s5,n64w4s3,n32w4s8; ${fp8_mixed[*]} --splits 1 --balanced '' --configs \
+    n128w4s3,n128w4s2,n128w2s3"
 profile=("${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes profile --max-num-seqs 512)
 step profile_fp8_kv 150 "${profile[@]}" "${fp8_kv[@]}" --json "$out/profile_fp8_kv.json"
 for budget in 2048 512; do
