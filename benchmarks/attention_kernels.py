@@ -241,8 +241,6 @@ def mixed_rows(
                 problem = DecodeProblem(ORDERS[order](lengths), width, kv_dtype, device)
                 for config in mixed.configs or (default,):
                     for name, plan in plans:
-                        if isinstance(plan, BalancedPlan) and config.kv_heads > 1:
-                            continue  # the balanced schedule reads one KV head a program
                         us = problem.time_per_call_us(config, plan)
                         rows.append(
                             f"{label} order={order:<7} {_config_name(config)} splits={name:<8} "
@@ -254,17 +252,14 @@ def mixed_rows(
 
 
 def _config_name(config: DecodeConfig) -> str:
-    heads = f"h{config.kv_heads}" if config.kv_heads > 1 else ""
-    return f"n{config.block_n}w{config.num_warps}s{config.num_stages}{heads}"
+    return f"n{config.block_n}w{config.num_warps}s{config.num_stages}"
 
 
 def parse_config(name: str) -> DecodeConfig:
-    """`n64w4s2`: tiles of 64 keys, 4 warps, 2 pipeline stages; `n32w4s5h4`: and 4 KV heads a
-    program (the split schedule's)."""
+    """`n64w4s2`: tiles of 64 keys, 4 warps, 2 pipeline stages."""
     block_n, rest = name.removeprefix("n").split("w")
-    warps, rest = rest.split("s")
-    stages, _, kv_heads = rest.partition("h")
-    return DecodeConfig(int(block_n), int(warps), int(stages), int(kv_heads or 1))
+    warps, stages = rest.split("s")
+    return DecodeConfig(int(block_n), int(warps), int(stages))
 
 
 def _sweep_cells(problem: DecodeProblem, batch: int, context: int) -> str:

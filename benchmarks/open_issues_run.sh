@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
 # What the open issues still need from one GPU (after session 15, benchmarks/RESULTS.md), in
 # priority order under one budget: the GPU tests (gpu_tests; gpu_fp8_gemm_tests and
-# fp8_gemm_tilings: the Triton FP8 GEMM of decode-sized calls against cuBLASLt's); the split decode
-# kernel with several KV heads a program against today's tilings (attention_kv_heads: the FP8
-# run's decode attention reads at ~50 % of copy); the kernel profiles, now split by call kind
-# with the GEMM and attention rates achieved (where the bf16 run's prefill and mixed calls lose
+# fp8_gemm_tilings: the Triton FP8 GEMM of decode-sized calls against cuBLASLt's); the kernel
+# profiles, now split by call kind with the GEMM and attention rates achieved (where the bf16 run's prefill and mixed calls lose
 # ~1.4 s against their floor, and the FP8 run's decode attention ~1.6 s); the paced offline run
 # beside the served ones (fcfs and --scheduling-policy paced); the FP8 + FP8-KV offline run
 # beside bf16 (issue 22's ratio); the FP8 decode attention's tilings; issue 22's bf16 / FP8 /
@@ -56,13 +54,6 @@ step served_8b_fp8 260 python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --n
 # served against offline_paced with one admission rule
 step served_8b_paced 200 python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-shards 1 \
     --workload "$work" --scheduling-policy paced --json "$out/served_8b_paced.json"
-# the split decode kernel reading 2, 4 or 8 KV heads a program (a key's heads one contiguous
-# run, half as many programs per halving) against today's tilings, FP8 and bf16 caches
-heads_mixed=(python3 -m benchmarks.attention_kernels --no-prefill --batches 64,128,256,512
-    --contexts 2048 --lengths mixed --workload "$work" --orders random --splits 1)
-step attention_kv_heads 200 bash -c "${heads_mixed[*]} --balanced '' --kv-dtype fp8_e4m3fn \
-    --configs n128w4s5,n64w4s5h2,n32w4s5h4,n16w4s5h8,n64w8s5h2 && ${heads_mixed[*]} \
-    --balanced '' --kv-dtype bf16 --configs n64w4s5,n32w4s5h2,n16w4s5h4"
 fp8_mixed=(python3 -m benchmarks.attention_kernels --no-prefill --batches 64,128,256,512
     --contexts 2048 --lengths mixed --workload "$work" --orders random --kv-dtype fp8_e4m3fn)
 # (fewer stages: more programs a SM for the FP8 kernel's short rows, whose programs each wait

@@ -50,11 +50,3 @@ def test_splits_never_exceed_the_tiles_a_row_can_have() -> None:
     assert plan_splits(1, KV_HEADS, 100, 64, SMS) == SplitPlan(2)  # 100 keys: 2 tiles of 64
     assert plan_splits(1, KV_HEADS, MAX_TOKENS, 64, SMS, window=64) == SplitPlan(1)
     assert plan_splits(2, KV_HEADS, MAX_TOKENS, 64, SMS) == SplitPlan(33)  # 4 x 132 / 16
-
-
-def test_several_kv_heads_a_program_keep_the_split_kernel_and_count_fewer_programs() -> None:
-    heads4 = DecodeConfig(32, 4, 5, kv_heads=4)  # a row gives 8 / 4 = 2 programs
-    assert plan_decode(512, KV_HEADS, MAX_TOKENS, heads4, torch.bfloat16, SMS) == SplitPlan(1)
-    assert plan_decode(66, KV_HEADS, MAX_TOKENS, heads4, FP8, SMS) == SplitPlan(1)  # 132 programs
-    # 64 rows x 2 programs < 132 SMs: about 4 programs an SM, 4 x 132 / 128 -> 5 splits
-    assert plan_decode(64, KV_HEADS, MAX_TOKENS, heads4, FP8, SMS) == SplitPlan(5)

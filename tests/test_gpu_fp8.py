@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
 from shardline.shards.layers.attention import get_attention_backend
-from shardline.shards.layers.attention.decode_plan import DecodeConfig, SplitPlan
+from shardline.shards.layers.attention.decode_plan import SplitPlan
 from shardline.shards.layers.attention.triton_decode import paged_decode_attention
 from shardline.shards.layers.attention.triton_prefill import CachedPrefix, varlen_causal_attention
 from shardline.shards.layers.fp8 import (
@@ -133,23 +133,19 @@ def test_gemv_streams_an_fp8_weight(shape: tuple[int, int]) -> None:
     assert relative_error(summed.double(), expected) < 1e-2
 
 
-@pytest.mark.parametrize("kv_heads", [1, 2])
 @pytest.mark.parametrize("kv_cache_dtype", list(FP8_KV))
 @pytest.mark.parametrize("splits", ["auto", 1, 5])
 @pytest.mark.parametrize("dtype", HALF)
-def test_decode_reads_an_fp8_cache(
-    dtype: torch.dtype, splits: str | int, kv_cache_dtype: str, kv_heads: int
-):
+def test_decode_reads_an_fp8_cache(dtype: torch.dtype, splits: str | int, kv_cache_dtype: str):
     case = PagedCase(MIXED_CONTEXTS, 16, 2, 128, dtype)
     kv_dtype = FP8_KV[kv_cache_dtype]
     case.keys = [_fp8_rounded(k, kv_dtype) for k in case.keys]
     case.values = [_fp8_rounded(v, kv_dtype) for v in case.values]
     plan = None if splits == "auto" else SplitPlan(int(splits))
     _poison_allocator()
-    config = DecodeConfig(block_n=128, kv_heads=kv_heads) if kv_heads > 1 else None
     out = paged_decode_attention(
         case.q, case.k_cache.to(kv_dtype), case.v_cache.to(kv_dtype), case.block_tables,
-        case.context_lens, case.scale, config, plan,
+        case.context_lens, case.scale, plan=plan,
     )  # fmt: skip
     _assert_close_rows(out, case.reference(), dtype)
 

@@ -61,15 +61,14 @@ def test_decode_alibi(dtype: torch.dtype, num_heads: int, num_kv_heads: int, spl
     _assert_close_rows(out, case.reference(slopes), dtype)
 
 
-@pytest.mark.parametrize("kv_heads", [1, 2])
-def test_decode_alibi_with_window(kv_heads: int) -> None:
+def test_decode_alibi_with_window() -> None:
     case = PagedCase(CONTEXTS, 8, 2, 64, DTYPES[0])
     case.slide(37)
     slopes = _slopes(8)
     _poison_allocator()
     out = paged_decode_attention(
         case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale,
-        DecodeConfig(block_n=16, kv_heads=kv_heads), SplitPlan(3), window=37, alibi_slopes=slopes,
+        DecodeConfig(block_n=16), SplitPlan(3), window=37, alibi_slopes=slopes,
     )  # fmt: skip
     _assert_close_rows(out, case.reference(slopes), DTYPES[0])
 

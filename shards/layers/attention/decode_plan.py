@@ -30,9 +30,6 @@ class DecodeConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
-    # KV heads one split-schedule program reads (their query heads scored together, a key's
-    # heads loaded as one contiguous run): fewer, longer programs for short rows
-    kv_heads: int = 1
 
 
 @dataclass(frozen=True)
@@ -96,13 +93,11 @@ def plan_decode(
     num_sms: int,
     window: int = 0,
 ) -> SplitPlan | BalancedPlan:
-    """The balanced schedule for a half-precision cache once the batch fills the GPU (with one
-    KV head a program); else the split schedule (plan_splits)."""
-    balanced = cache_dtype.itemsize == 2 and config.kv_heads == 1
-    if balanced and fills_gpu(batch, num_kv_heads, num_sms):
+    """The balanced schedule for a half-precision cache once the batch fills the GPU; else the
+    split schedule (plan_splits)."""
+    if cache_dtype.itemsize == 2 and fills_gpu(batch, num_kv_heads, num_sms):
         return BalancedPlan(BALANCED_PROGRAMS_PER_SM)
-    programs_per_row = num_kv_heads // config.kv_heads
-    return plan_splits(batch, programs_per_row, max_tokens, config.block_n, num_sms, window)
+    return plan_splits(batch, num_kv_heads, max_tokens, config.block_n, num_sms, window)
 
 
 @functools.cache

@@ -93,13 +93,12 @@ def _paged_decode_kernel(
     HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr,
     FP8_IN_FP16: tl.constexpr,
-    KV_HEADS: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     allow_dependents(USE_PDL)
     wait_for_inputs(USE_PDL)
     seq = tl.program_id(0)
-    kv_head = tl.program_id(1) * KV_HEADS  # the first of the KV heads this program reads
+    kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     first, partition_tiles = _partition_tiles(context_len, num_splits, BLOCK_N, WINDOW)
@@ -108,11 +107,9 @@ def _paged_decode_kernel(
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
-    # a tile holds BLOCK_N keys of each of the KV_HEADS heads, a key's heads side by side (one
-    # contiguous run of the cache); a query head scores its own KV head's keys alone
-    offs_n = tl.arange(0, BLOCK_N * KV_HEADS)
+    offs_n = tl.arange(0, BLOCK_N)
     heads = kv_head * GROUP + offs_g
-    g_mask = offs_g < GROUP * KV_HEADS
+    g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
     q_ptrs = q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
@@ -125,20 +122,13 @@ def _paged_decode_kernel(
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for tile_start in range(start, end, BLOCK_N):
         pos = tile_start + offs_n
-        key_heads = kv_head
-        if KV_HEADS > 1:
-            pos = tile_start + offs_n // KV_HEADS
-            key_heads = kv_head + offs_n % KV_HEADS
         n_mask = pos < end
-        valid = n_mask[None, :]
-        if KV_HEADS > 1:
-            valid = valid & ((offs_g // GROUP)[:, None] == (offs_n % KV_HEADS)[None, :])
         k, v = paged_kv_tiles(
-            k_cache_ptr, v_cache_ptr, table_row, pos, n_mask, key_heads, offs_d, d_mask,
+            k_cache_ptr, v_cache_ptr, table_row, pos, n_mask, kv_head, offs_d, d_mask,
             stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE,
         )  # fmt: skip
         m_i, l_i, acc = attend_tile(
-            q, k, v, pos, valid, context_len, m_i, l_i, acc, qk_scale, softcap, slopes,
+            q, k, v, pos, n_mask, context_len, m_i, l_i, acc, qk_scale, softcap, slopes,
             DOT_PRECISION, SOFTCAP, HAS_ALIBI,
         )  # fmt: skip
 
@@ -240,11 +230,9 @@ def paged_decode_attention(
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
-    if num_kv_heads % config.kv_heads:
-        raise ValueError(f"{num_kv_heads} KV heads do not divide into {config.kv_heads} a program")
     shape = dict(
         GROUP=group,
-        BLOCK_G=max(16, triton.next_power_of_2(group * config.kv_heads)),
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK_D=head_dim_block(head_dim),
         PAGE_SIZE=page_size,
@@ -254,12 +242,11 @@ def paged_decode_attention(
         HAS_ALIBI=alibi_slopes is not None,
         SOFTCAP=softcap > 0,
         FP8_IN_FP16=fp8_in_fp16(k_cache.dtype, q.dtype),
-        KV_HEADS=config.kv_heads,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl_launch(q.device, batch),
     )
-    grid = (batch, num_kv_heads // config.kv_heads, plan.num_splits)
+    grid = (batch, num_kv_heads, plan.num_splits)
     common = (q, k_cache, v_cache, block_tables, context_lens)
     alibi = q if alibi_slopes is None else alibi_slopes  # a stand-in, unread without ALiBi
     strides = (

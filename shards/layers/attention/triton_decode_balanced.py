@@ -139,7 +139,7 @@ def _balanced_decode_kernel(
             stride_vh, PAGE_SIZE,
         )  # fmt: skip
         m_i, l_i, acc = attend_tile(
-            q, k, v, pos, n_mask[None, :], context_len, m_i, l_i, acc, qk_scale, softcap, slopes,
+            q, k, v, pos, n_mask, context_len, m_i, l_i, acc, qk_scale, softcap, slopes,
             DOT_PRECISION, SOFTCAP, HAS_ALIBI,
         )  # fmt: skip
         if (t == row_end - 1) | (t == run_end - 1):  # the row, or this program's part of it, ends
@@ -244,8 +244,6 @@ def balanced_decode_attention(
     batch, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     check_inputs(q, k_cache, v_cache, num_heads, num_kv_heads)
-    if config.kv_heads != 1:
-        raise ValueError("the balanced schedule reads one KV head a program")
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if batch == 0:
         return out

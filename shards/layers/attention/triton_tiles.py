@@ -60,12 +60,11 @@ def alibi_log2_slopes(alibi_ptr, heads, g_mask, HAS_ALIBI: tl.constexpr):
 
 @triton.jit
 def attend_tile(
-    q, k, v, pos, valid, context_len, m_i, l_i, acc, qk_scale, softcap, slopes,
+    q, k, v, pos, n_mask, context_len, m_i, l_i, acc, qk_scale, softcap, slopes,
     DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
 ):  # fmt: skip
-    """One K/V tile (keys at `pos`; `valid`: [heads, keys] or [1, keys], which scores count)
-    into a decode query's online softmax: the new running max `m_i`, sum `l_i` and output `acc`
-    of the query's heads."""
+    """One K/V tile (keys at `pos`, where `n_mask`) into a decode query's online softmax: the new
+    running max `m_i`, sum `l_i` and output `acc` of the query's heads."""
     # an FP8 cache (--kv-cache-dtype) is read in the query's dtype, or float16 for a
     # half-precision query (decode_query); its scales apply outside
     k, v = k.to(q.dtype), v.to(q.dtype)
@@ -73,7 +72,7 @@ def attend_tile(
     scores = soft_cap(scores, softcap, SOFTCAP)
     if HAS_ALIBI:
         scores += slopes[:, None] * (pos - context_len + 1).to(tl.float32)[None, :]
-    scores = tl.where(valid, scores, float("-inf"))
+    scores = tl.where(n_mask[None, :], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(scores - m_new[:, None])
@@ -100,9 +99,8 @@ def paged_kv_tiles(
     stride_vh,
     PAGE_SIZE: tl.constexpr,
 ):
-    """The [keys, dims] K and V tiles of KV head `kv_head` (one for the tile, or one per key) at
-    a sequence's positions `pos` (where `n_mask`), its pages looked up in its block table row
-    `table_row`, in the cache's dtype."""
+    """The [keys, dims] K and V tiles of KV head `kv_head` at a sequence's positions `pos` (where
+    `n_mask`), its pages looked up in its block table row `table_row`, in the cache's dtype."""
     page = tl.load(table_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
     in_page = pos % PAGE_SIZE
     mask = n_mask[:, None] & d_mask[None, :]
@@ -117,11 +115,12 @@ def paged_kv_tiles(
 
 @triton.jit
 def _paged_tile(cache_ptr, page, in_page, kv_head, offs_d, mask, stride_b, stride_t, stride_h):
-    """The [keys, dims] tile of KV head(s) `kv_head` at slots (page, in_page) of a paged cache."""
+    """The [keys, dims] tile of KV head `kv_head` at slots (page, in_page) of a paged cache."""
     ptrs = (
         cache_ptr
         + page[:, None] * stride_b
-        + (in_page * stride_t + kv_head * stride_h)[:, None]
+        + in_page[:, None] * stride_t
+        + kv_head * stride_h
         + offs_d[None, :]
     )
     return tl.load(ptrs, mask=mask, other=0.0)
