@@ -12,7 +12,9 @@ decode step is), and the median replay gives the time per call. GB/s counts the 
 must move (weight, scales, x, y) against a measured device-to-device copy (bytes read +
 written). The last lines add up the decoder's four projections over its 32 layers per M: the
 linear layers' share of a decode step, for cuBLASLt, each tiling, the best tiling per layer and
-the engine's choice (triton_fp8_gemm.tiling_for). (A weight-only Triton GEMM for 2-128 rows ran at 14-68 %
+the engine's choice (triton_fp8_gemm.tiling_for). --bf16-tilings times the same Triton kernel on
+bf16 operands (unit scales), against cuBLAS's bf16 GEMM, for the bf16 engine's decode steps.
+(A weight-only Triton GEMM for 2-128 rows ran at 14-68 %
 of the copy bandwidth here, slower than _scaled_mm at every M on an H100, and was dropped:
 benchmarks/RESULTS.md.)
 """
@@ -42,6 +44,7 @@ LAYERS = {  # name: (N, K) of Llama-3.1-8B
 DECODER_LAYERS, DECODER_DEPTH = ("qkv", "o", "gate_up", "down"), 32
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 BASELINES = ("scaled_mm", "bf16")
+BF16 = "bf16 "  # a bf16-operand tiling's key: BF16 + its name
 TILINGS = (NARROW.name, WIDE.name, "m64n64k128w4s4", "m128n128k128w8s3")  # the engine's first
 ROTATION_BYTES = 512 << 20
 REPLAYS = 50
@@ -89,16 +92,32 @@ class Layer:
     def time_bf16(self, x: torch.Tensor) -> float:
         return per_call_ms([lambda w=w: F.linear(x, w) for w in self.bf16])
 
+    def time_bf16_triton(self, x: torch.Tensor, tiling: GemmTiling) -> float:
+        """The Triton kernel on bf16 operands: unit scales stand for FP8's."""
+        rows = FP8Rows(x, torch.ones(x.shape[0], device="cuda"), DTYPE)
+        ones = torch.ones(self.n, device="cuda")
+        return per_call_ms([lambda w=w: fp8_gemm(rows, w, ones, None, tiling) for w in self.bf16])
+
 
 def cell(layer: Layer, rows: int, ms: float, weight_bytes: int, bandwidth: float) -> str:
     rate = layer.bytes_moved(rows, weight_bytes, weight_bytes == 1) / (ms * 1e-3)
     return f"{ms:7.4f} ms {rate / 1e9:5.0f} GB/s {100 * rate / bandwidth:3.0f} %"
 
 
+def fits(layer: Layer, tiling: GemmTiling) -> bool:
+    return layer.n % tiling.block_n == 0 and layer.k % tiling.block_k == 0
+
+
 def print_layer(
-    name: str, layer: Layer, rows: list[int], tilings: list[GemmTiling], bandwidth: float
+    name: str,
+    layer: Layer,
+    rows: list[int],
+    tilings: list[GemmTiling],
+    bf16_tilings: list[GemmTiling],
+    bandwidth: float,
 ) -> dict[int, dict[str, float]]:
-    """Prints a line per M; returns M -> {"scaled_mm" | "bf16" | tiling name: ms}."""
+    """Prints a line per M; returns M -> {"scaled_mm" | "bf16" | tiling name | BF16 + tiling
+    name: ms}."""
     times = {}
     for m in rows:
         x = torch.randn(m, layer.k, device="cuda").to(DTYPE)
@@ -112,8 +131,11 @@ def print_layer(
             f" | scaled_mm {cell(layer, m, times[m]['scaled_mm'], 1, bandwidth)}"
             f" | bf16 {cell(layer, m, times[m]['bf16'], 2, bandwidth)}"
         )
+        for tiling in filter(lambda t: fits(layer, t), bf16_tilings):
+            times[m][BF16 + tiling.name] = layer.time_bf16_triton(x, tiling)
+            line += f" | bf16 {tiling.name} {cell(layer, m, times[m][BF16 + tiling.name], 2, bandwidth)}"
         for tiling in tilings:
-            if layer.n % tiling.block_n == 0 and layer.k % tiling.block_k == 0:
+            if fits(layer, tiling):
                 triton_op = lambda r, w, s, bias, t=tiling: fp8_gemm(r, w, s, bias, t)  # noqa: E731
                 times[m][tiling.name] = layer.time_fp8(fp8_rows, triton_op)
                 line += f" | {tiling.name} {cell(layer, m, times[m][tiling.name], 1, bandwidth)}"
@@ -137,9 +159,17 @@ def print_decoder_totals(by_layer: dict[str, dict[int, dict[str, float]]]) -> No
         layers = [by_layer[name][m] for name in DECODER_LAYERS]
         kinds = [kind for kind in layers[0] if all(kind in layer for layer in layers)]
         totals = {kind: DECODER_DEPTH * sum(layer[kind] for layer in layers) for kind in kinds}
-        triton = [[ms for kind, ms in layer.items() if kind not in BASELINES] for layer in layers]
-        if all(triton):
-            totals["best tiling"] = DECODER_DEPTH * sum(min(ms) for ms in triton)
+        for label, is_bf16 in (("best tiling", False), ("bf16 best tiling", True)):
+            triton = [
+                [
+                    ms
+                    for kind, ms in layer.items()
+                    if kind not in BASELINES and kind.startswith(BF16) == is_bf16
+                ]
+                for layer in layers
+            ]
+            if all(triton):
+                totals[label] = DECODER_DEPTH * sum(min(ms) for ms in triton)
         engine = [
             layer_ms(layer, tiling_for(m, LAYERS[name][0]))
             for name, layer in zip(DECODER_LAYERS, layers)
@@ -154,6 +184,7 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(map(str, ROWS)))
     parser.add_argument("--layers", default=",".join(LAYERS))
     parser.add_argument("--tilings", default=",".join(TILINGS))
+    parser.add_argument("--bf16-tilings", default="", help="tilings for bf16 operands")
     args = parser.parse_args()
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
@@ -163,10 +194,11 @@ def main() -> None:
     )
     rows = [int(m) for m in args.rows.split(",")]
     tilings = [GemmTiling.parse(name) for name in args.tilings.split(",") if name]
+    bf16_tilings = [GemmTiling.parse(name) for name in args.bf16_tilings.split(",") if name]
     by_layer = {}
     for name in args.layers.split(","):
         layer = Layer(*LAYERS[name])
-        by_layer[name] = print_layer(name, layer, rows, tilings, bandwidth)
+        by_layer[name] = print_layer(name, layer, rows, tilings, bf16_tilings, bandwidth)
         del layer
         torch.cuda.empty_cache()
         if name in DECODER_LAYERS and set(DECODER_LAYERS) <= set(by_layer):
