@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -69,6 +70,33 @@ def per_call_ms(calls: list[Callable[[], torch.Tensor]]) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / len(calls))
     return statistics.median(times)
+
+
+def host_launch_us(call: Callable[[], torch.Tensor], launches: int = 200) -> float:
+    """The host's time to launch one eager call (the launches queue up faster than the GPU
+    drains them only if the kernel is shorter than its launch)."""
+    call()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(launches):
+        call()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return 1e6 * elapsed / launches
+
+
+def print_host_launch(name: str, layer: Layer, m: int) -> None:
+    """Eager calls (a prefill's, outside CUDA graphs) pay their launch on the host: µs a call."""
+    x = torch.randn(m, layer.k, device="cuda").to(DTYPE)
+    rows = FP8Rows(*quantize_rows(x), DTYPE)
+    (w, s), w16 = layer.fp8[0], layer.bf16[0]
+    calls = {
+        "scaled_mm": lambda: cublas_scaled_mm(rows, w, s, None),
+        "bf16": lambda: F.linear(x, w16),
+        NARROW.name: lambda: fp8_gemm(rows, w, s, None, NARROW),
+    }
+    line = " | ".join(f"{kind} {host_launch_us(call):5.1f}" for kind, call in calls.items())
+    print(f"{name:8s} M {m:3d} host launch µs a call | {line}", flush=True)
 
 
 class Layer:
@@ -185,6 +213,7 @@ def main() -> None:
     parser.add_argument("--layers", default=",".join(LAYERS))
     parser.add_argument("--tilings", default=",".join(TILINGS))
     parser.add_argument("--bf16-tilings", default="", help="tilings for bf16 operands")
+    parser.add_argument("--host-launch", action="store_true", help="eager launch µs a call")
     args = parser.parse_args()
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
@@ -199,6 +228,8 @@ def main() -> None:
     for name in args.layers.split(","):
         layer = Layer(*LAYERS[name])
         by_layer[name] = print_layer(name, layer, rows, tilings, bf16_tilings, bandwidth)
+        if args.host_launch:
+            print_host_launch(name, layer, rows[0])
         del layer
         torch.cuda.empty_cache()
         if name in DECODER_LAYERS and set(DECODER_LAYERS) <= set(by_layer):
