@@ -13,7 +13,8 @@ must move (weight, scales, x, y) against a measured device-to-device copy (bytes
 written). The last lines add up the decoder's four projections over its 32 layers per M: the
 linear layers' share of a decode step, for cuBLASLt, each tiling, the best tiling per layer and
 the engine's choice (triton_fp8_gemm.tiling_for). --bf16-tilings times the same Triton kernel on
-bf16 operands (unit scales), against cuBLAS's bf16 GEMM, for the bf16 engine's decode steps.
+bf16 operands (unit scales), against cuBLAS's bf16 GEMM, for the bf16 engine's decode steps;
+--blas cublaslt has torch run the bf16 GEMMs through cuBLASLt instead of cuBLAS.
 (A weight-only Triton GEMM for 2-128 rows ran at 14-68 %
 of the copy bandwidth here, slower than _scaled_mm at every M on an H100, and was dropped:
 benchmarks/RESULTS.md.)
@@ -214,11 +215,17 @@ def main() -> None:
     parser.add_argument("--tilings", default=",".join(TILINGS))
     parser.add_argument("--bf16-tilings", default="", help="tilings for bf16 operands")
     parser.add_argument("--host-launch", action="store_true", help="eager launch µs a call")
+    parser.add_argument(
+        "--blas", choices=("cublas", "cublaslt"), help="torch's library for the bf16 GEMMs"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.blas:
+        torch.backends.cuda.preferred_blas_library(args.blas)
     bandwidth = copy_bandwidth()
     print(
-        f"device {torch.cuda.get_device_name()}  copy {bandwidth / 1e9:.0f} GB/s  bf16 activations",
+        f"device {torch.cuda.get_device_name()}  copy {bandwidth / 1e9:.0f} GB/s  bf16 activations"
+        f"  bf16 GEMMs by {torch.backends.cuda.preferred_blas_library()}",
         flush=True,
     )
     rows = [int(m) for m in args.rows.split(",")]

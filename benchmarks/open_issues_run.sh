@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# What the open issues still need from one GPU (after session 15, benchmarks/RESULTS.md), in
-# priority order under one budget: the GPU tests (gpu_tests; gpu_fp8_gemm_tests and
-# fp8_gemm_tilings: the Triton FP8 GEMM of decode-sized calls against cuBLASLt's); the kernel
-# profiles, now split by call kind with the GEMM and attention rates achieved (where the bf16 run's prefill and mixed calls lose
-# ~1.4 s against their floor, and the FP8 run's decode attention ~1.6 s); the paced offline run
+# What the open issues still need from one GPU (after session 16, benchmarks/RESULTS.md), in
+# priority order under one budget: the GPU tests (gpu_tests; gpu_fp8_gemm_tests); the FP8 decode
+# attention's tilings (attention_fp8: the FP8 run's largest loss, 50 % of copy); torch's bf16
+# GEMMs through cuBLASLt against cuBLAS at the decode steps' rows (bf16_gemm_blas: the bf16 run's
+# decode GEMMs sit at cuBLAS's own rate, 74 % of copy; Triton tiles lost, session 16); the kernel
+# profiles, split by call kind with the GEMM and attention rates achieved; the paced offline run
 # beside the served ones (fcfs and --scheduling-policy paced); the FP8 + FP8-KV offline run
-# beside bf16 (issue 22's ratio); the FP8 decode attention's tilings; issue 22's bf16 / FP8 /
-# FP8 + FP8-KV triple (batch-1, 8k prefill, offline); the host's Python under py-spy; the FP8
-# linears per M. Logs and JSON go to ${OUT:-/tmp/open} (a device call brings back 8 files: name
-# few steps); STEPS (comma-separated names) runs a part. Runs on one machine differ by up to
-# ~12 % from another's: compare within a call.
+# beside bf16 (issue 22's ratio); issue 22's bf16 / FP8 / FP8 + FP8-KV triple (batch-1, 8k
+# prefill, offline); the host's Python under py-spy; the FP8 linears per M. Logs and JSON go to
+# ${OUT:-/tmp/open} (a device call brings back 8 files: name few steps); STEPS (comma-separated
+# names) runs a part. Runs on one machine differ by up to ~12 % from another's, and the first
+# served run on a machine is the slower one: compare within a call, base first.
 #   bash benchmarks/open_issues_run.sh WHEELS_DIR BUDGET_SECONDS [STEPS]
 set -u
 wheels=${1:-.wheels}
@@ -22,13 +23,15 @@ step gpu_tests 400 bash benchmarks/gpu_tests.sh 100 tests/test_triton_attention.
 # the Triton FP8 GEMM of decode-sized calls (session 15), its tilings against cuBLASLt's
 step gpu_fp8_gemm_tests 200 bash benchmarks/gpu_tests.sh 100 tests/test_triton_fp8_gemm.py \
     tests/test_gpu_fp8.py
-# (session 15 swept m64n32k128w4s5,m64n64k128w4s4,m64n64k256w4s3,m64n128k128w4s3,m128n32k128w4s4,
-# m128n64k128w8s4,m128n128k128w8s3,m256n64k128w8s3 at 16-384 rows; cuBLASLt won from 192 rows.
-# Left: all of a 128-256-row step in one row block, 128 weight strips of 32 (one wave, each
-# weight byte read once), for the 4,096-wide o and down at 41-58 % of copy under cuBLASLt)
-step fp8_gemm_tilings 200 python3 -m benchmarks.fp8_gemm_bench --rows 128,192,256 \
-    --layers qkv,o,gate_up,down --tilings m64n32k128w4s5,m64n128k128w4s3,m128n32k128w8s4,\
-m256n32k128w8s4,m256n32k64w8s5,m256n64k128w8s4
+# The engine's FP8 tilings against cuBLASLt's per layer and rows (session 15-16: Triton wins
+# at 9-128 rows only; a 128-256-row step in one row block lost on every layer)
+step fp8_gemm_tilings 200 python3 -m benchmarks.fp8_gemm_bench --rows 16,64,128,192,256 \
+    --layers qkv,o,gate_up,down
+# torch's bf16 GEMMs through cuBLAS, then cuBLASLt, at the bf16 run's decode rows (one process
+# each: the library is chosen per process)
+bf16_rows=(python3 -m benchmarks.fp8_gemm_bench --rows 64,128,192,256,320 --layers \
+    qkv,o,gate_up,down --tilings=)
+step bf16_gemm_blas 200 bash -c "${bf16_rows[*]} --blas cublas && ${bf16_rows[*]} --blas cublaslt"
 step gpu_bench_tests 60 bash benchmarks/gpu_tests.sh 50 tests/test_triton_attention_bench.py \
     tests/test_gpu_idle.py
 fp8_kv=(--quantize fp8 --kv-cache-dtype fp8_e4m3fn)
@@ -42,9 +45,8 @@ step offline_fp8_kv 110 "${offline[@]}" --quantize fp8 --kv-cache-dtype fp8_e4m3
 step offline_arrival 110 "${offline[@]}" --submission arrival --json "$out/offline_arrival.json"
 step served_8b 260 python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-shards 1 \
     --workload "$work" --rate 4 --rate-requests 300 --json "$out/served_8b.json"
-# FP8 served: the Poisson 4 req/s steps are 10-60 rows, where the Triton FP8 GEMM replaced
-# cuBLASLt's (session 15: -13 to -16 % of the projections' time at 16-64 rows); compare TPOT with
-# the tree before it (`git archive fd4ec6d`) on one machine
+# FP8 served, Poisson 4 req/s (session 16: ~5 requests at once, most steps on the GEMV path;
+# latency equal with and without the Triton FP8 GEMM once the base served first)
 step served_8b_fp8 260 python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-shards 1 \
     --workload "$work" --rate 4 --rate-requests 300 --json "$out/served_8b_fp8.json" \
     --launcher-args "--dtype bfloat16 --max-input-tokens 1024 --max-total-tokens 2048 \
