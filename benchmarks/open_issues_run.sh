@@ -3,7 +3,8 @@
 # priority order under one budget: the GPU tests (gpu_tests; gpu_fp8_gemm_tests); the FP8 decode
 # attention's tilings (attention_fp8: the FP8 run's largest loss, 50 % of copy); torch's bf16
 # GEMMs through cuBLASLt against cuBLAS at the decode steps' rows (bf16_gemm_blas: the bf16 run's
-# decode GEMMs sit at cuBLAS's own rate, 74 % of copy; Triton tiles lost, session 16); the kernel
+# decode GEMMs sit at cuBLAS's own rate, 74 % of copy; Triton tiles lost, session 16); the
+# decode step's small kernels against copy (step_kernels); the kernel
 # profiles, split by call kind with the GEMM and attention rates achieved; the paced offline run
 # beside the served ones (fcfs and --scheduling-policy paced); the FP8 + FP8-KV offline run
 # beside bf16 (issue 22's ratio); issue 22's bf16 / FP8 / FP8 + FP8-KV triple (batch-1, 8k
@@ -32,6 +33,9 @@ step fp8_gemm_tilings 200 python3 -m benchmarks.fp8_gemm_bench --rows 16,64,128,
 bf16_rows=(python3 -m benchmarks.fp8_gemm_bench --rows 64,128,192,256,320 --layers \
     qkv,o,gate_up,down --tilings=)
 step bf16_gemm_blas 200 bash -c "${bf16_rows[*]} --blas cublas && ${bf16_rows[*]} --blas cublaslt"
+# the decode step's RMSNorm, SiLU * up and rotary + KV write at the offline run's rows, against
+# copy (bf16 run: ~0.5 s of the decode steps' GPU time)
+step step_kernels 120 python3 -m benchmarks.step_kernels_bench
 step gpu_bench_tests 60 bash benchmarks/gpu_tests.sh 50 tests/test_triton_attention_bench.py \
     tests/test_gpu_idle.py
 fp8_kv=(--quantize fp8 --kv-cache-dtype fp8_e4m3fn)
