@@ -62,12 +62,11 @@ step served_8b_paced 200 python3 -m benchmarks.serve_bench --model-dir /tmp/m8 -
     --workload "$work" --scheduling-policy paced --json "$out/served_8b_paced.json"
 fp8_mixed=(python3 -m benchmarks.attention_kernels --no-prefill --batches 64,128,256,512
     --contexts 2048 --lengths mixed --workload "$work" --orders random --kv-dtype fp8_e4m3fn)
-# (fewer stages: more programs a SM for the FP8 kernel's short rows, whose programs each wait
-# on a chain of dependent loads; session 15's note)
+# The default n128w4s5 holds 201 registers a thread: 2 programs, 8 warps an SM on an H100
+# (`benchmarks/kernel_resources.py`, session 16); n64w8s5, n32w4s5 and n32w2s5 hold 14-16 warps
+# an SM (fewer stages than 5 only drop to one buffer, and free no registers)
 step attention_fp8 150 bash -c "${fp8_mixed[*]} --splits 1 --balanced '' --configs \
-    n128w4s5,n64w4s5,n64w4s8,n128w8s5 && ${fp8_mixed[*]} --splits '' --balanced 2,3 \
-    --configs n64w4s5,n64w4s3,n32w4s8; ${fp8_mixed[*]} --splits 1 --balanced '' --configs \
-    n128w4s3,n128w4s2,n128w2s3"
+    n128w4s5,n64w8s5,n32w4s5,n32w2s5,n64w4s5"
 profile=("${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes profile --max-num-seqs 512)
 step profile_fp8_kv 150 "${profile[@]}" "${fp8_kv[@]}" --json "$out/profile_fp8_kv.json"
 for budget in 2048 512; do

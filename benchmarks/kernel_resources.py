@@ -1,0 +1,129 @@
+"""What a paged decode kernel's tiling costs an SM, compiled for sm_90 on any machine (no GPU):
+shared memory and registers a program, and how many programs (and warps) an H100 SM then holds.
+
+    python -m benchmarks.kernel_resources [--kernel split|balanced] [--kv-dtype fp8_e4m3fn|bf16]
+        [--configs n128w4s5,n128w4s3,...]
+
+Needs Triton with its NVIDIA backend (ptxas and cuobjdump ship in its wheel: `pip download
+--no-deps --only-binary=:all: "triton==3.*"`, unzip, put it on PYTHONPATH and make its
+`backends/nvidia/bin/*` executable). Integer and pointer arguments are compiled as divisible by
+16, as the product's launches specialize them, so the loads pipeline as they do on the GPU.
+The Llama-3.1-8B attention shape: 4 query heads a KV head, head_dim 128, pages of 16, a bf16 query.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from benchmarks.attention_kernels import parse_config
+from shardline.shards.layers.attention.decode_plan import DecodeConfig
+from shardline.shards.layers.attention.triton_decode import _paged_decode_kernel
+from shardline.shards.layers.attention.triton_decode_balanced import (
+    MIN_BLOCK_B,
+    _balanced_decode_kernel,
+)
+
+KERNELS = {"split": _paged_decode_kernel, "balanced": _balanced_decode_kernel}
+KV_TYPES = {"fp8_e4m3fn": "fp8e4nv", "bf16": "bf16"}
+SM90 = GPUTarget("cuda", 90, 32)
+SHARED_PER_SM, REGISTERS_PER_SM, MAX_WARPS_PER_SM = 227 * 1024, 65536, 64
+REGISTER_UNIT = 256  # registers are handed to a warp in units of 256 (8 a thread)
+# Specialized per launch: not divisible by 16 (the last stride of a [rows, heads] lse table).
+UNALIGNED = {"stride_lh", "stride_lt", "batch", "num_splits"}
+
+
+def signature(kernel: triton.JITFunction, kv_type: str, constants: dict) -> dict[str, str]:
+    types = {}
+    for name in kernel.arg_names:
+        if name in constants:
+            types[name] = "constexpr"
+        elif name in ("k_cache_ptr", "v_cache_ptr"):
+            types[name] = f"*{kv_type}"
+        elif name in ("lse_ptr", "part_ptr") or name.endswith("scale") or name == "softcap":
+            types[name] = "*fp32" if name.endswith("_ptr") else "fp32"
+        elif name in ("block_tables_ptr", "context_lens_ptr"):
+            types[name] = "*i32"
+        elif name.endswith("_ptr"):
+            types[name] = "*bf16"
+        else:
+            types[name] = "i32"
+    return types
+
+
+def constants(kernel: str, config: DecodeConfig, fp8: bool) -> dict[str, object]:
+    shape = dict(
+        GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, PAGE_SIZE=16, BLOCK_N=config.block_n,
+        WINDOW=0, DOT_PRECISION="tf32", HAS_ALIBI=False, SOFTCAP=False, FP8_IN_FP16=fp8,
+        USE_PDL=False,
+    )  # fmt: skip
+    if kernel == "split":
+        shape["SPLIT"] = False
+    else:
+        shape["BLOCK_B"] = MIN_BLOCK_B
+    return shape
+
+
+def registers(cubin: bytes) -> int:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+        usage = subprocess.run(
+            [str(tool), "-res-usage", str(path)], capture_output=True, text=True, check=True
+        ).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1))
+
+
+def resources(kernel_name: str, kv_dtype: str, config: DecodeConfig) -> tuple[int, int]:
+    """Shared-memory bytes and registers a thread of one program."""
+    kernel = KERNELS[kernel_name]
+    consts = constants(kernel_name, config, kv_dtype != "bf16")
+    types = signature(kernel, KV_TYPES[kv_dtype], consts)
+    index = {name: (i,) for i, name in enumerate(kernel.arg_names)}
+    aligned = [n for n, t in types.items() if t not in ("constexpr", "fp32") and n not in UNALIGNED]
+    source = ASTSource(
+        fn=kernel,
+        signature=types,
+        constexprs={index[name]: value for name, value in consts.items()},
+        attrs={index[name]: [["tt.divisibility", 16]] for name in aligned},
+    )
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    compiled = triton.compile(source, target=SM90, options=options)
+    return compiled.metadata.shared, registers(compiled.asm["cubin"])
+
+
+def programs_per_sm(shared: int, regs: int, warps: int) -> int:
+    by_shared = SHARED_PER_SM // max(shared, 1)
+    warp_registers = -(-regs * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    by_registers = REGISTERS_PER_SM // (warp_registers * warps)
+    return min(by_shared, by_registers, MAX_WARPS_PER_SM // warps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel", choices=KERNELS, default="split")
+    parser.add_argument("--kv-dtype", choices=KV_TYPES, default="fp8_e4m3fn")
+    parser.add_argument("--configs", default="n128w4s5,n128w4s3,n128w8s5,n64w4s5")
+    args = parser.parse_args()
+    for name in args.configs.split(","):
+        config = parse_config(name)
+        shared, regs = resources(args.kernel, args.kv_dtype, config)
+        programs = programs_per_sm(shared, regs, config.num_warps)
+        print(
+            f"{args.kernel} {args.kv_dtype} {name:10s} shared {shared / 1024:6.1f} KB"
+            f"  registers {regs:3d}  programs an SM {programs}"
+            f"  warps an SM {programs * config.num_warps}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
