@@ -40,22 +40,30 @@ REGISTER_UNIT = 256  # registers are handed to a warp in units of 256 (8 a threa
 UNALIGNED = {"stride_lh", "stride_lt", "batch", "num_splits"}
 
 
+FLOAT32_POINTERS = {"lse_ptr", "part_ptr"}
+INT32_POINTERS = {"block_tables_ptr", "context_lens_ptr"}
+CACHE_POINTERS = {"k_cache_ptr", "v_cache_ptr"}
+FLOAT32_SCALARS = {"qk_scale", "softcap"}
+
+
 def signature(kernel: triton.JITFunction, kv_type: str, constants: dict) -> dict[str, str]:
-    types = {}
-    for name in kernel.arg_names:
+    """Each argument's Triton type: pointers by what they point at, bf16 for the query and the
+    output, i32 for sizes and strides."""
+
+    def type_of(name: str) -> str:
         if name in constants:
-            types[name] = "constexpr"
-        elif name in ("k_cache_ptr", "v_cache_ptr"):
-            types[name] = f"*{kv_type}"
-        elif name in ("lse_ptr", "part_ptr") or name.endswith("scale") or name == "softcap":
-            types[name] = "*fp32" if name.endswith("_ptr") else "fp32"
-        elif name in ("block_tables_ptr", "context_lens_ptr"):
-            types[name] = "*i32"
-        elif name.endswith("_ptr"):
-            types[name] = "*bf16"
-        else:
-            types[name] = "i32"
-    return types
+            return "constexpr"
+        if name in CACHE_POINTERS:
+            return f"*{kv_type}"
+        if name in FLOAT32_POINTERS:
+            return "*fp32"
+        if name in INT32_POINTERS:
+            return "*i32"
+        if name in FLOAT32_SCALARS:
+            return "fp32"
+        return "*bf16" if name.endswith("_ptr") else "i32"
+
+    return {name: type_of(name) for name in kernel.arg_names}
 
 
 def constants(kernel: str, config: DecodeConfig, fp8: bool) -> dict[str, object]:

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from shardline.shards.layers import custom_kernels
-from shardline.shards.layers.fp8 import FP8Rows, has_fp8_tensor_cores
+from shardline.shards.layers.fp8 import FP8Rows
 from shardline.shards.layers.pdl import PDL_MAX_ROWS
 
 
@@ -113,12 +113,12 @@ def _fp8_gemm_kernel(
 
 def triton_gemm_applies(rows: FP8Rows, weight: torch.Tensor, tiling: GemmTiling) -> bool:
     """Whether the Triton GEMM with `tiling` takes these rows against `weight` [N, K]: on a GPU
-    with FP8 tensor cores, the weight's dimensions whole multiples of the tiling's blocks."""
+    (FP8 rows exist only where it has FP8 tensor cores), the weight's dimensions whole
+    multiples of the tiling's blocks."""
     n, k = weight.shape
     x = rows.quantized
     return (
         custom_kernels.applies(x)
-        and has_fp8_tensor_cores(x.device)
         and x.stride(-1) == 1
         and weight.stride(-1) == 1
         and n % tiling.block_n == 0
