@@ -14,7 +14,9 @@ written). The last lines add up the decoder's four projections over its 32 layer
 linear layers' share of a decode step, for cuBLASLt, each tiling, the best tiling per layer and
 the engine's choice (triton_fp8_gemm.tiling_for). --bf16-tilings times the same Triton kernel on
 bf16 operands (unit scales), against cuBLAS's bf16 GEMM, for the bf16 engine's decode steps;
---blas cublaslt has torch run the bf16 GEMMs through cuBLASLt instead of cuBLAS.
+--blas cublaslt has torch run the bf16 GEMMs through cuBLASLt instead of cuBLAS; --gemv-tilings
+times the FP8 GEMV at one row with each tiling (n2k1024w4: rows and K a program, warps) beside
+the engine's (gemv_config's, plain epilogue).
 (A weight-only Triton GEMM for 2-128 rows ran at 14-68 %
 of the copy bandwidth here, slower than _scaled_mm at every M on an H100, and was dropped:
 benchmarks/RESULTS.md.)
@@ -34,7 +36,7 @@ import triton
 from benchmarks.attention_kernels import copy_bandwidth
 from shardline.shards.layers.fp8 import FP8Rows, cublas_scaled_mm, quantize_rows
 from shardline.shards.layers.triton_fp8_gemm import NARROW, WIDE, GemmTiling, fp8_gemm, tiling_for
-from shardline.shards.layers.triton_gemv import gemv, gemv_applies
+from shardline.shards.layers.triton_gemv import GemvConfig, gemv, gemv_applies, gemv_config
 
 LAYERS = {  # name: (N, K) of Llama-3.1-8B
     "qkv": (6144, 4096),
@@ -47,6 +49,8 @@ DECODER_LAYERS, DECODER_DEPTH = ("qkv", "o", "gate_up", "down"), 32
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 BASELINES = ("scaled_mm", "bf16")
 BF16 = "bf16 "  # a bf16-operand tiling's key: BF16 + its name
+GEMV = "gemv "  # a one-row GEMV tiling's key: GEMV + its name
+FAMILIES = {"best tiling": "", "bf16 best tiling": BF16, "gemv best tiling": GEMV}
 TILINGS = (NARROW.name, WIDE.name, "m64n64k128w4s4", "m128n128k128w8s3")  # the engine's first
 ROTATION_BYTES = 512 << 20
 REPLAYS = 50
@@ -133,8 +137,25 @@ def cell(layer: Layer, rows: int, ms: float, weight_bytes: int, bandwidth: float
     return f"{ms:7.4f} ms {rate / 1e9:5.0f} GB/s {100 * rate / bandwidth:3.0f} %"
 
 
-def fits(layer: Layer, tiling: GemmTiling) -> bool:
+def fits(layer: Layer, tiling: GemmTiling | GemvConfig) -> bool:
     return layer.n % tiling.block_n == 0 and layer.k % tiling.block_k == 0
+
+
+def family(kind: str) -> str:
+    """The key prefix of a timed kind's family: BF16, GEMV or "" (FP8 GEMM tilings)."""
+    return next((prefix for prefix in (BF16, GEMV) if kind.startswith(prefix)), "")
+
+
+def time_gemvs(layer: Layer, x: torch.Tensor, tilings: list[GemvConfig]) -> dict[str, float]:
+    """The FP8 GEMV at one row: the engine's tiling (key "fp8 gemv") and each of `tilings`."""
+    default = gemv_config(layer.n, layer.k)
+    times = {"fp8 gemv": layer.time_fp8(x, lambda x, w, s, bias: gemv(x, w, scale=s))}
+    for tiling in filter(lambda t: fits(layer, t) and t != default, tilings):
+        op = lambda x, w, s, bias, t=tiling: gemv(x, w, scale=s, config=t)  # noqa: E731
+        times[GEMV + tiling.name] = layer.time_fp8(x, op)
+    if default is not None and tilings:
+        times[GEMV + default.name] = times["fp8 gemv"]
+    return times
 
 
 def print_layer(
@@ -143,6 +164,7 @@ def print_layer(
     rows: list[int],
     tilings: list[GemmTiling],
     bf16_tilings: list[GemmTiling],
+    gemv_tilings: list[GemvConfig],
     bandwidth: float,
 ) -> dict[int, dict[str, float]]:
     """Prints a line per M; returns M -> {"scaled_mm" | "bf16" | tiling name | BF16 + tiling
@@ -169,8 +191,9 @@ def print_layer(
                 times[m][tiling.name] = layer.time_fp8(fp8_rows, triton_op)
                 line += f" | {tiling.name} {cell(layer, m, times[m][tiling.name], 1, bandwidth)}"
         if m == 1 and gemv_applies(x, layer.fp8[0][0]):
-            gemv_ms = layer.time_fp8(x, lambda x, w, s, bias: gemv(x, w, scale=s))
-            line += f" | fp8 gemv {cell(layer, m, gemv_ms, 1, bandwidth)}"
+            times[m].update(time_gemvs(layer, x, gemv_tilings))
+            for kind in ("fp8 gemv", *(k for k in times[m] if k.startswith(GEMV))):
+                line += f" | {kind} {cell(layer, m, times[m][kind], 1, bandwidth)}"
         print(line, flush=True)
     return times
 
@@ -188,12 +211,12 @@ def print_decoder_totals(by_layer: dict[str, dict[int, dict[str, float]]]) -> No
         layers = [by_layer[name][m] for name in DECODER_LAYERS]
         kinds = [kind for kind in layers[0] if all(kind in layer for layer in layers)]
         totals = {kind: DECODER_DEPTH * sum(layer[kind] for layer in layers) for kind in kinds}
-        for label, is_bf16 in (("best tiling", False), ("bf16 best tiling", True)):
+        for label, prefix in FAMILIES.items():
             triton = [
                 [
                     ms
                     for kind, ms in layer.items()
-                    if kind not in BASELINES and kind.startswith(BF16) == is_bf16
+                    if kind not in (*BASELINES, "fp8 gemv") and family(kind) == prefix
                 ]
                 for layer in layers
             ]
@@ -214,6 +237,7 @@ def main() -> None:
     parser.add_argument("--layers", default=",".join(LAYERS))
     parser.add_argument("--tilings", default=",".join(TILINGS))
     parser.add_argument("--bf16-tilings", default="", help="tilings for bf16 operands")
+    parser.add_argument("--gemv-tilings", default="", help="FP8 GEMV tilings at one row")
     parser.add_argument("--host-launch", action="store_true", help="eager launch µs a call")
     parser.add_argument(
         "--blas", choices=("cublas", "cublaslt"), help="torch's library for the bf16 GEMMs"
@@ -231,10 +255,13 @@ def main() -> None:
     rows = [int(m) for m in args.rows.split(",")]
     tilings = [GemmTiling.parse(name) for name in args.tilings.split(",") if name]
     bf16_tilings = [GemmTiling.parse(name) for name in args.bf16_tilings.split(",") if name]
+    gemv_tilings = [GemvConfig.parse(name) for name in args.gemv_tilings.split(",") if name]
     by_layer = {}
     for name in args.layers.split(","):
         layer = Layer(*LAYERS[name])
-        by_layer[name] = print_layer(name, layer, rows, tilings, bf16_tilings, bandwidth)
+        by_layer[name] = print_layer(
+            name, layer, rows, tilings, bf16_tilings, gemv_tilings, bandwidth
+        )
         if args.host_launch:
             print_host_launch(name, layer, rows[0])
         del layer

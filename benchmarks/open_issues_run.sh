@@ -28,6 +28,11 @@ step gpu_fp8_gemm_tests 200 bash benchmarks/gpu_tests.sh 100 tests/test_triton_f
 # at 9-128 rows only; a 128-256-row step in one row block lost on every layer)
 step fp8_gemm_tilings 200 python3 -m benchmarks.fp8_gemm_bench --rows 16,64,128,192,256 \
     --layers qkv,o,gate_up,down
+# The FP8 GEMV's tilings at one row (the batch-1 path; session 12: qkv / o / down at 76 / 68 /
+# 85 % of copy under tilings tuned on bf16 weights of the 1.7B shape)
+step gemv_fp8_tilings 120 python3 -m benchmarks.fp8_gemm_bench --rows 1 --layers \
+    qkv,o,gate_up,down --tilings= --gemv-tilings \
+    n1k2048w4,n2k2048w4,n4k1024w4,n4k2048w4,n4k2048w8,n8k1024w8,n8k2048w8,n2k4096w8,n2k1024w2
 # torch's bf16 GEMMs through cuBLAS, then cuBLASLt, at the bf16 run's decode rows (one process
 # each: the library is chosen per process)
 bf16_rows=(python3 -m benchmarks.fp8_gemm_bench --rows 64,128,192,256,320 --layers \

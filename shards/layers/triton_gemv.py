@@ -18,6 +18,7 @@ each output is its row's dot product times the row's scale, before the bias and 
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -42,6 +43,18 @@ class GemvConfig:
     block_n: int  # output rows per program
     block_k: int
     num_warps: int
+
+    @property
+    def name(self) -> str:
+        return f"n{self.block_n}k{self.block_k}w{self.num_warps}"
+
+    @classmethod
+    def parse(cls, name: str) -> GemvConfig:
+        """The tiling `name` spells (e.g. "n2k1024w4")."""
+        match = re.fullmatch(r"n(\d+)k(\d+)w(\d+)", name)
+        if match is None:
+            raise ValueError(f"not a GEMV tiling: {name!r} (e.g. n2k1024w4)")
+        return cls(*map(int, match.groups()))
 
 
 @functools.cache  # asked on every one-row linear call, twice
@@ -180,9 +193,10 @@ def _launch(
     norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     residual: tuple[torch.Tensor, torch.Tensor] | None = None,
     scale: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
 ) -> torch.Tensor:
     n, k = weight.shape
-    config = gemv_config(n, k, epilogue)
+    config = config or gemv_config(n, k, epilogue)
     assert config is not None
     norm_weight, ss_in, eps = norm if norm is not None else (weight, out, 0.0)
     residual_row, ss_out = residual if residual is not None else (out, out)
@@ -224,12 +238,14 @@ def gemv(
     bias: torch.Tensor | None = None,
     zero: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
 ) -> torch.Tensor:
     """x [1, K] @ weight[N, K].T (+ bias) -> [1, N], as F.linear (check `gemv_applies` first);
     zeroes the one-element float32 `zero` on the way (see `gemv_normed`). An FP8 weight comes
-    with its row `scale`s, here and in the fused variants below."""
+    with its row `scale`s, here and in the fused variants below; `config` overrides the tiling
+    (`gemv_config`'s, which it must divide as that one does)."""
     out = _empty_row(x, weight.shape[0])
-    return _launch(x, weight, bias, out, Epilogue.PLAIN, zero, scale=scale)
+    return _launch(x, weight, bias, out, Epilogue.PLAIN, zero, scale=scale, config=config)
 
 
 def gemv_normed(
