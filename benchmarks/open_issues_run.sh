@@ -80,7 +80,8 @@ step attention_fp8 150 bash -c "${fp8_mixed[*]} --splits 1 --balanced '' --confi
     n128w4s5,n64w8s5,n32w4s5,n32w2s5,n64w4s5"
 # The bf16 default, balanced n64w4s5 (2 programs, 8 warps an SM by its 192 registers), against
 # tilings that hold 12-16 warps an SM (kernel_resources, session 17: n64w8s3 2 / 16, n64w4s3 and
-# n32w4s3 3 / 12), at 2 (the plan) and 3 programs an SM: the bf16 run's decode attention is at 81 % of copy
+# n32w4s3 3 / 12), at 2 (the plan) and 3 programs an SM: the bf16 run's decode attention is at
+# 81 % of copy
 bf16_mixed=("${fp8_mixed[@]/fp8_e4m3fn/bf16}")
 step attention_bf16 180 bash -c "${bf16_mixed[*]} --splits '' --balanced 3 --configs \
     n64w4s5,n64w8s3,n64w4s3,n32w4s3,n32w4s5"
