@@ -15,8 +15,9 @@ linear layers' share of a decode step, for cuBLASLt, each tiling, the best tilin
 the engine's choice (triton_fp8_gemm.tiling_for). --bf16-tilings times the same Triton kernel on
 bf16 operands (unit scales), against cuBLAS's bf16 GEMM, for the bf16 engine's decode steps;
 --blas cublaslt has torch run the bf16 GEMMs through cuBLASLt instead of cuBLAS; --gemv-tilings
-times the FP8 GEMV at one row with each tiling (n2k1024w4: rows and K a program, warps) beside
-the engine's (gemv_config's, plain epilogue).
+times the FP8 GEMV at one row as the batch-1 decode calls it (qkv and gate_up with the RMSNorm
+folded in, gate_up's SiLU * up and o's and down's residual in the epilogue) with each tiling
+(n2k1024w4: rows and K a program, warps) beside the engine's (gemv_config's for that epilogue).
 (A weight-only Triton GEMM for 2-128 rows ran at 14-68 %
 of the copy bandwidth here, slower than _scaled_mm at every M on an H100, and was dropped:
 benchmarks/RESULTS.md.)
@@ -36,7 +37,15 @@ import triton
 from benchmarks.attention_kernels import copy_bandwidth
 from shardline.shards.layers.fp8 import FP8Rows, cublas_scaled_mm, quantize_rows
 from shardline.shards.layers.triton_fp8_gemm import NARROW, WIDE, GemmTiling, fp8_gemm, tiling_for
-from shardline.shards.layers.triton_gemv import GemvConfig, gemv, gemv_applies, gemv_config
+from shardline.shards.layers.triton_gemv import (
+    Epilogue,
+    GemvConfig,
+    gemv,
+    gemv_applies,
+    gemv_config,
+    gemv_normed,
+    gemv_residual,
+)
 
 LAYERS = {  # name: (N, K) of Llama-3.1-8B
     "qkv": (6144, 4096),
@@ -146,15 +155,52 @@ def family(kind: str) -> str:
     return next((prefix for prefix in (BF16, GEMV) if kind.startswith(prefix)), "")
 
 
-def time_gemvs(layer: Layer, x: torch.Tensor, tilings: list[GemvConfig]) -> dict[str, float]:
-    """The FP8 GEMV at one row: the engine's tiling (key "fp8 gemv") and each of `tilings`."""
-    default = gemv_config(layer.n, layer.k)
+# How the batch-1 decode calls each layer's GEMV (LlamaDecoderLayer.decode_one)
+GEMV_EPILOGUES = {
+    "qkv": Epilogue.PLAIN,
+    "o": Epilogue.RESIDUAL,
+    "gate_up": Epilogue.SILU_PAIRS,
+    "down": Epilogue.RESIDUAL,
+}
+
+
+def batch1_gemv(layer: Layer, epilogue: Epilogue, x: torch.Tensor) -> Callable:
+    """The layer's one-row call with its epilogue: fn(x, w, s, bias, config)."""
+    ss = torch.ones(2, device="cuda")
+    if epilogue == Epilogue.RESIDUAL:
+        residual = torch.randn(1, layer.n, device="cuda").to(DTYPE)
+        return lambda x, w, s, bias, c: gemv_residual(x, w, residual, ss[0], scale=s, config=c)
+    norm_weight = torch.ones(layer.k, device="cuda").to(DTYPE)
+    silu = epilogue == Epilogue.SILU_PAIRS
+    return lambda x, w, s, bias, c: gemv_normed(
+        x, ss[0], norm_weight, 1e-5, w, silu_pairs=silu, zero=ss[1], scale=s, config=c
+    )
+
+
+def engine_gemv_key(name: str) -> str | None:
+    """The key of the tiling the engine gives layer `name`'s batch-1 GEMV."""
+    tiling = gemv_config(*LAYERS[name], GEMV_EPILOGUES[name])
+    return None if tiling is None else GEMV + tiling.name
+
+
+def time_gemvs(
+    name: str, layer: Layer, x: torch.Tensor, tilings: list[GemvConfig]
+) -> dict[str, float]:
+    """The FP8 GEMV at one row, plain ("fp8 gemv"), then as the batch-1 decode calls it with the
+    engine's tiling (GEMV + its name) and each of `tilings` that fits."""
     times = {"fp8 gemv": layer.time_fp8(x, lambda x, w, s, bias: gemv(x, w, scale=s))}
-    for tiling in filter(lambda t: fits(layer, t) and t != default, tilings):
-        op = lambda x, w, s, bias, t=tiling: gemv(x, w, scale=s, config=t)  # noqa: E731
-        times[GEMV + tiling.name] = layer.time_fp8(x, op)
-    if default is not None and tilings:
-        times[GEMV + default.name] = times["fp8 gemv"]
+    if not tilings:
+        return times
+    epilogue = GEMV_EPILOGUES[name]
+    call = batch1_gemv(layer, epilogue, x)
+    default = gemv_config(layer.n, layer.k, epilogue)
+    pairs = epilogue == Epilogue.SILU_PAIRS  # a program takes gate and up rows in pairs
+    for tiling in [default, *tilings]:
+        if tiling is None or not fits(layer, tiling) or (pairs and tiling.block_n % 2):
+            continue
+        if GEMV + tiling.name not in times:
+            op = lambda x, w, s, bias, t=tiling: call(x, w, s, bias, t)  # noqa: E731
+            times[GEMV + tiling.name] = layer.time_fp8(x, op)
     return times
 
 
@@ -191,9 +237,10 @@ def print_layer(
                 times[m][tiling.name] = layer.time_fp8(fp8_rows, triton_op)
                 line += f" | {tiling.name} {cell(layer, m, times[m][tiling.name], 1, bandwidth)}"
         if m == 1 and gemv_applies(x, layer.fp8[0][0]):
-            times[m].update(time_gemvs(layer, x, gemv_tilings))
+            times[m].update(time_gemvs(name, layer, x, gemv_tilings))
             for kind in ("fp8 gemv", *(k for k in times[m] if k.startswith(GEMV))):
-                line += f" | {kind} {cell(layer, m, times[m][kind], 1, bandwidth)}"
+                engine = " (engine)" if kind == engine_gemv_key(name) else ""
+                line += f" | {kind}{engine} {cell(layer, m, times[m][kind], 1, bandwidth)}"
         print(line, flush=True)
     return times
 
@@ -228,6 +275,9 @@ def print_decoder_totals(by_layer: dict[str, dict[int, dict[str, float]]]) -> No
         ]
         if None not in engine:
             totals["engine's choice"] = DECODER_DEPTH * sum(engine)
+        gemvs = [layer.get(engine_gemv_key(name)) for name, layer in zip(DECODER_LAYERS, layers)]
+        if None not in gemvs:
+            totals["engine's batch-1 gemv"] = DECODER_DEPTH * sum(gemvs)
         print(f"M {m:3d} | " + " | ".join(f"{k} {v:6.3f}" for k, v in totals.items()), flush=True)
 
 

@@ -258,15 +258,18 @@ def gemv_normed(
     silu_pairs: bool = False,
     zero: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
 ) -> torch.Tensor:
     """RMSNorm(x) * norm_weight @ weight.T (+ bias), with `ss` the float32 sum of squares of x
     (from `gemv_residual`). With `silu_pairs` the weight is gate_up_proj's (gate rows, then up
-    rows; each program takes matching ones) and the result is SiLU(gate) * up [1, N / 2]. Program 0 zeroes `zero` (the slot a later
+    rows; each program takes matching ones) and the result is SiLU(gate) * up [1, N / 2].
+    Program 0 zeroes `zero` (the slot a later
     `gemv_residual` accumulates into: its ordering within one forward keeps CUDA graphs valid)."""
     epilogue = Epilogue.SILU_PAIRS if silu_pairs else Epilogue.PLAIN
     width = weight.shape[0] // 2 if silu_pairs else weight.shape[0]
     out = _empty_row(x, width)
-    return _launch(x, weight, bias, out, epilogue, zero, norm=(norm_weight, ss, eps), scale=scale)
+    norm = (norm_weight, ss, eps)
+    return _launch(x, weight, bias, out, epilogue, zero, norm=norm, scale=scale, config=config)
 
 
 def gemv_residual(
@@ -276,8 +279,11 @@ def gemv_residual(
     ss: torch.Tensor,
     bias: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
 ) -> torch.Tensor:
     """residual + x @ weight.T (+ bias), its sum of squares added to the float32 `ss` (zero at
     launch)."""
     out = _empty_row(x, weight.shape[0])
-    return _launch(x, weight, bias, out, Epilogue.RESIDUAL, residual=(residual, ss), scale=scale)
+    return _launch(
+        x, weight, bias, out, Epilogue.RESIDUAL, residual=(residual, ss), scale=scale, config=config
+    )
