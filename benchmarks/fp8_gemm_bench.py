@@ -179,7 +179,7 @@ def batch1_gemv(layer: Layer, epilogue: Epilogue, x: torch.Tensor) -> Callable:
 
 def engine_gemv_key(name: str) -> str | None:
     """The key of the tiling the engine gives layer `name`'s batch-1 GEMV."""
-    tiling = gemv_config(*LAYERS[name], GEMV_EPILOGUES[name])
+    tiling = gemv_config(*LAYERS[name], GEMV_EPILOGUES[name], fp8=True)
     return None if tiling is None else GEMV + tiling.name
 
 
@@ -193,7 +193,7 @@ def time_gemvs(
         return times
     epilogue = GEMV_EPILOGUES[name]
     call = batch1_gemv(layer, epilogue, x)
-    default = gemv_config(layer.n, layer.k, epilogue)
+    default = gemv_config(layer.n, layer.k, epilogue, fp8=True)
     pairs = epilogue == Epilogue.SILU_PAIRS  # a program takes gate and up rows in pairs
     for tiling in [default, *tilings]:
         if tiling is None or not fits(layer, tiling) or (pairs and tiling.block_n % 2):

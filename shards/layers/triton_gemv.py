@@ -58,21 +58,21 @@ class GemvConfig:
 
 
 @functools.cache  # asked on every one-row linear call, twice
-def gemv_config(n: int, k: int, epilogue: Epilogue = Epilogue.PLAIN) -> GemvConfig | None:
-    """The tiling for an [n, k] weight, or None where the kernel does not apply. Best on the
-    H100 for the 1.7B shape: 2 rows x 1024 of K a program, 1 x 2048 for a long K (8192); 2
-    warps on small weights (n <= 2048) and long K, 4 otherwise. A residual epilogue takes more
-    rows a program (fewer atomics): 4 x 2048 (8 warps), 2 x 1024 (2 warps) for a long K; SiLU
-    pairs 4 x 1024 (4 warps)."""
+def gemv_config(
+    n: int, k: int, epilogue: Epilogue = Epilogue.PLAIN, fp8: bool = False
+) -> GemvConfig | None:
+    """The tiling for an [n, k] weight (`fp8`: float8_e4m3fn), or None where the kernel does not
+    apply. Best on the H100 for the 1.7B shape in bf16: 2 rows x 1024 of K a program, 1 x 2048
+    for a long K (8192); 2 warps on small weights (n <= 2048) and long K, 4 otherwise. A
+    residual epilogue takes more rows a program (fewer atomics): 4 x 2048 (8 warps), 2 x 1024 (2
+    warps) for a long K; SiLU pairs 4 x 1024 (4 warps)."""
     long_k = k >= 8192
-    block_n, block_k = (1, 2048) if long_k else (2, 1024)
-    num_warps = 2 if long_k or n <= 2048 else 4
-    if epilogue == Epilogue.RESIDUAL:
-        block_n, block_k, num_warps = (2, 1024, 2) if long_k else (4, 2048, 8)
-    elif epilogue == Epilogue.SILU_PAIRS:
-        block_n, block_k, num_warps = 4, 1024, 4
-        if n % 2:
-            return None
+    if fp8:
+        block_n, block_k, num_warps = _fp8_tiling(long_k, epilogue)
+    else:
+        block_n, block_k, num_warps = _bf16_tiling(n, long_k, epilogue)
+    if epilogue == Epilogue.SILU_PAIRS and n % 2:
+        return None
     while block_k < k and k // block_k > MAX_K_TILES:
         block_k *= 2
     while block_k > 16 and k % block_k:
@@ -80,6 +80,24 @@ def gemv_config(n: int, k: int, epilogue: Epilogue = Epilogue.PLAIN) -> GemvConf
     if k % block_k or k // block_k > MAX_K_TILES:
         return None
     return GemvConfig(block_n=block_n, block_k=block_k, num_warps=num_warps)
+
+
+def _bf16_tiling(n: int, long_k: bool, epilogue: Epilogue) -> tuple[int, int, int]:
+    if epilogue == Epilogue.RESIDUAL:
+        return (2, 1024, 2) if long_k else (4, 2048, 8)
+    if epilogue == Epilogue.SILU_PAIRS:
+        return 4, 1024, 4
+    return (1, 2048, 2) if long_k else (2, 1024, 2 if n <= 2048 else 4)
+
+
+def _fp8_tiling(long_k: bool, epilogue: Epilogue) -> tuple[int, int, int]:
+    """Tiles of 2,048 FP8 values (a bf16 tile's 2 KB of K a row) and 4 warps: best or within 3 %
+    of the best of nine tilings per projection of the 8B shape as batch-1 decode calls them
+    (H100, benchmarks/RESULTS.md, session 17): 4 rows a program for qkv and gate/up, 2 for o
+    (a residual), 1 for down (a long K)."""
+    if long_k:
+        return 1, 2048, 4
+    return (2 if epilogue == Epilogue.RESIDUAL else 4), 2048, 4
 
 
 @triton.jit
@@ -179,7 +197,7 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and (weight.dtype == x.dtype or (weight.dtype == FP8 and has_fp8_tensor_cores(x.device)))
         and x.stride(-1) == 1
         and weight.stride(-1) == 1
-        and gemv_config(*weight.shape) is not None
+        and gemv_config(*weight.shape, fp8=weight.dtype == FP8) is not None
     )
 
 
@@ -196,7 +214,7 @@ def _launch(
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
     n, k = weight.shape
-    config = config or gemv_config(n, k, epilogue)
+    config = config or gemv_config(n, k, epilogue, weight.dtype == FP8)
     assert config is not None
     norm_weight, ss_in, eps = norm if norm is not None else (weight, out, 0.0)
     residual_row, ss_out = residual if residual is not None else (out, out)

@@ -229,7 +229,7 @@ class LlamaDecoderLayer(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         return all(
             (proj.weight_scale is None or has_fp8_tensor_cores(proj.weight.device))
-            and gemv_config(*proj.weight.shape, epilogue) is not None
+            and gemv_config(*proj.weight.shape, epilogue, proj.weight_scale is not None) is not None
             for proj, epilogue in [
                 (attn.qkv_proj, Epilogue.PLAIN),
                 (attn.o_proj, Epilogue.RESIDUAL),
