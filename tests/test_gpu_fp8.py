@@ -106,7 +106,9 @@ def test_scaled_mm_keeps_leading_dimensions_and_runs_in_a_cuda_graph() -> None:
 
 
 @needs_fp8_gemm
-@pytest.mark.parametrize("shape", [(6144, 2048), (2048, 8192), (4096, 14336), (302, 896)])
+@pytest.mark.parametrize(
+    "shape", [(6144, 2048), (2048, 8192), (4096, 4096), (28672, 4096), (4096, 14336), (302, 896)]
+)
 def test_gemv_streams_an_fp8_weight(shape: tuple[int, int]) -> None:
     """The batch-1 GEMV, plain, normed with SiLU pairs and with a residual, on an FP8 weight
     against float64 on the dequantized weight."""
