@@ -243,7 +243,7 @@ def mixed_rows(
                     for name, plan in plans:
                         us = problem.time_per_call_us(config, plan)
                         rows.append(
-                            f"{label} order={order:<7} {_config_name(config)} splits={name:<8} "
+                            f"{label} order={order:<7} {config.name} splits={name:<8} "
                             f"{_rate(problem, us, bandwidth)}"
                         )
                 del problem
@@ -251,19 +251,8 @@ def mixed_rows(
     return rows
 
 
-def _config_name(config: DecodeConfig) -> str:
-    return f"n{config.block_n}w{config.num_warps}s{config.num_stages}"
-
-
-def parse_config(name: str) -> DecodeConfig:
-    """`n64w4s2`: tiles of 64 keys, 4 warps, 2 pipeline stages."""
-    block_n, rest = name.removeprefix("n").split("w")
-    warps, stages = rest.split("s")
-    return DecodeConfig(int(block_n), int(warps), int(stages))
-
-
 def _sweep_cells(problem: DecodeProblem, batch: int, context: int) -> str:
-    cells = [f"{_config_name(c)} {problem.time_per_call_us(c):.1f}" for c in SWEEP]
+    cells = [f"{c.name} {problem.time_per_call_us(c):.1f}" for c in SWEEP]
     no_split = SplitPlan(1)
     default = default_decode_config(DTYPE, problem.k_cache.dtype, fills_gpu=True)
     cells.append(f"nosplit {problem.time_per_call_us(default, no_split):.1f}")
@@ -329,7 +318,7 @@ def main() -> None:
     if args.lengths == "mixed":
         workload = load_workload(args.workload, None) if args.workload else None
         splits = [int(n) for n in args.splits.split(",") if n]
-        configs = tuple(parse_config(name) for name in args.configs.split(",") if name)
+        configs = tuple(DecodeConfig.parse(name) for name in args.configs.split(",") if name)
         orders = tuple(args.orders.split(","))
         mixed = MixedLengths(workload, splits, balanced, args.seed, configs, orders)
         decode = mixed_rows(bandwidth, batches, contexts, kv_dtype, mixed)

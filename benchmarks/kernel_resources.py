@@ -23,7 +23,6 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from benchmarks.attention_kernels import parse_config
 from shardline.shards.layers.attention.decode_plan import DecodeConfig
 from shardline.shards.layers.attention.triton_decode import _paged_decode_kernel
 from shardline.shards.layers.attention.triton_decode_balanced import (
@@ -122,7 +121,7 @@ def main() -> None:
     parser.add_argument("--configs", default="n128w4s5,n128w4s3,n128w8s5,n64w4s5")
     args = parser.parse_args()
     for name in args.configs.split(","):
-        config = parse_config(name)
+        config = DecodeConfig.parse(name)
         shared, regs = resources(args.kernel, args.kv_dtype, config)
         programs = programs_per_sm(shared, regs, config.num_warps)
         print(

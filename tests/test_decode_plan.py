@@ -50,3 +50,10 @@ def test_splits_never_exceed_the_tiles_a_row_can_have() -> None:
     assert plan_splits(1, KV_HEADS, 100, 64, SMS) == SplitPlan(2)  # 100 keys: 2 tiles of 64
     assert plan_splits(1, KV_HEADS, MAX_TOKENS, 64, SMS, window=64) == SplitPlan(1)
     assert plan_splits(2, KV_HEADS, MAX_TOKENS, 64, SMS) == SplitPlan(33)  # 4 x 132 / 16
+
+
+def test_a_decode_tiling_is_spelled_and_parsed_by_its_letters() -> None:
+    assert DecodeConfig(128, 4, 5).name == "n128w4s5"
+    assert DecodeConfig.parse("n32w2s3") == DecodeConfig(32, 2, 3)
+    with pytest.raises(ValueError, match="not a DecodeConfig"):
+        DecodeConfig.parse("m64n128k128w4s4")

@@ -89,5 +89,5 @@ def test_a_weight_the_tiles_do_not_divide_goes_to_cublas() -> None:
 def test_a_tiling_is_parsed_from_its_name() -> None:
     assert GemmTiling.parse("m64n128k128w4s3") == GemmTiling(64, 128, 128, 4, 3)
     assert GemmTiling.parse(NARROW.name) == NARROW
-    with pytest.raises(ValueError, match="not a GEMM tiling"):
+    with pytest.raises(ValueError, match="not a GemmTiling"):
         GemmTiling.parse("n64w4s5")

@@ -14,8 +14,8 @@ Per-call row counts are not specialized on (one compile per tiling and weight sh
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import triton
@@ -24,27 +24,19 @@ import triton.language as tl
 from shardline.shards.layers import custom_kernels
 from shardline.shards.layers.fp8 import FP8Rows
 from shardline.shards.layers.pdl import PDL_MAX_ROWS
+from shardline.shards.layers.spelled_tiling import SpelledTiling
 
 
 @dataclass(frozen=True)
-class GemmTiling:
+class GemmTiling(SpelledTiling):
+    LETTERS: ClassVar[str] = "mnkws"
+    EXAMPLE: ClassVar[str] = "m64n128k128w4s4"
+
     block_m: int
     block_n: int
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 4
-
-    @property
-    def name(self) -> str:
-        return f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}"
-
-    @classmethod
-    def parse(cls, name: str) -> GemmTiling:
-        """The tiling `name` spells (e.g. "m64n128k128w4s4")."""
-        match = re.fullmatch(r"m(\d+)n(\d+)k(\d+)w(\d+)s(\d+)", name)
-        if match is None:
-            raise ValueError(f"not a GEMM tiling: {name!r} (e.g. m64n128k128w4s4)")
-        return cls(*map(int, match.groups()))
 
 
 # The rows the Triton GEMM takes; larger calls go to cuBLASLt, and so do the steps of a few rows,

@@ -18,9 +18,9 @@ each output is its row's dot product times the row's scale, before the bias and 
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import ClassVar
 
 import torch
 import triton
@@ -28,6 +28,7 @@ import triton.language as tl
 
 from shardline.shards.layers.fp8 import FP8, has_fp8_tensor_cores
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
+from shardline.shards.layers.spelled_tiling import SpelledTiling
 
 MAX_K_TILES = 16
 
@@ -39,22 +40,13 @@ class Epilogue(IntEnum):
 
 
 @dataclass(frozen=True)
-class GemvConfig:
+class GemvConfig(SpelledTiling):
+    LETTERS: ClassVar[str] = "nkw"
+    EXAMPLE: ClassVar[str] = "n2k1024w4"
+
     block_n: int  # output rows per program
     block_k: int
     num_warps: int
-
-    @property
-    def name(self) -> str:
-        return f"n{self.block_n}k{self.block_k}w{self.num_warps}"
-
-    @classmethod
-    def parse(cls, name: str) -> GemvConfig:
-        """The tiling `name` spells (e.g. "n2k1024w4")."""
-        match = re.fullmatch(r"n(\d+)k(\d+)w(\d+)", name)
-        if match is None:
-            raise ValueError(f"not a GEMV tiling: {name!r} (e.g. n2k1024w4)")
-        return cls(*map(int, match.groups()))
 
 
 @functools.cache  # asked on every one-row linear call, twice

@@ -17,8 +17,11 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+
+from shardline.shards.layers.spelled_tiling import SpelledTiling
 
 MAX_SPLITS = 64
 SPLIT_PROGRAMS_PER_SM = 4
@@ -26,7 +29,10 @@ BALANCED_PROGRAMS_PER_SM = 2
 
 
 @dataclass(frozen=True)
-class DecodeConfig:
+class DecodeConfig(SpelledTiling):
+    LETTERS: ClassVar[str] = "nws"  # n64w4s2: tiles of 64 keys, 4 warps, 2 pipeline stages
+    EXAMPLE: ClassVar[str] = "n64w4s2"
+
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
