@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# What the open issues still need from one GPU (after session 16, benchmarks/RESULTS.md), in
-# priority order under one budget: the GPU tests (gpu_tests; gpu_fp8_gemm_tests); the FP8 decode
-# attention's tilings (attention_fp8: the FP8 run's largest loss, 50 % of copy); torch's bf16
-# GEMMs through cuBLASLt against cuBLAS at the decode steps' rows (bf16_gemm_blas: the bf16 run's
-# decode GEMMs sit at cuBLAS's own rate, 74 % of copy; Triton tiles lost, session 16); the
+# What the open issues still need from one GPU (after session 17, benchmarks/RESULTS.md), in
+# priority order under one budget: the GPU tests (gpu_tests, with the one-row GEMVs' FP8 tilings
+# of session 17; gpu_fp8_gemm_tests); the FP8 decode attention's tilings (attention_fp8: the FP8
+# run's largest loss, 50 % of copy; more warps an SM lost, session 17); torch's bf16 GEMMs
+# through cuBLASLt against cuBLAS (bf16_gemm_blas: 2-4 % faster to 192 rows, session 17); the
 # decode step's small kernels against copy (step_kernels); the kernel
 # profiles, split by call kind with the GEMM and attention rates achieved; the paced offline run
 # beside the served ones (fcfs and --scheduling-policy paced); the FP8 + FP8-KV offline run
@@ -20,7 +20,7 @@ only=${3:-}
 out=${OUT:-/tmp/open}
 source "$(dirname "$0")/bench_steps.sh"
 step gpu_tests 400 bash benchmarks/gpu_tests.sh 100 tests/test_triton_attention.py \
-    tests/test_triton_alibi.py tests/test_gpu_fp8.py tests/test_gpu_engine.py
+    tests/test_triton_alibi.py tests/test_gpu_fp8.py tests/test_triton_layers.py tests/test_gpu_engine.py
 # the Triton FP8 GEMM of decode-sized calls (session 15), its tilings against cuBLASLt's
 step gpu_fp8_gemm_tests 200 bash benchmarks/gpu_tests.sh 100 tests/test_triton_fp8_gemm.py \
     tests/test_gpu_fp8.py
