@@ -83,10 +83,10 @@ def _bf16_tiling(n: int, long_k: bool, epilogue: Epilogue) -> tuple[int, int, in
 
 
 def _fp8_tiling(long_k: bool, epilogue: Epilogue) -> tuple[int, int, int]:
-    """Tiles of 2,048 FP8 values (a bf16 tile's 2 KB of K a row) and 4 warps: best or within 3 %
-    of the best of nine tilings per projection of the 8B shape as batch-1 decode calls them
-    (H100, benchmarks/RESULTS.md, session 17): 4 rows a program for qkv and gate/up, 2 for o
-    (a residual), 1 for down (a long K)."""
+    """Tiles of 2,048 FP8 values (a bf16 tile's 2 KB of K a row) and 4 warps: the fastest of the
+    ten tilings timed on each projection of the 8B shape as batch-1 decode calls it (H100,
+    benchmarks/RESULTS.md, session 17): 4 rows a program for qkv and gate/up, 2 for o (a
+    residual), 1 for down (a long K)."""
     if long_k:
         return 1, 2048, 4
     return (2 if epilogue == Epilogue.RESIDUAL else 4), 2048, 4
