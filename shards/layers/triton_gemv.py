@@ -54,10 +54,7 @@ def gemv_config(
     n: int, k: int, epilogue: Epilogue = Epilogue.PLAIN, fp8: bool = False
 ) -> GemvConfig | None:
     """The tiling for an [n, k] weight (`fp8`: float8_e4m3fn), or None where the kernel does not
-    apply. Best on the H100 for the 1.7B shape in bf16: 2 rows x 1024 of K a program, 1 x 2048
-    for a long K (8192); 2 warps on small weights (n <= 2048) and long K, 4 otherwise. A
-    residual epilogue takes more rows a program (fewer atomics): 4 x 2048 (8 warps), 2 x 1024 (2
-    warps) for a long K; SiLU pairs 4 x 1024 (4 warps)."""
+    apply: K cut into at most MAX_K_TILES power-of-two tiles."""
     long_k = k >= 8192
     if fp8:
         block_n, block_k, num_warps = _fp8_tiling(long_k, epilogue)
@@ -74,7 +71,16 @@ def gemv_config(
     return GemvConfig(block_n=block_n, block_k=block_k, num_warps=num_warps)
 
 
+def weight_tiling(weight: torch.Tensor, epilogue: Epilogue = Epilogue.PLAIN) -> GemvConfig | None:
+    """gemv_config for this weight's shape and dtype."""
+    return gemv_config(*weight.shape, epilogue, weight.dtype == FP8)
+
+
 def _bf16_tiling(n: int, long_k: bool, epilogue: Epilogue) -> tuple[int, int, int]:
+    """Best on the H100 for the 1.7B shape: 2 rows x 1024 of K a program, 1 x 2048 for a long K
+    (8192); 2 warps on small weights (n <= 2048) and long K, 4 otherwise. A residual epilogue
+    takes more rows a program (fewer atomics): 4 x 2048 (8 warps), 2 x 1024 (2 warps) for a long
+    K; SiLU pairs 4 x 1024 (4 warps)."""
     if epilogue == Epilogue.RESIDUAL:
         return (2, 1024, 2) if long_k else (4, 2048, 8)
     if epilogue == Epilogue.SILU_PAIRS:
@@ -189,7 +195,7 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and (weight.dtype == x.dtype or (weight.dtype == FP8 and has_fp8_tensor_cores(x.device)))
         and x.stride(-1) == 1
         and weight.stride(-1) == 1
-        and gemv_config(*weight.shape, fp8=weight.dtype == FP8) is not None
+        and weight_tiling(weight) is not None
     )
 
 
@@ -205,9 +211,9 @@ def _launch(
     scale: torch.Tensor | None = None,
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
-    n, k = weight.shape
-    config = config or gemv_config(n, k, epilogue, weight.dtype == FP8)
+    config = config or weight_tiling(weight, epilogue)
     assert config is not None
+    n, k = weight.shape
     norm_weight, ss_in, eps = norm if norm is not None else (weight, out, 0.0)
     residual_row, ss_out = residual if residual is not None else (out, out)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
@@ -273,8 +279,8 @@ def gemv_normed(
     """RMSNorm(x) * norm_weight @ weight.T (+ bias), with `ss` the float32 sum of squares of x
     (from `gemv_residual`). With `silu_pairs` the weight is gate_up_proj's (gate rows, then up
     rows; each program takes matching ones) and the result is SiLU(gate) * up [1, N / 2].
-    Program 0 zeroes `zero` (the slot a later
-    `gemv_residual` accumulates into: its ordering within one forward keeps CUDA graphs valid)."""
+    Program 0 zeroes `zero` (the slot a later `gemv_residual` accumulates into: its ordering
+    within one forward keeps CUDA graphs valid)."""
     epilogue = Epilogue.SILU_PAIRS if silu_pairs else Epilogue.PLAIN
     width = weight.shape[0] // 2 if silu_pairs else weight.shape[0]
     out = _empty_row(x, width)

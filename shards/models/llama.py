@@ -224,12 +224,12 @@ class LlamaDecoderLayer(nn.Module):
         """Whether the fused one-row kernels tile every projection of this layer (FP8 ones on
         a GPU that converts FP8)."""
         from shardline.shards.layers.fp8 import has_fp8_tensor_cores
-        from shardline.shards.layers.triton_gemv import Epilogue, gemv_config
+        from shardline.shards.layers.triton_gemv import Epilogue, weight_tiling
 
         attn, mlp = self.self_attn, self.mlp
         return all(
             (proj.weight_scale is None or has_fp8_tensor_cores(proj.weight.device))
-            and gemv_config(*proj.weight.shape, epilogue, proj.weight_scale is not None) is not None
+            and weight_tiling(proj.weight, epilogue) is not None
             for proj, epilogue in [
                 (attn.qkv_proj, Epilogue.PLAIN),
                 (attn.o_proj, Epilogue.RESIDUAL),
