@@ -21,7 +21,7 @@ from shardline.router.client import ShardClient, request_proto
 from shardline.router.entry_outcomes import fail, record_success
 from shardline.router.errors import IncompleteGenerationError, ValidationError
 from shardline.router.generation_events import GenerationEvents
-from shardline.router.join_policy import JoinPolicy
+from shardline.router.join_policy import JoinPolicy, may_all_end_next
 from shardline.router.metrics import RouterMetrics
 from shardline.router.prefix_view import PrefixCacheView
 from shardline.router.queue import Entry
@@ -106,20 +106,15 @@ class BatchLane:
         held_ids = _request_ids(answered.batches)
         if answered.batches:
             on_shard = [entry for rid, entry in self.running.items() if rid in held_ids]
-            join = self._parts.join
-            joining = join.joining(self._waiting_steps, on_shard, held) if may_join else None
+            join = self._parts.join.joining
+            joining = join(self._waiting_steps, on_shard, held) if may_join else None
             if joining:
                 self._waiting_steps = 0
-                ahead = (
-                    look_ahead
-                    and not any(entry.chunked for entry in joining)  # it goes on next step
-                    and not join.join_likely_next(0, on_shard + joining, held)
-                )
+                # a cut prompt goes on at the next step
+                ahead = look_ahead and not any(entry.chunked for entry in joining)
                 self.call = await self._send_prefill(joining, answered.batches, ahead)
             else:
-                ahead = look_ahead and not join.join_likely_next(
-                    self._waiting_steps, on_shard, held
-                )
+                ahead = look_ahead and not may_all_end_next(on_shard)
                 self.call = await self._send_decode(answered.batches, ahead)
         self._handle(answered.generations)
         self._forget_off_shard(on_shard=held_ids)
@@ -185,8 +180,8 @@ class BatchLane:
         return result.generations, await self._filter(result.batch)
 
     async def _send_decode(self, batches: list[pb.CachedBatch], launch_next: bool) -> InFlight:
-        """`launch_next`: no request is expected to join at the next step, so the shards may
-        launch it ahead (see the shard engine's `decode`)."""
+        """`launch_next`: the shards may launch the next step ahead (see the shard engine's
+        `decode`); a Prefill joining the batch then takes the running rows from that step."""
         self._parts.update_gauges()
         ids = [batch.id for batch in batches]
         decode = self._parts.client.decode(batches, launch_next)

@@ -8,10 +8,13 @@ decodes one step in the same forward pass, and the answer is one batch of all of
 The loop runs one step ahead of the router: as soon as step N answers (its cached batch already
 without the rows the shards finished), step N+1 is sent (a Decode, or a Prefill of joining
 requests), and only then are step N's generations turned into events and cancellations
-noticed, while the shards compute. A Decode sent when no request is expected to join at the
-next step lets the shards launch that step ahead. What the router ends at step N (a stop
-sequence, a cancellation, a stopped best_of sample) is filtered out of the cached batch after
-step N+1, so the shards free its KV blocks; its step N+1 token is dropped.
+noticed, while the shards compute. A Decode lets the shards launch the step after it ahead,
+unless every running request may end with it: requests that join then prefill in a pass of
+their own behind that step (holding the step back for the joining pass to carry left the device
+idle while the join was prepared: 1.2 % slower offline, benchmarks/RESULTS.md, session 18).
+What the router ends at step N (a stop sequence, a cancellation, a stopped best_of sample) is
+filtered out of the cached batch after step N+1, so the shards free its KV blocks; its step N+1
+token is dropped.
 
 With pipeline parallelism (P stages) up to P batches run at once, each a lane of its own
 (router/batch_lane.py) with its own join rule: the step of one is sent as soon as another's is

@@ -1,8 +1,8 @@
 """Which waiting requests the next batch takes: TGI's rule for joining a running batch (enough
 of them wait, or they waited `max_waiting_tokens` steps) under the prefill and total token
-budgets, and the look one step ahead that lets the shards launch a Decode ahead when no one is
-expected to join. With several batches in flight (pipeline parallelism) each has its own rule;
-the total budget counts the tokens the others hold (`held`)."""
+budgets, and whether a running batch may end with the step being sent (its Decode then lets the
+shards launch no step ahead). With several batches in flight (pipeline parallelism) each has its
+own rule; the total budget counts the tokens the others hold (`held`)."""
 
 from __future__ import annotations
 
@@ -52,17 +52,6 @@ class JoinPolicy:
             self._metrics.batch_concat.inc(reason=reason)
         return joining
 
-    def join_likely_next(self, waiting_steps: int, on_shard: list[Entry], held: int = 0) -> bool:
-        """Whether requests may join at the next step: with one more step waited, beside the
-        running requests that will not have reached their token limit. An end the router cannot
-        foresee (EOS, a stop sequence) or a new arrival may still let some join; the shards
-        then run the step launched ahead and the prefill apart."""
-        if not self._queue.queued:  # nothing may join: no pass over the running requests
-            return False
-        staying = [entry for entry in on_shard if not _may_reach_limit_next(entry)]
-        min_size = self._min_size(waiting_steps + 1, len(staying))
-        return self.next_batch(min_size, staying, take=False, held=held) is not None
-
     def _min_size(self, waiting_steps: int, running: int) -> int | None:
         """TGI's rule: waiting requests join when enough of them wait, or they waited long."""
         if waiting_steps >= self._config.max_waiting_tokens:
@@ -70,10 +59,16 @@ class JoinPolicy:
         return math.floor(running * self._config.waiting_served_ratio)
 
 
+def may_all_end_next(on_shard: list[Entry]) -> bool:
+    """Whether the step being sent may give every running request its last allowed token: a
+    step launched behind it would then be one that no row wants, and the Prefill of the waiting
+    requests would queue behind it. Stops at the first request that goes on (almost always the
+    first)."""
+    return all(_may_reach_limit_next(entry) for entry in on_shard)
+
+
 def _may_reach_limit_next(entry: Entry) -> bool:
     """Whether the step being sent may give a request its last allowed token: the router has
     not handled the step before it yet, hence two tokens to come."""
-    # Run over every running request at every step while requests wait: a list, not a
-    # generator (whose frame resumes per item), costs ~35 % less.
     generated = max([len(sequence.generated_ids) for sequence in entry.sequences])
     return generated + 2 >= entry.request.max_new_tokens

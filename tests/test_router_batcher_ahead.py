@@ -98,25 +98,29 @@ async def test_decodes_ask_for_the_next_step_ahead_when_nothing_waits(tokenizer)
     await batcher.stop()
     kinds = [call[0] for call in fake.calls if call[0] in ("decode", "prefill")]
     assert kinds[:7] == ["prefill"] + ["decode"] * 5 + ["prefill"]
-    # Nothing waited when the decodes were sent; "north" joined by the next call.
-    assert all(fake.launch_next) and len(fake.launch_next) >= 9
+    # "north" joined by the call after it came; only the last decode (its rows' last token,
+    # nothing going on after it) asked for no step ahead.
+    assert all(fake.launch_next[:-1]) and not fake.launch_next[-1]
+    assert len(fake.launch_next) >= 9
     assert len(fake.carried) == 1
 
 
-async def test_a_decode_asks_for_the_next_step_ahead_unless_a_request_may_join_then(tokenizer):
+async def test_a_decode_asks_for_the_next_step_ahead_unless_every_row_may_end_with_it(
+    tokenizer,
+):
     fake = RecordingShard(_counting_script, tokenizer.eos_token_id)
     batcher = _batcher(tokenizer, fake, max_batch_size=1)
     first = batcher.submit(_request(tokenizer, "the city", max_new_tokens=6))
     second = batcher.submit(_request(tokenizer, "north", max_new_tokens=6))
     await asyncio.gather(first.collect(), second.collect())
     await batcher.stop()
-    # "north" waits for the one row: no join can follow decodes 1-4 of "the city"; decode 5
-    # gives its last token, so "north" may join after it. Then "north" runs alone.
-    assert fake.launch_next == [True] * 4 + [False] + [True] * 5
+    # Decode 5 of each request gives its last token: no step is launched behind it, so
+    # "north", waiting for the one row, is not queued behind a step no row wants.
+    assert fake.launch_next == ([True] * 4 + [False]) * 2
     assert fake.carried == []
 
 
-async def test_a_request_waiting_for_more_waiters_lets_decodes_run_ahead_until_it_may_join(
+async def test_decodes_run_ahead_while_a_request_waits_to_join_and_it_prefills_behind_them(
     tokenizer,
 ):
     fake = RecordingShard(_counting_script, tokenizer.eos_token_id, step_delay=0.002)
@@ -124,13 +128,14 @@ async def test_a_request_waiting_for_more_waiters_lets_decodes_run_ahead_until_i
     first = batcher.submit(_request(tokenizer, "the city", max_new_tokens=30))
     await anext(first)
     late = batcher.submit(_request(tokenizer, "north", max_new_tokens=3))
-    await asyncio.gather(first.collect(), late.collect())
+    first_events, late_events = await asyncio.gather(first.collect(), late.collect())
     await batcher.stop()
-    # One waiter is less than twice the running one: "north" joins once it waited 5 steps,
-    # and only the decode before that join is sent without asking for a step ahead.
-    before_join = fake.launch_next[: fake.launch_next.index(False) + 1]
-    assert fake.launch_next.count(False) == 1 and len(fake.carried) == 1
-    assert len(before_join) >= 3
+    # One waiter is less than twice the running one: "north" joins once it waited 5 steps;
+    # every decode before and after that join asks for its next step ahead but the last.
+    assert fake.launch_next == [True] * (len(fake.launch_next) - 1) + [False]
+    assert len(fake.carried) == 1 and fake.prefill_launch_next == [False, True]
+    assert [e.token.id for e in late_events] == _counting_script(tokenizer.encode("north"))[:3]
+    assert len(first_events) == 29 and fake.num_sequences == 0
 
 
 async def test_a_stop_sequence_ends_the_request_with_no_extra_token(tokenizer):
