@@ -36,16 +36,9 @@ import triton
 
 from benchmarks.attention_kernels import copy_bandwidth
 from shardline.shards.layers.fp8 import FP8Rows, cublas_scaled_mm, quantize_rows
+from shardline.shards.layers.gemv_plan import Epilogue, GemvConfig, gemv_config
 from shardline.shards.layers.triton_fp8_gemm import NARROW, WIDE, GemmTiling, fp8_gemm, tiling_for
-from shardline.shards.layers.triton_gemv import (
-    Epilogue,
-    GemvConfig,
-    gemv,
-    gemv_applies,
-    gemv_config,
-    gemv_normed,
-    gemv_residual,
-)
+from shardline.shards.layers.triton_gemv import gemv, gemv_applies, gemv_normed, gemv_residual
 
 LAYERS = {  # name: (N, K) of Llama-3.1-8B
     "qkv": (6144, 4096),

@@ -224,7 +224,7 @@ class LlamaDecoderLayer(nn.Module):
         """Whether the fused one-row kernels tile every projection of this layer (FP8 ones on
         a GPU that converts FP8)."""
         from shardline.shards.layers.fp8 import has_fp8_tensor_cores
-        from shardline.shards.layers.triton_gemv import Epilogue, weight_tiling
+        from shardline.shards.layers.gemv_plan import Epilogue, weight_tiling
 
         attn, mlp = self.self_attn, self.mlp
         return all(
