@@ -17,7 +17,8 @@ bf16 operands (unit scales), against cuBLAS's bf16 GEMM, for the bf16 engine's d
 --blas cublaslt has torch run the bf16 GEMMs through cuBLASLt instead of cuBLAS; --gemv-tilings
 times the FP8 GEMV at one row as the batch-1 decode calls it (qkv and gate_up with the RMSNorm
 folded in, gate_up's SiLU * up and o's and down's residual in the epilogue) with each tiling
-(n2k1024w4: rows and K a program, warps) beside the engine's (gemv_config's for that epilogue).
+(n2k1024w4: rows and K a program, warps) beside the engine's (gemv_config's for that epilogue),
+and the LM head's plain GEMV on its bf16 weight with the same tilings.
 (A weight-only Triton GEMM for 2-128 rows ran at 14-68 %
 of the copy bandwidth here, slower than _scaled_mm at every M on an H100, and was dropped:
 benchmarks/RESULTS.md.)
@@ -52,6 +53,7 @@ ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 BASELINES = ("scaled_mm", "bf16")
 BF16 = "bf16 "  # a bf16-operand tiling's key: BF16 + its name
 GEMV = "gemv "  # a one-row GEMV tiling's key: GEMV + its name
+GEMV16 = "gemv16 "  # the LM head's: a plain GEMV on its bf16 weight
 FAMILIES = {"best tiling": "", "bf16 best tiling": BF16, "gemv best tiling": GEMV}
 TILINGS = (NARROW.name, WIDE.name, "m64n64k128w4s4", "m128n128k128w8s3")  # the engine's first
 ROTATION_BYTES = 512 << 20
@@ -154,6 +156,7 @@ GEMV_EPILOGUES = {
     "o": Epilogue.RESIDUAL,
     "gate_up": Epilogue.SILU_PAIRS,
     "down": Epilogue.RESIDUAL,
+    "lm_head": Epilogue.PLAIN,
 }
 
 
@@ -197,6 +200,17 @@ def time_gemvs(
     return times
 
 
+def time_bf16_gemvs(layer: Layer, x: torch.Tensor, tilings: list[GemvConfig]) -> dict[str, float]:
+    """The plain GEMV at one row on the bf16 weight, as batch-1 decode runs the LM head (bf16
+    beside FP8 layers too), with the engine's tiling (GEMV16 + its name) and each of `tilings`."""
+    times = {}
+    for tiling in [gemv_config(layer.n, layer.k), *tilings]:
+        if tiling is not None and fits(layer, tiling) and GEMV16 + tiling.name not in times:
+            calls = [lambda w=w, t=tiling: gemv(x, w, config=t) for w in layer.bf16]
+            times[GEMV16 + tiling.name] = per_call_ms(calls)
+    return times
+
+
 def print_layer(
     name: str,
     layer: Layer,
@@ -234,6 +248,12 @@ def print_layer(
             for kind in ("fp8 gemv", *(k for k in times[m] if k.startswith(GEMV))):
                 engine = " (engine)" if kind == engine_gemv_key(name) else ""
                 line += f" | {kind}{engine} {cell(layer, m, times[m][kind], 1, bandwidth)}"
+        if m == 1 and name == "lm_head" and gemv_tilings:
+            times[m].update(time_bf16_gemvs(layer, x, gemv_tilings))
+            engine = GEMV16 + gemv_config(layer.n, layer.k).name
+            for kind in (k for k in times[m] if k.startswith(GEMV16)):
+                marked = f"{kind} (engine)" if kind == engine else kind
+                line += f" | {marked} {cell(layer, m, times[m][kind], 2, bandwidth)}"
         print(line, flush=True)
     return times
 
