@@ -106,8 +106,8 @@ class BatchLane:
         held_ids = _request_ids(answered.batches)
         if answered.batches:
             on_shard = [entry for rid, entry in self.running.items() if rid in held_ids]
-            join = self._parts.join.joining
-            joining = join(self._waiting_steps, on_shard, held) if may_join else None
+            join = self._parts.join
+            joining = join.joining(self._waiting_steps, on_shard, held) if may_join else None
             if joining:
                 self._waiting_steps = 0
                 # a cut prompt goes on at the next step
