@@ -37,7 +37,12 @@ import triton
 
 from benchmarks.attention_kernels import copy_bandwidth
 from shardline.shards.layers.fp8 import FP8Rows, cublas_scaled_mm, quantize_rows
-from shardline.shards.layers.gemv_plan import Epilogue, GemvConfig, gemv_config
+from shardline.shards.layers.gemv_plan import (
+    Epilogue,
+    GemvConfig,
+    gemv_config,
+    takes_whole_pairs,
+)
 from shardline.shards.layers.triton_fp8_gemm import NARROW, WIDE, GemmTiling, fp8_gemm, tiling_for
 from shardline.shards.layers.triton_gemv import gemv, gemv_applies, gemv_normed, gemv_residual
 
@@ -190,11 +195,13 @@ def time_gemvs(
     epilogue = GEMV_EPILOGUES[name]
     call = batch1_gemv(layer, epilogue, x)
     default = gemv_config(layer.n, layer.k, epilogue, fp8=True)
-    pairs = epilogue == Epilogue.SILU_PAIRS  # a program takes gate and up rows in pairs
     for tiling in [default, *tilings]:
-        if tiling is None or not fits(layer, tiling) or (pairs and tiling.block_n % 2):
-            continue
-        if GEMV + tiling.name not in times:
+        runs = tiling is not None and fits(layer, tiling)
+        if (
+            runs
+            and takes_whole_pairs(tiling, layer.n, epilogue)
+            and GEMV + tiling.name not in times
+        ):
             op = lambda x, w, s, bias, t=tiling: call(x, w, s, bias, t)  # noqa: E731
             times[GEMV + tiling.name] = layer.time_fp8(x, op)
     return times

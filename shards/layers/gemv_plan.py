@@ -43,15 +43,19 @@ def gemv_config(
         block_n, block_k, num_warps = _fp8_tiling(long_k, epilogue)
     else:
         block_n, block_k, num_warps = _bf16_tiling(n, long_k, epilogue)
-    if epilogue == Epilogue.SILU_PAIRS and n % 2:
-        return None
     while block_k < k and k // block_k > MAX_K_TILES:
         block_k *= 2
     while block_k > 16 and k % block_k:
         block_k //= 2
     if k % block_k or k // block_k > MAX_K_TILES:
         return None
-    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=num_warps)
+    config = GemvConfig(block_n=block_n, block_k=block_k, num_warps=num_warps)
+    return config if takes_whole_pairs(config, n, epilogue) else None
+
+
+def takes_whole_pairs(config: GemvConfig, n: int, epilogue: Epilogue) -> bool:
+    """With SiLU pairs the weight's rows and each program's are whole (gate, up) pairs."""
+    return epilogue != Epilogue.SILU_PAIRS or (n % 2 == 0 and config.block_n % 2 == 0)
 
 
 def weight_tiling(weight: torch.Tensor, epilogue: Epilogue = Epilogue.PLAIN) -> GemvConfig | None:
@@ -75,8 +79,7 @@ def _fp8_tiling(long_k: bool, epilogue: Epilogue) -> tuple[int, int, int]:
     """Tiles of 2,048 FP8 values (a bf16 tile's 2 KB of K a row) and 4 warps: the fastest of the
     ten tilings timed on each projection of the 8B shape as batch-1 decode calls it (H100,
     benchmarks/RESULTS.md, session 17): 4 rows a program for qkv and gate/up, 2 for o (a
-    residual), 1 for down (a long K). SiLU pairs keep 4 rows at any K: a program's rows are
-    whole (gate, up) pairs."""
+    residual), 1 for down (a long K). SiLU pairs keep 4 rows at any K (takes_whole_pairs)."""
     if epilogue == Epilogue.SILU_PAIRS:
         return 4, 2048, 4
     return (1 if long_k else 2 if epilogue == Epilogue.RESIDUAL else 4), 2048, 4
