@@ -223,10 +223,18 @@ def test_gemv_applies_to_one_half_precision_row_it_can_tile() -> None:
     torch.testing.assert_close(linear(row, weight), torch.nn.functional.linear(row, weight))
 
 
+def _seeded_bf16(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, device=DEVICE).to(torch.bfloat16)
+
+
 def _tiny_llama_decode(
-    tmp_path: Path, context_lens: list[int], architecture: str = "llama"
+    tmp_path: Path,
+    context_lens: list[int],
+    architecture: str = "llama",
+    dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[torch.nn.Module, tuple]:
-    """A bf16 Llama-layered model on the Triton backend and the arguments of one decode step."""
+    """A Llama-layered model on the Triton backend and the arguments of one decode step: the
+    same weights and cache contents (seeded) at every dtype."""
     from shardline.shards.layers.attention import AttentionMetadata, get_attention_backend
     from shardline.shards.models import load_model
     from shardline.shards.utils.dist import TPGroup
@@ -236,15 +244,16 @@ def _tiny_llama_decode(
         architecture=architecture, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2
     )
     model = load_model(
-        build_tiny_model(tmp_path, spec),
-        dtype=torch.bfloat16,
+        build_tiny_model(tmp_path / str(dtype), spec),
+        dtype=dtype,
         device=DEVICE,
         tp=TPGroup(),
         attention_backend=get_attention_backend("triton", DEVICE),
     )
     cache_shape = (4, 16, spec.num_kv_heads, spec.hidden_size // spec.num_heads)
+    generator = torch.Generator(DEVICE).manual_seed(0)
     kv_caches = [
-        (_random(cache_shape, torch.bfloat16), _random(cache_shape, torch.bfloat16))
+        tuple(_seeded_bf16(cache_shape, generator).to(dtype) for _ in range(2))
         for _ in range(spec.num_layers)
     ]
     lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
@@ -288,13 +297,19 @@ def test_decode_forward_launches_few_kernels_per_layer(
 def test_fused_batch_1_decode_matches_the_unfused_forward(
     tmp_path: Path, architecture: str
 ) -> None:
-    """Qwen3's q/k norms and Phi-3's split fused projections ride the fused path too."""
+    """Qwen3's q/k norms and Phi-3's split fused projections ride the fused path too. Both
+    paths round differently (the fused GEMVs round no normed row), so each is held against the
+    same model in float32: through these 4 layers of large random weights bf16 strays 1-4 %
+    (Triton's interpreter with round-to-nearest bf16, 4 cache seeds: fused 1.3-3.6 %, unfused
+    1.1-2.8 %, from each other 1.2-2.5 %); the fused path must be about as close."""
     model, args = _tiny_llama_decode(tmp_path, [20], architecture)
+    exact_model, exact_args = _tiny_llama_decode(tmp_path, [20], architecture, torch.float32)
     assert model.fused_decode
     with torch.inference_mode():
         fused = model(*args)
         fused_again = model(*args)
         model.fused_decode = False
         unfused = model(*args)
+        exact = exact_model(*exact_args)
     assert _relative_error(fused_again, fused) < 1e-3  # a slot left unzeroed doubles 1 / rms^2
-    assert _relative_error(fused, unfused) < 2e-2
+    assert _relative_error(fused, exact) < 1.5 * _relative_error(unfused, exact) + 5e-3
