@@ -40,6 +40,7 @@ from shardline.shards.layers.fp8 import FP8Rows, cublas_scaled_mm, quantize_rows
 from shardline.shards.layers.gemv_plan import (
     Epilogue,
     GemvConfig,
+    RopeKV,
     gemv_config,
     takes_whole_pairs,
 )
@@ -157,7 +158,7 @@ def family(kind: str) -> str:
 
 # How the batch-1 decode calls each layer's GEMV (LlamaDecoderLayer.decode_one)
 GEMV_EPILOGUES = {
-    "qkv": Epilogue.PLAIN,
+    "qkv": Epilogue.ROPE_KV,
     "o": Epilogue.RESIDUAL,
     "gate_up": Epilogue.SILU_PAIRS,
     "down": Epilogue.RESIDUAL,
@@ -173,9 +174,20 @@ def batch1_gemv(layer: Layer, epilogue: Epilogue, x: torch.Tensor) -> Callable:
         return lambda x, w, s, bias, c: gemv_residual(x, w, residual, ss[0], scale=s, config=c)
     norm_weight = torch.ones(layer.k, device="cuda").to(DTYPE)
     silu = epilogue == Epilogue.SILU_PAIRS
+    rope_kv = one_token_rope_kv(layer.n) if epilogue == Epilogue.ROPE_KV else None
     return lambda x, w, s, bias, c: gemv_normed(
-        x, ss[0], norm_weight, 1e-5, w, silu_pairs=silu, zero=ss[1], scale=s, config=c
-    )
+        x, ss[0], norm_weight, 1e-5, w, silu_pairs=silu, zero=ss[1], scale=s, config=c,
+        rope_kv=rope_kv,
+    )  # fmt: skip
+
+
+def one_token_rope_kv(n: int, head_dim: int = 128, kv_heads: int = 8) -> RopeKV:
+    """A qkv projection's ROPE_KV arguments for one token of the 8B shape: its rotation and
+    an FP8 cache slot."""
+    cos, sin = (torch.randn(8192, head_dim // 2, device="cuda").to(DTYPE) for _ in range(2))
+    cache = torch.zeros((2, 64, 16, kv_heads, head_dim), device="cuda").to(torch.float8_e4m3fn)
+    where = torch.tensor([1000], device="cuda")
+    return RopeKV(where, cos, sin, cache[0], cache[1], where, n // head_dim - 2 * kv_heads)
 
 
 def engine_gemv_key(name: str) -> str | None:

@@ -17,7 +17,14 @@ def test_the_gemv_tiles_only_what_it_can_unroll() -> None:
     assert gemv_config(4096, 4096, Epilogue.RESIDUAL, fp8=True) == GemvConfig(2, 2048, 4)
     assert gemv_config(4096, 14336, Epilogue.RESIDUAL, fp8=True) == GemvConfig(1, 2048, 4)
     assert gemv_config(28672, 4096, Epilogue.SILU_PAIRS, fp8=True) == GemvConfig(4, 2048, 4)
-    for fp8 in (False, True):  # a program's rows are whole (gate, up) pairs at any K
-        for k in (896, 4096, 8192, 14336, 28672):
-            config = gemv_config(4096, k, Epilogue.SILU_PAIRS, fp8=fp8)
-            assert config is None or config.block_n % 2 == 0, (fp8, k, config)
+    # a program's rows are whole pairs, (gate, up) or rotary, at any K
+    for epilogue in (Epilogue.SILU_PAIRS, Epilogue.ROPE_KV):
+        for fp8 in (False, True):
+            for k in (896, 4096, 8192, 14336, 28672):
+                config = gemv_config(4096, k, epilogue, fp8=fp8)
+                assert config is not None and config.block_n % 2 == 0, (epilogue, fp8, k)
+    # the rotary pairs of qkv take its plain tiling where that has whole pairs
+    assert gemv_config(6144, 4096, Epilogue.ROPE_KV, fp8=True) == GemvConfig(4, 2048, 4)
+    assert gemv_config(6144, 2048, Epilogue.ROPE_KV) == gemv_config(6144, 2048)
+    assert gemv_config(10240, 8192, Epilogue.ROPE_KV) == GemvConfig(2, 2048, 2)
+    assert gemv_config(10240, 8192, Epilogue.ROPE_KV, fp8=True) == GemvConfig(4, 2048, 4)

@@ -16,6 +16,7 @@ import torch
 from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
 from shardline.shards.layers.activation import gelu_tanh_and_mul_torch, silu_and_mul_torch
+from shardline.shards.layers.gemv_plan import RopeKV
 from shardline.shards.layers.linear import linear
 from shardline.shards.layers.norm import rms_norm_torch
 from shardline.shards.layers.rotary import RotaryEmbedding, apply_rotary
@@ -214,6 +215,48 @@ def test_gemv_residual_adds_the_residual_and_its_sum_of_squares(
     torch.testing.assert_close(ss, out.float().pow(2).sum(), rtol=1e-5, atol=0)
 
 
+# (q heads, KV heads, head_dim, K): the 8B shape's qkv, a small one, a long K (2 rows a program)
+ROPE_KV_SHAPES = [(4, 2, 64, 512)] if INTERPRET else [
+    (32, 8, 128, 4096), (4, 2, 64, 896), (8, 2, 128, 8192),
+]  # fmt: skip
+CACHE_DTYPES = [None] if INTERPRET else [None, torch.float8_e4m3fn]  # None: the model's
+
+
+@pytest.mark.parametrize("shape", ROPE_KV_SHAPES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
+@pytest.mark.parametrize("slot", [21, -1])
+def test_gemv_rope_kv_rotates_q_and_k_and_writes_k_and_v_to_the_cache(
+    shape: tuple[int, int, int, int], dtype: torch.dtype, cache_dtype: torch.dtype, slot: int
+) -> None:
+    """As the plain GEMV, then the rotary embedding, then the cache write (negative slots
+    skipped): the batch-1 qkv projection's ROPE_KV epilogue."""
+    heads, kv_heads, head_dim, k = shape
+    n = (heads + 2 * kv_heads) * head_dim
+    weight, bias = _random((n, k), dtype, std=0.02), _random((n,), dtype)
+    x = _random((1, k), dtype)
+    rotary = RotaryEmbedding(head_dim, 64, 10000.0, LLAMA3_SCALING, dtype, DEVICE)
+    position = torch.tensor([37], device=DEVICE)
+    caches = [
+        torch.zeros((3, 16, kv_heads, head_dim), dtype=cache_dtype or dtype, device=DEVICE)
+        for _ in range(2)
+    ]
+    rope_kv = RopeKV(
+        position, rotary.cos, rotary.sin, *caches, torch.tensor([slot], device=DEVICE), heads
+    )
+    _poison_next_allocation((1, n), dtype)
+    out = gemv(x, weight, bias, rope_kv=rope_kv)
+    plain = gemv(x, weight, bias).view(1, -1, head_dim)
+    rotary.rotate_(plain[:, : heads + kv_heads], position)
+    _assert_close(out, plain.view(1, n), dtype)
+    written = out.view(-1, head_dim)[heads:].view(2, kv_heads, head_dim).to(caches[0].dtype)
+    for cache, expected in zip(caches, written, strict=True):
+        if slot >= 0:  # the cache holds exactly the output's (rotated) k and v heads
+            assert torch.equal(cache[slot // 16, slot % 16].float(), expected.float())
+            cache[slot // 16, slot % 16] = 0
+        assert not cache.float().any()
+
+
 def test_gemv_applies_to_one_half_precision_row_it_can_tile() -> None:
     weight = _random((64, 256), torch.float16)
     row = _random((1, 256), torch.float16)
@@ -270,14 +313,15 @@ def _tiny_llama_decode(
 
 
 @pytest.mark.skipif(INTERPRET, reason="counts CUDA kernel launches")
-@pytest.mark.parametrize("context_lens,per_layer", [([5, 20], 16), ([20], 6)])
+@pytest.mark.parametrize("context_lens,per_layer", [([5, 20], 16), ([20], 5)])
 def test_decode_forward_launches_few_kernels_per_layer(
     tmp_path: Path, context_lens: list[int], per_layer: int
 ) -> None:
     """A bf16 decode step of a Llama model on the Triton backend: about one kernel per op.
     Per layer: 2 norms, 4 GEMMs, rotary + KV write, decode attention (+ its split merge),
     SiLU * up = 9-10 (cuBLAS may add a split-K reduction); the torch paths took about 40. At
-    batch 1 the norms and SiLU * up fold into the GEMVs: 6."""
+    batch 1 the norms, SiLU * up and the rotary + KV write fold into the GEMVs: 5 (the short
+    context takes no split)."""
     from torch.profiler import ProfilerActivity, profile
 
     model, args = _tiny_llama_decode(tmp_path, context_lens)

@@ -20,6 +20,38 @@ class Epilogue(IntEnum):
     PLAIN = 0  # y = x @ W.T (+ bias)
     RESIDUAL = 1  # y = residual + x @ W.T; sum(y^2) added to a float32 slot
     SILU_PAIRS = 2  # W = [gate; up] (gate_up_proj): y[j] = silu(gate j) * up j
+    # W = [q; k; v] heads (qkv_proj): y's q and k heads rotated (rotate-half), each program's
+    # rows whole rotary pairs (d, d + head_dim / 2); the keys and values also written to the
+    # paged KV cache
+    ROPE_KV = 3
+
+
+PAIRED = (Epilogue.SILU_PAIRS, Epilogue.ROPE_KV)
+
+
+@dataclass(frozen=True)
+class RopeKV:
+    """What the ROPE_KV epilogue rotates by and writes into: the token's cos/sin row `position`
+    [1] of cos/sin [max_positions, head_dim / 2], its cache `slot` [1] (negative: not written)
+    of the paged caches [pages, page_size, kv_heads, head_dim]; `num_heads` q heads."""
+
+    position: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot: torch.Tensor
+    num_heads: int
+
+    def layouts_agree(self) -> bool:
+        """cos and sin, and the two caches, share strides (the kernel takes one set each)."""
+        return (
+            self.cos.stride() == self.sin.stride()
+            and self.cos.stride(-1) == 1
+            and self.k_cache.stride() == self.v_cache.stride()
+            and self.k_cache.dtype == self.v_cache.dtype
+            and self.k_cache.stride(-1) == 1
+        )
 
 
 @dataclass(frozen=True)
@@ -54,8 +86,9 @@ def gemv_config(
 
 
 def takes_whole_pairs(config: GemvConfig, n: int, epilogue: Epilogue) -> bool:
-    """With SiLU pairs the weight's rows and each program's are whole (gate, up) pairs."""
-    return epilogue != Epilogue.SILU_PAIRS or (n % 2 == 0 and config.block_n % 2 == 0)
+    """With a paired epilogue the weight's rows and each program's are whole pairs: (gate, up)
+    rows, or a head's rotary pairs."""
+    return epilogue not in PAIRED or (n % 2 == 0 and config.block_n % 2 == 0)
 
 
 def weight_tiling(weight: torch.Tensor, epilogue: Epilogue = Epilogue.PLAIN) -> GemvConfig | None:
@@ -67,19 +100,22 @@ def _bf16_tiling(n: int, long_k: bool, epilogue: Epilogue) -> tuple[int, int, in
     """Best on the H100 for the 1.7B shape: 2 rows x 1024 of K a program, 1 x 2048 for a long K
     (8192); 2 warps on small weights (n <= 2048) and long K, 4 otherwise. A residual epilogue
     takes more rows a program (fewer atomics): 4 x 2048 (8 warps), 2 x 1024 (2 warps) for a long
-    K; SiLU pairs 4 x 1024 (4 warps)."""
+    K; SiLU pairs 4 x 1024 (4 warps). The rotary pairs of qkv take its plain tiling, 2 rows for
+    a long K."""
     if epilogue == Epilogue.RESIDUAL:
         return (2, 1024, 2) if long_k else (4, 2048, 8)
     if epilogue == Epilogue.SILU_PAIRS:
         return 4, 1024, 4
-    return (1, 2048, 2) if long_k else (2, 1024, 2 if n <= 2048 else 4)
+    if long_k:
+        return (2 if epilogue == Epilogue.ROPE_KV else 1), 2048, 2
+    return 2, 1024, 2 if n <= 2048 else 4
 
 
 def _fp8_tiling(long_k: bool, epilogue: Epilogue) -> tuple[int, int, int]:
     """Tiles of 2,048 FP8 values (a bf16 tile's 2 KB of K a row) and 4 warps: the fastest of the
     ten tilings timed on each projection of the 8B shape as batch-1 decode calls it (H100,
     benchmarks/RESULTS.md, session 17): 4 rows a program for qkv and gate/up, 2 for o (a
-    residual), 1 for down (a long K). SiLU pairs keep 4 rows at any K (takes_whole_pairs)."""
-    if epilogue == Epilogue.SILU_PAIRS:
+    residual), 1 for down (a long K). Paired epilogues keep 4 rows at any K (takes_whole_pairs)."""
+    if epilogue in PAIRED:
         return 4, 2048, 4
     return (1 if long_k else 2 if epilogue == Epilogue.RESIDUAL else 4), 2048, 4

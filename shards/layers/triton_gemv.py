@@ -21,9 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
+from shardline.shards.layers.attention.triton_kv_write import cache_slot
 from shardline.shards.layers.fp8 import FP8, has_fp8_tensor_cores
-from shardline.shards.layers.gemv_plan import Epilogue, GemvConfig, weight_tiling
+from shardline.shards.layers.gemv_plan import Epilogue, GemvConfig, RopeKV, weight_tiling
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
+from shardline.shards.layers.triton_rotary import rotate_halves
 
 
 @triton.jit
@@ -39,7 +41,6 @@ def _epilogue(
     EPILOGUE: tl.constexpr,
 ):
     dtype = y_ptr.dtype.element_ty
-    out = out.to(dtype).to(tl.float32)  # rounded as the linear layer's output
     if EPILOGUE == 0:
         tl.store(y_ptr + offs_n, out.to(dtype), mask=n_mask)
     elif EPILOGUE == 1:
@@ -56,6 +57,58 @@ def _epilogue(
 
 
 @triton.jit
+def _rope_kv_epilogue(
+    out,
+    n,
+    y_ptr,
+    position_ptr,
+    cos_ptr,
+    sin_ptr,
+    stride_cos,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    BLOCK_N: tl.constexpr,
+    HALF: tl.constexpr,
+    NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+):
+    """Output slots 2j, 2j + 1 hold rotary pair j: element d and d + HALF of one head."""
+    dtype = y_ptr.dtype.element_ty
+    first, second = tl.split(tl.reshape(out, [BLOCK_N // 2, 2]))
+    pair = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    mask = pair < n // 2
+    head, dim = pair // HALF, pair % HALF
+    position = tl.load(position_ptr).to(tl.int64)
+    cos = tl.load(cos_ptr + position * stride_cos + dim, mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + position * stride_cos + dim, mask=mask, other=0.0).to(tl.float32)
+    turned_first, turned_second = rotate_halves(first, second, cos, sin, dtype)
+    turns = head < NUM_HEADS + NUM_KV_HEADS  # q and k heads; v heads stay
+    first = tl.where(turns, turned_first, first.to(dtype))
+    second = tl.where(turns, turned_second, second.to(dtype))
+    row = y_ptr + head * (2 * HALF) + dim
+    tl.store(row, first, mask=mask)
+    tl.store(row + HALF, second, mask=mask)
+    slot = tl.load(slot_ptr + tl.zeros_like(pair)).to(tl.int64)  # one per pair: a mask
+    kv = head - NUM_HEADS  # k heads, then v heads
+    writes = mask & (kv >= 0) & (slot >= 0)
+    is_v = kv >= NUM_KV_HEADS
+    writes_k, writes_v = writes & (kv < NUM_KV_HEADS), writes & is_v
+    offset = tl.where(is_v, kv - NUM_KV_HEADS, kv) * stride_ch + dim
+    k_dst = cache_slot(k_cache_ptr, slot, stride_cb, stride_ct, PAGE_SIZE) + offset
+    v_dst = cache_slot(v_cache_ptr, slot, stride_cb, stride_ct, PAGE_SIZE) + offset
+    cache_dtype = k_cache_ptr.dtype.element_ty
+    tl.store(k_dst, first.to(cache_dtype), mask=writes_k)
+    tl.store(k_dst + HALF, second.to(cache_dtype), mask=writes_k)
+    tl.store(v_dst, first.to(cache_dtype), mask=writes_v)
+    tl.store(v_dst + HALF, second.to(cache_dtype), mask=writes_v)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,
     w_ptr,
@@ -67,9 +120,23 @@ def _gemv_kernel(
     residual_ptr,  # RESIDUAL epilogue: residual [N]
     ss_out_ptr,  # RESIDUAL epilogue: float32 slot the sum of squares of y is added to
     zero_ptr,  # ZERO: a float32 slot program 0 zeroes (for a later kernel's ss_out)
+    position_ptr,  # ROPE_KV epilogue (RopeKV) from here
+    cos_ptr,
+    sin_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
     n,
     stride_w,
     eps,
+    stride_cos,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    HALF: tl.constexpr,
+    NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
     K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -86,6 +153,9 @@ def _gemv_kernel(
     rows = offs_n  # of the weight
     if EPILOGUE == 2:  # output slot 2j reads gate row j, slot 2j + 1 up row j
         rows = offs_n // 2 + (offs_n % 2) * (n // 2)
+    elif EPILOGUE == 3:  # slot 2j reads its head's row d, slot 2j + 1 row d + HALF
+        pair = offs_n // 2
+        rows = (pair // HALF) * (2 * HALF) + pair % HALF + (offs_n % 2) * HALF
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_w + offs_k[None, :]
     w_tile = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)  # depends on no kernel before
@@ -109,7 +179,15 @@ def _gemv_kernel(
         out *= tl.rsqrt(tl.load(ss_in_ptr) / K + eps)
     if HAS_BIAS:
         out += tl.load(bias_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)
-    _epilogue(out, offs_n, n_mask, n, y_ptr, residual_ptr, ss_out_ptr, BLOCK_N, EPILOGUE)
+    out = out.to(y_ptr.dtype.element_ty).to(tl.float32)  # rounded as the linear layer's output
+    if EPILOGUE == 3:
+        _rope_kv_epilogue(
+            out, n, y_ptr, position_ptr, cos_ptr, sin_ptr, stride_cos, k_cache_ptr, v_cache_ptr,
+            slot_ptr, stride_cb, stride_ct, stride_ch, BLOCK_N, HALF, NUM_HEADS, NUM_KV_HEADS,
+            PAGE_SIZE,
+        )  # fmt: skip
+    else:
+        _epilogue(out, offs_n, n_mask, n, y_ptr, residual_ptr, ss_out_ptr, BLOCK_N, EPILOGUE)
 
 
 def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -138,7 +216,10 @@ def _launch(
     residual: tuple[torch.Tensor, torch.Tensor] | None = None,
     scale: torch.Tensor | None = None,
     config: GemvConfig | None = None,
+    rope_kv: RopeKV | None = None,
 ) -> torch.Tensor:
+    if rope_kv is not None:
+        epilogue = Epilogue.ROPE_KV
     config = config or weight_tiling(weight, epilogue)
     assert config is not None
     n, k = weight.shape
@@ -155,9 +236,11 @@ def _launch(
         residual_row,
         ss_out,
         zero if zero is not None else out,
+        *_rope_kv_args(rope_kv, out),
         n,
         weight.stride(0),
         eps,
+        **_rope_kv_strides(rope_kv, n),
         K=k,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
@@ -172,6 +255,36 @@ def _launch(
     return out
 
 
+def _rope_kv_args(rope_kv: RopeKV | None, stand_in: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The ROPE_KV epilogue's tensors (`stand_in`s, unread, without it)."""
+    if rope_kv is None:
+        return (stand_in,) * 6
+    r = rope_kv
+    return r.position, r.cos, r.sin, r.k_cache, r.v_cache, r.slot
+
+
+def _rope_kv_strides(rope_kv: RopeKV | None, n: int) -> dict[str, int]:
+    """Its strides and shapes as the kernel's arguments (zeros, unread, without it)."""
+    if rope_kv is None:
+        names = ("stride_cos", "stride_cb", "stride_ct", "stride_ch")
+        shapes = dict(HALF=1, NUM_HEADS=0, NUM_KV_HEADS=0, PAGE_SIZE=1)
+        return dict.fromkeys(names, 0) | shapes
+    _, page_size, kv_heads, head_dim = rope_kv.k_cache.shape
+    if n != (rope_kv.num_heads + 2 * kv_heads) * head_dim or not rope_kv.layouts_agree():
+        raise ValueError("ROPE_KV takes qkv rows (q, k, v heads) and k/v caches of one layout")
+    stride_cb, stride_ct, stride_ch, _ = rope_kv.k_cache.stride()
+    return dict(
+        stride_cos=rope_kv.cos.stride(0),
+        stride_cb=stride_cb,
+        stride_ct=stride_ct,
+        stride_ch=stride_ch,
+        HALF=head_dim // 2,
+        NUM_HEADS=rope_kv.num_heads,
+        NUM_KV_HEADS=kv_heads,
+        PAGE_SIZE=page_size,
+    )
+
+
 def _empty_row(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.empty((1, n), dtype=x.dtype, device=x.device)
 
@@ -183,13 +296,18 @@ def gemv(
     zero: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     config: GemvConfig | None = None,
+    rope_kv: RopeKV | None = None,
 ) -> torch.Tensor:
     """x [1, K] @ weight[N, K].T (+ bias) -> [1, N], as F.linear (check `gemv_applies` first);
     zeroes the one-element float32 `zero` on the way (see `gemv_normed`). An FP8 weight comes
     with its row `scale`s, here and in the fused variants below; `config` overrides the tiling
-    (`gemv_config`'s, which it must divide as that one does)."""
+    (`gemv_config`'s, which it must divide as that one does). With `rope_kv` the weight is a
+    qkv projection's: the output's q and k heads come rotated, and k and v are also written
+    into the cache (as the attention backend's `rotate_and_write_kv`)."""
     out = _empty_row(x, weight.shape[0])
-    return _launch(x, weight, bias, out, Epilogue.PLAIN, zero, scale=scale, config=config)
+    return _launch(
+        x, weight, bias, out, Epilogue.PLAIN, zero, scale=scale, config=config, rope_kv=rope_kv
+    )
 
 
 def gemv_normed(
@@ -203,17 +321,21 @@ def gemv_normed(
     zero: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     config: GemvConfig | None = None,
+    rope_kv: RopeKV | None = None,
 ) -> torch.Tensor:
     """RMSNorm(x) * norm_weight @ weight.T (+ bias), with `ss` the float32 sum of squares of x
     (from `gemv_residual`). With `silu_pairs` the weight is gate_up_proj's (gate rows, then up
-    rows; each program takes matching ones) and the result is SiLU(gate) * up [1, N / 2].
-    Program 0 zeroes `zero` (the slot a later `gemv_residual` accumulates into: its ordering
-    within one forward keeps CUDA graphs valid)."""
+    rows; each program takes matching ones) and the result is SiLU(gate) * up [1, N / 2]; with
+    `rope_kv` a qkv projection's (see `gemv`). Program 0 zeroes `zero` (the slot a later
+    `gemv_residual` accumulates into: its ordering within one forward keeps CUDA graphs valid)."""
     epilogue = Epilogue.SILU_PAIRS if silu_pairs else Epilogue.PLAIN
     width = weight.shape[0] // 2 if silu_pairs else weight.shape[0]
     out = _empty_row(x, width)
     norm = (norm_weight, ss, eps)
-    return _launch(x, weight, bias, out, epilogue, zero, norm=norm, scale=scale, config=config)
+    return _launch(
+        x, weight, bias, out, epilogue, zero, norm=norm, scale=scale, config=config,
+        rope_kv=rope_kv,
+    )  # fmt: skip
 
 
 def gemv_residual(

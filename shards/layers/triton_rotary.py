@@ -6,7 +6,8 @@ fused qkv output are rotated by a single call. Rounds where torch's rotate-half 
 product, then the sum, to the model dtype), so half-precision results equal apply_rotary's and
 transformers' bit for bit; greedy tokens of bf16 models then track transformers' own.
 `load_cos_sin` and `rotate_heads` also serve the fused rotary + KV-cache write of the Triton
-attention backend (attention/triton_kv_write.py), which rotates exactly as this kernel does.
+attention backend (attention/triton_kv_write.py), and `rotate_halves` the batch-1 qkv GEMV's
+rotary epilogue (triton_gemv.py): both rotate exactly as this kernel does.
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ def load_cos_sin(
 
 
 @triton.jit
+def rotate_halves(x1, x2, cos, sin, dtype: tl.constexpr):
+    """The float32 halves (x1, x2) of a head rotated by cos/sin, rounding as torch does (each
+    product, then the sum, to `dtype`); in `dtype`."""
+    out1 = (_rounded(x1 * cos, dtype) - _rounded(x2 * sin, dtype)).to(dtype)
+    out2 = (_rounded(x2 * cos, dtype) + _rounded(x1 * sin, dtype)).to(dtype)
+    return out1, out2
+
+
+@triton.jit
 def rotate_heads(
     x_ptr,
     token,
@@ -61,9 +71,7 @@ def rotate_heads(
     first = x_ptr + token * stride_xt + offs_h[:, None] * stride_xh + offs_d[None, :]
     x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
-    dtype = x_ptr.dtype.element_ty
-    out1 = (_rounded(x1 * cos, dtype) - _rounded(x2 * sin, dtype)).to(dtype)
-    out2 = (_rounded(x2 * cos, dtype) + _rounded(x1 * sin, dtype)).to(dtype)
+    out1, out2 = rotate_halves(x1, x2, cos, sin, x_ptr.dtype.element_ty)
     tl.store(first, out1, mask=mask)
     tl.store(first + HALF, out2, mask=mask)
     return out1, out2

@@ -19,6 +19,7 @@ from shardline.shards.layers.attention.fp8_kv import KVScales
 from shardline.shards.layers.attention.layer import PagedAttention
 from shardline.shards.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardline.shards.layers.fp8 import FP8Rows
+from shardline.shards.layers.gemv_plan import Epilogue, RopeKV, weight_tiling
 from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear
 from shardline.shards.layers.norm import RMSNorm
 from shardline.shards.layers.rotary import RotaryEmbedding
@@ -142,15 +143,30 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attend(self.qkv_proj(hidden), positions, kv_cache, meta))
 
     def attend(
-        self, qkv: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        written: bool = False,
     ) -> torch.Tensor:
-        """The attention output [T, heads * head_dim] (before o_proj) of the qkv projection."""
+        """The attention output [T, heads * head_dim] (before o_proj) of the qkv projection
+        (`written`: made with `rope_kv`, see PagedAttention)."""
         num_tokens = qkv.shape[0]
         heads = qkv.view(num_tokens, -1, self.head_dim)
         q, k, v = heads.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.attention(q, k, v, positions, kv_cache, meta)
+        return self.attention(q, k, v, positions, kv_cache, meta, written)
+
+    def rope_kv(
+        self, positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> RopeKV | None:
+        """PagedAttention.rope_kv where the batch-1 qkv GEMV can take it: no q/k norms sit
+        between the projection and the rotation."""
+        if self.q_norm is not None or weight_tiling(self.qkv_proj.weight, Epilogue.ROPE_KV) is None:
+            return None
+        return self.attention.rope_kv(positions, kv_cache, meta)
 
 
 class LlamaMLP(nn.Module):
@@ -224,7 +240,6 @@ class LlamaDecoderLayer(nn.Module):
         """Whether the fused one-row kernels tile every projection of this layer (FP8 ones on
         a GPU that converts FP8)."""
         from shardline.shards.layers.fp8 import has_fp8_tensor_cores
-        from shardline.shards.layers.gemv_plan import Epilogue, weight_tiling
 
         attn, mlp = self.self_attn, self.mlp
         return all(
@@ -256,13 +271,15 @@ class LlamaDecoderLayer(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         norm = self.input_layernorm
         qkv, bias, scale = attn.qkv_proj.weight, attn.qkv_proj.bias, attn.qkv_proj.weight_scale
+        rope_kv = attn.rope_kv(positions, kv_cache, meta)
         if ss_in is None:
-            heads = gemv(norm(residual), qkv, bias, zero=ss[0], scale=scale)
+            heads = gemv(norm(residual), qkv, bias, zero=ss[0], scale=scale, rope_kv=rope_kv)
         else:
             heads = gemv_normed(
-                residual, ss_in, norm.weight, norm.eps, qkv, bias, zero=ss[0], scale=scale
-            )
-        out = attn.attend(heads, positions, kv_cache, meta)
+                residual, ss_in, norm.weight, norm.eps, qkv, bias, zero=ss[0], scale=scale,
+                rope_kv=rope_kv,
+            )  # fmt: skip
+        out = attn.attend(heads, positions, kv_cache, meta, written=rope_kv is not None)
         o_proj = attn.o_proj
         residual = gemv_residual(
             out, o_proj.weight, residual, ss[0], o_proj.bias, o_proj.weight_scale

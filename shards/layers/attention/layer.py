@@ -16,6 +16,7 @@ from torch import nn
 from shardline.shards.layers.attention.backend import AttentionBackend
 from shardline.shards.layers.attention.fp8_kv import KVScales
 from shardline.shards.layers.attention.metadata import AttentionMetadata
+from shardline.shards.layers.gemv_plan import RopeKV
 from shardline.shards.layers.rotary import RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -57,13 +58,18 @@ class PagedAttention(nn.Module):
         positions: torch.Tensor,
         kv_cache: KVCache,
         meta: AttentionMetadata,
+        written: bool = False,
     ) -> torch.Tensor:
-        """q [T, heads, head_dim], k and v [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
+        """q [T, heads, head_dim], k and v [T, kv_heads, head_dim] -> [T, heads * head_dim].
+        `written`: q and k come rotated and k and v are in the cache already (the qkv
+        projection did both with `rope_kv`'s arguments)."""
         k_cache, v_cache = kv_cache
         scaled = self.kv_scales.applies(k_cache)
         if scaled:
             q, k, v = self.kv_scales.into_cache(q, k, v)
-        if self.rotary is None:
+        if written:
+            assert not scaled, "rope_kv hands no scaled cache over"
+        elif self.rotary is None:
             self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         else:
             self.backend.rotate_and_write_kv(
@@ -73,6 +79,19 @@ class PagedAttention(nn.Module):
         if scaled:
             out = self.kv_scales.out_of_cache(out)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def rope_kv(
+        self, positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> RopeKV | None:
+        """What the batch-1 qkv GEMV needs to rotate q and k and write k and v into this layer's
+        cache itself (gemv_plan.RopeKV), or None where it cannot: no rotary embedding, or an FP8
+        cache with the checkpoint's scales (applied between the projection and the write)."""
+        k_cache, v_cache = kv_cache
+        if self.rotary is None or self.kv_scales.applies(k_cache):
+            return None
+        cos, sin = self.rotary.cos, self.rotary.sin
+        fused = RopeKV(positions, cos, sin, k_cache, v_cache, meta.slot_mapping, self.num_heads)
+        return fused if fused.layouts_agree() else None
 
     def _attend(
         self,

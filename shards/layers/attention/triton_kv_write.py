@@ -20,11 +20,17 @@ from shardline.shards.layers.triton_rotary import load_cos_sin, rotate_heads
 
 
 @triton.jit
+def cache_slot(cache_ptr, slot, stride_cb, stride_ct, PAGE_SIZE: tl.constexpr):
+    """The pointer to `slot`'s first element in a paged cache [pages, PAGE_SIZE, heads, dim]."""
+    return cache_ptr + (slot // PAGE_SIZE) * stride_cb + (slot % PAGE_SIZE) * stride_ct
+
+
+@triton.jit
 def _cache_ptrs(
     cache_ptr, slot, stride_cb, stride_ct, stride_ch, offs_h, offs_d, PAGE_SIZE: tl.constexpr
 ):
     """Pointers [heads, dims] to elements offs_d of KV heads offs_h at `slot` of a paged cache."""
-    row = cache_ptr + (slot // PAGE_SIZE) * stride_cb + (slot % PAGE_SIZE) * stride_ct
+    row = cache_slot(cache_ptr, slot, stride_cb, stride_ct, PAGE_SIZE)
     return row + offs_h[:, None] * stride_ch + offs_d[None, :]
 
 
