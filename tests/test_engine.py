@@ -349,3 +349,23 @@ def test_a_prefill_asked_to_launch_next_leaves_the_step_the_next_decode_takes(en
     assert len(launched) == 1  # taken from the step in flight
     engine.clear_cache(pb.ClearCacheRequest())
     assert_no_leaks(engine)
+
+
+@pytest.mark.parametrize(
+    ("device", "cuda_build", "chosen"),
+    [("cuda", "12.4", ["cublaslt"]), ("cpu", "12.4", []), ("cuda", None, [])],
+)
+def test_cublaslt_is_chosen_for_cuda_devices_only(
+    monkeypatch: pytest.MonkeyPatch, device: str, cuda_build: str | None, chosen: list[str]
+) -> None:
+    """The 16-bit GEMMs go through cuBLASLt on NVIDIA GPUs (measured faster, RESULTS.md session
+    20); a CPU device or a ROCm build (no torch.version.cuda) keeps torch's default."""
+    import torch
+
+    from shardline.shards.bootstrap import prefer_cublaslt
+
+    calls: list[str] = []
+    monkeypatch.setattr(torch.version, "cuda", cuda_build)
+    monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library", calls.append)
+    prefer_cublaslt(torch.device(device))
+    assert calls == chosen
