@@ -1,5 +1,8 @@
 """What a paged decode kernel's tiling costs an SM, compiled for sm_90 on any machine (no GPU):
-shared memory and registers a program, and how many programs (and warps) an H100 SM then holds.
+shared memory and registers a program, how many programs (and warps) an H100 SM then holds, and
+the instructions of its key loop (a warp's, and all warps' over a key) with any register spills.
+The FP8 kernel is bound by its instructions a key (Nsight Compute, session 21), so that count is
+a CPU-side proxy for its speed: compare tilings by it before timing them on a GPU.
 
     python -m benchmarks.kernel_resources [--kernel split|balanced] [--kv-dtype fp8_e4m3fn|bf16]
         [--configs n128w4s5,n128w4s3,...]
@@ -17,12 +20,14 @@ import argparse
 import re
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from benchmarks.sass_counts import loop_instructions, spills
 from shardline.shards.layers.attention.decode_plan import DecodeConfig
 from shardline.shards.layers.attention.triton_decode import _paged_decode_kernel
 from shardline.shards.layers.attention.triton_decode_balanced import (
@@ -78,19 +83,28 @@ def constants(kernel: str, config: DecodeConfig, fp8: bool) -> dict[str, object]
     return shape
 
 
-def registers(cubin: bytes) -> int:
+@dataclass(frozen=True)
+class Compiled:
+    shared: int  # bytes a program
+    registers: int  # a thread
+    loop_instructions: int  # a warp's, once around the key loop
+    spills: int  # local-memory stores
+
+    def instructions_a_key(self, config: DecodeConfig) -> float:
+        return self.loop_instructions * config.num_warps / config.block_n
+
+
+def cuobjdump(cubin: bytes, flag: str) -> str:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "kernel.cubin"
         path.write_bytes(cubin)
         tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
-        usage = subprocess.run(
-            [str(tool), "-res-usage", str(path)], capture_output=True, text=True, check=True
+        return subprocess.run(
+            [str(tool), flag, str(path)], capture_output=True, text=True, check=True
         ).stdout
-    return int(re.search(r"REG:(\d+)", usage).group(1))
 
 
-def resources(kernel_name: str, kv_dtype: str, config: DecodeConfig) -> tuple[int, int]:
-    """Shared-memory bytes and registers a thread of one program."""
+def compile_for_sm90(kernel_name: str, kv_dtype: str, config: DecodeConfig) -> Compiled:
     kernel = KERNELS[kernel_name]
     consts = constants(kernel_name, config, kv_dtype != "bf16")
     types = signature(kernel, KV_TYPES[kv_dtype], consts)
@@ -103,8 +117,15 @@ def resources(kernel_name: str, kv_dtype: str, config: DecodeConfig) -> tuple[in
         attrs={index[name]: [["tt.divisibility", 16]] for name in aligned},
     )
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    compiled = triton.compile(source, target=SM90, options=options)
-    return compiled.metadata.shared, registers(compiled.asm["cubin"])
+    cubin = triton.compile(source, target=SM90, options=options)
+    sass = cuobjdump(cubin.asm["cubin"], "-sass")
+    usage = cuobjdump(cubin.asm["cubin"], "-res-usage")
+    return Compiled(
+        shared=cubin.metadata.shared,
+        registers=int(re.search(r"REG:(\d+)", usage).group(1)),
+        loop_instructions=loop_instructions(sass),
+        spills=spills(sass),
+    )
 
 
 def programs_per_sm(shared: int, regs: int, warps: int) -> int:
@@ -122,12 +143,14 @@ def main() -> None:
     args = parser.parse_args()
     for name in args.configs.split(","):
         config = DecodeConfig.parse(name)
-        shared, regs = resources(args.kernel, args.kv_dtype, config)
-        programs = programs_per_sm(shared, regs, config.num_warps)
+        compiled = compile_for_sm90(args.kernel, args.kv_dtype, config)
+        programs = programs_per_sm(compiled.shared, compiled.registers, config.num_warps)
         print(
-            f"{args.kernel} {args.kv_dtype} {name:10s} shared {shared / 1024:6.1f} KB"
-            f"  registers {regs:3d}  programs an SM {programs}"
-            f"  warps an SM {programs * config.num_warps}",
+            f"{args.kernel} {args.kv_dtype} {name:12s} shared {compiled.shared / 1024:6.1f} KB"
+            f"  registers {compiled.registers:3d}  programs an SM {programs:2d}"
+            f"  warps an SM {programs * config.num_warps:2d}"
+            f"  key loop {compiled.loop_instructions:4d} instructions a warp,"
+            f" {compiled.instructions_a_key(config):5.1f} a key  spills {compiled.spills}",
             flush=True,
         )
 
