@@ -117,11 +117,11 @@ def compile_for_sm90(kernel_name: str, kv_dtype: str, config: DecodeConfig) -> C
         attrs={index[name]: [["tt.divisibility", 16]] for name in aligned},
     )
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    cubin = triton.compile(source, target=SM90, options=options)
-    sass = cuobjdump(cubin.asm["cubin"], "-sass")
-    usage = cuobjdump(cubin.asm["cubin"], "-res-usage")
+    compiled = triton.compile(source, target=SM90, options=options)
+    sass = cuobjdump(compiled.asm["cubin"], "-sass")
+    usage = cuobjdump(compiled.asm["cubin"], "-res-usage")
     return Compiled(
-        shared=cubin.metadata.shared,
+        shared=compiled.metadata.shared,
         registers=int(re.search(r"REG:(\d+)", usage).group(1)),
         loop_instructions=loop_instructions(sass),
         spills=spills(sass),
