@@ -103,13 +103,17 @@ def paged_kv_tiles(
     `n_mask`), its pages looked up in its block table row `table_row`, in the cache's dtype."""
     page = tl.load(table_row + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
     in_page = pos % PAGE_SIZE
-    mask = n_mask[:, None] & d_mask[None, :]
+    # Every key of the tile is read from K (a key past `n_mask` reads page 0 or a stale slot):
+    # its scores are dropped by a select whatever they hold. V keeps the keys' mask, as a zero
+    # weight times a NaN in an unwritten slot would still reach the sum. Fewer predicates a tile.
     k = _paged_tile(
-        k_cache_ptr, page, in_page, kv_head, offs_d, mask, stride_kb, stride_kt, stride_kh
-    )
+        k_cache_ptr, page, in_page, kv_head, offs_d, d_mask[None, :], stride_kb, stride_kt,
+        stride_kh,
+    )  # fmt: skip
     v = _paged_tile(
-        v_cache_ptr, page, in_page, kv_head, offs_d, mask, stride_vb, stride_vt, stride_vh
-    )
+        v_cache_ptr, page, in_page, kv_head, offs_d, n_mask[:, None] & d_mask[None, :],
+        stride_vb, stride_vt, stride_vh,
+    )  # fmt: skip
     return k, v
 
 
