@@ -1,4 +1,5 @@
-"""FP8 linear layers of a few rows on one CUDA GPU: cuBLASLt's row-scaled GEMM (torch._scaled_mm)
+"""FP8 linear layers of a few rows on one CUDA GPU: cuBLASLt's row-scaled GEMM (torch._scaled_mm),
+its unscaled tensor-wise GEMM whose scales the next kernel applies ("deferred", fp8.ScaledProduct)
 and the Triton GEMM (triton_fp8_gemm.py, each tiling of --tilings) on activations already
 quantized per token (as the fused norm and SiLU kernels hand them over), against bf16 F.linear;
 at one row the FP8 GEMV.
@@ -12,7 +13,8 @@ decode step is), and the median replay gives the time per call. GB/s counts the 
 must move (weight, scales, x, y) against a measured device-to-device copy (bytes read +
 written). The last lines add up the decoder's four projections over its 32 layers per M: the
 linear layers' share of a decode step, for cuBLASLt, each tiling, the best tiling per layer and
-the engine's choice (triton_fp8_gemm.tiling_for). --bf16-tilings times the same Triton kernel on
+the engine's choice (deferred scales for o, gate_up and down, triton_fp8_gemm.tiling_for for
+qkv). --bf16-tilings times the same Triton kernel on
 bf16 operands (unit scales), against cuBLAS's bf16 GEMM, for the bf16 engine's decode steps;
 --blas cublaslt has torch run the bf16 GEMMs through cuBLASLt instead of cuBLAS; --gemv-tilings
 times the FP8 GEMV at one row as the batch-1 decode calls it (qkv and gate_up with the RMSNorm
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 import triton
 
 from benchmarks.attention_kernels import copy_bandwidth
-from shardline.shards.layers.fp8 import FP8Rows, cublas_scaled_mm, quantize_rows
+from shardline.shards.layers.fp8 import FP8Rows, cublas_scaled_mm, quantize_rows, scaled_mm_rows
 from shardline.shards.layers.gemv_plan import (
     Epilogue,
     GemvConfig,
@@ -55,8 +57,11 @@ LAYERS = {  # name: (N, K) of Llama-3.1-8B
     "lm_head": (128256, 4096),
 }
 DECODER_LAYERS, DECODER_DEPTH = ("qkv", "o", "gate_up", "down"), 32
+# the layers whose scales the kernel after them applies (LlamaAttention's o, LlamaMLP's gate_up
+# and down read by RMSNorm and SiLU * up)
+DEFERRED_LAYERS = ("o", "gate_up", "down")
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
-BASELINES = ("scaled_mm", "bf16")
+BASELINES = ("scaled_mm", "deferred", "bf16")
 BF16 = "bf16 "  # a bf16-operand tiling's key: BF16 + its name
 GEMV = "gemv "  # a one-row GEMV tiling's key: GEMV + its name
 GEMV16 = "gemv16 "  # the LM head's: a plain GEMV on its bf16 weight
@@ -247,12 +252,12 @@ def print_layer(
         fp8_rows = FP8Rows(*quantize_rows(x), DTYPE)
         times[m] = {
             "scaled_mm": layer.time_fp8(fp8_rows, cublas_scaled_mm),
+            "deferred": layer.time_fp8(fp8_rows, deferred_scales),
             "bf16": layer.time_bf16(x),
         }
-        line = (
-            f"{name:8s} {layer.n:6d} x {layer.k:5d}  M {m:3d}"
-            f" | scaled_mm {cell(layer, m, times[m]['scaled_mm'], 1, bandwidth)}"
-            f" | bf16 {cell(layer, m, times[m]['bf16'], 2, bandwidth)}"
+        line = f"{name:8s} {layer.n:6d} x {layer.k:5d}  M {m:3d}" + "".join(
+            f" | {kind} {cell(layer, m, times[m][kind], 2 if kind == 'bf16' else 1, bandwidth)}"
+            for kind in BASELINES
         )
         for tiling in filter(lambda t: fits(layer, t), bf16_tilings):
             times[m][BF16 + tiling.name] = layer.time_bf16_triton(x, tiling)
@@ -277,8 +282,15 @@ def print_layer(
     return times
 
 
-def layer_ms(times: dict[str, float], tiling: GemmTiling | None) -> float | None:
-    """A layer's time with the engine's choice: `tiling`, or cuBLASLt for None."""
+def deferred_scales(rows: FP8Rows, w: torch.Tensor, s: torch.Tensor, bias: None) -> torch.Tensor:
+    return scaled_mm_rows(rows, w, s, bias, defer_scales=True).raw
+
+
+def layer_ms(name: str, times: dict[str, float], m: int) -> float | None:
+    """A layer's time with the engine's choice: deferred scales, the Triton tiling, or cuBLASLt."""
+    if name in DEFERRED_LAYERS:
+        return times["deferred"]
+    tiling = tiling_for(m, LAYERS[name][0])
     return times["scaled_mm"] if tiling is None else times.get(tiling.name)
 
 
@@ -301,10 +313,7 @@ def print_decoder_totals(by_layer: dict[str, dict[int, dict[str, float]]]) -> No
             ]
             if all(triton):
                 totals[label] = DECODER_DEPTH * sum(min(ms) for ms in triton)
-        engine = [
-            layer_ms(layer, tiling_for(m, LAYERS[name][0]))
-            for name, layer in zip(DECODER_LAYERS, layers)
-        ]
+        engine = [layer_ms(name, layer, m) for name, layer in zip(DECODER_LAYERS, layers)]
         if None not in engine:
             totals["engine's choice"] = DECODER_DEPTH * sum(engine)
         gemvs = [layer.get(engine_gemv_key(name)) for name, layer in zip(DECODER_LAYERS, layers)]

@@ -11,8 +11,17 @@ import torch
 import torch.multiprocessing as mp
 from aiohttp.test_utils import unused_port
 
+from shardline.shards.layers.activation import silu_and_mul
 from shardline.shards.layers.attention import get_attention_backend
-from shardline.shards.layers.fp8 import FP8, dequantize_rows, fp8_linear, quantize_rows
+from shardline.shards.layers.fp8 import (
+    FP8,
+    ScaledProduct,
+    dense,
+    dequantize_rows,
+    fp8_linear,
+    quantize_rows,
+)
+from shardline.shards.layers.norm import RMSNorm
 from shardline.shards.models import CausalLM, load_model
 from shardline.shards.utils.dist import TPGroup, init_distributed
 from shardline.shards.utils.quantization import (
@@ -97,6 +106,23 @@ def test_the_reference_linear_dequantizes_the_weight() -> None:
     quantized, scale = quantize_rows(weight)
     expected = torch.nn.functional.linear(x, dequantize_rows(quantized, scale), bias)
     torch.testing.assert_close(fp8_linear(x, quantized, scale, bias), expected)
+    deferred = fp8_linear(x, quantized, scale, bias, defer_scales=True)  # no FP8 GEMM here
+    torch.testing.assert_close(deferred, expected)
+
+
+def test_a_scaled_product_reads_as_its_value_on_the_torch_paths() -> None:
+    """Off the GPU kernels an RMSNorm or SiLU * up given a ScaledProduct reads its value."""
+    raw = (torch.randn(3, 32) * 1e3).to(torch.bfloat16)
+    product = ScaledProduct(raw, torch.rand(3) * 1e-2, torch.rand(32) * 1e-2)
+    value = product.value()
+    scaled = raw.float() * product.row_scale[:, None] * product.col_scale[None, :]
+    assert value.dtype == torch.bfloat16 and torch.equal(value, scaled.to(torch.bfloat16))
+    assert torch.equal(dense(product), value) and dense(value) is value
+    norm, residual = RMSNorm(torch.rand(32).to(torch.bfloat16), 1e-6), torch.randn(3, 32)
+    for got, want in zip(norm(product, residual.bfloat16()), norm(value, residual.bfloat16())):
+        assert torch.equal(got, want)
+    assert torch.equal(norm(product), norm(value))
+    assert torch.equal(silu_and_mul(product), silu_and_mul(value))
 
 
 @pytest.mark.parametrize("fmt", [AT_LOAD_NAME, *FORMATS])

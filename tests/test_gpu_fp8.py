@@ -19,6 +19,7 @@ from shardline.shards.layers.attention.decode_plan import SplitPlan
 from shardline.shards.layers.attention.triton_decode import paged_decode_attention
 from shardline.shards.layers.attention.triton_prefill import CachedPrefix, varlen_causal_attention
 from shardline.shards.layers.fp8 import (
+    ScaledProduct,
     dequantize_rows,
     fp8_linear,
     quantize_rows,
@@ -73,6 +74,29 @@ def test_scaled_mm_matches_the_dequantized_product(rows: int, dtype: torch.dtype
     assert relative_error(out.float(), expected) < 1e-2
     # x and the weight each rounded to 3 mantissa bits: about 5 % off the unquantized product
     assert relative_error(out.float(), F.linear(x.float(), weight, bias.float())) < 0.1
+
+
+@needs_fp8_gemm
+@pytest.mark.parametrize("rows", [2, 16, 64, 300])
+def test_a_deferred_product_is_the_row_scaled_one(rows: int) -> None:
+    """bfloat16 rows without a bias leave their scales to the next kernel (cuBLASLt's
+    tensor-wise GEMM, faster at decode sizes): the value equals the row-wise GEMM's up to one
+    more bfloat16 rounding; a bias or float16 rows get the row-wise product."""
+    quantized, scale = quantize_rows(torch.randn(1024, 2048, device=DEVICE) * 0.05)
+    x = torch.randn(rows, 2048, device=DEVICE, dtype=torch.bfloat16)
+    product = fp8_linear(x, quantized, scale, defer_scales=True)
+    assert isinstance(product, ScaledProduct) and product.raw.shape == (rows, 1024)
+    row_wise = fp8_linear(x, quantized, scale)
+    assert relative_error(product.value().float(), row_wise.float()) < 2**-8
+    bias = torch.randn(1024, device=DEVICE, dtype=torch.bfloat16)
+    assert isinstance(fp8_linear(x, quantized, scale, bias, defer_scales=True), torch.Tensor)
+    half = fp8_linear(x.half(), quantized, scale, defer_scales=True)
+    assert isinstance(half, torch.Tensor) and half.dtype == torch.float16
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fp8_linear(x, quantized, scale, defer_scales=True)
+    graph.replay()
+    assert torch.equal(captured.value(), product.value())
 
 
 @needs_fp8_gemm

@@ -16,6 +16,7 @@ import torch
 from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
 from shardline.shards.layers.activation import gelu_tanh_and_mul_torch, silu_and_mul_torch
+from shardline.shards.layers.fp8 import ScaledProduct
 from shardline.shards.layers.gemv_plan import RopeKV
 from shardline.shards.layers.linear import linear
 from shardline.shards.layers.norm import rms_norm_torch
@@ -76,6 +77,58 @@ def test_rms_norm_matches_torch(dtype: torch.dtype, hidden: int, with_residual: 
     else:
         assert torch.equal(out[1], ref[1])
         _assert_close(out[0], ref[0], dtype)
+
+
+def _scaled_product(rows: int, width: int, dtype: torch.dtype) -> ScaledProduct:
+    """An FP8 GEMM's unscaled product (magnitudes up to ~448^2 K) with its row and column scales."""
+    raw = _random((rows, width), dtype, std=1e3)
+    row_scale = torch.rand(rows, device=DEVICE) * 1e-2
+    col_scale = torch.rand(width, device=DEVICE) * 1e-2
+    return ScaledProduct(raw, row_scale, col_scale)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_applies_a_scaled_products_scales(
+    dtype: torch.dtype, with_residual: bool, fp8: bool
+) -> None:
+    """A ScaledProduct normed (and quantized for an FP8 layer) gives bit for bit what its value
+    does."""
+    if fp8 and (dtype == torch.float32 or DEVICE.type != "cuda"):
+        pytest.skip("FP8 rows: half precision on a GPU")
+    product = _scaled_product(6, 1000, dtype)
+    residual = _random((6, 1000), dtype) if with_residual else None
+    weight = (1 + 0.1 * torch.randn(1000, device=DEVICE)).to(dtype)
+    out = rms_norm(product, weight, 1e-6, residual, fp8=fp8)
+    _assert_same_tensors(out, rms_norm(product.value(), weight, 1e-6, residual, fp8=fp8))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("kernel", [triton_silu_and_mul, triton_gelu_tanh_and_mul])
+@pytest.mark.parametrize("width", [2000, 2 * 14336, 2 * 16400])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_act_and_mul_applies_a_scaled_products_scales(dtype, width: int, kernel, fp8: bool):
+    """Gate and up read from a ScaledProduct (the FP8 rows' one- and two-pass kernels too) give
+    bit for bit what its value does."""
+    if fp8 and (dtype == torch.float32 or DEVICE.type != "cuda"):
+        pytest.skip("FP8 rows: half precision on a GPU")
+    product = _scaled_product(3, width, dtype)
+    _assert_same_tensors(kernel(product, fp8=fp8), kernel(product.value(), fp8=fp8))
+
+
+def _assert_same_tensors(out, expected) -> None:
+    """out and expected (tensors, FP8Rows or tuples of them) hold equal tensors."""
+    got, want = _tensors(out), _tensors(expected)
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a.float(), b.float())
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for part in out if not isinstance(part, torch.dtype) for t in _tensors(part)]
 
 
 def _rotary_case(

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardline.shards.layers import custom_kernels
-from shardline.shards.layers.fp8 import FP8Rows, takes_fp8_rows
+from shardline.shards.layers.fp8 import FP8Rows, Product, dense, stored, takes_fp8_rows
 
 
 def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
@@ -20,16 +20,15 @@ def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def silu_and_mul(
-    gate_up: torch.Tensor, quantize_for: nn.Module | None = None
-) -> torch.Tensor | FP8Rows:
+def silu_and_mul(gate_up: Product, quantize_for: nn.Module | None = None) -> torch.Tensor | FP8Rows:
     """SiLU(gate) * up for gate_up [..., 2 * n] holding gate then up; returns [..., n], as
     FP8Rows where `quantize_for`, the one layer it feeds, takes them."""
-    if custom_kernels.applies(gate_up):
+    if custom_kernels.applies(stored(gate_up)):
         from shardline.shards.layers.triton_activation import triton_silu_and_mul
 
-        return triton_silu_and_mul(gate_up, fp8=takes_fp8_rows(gate_up, quantize_for))
-    return silu_and_mul_torch(gate_up)
+        fp8 = takes_fp8_rows(stored(gate_up), quantize_for)
+        return triton_silu_and_mul(gate_up, fp8=fp8)
+    return silu_and_mul_torch(dense(gate_up))
 
 
 def gelu_tanh_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
@@ -38,15 +37,16 @@ def gelu_tanh_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def gelu_tanh_and_mul(
-    gate_up: torch.Tensor, quantize_for: nn.Module | None = None
+    gate_up: Product, quantize_for: nn.Module | None = None
 ) -> torch.Tensor | FP8Rows:
     """tanh-GELU(gate) * up (GeGLU) for gate_up [..., 2 * n] holding gate then up (FP8Rows as
     silu_and_mul gives them)."""
-    if custom_kernels.applies(gate_up):
+    if custom_kernels.applies(stored(gate_up)):
         from shardline.shards.layers.triton_activation import triton_gelu_tanh_and_mul
 
-        return triton_gelu_tanh_and_mul(gate_up, fp8=takes_fp8_rows(gate_up, quantize_for))
-    return gelu_tanh_and_mul_torch(gate_up)
+        fp8 = takes_fp8_rows(stored(gate_up), quantize_for)
+        return triton_gelu_tanh_and_mul(gate_up, fp8=fp8)
+    return gelu_tanh_and_mul_torch(dense(gate_up))
 
 
 # transformers' names (ACT2FN) of the GELU variants: exact (erf) or the tanh approximation.

@@ -7,8 +7,11 @@ of x the same way (dynamic per-token scales) and multiplies on the tensor cores 
 `torch._scaled_mm` with row-wise scales (cuBLASLt / CUTLASS; bfloat16 output, the only one
 row-wise scaling takes), or for a decode-sized call a Triton GEMM on the same numbers
 (triton_fp8_gemm.py), the activations quantized by one Triton kernel (triton_fp8_quant.py) or
-by the norm or SiLU kernel before. Elsewhere (CPU, older GPUs, shapes the FP8 GEMM does not take) it
-dequantizes the weight and runs a plain matmul: the reference the tests check every loader with.
+by the norm or SiLU kernel before. A caller whose product a fused RMSNorm or SiLU * up reads
+next may ask for it with its scales deferred (ScaledProduct): cuBLASLt's tensor-wise kernels
+run it, faster than its row-wise ones at decode sizes, and the reading kernel applies the
+scales. Elsewhere (CPU, older GPUs, shapes the FP8 GEMM does not take) it dequantizes the
+weight and runs a plain matmul: the reference the tests check every loader with.
 """
 
 from __future__ import annotations
@@ -54,18 +57,48 @@ class FP8Rows(NamedTuple):
     dtype: torch.dtype  # the activations' own dtype, which the product comes back in
 
 
+class ScaledProduct(NamedTuple):
+    """An FP8 product [M, N] whose scales the kernel reading it applies: its value is
+    (raw * row_scale[:, None] * col_scale[None, :]) rounded to raw's dtype, bfloat16 (what the
+    row-wise GEMM would have returned, up to raw's own rounding)."""
+
+    raw: torch.Tensor  # [M, N] bfloat16: the FP8 rows times the FP8 weight, unscaled
+    row_scale: torch.Tensor  # [M] float32: the rows' per-token scales
+    col_scale: torch.Tensor  # [N] float32: the weight's per-output-row scales
+
+    def value(self) -> torch.Tensor:
+        scaled = self.raw.float() * self.row_scale[:, None] * self.col_scale[None, :]
+        return scaled.to(self.raw.dtype)
+
+
+Product = torch.Tensor | ScaledProduct
+
+
+def dense(x: Product) -> torch.Tensor:
+    """x's value as a tensor (a ScaledProduct's scales applied)."""
+    return x.value() if isinstance(x, ScaledProduct) else x
+
+
+def stored(x: Product) -> torch.Tensor:
+    """The tensor holding x (a ScaledProduct's raw product: its shape, dtype and device)."""
+    return x.raw if isinstance(x, ScaledProduct) else x
+
+
 def fp8_linear(
     x: torch.Tensor | FP8Rows,
     weight: torch.Tensor,
     scale: torch.Tensor,
     bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """F.linear(x, weight * scale[:, None], bias) in x's dtype, for an FP8 `weight` [N, K]."""
+    defer_scales: bool = False,
+) -> Product:
+    """F.linear(x, weight * scale[:, None], bias) in x's dtype, for an FP8 `weight` [N, K];
+    with `defer_scales` (the caller reads a ScaledProduct) one where the GEMM can leave them."""
     if isinstance(x, FP8Rows):
-        return scaled_mm_rows(x, weight, scale, bias)
+        return scaled_mm_rows(x, weight, scale, bias, defer_scales)
     if scaled_mm_applies(x, weight):
         rows = quantized_rows(x.reshape(-1, x.shape[-1]))
-        return scaled_mm_rows(rows, weight, scale, bias).view(*x.shape[:-1], weight.shape[0])
+        out = scaled_mm_rows(rows, weight, scale, bias, defer_scales and x.dim() == 2)
+        return out if isinstance(out, ScaledProduct) else out.view(*x.shape[:-1], -1)
     return F.linear(x, dequantize_rows(weight, scale).to(x.dtype), bias)
 
 
@@ -114,10 +147,26 @@ def quantized_rows(rows: torch.Tensor) -> FP8Rows:
 
 
 def scaled_mm_rows(
-    rows: FP8Rows, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
+    rows: FP8Rows,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    defer_scales: bool = False,
+) -> Product:
     """Row-wise scaled FP8 GEMM: a call of 9-128 rows runs the Triton GEMM where it measured
-    faster (triton_fp8_gemm.tiling_for), any other cuBLASLt's."""
+    faster (triton_fp8_gemm.tiling_for), any other cuBLASLt's; with `defer_scales`, bfloat16
+    rows and no bias, cuBLASLt's unscaled product (a ScaledProduct)."""
+    one = defers_scales(rows, bias) if defer_scales else None
+    if one is not None:
+        raw = torch._scaled_mm(
+            rows.quantized,
+            weight.t(),
+            scale_a=one,
+            scale_b=one,
+            out_dtype=torch.bfloat16,
+            use_fast_accum=True,
+        )
+        return ScaledProduct(raw, rows.scale, scale)
     if rows.quantized.is_cuda:
         from shardline.shards.layers import triton_fp8_gemm
 
@@ -125,6 +174,14 @@ def scaled_mm_rows(
         if tiling is not None and triton_fp8_gemm.triton_gemm_applies(rows, weight, tiling):
             return triton_fp8_gemm.fp8_gemm(rows, weight, scale, bias, tiling)
     return cublas_scaled_mm(rows, weight, scale, bias)
+
+
+def defers_scales(rows: FP8Rows, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The unit scale of a GEMM that can leave its scales to the next kernel (bfloat16 rows on a
+    GPU, no bias), else None."""
+    if bias is not None or rows.dtype != torch.bfloat16 or not rows.quantized.is_cuda:
+        return None
+    return unit_scale(rows.quantized.device)
 
 
 def cublas_scaled_mm(
@@ -144,3 +201,16 @@ def cublas_scaled_mm(
     if bias is not None:
         out += bias
     return out
+
+
+_UNIT_SCALES: dict[torch.device, torch.Tensor] = {}
+
+
+def unit_scale(device: torch.device) -> torch.Tensor | None:
+    """1.0 on `device` for _scaled_mm's tensor-wise scales, made in the first eager call; None
+    while a CUDA graph captures before it was made (its memory would be written only when the
+    graph replays)."""
+    one = _UNIT_SCALES.get(device)
+    if one is None and not torch.cuda.is_current_stream_capturing():
+        one = _UNIT_SCALES[device] = torch.ones((), dtype=torch.float32, device=device)
+    return one

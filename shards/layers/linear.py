@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardline.shards.layers import custom_kernels
-from shardline.shards.layers.fp8 import FP8Rows, fp8_linear
+from shardline.shards.layers.fp8 import FP8Rows, Product, fp8_linear
 from shardline.shards.utils.dist import TPGroup
 from shardline.shards.utils.fp8_weights import read_linear, stack_rows
 from shardline.shards.utils.weights import Weights
@@ -24,20 +24,22 @@ def linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     weight_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
+    defer_scales: bool = False,
+) -> Product:
     """F.linear, through the one-row Triton GEMV where it applies (batch-1 decode on a GPU); an
-    FP8 weight comes with its per-row `weight_scale` (fp8.py), and may take x already quantized
-    (FP8Rows, from the kernel that produced x)."""
+    FP8 weight comes with its per-row `weight_scale` (fp8.py), may take x already quantized
+    (FP8Rows, from the kernel that produced x), and with `defer_scales` may return a
+    ScaledProduct (for a caller whose next kernel applies the scales)."""
     if isinstance(x, FP8Rows):
         assert weight_scale is not None, "FP8 rows for a layer without an FP8 weight"
-        return fp8_linear(x, weight, weight_scale, bias)
+        return fp8_linear(x, weight, weight_scale, bias, defer_scales)
     if custom_kernels.applies(x):
         from shardline.shards.layers.triton_gemv import gemv, gemv_applies
 
         if gemv_applies(x, weight):
             return gemv(x, weight, bias, scale=weight_scale)
     if weight_scale is not None:
-        return fp8_linear(x, weight, weight_scale, bias)
+        return fp8_linear(x, weight, weight_scale, bias, defer_scales)
     return F.linear(x, weight, bias)
 
 
@@ -62,8 +64,8 @@ class ColumnParallelLinear(nn.Module):
         b = weights.get_sharded_concat([f"{p}.bias" for p in prefixes], dim=0) if bias else None
         return cls(weight.weight, b, weight.scale)
 
-    def forward(self, x: torch.Tensor | FP8Rows) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.weight_scale)
+    def forward(self, x: torch.Tensor | FP8Rows, defer_scales: bool = False) -> Product:
+        return linear(x, self.weight, self.bias, self.weight_scale, defer_scales)
 
 
 class RowParallelLinear(nn.Module):
@@ -88,7 +90,10 @@ class RowParallelLinear(nn.Module):
         b = weights.get_tensor(f"{prefix}.bias") if bias else None
         return cls(weight.weight, b, weights.tp, weight.scale)
 
-    def forward(self, x: torch.Tensor | FP8Rows) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | FP8Rows, defer_scales: bool = False) -> Product:
+        """The output; with `defer_scales` on one rank (nothing to sum) maybe a ScaledProduct."""
+        if defer_scales and self.tp.world_size == 1:
+            return linear(x, self.weight, self.bias, self.weight_scale, defer_scales=True)
         return self.finish(self.partial(x))
 
     def partial(self, x: torch.Tensor | FP8Rows) -> torch.Tensor:

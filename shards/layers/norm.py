@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardline.shards.layers import custom_kernels
-from shardline.shards.layers.fp8 import FP8Rows, takes_fp8_rows
+from shardline.shards.layers.fp8 import FP8Rows, Product, dense, stored, takes_fp8_rows
 from shardline.shards.layers.linear import frozen
 from shardline.shards.utils.weights import Weights
 
@@ -40,18 +40,18 @@ class RMSNorm(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: Product,
         residual: torch.Tensor | None = None,
         quantize_for: nn.Module | None = None,
     ) -> NormOutput:
         """Normalizes x, or with `residual` normalizes x + residual and returns (normed, sum);
         the normed rows as FP8Rows where `quantize_for`, the one layer they feed, takes them."""
-        if custom_kernels.applies(x):
+        if custom_kernels.applies(stored(x)):
             from shardline.shards.layers.triton_norm import rms_norm
 
-            fp8 = takes_fp8_rows(x, quantize_for)
+            fp8 = takes_fp8_rows(stored(x), quantize_for)
             return rms_norm(x, self.weight, self.eps, residual, fp8=fp8)
-        return rms_norm_torch(x, self.weight, self.eps, residual)
+        return rms_norm_torch(dense(x), self.weight, self.eps, residual)
 
 
 class LayerNorm(nn.Module):

@@ -4,7 +4,8 @@ Rounds where the torch RMSNorm in norm.py rounds (the sum to the input dtype, th
 value to the input dtype before the weight), so both give the same result up to the order of
 the float32 mean-of-squares reduction. For an FP8 linear layer after it (fp8.takes_fp8_rows) it
 writes the normed row quantized per token (FP8Rows) instead: the numbers RMSNorm then
-fp8.quantize_rows give, in one launch.
+fp8.quantize_rows give, in one launch. x may be an FP8 GEMM's ScaledProduct: its scales are
+applied as the row is read.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shardline.shards.layers.fp8 import FP8, FP8Rows
+from shardline.shards.layers.fp8 import FP8, FP8Rows, Product, ScaledProduct
 from shardline.shards.layers.norm import NormOutput
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
 from shardline.shards.layers.triton_fp8_quant import store_row_scale, to_fp8
@@ -22,6 +23,8 @@ from shardline.shards.layers.triton_fp8_quant import store_row_scale, to_fp8
 @triton.jit
 def _rms_norm_kernel(
     x_ptr,
+    x_row_scale_ptr,
+    x_col_scale_ptr,
     residual_ptr,
     weight_ptr,
     out_ptr,
@@ -33,6 +36,7 @@ def _rms_norm_kernel(
     stride_r,
     stride_o,
     stride_s,
+    SCALED_X: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     FP8_OUT: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -45,6 +49,9 @@ def _rms_norm_kernel(
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     wait_for_inputs(USE_PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if SCALED_X:  # ScaledProduct.value's numbers
+        col_scale = tl.load(x_col_scale_ptr + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) * tl.load(x_row_scale_ptr + row) * col_scale).to(x.dtype)
     if HAS_RESIDUAL:
         residual = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + residual.to(tl.float32)).to(x_ptr.dtype.element_ty)
@@ -60,7 +67,7 @@ def _rms_norm_kernel(
 
 
 def rms_norm(
-    x: torch.Tensor,
+    x: Product,
     weight: torch.Tensor,
     eps: float,
     residual: torch.Tensor | None = None,
@@ -68,6 +75,8 @@ def rms_norm(
 ) -> NormOutput:
     """RMSNorm(x) * weight, or with `residual` (normed(x + residual), x + residual); with `fp8`
     (x 2-D, of the weight's dtype) the normed rows come as FP8Rows."""
+    scaled = isinstance(x, ScaledProduct)
+    x, row_scale, col_scale = x if scaled else (x, x, x)  # (x, x): unread
     hidden = x.shape[-1]
     rows = x.reshape(-1, hidden).contiguous()
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
@@ -79,6 +88,8 @@ def rms_norm(
     if rows.shape[0] > 0:
         _rms_norm_kernel[(rows.shape[0],)](
             rows,
+            row_scale,
+            col_scale,
             res_rows,
             weight,
             out,
@@ -90,6 +101,7 @@ def rms_norm(
             res_rows.stride(0),
             out.stride(0),
             summed.stride(0),
+            SCALED_X=scaled,
             HAS_RESIDUAL=residual is not None,
             FP8_OUT=fp8,
             BLOCK=triton.next_power_of_2(hidden),

@@ -16,7 +16,7 @@ from torch import nn
 
 from shardline.shards.layers.activation import gelu_tanh_and_mul
 from shardline.shards.layers.attention import AttentionBackend, AttentionMetadata
-from shardline.shards.layers.fp8 import FP8Rows
+from shardline.shards.layers.fp8 import FP8Rows, Product
 from shardline.shards.layers.rotary import RotaryEmbedding
 from shardline.shards.models.config import (
     DEFAULT_MAX_POSITIONS,
@@ -96,9 +96,10 @@ def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 class GemmaMLP(LlamaMLP):
-    def forward(self, x: torch.Tensor | FP8Rows) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        return self.down_proj(gelu_tanh_and_mul(gate_up, quantize_for=self.down_proj))
+    def forward(self, x: torch.Tensor | FP8Rows) -> Product:
+        gate_up = self.gate_up_proj(x, defer_scales=True)
+        act = gelu_tanh_and_mul(gate_up, quantize_for=self.down_proj)
+        return self.down_proj(act, defer_scales=True)
 
 
 class GemmaDecoderLayer(LlamaDecoderLayer):

@@ -18,7 +18,7 @@ from shardline.shards.layers.attention import AttentionBackend, AttentionMetadat
 from shardline.shards.layers.attention.fp8_kv import KVScales
 from shardline.shards.layers.attention.layer import PagedAttention
 from shardline.shards.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from shardline.shards.layers.fp8 import FP8Rows
+from shardline.shards.layers.fp8 import FP8Rows, Product
 from shardline.shards.layers.gemv_plan import Epilogue, RopeKV, weight_tiling
 from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear
 from shardline.shards.layers.norm import RMSNorm
@@ -139,8 +139,11 @@ class LlamaAttention(nn.Module):
         positions: torch.Tensor,
         kv_cache: KVCache,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        return self.o_proj(self.attend(self.qkv_proj(hidden), positions, kv_cache, meta))
+    ) -> Product:
+        """o_proj's output (a ScaledProduct where it can be: the RMSNorm after it applies the
+        scales)."""
+        attended = self.attend(self.qkv_proj(hidden), positions, kv_cache, meta)
+        return self.o_proj(attended, defer_scales=True)
 
     def attend(
         self,
@@ -175,8 +178,11 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = self._load_gate_up(config, weights, prefix)
         self.down_proj = RowParallelLinear.load(weights, f"{prefix}.down_proj", config.mlp_bias)
 
-    def forward(self, x: torch.Tensor | FP8Rows) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x), quantize_for=self.down_proj))
+    def forward(self, x: torch.Tensor | FP8Rows) -> Product:
+        """down_proj's output (a ScaledProduct where it can be, for the next RMSNorm); gate_up's
+        scales go to SiLU * up the same way."""
+        gate_up = self.gate_up_proj(x, defer_scales=True)
+        return self.down_proj(silu_and_mul(gate_up, quantize_for=self.down_proj), defer_scales=True)
 
     def _load_gate_up(
         self, config: ModelConfig, weights: Weights, prefix: str
@@ -212,12 +218,12 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(
         self,
-        hidden: torch.Tensor,
+        hidden: Product,
         residual: torch.Tensor | None,
         positions: torch.Tensor,
         kv_cache: KVCache,
         meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[Product, torch.Tensor]:
         hidden, residual = self.input_norm(hidden, residual)
         hidden = self.self_attn(hidden, positions, kv_cache, meta)
         mlp_input = self.mlp.gate_up_proj
@@ -225,7 +231,7 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
     def input_norm(
-        self, hidden: torch.Tensor, residual: torch.Tensor | None
+        self, hidden: Product, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor | FP8Rows, torch.Tensor]:
         """The attention's input (its qkv projection's only input, hence quantized for it where
         that is FP8) and the residual stream: the first layer (no residual yet) norms the hidden

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from shardline.progress import logged_progress
+from shardline.shards.layers.fp8 import Product, dense
 from shardline.shards.utils.pipeline import PipelineStage
 
 
@@ -48,10 +49,9 @@ def stage_input(
     return received[0], received[1] if with_residual else None
 
 
-def send_on(
-    stage: PipelineStage, hidden: torch.Tensor, residual: torch.Tensor | None
-) -> torch.Tensor:
+def send_on(stage: PipelineStage, hidden: Product, residual: torch.Tensor | None) -> torch.Tensor:
     """Hands the activations to the next stage; returns `hidden` (no stage but the last has
     logits, see ModelRunner)."""
+    hidden = dense(hidden)
     stage.send([hidden] if residual is None else [hidden, residual])
     return hidden
