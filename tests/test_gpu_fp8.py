@@ -19,6 +19,7 @@ from shardline.shards.layers.attention.decode_plan import SplitPlan
 from shardline.shards.layers.attention.triton_decode import paged_decode_attention
 from shardline.shards.layers.attention.triton_prefill import CachedPrefix, varlen_causal_attention
 from shardline.shards.layers.fp8 import (
+    DEFER_MAX_ROWS,
     ScaledProduct,
     dequantize_rows,
     fp8_linear,
@@ -92,6 +93,8 @@ def test_a_deferred_product_is_the_row_scaled_one(rows: int) -> None:
     assert isinstance(fp8_linear(x, quantized, scale, bias, defer_scales=True), torch.Tensor)
     half = fp8_linear(x.half(), quantized, scale, defer_scales=True)
     assert isinstance(half, torch.Tensor) and half.dtype == torch.float16
+    prefill = torch.randn(DEFER_MAX_ROWS + 1, 2048, device=DEVICE, dtype=torch.bfloat16)
+    assert isinstance(fp8_linear(prefill, quantized, scale, defer_scales=True), torch.Tensor)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = fp8_linear(x, quantized, scale, defer_scales=True)

@@ -31,6 +31,11 @@ FP8_MAX = torch.finfo(FP8).max
 MIN_AMAX = 1e-12
 # torch._scaled_mm needs both GEMM dimensions of the weight divisible by 16.
 SCALED_MM_ALIGNMENT = 16
+# The most rows whose product leaves its scales to the next kernel: a decode step's, where the
+# GEMM reads its weight and cuBLASLt's tensor-wise kernels do that faster. A prefill's thousands
+# of rows keep the row-wise GEMM: the next kernel would read the column scales once a row
+# (SiLU * up 28,672 of them a row of the 8B, as many bytes as the row itself).
+DEFER_MAX_ROWS = 512
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,9 +182,11 @@ def scaled_mm_rows(
 
 
 def defers_scales(rows: FP8Rows, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """The unit scale of a GEMM that can leave its scales to the next kernel (bfloat16 rows on a
-    GPU, no bias), else None."""
+    """The unit scale of a GEMM that can leave its scales to the next kernel (up to
+    DEFER_MAX_ROWS bfloat16 rows on a GPU, no bias), else None."""
     if bias is not None or rows.dtype != torch.bfloat16 or not rows.quantized.is_cuda:
+        return None
+    if rows.quantized.shape[0] > DEFER_MAX_ROWS:
         return None
     return unit_scale(rows.quantized.device)
 
