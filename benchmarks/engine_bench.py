@@ -36,6 +36,7 @@ from benchmarks.roofline import device_ceilings, roofline_step_ms
 from benchmarks.timed_requests import load_workload, make_requests, percentile, summarize, timed_run
 from shardline import LLM
 from shardline.router import paced_admission
+from shardline.shards.utils.quantization import fp8_lm_head_asked
 
 
 def stall_run(llm: LLM, prefill_budget: int, vocab: int, rows: int = 64) -> dict:
@@ -149,13 +150,14 @@ def profile_offline(llm: LLM, pairs: list, vocab: int, submission: str, shape: M
 
 def stored_shape(model_dir: Path, args: argparse.Namespace) -> ModelShape:
     """The model's shape with the bytes its weights and KV cache are stored in (FP8: 1; the
-    LM head stays 16-bit)."""
+    LM head 16-bit unless SHARDLINE_FP8_LM_HEAD quantizes it)."""
     shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
     weight_bytes = 1 if args.quantize else 2
+    head_bytes = 1 if args.quantize and fp8_lm_head_asked() else 2
     kv_bytes = 1 if args.kv_cache_dtype.startswith("fp8") else 2
     return dataclasses.replace(
         shape,
-        weight_bytes=weight_bytes * shape.linear_params + 2 * shape.lm_head_params,
+        weight_bytes=weight_bytes * shape.linear_params + head_bytes * shape.lm_head_params,
         kv_bytes_per_token=shape.kv_bytes_per_token // 2 * kv_bytes,
     )
 
@@ -269,6 +271,7 @@ def main() -> None:
             1,
             ceilings,
             fp8_weights=args.quantize == "fp8",
+            fp8_lm_head=args.quantize == "fp8" and fp8_lm_head_asked(),
             kv_element_bytes=kv_bytes,
         )
         results["single"] = {"engine_decode_ms": step_ms, **step, "roofline": roof}
@@ -357,7 +360,8 @@ def main() -> None:
             )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-    formats = f"weights {args.quantize or 'bf16'}, KV {args.kv_cache_dtype}"
+    head = " + LM head" if args.quantize and fp8_lm_head_asked() else ""
+    formats = f"weights {args.quantize or 'bf16'}{head}, KV {args.kv_cache_dtype}"
     print(f"\n== {args.shape} on {results['device']} ({formats}) ==")
     for name, value, note in table:
         print(f"{name:34s} {value:>14s}  {note}")

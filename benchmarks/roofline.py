@@ -70,15 +70,19 @@ def roofline_step_ms(
     ceilings: dict,
     *,
     fp8_weights: bool = False,
+    fp8_lm_head: bool = False,
     kv_element_bytes: int = 2,
 ) -> dict:
     """bf16 weights, or FP8 decoder projections (`--quantize fp8`: one byte each, the
-    embeddings, norms and LM head in bf16); a KV cache of `kv_element_bytes` per value."""
+    embeddings, norms and LM head in bf16; `fp8_lm_head`: the LM head one byte too); a KV cache
+    of `kv_element_bytes` per value."""
     config = json.loads((model_dir / "config.json").read_text())
     shapes = tensor_shapes(config)
     params = sum(math.prod(shape) for shape in shapes.values())
     one_byte = sum(
-        math.prod(shape) for name, shape in shapes.items() if fp8_weights and "_proj." in name
+        math.prod(shape)
+        for name, shape in shapes.items()
+        if fp8_weights and ("_proj." in name or (fp8_lm_head and name == "lm_head.weight"))
     )
     kv_per_token = (
         2

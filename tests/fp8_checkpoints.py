@@ -24,7 +24,10 @@ BLOCK = (24, 24)  # not a divisor of the tiny model's sizes: partial blocks at t
 Quantized = dict[str, torch.Tensor]
 
 
-def _is_projection(name: str, tensor: torch.Tensor) -> bool:
+def _quantizes(name: str, tensor: torch.Tensor, quantization_config: dict) -> bool:
+    """A decoder projection; the LM head too where the config's ignore list leaves it out."""
+    if name == "lm_head.weight":
+        return "lm_head" not in quantization_config.get("ignore", ["lm_head"])
     return ".layers." in name and name.endswith("_proj.weight") and tensor.dim() == 2
 
 
@@ -53,12 +56,12 @@ def _per_block(weight: torch.Tensor, scale_name: str = "weight_scale_inv") -> Qu
     return {"weight": _scaled(weight, per_element), scale_name: scale}
 
 
-def compressed_tensors_config(strategy: str, **weights: object) -> dict:
+def compressed_tensors_config(strategy: str, ignore=("lm_head",), **weights: object) -> dict:
     return {
         "quant_method": "compressed-tensors",
         "format": "float-quantized",
         "quantization_status": "compressed",
-        "ignore": ["lm_head"],
+        "ignore": list(ignore),
         "config_groups": {
             "group_0": {
                 "targets": ["Linear"],
@@ -86,6 +89,11 @@ FORMATS: dict[str, tuple[Callable[[torch.Tensor], Quantized], dict]] = {
         compressed_tensors_config("channel"),
     ),
     "compressed-tensors-tensor": (_per_tensor, compressed_tensors_config("tensor")),
+    # llm-compressor with the LM head among its targets (nothing ignored)
+    "compressed-tensors-channel-head": (
+        lambda w: _per_channel(w, torch.bfloat16),
+        compressed_tensors_config("channel", ignore=()),
+    ),
     "compressed-tensors-block": (
         lambda w: _per_block(w, "weight_scale"),
         compressed_tensors_config("block", block_structure=list(BLOCK)),
@@ -109,11 +117,12 @@ def _rewrite(src: Path, dst: Path, tensors: dict[str, torch.Tensor], config: dic
 
 
 def write_fp8_checkpoint(src: Path, dst: Path, fmt: str) -> Path:
-    """`src`'s weights with each decoder projection quantized as `fmt` (a FORMATS key)."""
+    """`src`'s weights with each decoder projection (and the LM head where the format's config
+    does not ignore it) quantized as `fmt` (a FORMATS key)."""
     quantize, quantization_config = FORMATS[fmt]
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in load_file(src / "model.safetensors").items():
-        if not _is_projection(name, tensor):
+        if not _quantizes(name, tensor, quantization_config):
             tensors[name] = tensor
             continue
         prefix = name.removesuffix(".weight")

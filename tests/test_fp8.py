@@ -24,7 +24,9 @@ from shardline.shards.layers.fp8 import (
 from shardline.shards.layers.norm import RMSNorm
 from shardline.shards.models import CausalLM, load_model
 from shardline.shards.utils.dist import TPGroup, init_distributed
+from shardline.shards.utils.fp8_weights import read_lm_head
 from shardline.shards.utils.quantization import (
+    FP8_LM_HEAD_VARIABLE,
     UnsupportedQuantizationError,
     checkpoint_format,
     weight_format,
@@ -133,11 +135,54 @@ def test_fp8_logits_match_the_unquantized_model(model_dirs, reference, fmt: str)
     )
     model = load(model_dir, quantize)
     assert model.layers[0].mlp.down_proj.weight.dtype == FP8
-    assert model.lm_head.weight.dtype == torch.float32  # the LM head stays unquantized
+    # the LM head as the checkpoint stores it; --quantize fp8 leaves it unquantized
+    head_dtype = FP8 if fmt.endswith("-head") else torch.float32
+    assert model.lm_head.weight.dtype == head_dtype
     for step, (actual, logits) in enumerate(
         zip(run_engine(model, prompt_ids, fed, BLOCK_SIZE), expected, strict=True)
     ):
         assert relative_error(actual, logits) < FP8_TOLERANCE, f"step {step}"
+
+
+@pytest.mark.parametrize("fmt", [AT_LOAD_NAME, "compressed-tensors-channel"])
+def test_the_lm_head_is_quantized_at_load_when_asked(model_dirs, reference, monkeypatch, fmt):
+    """SHARDLINE_FP8_LM_HEAD=1: the full-precision LM head of --quantize fp8 or of a checkpoint
+    that ignored it quantized per vocabulary row, the logits within FP8's error."""
+    prompt_ids, fed, expected = reference
+    monkeypatch.setenv(FP8_LM_HEAD_VARIABLE, "1")
+    model_dir, quantize = (
+        (model_dirs["base"], "fp8") if fmt == AT_LOAD_NAME else (model_dirs[fmt], None)
+    )
+    assert weight_format(model_dir, quantize).description.endswith("LM head quantized at load)")
+    model = load(model_dir, quantize)
+    assert model.lm_head.weight.dtype == FP8 and model.lm_head.weight_scale.dtype == torch.float32
+    for step, (actual, logits) in enumerate(
+        zip(run_engine(model, prompt_ids, fed, BLOCK_SIZE), expected, strict=True)
+    ):
+        assert relative_error(actual, logits) < FP8_TOLERANCE, f"step {step}"
+
+
+@pytest.mark.parametrize(("world_size", "head_dtype"), [(2, FP8), (5, torch.float32)])
+def test_an_fp8_lm_head_shard_is_padded_or_dequantized(model_dirs, world_size, head_dtype):
+    """Each rank's vocabulary rows, zero rows past the vocabulary; rows per rank that the FP8
+    GEMM cannot take (384 / 5 -> 77, not a multiple of 16) come dequantized."""
+    fmt = "compressed-tensors-channel-head"
+    model_dir = model_dirs[fmt]
+    twin = Weights(model_dirs[f"{fmt}-twin"], dtype=torch.float32, device=CPU, tp=TPGroup())
+    full = twin.get_tensor("lm_head.weight")
+    last = world_size - 1
+    quantization = weight_format(model_dir, None)
+    weights = Weights(
+        model_dir, dtype=torch.float32, device=CPU, tp=TPGroup(last, world_size),
+        quantization=quantization,
+    )  # fmt: skip
+    head = read_lm_head(weights, "lm_head.weight")
+    rows = -(-full.shape[0] // world_size)
+    assert head.weight.dtype == head_dtype and head.weight.shape == (rows, full.shape[1])
+    values = head.weight if head.scale is None else dequantize_rows(head.weight, head.scale)
+    mine = full[last * rows :]
+    torch.testing.assert_close(values[: len(mine)], mine, rtol=1e-6, atol=1e-7)
+    assert not values[len(mine) :].any()
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
@@ -158,7 +203,13 @@ def test_checkpoints_equal_their_dequantized_twins(model_dirs, reference, fmt: s
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=f"step {step}")
 
 
-TP_CASES = (AT_LOAD_NAME, "fp8-block", "compressed-tensors-block", "compressed-tensors-tensor")
+TP_CASES = (
+    AT_LOAD_NAME,
+    "fp8-block",
+    "compressed-tensors-block",
+    "compressed-tensors-tensor",
+    "compressed-tensors-channel-head",
+)
 
 
 def _tp_case(model_dirs: dict[str, Path], case: str) -> tuple[Path, str | None]:

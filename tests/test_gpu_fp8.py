@@ -31,7 +31,7 @@ from shardline.shards.layers.triton_fp8_quant import quantize_rows_triton
 from shardline.shards.layers.triton_gemv import gemv, gemv_applies, gemv_normed, gemv_residual
 from shardline.shards.models import load_model
 from shardline.shards.utils.dist import TPGroup
-from shardline.shards.utils.quantization import weight_format
+from shardline.shards.utils.quantization import FP8_LM_HEAD_VARIABLE, weight_format
 from tests.shard_harness import random_prompts
 from tests.test_fp8 import BLOCK_SIZE, SPEC, relative_error
 from tests.test_fp8_perplexity import TOLERANCE, perplexity
@@ -217,19 +217,28 @@ def test_rotate_and_write_kv_stores_fp8(kv_cache_dtype: str) -> None:
 
 
 @needs_fp8_gemm
-@pytest.mark.parametrize("kv_cache_dtype", [None, *FP8_KV])
+@pytest.mark.parametrize(
+    ("kv_cache_dtype", "fp8_lm_head"),
+    [(None, False), *((kv, False) for kv in FP8_KV), (None, True)],
+)
 def test_the_tiny_model_on_gpu_matches_the_cpu_reference(
-    tmp_path_factory: pytest.TempPathFactory, kv_cache_dtype: str | None
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    kv_cache_dtype: str | None,
+    fp8_lm_head: bool,
 ) -> None:
-    """FP8 weights (and cache): the GPU's FP8 GEMMs and Triton attention in bfloat16 against the
-    CPU's dequantizing path in float32 on the same FP8 weights."""
+    """FP8 weights (and cache, and LM head): the GPU's FP8 GEMMs and Triton attention in
+    bfloat16 against the CPU's dequantizing path in float32 on the same FP8 weights."""
     from tests.model_factory import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path_factory.mktemp("gpu-fp8") / "llama", SPEC)
     kv_dtype = FP8_KV.get(kv_cache_dtype) if kv_cache_dtype else None
+    if fp8_lm_head:
+        monkeypatch.setenv(FP8_LM_HEAD_VARIABLE, "1")
     cpu = _load(model_dir, torch.device("cpu"), torch.float32)
     gpu = _load(model_dir, DEVICE, torch.bfloat16)
     assert gpu.fused_decode  # batch-1 decode through the FP8 GEMVs
+    assert (gpu.lm_head.weight.dtype == torch.float8_e4m3fn) == fp8_lm_head
     vocab = cpu.config.vocab_size
     inputs = _input_kinds(gpu)
     for prompt_ids, fed in (

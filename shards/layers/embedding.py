@@ -8,6 +8,7 @@ from torch import nn
 
 from shardline.shards.layers.linear import frozen, linear
 from shardline.shards.utils.dist import TPGroup
+from shardline.shards.utils.fp8_weights import read_lm_head
 from shardline.shards.utils.weights import Weights
 
 
@@ -30,16 +31,19 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(nn.Module):
-    """Logits for this rank's vocabulary slice, gathered into the full vocabulary on every rank."""
+    """Logits for this rank's vocabulary slice, gathered into the full vocabulary on every rank;
+    the weight in FP8 (with its row scales) where fp8_weights.read_lm_head says."""
 
     def __init__(self, weights: Weights, name: str, vocab_size: int) -> None:
         super().__init__()
         self.tp: TPGroup = weights.tp
-        self.weight = frozen(weights.get_sharded(name, dim=0, pad=True))
+        head = read_lm_head(weights, name)
+        self.weight = frozen(head.weight)
+        self.weight_scale = frozen(head.scale)
         self.vocab_size = vocab_size
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in the model's dtype: the sampler reads them as they are, or in float32 where
         a processor changes them."""
-        logits = linear(hidden, self.weight)
+        logits = linear(hidden, self.weight, weight_scale=self.weight_scale)
         return self.tp.all_gather(logits, dim=-1)[..., : self.vocab_size]

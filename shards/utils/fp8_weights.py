@@ -9,6 +9,7 @@
 Row scales always come from whole rows, whatever the split: a column shard (row-parallel layer)
 takes its columns of the rows quantized whole, so every tensor-parallel size holds the same
 FP8 values and scales. A layer a checkpoint left unquantized (its `ignore` list) stays plain.
+`read_lm_head` reads the LM head's vocabulary rows: FP8 where stored so or asked for at load.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shardline.shards.layers.fp8 import FP8, quantize_rows
+from shardline.shards.layers.fp8 import FP8, SCALED_MM_ALIGNMENT, dequantize_rows, quantize_rows
 from shardline.shards.utils.quantization import WeightFormat
 from shardline.shards.utils.weights import Weights
 
@@ -52,6 +53,36 @@ def read_linear(
     if dim == 1:
         quantized = quantized[:, start:stop].contiguous()
     return LinearWeight(quantized, scale)
+
+
+def read_lm_head(weights: Weights, name: str) -> LinearWeight:
+    """This rank's rows of the LM head `name` (zero rows past the vocabulary, see
+    Weights.get_sharded): FP8 as a checkpoint stores it, or quantized at load where the format
+    asks (`lm_head_at_load`); plain otherwise, and where this rank's rows are not a multiple of
+    the FP8 GEMM's alignment (the stored FP8 values dequantized)."""
+    fmt = weights.quantization
+    if fmt is None:
+        return LinearWeight(weights.get_sharded(name, dim=0, pad=True))
+    start, stop = weights.shard_bounds(name, 0, pad=True)
+    if fmt.scale_suffix is not None and _stored_dtype(weights, name) == FP8:
+        head = read_linear(weights, name.removesuffix(".weight"), 0, (start, stop))
+    else:
+        head = LinearWeight(weights.get_range(name, 0, start, stop))
+        head = _as_fp8(head) if fmt.lm_head_at_load else head
+    rows = -(-weights.shape(name)[0] // weights.tp.world_size)
+    if head.scale is not None and rows % SCALED_MM_ALIGNMENT:
+        head = LinearWeight(dequantize_rows(head.weight, head.scale).to(weights.dtype))
+    return _zero_rows_to(head, rows)
+
+
+def _zero_rows_to(part: LinearWeight, rows: int) -> LinearWeight:
+    missing = rows - part.weight.shape[0]
+    if not missing:
+        return part
+    weight = torch.cat([part.weight, part.weight.new_zeros(missing, part.weight.shape[1])])
+    if part.scale is None:
+        return LinearWeight(weight)
+    return LinearWeight(weight, torch.cat([part.scale, part.scale.new_ones(missing)]))
 
 
 def stack_rows(parts: Sequence[LinearWeight]) -> LinearWeight:

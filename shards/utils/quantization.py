@@ -10,19 +10,26 @@ Checkpoint formats read as published:
 Activations are quantized per token at run time whatever the checkpoint says (a static input
 scale is not used). Any other `quant_method` is refused with a message naming it.
 
+The LM head is read as stored: a checkpoint that quantizes it (compressed-tensors targeting
+`lm_head`) serves it in FP8, others in full precision, as `--quantize fp8` leaves it, like vLLM
+and TGI. SHARDLINE_FP8_LM_HEAD=1 quantizes it at load too (as SGLang's
+SGLANG_QUANTIZE_LM_HEAD_FP8): the 8B's largest single read of a decode step halved.
+
 No torch here: the launcher checks a model's format before it starts the shards.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from shardline.shard_config import QUANTIZE_CHOICES
 
 CHECKPOINT_METHODS = ("compressed-tensors", "fbgemm_fp8", "fp8")
+FP8_LM_HEAD_VARIABLE = "SHARDLINE_FP8_LM_HEAD"
 
 
 class UnsupportedQuantizationError(ValueError):
@@ -35,16 +42,22 @@ class WeightFormat:
     # The tensor beside each `<layer>.weight` that holds its scales; None: quantized at load.
     scale_suffix: str | None = None
     block: tuple[int, int] | None = None  # the (rows, columns) of one scale's block
+    lm_head_at_load: bool = False  # a full-precision LM head quantized at load too
 
     @property
     def description(self) -> str:
+        head = "; LM head quantized at load" if self.lm_head_at_load else ""
         if self.scale_suffix is None:
-            return "fp8 weights quantized at load (per output channel)"
+            return f"fp8 weights quantized at load (per output channel{head})"
         layout = f"{self.block[0]}x{self.block[1]} blocks" if self.block else "channel or tensor"
-        return f"{self.method} FP8 checkpoint ({layout} weight scales)"
+        return f"{self.method} FP8 checkpoint ({layout} weight scales{head})"
 
 
 AT_LOAD = WeightFormat("fp8")
+
+
+def fp8_lm_head_asked() -> bool:
+    return os.environ.get(FP8_LM_HEAD_VARIABLE, "").strip().lower() in ("1", "true")
 
 
 def weight_format(model_dir: Path, quantize: str | None) -> WeightFormat | None:
@@ -62,8 +75,10 @@ def weight_format(model_dir: Path, quantize: str | None) -> WeightFormat | None:
             f"quantization {quantize!r}: {model_dir} is quantized with {method!r}"
         )
     if quantization_config is None:
-        return AT_LOAD if quantize == "fp8" else None
-    return checkpoint_format(quantization_config)
+        fmt = AT_LOAD if quantize == "fp8" else None
+    else:
+        fmt = checkpoint_format(quantization_config)
+    return fmt and replace(fmt, lm_head_at_load=fp8_lm_head_asked())
 
 
 def checkpoint_format(quantization_config: dict[str, Any]) -> WeightFormat:
