@@ -23,12 +23,7 @@ def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
 def silu_and_mul(gate_up: Product, quantize_for: nn.Module | None = None) -> torch.Tensor | FP8Rows:
     """SiLU(gate) * up for gate_up [..., 2 * n] holding gate then up; returns [..., n], as
     FP8Rows where `quantize_for`, the one layer it feeds, takes them."""
-    if custom_kernels.applies(stored(gate_up)):
-        from shardline.shards.layers.triton_activation import triton_silu_and_mul
-
-        fp8 = takes_fp8_rows(stored(gate_up), quantize_for)
-        return triton_silu_and_mul(gate_up, fp8=fp8)
-    return silu_and_mul_torch(dense(gate_up))
+    return _act_and_mul(gate_up, quantize_for, gelu_tanh=False)
 
 
 def gelu_tanh_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
@@ -41,12 +36,20 @@ def gelu_tanh_and_mul(
 ) -> torch.Tensor | FP8Rows:
     """tanh-GELU(gate) * up (GeGLU) for gate_up [..., 2 * n] holding gate then up (FP8Rows as
     silu_and_mul gives them)."""
-    if custom_kernels.applies(stored(gate_up)):
-        from shardline.shards.layers.triton_activation import triton_gelu_tanh_and_mul
+    return _act_and_mul(gate_up, quantize_for, gelu_tanh=True)
 
-        fp8 = takes_fp8_rows(stored(gate_up), quantize_for)
-        return triton_gelu_tanh_and_mul(gate_up, fp8=fp8)
-    return gelu_tanh_and_mul_torch(dense(gate_up))
+
+def _act_and_mul(
+    gate_up: Product, quantize_for: nn.Module | None, gelu_tanh: bool
+) -> torch.Tensor | FP8Rows:
+    tensor = stored(gate_up)
+    if custom_kernels.applies(tensor):
+        from shardline.shards.layers import triton_activation as kernels
+
+        kernel = kernels.triton_gelu_tanh_and_mul if gelu_tanh else kernels.triton_silu_and_mul
+        return kernel(gate_up, fp8=takes_fp8_rows(tensor, quantize_for))
+    reference = gelu_tanh_and_mul_torch if gelu_tanh else silu_and_mul_torch
+    return reference(dense(gate_up))
 
 
 # transformers' names (ACT2FN) of the GELU variants: exact (erf) or the tanh approximation.

@@ -89,6 +89,14 @@ def stored(x: Product) -> torch.Tensor:
     return x.raw if isinstance(x, ScaledProduct) else x
 
 
+def kernel_operands(x: Product) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """(stored tensor, row scales, column scales, whether scaled) for a kernel that reads x and
+    applies a ScaledProduct's scales itself; a plain tensor stands in for the unread scales."""
+    if isinstance(x, ScaledProduct):
+        return x.raw, x.row_scale, x.col_scale, True
+    return x, x, x, False
+
+
 def fp8_linear(
     x: torch.Tensor | FP8Rows,
     weight: torch.Tensor,
@@ -163,15 +171,7 @@ def scaled_mm_rows(
     rows and no bias, cuBLASLt's unscaled product (a ScaledProduct)."""
     one = defers_scales(rows, bias) if defer_scales else None
     if one is not None:
-        raw = torch._scaled_mm(
-            rows.quantized,
-            weight.t(),
-            scale_a=one,
-            scale_b=one,
-            out_dtype=torch.bfloat16,
-            use_fast_accum=True,
-        )
-        return ScaledProduct(raw, rows.scale, scale)
+        return ScaledProduct(_scaled_mm(rows.quantized, weight, one, one), rows.scale, scale)
     if rows.quantized.is_cuda:
         from shardline.shards.layers import triton_fp8_gemm
 
@@ -195,19 +195,25 @@ def cublas_scaled_mm(
     rows: FP8Rows, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """torch._scaled_mm with the rows' per-token scales (scale_a [M, 1]) and the weight's per
-    output channel (scale_b [1, N]); mat2 is the weight transposed, i.e. column-major."""
-    out = torch._scaled_mm(
-        rows.quantized,
-        weight.t(),
-        scale_a=rows.scale[:, None],
-        scale_b=scale[None, :],
-        out_dtype=torch.bfloat16,
-        use_fast_accum=True,
-    )
-    out = out.to(rows.dtype)
+    output channel (scale_b [1, N])."""
+    out = _scaled_mm(rows.quantized, weight, rows.scale[:, None], scale[None, :]).to(rows.dtype)
     if bias is not None:
         out += bias
     return out
+
+
+def _scaled_mm(
+    quantized: torch.Tensor, weight: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor
+) -> torch.Tensor:
+    """cuBLASLt's FP8 GEMM in bfloat16; mat2 is the weight transposed, i.e. column-major."""
+    return torch._scaled_mm(
+        quantized,
+        weight.t(),
+        scale_a=scale_a,
+        scale_b=scale_b,
+        out_dtype=torch.bfloat16,
+        use_fast_accum=True,
+    )
 
 
 _UNIT_SCALES: dict[torch.device, torch.Tensor] = {}

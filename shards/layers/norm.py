@@ -46,10 +46,11 @@ class RMSNorm(nn.Module):
     ) -> NormOutput:
         """Normalizes x, or with `residual` normalizes x + residual and returns (normed, sum);
         the normed rows as FP8Rows where `quantize_for`, the one layer they feed, takes them."""
-        if custom_kernels.applies(stored(x)):
+        tensor = stored(x)
+        if custom_kernels.applies(tensor):
             from shardline.shards.layers.triton_norm import rms_norm
 
-            fp8 = takes_fp8_rows(stored(x), quantize_for)
+            fp8 = takes_fp8_rows(tensor, quantize_for)
             return rms_norm(x, self.weight, self.eps, residual, fp8=fp8)
         return rms_norm_torch(dense(x), self.weight, self.eps, residual)
 

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shardline.shards.layers.fp8 import FP8, FP8Rows, Product, ScaledProduct
+from shardline.shards.layers.fp8 import FP8, FP8Rows, Product, kernel_operands
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
 from shardline.shards.layers.triton_fp8_quant import store_row_scale, to_fp8
 
@@ -129,8 +129,7 @@ def triton_gelu_tanh_and_mul(gate_up: Product, fp8: bool = False) -> torch.Tenso
 
 
 def _act_and_mul(gate_up: Product, gelu_tanh: bool, fp8: bool) -> torch.Tensor | FP8Rows:
-    scaled = isinstance(gate_up, ScaledProduct)
-    gate_up, *scales = gate_up if scaled else (gate_up, gate_up, gate_up)  # (x, x): unread
+    gate_up, *scales, scaled = kernel_operands(gate_up)
     width = gate_up.shape[-1] // 2
     rows = gate_up.reshape(-1, 2 * width)
     if rows.stride(-1) != 1:

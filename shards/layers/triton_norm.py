@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shardline.shards.layers.fp8 import FP8, FP8Rows, Product, ScaledProduct
+from shardline.shards.layers.fp8 import FP8, FP8Rows, Product, kernel_operands
 from shardline.shards.layers.norm import NormOutput
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
 from shardline.shards.layers.triton_fp8_quant import store_row_scale, to_fp8
@@ -75,8 +75,7 @@ def rms_norm(
 ) -> NormOutput:
     """RMSNorm(x) * weight, or with `residual` (normed(x + residual), x + residual); with `fp8`
     (x 2-D, of the weight's dtype) the normed rows come as FP8Rows."""
-    scaled = isinstance(x, ScaledProduct)
-    x, row_scale, col_scale = x if scaled else (x, x, x)  # (x, x): unread
+    x, row_scale, col_scale, scaled = kernel_operands(x)
     hidden = x.shape[-1]
     rows = x.reshape(-1, hidden).contiguous()
     out_dtype = torch.promote_types(weight.dtype, x.dtype)

@@ -61,16 +61,18 @@ def read_lm_head(weights: Weights, name: str) -> LinearWeight:
     asks (`lm_head_at_load`); plain otherwise, and where this rank's rows are not a multiple of
     the FP8 GEMM's alignment (the stored FP8 values dequantized)."""
     fmt = weights.quantization
-    if fmt is None:
+    rows = -(-weights.shape(name)[0] // weights.tp.world_size)
+    aligned = rows % SCALED_MM_ALIGNMENT == 0
+    stored_fp8 = fmt is not None and fmt.scale_suffix is not None
+    stored_fp8 = stored_fp8 and _stored_dtype(weights, name) == FP8
+    if not stored_fp8 and not (fmt is not None and fmt.lm_head_at_load and aligned):
         return LinearWeight(weights.get_sharded(name, dim=0, pad=True))
     start, stop = weights.shard_bounds(name, 0, pad=True)
-    if fmt.scale_suffix is not None and _stored_dtype(weights, name) == FP8:
+    if stored_fp8:
         head = read_linear(weights, name.removesuffix(".weight"), 0, (start, stop))
     else:
-        head = LinearWeight(weights.get_range(name, 0, start, stop))
-        head = _as_fp8(head) if fmt.lm_head_at_load else head
-    rows = -(-weights.shape(name)[0] // weights.tp.world_size)
-    if head.scale is not None and rows % SCALED_MM_ALIGNMENT:
+        head = _as_fp8(LinearWeight(weights.get_range(name, 0, start, stop)))
+    if not aligned:  # stored FP8 only
         head = LinearWeight(dequantize_rows(head.weight, head.scale).to(weights.dtype))
     return _zero_rows_to(head, rows)
 
