@@ -23,11 +23,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from benchmarks.sass_counts import loop_instructions, spills
+from shardline.shards.kv_cache import keys_major_values
 from shardline.shards.layers.attention.decode_plan import DecodeConfig
 from shardline.shards.layers.attention.triton_decode import _paged_decode_kernel
 from shardline.shards.layers.attention.triton_decode_balanced import (
@@ -71,11 +73,15 @@ def signature(kernel: triton.JITFunction, kv_type: str, constants: dict) -> dict
 
 
 def constants(kernel: str, config: DecodeConfig, fp8: bool) -> dict[str, object]:
+    """The kernel's constants, the V cache laid out as KVCache.allocate lays it out for the cache's
+    dtype, its stride of 1 specialized as a launch specializes it."""
+    keys_major = keys_major_values(torch.float8_e4m3fn if fp8 else torch.bfloat16)
     shape = dict(
         GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, PAGE_SIZE=16, BLOCK_N=config.block_n,
         WINDOW=0, DOT_PRECISION="tf32", HAS_ALIBI=False, SOFTCAP=False, FP8_IN_FP16=fp8,
-        USE_PDL=False,
+        V_KEYS_MAJOR=keys_major, USE_PDL=False,
     )  # fmt: skip
+    shape["stride_vt" if keys_major else "stride_vd"] = 1
     if kernel == "split":
         shape["SPLIT"] = False
     else:

@@ -74,6 +74,35 @@ class BlockAllocator:
         self._free.append(block)
 
 
+def keys_major_values(dtype: torch.dtype) -> bool:
+    """Whether a V pool of `dtype` is stored keys-major: FP8, whose decode kernel's PV dot wants
+    consecutive keys side by side and otherwise reads its value tile a byte a load."""
+    return dtype.itemsize == 1
+
+
+def is_keys_major(pool: torch.Tensor) -> bool:
+    """Whether a pool [num_blocks, block_size, kv_heads, head_dim] holds a page's keys contiguous."""
+    return pool.stride(1) == 1
+
+
+def allocate_pool(
+    shape: tuple[int, int, int, int],
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    keys_major: bool = False,
+) -> torch.Tensor:
+    """A zeroed block pool [num_blocks, block_size, kv_heads, head_dim]; `keys_major`: stored
+    [num_blocks, kv_heads, head_dim, block_size] (a page's KV head one [head_dim, block_size] run)."""
+    if not keys_major:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    num_blocks, block_size, num_kv_heads, head_dim = shape
+    stored = torch.zeros(
+        (num_blocks, num_kv_heads, head_dim, block_size), dtype=dtype, device=device
+    )
+    return stored.permute(0, 3, 1, 2)
+
+
 @dataclass
 class KVCache:
     """One (key, value) pair of block pools per layer: [num_blocks, block_size, kv_heads, head_dim]."""

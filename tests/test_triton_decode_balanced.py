@@ -17,6 +17,7 @@ from shardline.shards.layers.attention.triton_decode_balanced import (
 from tests.triton_attention_helpers import (
     DTYPES,
     HEAD_SHAPES,
+    KV_LAYOUTS,
     LONG,
     PagedCase,
     _assert_close_rows,
@@ -38,28 +39,34 @@ def _decode(case: PagedCase, programs: int, config: DecodeConfig | None = None, 
     )  # fmt: skip
 
 
+@KV_LAYOUTS
 @pytest.mark.parametrize("programs", PROGRAMS)
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), HEAD_SHAPES)
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float32])
 def test_balanced_decode_matches_reference(
-    dtype: torch.dtype, num_heads: int, num_kv_heads: int, programs: int
+    dtype: torch.dtype, num_heads: int, num_kv_heads: int, programs: int, keys_major: bool
 ) -> None:
-    case = PagedCase(CONTEXTS, num_heads, num_kv_heads, 64, dtype)
+    case = PagedCase(CONTEXTS, num_heads, num_kv_heads, 64, dtype, keys_major=keys_major)
     _assert_close_rows(_decode(case, programs), case.reference(), dtype)
 
 
+@KV_LAYOUTS
 @pytest.mark.parametrize("block_n", [16, 64, 128])
 @pytest.mark.parametrize("head_dim", [8, 128])
-def test_balanced_decode_tiles_and_head_dims(block_n: int, head_dim: int) -> None:
-    case = PagedCase([1, 47, 48, 49, 200, 0, 130], 8, 2, head_dim, torch.float16, page_size=16)
+def test_balanced_decode_tiles_and_head_dims(block_n: int, head_dim: int, keys_major: bool):
+    contexts = [1, 47, 48, 49, 200, 0, 130]
+    case = PagedCase(contexts, 8, 2, head_dim, torch.float16, keys_major=keys_major)
     out = _decode(case, 7, DecodeConfig(block_n=block_n))
     _assert_close_rows(out, case.reference(), torch.float16)
 
 
+@KV_LAYOUTS
 @pytest.mark.parametrize("programs", PROGRAMS)
 @pytest.mark.parametrize("window", [1, 16, 37])
-def test_balanced_decode_window_reads_only_the_window(window: int, programs: int) -> None:
-    case = PagedCase(CONTEXTS, 8, 2, 64, DTYPES[0])
+def test_balanced_decode_window_reads_only_the_window(
+    window: int, programs: int, keys_major: bool
+) -> None:
+    case = PagedCase(CONTEXTS, 8, 2, 64, DTYPES[0], keys_major=keys_major)
     case.slide(window)
     out = _decode(case, programs, DecodeConfig(block_n=16), window=window)
     _assert_close_rows(out, case.reference(), DTYPES[0])

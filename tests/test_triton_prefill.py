@@ -21,6 +21,7 @@ from shardline.shards.layers.attention.triton_prefill import (
 from tests.triton_attention_helpers import (
     DTYPES,
     HEAD_SHAPES,
+    KV_LAYOUTS,
     LONG,
     PrefillThenDecode,
     _assert_close_rows,
@@ -28,6 +29,7 @@ from tests.triton_attention_helpers import (
     _packed_prefill,
     _poison_allocator,
     cached_prefix_meta,
+    stale_pools,
 )
 
 
@@ -105,9 +107,9 @@ def test_backend_prefill_write_then_decode(use_flash_attn: bool, window: int) ->
 CHUNKED = [(0, 5), (16, 33), (40, 1), (100, 64), (7, 130), (LONG, 70)]
 
 
-def _chunked_case(dtype: torch.dtype, page_size: int = 16):
-    """Whole sequences q/k/v, the chunks' packed q/k/v, and a NaN-poisoned paged cache holding
-    each sequence's prefix (pages shuffled)."""
+def _chunked_case(dtype: torch.dtype, page_size: int = 16, keys_major: bool = False):
+    """Whole sequences q/k/v, the chunks' packed q/k/v, and a paged cache of stale slots
+    (stale_pools, V keys-major or not) holding each sequence's prefix (pages shuffled)."""
     num_heads, num_kv_heads, head_dim = 8, 2, 64
     sequences = [
         _packed_prefill([p + n], num_heads, num_kv_heads, head_dim, dtype)[:3] for p, n in CHUNKED
@@ -116,8 +118,7 @@ def _chunked_case(dtype: torch.dtype, page_size: int = 16):
     pages = torch.randperm(len(CHUNKED) * width, device=DEVICE).to(torch.int32)
     tables = pages.view(len(CHUNKED), width)
     shape = (len(CHUNKED) * width, page_size, num_kv_heads, head_dim)
-    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    k_cache, v_cache = stale_pools(shape, dtype, keys_major)
     for (prefix, _), (_, k, v), table in zip(CHUNKED, sequences, tables, strict=True):
         positions = torch.arange(prefix, device=DEVICE)
         slots = table[positions // page_size].long() * page_size + positions % page_size
@@ -139,11 +140,12 @@ def _chunked_reference(
     ])  # fmt: skip
 
 
+@KV_LAYOUTS
 @pytest.mark.parametrize("block_n", [16, 64])
 @pytest.mark.parametrize("window", [0, 5, 64])
-def test_prefill_continues_a_cached_prefix(window: int, block_n: int) -> None:
+def test_prefill_continues_a_cached_prefix(window: int, block_n: int, keys_major: bool) -> None:
     dtype = DTYPES[0]
-    sequences, (q, k, v, cu), cached = _chunked_case(dtype)
+    sequences, (q, k, v, cu), cached = _chunked_case(dtype, keys_major=keys_major)
     config = PrefillConfig(block_m=64, block_n=block_n)
     _poison_allocator()
     max_chunk = max(n for _, n in CHUNKED)
@@ -151,11 +153,12 @@ def test_prefill_continues_a_cached_prefix(window: int, block_n: int) -> None:
     _assert_close_rows(out, _chunked_reference(sequences, 0.125, window), dtype)
 
 
+@KV_LAYOUTS
 @pytest.mark.parametrize("window", [0, 5])
-def test_torch_backend_continues_a_cached_prefix(window: int) -> None:
+def test_torch_backend_continues_a_cached_prefix(window: int, keys_major: bool) -> None:
     """The CPU backend's chunked prefill against the same reference as the Triton kernel."""
     dtype = DTYPES[0]
-    sequences, (q, k, v, cu), cached = _chunked_case(dtype)
+    sequences, (q, k, v, cu), cached = _chunked_case(dtype, keys_major=keys_major)
     meta = cached_prefix_meta(q.shape[0], cu, cached)
     out = TorchNativeBackend().prefill(q, k, v, cached.k_cache, cached.v_cache, meta, 0.125, window)
     _assert_close_rows(out, _chunked_reference(sequences, 0.125, window), dtype)

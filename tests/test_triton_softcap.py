@@ -19,6 +19,7 @@ from shardline.shards.layers.attention.triton_prefill import PrefillConfig, varl
 from tests.test_triton_prefill import CHUNKED, PREFILL_LENGTHS, _chunked_case
 from tests.triton_attention_helpers import (
     DTYPES,
+    KV_LAYOUTS,
     LONG,
     PagedCase,
     PrefillThenDecode,
@@ -49,12 +50,15 @@ def _prefill_reference(q, k, v, cu, scale: float, window: int, softcap: float) -
     ])  # fmt: skip
 
 
+@KV_LAYOUTS
 @pytest.mark.parametrize("head_dim", [64, 256])  # 256: Gemma's
 @pytest.mark.parametrize("window", [0, 37])
 @pytest.mark.parametrize("splits", ["auto", 1, 5])
 @pytest.mark.parametrize("dtype", [DTYPES[0], torch.float32])
-def test_decode_softcap(dtype: torch.dtype, splits, window: int, head_dim: int) -> None:
-    case = PagedCase(CONTEXTS, 8, 2, head_dim, dtype)
+def test_decode_softcap(
+    dtype: torch.dtype, splits, window: int, head_dim: int, keys_major: bool
+) -> None:
+    case = PagedCase(CONTEXTS, 8, 2, head_dim, dtype, keys_major=keys_major)
     if window:
         case.slide(window)
     plan = None if splits == "auto" else SplitPlan(int(splits))
@@ -87,10 +91,11 @@ def _chunked_reference(sequences, window: int) -> torch.Tensor:
     ])  # fmt: skip
 
 
+@KV_LAYOUTS
 @pytest.mark.parametrize("window", [0, 5])
-def test_prefill_softcap_continues_a_cached_prefix(window: int) -> None:
+def test_prefill_softcap_continues_a_cached_prefix(window: int, keys_major: bool) -> None:
     dtype = DTYPES[0]
-    sequences, (q, k, v, cu), cached = _chunked_case(dtype)
+    sequences, (q, k, v, cu), cached = _chunked_case(dtype, keys_major=keys_major)
     _poison_allocator()
     max_chunk = max(n for _, n in CHUNKED)
     out = varlen_causal_attention(

@@ -1,7 +1,7 @@
 """Shared by the Triton attention kernel tests: problem sizes and tolerances, random inputs, a
-random paged KV-cache case, NaN in the allocator's free memory (so an unwritten output element
-shows up), and a float64 attention reference. A test module imports tests.triton_device first:
-it skips the module off CUDA.
+random paged KV-cache case in either layout of the V pool, NaN in the allocator's free memory
+(so an unwritten output element shows up), and a float64 attention reference. A test module
+imports tests.triton_device first: it skips the module off CUDA.
 """
 
 from __future__ import annotations
@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
+from shardline.shards.kv_cache import allocate_pool, is_keys_major
 from shardline.shards.layers.attention.backend import AttentionBackend
 from shardline.shards.layers.attention.metadata import AttentionMetadata
 from shardline.shards.layers.attention.triton_prefill import CachedPrefix
@@ -21,6 +23,31 @@ LONG = 300 if INTERPRET else 8192
 TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 1.5e-2, torch.float32: 1e-5}
 DTYPES = [torch.float16] if INTERPRET else [torch.bfloat16, torch.float16]
 HEAD_SHAPES = [(4, 4), (8, 2), (16, 2)]  # (query heads, KV heads): GQA ratios 1, 4, 8
+
+# Both layouts of a V pool (kv_cache.allocate_pool), which the kernels take in any dtype: head_dim
+# contiguous, and keys-major (KVCache's FP8 pools).
+KV_LAYOUTS = pytest.mark.parametrize("keys_major", [False, True], ids=["contiguous", "keys_major"])
+# What an unwritten slot holds, so that a kernel reading it at a nonzero weight fails: NaN, but
+# a finite value far from the values' in a keys-major V, which kernels read at zero weight.
+STALE_VALUE = 64.0  # exact in every cache dtype, FP8 included
+
+
+def stale_value(cache: torch.Tensor) -> float:
+    return STALE_VALUE if is_keys_major(cache) else float("nan")
+
+
+def stale_pools(
+    shape: tuple[int, int, int, int], dtype: torch.dtype, keys_major: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V pools [pages, page_size, kv_heads, dim] of unwritten slots, V keys-major or not."""
+    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = allocate_pool(shape, dtype=dtype, device=DEVICE, keys_major=keys_major)
+    return k_cache, v_cache.fill_(stale_value(v_cache))
+
+
+def write_slots(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor | float) -> None:
+    """Puts `values` into the flat `slots` of a paged cache of either layout."""
+    cache[slots // cache.shape[1], slots % cache.shape[1]] = values
 
 
 def _poison_allocator() -> None:
@@ -114,7 +141,8 @@ def cached_prefix_meta(
 
 
 class PagedCase:
-    """Random sequences stored at shuffled pages of a NaN-filled paged cache."""
+    """Random sequences stored at shuffled pages of a paged cache of stale slots (stale_pools),
+    its V keys-major or not."""
 
     def __init__(
         self,
@@ -124,13 +152,13 @@ class PagedCase:
         head_dim: int,
         dtype: torch.dtype,
         page_size: int = 16,
+        keys_major: bool = False,
     ) -> None:
         pages_per_seq = [math.ceil(n / page_size) for n in context_lens]
         width = max(pages_per_seq) + 2
-        num_pages = sum(pages_per_seq) + 1  # the last page is a NaN page the tables pad with
+        num_pages = sum(pages_per_seq) + 1  # the last page is a stale page the tables pad with
         shape = (num_pages, page_size, num_kv_heads, head_dim)
-        self.k_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-        self.v_cache = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+        self.k_cache, self.v_cache = stale_pools(shape, dtype, keys_major)
         order = torch.randperm(num_pages - 1).tolist()
         self.block_tables = torch.full((len(context_lens), width), num_pages - 1, dtype=torch.int32)
         self.keys: list[torch.Tensor] = []
@@ -146,8 +174,8 @@ class PagedCase:
                 * page_size
             )
             slots = (slots + torch.arange(count * page_size, device=DEVICE) % page_size)[:length]
-            self.k_cache.view(-1, num_kv_heads, head_dim)[slots] = keys
-            self.v_cache.view(-1, num_kv_heads, head_dim)[slots] = values
+            write_slots(self.k_cache, slots, keys)
+            write_slots(self.v_cache, slots, values)
             self.keys.append(keys)
             self.values.append(values)
             self.slots.append(slots)
@@ -157,12 +185,12 @@ class PagedCase:
         self.scale = head_dim**-0.5
 
     def slide(self, window: int) -> None:
-        """Keeps each row's last `window` keys; the older ones become NaN in the cache, so a
+        """Keeps each row's last `window` keys; the older ones become stale in the cache, so a
         kernel that reads them fails the check."""
         for row, slots in enumerate(self.slots):
             old = slots[: max(0, len(slots) - window)]
-            self.k_cache.view(-1, *self.k_cache.shape[2:])[old] = float("nan")
-            self.v_cache.view(-1, *self.v_cache.shape[2:])[old] = float("nan")
+            write_slots(self.k_cache, old, float("nan"))
+            write_slots(self.v_cache, old, stale_value(self.v_cache))
             self.keys[row] = self.keys[row][len(old) :]
             self.values[row] = self.values[row][len(old) :]
 

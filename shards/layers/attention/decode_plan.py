@@ -21,6 +21,7 @@ from typing import ClassVar
 
 import torch
 
+from shardline.shards.kv_cache import is_keys_major
 from shardline.shards.layers.spelled_tiling import SpelledTiling
 
 MAX_SPLITS = 64
@@ -134,7 +135,9 @@ def check_inputs(
 ) -> None:
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads do not divide into {num_kv_heads} KV heads")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("q, k_cache and v_cache need a contiguous last (head_dim) dimension")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1:
+        raise ValueError("q and k_cache need a contiguous last (head_dim) dimension")
+    if v_cache.stride(-1) != 1 and not is_keys_major(v_cache):
+        raise ValueError("v_cache needs a contiguous head_dim or keys (kv_cache.is_keys_major)")
     if k_cache.shape != v_cache.shape or k_cache.shape[-1] != q.shape[-1]:
         raise ValueError(f"cache shapes {k_cache.shape}/{v_cache.shape} do not match q {q.shape}")

@@ -22,8 +22,9 @@ class TorchNativeBackend:
     ) -> None:
         keep = slot_mapping >= 0
         slots = slot_mapping[keep]
-        k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
-        v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+        pages, in_page = slots // k_cache.shape[1], slots % k_cache.shape[1]  # any layout
+        k_cache[pages, in_page] = k[keep].to(k_cache.dtype)
+        v_cache[pages, in_page] = v[keep].to(v_cache.dtype)
 
     def rotate_and_write_kv(
         self,

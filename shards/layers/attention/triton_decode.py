@@ -9,7 +9,8 @@ separate programs whose partial results a second kernel merges (log-sum-exp weig
 The launch shape depends only on tensor shapes (batch, heads, block-table width), never on
 context lengths, and nothing is read back to the host: the call can be captured in a CUDA graph.
 Rows whose context length is 0 (padding) produce zeros. With a sliding window W (a constant of
-the model, 0 for none) each row reads only its last W keys: the partitions cover those. With
+the model, 0 for none) each row sees only its last W keys: the partitions cover those, from a
+multiple of triton_tiles.key_run on (the keys before the window masked). With
 ALiBi slopes each head adds slope * (key position - query position) to its scores.
 """
 
@@ -19,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from shardline.shards.kv_cache import is_keys_major
 from shardline.shards.layers.attention.decode_plan import (
     BalancedPlan,
     DecodeConfig,
@@ -40,15 +42,18 @@ from shardline.shards.layers.attention.triton_tiles import (
     first_key,
     head_dim_block,
     paged_kv_tiles,
+    visible_keys,
 )
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
 
 
 @triton.jit
-def _partition_tiles(context_len, num_splits, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
-    """The keys a row reads, cut into `num_splits` partitions of whole tiles: the first key
-    and the tiles of each partition (at least one, so short contexts leave splits unused)."""
-    first = first_key(context_len, WINDOW)
+def _partition_tiles(
+    context_len, num_splits, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, PAGE_SIZE: tl.constexpr
+):
+    """The keys a row reads, cut into `num_splits` partitions of whole tiles: the first tile's
+    key and the tiles of each partition (at least one, so short contexts leave splits unused)."""
+    first = first_key(context_len, WINDOW, PAGE_SIZE, BLOCK_N)
     tiles = tl.cdiv(context_len - first, BLOCK_N)
     return first, tl.maximum(tl.cdiv(tiles, num_splits), 1)
 
@@ -75,6 +80,7 @@ def _paged_decode_kernel(
     stride_vb,
     stride_vt,
     stride_vh,
+    stride_vd,
     stride_bt,
     stride_ot,
     stride_oh,
@@ -93,6 +99,7 @@ def _paged_decode_kernel(
     HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr,
     FP8_IN_FP16: tl.constexpr,
+    V_KEYS_MAJOR: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     allow_dependents(USE_PDL)
@@ -101,7 +108,7 @@ def _paged_decode_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
-    first, partition_tiles = _partition_tiles(context_len, num_splits, BLOCK_N, WINDOW)
+    first, partition_tiles = _partition_tiles(context_len, num_splits, BLOCK_N, WINDOW, PAGE_SIZE)
     start = first + split * partition_tiles * BLOCK_N
     end = tl.minimum(start + partition_tiles * BLOCK_N, context_len)
 
@@ -122,10 +129,11 @@ def _paged_decode_kernel(
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for tile_start in range(start, end, BLOCK_N):
         pos = tile_start + offs_n
-        n_mask = pos < end
+        n_mask = visible_keys(pos, end, context_len, WINDOW)
         k, v = paged_kv_tiles(
-            k_cache_ptr, v_cache_ptr, table_row, pos, n_mask, kv_head, offs_d, d_mask,
-            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, PAGE_SIZE,
+            k_cache_ptr, v_cache_ptr, table_row, tile_start, end, n_mask, kv_head, offs_d,
+            d_mask, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_vd,
+            PAGE_SIZE, BLOCK_N, V_KEYS_MAJOR,
         )  # fmt: skip
         m_i, l_i, acc = attend_tile(
             q, k, v, pos, n_mask, context_len, m_i, l_i, acc, qk_scale, softcap, slopes,
@@ -163,6 +171,7 @@ def _merge_splits_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     allow_dependents(USE_PDL)
@@ -170,7 +179,7 @@ def _merge_splits_kernel(
     seq = tl.program_id(0)
     head = tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq)
-    first, partition_tiles = _partition_tiles(context_len, num_splits, BLOCK_N, WINDOW)
+    first, partition_tiles = _partition_tiles(context_len, num_splits, BLOCK_N, WINDOW, PAGE_SIZE)
     used_splits = tl.cdiv(tl.cdiv(context_len - first, BLOCK_N), partition_tiles)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
@@ -242,6 +251,7 @@ def paged_decode_attention(
         HAS_ALIBI=alibi_slopes is not None,
         SOFTCAP=softcap > 0,
         FP8_IN_FP16=fp8_in_fp16(k_cache.dtype, q.dtype),
+        V_KEYS_MAJOR=is_keys_major(v_cache),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl_launch(q.device, batch),
@@ -252,7 +262,7 @@ def paged_decode_attention(
     strides = (
         *q.stride()[:2],
         *k_cache.stride()[:3],
-        *v_cache.stride()[:3],
+        *v_cache.stride(),
         block_tables.stride(0),
     )
     qk_scale = scale * LOG2E
@@ -307,6 +317,7 @@ def paged_decode_attention(
         BLOCK_S=triton.next_power_of_2(plan.num_splits),
         BLOCK_N=config.block_n,
         WINDOW=window,
+        PAGE_SIZE=page_size,
         num_warps=4,
         **pdl_launch(q.device, batch),
     )

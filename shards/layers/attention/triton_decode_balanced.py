@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from shardline.shards.kv_cache import is_keys_major
 from shardline.shards.layers.attention.decode_plan import (
     BalancedPlan,
     DecodeConfig,
@@ -37,6 +38,7 @@ from shardline.shards.layers.attention.triton_tiles import (
     first_key,
     head_dim_block,
     paged_kv_tiles,
+    visible_keys,
 )
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
 
@@ -47,11 +49,11 @@ MIN_BLOCK_B = 512
 
 @triton.jit
 def _row_tiles(context_lens_ptr, batch, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-               WINDOW: tl.constexpr):  # fmt: skip
+               WINDOW: tl.constexpr, PAGE_SIZE: tl.constexpr):  # fmt: skip
     """Every row's tile count and where its tiles end along the run of all rows' tiles."""
     rows = tl.arange(0, BLOCK_B)
     lens = tl.load(context_lens_ptr + rows, mask=rows < batch, other=0)
-    tiles = tl.cdiv(lens - first_key(lens, WINDOW), BLOCK_N)
+    tiles = tl.cdiv(lens - first_key(lens, WINDOW, PAGE_SIZE, BLOCK_N), BLOCK_N)
     return tiles, tl.cumsum(tiles, 0)
 
 
@@ -78,6 +80,7 @@ def _balanced_decode_kernel(
     stride_vb,
     stride_vt,
     stride_vh,
+    stride_vd,
     stride_bt,
     stride_ot,
     stride_oh,
@@ -96,13 +99,14 @@ def _balanced_decode_kernel(
     HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr,
     FP8_IN_FP16: tl.constexpr,
+    V_KEYS_MAJOR: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     allow_dependents(USE_PDL)
     wait_for_inputs(USE_PDL)
     program = tl.program_id(0)
     kv_head = tl.program_id(1)
-    tiles, ends = _row_tiles(context_lens_ptr, batch, BLOCK_B, BLOCK_N, WINDOW)
+    tiles, ends = _row_tiles(context_lens_ptr, batch, BLOCK_B, BLOCK_N, WINDOW, PAGE_SIZE)
     total = tl.sum(tiles, 0)
     run = tl.cdiv(total, tl.num_programs(0))
     run_start = program * run
@@ -124,8 +128,9 @@ def _balanced_decode_kernel(
         row_begin = tl.max(tl.where(ends <= t, ends, 0), 0)
         row_end = tl.min(tl.where(ends > t, ends, total), 0)
         context_len = tl.load(context_lens_ptr + row)
-        pos = first_key(context_len, WINDOW) + (t - row_begin) * BLOCK_N + offs_n
-        n_mask = pos < context_len
+        tile_start = first_key(context_len, WINDOW, PAGE_SIZE, BLOCK_N) + (t - row_begin) * BLOCK_N
+        pos = tile_start + offs_n
+        n_mask = visible_keys(pos, context_len, context_len, WINDOW)
         q = tl.load(
             q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
             mask=qd_mask,
@@ -134,9 +139,9 @@ def _balanced_decode_kernel(
         q = decode_query(q, FP8_IN_FP16)
         table_row = block_tables_ptr + row.to(tl.int64) * stride_bt
         k, v = paged_kv_tiles(
-            k_cache_ptr, v_cache_ptr, table_row, pos, n_mask, kv_head, offs_d,
-            offs_d < HEAD_DIM, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-            stride_vh, PAGE_SIZE,
+            k_cache_ptr, v_cache_ptr, table_row, tile_start, context_len, n_mask, kv_head,
+            offs_d, offs_d < HEAD_DIM, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+            stride_vh, stride_vd, PAGE_SIZE, BLOCK_N, V_KEYS_MAJOR,
         )  # fmt: skip
         m_i, l_i, acc = attend_tile(
             q, k, v, pos, n_mask, context_len, m_i, l_i, acc, qk_scale, softcap, slopes,
@@ -179,6 +184,7 @@ def _merge_parts_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_B: tl.constexpr,
     WINDOW: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     """One row, all heads: its parts merged (log-sum-exp weighted) where programs shared it,
@@ -186,7 +192,7 @@ def _merge_parts_kernel(
     allow_dependents(USE_PDL)
     wait_for_inputs(USE_PDL)
     row = tl.program_id(0)
-    tiles, ends = _row_tiles(context_lens_ptr, batch, BLOCK_B, BLOCK_N, WINDOW)
+    tiles, ends = _row_tiles(context_lens_ptr, batch, BLOCK_B, BLOCK_N, WINDOW, PAGE_SIZE)
     run = tl.cdiv(tl.sum(tiles, 0), programs)
     rows = tl.arange(0, BLOCK_B)
     row_end = tl.sum(tl.where(rows == row, ends, 0), 0)
@@ -259,20 +265,20 @@ def balanced_decode_attention(
         q if alibi_slopes is None else alibi_slopes,  # a stand-in, unread without ALiBi
         scale * LOG2E,
         softcap * LOG2E if softcap > 0 else 1.0,  # unread without SOFTCAP
-        batch, *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
+        batch, *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride(),
         block_tables.stride(0), *out.stride()[:2], *part.stride()[:2], lse.stride(0),
         GROUP=num_heads // num_kv_heads,
         BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size, BLOCK_N=config.block_n,
         BLOCK_B=block_b, WINDOW=window, DOT_PRECISION=dot_precision(q.dtype),
         HAS_ALIBI=alibi_slopes is not None, SOFTCAP=softcap > 0,
-        FP8_IN_FP16=fp8_in_fp16(k_cache.dtype, q.dtype),
+        FP8_IN_FP16=fp8_in_fp16(k_cache.dtype, q.dtype), V_KEYS_MAJOR=is_keys_major(v_cache),
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
     )  # fmt: skip
     _merge_parts_kernel[(batch,)](
         part, lse, context_lens, out, batch, programs, *part.stride()[:2], lse.stride(0),
         *out.stride()[:2], NUM_HEADS=num_heads, BLOCK_H=triton.next_power_of_2(num_heads),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=config.block_n, BLOCK_B=block_b,
-        WINDOW=window, num_warps=4, **pdl,
+        WINDOW=window, PAGE_SIZE=page_size, num_warps=4, **pdl,
     )  # fmt: skip
     return out

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from shardline.shards.kv_cache import is_keys_major
 from shardline.shards.layers.attention.triton_tiles import (
     LOG2E,
     dot_precision,
@@ -93,7 +94,8 @@ def _online_softmax_tile(
 
 @triton.jit
 def _first_visible_key(query_start, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The first key (tile-aligned) the query at `query_start` or later may see."""
+    """The first key the query at `query_start` or later may see, rounded down to a tile (so to
+    a multiple of triton_tiles.key_run, where paged_kv_tiles' tiles start)."""
     first = 0
     if WINDOW > 0:
         first = tl.maximum(query_start - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
@@ -132,6 +134,7 @@ def _varlen_causal_kernel(
     stride_vcb,
     stride_vct,
     stride_vch,
+    stride_vcd,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -143,6 +146,7 @@ def _varlen_causal_kernel(
     PAGE_SIZE: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    V_KEYS_MAJOR: tl.constexpr,
 ):
     m_block = num_m_blocks - 1 - tl.program_id(0)  # the longest tiles start first
     seq = tl.program_id(1)
@@ -176,9 +180,9 @@ def _varlen_causal_kernel(
                 pos = n_start + offs_n
                 n_mask = pos < prefix_len
                 k, v = paged_kv_tiles(
-                    k_cache_ptr, v_cache_ptr, table_row, pos, n_mask, kv_head, offs_d, d_mask,
-                    stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
-                    PAGE_SIZE,
+                    k_cache_ptr, v_cache_ptr, table_row, n_start, prefix_len, n_mask, kv_head,
+                    offs_d, d_mask, stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct,
+                    stride_vch, stride_vcd, PAGE_SIZE, BLOCK_N, V_KEYS_MAJOR,
                 )  # fmt: skip
                 k, v = k.to(q.dtype), v.to(q.dtype)  # an FP8 cache is read in the query's dtype
                 visible = tl.broadcast_to(n_mask[None, :], (BLOCK_M, BLOCK_N))
@@ -267,6 +271,7 @@ def varlen_causal_attention(
         PAGE_SIZE=prefix.k_cache.shape[1] if prefix else 1,
         HAS_ALIBI=alibi_slopes is not None,
         SOFTCAP=softcap > 0,
+        V_KEYS_MAJOR=prefix is not None and is_keys_major(prefix.v_cache),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -295,9 +300,9 @@ def _prefix_tensors(
 
 def _prefix_strides(prefix: CachedPrefix | None) -> tuple[int, ...]:
     if prefix is None:
-        return (0,) * 7
+        return (0,) * 8
     return (
         prefix.block_tables.stride(0),
         *prefix.k_cache.stride()[:3],
-        *prefix.v_cache.stride()[:3],
+        *prefix.v_cache.stride(),
     )
