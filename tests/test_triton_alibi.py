@@ -11,6 +11,7 @@ import torch
 
 from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
+from shardline.shards.kv_cache import allocate_pool
 from shardline.shards.layers.alibi import alibi_slopes
 from shardline.shards.layers.attention.decode_plan import DecodeConfig, SplitPlan
 from shardline.shards.layers.attention.torch_native import TorchNativeBackend
@@ -27,6 +28,7 @@ from tests.test_triton_prefill import (
 )
 from tests.triton_attention_helpers import (
     DTYPES,
+    KV_LAYOUTS,
     LONG,
     PagedCase,
     PrefillThenDecode,
@@ -46,11 +48,14 @@ def _slopes(num_heads: int) -> torch.Tensor:
     return alibi_slopes(num_heads).to(DEVICE)
 
 
+@KV_LAYOUTS
 @pytest.mark.parametrize("splits", ["auto", 1, 5])
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), ALIBI_HEADS)
 @pytest.mark.parametrize("dtype", [DTYPES[0], torch.float32])
-def test_decode_alibi(dtype: torch.dtype, num_heads: int, num_kv_heads: int, splits) -> None:
-    case = PagedCase(CONTEXTS, num_heads, num_kv_heads, 64, dtype)
+def test_decode_alibi(
+    dtype: torch.dtype, num_heads: int, num_kv_heads: int, splits, keys_major: bool
+) -> None:
+    case = PagedCase(CONTEXTS, num_heads, num_kv_heads, 64, dtype, keys_major=keys_major)
     slopes = _slopes(num_heads)
     plan = None if splits == "auto" else SplitPlan(int(splits))
     _poison_allocator()
@@ -61,8 +66,9 @@ def test_decode_alibi(dtype: torch.dtype, num_heads: int, num_kv_heads: int, spl
     _assert_close_rows(out, case.reference(slopes), dtype)
 
 
-def test_decode_alibi_with_window() -> None:
-    case = PagedCase(CONTEXTS, 8, 2, 64, DTYPES[0])
+@KV_LAYOUTS
+def test_decode_alibi_with_window(keys_major: bool) -> None:
+    case = PagedCase(CONTEXTS, 8, 2, 64, DTYPES[0], keys_major=keys_major)
     case.slide(37)
     slopes = _slopes(8)
     _poison_allocator()
@@ -83,11 +89,14 @@ def test_prefill_alibi(dtype: torch.dtype, num_heads: int, num_kv_heads: int) ->
     _assert_close_rows(out, _prefill_reference(q, k, v, cu, 0.125, 0, slopes), dtype)
 
 
+@KV_LAYOUTS
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("block_n", [16, 64])
-def test_prefill_alibi_continues_a_cached_prefix(block_n: int, window: int) -> None:
+def test_prefill_alibi_continues_a_cached_prefix(
+    block_n: int, window: int, keys_major: bool
+) -> None:
     dtype = DTYPES[0]
-    sequences, (q, k, v, cu), cached = _chunked_case(dtype)
+    sequences, (q, k, v, cu), cached = _chunked_case(dtype, keys_major=keys_major)
     slopes = _slopes(q.shape[1])
     config = PrefillConfig(block_m=64, block_n=block_n)
     _poison_allocator()
@@ -123,8 +132,11 @@ def test_backend_alibi_prefill_write_then_decode(use_flash_attn: bool) -> None:
     case.check(backend, backend, expected, alibi_slopes=slopes)
 
 
+@KV_LAYOUTS
 @pytest.mark.parametrize(("num_kv_heads", "head_dim"), [(1, 64), (3, 80), (8, 128)])
-def test_write_kv_cache_unrotated_equals_torch(num_kv_heads: int, head_dim: int) -> None:
+def test_write_kv_cache_unrotated_equals_torch(
+    num_kv_heads: int, head_dim: int, keys_major: bool
+) -> None:
     """Bit for bit the torch backend's scatter (negative slots skipped); k and v untouched."""
     dtype, num_tokens, page_size, num_pages = DTYPES[0], 37, 16, 5
     k = _random((num_tokens, num_kv_heads, head_dim), dtype)
@@ -133,7 +145,7 @@ def test_write_kv_cache_unrotated_equals_torch(num_kv_heads: int, head_dim: int)
     slots[::5] = -1
     shape = (num_pages, page_size, num_kv_heads, head_dim)
     k_cache = torch.full(shape, 7.0, dtype=dtype, device=DEVICE)
-    v_cache = torch.full(shape, 7.0, dtype=dtype, device=DEVICE)
+    v_cache = allocate_pool(shape, dtype=dtype, device=DEVICE, keys_major=keys_major).fill_(7.0)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     TorchNativeBackend().write_kv(k, v, k_ref, v_ref, slots)
     k_before, v_before = k.clone(), v.clone()

@@ -3,8 +3,9 @@ reference on random inputs (the prefill kernel: test_triton_prefill.py).
 
 Runs on CUDA; skipped elsewhere unless TRITON_INTERPRET=1 is set, which runs the same kernels
 through Triton's CPU interpreter on smaller problems (a developer aid, slow). Unused cache slots,
-unused block-table entries and the allocator's free memory are filled with NaN, so a kernel that
-reads outside a sequence's context or leaves an output element unwritten fails the check."""
+unused block-table entries and the allocator's free memory are filled with NaN (a keys-major V
+with a finite stale value: triton_attention_helpers.STALE_VALUE), so a kernel that reads outside
+a sequence's context or leaves an output element unwritten fails the check."""
 
 from __future__ import annotations
 
@@ -13,12 +14,19 @@ import torch
 
 from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
-from shardline.shards.layers.attention.decode_plan import DecodeConfig, SplitPlan, plan_splits
+from shardline.shards.kv_cache import allocate_pool, is_keys_major, keys_major_values
+from shardline.shards.layers.attention.decode_plan import (
+    BalancedPlan,
+    DecodeConfig,
+    SplitPlan,
+    plan_splits,
+)
 from shardline.shards.layers.attention.torch_native import TorchNativeBackend
 from shardline.shards.layers.attention.triton_decode import paged_decode_attention
 from shardline.shards.layers.attention.triton_kv_write import (
     _rotate_write_kv_kernel,
     rotate_and_write_kv_cache,
+    write_kv_cache,
 )
 from shardline.shards.layers.attention.triton_paged import TritonAttentionBackend
 from shardline.shards.layers.rotary import RotaryEmbedding
@@ -26,6 +34,7 @@ from shardline.shards.layers.triton_rotary import rotate_in_place
 from tests.triton_attention_helpers import (
     DTYPES,
     HEAD_SHAPES,
+    KV_LAYOUTS,
     LONG,
     PagedCase,
     _assert_close_rows,
@@ -42,14 +51,22 @@ ROTARY_DTYPES = (
 MIXED_CONTEXTS = [0, 1, 15, 16, 17, 31, 32, 33, 64, 100, 257, 1000, LONG]
 
 
+@KV_LAYOUTS
 @pytest.mark.parametrize("splits", ["auto", 1, 5, 64])
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), HEAD_SHAPES)
 @pytest.mark.parametrize("head_dim", [8, 64, 128])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_matches_reference(
-    dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int, splits: str | int
+    dtype: torch.dtype,
+    head_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    splits: str | int,
+    keys_major: bool,
 ) -> None:
-    case = PagedCase(MIXED_CONTEXTS, num_heads, num_kv_heads, head_dim, dtype)
+    case = PagedCase(
+        MIXED_CONTEXTS, num_heads, num_kv_heads, head_dim, dtype, keys_major=keys_major
+    )
     config = DecodeConfig()
     plan = None if splits == "auto" else SplitPlan(int(splits))
     _poison_allocator()
@@ -60,10 +77,12 @@ def test_decode_matches_reference(
     _assert_close_rows(out, case.reference(), dtype)
 
 
+@KV_LAYOUTS
 @pytest.mark.parametrize("page_size", [1, 16, 48])
 @pytest.mark.parametrize("block_n", [16, 64])
-def test_decode_page_sizes(page_size: int, block_n: int) -> None:
-    case = PagedCase([1, 47, 48, 49, 200, 0], 8, 2, 64, torch.float16, page_size=page_size)
+def test_decode_page_sizes(page_size: int, block_n: int, keys_major: bool) -> None:
+    contexts = [1, 47, 48, 49, 200, 0]
+    case = PagedCase(contexts, 8, 2, 64, torch.float16, page_size, keys_major)
     _poison_allocator()
     out = paged_decode_attention(
         case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale,
@@ -72,10 +91,13 @@ def test_decode_page_sizes(page_size: int, block_n: int) -> None:
     _assert_close_rows(out, case.reference(), torch.float16)
 
 
+@KV_LAYOUTS
 @pytest.mark.parametrize("splits", ["auto", "planned for 132 SMs", 1, 5])
-@pytest.mark.parametrize("window", [1, 16, 37])
-def test_decode_sliding_window_reads_only_the_window(window: int, splits: str | int) -> None:
-    case = PagedCase(MIXED_CONTEXTS, 8, 2, 64, DTYPES[0])
+@pytest.mark.parametrize("window", [1, 16, 37])  # 1, 37: windows whose first keys start no page
+def test_decode_sliding_window_reads_only_the_window(
+    window: int, splits: str | int, keys_major: bool
+) -> None:
+    case = PagedCase(MIXED_CONTEXTS, 8, 2, 64, DTYPES[0], keys_major=keys_major)
     case.slide(window)
     config = DecodeConfig(block_n=16)
     max_tokens = case.block_tables.shape[1] * case.k_cache.shape[1]
@@ -88,6 +110,54 @@ def test_decode_sliding_window_reads_only_the_window(window: int, splits: str | 
     out = paged_decode_attention(
         case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale,
         config, plan, window=window,
+    )  # fmt: skip
+    _assert_close_rows(out, case.reference(), DTYPES[0])
+
+
+def _free_page_zero(case: PagedCase) -> None:
+    """Moves the keys page 0 holds to the tables' padding page (the last), which no row reads."""
+    padding = case.k_cache.shape[0] - 1
+    for cache in (case.k_cache, case.v_cache):
+        cache[padding] = cache[0]
+    case.block_tables[case.block_tables == 0] = padding
+
+
+@pytest.mark.parametrize("plan", [SplitPlan(1), SplitPlan(3), BalancedPlan(7)], ids=str)
+def test_keys_major_decode_ignores_nan_written_to_stale_slots(plan: SplitPlan | BalancedPlan):
+    """NaN written past row 0's end in its page and into page 0 (where tiles past a row's pages
+    read): a keys-major V, whose stale slots the kernels read at zero weight, stores it as 0, so
+    no row's output changes."""
+    case = PagedCase([5, 40, 300, 0], 8, 2, 64, torch.float16, keys_major=True)
+    _free_page_zero(case)
+
+    def decode() -> torch.Tensor:
+        return paged_decode_attention(
+            case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens,
+            case.scale, DecodeConfig(), plan,
+        )  # fmt: skip
+
+    before = decode()
+    page = int(case.block_tables[0, 0])
+    stale = torch.cat([page * 16 + torch.arange(5, 16), torch.arange(16)]).to(DEVICE)
+    nan = torch.full((len(stale), 2, 64), float("nan"), dtype=torch.float16, device=DEVICE)
+    write_kv_cache(nan, nan, case.k_cache, case.v_cache, stale)
+    assert not case.v_cache[0].any() and case.k_cache[0].isnan().all()
+    assert torch.equal(decode(), before)
+
+
+@pytest.mark.parametrize("plan", [SplitPlan(3), BalancedPlan(7)], ids=str)
+def test_decode_reads_an_fp8_cache_laid_out_as_kv_cache_lays_it(plan: SplitPlan | BalancedPlan):
+    """Its V keys-major, against the reference on the FP8-rounded keys and values (the
+    interpreter takes FP8 tensors too)."""
+    fp8 = torch.float8_e4m3fn
+    case = PagedCase(MIXED_CONTEXTS, 8, 2, 64, DTYPES[0], keys_major=keys_major_values(fp8))
+    case.keys = [k.to(fp8).to(k.dtype) for k in case.keys]
+    case.values = [v.to(fp8).to(v.dtype) for v in case.values]
+    k_cache, v_cache = case.k_cache.to(fp8), case.v_cache.to(fp8)
+    assert is_keys_major(v_cache)
+    out = paged_decode_attention(
+        case.q, k_cache, v_cache, case.block_tables, case.context_lens, case.scale,
+        DecodeConfig(block_n=128), plan,
     )  # fmt: skip
     _assert_close_rows(out, case.reference(), DTYPES[0])
 
@@ -149,10 +219,17 @@ def test_decode_replays_in_cuda_graph() -> None:
 
 class RotateWriteCase:
     """A fused qkv output, each token's position and cache slot (every fifth one -1, so skipped),
-    and the rotary tables of a model with 512 positions; caches filled with 7."""
+    and the rotary tables of a model with 512 positions; caches filled with 7, V keys-major or
+    not."""
 
     def __init__(
-        self, num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+        self,
+        num_tokens: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        keys_major: bool = False,
     ) -> None:
         page_size, num_pages = 16, num_tokens // 16 + 3
         self.split_sizes = [num_heads, num_kv_heads, num_kv_heads]
@@ -164,7 +241,8 @@ class RotateWriteCase:
         self.slots[::5] = -1
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         self.k_cache = torch.full(shape, 7.0, dtype=dtype, device=DEVICE)
-        self.v_cache = torch.full(shape, 7.0, dtype=dtype, device=DEVICE)
+        self.v_cache = allocate_pool(shape, dtype=dtype, device=DEVICE, keys_major=keys_major)
+        self.v_cache.fill_(7.0)
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return qkv.split(self.split_sizes, dim=1)
@@ -192,16 +270,35 @@ class RotateWriteCase:
             assert torch.equal(out, ref)
 
 
+@KV_LAYOUTS
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), [*HEAD_SHAPES, (12, 3)])
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
 @pytest.mark.parametrize("dtype", ROTARY_DTYPES)
 def test_rotate_and_write_kv_equals_rotary_then_write(
-    dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int
+    dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int, keys_major: bool
 ) -> None:
-    case = RotateWriteCase(37, num_heads, num_kv_heads, head_dim, dtype)
+    case = RotateWriteCase(37, num_heads, num_kv_heads, head_dim, dtype, keys_major)
     expected = case.expected()
     case.run_fused()
     case.assert_matches(expected)
+
+
+@pytest.mark.parametrize("rotate", [True, False], ids=["rotate_and_write", "write"])
+def test_kv_writes_store_nan_values_as_zero_in_a_keys_major_cache(rotate: bool) -> None:
+    """What the torch backend writes, but a NaN value 0 (keys keep theirs)."""
+    case = RotateWriteCase(37, 8, 2, 64, torch.float16, keys_major=True)
+    case.qkv[::3, 8:, ::7] = float("nan")  # keys and values
+    if rotate:
+        _, k_cache, v_cache = case.expected()
+        case.run_fused()
+    else:
+        _, k, v = case.split(case.qkv)
+        k_cache, v_cache = case.k_cache.clone(), case.v_cache.clone()
+        TorchNativeBackend().write_kv(k, v, k_cache, v_cache, case.slots)
+        write_kv_cache(k, v, case.k_cache, case.v_cache, case.slots)
+    assert v_cache.isnan().any() and k_cache.isnan().any()
+    assert torch.equal(case.v_cache, v_cache.nan_to_num(0.0))
+    torch.testing.assert_close(case.k_cache, k_cache, rtol=0, atol=0, equal_nan=True)
 
 
 def test_rotate_and_write_kv_with_no_tokens_is_a_no_op() -> None:

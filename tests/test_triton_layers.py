@@ -15,6 +15,7 @@ import torch
 
 from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
+from shardline.shards.kv_cache import allocate_pool
 from shardline.shards.layers.activation import gelu_tanh_and_mul_torch, silu_and_mul_torch
 from shardline.shards.layers.fp8 import ScaledProduct
 from shardline.shards.layers.gemv_plan import RopeKV
@@ -28,6 +29,7 @@ from shardline.shards.layers.triton_activation import (
 from shardline.shards.layers.triton_gemv import gemv, gemv_applies, gemv_normed, gemv_residual
 from shardline.shards.layers.triton_norm import rms_norm
 from shardline.shards.layers.triton_rotary import rotate_in_place
+from tests.triton_attention_helpers import KV_LAYOUTS
 
 TOLERANCE = {torch.float16: 1e-3, torch.bfloat16: 4e-3, torch.float32: 1e-6}
 # The CPU interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest.
@@ -275,39 +277,65 @@ ROPE_KV_SHAPES = [(4, 2, 64, 512)] if INTERPRET else [
 CACHE_DTYPES = [None] if INTERPRET else [None, torch.float8_e4m3fn]  # None: the model's
 
 
-@pytest.mark.parametrize("shape", ROPE_KV_SHAPES)
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
-@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
-@pytest.mark.parametrize("slot", [21, -1])
-def test_gemv_rope_kv_rotates_q_and_k_and_writes_k_and_v_to_the_cache(
-    shape: tuple[int, int, int, int], dtype: torch.dtype, cache_dtype: torch.dtype, slot: int
-) -> None:
-    """As the plain GEMV, then the rotary embedding, then the cache write (negative slots
-    skipped): the batch-1 qkv projection's ROPE_KV epilogue."""
+def _rope_kv_case(
+    shape: tuple[int, int, int, int], dtype: torch.dtype, cache_dtype: torch.dtype | None,
+    slot: int, keys_major: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RotaryEmbedding, RopeKV]:  # fmt: skip
+    """x, the qkv weight and bias, the rotary embedding and a ROPE_KV into zeroed caches."""
     heads, kv_heads, head_dim, k = shape
     n = (heads + 2 * kv_heads) * head_dim
     weight, bias = _random((n, k), dtype, std=0.02), _random((n,), dtype)
     x = _random((1, k), dtype)
     rotary = RotaryEmbedding(head_dim, 64, 10000.0, LLAMA3_SCALING, dtype, DEVICE)
-    position = torch.tensor([37], device=DEVICE)
-    caches = [
-        torch.zeros((3, 16, kv_heads, head_dim), dtype=cache_dtype or dtype, device=DEVICE)
-        for _ in range(2)
-    ]
-    rope_kv = RopeKV(
-        position, rotary.cos, rotary.sin, *caches, torch.tensor([slot], device=DEVICE), heads
-    )
+    pools, cache_dtype = (3, 16, kv_heads, head_dim), cache_dtype or dtype
+    k_cache = allocate_pool(pools, dtype=cache_dtype, device=DEVICE)
+    v_cache = allocate_pool(pools, dtype=cache_dtype, device=DEVICE, keys_major=keys_major)
+    rotation = (torch.tensor([37], device=DEVICE), rotary.cos, rotary.sin)
+    slots = torch.tensor([slot], device=DEVICE)
+    rope_kv = RopeKV(*rotation, k_cache, v_cache, slots, heads)
+    return x, weight, bias, rotary, rope_kv
+
+
+@KV_LAYOUTS
+@pytest.mark.parametrize("shape", ROPE_KV_SHAPES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
+@pytest.mark.parametrize("slot", [21, -1])
+def test_gemv_rope_kv_rotates_q_and_k_and_writes_k_and_v_to_the_cache(
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    cache_dtype: torch.dtype,
+    slot: int,
+    keys_major: bool,
+) -> None:
+    """As the plain GEMV, then the rotary embedding, then the cache write (negative slots
+    skipped): the batch-1 qkv projection's ROPE_KV epilogue."""
+    heads, kv_heads, head_dim, _ = shape
+    x, weight, bias, rotary, rope_kv = _rope_kv_case(shape, dtype, cache_dtype, slot, keys_major)
+    n = weight.shape[0]
     _poison_next_allocation((1, n), dtype)
     out = gemv(x, weight, bias, rope_kv=rope_kv)
     plain = gemv(x, weight, bias).view(1, -1, head_dim)
-    rotary.rotate_(plain[:, : heads + kv_heads], position)
+    rotary.rotate_(plain[:, : heads + kv_heads], rope_kv.position)
     _assert_close(out, plain.view(1, n), dtype)
+    caches = (rope_kv.k_cache, rope_kv.v_cache)
     written = out.view(-1, head_dim)[heads:].view(2, kv_heads, head_dim).to(caches[0].dtype)
     for cache, expected in zip(caches, written, strict=True):
         if slot >= 0:  # the cache holds exactly the output's (rotated) k and v heads
             assert torch.equal(cache[slot // 16, slot % 16].float(), expected.float())
             cache[slot // 16, slot % 16] = 0
         assert not cache.float().any()
+
+
+def test_gemv_rope_kv_writes_nan_values_as_zero_into_a_keys_major_cache() -> None:
+    heads, kv_heads, head_dim, _ = shape = ROPE_KV_SHAPES[0]
+    x, weight, bias, _, rope_kv = _rope_kv_case(shape, torch.float16, None, 21, True)
+    bias[heads * head_dim :: 5] = float("nan")  # k and v elements
+    out = gemv(x, weight, bias, rope_kv=rope_kv)
+    k, v = out.view(-1, head_dim)[heads:].view(2, kv_heads, head_dim)
+    assert k.isnan().any() and v.isnan().any()
+    torch.testing.assert_close(rope_kv.k_cache[1, 5], k, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(rope_kv.v_cache[1, 5], v.nan_to_num(0.0))
 
 
 def test_gemv_applies_to_one_half_precision_row_it_can_tile() -> None:

@@ -10,6 +10,7 @@ from typing import ClassVar
 
 import torch
 
+from shardline.shards.kv_cache import is_keys_major
 from shardline.shards.layers.fp8 import FP8
 from shardline.shards.layers.spelled_tiling import SpelledTiling
 
@@ -44,13 +45,14 @@ class RopeKV:
     num_heads: int
 
     def layouts_agree(self) -> bool:
-        """cos and sin, and the two caches, share strides (the kernel takes one set each)."""
+        """cos and sin share strides (the kernel takes one set), the caches a dtype; the K cache's
+        head_dim is contiguous, the V cache's too or its keys (kv_cache.is_keys_major)."""
         return (
             self.cos.stride() == self.sin.stride()
             and self.cos.stride(-1) == 1
-            and self.k_cache.stride() == self.v_cache.stride()
             and self.k_cache.dtype == self.v_cache.dtype
             and self.k_cache.stride(-1) == 1
+            and (self.v_cache.stride(-1) == 1 or is_keys_major(self.v_cache))
         )
 
 

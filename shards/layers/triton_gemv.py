@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from shardline.shards.layers.attention.triton_kv_write import cache_slot
+from shardline.shards.kv_cache import is_keys_major
+from shardline.shards.layers.attention.triton_kv_write import cache_slot, finite_values
 from shardline.shards.layers.fp8 import FP8, has_fp8_tensor_cores
 from shardline.shards.layers.gemv_plan import Epilogue, GemvConfig, RopeKV, weight_tiling
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
@@ -71,14 +72,19 @@ def _rope_kv_epilogue(
     k_cache_ptr,
     v_cache_ptr,
     slot_ptr,
-    stride_cb,
-    stride_ct,
-    stride_ch,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_vd,
     BLOCK_N: tl.constexpr,
     HALF: tl.constexpr,
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    V_KEYS_MAJOR: tl.constexpr,
 ):
     """Output slots 2j, 2j + 1 hold rotary pair j: element d and d + HALF of one head."""
     dtype = y_ptr.dtype.element_ty
@@ -101,14 +107,17 @@ def _rope_kv_epilogue(
     writes = mask & (kv >= 0) & (slot >= 0)
     is_v = kv >= NUM_KV_HEADS
     writes_k, writes_v = writes & (kv < NUM_KV_HEADS), writes & is_v
-    offset = tl.where(is_v, kv - NUM_KV_HEADS, kv) * stride_ch + dim
-    k_dst = cache_slot(k_cache_ptr, slot, stride_cb, stride_ct, PAGE_SIZE) + offset
-    v_dst = cache_slot(v_cache_ptr, slot, stride_cb, stride_ct, PAGE_SIZE) + offset
+    cache_head = tl.where(is_v, kv - NUM_KV_HEADS, kv)
+    k_row = cache_slot(k_cache_ptr, slot, stride_kb, stride_kt, PAGE_SIZE)
+    v_row = cache_slot(v_cache_ptr, slot, stride_vb, stride_vt, PAGE_SIZE)
+    k_dst = k_row + cache_head * stride_kh + dim
+    v_dst = v_row + cache_head * stride_vh + dim * stride_vd
     cache_dtype = k_cache_ptr.dtype.element_ty
     tl.store(k_dst, first.to(cache_dtype), mask=writes_k)
     tl.store(k_dst + HALF, second.to(cache_dtype), mask=writes_k)
-    tl.store(v_dst, first.to(cache_dtype), mask=writes_v)
-    tl.store(v_dst + HALF, second.to(cache_dtype), mask=writes_v)
+    v_first, v_second = finite_values(first, V_KEYS_MAJOR), finite_values(second, V_KEYS_MAJOR)
+    tl.store(v_dst, v_first.to(cache_dtype), mask=writes_v)
+    tl.store(v_dst + HALF * stride_vd, v_second.to(cache_dtype), mask=writes_v)
 
 
 @triton.jit
@@ -133,13 +142,18 @@ def _gemv_kernel(
     stride_w,
     eps,
     stride_cos,
-    stride_cb,
-    stride_ct,
-    stride_ch,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_vd,
     HALF: tl.constexpr,
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    V_KEYS_MAJOR: tl.constexpr,
     K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -186,8 +200,8 @@ def _gemv_kernel(
     if EPILOGUE == 3:
         _rope_kv_epilogue(
             out, n, y_ptr, position_ptr, cos_ptr, sin_ptr, stride_cos, k_cache_ptr, v_cache_ptr,
-            slot_ptr, stride_cb, stride_ct, stride_ch, BLOCK_N, HALF, NUM_HEADS, NUM_KV_HEADS,
-            PAGE_SIZE,
+            slot_ptr, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            stride_vd, BLOCK_N, HALF, NUM_HEADS, NUM_KV_HEADS, PAGE_SIZE, V_KEYS_MAJOR,
         )  # fmt: skip
     else:
         _epilogue(out, offs_n, n_mask, n, y_ptr, residual_ptr, ss_out_ptr, BLOCK_N, EPILOGUE)
@@ -268,23 +282,23 @@ def _rope_kv_args(rope_kv: RopeKV | None, stand_in: torch.Tensor) -> tuple[torch
 
 def _rope_kv_strides(rope_kv: RopeKV | None, n: int) -> dict[str, int]:
     """Its strides and shapes as the kernel's arguments (zeros, unread, without it)."""
+    k_names = ("stride_kb", "stride_kt", "stride_kh")
+    v_names = ("stride_vb", "stride_vt", "stride_vh", "stride_vd")
     if rope_kv is None:
-        names = ("stride_cos", "stride_cb", "stride_ct", "stride_ch")
-        shapes = dict(HALF=1, NUM_HEADS=0, NUM_KV_HEADS=0, PAGE_SIZE=1)
-        return dict.fromkeys(names, 0) | shapes
+        shapes = dict(HALF=1, NUM_HEADS=0, NUM_KV_HEADS=0, PAGE_SIZE=1, V_KEYS_MAJOR=False)
+        return dict.fromkeys(("stride_cos", *k_names, *v_names), 0) | shapes
     _, page_size, kv_heads, head_dim = rope_kv.k_cache.shape
     if n != (rope_kv.num_heads + 2 * kv_heads) * head_dim or not rope_kv.layouts_agree():
-        raise ValueError("ROPE_KV takes qkv rows (q, k, v heads) and k/v caches of one layout")
-    stride_cb, stride_ct, stride_ch, _ = rope_kv.k_cache.stride()
+        raise ValueError("ROPE_KV takes qkv rows (q, k, v heads) and k/v caches it can write")
     return dict(
         stride_cos=rope_kv.cos.stride(0),
-        stride_cb=stride_cb,
-        stride_ct=stride_ct,
-        stride_ch=stride_ch,
+        **dict(zip(k_names, rope_kv.k_cache.stride()[:3], strict=True)),
+        **dict(zip(v_names, rope_kv.v_cache.stride(), strict=True)),
         HALF=head_dim // 2,
         NUM_HEADS=rope_kv.num_heads,
         NUM_KV_HEADS=kv_heads,
         PAGE_SIZE=page_size,
+        V_KEYS_MAJOR=is_keys_major(rope_kv.v_cache),
     )
 
 

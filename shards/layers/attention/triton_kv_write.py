@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from shardline.shards.kv_cache import is_keys_major
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
 from shardline.shards.layers.triton_rotary import load_cos_sin, rotate_heads
 
@@ -27,11 +28,22 @@ def cache_slot(cache_ptr, slot, stride_cb, stride_ct, PAGE_SIZE: tl.constexpr):
 
 @triton.jit
 def _cache_ptrs(
-    cache_ptr, slot, stride_cb, stride_ct, stride_ch, offs_h, offs_d, PAGE_SIZE: tl.constexpr
-):
+    cache_ptr, slot, stride_cb, stride_ct, stride_ch, stride_cd, offs_h, offs_d,
+    PAGE_SIZE: tl.constexpr,
+):  # fmt: skip
     """Pointers [heads, dims] to elements offs_d of KV heads offs_h at `slot` of a paged cache."""
     row = cache_slot(cache_ptr, slot, stride_cb, stride_ct, PAGE_SIZE)
-    return row + offs_h[:, None] * stride_ch + offs_d[None, :]
+    return row + offs_h[:, None] * stride_ch + offs_d[None, :] * stride_cd
+
+
+@triton.jit
+def finite_values(v, V_KEYS_MAJOR: tl.constexpr):
+    """Values to write into a V cache: NaN stored as 0 in a keys-major one, whose stale slots
+    the decode kernels read unmasked at zero weight (triton_tiles.paged_kv_tiles); an inf
+    saturates in the GPU's FP8 conversion already."""
+    if V_KEYS_MAJOR:
+        v = tl.where(v == v, v, 0.0)
+    return v
 
 
 @triton.jit
@@ -59,6 +71,7 @@ def _rotate_write_kv_kernel(
     stride_vcb,
     stride_vct,
     stride_vch,
+    stride_vcd,
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HALF: tl.constexpr,
@@ -67,6 +80,7 @@ def _rotate_write_kv_kernel(
     BLOCK_HALF: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     ROTATE: tl.constexpr,
+    V_KEYS_MAJOR: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     allow_dependents(USE_PDL)
@@ -75,7 +89,10 @@ def _rotate_write_kv_kernel(
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_KV_H)
     offs_d = tl.arange(0, BLOCK_HALF)
-    mask = (slot >= 0) & (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HALF)
+    # the slot's test broadcast first: Triton's interpreter (3.9) turns a scalar ANDed into a
+    # block mask into integers, which its loads refuse
+    writes = tl.zeros_like(offs_d)[None, :] + slot >= 0
+    mask = writes & (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HALF)
     if ROTATE:
         position = tl.load(positions_ptr + token).to(tl.int64)
         cos, sin = load_cos_sin(
@@ -92,18 +109,21 @@ def _rotate_write_kv_kernel(
         k1 = tl.load(k_src, mask=mask)
         k2 = tl.load(k_src + HALF, mask=mask)
     k_dst = _cache_ptrs(
-        k_cache_ptr, slot, stride_kcb, stride_kct, stride_kch, offs_h, offs_d, PAGE_SIZE
+        k_cache_ptr, slot, stride_kcb, stride_kct, stride_kch, 1, offs_h, offs_d, PAGE_SIZE
     )
     v_dst = _cache_ptrs(
-        v_cache_ptr, slot, stride_vcb, stride_vct, stride_vch, offs_h, offs_d, PAGE_SIZE
-    )
+        v_cache_ptr, slot, stride_vcb, stride_vct, stride_vch, stride_vcd, offs_h, offs_d,
+        PAGE_SIZE,
+    )  # fmt: skip
     v_src = v_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
+    v1 = finite_values(tl.load(v_src, mask=mask), V_KEYS_MAJOR)
+    v2 = finite_values(tl.load(v_src + HALF, mask=mask), V_KEYS_MAJOR)
     k_dtype = k_cache_ptr.dtype.element_ty
     v_dtype = v_cache_ptr.dtype.element_ty
     tl.store(k_dst, k1.to(k_dtype), mask=mask)
     tl.store(k_dst + HALF, k2.to(k_dtype), mask=mask)
-    tl.store(v_dst, tl.load(v_src, mask=mask).to(v_dtype), mask=mask)
-    tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=mask).to(v_dtype), mask=mask)
+    tl.store(v_dst, v1.to(v_dtype), mask=mask)
+    tl.store(v_dst + HALF * stride_vcd, v2.to(v_dtype), mask=mask)
 
 
 def _check_contiguous_last_dim(**tensors: torch.Tensor) -> None:
@@ -145,7 +165,7 @@ def rotate_and_write_kv_cache(
     rotate = cos is not None
     if not rotate:  # unread stand-ins
         positions, cos, sin = slot_mapping, k_cache[0, 0], k_cache[0, 0]
-    _check_contiguous_last_dim(q=q, k=k, v=v, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache)
+    _check_contiguous_last_dim(q=q, k=k, v=v, cos=cos, sin=sin, k_cache=k_cache)
     num_kv_heads, half = k.shape[1], head_dim // 2
     _rotate_write_kv_kernel[(num_tokens,)](
         q,
@@ -163,7 +183,7 @@ def rotate_and_write_kv_cache(
         cos.stride(0),
         sin.stride(0),
         *k_cache.stride()[:3],
-        *v_cache.stride()[:3],
+        *v_cache.stride(),
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
         HALF=half,
@@ -172,6 +192,7 @@ def rotate_and_write_kv_cache(
         BLOCK_HALF=triton.next_power_of_2(half),
         PAGE_SIZE=k_cache.shape[1],
         ROTATE=rotate,
+        V_KEYS_MAJOR=is_keys_major(v_cache),
         num_warps=4,
         enable_fp_fusion=False,  # an FMA would skip the rounding of a product
         **pdl_launch(q.device, num_tokens),
