@@ -31,6 +31,7 @@ import triton
 
 from benchmarks.decode_lengths import ORDERS, describe, draw_lengths
 from benchmarks.workload import load_workload
+from shardline.shards.kv_cache import allocate_pool, keys_major_values
 from shardline.shards.layers.attention.decode_plan import (
     BalancedPlan,
     DecodeConfig,
@@ -107,7 +108,9 @@ class DecodeProblem:
         num_pages = self.rounds * int(row_pages.sum())
         shape = (num_pages, PAGE, KV_HEADS, HEAD_DIM)
         self.k_cache = torch.empty(shape, dtype=DTYPE, device=device).normal_().to(kv_dtype)
-        self.v_cache = torch.empty(shape, dtype=DTYPE, device=device).normal_().to(kv_dtype)
+        keys_major = keys_major_values(kv_dtype)  # as KVCache lays the pool out
+        self.v_cache = allocate_pool(shape, dtype=kv_dtype, device=device, keys_major=keys_major)
+        self.v_cache.copy_(torch.empty(shape, dtype=DTYPE, device=device).normal_())
         pages = torch.randperm(num_pages, device=device, dtype=torch.int64).to(torch.int32)
         used = torch.arange(width, device=device)[None, :] < row_pages[:, None]
         self.tables = torch.zeros((self.rounds, batch, width), dtype=torch.int32, device=device)

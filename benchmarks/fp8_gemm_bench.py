@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import triton
 
 from benchmarks.attention_kernels import copy_bandwidth
+from shardline.shards.kv_cache import KVCache
 from shardline.shards.layers.fp8 import FP8Rows, cublas_scaled_mm, quantize_rows, scaled_mm_rows
 from shardline.shards.layers.gemv_plan import (
     Epilogue,
@@ -188,11 +189,14 @@ def batch1_gemv(layer: Layer, epilogue: Epilogue, x: torch.Tensor) -> Callable:
 
 def one_token_rope_kv(n: int, head_dim: int = 128, kv_heads: int = 8) -> RopeKV:
     """A qkv projection's ROPE_KV arguments for one token of the 8B shape: its rotation and
-    an FP8 cache slot."""
+    a slot of an FP8 cache laid out as KVCache lays it out."""
     cos, sin = (torch.randn(8192, head_dim // 2, device="cuda").to(DTYPE) for _ in range(2))
-    cache = torch.zeros((2, 64, 16, kv_heads, head_dim), device="cuda").to(torch.float8_e4m3fn)
+    cache = KVCache.allocate(
+        num_layers=1, num_blocks=64, block_size=16, num_kv_heads=kv_heads, head_dim=head_dim,
+        dtype=torch.float8_e4m3fn, device=torch.device("cuda"),
+    )  # fmt: skip
     where = torch.tensor([1000], device="cuda")
-    return RopeKV(where, cos, sin, cache[0], cache[1], where, n // head_dim - 2 * kv_heads)
+    return RopeKV(where, cos, sin, *cache.layers[0], where, n // head_dim - 2 * kv_heads)
 
 
 def engine_gemv_key(name: str) -> str | None:

@@ -105,7 +105,11 @@ def allocate_pool(
 
 @dataclass
 class KVCache:
-    """One (key, value) pair of block pools per layer: [num_blocks, block_size, kv_heads, head_dim]."""
+    """One (key, value) pair of block pools per layer: [num_blocks, block_size, kv_heads, head_dim].
+
+    An FP8 value pool is stored keys-major (`keys_major_values`), a strided view of that shape.
+    The pools start zeroed and the writers store no NaN in a keys-major V: the decode kernels
+    read its stale slots unmasked, at zero weight (triton_tiles.paged_kv_tiles)."""
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     block_size: int
@@ -123,10 +127,11 @@ class KVCache:
         device: torch.device,
     ) -> KVCache:
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        keys_major = keys_major_values(dtype)
         layers = [
             (
-                torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(shape, dtype=dtype, device=device),
+                allocate_pool(shape, dtype=dtype, device=device),
+                allocate_pool(shape, dtype=dtype, device=device, keys_major=keys_major),
             )
             for _ in range(num_layers)
         ]

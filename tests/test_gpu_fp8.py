@@ -1,6 +1,6 @@
 """FP8 on the GPU: the row-wise scaled GEMM (torch._scaled_mm) against a float32 reference, the
-Triton decode, prefill and KV-write kernels over an FP8 cache against float64 attention on the
-FP8-rounded keys and values, and the tiny model with FP8 weights and KV cache against the CPU
+Triton decode, prefill and KV-write kernels over an FP8 cache (its V keys-major, as KVCache lays
+it out) against float64 attention on the FP8-rounded keys and values, and the tiny model with FP8 weights and KV cache against the CPU
 reference path. Skipped off CUDA (and the FP8 GEMM below compute capability 8.9)."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
+from shardline.shards.kv_cache import is_keys_major, keys_major_values
 from shardline.shards.layers.attention import get_attention_backend
 from shardline.shards.layers.attention.decode_plan import SplitPlan
 from shardline.shards.layers.attention.triton_decode import paged_decode_attention
@@ -52,6 +53,15 @@ needs_fp8_gemm = pytest.mark.skipif(
 
 def _fp8_rounded(t: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:
     return t.to(kv_dtype).to(t.dtype)
+
+
+def _fp8_pools(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, kv_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pools in `kv_dtype`, each layout kept (KVCache's for an FP8 cache: V keys-major)."""
+    k_cache, v_cache = k_cache.to(kv_dtype), v_cache.to(kv_dtype)
+    assert is_keys_major(v_cache) == keys_major_values(kv_dtype)
+    return k_cache, v_cache
 
 
 @needs_fp8_gemm
@@ -166,14 +176,14 @@ def test_gemv_streams_an_fp8_weight(shape: tuple[int, int]) -> None:
 @pytest.mark.parametrize("splits", ["auto", 1, 5])
 @pytest.mark.parametrize("dtype", HALF)
 def test_decode_reads_an_fp8_cache(dtype: torch.dtype, splits: str | int, kv_cache_dtype: str):
-    case = PagedCase(MIXED_CONTEXTS, 16, 2, 128, dtype)
     kv_dtype = FP8_KV[kv_cache_dtype]
+    case = PagedCase(MIXED_CONTEXTS, 16, 2, 128, dtype, keys_major=keys_major_values(kv_dtype))
     case.keys = [_fp8_rounded(k, kv_dtype) for k in case.keys]
     case.values = [_fp8_rounded(v, kv_dtype) for v in case.values]
     plan = None if splits == "auto" else SplitPlan(int(splits))
     _poison_allocator()
     out = paged_decode_attention(
-        case.q, case.k_cache.to(kv_dtype), case.v_cache.to(kv_dtype), case.block_tables,
+        case.q, *_fp8_pools(case.k_cache, case.v_cache, kv_dtype), case.block_tables,
         case.context_lens, case.scale, plan=plan,
     )  # fmt: skip
     _assert_close_rows(out, case.reference(), dtype)
@@ -182,15 +192,14 @@ def test_decode_reads_an_fp8_cache(dtype: torch.dtype, splits: str | int, kv_cac
 @pytest.mark.parametrize("kv_cache_dtype", list(FP8_KV))
 def test_prefill_reads_an_fp8_cached_prefix(kv_cache_dtype: str) -> None:
     dtype, kv_dtype = torch.bfloat16, FP8_KV[kv_cache_dtype]
-    sequences, (q, k, v, cu), cached = _chunked_case(dtype)
+    sequences, (q, k, v, cu), cached = _chunked_case(dtype, keys_major=keys_major_values(kv_dtype))
     rounded = [
         (seq_q, torch.cat([_fp8_rounded(seq_k[:p], kv_dtype), seq_k[p:]]),
          torch.cat([_fp8_rounded(seq_v[:p], kv_dtype), seq_v[p:]]))
         for (p, _), (seq_q, seq_k, seq_v) in zip(CHUNKED, sequences, strict=True)
     ]  # fmt: skip
-    fp8_prefix = dataclasses.replace(
-        cached, k_cache=cached.k_cache.to(kv_dtype), v_cache=cached.v_cache.to(kv_dtype)
-    )
+    k_cache, v_cache = _fp8_pools(cached.k_cache, cached.v_cache, kv_dtype)
+    fp8_prefix = dataclasses.replace(cached, k_cache=k_cache, v_cache=v_cache)
     assert isinstance(fp8_prefix, CachedPrefix)
     _poison_allocator()
     max_chunk = max(n for _, n in CHUNKED)
@@ -203,8 +212,8 @@ def test_rotate_and_write_kv_stores_fp8(kv_cache_dtype: str) -> None:
     """The fused write rounds the rotated keys and the values to the cache's FP8 type: within
     one FP8 step of the half-precision write converted afterwards."""
     kv_dtype = FP8_KV[kv_cache_dtype]
-    fused = RotateWriteCase(37, 16, 4, 128, torch.bfloat16)
-    fused.k_cache, fused.v_cache = fused.k_cache.to(kv_dtype), fused.v_cache.to(kv_dtype)
+    fused = RotateWriteCase(37, 16, 4, 128, torch.bfloat16, keys_major_values(kv_dtype))
+    fused.k_cache, fused.v_cache = _fp8_pools(fused.k_cache, fused.v_cache, kv_dtype)
     expected = RotateWriteCase(37, 16, 4, 128, torch.bfloat16)
     for name in ("qkv", "positions", "slots"):
         getattr(expected, name).copy_(getattr(fused, name))
