@@ -2,6 +2,9 @@
 
 KV cache layout (per layer, per rank), the same as flash-attn's paged API:
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+That shape is logical: an FP8 v_cache is a strided view whose keys are contiguous within a block
+(kv_cache.keys_major_values), so an implementation takes each cache's strides. The Triton one
+writes no NaN into a keys-major v_cache: its decode reads the unwritten slots at zero weight.
 Queries/keys/values arrive packed: q [num_tokens, num_heads, head_dim],
 k and v [num_tokens, num_kv_heads, head_dim]; outputs are [num_tokens, num_heads, head_dim].
 
