@@ -10,7 +10,7 @@ The launch shape depends only on tensor shapes (batch, heads, block-table width)
 context lengths, and nothing is read back to the host: the call can be captured in a CUDA graph.
 Rows whose context length is 0 (padding) produce zeros. With a sliding window W (a constant of
 the model, 0 for none) each row sees only its last W keys: the partitions cover those, from a
-multiple of triton_tiles.key_run on (the keys before the window masked). With
+multiple of the tile on (the keys before the window masked). With
 ALiBi slopes each head adds slope * (key position - query position) to its scores.
 """
 
@@ -48,12 +48,10 @@ from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_i
 
 
 @triton.jit
-def _partition_tiles(
-    context_len, num_splits, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, PAGE_SIZE: tl.constexpr
-):
+def _partition_tiles(context_len, num_splits, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
     """The keys a row reads, cut into `num_splits` partitions of whole tiles: the first tile's
     key and the tiles of each partition (at least one, so short contexts leave splits unused)."""
-    first = first_key(context_len, WINDOW, PAGE_SIZE, BLOCK_N)
+    first = first_key(context_len, WINDOW, BLOCK_N)
     tiles = tl.cdiv(context_len - first, BLOCK_N)
     return first, tl.maximum(tl.cdiv(tiles, num_splits), 1)
 
@@ -108,7 +106,7 @@ def _paged_decode_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
-    first, partition_tiles = _partition_tiles(context_len, num_splits, BLOCK_N, WINDOW, PAGE_SIZE)
+    first, partition_tiles = _partition_tiles(context_len, num_splits, BLOCK_N, WINDOW)
     start = first + split * partition_tiles * BLOCK_N
     end = tl.minimum(start + partition_tiles * BLOCK_N, context_len)
 
@@ -171,7 +169,6 @@ def _merge_splits_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     allow_dependents(USE_PDL)
@@ -179,7 +176,7 @@ def _merge_splits_kernel(
     seq = tl.program_id(0)
     head = tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq)
-    first, partition_tiles = _partition_tiles(context_len, num_splits, BLOCK_N, WINDOW, PAGE_SIZE)
+    first, partition_tiles = _partition_tiles(context_len, num_splits, BLOCK_N, WINDOW)
     used_splits = tl.cdiv(tl.cdiv(context_len - first, BLOCK_N), partition_tiles)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
@@ -317,7 +314,6 @@ def paged_decode_attention(
         BLOCK_S=triton.next_power_of_2(plan.num_splits),
         BLOCK_N=config.block_n,
         WINDOW=window,
-        PAGE_SIZE=page_size,
         num_warps=4,
         **pdl_launch(q.device, batch),
     )

@@ -49,11 +49,11 @@ MIN_BLOCK_B = 512
 
 @triton.jit
 def _row_tiles(context_lens_ptr, batch, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-               WINDOW: tl.constexpr, PAGE_SIZE: tl.constexpr):  # fmt: skip
+               WINDOW: tl.constexpr):  # fmt: skip
     """Every row's tile count and where its tiles end along the run of all rows' tiles."""
     rows = tl.arange(0, BLOCK_B)
     lens = tl.load(context_lens_ptr + rows, mask=rows < batch, other=0)
-    tiles = tl.cdiv(lens - first_key(lens, WINDOW, PAGE_SIZE, BLOCK_N), BLOCK_N)
+    tiles = tl.cdiv(lens - first_key(lens, WINDOW, BLOCK_N), BLOCK_N)
     return tiles, tl.cumsum(tiles, 0)
 
 
@@ -106,7 +106,7 @@ def _balanced_decode_kernel(
     wait_for_inputs(USE_PDL)
     program = tl.program_id(0)
     kv_head = tl.program_id(1)
-    tiles, ends = _row_tiles(context_lens_ptr, batch, BLOCK_B, BLOCK_N, WINDOW, PAGE_SIZE)
+    tiles, ends = _row_tiles(context_lens_ptr, batch, BLOCK_B, BLOCK_N, WINDOW)
     total = tl.sum(tiles, 0)
     run = tl.cdiv(total, tl.num_programs(0))
     run_start = program * run
@@ -128,7 +128,7 @@ def _balanced_decode_kernel(
         row_begin = tl.max(tl.where(ends <= t, ends, 0), 0)
         row_end = tl.min(tl.where(ends > t, ends, total), 0)
         context_len = tl.load(context_lens_ptr + row)
-        tile_start = first_key(context_len, WINDOW, PAGE_SIZE, BLOCK_N) + (t - row_begin) * BLOCK_N
+        tile_start = first_key(context_len, WINDOW, BLOCK_N) + (t - row_begin) * BLOCK_N
         pos = tile_start + offs_n
         n_mask = visible_keys(pos, context_len, context_len, WINDOW)
         q = tl.load(
@@ -184,7 +184,6 @@ def _merge_parts_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_B: tl.constexpr,
     WINDOW: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     """One row, all heads: its parts merged (log-sum-exp weighted) where programs shared it,
@@ -192,7 +191,7 @@ def _merge_parts_kernel(
     allow_dependents(USE_PDL)
     wait_for_inputs(USE_PDL)
     row = tl.program_id(0)
-    tiles, ends = _row_tiles(context_lens_ptr, batch, BLOCK_B, BLOCK_N, WINDOW, PAGE_SIZE)
+    tiles, ends = _row_tiles(context_lens_ptr, batch, BLOCK_B, BLOCK_N, WINDOW)
     run = tl.cdiv(tl.sum(tiles, 0), programs)
     rows = tl.arange(0, BLOCK_B)
     row_end = tl.sum(tl.where(rows == row, ends, 0), 0)
@@ -279,6 +278,6 @@ def balanced_decode_attention(
         part, lse, context_lens, out, batch, programs, *part.stride()[:2], lse.stride(0),
         *out.stride()[:2], NUM_HEADS=num_heads, BLOCK_H=triton.next_power_of_2(num_heads),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=config.block_n, BLOCK_B=block_b,
-        WINDOW=window, PAGE_SIZE=page_size, num_warps=4, **pdl,
+        WINDOW=window, num_warps=4, **pdl,
     )  # fmt: skip
     return out

@@ -94,8 +94,8 @@ def _online_softmax_tile(
 
 @triton.jit
 def _first_visible_key(query_start, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The first key the query at `query_start` or later may see, rounded down to a tile (so to
-    a multiple of triton_tiles.key_run, where paged_kv_tiles' tiles start)."""
+    """The first key the query at `query_start` or later may see, rounded down to a tile (where
+    triton_tiles.paged_kv_tiles' tiles start)."""
     first = 0
     if WINDOW > 0:
         first = tl.maximum(query_start - WINDOW + 1, 0) // BLOCK_N * BLOCK_N

@@ -20,21 +20,14 @@ def head_dim_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-@triton.constexpr_function
-def key_run(page_size: int, block_n: int) -> int:
-    """The keys a tile reads from one page in one go: a power of two dividing both the page and
-    the tile, so that a tile starting at a multiple of it is cut into runs within one page."""
-    return min(block_n, page_size & -page_size)
-
-
 @triton.jit
-def first_key(context_len, WINDOW: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+def first_key(context_len, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
     """Where the tiles of a row whose query sits at context_len - 1 start: at its window's first
-    key rounded down to a whole run (key_run); `visible_keys` masks the keys before the window."""
+    key rounded down to a whole tile (paged_kv_tiles' tiles start at multiples of their runs);
+    `visible_keys` masks the keys before the window."""
     first = context_len * 0
     if WINDOW > 0:
-        run: tl.constexpr = key_run(PAGE_SIZE, BLOCK_N)
-        first = tl.maximum(context_len - WINDOW, 0) // run * run
+        first = tl.maximum(context_len - WINDOW, 0) // BLOCK_N * BLOCK_N
     return first
 
 
@@ -122,7 +115,7 @@ def paged_kv_tiles(
     V_KEYS_MAJOR: tl.constexpr,
 ):
     """The [BLOCK_N, dims] K and V tiles of KV head `kv_head` at a sequence's keys from
-    `tile_start` (a multiple of key_run; `n_mask`: the keys it sees, all before `end`), its pages
+    `tile_start` (a multiple of BLOCK_N; `n_mask`: the keys it sees, all before `end`), its pages
     looked up in its block table row `table_row`, in the cache's dtype. V_KEYS_MAJOR: the V cache
     holds a page's keys contiguous (kv_cache.is_keys_major), its head_dim stride `stride_vd`."""
     pos = tile_start + tl.arange(0, BLOCK_N)
@@ -168,9 +161,12 @@ def _keys_major_tile(
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """The [BLOCK_N, dims] tile of KV head `kv_head` of a keys-major cache from key `tile_start`:
-    runs of key_run keys, each within one page looked up once (page 0 from `end` on, so never
+    runs of keys, each within one page looked up once (page 0 from `end` on, so never
     outside the pool), read [runs, dims, keys] along the keys, whatever slots they hold."""
-    run: tl.constexpr = key_run(PAGE_SIZE, BLOCK_N)
+    # a power of two dividing both the page and the tile: a tile starting at a multiple of the
+    # tile is cut into runs that each lie within one page
+    PAGE_BIT: tl.constexpr = PAGE_SIZE & -PAGE_SIZE
+    run: tl.constexpr = BLOCK_N if BLOCK_N < PAGE_BIT else PAGE_BIT
     run_start = tile_start + tl.arange(0, BLOCK_N // run) * run
     # unsigned (none of it is negative): signed / and % and a signed 64-bit product take
     # fix-ups, 25.8 instead of 22.5 instructions a key in the FP8 split kernel (n128w4s5, sm_90)
