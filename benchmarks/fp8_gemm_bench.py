@@ -13,8 +13,7 @@ decode step is), and the median replay gives the time per call. GB/s counts the 
 must move (weight, scales, x, y) against a measured device-to-device copy (bytes read +
 written). The last lines add up the decoder's four projections over its 32 layers per M: the
 linear layers' share of a decode step, for cuBLASLt, each tiling, the best tiling per layer and
-the engine's choice (deferred scales for o, gate_up and down, triton_fp8_gemm.tiling_for for
-qkv). --bf16-tilings times the same Triton kernel on
+the engine's choice (deferred scales for every projection of the Llama family). --bf16-tilings times the same Triton kernel on
 bf16 operands (unit scales), against cuBLAS's bf16 GEMM, for the bf16 engine's decode steps;
 --blas cublaslt has torch run the bf16 GEMMs through cuBLASLt instead of cuBLAS; --gemv-tilings
 times the FP8 GEMV at one row as the batch-1 decode calls it (qkv and gate_up with the RMSNorm
@@ -58,9 +57,9 @@ LAYERS = {  # name: (N, K) of Llama-3.1-8B
     "lm_head": (128256, 4096),
 }
 DECODER_LAYERS, DECODER_DEPTH = ("qkv", "o", "gate_up", "down"), 32
-# the layers whose scales the kernel after them applies (LlamaAttention's o, LlamaMLP's gate_up
-# and down read by RMSNorm and SiLU * up)
-DEFERRED_LAYERS = ("o", "gate_up", "down")
+# the layers whose scales the kernel after them applies (LlamaAttention's qkv read by the rotary
+# + KV write, o by RMSNorm, LlamaMLP's gate_up by SiLU * up and down by the next RMSNorm)
+DEFERRED_LAYERS = ("qkv", "o", "gate_up", "down")
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 BASELINES = ("scaled_mm", "deferred", "bf16")
 BF16 = "bf16 "  # a bf16-operand tiling's key: BF16 + its name

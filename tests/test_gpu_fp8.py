@@ -249,7 +249,7 @@ def test_the_tiny_model_on_gpu_matches_the_cpu_reference(
     assert gpu.fused_decode  # batch-1 decode through the FP8 GEMVs
     assert (gpu.lm_head.weight.dtype == torch.float8_e4m3fn) == fp8_lm_head
     vocab = cpu.config.vocab_size
-    inputs = _input_kinds(gpu)
+    inputs, outputs = _kinds(gpu)
     for prompt_ids, fed in (
         (prompts(vocab, seed=6), [[3, 5, 7]] * 3),  # scaled GEMMs
         (prompts(vocab, seed=7, lengths=(9,)), [[3]] * 3),  # the fused batch-1 path
@@ -257,27 +257,40 @@ def test_the_tiny_model_on_gpu_matches_the_cpu_reference(
         expected = run_engine(cpu, prompt_ids, fed, BLOCK_SIZE, kv_dtype)
         with torch.device(DEVICE):
             actual = run_engine(gpu, prompt_ids, fed, BLOCK_SIZE, kv_dtype)
-        # every projection but o_proj (after attention) takes rows its producer quantized
+        # every projection but o_proj (after attention) takes rows its producer quantized, and
+        # every one leaves its scales to the kernel after it (fp8.ScaledProduct)
         assert inputs.pop("self_attn.o_proj") == {"Tensor"}
+        assert outputs == {name: {"ScaledProduct"} for name in PROJECTIONS}, outputs
         assert len(inputs) == 3 and all(k == {"FP8Rows"} for k in inputs.values()), inputs
         inputs.clear()
+        outputs.clear()
         for step, (a, e) in enumerate(zip(actual, expected, strict=True)):
             # scaled GEMMs also round activations to FP8 (per token): as far again as the weights
             assert relative_error(a.float().cpu(), e) < 0.15, f"step {step}"
 
 
-def _input_kinds(model: torch.nn.Module) -> dict[str, set[str]]:
-    """Layer 0's projections -> the kinds of input each got in multi-row forwards (hooks)."""
-    kinds: dict[str, set[str]] = {}
+PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def _kinds(model: torch.nn.Module) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """Layer 0's projections -> the kinds of input, and of output, each had in multi-row
+    forwards (hooks)."""
+    inputs: dict[str, set[str]] = {}
+    outputs: dict[str, set[str]] = {}
     layer = model.layers[0]
-    for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+    for name in PROJECTIONS:
 
-        def record(module, args, name=name) -> None:
+        def record_input(module, args, name=name) -> None:
             if not isinstance(args[0], torch.Tensor) or args[0].shape[0] > 1:
-                kinds.setdefault(name, set()).add(type(args[0]).__name__)
+                inputs.setdefault(name, set()).add(type(args[0]).__name__)
 
-        layer.get_submodule(name).register_forward_pre_hook(record)
-    return kinds
+        def record_output(module, args, out, name=name) -> None:
+            if not isinstance(args[0], torch.Tensor) or args[0].shape[0] > 1:
+                outputs.setdefault(name, set()).add(type(out).__name__)
+
+        layer.get_submodule(name).register_forward_pre_hook(record_input)
+        layer.get_submodule(name).register_forward_hook(record_output)
+    return inputs, outputs
 
 
 def _load(model_dir: Path, device: torch.device, dtype: torch.dtype):

@@ -29,6 +29,7 @@ from shardline.shards.layers.attention.triton_kv_write import (
     write_kv_cache,
 )
 from shardline.shards.layers.attention.triton_paged import TritonAttentionBackend
+from shardline.shards.layers.fp8 import ScaledProduct
 from shardline.shards.layers.rotary import RotaryEmbedding
 from shardline.shards.layers.triton_rotary import rotate_in_place
 from tests.triton_attention_helpers import (
@@ -299,6 +300,30 @@ def test_kv_writes_store_nan_values_as_zero_in_a_keys_major_cache(rotate: bool) 
     assert v_cache.isnan().any() and k_cache.isnan().any()
     assert torch.equal(case.v_cache, v_cache.nan_to_num(0.0))
     torch.testing.assert_close(case.k_cache, k_cache, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(8, 2), (12, 3)])
+@pytest.mark.parametrize("dtype", ROTARY_DTYPES)
+@pytest.mark.parametrize("keys_major", [False, True], ids=["contiguous", "keys_major"])
+def test_rotate_and_write_kv_applies_an_fp8_qkv_products_scales(
+    dtype: torch.dtype, num_heads: int, num_kv_heads: int, keys_major: bool
+) -> None:
+    """q, k and v as an FP8 qkv projection's unscaled product: rotated, written back and cached
+    bit for bit as the product's value would be."""
+    case = RotateWriteCase(37, num_heads, num_kv_heads, 128, dtype, keys_major)
+    raw = case.qkv.view(37, -1) * 1e3
+    product = ScaledProduct(
+        raw, torch.rand(37, device=DEVICE), torch.rand(raw.shape[1], device=DEVICE) * 1e-3
+    )
+    case.qkv = product.value().view_as(case.qkv)
+    expected = case.expected()
+    case.qkv = raw.view_as(case.qkv)
+    q, k, v = case.split(case.qkv)
+    rotate_and_write_kv_cache(
+        q, k, v, case.positions, case.rotary.cos, case.rotary.sin, case.k_cache, case.v_cache,
+        case.slots, (product.row_scale, product.col_scale),
+    )  # fmt: skip
+    case.assert_matches(expected)
 
 
 def test_rotate_and_write_kv_with_no_tokens_is_a_no_op() -> None:

@@ -51,6 +51,13 @@ def rotate_halves(x1, x2, cos, sin, dtype: tl.constexpr):
 
 
 @triton.jit
+def scaled_value(raw, row_scale, col_scale_ptrs, mask):
+    """fp8.ScaledProduct.value's numbers for the elements `raw` of one row."""
+    col_scale = tl.load(col_scale_ptrs, mask=mask, other=0.0)
+    return (raw.to(tl.float32) * row_scale * col_scale).to(raw.dtype)
+
+
+@triton.jit
 def rotate_heads(
     x_ptr,
     token,
@@ -62,16 +69,27 @@ def rotate_heads(
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    row_scale,
+    col_scale_ptr,
+    SCALED: tl.constexpr,
 ):
     """Rotates the token's num_heads heads of x in place by cos/sin (from load_cos_sin), rounding
-    as torch does; returns the rotated halves [BLOCK_H, BLOCK_HALF] in x's dtype."""
+    as torch does; returns the rotated halves [BLOCK_H, BLOCK_HALF] in x's dtype. With SCALED, x
+    holds an FP8 product's unscaled heads: each value times `row_scale` and its column's scale
+    (col_scale_ptr: the heads' first), rounded to x's dtype, is what rotates (without SCALED
+    neither is read)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_HALF)
     mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HALF)
     first = x_ptr + token * stride_xt + offs_h[:, None] * stride_xh + offs_d[None, :]
-    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
-    out1, out2 = rotate_halves(x1, x2, cos, sin, x_ptr.dtype.element_ty)
+    x1 = tl.load(first, mask=mask, other=0.0)
+    x2 = tl.load(first + HALF, mask=mask, other=0.0)
+    if SCALED:
+        cols = offs_h[:, None] * (2 * HALF) + offs_d[None, :]
+        x1 = scaled_value(x1, row_scale, col_scale_ptr + cols, mask)
+        x2 = scaled_value(x2, row_scale, col_scale_ptr + HALF + cols, mask)
+    dtype = x_ptr.dtype.element_ty
+    out1, out2 = rotate_halves(x1.to(tl.float32), x2.to(tl.float32), cos, sin, dtype)
     tl.store(first, out1, mask=mask)
     tl.store(first + HALF, out2, mask=mask)
     return out1, out2
@@ -95,7 +113,10 @@ def _rotary_kernel(
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     cos, sin = load_cos_sin(cos_ptr, sin_ptr, position, stride_cos, stride_sin, HALF, BLOCK_HALF)
-    rotate_heads(x_ptr, token, stride_xt, stride_xh, num_heads, cos, sin, HALF, BLOCK_H, BLOCK_HALF)
+    rotate_heads(
+        x_ptr, token, stride_xt, stride_xh, num_heads, cos, sin, HALF, BLOCK_H, BLOCK_HALF,
+        1.0, x_ptr, False,
+    )  # fmt: skip
 
 
 def rotate_in_place(

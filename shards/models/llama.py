@@ -18,7 +18,7 @@ from shardline.shards.layers.attention import AttentionBackend, AttentionMetadat
 from shardline.shards.layers.attention.fp8_kv import KVScales
 from shardline.shards.layers.attention.layer import PagedAttention
 from shardline.shards.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from shardline.shards.layers.fp8 import FP8Rows, Product
+from shardline.shards.layers.fp8 import FP8Rows, Product, ScaledProduct
 from shardline.shards.layers.gemv_plan import Epilogue, RopeKV, weight_tiling
 from shardline.shards.layers.linear import ColumnParallelLinear, RowParallelLinear
 from shardline.shards.layers.norm import RMSNorm
@@ -141,26 +141,33 @@ class LlamaAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> Product:
         """o_proj's output (a ScaledProduct where it can be: the RMSNorm after it applies the
-        scales)."""
-        attended = self.attend(self.qkv_proj(hidden), positions, kv_cache, meta)
-        return self.o_proj(attended, defer_scales=True)
+        scales); qkv's scales go to the rotary + KV write the same way."""
+        qkv = self.qkv_proj(hidden, defer_scales=True)
+        return self.o_proj(self.attend(qkv, positions, kv_cache, meta), defer_scales=True)
 
     def attend(
         self,
-        qkv: torch.Tensor,
+        qkv: Product,
         positions: torch.Tensor,
         kv_cache: KVCache,
         meta: AttentionMetadata,
         written: bool = False,
     ) -> torch.Tensor:
         """The attention output [T, heads * head_dim] (before o_proj) of the qkv projection
-        (`written`: made with `rope_kv`, see PagedAttention)."""
+        (`written`: made with `rope_kv`, see PagedAttention; a ScaledProduct's scales applied by
+        the attention's rotary + KV write where it can, else here)."""
+        qkv_scales = None
+        if isinstance(qkv, ScaledProduct):
+            if self.q_norm is None and self.attention.takes_qkv_scales(kv_cache):
+                qkv_scales, qkv = (qkv.row_scale, qkv.col_scale), qkv.raw
+            else:
+                qkv = qkv.value()
         num_tokens = qkv.shape[0]
         heads = qkv.view(num_tokens, -1, self.head_dim)
         q, k, v = heads.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.attention(q, k, v, positions, kv_cache, meta, written)
+        return self.attention(q, k, v, positions, kv_cache, meta, written, qkv_scales)
 
     def rope_kv(
         self, positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata

@@ -11,7 +11,9 @@ k and v [num_tokens, num_kv_heads, head_dim]; outputs are [num_tokens, num_heads
 `rotate_and_write_kv` applies the rotary embedding to q and k in place (as `rotary.rotate_`,
 bit for bit) and writes k and v into the cache at each token's slot, skipping negative slots; a
 backend may do both in one kernel. `write_kv` writes them without rotating (models without
-rotary embeddings: learned positions, ALiBi).
+rotary embeddings: learned positions, ALiBi). A backend whose `scales_qkv` is set also takes
+`qkv_scales` there: q, k and v are then an FP8 qkv projection's unscaled heads (fp8.ScaledProduct's
+row and column scales), which it scales as it reads them and writes back scaled.
 
 `prefill` attends each packed sequence causally to itself and, where `meta.prefix_lens` says a
 sequence continues a cached prompt (chunked prefill), to that cached prefix first.
@@ -39,6 +41,7 @@ from shardline.shards.layers.rotary import RotaryEmbedding
 
 class AttentionBackend(Protocol):
     name: str
+    scales_qkv: bool
 
     def rotate_and_write_kv(
         self,
@@ -50,6 +53,7 @@ class AttentionBackend(Protocol):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        qkv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None: ...
 
     def write_kv(

@@ -59,12 +59,15 @@ class PagedAttention(nn.Module):
         kv_cache: KVCache,
         meta: AttentionMetadata,
         written: bool = False,
+        qkv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """q [T, heads, head_dim], k and v [T, kv_heads, head_dim] -> [T, heads * head_dim].
         `written`: q and k come rotated and k and v are in the cache already (the qkv
-        projection did both with `rope_kv`'s arguments)."""
+        projection did both with `rope_kv`'s arguments). `qkv_scales`: q, k and v are an FP8
+        qkv product's unscaled heads, where `takes_qkv_scales` says so."""
         k_cache, v_cache = kv_cache
         scaled = self.kv_scales.applies(k_cache)
+        assert qkv_scales is None or self.takes_qkv_scales(kv_cache)
         if scaled:
             q, k, v = self.kv_scales.into_cache(q, k, v)
         if written:
@@ -73,12 +76,21 @@ class PagedAttention(nn.Module):
             self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         else:
             self.backend.rotate_and_write_kv(
-                q, k, v, positions, self.rotary, k_cache, v_cache, meta.slot_mapping
+                q, k, v, positions, self.rotary, k_cache, v_cache, meta.slot_mapping, qkv_scales
             )
         out = self._attend(q, k, v, k_cache, v_cache, meta)
         if scaled:
             out = self.kv_scales.out_of_cache(out)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def takes_qkv_scales(self, kv_cache: KVCache) -> bool:
+        """Whether `forward` can apply an FP8 qkv product's scales in its rotary + KV write: a
+        rotary model on a backend that does it, no checkpoint KV scales to apply before."""
+        return (
+            self.rotary is not None
+            and self.backend.scales_qkv
+            and not self.kv_scales.applies(kv_cache[0])
+        )
 
     def rope_kv(
         self, positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata

@@ -11,6 +11,7 @@ from shardline.shards.layers.rotary import RotaryEmbedding
 
 class TorchNativeBackend:
     name = "torch"
+    scales_qkv = False
 
     def write_kv(
         self,
@@ -36,6 +37,7 @@ class TorchNativeBackend:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        qkv_scales: None = None,  # scales_qkv is off: the layer applies them before
     ) -> None:
         rotary.rotate_(q, positions)
         rotary.rotate_(k, positions)

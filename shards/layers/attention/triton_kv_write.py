@@ -2,7 +2,9 @@
 
 One program per token rotates the token's q and k heads in place (rounding exactly as
 triton_rotary does, whose jitted helpers it shares) and scatters the rotated keys and the values
-into the cache at its slot, so k is read once. Negative slots (padded rows of a CUDA graph) are
+into the cache at its slot, so k is read once. Heads of an FP8 qkv projection's unscaled product
+(fp8.ScaledProduct) get their scales applied as they are read, and q, k and v written back
+scaled. Negative slots (padded rows of a CUDA graph) are
 rotated but not written. Models without rotary embeddings (learned positions, ALiBi) take the
 same kernel with ROTATE off: k and v are only written. No host synchronization, and the token
 count reaches the kernel only through the grid: it sits inside CUDA graphs and nothing compiles
@@ -17,7 +19,7 @@ import triton.language as tl
 
 from shardline.shards.kv_cache import is_keys_major
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
-from shardline.shards.layers.triton_rotary import load_cos_sin, rotate_heads
+from shardline.shards.layers.triton_rotary import load_cos_sin, rotate_heads, scaled_value
 
 
 @triton.jit
@@ -47,6 +49,24 @@ def finite_values(v, V_KEYS_MAJOR: tl.constexpr):
 
 
 @triton.jit
+def _read_heads(
+    src, row_scale, col_scale_ptr, offs_h, offs_d, mask, HALF: tl.constexpr, SCALED: tl.constexpr
+):
+    """The two halves of a token's KV heads at `src` ([heads, dims] pointers); with SCALED an
+    FP8 product's unscaled heads, returned scaled and written back so (the attention reads them
+    there too)."""
+    x1 = tl.load(src, mask=mask, other=0.0)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0)
+    if SCALED:
+        cols = offs_h[:, None] * (2 * HALF) + offs_d[None, :]
+        x1 = scaled_value(x1, row_scale, col_scale_ptr + cols, mask)
+        x2 = scaled_value(x2, row_scale, col_scale_ptr + HALF + cols, mask)
+        tl.store(src, x1, mask=mask)
+        tl.store(src + HALF, x2, mask=mask)
+    return x1, x2
+
+
+@triton.jit
 def _rotate_write_kv_kernel(
     q_ptr,
     k_ptr,
@@ -57,6 +77,8 @@ def _rotate_write_kv_kernel(
     k_cache_ptr,
     v_cache_ptr,
     slot_mapping_ptr,
+    row_scale_ptr,
+    col_scale_ptr,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -80,6 +102,7 @@ def _rotate_write_kv_kernel(
     BLOCK_HALF: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     ROTATE: tl.constexpr,
+    SCALED: tl.constexpr,
     V_KEYS_MAJOR: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -89,25 +112,30 @@ def _rotate_write_kv_kernel(
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_KV_H)
     offs_d = tl.arange(0, BLOCK_HALF)
-    # the slot's test broadcast first: Triton's interpreter (3.9) turns a scalar ANDed into a
-    # block mask into integers, which its loads refuse
-    writes = tl.zeros_like(offs_d)[None, :] + slot >= 0
-    mask = writes & (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HALF)
+    heads_mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HALF)
+    # the slot broadcast first: Triton's CPU interpreter refuses a scalar condition in a mask
+    mask = heads_mask & ((tl.zeros([BLOCK_KV_H, BLOCK_HALF], dtype=tl.int64) + slot) >= 0)
+    row_scale = 1.0
+    if SCALED:  # the qkv columns: q heads, k heads, v heads of 2 * HALF each
+        row_scale = tl.load(row_scale_ptr + token)
+    k_scales = col_scale_ptr + NUM_HEADS * 2 * HALF
+    v_scales = k_scales + NUM_KV_HEADS * 2 * HALF
     if ROTATE:
         position = tl.load(positions_ptr + token).to(tl.int64)
         cos, sin = load_cos_sin(
             cos_ptr, sin_ptr, position, stride_cos, stride_sin, HALF, BLOCK_HALF
         )
         rotate_heads(
-            q_ptr, token, stride_qt, stride_qh, NUM_HEADS, cos, sin, HALF, BLOCK_H, BLOCK_HALF
-        )
+            q_ptr, token, stride_qt, stride_qh, NUM_HEADS, cos, sin, HALF, BLOCK_H, BLOCK_HALF,
+            row_scale, col_scale_ptr, SCALED,
+        )  # fmt: skip
         k1, k2 = rotate_heads(
-            k_ptr, token, stride_kt, stride_kh, NUM_KV_HEADS, cos, sin, HALF, BLOCK_KV_H, BLOCK_HALF
-        )
+            k_ptr, token, stride_kt, stride_kh, NUM_KV_HEADS, cos, sin, HALF, BLOCK_KV_H,
+            BLOCK_HALF, row_scale, k_scales, SCALED,
+        )  # fmt: skip
     else:
         k_src = k_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :]
-        k1 = tl.load(k_src, mask=mask)
-        k2 = tl.load(k_src + HALF, mask=mask)
+        k1, k2 = _read_heads(k_src, row_scale, k_scales, offs_h, offs_d, heads_mask, HALF, SCALED)
     k_dst = _cache_ptrs(
         k_cache_ptr, slot, stride_kcb, stride_kct, stride_kch, 1, offs_h, offs_d, PAGE_SIZE
     )
@@ -116,8 +144,8 @@ def _rotate_write_kv_kernel(
         PAGE_SIZE,
     )  # fmt: skip
     v_src = v_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
-    v1 = finite_values(tl.load(v_src, mask=mask), V_KEYS_MAJOR)
-    v2 = finite_values(tl.load(v_src + HALF, mask=mask), V_KEYS_MAJOR)
+    v1, v2 = _read_heads(v_src, row_scale, v_scales, offs_h, offs_d, heads_mask, HALF, SCALED)
+    v1, v2 = finite_values(v1, V_KEYS_MAJOR), finite_values(v2, V_KEYS_MAJOR)
     k_dtype = k_cache_ptr.dtype.element_ty
     v_dtype = v_cache_ptr.dtype.element_ty
     tl.store(k_dst, k1.to(k_dtype), mask=mask)
@@ -154,17 +182,22 @@ def rotate_and_write_kv_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    qkv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Rotates q [tokens, heads, dim] and k [tokens, kv_heads, dim] in place by cos/sin
     [max_pos, dim / 2] at `positions` (as triton_rotary.rotate_in_place), then writes k and v
     into the caches at slot_mapping (negative slots skipped); one launch. Without cos/sin
-    (write_kv_cache) nothing is rotated."""
+    (write_kv_cache) nothing is rotated. `qkv_scales` (row [tokens], column [(heads + 2 *
+    kv_heads) * dim]): q, k and v are an FP8 product's unscaled heads, written back scaled."""
     num_tokens, num_heads, head_dim = q.shape
     if num_tokens == 0:
         return
     rotate = cos is not None
     if not rotate:  # unread stand-ins
+        if qkv_scales is not None:
+            raise ValueError("qkv scales come with a rotation (q's columns lead the product)")
         positions, cos, sin = slot_mapping, k_cache[0, 0], k_cache[0, 0]
+    row_scale, col_scale = qkv_scales or (slot_mapping, slot_mapping)  # unread stand-ins
     _check_contiguous_last_dim(q=q, k=k, v=v, cos=cos, sin=sin, k_cache=k_cache)
     num_kv_heads, half = k.shape[1], head_dim // 2
     _rotate_write_kv_kernel[(num_tokens,)](
@@ -177,6 +210,8 @@ def rotate_and_write_kv_cache(
         k_cache,
         v_cache,
         slot_mapping,
+        row_scale,
+        col_scale,
         *q.stride()[:2],
         *k.stride()[:2],
         *v.stride()[:2],
@@ -192,6 +227,7 @@ def rotate_and_write_kv_cache(
         BLOCK_HALF=triton.next_power_of_2(half),
         PAGE_SIZE=k_cache.shape[1],
         ROTATE=rotate,
+        SCALED=qkv_scales is not None,
         V_KEYS_MAJOR=is_keys_major(v_cache),
         num_warps=4,
         enable_fp_fusion=False,  # an FMA would skip the rounding of a product

@@ -27,6 +27,7 @@ def _flash_attn_varlen() -> Callable[..., torch.Tensor] | None:
 
 class TritonAttentionBackend:
     name = "triton"
+    scales_qkv = True
 
     def __init__(self, device: torch.device | str = "cuda", use_flash_attn: bool = True) -> None:
         self.device = torch.device(device)
@@ -51,9 +52,10 @@ class TritonAttentionBackend:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        qkv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self._rotate_and_write_kv(
-            q, k, v, positions, rotary.cos, rotary.sin, k_cache, v_cache, slot_mapping
+            q, k, v, positions, rotary.cos, rotary.sin, k_cache, v_cache, slot_mapping, qkv_scales
         )
 
     def write_kv(
