@@ -58,6 +58,21 @@ def scaled_value(raw, row_scale, col_scale_ptrs, mask):
 
 
 @triton.jit
+def load_halves(
+    first, row_scale, col_scale_ptr, offs_h, offs_d, mask, HALF: tl.constexpr, SCALED: tl.constexpr
+):
+    """Heads' two halves at `first` ([heads, dims] pointers to the first); with SCALED an FP8
+    product's unscaled heads, returned scaled (see rotate_heads)."""
+    x1 = tl.load(first, mask=mask, other=0.0)
+    x2 = tl.load(first + HALF, mask=mask, other=0.0)
+    if SCALED:
+        cols = offs_h[:, None] * (2 * HALF) + offs_d[None, :]
+        x1 = scaled_value(x1, row_scale, col_scale_ptr + cols, mask)
+        x2 = scaled_value(x2, row_scale, col_scale_ptr + HALF + cols, mask)
+    return x1, x2
+
+
+@triton.jit
 def rotate_heads(
     x_ptr,
     token,
@@ -82,12 +97,7 @@ def rotate_heads(
     offs_d = tl.arange(0, BLOCK_HALF)
     mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HALF)
     first = x_ptr + token * stride_xt + offs_h[:, None] * stride_xh + offs_d[None, :]
-    x1 = tl.load(first, mask=mask, other=0.0)
-    x2 = tl.load(first + HALF, mask=mask, other=0.0)
-    if SCALED:
-        cols = offs_h[:, None] * (2 * HALF) + offs_d[None, :]
-        x1 = scaled_value(x1, row_scale, col_scale_ptr + cols, mask)
-        x2 = scaled_value(x2, row_scale, col_scale_ptr + HALF + cols, mask)
+    x1, x2 = load_halves(first, row_scale, col_scale_ptr, offs_h, offs_d, mask, HALF, SCALED)
     dtype = x_ptr.dtype.element_ty
     out1, out2 = rotate_halves(x1.to(tl.float32), x2.to(tl.float32), cos, sin, dtype)
     tl.store(first, out1, mask=mask)

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from shardline.shards.kv_cache import is_keys_major
 from shardline.shards.layers.pdl import allow_dependents, pdl_launch, wait_for_inputs
-from shardline.shards.layers.triton_rotary import load_cos_sin, rotate_heads, scaled_value
+from shardline.shards.layers.triton_rotary import load_cos_sin, load_halves, rotate_heads
 
 
 @triton.jit
@@ -55,12 +55,8 @@ def _read_heads(
     """The two halves of a token's KV heads at `src` ([heads, dims] pointers); with SCALED an
     FP8 product's unscaled heads, returned scaled and written back so (the attention reads them
     there too)."""
-    x1 = tl.load(src, mask=mask, other=0.0)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0)
+    x1, x2 = load_halves(src, row_scale, col_scale_ptr, offs_h, offs_d, mask, HALF, SCALED)
     if SCALED:
-        cols = offs_h[:, None] * (2 * HALF) + offs_d[None, :]
-        x1 = scaled_value(x1, row_scale, col_scale_ptr + cols, mask)
-        x2 = scaled_value(x2, row_scale, col_scale_ptr + HALF + cols, mask)
         tl.store(src, x1, mask=mask)
         tl.store(src + HALF, x2, mask=mask)
     return x1, x2
