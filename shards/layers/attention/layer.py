@@ -67,7 +67,6 @@ class PagedAttention(nn.Module):
         qkv product's unscaled heads, where `takes_qkv_scales` says so."""
         k_cache, v_cache = kv_cache
         scaled = self.kv_scales.applies(k_cache)
-        assert qkv_scales is None or self.takes_qkv_scales(kv_cache)
         if scaled:
             q, k, v = self.kv_scales.into_cache(q, k, v)
         if written:
