@@ -83,3 +83,31 @@ def kernels_by_call(
             current = next(kinds, current)
         else:
             yield current, kernel
+
+
+def idle_by_call(
+    kernels: list[tuple[float, float, str]], marks: CallMarks
+) -> dict[str, dict[str, float]]:
+    """Per call kind, the GPU's idle seconds between kernels: `host_s` where the gap ends at a
+    call's marker or at its first kernel after one (the device had run out of queued work while
+    the host was between calls or preparing one), `within_s` where it falls between two of a
+    call's own kernels (launches slower than the kernels, or a wait inside the call); each gap
+    counts for the call whose kernel ends it."""
+    split: dict[str, dict[str, float]] = collections.defaultdict(
+        lambda: {"host_s": 0.0, "within_s": 0.0}
+    )
+    kinds = iter(marks.kinds)
+    current, end, after_marker = OUTSIDE, None, True
+    for start, stop, name in sorted(kernels):
+        is_marker = MARKER_KERNEL in name
+        if is_marker:
+            current = next(kinds, current)
+        if end is not None and start > end:
+            key = "host_s" if is_marker or after_marker else "within_s"
+            split[current][key] += (start - end) / 1e6
+        after_marker = is_marker
+        end = stop if end is None else max(end, stop)
+    return {
+        kind: {key: round(seconds, 3) for key, seconds in entry.items()}
+        for kind, entry in sorted(split.items())
+    }

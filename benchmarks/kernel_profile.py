@@ -13,7 +13,13 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.call_marks import MARKER_KERNEL, CallMarks, kernels_by_call, recording
+from benchmarks.call_marks import (
+    MARKER_KERNEL,
+    CallMarks,
+    idle_by_call,
+    kernels_by_call,
+    recording,
+)
 from benchmarks.gpu_idle import gpu_idle
 
 # First match wins; names are cuBLAS/CUTLASS GEMMs, this repository's Triton kernels, torch ops.
@@ -80,7 +86,8 @@ def time_by_call(kernels: list[tuple[float, float, str]], marks: CallMarks) -> d
 
 def kernel_profile(run: Callable[[], object], top: int = 25) -> dict:
     """Runs `run` under the profiler; GPU seconds per class, the `top` kernels by time, the
-    time by engine call kind (time_by_call), and where the GPU sat idle (gpu_idle)."""
+    time by engine call kind (time_by_call), and where the GPU sat idle (gpu_idle; by call
+    kind: idle_by_call)."""
     torch.cuda.synchronize()
     started = time.perf_counter()
     with recording() as marks, profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -114,4 +121,5 @@ def kernel_profile(run: Callable[[], object], top: int = 25) -> dict:
         ],
         "by_call": time_by_call(intervals, marks),
         "gpu_idle": gpu_idle(intervals, region),
+        "idle_by_call": idle_by_call(intervals, marks),
     }

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks import kernel_profile as kernel_profile_module
-from benchmarks.call_marks import LAUNCHED_AHEAD, OUTSIDE, CallMarks, engine_call
+from benchmarks.call_marks import LAUNCHED_AHEAD, OUTSIDE, CallMarks, engine_call, idle_by_call
 from benchmarks.gpu_idle import Gap, gap_buckets, gpu_idle, merged_gaps
 from benchmarks.kernel_profile import device_kernels, kernel_profile, time_by_call
 
@@ -169,6 +169,26 @@ def test_gap_sites_rank_kernel_pairs_by_idle_time_within_each_size():
         {"before": "sampler", "after": "graph_tail", "count": 3, "s": 0.00003}
     ]
     assert sites[">2ms"][0]["count"] == 1 and sites["0.2-2ms"] == []
+
+
+def test_idle_by_call_tells_the_host_between_calls_from_gaps_inside_one():
+    ms = 1000.0
+    marks = CallMarks()
+    marks.kinds = ["mixed", OUTSIDE, "decode", OUTSIDE]
+    spin = "void spin_kernel(long)"
+    kernels = [
+        (0.0, 1.0, spin),  # a mixed call opens: the host prepares it for ~50 ms
+        (50 * ms, 100 * ms, "nvjet_gemm"),
+        (130 * ms, 200 * ms, "_varlen_causal_kernel"),  # 30 ms between two of its launches
+        (200 * ms, 201 * ms, spin),
+        (260 * ms, 261 * ms, spin),  # the decode call opens 59 ms after the device ran dry
+        (261 * ms, 300 * ms, "nvjet_gemm"),
+        (300 * ms, 301 * ms, spin),
+    ]
+    assert idle_by_call(list(reversed(kernels)), marks) == {
+        "decode": {"host_s": 0.059, "within_s": 0.0},
+        "mixed": {"host_s": 0.05, "within_s": 0.03},
+    }
 
 
 def test_time_by_call_counts_each_kernel_for_the_call_whose_marker_precedes_it():
