@@ -294,13 +294,12 @@ def grow_blocks(
     ]
     if not needy:
         return positions
-    for row in needy:
-        seq = batch.sequences[row]
-        if len(seq.blocks) >= batch.block_table.shape[1]:
-            raise RuntimeError(f"request {seq.request_id} outgrew its block table")
-    new_blocks = allocator.allocate(len(needy))
     columns = [len(batch.sequences[row].blocks) for row in needy]
-    # one indexed write (a tensor's item assignment costs ~3 µs a row, every step at 256 rows)
+    for row, column in zip(needy, columns, strict=True):
+        if column >= batch.block_table.shape[1]:
+            raise RuntimeError(f"request {batch.sequences[row].request_id} outgrew its block table")
+    new_blocks = allocator.allocate(len(needy))
+    # one indexed write: an item assignment costs ~3 µs a row (256 rows on pages of 16: ~16 a step)
     batch.block_table[needy, columns] = torch.tensor(new_blocks, dtype=batch.block_table.dtype)
     for row, block in zip(needy, new_blocks, strict=True):
         batch.sequences[row].blocks.append(block)
