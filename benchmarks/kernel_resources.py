@@ -85,7 +85,7 @@ def constants(kernel: str, config: DecodeConfig, fp8: bool) -> dict[str, object]
     if kernel == "split":
         shape |= dict(SPLIT=False, LAST_MERGES=False, BLOCK_S=1)
     else:
-        shape["BLOCK_B"] = MIN_BLOCK_B
+        shape |= dict(BLOCK_B=MIN_BLOCK_B, LAST_MERGES=True)
     return shape
 
 

@@ -15,7 +15,7 @@ import torch
 from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
 from shardline.shards.kv_cache import allocate_pool, is_keys_major, keys_major_values
-from shardline.shards.layers.attention import triton_decode
+from shardline.shards.layers.attention import merge_counters
 from shardline.shards.layers.attention.decode_plan import (
     BalancedPlan,
     DecodeConfig,
@@ -221,9 +221,9 @@ def test_decode_replays_in_cuda_graph() -> None:
 
 @pytest.mark.parametrize("merged_by", ["the last split", "a second kernel"])
 def test_splits_merge_either_way_and_leave_their_counters_zeroed(monkeypatch, merged_by: str):
-    monkeypatch.setattr(triton_decode, "_COUNTERS", {})
+    monkeypatch.setattr(merge_counters, "_COUNTERS", {})
     if merged_by == "a second kernel":
-        monkeypatch.setattr(triton_decode, "SPLIT_COUNTERS", 0)  # no call fits the buffer
+        monkeypatch.setattr(merge_counters, "COUNTERS", 0)  # no call fits the buffer
     case = PagedCase([0, 1, 33, 257, LONG], 8, 2, 64, torch.float16)
     for splits in (5, 2, 5):  # each call finds the counters the last one reset
         out = paged_decode_attention(
@@ -231,7 +231,7 @@ def test_splits_merge_either_way_and_leave_their_counters_zeroed(monkeypatch, me
             DecodeConfig(), SplitPlan(splits),
         )  # fmt: skip
         _assert_close_rows(out, case.reference(), torch.float16)
-    assert not triton_decode._COUNTERS[DEVICE].any()
+    assert not merge_counters._COUNTERS[DEVICE].any()
 
 
 @pytest.mark.skipif(INTERPRET, reason="CUDA graphs need a GPU")

@@ -34,6 +34,7 @@ from shardline.shards.layers.attention.decode_plan import (
     multiprocessor_count,
     plan_decode,
 )
+from shardline.shards.layers.attention.merge_counters import merge_counters
 from shardline.shards.layers.attention.triton_decode_balanced import balanced_decode_attention
 from shardline.shards.layers.attention.triton_tiles import (
     LOG2E,
@@ -251,25 +252,6 @@ def _merge_splits_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
-# Enough for any split call the plans make (they split only batches that leave SMs idle); a
-# larger forced one merges in a second kernel.
-SPLIT_COUNTERS = 1 << 16
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def split_counters(device: torch.device, needed: int) -> torch.Tensor | None:
-    """Zeroed int32 counters in which a call's split programs count themselves, a (row, KV
-    head)'s last one merging and resetting its own: one buffer per device for the process (a
-    captured graph keeps its address), made outside a CUDA graph capture; None where `needed`
-    exceeds it or a capture comes first."""
-    counters = _COUNTERS.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counters = _COUNTERS[device] = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
-    return counters if needed <= SPLIT_COUNTERS else None
-
-
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -361,7 +343,7 @@ def paged_decode_attention(
         (batch, num_heads, plan.num_splits, head_dim), dtype=torch.float32, device=q.device
     )
     lse = torch.empty((batch, num_heads, plan.num_splits), dtype=torch.float32, device=q.device)
-    counters = split_counters(q.device, batch * num_kv_heads)
+    counters = merge_counters(q.device, batch * num_kv_heads)
     block_s = triton.next_power_of_2(plan.num_splits)
     _paged_decode_kernel[grid](
         *common,
