@@ -47,7 +47,7 @@ UNALIGNED = {"stride_lh", "stride_lt", "batch", "num_splits"}
 
 
 FLOAT32_POINTERS = {"lse_ptr", "part_ptr"}
-INT32_POINTERS = {"block_tables_ptr", "context_lens_ptr"}
+INT32_POINTERS = {"block_tables_ptr", "context_lens_ptr", "counter_ptr"}
 CACHE_POINTERS = {"k_cache_ptr", "v_cache_ptr"}
 FLOAT32_SCALARS = {"qk_scale", "softcap"}
 
@@ -83,9 +83,9 @@ def constants(kernel: str, config: DecodeConfig, fp8: bool) -> dict[str, object]
     )  # fmt: skip
     shape["stride_vt" if keys_major else "stride_vd"] = 1
     if kernel == "split":
-        shape["SPLIT"] = False
+        shape |= dict(SPLIT=False, LAST_MERGES=False, BLOCK_S=1)
     else:
-        shape["BLOCK_B"] = MIN_BLOCK_B
+        shape |= dict(BLOCK_B=MIN_BLOCK_B, LAST_MERGES=True)
     return shape
 
 

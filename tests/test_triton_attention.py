@@ -15,6 +15,7 @@ import torch
 from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
 from shardline.shards.kv_cache import allocate_pool, is_keys_major, keys_major_values
+from shardline.shards.layers.attention import merge_counters
 from shardline.shards.layers.attention.decode_plan import (
     BalancedPlan,
     DecodeConfig,
@@ -216,6 +217,39 @@ def test_decode_replays_in_cuda_graph() -> None:
     out.fill_(float("nan"))
     graph.replay()
     _assert_close_rows(out, fresh.reference(), dtype)
+
+
+@pytest.mark.parametrize("merged_by", ["the last split", "a second kernel"])
+def test_splits_merge_either_way_and_leave_their_counters_zeroed(monkeypatch, merged_by: str):
+    monkeypatch.setattr(merge_counters, "_COUNTERS", {})
+    if merged_by == "a second kernel":
+        monkeypatch.setattr(merge_counters, "COUNTERS", 0)  # no call fits the buffer
+    case = PagedCase([0, 1, 33, 257, LONG], 8, 2, 64, torch.float16)
+    for splits in (5, 2, 5):  # each call finds the counters the last one reset
+        out = paged_decode_attention(
+            case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale,
+            DecodeConfig(), SplitPlan(splits),
+        )  # fmt: skip
+        _assert_close_rows(out, case.reference(), torch.float16)
+    assert not merge_counters._COUNTERS[DEVICE].any()
+
+
+@pytest.mark.skipif(INTERPRET, reason="CUDA graphs need a GPU")
+def test_split_decode_merges_right_on_every_replay() -> None:
+    """The last split program of each (row, KV head) merges: a race between the partials'
+    stores and its loads, or a counter left unreset, shows on some of many replays."""
+    case = PagedCase([1, 700, 129, 2000, 0, 63], 32, 8, 128, torch.bfloat16)
+    args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale)
+    plan = SplitPlan(16)
+    paged_decode_attention(*args, DecodeConfig(), plan)  # compiled and counters made outside
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_decode_attention(*args, DecodeConfig(), plan)
+    expected = case.reference()
+    for _ in range(200):
+        out.fill_(float("nan"))
+        graph.replay()
+        _assert_close_rows(out, expected, torch.bfloat16)
 
 
 class RotateWriteCase:

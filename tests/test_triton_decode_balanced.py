@@ -10,6 +10,7 @@ import torch
 from tests.triton_device import DEVICE, INTERPRET  # isort: skip (skips first)
 
 from shardline.shards.layers.alibi import alibi_slopes
+from shardline.shards.layers.attention import merge_counters
 from shardline.shards.layers.attention.decode_plan import BalancedPlan, DecodeConfig
 from shardline.shards.layers.attention.triton_decode_balanced import (
     balanced_decode_attention,
@@ -97,6 +98,35 @@ def test_balanced_decode_softcap(programs: int) -> None:
 def test_balanced_decode_batch_one_long_context() -> None:
     case = PagedCase([LONG], 32, 8, 128, DTYPES[0])
     _assert_close_rows(_decode(case, 4), case.reference(), DTYPES[0])
+
+
+@pytest.mark.parametrize("merged_by", ["the last program", "a second kernel"])
+def test_balanced_parts_merge_either_way_and_leave_their_counters_zeroed(monkeypatch, merged_by):
+    monkeypatch.setattr(merge_counters, "_COUNTERS", {})
+    if merged_by == "a second kernel":
+        monkeypatch.setattr(merge_counters, "COUNTERS", 0)  # no call fits the buffer
+    case = PagedCase(CONTEXTS, 8, 2, 64, torch.float16)
+    for programs in (7, 3, 7):  # each call finds the counters the last one reset
+        _assert_close_rows(_decode(case, programs), case.reference(), torch.float16)
+    assert not merge_counters._COUNTERS[DEVICE].any()
+
+
+@pytest.mark.skipif(INTERPRET, reason="CUDA graphs need a GPU")
+def test_balanced_parts_merge_right_on_every_replay() -> None:
+    """The last of a row's programs merges its parts: a race between the parts' stores and its
+    loads, or a counter left unreset, shows on some of many replays."""
+    case = PagedCase([1, 700, 129, 2000, 0, 63, *range(40, 2000, 37)], 32, 8, 128, torch.bfloat16)
+    args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.context_lens, case.scale)
+    schedule = (DecodeConfig(num_stages=5), BalancedPlan(4))
+    balanced_decode_attention(*args, *schedule)  # compiled and counters made outside
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = balanced_decode_attention(*args, *schedule)
+    expected = case.reference()
+    for _ in range(200):
+        out.fill_(float("nan"))
+        graph.replay()
+        _assert_close_rows(out, expected, torch.bfloat16)
 
 
 @pytest.mark.skipif(INTERPRET, reason="CUDA graphs need a GPU")

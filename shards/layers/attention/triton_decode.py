@@ -4,7 +4,9 @@ triton_decode_balanced.py.
 
 One program handles every query head that shares a KV head, so each K/V tile is read once per
 group. When the batch alone cannot fill the GPU, the context is cut into partitions handled by
-separate programs whose partial results a second kernel merges (log-sum-exp weighted).
+separate programs whose partial results are merged (log-sum-exp weighted) by the last of them
+to finish, counted in a per-device buffer of counters (a second kernel merges where none is
+at hand): one launch a layer less on a short step.
 
 The launch shape depends only on tensor shapes (batch, heads, block-table width), never on
 context lengths, and nothing is read back to the host: the call can be captured in a CUDA graph.
@@ -32,6 +34,7 @@ from shardline.shards.layers.attention.decode_plan import (
     multiprocessor_count,
     plan_decode,
 )
+from shardline.shards.layers.attention.merge_counters import merge_counters
 from shardline.shards.layers.attention.triton_decode_balanced import balanced_decode_attention
 from shardline.shards.layers.attention.triton_tiles import (
     LOG2E,
@@ -66,6 +69,8 @@ def _paged_decode_kernel(
     context_lens_ptr,
     out_ptr,
     lse_ptr,
+    merged_ptr,
+    counter_ptr,
     alibi_ptr,
     qk_scale,
     softcap,
@@ -85,6 +90,8 @@ def _paged_decode_kernel(
     stride_os,
     stride_lt,
     stride_lh,
+    stride_mt,
+    stride_mh,
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -98,6 +105,8 @@ def _paged_decode_kernel(
     SOFTCAP: tl.constexpr,
     FP8_IN_FP16: tl.constexpr,
     V_KEYS_MAJOR: tl.constexpr,
+    LAST_MERGES: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     allow_dependents(USE_PDL)
@@ -145,9 +154,51 @@ def _paged_decode_kernel(
     if SPLIT:
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(out_ptrs + split * stride_os, out, mask=out_mask)
-        tl.store(lse_ptr + seq * stride_lt + heads * stride_lh + split, lse, mask=g_mask)
+        lse_row = lse_ptr + seq * stride_lt + heads * stride_lh
+        tl.store(lse_row + split, lse, mask=g_mask)
+        if LAST_MERGES:
+            _merge_if_last(
+                out_ptrs, lse_row, merged_ptr + seq * stride_mt + heads[:, None] * stride_mh + offs_d[None, :],
+                counter_ptr + seq * tl.num_programs(1) + kv_head, num_splits, context_len, g_mask,
+                out_mask, stride_os, BLOCK_N, BLOCK_S, WINDOW,
+            )  # fmt: skip
     else:
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _merge_if_last(
+    partial_ptrs, lse_row, merged_ptrs, counter_ptr, num_splits, context_len, g_mask, out_mask,
+    stride_ps, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, WINDOW: tl.constexpr,
+):  # fmt: skip
+    """The (row, KV head)'s last split program to finish merges every split's partial output
+    (log-sum-exp weighted) into `merged_ptrs`, and resets the counter for the next call. The
+    barrier, then one release-acquire increment, orders every thread's partial stores before
+    the last program's loads, which skip L1 (.cg): a split's partial is on another SM."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == num_splits - 1:
+        first, partition_tiles = _partition_tiles(context_len, num_splits, BLOCK_N, WINDOW)
+        used_splits = tl.cdiv(tl.cdiv(context_len - first, BLOCK_N), partition_tiles)
+        offs_s = tl.arange(0, BLOCK_S)
+        lse_ptrs = lse_row[:, None] + offs_s[None, :]
+        lse_mask = g_mask[:, None] & (offs_s[None, :] < used_splits)
+        lse = tl.load(lse_ptrs, mask=lse_mask, other=float("-inf"), cache_modifier=".cg")
+        lse_max = tl.max(lse, axis=1)
+        lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+        total = tl.sum(tl.exp2(lse - lse_max[:, None]), axis=1)
+        acc = tl.zeros(partial_ptrs.shape, dtype=tl.float32)
+        for split in range(0, used_splits):
+            lse_split = tl.load(
+                lse_row + split, mask=g_mask, other=float("-inf"), cache_modifier=".cg"
+            )
+            partial = tl.load(
+                partial_ptrs + split * stride_ps, mask=out_mask, other=0.0, cache_modifier=".cg"
+            )
+            acc += tl.exp2(lse_split - lse_max)[:, None] * partial
+        merged = acc / tl.where(total > 0.0, total, 1.0)[:, None]
+        tl.store(merged_ptrs, merged.to(merged_ptrs.dtype.element_ty), mask=out_mask)
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -269,6 +320,8 @@ def paged_decode_attention(
             *common,
             out,
             out,
+            out,
+            context_lens,
             alibi,
             qk_scale,
             softcap_log2,
@@ -278,7 +331,11 @@ def paged_decode_attention(
             0,
             0,
             0,
+            0,
+            0,
             SPLIT=False,
+            LAST_MERGES=False,
+            BLOCK_S=1,
             **shape,
         )
         return out
@@ -286,10 +343,14 @@ def paged_decode_attention(
         (batch, num_heads, plan.num_splits, head_dim), dtype=torch.float32, device=q.device
     )
     lse = torch.empty((batch, num_heads, plan.num_splits), dtype=torch.float32, device=q.device)
+    counters = merge_counters(q.device, batch * num_kv_heads)
+    block_s = triton.next_power_of_2(plan.num_splits)
     _paged_decode_kernel[grid](
         *common,
         partial,
         lse,
+        out,
+        context_lens if counters is None else counters,
         alibi,
         qk_scale,
         softcap_log2,
@@ -297,9 +358,14 @@ def paged_decode_attention(
         *strides,
         *partial.stride()[:3],
         *lse.stride()[:2],
+        *out.stride()[:2],
         SPLIT=True,
+        LAST_MERGES=counters is not None,
+        BLOCK_S=block_s,
         **shape,
     )
+    if counters is not None:
+        return out
     _merge_splits_kernel[(batch, num_heads)](
         partial,
         lse,
@@ -311,7 +377,7 @@ def paged_decode_attention(
         *out.stride()[:2],
         HEAD_DIM=head_dim,
         BLOCK_D=shape["BLOCK_D"],
-        BLOCK_S=triton.next_power_of_2(plan.num_splits),
+        BLOCK_S=block_s,
         BLOCK_N=config.block_n,
         WINDOW=window,
         num_warps=4,

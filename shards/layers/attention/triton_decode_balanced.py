@@ -6,9 +6,11 @@ uneven contexts of a large batch mid-run (a few tiles per row) each program pays
 and the last programs leave SMs idle. Here the tiles of every row, laid end to end, are cut into
 equal runs, one per program (a few per SM, for each KV head): a program walks its run across row
 boundaries in one pipelined loop, writing a row's output itself when the row lies wholly in its
-run, else the row's part (normalized, with its log-sum-exp) to a scratch slot that a second
-kernel merges. It pays where rows are short and many (decode_plan.py has the figures); its merge
-walks a row's parts one by one, so a few long rows are the split kernel's.
+run, else the row's part (normalized, with its log-sum-exp) to a scratch slot. A program holds at
+most two such parts (its run's first and last rows); after its loop it counts itself in for
+each, and the last of a row's programs merges the row's parts (a second kernel merges where no
+counters are at hand). It pays where rows are short and many (decode_plan.py has the figures);
+its merge walks a row's parts one by one, so a few long rows are the split kernel's.
 
 The slot of a row's part is row + program: along the runs both only grow, so no two parts share
 one. Launch shapes depend only on tensor shapes and the device: the call can be captured in a
@@ -29,6 +31,7 @@ from shardline.shards.layers.attention.decode_plan import (
     fp8_in_fp16,
     multiprocessor_count,
 )
+from shardline.shards.layers.attention.merge_counters import merge_counters
 from shardline.shards.layers.attention.triton_tiles import (
     LOG2E,
     alibi_log2_slopes,
@@ -57,6 +60,15 @@ def _row_tiles(context_lens_ptr, batch, BLOCK_B: tl.constexpr, BLOCK_N: tl.const
     return tiles, tl.cumsum(tiles, 0)
 
 
+@triton.jit
+def _row_of_tile(t, ends, total):
+    """The row of tile t, and where its tiles begin and end along the run of all tiles."""
+    row = tl.sum((ends <= t).to(tl.int32), 0)
+    row_begin = tl.max(tl.where(ends <= t, ends, 0), 0)
+    row_end = tl.min(tl.where(ends > t, ends, total), 0)
+    return row, row_begin, row_end
+
+
 # Per-call sizes: specialized on their values, they would compile new variants after warmup.
 @triton.jit(do_not_specialize=["batch", "stride_bt"])
 def _balanced_decode_kernel(
@@ -68,6 +80,7 @@ def _balanced_decode_kernel(
     out_ptr,
     part_ptr,
     lse_ptr,
+    counter_ptr,
     alibi_ptr,
     qk_scale,
     softcap,
@@ -100,6 +113,7 @@ def _balanced_decode_kernel(
     SOFTCAP: tl.constexpr,
     FP8_IN_FP16: tl.constexpr,
     V_KEYS_MAJOR: tl.constexpr,
+    LAST_MERGES: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     allow_dependents(USE_PDL)
@@ -123,10 +137,7 @@ def _balanced_decode_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for t in range(run_start, run_end):
-        # the row of tile t, where its tiles begin and end along the run of all tiles
-        row = tl.sum((ends <= t).to(tl.int32), 0)
-        row_begin = tl.max(tl.where(ends <= t, ends, 0), 0)
-        row_end = tl.min(tl.where(ends > t, ends, total), 0)
+        row, row_begin, row_end = _row_of_tile(t, ends, total)
         context_len = tl.load(context_lens_ptr + row)
         tile_start = first_key(context_len, WINDOW, BLOCK_N) + (t - row_begin) * BLOCK_N
         pos = tile_start + offs_n
@@ -162,6 +173,87 @@ def _balanced_decode_kernel(
             m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
             l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
             acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    if LAST_MERGES:
+        counters = counter_ptr + kv_head
+        if run_start < run_end:  # its run's first and last rows, where other programs share them
+            row, row_begin, row_end = _row_of_tile(run_start, ends, total)
+            if (row_begin < run_start) | (row_end > run_end):
+                _merge_if_last(
+                    row, row_begin // run, (row_end - 1) // run, part_ptr, lse_ptr, out_ptr,
+                    counters, stride_pt, stride_ph, stride_lt, stride_ot, stride_oh, heads, offs_d,
+                    qd_mask, g_mask,
+                )  # fmt: skip
+            last_row, _, row_end = _row_of_tile(run_end - 1, ends, total)
+            if (last_row != row) & (row_end > run_end):
+                _merge_if_last(
+                    last_row, program, (row_end - 1) // run, part_ptr, lse_ptr, out_ptr,
+                    counters, stride_pt, stride_ph, stride_lt, stride_ot, stride_oh, heads, offs_d,
+                    qd_mask, g_mask,
+                )  # fmt: skip
+        _zero_empty_rows(tiles, batch, program, out_ptr, stride_ot, stride_oh, heads, offs_d,
+                         qd_mask, BLOCK_B, BLOCK_G, BLOCK_D)  # fmt: skip
+
+
+@triton.jit
+def _merged_parts(part_ptr, lse_ptr, row, first_program, last_program, heads, offs_d, hd_mask,
+                  h_mask, stride_pt, stride_ph, stride_lt):  # fmt: skip
+    """A row's parts from programs first..last, merged (log-sum-exp weighted), for `heads`. The
+    loads skip L1 (.cg): parts come from other SMs."""
+    m = tl.full(heads.shape, float("-inf"), dtype=tl.float32)
+    weight = tl.zeros(heads.shape, dtype=tl.float32)
+    acc = tl.zeros(hd_mask.shape, dtype=tl.float32)
+    for program in range(first_program, last_program + 1):
+        slot = row + program
+        lse = tl.load(lse_ptr + slot * stride_lt + heads, mask=h_mask, other=0.0,
+                      cache_modifier=".cg")  # fmt: skip
+        part = tl.load(
+            part_ptr + slot * stride_pt + heads[:, None] * stride_ph + offs_d[None, :],
+            mask=hd_mask, other=0.0, cache_modifier=".cg",
+        )  # fmt: skip
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)
+        beta = tl.exp2(lse - m_new)
+        weight = weight * alpha + beta
+        acc = acc * alpha[:, None] + beta[:, None] * part
+        m = m_new
+    return acc / weight[:, None]
+
+
+@triton.jit
+def _merge_if_last(row, first_program, last_program, part_ptr, lse_ptr, out_ptr, counters,
+                   stride_pt, stride_ph, stride_lt, stride_ot, stride_oh, heads, offs_d, qd_mask,
+                   g_mask):  # fmt: skip
+    """Counts this program in for the row's KV head; the last of the row's programs to arrive
+    merges its parts into the output and resets the counter for the next call (`counters`: the
+    KV head's, one per row at a stride of the KV heads). The barrier, then one release-acquire
+    increment, orders every thread's part stores before its loads."""
+    tl.debug_barrier()
+    counter = counters + row * tl.num_programs(1)
+    arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+    if arrived == last_program - first_program:
+        out = _merged_parts(part_ptr, lse_ptr, row, first_program, last_program, heads, offs_d,
+                            qd_mask, g_mask, stride_pt, stride_ph, stride_lt)  # fmt: skip
+        out_ptrs = out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=qd_mask)
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _zero_empty_rows(tiles, batch, program, out_ptr, stride_ot, stride_oh, heads, offs_d,
+                     qd_mask, BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr,
+                     BLOCK_D: tl.constexpr):  # fmt: skip
+    """Zeros for this KV head's heads of the rows without keys (padding) dealt to this program:
+    rows program, program + programs, ..."""
+    rows = tl.arange(0, BLOCK_B)
+    mine = ((tiles == 0) & (rows < batch) & (rows % tl.num_programs(0) == program)).to(tl.int32)
+    count = tl.sum(mine, 0)
+    if count > 0:
+        order = tl.cumsum(mine, 0)
+        zeros = tl.zeros([BLOCK_G, BLOCK_D], dtype=out_ptr.dtype.element_ty)
+        for i in range(count):
+            row = tl.sum(tl.where((mine == 1) & (order == i + 1), rows, 0), 0)
+            out_ptrs = out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+            tl.store(out_ptrs, zeros, mask=qd_mask)
 
 
 @triton.jit(do_not_specialize=["batch", "programs"])
@@ -206,24 +298,9 @@ def _merge_parts_kernel(
         tl.store(out_ptrs, tl.zeros([BLOCK_H, BLOCK_D], dtype=out_ptr.dtype.element_ty),
                  mask=hd_mask)  # fmt: skip
     elif first_program < last_program:
-        m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-        weight = tl.zeros([BLOCK_H], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-        for program in range(first_program, last_program + 1):
-            slot = row + program
-            lse = tl.load(lse_ptr + slot * stride_lt + offs_h, mask=offs_h < NUM_HEADS, other=0.0)
-            part = tl.load(
-                part_ptr + slot * stride_pt + offs_h[:, None] * stride_ph + offs_d[None, :],
-                mask=hd_mask,
-                other=0.0,
-            )
-            m_new = tl.maximum(m, lse)
-            alpha = tl.exp2(m - m_new)
-            beta = tl.exp2(lse - m_new)
-            weight = weight * alpha + beta
-            acc = acc * alpha[:, None] + beta[:, None] * part
-            m = m_new
-        tl.store(out_ptrs, (acc / weight[:, None]).to(out_ptr.dtype.element_ty), mask=hd_mask)
+        out = _merged_parts(part_ptr, lse_ptr, row, first_program, last_program, offs_h, offs_d,
+                            hd_mask, offs_h < NUM_HEADS, stride_pt, stride_ph, stride_lt)  # fmt: skip
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=hd_mask)
 
 
 def balanced_programs(num_kv_heads: int, num_sms: int, programs_per_sm: int) -> int:
@@ -259,8 +336,10 @@ def balanced_decode_attention(
     block_b = max(MIN_BLOCK_B, triton.next_power_of_2(batch))
     block_d = head_dim_block(head_dim)
     pdl = pdl_launch(q.device, batch)
+    counters = merge_counters(q.device, batch * num_kv_heads)
     _balanced_decode_kernel[(programs, num_kv_heads)](
         q, k_cache, v_cache, block_tables, context_lens, out, part, lse,
+        context_lens if counters is None else counters,  # a stand-in, unread without counters
         q if alibi_slopes is None else alibi_slopes,  # a stand-in, unread without ALiBi
         scale * LOG2E,
         softcap * LOG2E if softcap > 0 else 1.0,  # unread without SOFTCAP
@@ -272,8 +351,11 @@ def balanced_decode_attention(
         BLOCK_B=block_b, WINDOW=window, DOT_PRECISION=dot_precision(q.dtype),
         HAS_ALIBI=alibi_slopes is not None, SOFTCAP=softcap > 0,
         FP8_IN_FP16=fp8_in_fp16(k_cache.dtype, q.dtype), V_KEYS_MAJOR=is_keys_major(v_cache),
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
+        LAST_MERGES=counters is not None, num_warps=config.num_warps,
+        num_stages=config.num_stages, **pdl,
     )  # fmt: skip
+    if counters is not None:
+        return out
     _merge_parts_kernel[(batch,)](
         part, lse, context_lens, out, batch, programs, *part.stride()[:2], lse.stride(0),
         *out.stride()[:2], NUM_HEADS=num_heads, BLOCK_H=triton.next_power_of_2(num_heads),
