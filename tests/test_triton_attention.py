@@ -231,7 +231,7 @@ def test_splits_merge_either_way_and_leave_their_counters_zeroed(monkeypatch, me
             DecodeConfig(), SplitPlan(splits),
         )  # fmt: skip
         _assert_close_rows(out, case.reference(), torch.float16)
-    assert not merge_counters._COUNTERS[DEVICE].any()
+    assert not merge_counters._COUNTERS[case.q.device].any()
 
 
 @pytest.mark.skipif(INTERPRET, reason="CUDA graphs need a GPU")

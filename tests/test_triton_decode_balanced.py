@@ -108,7 +108,7 @@ def test_balanced_parts_merge_either_way_and_leave_their_counters_zeroed(monkeyp
     case = PagedCase(CONTEXTS, 8, 2, 64, torch.float16)
     for programs in (7, 3, 7):  # each call finds the counters the last one reset
         _assert_close_rows(_decode(case, programs), case.reference(), torch.float16)
-    assert not merge_counters._COUNTERS[DEVICE].any()
+    assert not merge_counters._COUNTERS[case.q.device].any()
 
 
 @pytest.mark.skipif(INTERPRET, reason="CUDA graphs need a GPU")
