@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.device_idle import DeviceIdle, idle_rows
 from benchmarks.engine_steps import engine_decode_step_ms, engine_mixed_step_ms, engine_prefill_ms
 from benchmarks.gpu_clocks import ClockSampler, clock_rows, floors_at_run_clock
 from benchmarks.hf_baseline import hf_baseline
@@ -85,7 +86,8 @@ def offline_run(
     for the model `shape` as the run stores it, at the device's ceilings `ceil`."""
     torch.cuda.reset_peak_memory_stats()
     requests = offline_requests(llm, pairs, vocab, submission)
-    with ClockSampler() as clocks:
+    engine = getattr(llm._shards, "engine", None)  # None: the shard runs in its own process
+    with ClockSampler() as clocks, DeviceIdle.attached(engine) as device:
         run = timed_run(llm, requests, policy=_policy(submission))
         elapsed, timings, calls = asyncio.run(run)
     offline = summarize("offline", elapsed, timings, sum(n for n, _ in pairs))
@@ -97,7 +99,9 @@ def offline_run(
     at_clock = floors_at_run_clock(clocks.summary(), shape, pairs, calls, elapsed, ceil)
     offline["floor_at_run_clock"] = at_clock
     offline["calls"] = call_columns(calls)  # for benchmarks/occupancy.py
+    offline["device_idle"] = device.summary()
     print(json.dumps({"floor": offline["floor"], "phases": offline["phases"]}), flush=True)
+    print(json.dumps({"device_idle": offline["device_idle"]}), flush=True)
     print(json.dumps({"floor_at_run_clock": at_clock}), flush=True)
     rows = [
         ("offline output tok/s", f"{offline['output_tok_s']:.0f}", f"{len(pairs)} requests"),
@@ -115,7 +119,9 @@ def offline_run(
         ),
     ]
     floors = floor_table(offline["floor"], offline["phases"], elapsed)
-    return offline, rows + floors + clock_rows(at_clock, elapsed)
+    return offline, rows + floors + idle_rows(offline["device_idle"]) + clock_rows(
+        at_clock, elapsed
+    )
 
 
 def offline_requests(llm: LLM, pairs: list, vocab: int, submission: str) -> list:

@@ -1,0 +1,115 @@
+"""How long the device waited for the host between the engine's passes, read from CUDA events,
+in any run (no profiler): whether a run is paced by the GPU or by the host's Python.
+
+Each pass the model runner launches (a decode step, launched ahead or not, or a prompt pass) is
+bracketed by two timed events on its stream. The one before it completes when the stream
+reaches it: when the host enqueued the pass, or when the device finished the work before it,
+whichever is later. The one after it completes when the pass's kernels (and its sampling) are
+done. So from one pass's end to the next pass's start the device had nothing of the engine's to
+run: it waited for the host. A pass launched op by op (an eager prompt pass) counts as busy
+throughout, its own launch gaps included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+PASSES = ("decode", "prefill")  # the model runner's methods, each a pass on the device
+LONG_GAP_MS = 1.0
+
+
+@dataclass(frozen=True)
+class Interval:
+    kind: str
+    start_ms: float
+    end_ms: float
+
+
+def idle_summary(intervals: list[Interval]) -> dict:
+    """Busy and idle seconds over passes in stream order; the idle before each kind of pass."""
+    busy = sum(max(0.0, i.end_ms - i.start_ms) for i in intervals)
+    before: dict[str, float] = dict.fromkeys(sorted({i.kind for i in intervals}), 0.0)
+    long_gaps = 0
+    for previous, current in zip(intervals, intervals[1:]):
+        gap = max(0.0, current.start_ms - previous.end_ms)
+        before[current.kind] += gap
+        long_gaps += gap > LONG_GAP_MS
+    return {
+        "passes": len(intervals),
+        "busy_s": round(busy / 1e3, 3),
+        "idle_s": round(sum(before.values()) / 1e3, 3),
+        "idle_before_s": {kind: round(ms / 1e3, 3) for kind, ms in before.items()},
+        f"gaps_over_{LONG_GAP_MS:g}_ms": long_gaps,
+    }
+
+
+@dataclass
+class DeviceIdle:
+    """The events of every pass `runner` launched while attached (CUDA only; else nothing)."""
+
+    runner: Any = None
+    _events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
+
+    @classmethod
+    @contextmanager
+    def attached(cls, engine: Any) -> Iterator[DeviceIdle]:
+        """Brackets the passes of `engine`'s runner (None, or not on CUDA: records nothing)."""
+        runner = getattr(engine, "runner", None)
+        meter = cls(runner if runner is not None and runner.device.type == "cuda" else None)
+        if meter.runner is None:
+            yield meter
+            return
+        for kind in PASSES:
+            setattr(meter.runner, kind, meter._bracketed(kind, getattr(meter.runner, kind)))
+        try:
+            yield meter
+        finally:
+            for kind in PASSES:
+                delattr(meter.runner, kind)
+
+    def _bracketed(self, kind: str, launch: Any) -> Any:
+        def bracketed(*args: Any, **kwargs: Any) -> Any:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self._events.append((kind, start, end))
+
+        return bracketed
+
+    def summary(self) -> dict | None:
+        """None where nothing was recorded (not on CUDA)."""
+        if not self._events:
+            return None
+        torch.cuda.synchronize()
+        origin = self._events[0][1]
+        return idle_summary(
+            [
+                Interval(kind, origin.elapsed_time(start), origin.elapsed_time(end))
+                for kind, start, end in self._events
+            ]
+        )
+
+
+def idle_rows(summary: dict | None) -> list[tuple[str, str, str]]:
+    """The summary as report rows (none without one)."""
+    if summary is None:
+        return []
+    before = ", ".join(f"{kind} {s:.2f} s" for kind, s in summary["idle_before_s"].items())
+    long_gaps = summary[f"gaps_over_{LONG_GAP_MS:g}_ms"]
+    return [
+        (
+            "device idle between passes s",
+            f"{summary['idle_s']:.2f}",
+            f"{summary['passes']} passes busy {summary['busy_s']:.2f} s; idle before: {before}; "
+            f"{long_gaps} gaps over {LONG_GAP_MS:g} ms",
+        )
+    ]

@@ -1,0 +1,82 @@
+"""The device-idle meter: its arithmetic over passes in stream order, and how it brackets a
+runner's passes (CUDA events stood in for by a clock that the fake passes advance)."""
+
+from types import SimpleNamespace
+
+import torch
+
+from benchmarks import device_idle
+from benchmarks.device_idle import DeviceIdle, Interval, idle_rows, idle_summary
+
+
+def test_idle_is_the_time_from_one_pass_end_to_the_next_pass_start():
+    intervals = [
+        Interval("decode", 0.0, 5.0),
+        Interval("decode", 5.2, 10.0),  # waited 0.2 ms for the host
+        Interval("prefill", 12.0, 20.0),  # waited 2 ms
+        Interval("decode", 19.0, 25.0),  # queued before the prompt pass ended: no wait
+    ]
+    summary = idle_summary(intervals)
+    assert summary["passes"] == 4
+    assert summary["busy_s"] == round((5.0 + 4.8 + 8.0 + 6.0) / 1e3, 3)
+    assert summary["idle_s"] == round(2.2 / 1e3, 3)
+    assert summary["idle_before_s"] == {"decode": 0.0, "prefill": 0.002}
+    assert summary["gaps_over_1_ms"] == 1
+    assert idle_rows(summary)[0][:2] == ("device idle between passes s", "0.00")
+
+
+class _Clock:
+    now_ms = 0.0
+
+
+class _FakeEvent:
+    """A timed CUDA event whose time is the fake clock's when recorded."""
+
+    def __init__(self, enable_timing: bool) -> None:
+        assert enable_timing
+        self.at_ms = None
+
+    def record(self) -> None:
+        self.at_ms = _Clock.now_ms
+
+    def elapsed_time(self, other: "_FakeEvent") -> float:
+        return other.at_ms - self.at_ms
+
+
+class _Runner:
+    device = torch.device("cuda")
+
+    def decode(self, took_ms: float) -> str:
+        _Clock.now_ms += took_ms
+        return "decoded"
+
+    def prefill(self, took_ms: float) -> str:
+        _Clock.now_ms += took_ms
+        return "prefilled"
+
+
+def test_attached_brackets_each_pass_and_detaches(monkeypatch):
+    monkeypatch.setattr(device_idle.torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(device_idle.torch.cuda, "synchronize", lambda: None)
+    runner = _Runner()
+    with DeviceIdle.attached(SimpleNamespace(runner=runner)) as meter:
+        assert runner.prefill(8.0) == "prefilled"
+        _Clock.now_ms += 3.0  # the host's turn: the device waits
+        assert runner.decode(5.0) == "decoded"
+        assert runner.decode(5.0) == "decoded"
+    assert "decode" not in vars(runner) and "prefill" not in vars(runner)  # the class's again
+    summary = meter.summary()
+    assert summary["passes"] == 3
+    assert summary["idle_before_s"] == {"decode": 0.003, "prefill": 0.0}
+    assert summary["busy_s"] == 0.018
+
+
+def test_nothing_is_recorded_off_cuda():
+    runner = SimpleNamespace(device=torch.device("cpu"), decode=None, prefill=None)
+    with DeviceIdle.attached(SimpleNamespace(runner=runner)) as meter:
+        assert runner.decode is None
+    assert meter.summary() is None
+    with DeviceIdle.attached(None) as meter:  # the shard in its own process
+        pass
+    assert meter.summary() is None
+    assert idle_rows(None) == []
