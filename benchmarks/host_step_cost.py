@@ -8,7 +8,9 @@ takes is then the router's and the shard's Python work per step.
 Prints one line per pass: wall ms per step, the process's CPU seconds, and `host_us` (per row
 and step: the process's CPU less the model forward's, timed on the engine thread between
 forward hooks; on CPU the forward is the torch reference attention's loop over rows, which a
-GPU does not run, and it is what dominates `cpu_s`). To compare two
+GPU does not run, and it is what dominates `cpu_s`), split into `router_us` (the main thread's:
+the router and `LLM.generate`) and `engine_us` (the rest: the engine thread's, sampling on the
+CPU included, which a GPU runs as kernels). To compare two
 source trees, install each with `pip install --no-deps --target DIR` and run this file with
 `PYTHONPATH=DIR` from a folder that holds `benchmarks/` and `tests/` but no `shardline/` (e.g.
 links to a snapshot's): from the repo root, the working tree's `shardline/` comes first on the
@@ -78,15 +80,19 @@ def main() -> None:
         params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
         llm.generate(prompt_token_ids=prompts[:8], sampling_params=params, use_tqdm=False)
         forward = ForwardClock(llm._shards.engine.model)
+        row_steps = args.rows * args.tokens
         for _ in range(args.passes):
             cpu, wall, in_forward = time.process_time(), time.perf_counter(), forward.seconds
+            router = time.thread_time()
             llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+            router_us = 1e6 * (time.thread_time() - router) / row_steps
             step_ms = 1e3 * (time.perf_counter() - wall) / args.tokens
             cpu_s = time.process_time() - cpu
-            host_us = 1e6 * (cpu_s - forward.seconds + in_forward) / (args.rows * args.tokens)
+            host_us = 1e6 * (cpu_s - forward.seconds + in_forward) / row_steps
             print(
                 f"{args.label} wall_ms_per_step {step_ms:.3f} cpu_s {cpu_s:.3f} "
-                f"host_us {host_us:.2f}",
+                f"host_us {host_us:.2f} router_us {router_us:.2f} "
+                f"engine_us {host_us - router_us:.2f}",
                 flush=True,
             )
         llm.shutdown()
