@@ -1,7 +1,9 @@
 """The counters in which a decode call's programs that share a (row, KV head) count themselves
 in, so that the last of them merges their partial results (triton_decode.py splits a row's keys,
 triton_decode_balanced.py deals a run of tiles that cuts rows): one zeroed buffer per device,
-which each merging program resets for the next call."""
+which each merging program resets for the next call. Calls sharing it must not overlap: the
+engine runs its passes one after another on one stream (two streams decoding at once on one
+device would need a buffer each)."""
 
 from __future__ import annotations
 
