@@ -83,7 +83,7 @@ def constants(kernel: str, config: DecodeConfig, fp8: bool) -> dict[str, object]
     )  # fmt: skip
     shape["stride_vt" if keys_major else "stride_vd"] = 1
     if kernel == "split":
-        shape |= dict(SPLIT=False, LAST_MERGES=False, BLOCK_S=1)
+        shape |= dict(SPLIT=False, LAST_MERGES=False)
     else:
         shape |= dict(BLOCK_B=MIN_BLOCK_B, LAST_MERGES=True)
     return shape

@@ -8,6 +8,8 @@ device would need a buffer each)."""
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 # Enough for any decode call the CUDA graphs take (512 rows x their KV heads, with room); a
 # larger one merges in a second kernel.
@@ -26,3 +28,15 @@ def merge_counters(device: torch.device, needed: int) -> torch.Tensor | None:
             return None
         counters = _COUNTERS[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
     return counters if needed <= COUNTERS else None
+
+
+@triton.jit
+def last_to_arrive(counter, arrivals):
+    """Counts this program in; true for the last of the `arrivals` programs sharing `counter`,
+    which resets it for the next call. The barrier, then one release-acquire increment, orders
+    every thread's stores before the last program's loads of them."""
+    tl.debug_barrier()
+    last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == arrivals - 1
+    if last:
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+    return last

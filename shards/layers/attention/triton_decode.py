@@ -34,7 +34,7 @@ from shardline.shards.layers.attention.decode_plan import (
     multiprocessor_count,
     plan_decode,
 )
-from shardline.shards.layers.attention.merge_counters import merge_counters
+from shardline.shards.layers.attention.merge_counters import last_to_arrive, merge_counters
 from shardline.shards.layers.attention.triton_decode_balanced import balanced_decode_attention
 from shardline.shards.layers.attention.triton_tiles import (
     LOG2E,
@@ -44,6 +44,7 @@ from shardline.shards.layers.attention.triton_tiles import (
     dot_precision,
     first_key,
     head_dim_block,
+    merge_parts,
     paged_kv_tiles,
     visible_keys,
 )
@@ -106,7 +107,6 @@ def _paged_decode_kernel(
     FP8_IN_FP16: tl.constexpr,
     V_KEYS_MAJOR: tl.constexpr,
     LAST_MERGES: tl.constexpr,
-    BLOCK_S: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     allow_dependents(USE_PDL)
@@ -160,7 +160,7 @@ def _paged_decode_kernel(
             _merge_if_last(
                 out_ptrs, lse_row, merged_ptr + seq * stride_mt + heads[:, None] * stride_mh + offs_d[None, :],
                 counter_ptr + seq * tl.num_programs(1) + kv_head, num_splits, context_len, g_mask,
-                out_mask, stride_os, BLOCK_N, BLOCK_S, WINDOW,
+                out_mask, stride_os, BLOCK_N, WINDOW,
             )  # fmt: skip
     else:
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -169,36 +169,15 @@ def _paged_decode_kernel(
 @triton.jit
 def _merge_if_last(
     partial_ptrs, lse_row, merged_ptrs, counter_ptr, num_splits, context_len, g_mask, out_mask,
-    stride_ps, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, WINDOW: tl.constexpr,
+    stride_ps, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
 ):  # fmt: skip
-    """The (row, KV head)'s last split program to finish merges every split's partial output
-    (log-sum-exp weighted) into `merged_ptrs`, and resets the counter for the next call. The
-    barrier, then one release-acquire increment, orders every thread's partial stores before
-    the last program's loads, which skip L1 (.cg): a split's partial is on another SM."""
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == num_splits - 1:
+    """The (row, KV head)'s last split program to finish merges the splits that hold keys into
+    `merged_ptrs`."""
+    if last_to_arrive(counter_ptr, num_splits):
         first, partition_tiles = _partition_tiles(context_len, num_splits, BLOCK_N, WINDOW)
         used_splits = tl.cdiv(tl.cdiv(context_len - first, BLOCK_N), partition_tiles)
-        offs_s = tl.arange(0, BLOCK_S)
-        lse_ptrs = lse_row[:, None] + offs_s[None, :]
-        lse_mask = g_mask[:, None] & (offs_s[None, :] < used_splits)
-        lse = tl.load(lse_ptrs, mask=lse_mask, other=float("-inf"), cache_modifier=".cg")
-        lse_max = tl.max(lse, axis=1)
-        lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-        total = tl.sum(tl.exp2(lse - lse_max[:, None]), axis=1)
-        acc = tl.zeros(partial_ptrs.shape, dtype=tl.float32)
-        for split in range(0, used_splits):
-            lse_split = tl.load(
-                lse_row + split, mask=g_mask, other=float("-inf"), cache_modifier=".cg"
-            )
-            partial = tl.load(
-                partial_ptrs + split * stride_ps, mask=out_mask, other=0.0, cache_modifier=".cg"
-            )
-            acc += tl.exp2(lse_split - lse_max)[:, None] * partial
-        merged = acc / tl.where(total > 0.0, total, 1.0)[:, None]
+        merged = merge_parts(partial_ptrs, lse_row, used_splits, stride_ps, 1, out_mask, g_mask)
         tl.store(merged_ptrs, merged.to(merged_ptrs.dtype.element_ty), mask=out_mask)
-        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -335,7 +314,6 @@ def paged_decode_attention(
             0,
             SPLIT=False,
             LAST_MERGES=False,
-            BLOCK_S=1,
             **shape,
         )
         return out
@@ -344,7 +322,6 @@ def paged_decode_attention(
     )
     lse = torch.empty((batch, num_heads, plan.num_splits), dtype=torch.float32, device=q.device)
     counters = merge_counters(q.device, batch * num_kv_heads)
-    block_s = triton.next_power_of_2(plan.num_splits)
     _paged_decode_kernel[grid](
         *common,
         partial,
@@ -361,7 +338,6 @@ def paged_decode_attention(
         *out.stride()[:2],
         SPLIT=True,
         LAST_MERGES=counters is not None,
-        BLOCK_S=block_s,
         **shape,
     )
     if counters is not None:
@@ -377,7 +353,7 @@ def paged_decode_attention(
         *out.stride()[:2],
         HEAD_DIM=head_dim,
         BLOCK_D=shape["BLOCK_D"],
-        BLOCK_S=block_s,
+        BLOCK_S=triton.next_power_of_2(plan.num_splits),
         BLOCK_N=config.block_n,
         WINDOW=window,
         num_warps=4,

@@ -31,7 +31,7 @@ from shardline.shards.layers.attention.decode_plan import (
     fp8_in_fp16,
     multiprocessor_count,
 )
-from shardline.shards.layers.attention.merge_counters import merge_counters
+from shardline.shards.layers.attention.merge_counters import last_to_arrive, merge_counters
 from shardline.shards.layers.attention.triton_tiles import (
     LOG2E,
     alibi_log2_slopes,
@@ -40,6 +40,7 @@ from shardline.shards.layers.attention.triton_tiles import (
     dot_precision,
     first_key,
     head_dim_block,
+    merge_parts,
     paged_kv_tiles,
     visible_keys,
 )
@@ -195,47 +196,20 @@ def _balanced_decode_kernel(
 
 
 @triton.jit
-def _merged_parts(part_ptr, lse_ptr, row, first_program, last_program, heads, offs_d, hd_mask,
-                  h_mask, stride_pt, stride_ph, stride_lt):  # fmt: skip
-    """A row's parts from programs first..last, merged (log-sum-exp weighted), for `heads`. The
-    loads skip L1 (.cg): parts come from other SMs."""
-    m = tl.full(heads.shape, float("-inf"), dtype=tl.float32)
-    weight = tl.zeros(heads.shape, dtype=tl.float32)
-    acc = tl.zeros(hd_mask.shape, dtype=tl.float32)
-    for program in range(first_program, last_program + 1):
-        slot = row + program
-        lse = tl.load(lse_ptr + slot * stride_lt + heads, mask=h_mask, other=0.0,
-                      cache_modifier=".cg")  # fmt: skip
-        part = tl.load(
-            part_ptr + slot * stride_pt + heads[:, None] * stride_ph + offs_d[None, :],
-            mask=hd_mask, other=0.0, cache_modifier=".cg",
-        )  # fmt: skip
-        m_new = tl.maximum(m, lse)
-        alpha = tl.exp2(m - m_new)
-        beta = tl.exp2(lse - m_new)
-        weight = weight * alpha + beta
-        acc = acc * alpha[:, None] + beta[:, None] * part
-        m = m_new
-    return acc / weight[:, None]
-
-
-@triton.jit
 def _merge_if_last(row, first_program, last_program, part_ptr, lse_ptr, out_ptr, counters,
                    stride_pt, stride_ph, stride_lt, stride_ot, stride_oh, heads, offs_d, qd_mask,
                    g_mask):  # fmt: skip
-    """Counts this program in for the row's KV head; the last of the row's programs to arrive
-    merges its parts into the output and resets the counter for the next call (`counters`: the
-    KV head's, one per row at a stride of the KV heads). The barrier, then one release-acquire
-    increment, orders every thread's part stores before its loads."""
-    tl.debug_barrier()
-    counter = counters + row * tl.num_programs(1)
-    arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-    if arrived == last_program - first_program:
-        out = _merged_parts(part_ptr, lse_ptr, row, first_program, last_program, heads, offs_d,
-                            qd_mask, g_mask, stride_pt, stride_ph, stride_lt)  # fmt: skip
+    """The last of the row's programs to finish merges its parts into the output (`counters`:
+    the KV head's, one per row at a stride of the KV heads)."""
+    parts = last_program - first_program + 1
+    if last_to_arrive(counters + row * tl.num_programs(1), parts):
+        slot = row + first_program
+        out = merge_parts(
+            part_ptr + slot * stride_pt + heads[:, None] * stride_ph + offs_d[None, :],
+            lse_ptr + slot * stride_lt + heads, parts, stride_pt, stride_lt, qd_mask, g_mask,
+        )  # fmt: skip
         out_ptrs = out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=qd_mask)
-        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -298,8 +272,12 @@ def _merge_parts_kernel(
         tl.store(out_ptrs, tl.zeros([BLOCK_H, BLOCK_D], dtype=out_ptr.dtype.element_ty),
                  mask=hd_mask)  # fmt: skip
     elif first_program < last_program:
-        out = _merged_parts(part_ptr, lse_ptr, row, first_program, last_program, offs_h, offs_d,
-                            hd_mask, offs_h < NUM_HEADS, stride_pt, stride_ph, stride_lt)  # fmt: skip
+        slot = row + first_program
+        out = merge_parts(
+            part_ptr + slot * stride_pt + offs_h[:, None] * stride_ph + offs_d[None, :],
+            lse_ptr + slot * stride_lt + offs_h, last_program - first_program + 1, stride_pt,
+            stride_lt, hd_mask, offs_h < NUM_HEADS,
+        )  # fmt: skip
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=hd_mask)
 
 

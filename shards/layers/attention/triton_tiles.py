@@ -1,5 +1,6 @@
 """Triton pieces the paged decode and the varlen prefill kernels share: the dot products'
-precision, the head dimension's tile, soft-capping in log2 units, a paged cache's K and V tiles."""
+precision, the head dimension's tile, soft-capping in log2 units, a paged cache's K and V tiles,
+partial results merged by their log-sum-exp."""
 
 from __future__ import annotations
 
@@ -49,6 +50,26 @@ def soft_cap(scores, softcap, SOFTCAP: tl.constexpr):
             1.0 - 2.0 / (tl.exp2(scores * (2.0 * 1.4426950408889634 / softcap)) + 1.0)
         )
     return scores
+
+
+@triton.jit
+def merge_parts(part_ptrs, lse_ptrs, count, part_stride, lse_stride, mask, h_mask):
+    """`count` partial outputs (normalized, [heads, dims] at part_ptrs + i * part_stride) merged
+    by their log-sum-exps (log2 units, at lse_ptrs + i * lse_stride); zeros for none. The loads
+    skip L1 (.cg): the parts may come from other SMs in this very launch."""
+    m = tl.full(h_mask.shape, float("-inf"), dtype=tl.float32)
+    weight = tl.zeros(h_mask.shape, dtype=tl.float32)
+    acc = tl.zeros(mask.shape, dtype=tl.float32)
+    for i in range(0, count):
+        lse = tl.load(lse_ptrs + i * lse_stride, mask=h_mask, other=0.0, cache_modifier=".cg")
+        part = tl.load(part_ptrs + i * part_stride, mask=mask, other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)
+        beta = tl.exp2(lse - m_new)
+        weight = weight * alpha + beta
+        acc = acc * alpha[:, None] + beta[:, None] * part
+        m = m_new
+    return acc / tl.where(weight > 0.0, weight, 1.0)[:, None]
 
 
 @triton.jit
