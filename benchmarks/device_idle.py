@@ -31,9 +31,13 @@ class Interval:
 
 
 def idle_summary(intervals: list[Interval]) -> dict:
-    """Busy and idle seconds over passes in stream order; the idle before each kind of pass."""
-    busy = sum(max(0.0, i.end_ms - i.start_ms) for i in intervals)
-    before: dict[str, float] = dict.fromkeys(sorted({i.kind for i in intervals}), 0.0)
+    """Busy and idle seconds over passes in stream order: busy by kind of pass, and the idle
+    before each kind."""
+    kinds = sorted({i.kind for i in intervals})
+    busy: dict[str, float] = dict.fromkeys(kinds, 0.0)
+    for interval in intervals:
+        busy[interval.kind] += max(0.0, interval.end_ms - interval.start_ms)
+    before: dict[str, float] = dict.fromkeys(kinds, 0.0)
     long_gaps = 0
     for previous, current in zip(intervals, intervals[1:]):
         gap = max(0.0, current.start_ms - previous.end_ms)
@@ -41,7 +45,8 @@ def idle_summary(intervals: list[Interval]) -> dict:
         long_gaps += gap > LONG_GAP_MS
     return {
         "passes": len(intervals),
-        "busy_s": round(busy / 1e3, 3),
+        "busy_s": round(sum(busy.values()) / 1e3, 3),
+        "busy_by_kind_s": {kind: round(ms / 1e3, 3) for kind, ms in busy.items()},
         "idle_s": round(sum(before.values()) / 1e3, 3),
         "idle_before_s": {kind: round(ms / 1e3, 3) for kind, ms in before.items()},
         f"gaps_over_{LONG_GAP_MS:g}_ms": long_gaps,
@@ -103,13 +108,14 @@ def idle_rows(summary: dict | None) -> list[tuple[str, str, str]]:
     """The summary as report rows (none without one)."""
     if summary is None:
         return []
+    busy = ", ".join(f"{kind} {s:.2f}" for kind, s in summary["busy_by_kind_s"].items())
     before = ", ".join(f"{kind} {s:.2f} s" for kind, s in summary["idle_before_s"].items())
     long_gaps = summary[f"gaps_over_{LONG_GAP_MS:g}_ms"]
     return [
         (
             "device idle between passes s",
             f"{summary['idle_s']:.2f}",
-            f"{summary['passes']} passes busy {summary['busy_s']:.2f} s; idle before: {before}; "
-            f"{long_gaps} gaps over {LONG_GAP_MS:g} ms",
+            f"{summary['passes']} passes busy {summary['busy_s']:.2f} s ({busy}); idle before: "
+            f"{before}; {long_gaps} gaps over {LONG_GAP_MS:g} ms",
         )
     ]

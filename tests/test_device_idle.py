@@ -19,6 +19,7 @@ def test_idle_is_the_time_from_one_pass_end_to_the_next_pass_start():
     summary = idle_summary(intervals)
     assert summary["passes"] == 4
     assert summary["busy_s"] == round((5.0 + 4.8 + 8.0 + 6.0) / 1e3, 3)
+    assert summary["busy_by_kind_s"] == {"decode": round(15.8 / 1e3, 3), "prefill": 0.008}
     assert summary["idle_s"] == round(2.2 / 1e3, 3)
     assert summary["idle_before_s"] == {"decode": 0.0, "prefill": 0.002}
     assert summary["gaps_over_1_ms"] == 1
@@ -69,6 +70,7 @@ def test_attached_brackets_each_pass_and_detaches(monkeypatch):
     assert summary["passes"] == 3
     assert summary["idle_before_s"] == {"decode": 0.003, "prefill": 0.0}
     assert summary["busy_s"] == 0.018
+    assert summary["busy_by_kind_s"] == {"decode": 0.01, "prefill": 0.008}
 
 
 def test_nothing_is_recorded_off_cuda():
