@@ -19,8 +19,11 @@ from typing import Any
 
 import torch
 
+from benchmarks.offline_floor import Call, Ceilings, ModelShape, rows_band
+
 PASSES = ("decode", "prefill")  # the model runner's methods, each a pass on the device
 LONG_GAP_MS = 1.0
+PROMPT_PASSES = "prompt passes"  # prefill passes (a mixed call's decode rows ride in them)
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,13 @@ class Interval:
     kind: str
     start_ms: float
     end_ms: float
+    rows: int = 0  # a decode pass's batch rows
+
+
+def _group(interval: Interval) -> str:
+    if interval.kind == "decode":
+        return f"decode {rows_band(interval.rows)}"
+    return PROMPT_PASSES
 
 
 def idle_summary(intervals: list[Interval]) -> dict:
@@ -38,6 +48,11 @@ def idle_summary(intervals: list[Interval]) -> dict:
     for interval in intervals:
         busy[interval.kind] += max(0.0, interval.end_ms - interval.start_ms)
     before: dict[str, float] = dict.fromkeys(kinds, 0.0)
+    by_group: dict[str, list[float]] = {}
+    for interval in intervals:
+        group = by_group.setdefault(_group(interval), [0, 0.0])
+        group[0] += 1
+        group[1] += max(0.0, interval.end_ms - interval.start_ms)
     long_gaps = 0
     for previous, current in zip(intervals, intervals[1:]):
         gap = max(0.0, current.start_ms - previous.end_ms)
@@ -47,6 +62,10 @@ def idle_summary(intervals: list[Interval]) -> dict:
         "passes": len(intervals),
         "busy_s": round(sum(busy.values()) / 1e3, 3),
         "busy_by_kind_s": {kind: round(ms / 1e3, 3) for kind, ms in busy.items()},
+        "busy_by_group": {
+            group: {"passes": passes, "busy_s": round(ms / 1e3, 3)}
+            for group, (passes, ms) in sorted(by_group.items())
+        },
         "idle_s": round(sum(before.values()) / 1e3, 3),
         "idle_before_s": {kind: round(ms / 1e3, 3) for kind, ms in before.items()},
         f"gaps_over_{LONG_GAP_MS:g}_ms": long_gaps,
@@ -58,7 +77,7 @@ class DeviceIdle:
     """The events of every pass `runner` launched while attached (CUDA only; else nothing)."""
 
     runner: Any = None
-    _events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
+    _events: list[tuple[str, int, torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
 
     @classmethod
     @contextmanager
@@ -86,7 +105,8 @@ class DeviceIdle:
             finally:
                 end = torch.cuda.Event(enable_timing=True)
                 end.record()
-                self._events.append((kind, start, end))
+                rows = args[0].size if kind == "decode" else 0  # decode(batch, ...)
+                self._events.append((kind, rows, start, end))
 
         return bracketed
 
@@ -95,13 +115,50 @@ class DeviceIdle:
         if not self._events:
             return None
         torch.cuda.synchronize()
-        origin = self._events[0][1]
+        origin = self._events[0][2]
         return idle_summary(
             [
-                Interval(kind, origin.elapsed_time(start), origin.elapsed_time(end))
-                for kind, start, end in self._events
+                Interval(kind, origin.elapsed_time(start), origin.elapsed_time(end), rows)
+                for kind, rows, start, end in self._events
             ]
         )
+
+
+def busy_against_floors(
+    summary: dict | None, calls: list[Call], shape: ModelShape, ceil: Ceilings
+) -> dict | None:
+    """Each group of passes' device-busy seconds against the floor (at `ceil`) of the engine
+    calls of that group: the prompt passes against the prefill and mixed calls, the decode
+    passes band by band of rows against the decode calls of that band. A pass launched ahead
+    and then cut to the rows a smaller call kept counts in its launch's band."""
+    if summary is None or not calls:
+        return None
+    floors: dict[str, list[float]] = {}
+    for call in calls:
+        group = PROMPT_PASSES if call.prompt_tokens else f"decode {rows_band(call.decode_rows)}"
+        floor = floors.setdefault(group, [0, 0.0])
+        floor[0] += 1
+        floor[1] += call.floor_s(shape, ceil)
+    return {
+        group: {
+            **busy,
+            "calls": floors.get(group, [0, 0.0])[0],
+            "floor_s": round(floors.get(group, [0, 0.0])[1], 3),
+        }
+        for group, busy in summary["busy_by_group"].items()
+    }
+
+
+def busy_rows(against: dict | None, priced: str) -> list[tuple[str, str, str]]:
+    """`busy_against_floors` as report rows (none without it); `priced`: at which clock."""
+    if against is None:
+        return []
+    rows = [("device busy against the floor s", "", f"by group of passes; floors {priced}")]
+    for group, entry in against.items():
+        share = f"{100 * entry['floor_s'] / entry['busy_s']:.0f} %" if entry["busy_s"] else "-"
+        note = f"{entry['passes']} passes; floor {entry['floor_s']:.2f} s of {entry['calls']} calls ({share})"
+        rows.append((f"  {group}", f"{entry['busy_s']:.2f}", note))
+    return rows
 
 
 def idle_rows(summary: dict | None) -> list[tuple[str, str, str]]:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.device_idle import DeviceIdle, idle_rows
+from benchmarks.device_idle import DeviceIdle, busy_against_floors, busy_rows, idle_rows
 from benchmarks.engine_steps import engine_decode_step_ms, engine_mixed_step_ms, engine_prefill_ms
-from benchmarks.gpu_clocks import ClockSampler, clock_rows, floors_at_run_clock
+from benchmarks.gpu_clocks import ClockSampler, clock_rows, floors_at_run_clock, scaled_ceilings
 from benchmarks.hf_baseline import hf_baseline
 from benchmarks.kernel_profile import kernel_profile
 from benchmarks.occupancy import call_columns
@@ -96,12 +96,17 @@ def offline_run(
     print(json.dumps({"compiled_after_warmup": offline["compiled_after_warmup"]}), flush=True)
     offline["floor"] = workload_floor(shape, pairs, ceil)
     offline["phases"] = phase_breakdown(calls, elapsed, shape, ceil) if calls else {}
-    at_clock = floors_at_run_clock(clocks.summary(), shape, pairs, calls, elapsed, ceil)
+    clock_summary = clocks.summary()
+    at_clock = floors_at_run_clock(clock_summary, shape, pairs, calls, elapsed, ceil)
     offline["floor_at_run_clock"] = at_clock
     offline["calls"] = call_columns(calls)  # for benchmarks/occupancy.py
     offline["device_idle"] = device.summary()
+    run_ceil = scaled_ceilings(ceil, clock_summary) if clock_summary else ceil
+    offline["device_busy"] = busy_against_floors(offline["device_idle"], calls, shape, run_ceil)
+    priced = "at the run's clock" if clock_summary else "at the device's ceilings"
     print(json.dumps({"floor": offline["floor"], "phases": offline["phases"]}), flush=True)
     print(json.dumps({"device_idle": offline["device_idle"]}), flush=True)
+    print(json.dumps({"device_busy": offline["device_busy"]}), flush=True)
     print(json.dumps({"floor_at_run_clock": at_clock}), flush=True)
     rows = [
         ("offline output tok/s", f"{offline['output_tok_s']:.0f}", f"{len(pairs)} requests"),
@@ -119,9 +124,8 @@ def offline_run(
         ),
     ]
     floors = floor_table(offline["floor"], offline["phases"], elapsed)
-    return offline, rows + floors + idle_rows(offline["device_idle"]) + clock_rows(
-        at_clock, elapsed
-    )
+    device_rows = idle_rows(offline["device_idle"]) + busy_rows(offline["device_busy"], priced)
+    return offline, rows + floors + device_rows + clock_rows(at_clock, elapsed)
 
 
 def offline_requests(llm: LLM, pairs: list, vocab: int, submission: str) -> list:

@@ -22,9 +22,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from benchmarks.offline_floor import Call
+from benchmarks.offline_floor import TAIL_ROWS, Call
 
-TAIL_ROWS = 32
 PANEL_H, WIDTH, MARGIN = 150, 960, 50
 
 

@@ -24,6 +24,7 @@ from benchmarks.call_marks import LAUNCHED_AHEAD, engine_call
 from benchmarks.random_model import head_dim, tensor_shapes
 
 TAIL_ROWS = 32  # decode calls with fewer rows: the tail, where a few long requests run alone
+DECODE_BAND_EDGES = (TAIL_ROWS, 128, 256, 384)  # decode steps compared band by band
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,17 @@ class StepLog:
             }
             for band, calls in sorted(bands.items())
         }
+
+
+def rows_band(rows: int) -> str:
+    """The band of DECODE_BAND_EDGES a decode step of `rows` rows falls in ("< 32", "32-127",
+    ..., "384+")."""
+    lower = 0
+    for edge in DECODE_BAND_EDGES:
+        if rows < edge:
+            return f"{lower}-{edge - 1}" if lower else f"< {edge}"
+        lower = edge
+    return f"{lower}+"
 
 
 def _phase(call: Call) -> str:
