@@ -17,6 +17,7 @@ from transformers import (
 
 from shardline.shards.sampling.counter_hash import pcg_hash
 from shardline.shards.sampling.sampling import Sampler, SamplingState, reported_top_count
+from shardline.shards.sampling.sampling_rows import RowConfig, RowTensors
 from tests import sampling_helpers
 from tests.sampling_helpers import (
     CPU,
@@ -235,6 +236,48 @@ def test_filter_and_concatenate_keep_every_row_on_its_own_track() -> None:
     for request in requests:
         assert produced[request.name] == reference[request.name][: len(produced[request.name])]
     assert [len(produced[r.name]) for r in requests] == [4, 2, 6, 7, 7]
+
+
+def _varied_rows(count: int) -> list[RowConfig]:
+    return [
+        RowConfig(
+            sample=row % 2 == 0,
+            temperature=0.5 + row / 100,
+            top_k=row % 7,
+            seed=row * 7919 + (row << 40),
+            min_new_tokens=row % 3,
+            min_tokens_ids=tuple(range(row % 4)),
+            logit_bias=((5, 1.5), (9, -2.0))[: row % 3] if row % 4 else (),
+        )
+        for row in range(count)
+    ]
+
+
+def _tensors_of(tensors: RowTensors) -> dict[str, torch.Tensor | None]:
+    names = ("floats", "ints", "sample", "min_tokens_ids", "logit_bias_ids", "logit_bias_values")
+    return {name: getattr(tensors, name) for name in names}
+
+
+def _assert_same(got: RowTensors, want: RowTensors) -> None:
+    for name, tensor in _tensors_of(want).items():
+        assert torch.equal(_tensors_of(got)[name], tensor), name
+
+
+def test_row_tensors_join_and_gather_as_if_built_from_the_rows() -> None:
+    rows = _varied_rows(12)
+    whole = RowTensors.build(rows, VOCAB, CPU)
+    unbiased = [RowConfig(sample=True, seed=3), RowConfig(sample=False)]
+    parts = [rows[:5], rows[5:9], unbiased]  # the last is narrower and has no bias: widened
+    joined = RowTensors.concatenate([RowTensors.build(part, VOCAB, CPU) for part in parts])
+    _assert_same(joined, RowTensors.build([row for part in parts for row in part], VOCAB, CPU))
+    keep = [9, 2, 4, 11]  # rows of one width: gathered, they are what building them gives
+    _assert_same(
+        whole.select(torch.tensor(keep)), RowTensors.build([rows[i] for i in keep], VOCAB, CPU)
+    )
+    assert whole.temperature.tolist() == pytest.approx([row.temperature for row in rows])
+    assert whole.seed_high.tolist() == [row.seed >> 32 for row in rows]
+    plain = RowTensors.concatenate([RowTensors.build(unbiased, VOCAB, CPU)] * 2)
+    assert plain.logit_bias_ids is None and plain.min_tokens_ids.shape == (4, 1)
 
 
 @pytest.mark.gpu

@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -67,10 +67,12 @@ class SamplingState:
     grammar: GrammarRows | None = None  # the DFA states of constrained rows (see grammar.py)
     # [B] int64, each row's last token (the prompt's, then its own): a watermark row's seed
     previous_tokens: torch.Tensor | None = None
-    tensors: RowTensors = field(init=False)
+    # built from `rows` when not given (filter and concatenate gather and join their parts')
+    tensors: RowTensors | None = None
 
     def __post_init__(self) -> None:
-        self.tensors = RowTensors.build(self.rows, self.vocab_size, self.device)
+        if self.tensors is None:
+            self.tensors = RowTensors.build(self.rows, self.vocab_size, self.device)
 
     @classmethod
     def from_requests(
@@ -128,8 +130,9 @@ class SamplingState:
         generated = self.generated.index_select(0, index)
         grammar = self.grammar.filter(keep) if self.grammar is not None else None
         previous = _select(self.previous_tokens, index, any(r.watermark for r in rows))
+        tensors = self.tensors.select(index)
         return SamplingState(
-            rows, self.vocab_size, self.device, generated, seen, counts, grammar, previous
+            rows, self.vocab_size, self.device, generated, seen, counts, grammar, previous, tensors
         )
 
     @classmethod
@@ -147,7 +150,18 @@ class SamplingState:
         previous = None
         if any(r.watermark for r in rows):
             previous = torch.cat([_previous_tokens(s) for s in states])
-        return cls(rows, first.vocab_size, first.device, generated, seen, counts, grammar, previous)
+        tensors = RowTensors.concatenate([s.tensors for s in states])
+        return cls(
+            rows,
+            first.vocab_size,
+            first.device,
+            generated,
+            seen,
+            counts,
+            grammar,
+            previous,
+            tensors,
+        )
 
     @functools.cached_property
     def flags(self) -> BatchFlags:
