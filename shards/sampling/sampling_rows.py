@@ -103,8 +103,24 @@ def _unset_as(value: float, neutral: float) -> float:
     return value if value != 0.0 else neutral
 
 
-FLOAT_SETTINGS = 9  # rows of RowTensors.floats, in the order `_packed` writes them
-INT_SETTINGS = 5
+# The settings RowTensors packs, in the order of their rows in `floats` and `ints`; each reads
+# as a [B] view (`top_p_tail` is 1 - top_p, computed in double precision as transformers does;
+# `top_k` is in [1, V], V when off; the seed's two 32-bit halves keep the hash in int64).
+FLOAT_SETTINGS = (
+    "temperature", "top_p_tail", "min_p", "typical_p", "repetition_penalty",
+    "frequency_penalty", "presence_penalty", "watermark_gamma", "watermark_delta",
+)  # fmt: skip
+INT_SETTINGS = ("sample_flag", "top_k", "seed_low", "seed_high", "min_new_tokens")
+
+
+class _PackedSetting:
+    """A [B] setting: row `index` of the packed tensor `packed`."""
+
+    def __init__(self, packed: str, index: int) -> None:
+        self.packed, self.index = packed, index
+
+    def __get__(self, tensors: RowTensors, owner: type) -> torch.Tensor:
+        return getattr(tensors, self.packed)[self.index]
 
 
 @dataclass(frozen=True)
@@ -114,8 +130,8 @@ class RowTensors:
     concatenation gather and join them on the device instead of rebuilding them from the rows
     (~0.5 ms of host Python for 300 rows)."""
 
-    floats: torch.Tensor  # temperature, 1 - top_p, min_p, typical_p, three penalties, watermark
-    ints: torch.Tensor  # sample, top_k, seed halves, min_new_tokens
+    floats: torch.Tensor  # FLOAT_SETTINGS
+    ints: torch.Tensor  # INT_SETTINGS
     min_tokens_ids: torch.Tensor  # [B, S], padded by repeating the row's own first id
     # [B, S] each, only when some row has a logit_bias; a short row is padded with bias 0
     logit_bias_ids: torch.Tensor | None
@@ -123,61 +139,7 @@ class RowTensors:
     sample: torch.Tensor = None  # type: ignore[assignment]  # [B] bool, from `ints` at init
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sample", self.ints[0].bool())
-
-    @property
-    def top_k(self) -> torch.Tensor:  # in [1, V]; V when off
-        return self.ints[1]
-
-    @property
-    def seed_low(self) -> torch.Tensor:  # the seed's two 32-bit halves: the hash never overflows
-        return self.ints[2]
-
-    @property
-    def seed_high(self) -> torch.Tensor:
-        return self.ints[3]
-
-    @property
-    def min_new_tokens(self) -> torch.Tensor:
-        return self.ints[4]
-
-    @property
-    def temperature(self) -> torch.Tensor:
-        return self.floats[0]
-
-    @property
-    def top_p_tail(
-        self,
-    ) -> torch.Tensor:  # 1 - top_p, computed in double precision as transformers does
-        return self.floats[1]
-
-    @property
-    def min_p(self) -> torch.Tensor:
-        return self.floats[2]
-
-    @property
-    def typical_p(self) -> torch.Tensor:
-        return self.floats[3]
-
-    @property
-    def repetition_penalty(self) -> torch.Tensor:
-        return self.floats[4]
-
-    @property
-    def frequency_penalty(self) -> torch.Tensor:
-        return self.floats[5]
-
-    @property
-    def presence_penalty(self) -> torch.Tensor:
-        return self.floats[6]
-
-    @property
-    def watermark_gamma(self) -> torch.Tensor:
-        return self.floats[7]
-
-    @property
-    def watermark_delta(self) -> torch.Tensor:
-        return self.floats[8]
+        object.__setattr__(self, "sample", self.sample_flag.bool())
 
     @classmethod
     def build(cls, rows: Sequence[RowConfig], vocab_size: int, device: torch.device) -> RowTensors:
@@ -224,7 +186,8 @@ class RowTensors:
 
 
 def _packed(rows: Sequence[RowConfig], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows' float and int settings, [B, 9] and [B, 5], on the host."""
+    """The rows' float and int settings, [B, 9] and [B, 5] on the host, in FLOAT_SETTINGS' and
+    INT_SETTINGS' order."""
     floats = torch.tensor(
         [
             [
@@ -241,15 +204,25 @@ def _packed(rows: Sequence[RowConfig], vocab_size: int) -> tuple[torch.Tensor, t
             for r in rows
         ],
         dtype=torch.float32,
-    ).reshape(len(rows), FLOAT_SETTINGS)
+    ).reshape(len(rows), len(FLOAT_SETTINGS))
     ints = torch.tensor(
         [
             [r.sample, r.top_k or vocab_size, r.seed & MASK_32, r.seed >> 32, r.min_new_tokens]
             for r in rows
         ],
         dtype=torch.int64,
-    ).reshape(len(rows), INT_SETTINGS)
+    ).reshape(len(rows), len(INT_SETTINGS))
     return floats, ints
+
+
+def _declare_settings() -> None:
+    """RowTensors.NAME for every name of FLOAT_SETTINGS and INT_SETTINGS."""
+    for packed, names in (("floats", FLOAT_SETTINGS), ("ints", INT_SETTINGS)):
+        for index, name in enumerate(names):
+            setattr(RowTensors, name, _PackedSetting(packed, index))
+
+
+_declare_settings()
 
 
 def _widened(ids: torch.Tensor, width: int) -> torch.Tensor:
