@@ -99,8 +99,9 @@ class ModelRunner:
         row i reads (default: row i), so several sequences of one prompt sample from one
         prefill; without `sampling` no prompt samples (none ends in this pass)."""
         started = time.perf_counter_ns()
-        lengths = torch.tensor([len(chunk.token_ids) for chunk in chunks], dtype=torch.long)
-        positions = torch.cat([torch.arange(c.start, c.start + len(c.token_ids)) for c in chunks])
+        sizes = [len(chunk.token_ids) for chunk in chunks]
+        positions = _chunk_positions([chunk.start for chunk in chunks], sizes)
+        lengths = torch.tensor(sizes, dtype=torch.long)
         rows = torch.repeat_interleave(torch.arange(len(chunks)), lengths)
         cu_seqlens = torch.zeros(len(chunks) + 1, dtype=torch.int32)
         cu_seqlens[1:] = torch.cumsum(lengths, 0)
@@ -262,6 +263,15 @@ class ModelRunner:
 def _concatenated_ids(chunks: list[PromptChunk], total: int) -> torch.Tensor:
     """The chunks' token ids end to end."""
     return _int64(itertools.chain.from_iterable(chunk.token_ids for chunk in chunks), total)
+
+
+def _chunk_positions(starts: list[int], sizes: list[int]) -> torch.Tensor:
+    """Each chunk's positions start, start + 1, ... end to end (int64), in one vectorized pass
+    (a torch.arange a chunk cost ~10 µs each on the host)."""
+    counts = np.asarray(sizes, dtype=np.int64)
+    first_slot = np.cumsum(counts) - counts  # where each chunk begins in the pass
+    offsets = np.repeat(np.asarray(starts, dtype=np.int64) - first_slot, counts)
+    return torch.from_numpy(np.arange(int(counts.sum()), dtype=np.int64) + offsets)
 
 
 def _int64(values: Iterable[int], count: int = -1) -> torch.Tensor:

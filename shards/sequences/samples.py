@@ -71,7 +71,7 @@ def first_token_sampling(
     return SamplingState.from_requests(
         params=[_sample_parameters(request, index) for request, index in rows],
         stopping=[request.stopping_parameters for request, _ in rows],
-        prompt_ids=[list(request.input_ids) for request, _ in rows],
+        prompt_ids=[request.input_ids for request, _ in rows],
         eos_token_ids=sorted(model_eos_ids),
         top_n_tokens=[_top_n_tokens(request, model_eos_ids) for request, _ in rows],
         vocab_size=vocab_size,
