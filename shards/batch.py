@@ -6,6 +6,7 @@ import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from shardline.proto import generate_pb2
@@ -179,7 +180,7 @@ class ShardBatch:
 def build_block_table(sequences: list[SequenceState], block_size: int) -> torch.Tensor:
     """A zero-padded [num_seqs, max_blocks] table wide enough for each sequence's whole life."""
     width = max(-(-seq.max_total_tokens // block_size) for seq in sequences)
-    table = torch.zeros((len(sequences), width), dtype=torch.int32)
-    for row, seq in enumerate(sequences):
-        table[row, : len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
-    return table
+    table = np.zeros((len(sequences), width), dtype=np.int32)
+    for row, seq in enumerate(sequences):  # numpy: a torch row write costs ~4x more on the host
+        table[row, : len(seq.blocks)] = seq.blocks
+    return torch.from_numpy(table)
