@@ -45,14 +45,14 @@ def idle_summary(intervals: list[Interval]) -> dict:
     before each kind."""
     kinds = sorted({i.kind for i in intervals})
     busy: dict[str, float] = dict.fromkeys(kinds, 0.0)
-    for interval in intervals:
-        busy[interval.kind] += max(0.0, interval.end_ms - interval.start_ms)
-    before: dict[str, float] = dict.fromkeys(kinds, 0.0)
     by_group: dict[str, list[float]] = {}
     for interval in intervals:
+        took = max(0.0, interval.end_ms - interval.start_ms)
+        busy[interval.kind] += took
         group = by_group.setdefault(_group(interval), [0, 0.0])
         group[0] += 1
-        group[1] += max(0.0, interval.end_ms - interval.start_ms)
+        group[1] += took
+    before: dict[str, float] = dict.fromkeys(kinds, 0.0)
     long_gaps = 0
     for previous, current in zip(intervals, intervals[1:]):
         gap = max(0.0, current.start_ms - previous.end_ms)
@@ -139,14 +139,11 @@ def busy_against_floors(
         floor = floors.setdefault(group, [0, 0.0])
         floor[0] += 1
         floor[1] += call.floor_s(shape, ceil)
-    return {
-        group: {
-            **busy,
-            "calls": floors.get(group, [0, 0.0])[0],
-            "floor_s": round(floors.get(group, [0, 0.0])[1], 3),
-        }
-        for group, busy in summary["busy_by_group"].items()
-    }
+    against = {}
+    for group, busy in summary["busy_by_group"].items():
+        calls_in_group, floor_s = floors.get(group, (0, 0.0))
+        against[group] = {**busy, "calls": calls_in_group, "floor_s": round(floor_s, 3)}
+    return against
 
 
 def busy_rows(against: dict | None, priced: str) -> list[tuple[str, str, str]]:

@@ -3,6 +3,7 @@ settings as device tensors (`RowTensors`), one value per row, for the sampler's 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -136,10 +137,11 @@ class RowTensors:
     # [B, S] each, only when some row has a logit_bias; a short row is padded with bias 0
     logit_bias_ids: torch.Tensor | None
     logit_bias_values: torch.Tensor | None
-    sample: torch.Tensor = None  # type: ignore[assignment]  # [B] bool, from `ints` at init
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sample", self.sample_flag.bool())
+    @functools.cached_property
+    def sample(self) -> torch.Tensor:
+        """[B] bool: the rows that sample (read every step: converted once)."""
+        return self.sample_flag.bool()
 
     @classmethod
     def build(cls, rows: Sequence[RowConfig], vocab_size: int, device: torch.device) -> RowTensors:
