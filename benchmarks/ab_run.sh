@@ -7,7 +7,8 @@
 #   bash benchmarks/ab_run.sh WHEELS BASE_TREE HEAD_TREE [BUDGET_SECONDS] [STEPS]
 # STEPS: "offline router" (default), either alone, or "single" (batch-1 decode and the 8k prefill). ROUNDS (default 2) repeats the pair;
 # EXTRA adds engine_bench arguments to every offline run (e.g. EXTRA="--quantize fp8
-# --kv-cache-dtype fp8_e4m3fn"). The 8B model is written to /tmp/m8 first when missing.
+# --kv-cache-dtype fp8_e4m3fn"); LABEL prefixes the runs' log names (two calls into one $OUT).
+# The 8B model is written to /tmp/m8 first when missing.
 set -u
 wheels=$(realpath "${1:-.wheels}")
 trees=("$(realpath "$2")" "$(realpath "$3")")
@@ -18,7 +19,7 @@ only=""
 source "$(dirname "$0")/bench_steps.sh"
 for round in $(seq "${ROUNDS:-2}"); do  # A B A B: one pair cannot tell a tree from the order
 for tree in "${trees[@]}"; do
-    name=$(basename "$tree")_$round
+    name=${LABEL:+${LABEL}_}$(basename "$tree")_$round
     python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" -e "$tree/clients/python" \
         >"$out/pip_$name.log" 2>&1 || { echo "== $name: install failed"; continue; }
     (cd "$tree" && write_m8)
@@ -39,7 +40,7 @@ for tree in "${trees[@]}"; do
         (cd "$tree" && timeout $((left < 240 ? left : 240)) "${cmd[@]}") >"$out/${step}_$name.log" 2>&1
         echo "== $name $step (exit $?)"
         grep -E '^\{"(mode|phases|floor|router)|router_cpu' "$out/${step}_$name.log" | cut -c1-900
-        sed -n '/^== /,$p' "$out/${step}_$name.log" | tail -16
+        sed -n '/^== /,$p' "$out/${step}_$name.log" | cut -c1-230
     done
 done
 done

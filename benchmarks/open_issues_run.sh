@@ -46,8 +46,16 @@ step gpu_bench_tests 60 bash benchmarks/gpu_tests.sh 50 tests/test_triton_attent
 fp8_kv=(--quantize fp8 --kv-cache-dtype fp8_e4m3fn)
 offline=("${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes offline --max-num-seqs 512)
 step offline_paced 110 "${offline[@]}" --json "$out/offline_paced.json"  # the reference
-step offline_fp8_kv 110 "${offline[@]}" --quantize fp8 --kv-cache-dtype fp8_e4m3fn \
+step offline_fp8_kv 110 "${offline[@]}" "${fp8_kv[@]}" \
     --json "$out/offline_fp8_kv.json"
+# The FP8 run's device idles 0.70 s (session 26, H100: 0.44 s before decode passes, its launches
+# ahead 0.18 s off the CPU): the router's and the engine's threads share one GIL. The same run
+# with a 0.5 ms switch interval, and with the shard in its own process (no meter there: compare
+# output tok/s with offline_fp8_kv's, which runs first, and run it again after to see the order)
+step offline_fp8_switch 110 "${offline[@]}" "${fp8_kv[@]}" --switch-interval 0.0005 \
+    --json "$out/offline_fp8_switch.json"
+step offline_fp8_process 110 "${offline[@]}" "${fp8_kv[@]}" --shard-process \
+    --json "$out/offline_fp8_process.json"
 # the served run's admission (all at once, in arrival order) played offline: served >= 95 % of
 # this isolates the router and HTTP path from the offline API's pacing (session 12: served 88 %
 # of the paced offline run)
@@ -102,8 +110,9 @@ step attention_mixed 150 bash -c "${mixed[*]} --kv-dtype bf16 && ${mixed[*]} --k
     fp8_e4m3fn && python3 -m benchmarks.attention_kernels --no-prefill --batches 128,256,512 \
     --contexts 384,2048 --kv-dtype fp8_e4m3fn --sweep"
 step profile_bf16 150 "${profile[@]}" --json "$out/profile_bf16.json"
-# The host's Python during the bf16 offline run (py-spy from $wheels/spy, sampled while holding
-# the GIL), summarized by function; the raw stacks stay in $out.
-spy=(py-spy record --gil --rate 250 --format raw -o "$out/spy_bf16.txt" --)
-step spy_bf16 150 bash -c "${spy[*]} ${offline[*]} && python3 $wheels/spy_summary.py \
+# The host's Python during the bf16 offline run (py-spy from $wheels/spy, installed to /tmp/spy;
+# sampled while holding the GIL), summarized by function; the raw stacks stay in $out.
+python3 -m pip install -q --no-index --no-deps --target /tmp/spy "$wheels"/spy/*.whl >/dev/null 2>&1
+spy=(/tmp/spy/bin/py-spy record --gil --rate 250 --format raw -o "$out/spy_bf16.txt" --)
+step spy_bf16 150 bash -c "${spy[*]} ${offline[*]} && python3 -m benchmarks.spy_summary \
     $out/spy_bf16.txt 45"
