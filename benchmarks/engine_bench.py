@@ -162,14 +162,9 @@ def stored_shape(model_dir: Path, args: argparse.Namespace) -> ModelShape:
     """The model's shape with the bytes its weights and KV cache are stored in (FP8: 1; the
     LM head 16-bit unless SHARDLINE_FP8_LM_HEAD quantizes it)."""
     shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
-    weight_bytes = 1 if args.quantize else 2
     head_bytes = 1 if args.quantize and fp8_lm_head_asked() else 2
     kv_bytes = 1 if args.kv_cache_dtype.startswith("fp8") else 2
-    return dataclasses.replace(
-        shape,
-        weight_bytes=weight_bytes * shape.linear_params + head_bytes * shape.lm_head_params,
-        kv_bytes_per_token=shape.kv_bytes_per_token // 2 * kv_bytes,
-    )
+    return shape.stored_as(1 if args.quantize else 2, head_bytes, kv_bytes)
 
 
 def load_engine(model_dir: Path, args: argparse.Namespace, results: dict) -> LLM:

@@ -15,6 +15,7 @@ gaps between calls) and prints measured seconds against the floor.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -56,6 +57,15 @@ class ModelShape:
             lm_head_params=lm_head,
             weight_bytes=dtype_bytes * (linear + lm_head),
             kv_bytes_per_token=2 * layers * config["num_key_value_heads"] * dim * dtype_bytes,
+        )
+
+    def stored_as(self, weight_bytes: int, head_bytes: int, kv_bytes: int) -> ModelShape:
+        """The shape with its projections, LM head and KV cache stored in these element sizes
+        (from_config's are all 16-bit): FP8 weights or cache are 1."""
+        return dataclasses.replace(
+            self,
+            weight_bytes=weight_bytes * self.linear_params + head_bytes * self.lm_head_params,
+            kv_bytes_per_token=self.kv_bytes_per_token // 2 * kv_bytes,
         )
 
     def gemm_flops(self, tokens: int, logit_rows: int) -> float:

@@ -2,7 +2,7 @@
 without a GPU: how long the router's admission would take at best in arrival order, longest
 first, and longest first at the `paced` policy's pace (router/paced_admission.py), for several `max_num_seqs`.
 
-    python -m benchmarks.schedule_sim --workload .wheels/sharegpt-shaped-1000.jsonl --shape 8b
+    python -m benchmarks.schedule_sim --workload .wheels/sharegpt-shaped-1000.jsonl --shape 8b [--fp8]
 
 A step takes up to `--prefill-budget` prompt tokens of the requests waiting (a prompt that does
 not fit is chunked) beside every running request's decode row when TGI's join rule lets them
@@ -43,6 +43,9 @@ def simulate(
 ) -> Schedule:
     shape = ModelShape.from_config(config_for(args.shape))
     ceilings = Ceilings(args.matmul_flops, args.bytes_s)
+    if args.fp8:  # FP8 projections and cache, the LM head 16-bit (the engine's default)
+        shape = shape.stored_as(1, 2, 1)
+        ceilings = Ceilings(args.matmul_flops, args.bytes_s, args.fp8_matmul_flops)
     held = deque([prompt, output, 0] for prompt, output in pairs)  # not submitted yet
     queue: deque = deque()  # submitted, waiting in the router
     running: list[Running] = []
@@ -117,6 +120,13 @@ def main() -> None:
     parser.add_argument("--max-waiting-tokens", type=int, default=20)
     parser.add_argument("--matmul-flops", type=float, default=803e12)
     parser.add_argument("--bytes-s", type=float, default=3.0e12)
+    parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="FP8 weights and KV cache (--quantize fp8 --kv-cache-dtype fp8_e4m3fn); give the "
+        "--kv-tokens their memory holds",
+    )
+    parser.add_argument("--fp8-matmul-flops", type=float, default=1.4e15)
     args = parser.parse_args()
     pairs = load_workload(args.workload, None)
     output = sum(n for _, n in pairs)

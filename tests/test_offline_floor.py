@@ -27,6 +27,13 @@ def test_8b_shape_matches_llama_3_1_8b():
     assert SHAPE_8B.weight_bytes == 2 * (SHAPE_8B.linear_params + 128000 * 4096)
 
 
+def test_fp8_storage_halves_the_projections_and_cache_but_not_a_16_bit_head():
+    fp8 = SHAPE_8B.stored_as(weight_bytes=1, head_bytes=2, kv_bytes=1)
+    assert fp8.kv_bytes_per_token == 64 * 1024
+    assert fp8.weight_bytes == SHAPE_8B.linear_params + 2 * 128000 * 4096
+    assert fp8.linear_params == SHAPE_8B.linear_params  # the FLOPs stay
+
+
 def test_workload_floor_counts_each_token_and_kv_read_once():
     # One request: 3 prompt tokens, 4 output tokens (the first from prefill, 3 decode steps
     # reading 3+1, 3+2, 3+3 cached tokens = 15 token-reads).
