@@ -2,7 +2,7 @@
 
     python -m benchmarks.attention_kernels [--sweep] [--batches 1,64,256] [--contexts 512,2048,8192]
         [--kv-dtype bf16|fp8_e4m3fn|fp8_e5m2] [--lengths uniform|mixed [--workload JSONL]
-        [--splits 1,2,4,8] [--seed 0]] [--balanced 4,8]
+        [--splits 1,2,4,8] [--seed 0] [--page 16]] [--balanced 4,8]
 
 Decode: Llama-3.1-8B attention shape (32 query heads, 8 KV heads, head_dim 128, bf16, page 16)
 at batch 1/64/256 x context 512/2048/8192, pages shuffled; `--kv-dtype` an FP8 cache instead. Each timed call reads its own set of
@@ -100,13 +100,14 @@ class DecodeProblem:
         width: int,
         kv_dtype: torch.dtype = DTYPE,
         device: str = "cuda",
+        page: int = PAGE,
     ) -> None:
         batch = len(lengths)
-        row_pages = torch.tensor([triton.cdiv(n, PAGE) for n in lengths], device=device)
+        row_pages = torch.tensor([triton.cdiv(n, page) for n in lengths], device=device)
         kv_bytes = 2 * sum(lengths) * KV_HEADS * HEAD_DIM * kv_dtype.itemsize
         self.rounds = max(1, triton.cdiv(ROTATION_BYTES, kv_bytes))
         num_pages = self.rounds * int(row_pages.sum())
-        shape = (num_pages, PAGE, KV_HEADS, HEAD_DIM)
+        shape = (num_pages, page, KV_HEADS, HEAD_DIM)
         self.k_cache = torch.empty(shape, dtype=DTYPE, device=device).normal_().to(kv_dtype)
         keys_major = keys_major_values(kv_dtype)  # as KVCache lays the pool out
         self.v_cache = allocate_pool(shape, dtype=kv_dtype, device=device, keys_major=keys_major)
@@ -215,6 +216,7 @@ class MixedLengths:
     seed: int = 0
     configs: tuple[DecodeConfig, ...] = ()  # each plan with each; none: the default only
     orders: tuple[str, ...] = tuple(ORDERS)
+    page: int = PAGE  # tokens a page of the cache (--block-size)
 
 
 def mixed_rows(
@@ -233,15 +235,15 @@ def mixed_rows(
     for batch in batches:
         for context in contexts:
             lengths = draw_lengths(mixed.workload, batch, context, mixed.seed)
-            width = triton.cdiv(context, PAGE)
-            default, plan = planned(batch, width * PAGE, kv_dtype, sms)
+            width = triton.cdiv(context, mixed.page)
+            default, plan = planned(batch, width * mixed.page, kv_dtype, sms)
             label = f"decode-mixed {KV_NAMES[kv_dtype]} b={batch:<3} ctx={context:<5}"
-            rows.append(f"{label} {source} {describe(lengths)}")
+            rows.append(f"{label} {source} {describe(lengths)} page={mixed.page}")
             plans = [(f"plan({plan_name(plan)})", plan)]
             plans += [(str(n), SplitPlan(n)) for n in mixed.splits]
             plans += [(f"bal{n}", BalancedPlan(n)) for n in mixed.balanced]
             for order in mixed.orders:
-                problem = DecodeProblem(ORDERS[order](lengths), width, kv_dtype, device)
+                problem = DecodeProblem(ORDERS[order](lengths), width, kv_dtype, device, mixed.page)
                 for config in mixed.configs or (default,):
                     for name, plan in plans:
                         us = problem.time_per_call_us(config, plan)
@@ -311,6 +313,7 @@ def main() -> None:
     )
     parser.add_argument("--configs", default="", help="mixed: tilings as n64w4s2, comma-separated")
     parser.add_argument("--orders", default=",".join(ORDERS), help="mixed: row orders")
+    parser.add_argument("--page", type=int, default=PAGE, help="mixed: tokens a cache page")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -323,7 +326,7 @@ def main() -> None:
         splits = [int(n) for n in args.splits.split(",") if n]
         configs = tuple(DecodeConfig.parse(name) for name in args.configs.split(",") if name)
         orders = tuple(args.orders.split(","))
-        mixed = MixedLengths(workload, splits, balanced, args.seed, configs, orders)
+        mixed = MixedLengths(workload, splits, balanced, args.seed, configs, orders, args.page)
         decode = mixed_rows(bandwidth, batches, contexts, kv_dtype, mixed)
     else:
         decode = decode_rows(bandwidth, args.sweep, batches, contexts, kv_dtype, balanced)

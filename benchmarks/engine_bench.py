@@ -185,6 +185,7 @@ def load_engine(model_dir: Path, args: argparse.Namespace, results: dict) -> LLM
         kv_cache_dtype=args.kv_cache_dtype,
         enable_prefix_caching=args.prefix_caching == "on",
         shard_process=args.shard_process,
+        block_size=args.block_size,
     )
     results["load_and_warmup_s"] = time.perf_counter() - started
     loaded = {
@@ -245,6 +246,7 @@ def main() -> None:
         "--kv-cache-dtype", choices=["auto", "fp8_e4m3fn", "fp8_e5m2"], default="auto"
     )
     parser.add_argument("--prefix-caching", choices=["on", "off"], default="on")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens a KV-cache page")
     parser.add_argument(
         "--shard-process",
         action="store_true",

@@ -99,6 +99,14 @@ step attention_fp8 150 bash -c "${fp8_mixed[*]} --splits 1 --balanced '' --confi
 bf16_mixed=("${fp8_mixed[@]/fp8_e4m3fn/bf16}")
 step attention_bf16 180 bash -c "${bf16_mixed[*]} --splits '' --balanced 3 --configs \
     n64w4s5,n64w8s3,n64w4s3,n32w4s3,n32w4s5"
+# Larger cache pages (session 27, not yet run): the FP8 split kernel issues 44-63 warp
+# instructions a (key, KV head) (session 21's ncu) and reads a keys-major V tile as one run of
+# keys a page (8 runs a 128-key tile at 16 tokens a page, 1 at 128); the pages' sizes in the
+# kernel alone, then the FP8 + FP8 KV offline run at 64 tokens a page against offline_fp8_kv
+step attention_fp8_pages 150 bash -c "for page in 16 64 128; do ${fp8_mixed[*]} --splits 1 \
+    --balanced '' --page \$page; done"
+step offline_fp8_page64 110 "${offline[@]}" "${fp8_kv[@]}" --block-size 64 \
+    --json "$out/offline_fp8_page64.json"
 profile=("${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes profile --max-num-seqs 512)
 step profile_fp8_kv 150 "${profile[@]}" "${fp8_kv[@]}" --json "$out/profile_fp8_kv.json"
 for budget in 2048 512; do

@@ -80,7 +80,7 @@ def test_decode_matches_reference(
 
 
 @KV_LAYOUTS
-@pytest.mark.parametrize("page_size", [1, 16, 48])
+@pytest.mark.parametrize("page_size", [1, 16, 48, 64, 128])
 @pytest.mark.parametrize("block_n", [16, 64])
 def test_decode_page_sizes(page_size: int, block_n: int, keys_major: bool) -> None:
     contexts = [1, 47, 48, 49, 200, 0]
