@@ -27,7 +27,7 @@ step gpu_fp8_gemm_tests 200 bash benchmarks/gpu_tests.sh 100 tests/test_triton_f
 # cuBLASLt on the product transposed (W x^T: the weight as the GEMM's long side) against the
 # engine's deferred FP8 and bf16 GEMMs at decode rows (session 27, not yet run): the decode
 # GEMMs run at ~64 % (FP8) and ~74 % (bf16) of copy at 128-256 rows, cuBLASLt's 128x128 tiles
-# (branch exp/swapped-gemm runs them so at 64-512 rows: its offline A/B is ab_run.sh's)
+# (benchmarks/patches/swapped_gemm.patch runs them so at 64-512 rows: A/B it with idle_ab_run.sh)
 step gemm_swapped 150 python3 -m benchmarks.fp8_gemm_bench --rows 64,128,192,256,320,384,512 \
     --layers qkv,o,gate_up,down,lm_head --tilings=
 # The engine's FP8 tilings against cuBLASLt's per layer and rows (session 15-16: Triton wins
