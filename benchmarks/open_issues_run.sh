@@ -12,6 +12,9 @@
 # ${OUT:-/tmp/open} (a device call brings back 8 files: name few steps); STEPS (comma-separated
 # names) runs a part. Runs on one machine differ by up to ~12 % from another's, and the first
 # served run on a machine is the slower one: compare within a call, base first.
+# Not yet run (session 27, prepared without a device): gemm_swapped, attention_fp8_pages,
+# offline_fp8_switch, offline_fp8_process, offline_fp8_page64 (one call, ~530 s, with
+# offline_fp8_kv first as their reference).
 #   bash benchmarks/open_issues_run.sh WHEELS_DIR BUDGET_SECONDS [STEPS]
 set -u
 wheels=${1:-.wheels}
