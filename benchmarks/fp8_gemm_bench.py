@@ -1,9 +1,8 @@
 """FP8 linear layers of a few rows on one CUDA GPU: cuBLASLt's row-scaled GEMM (torch._scaled_mm),
-its unscaled tensor-wise GEMM whose scales the next kernel applies ("deferred", fp8.ScaledProduct),
-the same product transposed ("swapped": W x^T, the weight as the GEMM's long side; "swapped_t"
-copied back to [M, N]; the engine runs neither, nor the bf16 ones, "bf16_swapped(_t)") and the
-Triton GEMM (triton_fp8_gemm.py, each tiling of --tilings) on activations already quantized per
-token (as the fused norm and SiLU kernels hand them over), against bf16 F.linear; at one row the FP8 GEMV.
+its unscaled tensor-wise GEMM whose scales the next kernel applies ("deferred", fp8.ScaledProduct)
+and the Triton GEMM (triton_fp8_gemm.py, each tiling of --tilings) on activations already
+quantized per token (as the fused norm and SiLU kernels hand them over), against bf16 F.linear;
+at one row the FP8 GEMV.
 
     python -m benchmarks.fp8_gemm_bench [--rows 1,2,4,8,16,32,64,128] [--tilings m64n64k128w4s4,...]
 
@@ -62,15 +61,7 @@ DECODER_LAYERS, DECODER_DEPTH = ("qkv", "o", "gate_up", "down"), 32
 # + KV write, o by RMSNorm, LlamaMLP's gate_up by SiLU * up and down by the next RMSNorm)
 DEFERRED_LAYERS = ("qkv", "o", "gate_up", "down")
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
-BASELINES = (
-    "scaled_mm",
-    "deferred",
-    "swapped",
-    "swapped_t",
-    "bf16",
-    "bf16_swapped",
-    "bf16_swapped_t",
-)
+BASELINES = ("scaled_mm", "deferred", "bf16")
 BF16 = "bf16 "  # a bf16-operand tiling's key: BF16 + its name
 GEMV = "gemv "  # a one-row GEMV tiling's key: GEMV + its name
 GEMV16 = "gemv16 "  # the LM head's: a plain GEMV on its bf16 weight
@@ -148,13 +139,6 @@ class Layer:
 
     def time_bf16(self, x: torch.Tensor) -> float:
         return per_call_ms([lambda w=w: F.linear(x, w) for w in self.bf16])
-
-    def time_bf16_swapped(self, x: torch.Tensor, back: bool = False) -> float:
-        """W x^T [N, M], the bf16 product transposed (see swapped_deferred); `back`: copied
-        back to [M, N] as the engine's next kernel reads it."""
-        if back:
-            return per_call_ms([lambda w=w: torch.mm(w, x.t()).t().contiguous() for w in self.bf16])
-        return per_call_ms([lambda w=w: torch.mm(w, x.t()) for w in self.bf16])
 
     def time_bf16_triton(self, x: torch.Tensor, tiling: GemmTiling) -> float:
         """The Triton kernel on bf16 operands: unit scales stand for FP8's."""
@@ -272,14 +256,10 @@ def print_layer(
         times[m] = {
             "scaled_mm": layer.time_fp8(fp8_rows, cublas_scaled_mm),
             "deferred": layer.time_fp8(fp8_rows, deferred_scales),
-            "swapped": layer.time_fp8(fp8_rows, swapped_deferred),
-            "swapped_t": layer.time_fp8(fp8_rows, lambda *a: swapped_deferred(*a).t().contiguous()),
             "bf16": layer.time_bf16(x),
-            "bf16_swapped": layer.time_bf16_swapped(x),
-            "bf16_swapped_t": layer.time_bf16_swapped(x, back=True),
         }
         line = f"{name:8s} {layer.n:6d} x {layer.k:5d}  M {m:3d}" + "".join(
-            f" | {kind} {cell(layer, m, times[m][kind], 2 if kind.startswith('bf16') else 1, bandwidth)}"
+            f" | {kind} {cell(layer, m, times[m][kind], 2 if kind == 'bf16' else 1, bandwidth)}"
             for kind in BASELINES
         )
         for tiling in filter(lambda t: fits(layer, t), bf16_tilings):
@@ -307,15 +287,6 @@ def print_layer(
 
 def deferred_scales(rows: FP8Rows, w: torch.Tensor, s: torch.Tensor, bias: None) -> torch.Tensor:
     return scaled_mm_rows(rows, w, s, bias, defer_scales=True).raw
-
-
-def swapped_deferred(rows: FP8Rows, w: torch.Tensor, s: torch.Tensor, bias: None) -> torch.Tensor:
-    """The deferred product transposed, W x^T [N, M]: cuBLASLt sees the weight as the GEMM's
-    long side and the rows as its short one (it may tile a few rows better that way)."""
-    one = torch.ones((), device=w.device)
-    return torch._scaled_mm(
-        w, rows.quantized.t(), scale_a=one, scale_b=one, out_dtype=DTYPE, use_fast_accum=True
-    )
 
 
 def layer_ms(name: str, times: dict[str, float], m: int) -> float | None:

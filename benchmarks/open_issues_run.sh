@@ -12,9 +12,7 @@
 # ${OUT:-/tmp/open} (a device call brings back 8 files: name few steps); STEPS (comma-separated
 # names) runs a part. Runs on one machine differ by up to ~12 % from another's, and the first
 # served run on a machine is the slower one: compare within a call, base first.
-# Not yet run (session 27, prepared without a device): gemm_swapped, attention_fp8_pages,
-# offline_fp8_switch, offline_fp8_process, offline_fp8_page64 (one call, ~530 s, with
-# offline_fp8_kv first as their reference).
+# Not yet run: offline_fp8_process (after offline_fp8_kv, its reference).
 #   bash benchmarks/open_issues_run.sh WHEELS_DIR BUDGET_SECONDS [STEPS]
 set -u
 wheels=${1:-.wheels}
@@ -27,12 +25,6 @@ step gpu_tests 400 bash benchmarks/gpu_tests.sh 100 tests/test_triton_attention.
 # the Triton FP8 GEMM of decode-sized calls (session 15), its tilings against cuBLASLt's
 step gpu_fp8_gemm_tests 200 bash benchmarks/gpu_tests.sh 100 tests/test_triton_fp8_gemm.py \
     tests/test_gpu_fp8.py
-# cuBLASLt on the product transposed (W x^T: the weight as the GEMM's long side) against the
-# engine's deferred FP8 and bf16 GEMMs at decode rows (session 27, not yet run): the decode
-# GEMMs run at ~64 % (FP8) and ~74 % (bf16) of copy at 128-256 rows, cuBLASLt's 128x128 tiles
-# (benchmarks/patches/swapped_gemm.patch runs them so at 64-512 rows: A/B it with idle_ab_run.sh)
-step gemm_swapped 150 python3 -m benchmarks.fp8_gemm_bench --rows 64,128,192,256,320,384,512 \
-    --layers qkv,o,gate_up,down,lm_head --tilings=
 # The engine's FP8 tilings against cuBLASLt's per layer and rows (session 15-16: Triton wins
 # at 9-128 rows only; a 128-256-row step in one row block lost on every layer)
 step fp8_gemm_tilings 200 python3 -m benchmarks.fp8_gemm_bench --rows 16,64,128,192,256 \
@@ -57,12 +49,8 @@ offline=("${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes offline --max-num-
 step offline_paced 110 "${offline[@]}" --json "$out/offline_paced.json"  # the reference
 step offline_fp8_kv 110 "${offline[@]}" "${fp8_kv[@]}" \
     --json "$out/offline_fp8_kv.json"
-# The FP8 run's device idles 0.70 s (session 26, H100: 0.44 s before decode passes, its launches
-# ahead 0.18 s off the CPU): the router's and the engine's threads share one GIL. The same run
-# with a 0.5 ms switch interval, and with the shard in its own process (no meter there: compare
-# output tok/s with offline_fp8_kv's, which runs first, and run it again after to see the order)
-step offline_fp8_switch 110 "${offline[@]}" "${fp8_kv[@]}" --switch-interval 0.0005 \
-    --json "$out/offline_fp8_switch.json"
+# The FP8 run with the shard in its own process (no meter there: compare output tok/s with
+# offline_fp8_kv's, run first; a 0.5 ms GIL switch interval did not help, session 27)
 step offline_fp8_process 110 "${offline[@]}" "${fp8_kv[@]}" --shard-process \
     --json "$out/offline_fp8_process.json"
 # the served run's admission (all at once, in arrival order) played offline: served >= 95 % of
@@ -102,14 +90,6 @@ step attention_fp8 150 bash -c "${fp8_mixed[*]} --splits 1 --balanced '' --confi
 bf16_mixed=("${fp8_mixed[@]/fp8_e4m3fn/bf16}")
 step attention_bf16 180 bash -c "${bf16_mixed[*]} --splits '' --balanced 3 --configs \
     n64w4s5,n64w8s3,n64w4s3,n32w4s3,n32w4s5"
-# Larger cache pages (session 27, not yet run): the FP8 split kernel issues 44-63 warp
-# instructions a (key, KV head) (session 21's ncu) and reads a keys-major V tile as one run of
-# keys a page (8 runs a 128-key tile at 16 tokens a page, 1 at 128); the pages' sizes in the
-# kernel alone, then the FP8 + FP8 KV offline run at 64 tokens a page against offline_fp8_kv
-step attention_fp8_pages 150 bash -c "for page in 16 64 128; do ${fp8_mixed[*]} --splits 1 \
-    --balanced '' --page \$page; done"
-step offline_fp8_page64 110 "${offline[@]}" "${fp8_kv[@]}" --block-size 64 \
-    --json "$out/offline_fp8_page64.json"
 profile=("${bench[@]}" --shape 8b --model-dir /tmp/m8 --modes profile --max-num-seqs 512)
 step profile_fp8_kv 150 "${profile[@]}" "${fp8_kv[@]}" --json "$out/profile_fp8_kv.json"
 for budget in 2048 512; do
