@@ -4,7 +4,7 @@ settings as device tensors (`RowTensors`), one value per row, for the sampler's 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,14 +104,29 @@ def _unset_as(value: float, neutral: float) -> float:
     return value if value != 0.0 else neutral
 
 
-# The settings RowTensors packs, in the order of their rows in `floats` and `ints`; each reads
-# as a [B] view (`top_p_tail` is 1 - top_p, computed in double precision as transformers does;
-# `top_k` is in [1, V], V when off; the seed's two 32-bit halves keep the hash in int64).
-FLOAT_SETTINGS = (
-    "temperature", "top_p_tail", "min_p", "typical_p", "repetition_penalty",
-    "frequency_penalty", "presence_penalty", "watermark_gamma", "watermark_delta",
-)  # fmt: skip
-INT_SETTINGS = ("sample_flag", "top_k", "seed_low", "seed_high", "min_new_tokens")
+# The settings RowTensors packs, in the order of their rows in `floats` and `ints`, each with
+# its value for a row (given the vocabulary size); each reads as a [B] view (`top_p_tail` is
+# 1 - top_p, computed in double precision as transformers does; `top_k` is in [1, V], V when off;
+# the seed's two 32-bit halves keep the hash in int64).
+SettingValue = Callable[[RowConfig, int], float]
+FLOAT_SETTINGS: dict[str, SettingValue] = {
+    "temperature": lambda r, _: r.temperature,
+    "top_p_tail": lambda r, _: 1.0 - r.top_p,
+    "min_p": lambda r, _: r.min_p,
+    "typical_p": lambda r, _: r.typical_p,
+    "repetition_penalty": lambda r, _: r.repetition_penalty,
+    "frequency_penalty": lambda r, _: r.frequency_penalty,
+    "presence_penalty": lambda r, _: r.presence_penalty,
+    "watermark_gamma": lambda r, _: r.watermark_gamma,
+    "watermark_delta": lambda r, _: r.watermark_delta,
+}
+INT_SETTINGS: dict[str, SettingValue] = {
+    "sample_flag": lambda r, _: r.sample,
+    "top_k": lambda r, vocab_size: r.top_k or vocab_size,
+    "seed_low": lambda r, _: r.seed & MASK_32,
+    "seed_high": lambda r, _: r.seed >> 32,
+    "min_new_tokens": lambda r, _: r.min_new_tokens,
+}
 
 
 class _PackedSetting:
@@ -190,31 +205,12 @@ class RowTensors:
 def _packed(rows: Sequence[RowConfig], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows' float and int settings, [B, 9] and [B, 5] on the host, in FLOAT_SETTINGS' and
     INT_SETTINGS' order."""
-    floats = torch.tensor(
-        [
-            [
-                r.temperature,
-                1.0 - r.top_p,
-                r.min_p,
-                r.typical_p,
-                r.repetition_penalty,
-                r.frequency_penalty,
-                r.presence_penalty,
-                r.watermark_gamma,
-                r.watermark_delta,
-            ]
-            for r in rows
-        ],
-        dtype=torch.float32,
-    ).reshape(len(rows), len(FLOAT_SETTINGS))
-    ints = torch.tensor(
-        [
-            [r.sample, r.top_k or vocab_size, r.seed & MASK_32, r.seed >> 32, r.min_new_tokens]
-            for r in rows
-        ],
-        dtype=torch.int64,
-    ).reshape(len(rows), len(INT_SETTINGS))
-    return floats, ints
+    return tuple(
+        torch.tensor(
+            [[value(r, vocab_size) for value in settings.values()] for r in rows], dtype=dtype
+        ).reshape(len(rows), len(settings))
+        for settings, dtype in ((FLOAT_SETTINGS, torch.float32), (INT_SETTINGS, torch.int64))
+    )
 
 
 def _declare_settings() -> None:
