@@ -34,10 +34,10 @@ class Interval:
     rows: int = 0  # a decode pass's batch rows
 
 
-def _group(interval: Interval) -> str:
-    if interval.kind == "decode":
-        return f"decode {rows_band(interval.rows)}"
-    return PROMPT_PASSES
+def pass_group(prompt: bool, decode_rows: int) -> str:
+    """The group a pass (or the engine call that launched it) is measured in: the prompt passes,
+    or the decode passes of its band of rows."""
+    return PROMPT_PASSES if prompt else f"decode {rows_band(decode_rows)}"
 
 
 def idle_summary(intervals: list[Interval]) -> dict:
@@ -49,7 +49,7 @@ def idle_summary(intervals: list[Interval]) -> dict:
     for interval in intervals:
         took = max(0.0, interval.end_ms - interval.start_ms)
         busy[interval.kind] += took
-        group = by_group.setdefault(_group(interval), [0, 0.0])
+        group = by_group.setdefault(pass_group(interval.kind != "decode", interval.rows), [0, 0.0])
         group[0] += 1
         group[1] += took
     before: dict[str, float] = dict.fromkeys(kinds, 0.0)
@@ -135,7 +135,7 @@ def busy_against_floors(
         return None
     floors: dict[str, list[float]] = {}
     for call in calls:
-        group = PROMPT_PASSES if call.prompt_tokens else f"decode {rows_band(call.decode_rows)}"
+        group = pass_group(call.prompt_tokens > 0, call.decode_rows)
         floor = floors.setdefault(group, [0, 0.0])
         floor[0] += 1
         floor[1] += call.floor_s(shape, ceil)
