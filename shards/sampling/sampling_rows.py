@@ -130,13 +130,16 @@ INT_SETTINGS: dict[str, SettingValue] = {
 
 
 class _PackedSetting:
-    """A [B] setting: row `index` of the packed tensor `packed`."""
+    """A [B] setting: row `index` of the packed tensor `packed`, a view made once an instance
+    (kept in its __dict__, which a non-data descriptor defers to, as functools.cached_property)."""
 
-    def __init__(self, packed: str, index: int) -> None:
-        self.packed, self.index = packed, index
+    def __init__(self, name: str, packed: str, index: int) -> None:
+        self.name, self.packed, self.index = name, packed, index
 
     def __get__(self, tensors: RowTensors, owner: type) -> torch.Tensor:
-        return getattr(tensors, self.packed)[self.index]
+        view = getattr(tensors, self.packed)[self.index]
+        tensors.__dict__[self.name] = view
+        return view
 
 
 @dataclass(frozen=True)
@@ -217,7 +220,7 @@ def _declare_settings() -> None:
     """RowTensors.NAME for every name of FLOAT_SETTINGS and INT_SETTINGS."""
     for packed, names in (("floats", FLOAT_SETTINGS), ("ints", INT_SETTINGS)):
         for index, name in enumerate(names):
-            setattr(RowTensors, name, _PackedSetting(packed, index))
+            setattr(RowTensors, name, _PackedSetting(name, packed, index))
 
 
 _declare_settings()
