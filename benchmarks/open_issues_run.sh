@@ -73,9 +73,16 @@ step served_8b_fp8_paced 200 python3 -m benchmarks.serve_bench --model-dir /tmp/
     --num-shards 1 --workload "$work" --scheduling-policy paced --launcher-args "$fp8_server" \
     --json "$out/served_8b_fp8_paced.json"
 # the same burst with the server admitting as the offline LLM does (router/paced_admission.py):
-# served against offline_paced with one admission rule
-step served_8b_paced 200 python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-shards 1 \
-    --workload "$work" --scheduling-policy paced --json "$out/served_8b_paced.json"
+# served against offline_paced with one admission rule (session 27: 94.4-94.7 %); its
+# `all_at_once_costs` line gives each process's CPU seconds and the router's shard-call seconds
+served_paced=(python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-shards 1 --workload
+    "$work" --scheduling-policy paced)
+step served_8b_paced 200 "${served_paced[@]}" --json "$out/served_8b_paced.json"
+# the same under py-spy (every process of the server, all threads, GIL or not), by function
+python3 -m pip install -q --no-index --no-deps --target /tmp/spy "$wheels"/spy/*.whl >/dev/null 2>&1
+step served_8b_paced_spy 220 bash -c "/tmp/spy/bin/py-spy record --subprocesses --rate 100 \
+    --format raw -o $out/spy_served.txt -- ${served_paced[*]} && python3 -m benchmarks.spy_summary \
+    $out/spy_served.txt 30"
 fp8_mixed=(python3 -m benchmarks.attention_kernels --no-prefill --batches 64,128,256,512
     --contexts 2048 --lengths mixed --workload "$work" --orders random --kv-dtype fp8_e4m3fn)
 # The default n128w4s5 holds 201 registers a thread: 2 programs, 8 warps an SM on an H100
@@ -107,9 +114,8 @@ step attention_mixed 150 bash -c "${mixed[*]} --kv-dtype bf16 && ${mixed[*]} --k
     fp8_e4m3fn && python3 -m benchmarks.attention_kernels --no-prefill --batches 128,256,512 \
     --contexts 384,2048 --kv-dtype fp8_e4m3fn --sweep"
 step profile_bf16 150 "${profile[@]}" --json "$out/profile_bf16.json"
-# The host's Python during the bf16 offline run (py-spy from $wheels/spy, installed to /tmp/spy;
-# sampled while holding the GIL), summarized by function; the raw stacks stay in $out.
-python3 -m pip install -q --no-index --no-deps --target /tmp/spy "$wheels"/spy/*.whl >/dev/null 2>&1
+# The host's Python during the bf16 offline run (sampled while holding the GIL), summarized by
+# function; the raw stacks stay in $out.
 spy=(/tmp/spy/bin/py-spy record --gil --rate 250 --format raw -o "$out/spy_bf16.txt" --)
 step spy_bf16 150 bash -c "${spy[*]} ${offline[*]} && python3 -m benchmarks.spy_summary \
     $out/spy_bf16.txt 45"

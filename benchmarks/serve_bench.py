@@ -28,6 +28,7 @@ from shardline_client import AsyncClient
 from shardline_client.loadgen import LoadReport, LoadRequest, run_load
 
 from benchmarks.random_model import SHAPES, write_model
+from benchmarks.served_costs import ServedCosts
 from benchmarks.timed_requests import load_workload
 from shardline.router.paced_admission import SCHEDULING_POLICIES, SERVER_SCHEDULING_POLICY
 
@@ -174,8 +175,17 @@ async def bench_one(args: argparse.Namespace, num_shard: int, words: list[str]) 
             for n_in, n_out in pairs
         ]
         prompt_tokens = sum(n for n, _ in pairs)
+        costs, client_cpu = (
+            await ServedCosts(server.process.pid, server.url).start(),
+            time.process_time(),
+        )
         report = await load(server.url, requests, None)
         result["all_at_once"] = summarize(f"tp{num_shard}_all", report, prompt_tokens)
+        result["all_at_once_costs"] = {
+            **await costs.since(),
+            "client_cpu_s": round(time.process_time() - client_cpu, 2),
+        }
+        print(json.dumps({"all_at_once_costs": result["all_at_once_costs"]}), flush=True)
         if args.rate:
             report = await load(server.url, requests[: args.rate_requests], args.rate)
             rate_prompt_tokens = sum(n for n, _ in pairs[: args.rate_requests])
