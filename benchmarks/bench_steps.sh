@@ -21,7 +21,7 @@ step() {  # name, seconds at most, command...
     [[ $name == gpu_* ]] || write_m8  # the test runs write their own models
     timeout $((limit < left ? limit : left)) "$@" >"$out/$name.log" 2>&1
     echo "== $name (exit $?)"
-    grep -E '^\{"(wall_s|mode|steps_by|compiled|all_at_once_costs)|bf16, 32 prompts' "$out/$name.log" | cut -c1-1500
+    grep -E '^\{"(wall_s|mode|steps_by|compiled|all_at_once_costs|edges)|bf16, 32 prompts' "$out/$name.log" | cut -c1-1500
     sed -n '/^== /,$p' "$out/$name.log" | tail -18
 }
 bench=(python3 -m benchmarks.engine_bench --tokenizer-wheel "$tok" --workload "$work")

@@ -34,7 +34,14 @@ from benchmarks.offline_floor import (
 )
 from benchmarks.random_model import SHAPES, write_model
 from benchmarks.roofline import device_ceilings, roofline_step_ms
-from benchmarks.timed_requests import load_workload, make_requests, percentile, summarize, timed_run
+from benchmarks.timed_requests import (
+    load_workload,
+    make_requests,
+    percentile,
+    run_edges,
+    summarize,
+    timed_run,
+)
 from shardline import LLM
 from shardline.router import paced_admission
 from shardline.shards.utils.quantization import fp8_lm_head_asked
@@ -91,6 +98,12 @@ def offline_run(
         run = timed_run(llm, requests, policy=_policy(submission))
         elapsed, timings, calls = asyncio.run(run)
     offline = summarize("offline", elapsed, timings, sum(n for n, _ in pairs))
+    offline["edges"] = run_edges(
+        [t.ttft for t in timings],
+        [t.token_times[-1] - t.start for t in timings],
+        [n for _, n in pairs],
+    )
+    print(json.dumps({"edges": offline["edges"]}), flush=True)
     offline["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     offline["compiled_after_warmup"] = triton_compiled_since(warm_at)
     print(json.dumps({"compiled_after_warmup": offline["compiled_after_warmup"]}), flush=True)

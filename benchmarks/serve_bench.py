@@ -29,7 +29,7 @@ from shardline_client.loadgen import LoadReport, LoadRequest, run_load
 
 from benchmarks.random_model import SHAPES, write_model
 from benchmarks.served_costs import ServedCosts
-from benchmarks.timed_requests import load_workload
+from benchmarks.timed_requests import load_workload, run_edges
 from shardline.router.paced_admission import SCHEDULING_POLICIES, SERVER_SCHEDULING_POLICY
 
 # The batching of the engine bench's headline run (at most 512 requests at once, TGI's join rule):
@@ -181,6 +181,13 @@ async def bench_one(args: argparse.Namespace, num_shard: int, words: list[str]) 
         )
         report = await load(server.url, requests, None)
         result["all_at_once"] = summarize(f"tp{num_shard}_all", report, prompt_tokens)
+        if not report.errors:  # the timings in the requests' order
+            timings = report.timings
+            edges = run_edges(
+                [t.ttft for t in timings], [t.latency for t in timings], [n for _, n in pairs]
+            )
+            result["all_at_once"]["edges"] = edges
+            print(json.dumps({"edges": edges}), flush=True)
         result["all_at_once_costs"] = {
             **await costs.since(),
             "client_cpu_s": round(time.process_time() - client_cpu, 2),

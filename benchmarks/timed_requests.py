@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from shardline.shards.engine import ShardEngine
 
 
+LONGEST_REQUESTS = 10  # run_edges' "longest requests"
+
+
 @dataclass
 class RequestTiming:
     start: float
@@ -171,6 +174,19 @@ def make_requests(
         llm._valid_request(None, random_prompt(n_in, rng, vocab), exact_length(n_out))
         for n_in, n_out in pairs
     ]
+
+
+def run_edges(first_tokens: list[float], last_tokens: list[float], outputs: list[int]) -> dict:
+    """When the run's first token came, when its longest requests' first tokens came (the longest
+    request's chain of steps sets the run's end once it starts) and when the last token came;
+    seconds from the run's start, each request's in `outputs`' order."""
+    longest = sorted(range(len(outputs)), key=outputs.__getitem__)[-LONGEST_REQUESTS:]
+    return {
+        "first_token_s": round(min(first_tokens), 3),
+        "longest_first_token_s": round(statistics.mean(first_tokens[i] for i in longest), 3),
+        "longest_last_token_s": round(max(last_tokens[i] for i in longest), 3),
+        "last_token_s": round(max(last_tokens), 3),
+    }
 
 
 def exact_length(n_out: int) -> SamplingParams:

@@ -1,5 +1,5 @@
 """benchmarks/served_costs.py: the CPU seconds of a launcher's children and the router's timed
-shard calls, read as serve_bench reads them."""
+shard calls, read as serve_bench reads them; the run edges it and engine_bench print."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from benchmarks.served_costs import ServedCosts, tree_cpu
+from benchmarks.timed_requests import run_edges
 from shardline.router.metrics import RouterMetrics
 
 BURNER = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\ntime.sleep(60)\n"
@@ -61,3 +62,16 @@ async def test_since_gives_the_shard_calls_of_the_run_alone():
     assert calls["tgi_batch_inference_duration decode count"] == 2
     assert calls["tgi_batch_forward_duration prefill sum"] == pytest.approx(2.0)
     assert spent["wall_s"] >= 0
+
+
+def test_run_edges_follow_the_longest_requests_by_their_output_tokens():
+    outputs = [5] * 20 + [900] * 10 + [7] * 5
+    first = [0.5] * 20 + [2.0] * 9 + [3.0] + [0.1] * 5
+    last = [1.0] * 20 + [9.0] * 9 + [12.5] + [13.0] * 5
+    edges = run_edges(first, last, outputs)
+    assert edges == {
+        "first_token_s": 0.1,
+        "longest_first_token_s": 2.1,
+        "longest_last_token_s": 12.5,
+        "last_token_s": 13.0,
+    }
