@@ -158,7 +158,8 @@ def compare(reference: list, other: list) -> dict:
 
 
 async def bench_one(args: argparse.Namespace, num_shard: int, words: list[str]) -> dict:
-    launcher_args = [*args.launcher_args.split(), "--scheduling-policy", args.scheduling_policy]
+    launcher_args = [*args.launcher_args.split(), *args.more_launcher_args.split()]
+    launcher_args += ["--scheduling-policy", args.scheduling_policy]
     server = Server(args.model_dir, num_shard, args.port, launcher_args)
     result: dict = {"num_shard": num_shard}
     try:
@@ -224,6 +225,7 @@ def main() -> None:
     )
     parser.add_argument("--port", type=int, default=8089)
     parser.add_argument("--launcher-args", default=DEFAULT_LAUNCHER_ARGS)
+    parser.add_argument("--more-launcher-args", default="", help="after --launcher-args")
     parser.add_argument(
         "--scheduling-policy",
         choices=SCHEDULING_POLICIES,
