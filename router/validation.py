@@ -7,9 +7,10 @@ openai_params.py), which checks their ranges. Error messages are TGI's where TGI
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from shardline.guided_decoding import JSON_OBJECT_SCHEMA
 from shardline.router.client import request_proto
@@ -29,6 +30,9 @@ class ValidationLimits:
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
     max_client_batch_size: int = 4
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -58,18 +62,28 @@ class Validator:
             self.grammars.close()
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> Encoding:
+        """The ids with each token's character span (the tokenize routes)."""
+        return await self._in_pool(self._encode, text, add_special_tokens)
+
+    async def encode_ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The ids alone: a request's prompt (the spans cost ~15 % more tokenizer time)."""
+        return await self._in_pool(self._ids, text, add_special_tokens)
+
+    async def _in_pool(self, encode: Callable[[str, bool], T], text: str, special: bool) -> T:
         loop = asyncio.get_running_loop()
         try:
-            encoded = await loop.run_in_executor(self._pool, self._encode, text, add_special_tokens)
+            return await loop.run_in_executor(self._pool, encode, text, special)
         except Exception as error:
             raise ValidationError(f"tokenizer error {error}") from error
-        return encoded
 
     def _encode(self, text: str, add_special_tokens: bool) -> Encoding:
         encoded = self.tokenizer(
             text, add_special_tokens=add_special_tokens, return_offsets_mapping=True
         )
         return Encoding(list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]])
+
+    def _ids(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     async def validate(
         self,
@@ -101,7 +115,7 @@ class Validator:
                 f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. "
                 f"Given: {truncate}"
             )
-        input_ids = (await self.encode(inputs, add_special_tokens)).ids
+        input_ids = await self.encode_ids(inputs, add_special_tokens)
         if truncate is not None:
             input_ids = input_ids[-truncate:]
         request = ValidRequest(
