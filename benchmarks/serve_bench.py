@@ -185,7 +185,9 @@ async def bench_one(args: argparse.Namespace, num_shard: int, words: list[str]) 
         if not report.errors:  # the timings in the requests' order
             timings = report.timings
             edges = run_edges(
-                [t.ttft for t in timings], [t.latency for t in timings], [n for _, n in pairs]
+                [t.sent_at + t.ttft for t in timings],
+                [t.sent_at + t.latency for t in timings],
+                [n for _, n in pairs],
             )
             result["all_at_once"]["edges"] = edges
             print(json.dumps({"edges": edges}), flush=True)

@@ -3,6 +3,7 @@ mapped to exception classes, retries and timeouts, and the load generator."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import typing
@@ -200,6 +201,9 @@ async def test_run_load_takes_options_per_request(mock: MockTGI) -> None:
     for timing in report.timings:
         assert 0 < timing.ttft == timing.token_times[0]
         assert timing.token_times == sorted(timing.token_times)
+    # one at a time: each sent (seconds into the run) once the one before it ended
+    for before, after in itertools.pairwise(report.timings):
+        assert after.sent_at >= before.sent_at + before.latency
 
 
 def test_loadgen_cli(mock: MockTGI, capsys: pytest.CaptureFixture[str]) -> None:

@@ -30,6 +30,7 @@ class StreamTiming:
     """When each token of one stream arrived, in seconds after its request was sent."""
 
     token_times: list[float] = field(default_factory=list)
+    sent_at: float = 0.0  # seconds after the run started (a burst's requests go out over time)
 
     @property
     def ttft(self) -> float:
@@ -95,10 +96,10 @@ def _percentiles(values: list[float]) -> list[float]:
 
 
 async def _timed_stream(
-    client: AsyncClient, prompt: str, options: GenerateStreamOptions
+    client: AsyncClient, prompt: str, options: GenerateStreamOptions, run_start: float
 ) -> StreamTiming:
-    timing = StreamTiming()
     start = time.perf_counter()
+    timing = StreamTiming(sent_at=start - run_start)
     async for _ in client.generate_stream(prompt, **options):
         timing.token_times.append(time.perf_counter() - start)
     if not timing.token_times:
@@ -126,7 +127,8 @@ async def run_load(
         if isinstance(request, str):
             request = LoadRequest(request)
         async with slots:
-            return await _timed_stream(client, request.prompt, {**options, **request.options})
+            options_here = {**options, **request.options}
+            return await _timed_stream(client, request.prompt, options_here, start)
 
     start = time.perf_counter()
     tasks = []
