@@ -194,8 +194,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--scheduling-policy",), "SCHEDULING_POLICY", "fcfs: waiting requests join in "
          "arrival order (TGI's); paced: longest max_new_tokens first, let in at a pace that "
          "spreads the short ones over the longest one's steps (throughput for a batch job's "
-         "backlog; holds requests back, so their first token comes later; starting idle, waits "
-         "for a burst to land)",
+         "backlog; holds requests back, so their first token comes later)",
          choices=SCHEDULING_POLICIES, default=SERVER_SCHEDULING_POLICY),
     Flag(("--api-key",), "API_KEY", "bearer token every request must carry"),
     Flag(("--metrics-without-auth",), "METRICS_WITHOUT_AUTH", "serve /metrics on --port "

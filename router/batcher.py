@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +50,6 @@ from shardline.router.generation_events import GenerationEvents
 from shardline.router.join_policy import JoinPolicy
 from shardline.router.metrics import RouterMetrics
 from shardline.router.paced_admission import (
-    BURST_WAIT_S,
     SERVER_SCHEDULING_POLICY,
     PacedAdmission,
     SchedulingPolicy,
@@ -84,9 +82,6 @@ class BatchingConfig:
     # Arrival order (TGI's), or longest first at a pace that spreads a known backlog's short
     # requests over its longest one's steps (router/paced_admission.py).
     scheduling_policy: SchedulingPolicy = SERVER_SCHEDULING_POLICY
-    # With `paced`, starting cold: the quiet that ends a burst (paced_admission.BURST_QUIET_S,
-    # the server's; 0, the offline LLM's: its requests are all in before the batcher looks).
-    burst_quiet_s: float = 0.0
 
     def __post_init__(self) -> None:
         check_policy(self.scheduling_policy)
@@ -124,7 +119,6 @@ class Batcher:
         self._depth = config.batches_in_flight
         self._lanes = [BatchLane(parts) for _ in range(self._depth)]
         self._request_ids = itertools.count()
-        self._arrivals = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.stuck: ShardTimeoutError | None = None
@@ -156,7 +150,6 @@ class Batcher:
         )
         entry.trace = tracing.entry_trace(entry)
         self._queue.append(entry)
-        self._arrivals += 1
         self._metrics.queue_size.set(len(self._queue))
         self._wakeup.set()
         return RequestStream(entry)
@@ -191,7 +184,6 @@ class Batcher:
     async def _batch_forever(self) -> None:
         while True:
             await self._wakeup.wait()
-            await self._await_burst()
             self._wakeup.clear()
             await self._release_cancelled_prefills()
             while True:
@@ -210,18 +202,6 @@ class Batcher:
                     if self._prefixes is not None:
                         self._prefixes.clear()
                 self._update_gauges()
-
-    async def _await_burst(self) -> None:
-        """A paced server starting cold waits until no request has come for `burst_quiet_s`
-        (at most BURST_WAIT_S): its pace then orders the burst as a whole."""
-        quiet = self.config.burst_quiet_s
-        if not quiet or not self._queue.paced or self._running_entries():
-            return
-        give_up_at = time.monotonic() + BURST_WAIT_S
-        seen = None
-        while seen != self._arrivals and time.monotonic() < give_up_at:
-            seen = self._arrivals
-            await asyncio.sleep(quiet)
 
     async def _drop_batch(self, error: RouterError) -> None:
         """Abandons the calls in flight and fails every running and prefilling request."""

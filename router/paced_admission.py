@@ -33,14 +33,6 @@ SchedulingPolicy = Literal["fcfs", "paced"]
 SCHEDULING_POLICIES: tuple[SchedulingPolicy, ...] = ("fcfs", "paced")
 SERVER_SCHEDULING_POLICY: SchedulingPolicy = "fcfs"  # TGI's; the offline LLM's is `paced`
 PACE_FACTOR = 1.5  # the schedule simulation's best of 0.8 to 2.0
-# A server's pace starting cold (nothing running) waits until no request has come for
-# BURST_QUIET_S, at most BURST_WAIT_S, so that it orders a burst sent over HTTP as a whole: one
-# Python client's 1,000 streams land over ~0.5-1 s (session 28), and a pace started on the first
-# of them let the longest requests, whose chain of steps sets the run's end, join later
-# Prefills (the served run ended 0.67 s after the offline one). The offline `LLM` submits its
-# requests before its batcher looks and waits for none.
-BURST_QUIET_S = 0.05
-BURST_WAIT_S = 1.0
 
 
 def check_policy(name: str) -> None:

@@ -108,10 +108,6 @@ class RequestQueue:
         return len(self._entries) + (len(self._pace) if self._pace is not None else 0)
 
     @property
-    def paced(self) -> bool:
-        return self._pace is not None
-
-    @property
     def queued(self) -> bool:
         """Whether any request is queued (not held by the pace)."""
         return bool(self._entries)

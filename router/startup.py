@@ -13,11 +13,7 @@ from shardline.router.client import ShardClient, ShardDeadlines
 from shardline.router.grammar_compiler import GrammarBudget, GrammarCompiler
 from shardline.router.http import PAYLOAD_LIMIT, RouterContext
 from shardline.router.metrics import RouterMetrics
-from shardline.router.paced_admission import (
-    BURST_QUIET_S,
-    SERVER_SCHEDULING_POLICY,
-    SchedulingPolicy,
-)
+from shardline.router.paced_admission import SERVER_SCHEDULING_POLICY, SchedulingPolicy
 from shardline.router.validation import ValidationLimits, Validator
 
 logger = logging.getLogger(__name__)
@@ -88,7 +84,6 @@ async def start_router(
             prefix_caching=shard_info.use_prefix_caching,
             batches_in_flight=max(shard_info.pipeline_parallel_size, 1),
             scheduling_policy=settings.scheduling_policy,
-            burst_quiet_s=BURST_QUIET_S,
         ),
         metrics,
     )

@@ -14,12 +14,11 @@ from benchmarks.offline_floor import StepLog
 from shardline.launcher.args import parse_args
 from shardline.launcher.commands import router_spec
 from shardline.llm import _engine_args
-from shardline.router import batcher as batcher_module
 from shardline.router.batcher import BatchingConfig
 from shardline.router.cli import build_parser as router_parser
 from shardline.router.cli import settings_from_args
 from shardline.router.errors import IncompleteGenerationError
-from shardline.router.paced_admission import BURST_QUIET_S, pace_limit
+from shardline.router.paced_admission import pace_limit
 from shardline.sampling_params import SamplingParams
 from tests.batcher_helpers import _batcher, _counting_script, _request
 from tests.fake_shard import FakeShardClient, router_client
@@ -138,62 +137,6 @@ async def test_a_paced_server_holds_a_burst_back_beside_a_long_request(tokenizer
     finally:
         await client.close()
     assert 4 <= fake.most_at_once <= 6
-
-
-async def _submit_over_time(batcher, tokenizer, lengths: list[int], every_s: float) -> list:
-    streams = []
-    for i, n in enumerate(lengths):
-        streams.append(batcher.submit(_request(tokenizer, f"request {i}", max_new_tokens=n)))
-        await asyncio.sleep(every_s)
-    return streams
-
-
-async def test_a_cold_server_pace_takes_a_burst_that_lands_over_time_as_a_whole(tokenizer):
-    # one request every 10 ms, the longest last: the pace waits for a quiet (200 ms here, a
-    # margin for a loaded machine; the server's is BURST_QUIET_S)
-    fake, batcher = _paced(tokenizer, burst_quiet_s=0.2)
-    streams = await _submit_over_time(batcher, tokenizer, [3, 4, 5, 20], every_s=0.01)
-    assert [len(await stream.collect()) for stream in streams] == [3, 4, 5, 20]
-    # longest first: the first batch is the pace's pick of all four, 1.5 x 32 tokens / 20 steps
-    assert fake.calls_of("prefill")[0][2] == [3, 2, 1] and pace_limit(32, 20) == 3
-    await batcher.stop()
-
-
-async def test_without_a_quiet_the_pace_starts_on_the_first_request(tokenizer):
-    fake, batcher = _paced(tokenizer, step_delay=0.005)  # the offline LLM's batching
-    streams = await _submit_over_time(batcher, tokenizer, [3, 4, 5, 20], every_s=0.01)
-    assert [len(await stream.collect()) for stream in streams] == [3, 4, 5, 20]
-    assert fake.calls_of("prefill")[0][2] == [0]
-    await batcher.stop()
-
-
-async def test_a_steady_stream_holds_a_cold_start_back_at_most_the_burst_wait(
-    tokenizer, monkeypatch
-):
-    monkeypatch.setattr(batcher_module, "BURST_WAIT_S", 0.1)
-    fake, batcher = _paced(tokenizer, burst_quiet_s=0.05)
-    arrivals = asyncio.ensure_future(
-        _submit_over_time(batcher, tokenizer, [2] * 30, every_s=0.01)  # never 50 ms quiet
-    )
-    await asyncio.sleep(0.2)
-    assert fake.calls_of("prefill")  # started after 0.1 s although requests kept coming
-    assert len(fake.calls_of("prefill")[0][2]) < 30
-    for stream in await arrivals:
-        assert len(await stream.collect()) == 2
-    await batcher.stop()
-
-
-async def test_a_running_batch_takes_new_requests_without_waiting_for_quiet(tokenizer):
-    fake, batcher = _paced(tokenizer, step_delay=0.01, burst_quiet_s=BURST_QUIET_S)
-    long = batcher.submit(_request(tokenizer, "the long one", max_new_tokens=40))
-    while not fake.calls_of("decode"):
-        await asyncio.sleep(0.001)
-    late = batcher.submit(_request(tokenizer, "late", max_new_tokens=2))
-    joined_by = len(fake.calls_of("decode")) + 4  # TGI's join rule may wait a few steps
-    assert len(await late.collect()) == 2
-    assert len(fake.calls_of("decode")) <= joined_by
-    assert len(await long.collect()) == 40
-    await batcher.stop()
 
 
 def test_an_unknown_policy_is_refused():
