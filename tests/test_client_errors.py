@@ -8,7 +8,7 @@ import json
 import time
 import typing
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -204,6 +204,26 @@ async def test_run_load_takes_options_per_request(mock: MockTGI) -> None:
     # one at a time: each sent (seconds into the run) once the one before it ended
     for before, after in itertools.pairwise(report.timings):
         assert after.sent_at >= before.sent_at + before.latency
+
+
+async def test_run_load_all_at_once_sends_each_request_as_it_is_made() -> None:
+    log: list[str] = []
+
+    class LoggingClient:
+        async def generate_stream(self, prompt: str, **options: Any) -> AsyncIterator[str]:
+            log.append(f"sent {prompt}")
+            yield "token"
+
+    def made(count: int) -> Iterator[str]:
+        for i in range(count):
+            log.append(f"made {i}")
+            yield str(i)
+
+    report = await run_load(LoggingClient(), made(50), 50)  # type: ignore[arg-type]
+    assert len(report.timings) == 50 and not report.errors
+    # not every request made first and then all sent (1,000 connections opened before any
+    # request went out held a burst's first request back ~0.5 s)
+    assert log.index("sent 0") < log.index("made 49")
 
 
 def test_loadgen_cli(mock: MockTGI, capsys: pytest.CaptureFixture[str]) -> None:
