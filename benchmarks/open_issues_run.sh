@@ -12,7 +12,8 @@
 # ${OUT:-/tmp/open} (a device call brings back 8 files: name few steps); STEPS (comma-separated
 # names) runs a part. Runs on one machine differ by up to ~12 % from another's, and the first
 # served run on a machine is the slower one: compare within a call, base first.
-# Not yet run: offline_fp8_process (after offline_fp8_kv, its reference).
+# Not yet run: offline_fp8_process (after offline_fp8_kv, its reference), served_8b_paced_clients
+# (after served_8b_paced; session 28).
 #   bash benchmarks/open_issues_run.sh WHEELS_DIR BUDGET_SECONDS [STEPS]
 set -u
 wheels=${1:-.wheels}
@@ -80,6 +81,10 @@ served_paced=(python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-shards
 step served_8b_paced 200 "${served_paced[@]}" --json "$out/served_8b_paced.json"
 # the same with 8 tokenizer workers in the router (TGI's default 2): the burst's 1,000 prompts
 # are tokenized inside the timed run (the offline run's before its clock)
+# the same burst from 4 client processes (one Python process takes ~1.2 s to send 1,000 streams:
+# session 28's whole served gap), against served_8b_paced on one machine
+step served_8b_paced_clients 200 "${served_paced[@]}" --client-processes 4 \
+    --json "$out/served_8b_paced_clients.json"
 step served_8b_paced_workers 200 "${served_paced[@]}" --json "$out/served_8b_paced_workers.json" \
     --more-launcher-args "--validation-workers 8"
 # the same under py-spy (every process of the server, all threads, GIL or not), by function

@@ -1,5 +1,6 @@
 """benchmarks/served_costs.py: the CPU seconds of a launcher's children and the router's timed
-shard calls, read as serve_bench reads them; the run edges it and engine_bench print."""
+shard calls, read as serve_bench reads them; the run edges it and engine_bench print; its
+all-at-once run sent from several processes."""
 
 from __future__ import annotations
 
@@ -11,10 +12,16 @@ import time
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from shardline_client.loadgen import LoadRequest
 
+from benchmarks.burst_clients import START_DELAY_S, run_burst
 from benchmarks.served_costs import ServedCosts, tree_cpu
 from benchmarks.timed_requests import run_edges
 from shardline.router.metrics import RouterMetrics
+from tests import mock_tgi
+from tests.mock_tgi import MockTGI
+
+mock = mock_tgi.mock
 
 BURNER = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\ntime.sleep(60)\n"
 SPAWNS_BURNER = "import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-m', 'burner'])\ntime.sleep(60)\n"
@@ -75,3 +82,13 @@ def test_run_edges_follow_the_longest_requests_by_their_output_tokens():
         "longest_last_token_s": 12.5,
         "last_token_s": 13.0,
     }
+
+
+def test_a_burst_from_two_processes_keeps_the_requests_order(mock: MockTGI) -> None:
+    requests = [LoadRequest(f"r{i}", {"max_new_tokens": 1 + i % 5}) for i in range(9)]
+    report = run_burst(mock.url, requests, 2, timeout=30)
+    assert not report.errors
+    assert [len(timing.token_times) for timing in report.timings] == [1 + i % 5 for i in range(9)]
+    # counted from the common start, which every process waited for
+    assert all(0 <= timing.sent_at < START_DELAY_S for timing in report.timings)
+    assert report.wall_s == max(t.sent_at + t.latency for t in report.timings)
