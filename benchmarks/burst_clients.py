@@ -2,8 +2,8 @@
 
 One Python process takes ~1.2 s to put 1,000 streams on the wire (session 28: the served run's
 whole gap to the offline one was that start); N processes each send every N-th request, all
-starting at one wall-clock instant, and their timings come back in the requests' order with
-`sent_at` counted from that instant.
+starting together once every one is ready, and their timings come back in the requests' order
+with `sent_at` counted from the first one's start.
 """
 
 from __future__ import annotations
@@ -12,44 +12,51 @@ import asyncio
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
+from typing import Any
 
 from shardline_client import AsyncClient
 from shardline_client.loadgen import LoadReport, LoadRequest, StreamTiming, run_load
 
-START_DELAY_S = 2.0  # time for every process to start and import before the common start
+BARRIER_TIMEOUT_S = 120.0  # for every process to start and import
+_start_together: Any = None  # each process's copy of the run's barrier
+
+
+def _join(barrier: Any) -> None:
+    global _start_together
+    _start_together = barrier
 
 
 def _send_share(
-    url: str, requests: list[LoadRequest], start_at: float, timeout: float, options: dict
-) -> LoadReport:
-    """One process's share, begun at the wall-clock `start_at` (its `sent_at`s counted from it)."""
+    url: str, requests: list[LoadRequest], timeout: float, options: dict
+) -> tuple[float, LoadReport]:
+    """One process's share, sent once every process is ready: the wall-clock time it began at,
+    and its report."""
 
     async def send() -> LoadReport:
-        await asyncio.sleep(max(start_at - time.time(), 0.0))
         async with AsyncClient(url, timeout=timeout, max_retries=0) as client:
             return await run_load(client, requests, len(requests), None, None, **options)
 
-    began = time.time()
-    report = asyncio.run(send())
-    late = max(began - start_at, 0.0)  # a process that started after the common instant
-    for timing in report.timings:
-        timing.sent_at += late
-    return report
+    _start_together.wait(BARRIER_TIMEOUT_S)
+    return time.time(), asyncio.run(send())
 
 
 def run_burst(
     url: str, requests: list[LoadRequest], processes: int, timeout: float, **options
 ) -> LoadReport:
-    """Every request at once from `processes` client processes (request i from process i % N).
-    Without errors the timings are in the requests' order (a failed request drops its own)."""
+    """Every request at once from `processes` client processes (request i from process i % N),
+    counted from the first process's start. Without errors the timings are in the requests'
+    order (a failed request drops its own)."""
     shares = [requests[index::processes] for index in range(processes)]
-    start_at = time.time() + START_DELAY_S
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(processes, mp_context=context) as pool:
-        futures = [
-            pool.submit(_send_share, url, share, start_at, timeout, options) for share in shares
-        ]
-        reports = [future.result() for future in futures]
+    barrier = context.Barrier(processes)
+    with ProcessPoolExecutor(processes, context, _join, (barrier,)) as pool:
+        futures = [pool.submit(_send_share, url, share, timeout, options) for share in shares]
+        answers = [future.result() for future in futures]
+    run_start = min(began for began, _ in answers)
+    for began, report in answers:
+        for timing in report.timings:
+            timing.sent_at += began - run_start
+    reports = [report for _, report in answers]
     errors = [error for report in reports for error in report.errors]
     if errors:
         timings = [timing for report in reports for timing in report.timings]

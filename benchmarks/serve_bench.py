@@ -158,6 +158,31 @@ def compare(reference: list, other: list) -> dict:
     }
 
 
+async def all_at_once(
+    server: Server, requests: list[LoadRequest], outputs: list[int], processes: int
+) -> tuple[LoadReport, dict]:
+    """Every request at once (from `processes` client processes), with what the server's
+    processes and shard calls spent meanwhile and, without errors, the run's edges in it."""
+    costs, client_cpu = (
+        await ServedCosts(server.process.pid, server.url).start(),
+        time.process_time(),
+    )
+    if processes > 1:
+        burst = (server.url, requests, processes, STREAM_TIMEOUT_S)
+        report = await asyncio.to_thread(run_burst, *burst, ignore_eos=True)
+    else:
+        report = await load(server.url, requests, None)
+    spent = {**await costs.since(), "client_cpu_s": round(time.process_time() - client_cpu, 2)}
+    if not report.errors:  # the timings in the requests' order
+        timings = report.timings
+        spent["edges"] = run_edges(
+            [t.sent_at + t.ttft for t in timings], [t.sent_at + t.latency for t in timings], outputs
+        )
+    print(json.dumps({"edges": spent.get("edges")}), flush=True)
+    print(json.dumps({"all_at_once_costs": spent}), flush=True)
+    return report, spent
+
+
 async def bench_one(args: argparse.Namespace, num_shard: int, words: list[str]) -> dict:
     launcher_args = [*args.launcher_args.split(), *args.more_launcher_args.split()]
     launcher_args += ["--scheduling-policy", args.scheduling_policy]
@@ -177,30 +202,11 @@ async def bench_one(args: argparse.Namespace, num_shard: int, words: list[str]) 
             for n_in, n_out in pairs
         ]
         prompt_tokens = sum(n for n, _ in pairs)
-        costs, client_cpu = (
-            await ServedCosts(server.process.pid, server.url).start(),
-            time.process_time(),
+        outputs = [n for _, n in pairs]
+        report, result["all_at_once_costs"] = await all_at_once(
+            server, requests, outputs, args.client_processes
         )
-        if args.client_processes > 1:
-            burst = (server.url, requests, args.client_processes, STREAM_TIMEOUT_S)
-            report = await asyncio.to_thread(run_burst, *burst, ignore_eos=True)
-        else:
-            report = await load(server.url, requests, None)
         result["all_at_once"] = summarize(f"tp{num_shard}_all", report, prompt_tokens)
-        if not report.errors:  # the timings in the requests' order
-            timings = report.timings
-            edges = run_edges(
-                [t.sent_at + t.ttft for t in timings],
-                [t.sent_at + t.latency for t in timings],
-                [n for _, n in pairs],
-            )
-            result["all_at_once"]["edges"] = edges
-            print(json.dumps({"edges": edges}), flush=True)
-        result["all_at_once_costs"] = {
-            **await costs.since(),
-            "client_cpu_s": round(time.process_time() - client_cpu, 2),
-        }
-        print(json.dumps({"all_at_once_costs": result["all_at_once_costs"]}), flush=True)
         if args.rate:
             report = await load(server.url, requests[: args.rate_requests], args.rate)
             rate_prompt_tokens = sum(n for n, _ in pairs[: args.rate_requests])
