@@ -79,12 +79,12 @@ step served_8b_fp8_paced 200 python3 -m benchmarks.serve_bench --model-dir /tmp/
 served_paced=(python3 -m benchmarks.serve_bench --model-dir /tmp/m8 --num-shards 1 --workload
     "$work" --scheduling-policy paced)
 step served_8b_paced 200 "${served_paced[@]}" --json "$out/served_8b_paced.json"
-# the same with 8 tokenizer workers in the router (TGI's default 2): the burst's 1,000 prompts
-# are tokenized inside the timed run (the offline run's before its clock)
 # the same burst from 4 client processes (one Python process takes ~1.2 s to send 1,000 streams:
 # session 28's whole served gap), against served_8b_paced on one machine
 step served_8b_paced_clients 200 "${served_paced[@]}" --client-processes 4 \
     --json "$out/served_8b_paced_clients.json"
+# the same with 8 tokenizer workers in the router (TGI's default 2): the burst's 1,000 prompts
+# are tokenized inside the timed run (the offline run's before its clock)
 step served_8b_paced_workers 200 "${served_paced[@]}" --json "$out/served_8b_paced_workers.json" \
     --more-launcher-args "--validation-workers 8"
 # the same under py-spy (every process of the server, all threads, GIL or not), by function

@@ -27,6 +27,7 @@ from shardline_client import AsyncClient
 from shardline_client.loadgen import GenerateStreamOptions, LoadRequest, run_load
 
 from benchmarks.serve_bench import wait_healthy
+from benchmarks.served_costs import cpu_seconds
 from shardline.event_loop import run_event_loop
 from shardline.gc_pauses import freeze_long_lived_objects
 from shardline.router import tracing
@@ -67,25 +68,13 @@ async def _serve_router(
     await asyncio.Event().wait()
 
 
-def _cpu_seconds(pid: int) -> float:
-    """The CPU time of the process's live threads, in nanoseconds' resolution (schedstat; /proc's
-    stat counts clock ticks of 10 ms, which a short round can fall within)."""
-    total_ns = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total_ns += int((task / "schedstat").read_text().split()[0])
-        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
-            continue
-    return total_ns / 1e9
-
-
 async def _round(url: str, pid: int, streams: int, new_tokens: int) -> dict:
     options = GenerateStreamOptions(max_new_tokens=new_tokens)
     requests = [LoadRequest("the model server", options) for _ in range(streams)]
-    cpu_before = _cpu_seconds(pid)
+    cpu_before = cpu_seconds(pid)
     async with AsyncClient(url, timeout=600, max_retries=0) as client:
         report = await run_load(client, requests, streams, None, 0, ignore_eos=True)
-    cpu = _cpu_seconds(pid) - cpu_before
+    cpu = cpu_seconds(pid) - cpu_before
     summary = report.summary()
     tokens = summary["output_tokens"]
     return {

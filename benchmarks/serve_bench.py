@@ -178,7 +178,7 @@ async def all_at_once(
         spent["edges"] = run_edges(
             [t.sent_at + t.ttft for t in timings], [t.sent_at + t.latency for t in timings], outputs
         )
-    print(json.dumps({"edges": spent.get("edges")}), flush=True)
+        print(json.dumps({"edges": spent["edges"]}), flush=True)
     print(json.dumps({"all_at_once_costs": spent}), flush=True)
     return report, spent
 

@@ -8,7 +8,6 @@ against the run's wall says how much of the run the shards were working on a ste
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,6 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # The sums read from /metrics, by (metric, method label).
 SHARD_CALL_METRICS = (
     "tgi_batch_inference_duration",
@@ -47,9 +45,16 @@ def _label(pid: int) -> str:
     return Path(words[0]).name if words else str(pid)
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+def cpu_seconds(pid: int) -> float:
+    """The CPU time of the process's live threads, in nanoseconds' resolution (schedstat; /proc's
+    stat counts clock ticks of 10 ms, which a short round can fall within)."""
+    total_ns = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total_ns += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+            continue
+    return total_ns / 1e9
 
 
 def tree_cpu(root: int) -> dict[str, float]:
@@ -58,7 +63,7 @@ def tree_cpu(root: int) -> dict[str, float]:
     while pending:
         pid = pending.pop()
         try:
-            seconds[f"{_label(pid)} {pid}"] = _cpu_seconds(pid)
+            seconds[f"{_label(pid)} {pid}"] = cpu_seconds(pid)
         except OSError:  # exited meanwhile
             continue
         pending += _children(pid)
